@@ -1,0 +1,401 @@
+"""Value types and the pure rules that decide what a payment means.
+
+Everything here is free of I/O, clocks and web3 so that the money rules can be tested as
+tables and re-run after any change (a new payment, a reorg, a deadline, an operator's
+resolution) with the same answer every time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import ROUND_DOWN, Decimal
+from enum import StrEnum
+from fractions import Fraction
+from typing import Sequence
+
+UINT256_MAX = 2**256 - 1
+ZERO_ADDRESS = "0x" + "00" * 20
+
+
+class InvoiceStatus(StrEnum):
+    DRAFT = "draft"
+    PENDING = "pending"
+    PAID = "paid"
+    CONFIRMED = "confirmed"
+    EXPIRED = "expired"
+    UNDERPAID = "underpaid"
+    CANCELLED = "cancelled"
+
+
+class PaymentState(StrEnum):
+    UNPAID = "unpaid"
+    PARTIAL = "partial"
+    EXACT = "exact"
+    OVERPAID = "overpaid"
+
+
+class PaymentStatus(StrEnum):
+    DETECTED = "detected"
+    CONFIRMED = "confirmed"
+    REVERTED = "reverted"
+
+
+class Role(StrEnum):
+    COUNTED = "counted"
+    DUPLICATE = "duplicate"
+    LATE = "late"
+
+
+class ExceptionType(StrEnum):
+    LATE_PAYMENT = "late_payment"
+    UNDERPAID = "underpaid"
+    OVERPAID = "overpaid"
+    DUPLICATE_PAYMENT = "duplicate_payment"
+
+
+class ResolutionAction(StrEnum):
+    ACCEPT_LATE_PAYMENT = "accept_late_payment"
+    ACCEPT_OVERPAYMENT = "accept_overpayment"
+    WRITE_OFF_UNDERPAYMENT = "write_off_underpayment"
+    MARK_DUPLICATE_PAYMENT_REVIEWED = "mark_duplicate_payment_reviewed"
+    OTHER = "other"
+
+
+# Which exception each specific action resolves; OTHER fits any.
+ACTION_RESOLVES: dict[ResolutionAction, ExceptionType] = {
+    ResolutionAction.ACCEPT_LATE_PAYMENT: ExceptionType.LATE_PAYMENT,
+    ResolutionAction.ACCEPT_OVERPAYMENT: ExceptionType.OVERPAID,
+    ResolutionAction.WRITE_OFF_UNDERPAYMENT: ExceptionType.UNDERPAID,
+    ResolutionAction.MARK_DUPLICATE_PAYMENT_REVIEWED: ExceptionType.DUPLICATE_PAYMENT,
+}
+
+# When several exceptions are open at once the invoice shows one: money the merchant
+# may have to send back first, then the shortfall.
+EXCEPTION_PRIORITY = (
+    ExceptionType.LATE_PAYMENT,
+    ExceptionType.DUPLICATE_PAYMENT,
+    ExceptionType.OVERPAID,
+    ExceptionType.UNDERPAID,
+)
+
+
+# --------------------------------------------------------------------------- chain values
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRef:
+    """A block header as far as the follower cares: enough to link and to date."""
+
+    number: int
+    hash: str
+    parent_hash: str
+    timestamp: int
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """Value that moved to an address on chain, normalised at the edge (ints, lowercase hex).
+
+    `token` is None for the native coin; `log_index` is None for a plain native transfer.
+    """
+
+    tx_hash: str
+    log_index: int | None
+    block_number: int
+    block_hash: str
+    token: str | None
+    from_address: str
+    to_address: str
+    amount: int
+
+
+# --------------------------------------------------------------------------- judging
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """An operator's decision on an exception; `payment_ids` are the payments it covered."""
+
+    exception_type: ExceptionType
+    action: ResolutionAction
+    note: str | None
+    resolved_at: str
+    payment_ids: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceFacts:
+    """What judging needs to know of an invoice, nothing more."""
+
+    amount: Decimal
+    tolerance_percent: Decimal = Decimal(0)
+    payable_until: int | None = None  # unix seconds; None while a draft
+    draft: bool = False
+    cancelled: bool = False
+    resolutions: tuple[Resolution, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentFacts:
+    """One recorded payment as judging sees it.
+
+    `option_amount_atomic` is what its payment option asked for: the payment is worth
+    `amount_atomic / option_amount_atomic` of the invoice.
+    """
+
+    id: str
+    amount_atomic: int
+    option_amount_atomic: int
+    block_timestamp: int
+    status: PaymentStatus
+    order: tuple = ()  # chain-time order key: (timestamp, network, block, log index)
+
+
+@dataclass(frozen=True, slots=True)
+class ExceptionView:
+    type: ExceptionType
+    status: str  # "open" | "resolved"
+    resolution_action: ResolutionAction | None = None
+    resolution_note: str | None = None
+    resolved_at: str | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "type": str(self.type),
+            "status": self.status,
+            "resolution_action": str(self.resolution_action) if self.resolution_action else None,
+            "resolution_note": self.resolution_note,
+            "resolved_at": self.resolved_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    status: InvoiceStatus
+    payment_state: PaymentState
+    received: Fraction  # share of the invoice amount counted
+    received_amount: Decimal
+    remaining_amount: Decimal
+    overpaid_amount: Decimal
+    roles: dict[str, Role] = field(default_factory=dict)
+    exception: ExceptionView | None = None
+    open_exceptions: tuple[ExceptionType, ...] = ()
+
+    def summary(self) -> dict:
+        return {
+            "payment_state": str(self.payment_state),
+            "received_amount": format_decimal(self.received_amount),
+            "remaining_amount": format_decimal(self.remaining_amount),
+            "overpaid_amount": format_decimal(self.overpaid_amount),
+        }
+
+
+def judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], *, chain_time: int | None) -> Judgement:
+    """Derive an invoice's whole payment state from its payments and the chain's time.
+
+    `chain_time` is the timestamp of the last block the watcher processed on the invoice's
+    chains (None if it has processed none): the deadline passes only in chain time.
+    """
+    if invoice.amount == 0:
+        # Nothing to pay: settled at creation, nothing can be counted.
+        roles = {p.id: Role.DUPLICATE for p in payments if p.status != PaymentStatus.REVERTED}
+        return Judgement(
+            InvoiceStatus.DRAFT if invoice.draft else InvoiceStatus.CONFIRMED,
+            PaymentState.EXACT, Fraction(0), Decimal(0), Decimal(0), Decimal(0), roles,
+            _pick_exception(invoice, _open_payment_exceptions(invoice, roles)),
+        )
+
+    threshold = 1 - Fraction(invoice.tolerance_percent) / 100
+    accepted_late = _covered(invoice, ResolutionAction.ACCEPT_LATE_PAYMENT)
+    live = sorted(
+        (p for p in payments if p.status != PaymentStatus.REVERTED),
+        key=lambda p: (p.order or (p.block_timestamp,), p.id),
+    )
+
+    roles: dict[str, Role] = {}
+    received = Fraction(0)
+    counted: list[PaymentFacts] = []
+    for p in live:
+        share = Fraction(p.amount_atomic, p.option_amount_atomic)
+        if received >= threshold:
+            roles[p.id] = Role.DUPLICATE
+            continue
+        on_time = (
+            not invoice.cancelled
+            and invoice.payable_until is not None
+            and p.block_timestamp <= invoice.payable_until
+        )
+        if on_time or p.id in accepted_late:
+            roles[p.id] = Role.COUNTED
+            received += share
+            counted.append(p)
+        else:
+            roles[p.id] = Role.LATE
+
+    fully_paid = received >= threshold
+    all_confirmed = all(p.status == PaymentStatus.CONFIRMED for p in counted)
+    deadline_passed = (
+        chain_time is not None and invoice.payable_until is not None and chain_time > invoice.payable_until
+    )
+    written_off = _has_action(invoice, ResolutionAction.WRITE_OFF_UNDERPAYMENT)
+
+    if invoice.draft:
+        status = InvoiceStatus.DRAFT
+    elif fully_paid:
+        status = InvoiceStatus.CONFIRMED if all_confirmed else InvoiceStatus.PAID
+    elif invoice.cancelled and received == 0:
+        status = InvoiceStatus.CANCELLED
+    elif deadline_passed or invoice.cancelled:
+        if received == 0:
+            status = InvoiceStatus.EXPIRED
+        elif written_off and all_confirmed:
+            status = InvoiceStatus.CONFIRMED
+        else:
+            status = InvoiceStatus.UNDERPAID
+    else:
+        status = InvoiceStatus.PENDING
+
+    if received == 0:
+        state = PaymentState.UNPAID
+    elif received > 1:
+        state = PaymentState.OVERPAID
+    elif fully_paid:
+        state = PaymentState.EXACT
+    else:
+        state = PaymentState.PARTIAL
+
+    places = display_places(invoice.amount)
+    received_amount = _quantize_down(received * Fraction(invoice.amount), places)
+    remaining = max(invoice.amount - received_amount, Decimal(0))
+    overpaid = max(received_amount - invoice.amount, Decimal(0))
+
+    open_types = _open_payment_exceptions(invoice, roles)
+    if received > 1 and not _resolved_type(invoice, ExceptionType.OVERPAID):
+        open_types.append(ExceptionType.OVERPAID)
+    if status == InvoiceStatus.UNDERPAID and not _resolved_type(invoice, ExceptionType.UNDERPAID):
+        open_types.append(ExceptionType.UNDERPAID)
+
+    return Judgement(
+        status, state, received, received_amount, _q(remaining, places), _q(overpaid, places), roles,
+        _pick_exception(invoice, open_types), tuple(t for t in EXCEPTION_PRIORITY if t in open_types),
+    )
+
+
+def _covered(invoice: InvoiceFacts, action: ResolutionAction) -> frozenset[str]:
+    ids: set[str] = set()
+    for r in invoice.resolutions:
+        if r.action == action:
+            ids |= r.payment_ids
+    return frozenset(ids)
+
+
+def _has_action(invoice: InvoiceFacts, action: ResolutionAction) -> bool:
+    return any(r.action == action for r in invoice.resolutions)
+
+
+def _resolved_type(invoice: InvoiceFacts, kind: ExceptionType) -> bool:
+    return any(r.exception_type == kind for r in invoice.resolutions)
+
+
+def _open_payment_exceptions(invoice: InvoiceFacts, roles: dict[str, Role]) -> list[ExceptionType]:
+    """Late and duplicate payments stay an open exception until a resolution covers them."""
+    covered: dict[ExceptionType, set[str]] = {ExceptionType.LATE_PAYMENT: set(), ExceptionType.DUPLICATE_PAYMENT: set()}
+    for r in invoice.resolutions:
+        if r.exception_type in covered:
+            covered[r.exception_type] |= r.payment_ids
+    open_types = []
+    for kind, role in ((ExceptionType.LATE_PAYMENT, Role.LATE), (ExceptionType.DUPLICATE_PAYMENT, Role.DUPLICATE)):
+        if any(r == role and pid not in covered[kind] for pid, r in roles.items()):
+            open_types.append(kind)
+    return open_types
+
+
+def _pick_exception(invoice: InvoiceFacts, open_types: list[ExceptionType]) -> ExceptionView | None:
+    for kind in EXCEPTION_PRIORITY:
+        if kind in open_types:
+            return ExceptionView(kind, "open")
+    if invoice.resolutions:
+        last = invoice.resolutions[-1]
+        return ExceptionView(last.exception_type, "resolved", last.action, last.note, last.resolved_at)
+    return None
+
+
+def payments_to_cover(
+    kind: ExceptionType, roles: dict[str, Role]
+) -> frozenset[str]:
+    """The payments a resolution of `kind` takes in: every late or duplicate one it is about."""
+    wanted = {ExceptionType.LATE_PAYMENT: Role.LATE, ExceptionType.DUPLICATE_PAYMENT: Role.DUPLICATE}.get(kind)
+    if wanted is None:
+        return frozenset()
+    return frozenset(pid for pid, role in roles.items() if role == wanted)
+
+
+# --------------------------------------------------------------------------- amounts
+
+
+def display_places(amount: Decimal) -> int:
+    """Sums are shown with the invoice amount's precision, and never fewer than cents."""
+    exponent = amount.as_tuple().exponent
+    return max(2, -exponent if isinstance(exponent, int) else 0)
+
+
+def _quantize_down(value: Fraction, places: int) -> Decimal:
+    scaled = value.numerator * 10**places // value.denominator
+    return Decimal(scaled).scaleb(-places)
+
+
+def _q(value: Decimal, places: int) -> Decimal:
+    return value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_DOWN)
+
+
+def quote_atomic(amount: Decimal, usd_rate: Decimal, decimals: int) -> int:
+    """Atomic units that cover `amount` USD at `usd_rate`, rounded up so the merchant is never short."""
+    value = Fraction(amount) / Fraction(usd_rate) * 10**decimals
+    return math.ceil(value)
+
+
+def atomic_to_decimal(amount_atomic: int, decimals: int) -> Decimal:
+    """Exact decimal value of an atomic amount (no rounding: 10^-decimals divides it)."""
+    return Decimal(amount_atomic).scaleb(-decimals)
+
+
+def format_decimal(value: Decimal) -> str:
+    """Plain notation, never exponent form: '0.00', '49.99', '1000000000000000000000'."""
+    text = format(value, "f")
+    return text
+
+
+def format_units(amount_atomic: int, decimals: int) -> str:
+    """An atomic amount as a decimal string with trailing zeros dropped ('1.5', '0', '12')."""
+    value = atomic_to_decimal(amount_atomic, decimals)
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text or "0"
+
+
+# --------------------------------------------------------------------------- ids and times
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_id(prefix: str, now_ms: int | None = None, randomness: bytes | None = None) -> str:
+    """A ULID with a type prefix: sortable by creation time, unguessable."""
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    rand = os.urandom(10) if randomness is None else randomness
+    value = (ms << 80) | int.from_bytes(rand, "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return f"{prefix}_{''.join(reversed(chars))}"
+
+
+def rfc3339(unix_seconds: float | int | None) -> str | None:
+    if unix_seconds is None:
+        return None
+    return datetime.fromtimestamp(unix_seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
