@@ -1,0 +1,111 @@
+"""Deposit addresses from an account xpub, EIP-55 checksums and EIP-681 payment URIs.
+
+The watcher only ever holds the account-level *public* key (m/44'/60'/account'), so it can
+hand out a fresh deposit address per payment option without being able to spend from it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from bip_utils import Bip32Secp256k1, Bip39SeedGenerator, Bip44, Bip44Coins
+from bip_utils.bip.bip32.base import Bip32Base
+from eth_utils import is_checksum_address, keccak
+from eth_utils import to_checksum_address as _eth_to_checksum
+
+__all__ = [
+    "AddressDeriver",
+    "account_xpub_from_mnemonic",
+    "native_payment_uri",
+    "normalize_address",
+    "parse_xpub",
+    "to_checksum",
+    "token_payment_uri",
+]
+
+_HARDENED = 2**31
+_UINT256_MAX = 2**256 - 1
+_ADDRESS_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
+
+
+def normalize_address(address: str) -> str:
+    """Lowercase an address given in any case; a mixed-case one must carry a valid EIP-55
+    checksum, because a wrong checksum means a typo and funds sent to a typo are lost."""
+    if not isinstance(address, str) or not _ADDRESS_RE.match(address):
+        raise ValueError("must be a 0x-prefixed 40-digit hex address")
+    digits = address[2:]
+    if digits != digits.lower() and digits != digits.upper() and not is_checksum_address(address):
+        raise ValueError("has a bad EIP-55 checksum (mixed case that does not match); check for a typo")
+    return "0x" + digits.lower()
+
+
+def to_checksum(address: str) -> str:
+    """EIP-55 form of an address, for output (the API and payment URIs show checksummed addresses)."""
+    return _eth_to_checksum(normalize_address(address))
+
+
+def parse_xpub(xpub: str) -> Bip32Base:
+    """Parse an extended key and insist it is public: a private key must never reach the watcher."""
+    if not isinstance(xpub, str) or not xpub.strip():
+        raise ValueError("must be an extended public key (xpub...)")
+    try:
+        node = Bip32Secp256k1.FromExtendedKey(xpub.strip())
+    except Exception:  # bip_utils raises several types; the key text is deliberately not echoed
+        raise ValueError("is not a valid extended public key (xpub...)") from None
+    if not node.IsPublicOnly():
+        raise ValueError("is a private extended key; give the account xpub (m/44'/60'/0'), never the xprv")
+    return node
+
+
+def account_xpub_from_mnemonic(mnemonic: str, account: int = 0) -> str:
+    """The xpub of m/44'/60'/account' for a BIP-39 mnemonic (for the sandbox and tests)."""
+    if not 0 <= account < _HARDENED:
+        raise ValueError(f"account must be in 0..{_HARDENED - 1}")
+    seed = Bip39SeedGenerator(mnemonic).Generate()
+    ctx = Bip44.FromSeed(seed, Bip44Coins.ETHEREUM).Purpose().Coin().Account(account)
+    return ctx.PublicKey().ToExtended()
+
+
+class AddressDeriver:
+    """Derives deposit addresses <xpub>/0/<index>. Built once per chain: the external-chain
+    node (<xpub>/0) is derived here once so each derive() costs a single child derivation."""
+
+    __slots__ = ("_external",)
+
+    def __init__(self, xpub: str) -> None:
+        self._external = parse_xpub(xpub).ChildKey(0)
+
+    def derive(self, index: int) -> str:
+        """Lowercase 0x address at <xpub>/0/<index> (non-hardened, so 0..2**31-1)."""
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < _HARDENED:
+            raise ValueError(f"index must be an integer in 0..{_HARDENED - 1}")
+        pub = self._external.ChildKey(index).PublicKey().KeyObject()
+        raw = pub.RawUncompressed().ToBytes()  # 0x04 || X || Y
+        return "0x" + keccak(raw[1:])[-20:].hex()
+
+    def __repr__(self) -> str:  # the xpub reveals every address; keep it out of logs
+        return "AddressDeriver(<xpub>)"
+
+
+def _check_uri_numbers(chain_id: int, amount_atomic: int) -> None:
+    if isinstance(chain_id, bool) or not isinstance(chain_id, int) or chain_id <= 0:
+        raise ValueError("chain_id must be a positive integer")
+    if isinstance(amount_atomic, bool) or not isinstance(amount_atomic, int):
+        raise ValueError("amount_atomic must be an integer")
+    if not 0 <= amount_atomic <= _UINT256_MAX:
+        raise ValueError("amount_atomic must fit in uint256")
+
+
+def token_payment_uri(token: str, chain_id: int, destination: str, amount_atomic: int) -> str:
+    """EIP-681 URI for an ERC-20 transfer, which wallets turn into transfer(destination, amount)."""
+    _check_uri_numbers(chain_id, amount_atomic)
+    return (
+        f"ethereum:{to_checksum(token)}@{chain_id}/transfer"
+        f"?address={to_checksum(destination)}&uint256={amount_atomic}"
+    )
+
+
+def native_payment_uri(destination: str, chain_id: int, amount_atomic: int) -> str:
+    """EIP-681 URI for a plain transfer of the chain's native coin (value in wei)."""
+    _check_uri_numbers(chain_id, amount_atomic)
+    return f"ethereum:{to_checksum(destination)}@{chain_id}?value={amount_atomic}"

@@ -1,0 +1,496 @@
+"""Settings: the TOML file plus secrets from the environment, validated once at start-up.
+
+Every problem becomes a ConfigError naming the dotted key (``chains[0].assets[1].contract``)
+so `watcher check-config` can tell the operator exactly what to fix. Secrets never live in
+the file: the file names environment variables, and the values are injected from the
+environment before validation (a secret written in the file is itself an error).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import (BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
+
+from watcher.addresses import normalize_address, parse_xpub, to_checksum
+
+__all__ = ["AssetSettings", "ChainSettings", "ConfigError", "HttpSettings", "InvoiceSettings",
+           "Settings", "WebhookSettings", "describe", "load_settings", "settings_from_dict",
+           "strip_credentials"]
+
+EVENT_TYPES: frozenset[str] = frozenset({
+    "invoice.created", "invoice.session_refreshed", "invoice.payment_detected",
+    "invoice.payment_reverted", "invoice.paid", "invoice.confirmed", "invoice.expired",
+    "invoice.underpaid", "invoice.cancelled", "invoice.exception_opened",
+    "invoice.exception_resolved",
+})
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_SECRET_IN_FILE = "secrets never live in the file; put the value in the environment variable named by "
+
+StrictInt = Annotated[int, Strict()]
+
+
+class ConfigError(Exception):
+    """A configuration problem, with the dotted key it concerns (exit code 2 in the CLI)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+class _KeyedError(ValueError):
+    """Raised inside validators to point below the validator's own location (e.g. a duplicate
+    symbol found by the chain validator belongs to ``assets[2].symbol``)."""
+
+    def __init__(self, message: str, *path: str | int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = path
+
+
+_MODEL = ConfigDict(frozen=True, extra="forbid")
+
+
+def _env(info: ValidationInfo) -> Mapping[str, str]:
+    ctx = info.context
+    return ctx["env"] if isinstance(ctx, Mapping) and "env" in ctx else os.environ
+
+
+def _decimal(value: Any) -> Decimal:
+    """Money is never a float: a TOML float has already lost precision, so demand a string."""
+    if isinstance(value, float):
+        raise ValueError('must be a quoted decimal string such as "1.05", not a float '
+                         "(money is never a float)")
+    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
+        raise ValueError('must be a decimal string such as "1.05"')
+    try:
+        result = Decimal(value.strip()) if isinstance(value, str) else Decimal(value)
+    except InvalidOperation:
+        raise ValueError('must be a decimal string such as "1.05"') from None
+    if not result.is_finite():
+        raise ValueError("must be a finite number")
+    return result
+
+
+def _address(value: Any) -> str | None:
+    if value is None:
+        return None
+    address = normalize_address(value)
+    if address == "0x" + "0" * 40:
+        raise ValueError("must not be the zero address")
+    return address
+
+
+def _url(value: Any, schemes: tuple[str, ...]) -> str:
+    """Check scheme and host; the URL itself is never echoed since it may hold credentials."""
+    wanted = " or ".join(schemes)
+    if not isinstance(value, str):
+        raise ValueError(f"must be a {wanted} URL string")
+    try:
+        parts = urlsplit(value.strip())
+        _ = parts.port
+    except ValueError:
+        raise ValueError(f"must be a valid {wanted} URL") from None
+    if parts.scheme.lower() not in schemes or not parts.hostname:
+        raise ValueError(f"must be a {wanted} URL with a host")
+    return value.strip()
+
+
+def _split_listen(value: str) -> tuple[str, int]:
+    """HOST:PORT, with an IPv6 host in brackets ([::1]:8080), as for any socket address."""
+    m = re.fullmatch(r"\[([^\]]+)\]:(\d{1,5})|([^\[\]:]+):(\d{1,5})", value)
+    if not m:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080 or [::1]:8080")
+    host, port = (m[1], int(m[2])) if m[1] else (m[3], int(m[4]))
+    if m[1]:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("has a bad IPv6 address in brackets") from None
+    elif not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", host):
+        raise ValueError("has a bad host name")
+    if not 1 <= port <= 65535:
+        raise ValueError("port must be in 1..65535")
+    return host, port
+
+
+class AssetSettings(BaseModel):
+    """One payable asset on a chain: an ERC-20 token or the chain's native coin."""
+
+    model_config = _MODEL
+    symbol: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,19}$")]
+    kind: Literal["erc20", "native"]
+    contract: str | None = None
+    decimals: Annotated[StrictInt, Field(ge=0, le=36)]
+    usd_rate: Decimal | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _native_decimals(cls, data: Any) -> Any:
+        """Every EVM native coin has 18 decimals, so only tokens must state theirs."""
+        if isinstance(data, Mapping) and data.get("kind") == "native" and "decimals" not in data:
+            return {**data, "decimals": 18}
+        return data
+
+    @field_validator("contract", mode="plain")
+    @classmethod
+    def _contract(cls, value: Any) -> str | None:
+        return _address(value)
+
+    @field_validator("usd_rate", mode="plain")
+    @classmethod
+    def _rate(cls, value: Any) -> Decimal | None:
+        if value is None:
+            return None
+        rate = _decimal(value)
+        if rate <= 0:
+            raise ValueError("must be greater than 0")
+        return rate
+
+    @model_validator(mode="after")
+    def _contract_fits_kind(self) -> AssetSettings:
+        if self.kind == "erc20" and self.contract is None:
+            raise _KeyedError("is required for an erc20 asset", "contract")
+        if self.kind == "native" and self.contract is not None:
+            raise _KeyedError("must be absent for a native asset (it has no contract)", "contract")
+        return self
+
+
+class ChainSettings(BaseModel):
+    """One EVM chain to watch, its RPC endpoints and the assets accepted on it."""
+
+    model_config = _MODEL
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
+    chain_id: Annotated[StrictInt, Field(gt=0)]
+    rpc_urls: Annotated[tuple[str, ...], Field(min_length=1)]
+    ws_url: str | None = None
+    poll_interval_seconds: Annotated[float, Strict(), Field(gt=0, le=3600)]
+    confirmations: int | Literal["finalized"]
+    start_block: int | Literal["latest"] = "latest"
+    deposit_xpub: str | None = None
+    merchant_address: str | None = None
+    router_address: str | None = None
+    internal_transfers: Literal["auto", "on", "off"] = "auto"
+    assets: Annotated[tuple[AssetSettings, ...], Field(min_length=1)]
+
+    @field_validator("rpc_urls")
+    @classmethod
+    def _rpc_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        checked = []
+        for i, url in enumerate(value):
+            try:
+                checked.append(_url(url, ("http", "https")))
+            except ValueError as exc:
+                raise _KeyedError(str(exc), i) from None
+        return tuple(checked)
+
+    @field_validator("ws_url", mode="plain")
+    @classmethod
+    def _ws_url(cls, value: Any) -> str | None:
+        return None if value is None else _url(value, ("ws", "wss"))
+
+    @field_validator("confirmations", mode="plain")
+    @classmethod
+    def _confirmations(cls, value: Any) -> int | Literal["finalized"]:
+        if value == "finalized" and isinstance(value, str):
+            return "finalized"
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError('must be an integer of at least 1, or "finalized"')
+        return value
+
+    @field_validator("start_block", mode="plain")
+    @classmethod
+    def _start_block(cls, value: Any) -> int | Literal["latest"]:
+        if value == "latest" and isinstance(value, str):
+            return "latest"
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError('must be a block number (0 or more), or "latest"')
+        return value
+
+    @field_validator("deposit_xpub", mode="plain")
+    @classmethod
+    def _xpub(cls, value: Any) -> str | None:
+        if value is None:
+            return None
+        parse_xpub(value)
+        return str(value).strip()
+
+    @field_validator("merchant_address", "router_address", mode="plain")
+    @classmethod
+    def _addresses(cls, value: Any) -> str | None:
+        return _address(value)
+
+    @model_validator(mode="after")
+    def _unique_assets(self) -> ChainSettings:
+        """Two entries for one symbol or token would make a transfer count twice or be ambiguous."""
+        symbols: dict[str, int] = {}
+        contracts: dict[str, int] = {}
+        native: int | None = None
+        for i, asset in enumerate(self.assets):
+            if (j := symbols.setdefault(asset.symbol.upper(), i)) != i:
+                raise _KeyedError(f"duplicate symbol {asset.symbol!r} on this chain (also assets[{j}]; "
+                                  "symbols are compared case-insensitively)", "assets", i, "symbol")
+            if asset.contract and (j := contracts.setdefault(asset.contract, i)) != i:
+                raise _KeyedError(f"same token contract as assets[{j}]", "assets", i, "contract")
+            if asset.kind == "native":
+                if native is not None:
+                    raise _KeyedError(f"a chain has one native coin; assets[{native}] is already native",
+                                      "assets", i, "kind")
+                native = i
+        return self
+
+
+class WebhookSettings(BaseModel):
+    """One webhook endpoint; its signing secret comes from the environment variable secret_env."""
+
+    model_config = _MODEL
+    url: str
+    secret_env: Annotated[str, Field(pattern=_ENV_NAME)]
+    events: Annotated[tuple[str, ...], Field(min_length=1)] = ("*",)
+    secret: str = Field(repr=False, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_secret(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        if "secret" in data:
+            raise _KeyedError(_SECRET_IN_FILE + "secret_env", "secret")
+        var = data.get("secret_env")
+        if not isinstance(var, str) or not re.match(_ENV_NAME, var):
+            return data  # field validation reports the missing or bad name
+        value = _env(info).get(var)
+        if value is None:
+            raise _KeyedError(f"environment variable {var} is not set; it must hold the webhook "
+                              "secret (whsec_<base64 key>)", "secret_env")
+        key = b""
+        if value.startswith("whsec_"):
+            try:
+                key = base64.b64decode(value[6:], validate=True)
+            except (binascii.Error, ValueError):
+                key = b""
+        if not 24 <= len(key) <= 64:
+            raise _KeyedError(f"environment variable {var} must hold whsec_<base64 key> with a key "
+                              "of 24 to 64 bytes", "secret_env")
+        return {**data, "secret": value}
+
+    @field_validator("url", mode="plain")
+    @classmethod
+    def _check_url(cls, value: Any) -> str:
+        return _url(value, ("http", "https"))
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for i, event in enumerate(value):
+            if event != "*" and event not in EVENT_TYPES:
+                raise _KeyedError(f"unknown event type {event!r}; use \"*\" or one of: "
+                                  + ", ".join(sorted(EVENT_TYPES)), i)
+        return value
+
+
+class HttpSettings(BaseModel):
+    """Where the API listens, and the bearer token (from the environment) it demands."""
+
+    model_config = _MODEL
+    listen: str = "127.0.0.1:8080"
+    api_key_env: Annotated[str, Field(pattern=_ENV_NAME)] = "WATCHER_API_KEY"
+    api_key: str = Field(repr=False, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_api_key(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        if "api_key" in data:
+            raise _KeyedError(_SECRET_IN_FILE + "api_key_env", "api_key")
+        var = data.get("api_key_env", "WATCHER_API_KEY")
+        if not isinstance(var, str) or not re.match(_ENV_NAME, var):
+            return data
+        value = _env(info).get(var)
+        if value is None:
+            raise _KeyedError(f"environment variable {var} is not set; it must hold the API key",
+                              "api_key_env")
+        if len(value) < 16 or value != value.strip():
+            raise _KeyedError(f"environment variable {var} must hold an API key of at least 16 "
+                              "characters without surrounding whitespace", "api_key_env")
+        return {**data, "api_key": value}
+
+    @field_validator("listen", mode="plain")
+    @classmethod
+    def _listen(cls, value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError("must be a HOST:PORT string")
+        _split_listen(value)
+        return value
+
+    @property
+    def host(self) -> str:
+        """Host without IPv6 brackets, ready for socket binding."""
+        return _split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return _split_listen(self.listen)[1]
+
+
+class InvoiceSettings(BaseModel):
+    """Defaults applied to new invoices."""
+
+    model_config = _MODEL
+    default_expiry_minutes: Annotated[StrictInt, Field(ge=1, le=525600)] = 20
+    payment_tolerance_percent: Decimal = Decimal("0")
+
+    @field_validator("payment_tolerance_percent", mode="plain")
+    @classmethod
+    def _tolerance(cls, value: Any) -> Decimal:
+        tolerance = _decimal(value)
+        if not 0 <= tolerance <= 100:
+            raise ValueError("must be between 0 and 100")
+        return tolerance
+
+
+class Settings(BaseModel):
+    """The whole validated configuration; immutable so a reload swaps it as one object."""
+
+    model_config = _MODEL
+    database: Annotated[str, Field(min_length=1)] = "/var/lib/watcher/watcher.db"
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    http: HttpSettings = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
+    invoices: InvoiceSettings = Field(default_factory=InvoiceSettings)
+    webhooks: tuple[WebhookSettings, ...] = ()
+    chains: Annotated[tuple[ChainSettings, ...], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _unique_chains(self) -> Settings:
+        names: dict[str, int] = {}
+        ids: dict[int, int] = {}
+        for i, chain in enumerate(self.chains):
+            if (j := names.setdefault(chain.name, i)) != i:
+                raise _KeyedError(f"duplicate chain name {chain.name!r} (also chains[{j}])", "chains", i, "name")
+            if (j := ids.setdefault(chain.chain_id, i)) != i:
+                raise _KeyedError(f"duplicate chain_id {chain.chain_id} (also chains[{j}])",
+                                  "chains", i, "chain_id")
+        return self
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key or "(top level)"
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    """The first pydantic error as a ConfigError; input values are never copied into it."""
+    err = exc.errors(include_url=False, include_input=False)[0]
+    loc, message = tuple(err["loc"]), err["msg"]
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, _KeyedError):
+        loc, message = loc + cause.path, cause.message
+    elif err["type"] == "value_error" and cause is not None:
+        message = str(cause)
+    elif err["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif err["type"] == "missing":
+        message = "required key is missing"
+    return ConfigError(_dotted(loc), message)
+
+
+def settings_from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
+    """Validate settings given as a dict (the parsed TOML, or built in code by the sandbox)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("(top level)", "must be a table of settings")
+    try:
+        return Settings.model_validate(dict(data), context={"env": os.environ if env is None else env})
+    except ValidationError as exc:
+        raise _config_error(exc) from None
+
+
+def load_settings(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate the TOML file; every failure is a ConfigError (exit 2 in the CLI)."""
+    where = os.fspath(path)
+    try:
+        text = Path(where).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(where, "file not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(where, "is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(where, f"cannot read the file: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(where, f"TOML syntax error: {exc}") from None
+    return settings_from_dict(data, env)
+
+
+_SECRET_PARAM = re.compile(r"key|token|secret|auth|pass|sig|cred", re.IGNORECASE)
+_TOKEN_LIKE = re.compile(r"(?=.*[0-9])(?=.*[A-Za-z])[A-Za-z0-9_-]{20,}")
+
+
+def strip_credentials(url: str) -> str:
+    """A URL safe to show: userinfo dropped, API-key-like path segments and query values
+    replaced by ``***`` (RPC providers put keys in either place)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    netloc = parts.netloc.rpartition("@")[2]
+    path = "/".join("***" if _TOKEN_LIKE.fullmatch(seg) else seg for seg in parts.path.split("/"))
+    query = []
+    for item in parts.query.split("&") if parts.query else []:
+        name, sep, value = item.partition("=")
+        secret = _SECRET_PARAM.search(name) or _TOKEN_LIKE.fullmatch(value or name)
+        query.append(f"{name}=***" if secret and sep else ("***" if secret else item))
+    return urlunsplit((parts.scheme, netloc, path, "&".join(query), ""))
+
+
+def describe(settings: Settings) -> str:
+    """What the watcher would do with these settings, for `watcher check-config`.
+    Shows only the names of secret-holding variables, never their values."""
+    inv = settings.invoices
+    lines = [
+        f"database: {settings.database}",
+        f"logging: {settings.log_format}, level {settings.log_level}",
+        f"http: listen {settings.http.listen} (API key from ${settings.http.api_key_env})",
+        f"invoices: expire after {inv.default_expiry_minutes} min, "
+        f"tolerance {inv.payment_tolerance_percent}%",
+    ]
+    for chain in settings.chains:
+        lines.append(f"chain {chain.name} (chain id {chain.chain_id})")
+        lines.append("  rpc: " + ", ".join(strip_credentials(u) for u in chain.rpc_urls))
+        mode = f"ws {strip_credentials(chain.ws_url)}" if chain.ws_url else "polling"
+        lines.append(f"  head: {mode}, poll every {chain.poll_interval_seconds:g} s")
+        lines.append(f"  confirmations: {chain.confirmations}; start block: {chain.start_block}; "
+                     f"internal transfers: {chain.internal_transfers}")
+        if chain.deposit_xpub:
+            x = chain.deposit_xpub
+            lines.append(f"  deposit xpub: {x[:12]}...{x[-6:]} (address rail)")
+        if chain.merchant_address:
+            lines.append(f"  merchant: {to_checksum(chain.merchant_address)}")
+        if chain.router_address:
+            lines.append(f"  router: {to_checksum(chain.router_address)} (contract rail)")
+        for a in chain.assets:
+            where = to_checksum(a.contract) if a.contract else "native coin"
+            rate = f", usd_rate {a.usd_rate}" if a.usd_rate is not None else ", no usd_rate"
+            lines.append(f"  asset {a.symbol} ({a.kind}): {where}, decimals {a.decimals}{rate}")
+    if not settings.webhooks:
+        lines.append("webhooks: none")
+    for hook in settings.webhooks:
+        lines.append(f"webhook {strip_credentials(hook.url)}: events {', '.join(hook.events)} "
+                     f"(secret from ${hook.secret_env})")
+    return "\n".join(lines)

@@ -1,0 +1,224 @@
+"""Follows one chain: canonical blocks in, payments and reorgs out, one checkpoint per step.
+
+Each `run_once()` either handles a reorg (found by parent hash against the stored window)
+or scans the next range of blocks, matches transfers to our deposit addresses and hands
+the lot to the store in one transaction. A restart resumes from the checkpoint: the range
+after it is scanned exactly once, and a payment seen twice is still recorded once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import structlog
+
+from .chain import ChainReader, RpcError
+from .domain import BlockRef, Transfer
+from .store import MatchedTransfer, Store
+
+log = structlog.get_logger("watcher.follower")
+
+# Up to this many deposit addresses the node filters by recipient topic; past it we ask for
+# every Transfer of our tokens and match here (long topic lists are refused by providers).
+TOPIC_FILTER_LIMIT = 1000
+
+
+class ChainChanged(Exception):
+    """What the node said moved under us mid-read (a reorg in progress); try again."""
+
+
+@dataclass
+class FollowerStatus:
+    head_block: int | None = None
+    last_head_at: float | None = None
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class WatchTarget:
+    option_id: str
+    token: str | None
+
+
+class Follower:
+    def __init__(
+        self,
+        *,
+        network: str,
+        reader: ChainReader,
+        store: Store,
+        tokens: Sequence[str],
+        confirmations: int,
+        start_block: int | str = "latest",
+        chunk_size: int = 500,
+        poll_interval: float = 2.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.network = network
+        self.reader = reader
+        self.store = store
+        self.tokens = [t.lower() for t in tokens]
+        self.confirmations = confirmations
+        self.start_block = start_block
+        self.chunk_size = chunk_size
+        self.poll_interval = poll_interval
+        self.clock = clock
+        self.status = FollowerStatus()
+        self._watch: dict[str, WatchTarget] = {}
+        self._watch_rowid = 0
+        self._wake = asyncio.Event()
+
+    # ------------------------------------------------------------------ watch set
+
+    def refresh_watch_set(self) -> None:
+        """Pick up deposit addresses created since the last look (cheap: by rowid)."""
+        for row in self.store.watch_entries(self.network, self._watch_rowid):
+            self._watch[row["destination_address"]] = WatchTarget(row["id"], row["token_contract"])
+            self._watch_rowid = row["rowid"]
+
+    def match(self, transfers: Sequence[Transfer]) -> list[tuple[Transfer, str]]:
+        """Ours: to a deposit address, of that option's asset, and not zero."""
+        out = []
+        for t in transfers:
+            target = self._watch.get(t.to_address)
+            if target is None:
+                continue
+            if t.amount == 0:
+                log.info("zero_value_transfer_ignored", network=self.network, tx=t.tx_hash, to=t.to_address)
+                continue
+            if target.token != t.token:
+                log.warning("wrong_asset_transfer_ignored", network=self.network, tx=t.tx_hash, to=t.to_address, token=t.token)
+                continue
+            out.append((t, target.option_id))
+        return out
+
+    # ------------------------------------------------------------------ one step
+
+    async def run_once(self) -> int:
+        """Do one step of work; returns how many blocks it moved the checkpoint (0: caught up)."""
+        self.refresh_watch_set()
+        head = await self.reader.block_number()
+        self.status.head_block = head
+        self.status.last_head_at = self.clock()
+        cursor = self.store.cursor(self.network)
+
+        if cursor is None:
+            start = head if self.start_block == "latest" else int(self.start_block)
+            if start > head:
+                return 0
+            first = start
+        else:
+            if head <= cursor.number:
+                # Nothing new; make sure our tip is still canonical.
+                [node_block] = await self.reader.headers([cursor.number])
+                if node_block is None or node_block.hash != cursor.hash:
+                    await self._handle_reorg(cursor)
+                    return 1
+                return 0
+            first = cursor.number + 1
+
+        last = min(head, first + self.chunk_size - 1)
+        return await self._scan(cursor, first, last, head)
+
+    async def _scan(self, cursor: BlockRef | None, first: int, last: int, head: int) -> int:
+        recipients = list(self._watch) if len(self._watch) <= TOPIC_FILTER_LIMIT else None
+        transfers = await self.reader.transfer_logs(first, last, self.tokens, recipients)
+        matched = self.match(transfers)
+        # Headers: all of them near the head (to link the window), else only those we need.
+        near_head = last > head - 2 * max(self.confirmations, 64)
+        if near_head:
+            numbers = list(range(first, last + 1))
+        else:
+            numbers = sorted({first, last} | {t.block_number for t, _ in matched})
+        headers = await self.reader.headers(numbers)
+        by_number: dict[int, BlockRef] = {}
+        for n, h in zip(numbers, headers):
+            if h is None:
+                raise ChainChanged(f"block {n} vanished while reading")
+            by_number[n] = h
+
+        if cursor is not None and by_number[first].parent_hash != cursor.hash:
+            await self._handle_reorg(cursor)
+            return 1
+        if near_head:
+            for n in range(first + 1, last + 1):
+                if by_number[n].parent_hash != by_number[n - 1].hash:
+                    raise ChainChanged(f"blocks {n - 1} and {n} do not link")
+        for t, _ in matched:
+            if by_number[t.block_number].hash != t.block_hash:
+                raise ChainChanged(f"log of tx {t.tx_hash} names block hash {t.block_hash}, not the canonical one")
+
+        blocks = [by_number[n] for n in numbers]
+        confirmed_through = last - self.confirmations + 1
+        result = self.store.apply_blocks(
+            self.network,
+            blocks,
+            [MatchedTransfer(t, option_id, by_number[t.block_number].timestamp) for t, option_id in matched],
+            confirmed_through=confirmed_through,
+        )
+        if result.payments_added or result.payments_confirmed or result.invoices_changed:
+            log.info(
+                "blocks_applied", network=self.network, first=first, last=last, payments=result.payments_added,
+                confirmed=result.payments_confirmed, invoices_changed=result.invoices_changed, events=result.events,
+            )
+        return last - first + 1
+
+    async def _handle_reorg(self, cursor: BlockRef) -> None:
+        """Walk our stored window down to the newest block the node still has; drop the rest."""
+        window = self.store.recent_blocks(self.network)
+        ancestor: BlockRef | None = None
+        if window:
+            node_blocks = await self.reader.headers([b.number for b in window])
+            for ours, theirs in zip(window, node_blocks):
+                if theirs is not None and theirs.hash == ours.hash:
+                    ancestor = ours
+                    break
+        if ancestor is None and window and window[-1].number > 0:
+            # Deeper than we remember: take the node's block below our window as the base
+            # and scan up again; payments still canonical are simply detected again.
+            log.error("reorg_deeper_than_window", network=self.network, tip=cursor.number, window=len(window))
+            [ancestor] = await self.reader.headers([window[-1].number - 1])
+        reverted = self.store.revert_to(self.network, ancestor)
+        log.warning(
+            "reorg", network=self.network, old_tip=cursor.number, old_hash=cursor.hash,
+            ancestor=ancestor.number if ancestor else None, payments_reverted=len(reverted),
+        )
+
+    # ------------------------------------------------------------------ loop
+
+    def wake(self) -> None:
+        """A new head is known (or a test mined a block): look now rather than at the next poll."""
+        self._wake.set()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        backoff = 0.5
+        while not stopping.is_set():
+            try:
+                moved = await self.run_once()
+                self.status.last_error = None
+                backoff = 0.5
+            except (RpcError, ChainChanged, OSError, asyncio.TimeoutError) as exc:
+                self.status.last_error = str(exc)
+                log.warning("follower_step_failed", network=self.network, error=str(exc))
+                moved = 0
+                await _sleep_or(stopping, backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            if moved:
+                continue
+            self._wake.clear()
+            await _sleep_or(stopping, self.poll_interval, self._wake)
+
+
+async def _sleep_or(stopping: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> None:
+    waiters = [asyncio.ensure_future(stopping.wait())]
+    if wake is not None:
+        waiters.append(asyncio.ensure_future(wake.wait()))
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()

@@ -1,0 +1,111 @@
+"""Rows of the store turned into the JSON shapes of the public contract.
+
+Kept apart from the SQL so that the API and the webhook bodies, which must agree to the
+byte, come from one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import orjson
+from eth_utils import to_checksum_address
+
+from .domain import format_units, rfc3339
+
+
+def checksum(address: str | None) -> str | None:
+    return to_checksum_address(address) if address else None
+
+
+def payment_view(row: Mapping[str, Any], tip: int | None) -> dict:
+    """A payment; `tip` is the chain's last processed block, from which confirmations follow."""
+    if row["status"] == "reverted" or tip is None:
+        confirmations = 0
+    else:
+        confirmations = max(tip - row["block_number"] + 1, 0)
+    return {
+        "id": row["id"],
+        "payment_option_id": row["option_id"],
+        "network": row["network"],
+        "asset": row["asset"],
+        "transaction_hash": row["tx_hash"],
+        "log_index": row["log_index"],
+        "block_number": row["block_number"],
+        "block_hash": row["block_hash"],
+        "block_timestamp": rfc3339(row["block_timestamp"]),
+        "from_address": checksum(row["from_address"]),
+        "to_address": checksum(row["to_address"]),
+        "amount": format_units(int(row["amount_atomic"]), row["decimals"]),
+        "amount_atomic": row["amount_atomic"],
+        "confirmations": confirmations,
+        "status": row["status"],
+        "role": row["role"],
+        "observed_at": row["observed_at"],
+        "confirmed_at": row["confirmed_at"],
+    }
+
+
+def option_view(row: Mapping[str, Any]) -> dict:
+    call = orjson.loads(row["contract_call"]) if row["contract_call"] else None
+    return {
+        "id": row["id"],
+        "rail": row["rail"],
+        "network": row["network"],
+        "chain_id": row["chain_id"],
+        "asset": row["asset"],
+        "token_contract": checksum(row["token_contract"]),
+        "decimals": row["decimals"],
+        "quoted_amount": row["quoted_amount"],
+        "quote_rate": row["quote_rate"],
+        "amount_atomic": row["amount_atomic"],
+        "destination_address": checksum(row["destination_address"]),
+        "payment_uri": row["payment_uri"],
+        "required_confirmations": row["required_confirmations"],
+        "contract_call": call,
+    }
+
+
+def invoice_confirmations(payments: list[dict]) -> int:
+    """The smallest confirmation count among the payments that count; 0 if none."""
+    counted = [p["confirmations"] for p in payments if p["role"] == "counted" and p["status"] != "reverted"]
+    return min(counted) if counted else 0
+
+
+def invoice_view(row: Mapping[str, Any], options: list[Mapping[str, Any]], payments: list[dict]) -> dict:
+    return {
+        "id": row["id"],
+        "status": row["status"],
+        "amount": row["amount"],
+        "currency": row["currency"],
+        "product_name": row["product_name"],
+        "issued_by": row["issued_by"],
+        "bill_to": row["bill_to"],
+        "merchant_reference": row["merchant_reference"],
+        "customer_id": row["customer_id"],
+        "customer_email": row["customer_email"],
+        "metadata": orjson.loads(row["metadata"]) if row["metadata"] else {},
+        "payment_summary": orjson.loads(row["payment_summary"]),
+        "confirmations": invoice_confirmations(payments),
+        "exception": orjson.loads(row["exception"]) if row["exception"] else None,
+        "payment_options": [option_view(o) for o in options],
+        "payments": payments,
+        "payment_timing": orjson.loads(row["payment_timing"]),
+        "version": row["version"],
+        "created_at": row["created_at"],
+        "paid_at": row["paid_at"],
+        "confirmed_at": row["confirmed_at"],
+        "cancelled_at": row["cancelled_at"],
+        "last_payment_observed_at": row["last_payment_observed_at"],
+    }
+
+
+STATUS_FIELDS = (
+    "id", "status", "confirmations", "payment_summary", "exception", "payment_timing",
+    "last_payment_observed_at", "payments", "version",
+)
+
+
+def status_view(invoice: dict) -> dict:
+    """The polling shape (and the `data.invoice` of every webhook)."""
+    return {k: invoice[k] for k in STATUS_FIELDS}
