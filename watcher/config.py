@@ -14,14 +14,14 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import (BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, Strict, ValidationError,
+                      ValidationInfo, model_validator)
 
 from watcher.addresses import normalize_address, parse_xpub, to_checksum
 
@@ -36,7 +36,6 @@ EVENT_TYPES: frozenset[str] = frozenset({
     "invoice.exception_resolved",
 })
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
-_SECRET_IN_FILE = "secrets never live in the file; put the value in the environment variable named by "
 
 StrictInt = Annotated[int, Strict()]
 
@@ -63,12 +62,46 @@ class _KeyedError(ValueError):
 _MODEL = ConfigDict(frozen=True, extra="forbid")
 
 
-def _env(info: ValidationInfo) -> Mapping[str, str]:
+def _inject_secret(data: Any, info: ValidationInfo, field: str, env_field: str,
+                   default_var: str | None, valid: Callable[[str], bool], wanted: str) -> Any:
+    """Put the secret from the variable named by ``env_field`` into ``field`` before validation,
+    and reject it in the file. Messages describe ``wanted`` and never echo the value."""
+    if not isinstance(data, Mapping):
+        return data
+    if field in data:
+        raise _KeyedError("secrets never live in the file; put the value in the environment "
+                          f"variable named by {env_field}", field)
+    var = data.get(env_field, default_var)
+    if not isinstance(var, str) or not re.match(_ENV_NAME, var):
+        return data  # field validation reports the missing or malformed name
     ctx = info.context
-    return ctx["env"] if isinstance(ctx, Mapping) and "env" in ctx else os.environ
+    env = ctx["env"] if isinstance(ctx, Mapping) and "env" in ctx else os.environ
+    value = env.get(var)
+    if value is None:
+        raise _KeyedError(f"environment variable {var} is not set; it must hold {wanted}", env_field)
+    if not valid(value):
+        raise _KeyedError(f"environment variable {var} must hold {wanted}", env_field)
+    return {**data, field: value}
 
 
-def _decimal(value: Any) -> Decimal:
+def _int_or_word(value: Any, word: str, minimum: int, what: str) -> int | str:
+    if isinstance(value, str) and value == word:
+        return word
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f'must be {what}, or "{word}"')
+    return value
+
+
+def _first_duplicate(values: list[Any]) -> tuple[int, int] | None:
+    """(index of the repeat, index of the first occurrence), so the error points at the repeat."""
+    seen: dict[Any, int] = {}
+    for i, v in enumerate(values):
+        if v is not None and (j := seen.setdefault(v, i)) != i:
+            return i, j
+    return None
+
+
+def _decimal(value: Any, low: Decimal, high: Decimal | None, low_ok: bool) -> Decimal:
     """Money is never a float: a TOML float has already lost precision, so demand a string."""
     if isinstance(value, float):
         raise ValueError('must be a quoted decimal string such as "1.05", not a float '
@@ -79,8 +112,9 @@ def _decimal(value: Any) -> Decimal:
         result = Decimal(value.strip()) if isinstance(value, str) else Decimal(value)
     except InvalidOperation:
         raise ValueError('must be a decimal string such as "1.05"') from None
-    if not result.is_finite():
-        raise ValueError("must be a finite number")
+    if not result.is_finite() or result < low or (result == low and not low_ok) or (high is not None and result > high):
+        raise ValueError(f"must be {'at least' if low_ok else 'greater than'} {low}"
+                         + (f" and at most {high}" if high is not None else ""))
     return result
 
 
@@ -95,22 +129,22 @@ def _address(value: Any) -> str | None:
 
 def _url(value: Any, schemes: tuple[str, ...]) -> str:
     """Check scheme and host; the URL itself is never echoed since it may hold credentials."""
-    wanted = " or ".join(schemes)
+    wanted = "URL with scheme " + " or ".join(schemes)
     if not isinstance(value, str):
-        raise ValueError(f"must be a {wanted} URL string")
+        raise ValueError(f"must be a {wanted}")
     try:
         parts = urlsplit(value.strip())
         _ = parts.port
     except ValueError:
-        raise ValueError(f"must be a valid {wanted} URL") from None
+        raise ValueError(f"must be a valid {wanted}") from None
     if parts.scheme.lower() not in schemes or not parts.hostname:
-        raise ValueError(f"must be a {wanted} URL with a host")
+        raise ValueError(f"must be a {wanted} and a host")
     return value.strip()
 
 
-def _split_listen(value: str) -> tuple[str, int]:
+def _split_listen(value: Any) -> tuple[str, int]:
     """HOST:PORT, with an IPv6 host in brackets ([::1]:8080), as for any socket address."""
-    m = re.fullmatch(r"\[([^\]]+)\]:(\d{1,5})|([^\[\]:]+):(\d{1,5})", value)
+    m = re.fullmatch(r"\[([^\]]+)\]:(\d{1,5})|([^\[\]:]+):(\d{1,5})", value if isinstance(value, str) else "")
     if not m:
         raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080 or [::1]:8080")
     host, port = (m[1], int(m[2])) if m[1] else (m[3], int(m[4]))
@@ -126,15 +160,47 @@ def _split_listen(value: str) -> tuple[str, int]:
     return host, port
 
 
+def _event(value: Any) -> str:
+    if value != "*" and value not in EVENT_TYPES:
+        raise ValueError(f'unknown event type {value!r}; use "*" or one of: ' + ", ".join(sorted(EVENT_TYPES)))
+    return str(value)
+
+
+def _listen(value: Any) -> str:
+    _split_listen(value)
+    return str(value)
+
+
+def _xpub(value: Any) -> str | None:
+    if value is None:
+        return None
+    parse_xpub(value)
+    return str(value).strip()
+
+
+# Field types whose validators own the whole check, so messages say what to write instead.
+Address = Annotated[str | None, PlainValidator(_address)]
+HttpUrl = Annotated[str, PlainValidator(lambda v: _url(v, ("http", "https")))]
+WsUrl = Annotated[str | None, PlainValidator(lambda v: None if v is None else _url(v, ("ws", "wss")))]
+Confirmations = Annotated[int | Literal["finalized"],
+                          PlainValidator(lambda v: _int_or_word(v, "finalized", 1, "an integer of at least 1"))]
+StartBlock = Annotated[int | Literal["latest"],
+                       PlainValidator(lambda v: _int_or_word(v, "latest", 0, "a block number (0 or more)"))]
+UsdRate = Annotated[Decimal | None,
+                    PlainValidator(lambda v: None if v is None else _decimal(v, Decimal(0), None, False))]
+Percent = Annotated[Decimal, PlainValidator(lambda v: _decimal(v, Decimal(0), Decimal(100), True))]
+EnvName = Annotated[str, Field(pattern=_ENV_NAME)]
+
+
 class AssetSettings(BaseModel):
     """One payable asset on a chain: an ERC-20 token or the chain's native coin."""
 
     model_config = _MODEL
     symbol: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,19}$")]
     kind: Literal["erc20", "native"]
-    contract: str | None = None
+    contract: Address = None
     decimals: Annotated[StrictInt, Field(ge=0, le=36)]
-    usd_rate: Decimal | None = None
+    usd_rate: UsdRate = None
 
     @model_validator(mode="before")
     @classmethod
@@ -143,21 +209,6 @@ class AssetSettings(BaseModel):
         if isinstance(data, Mapping) and data.get("kind") == "native" and "decimals" not in data:
             return {**data, "decimals": 18}
         return data
-
-    @field_validator("contract", mode="plain")
-    @classmethod
-    def _contract(cls, value: Any) -> str | None:
-        return _address(value)
-
-    @field_validator("usd_rate", mode="plain")
-    @classmethod
-    def _rate(cls, value: Any) -> Decimal | None:
-        if value is None:
-            return None
-        rate = _decimal(value)
-        if rate <= 0:
-            raise ValueError("must be greater than 0")
-        return rate
 
     @model_validator(mode="after")
     def _contract_fits_kind(self) -> AssetSettings:
@@ -174,167 +225,68 @@ class ChainSettings(BaseModel):
     model_config = _MODEL
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
     chain_id: Annotated[StrictInt, Field(gt=0)]
-    rpc_urls: Annotated[tuple[str, ...], Field(min_length=1)]
-    ws_url: str | None = None
+    rpc_urls: Annotated[tuple[HttpUrl, ...], Field(min_length=1)]
+    ws_url: WsUrl = None
     poll_interval_seconds: Annotated[float, Strict(), Field(gt=0, le=3600)]
-    confirmations: int | Literal["finalized"]
-    start_block: int | Literal["latest"] = "latest"
-    deposit_xpub: str | None = None
-    merchant_address: str | None = None
-    router_address: str | None = None
+    confirmations: Confirmations
+    start_block: StartBlock = "latest"
+    deposit_xpub: Annotated[str | None, PlainValidator(_xpub)] = None
+    merchant_address: Address = None
+    router_address: Address = None
     internal_transfers: Literal["auto", "on", "off"] = "auto"
     assets: Annotated[tuple[AssetSettings, ...], Field(min_length=1)]
-
-    @field_validator("rpc_urls")
-    @classmethod
-    def _rpc_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        checked = []
-        for i, url in enumerate(value):
-            try:
-                checked.append(_url(url, ("http", "https")))
-            except ValueError as exc:
-                raise _KeyedError(str(exc), i) from None
-        return tuple(checked)
-
-    @field_validator("ws_url", mode="plain")
-    @classmethod
-    def _ws_url(cls, value: Any) -> str | None:
-        return None if value is None else _url(value, ("ws", "wss"))
-
-    @field_validator("confirmations", mode="plain")
-    @classmethod
-    def _confirmations(cls, value: Any) -> int | Literal["finalized"]:
-        if value == "finalized" and isinstance(value, str):
-            return "finalized"
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError('must be an integer of at least 1, or "finalized"')
-        return value
-
-    @field_validator("start_block", mode="plain")
-    @classmethod
-    def _start_block(cls, value: Any) -> int | Literal["latest"]:
-        if value == "latest" and isinstance(value, str):
-            return "latest"
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError('must be a block number (0 or more), or "latest"')
-        return value
-
-    @field_validator("deposit_xpub", mode="plain")
-    @classmethod
-    def _xpub(cls, value: Any) -> str | None:
-        if value is None:
-            return None
-        parse_xpub(value)
-        return str(value).strip()
-
-    @field_validator("merchant_address", "router_address", mode="plain")
-    @classmethod
-    def _addresses(cls, value: Any) -> str | None:
-        return _address(value)
 
     @model_validator(mode="after")
     def _unique_assets(self) -> ChainSettings:
         """Two entries for one symbol or token would make a transfer count twice or be ambiguous."""
-        symbols: dict[str, int] = {}
-        contracts: dict[str, int] = {}
-        native: int | None = None
-        for i, asset in enumerate(self.assets):
-            if (j := symbols.setdefault(asset.symbol.upper(), i)) != i:
-                raise _KeyedError(f"duplicate symbol {asset.symbol!r} on this chain (also assets[{j}]; "
-                                  "symbols are compared case-insensitively)", "assets", i, "symbol")
-            if asset.contract and (j := contracts.setdefault(asset.contract, i)) != i:
-                raise _KeyedError(f"same token contract as assets[{j}]", "assets", i, "contract")
-            if asset.kind == "native":
-                if native is not None:
-                    raise _KeyedError(f"a chain has one native coin; assets[{native}] is already native",
-                                      "assets", i, "kind")
-                native = i
+        if dup := _first_duplicate([a.symbol.upper() for a in self.assets]):
+            raise _KeyedError(f"duplicate symbol on this chain (also assets[{dup[1]}]; symbols are "
+                              "compared case-insensitively)", "assets", dup[0], "symbol")
+        if dup := _first_duplicate([a.contract for a in self.assets]):
+            raise _KeyedError(f"same token contract as assets[{dup[1]}]", "assets", dup[0], "contract")
+        if dup := _first_duplicate([a.kind if a.kind == "native" else None for a in self.assets]):
+            raise _KeyedError(f"a chain has one native coin and assets[{dup[1]}] is it", "assets", dup[0], "kind")
         return self
+
+
+def _valid_webhook_secret(value: str) -> bool:
+    """Standard Webhooks: "whsec_" + base64 of the HMAC key; a short key is a weak signature."""
+    try:
+        return value.startswith("whsec_") and 24 <= len(base64.b64decode(value[6:], validate=True)) <= 64
+    except (binascii.Error, ValueError):
+        return False
 
 
 class WebhookSettings(BaseModel):
     """One webhook endpoint; its signing secret comes from the environment variable secret_env."""
 
     model_config = _MODEL
-    url: str
-    secret_env: Annotated[str, Field(pattern=_ENV_NAME)]
-    events: Annotated[tuple[str, ...], Field(min_length=1)] = ("*",)
+    url: HttpUrl
+    secret_env: EnvName
+    events: Annotated[tuple[Annotated[str, PlainValidator(_event)], ...], Field(min_length=1)] = ("*",)
     secret: str = Field(repr=False, exclude=True)
 
     @model_validator(mode="before")
     @classmethod
     def _resolve_secret(cls, data: Any, info: ValidationInfo) -> Any:
-        if not isinstance(data, Mapping):
-            return data
-        if "secret" in data:
-            raise _KeyedError(_SECRET_IN_FILE + "secret_env", "secret")
-        var = data.get("secret_env")
-        if not isinstance(var, str) or not re.match(_ENV_NAME, var):
-            return data  # field validation reports the missing or bad name
-        value = _env(info).get(var)
-        if value is None:
-            raise _KeyedError(f"environment variable {var} is not set; it must hold the webhook "
-                              "secret (whsec_<base64 key>)", "secret_env")
-        key = b""
-        if value.startswith("whsec_"):
-            try:
-                key = base64.b64decode(value[6:], validate=True)
-            except (binascii.Error, ValueError):
-                key = b""
-        if not 24 <= len(key) <= 64:
-            raise _KeyedError(f"environment variable {var} must hold whsec_<base64 key> with a key "
-                              "of 24 to 64 bytes", "secret_env")
-        return {**data, "secret": value}
-
-    @field_validator("url", mode="plain")
-    @classmethod
-    def _check_url(cls, value: Any) -> str:
-        return _url(value, ("http", "https"))
-
-    @field_validator("events")
-    @classmethod
-    def _events(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for i, event in enumerate(value):
-            if event != "*" and event not in EVENT_TYPES:
-                raise _KeyedError(f"unknown event type {event!r}; use \"*\" or one of: "
-                                  + ", ".join(sorted(EVENT_TYPES)), i)
-        return value
+        return _inject_secret(data, info, "secret", "secret_env", None, _valid_webhook_secret,
+                              "the webhook secret: whsec_<base64 key> with a key of 24 to 64 bytes")
 
 
 class HttpSettings(BaseModel):
     """Where the API listens, and the bearer token (from the environment) it demands."""
 
     model_config = _MODEL
-    listen: str = "127.0.0.1:8080"
-    api_key_env: Annotated[str, Field(pattern=_ENV_NAME)] = "WATCHER_API_KEY"
+    listen: Annotated[str, PlainValidator(_listen)] = "127.0.0.1:8080"
+    api_key_env: EnvName = "WATCHER_API_KEY"
     api_key: str = Field(repr=False, exclude=True)
 
     @model_validator(mode="before")
     @classmethod
     def _resolve_api_key(cls, data: Any, info: ValidationInfo) -> Any:
-        if not isinstance(data, Mapping):
-            return data
-        if "api_key" in data:
-            raise _KeyedError(_SECRET_IN_FILE + "api_key_env", "api_key")
-        var = data.get("api_key_env", "WATCHER_API_KEY")
-        if not isinstance(var, str) or not re.match(_ENV_NAME, var):
-            return data
-        value = _env(info).get(var)
-        if value is None:
-            raise _KeyedError(f"environment variable {var} is not set; it must hold the API key",
-                              "api_key_env")
-        if len(value) < 16 or value != value.strip():
-            raise _KeyedError(f"environment variable {var} must hold an API key of at least 16 "
-                              "characters without surrounding whitespace", "api_key_env")
-        return {**data, "api_key": value}
-
-    @field_validator("listen", mode="plain")
-    @classmethod
-    def _listen(cls, value: Any) -> str:
-        if not isinstance(value, str):
-            raise ValueError("must be a HOST:PORT string")
-        _split_listen(value)
-        return value
+        return _inject_secret(data, info, "api_key", "api_key_env", "WATCHER_API_KEY",
+                              lambda v: len(v) >= 16 and v == v.strip(),
+                              "the API key: at least 16 characters, no surrounding whitespace")
 
     @property
     def host(self) -> str:
@@ -351,15 +303,7 @@ class InvoiceSettings(BaseModel):
 
     model_config = _MODEL
     default_expiry_minutes: Annotated[StrictInt, Field(ge=1, le=525600)] = 20
-    payment_tolerance_percent: Decimal = Decimal("0")
-
-    @field_validator("payment_tolerance_percent", mode="plain")
-    @classmethod
-    def _tolerance(cls, value: Any) -> Decimal:
-        tolerance = _decimal(value)
-        if not 0 <= tolerance <= 100:
-            raise ValueError("must be between 0 and 100")
-        return tolerance
+    payment_tolerance_percent: Percent = Decimal("0")
 
 
 class Settings(BaseModel):
@@ -376,14 +320,9 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _unique_chains(self) -> Settings:
-        names: dict[str, int] = {}
-        ids: dict[int, int] = {}
-        for i, chain in enumerate(self.chains):
-            if (j := names.setdefault(chain.name, i)) != i:
-                raise _KeyedError(f"duplicate chain name {chain.name!r} (also chains[{j}])", "chains", i, "name")
-            if (j := ids.setdefault(chain.chain_id, i)) != i:
-                raise _KeyedError(f"duplicate chain_id {chain.chain_id} (also chains[{j}])",
-                                  "chains", i, "chain_id")
+        for field in ("name", "chain_id"):
+            if dup := _first_duplicate([getattr(c, field) for c in self.chains]):
+                raise _KeyedError(f"duplicate {field} (also chains[{dup[1]}])", "chains", dup[0], field)
         return self
 
 
@@ -392,6 +331,11 @@ def _dotted(loc: tuple[str | int, ...]) -> str:
     for part in loc:
         key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
     return key or "(top level)"
+
+
+_PLAIN_MESSAGES = {"extra_forbidden": "unknown key", "missing": "required key is missing",
+                   "too_short": "must not be empty", "tuple_type": "must be a list",
+                   "model_type": "must be a table", "model_attributes_type": "must be a table"}
 
 
 def _config_error(exc: ValidationError) -> ConfigError:
@@ -403,10 +347,8 @@ def _config_error(exc: ValidationError) -> ConfigError:
         loc, message = loc + cause.path, cause.message
     elif err["type"] == "value_error" and cause is not None:
         message = str(cause)
-    elif err["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif err["type"] == "missing":
-        message = "required key is missing"
+    else:
+        message = _PLAIN_MESSAGES.get(err["type"], message)
     return ConfigError(_dotted(loc), message)
 
 
