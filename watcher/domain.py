@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from decimal import ROUND_DOWN, Decimal
+from decimal import ROUND_DOWN, Decimal, localcontext
 from enum import StrEnum
 from fractions import Fraction
 from typing import Sequence
@@ -194,19 +194,30 @@ class Judgement:
         }
 
 
+# uint256 has 78 digits; with 18 places and headroom, decimal arithmetic never rounds.
+EXACT_PRECISION = 200
+
+
 def judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], *, chain_time: int | None) -> Judgement:
     """Derive an invoice's whole payment state from its payments and the chain's time.
 
     `chain_time` is the timestamp of the last block the watcher processed on the invoice's
     chains (None if it has processed none): the deadline passes only in chain time.
     """
+    with localcontext() as ctx:
+        ctx.prec = EXACT_PRECISION
+        return _judge(invoice, payments, chain_time)
+
+
+def _judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], chain_time: int | None) -> Judgement:
     if invoice.amount == 0:
         # Nothing to pay: settled at creation, nothing can be counted.
         roles = {p.id: Role.DUPLICATE for p in payments if p.status != PaymentStatus.REVERTED}
+        open_zero = _open_payment_exceptions(invoice, roles)
         return Judgement(
             InvoiceStatus.DRAFT if invoice.draft else InvoiceStatus.CONFIRMED,
             PaymentState.EXACT, Fraction(0), Decimal(0), Decimal(0), Decimal(0), roles,
-            _pick_exception(invoice, _open_payment_exceptions(invoice, roles)),
+            _pick_exception(invoice, open_zero), tuple(t for t in EXCEPTION_PRIORITY if t in open_zero),
         )
 
     threshold = 1 - Fraction(invoice.tolerance_percent) / 100
@@ -345,7 +356,7 @@ def display_places(amount: Decimal) -> int:
 
 def _quantize_down(value: Fraction, places: int) -> Decimal:
     scaled = value.numerator * 10**places // value.denominator
-    return Decimal(scaled).scaleb(-places)
+    return Decimal(f"{scaled}E-{places}")  # built from a string: exact at any size
 
 
 def _q(value: Decimal, places: int) -> Decimal:
@@ -359,23 +370,30 @@ def quote_atomic(amount: Decimal, usd_rate: Decimal, decimals: int) -> int:
 
 
 def atomic_to_decimal(amount_atomic: int, decimals: int) -> Decimal:
-    """Exact decimal value of an atomic amount (no rounding: 10^-decimals divides it)."""
-    return Decimal(amount_atomic).scaleb(-decimals)
+    """Exact decimal value of an atomic amount, at any size (built from a string, not by arithmetic)."""
+    return Decimal(f"{amount_atomic}E-{decimals}")
 
 
 def format_decimal(value: Decimal) -> str:
-    """Plain notation, never exponent form: '0.00', '49.99', '1000000000000000000000'."""
-    text = format(value, "f")
-    return text
+    """Plain notation, never exponent form: '0', '49.99', '1000000000000000000000'.
+
+    Zero is "0" whatever its precision, as in the contract's examples."""
+    if value == 0:
+        return "0"
+    return format(value, "f")
 
 
 def format_units(amount_atomic: int, decimals: int) -> str:
-    """An atomic amount as a decimal string with trailing zeros dropped ('1.5', '0', '12')."""
-    value = atomic_to_decimal(amount_atomic, decimals)
-    text = format(value, "f")
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    return text or "0"
+    """An atomic amount as a decimal string with trailing zeros dropped ('1.5', '0', '12').
+
+    Pure integer and string work, so a uint256 of any size is printed exactly."""
+    sign = "-" if amount_atomic < 0 else ""
+    digits = str(abs(amount_atomic))
+    if decimals == 0:
+        return sign + digits
+    digits = digits.rjust(decimals + 1, "0")
+    whole, frac = digits[:-decimals], digits[-decimals:].rstrip("0")
+    return sign + (f"{whole}.{frac}" if frac else whole)
 
 
 # --------------------------------------------------------------------------- ids and times
