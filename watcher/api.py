@@ -1,0 +1,412 @@
+"""The HTTP API: routes of the contract, bearer auth, and problem+json for every error.
+
+No request, however malformed, gets a 500 or changes stored data: bodies are parsed and
+validated completely before the store is touched, and the store's own checks (state,
+idempotency) raise before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Awaitable, Callable, Literal
+
+import orjson
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
+
+from .config import InvoiceSettings
+from .domain import InvoiceStatus, ResolutionAction, rfc3339
+from .invoicing import Invoicing, OptionsError, finish_option
+from .store import IdempotencyConflict, NewInvoice, StateConflict, Store
+
+log = structlog.get_logger("watcher.api")
+
+MAX_BODY = 64 * 1024
+MAX_AMOUNT = Decimal(10) ** 15  # USD; anything above is a mistake, not an invoice
+MAX_AMOUNT_PLACES = 18
+
+STORE: web.AppKey[Store] = web.AppKey("store", Store)
+PROBLEM = "application/problem+json"
+
+
+# --------------------------------------------------------------------------- problems
+
+
+class Problem(Exception):
+    def __init__(self, status: int, title: str, detail: str, errors: list[dict] | None = None, slug: str | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.errors = errors
+        self.slug = slug or title.lower().replace(" ", "-")
+
+    def response(self) -> web.Response:
+        body: dict[str, Any] = {
+            "type": f"urn:watcher:problem:{self.slug}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if self.errors is not None:
+            body["errors"] = self.errors
+        return web.Response(status=self.status, body=orjson.dumps(body), content_type=PROBLEM)
+
+
+def invalid(field: str, message: str) -> Problem:
+    return Problem(422, "Invalid request", f"{field}: {message}", [{"field": field, "message": message}], "validation")
+
+
+def _from_validation(exc: ValidationError) -> Problem:
+    errors = []
+    for e in exc.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "body"
+        message = e["msg"].removeprefix("Value error, ")
+        errors.append({"field": field, "message": message})
+    first = errors[0]
+    return Problem(422, "Invalid request", f"{first['field']}: {first['message']}", errors, "validation")
+
+
+# --------------------------------------------------------------------------- request models
+
+
+def _decimal_in(value: Any, what: str) -> Decimal:
+    """Money arrives as a decimal string (or an integer, or an exact JSON number); never a float."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
+        raise ValueError(f"{what} must be a decimal string such as \"49.99\"")
+    try:
+        number = Decimal(value.strip()) if isinstance(value, str) else Decimal(value)
+    except InvalidOperation:
+        raise ValueError(f"{what} must be a decimal string such as \"49.99\"") from None
+    if not number.is_finite():
+        raise ValueError(f"{what} must be a finite number")
+    return number
+
+
+class TimingIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["immediate", "due_date"] = "immediate"
+    expires_after_minutes: Annotated[StrictInt, Field(ge=1, le=525_600)] | None = None
+    due_after_days: Annotated[StrictInt, Field(ge=0, le=3650)] | None = None
+    grace_period_days: Annotated[StrictInt, Field(ge=0, le=365)] | None = None
+
+    @model_validator(mode="after")
+    def _fits_mode(self) -> "TimingIn":
+        if self.mode == "immediate" and (self.due_after_days is not None or self.grace_period_days is not None):
+            raise ValueError("due_after_days and grace_period_days belong to mode \"due_date\"")
+        if self.mode == "due_date":
+            if self.expires_after_minutes is not None:
+                raise ValueError("expires_after_minutes belongs to mode \"immediate\"")
+            if self.due_after_days is None:
+                raise ValueError("mode \"due_date\" needs due_after_days")
+        return self
+
+
+ShortText = Annotated[str, Field(max_length=200)]
+
+
+class CreateInvoiceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    amount: Decimal
+    currency: Literal["USD"] = "USD"
+    payment_timing: TimingIn | None = None
+    assets: Annotated[list[Annotated[str, Field(min_length=1, max_length=80)]], Field(min_length=1, max_length=50)] | None = None
+    rails: Annotated[list[Literal["address", "contract"]], Field(min_length=1, max_length=2)] = ["address"]
+    quote_rates: dict[Annotated[str, Field(min_length=1, max_length=80)], Decimal] | None = None
+    product_name: ShortText | None = None
+    issued_by: Annotated[str, Field(max_length=120)] | None = None
+    bill_to: Annotated[str, Field(max_length=120)] | None = None
+    merchant_reference: ShortText | None = None
+    customer_id: ShortText | None = None
+    customer_email: Annotated[str, Field(max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")] | None = None
+    metadata: dict[str, Any] | None = None
+    draft: StrictBool = False
+
+    @field_validator("amount", mode="before")
+    @classmethod
+    def _amount(cls, value: Any) -> Decimal:
+        amount = _decimal_in(value, "amount")
+        if amount < 0:
+            raise ValueError("amount must be 0 or more")
+        if amount > MAX_AMOUNT:
+            raise ValueError(f"amount must be at most {MAX_AMOUNT:f}")
+        exponent = amount.as_tuple().exponent
+        if isinstance(exponent, int) and -exponent > MAX_AMOUNT_PLACES:
+            raise ValueError(f"amount has more than {MAX_AMOUNT_PLACES} decimal places")
+        return amount.normalize() if amount == amount.to_integral_value() else amount
+
+    @field_validator("quote_rates", mode="before")
+    @classmethod
+    def _rates(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError("quote_rates must be an object of \"SYMBOL\": \"usd per unit\"")
+        rates = {}
+        for symbol, rate in value.items():
+            number = _decimal_in(rate, f"quote_rates.{symbol}")
+            if number <= 0 or number > Decimal(10) ** 12:
+                raise ValueError(f"quote_rates.{symbol} must be above 0 and at most 10^12")
+            rates[symbol] = number
+        return rates
+
+    @field_validator("rails")
+    @classmethod
+    def _unique_rails(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("rails must not repeat")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        if len(orjson.dumps(value, default=str)) > 8 * 1024:
+            raise ValueError("metadata must be at most 8 KiB as JSON")
+        notes = value.get("notes")
+        if notes is not None and (not isinstance(notes, str) or len(notes) > 140):
+            raise ValueError("metadata.notes must be a string of at most 140 characters")
+        return value
+
+
+class ResolveIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    resolution_action: ResolutionAction
+    resolution_note: Annotated[str, Field(max_length=500)] | None = None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def read_json(request: web.Request, *, required: bool = True) -> Any:
+    """The body as JSON with exact decimals; 400 when it is not JSON, 413 when too large."""
+    raw = await request.read()  # raises 413 past client_max_size
+    if not raw.strip():
+        if required:
+            raise Problem(400, "Malformed JSON", "the request needs a JSON body", slug="malformed-json")
+        return {}
+    try:
+        return json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Problem(400, "Malformed JSON", f"the body is not valid JSON: {exc}", slug="malformed-json") from None
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json", headers=headers)
+
+
+def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not (low <= int(raw) <= high):
+        raise invalid(name, f"must be a whole number from {low} to {high}")
+    return int(raw)
+
+
+def _invoice_or_404(value: dict | list | None, invoice_id: str) -> Any:
+    if value is None:
+        raise Problem(404, "Not found", f"no invoice {invoice_id!r}", slug="not-found")
+    return value
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def make_app(
+    store: Store,
+    invoicing: Invoicing,
+    invoice_settings: InvoiceSettings,
+    *,
+    api_key: str,
+    clock: Callable[[], float] = time.time,
+    on_invoice_created: Callable[[], None] | None = None,
+) -> web.Application:
+    api_key_bytes = api_key.encode()
+
+    @web.middleware
+    async def problems(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Problem as p:
+            return p.response()
+        except web.HTTPRequestEntityTooLarge:
+            return Problem(413, "Payload too large", f"the body is over {MAX_BODY // 1024} KiB").response()
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return Problem(exc.status, exc.reason, exc.text or exc.reason).response()
+        except Exception:
+            log.exception("request_failed", method=request.method, path=request.path)
+            return Problem(500, "Internal error", "the server could not handle this request; see its log").response()
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        if request.path.startswith("/v1/") or request.path == "/v1":
+            header = request.headers.get("Authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key_bytes):
+                raise Problem(401, "Unauthorized", "send Authorization: Bearer <api key>")
+        return await handler(request)
+
+    async def create_invoice(request: web.Request) -> web.Response:
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise invalid("body", "must be a JSON object")
+        try:
+            data = CreateInvoiceIn.model_validate(body)
+        except ValidationError as exc:
+            raise _from_validation(exc) from None
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not (1 <= len(key) <= 255):
+            raise invalid("Idempotency-Key", "must be 1 to 255 characters")
+        new = build_new_invoice(data, invoicing, invoice_settings, clock())
+        request_hash = hashlib.sha256(orjson.dumps(body, default=str, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        try:
+            invoice, created = store.create_invoice(
+                new, derive=invoicing.derive, finish=finish_option, idempotency_key=key, request_hash=request_hash
+            )
+        except IdempotencyConflict:
+            raise Problem(409, "Conflict", "this Idempotency-Key was used with another request body", slug="idempotency-conflict") from None
+        if created:
+            log.info("invoice_created", invoice_id=invoice["id"], amount=invoice["amount"], options=len(invoice["payment_options"]))
+            if on_invoice_created:
+                on_invoice_created()
+        return json_response(invoice, 201, None if created else {"Idempotent-Replayed": "true"})
+
+    async def get_invoice(request: web.Request) -> web.Response:
+        invoice_id = request.match_info["id"]
+        return json_response(_invoice_or_404(store.get_invoice(invoice_id), invoice_id))
+
+    async def get_status(request: web.Request) -> web.Response:
+        invoice_id = request.match_info["id"]
+        return json_response(_invoice_or_404(store.get_status(invoice_id), invoice_id))
+
+    async def get_payments(request: web.Request) -> web.Response:
+        invoice_id = request.match_info["id"]
+        return json_response({"data": _invoice_or_404(store.get_payments(invoice_id), invoice_id)})
+
+    async def list_invoices(request: web.Request) -> web.Response:
+        filters = parse_list_filters(request)
+        limit = _query_int(request, "limit", 50, 1, 200)
+        offset = _query_int(request, "offset", 0, 0, 10**9)
+        data, total = store.list_invoices(filters, limit, offset)
+        return json_response({"data": data, "total": total, "limit": limit, "offset": offset})
+
+    async def resolve_exception(request: web.Request) -> web.Response:
+        invoice_id = request.match_info["id"]
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise invalid("body", "must be a JSON object")
+        try:
+            data = ResolveIn.model_validate(body)
+        except ValidationError as exc:
+            raise _from_validation(exc) from None
+        try:
+            invoice = store.resolve_exception(invoice_id, data.resolution_action, data.resolution_note)
+        except StateConflict as exc:
+            raise Problem(409, "Conflict", str(exc), slug="state-conflict") from None
+        return json_response(_invoice_or_404(invoice, invoice_id))
+
+    async def healthz(request: web.Request) -> web.Response:
+        return json_response({"status": "ok"})
+
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[problems, auth])
+    app[STORE] = store
+    app.router.add_post("/v1/invoices", create_invoice)
+    app.router.add_get("/v1/invoices", list_invoices)
+    app.router.add_get("/v1/invoices/{id}", get_invoice)
+    app.router.add_get("/v1/invoices/{id}/status", get_status)
+    app.router.add_get("/v1/invoices/{id}/payments", get_payments)
+    app.router.add_post("/v1/invoices/{id}/exception/resolve", resolve_exception)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+LIST_FILTERS = ("status", "exception_type", "exception_status", "merchant_reference", "customer_id", "customer_email", "transaction_hash")
+
+
+def parse_list_filters(request: web.Request) -> dict[str, str]:
+    filters = {}
+    for name in LIST_FILTERS:
+        value = request.query.get(name)
+        if value is None:
+            continue
+        if len(value) > 254:
+            raise invalid(name, "is too long")
+        filters[name] = value
+    if "status" in filters and filters["status"] not in {s.value for s in InvoiceStatus}:
+        raise invalid("status", f"must be one of {', '.join(s.value for s in InvoiceStatus)}")
+    if "exception_status" in filters and filters["exception_status"] not in ("open", "resolved"):
+        raise invalid("exception_status", "must be open or resolved")
+    if "exception_type" in filters and filters["exception_type"] not in ("late_payment", "underpaid", "overpaid", "duplicate_payment"):
+        raise invalid("exception_type", "must be late_payment, underpaid, overpaid or duplicate_payment")
+    return filters
+
+
+def build_new_invoice(data: CreateInvoiceIn, invoicing: Invoicing, settings: InvoiceSettings, now: float) -> NewInvoice:
+    """Quote the options and start the timer; raises Problem(422) when no option can be built."""
+    timing_in = data.payment_timing or TimingIn()
+    if timing_in.mode == "immediate":
+        minutes = timing_in.expires_after_minutes or settings.default_expiry_minutes
+        timing: dict[str, Any] = {"mode": "immediate", "expires_after_minutes": minutes}
+        payable_until = int(now) + minutes * 60
+    else:
+        due_days = timing_in.due_after_days or 0
+        grace = timing_in.grace_period_days or 0
+        due_at = int(now) + due_days * 86400
+        payable_until = due_at + grace * 86400
+        timing = {"mode": "due_date", "due_after_days": due_days, "grace_period_days": grace, "due_at": rfc3339(due_at)}
+    if data.draft:
+        timing["payable_until"] = None
+        if "due_at" in timing:
+            timing["due_at"] = None
+        payable: int | None = None
+    else:
+        timing["payable_until"] = rfc3339(payable_until)
+        payable = payable_until
+
+    options = []
+    if data.amount > 0 and not data.draft:
+        try:
+            options = invoicing.build(data.amount, data.assets, data.rails, data.quote_rates or {})
+        except OptionsError as exc:
+            raise invalid(exc.field, exc.message) from None
+        if not options:
+            raise invalid("assets", "no payment option can be built: no asset can be quoted (give quote_rates) or no chain has a deposit_xpub")
+    elif data.assets is not None or data.rails != ["address"]:
+        try:
+            invoicing.select_assets(data.assets)
+            invoicing.build(Decimal(1), data.assets, data.rails, data.quote_rates or {})
+        except OptionsError as exc:
+            raise invalid(exc.field, exc.message) from None
+
+    fields = {k: getattr(data, k) for k in ("product_name", "issued_by", "bill_to", "merchant_reference", "customer_id", "customer_email")}
+    return NewInvoice(
+        amount=data.amount,
+        currency=data.currency,
+        fields=fields,
+        metadata=data.metadata or {},
+        tolerance_percent=settings.payment_tolerance_percent,
+        payment_timing=timing,
+        payable_until=payable,
+        draft=data.draft,
+        request={
+            "assets": data.assets,
+            "rails": data.rails,
+            "quote_rates": {k: format(v, "f") for k, v in (data.quote_rates or {}).items()},
+            "payment_timing": timing_in.model_dump(exclude_none=True),
+        },
+        options=options,
+    )
