@@ -196,6 +196,7 @@ class Follower:
     async def run(self, stopping: asyncio.Event) -> None:
         backoff = 0.5
         while not stopping.is_set():
+            self._wake.clear()  # a wake during the step below makes the next sleep end at once
             try:
                 moved = await self.run_once()
                 self.status.last_error = None
@@ -203,14 +204,16 @@ class Follower:
             except (RpcError, ChainChanged, OSError, asyncio.TimeoutError) as exc:
                 self.status.last_error = str(exc)
                 log.warning("follower_step_failed", network=self.network, error=str(exc))
-                moved = 0
-                await _sleep_or(stopping, backoff)
-                backoff = min(backoff * 2, 30.0)
+            except Exception as exc:  # a bug must not stop the chain for good: log it loudly, retry
+                self.status.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("follower_step_crashed", network=self.network)
+            else:
+                if moved:
+                    continue
+                await _sleep_or(stopping, self.poll_interval, self._wake)
                 continue
-            if moved:
-                continue
-            self._wake.clear()
-            await _sleep_or(stopping, self.poll_interval, self._wake)
+            await _sleep_or(stopping, backoff)
+            backoff = min(backoff * 2, 30.0)
 
 
 async def _sleep_or(stopping: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> None:

@@ -278,6 +278,8 @@ class Store:
         migrations.apply(self.db)
         self.clock = clock
         self.endpoints: tuple[Endpoint, ...] = ()
+        # Called when a delivery is queued, so the dispatcher wakes at once instead of polling.
+        self.on_delivery_queued: Callable[[], None] | None = None
         self._tips: dict[str, int] = {
             r["network"]: r["block_number"] for r in self._q("SELECT network, block_number FROM cursors")
         }
@@ -634,7 +636,7 @@ class Store:
         tip = blocks[-1]
         now = self._now()
         with self.db.atomic():
-            self.db.executemany(
+            self.db.conn.executemany(
                 "INSERT OR REPLACE INTO chain_blocks(network, number, hash, parent_hash, timestamp) VALUES (?,?,?,?,?)",
                 [(network, b.number, b.hash, b.parent_hash, b.timestamp) for b in blocks],
             )
@@ -660,7 +662,7 @@ class Store:
                 [network, confirmed_through],
             )
             if due:
-                self.db.executemany(
+                self.db.conn.executemany(
                     "UPDATE payments SET status = 'confirmed', confirmed_at = ? WHERE id = ?", [(now, r["id"]) for r in due]
                 )
                 result.payments_confirmed = len(due)
@@ -740,7 +742,7 @@ class Store:
                 "SELECT id, invoice_id FROM payments WHERE network = ? AND block_number > ? AND status != 'reverted'",
                 [network, floor],
             )
-            self.db.executemany(
+            self.db.conn.executemany(
                 "UPDATE payments SET status = 'reverted', confirmed_at = NULL WHERE id = ?", [(r["id"],) for r in orphaned]
             )
             self.db.execute("DELETE FROM chain_blocks WHERE network = ? AND number > ?", [network, floor])
@@ -800,6 +802,8 @@ class Store:
                     "VALUES (?,?,?,?,?, 'pending', 0, ?, ?)",
                     [new_id("dlv", int(now_s * 1000)), event_id, event_type, invoice["id"], endpoint.url, now_s, created_at],
                 )
+                if self.on_delivery_queued is not None:
+                    self.on_delivery_queued()
 
     def events_for(self, invoice_id: str) -> list[dict]:
         return [

@@ -1,0 +1,144 @@
+"""`watcher` command line: parses arguments and hands over to the service; no logic here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import structlog
+
+from . import __version__
+from .config import ConfigError, Settings, describe, load_settings, settings_from_dict
+
+DEFAULT_CONFIG = "/etc/watcher/watcher.toml"
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # usage errors exit 2, as argparse does, with our wording
+        self.print_usage(sys.stderr)
+        print(f"watcher: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError("expected HOST:PORT, e.g. 127.0.0.1:8080")
+    return value
+
+
+def _block_time(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected seconds, e.g. 2 or 0.5") from None
+    if not 0 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError("must be from 0 to 3600 seconds")
+    return seconds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="watcher", description="Watches EVM chains for invoice payments.")
+    parser.add_argument("--version", action="version", version=f"watcher {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = commands.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("--config", help=f"TOML config (default: $WATCHER_CONFIG, then {DEFAULT_CONFIG})")
+    run.add_argument("--sandbox", action="store_true", help="run on an embedded test chain; needs no config and no node")
+    run.add_argument("--listen", type=_listen, help="sandbox: HOST:PORT for the API (default 127.0.0.1:8080)")
+    run.add_argument("--block-time", type=_block_time, default=2.0, help="sandbox: seconds between blocks (default 2; 0: only on /v1/sandbox/mine)")
+    run.add_argument("--webhook-url", action="append", default=[], help="sandbox: send webhooks here (repeatable)")
+    run.add_argument("--database", help="sandbox: SQLite file (default: a new temporary file)")
+
+    check = commands.add_parser("check-config", help="validate a config file and print what it would watch")
+    check.add_argument("--config", help=f"TOML config (default: $WATCHER_CONFIG, then {DEFAULT_CONFIG})")
+    return parser
+
+
+def _config_path(given: str | None) -> str:
+    return given or os.environ.get("WATCHER_CONFIG") or DEFAULT_CONFIG
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            settings = load_settings(_config_path(args.config))
+            print(describe(settings))
+            return EXIT_OK
+        if args.sandbox:
+            return _run_sandbox(args)
+        settings = load_settings(_config_path(args.config))
+        return _run(settings)
+    except ConfigError as exc:
+        print(f"watcher: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _run(settings: Settings, **service_args: object) -> int:
+    from .logs import configure_logging
+    from .service import Service
+
+    configure_logging(settings.log_format, settings.log_level)
+    log = structlog.get_logger("watcher")
+
+    async def go() -> None:
+        service = Service(settings, **service_args)  # type: ignore[arg-type]
+        await service.run_until_signalled()
+
+    try:
+        asyncio.run(go())
+    except ConfigError:
+        raise
+    except Exception as exc:  # the one place that turns a crash into exit 1 with a log line
+        log.exception("watcher_crashed", error=str(exc))
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _run_sandbox(args: argparse.Namespace) -> int:
+    from .sandbox import SandboxChain, new_api_key, new_webhook_secret, sandbox_settings_data
+
+    listen = args.listen or "127.0.0.1:8080"
+    api_key = os.environ.get("WATCHER_API_KEY") or new_api_key()
+    secret = new_webhook_secret()
+    database = args.database or str(Path(tempfile.mkdtemp(prefix="watcher-sandbox-")) / "watcher.db")
+    chain = SandboxChain()
+    env = {"WATCHER_API_KEY": api_key, "WATCHER_WEBHOOK_SECRET": secret}
+    settings = settings_from_dict(
+        {
+            "database": database,
+            "log_format": "console",
+            "log_level": "info",
+            "http": {"listen": listen, "api_key_env": "WATCHER_API_KEY"},
+            "webhooks": [{"url": url, "secret_env": "WATCHER_WEBHOOK_SECRET"} for url in args.webhook_url],
+            "chains": [sandbox_settings_data(chain, poll_interval=min(max(args.block_time / 4, 0.1), 2.0))],
+        },
+        env=env,
+    )
+    print(
+        "watcher sandbox\n"
+        f"  API base URL:   http://{listen}/v1\n"
+        f"  API key:        {api_key}\n"
+        f"  webhook secret: {secret}\n"
+        f"  webhook URLs:   {', '.join(args.webhook_url) or '(none; add --webhook-url URL)'}\n"
+        f"  database:       {database}\n"
+        f"  chain:          eth-tester, chain id {chain.chain_id}, a block every {args.block_time:g} s\n"
+        f"  token:          TUSD at {chain.deployed.token}\n"
+        "Try:\n"
+        f"  curl -s -H 'Authorization: Bearer {api_key}' -d '{{\"amount\": \"49.99\"}}' http://{listen}/v1/invoices\n"
+        f"  curl -s -H 'Authorization: Bearer {api_key}' -X POST http://{listen}/v1/sandbox/invoices/<id>/pay\n"
+        f"  curl -s -H 'Authorization: Bearer {api_key}' http://{listen}/v1/invoices/<id>/status\n",
+        flush=True,
+    )
+    return _run(settings, sandbox=chain, block_time=args.block_time)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""The sandbox: an in-process eth-tester chain with our contracts, and its API routes.
+
+The chain is reached through `EthTesterTransport`, which answers JSON-RPC the way a node
+does (hex quantities, camelCase keys), so the watcher's own reader and follower run on it
+unchanged. All eth-tester calls go through one worker thread: eth-tester is not
+thread-safe, and mining must not stall the event loop that serves the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from typing import Any, Callable, Sequence, TypeVar
+
+from aiohttp import web
+from eth_abi import encode
+from eth_tester import EthereumTester, PyEVMBackend
+from eth_tester.exceptions import BlockNotFound
+from eth_utils import function_signature_to_4byte_selector, to_checksum_address
+
+from .addresses import account_xpub_from_mnemonic
+from .api import Problem, invalid, json_response, read_json
+from .contracts import load_artifact
+from .store import Store
+
+T = TypeVar("T")
+
+SANDBOX_MNEMONIC = "test test test test test test test test test test test junk"
+SANDBOX_NETWORK = "sandbox"
+TOKEN_SYMBOL = "TUSD"
+TOKEN_DECIMALS = 6
+PAYER_FUNDS = 10**12 * 10**TOKEN_DECIMALS
+
+
+def _hex(value: int) -> str:
+    return hex(value)
+
+
+def _block_json(block: dict) -> dict:
+    return {
+        "number": _hex(block["number"]),
+        "hash": block["hash"],
+        "parentHash": block["parent_hash"],
+        "timestamp": _hex(block["timestamp"]),
+    }
+
+
+def _log_json(log: dict) -> dict:
+    return {
+        "address": log["address"].lower(),
+        "topics": [t if isinstance(t, str) else "0x" + t.hex() for t in log["topics"]],
+        "data": log["data"] if isinstance(log["data"], str) else "0x" + log["data"].hex(),
+        "blockNumber": _hex(log["block_number"]),
+        "blockHash": log["block_hash"],
+        "transactionHash": log["transaction_hash"],
+        "transactionIndex": _hex(log["transaction_index"]),
+        "logIndex": _hex(log["log_index"]),
+        "removed": False,
+    }
+
+
+class EthTesterTransport:
+    """A JSON-RPC transport answered by an in-process eth-tester, in node-shaped JSON."""
+
+    url = "eth-tester://in-process"
+
+    def __init__(self, chain: "SandboxChain") -> None:
+        self.chain = chain
+
+    def _answer(self, method: str, params: list) -> Any:
+        t = self.chain.tester
+        if method == "eth_chainId":
+            return _hex(self.chain.chain_id)
+        if method == "eth_blockNumber":
+            return _hex(t.get_block_by_number("latest")["number"])
+        if method == "eth_getBlockByNumber":
+            tag = params[0]
+            try:
+                block = t.get_block_by_number(int(tag, 16) if tag.startswith("0x") else tag)
+            except BlockNotFound:
+                return None
+            return _block_json(block)
+        if method == "eth_getLogs":
+            f = params[0]
+            address = f.get("address")
+            logs = t.get_logs(
+                from_block=int(f["fromBlock"], 16),
+                to_block=int(f["toBlock"], 16),
+                address=[to_checksum_address(a) for a in address] if isinstance(address, list) else address,
+                topics=f.get("topics"),
+            )
+            return [_log_json(entry) for entry in logs]
+        raise ValueError(f"the sandbox chain does not answer {method}")
+
+    async def call(self, method: str, params: list) -> Any:
+        return await self.chain.run(self._answer, method, params)
+
+    async def batch(self, calls: Sequence[tuple[str, list]]) -> list[Any]:
+        return await self.chain.run(lambda: [self._answer(m, p) for m, p in calls])
+
+    async def close(self) -> None:
+        return None
+
+
+def _calldata(signature: str, types: list[str], args: list[Any]) -> str:
+    return "0x" + (function_signature_to_4byte_selector(signature) + encode(types, args)).hex()
+
+
+@dataclass(frozen=True)
+class Deployed:
+    token: str  # lowercase
+    router: str
+    payer: str  # checksummed eth-tester account
+
+
+class SandboxChain:
+    """An eth-tester chain with TestToken and PaymentRouter deployed and a funded payer."""
+
+    def __init__(self) -> None:
+        self.tester = EthereumTester(PyEVMBackend())
+        self.tester.disable_auto_mine_transactions()
+        self.chain_id = int(self.tester.backend.chain.chain_id)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eth-tester")
+        self.deployed = self._deploy()
+        self.transport = EthTesterTransport(self)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    # -- synchronous helpers, called through run() once the daemon is up
+
+    def _send(self, sender: str, to: str | None, data: str = "0x", value: int = 0, gas: int = 3_000_000) -> str:
+        tx: dict[str, Any] = {"from": sender, "data": data, "value": value, "gas": gas}
+        if to is not None:
+            tx["to"] = to_checksum_address(to)
+        return self.tester.send_transaction(tx)
+
+    def deploy_contract(self, name: str, types: list[str], args: list[Any], sender: str | None = None) -> str:
+        artifact = load_artifact(name)
+        sender = sender or self.tester.get_accounts()[0]
+        tx = self._send(sender, None, artifact["bytecode"] + encode(types, args).hex())
+        self.tester.mine_blocks(1)
+        receipt = self.tester.get_transaction_receipt(tx)
+        if receipt["status"] != 1 or not receipt["contract_address"]:
+            raise RuntimeError(f"deploying {name} failed")
+        return receipt["contract_address"].lower()
+
+    def _deploy(self) -> Deployed:
+        payer = self.tester.get_accounts()[0]
+        token = self.deploy_contract("TestToken", ["string", "string", "uint8"], ["Test USD", TOKEN_SYMBOL, TOKEN_DECIMALS])
+        router = self.deploy_contract("PaymentRouter", [], [])
+        self._send(payer, token, _calldata("mint(address,uint256)", ["address", "uint256"], [payer, PAYER_FUNDS]))
+        self.tester.mine_blocks(1)
+        return Deployed(token, router, payer)
+
+    def transfer_token(self, token: str, to: str, amount: int, sender: str | None = None) -> str:
+        """Send an ERC-20 transfer (mined with the next block)."""
+        data = _calldata("transfer(address,uint256)", ["address", "uint256"], [to_checksum_address(to), amount])
+        return self._send(sender or self.deployed.payer, token, data, gas=200_000)
+
+    def mine(self, blocks: int = 1) -> list[str]:
+        return list(self.tester.mine_blocks(blocks))
+
+    def head(self) -> int:
+        return int(self.tester.get_block_by_number("latest")["number"])
+
+
+def sandbox_settings_data(chain: SandboxChain, *, confirmations: int = 3, poll_interval: float = 0.5) -> dict:
+    """The one chain of the sandbox, as a config section."""
+    return {
+        "name": SANDBOX_NETWORK,
+        "chain_id": chain.chain_id,
+        "rpc_urls": ["http://127.0.0.1/in-process-sandbox"],
+        "poll_interval_seconds": poll_interval,
+        "confirmations": confirmations,
+        "start_block": 0,
+        "deposit_xpub": account_xpub_from_mnemonic(SANDBOX_MNEMONIC),
+        "assets": [
+            {"symbol": TOKEN_SYMBOL, "kind": "erc20", "contract": chain.deployed.token, "decimals": TOKEN_DECIMALS, "usd_rate": "1"},
+        ],
+    }
+
+
+def new_api_key() -> str:
+    return "sk_sandbox_" + secrets.token_urlsafe(24)
+
+
+def new_webhook_secret() -> str:
+    import base64
+
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def add_sandbox_routes(app: web.Application, chain: SandboxChain, store: Store, on_mined: Callable[[], None]) -> None:
+    async def pay(request: web.Request) -> web.Response:
+        invoice_id = request.match_info["id"]
+        body = await read_json(request, required=False)
+        if not isinstance(body, dict):
+            raise invalid("body", "must be a JSON object")
+        unknown = set(body) - {"payment_option_id", "amount"}
+        if unknown:
+            raise invalid(sorted(unknown)[0], "unknown field")
+        invoice = store.get_invoice(invoice_id)
+        if invoice is None:
+            raise Problem(404, "Not found", f"no invoice {invoice_id!r}", slug="not-found")
+        options = invoice["payment_options"]
+        option_id = body.get("payment_option_id")
+        if option_id is not None and not isinstance(option_id, str):
+            raise invalid("payment_option_id", "must be a string")
+        if not options:
+            raise Problem(409, "Conflict", "the invoice has no payment option to pay", slug="state-conflict")
+        option = options[0] if option_id is None else next((o for o in options if o["id"] == option_id), None)
+        if option is None:
+            raise invalid("payment_option_id", "is not an option of this invoice")
+        if "amount" in body:
+            atomic = _units_to_atomic(body["amount"], option["decimals"])
+        else:
+            atomic = _remaining_atomic(invoice, option)
+            if atomic <= 0:
+                raise Problem(409, "Conflict", "nothing remains to be paid; give an amount to pay more", slug="state-conflict")
+        token = option["token_contract"]
+        tx = await chain.run(chain.transfer_token, token.lower(), option["destination_address"], atomic)
+        return json_response({"transaction_hash": tx})
+
+    async def mine(request: web.Request) -> web.Response:
+        body = await read_json(request, required=False)
+        if not isinstance(body, dict):
+            raise invalid("body", "must be a JSON object")
+        unknown = set(body) - {"blocks"}
+        if unknown:
+            raise invalid(sorted(unknown)[0], "unknown field")
+        blocks = body.get("blocks", 1)
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= 1000:
+            raise invalid("blocks", "must be a whole number from 1 to 1000")
+        hashes = await chain.run(chain.mine, blocks)
+        on_mined()
+        return json_response({"blocks": len(hashes), "head_block": await chain.run(chain.head)})
+
+    app.router.add_post("/v1/sandbox/invoices/{id}/pay", pay)
+    app.router.add_post("/v1/sandbox/mine", mine)
+
+
+def _units_to_atomic(value: Any, decimals: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
+        raise invalid("amount", "must be a decimal string of the asset's units, such as \"10.5\"")
+    try:
+        number = Decimal(value) if not isinstance(value, str) else Decimal(value.strip())
+    except InvalidOperation:
+        raise invalid("amount", "must be a decimal string of the asset's units, such as \"10.5\"") from None
+    if not number.is_finite() or number <= 0:
+        raise invalid("amount", "must be above 0")
+    atomic = Fraction(number) * 10**decimals
+    if atomic.denominator != 1:
+        raise invalid("amount", f"has more than {decimals} decimal places")
+    if atomic > PAYER_FUNDS:
+        raise invalid("amount", "is more than the sandbox payer holds")
+    return int(atomic)
+
+
+def _remaining_atomic(invoice: dict, option: dict) -> int:
+    """What is left to pay, in this option's atomic units (rounded up)."""
+    amounts = {o["id"]: int(o["amount_atomic"]) for o in invoice["payment_options"]}
+    paid = sum(
+        (Fraction(int(p["amount_atomic"]), amounts[p["payment_option_id"]])
+         for p in invoice["payments"]
+         if p["role"] == "counted" and p["status"] != "reverted" and p["payment_option_id"] in amounts),
+        Fraction(0),
+    )
+    return math.ceil((1 - paid) * int(option["amount_atomic"]))

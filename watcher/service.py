@@ -1,0 +1,176 @@
+"""The composition root: builds every part from the settings, runs them, stops them in order.
+
+Shutdown order matters: stop taking new work (followers, dispatcher, jobs), let the current
+database transaction finish (store calls are synchronous, so none is ever half-done when a
+task is cancelled at an await), stop the HTTP server, then close the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from typing import Callable
+
+import structlog
+from aiohttp import web
+
+from . import __version__
+from .api import make_app
+from .chain import ChainReader, HttpTransport, JsonRpcReader, RpcError, Transport
+from .config import ConfigError, Settings
+from .follower import Follower
+from .invoicing import Invoicing
+from .jobs import make_scheduler
+from .sandbox import SANDBOX_NETWORK, SandboxChain, add_sandbox_routes
+from .store import Endpoint, Store
+from .webhooks import Dispatcher
+
+log = structlog.get_logger("watcher.service")
+
+
+class Service:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        sandbox: SandboxChain | None = None,
+        block_time: float = 0.0,
+        clock: Callable[[], float] = time.time,
+        expiry_interval: float = 5.0,
+    ) -> None:
+        self.settings = settings
+        self.sandbox = sandbox
+        self.block_time = block_time
+        self.clock = clock
+        self.expiry_interval = expiry_interval
+        self.stopping = asyncio.Event()
+        self.store: Store | None = None
+        self.followers: dict[str, Follower] = {}
+        self.dispatcher: Dispatcher | None = None
+        self._transports: list[Transport] = []
+        self._tasks: list[asyncio.Task] = []
+        self._runner: web.AppRunner | None = None
+        self._scheduler = None
+        self.base_url = ""
+
+    # ------------------------------------------------------------------ start
+
+    def _reader_for(self, name: str, rpc_url: str) -> ChainReader:
+        if self.sandbox is not None and name == SANDBOX_NETWORK:
+            transport: Transport = self.sandbox.transport
+        else:
+            transport = HttpTransport(rpc_url)
+            self._transports.append(transport)
+        return JsonRpcReader(transport)
+
+    async def start(self) -> None:
+        s = self.settings
+        self.store = store = Store(s.database, clock=self.clock)
+        store.set_endpoints(Endpoint(w.url, tuple(w.events)) for w in s.webhooks)
+        readers: dict[str, ChainReader] = {}
+        for i, chain in enumerate(s.chains):
+            reader = self._reader_for(chain.name, chain.rpc_urls[0])
+            readers[chain.name] = reader
+            try:
+                node_chain_id = await reader.chain_id()
+            except RpcError as exc:
+                log.warning("chain_id_unchecked", network=chain.name, error=str(exc))
+            else:
+                if node_chain_id != chain.chain_id:
+                    await self._close_resources()
+                    raise ConfigError(f"chains[{i}].chain_id", f"is {chain.chain_id} but the node answers {node_chain_id}")
+        for chain in s.chains:
+            if isinstance(chain.confirmations, str):
+                log.warning("finalized_confirmations_not_supported_yet", network=chain.name, using=12)
+            self.followers[chain.name] = Follower(
+                network=chain.name,
+                reader=readers[chain.name],
+                store=store,
+                tokens=[a.contract for a in chain.assets if a.kind == "erc20" and a.contract],
+                confirmations=chain.confirmations if isinstance(chain.confirmations, int) else 12,
+                start_block=chain.start_block,
+                poll_interval=chain.poll_interval_seconds,
+                clock=self.clock,
+            )
+            if any(a.kind == "native" for a in chain.assets):
+                log.warning("native_assets_not_watched_yet", network=chain.name)
+        self.dispatcher = Dispatcher(store, {w.url: w.secret for w in s.webhooks}, clock=self.clock)
+        store.on_delivery_queued = self.dispatcher.wake
+
+        app = make_app(
+            store, Invoicing(s), s.invoices, api_key=s.http.api_key, clock=self.clock,
+        )
+        if self.sandbox is not None:
+            add_sandbox_routes(app, self.sandbox, store, self._wake_followers)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, s.http.host, s.http.port)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.base_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+        for follower in self.followers.values():
+            self._tasks.append(asyncio.create_task(follower.run(self.stopping), name=f"follower:{follower.network}"))
+        self._tasks.append(asyncio.create_task(self.dispatcher.run(self.stopping), name="dispatcher"))
+        if self.sandbox is not None and self.block_time > 0:
+            self._tasks.append(asyncio.create_task(self._mine_forever(), name="sandbox-miner"))
+        self._scheduler = make_scheduler(store, expiry_interval=self.expiry_interval)
+        self._scheduler.start()
+        log.info("watcher_started", version=__version__, api=self.base_url, chains=[c.name for c in s.chains],
+                 webhooks=len(s.webhooks), sandbox=self.sandbox is not None)
+
+    def _wake_followers(self) -> None:
+        for follower in self.followers.values():
+            follower.wake()
+
+    async def _mine_forever(self) -> None:
+        assert self.sandbox is not None
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=self.block_time)
+            except asyncio.TimeoutError:
+                await self.sandbox.run(self.sandbox.mine, 1)
+                self._wake_followers()
+
+    # ------------------------------------------------------------------ stop
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        self.stopping.set()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        if self._tasks:
+            done, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            self._tasks = []
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self._close_resources()
+        log.info("watcher_stopped")
+
+    async def _close_resources(self) -> None:
+        if self.dispatcher is not None:
+            await self.dispatcher.close()
+        for transport in self._transports:
+            await transport.close()
+        self._transports = []
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    async def run_until_signalled(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, wake.set)
+        await self.start()
+        try:
+            await wake.wait()
+            log.info("stop_requested")
+        finally:
+            await self.stop()
