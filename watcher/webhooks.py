@@ -142,11 +142,11 @@ class Dispatcher:
             next_attempt_at=None if delay is None else self.clock() + delay,
         )
         if ok:
-            log.info("webhook_delivered", delivery=delivery["id"], event=delivery["event_id"], url=delivery["url"], ms=round(duration_ms, 1))
+            log.info("webhook_delivered", delivery=delivery["id"], event_id=delivery["event_id"], url=delivery["url"], ms=round(duration_ms, 1))
         elif delay is None:
-            log.error("webhook_failed", delivery=delivery["id"], event=delivery["event_id"], url=delivery["url"], error=error, attempts=attempts_done)
+            log.error("webhook_failed", delivery=delivery["id"], event_id=delivery["event_id"], url=delivery["url"], error=error, attempts=attempts_done)
         else:
-            log.warning("webhook_retry_scheduled", delivery=delivery["id"], event=delivery["event_id"], url=delivery["url"], error=error, in_seconds=delay)
+            log.warning("webhook_retry_scheduled", delivery=delivery["id"], event_id=delivery["event_id"], url=delivery["url"], error=error, in_seconds=delay)
 
     async def run(self, stopping: asyncio.Event, idle: float = 1.0) -> None:
         while not stopping.is_set():
