@@ -54,7 +54,8 @@ async def test_reorg_that_reincludes_the_payment_counts_it_once(harness):
 
     # Same transfer, mined again on a new branch one block later.
     await harness.on_chain(harness.chain.tester.revert_to_snapshot, snapshot)
-    await harness.mine(1)
+    await harness.mine(1)  # a sibling of the block that held the payment, at the same height
+    await harness.wait_status(invoice["id"], "pending")
     await harness.pay(invoice["id"])  # the same payer, nonce and amount: the same tx hash
     await harness.mine(4)
     done = await harness.wait_status(invoice["id"], "confirmed")

@@ -22,6 +22,7 @@ from .config import ConfigError, Settings
 from .follower import Follower
 from .invoicing import Invoicing
 from .jobs import make_scheduler
+from .notify import Notifier
 from .sandbox import SANDBOX_NETWORK, SandboxChain, add_sandbox_routes
 from .store import Endpoint, Store
 from .webhooks import Dispatcher
@@ -53,6 +54,7 @@ class Service:
         self._runner: web.AppRunner | None = None
         self._scheduler = None
         self.base_url = ""
+        self.notifier = Notifier()
 
     # ------------------------------------------------------------------ start
 
@@ -117,8 +119,34 @@ class Service:
             self._tasks.append(asyncio.create_task(self._mine_forever(), name="sandbox-miner"))
         self._scheduler = make_scheduler(store, expiry_interval=self.expiry_interval)
         self._scheduler.start()
+        self.notifier.ready(self.status_line())
+        self._tasks.append(asyncio.create_task(self._report_health(), name="health"))
         log.info("watcher_started", version=__version__, api=self.base_url, chains=[c.name for c in s.chains],
                  webhooks=len(s.webhooks), sandbox=self.sandbox is not None)
+
+    def status_line(self) -> str:
+        """Each chain's lag behind its head, for systemctl status."""
+        parts = []
+        assert self.store is not None
+        for name, follower in self.followers.items():
+            cursor = self.store.cursor(name)
+            head = follower.status.head_block
+            lag = "?" if head is None or cursor is None else str(max(head - cursor.number, 0))
+            parts.append(f"{name} lag {lag}")
+        return "; ".join(parts) or "no chains"
+
+    async def _report_health(self) -> None:
+        """WATCHDOG=1 only while every loop is alive, so systemd restarts a wedged daemon."""
+        interval = self.notifier.watchdog_interval or 5.0
+        while not self.stopping.is_set():
+            loops = [t for t in self._tasks if t.get_name() != "health"]
+            if all(not t.done() for t in loops):
+                self.notifier.watchdog()
+            self.notifier.status(self.status_line())
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=interval)
+            except asyncio.TimeoutError:
+                pass
 
     def _wake_followers(self) -> None:
         for follower in self.followers.values():
@@ -136,6 +164,7 @@ class Service:
     # ------------------------------------------------------------------ stop
 
     async def stop(self, timeout: float = 10.0) -> None:
+        self.notifier.stopping()
         self.stopping.set()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
