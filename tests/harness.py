@@ -89,7 +89,7 @@ class Receiver:
 
 
 class Harness:
-    def __init__(self, tmp_path: Path, *, confirmations: int = 3, expiry_minutes: int = 20, tolerance: str = "0") -> None:
+    def __init__(self, tmp_path: Path, *, confirmations: int | str = 3, expiry_minutes: int = 20, tolerance: str = "0") -> None:
         self.tmp_path = tmp_path
         self.confirmations = confirmations
         self.expiry_minutes = expiry_minutes

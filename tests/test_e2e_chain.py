@@ -115,3 +115,21 @@ async def test_events_survive_an_endpoint_outage_and_keep_their_ids(harness):
     assert [(r["attempts"], r["status"]) for r in rows] == [(2, "delivered")]
     attempts = store.db.execute("SELECT status_code FROM delivery_attempts ORDER BY id").fetchall()
     assert [r["status_code"] for r in attempts] == [500, 204]
+
+
+async def test_finalized_confirmations_follow_the_nodes_finalized_block(tmp_path):
+    from harness import Harness
+
+    h = await Harness(tmp_path, confirmations="finalized").start()
+    try:
+        invoice = await h.create(amount="2")
+        assert invoice["payment_options"][0]["required_confirmations"] == 0
+        await h.pay(invoice["id"])
+        await h.mine(1)
+        # eth-tester finalizes every block at once, so the payment is final as soon as it is seen.
+        done = await h.wait_status(invoice["id"], "confirmed")
+        assert done["payments"][0]["status"] == "confirmed"
+        events = await h.wait_events(invoice["id"], "invoice.paid", "invoice.confirmed")
+        assert [e.type for e in events].count("invoice.paid") == 1
+    finally:
+        await h.close()

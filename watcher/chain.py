@@ -57,6 +57,8 @@ class ChainReader(Protocol):
 
     async def headers(self, numbers: Sequence[int]) -> list[BlockRef | None]: ...
 
+    async def finalized_number(self) -> int: ...
+
     async def transfer_logs(
         self, from_block: int, to_block: int, tokens: Sequence[str], recipients: Sequence[str] | None
     ) -> list[Transfer]: ...
@@ -207,6 +209,12 @@ class JsonRpcReader:
                 raise RpcError("eth_getBlockByNumber", f"asked for block {n}, got {header.number}")
             out.append(header)
         return out
+
+    async def finalized_number(self) -> int:
+        raw = await self.transport.call("eth_getBlockByNumber", ["finalized", False])
+        if raw is None:
+            raise RpcError("eth_getBlockByNumber", "the node has no finalized block")
+        return decode_header(raw).number
 
     async def transfer_logs(
         self, from_block: int, to_block: int, tokens: Sequence[str], recipients: Sequence[str] | None

@@ -51,7 +51,7 @@ class Follower:
         reader: ChainReader,
         store: Store,
         tokens: Sequence[str],
-        confirmations: int,
+        confirmations: int | str,  # a count, or "finalized"
         start_block: int | str = "latest",
         chunk_size: int = 500,
         poll_interval: float = 2.0,
@@ -62,6 +62,8 @@ class Follower:
         self.store = store
         self.tokens = [t.lower() for t in tokens]
         self.confirmations = confirmations
+        # How deep reorgs are expected to go: headers are linked one by one above this depth.
+        self.depth = confirmations if isinstance(confirmations, int) else 64
         self.start_block = start_block
         self.chunk_size = chunk_size
         self.poll_interval = poll_interval
@@ -128,7 +130,7 @@ class Follower:
         transfers = await self.reader.transfer_logs(first, last, self.tokens, recipients)
         matched = self.match(transfers)
         # Headers: all of them near the head (to link the window), else only those we need.
-        near_head = last > head - 2 * max(self.confirmations, 64)
+        near_head = last > head - 2 * max(self.depth, 64)
         if near_head:
             numbers = list(range(first, last + 1))
         else:
@@ -152,7 +154,10 @@ class Follower:
                 raise ChainChanged(f"log of tx {t.tx_hash} names block hash {t.block_hash}, not the canonical one")
 
         blocks = [by_number[n] for n in numbers]
-        confirmed_through = last - self.confirmations + 1
+        if self.confirmations == "finalized":
+            confirmed_through = min(last, await self.reader.finalized_number())
+        else:
+            confirmed_through = last - int(self.confirmations) + 1
         result = self.store.apply_blocks(
             self.network,
             blocks,

@@ -173,7 +173,7 @@ class SandboxChain:
         return int(self.tester.get_block_by_number("latest")["number"])
 
 
-def sandbox_settings_data(chain: SandboxChain, *, confirmations: int = 3, poll_interval: float = 0.5) -> dict:
+def sandbox_settings_data(chain: SandboxChain, *, confirmations: int | str = 3, poll_interval: float = 0.5) -> dict:
     """The one chain of the sandbox, as a config section."""
     return {
         "name": SANDBOX_NETWORK,

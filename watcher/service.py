@@ -83,14 +83,12 @@ class Service:
                     await self._close_resources()
                     raise ConfigError(f"chains[{i}].chain_id", f"is {chain.chain_id} but the node answers {node_chain_id}")
         for chain in s.chains:
-            if isinstance(chain.confirmations, str):
-                log.warning("finalized_confirmations_not_supported_yet", network=chain.name, using=12)
             self.followers[chain.name] = Follower(
                 network=chain.name,
                 reader=readers[chain.name],
                 store=store,
                 tokens=[a.contract for a in chain.assets if a.kind == "erc20" and a.contract],
-                confirmations=chain.confirmations if isinstance(chain.confirmations, int) else 12,
+                confirmations=chain.confirmations,
                 start_block=chain.start_block,
                 poll_interval=chain.poll_interval_seconds,
                 clock=self.clock,

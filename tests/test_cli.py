@@ -1,0 +1,110 @@
+"""The command line as a user runs it: real processes, real signals, real HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from harness import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "config" / "watcher.example.toml"
+WATCHER = [sys.executable, "-m", "watcher.cli"]
+ENV = {**os.environ, "WATCHER_API_KEY": "sk_test_0123456789abcdef", "WATCHER_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8}
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*WATCHER, *args], capture_output=True, text=True, env=env or ENV, timeout=60)
+
+
+def test_version():
+    result = run("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip().startswith("watcher 0.")
+
+
+def test_check_config_accepts_the_example_and_hides_secrets():
+    result = run("check-config", "--config", str(EXAMPLE))
+    assert result.returncode == 0, result.stderr
+    assert "ethereum" in result.stdout
+    assert ENV["WATCHER_API_KEY"] not in result.stdout
+    assert ENV["WATCHER_WEBHOOK_SECRET"] not in result.stdout
+
+
+def test_check_config_names_the_bad_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(EXAMPLE.read_text().replace("confirmations = 12", "confirmations = 0", 1))
+    result = run("check-config", "--config", str(bad))
+    assert result.returncode == 2
+    assert "chains[0].confirmations" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_and_bad_usage_exit_2(tmp_path):
+    missing = run("check-config", "--config", str(tmp_path / "nope.toml"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    usage = run("run", "--block-time", "soon")
+    assert usage.returncode == 2 and "Traceback" not in usage.stderr
+
+
+def _api(base: str, key: str, method: str, path: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base + path, data=data, method=method, headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_sandbox_quick_start_pays_an_invoice_and_stops_cleanly_on_sigterm(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "WATCHER_API_KEY"}
+    proc = subprocess.Popen(
+        [*WATCHER, "run", "--sandbox", "--listen", f"127.0.0.1:{port}", "--block-time", "0.3",
+         "--database", str(tmp_path / "sandbox.db")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        key = None
+        deadline = time.monotonic() + 60
+        while key is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+            if "API key:" in line:
+                key = line.split("API key:")[1].strip()
+        assert key and key.startswith("sk_sandbox_")
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(base + "/healthz", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        invoice = _api(base, key, "POST", "/v1/invoices", {"amount": "12.50"})
+        assert invoice["status"] == "pending"
+        _api(base, key, "POST", f"/v1/sandbox/invoices/{invoice['id']}/pay", {})
+        status = None
+        for _ in range(200):
+            status = _api(base, key, "GET", f"/v1/invoices/{invoice['id']}/status")
+            if status["status"] == "confirmed":
+                break
+            time.sleep(0.1)
+        assert status is not None and status["status"] == "confirmed", status
+        assert status["payment_summary"]["received_amount"] == "12.50"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, out
+    assert "watcher_stopped" in out
+    assert "Traceback" not in out
