@@ -1,0 +1,54 @@
+"""The module boundaries of DESIGN.md, held by parsing the imports."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "watcher"
+
+
+def imports_of(module: str) -> set[str]:
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                names.add("watcher." + (node.module or ""))
+            elif node.module:
+                names.add(node.module)
+    return names
+
+
+def modules() -> list[str]:
+    return sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+
+
+def test_domain_imports_the_standard_library_only():
+    third_party = {n for n in imports_of("domain") if n.split(".")[0] not in sys.stdlib_module_names and n != "__future__"}
+    assert third_party == set()
+
+
+def test_only_the_store_touches_sqlite_utils():
+    users = [m for m in modules() if any(n.startswith("sqlite_utils") for n in imports_of(m))]
+    assert users == ["store"]
+
+
+def test_nobody_imports_service_or_cli():
+    for m in modules():
+        if m in ("service", "cli"):
+            continue
+        assert not imports_of(m) & {"watcher.service", "watcher.cli"}, m
+    assert "watcher.cli" not in imports_of("service")
+
+
+def test_web3_and_eth_tester_stay_at_the_edge():
+    for m in modules():
+        names = imports_of(m)
+        if any(n.startswith("web3") for n in names):
+            assert m == "chain", m
+        if any(n.startswith("eth_tester") for n in names):
+            assert m == "sandbox", m

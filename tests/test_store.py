@@ -1,0 +1,122 @@
+"""The store on its own: exact uint256 amounts, one row per transfer, one transaction per change."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from watcher.domain import BlockRef, Transfer
+from watcher.invoicing import finish_option
+from watcher.store import MatchedTransfer, NewInvoice, OptionSpec, Store
+
+NET = "testnet"
+TOKEN = "0x" + "aa" * 20
+HUGE = 2**200 + 12345  # far beyond SQLite's 64-bit INTEGER
+
+
+def block(n: int, ts: int = 1_000) -> BlockRef:
+    return BlockRef(n, f"0x{n:064x}", f"0x{n - 1:064x}", ts + n)
+
+
+def new_store(tmp_path) -> Store:
+    return Store(tmp_path / "w.db", clock=lambda: 1_000.0)
+
+
+def create(store: Store, amount_atomic: int = HUGE) -> dict:
+    spec = OptionSpec(
+        rail="address", network=NET, chain_id=1, asset="BIG", token_contract=TOKEN, decimals=18,
+        quoted_amount="x", quote_rate="1", amount_atomic=amount_atomic, required_confirmations=2, xpub="xpub-test",
+    )
+    new = NewInvoice(
+        amount=Decimal("10"), currency="USD", fields={}, metadata={}, tolerance_percent=Decimal(0),
+        payment_timing={"mode": "immediate", "expires_after_minutes": 20, "payable_until": None},
+        payable_until=10**10, draft=False, request={}, options=[spec],
+    )
+    invoice, created = store.create_invoice(
+        new, derive=lambda xpub, index: f"0x{index + 1:040x}", finish=lambda s, d, i, o: (f"uri:{d}", None)
+    )
+    assert created
+    return invoice
+
+
+def transfer_to(invoice: dict, amount: int, *, tx: str = "0x" + "11" * 32, log_index: int = 0, n: int = 5) -> MatchedTransfer:
+    option = invoice["payment_options"][0]
+    t = Transfer(tx, log_index, n, block(n).hash, TOKEN, "0x" + "bb" * 20, option["destination_address"].lower(), amount)
+    return MatchedTransfer(t, option["id"], block(n).timestamp)
+
+
+def test_amounts_beyond_64_bits_are_stored_and_read_exactly(tmp_path):
+    store = new_store(tmp_path)
+    invoice = create(store)
+    assert invoice["payment_options"][0]["amount_atomic"] == str(HUGE)
+    store.apply_blocks(NET, [block(5)], [transfer_to(invoice, HUGE)], confirmed_through=3)
+    got = store.get_invoice(invoice["id"])
+    assert got["payments"][0]["amount_atomic"] == str(HUGE)
+    assert got["status"] == "paid"
+    column_types = {r["name"]: r["type"] for r in store.db.execute("PRAGMA table_info(payments)").fetchall()}
+    assert column_types["amount_atomic"] == "TEXT"
+    raw = store.db.execute("SELECT amount_atomic, typeof(amount_atomic) AS t FROM payments").fetchone()
+    assert (raw["amount_atomic"], raw["t"]) == (str(HUGE), "text")
+
+
+def test_the_same_transfer_seen_twice_is_one_payment(tmp_path):
+    store = new_store(tmp_path)
+    invoice = create(store)
+    m = transfer_to(invoice, 5)
+    first = store.apply_blocks(NET, [block(5)], [m], confirmed_through=3)
+    again = store.apply_blocks(NET, [block(5)], [m], confirmed_through=3)
+    assert (first.payments_added, again.payments_added) == (1, 0)
+    assert len(store.get_payments(invoice["id"])) == 1
+    events = [e["type"] for e in store.events_for(invoice["id"])]
+    assert events.count("invoice.payment_detected") == 1
+
+
+def test_a_failing_change_writes_nothing(tmp_path):
+    store = new_store(tmp_path)
+    invoice = create(store)
+    events_before = store.events_for(invoice["id"])
+    good = transfer_to(invoice, 5)
+    broken = MatchedTransfer(good.transfer, "opt_does_not_exist", good.block_timestamp)
+    with pytest.raises(Exception):
+        store.apply_blocks(NET, [block(5)], [broken], confirmed_through=3)
+    assert store.cursor(NET) is None
+    assert store.recent_blocks(NET) == []
+    assert store.get_payments(invoice["id"]) == []
+    assert store.events_for(invoice["id"]) == events_before
+
+
+def test_deposit_indexes_are_never_reused_and_survive_reopening(tmp_path):
+    store = new_store(tmp_path)
+    a, b = create(store), create(store)
+    store.close()
+    store = new_store(tmp_path)  # migrations run again: nothing to do, data kept
+    c = create(store)
+    rows = store.db.execute("SELECT derivation_index FROM payment_options ORDER BY rowid").fetchall()
+    assert [r["derivation_index"] for r in rows] == [0, 1, 2]
+    assert len({a["payment_options"][0]["destination_address"], b["payment_options"][0]["destination_address"],
+                c["payment_options"][0]["destination_address"]}) == 3
+
+
+def test_revert_marks_orphaned_payments_and_rejudges(tmp_path):
+    store = new_store(tmp_path)
+    invoice = create(store, amount_atomic=10)
+    store.apply_blocks(NET, [block(4)], [], confirmed_through=2)
+    store.apply_blocks(NET, [block(5)], [transfer_to(invoice, 10)], confirmed_through=3)
+    assert store.get_invoice(invoice["id"])["status"] == "paid"
+    reverted = store.revert_to(NET, block(4))
+    assert len(reverted) == 1
+    got = store.get_invoice(invoice["id"])
+    assert got["status"] == "pending"
+    assert got["payments"][0]["status"] == "reverted"
+    assert store.cursor(NET).number == 4
+    types = [e["type"] for e in store.events_for(invoice["id"])]
+    assert types[-1] == "invoice.payment_reverted"
+
+
+def test_finish_option_builds_eip681_uris():
+    spec = OptionSpec("address", NET, 1, "USDT", "0xdac17f958d2ee523a2206206994597c13d831ec7", 6, "1", "1", 1_000_000, 12)
+    uri, call = finish_option(spec, "0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266", "inv_x", "opt_y")
+    assert uri == ("ethereum:0xdAC17F958D2ee523a2206206994597C13D831ec7@1/transfer"
+                   "?address=0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266&uint256=1000000")
+    assert call is None
