@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
+import re
 import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
@@ -30,6 +32,9 @@ log = structlog.get_logger("watcher.api")
 MAX_BODY = 64 * 1024
 MAX_AMOUNT = Decimal(10) ** 15  # USD; anything above is a mistake, not an invoice
 MAX_AMOUNT_PLACES = 18
+MAX_METADATA_DEPTH = 32
+# ASCII digits only: Decimal() alone would also take "1_000", "NaN" and non-ASCII digits such as "١٢".
+DECIMAL_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
 PROBLEM = "application/problem+json"
@@ -38,13 +43,18 @@ PROBLEM = "application/problem+json"
 # --------------------------------------------------------------------------- problems
 
 
+def _text(value: Any) -> Any:
+    return value.encode("utf-8", "backslashreplace").decode() if isinstance(value, str) else value
+
+
 class Problem(Exception):
     def __init__(self, status: int, title: str, detail: str, errors: list[dict] | None = None, slug: str | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.title = title
-        self.detail = detail
-        self.errors = errors
+        # Field names and details can quote the request: keep lone surrogates from making them unwritable as JSON.
+        self.detail = _text(detail)
+        self.errors = [{k: _text(v) for k, v in e.items()} for e in errors] if errors is not None else None
         self.slug = slug or title.lower().replace(" ", "-")
 
     def response(self) -> web.Response:
@@ -80,6 +90,8 @@ def _decimal_in(value: Any, what: str) -> Decimal:
     """Money arrives as a decimal string (or an integer, or an exact JSON number); never a float."""
     if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
         raise ValueError(f"{what} must be a decimal string such as \"49.99\"")
+    if isinstance(value, str) and not DECIMAL_TEXT.fullmatch(value.strip()):
+        raise ValueError(f"{what} must be a decimal string such as \"49.99\"")
     try:
         number = Decimal(value.strip()) if isinstance(value, str) else Decimal(value)
     except InvalidOperation:
@@ -87,6 +99,37 @@ def _decimal_in(value: Any, what: str) -> Decimal:
     if not number.is_finite():
         raise ValueError(f"{what} must be a finite number")
     return number
+
+
+def _places(number: Decimal) -> int:
+    exponent = number.as_tuple().exponent
+    return -exponent if isinstance(exponent, int) else 0
+
+
+def _plain_json(value: Any, depth: int = 0) -> Any:
+    """Metadata as values the store and the responses can write as JSON: exact JSON numbers
+    (parsed as Decimal) become floats, integers must fit in 64 bits, text must be valid
+    Unicode, and nesting is bounded (each limit would otherwise fail later, as a 500)."""
+    if depth > MAX_METADATA_DEPTH:
+        raise ValueError(f"metadata must not be nested more than {MAX_METADATA_DEPTH} levels deep")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("metadata text must be valid Unicode (no lone surrogates)") from None
+        return value
+    if isinstance(value, dict):
+        return {_plain_json(k, depth + 1): _plain_json(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_json(v, depth + 1) for v in value]
+    if isinstance(value, Decimal):
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError("metadata numbers must fit in a double")
+        return number
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        raise ValueError("metadata integers must fit in 64 bits")
+    return value
 
 
 class TimingIn(BaseModel):
@@ -136,9 +179,10 @@ class CreateInvoiceIn(BaseModel):
             raise ValueError("amount must be 0 or more")
         if amount > MAX_AMOUNT:
             raise ValueError(f"amount must be at most {MAX_AMOUNT:f}")
-        exponent = amount.as_tuple().exponent
-        if isinstance(exponent, int) and -exponent > MAX_AMOUNT_PLACES:
+        if _places(amount) > MAX_AMOUNT_PLACES:
             raise ValueError(f"amount has more than {MAX_AMOUNT_PLACES} decimal places")
+        if amount == 0:
+            return Decimal(0)  # not "-0"
         return amount.normalize() if amount == amount.to_integral_value() else amount
 
     @field_validator("quote_rates", mode="before")
@@ -153,6 +197,8 @@ class CreateInvoiceIn(BaseModel):
             number = _decimal_in(rate, f"quote_rates.{symbol}")
             if number <= 0 or number > Decimal(10) ** 12:
                 raise ValueError(f"quote_rates.{symbol} must be above 0 and at most 10^12")
+            if _places(number) > 2 * MAX_AMOUNT_PLACES:  # quoting works in exact fractions: bound the size
+                raise ValueError(f"quote_rates.{symbol} has more than {2 * MAX_AMOUNT_PLACES} decimal places")
             rates[symbol] = number
         return rates
 
@@ -168,7 +214,8 @@ class CreateInvoiceIn(BaseModel):
     def _metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is None:
             return None
-        if len(orjson.dumps(value, default=str)) > 8 * 1024:
+        value = _plain_json(value)
+        if len(orjson.dumps(value)) > 8 * 1024:
             raise ValueError("metadata must be at most 8 KiB as JSON")
         notes = value.get("notes")
         if notes is not None and (not isinstance(notes, str) or len(notes) > 140):
@@ -210,7 +257,7 @@ def _query_int(request: web.Request, name: str, default: int, low: int, high: in
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not (low <= int(raw) <= high):
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12 or not (low <= int(raw) <= high):
         raise invalid(name, f"must be a whole number from {low} to {high}")
     return int(raw)
 

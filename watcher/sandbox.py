@@ -24,7 +24,7 @@ from eth_tester.exceptions import BlockNotFound
 from eth_utils import function_signature_to_4byte_selector, to_checksum_address
 
 from .addresses import account_xpub_from_mnemonic
-from .api import Problem, invalid, json_response, read_json
+from .api import DECIMAL_TEXT, Problem, invalid, json_response, read_json
 from .contracts import load_artifact
 from .store import Store
 
@@ -254,17 +254,22 @@ def add_sandbox_routes(app: web.Application, chain: SandboxChain, store: Store, 
 def _units_to_atomic(value: Any, decimals: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
         raise invalid("amount", "must be a decimal string of the asset's units, such as \"10.5\"")
+    if isinstance(value, str) and not DECIMAL_TEXT.fullmatch(value.strip()):
+        raise invalid("amount", "must be a decimal string of the asset's units, such as \"10.5\"")
     try:
         number = Decimal(value) if not isinstance(value, str) else Decimal(value.strip())
     except InvalidOperation:
         raise invalid("amount", "must be a decimal string of the asset's units, such as \"10.5\"") from None
     if not number.is_finite() or number <= 0:
         raise invalid("amount", "must be above 0")
+    # Bound the size before exact arithmetic: Fraction("1e-999999999") would build a 10^999999999.
+    if number > Decimal(PAYER_FUNDS).scaleb(-decimals):
+        raise invalid("amount", "is more than the sandbox payer holds")
+    if number.quantize(Decimal(1).scaleb(-decimals)) != number:
+        raise invalid("amount", f"has more than {decimals} decimal places")
     atomic = Fraction(number) * 10**decimals
     if atomic.denominator != 1:
         raise invalid("amount", f"has more than {decimals} decimal places")
-    if atomic > PAYER_FUNDS:
-        raise invalid("amount", "is more than the sandbox payer holds")
     return int(atomic)
 
 
