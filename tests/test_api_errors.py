@@ -628,3 +628,11 @@ async def test_idempotency_key(harness):
                                              headers={"Idempotency-Key": "another"})
     assert status == 201 and other["id"] != first["id"]
     assert await total() == 2
+
+
+async def test_method_not_allowed_names_the_allowed_methods(harness):
+    status, body, ctype = await harness.request("DELETE", "/v1/invoices")
+    assert status == 405 and ctype.startswith("application/problem+json")
+    assert body["status"] == 405
+    async with harness.http.delete(harness.base_url + "/v1/invoices", headers={"Authorization": f"Bearer {harness.api_key}"}) as r:
+        assert set(r.headers["Allow"].split(", ")) == {"GET", "POST"}

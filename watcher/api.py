@@ -293,7 +293,10 @@ def make_app(
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return Problem(exc.status, exc.reason, exc.text or exc.reason).response()
+            response = Problem(exc.status, exc.reason, exc.text or exc.reason).response()
+            if isinstance(exc, web.HTTPMethodNotAllowed):
+                response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+            return response
         except Exception:
             log.exception("request_failed", method=request.method, path=request.path)
             return Problem(500, "Internal error", "the server could not handle this request; see its log").response()
