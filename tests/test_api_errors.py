@@ -635,4 +635,4 @@ async def test_method_not_allowed_names_the_allowed_methods(harness):
     assert status == 405 and ctype.startswith("application/problem+json")
     assert body["status"] == 405
     async with harness.http.delete(harness.base_url + "/v1/invoices", headers={"Authorization": f"Bearer {harness.api_key}"}) as r:
-        assert set(r.headers["Allow"].split(", ")) == {"GET", "POST"}
+        assert set(r.headers["Allow"].split(", ")) == {"GET", "HEAD", "POST"}
