@@ -15,7 +15,9 @@ from .store import Store
 log = structlog.get_logger("watcher.jobs")
 
 
-def expire_sweep(store: Store) -> int:
+async def expire_sweep(store: Store) -> int:
+    """A coroutine on purpose: it runs on the event loop, like every other store call,
+    never in apscheduler's worker thread where it could interleave with their transactions."""
     changed = store.expire_due()
     if changed:
         log.info("invoices_expired", count=changed)

@@ -126,6 +126,10 @@ class SandboxChain:
         self.tester.disable_auto_mine_transactions()
         self.chain_id = int(self.tester.backend.chain.chain_id)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eth-tester")
+        # eth-tester keeps one pending transaction per sender (a second one replaces the first),
+        # so payments rotate over its funded accounts and a block is mined when all are busy.
+        self.payers: list[str] = list(self.tester.get_accounts())
+        self._pending_senders: set[str] = set()
         self.deployed = self._deploy()
         self.transport = EthTesterTransport(self)
 
@@ -138,16 +142,28 @@ class SandboxChain:
     # -- synchronous helpers, called through run() once the daemon is up
 
     def _send(self, sender: str, to: str | None, data: str = "0x", value: int = 0, gas: int = 3_000_000) -> str:
+        if sender in self._pending_senders:
+            self.mine(1)  # never let a pending transaction be silently replaced
         tx: dict[str, Any] = {"from": sender, "data": data, "value": value, "gas": gas}
         if to is not None:
             tx["to"] = to_checksum_address(to)
-        return self.tester.send_transaction(tx)
+        tx_hash = self.tester.send_transaction(tx)
+        self._pending_senders.add(sender)
+        return tx_hash
+
+    def free_payer(self) -> str:
+        """A funded account with no pending transaction (mining a block if there is none)."""
+        for payer in self.payers:
+            if payer not in self._pending_senders:
+                return payer
+        self.mine(1)
+        return self.payers[0]
 
     def deploy_contract(self, name: str, types: list[str], args: list[Any], sender: str | None = None) -> str:
         artifact = load_artifact(name)
         sender = sender or self.tester.get_accounts()[0]
         tx = self._send(sender, None, artifact["bytecode"] + encode(types, args).hex())
-        self.tester.mine_blocks(1)
+        self.mine(1)
         receipt = self.tester.get_transaction_receipt(tx)
         if receipt["status"] != 1 or not receipt["contract_address"]:
             raise RuntimeError(f"deploying {name} failed")
@@ -157,17 +173,20 @@ class SandboxChain:
         payer = self.tester.get_accounts()[0]
         token = self.deploy_contract("TestToken", ["string", "string", "uint8"], ["Test USD", TOKEN_SYMBOL, TOKEN_DECIMALS])
         router = self.deploy_contract("PaymentRouter", [], [])
-        self._send(payer, token, _calldata("mint(address,uint256)", ["address", "uint256"], [payer, PAYER_FUNDS]))
-        self.tester.mine_blocks(1)
+        for account in self.payers:
+            self._send(account, token, _calldata("mint(address,uint256)", ["address", "uint256"], [account, PAYER_FUNDS]))
+        self.mine(1)
         return Deployed(token, router, payer)
 
     def transfer_token(self, token: str, to: str, amount: int, sender: str | None = None) -> str:
         """Send an ERC-20 transfer (mined with the next block)."""
         data = _calldata("transfer(address,uint256)", ["address", "uint256"], [to_checksum_address(to), amount])
-        return self._send(sender or self.deployed.payer, token, data, gas=200_000)
+        return self._send(sender or self.free_payer(), token, data, gas=200_000)
 
     def mine(self, blocks: int = 1) -> list[str]:
-        return list(self.tester.mine_blocks(blocks))
+        hashes = list(self.tester.mine_blocks(blocks))
+        self._pending_senders.clear()
+        return hashes
 
     def head(self) -> int:
         return int(self.tester.get_block_by_number("latest")["number"])

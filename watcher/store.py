@@ -24,6 +24,7 @@ from .domain import (
     InvoiceFacts,
     InvoiceStatus,
     PaymentFacts,
+    PaymentState,
     PaymentStatus,
     Resolution,
     ResolutionAction,
@@ -519,7 +520,8 @@ class Store:
             return False
 
         now = self._now()
-        if new_status in (InvoiceStatus.PAID, InvoiceStatus.CONFIRMED) and row["paid_at"] is None:
+        fully_paid = judged.payment_state in (PaymentState.EXACT, PaymentState.OVERPAID)
+        if new_status in (InvoiceStatus.PAID, InvoiceStatus.CONFIRMED) and fully_paid and row["paid_at"] is None:
             changes["paid_at"] = now
         if new_status == InvoiceStatus.CONFIRMED and row["confirmed_at"] is None:
             changes["confirmed_at"] = now
@@ -551,7 +553,7 @@ class Store:
                 InvoiceStatus.UNDERPAID: "invoice.underpaid",
                 InvoiceStatus.CANCELLED: "invoice.cancelled",
             }.get(InvoiceStatus(new_status))
-            if event == "invoice.confirmed" and old_status != InvoiceStatus.PAID and not created:
+            if event == "invoice.confirmed" and old_status != InvoiceStatus.PAID and fully_paid and not created:
                 self._emit("invoice.paid", invoice)  # paid and confirmed in one step: say both
             if event is not None:
                 self._emit(event, invoice)
@@ -679,7 +681,7 @@ class Store:
             r["invoice_id"]
             for r in self._q(
                 "SELECT DISTINCT o.invoice_id FROM invoices i JOIN payment_options o ON o.invoice_id = i.id "
-                "WHERE i.status IN ('pending', 'paid') AND i.payable_until < ? AND o.network = ?",
+                "WHERE i.status = 'pending' AND i.payable_until < ? AND o.network = ?",
                 [chain_time, network],
             )
         }
@@ -767,7 +769,7 @@ class Store:
         changed = 0
         with self.db.atomic():
             rows = self._q(
-                "SELECT i.id FROM invoices i WHERE i.status IN ('pending', 'paid') AND i.payable_until IS NOT NULL "
+                "SELECT i.id FROM invoices i WHERE i.status = 'pending' AND i.payable_until IS NOT NULL "
                 "AND i.payable_until < (SELECT COALESCE(MAX(block_timestamp), 0) FROM cursors)"
             )
             for r in rows:
