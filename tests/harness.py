@@ -243,6 +243,6 @@ class Harness:
 
         def caught_up() -> bool:
             cursor = store.cursor("sandbox")
-            return cursor is not None and cursor.number >= head and store.next_delivery_at() is None
+            return cursor is not None and cursor.number >= head and store.outbox.next_delivery_at() is None
 
         await self.wait_for(caught_up, what="follower at head and outbox empty")

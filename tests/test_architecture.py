@@ -9,22 +9,32 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "watcher"
 
 
+def _files(module: str) -> list[Path]:
+    """A module's file, or every file of a package (a package is one module of the design)."""
+    package = PACKAGE / module
+    return sorted(package.glob("*.py")) if package.is_dir() else [PACKAGE / f"{module}.py"]
+
+
 def imports_of(module: str) -> set[str]:
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
     names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                names.add("watcher." + (node.module or ""))
-            elif node.module:
-                names.add(node.module)
+    for path in _files(module):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 1 and path.parent != PACKAGE:
+                    names.add(f"watcher.{module}.{node.module or ''}")
+                elif node.level:
+                    names.add("watcher." + (node.module or ""))
+                elif node.module:
+                    names.add(node.module)
     return names
 
 
 def modules() -> list[str]:
-    return sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    files = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    return sorted(files | packages)
 
 
 def test_domain_imports_the_standard_library_only():

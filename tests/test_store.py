@@ -68,14 +68,14 @@ def test_the_same_transfer_seen_twice_is_one_payment(tmp_path):
     again = store.apply_blocks(NET, [block(5)], [m], confirmed_through=3)
     assert (first.payments_added, again.payments_added) == (1, 0)
     assert len(store.get_payments(invoice["id"])) == 1
-    events = [e["type"] for e in store.events_for(invoice["id"])]
+    events = [e["type"] for e in store.outbox.events_for(invoice["id"])]
     assert events.count("invoice.payment_detected") == 1
 
 
 def test_a_failing_change_writes_nothing(tmp_path):
     store = new_store(tmp_path)
     invoice = create(store)
-    events_before = store.events_for(invoice["id"])
+    events_before = store.outbox.events_for(invoice["id"])
     good = transfer_to(invoice, 5)
     broken = MatchedTransfer(good.transfer, "opt_does_not_exist", good.block_timestamp)
     with pytest.raises(Exception):
@@ -83,7 +83,7 @@ def test_a_failing_change_writes_nothing(tmp_path):
     assert store.cursor(NET) is None
     assert store.recent_blocks(NET) == []
     assert store.get_payments(invoice["id"]) == []
-    assert store.events_for(invoice["id"]) == events_before
+    assert store.outbox.events_for(invoice["id"]) == events_before
 
 
 def test_deposit_indexes_are_never_reused_and_survive_reopening(tmp_path):
@@ -110,7 +110,7 @@ def test_revert_marks_orphaned_payments_and_rejudges(tmp_path):
     assert got["status"] == "pending"
     assert got["payments"][0]["status"] == "reverted"
     assert store.cursor(NET).number == 4
-    types = [e["type"] for e in store.events_for(invoice["id"])]
+    types = [e["type"] for e in store.outbox.events_for(invoice["id"])]
     assert types[-1] == "invoice.payment_reverted"
 
 

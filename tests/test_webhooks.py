@@ -84,14 +84,14 @@ async def test_a_failing_endpoint_is_retried_on_schedule_then_marked_failed(tmp_
     runner, url = await _server(always_500)
     clock = Clock()
     store = Store(tmp_path / "w.db", clock=clock)
-    store.set_endpoints([Endpoint(url, ("*",))])
-    dispatcher = Dispatcher(store, {url: VECTOR_SECRET}, clock=clock)
+    store.outbox.set_endpoints([Endpoint(url, ("*",))])
+    dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET}, clock=clock)
     try:
         _invoice(store)  # zero amount: invoice.created and invoice.confirmed
         gaps = []
         for _ in range(len(RETRY_SCHEDULE) + 1):
             assert await dispatcher.run_once() == 2
-            next_at = store.next_delivery_at()
+            next_at = store.outbox.next_delivery_at()
             if next_at is None:
                 break
             gaps.append(round(next_at - clock.now))
@@ -117,8 +117,8 @@ async def test_no_answer_within_the_timeout_is_a_failed_attempt(tmp_path):
     runner, url = await _server(slow)
     clock = Clock()
     store = Store(tmp_path / "w.db", clock=clock)
-    store.set_endpoints([Endpoint(url, ("invoice.created",))])
-    dispatcher = Dispatcher(store, {url: VECTOR_SECRET}, clock=clock, timeout=0.2)
+    store.outbox.set_endpoints([Endpoint(url, ("invoice.created",))])
+    dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET}, clock=clock, timeout=0.2)
     try:
         _invoice(store)
         assert await dispatcher.run_once() == 1  # only invoice.created is subscribed

@@ -69,7 +69,7 @@ class Service:
     async def start(self) -> None:
         s = self.settings
         self.store = store = Store(s.database, clock=self.clock)
-        store.set_endpoints(Endpoint(w.url, tuple(w.events)) for w in s.webhooks)
+        store.outbox.set_endpoints(Endpoint(w.url, tuple(w.events)) for w in s.webhooks)
         readers: dict[str, ChainReader] = {}
         for i, chain in enumerate(s.chains):
             reader = self._reader_for(chain.name, chain.rpc_urls[0])
@@ -95,8 +95,8 @@ class Service:
             )
             if any(a.kind == "native" for a in chain.assets):
                 log.warning("native_assets_not_watched_yet", network=chain.name)
-        self.dispatcher = Dispatcher(store, {w.url: w.secret for w in s.webhooks}, clock=self.clock)
-        store.on_delivery_queued = self.dispatcher.wake
+        self.dispatcher = Dispatcher(store.outbox, {w.url: w.secret for w in s.webhooks}, clock=self.clock)
+        store.outbox.on_delivery_queued = self.dispatcher.wake
 
         app = make_app(
             store, Invoicing(s), s.invoices, api_key=s.http.api_key, clock=self.clock,

@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 import aiohttp
 import structlog
 
-from .store import Store
+from .store import Outbox
 
 log = structlog.get_logger("watcher.webhooks")
 
@@ -64,14 +64,14 @@ def next_attempt_delay(attempts_done: int) -> float | None:
 class Dispatcher:
     def __init__(
         self,
-        store: Store,
+        outbox: Outbox,
         secrets: Mapping[str, str],  # url -> whsec_ secret
         *,
         clock: Callable[[], float] = time.time,
         concurrency: int = 16,
         timeout: float = TIMEOUT_SECONDS,
     ) -> None:
-        self.store = store
+        self.outbox = outbox
         self.clock = clock
         self.concurrency = concurrency
         self.timeout = timeout
@@ -92,7 +92,7 @@ class Dispatcher:
 
     async def run_once(self) -> int:
         """Deliver everything due now; returns how many attempts were made."""
-        due = self.store.due_deliveries(self.clock(), limit=self.concurrency * 4)
+        due = self.outbox.due_deliveries(self.clock(), limit=self.concurrency * 4)
         if not due:
             return 0
         if self._session is None:
@@ -137,7 +137,7 @@ class Dispatcher:
         ok = error is None
         attempts_done = delivery["attempts"] + 1
         delay = None if ok else next_attempt_delay(attempts_done)
-        self.store.record_attempt(
+        self.outbox.record_attempt(
             delivery["id"], ok=ok, status_code=status_code, error=error, duration_ms=duration_ms,
             next_attempt_at=None if delay is None else self.clock() + delay,
         )
@@ -158,7 +158,7 @@ class Dispatcher:
             if sent:
                 continue
             self._wake.clear()
-            next_at = self.store.next_delivery_at()
+            next_at = self.outbox.next_delivery_at()
             wait = idle if next_at is None else min(idle, max(next_at - self.clock(), 0.0))
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(wait, 0.01))

@@ -8,16 +8,14 @@ a crash the state and its events always agree. Atomic amounts are TEXT: they are
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import orjson
 from sqlite_utils import Database
-from sqlite_utils.migrations import Migrations
 
-from .domain import (
+from ..domain import (
     ACTION_RESOLVES,
     BlockRef,
     ExceptionType,
@@ -34,230 +32,19 @@ from .domain import (
     payments_to_cover,
     rfc3339,
 )
+from .outbox import Outbox
+from .records import (
+    ApplyResult,
+    IdempotencyConflict,
+    MatchedTransfer,
+    NewInvoice,
+    OptionSpec,
+    StateConflict,
+)
+from .schema import migrations
 from .views import invoice_view, payment_view, status_view
 
 BLOCK_WINDOW = 256  # recent canonical blocks kept to find a reorg's common ancestor
-
-migrations = Migrations("watcher")
-
-
-@migrations()
-def m001_initial(db: Database) -> None:
-    db.executescript(
-        """
-        CREATE TABLE invoices (
-            id TEXT PRIMARY KEY,
-            status TEXT NOT NULL,
-            amount TEXT NOT NULL,
-            currency TEXT NOT NULL,
-            product_name TEXT, issued_by TEXT, bill_to TEXT, merchant_reference TEXT,
-            customer_id TEXT, customer_email TEXT,
-            metadata TEXT NOT NULL,
-            tolerance_percent TEXT NOT NULL,
-            payment_timing TEXT NOT NULL,
-            payable_until INTEGER,
-            payment_summary TEXT NOT NULL,
-            exception TEXT,
-            exception_type TEXT, exception_status TEXT,
-            resolutions TEXT NOT NULL DEFAULT '[]',
-            request TEXT NOT NULL,
-            version INTEGER NOT NULL,
-            created_at TEXT NOT NULL,
-            paid_at TEXT, confirmed_at TEXT, cancelled_at TEXT, last_payment_observed_at TEXT
-        );
-        CREATE INDEX invoices_status ON invoices(status, payable_until);
-        CREATE INDEX invoices_reference ON invoices(merchant_reference);
-        CREATE INDEX invoices_customer ON invoices(customer_id);
-        CREATE INDEX invoices_email ON invoices(customer_email);
-        CREATE INDEX invoices_exception ON invoices(exception_type, exception_status);
-
-        CREATE TABLE payment_options (
-            id TEXT PRIMARY KEY,
-            invoice_id TEXT NOT NULL REFERENCES invoices(id),
-            position INTEGER NOT NULL,
-            active INTEGER NOT NULL DEFAULT 1,
-            rail TEXT NOT NULL,
-            network TEXT NOT NULL,
-            chain_id INTEGER NOT NULL,
-            asset TEXT NOT NULL,
-            token_contract TEXT,
-            decimals INTEGER NOT NULL,
-            quoted_amount TEXT NOT NULL,
-            quote_rate TEXT NOT NULL,
-            amount_atomic TEXT NOT NULL,
-            destination_address TEXT NOT NULL,
-            derivation_index INTEGER,
-            payment_uri TEXT NOT NULL,
-            required_confirmations INTEGER NOT NULL,
-            contract_call TEXT
-        );
-        CREATE INDEX options_invoice ON payment_options(invoice_id, position);
-        CREATE UNIQUE INDEX options_address ON payment_options(network, destination_address)
-            WHERE rail = 'address';
-
-        CREATE TABLE derivation_counters (
-            xpub TEXT PRIMARY KEY,
-            next_index INTEGER NOT NULL
-        );
-
-        CREATE TABLE payments (
-            id TEXT PRIMARY KEY,
-            network TEXT NOT NULL,
-            tx_hash TEXT NOT NULL,
-            log_index INTEGER,
-            log_key INTEGER NOT NULL,
-            invoice_id TEXT NOT NULL REFERENCES invoices(id),
-            option_id TEXT NOT NULL REFERENCES payment_options(id),
-            asset TEXT NOT NULL,
-            decimals INTEGER NOT NULL,
-            block_number INTEGER NOT NULL,
-            block_hash TEXT NOT NULL,
-            block_timestamp INTEGER NOT NULL,
-            from_address TEXT NOT NULL,
-            to_address TEXT NOT NULL,
-            amount_atomic TEXT NOT NULL,
-            status TEXT NOT NULL,
-            role TEXT NOT NULL,
-            observed_at TEXT NOT NULL,
-            confirmed_at TEXT,
-            UNIQUE (network, tx_hash, log_key)
-        );
-        CREATE INDEX payments_invoice ON payments(invoice_id);
-        CREATE INDEX payments_unconfirmed ON payments(network, status, block_number);
-        CREATE INDEX payments_tx ON payments(tx_hash);
-
-        CREATE TABLE chain_blocks (
-            network TEXT NOT NULL,
-            number INTEGER NOT NULL,
-            hash TEXT NOT NULL,
-            parent_hash TEXT NOT NULL,
-            timestamp INTEGER NOT NULL,
-            PRIMARY KEY (network, number)
-        );
-
-        CREATE TABLE cursors (
-            network TEXT PRIMARY KEY,
-            block_number INTEGER NOT NULL,
-            block_hash TEXT NOT NULL,
-            block_timestamp INTEGER NOT NULL,
-            updated_at TEXT NOT NULL
-        );
-
-        CREATE TABLE events (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,
-            id TEXT NOT NULL UNIQUE,
-            type TEXT NOT NULL,
-            invoice_id TEXT NOT NULL,
-            created_at TEXT NOT NULL,
-            body BLOB NOT NULL
-        );
-        CREATE INDEX events_invoice ON events(invoice_id);
-
-        CREATE TABLE deliveries (
-            id TEXT PRIMARY KEY,
-            event_id TEXT NOT NULL REFERENCES events(id),
-            event_type TEXT NOT NULL,
-            invoice_id TEXT NOT NULL,
-            url TEXT NOT NULL,
-            status TEXT NOT NULL,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            next_attempt_at REAL,
-            last_status_code INTEGER,
-            last_error TEXT,
-            delivered_at TEXT,
-            created_at TEXT NOT NULL,
-            UNIQUE (event_id, url)
-        );
-        CREATE INDEX deliveries_due ON deliveries(status, next_attempt_at);
-
-        CREATE TABLE delivery_attempts (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            delivery_id TEXT NOT NULL REFERENCES deliveries(id),
-            attempt INTEGER NOT NULL,
-            at TEXT NOT NULL,
-            status_code INTEGER,
-            error TEXT,
-            duration_ms REAL NOT NULL
-        );
-
-        CREATE TABLE idempotency_keys (
-            key TEXT PRIMARY KEY,
-            request_hash TEXT NOT NULL,
-            invoice_id TEXT NOT NULL,
-            created_at TEXT NOT NULL
-        );
-        """
-    )
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-@dataclass(frozen=True)
-class OptionSpec:
-    """A payment option to build; the store gives it its id and, for the address rail, an address."""
-
-    rail: str
-    network: str
-    chain_id: int
-    asset: str
-    token_contract: str | None
-    decimals: int
-    quoted_amount: str
-    quote_rate: str
-    amount_atomic: int
-    required_confirmations: int
-    xpub: str | None = None  # address rail: derive the destination from this
-    destination: str | None = None  # contract rail: the merchant address
-
-
-@dataclass(frozen=True)
-class NewInvoice:
-    amount: Decimal
-    currency: str
-    fields: dict[str, Any]  # product_name, issued_by, bill_to, merchant_reference, customer_*
-    metadata: dict[str, Any]
-    tolerance_percent: Decimal
-    payment_timing: dict[str, Any]  # with payable_until / due_at filled for a non-draft
-    payable_until: int | None
-    draft: bool
-    request: dict[str, Any]  # the options request (assets, rails, quote_rates) kept for finalize
-    options: list[OptionSpec] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class MatchedTransfer:
-    """A transfer the follower found to one of our options."""
-
-    transfer: Transfer
-    option_id: str
-    block_timestamp: int
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    url: str
-    events: tuple[str, ...]
-
-    def wants(self, event_type: str) -> bool:
-        return "*" in self.events or event_type in self.events
-
-
-@dataclass
-class ApplyResult:
-    payments_added: int = 0
-    payments_confirmed: int = 0
-    invoices_changed: int = 0
-    events: int = 0
-
-
-class IdempotencyConflict(Exception):
-    """The same Idempotency-Key came with another body."""
-
-
-class StateConflict(Exception):
-    """The invoice is not in a state that allows the change."""
-
 
 # Derives an address from (xpub, index); builds a payment URI / contract call for an option.
 Deriver = Callable[[str, int], str]
@@ -269,7 +56,7 @@ class Store:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(self.path, isolation_level=None)  # one thread: the event loop's
         conn.row_factory = sqlite3.Row
         self.db = Database(conn)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -278,9 +65,7 @@ class Store:
         self.db.execute("PRAGMA busy_timeout=5000")
         migrations.apply(self.db)
         self.clock = clock
-        self.endpoints: tuple[Endpoint, ...] = ()
-        # Called when a delivery is queued, so the dispatcher wakes at once instead of polling.
-        self.on_delivery_queued: Callable[[], None] | None = None
+        self.outbox = Outbox(self.db, clock)
         self._tips: dict[str, int] = {
             r["network"]: r["block_number"] for r in self._q("SELECT network, block_number FROM cursors")
         }
@@ -298,9 +83,6 @@ class Store:
 
     def _now(self) -> str:
         return rfc3339(self.clock())  # type: ignore[return-value]
-
-    def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
-        self.endpoints = tuple(endpoints)
 
     # ------------------------------------------------------------------ invoices
 
@@ -540,11 +322,11 @@ class Store:
         assert invoice is not None
         by_id = {p["id"]: p for p in invoice["payments"]}
         if created:
-            self._emit("invoice.created", invoice)
+            self.outbox.emit("invoice.created", invoice)
         for pid in new_payments:
-            self._emit("invoice.payment_detected", invoice, by_id.get(pid))
+            self.outbox.emit("invoice.payment_detected", invoice, by_id.get(pid))
         for pid in reverted_payments:
-            self._emit("invoice.payment_reverted", invoice, by_id.get(pid))
+            self.outbox.emit("invoice.payment_reverted", invoice, by_id.get(pid))
         if "status" in changes or created:
             event = {
                 InvoiceStatus.PAID: "invoice.paid",
@@ -554,16 +336,16 @@ class Store:
                 InvoiceStatus.CANCELLED: "invoice.cancelled",
             }.get(InvoiceStatus(new_status))
             if event == "invoice.confirmed" and old_status != InvoiceStatus.PAID and fully_paid and not created:
-                self._emit("invoice.paid", invoice)  # paid and confirmed in one step: say both
+                self.outbox.emit("invoice.paid", invoice)  # paid and confirmed in one step: say both
             if event is not None:
-                self._emit(event, invoice)
+                self.outbox.emit(event, invoice)
         old_exc = orjson.loads(row["exception"]) if row["exception"] else None
         new_exc = judged.exception.as_dict() if judged.exception else None
         if new_exc != old_exc and new_exc is not None:
             if new_exc["status"] == "open" and (old_exc is None or old_exc["status"] != "open" or old_exc["type"] != new_exc["type"]):
-                self._emit("invoice.exception_opened", invoice)
+                self.outbox.emit("invoice.exception_opened", invoice)
             elif new_exc["status"] == "resolved" and old_exc is not None and old_exc["status"] == "open":
-                self._emit("invoice.exception_resolved", invoice)
+                self.outbox.emit("invoice.exception_resolved", invoice)
         return True
 
     # ------------------------------------------------------------------ operator actions
@@ -669,11 +451,11 @@ class Store:
                 )
                 result.payments_confirmed = len(due)
             invoice_ids = set(touched) | {r["invoice_id"] for r in due} | self._expiry_candidates(network, tip.timestamp)
-            events_before = self._event_count()
+            events_before = self.outbox.event_count()
             for invoice_id in sorted(invoice_ids):
                 if self._rejudge(invoice_id, new_payments=touched.get(invoice_id, ())):
                     result.invoices_changed += 1
-            result.events = self._event_count() - events_before
+            result.events = self.outbox.event_count() - events_before
         return result
 
     def _expiry_candidates(self, network: str, chain_time: int) -> set[str]:
@@ -775,97 +557,3 @@ class Store:
             for r in rows:
                 changed += self._rejudge(r["id"])
         return changed
-
-    # ------------------------------------------------------------------ outbox
-
-    def _event_count(self) -> int:
-        return self._q1("SELECT COALESCE(MAX(seq), 0) AS n FROM events")["n"]
-
-    def _emit(self, event_type: str, invoice: dict, payment: dict | None = None) -> None:
-        now_s = self.clock()
-        event_id = new_id("evt", int(now_s * 1000))
-        created_at = rfc3339(now_s)
-        body = orjson.dumps(
-            {
-                "id": event_id,
-                "type": event_type,
-                "created_at": created_at,
-                "data": {"invoice": status_view(invoice), "payment": payment},
-            }
-        )
-        self.db.execute(
-            "INSERT INTO events(id, type, invoice_id, created_at, body) VALUES (?,?,?,?,?)",
-            [event_id, event_type, invoice["id"], created_at, body],
-        )
-        for endpoint in self.endpoints:
-            if endpoint.wants(event_type):
-                self.db.execute(
-                    "INSERT INTO deliveries(id, event_id, event_type, invoice_id, url, status, attempts, next_attempt_at, created_at) "
-                    "VALUES (?,?,?,?,?, 'pending', 0, ?, ?)",
-                    [new_id("dlv", int(now_s * 1000)), event_id, event_type, invoice["id"], endpoint.url, now_s, created_at],
-                )
-                if self.on_delivery_queued is not None:
-                    self.on_delivery_queued()
-
-    def events_for(self, invoice_id: str) -> list[dict]:
-        return [
-            {"id": r["id"], "type": r["type"], "body": bytes(r["body"])}
-            for r in self._q("SELECT * FROM events WHERE invoice_id = ? ORDER BY seq", [invoice_id])
-        ]
-
-    def due_deliveries(self, now: float, limit: int = 100) -> list[dict]:
-        rows = self._q(
-            "SELECT d.id, d.event_id, d.url, d.attempts, e.body FROM deliveries d JOIN events e ON e.id = d.event_id "
-            "WHERE d.status = 'pending' AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at LIMIT ?",
-            [now, limit],
-        )
-        return [dict(r) | {"body": bytes(r["body"])} for r in rows]
-
-    def next_delivery_at(self) -> float | None:
-        row = self._q1("SELECT MIN(next_attempt_at) AS t FROM deliveries WHERE status = 'pending'")
-        return row["t"] if row else None
-
-    def record_attempt(
-        self,
-        delivery_id: str,
-        *,
-        ok: bool,
-        status_code: int | None,
-        error: str | None,
-        duration_ms: float,
-        next_attempt_at: float | None,
-    ) -> None:
-        """One attempt, as it went; `next_attempt_at` None after a failure means give up."""
-        now = self._now()
-        with self.db.atomic():
-            row = self._q1("SELECT attempts FROM deliveries WHERE id = ?", [delivery_id])
-            attempt = row["attempts"] + 1
-            self.db.execute(
-                "INSERT INTO delivery_attempts(delivery_id, attempt, at, status_code, error, duration_ms) VALUES (?,?,?,?,?,?)",
-                [delivery_id, attempt, now, status_code, error, duration_ms],
-            )
-            status = "delivered" if ok else ("pending" if next_attempt_at is not None else "failed")
-            self.db.execute(
-                "UPDATE deliveries SET status = ?, attempts = ?, last_status_code = ?, last_error = ?, "
-                "next_attempt_at = ?, delivered_at = ? WHERE id = ?",
-                [status, attempt, status_code, error, None if ok else next_attempt_at, now if ok else None, delivery_id],
-            )
-
-    def list_deliveries(self, filters: dict[str, Any], limit: int, offset: int) -> tuple[list[dict], int]:
-        where, params = [], []
-        for column in ("status", "event_type", "invoice_id"):
-            if filters.get(column) is not None:
-                where.append(f"{column} = ?")
-                params.append(filters[column])
-        clause = ("WHERE " + " AND ".join(where)) if where else ""
-        total = self._q1(f"SELECT COUNT(*) AS n FROM deliveries {clause}", params)["n"]
-        rows = self._q(f"SELECT * FROM deliveries {clause} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?", [*params, limit, offset])
-        return [
-            {
-                "id": r["id"], "event_id": r["event_id"], "event_type": r["event_type"], "invoice_id": r["invoice_id"],
-                "url": r["url"], "status": r["status"], "attempts": r["attempts"],
-                "last_status_code": r["last_status_code"], "last_error": r["last_error"],
-                "next_attempt_at": rfc3339(r["next_attempt_at"]), "delivered_at": r["delivered_at"],
-            }
-            for r in rows
-        ], total

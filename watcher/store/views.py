@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import orjson
 from eth_utils import to_checksum_address
 
-from .domain import format_units, rfc3339
+from ..domain import format_units, rfc3339
 
 
 def checksum(address: str | None) -> str | None:

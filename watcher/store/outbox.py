@@ -1,0 +1,137 @@
+"""The webhook outbox: events written with the change they report, and their deliveries.
+
+It shares the store's connection, so `emit()` inside a store transaction commits (or rolls
+back) together with the state change.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import orjson
+from sqlite_utils import Database
+
+from ..domain import new_id, rfc3339
+from .views import status_view
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str
+    events: tuple[str, ...]
+
+    def wants(self, event_type: str) -> bool:
+        return "*" in self.events or event_type in self.events
+
+
+class Outbox:
+    def __init__(self, db: Database, clock: Callable[[], float]) -> None:
+        self.db = db
+        self.clock = clock
+        self.endpoints: tuple[Endpoint, ...] = ()
+        # Called when a delivery is queued, so the dispatcher wakes at once instead of polling.
+        self.on_delivery_queued: Callable[[], None] | None = None
+
+    def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
+        self.endpoints = tuple(endpoints)
+
+    def _q(self, sql: str, params: Sequence | dict = ()) -> list[sqlite3.Row]:
+        return self.db.execute(sql, params).fetchall()
+
+    def _q1(self, sql: str, params: Sequence | dict = ()) -> sqlite3.Row | None:
+        return self.db.execute(sql, params).fetchone()
+
+    def event_count(self) -> int:
+        return self._q1("SELECT COALESCE(MAX(seq), 0) AS n FROM events")["n"]
+
+    def emit(self, event_type: str, invoice: dict, payment: dict | None = None) -> None:
+        """Append an event and a delivery per subscribed endpoint; call inside the change's transaction."""
+        now_s = self.clock()
+        event_id = new_id("evt", int(now_s * 1000))
+        created_at = rfc3339(now_s)
+        body = orjson.dumps(
+            {
+                "id": event_id,
+                "type": event_type,
+                "created_at": created_at,
+                "data": {"invoice": status_view(invoice), "payment": payment},
+            }
+        )
+        self.db.execute(
+            "INSERT INTO events(id, type, invoice_id, created_at, body) VALUES (?,?,?,?,?)",
+            [event_id, event_type, invoice["id"], created_at, body],
+        )
+        for endpoint in self.endpoints:
+            if endpoint.wants(event_type):
+                self.db.execute(
+                    "INSERT INTO deliveries(id, event_id, event_type, invoice_id, url, status, attempts, next_attempt_at, created_at) "
+                    "VALUES (?,?,?,?,?, 'pending', 0, ?, ?)",
+                    [new_id("dlv", int(now_s * 1000)), event_id, event_type, invoice["id"], endpoint.url, now_s, created_at],
+                )
+                if self.on_delivery_queued is not None:
+                    self.on_delivery_queued()
+
+    def events_for(self, invoice_id: str) -> list[dict]:
+        return [
+            {"id": r["id"], "type": r["type"], "body": bytes(r["body"])}
+            for r in self._q("SELECT * FROM events WHERE invoice_id = ? ORDER BY seq", [invoice_id])
+        ]
+
+    def due_deliveries(self, now: float, limit: int = 100) -> list[dict]:
+        rows = self._q(
+            "SELECT d.id, d.event_id, d.url, d.attempts, e.body FROM deliveries d JOIN events e ON e.id = d.event_id "
+            "WHERE d.status = 'pending' AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at LIMIT ?",
+            [now, limit],
+        )
+        return [dict(r) | {"body": bytes(r["body"])} for r in rows]
+
+    def next_delivery_at(self) -> float | None:
+        row = self._q1("SELECT MIN(next_attempt_at) AS t FROM deliveries WHERE status = 'pending'")
+        return row["t"] if row else None
+
+    def record_attempt(
+        self,
+        delivery_id: str,
+        *,
+        ok: bool,
+        status_code: int | None,
+        error: str | None,
+        duration_ms: float,
+        next_attempt_at: float | None,
+    ) -> None:
+        """One attempt, as it went; `next_attempt_at` None after a failure means give up."""
+        now = rfc3339(self.clock())
+        with self.db.atomic():
+            row = self._q1("SELECT attempts FROM deliveries WHERE id = ?", [delivery_id])
+            attempt = row["attempts"] + 1
+            self.db.execute(
+                "INSERT INTO delivery_attempts(delivery_id, attempt, at, status_code, error, duration_ms) VALUES (?,?,?,?,?,?)",
+                [delivery_id, attempt, now, status_code, error, duration_ms],
+            )
+            status = "delivered" if ok else ("pending" if next_attempt_at is not None else "failed")
+            self.db.execute(
+                "UPDATE deliveries SET status = ?, attempts = ?, last_status_code = ?, last_error = ?, "
+                "next_attempt_at = ?, delivered_at = ? WHERE id = ?",
+                [status, attempt, status_code, error, None if ok else next_attempt_at, now if ok else None, delivery_id],
+            )
+
+    def list_deliveries(self, filters: dict[str, Any], limit: int, offset: int) -> tuple[list[dict], int]:
+        where, params = [], []
+        for column in ("status", "event_type", "invoice_id"):
+            if filters.get(column) is not None:
+                where.append(f"{column} = ?")
+                params.append(filters[column])
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        total = self._q1(f"SELECT COUNT(*) AS n FROM deliveries {clause}", params)["n"]
+        rows = self._q(f"SELECT * FROM deliveries {clause} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?", [*params, limit, offset])
+        return [
+            {
+                "id": r["id"], "event_id": r["event_id"], "event_type": r["event_type"], "invoice_id": r["invoice_id"],
+                "url": r["url"], "status": r["status"], "attempts": r["attempts"],
+                "last_status_code": r["last_status_code"], "last_error": r["last_error"],
+                "next_attempt_at": rfc3339(r["next_attempt_at"]), "delivered_at": r["delivered_at"],
+            }
+            for r in rows
+        ], total

@@ -1,0 +1,157 @@
+"""The database layout, as sqlite-utils migrations: each runs once, in a transaction."""
+
+from __future__ import annotations
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("watcher")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE invoices (
+            id TEXT PRIMARY KEY,
+            status TEXT NOT NULL,
+            amount TEXT NOT NULL,
+            currency TEXT NOT NULL,
+            product_name TEXT, issued_by TEXT, bill_to TEXT, merchant_reference TEXT,
+            customer_id TEXT, customer_email TEXT,
+            metadata TEXT NOT NULL,
+            tolerance_percent TEXT NOT NULL,
+            payment_timing TEXT NOT NULL,
+            payable_until INTEGER,
+            payment_summary TEXT NOT NULL,
+            exception TEXT,
+            exception_type TEXT, exception_status TEXT,
+            resolutions TEXT NOT NULL DEFAULT '[]',
+            request TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            created_at TEXT NOT NULL,
+            paid_at TEXT, confirmed_at TEXT, cancelled_at TEXT, last_payment_observed_at TEXT
+        );
+        CREATE INDEX invoices_status ON invoices(status, payable_until);
+        CREATE INDEX invoices_reference ON invoices(merchant_reference);
+        CREATE INDEX invoices_customer ON invoices(customer_id);
+        CREATE INDEX invoices_email ON invoices(customer_email);
+        CREATE INDEX invoices_exception ON invoices(exception_type, exception_status);
+
+        CREATE TABLE payment_options (
+            id TEXT PRIMARY KEY,
+            invoice_id TEXT NOT NULL REFERENCES invoices(id),
+            position INTEGER NOT NULL,
+            active INTEGER NOT NULL DEFAULT 1,
+            rail TEXT NOT NULL,
+            network TEXT NOT NULL,
+            chain_id INTEGER NOT NULL,
+            asset TEXT NOT NULL,
+            token_contract TEXT,
+            decimals INTEGER NOT NULL,
+            quoted_amount TEXT NOT NULL,
+            quote_rate TEXT NOT NULL,
+            amount_atomic TEXT NOT NULL,
+            destination_address TEXT NOT NULL,
+            derivation_index INTEGER,
+            payment_uri TEXT NOT NULL,
+            required_confirmations INTEGER NOT NULL,
+            contract_call TEXT
+        );
+        CREATE INDEX options_invoice ON payment_options(invoice_id, position);
+        CREATE UNIQUE INDEX options_address ON payment_options(network, destination_address)
+            WHERE rail = 'address';
+
+        CREATE TABLE derivation_counters (
+            xpub TEXT PRIMARY KEY,
+            next_index INTEGER NOT NULL
+        );
+
+        CREATE TABLE payments (
+            id TEXT PRIMARY KEY,
+            network TEXT NOT NULL,
+            tx_hash TEXT NOT NULL,
+            log_index INTEGER,
+            log_key INTEGER NOT NULL,
+            invoice_id TEXT NOT NULL REFERENCES invoices(id),
+            option_id TEXT NOT NULL REFERENCES payment_options(id),
+            asset TEXT NOT NULL,
+            decimals INTEGER NOT NULL,
+            block_number INTEGER NOT NULL,
+            block_hash TEXT NOT NULL,
+            block_timestamp INTEGER NOT NULL,
+            from_address TEXT NOT NULL,
+            to_address TEXT NOT NULL,
+            amount_atomic TEXT NOT NULL,
+            status TEXT NOT NULL,
+            role TEXT NOT NULL,
+            observed_at TEXT NOT NULL,
+            confirmed_at TEXT,
+            UNIQUE (network, tx_hash, log_key)
+        );
+        CREATE INDEX payments_invoice ON payments(invoice_id);
+        CREATE INDEX payments_unconfirmed ON payments(network, status, block_number);
+        CREATE INDEX payments_tx ON payments(tx_hash);
+
+        CREATE TABLE chain_blocks (
+            network TEXT NOT NULL,
+            number INTEGER NOT NULL,
+            hash TEXT NOT NULL,
+            parent_hash TEXT NOT NULL,
+            timestamp INTEGER NOT NULL,
+            PRIMARY KEY (network, number)
+        );
+
+        CREATE TABLE cursors (
+            network TEXT PRIMARY KEY,
+            block_number INTEGER NOT NULL,
+            block_hash TEXT NOT NULL,
+            block_timestamp INTEGER NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+
+        CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            type TEXT NOT NULL,
+            invoice_id TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            body BLOB NOT NULL
+        );
+        CREATE INDEX events_invoice ON events(invoice_id);
+
+        CREATE TABLE deliveries (
+            id TEXT PRIMARY KEY,
+            event_id TEXT NOT NULL REFERENCES events(id),
+            event_type TEXT NOT NULL,
+            invoice_id TEXT NOT NULL,
+            url TEXT NOT NULL,
+            status TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL,
+            last_status_code INTEGER,
+            last_error TEXT,
+            delivered_at TEXT,
+            created_at TEXT NOT NULL,
+            UNIQUE (event_id, url)
+        );
+        CREATE INDEX deliveries_due ON deliveries(status, next_attempt_at);
+
+        CREATE TABLE delivery_attempts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            delivery_id TEXT NOT NULL REFERENCES deliveries(id),
+            attempt INTEGER NOT NULL,
+            at TEXT NOT NULL,
+            status_code INTEGER,
+            error TEXT,
+            duration_ms REAL NOT NULL
+        );
+
+        CREATE TABLE idempotency_keys (
+            key TEXT PRIMARY KEY,
+            request_hash TEXT NOT NULL,
+            invoice_id TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        );
+        """
+    )
