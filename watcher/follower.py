@@ -103,6 +103,7 @@ class Follower:
         """Do one step of work; returns how many blocks it moved the checkpoint (0: caught up)."""
         self.refresh_watch_set()
         head = await self.reader.block_number()
+        behind_before, self.status.last_error = self.status.last_error, None
         self.status.head_block = head
         self.status.last_head_at = self.clock()
         cursor = self.store.cursor(self.network)
@@ -113,10 +114,17 @@ class Follower:
                 return 0
             first = start
         else:
-            if head <= cursor.number:
+            if head < cursor.number:
+                # A node behind our checkpoint (a lagging provider) proves nothing: wait for it.
+                # A real reorg shows when it has a different block at our height.
+                self.status.last_error = f"node head {head} is behind our checkpoint {cursor.number}"
+                if behind_before != self.status.last_error:
+                    log.warning("node_behind_checkpoint", network=self.network, head=head, checkpoint=cursor.number)
+                return 0
+            if head == cursor.number:
                 # Nothing new; make sure our tip is still canonical.
                 [node_block] = await self.reader.headers([cursor.number])
-                if node_block is None or node_block.hash != cursor.hash:
+                if node_block is not None and node_block.hash != cursor.hash:
                     await self._handle_reorg(cursor)
                     return 1
                 return 0
@@ -204,7 +212,6 @@ class Follower:
             self._wake.clear()  # a wake during the step below makes the next sleep end at once
             try:
                 moved = await self.run_once()
-                self.status.last_error = None
                 backoff = 0.5
             except (RpcError, ChainChanged, OSError, asyncio.TimeoutError) as exc:
                 self.status.last_error = str(exc)

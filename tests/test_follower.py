@@ -1,0 +1,211 @@
+"""The follower against a FakeChain (a ChainReader that can mine, fork, lag and lie).
+
+eth-tester and the end-to-end tests prove the real path; these make the chain's awkward
+moments read like stories and check exactly what the follower asked the node for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from decimal import Decimal
+
+import pytest
+
+from watcher.chain import RpcError
+from watcher.domain import BlockRef, Transfer
+from watcher.follower import ChainChanged, Follower
+from watcher.store import NewInvoice, OptionSpec, Store
+
+NET = "fake"
+TOKEN = "0x" + "aa" * 20
+OTHER_TOKEN = "0x" + "cc" * 20
+
+
+class FakeChain:
+    def __init__(self) -> None:
+        self.salt = "a"
+        self.blocks: list[BlockRef] = []
+        self.logs: dict[int, list[Transfer]] = {}
+        self.visible_head: int | None = None  # a lagging node: pretend the head is lower
+        self.lie_about_log_hashes = False
+        self.header_requests: list[list[int]] = []
+        self.mine()  # genesis
+
+    def _hash(self, n: int, parent: str) -> str:
+        return "0x" + hashlib.sha256(f"{self.salt}:{n}:{parent}".encode()).hexdigest()
+
+    def mine(self, *payments: tuple[str, int], token: str = TOKEN) -> BlockRef:
+        n = len(self.blocks)
+        parent = self.blocks[-1].hash if self.blocks else "0x" + "00" * 32
+        block = BlockRef(n, self._hash(n, parent), parent, 1_000_000 + n * 12)
+        self.blocks.append(block)
+        self.logs[n] = [
+            Transfer(f"0x{n:032x}{i:032x}", i, n, block.hash, token, "0x" + "bb" * 20, to, amount)
+            for i, (to, amount) in enumerate(payments)
+        ]
+        return block
+
+    def fork(self, at: int) -> None:
+        """Drop every block above `at`; new blocks get other hashes."""
+        self.blocks = self.blocks[: at + 1]
+        self.logs = {n: v for n, v in self.logs.items() if n <= at}
+        self.salt += "'"
+
+    # ChainReader
+    async def chain_id(self) -> int:
+        return 1
+
+    async def block_number(self) -> int:
+        head = len(self.blocks) - 1
+        return head if self.visible_head is None else min(head, self.visible_head)
+
+    async def headers(self, numbers):
+        self.header_requests.append(list(numbers))
+        return [self.blocks[n] if n < len(self.blocks) else None for n in numbers]
+
+    async def finalized_number(self) -> int:
+        return len(self.blocks) - 1
+
+    async def transfer_logs(self, from_block, to_block, tokens, recipients):
+        out = []
+        for n in range(from_block, to_block + 1):
+            for t in self.logs.get(n, []):
+                if t.token in tokens and (recipients is None or t.to_address in recipients):
+                    out.append(t if not self.lie_about_log_hashes else Transfer(
+                        t.tx_hash, t.log_index, t.block_number, "0x" + "ee" * 32, t.token, t.from_address, t.to_address, t.amount))
+        return out
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "w.db", clock=lambda: 1_000_000.0)
+    yield s
+    s.close()
+
+
+def invoice(store: Store, amount_atomic: int = 100) -> tuple[str, str]:
+    spec = OptionSpec("address", NET, 1, "TOK", TOKEN, 0, str(amount_atomic), "1", amount_atomic, 2, xpub="x")
+    new = NewInvoice(Decimal(amount_atomic), "USD", {}, {}, Decimal(0), {"mode": "immediate"}, 10**12, False, {}, [spec])
+    inv, _ = store.create_invoice(new, derive=lambda x, i: f"0x{i + 1:040x}", finish=lambda *a: ("uri", None))
+    return inv["id"], inv["payment_options"][0]["destination_address"].lower()
+
+
+def follower(chain: FakeChain, store: Store, **kw) -> Follower:
+    kw.setdefault("start_block", 0)
+    return Follower(network=NET, reader=chain, store=store, tokens=[TOKEN], confirmations=2, poll_interval=0, **kw)
+
+
+async def catch_up(f: Follower) -> None:
+    for _ in range(1000):
+        if await f.run_once() == 0:
+            return
+    raise AssertionError("never caught up")
+
+
+async def test_payment_detected_then_confirmed(store):
+    chain = FakeChain()
+    inv_id, addr = invoice(store)
+    f = follower(chain, store)
+    chain.mine((addr, 100))
+    await catch_up(f)
+    assert store.get_invoice(inv_id)["status"] == "paid"
+    chain.mine()
+    await catch_up(f)
+    assert store.get_invoice(inv_id)["status"] == "confirmed"
+
+
+async def test_a_lagging_node_reverts_nothing(store):
+    chain = FakeChain()
+    inv_id, addr = invoice(store)
+    f = follower(chain, store)
+    chain.mine((addr, 100))
+    chain.mine()
+    await catch_up(f)
+    assert store.get_invoice(inv_id)["status"] == "confirmed"
+    chain.visible_head = 0  # failover to a node far behind
+    assert await f.run_once() == 0
+    assert f.status.last_error and "behind" in f.status.last_error
+    got = store.get_invoice(inv_id)
+    assert got["status"] == "confirmed" and got["payments"][0]["status"] == "confirmed"
+    chain.visible_head = None
+    await catch_up(f)
+    assert f.status.last_error is None
+
+
+async def test_reorg_at_the_same_height_reverts_and_redetects(store):
+    chain = FakeChain()
+    inv_id, addr = invoice(store)
+    f = follower(chain, store)
+    chain.mine()
+    chain.mine((addr, 100))
+    await catch_up(f)
+    assert store.get_invoice(inv_id)["status"] == "paid"
+    chain.fork(1)
+    chain.mine()  # block 2 again, without the payment
+    await catch_up(f)
+    got = store.get_invoice(inv_id)
+    assert got["status"] == "pending" and got["payments"][0]["status"] == "reverted"
+    assert store.cursor(NET).hash == chain.blocks[-1].hash
+
+
+async def test_logs_that_name_another_block_are_refused(store):
+    chain = FakeChain()
+    inv_id, addr = invoice(store)
+    f = follower(chain, store)
+    chain.mine((addr, 100))
+    chain.lie_about_log_hashes = True
+    with pytest.raises(ChainChanged):
+        await f.run_once()
+    assert store.get_payments(inv_id) == []
+    assert store.cursor(NET) is None  # nothing applied, the range will be read again
+
+
+async def test_other_tokens_and_zero_values_are_not_payments(store):
+    chain = FakeChain()
+    inv_id, addr = invoice(store)
+    f = follower(chain, store)
+    chain.mine((addr, 0))
+    chain.mine((addr, 100), token=OTHER_TOKEN)
+    await catch_up(f)
+    assert store.get_payments(inv_id) == []
+
+
+async def test_restart_resumes_after_the_checkpoint_without_rereading(store):
+    chain = FakeChain()
+    inv_id, addr = invoice(store)
+    f = follower(chain, store, chunk_size=3)
+    for _ in range(7):
+        chain.mine()
+    await catch_up(f)
+    checkpoint = store.cursor(NET).number
+    chain.mine((addr, 60))
+    chain.mine((addr, 40))
+    before = len(chain.header_requests)
+    restarted = follower(chain, store, chunk_size=3)
+    await catch_up(restarted)
+    asked = chain.header_requests[before:]
+    assert asked[0] == [checkpoint + 1, checkpoint + 2]  # the range starts right after the checkpoint
+    payments = store.get_payments(inv_id)
+    assert sorted(int(p["amount_atomic"]) for p in payments) == [40, 60]
+    assert store.get_invoice(inv_id)["status"] in ("paid", "confirmed")
+
+
+async def test_deep_catch_up_fetches_only_the_headers_it_needs(store):
+    chain = FakeChain()
+    inv_id, addr = invoice(store)
+    for n in range(1, 400):
+        chain.mine(*([(addr, 1)] if n == 150 else []))
+    f = follower(chain, store, chunk_size=200)
+    await f.run_once()  # blocks 0..199, far below the head
+    assert chain.header_requests[-1] == [0, 150, 199]
+    await catch_up(f)
+    assert len(store.get_payments(inv_id)) == 1
+
+
+async def test_node_errors_surface_as_rpc_errors(store):
+    class Broken(FakeChain):
+        async def block_number(self) -> int:
+            raise RpcError("eth_blockNumber", "HTTP 503", 503)
+
+    with pytest.raises(RpcError):
+        await follower(Broken(), store).run_once()
