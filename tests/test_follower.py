@@ -197,7 +197,7 @@ async def test_deep_catch_up_fetches_only_the_headers_it_needs(store):
         chain.mine(*([(addr, 1)] if n == 150 else []))
     f = follower(chain, store, chunk_size=200)
     await f.run_once()  # blocks 0..199, far below the head
-    assert chain.header_requests[-1] == [0, 150, 199]
+    assert chain.header_requests[-2:] == [[0, 199], [150]]  # the ends, then the block with our payment
     await catch_up(f)
     assert len(store.get_payments(inv_id)) == 1
 
@@ -209,3 +209,93 @@ async def test_node_errors_surface_as_rpc_errors(store):
 
     with pytest.raises(RpcError):
         await follower(Broken(), store).run_once()
+
+
+async def test_a_reorg_between_headers_and_logs_is_found_on_the_next_step(store):
+    chain = FakeChain()
+    inv_id, addr = invoice(store)
+    f = follower(chain, store)
+    chain.mine()
+    await catch_up(f)
+
+    chain.mine()  # block 2 without the payment: the follower reads this header...
+    real_logs = chain.transfer_logs
+
+    async def logs_after_reorg(*args):
+        chain.fork(1)
+        chain.mine((addr, 100))  # ...but the logs come from block 2', which pays us
+        return await real_logs(*args)
+
+    chain.transfer_logs = logs_after_reorg
+    try:
+        await f.run_once()
+    except ChainChanged:
+        pass  # the log names a block hash we did not read: refused
+    chain.transfer_logs = real_logs
+    chain.mine()
+    await catch_up(f)
+    got = store.get_invoice(inv_id)
+    assert got["status"] in ("paid", "confirmed") and len(got["payments"]) == 1
+    assert store.cursor(NET).hash == chain.blocks[-1].hash
+
+
+async def test_an_invoice_created_while_the_head_is_read_is_watched_in_that_step(store):
+    chain = FakeChain()
+    f = follower(chain, store)
+    await catch_up(f)
+    created: list[tuple[str, str]] = []
+    real_head = chain.block_number
+
+    async def head_while_an_invoice_is_created() -> int:
+        head = await real_head()
+        if not created:
+            created.append(invoice(store))
+            chain.mine((created[0][1], 100))
+            return head + 1
+        return head
+
+    chain.block_number = head_while_an_invoice_is_created
+    await f.run_once()
+    inv_id, _ = created[0]
+    assert len(store.get_payments(inv_id)) == 1
+
+
+async def test_no_common_ancestor_keeps_the_checkpoint(store):
+    chain = FakeChain()
+    inv_id, addr = invoice(store)
+    f = follower(chain, store)
+    chain.mine((addr, 100))
+    await catch_up(f)
+    chain.fork(-1)  # a different chain from genesis up: nothing we remember is on it
+    for _ in range(3):
+        chain.mine()
+    with pytest.raises(ChainChanged):
+        await catch_up(f)
+    assert store.cursor(NET).number == 1
+    assert store.get_payments(inv_id)[0]["status"] != "reverted"
+
+
+async def test_a_refused_log_range_is_asked_again_in_halves(store):
+    chain = FakeChain()
+    inv_id, addr = invoice(store)
+    for _ in range(40):
+        chain.mine()
+    chain.mine((addr, 100))
+    real_logs = chain.transfer_logs
+
+    async def at_most_10_blocks(from_block, to_block, tokens, recipients):
+        if to_block - from_block + 1 > 10:
+            raise RpcError("eth_getLogs", "query returned more than 10000 results", -32005)
+        return await real_logs(from_block, to_block, tokens, recipients)
+
+    chain.transfer_logs = at_most_10_blocks
+    f = follower(chain, store, chunk_size=64)
+    for _ in range(50):
+        try:
+            if await f.run_once() == 0:
+                break
+        except RpcError:
+            continue
+    assert f.chunk_size <= 20
+    assert len(store.get_payments(inv_id)) == 1
+    assert store.cursor(NET).number == 41

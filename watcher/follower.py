@@ -54,6 +54,7 @@ class Follower:
         confirmations: int | str,  # a count, or "finalized"
         start_block: int | str = "latest",
         chunk_size: int = 500,
+        max_chunk_size: int = 2000,
         poll_interval: float = 2.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -66,6 +67,7 @@ class Follower:
         self.depth = confirmations if isinstance(confirmations, int) else 64
         self.start_block = start_block
         self.chunk_size = chunk_size
+        self.max_chunk_size = max(max_chunk_size, chunk_size)
         self.poll_interval = poll_interval
         self.clock = clock
         self.status = FollowerStatus()
@@ -101,7 +103,6 @@ class Follower:
 
     async def run_once(self) -> int:
         """Do one step of work; returns how many blocks it moved the checkpoint (0: caught up)."""
-        self.refresh_watch_set()
         head = await self.reader.block_number()
         behind_before, self.status.last_error = self.status.last_error, None
         self.status.head_block = head
@@ -134,22 +135,11 @@ class Follower:
         return await self._scan(cursor, first, last, head)
 
     async def _scan(self, cursor: BlockRef | None, first: int, last: int, head: int) -> int:
-        recipients = list(self._watch) if len(self._watch) <= TOPIC_FILTER_LIMIT else None
-        transfers = await self.reader.transfer_logs(first, last, self.tokens, recipients)
-        matched = self.match(transfers)
-        # Headers: all of them near the head (to link the window), else only those we need.
+        # Headers before logs: if the chain moves between the two reads, the checkpoint keeps
+        # the hash we saw first, and the next step's parent-hash check finds the reorg.
         near_head = last > head - 2 * max(self.depth, 64)
-        if near_head:
-            numbers = list(range(first, last + 1))
-        else:
-            numbers = sorted({first, last} | {t.block_number for t, _ in matched})
-        headers = await self.reader.headers(numbers)
-        by_number: dict[int, BlockRef] = {}
-        for n, h in zip(numbers, headers):
-            if h is None:
-                raise ChainChanged(f"block {n} vanished while reading")
-            by_number[n] = h
-
+        numbers = list(range(first, last + 1)) if near_head else sorted({first, last})
+        by_number = await self._headers(numbers)
         if cursor is not None and by_number[first].parent_hash != cursor.hash:
             await self._handle_reorg(cursor)
             return 1
@@ -157,9 +147,27 @@ class Follower:
             for n in range(first + 1, last + 1):
                 if by_number[n].parent_hash != by_number[n - 1].hash:
                     raise ChainChanged(f"blocks {n - 1} and {n} do not link")
+
+        self.refresh_watch_set()
+        recipients = list(self._watch) if len(self._watch) <= TOPIC_FILTER_LIMIT else None
+        try:
+            transfers = await self.reader.transfer_logs(first, last, self.tokens, recipients)
+        except RpcError as exc:
+            if last > first and exc.code != 429 and "rate" not in str(exc).lower():
+                # Providers refuse ranges that are too large or too busy: ask for less next time.
+                self.chunk_size = max(1, (last - first + 1) // 2)
+                log.warning("log_range_shrunk", network=self.network, chunk_size=self.chunk_size, error=str(exc))
+            raise
+        matched = self.match(transfers)
+        missing = sorted({t.block_number for t, _ in matched} - set(by_number))
+        if missing:
+            by_number.update(await self._headers(missing))
         for t, _ in matched:
             if by_number[t.block_number].hash != t.block_hash:
                 raise ChainChanged(f"log of tx {t.tx_hash} names block hash {t.block_hash}, not the canonical one")
+        numbers = sorted(by_number)
+        if last - first + 1 == self.chunk_size and self.chunk_size < self.max_chunk_size:
+            self.chunk_size = min(self.max_chunk_size, self.chunk_size * 2)
 
         blocks = [by_number[n] for n in numbers]
         if self.confirmations == "finalized":
@@ -179,6 +187,14 @@ class Follower:
             )
         return last - first + 1
 
+    async def _headers(self, numbers: list[int]) -> dict[int, BlockRef]:
+        by_number: dict[int, BlockRef] = {}
+        for n, h in zip(numbers, await self.reader.headers(numbers)):
+            if h is None:
+                raise ChainChanged(f"block {n} vanished while reading")
+            by_number[n] = h
+        return by_number
+
     async def _handle_reorg(self, cursor: BlockRef) -> None:
         """Walk our stored window down to the newest block the node still has; drop the rest."""
         window = self.store.recent_blocks(self.network)
@@ -194,6 +210,9 @@ class Follower:
             # and scan up again; payments still canonical are simply detected again.
             log.error("reorg_deeper_than_window", network=self.network, tip=cursor.number, window=len(window))
             [ancestor] = await self.reader.headers([window[-1].number - 1])
+        if ancestor is None:
+            # Never forget the checkpoint: that would skip blocks. Try again on the next step.
+            raise ChainChanged(f"no common ancestor with the node below block {cursor.number}")
         reverted = self.store.revert_to(self.network, ancestor)
         log.warning(
             "reorg", network=self.network, old_tip=cursor.number, old_hash=cursor.hash,

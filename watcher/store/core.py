@@ -8,9 +8,10 @@ a crash the state and its events always agree. Atomic amounts are TEXT: they are
 from __future__ import annotations
 
 import sqlite3
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import orjson
 from sqlite_utils import Database
@@ -381,6 +382,19 @@ class Store:
 
     # ------------------------------------------------------------------ chain following
 
+    @contextmanager
+    def _tip_restored_on_failure(self, network: str) -> Iterator[None]:
+        """The cached tip moves inside the transaction (event bodies need it); a rollback moves it back."""
+        before = self._tips.get(network)
+        try:
+            yield
+        except BaseException:
+            if before is None:
+                self._tips.pop(network, None)
+            else:
+                self._tips[network] = before
+            raise
+
     def cursor(self, network: str) -> BlockRef | None:
         row = self._q1("SELECT * FROM cursors WHERE network = ?", [network])
         if row is None:
@@ -419,7 +433,7 @@ class Store:
         result = ApplyResult()
         tip = blocks[-1]
         now = self._now()
-        with self.db.atomic():
+        with self._tip_restored_on_failure(network), self.db.atomic():
             self.db.conn.executemany(
                 "INSERT OR REPLACE INTO chain_blocks(network, number, hash, parent_hash, timestamp) VALUES (?,?,?,?,?)",
                 [(network, b.number, b.hash, b.parent_hash, b.timestamp) for b in blocks],
@@ -514,14 +528,14 @@ class Store:
         )
         return payment_id
 
-    def revert_to(self, network: str, ancestor: BlockRef | None) -> list[str]:
-        """Undo everything above `ancestor` (None: forget the whole window) after a reorg.
+    def revert_to(self, network: str, ancestor: BlockRef) -> list[str]:
+        """Undo everything above `ancestor` after a reorg.
 
         Payments in orphaned blocks are marked reverted and their invoices judged again.
         Returns the reverted payment ids.
         """
-        floor = ancestor.number if ancestor else -1
-        with self.db.atomic():
+        floor = ancestor.number
+        with self._tip_restored_on_failure(network), self.db.atomic():
             orphaned = self._q(
                 "SELECT id, invoice_id FROM payments WHERE network = ? AND block_number > ? AND status != 'reverted'",
                 [network, floor],
@@ -530,15 +544,15 @@ class Store:
                 "UPDATE payments SET status = 'reverted', confirmed_at = NULL WHERE id = ?", [(r["id"],) for r in orphaned]
             )
             self.db.execute("DELETE FROM chain_blocks WHERE network = ? AND number > ?", [network, floor])
-            if ancestor is None:
-                self.db.execute("DELETE FROM cursors WHERE network = ?", [network])
-                self._tips.pop(network, None)
-            else:
-                self.db.execute(
-                    "UPDATE cursors SET block_number = ?, block_hash = ?, block_timestamp = ?, updated_at = ? WHERE network = ?",
-                    [ancestor.number, ancestor.hash, ancestor.timestamp, self._now(), network],
-                )
-                self._tips[network] = ancestor.number
+            self.db.execute(
+                "INSERT OR REPLACE INTO chain_blocks(network, number, hash, parent_hash, timestamp) VALUES (?,?,?,?,?)",
+                [network, ancestor.number, ancestor.hash, ancestor.parent_hash, ancestor.timestamp],
+            )
+            self.db.execute(
+                "UPDATE cursors SET block_number = ?, block_hash = ?, block_timestamp = ?, updated_at = ? WHERE network = ?",
+                [ancestor.number, ancestor.hash, ancestor.timestamp, self._now(), network],
+            )
+            self._tips[network] = ancestor.number
             by_invoice: dict[str, list[str]] = {}
             for r in orphaned:
                 by_invoice.setdefault(r["invoice_id"], []).append(r["id"])
