@@ -617,3 +617,11 @@ def test_new_id_sorts_by_time_and_is_random() -> None:
     assert ids == sorted(ids)
     assert all(re.fullmatch(r"inv_[0-9A-HJKMNP-TV-Z]{26}", i) for i in ids)
     assert new_id("inv", now_ms=5) != new_id("inv", now_ms=5)
+
+
+@pytest.mark.parametrize("tolerance", ["99.99", "100"])
+def test_no_tolerance_makes_an_unpaid_invoice_paid(tolerance) -> None:
+    j = judge(inv(tolerance_percent=Decimal(tolerance)), [], chain_time=PU - 30)
+    assert (str(j.status), str(j.payment_state)) == ("pending", "unpaid")
+    j = judge(inv(tolerance_percent=Decimal(tolerance)), [pay("a", 1)], chain_time=PU - 30)
+    assert (str(j.status), str(j.payment_state)) == ("confirmed", "exact")

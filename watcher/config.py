@@ -188,7 +188,8 @@ StartBlock = Annotated[int | Literal["latest"],
                        PlainValidator(lambda v: _int_or_word(v, "latest", 0, "a block number (0 or more)"))]
 UsdRate = Annotated[Decimal | None,
                     PlainValidator(lambda v: None if v is None else _decimal(v, Decimal(0), None, False))]
-Percent = Annotated[Decimal, PlainValidator(lambda v: _decimal(v, Decimal(0), Decimal(100), True))]
+# Below 100: a tolerance of the whole amount would call an unpaid invoice paid.
+Percent = Annotated[Decimal, PlainValidator(lambda v: _decimal(v, Decimal(0), Decimal("99.99"), True))]
 EnvName = Annotated[str, Field(pattern=_ENV_NAME)]
 
 
@@ -233,7 +234,6 @@ class ChainSettings(BaseModel):
     deposit_xpub: Annotated[str | None, PlainValidator(_xpub)] = None
     merchant_address: Address = None
     router_address: Address = None
-    internal_transfers: Literal["auto", "on", "off"] = "auto"
     assets: Annotated[tuple[AssetSettings, ...], Field(min_length=1)]
 
     @model_validator(mode="after")
@@ -323,6 +323,9 @@ class Settings(BaseModel):
         for field in ("name", "chain_id"):
             if dup := _first_duplicate([getattr(c, field) for c in self.chains]):
                 raise _KeyedError(f"duplicate {field} (also chains[{dup[1]}])", "chains", dup[0], field)
+        # One delivery per event and URL: the same URL twice would ask for two, with two secrets.
+        if dup := _first_duplicate([w.url for w in self.webhooks]):
+            raise _KeyedError(f"duplicate url (also webhooks[{dup[1]}])", "webhooks", dup[0], "url")
         return self
 
 
@@ -417,8 +420,7 @@ def describe(settings: Settings) -> str:
         lines.append("  rpc: " + ", ".join(strip_credentials(u) for u in chain.rpc_urls))
         mode = f"ws {strip_credentials(chain.ws_url)}" if chain.ws_url else "polling"
         lines.append(f"  head: {mode}, poll every {chain.poll_interval_seconds:g} s")
-        lines.append(f"  confirmations: {chain.confirmations}; start block: {chain.start_block}; "
-                     f"internal transfers: {chain.internal_transfers}")
+        lines.append(f"  confirmations: {chain.confirmations}; start block: {chain.start_block}")
         if chain.deposit_xpub:
             x = chain.deposit_xpub
             lines.append(f"  deposit xpub: {x[:12]}...{x[-6:]} (address rail)")

@@ -247,7 +247,7 @@ def _judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], chain_time: 
         else:
             roles[p.id] = Role.LATE
 
-    fully_paid = received >= threshold
+    fully_paid = received >= threshold and received > 0
     all_confirmed = all(p.status == PaymentStatus.CONFIRMED for p in counted)
     deadline_passed = (
         chain_time is not None and invoice.payable_until is not None and chain_time > invoice.payable_until
