@@ -623,5 +623,6 @@ def test_new_id_sorts_by_time_and_is_random() -> None:
 def test_no_tolerance_makes_an_unpaid_invoice_paid(tolerance) -> None:
     j = judge(inv(tolerance_percent=Decimal(tolerance)), [], chain_time=PU - 30)
     assert (str(j.status), str(j.payment_state)) == ("pending", "unpaid")
-    j = judge(inv(tolerance_percent=Decimal(tolerance)), [pay("a", 1)], chain_time=PU - 30)
+    j = judge(inv(tolerance_percent=Decimal(tolerance)), [pay("a", 25_000_000), pay("b", 1, t=BEFORE + 1)], chain_time=PU - 30)
     assert (str(j.status), str(j.payment_state)) == ("confirmed", "exact")
+    assert {k: str(v) for k, v in j.roles.items()} == {"a": "counted", "b": "duplicate"}

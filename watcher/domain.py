@@ -232,7 +232,7 @@ def _judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], chain_time: 
     counted: list[PaymentFacts] = []
     for p in live:
         share = Fraction(p.amount_atomic, p.option_amount_atomic)
-        if received >= threshold:
+        if received > 0 and received >= threshold:
             roles[p.id] = Role.DUPLICATE
             continue
         on_time = (
