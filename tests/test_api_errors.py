@@ -15,6 +15,8 @@ whole table one block is mined and the pending invoice must still have no paymen
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -636,3 +638,26 @@ async def test_method_not_allowed_names_the_allowed_methods(harness):
     assert body["status"] == 405
     async with harness.http.delete(harness.base_url + "/v1/invoices", headers={"Authorization": f"Bearer {harness.api_key}"}) as r:
         assert set(r.headers["Allow"].split(", ")) == {"GET", "HEAD", "POST"}
+
+
+async def test_deeply_nested_json_is_a_400_not_a_crash(harness):
+    before = (await harness.request("GET", "/v1/invoices"))[1]["total"]
+    # Whether the parser refuses the depth (400) or the validation does (422) depends on the
+    # interpreter's recursion limit (eth-tester raises it); either way, a problem, never a 500.
+    for body in ("[" * 30000 + "]" * 30000, '{"amount": "1", "metadata": {"x": ' + "[" * 30000 + "]" * 30000 + "}}"):
+        status, problem, ctype = await harness.request("POST", "/v1/invoices", data=body, headers={"Content-Type": "application/json"})
+        assert status in (400, 422) and ctype.startswith("application/problem+json"), (status, problem)
+        assert problem["status"] == status
+    assert (await harness.request("GET", "/v1/invoices"))[1]["total"] == before
+
+
+async def test_an_authorization_header_that_is_not_utf8_is_a_401(harness):
+    host, port = harness.base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /v1/invoices HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\xfa\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split()[1] == b"401", answer[:200]
+    assert b"application/problem+json" in rest

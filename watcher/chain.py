@@ -144,13 +144,18 @@ def _int(value: Any, what: str) -> int:
     return int(value, 16)
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
 def _hash(value: Any, what: str) -> str:
-    if not isinstance(value, str) or len(value) != 66 or not value.startswith("0x"):
+    """A 32-byte hex word (a hash or a topic), lowercase."""
+    if not isinstance(value, str) or len(value) != 66 or not value.startswith("0x") or not _HEX.issuperset(value[2:].lower()):
         raise RpcError(what, f"expected a 32-byte hash, got {value!r}")
     return value.lower()
 
 
 def decode_header(raw: Any) -> BlockRef:
+    """Only what the follower needs; a malformed block is an RpcError."""
     if not isinstance(raw, dict):
         raise RpcError("eth_getBlockByNumber", "block is not an object")
     return BlockRef(
@@ -161,8 +166,17 @@ def decode_header(raw: Any) -> BlockRef:
     )
 
 
-def decode_transfer_log(raw: dict) -> Transfer | None:
-    """A standard ERC-20 Transfer (three topics, 32-byte data); anything else is None."""
+def decode_transfer_log(raw: Any) -> Transfer | None:
+    """A standard ERC-20 Transfer (three topics, 32-byte data); anything else is None.
+
+    A log that is not even log-shaped is the node's fault: RpcError, never a crash."""
+    try:
+        return _decode_transfer_log(raw)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise RpcError("eth_getLogs", f"malformed log: {type(exc).__name__}: {exc}") from None
+
+
+def _decode_transfer_log(raw: dict) -> Transfer | None:
     topics = raw.get("topics") or []
     if len(topics) != 3 or topics[0].lower() != TRANSFER_TOPIC or raw.get("removed"):
         return None
@@ -175,8 +189,8 @@ def decode_transfer_log(raw: dict) -> Transfer | None:
         block_number=_int(raw.get("blockNumber"), "log.blockNumber"),
         block_hash=_hash(raw.get("blockHash"), "log.blockHash"),
         token=raw["address"].lower(),
-        from_address="0x" + topics[1][-40:].lower(),
-        to_address="0x" + topics[2][-40:].lower(),
+        from_address="0x" + _hash(topics[1], "log.topics[1]")[-40:],
+        to_address="0x" + _hash(topics[2], "log.topics[2]")[-40:],
         amount=int(data, 16),
     )
 

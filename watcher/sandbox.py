@@ -121,6 +121,8 @@ class Deployed:
 class SandboxChain:
     """An eth-tester chain with TestToken and PaymentRouter deployed and a funded payer."""
 
+    network = SANDBOX_NETWORK
+
     def __init__(self) -> None:
         self.tester = EthereumTester(PyEVMBackend())
         self.tester.disable_auto_mine_transactions()

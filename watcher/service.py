@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import structlog
 from aiohttp import web
@@ -23,9 +23,11 @@ from .follower import Follower
 from .invoicing import Invoicing
 from .jobs import make_scheduler
 from .notify import Notifier
-from .sandbox import SANDBOX_NETWORK, SandboxChain, add_sandbox_routes
 from .store import Endpoint, Store
 from .webhooks import Dispatcher
+
+if TYPE_CHECKING:  # eth-tester (behind the sandbox) is imported only when a sandbox runs
+    from .sandbox import SandboxChain
 
 log = structlog.get_logger("watcher.service")
 
@@ -59,7 +61,7 @@ class Service:
     # ------------------------------------------------------------------ start
 
     def _reader_for(self, name: str, rpc_url: str) -> ChainReader:
-        if self.sandbox is not None and name == SANDBOX_NETWORK:
+        if self.sandbox is not None and name == self.sandbox.network:
             transport: Transport = self.sandbox.transport
         else:
             transport = HttpTransport(rpc_url)
@@ -102,6 +104,8 @@ class Service:
             store, Invoicing(s), s.invoices, api_key=s.http.api_key, clock=self.clock,
         )
         if self.sandbox is not None:
+            from .sandbox import add_sandbox_routes
+
             add_sandbox_routes(app, self.sandbox, store, self._wake_followers)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
