@@ -120,3 +120,28 @@ def test_finish_option_builds_eip681_uris():
     assert uri == ("ethereum:0xdAC17F958D2ee523a2206206994597C13D831ec7@1/transfer"
                    "?address=0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266&uint256=1000000")
     assert call is None
+
+
+def test_resolving_one_of_two_open_exceptions_reports_it_and_shows_the_other(tmp_path):
+    from watcher.domain import ResolutionAction
+
+    store = new_store(tmp_path)
+    invoice = create(store, amount_atomic=10)
+    store.apply_blocks(NET, [block(5)], [transfer_to(invoice, 15, tx="0x" + "01" * 32)], confirmed_through=3)
+    store.apply_blocks(NET, [block(6)], [transfer_to(invoice, 5, tx="0x" + "02" * 32, n=6)], confirmed_through=4)
+    got = store.get_invoice(invoice["id"])
+    assert [p["role"] for p in got["payments"]] == ["counted", "duplicate"]
+    assert got["exception"]["type"] == "duplicate_payment"
+    types = [e["type"] for e in store.outbox.events_for(invoice["id"])]
+    assert types.count("invoice.exception_opened") == 2  # overpaid, then the duplicate
+
+    after = store.resolve_exception(invoice["id"], ResolutionAction.MARK_DUPLICATE_PAYMENT_REVIEWED, "refunded")
+    assert after["exception"] == {"type": "overpaid", "status": "open", "resolution_action": None,
+                                  "resolution_note": None, "resolved_at": None}
+    last = store.resolve_exception(invoice["id"], ResolutionAction.ACCEPT_OVERPAYMENT, None)
+    assert last["exception"]["status"] == "resolved" and last["exception"]["resolution_action"] == "accept_overpayment"
+    types = [e["type"] for e in store.outbox.events_for(invoice["id"])]
+    assert types[-2:] == ["invoice.exception_resolved", "invoice.exception_resolved"]
+    assert types.count("invoice.exception_opened") == 2
+    with pytest.raises(Exception, match="no open exception"):
+        store.resolve_exception(invoice["id"], ResolutionAction.OTHER, None)

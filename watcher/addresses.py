@@ -13,6 +13,8 @@ from bip_utils.bip.bip32.base import Bip32Base
 from eth_utils import is_checksum_address, keccak
 from eth_utils import to_checksum_address as _eth_to_checksum
 
+from .domain import UINT256_MAX
+
 __all__ = [
     "AddressDeriver",
     "account_xpub_from_mnemonic",
@@ -24,7 +26,6 @@ __all__ = [
 ]
 
 _HARDENED = 2**31
-_UINT256_MAX = 2**256 - 1
 _ADDRESS_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
 
 
@@ -92,7 +93,7 @@ def _check_uri_numbers(chain_id: int, amount_atomic: int) -> None:
         raise ValueError("chain_id must be a positive integer")
     if isinstance(amount_atomic, bool) or not isinstance(amount_atomic, int):
         raise ValueError("amount_atomic must be an integer")
-    if not 0 <= amount_atomic <= _UINT256_MAX:
+    if not 0 <= amount_atomic <= UINT256_MAX:
         raise ValueError("amount_atomic must fit in uint256")
 
 

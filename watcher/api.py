@@ -386,6 +386,10 @@ LIST_FILTERS = ("status", "exception_type", "exception_status", "merchant_refere
 
 
 def parse_list_filters(request: web.Request) -> dict[str, str]:
+    """Known filters only: a misspelt one must not silently return everything."""
+    for name in request.query:
+        if name not in LIST_FILTERS and name not in ("limit", "offset"):
+            raise invalid(name, f"unknown query parameter (known: {', '.join((*LIST_FILTERS, 'limit', 'offset'))})")
     filters = {}
     for name in LIST_FILTERS:
         value = request.query.get(name)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import ROUND_DOWN, Decimal, localcontext
@@ -18,7 +17,6 @@ from fractions import Fraction
 from typing import Sequence
 
 UINT256_MAX = 2**256 - 1
-ZERO_ADDRESS = "0x" + "00" * 20
 
 
 class InvoiceStatus(StrEnum):
@@ -401,11 +399,12 @@ def format_units(amount_atomic: int, decimals: int) -> str:
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
-def new_id(prefix: str, now_ms: int | None = None, randomness: bytes | None = None) -> str:
-    """A ULID with a type prefix: sortable by creation time, unguessable."""
-    ms = int(time.time() * 1000) if now_ms is None else now_ms
+def new_id(prefix: str, now_ms: int, randomness: bytes | None = None) -> str:
+    """A ULID with a type prefix: sortable by creation time, unguessable.
+
+    The time comes from the caller's clock; the randomness, unless given, from the OS."""
     rand = os.urandom(10) if randomness is None else randomness
-    value = (ms << 80) | int.from_bytes(rand, "big")
+    value = (now_ms << 80) | int.from_bytes(rand, "big")
     chars = []
     for _ in range(26):
         chars.append(_CROCKFORD[value & 31])

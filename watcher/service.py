@@ -168,6 +168,10 @@ class Service:
     async def stop(self, timeout: float = 10.0) -> None:
         self.notifier.stopping()
         self.stopping.set()
+        if self._runner is not None:
+            # Stop taking requests first (in-flight ones finish), then the loops.
+            await self._runner.cleanup()
+            self._runner = None
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
@@ -177,9 +181,6 @@ class Service:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             self._tasks = []
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
         await self._close_resources()
         log.info("watcher_stopped")
 
@@ -199,8 +200,8 @@ class Service:
         wake = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, wake.set)
-        await self.start()
         try:
+            await self.start()
             await wake.wait()
             log.info("stop_requested")
         finally:

@@ -246,7 +246,7 @@ class Store:
         created: bool = False,
         new_payments: Sequence[str] = (),
         reverted_payments: Sequence[str] = (),
-        force_version: bool = False,
+        resolved: bool = False,
     ) -> bool:
         """Judge the invoice again from all its payments; store it and emit what changed."""
         row = self._q1("SELECT * FROM invoices WHERE id = ?", [invoice_id])
@@ -299,7 +299,11 @@ class Store:
             changes["exception_type"] = judged.exception.type.value if judged.exception else None
             changes["exception_status"] = judged.exception.status if judged.exception else None
         roles_changed = any(judged.roles.get(p["id"]) not in (None, p["role"]) for p in payments)
-        if not (changes or created or new_payments or reverted_payments or roles_changed or force_version):
+        open_now = [str(t) for t in judged.open_exceptions]
+        newly_open = [t for t in open_now if t not in orjson.loads(row["open_exceptions"])]
+        if open_now != orjson.loads(row["open_exceptions"]):
+            changes["open_exceptions"] = orjson.dumps(open_now).decode()
+        if not (changes or created or new_payments or reverted_payments or roles_changed or resolved):
             return False
 
         now = self._now()
@@ -340,13 +344,10 @@ class Store:
                 self.outbox.emit("invoice.paid", invoice)  # paid and confirmed in one step: say both
             if event is not None:
                 self.outbox.emit(event, invoice)
-        old_exc = orjson.loads(row["exception"]) if row["exception"] else None
-        new_exc = judged.exception.as_dict() if judged.exception else None
-        if new_exc != old_exc and new_exc is not None:
-            if new_exc["status"] == "open" and (old_exc is None or old_exc["status"] != "open" or old_exc["type"] != new_exc["type"]):
-                self.outbox.emit("invoice.exception_opened", invoice)
-            elif new_exc["status"] == "resolved" and old_exc is not None and old_exc["status"] == "open":
-                self.outbox.emit("invoice.exception_resolved", invoice)
+        if resolved:
+            self.outbox.emit("invoice.exception_resolved", invoice)
+        if newly_open:  # one event per change, even if two exceptions open in it
+            self.outbox.emit("invoice.exception_opened", invoice)
         return True
 
     # ------------------------------------------------------------------ operator actions
@@ -377,7 +378,7 @@ class Store:
                 }
             )
             self.db.execute("UPDATE invoices SET resolutions = ? WHERE id = ?", [orjson.dumps(resolutions).decode(), invoice_id])
-            self._rejudge(invoice_id, force_version=True)
+            self._rejudge(invoice_id, resolved=True)
             return self._invoice(invoice_id)
 
     # ------------------------------------------------------------------ chain following

@@ -116,22 +116,3 @@ class Outbox:
                 "next_attempt_at = ?, delivered_at = ? WHERE id = ?",
                 [status, attempt, status_code, error, None if ok else next_attempt_at, now if ok else None, delivery_id],
             )
-
-    def list_deliveries(self, filters: dict[str, Any], limit: int, offset: int) -> tuple[list[dict], int]:
-        where, params = [], []
-        for column in ("status", "event_type", "invoice_id"):
-            if filters.get(column) is not None:
-                where.append(f"{column} = ?")
-                params.append(filters[column])
-        clause = ("WHERE " + " AND ".join(where)) if where else ""
-        total = self._q1(f"SELECT COUNT(*) AS n FROM deliveries {clause}", params)["n"]
-        rows = self._q(f"SELECT * FROM deliveries {clause} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?", [*params, limit, offset])
-        return [
-            {
-                "id": r["id"], "event_id": r["event_id"], "event_type": r["event_type"], "invoice_id": r["invoice_id"],
-                "url": r["url"], "status": r["status"], "attempts": r["attempts"],
-                "last_status_code": r["last_status_code"], "last_error": r["last_error"],
-                "next_attempt_at": rfc3339(r["next_attempt_at"]), "delivered_at": r["delivered_at"],
-            }
-            for r in rows
-        ], total

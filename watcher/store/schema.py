@@ -26,6 +26,7 @@ def m001_initial(db: Database) -> None:
             payment_summary TEXT NOT NULL,
             exception TEXT,
             exception_type TEXT, exception_status TEXT,
+            open_exceptions TEXT NOT NULL DEFAULT '[]',
             resolutions TEXT NOT NULL DEFAULT '[]',
             request TEXT NOT NULL,
             version INTEGER NOT NULL,
