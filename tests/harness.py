@@ -19,7 +19,10 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from pydantic import ValidationError
+
 from watcher.config import settings_from_dict
+from watcher.schemas import Invoice, WebhookEvent
 from watcher.sandbox import SandboxChain, sandbox_settings_data
 from watcher.service import Service
 from watcher.webhooks import secret_key, verify
@@ -49,6 +52,7 @@ class Receiver:
     events: list[Received] = field(default_factory=list)
     attempts: int = 0
     bad_signatures: int = 0
+    schema_errors: list[str] = field(default_factory=list)  # bodies that break the documented shape
     fail_next: int = 0  # answer 500 to this many attempts
     url: str = ""
     _runner: web.AppRunner | None = None
@@ -64,6 +68,10 @@ class Receiver:
             return web.Response(status=500, text="failing on purpose")
         data = orjson.loads(body)
         assert request.headers["webhook-id"] == data["id"]
+        try:
+            WebhookEvent.model_validate(data)
+        except ValidationError as exc:
+            self.schema_errors.append(f"{data.get('type')}: {exc}")
         invoice = data["data"]["invoice"]
         self.events.append(Received(data["id"], data["type"], invoice["id"], invoice["version"], data, dict(request.headers)))
         return web.Response(status=204)
@@ -132,6 +140,12 @@ class Harness:
             self.service = None
 
     async def close(self) -> None:
+        try:
+            await self._close()
+        finally:
+            assert not self.receiver.schema_errors, self.receiver.schema_errors[:3]
+
+    async def _close(self) -> None:
         await self.stop_service()
         if self.http is not None:
             await self.http.close()
@@ -174,6 +188,7 @@ class Harness:
     async def get(self, invoice_id: str) -> dict:
         status, body, _ = await self.request("GET", f"/v1/invoices/{invoice_id}")
         assert status == 200, body
+        Invoice.model_validate(body)  # the documented shape, every time
         return body
 
     async def pay(self, invoice_id: str, amount: str | None = None, option_id: str | None = None) -> str:

@@ -1,0 +1,204 @@
+"""Response models of the public API: the contract's JSON shapes as pydantic models.
+
+The handlers build their answers from the store's views; these models describe those
+answers in `/openapi.json` and tests validate real responses against them, so the
+document and the server cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+AtomicAmount = Annotated[str, Field(pattern=r"^[0-9]+$", description="uint256 as a base-10 string")]
+DecimalText = Annotated[str, Field(pattern=r"^-?[0-9]+(\.[0-9]+)?$", description="exact decimal string")]
+Timestamp = Annotated[str, Field(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", description="RFC 3339, UTC")]
+Address = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{40}$", description="EIP-55 checksummed")]
+Hash = Annotated[str, Field(pattern=r"^0x[0-9a-f]{64}$")]
+
+InvoiceStatusName = Literal["draft", "pending", "paid", "confirmed", "expired", "underpaid", "cancelled"]
+ExceptionTypeName = Literal["late_payment", "underpaid", "overpaid", "duplicate_payment"]
+ResolutionActionName = Literal[
+    "accept_late_payment", "accept_overpayment", "write_off_underpayment", "mark_duplicate_payment_reviewed", "other"
+]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FieldError(_Out):
+    field: str
+    message: str
+
+
+class Problem(_Out):
+    """RFC 9457 problem details (`application/problem+json`)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldError] | None = None
+
+
+class ContractCall(_Out):
+    router: Address
+    invoice_id_hash: Hash
+    payment_id_hash: Hash
+    token: Address
+    recipient: Address
+    amount: AtomicAmount
+
+
+class PaymentOption(_Out):
+    id: str
+    rail: Literal["address", "contract"]
+    network: str
+    chain_id: int
+    asset: str
+    token_contract: Address | None
+    decimals: int
+    quoted_amount: DecimalText
+    quote_rate: DecimalText
+    amount_atomic: AtomicAmount
+    destination_address: Address
+    payment_uri: str
+    required_confirmations: int
+    contract_call: ContractCall | None
+
+
+class Payment(_Out):
+    id: str
+    payment_option_id: str
+    network: str
+    asset: str
+    transaction_hash: Hash
+    log_index: int | None
+    block_number: int
+    block_hash: Hash
+    block_timestamp: Timestamp
+    from_address: Address
+    to_address: Address
+    amount: DecimalText
+    amount_atomic: AtomicAmount
+    confirmations: int
+    status: Literal["detected", "confirmed", "reverted"]
+    role: Literal["counted", "duplicate", "late"]
+    observed_at: Timestamp
+    confirmed_at: Timestamp | None
+
+
+class PaymentSummary(_Out):
+    payment_state: Literal["unpaid", "partial", "exact", "overpaid"]
+    received_amount: DecimalText
+    remaining_amount: DecimalText
+    overpaid_amount: DecimalText
+
+
+class InvoiceException(_Out):
+    type: ExceptionTypeName
+    status: Literal["open", "resolved"]
+    resolution_action: ResolutionActionName | None
+    resolution_note: str | None
+    resolved_at: Timestamp | None
+
+
+class ImmediateTiming(_Out):
+    mode: Literal["immediate"]
+    expires_after_minutes: int
+    payable_until: Timestamp | None  # null while a draft
+
+
+class DueDateTiming(_Out):
+    mode: Literal["due_date"]
+    due_after_days: int
+    grace_period_days: int
+    due_at: Timestamp | None
+    payable_until: Timestamp | None
+
+
+PaymentTiming = Annotated[ImmediateTiming | DueDateTiming, Field(discriminator="mode")]
+
+
+class Invoice(_Out):
+    id: str
+    status: InvoiceStatusName
+    amount: DecimalText
+    currency: Literal["USD"]
+    product_name: str | None
+    issued_by: str | None
+    bill_to: str | None
+    merchant_reference: str | None
+    customer_id: str | None
+    customer_email: str | None
+    metadata: dict[str, Any]
+    payment_summary: PaymentSummary
+    confirmations: int
+    exception: InvoiceException | None
+    payment_options: list[PaymentOption]
+    payments: list[Payment]
+    payment_timing: PaymentTiming
+    version: int
+    created_at: Timestamp
+    paid_at: Timestamp | None
+    confirmed_at: Timestamp | None
+    cancelled_at: Timestamp | None
+    last_payment_observed_at: Timestamp | None
+
+
+class InvoiceStatusView(_Out):
+    """The polling shape, also `data.invoice` of every webhook."""
+
+    id: str
+    status: InvoiceStatusName
+    confirmations: int
+    payment_summary: PaymentSummary
+    exception: InvoiceException | None
+    payment_timing: PaymentTiming
+    last_payment_observed_at: Timestamp | None
+    payments: list[Payment]
+    version: int
+
+
+class InvoiceList(_Out):
+    data: list[Invoice]
+    total: int
+    limit: int
+    offset: int
+
+
+class PaymentList(_Out):
+    data: list[Payment]
+
+
+class Health(_Out):
+    status: Literal["ok"]
+
+
+class WebhookEventData(_Out):
+    invoice: InvoiceStatusView
+    payment: Payment | None
+
+
+class WebhookEvent(_Out):
+    """The body POSTed to each webhook endpoint."""
+
+    id: str
+    type: Literal[
+        "invoice.created", "invoice.session_refreshed", "invoice.payment_detected", "invoice.payment_reverted",
+        "invoice.paid", "invoice.confirmed", "invoice.expired", "invoice.underpaid", "invoice.cancelled",
+        "invoice.exception_opened", "invoice.exception_resolved",
+    ]
+    created_at: Timestamp
+    data: WebhookEventData
+
+
+class SandboxPayment(_Out):
+    transaction_hash: Hash
+
+
+class SandboxMined(_Out):
+    blocks: int
+    head_block: int
