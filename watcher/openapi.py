@@ -1,0 +1,130 @@
+"""`/openapi.json`: an OpenAPI 3.1 document built from the models the routes are declared with.
+
+Each route is declared once (`Operation`): its method and path, the pydantic model its
+handler validates the body with, the query model, and the response models. The app is
+routed from the same declarations, so a route cannot exist without its entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from .schemas import Problem
+
+JSON = "application/json"
+PROBLEM = "application/problem+json"
+
+
+@dataclass(frozen=True)
+class Operation:
+    method: str
+    path: str
+    summary: str
+    responses: dict[int, type[BaseModel] | tuple[str, dict]]  # a model, or (media type, schema)
+    body: type[BaseModel] | None = None
+    body_required: bool = True
+    query: type[BaseModel] | None = None
+    auth: bool = True
+    tags: tuple[str, ...] = ()
+    problems: tuple[int, ...] = ()  # problem+json answers besides 401 (added when auth) and 413
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _models(operations: list[Operation]) -> list[type[BaseModel]]:
+    seen: list[type[BaseModel]] = [Problem]
+    for op in operations:
+        for model in (op.body, op.query, *op.responses.values()):
+            if isinstance(model, type) and issubclass(model, BaseModel) and model not in seen:
+                seen.append(model)
+    return seen
+
+
+def build_document(operations: list[Operation], *, version: str) -> dict:
+    models = _models(operations)
+    keyed, defs = models_json_schema(
+        [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
+    )
+    schemas = dict(defs.get("$defs", {}))
+
+    def ref(model: type[BaseModel]) -> dict:
+        return keyed[(model, "validation")]
+
+    def problem(description: str) -> dict:
+        return {"description": description, "content": {PROBLEM: {"schema": ref(Problem)}}}
+
+    paths: dict[str, dict] = {}
+    for op in operations:
+        entry: dict[str, Any] = {"summary": op.summary, "operationId": _operation_id(op), "responses": {}}
+        if op.tags:
+            entry["tags"] = list(op.tags)
+        if op.auth:
+            entry["security"] = [{"bearer": []}]
+        parameters = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+            for name in _path_params(op.path)
+        ]
+        if op.query is not None:
+            query_schema = op.query.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, prop in query_schema.get("properties", {}).items():
+                parameters.append({"name": name, "in": "query", "required": name in query_schema.get("required", []),
+                                   "schema": {k: v for k, v in prop.items() if k != "title"}})
+        if parameters:
+            entry["parameters"] = parameters
+        if op.body is not None:
+            entry["requestBody"] = {"required": op.body_required, "content": {JSON: {"schema": ref(op.body)}}}
+        for status, model in op.responses.items():
+            if isinstance(model, tuple):
+                media, schema = model
+                entry["responses"][str(status)] = {"description": _reason(status), "content": {media: {"schema": schema}}}
+            else:
+                media = PROBLEM if model is Problem else JSON
+                entry["responses"][str(status)] = {"description": _reason(status), "content": {media: {"schema": ref(model)}}}
+        extra_problems = set(op.problems) | ({401} if op.auth else set())
+        if op.body is not None:
+            extra_problems |= {400, 413, 422}
+        for status in sorted(extra_problems):
+            entry["responses"].setdefault(str(status), problem(_reason(status)))
+        entry.update(op.extra)
+        paths.setdefault(_openapi_path(op.path), {})[op.method.lower()] = entry
+
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "watcher",
+            "version": version,
+            "description": "Watches EVM chains for invoice payments. Money is a decimal string, atomic amounts are uint256 base-10 strings.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _path_params(path: str) -> list[str]:
+    return [part[1:-1] for part in path.split("/") if part.startswith("{") and part.endswith("}")]
+
+
+def _openapi_path(path: str) -> str:
+    return path  # aiohttp's {name} is OpenAPI's {name}
+
+
+def _operation_id(op: Operation) -> str:
+    words = [p.strip("{}") for p in op.path.strip("/").split("/") if p not in ("v1",)]
+    return op.method.lower() + "_" + "_".join(w.replace("-", "_") for w in words)
+
+
+_REASONS = {
+    200: "OK", 201: "Created", 204: "No content", 400: "Malformed JSON", 401: "Missing or wrong API key",
+    404: "Not found", 405: "Method not allowed", 409: "State conflict", 413: "Body over 64 KiB",
+    422: "Invalid field", 503: "Not ready",
+}
+
+
+def _reason(status: int) -> str:
+    return _REASONS.get(status, str(status))
