@@ -74,8 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.sandbox:
             return _run_sandbox(args)
-        settings = load_settings(_config_path(args.config))
-        return _run(settings)
+        path = _config_path(args.config)
+        settings = load_settings(path)
+        return _run(settings, config_path=path)
     except ConfigError as exc:
         print(f"watcher: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -85,7 +86,9 @@ def _run(settings: Settings, **service_args: object) -> int:
     from .logs import configure_logging
     from .service import Service
 
-    configure_logging(settings.log_format, settings.log_level)
+    # log_format as set in the file, or None: JSON under systemd or into a pipe, console on a terminal.
+    explicit = "log_format" in settings.model_fields_set
+    configure_logging(settings.log_format if explicit else None, settings.log_level)
     log = structlog.get_logger("watcher")
 
     async def go() -> None:
@@ -114,7 +117,6 @@ def _run_sandbox(args: argparse.Namespace) -> int:
     settings = settings_from_dict(
         {
             "database": database,
-            "log_format": "console",
             "log_level": "info",
             "http": {"listen": listen, "api_key_env": "WATCHER_API_KEY"},
             "webhooks": [{"url": url, "secret_env": "WATCHER_WEBHOOK_SECRET"} for url in args.webhook_url],

@@ -1,31 +1,107 @@
-"""structlog set-up: JSON lines under systemd (or when asked), readable console on a terminal."""
+"""structlog set-up: JSON lines under systemd (or when asked), readable console on a terminal.
+
+Every log line is one event with a snake_case name (``webhook_delivered``) and fields.
+Secrets are never passed to the logger; as a second line of defence every rendered value is
+scrubbed of the secrets registered with ``register_secrets`` (the API key, webhook secrets)
+and ``url`` fields lose any credentials (RPC providers put keys in URLs). Records of the
+libraries that use the standard ``logging`` module (aiohttp, APScheduler, web3) go through the
+same renderer, at warning and above.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from collections.abc import Iterable, Mapping
+from typing import Any, TextIO
 
 import structlog
 
+from .config import strip_credentials
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+FORMATS = ("json", "console")
+REDACTED = "***"
+
+_secrets: set[str] = set()
 
 
-def configure_logging(log_format: str = "console", level: str = "info") -> None:
-    """Every log line is an event with fields; secrets are never passed to the logger."""
+def register_secrets(values: Iterable[str]) -> None:
+    """Values that must never appear in a log line, whatever a caller passes by mistake."""
+    _secrets.update(v for v in values if v and len(v) >= 8)
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        for secret in _secrets:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_scrub(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items()}
+    return value
+
+
+def redact(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: strip URL credentials and registered secrets from every value."""
+    for key, value in event.items():
+        if isinstance(value, str) and (key == "url" or key.endswith("_url")):
+            value = strip_credentials(value)
+        event[key] = _scrub(value)
+    return event
+
+
+def resolve_format(
+    log_format: str | None, environ: Mapping[str, str] | None = None, stream: TextIO | None = None
+) -> str:
+    """The format to use: the configured one if the file sets ``log_format``; otherwise JSON
+    under systemd (``JOURNAL_STREAM`` is set), console on a terminal, and JSON anywhere else
+    (a pipe or a file is read by programs)."""
+    if log_format is not None:
+        return log_format
+    env = os.environ if environ is None else environ
+    out = sys.stderr if stream is None else stream
+    if env.get("JOURNAL_STREAM"):
+        return "json"
+    try:
+        return "console" if out.isatty() else "json"
+    except (AttributeError, ValueError):  # a closed or odd stream
+        return "json"
+
+
+def configure_logging(log_format: str | None = None, level: str = "info") -> str:
+    """Configure structlog (and route stdlib logging through it); returns the format chosen.
+    ``log_format`` None means "not set in the config": see ``resolve_format``."""
+    chosen = resolve_format(log_format)
     renderer: structlog.types.Processor
-    if log_format == "json":
+    if chosen == "json":
         renderer = structlog.processors.JSONRenderer()
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, structlog.processors.format_exc_info, redact, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, redact, renderer],
+    ))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_watcher", False)]:
+        root.removeHandler(old)
+    handler._watcher = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(max(LEVELS.get(level, logging.INFO), logging.WARNING))
+    return chosen

@@ -8,9 +8,11 @@ task is cancelled at an await), stop the HTTP server, then close the database.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Callable
 
 import structlog
 from aiohttp import web
@@ -18,10 +20,11 @@ from aiohttp import web
 from . import __version__
 from .api import make_app
 from .chain import ChainReader, HttpTransport, JsonRpcReader, RpcError, Transport
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, load_settings, strip_credentials
 from .follower import Follower
 from .invoicing import Invoicing
 from .jobs import make_scheduler
+from .logs import configure_logging, register_secrets
 from .notify import Notifier
 from .store import Endpoint, Store
 from .webhooks import Dispatcher
@@ -30,6 +33,19 @@ if TYPE_CHECKING:  # eth-tester (behind the sandbox) is imported only when a san
     from .sandbox import SandboxChain
 
 log = structlog.get_logger("watcher.service")
+
+# What SIGHUP applies; every other top-level key takes a restart.
+RELOADABLE = ("webhooks", "log_level", "log_format")
+
+
+def _secrets_of(settings: Settings) -> list[str]:
+    return [settings.http.api_key, *(w.secret for w in settings.webhooks)]
+
+
+def _log_choice(settings: Settings) -> tuple[str | None, str]:
+    """(log_format as set in the file or None for automatic, log_level)."""
+    explicit = "log_format" in settings.model_fields_set
+    return (settings.log_format if explicit else None, settings.log_level)
 
 
 class Service:
@@ -41,8 +57,16 @@ class Service:
         block_time: float = 0.0,
         clock: Callable[[], float] = time.time,
         expiry_interval: float = 5.0,
+        config_path: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        """``config_path`` is the file SIGHUP re-reads (None: nothing to reload, as in the
+        sandbox); ``env`` is where its secrets are looked up (default: the process's)."""
         self.settings = settings
+        self.config_path = None if config_path is None else os.fspath(config_path)
+        self.env = env
+        self._log_choice = _log_choice(settings)
+        register_secrets(_secrets_of(settings))
         self.sandbox = sandbox
         self.block_time = block_time
         self.clock = clock
@@ -194,15 +218,100 @@ class Service:
             self.store.close()
             self.store = None
 
+    # ------------------------------------------------------------------ reload
+
+    def reload(self) -> bool:
+        """Re-read the config file and apply what can change without a restart: the webhook
+        endpoints (URLs, event filters, secrets) and the log level and format. A file that
+        does not validate is logged and ignored (the running settings stay); changes to other
+        keys are named in a warning and wait for a restart. Returns True if applied."""
+        if self.config_path is None:
+            log.warning("config_reload_skipped", reason="no config file to reload (sandbox)")
+            return False
+        if self.store is None or self.dispatcher is None or self.stopping.is_set():
+            log.warning("config_reload_skipped", reason="the service is not running")
+            return False
+        self.notifier.reloading()
+        try:
+            return self._reload()
+        except Exception as exc:  # a reload must never take the daemon down
+            log.exception("config_reload_failed", config=self.config_path, error=type(exc).__name__)
+            return False
+        finally:
+            self.notifier.ready(self.status_line())
+
+    def _reload(self) -> bool:
+        assert self.store is not None and self.dispatcher is not None
+        try:
+            new = load_settings(self.config_path, env=self.env)  # type: ignore[arg-type]
+        except ConfigError as exc:  # the message names the key, never a secret's value
+            log.error("config_reload_failed", config=self.config_path, key=exc.key, error=exc.message)
+            return False
+        old = self.settings
+        changes: dict[str, Any] = {}
+        old_hooks = {w.url: w for w in old.webhooks}
+        new_hooks = {w.url: w for w in new.webhooks}
+        if added := [strip_credentials(u) for u in new_hooks if u not in old_hooks]:
+            changes["webhooks_added"] = added
+        if removed := [strip_credentials(u) for u in old_hooks if u not in new_hooks]:
+            changes["webhooks_removed"] = removed
+        for url in new_hooks.keys() & old_hooks.keys():
+            a, b = old_hooks[url], new_hooks[url]
+            what = [name for name, differs in (("events", a.events != b.events),
+                                               ("secret", (a.secret_env, a.secret) != (b.secret_env, b.secret)))
+                    if differs]
+            if what:
+                changes.setdefault("webhooks_changed", {})[strip_credentials(url)] = what
+        choice = _log_choice(new)
+        if choice[1] != self._log_choice[1]:
+            changes["log_level"] = f"{self._log_choice[1]} -> {choice[1]}"
+        if choice[0] != self._log_choice[0]:
+            changes["log_format"] = f"{self._log_choice[0] or 'auto'} -> {choice[0] or 'auto'}"
+
+        register_secrets(_secrets_of(new))
+        self.store.outbox.set_endpoints(Endpoint(w.url, tuple(w.events)) for w in new.webhooks)
+        self.dispatcher.set_secrets({w.url: w.secret for w in new.webhooks})
+        if choice != self._log_choice:
+            configure_logging(*choice)
+            self._log_choice = choice
+        update = {key: getattr(new, key) for key in RELOADABLE}
+        self.settings = old.model_copy(update=update)
+        log.info("config_reloaded", config=self.config_path, changes=changes or "none",
+                 webhooks=len(new.webhooks))
+        ignored = [key for key in type(new).model_fields
+                   if key not in RELOADABLE and getattr(new, key) != getattr(old, key)]
+        if ignored:
+            log.warning("config_changes_need_restart", keys=ignored,
+                        hint="these keys are applied only at start-up: restart the watcher")
+        return True
+
+    # ------------------------------------------------------------------ signals
+
     async def run_until_signalled(self) -> None:
-        """Run until SIGTERM or SIGINT, then stop gracefully."""
+        """Run until SIGTERM or SIGINT, then stop gracefully; SIGHUP calls reload()."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, wake.set)
+        hup_early = False
+
+        def on_hup() -> None:
+            nonlocal hup_early
+            if self.store is None:  # still starting: reload once started
+                hup_early = True
+            else:
+                self.reload()
+
+        handlers = {signal.SIGTERM: wake.set, signal.SIGINT: wake.set, signal.SIGHUP: on_hup}
+        for sig, handler in handlers.items():
+            loop.add_signal_handler(sig, handler)
         try:
             await self.start()
+            if hup_early:
+                self.reload()
             await wake.wait()
             log.info("stop_requested")
         finally:
-            await self.stop()
+            try:
+                await self.stop()
+            finally:
+                for sig in handlers:
+                    loop.remove_signal_handler(sig)
