@@ -9,8 +9,9 @@ watcher keep near the node's own speed rather than paying for web3's generic for
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
-from typing import Any, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Protocol, Sequence, TypeVar
 
 import aiohttp
 import orjson
@@ -19,6 +20,8 @@ import structlog
 from .domain import BlockRef, Transfer
 
 log = structlog.get_logger("watcher.chain")
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 
@@ -199,20 +202,65 @@ def address_topic(address: str) -> str:
     return "0x" + "00" * 12 + address[2:].lower()
 
 
+class RpcCounts(Protocol):
+    """Where a reader counts its requests and failures (the metrics); by JSON-RPC method."""
+
+    def called(self, method: str) -> None: ...
+
+    def failed(self, method: str) -> None: ...
+
+
+def _counted(method: str) -> Callable[[F], F]:
+    """Count a failure of a reader operation (the node's error, a transport failure after its
+    retries, or an answer that does not decode) once, under the method it was about."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        async def counted(self: "JsonRpcReader", *args: Any) -> Any:
+            try:
+                return await fn(self, *args)
+            except Exception:
+                if self.counts is not None:
+                    self.counts.failed(method)
+                raise
+
+        return counted  # type: ignore[return-value]
+
+    return wrap
+
+
 class JsonRpcReader:
-    """`ChainReader` over any JSON-RPC transport (a node over HTTP, or the sandbox's chain)."""
+    """`ChainReader` over any JSON-RPC transport (a node over HTTP, or the sandbox's chain).
 
-    def __init__(self, transport: Transport) -> None:
+    With `counts`, every request is counted by method (a batch of headers is one request)
+    and so is every failed operation: a counter increment per request, against a
+    round trip to the node."""
+
+    def __init__(self, transport: Transport, counts: RpcCounts | None = None) -> None:
         self.transport = transport
+        self.counts = counts
 
+    async def _call(self, method: str, params: list) -> Any:
+        if self.counts is not None:
+            self.counts.called(method)
+        return await self.transport.call(method, params)
+
+    async def _batch(self, method: str, calls: Sequence[tuple[str, list]]) -> list[Any]:
+        if self.counts is not None:
+            self.counts.called(method)
+        return await self.transport.batch(calls)
+
+    @_counted("eth_chainId")
     async def chain_id(self) -> int:
-        return _int(await self.transport.call("eth_chainId", []), "eth_chainId")
+        return _int(await self._call("eth_chainId", []), "eth_chainId")
 
+    @_counted("eth_blockNumber")
     async def block_number(self) -> int:
-        return _int(await self.transport.call("eth_blockNumber", []), "eth_blockNumber")
+        return _int(await self._call("eth_blockNumber", []), "eth_blockNumber")
 
+    @_counted("eth_getBlockByNumber")
     async def headers(self, numbers: Sequence[int]) -> list[BlockRef | None]:
-        raws = await self.transport.batch([("eth_getBlockByNumber", [hex(n), False]) for n in numbers])
+        raws = await self._batch("eth_getBlockByNumber", [("eth_getBlockByNumber", [hex(n), False]) for n in numbers])
         out: list[BlockRef | None] = []
         for n, raw in zip(numbers, raws):
             if raw is None:
@@ -224,12 +272,14 @@ class JsonRpcReader:
             out.append(header)
         return out
 
+    @_counted("eth_getBlockByNumber")
     async def finalized_number(self) -> int:
-        raw = await self.transport.call("eth_getBlockByNumber", ["finalized", False])
+        raw = await self._call("eth_getBlockByNumber", ["finalized", False])
         if raw is None:
             raise RpcError("eth_getBlockByNumber", "the node has no finalized block")
         return decode_header(raw).number
 
+    @_counted("eth_getLogs")
     async def transfer_logs(
         self, from_block: int, to_block: int, tokens: Sequence[str], recipients: Sequence[str] | None
     ) -> list[Transfer]:
@@ -240,7 +290,7 @@ class JsonRpcReader:
             if not recipients:
                 return []
             topics += [None, [address_topic(a) for a in recipients]]
-        raws = await self.transport.call(
+        raws = await self._call(
             "eth_getLogs",
             [{"fromBlock": hex(from_block), "toBlock": hex(to_block), "address": list(tokens), "topics": topics}],
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import structlog
 
@@ -37,6 +37,12 @@ class FollowerStatus:
     last_error: str | None = None
 
 
+class FollowerMetrics(Protocol):
+    """What a follower reports after each committed range (the metrics)."""
+
+    def blocks_applied(self, network: str, blocks: int, payment_roles: Sequence[str]) -> None: ...
+
+
 @dataclass(frozen=True)
 class WatchTarget:
     option_id: str
@@ -57,6 +63,7 @@ class Follower:
         max_chunk_size: int = 2000,
         poll_interval: float = 2.0,
         clock: Callable[[], float] = time.time,
+        metrics: FollowerMetrics | None = None,
     ) -> None:
         self.network = network
         self.reader = reader
@@ -70,6 +77,7 @@ class Follower:
         self.max_chunk_size = max(max_chunk_size, chunk_size)
         self.poll_interval = poll_interval
         self.clock = clock
+        self.metrics = metrics
         self.status = FollowerStatus()
         self._watch: dict[str, WatchTarget] = {}
         self._watch_rowid = 0
@@ -174,12 +182,16 @@ class Follower:
             confirmed_through = min(last, await self.reader.finalized_number())
         else:
             confirmed_through = last - int(self.confirmations) + 1
+        self.store.outbox.take_reported_payments()  # what a rolled-back change reported never happened
         result = self.store.apply_blocks(
             self.network,
             blocks,
             [MatchedTransfer(t, option_id, by_number[t.block_number].timestamp) for t, option_id in matched],
             confirmed_through=confirmed_through,
         )
+        reported = self.store.outbox.take_reported_payments()
+        if self.metrics is not None:
+            self.metrics.blocks_applied(self.network, last - first + 1, [role for _, role in reported])
         if result.payments_added or result.payments_confirmed or result.invoices_changed:
             log.info(
                 "blocks_applied", network=self.network, first=first, last=last, payments=result.payments_added,

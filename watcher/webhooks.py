@@ -70,8 +70,12 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         concurrency: int = 16,
         timeout: float = TIMEOUT_SECONDS,
+        on_attempt: Callable[[str, float | None], None] | None = None,
     ) -> None:
+        """``on_attempt(outcome, seconds)`` hears of each attempt (the metrics): outcome
+        ``delivered``, ``retry`` or ``failed``; seconds None when nothing was sent."""
         self.outbox = outbox
+        self.on_attempt = on_attempt
         self.clock = clock
         self.concurrency = concurrency
         self.timeout = timeout
@@ -141,6 +145,9 @@ class Dispatcher:
             delivery["id"], ok=ok, status_code=status_code, error=error, duration_ms=duration_ms,
             next_attempt_at=None if delay is None else self.clock() + delay,
         )
+        if self.on_attempt is not None:
+            outcome = "delivered" if ok else ("failed" if delay is None else "retry")
+            self.on_attempt(outcome, duration_ms / 1000 if key is not None else None)
         if ok:
             log.info("webhook_delivered", delivery=delivery["id"], event_id=delivery["event_id"], url=delivery["url"], ms=round(duration_ms, 1))
         elif delay is None:

@@ -14,7 +14,27 @@ import orjson
 from sqlite_utils import Database
 
 from ..domain import new_id, rfc3339
+from .records import StateConflict
 from .views import status_view
+
+DELIVERY_STATUSES = ("pending", "delivered", "failed")
+
+
+def delivery_view(row: sqlite3.Row) -> dict:
+    """A delivery as the API shows it (contract §3, `/v1/webhook-deliveries`)."""
+    return {
+        "id": row["id"],
+        "event_id": row["event_id"],
+        "event_type": row["event_type"],
+        "invoice_id": row["invoice_id"],
+        "url": row["url"],
+        "status": row["status"],
+        "attempts": row["attempts"],
+        "last_status_code": row["last_status_code"],
+        "last_error": row["last_error"],
+        "next_attempt_at": rfc3339(row["next_attempt_at"]),
+        "delivered_at": row["delivered_at"],
+    }
 
 
 @dataclass(frozen=True)
@@ -33,6 +53,8 @@ class Outbox:
         self.endpoints: tuple[Endpoint, ...] = ()
         # Called when a delivery is queued, so the dispatcher wakes at once instead of polling.
         self.on_delivery_queued: Callable[[], None] | None = None
+        # (network, role) of each payment reported since the last take_reported_payments().
+        self._reported_payments: list[tuple[str, str]] = []
 
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
         self.endpoints = tuple(endpoints)
@@ -63,6 +85,8 @@ class Outbox:
             "INSERT INTO events(id, type, invoice_id, created_at, body) VALUES (?,?,?,?,?)",
             [event_id, event_type, invoice["id"], created_at, body],
         )
+        if event_type == "invoice.payment_detected" and payment is not None:
+            self._reported_payments.append((payment["network"], payment["role"]))
         for endpoint in self.endpoints:
             if endpoint.wants(event_type):
                 self.db.execute(
@@ -72,6 +96,13 @@ class Outbox:
                 )
                 if self.on_delivery_queued is not None:
                     self.on_delivery_queued()
+
+    def take_reported_payments(self) -> list[tuple[str, str]]:
+        """(network, role) of the payments reported by `invoice.payment_detected` since the
+        last call, and forget them. Called right after a committed change (for the metrics);
+        called before one, it drops what a rolled-back transaction had reported."""
+        taken, self._reported_payments = self._reported_payments, []
+        return taken
 
     def events_for(self, invoice_id: str) -> list[dict]:
         return [
@@ -116,3 +147,60 @@ class Outbox:
                 "next_attempt_at = ?, delivered_at = ? WHERE id = ?",
                 [status, attempt, status_code, error, None if ok else next_attempt_at, now if ok else None, delivery_id],
             )
+
+    # ------------------------------------------------------------------ operations
+
+    def backlog(self) -> int:
+        """Deliveries still to make (pending: due now or waiting for a retry)."""
+        return self._q1("SELECT COUNT(*) AS n FROM deliveries WHERE status = 'pending'")["n"]
+
+    def list_deliveries(
+        self,
+        *,
+        status: str | None = None,
+        event_type: str | None = None,
+        invoice_id: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> tuple[list[dict], int]:
+        """Deliveries, newest first, with the total matching the filters."""
+        where, params = [], []
+        for column, value in (("status", status), ("event_type", event_type), ("invoice_id", invoice_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        total = self._q1(f"SELECT COUNT(*) AS n FROM deliveries{clause}", params)["n"]
+        rows = self._q(f"SELECT * FROM deliveries{clause} ORDER BY rowid DESC LIMIT ? OFFSET ?", [*params, limit, offset])
+        return [delivery_view(r) for r in rows], total
+
+    def get_delivery(self, delivery_id: str) -> dict | None:
+        row = self._q1("SELECT * FROM deliveries WHERE id = ?", [delivery_id])
+        return delivery_view(row) if row is not None else None
+
+    def redeliver(self, delivery_id: str) -> dict | None:
+        """Queue a delivery's event again, to the same endpoint: the same event id (so the
+        same `webhook-id`) and body, due now, with the retry schedule started afresh.
+
+        Any delivery can be redelivered, since this is an operator's explicit request: a
+        failed one; a pending one (attempted now rather than at its next retry); a delivered
+        one (sent again; a receiver that dedupes by `webhook-id` drops it). `attempts` counts
+        the attempts since the last (re)queue; every attempt stays in `delivery_attempts`.
+        `last_status_code` and `last_error` still describe the last attempt until the next.
+
+        Returns the delivery as queued, None for an unknown id; StateConflict when its
+        endpoint is no longer configured (the attempt could only fail).
+        """
+        with self.db.atomic():
+            row = self._q1("SELECT url FROM deliveries WHERE id = ?", [delivery_id])
+            if row is None:
+                return None
+            if row["url"] not in {e.url for e in self.endpoints}:
+                raise StateConflict("the delivery's endpoint is no longer configured")
+            self.db.execute(
+                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?, delivered_at = NULL WHERE id = ?",
+                [self.clock(), delivery_id],
+            )
+        if self.on_delivery_queued is not None:
+            self.on_delivery_queued()
+        return self.get_delivery(delivery_id)
