@@ -1,0 +1,264 @@
+"""The docs say what the code does: the config reference is the settings model, the webhook
+verification example verifies the watcher's signatures, the backup commands work on a
+running watcher."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import typing
+import urllib.request
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from harness import free_port
+from watcher.config import EVENT_TYPES, Settings
+from watcher.webhooks import secret_key, sign
+
+ROOT = Path(__file__).resolve().parent.parent
+OPERATORS = ROOT / "docs" / "operators.md"
+INTEGRATORS = ROOT / "docs" / "integrators.md"
+# Defaults the docs state differently from the model, on purpose.
+DOC_DEFAULTS = {"log_format": "auto"}  # unset means: JSON under systemd or into a pipe, console on a terminal
+
+
+def _model_of(annotation: typing.Any) -> type[BaseModel] | None:
+    """The settings model of a field (a table or an array of tables), or None for a leaf."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def config_keys(model: type[BaseModel] = Settings, prefix: str = "") -> dict[str, str]:
+    """Every key a config file may hold, dotted (`chains[].assets[].symbol`), with the default
+    as the docs write it. Fields filled from the environment (excluded from dumps) are not keys."""
+    keys: dict[str, str] = {}
+    for name, field in model.model_fields.items():
+        if field.exclude:
+            continue
+        sub = _model_of(field.annotation)
+        if sub is not None:
+            array = typing.get_origin(field.annotation) is tuple
+            keys |= config_keys(sub, f"{prefix}{name}{'[]' if array else ''}.")
+            continue
+        key = prefix + name
+        if key in DOC_DEFAULTS:
+            keys[key] = DOC_DEFAULTS[key]
+        elif field.is_required():
+            keys[key] = "required"
+        else:
+            default = field.get_default(call_default_factory=True)
+            if default is None:
+                keys[key] = "—"
+            elif isinstance(default, (str, Decimal)):
+                keys[key] = f'"{default}"'
+            elif isinstance(default, tuple):
+                keys[key] = json.dumps(list(default))
+            else:
+                keys[key] = str(default)
+    return keys
+
+
+def reference_table() -> dict[str, str]:
+    text = OPERATORS.read_text()
+    section = text.split("### Reference", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        m = re.match(r"\|\s*`([^`]+)`\s*\|\s*([^|]+?)\s*\|", line)
+        if m:
+            rows[m[1]] = m[2].strip("`")
+    return rows
+
+
+def test_the_config_reference_lists_every_key_of_the_settings_model_and_no_other():
+    documented, model = reference_table(), config_keys()
+    assert "http.listen" in model and "chains[].assets[].symbol" in model and "webhooks[].secret" not in model
+    assert sorted(set(model) - set(documented)) == [], "keys missing from docs/operators.md"
+    assert sorted(set(documented) - set(model)) == [], "keys in docs/operators.md the watcher does not know"
+
+
+def test_the_config_reference_states_each_default():
+    documented = reference_table()
+    wrong = {key: (documented[key], default) for key, default in config_keys().items() if documented[key] != default}
+    assert wrong == {}, "(documented, actual)"
+
+
+def test_the_example_config_uses_only_documented_keys():
+    import tomllib
+
+    def keys(data: dict, prefix: str = "") -> set[str]:
+        found = set()
+        for k, v in data.items():
+            if isinstance(v, dict):
+                found |= keys(v, f"{prefix}{k}.")
+            elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+                for x in v:
+                    found |= keys(x, f"{prefix}{k}[].")
+            else:
+                found.add(prefix + k)
+        return found
+
+    example = tomllib.loads((ROOT / "config" / "watcher.example.toml").read_text())
+    assert keys(example) <= set(reference_table())
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
+
+
+def verification_example() -> typing.Callable[..., bool]:
+    [code] = [block for block in python_blocks(INTEGRATORS) if "def verify_webhook" in block]
+    namespace: dict[str, typing.Any] = {}
+    exec(compile(code, str(INTEGRATORS), "exec"), namespace)
+    return namespace["verify_webhook"]
+
+
+def test_the_webhook_verification_example_accepts_the_watchers_signatures_and_nothing_else():
+    verify_webhook = verification_example()
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    body = json.dumps({"id": "evt_1", "type": "invoice.paid", "data": {"invoice": {"version": 3}}}).encode()
+    now = int(time.time())
+
+    def headers(msg_id: str = "evt_1", ts: int = now, key: bytes = secret_key(secret), signed: bytes = body) -> dict:
+        return {"Webhook-Id": msg_id, "Webhook-Timestamp": str(ts), "Webhook-Signature": sign(key, msg_id, ts, signed)}
+
+    assert verify_webhook(secret, headers(), body) is True
+    # Several signatures (a secret being rotated): any valid v1 one will do.
+    several = headers()
+    several["Webhook-Signature"] = "v1,bm90IGl0 " + several["Webhook-Signature"]
+    assert verify_webhook(secret, several, body) is True
+    assert verify_webhook(secret, headers(), body + b" ") is False                     # body changed
+    assert verify_webhook(secret, headers(signed=body + b" "), body) is False
+    assert verify_webhook(secret, headers(key=secrets.token_bytes(32)), body) is False  # another secret
+    assert verify_webhook(secret, headers(ts=now - 3600), body) is False               # replayed later
+    forged = headers()
+    forged["Webhook-Id"] = "evt_2"                                                     # id swapped
+    assert verify_webhook(secret, forged, body) is False
+    assert verify_webhook(secret, {}, body) is False
+    unversioned = headers()
+    unversioned["Webhook-Signature"] = unversioned["Webhook-Signature"].replace("v1,", "v2,")
+    assert verify_webhook(secret, unversioned, body) is False
+
+
+def test_the_integrators_page_lists_every_event_type():
+    text = INTEGRATORS.read_text()
+    section = text.split("Event types:", 1)[1].split("\n\n", 1)[0]
+    assert set(re.findall(r"`(invoice\.[a-z_]+)`", section)) == EVENT_TYPES
+
+
+def test_the_docs_link_each_other_and_the_readme_links_both():
+    readme = (ROOT / "README.md").read_text()
+    assert "docs/operators.md" in readme and "docs/integrators.md" in readme
+    assert "(integrators.md)" in OPERATORS.read_text() and "(operators.md)" in INTEGRATORS.read_text()
+
+
+# --------------------------------------------------------------------------- backup
+
+def backup_commands() -> tuple[str, str, str]:
+    """The documented backup commands (sqlite3 shell, Python) and the check, as the watcher
+    user would run them."""
+    text = OPERATORS.read_text()
+    section = text.split("## Back up the database", 1)[1].split("\n## ", 1)[0]
+    lines = [line.removeprefix("runuser -u watcher -- ")
+             for block in re.findall(r"```sh\n(.*?)```", section, re.S) for line in block.splitlines()]
+
+    def one(marker: str) -> str:
+        [line] = [line for line in lines if marker in line]
+        return line
+
+    return one('".backup '), one("src.backup(dst)"), one("integrity_check")
+
+
+@pytest.mark.skipif(shutil.which("sqlite3") is None and not os.environ.get("CI"),
+                    reason="the sqlite3 shell is not installed (apt-get install sqlite3); .ci/run installs it in CI")
+def test_the_documented_backup_works_on_a_running_watcher(tmp_path):
+    """Back up a WAL database while the daemon writes to it: the copy is sound and holds
+    what was committed before it; both documented ways."""
+    port = free_port()
+    key = "sk_test_" + secrets.token_hex(12)
+    database = tmp_path / "watcher.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "watcher.cli", "run", "--sandbox", "--listen", f"127.0.0.1:{port}",
+         "--block-time", "0.2", "--database", str(database)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "WATCHER_API_KEY": key},
+    )
+    base = f"http://127.0.0.1:{port}"
+    created: list[str] = []
+    stop = threading.Event()
+
+    def create() -> None:
+        request = urllib.request.Request(base + "/v1/invoices", data=b'{"amount": "1.50"}', method="POST",
+                                         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            created.append(json.loads(r.read())["id"])
+
+    def keep_writing() -> None:
+        while not stop.is_set():
+            create()
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(base + "/healthz", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "the sandbox did not start"
+                time.sleep(0.1)
+        for _ in range(5):
+            create()
+        writer = threading.Thread(target=keep_writing)
+        writer.start()
+        try:
+            time.sleep(0.3)
+            shell, python, check = backup_commands()
+            results = []
+            for i, command in enumerate((shell, python)):
+                before = len(created)
+                copy = tmp_path / f"backup-{i}.db"
+                command = command.replace("/var/lib/watcher/watcher.db", shlex.quote(str(database)))
+                command = command.replace("/var/backups/watcher/watcher.db", shlex.quote(str(copy)))
+                command = command.replace("python3 ", shlex.quote(sys.executable) + " ")
+                run = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+                assert run.returncode == 0, (command, run.stderr)
+                checked = subprocess.run(
+                    ["bash", "-c", check.replace("/var/backups/watcher/watcher.db", shlex.quote(str(copy)))],
+                    capture_output=True, text=True, timeout=60)
+                assert checked.stdout.strip() == "ok", checked
+                results.append((copy, before))
+        finally:
+            stop.set()
+            writer.join()
+        assert proc.poll() is None, "the watcher kept running throughout"
+        live = sqlite3.connect(database)
+        try:
+            assert live.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        finally:
+            live.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    for copy, before in results:
+        db = sqlite3.connect(copy)
+        try:
+            ids = {row[0] for row in db.execute("SELECT id FROM invoices")}
+            events = {row[0] for row in db.execute("SELECT invoice_id FROM events WHERE type = 'invoice.created'")}
+        finally:
+            db.close()
+        assert set(created[:before]) <= ids, "everything committed before the backup is in it"
+        assert ids == events, "an invoice and its event are in the copy together, or neither is"
