@@ -23,9 +23,9 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
 from .config import InvoiceSettings
-from .domain import InvoiceStatus, ResolutionAction, rfc3339
-from .invoicing import Invoicing, OptionsError, finish_option
-from .store import IdempotencyConflict, NewInvoice, StateConflict, Store
+from .domain import InvoiceStatus, ResolutionAction
+from .invoicing import Invoicing, OptionsError, finish_option, session_timing
+from .store import IdempotencyConflict, NewInvoice, NewSession, StateConflict, Store
 
 log = structlog.get_logger("watcher.api")
 
@@ -151,6 +151,24 @@ class TimingIn(BaseModel):
 
 
 ShortText = Annotated[str, Field(max_length=200)]
+AssetsIn = Annotated[list[Annotated[str, Field(min_length=1, max_length=80)]], Field(min_length=1, max_length=50)]
+QuoteRatesIn = dict[Annotated[str, Field(min_length=1, max_length=80)], Decimal]
+
+
+def _quote_rates_in(value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("quote_rates must be an object of \"SYMBOL\": \"usd per unit\"")
+    rates = {}
+    for symbol, rate in value.items():
+        number = _decimal_in(rate, f"quote_rates.{symbol}")
+        if number <= 0 or number > Decimal(10) ** 12:
+            raise ValueError(f"quote_rates.{symbol} must be above 0 and at most 10^12")
+        if _places(number) > 2 * MAX_AMOUNT_PLACES:  # quoting works in exact fractions: bound the size
+            raise ValueError(f"quote_rates.{symbol} has more than {2 * MAX_AMOUNT_PLACES} decimal places")
+        rates[symbol] = number
+    return rates
 
 
 class CreateInvoiceIn(BaseModel):
@@ -158,9 +176,9 @@ class CreateInvoiceIn(BaseModel):
     amount: Decimal
     currency: Literal["USD"] = "USD"
     payment_timing: TimingIn | None = None
-    assets: Annotated[list[Annotated[str, Field(min_length=1, max_length=80)]], Field(min_length=1, max_length=50)] | None = None
+    assets: AssetsIn | None = None
     rails: Annotated[list[Literal["address", "contract"]], Field(min_length=1, max_length=2)] = ["address"]
-    quote_rates: dict[Annotated[str, Field(min_length=1, max_length=80)], Decimal] | None = None
+    quote_rates: QuoteRatesIn | None = None
     product_name: ShortText | None = None
     issued_by: Annotated[str, Field(max_length=120)] | None = None
     bill_to: Annotated[str, Field(max_length=120)] | None = None
@@ -187,19 +205,7 @@ class CreateInvoiceIn(BaseModel):
     @field_validator("quote_rates", mode="before")
     @classmethod
     def _rates(cls, value: Any) -> Any:
-        if value is None:
-            return None
-        if not isinstance(value, dict):
-            raise ValueError("quote_rates must be an object of \"SYMBOL\": \"usd per unit\"")
-        rates = {}
-        for symbol, rate in value.items():
-            number = _decimal_in(rate, f"quote_rates.{symbol}")
-            if number <= 0 or number > Decimal(10) ** 12:
-                raise ValueError(f"quote_rates.{symbol} must be above 0 and at most 10^12")
-            if _places(number) > 2 * MAX_AMOUNT_PLACES:  # quoting works in exact fractions: bound the size
-                raise ValueError(f"quote_rates.{symbol} has more than {2 * MAX_AMOUNT_PLACES} decimal places")
-            rates[symbol] = number
-        return rates
+        return _quote_rates_in(value)
 
     @field_validator("rails")
     @classmethod
@@ -220,6 +226,26 @@ class CreateInvoiceIn(BaseModel):
         if notes is not None and (not isinstance(notes, str) or len(notes) > 140):
             raise ValueError("metadata.notes must be a string of at most 140 characters")
         return value
+
+
+class CheckoutSessionIn(BaseModel):
+    """A fresh payment session: `assets` and `quote_rates` as at create; absent, those of the
+    invoice's last session are used."""
+
+    model_config = ConfigDict(extra="forbid")
+    assets: AssetsIn | None = None
+    quote_rates: QuoteRatesIn | None = None
+
+    @field_validator("quote_rates", mode="before")
+    @classmethod
+    def _rates(cls, value: Any) -> Any:
+        return _quote_rates_in(value)
+
+
+class NoBodyIn(BaseModel):
+    """finalize and cancel take no fields: an empty body or `{}`."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class ResolveIn(BaseModel):
@@ -368,6 +394,79 @@ def make_app(
             raise Problem(409, "Conflict", str(exc), slug="state-conflict") from None
         return json_response(_invoice_or_404(invoice, invoice_id))
 
+    async def no_body(request: web.Request) -> None:
+        body = await read_json(request, required=False)
+        if not isinstance(body, dict):
+            raise invalid("body", "must be a JSON object (or empty)")
+        try:
+            NoBodyIn.model_validate(body)
+        except ValidationError as exc:
+            raise _from_validation(exc) from None
+
+    def start_session(invoice_id: str, from_statuses: tuple[InvoiceStatus, ...], plan: Callable[[dict], NewSession]) -> dict:
+        try:
+            invoice = store.start_session(invoice_id, from_statuses=from_statuses, plan=plan,
+                                          derive=invoicing.derive, finish=finish_option)
+        except StateConflict as exc:
+            raise Problem(409, "Conflict", str(exc), slug="state-conflict") from None
+        except OptionsError as exc:
+            raise invalid(exc.field, exc.message) from None
+        return _invoice_or_404(invoice, invoice_id)
+
+    async def finalize_invoice(request: web.Request) -> web.Response:
+        invoice_id = request.match_info["id"]
+        await no_body(request)
+
+        def plan(row: dict) -> NewSession:
+            amount = Decimal(row["amount"])
+            options_request = orjson.loads(row["request"])
+            timing, payable_until = session_timing(orjson.loads(row["payment_timing"]), clock())
+            options = invoicing.build_from_request(amount, options_request) if amount > 0 else []
+            return NewSession(options, timing, payable_until, options_request)
+
+        invoice = start_session(invoice_id, (InvoiceStatus.DRAFT,), plan)
+        log.info("invoice_finalized", invoice_id=invoice_id, status=invoice["status"], options=len(invoice["payment_options"]))
+        return json_response(invoice)
+
+    async def refresh_session(request: web.Request) -> web.Response:
+        invoice_id = request.match_info["id"]
+        body = await read_json(request, required=False)
+        if not isinstance(body, dict):
+            raise invalid("body", "must be a JSON object (or empty)")
+        try:
+            data = CheckoutSessionIn.model_validate(body)
+            if data.assets is not None:
+                invoicing.select_assets(data.assets)  # an unknown asset is the body's fault, whatever the invoice
+        except ValidationError as exc:
+            raise _from_validation(exc) from None
+        except OptionsError as exc:
+            raise invalid(exc.field, exc.message) from None
+
+        def plan(row: dict) -> NewSession:
+            options_request = orjson.loads(row["request"])
+            if data.assets is not None:
+                options_request["assets"] = data.assets
+            if data.quote_rates is not None:
+                options_request["quote_rates"] = {k: format(v, "f") for k, v in data.quote_rates.items()}
+            timing, payable_until = session_timing(orjson.loads(row["payment_timing"]), clock())
+            options = invoicing.build_from_request(Decimal(row["amount"]), options_request)
+            return NewSession(options, timing, payable_until, options_request)
+
+        invoice = start_session(invoice_id, (InvoiceStatus.PENDING, InvoiceStatus.EXPIRED), plan)
+        log.info("invoice_session_refreshed", invoice_id=invoice_id, options=len(invoice["payment_options"]))
+        return json_response(invoice)
+
+    async def cancel_invoice(request: web.Request) -> web.Response:
+        invoice_id = request.match_info["id"]
+        await no_body(request)
+        try:
+            invoice = store.cancel_invoice(invoice_id)
+        except StateConflict as exc:
+            raise Problem(409, "Conflict", str(exc), slug="state-conflict") from None
+        invoice = _invoice_or_404(invoice, invoice_id)
+        log.info("invoice_cancelled", invoice_id=invoice_id)
+        return json_response(invoice)
+
     async def healthz(request: web.Request) -> web.Response:
         return json_response({"status": "ok"})
 
@@ -377,6 +476,9 @@ def make_app(
     app.router.add_get("/v1/invoices/{id}", get_invoice)
     app.router.add_get("/v1/invoices/{id}/status", get_status)
     app.router.add_get("/v1/invoices/{id}/payments", get_payments)
+    app.router.add_post("/v1/invoices/{id}/finalize", finalize_invoice)
+    app.router.add_post("/v1/invoices/{id}/cancel", cancel_invoice)
+    app.router.add_post("/v1/invoices/{id}/checkout-session", refresh_session)
     app.router.add_post("/v1/invoices/{id}/exception/resolve", resolve_exception)
     app.router.add_get("/healthz", healthz)
     return app
@@ -411,38 +513,30 @@ def build_new_invoice(data: CreateInvoiceIn, invoicing: Invoicing, settings: Inv
     """Quote the options and start the timer; raises Problem(422) when no option can be built."""
     timing_in = data.payment_timing or TimingIn()
     if timing_in.mode == "immediate":
-        minutes = timing_in.expires_after_minutes or settings.default_expiry_minutes
-        timing: dict[str, Any] = {"mode": "immediate", "expires_after_minutes": minutes}
-        payable_until = int(now) + minutes * 60
+        base: dict[str, Any] = {"mode": "immediate", "expires_after_minutes": timing_in.expires_after_minutes or settings.default_expiry_minutes}
     else:
-        due_days = timing_in.due_after_days or 0
-        grace = timing_in.grace_period_days or 0
-        due_at = int(now) + due_days * 86400
-        payable_until = due_at + grace * 86400
-        timing = {"mode": "due_date", "due_after_days": due_days, "grace_period_days": grace, "due_at": rfc3339(due_at)}
-    if data.draft:
+        base = {"mode": "due_date", "due_after_days": timing_in.due_after_days or 0, "grace_period_days": timing_in.grace_period_days or 0}
+    timing, payable_until = session_timing(base, now)
+    payable: int | None = payable_until
+    if data.draft:  # the timer starts at finalize
         timing["payable_until"] = None
         if "due_at" in timing:
             timing["due_at"] = None
-        payable: int | None = None
-    else:
-        timing["payable_until"] = rfc3339(payable_until)
-        payable = payable_until
+        payable = None
 
     options = []
-    if data.amount > 0 and not data.draft:
-        try:
-            options = invoicing.build(data.amount, data.assets, data.rails, data.quote_rates or {})
-        except OptionsError as exc:
-            raise invalid(exc.field, exc.message) from None
-        if not options:
-            raise invalid("assets", "no payment option can be built: no asset can be quoted (give quote_rates) or no chain has a deposit_xpub")
-    elif data.assets is not None or data.rails != ["address"]:
-        try:
-            invoicing.select_assets(data.assets)
-            invoicing.build(Decimal(1), data.assets, data.rails, data.quote_rates or {})
-        except OptionsError as exc:
-            raise invalid(exc.field, exc.message) from None
+    rates = data.quote_rates or {}
+    try:
+        if data.amount > 0:
+            # A draft's options are built at finalize, but built now too, so that a draft that
+            # could never be finalized is refused at once.
+            options = invoicing.build_or_refuse(data.amount, data.assets, data.rails, rates)
+        elif data.assets is not None or data.rails != ["address"]:
+            invoicing.build(Decimal(1), data.assets, data.rails, rates)  # no options, but the request must make sense
+    except OptionsError as exc:
+        raise invalid(exc.field, exc.message) from None
+    if data.draft:
+        options = []
 
     fields = {k: getattr(data, k) for k in ("product_name", "issued_by", "bill_to", "merchant_reference", "customer_id", "customer_email")}
     return NewInvoice(

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Sequence
+from typing import Any, Sequence
 
 from .addresses import AddressDeriver, native_payment_uri, token_payment_uri
 from .config import ChainSettings, Settings
-from .domain import UINT256_MAX, format_units, quote_atomic
+from .domain import UINT256_MAX, format_units, quote_atomic, rfc3339
 from .store import OptionSpec
 
 
@@ -71,6 +71,28 @@ class Invoicing:
             chosen += [a for a in found if a not in chosen and a.kind in SUPPORTED_KINDS]
         return chosen
 
+    def build_or_refuse(
+        self,
+        amount: Decimal,
+        assets: Sequence[str] | None,
+        rails: Sequence[str],
+        quote_rates: dict[str, Decimal],
+    ) -> list[OptionSpec]:
+        """`build`, refusing an empty result: no invoice to pay may end up with nothing to pay with."""
+        specs = self.build(amount, assets, rails, quote_rates)
+        if not specs:
+            raise OptionsError(
+                "assets",
+                "no payment option can be built: no asset can be quoted (give quote_rates) or no chain has a deposit_xpub",
+            )
+        return specs
+
+    def build_from_request(self, amount: Decimal, request: dict[str, Any]) -> list[OptionSpec]:
+        """Options for an invoice's stored options request (`NewInvoice.request`): at finalize and
+        at a checkout-session refresh. Quote rates are stored as decimal strings."""
+        rates = {k: Decimal(v) for k, v in (request.get("quote_rates") or {}).items()}
+        return self.build_or_refuse(amount, request.get("assets"), request.get("rails") or ["address"], rates)
+
     def build(
         self,
         amount: Decimal,
@@ -111,3 +133,20 @@ def finish_option(spec: OptionSpec, destination: str, invoice_id: str, option_id
     if spec.token_contract:
         return token_payment_uri(spec.token_contract, spec.chain_id, destination, spec.amount_atomic), None
     return native_payment_uri(destination, spec.chain_id, spec.amount_atomic), None
+
+
+def session_timing(timing: dict[str, Any], now: float) -> tuple[dict[str, Any], int]:
+    """A payment session's `payment_timing` started at `now`: its input fields (mode, minutes or
+    days and grace) with `payable_until` (and `due_at`) computed; returns (timing, payable_until)."""
+    if timing["mode"] == "immediate":
+        minutes = timing["expires_after_minutes"]
+        payable_until = int(now) + minutes * 60
+        return {"mode": "immediate", "expires_after_minutes": minutes, "payable_until": rfc3339(payable_until)}, payable_until
+    due_days = timing.get("due_after_days") or 0
+    grace = timing.get("grace_period_days") or 0
+    due_at = int(now) + due_days * 86400
+    payable_until = due_at + grace * 86400
+    return {
+        "mode": "due_date", "due_after_days": due_days, "grace_period_days": grace,
+        "due_at": rfc3339(due_at), "payable_until": rfc3339(payable_until),
+    }, payable_until

@@ -39,6 +39,7 @@ from .records import (
     IdempotencyConflict,
     MatchedTransfer,
     NewInvoice,
+    NewSession,
     OptionSpec,
     StateConflict,
 )
@@ -50,6 +51,8 @@ BLOCK_WINDOW = 256  # recent canonical blocks kept to find a reorg's common ance
 # Derives an address from (xpub, index); builds a payment URI / contract call for an option.
 Deriver = Callable[[str, int], str]
 OptionFinisher = Callable[[OptionSpec, str, str, str], tuple[str, dict | None]]
+# Quotes a new payment session for an invoice row (finalize, checkout-session).
+SessionPlanner = Callable[[dict], NewSession]
 
 
 class Store:
@@ -247,8 +250,13 @@ class Store:
         new_payments: Sequence[str] = (),
         reverted_payments: Sequence[str] = (),
         resolved: bool = False,
+        session: bool = False,
     ) -> bool:
-        """Judge the invoice again from all its payments; store it and emit what changed."""
+        """Judge the invoice again from all its payments; store it and emit what changed.
+
+        `session`: a payment session has just started (finalize, checkout-session): a draft is
+        judged as finalized, the version grows even if nothing else changed, and the invoice,
+        if it is open for payment, reports `invoice.session_refreshed`."""
         row = self._q1("SELECT * FROM invoices WHERE id = ?", [invoice_id])
         assert row is not None
         payments = self._q("SELECT p.*, o.amount_atomic AS option_amount FROM payments p JOIN payment_options o ON o.id = p.option_id WHERE p.invoice_id = ?", [invoice_id])
@@ -264,7 +272,7 @@ class Store:
             amount=Decimal(row["amount"]),
             tolerance_percent=Decimal(row["tolerance_percent"]),
             payable_until=row["payable_until"],
-            draft=row["status"] == InvoiceStatus.DRAFT,
+            draft=row["status"] == InvoiceStatus.DRAFT and not session,
             cancelled=row["cancelled_at"] is not None,
             resolutions=resolutions,
         )
@@ -303,7 +311,7 @@ class Store:
         newly_open = [t for t in open_now if t not in orjson.loads(row["open_exceptions"])]
         if open_now != orjson.loads(row["open_exceptions"]):
             changes["open_exceptions"] = orjson.dumps(open_now).decode()
-        if not (changes or created or new_payments or reverted_payments or roles_changed or resolved):
+        if not (changes or created or new_payments or reverted_payments or roles_changed or resolved or session):
             return False
 
         now = self._now()
@@ -328,6 +336,8 @@ class Store:
         by_id = {p["id"]: p for p in invoice["payments"]}
         if created:
             self.outbox.emit("invoice.created", invoice)
+        if session and new_status == InvoiceStatus.PENDING:
+            self.outbox.emit("invoice.session_refreshed", invoice)
         for pid in new_payments:
             self.outbox.emit("invoice.payment_detected", invoice, by_id.get(pid))
         for pid in reverted_payments:
@@ -340,7 +350,8 @@ class Store:
                 InvoiceStatus.UNDERPAID: "invoice.underpaid",
                 InvoiceStatus.CANCELLED: "invoice.cancelled",
             }.get(InvoiceStatus(new_status))
-            if event == "invoice.confirmed" and old_status != InvoiceStatus.PAID and fully_paid and not created:
+            # (A zero-amount invoice, confirmed at creation or at finalize, was never "paid".)
+            if event == "invoice.confirmed" and old_status != InvoiceStatus.PAID and fully_paid and not (created or session):
                 self.outbox.emit("invoice.paid", invoice)  # paid and confirmed in one step: say both
             if event is not None:
                 self.outbox.emit(event, invoice)
@@ -380,6 +391,63 @@ class Store:
             self.db.execute("UPDATE invoices SET resolutions = ? WHERE id = ?", [orjson.dumps(resolutions).decode(), invoice_id])
             self._rejudge(invoice_id, resolved=True)
             return self._invoice(invoice_id)
+
+    def start_session(
+        self,
+        invoice_id: str,
+        *,
+        from_statuses: Sequence[InvoiceStatus],
+        plan: SessionPlanner,
+        derive: Deriver,
+        finish: OptionFinisher,
+    ) -> dict | None:
+        """Finalize a draft, or give a `pending`/`expired` invoice that has received nothing a
+        fresh payment session: new options (the old ones stay watched but are no longer
+        offered), a new timer. None for an unknown invoice; StateConflict unless the invoice is
+        in one of `from_statuses` with no live payment.
+
+        `plan(invoice_row)` quotes the options and starts the timer; it runs after the state
+        checks, inside the transaction, and whatever it raises undoes the whole change."""
+        with self.db.atomic():
+            row = self._q1("SELECT * FROM invoices WHERE id = ?", [invoice_id])
+            if row is None:
+                return None
+            status = row["status"]
+            if status not in from_statuses:
+                raise StateConflict(f"the invoice is {status}, not {' or '.join(from_statuses)}")
+            if self._live_payments(invoice_id):
+                raise StateConflict(f"the invoice is {status} and has received a payment")
+            session = plan(dict(row))
+            self.db.execute("UPDATE payment_options SET active = 0 WHERE invoice_id = ? AND active = 1", [invoice_id])
+            self._insert_options(invoice_id, session.options, derive, finish)
+            self.db.execute(
+                "UPDATE invoices SET payment_timing = ?, payable_until = ?, request = ? WHERE id = ?",
+                [orjson.dumps(session.payment_timing).decode(), session.payable_until,
+                 orjson.dumps(session.request).decode(), invoice_id],
+            )
+            self._rejudge(invoice_id, session=True)
+            return self._invoice(invoice_id)
+
+    def cancel_invoice(self, invoice_id: str) -> dict | None:
+        """`pending` with nothing received → `cancelled`; StateConflict otherwise, None if unknown.
+        A payment that arrives later is `late` (judging knows the invoice is cancelled)."""
+        with self.db.atomic():
+            row = self._q1("SELECT status FROM invoices WHERE id = ?", [invoice_id])
+            if row is None:
+                return None
+            if row["status"] != InvoiceStatus.PENDING:
+                raise StateConflict(f"only a pending invoice can be cancelled; this one is {row['status']}")
+            if self._live_payments(invoice_id):
+                raise StateConflict("the invoice has received a payment")
+            self.db.execute("UPDATE invoices SET cancelled_at = ? WHERE id = ?", [self._now(), invoice_id])
+            self._rejudge(invoice_id)
+            return self._invoice(invoice_id)
+
+    def _live_payments(self, invoice_id: str) -> int:
+        """Payments still on the canonical chain, whatever their role."""
+        return self._q1(
+            "SELECT COUNT(*) AS n FROM payments WHERE invoice_id = ? AND status != 'reverted'", [invoice_id]
+        )["n"]
 
     # ------------------------------------------------------------------ chain following
 

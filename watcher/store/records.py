@@ -42,6 +42,16 @@ class NewInvoice:
 
 
 @dataclass(frozen=True)
+class NewSession:
+    """A payment session to start on an existing invoice: its options and its timer."""
+
+    options: list[OptionSpec]
+    payment_timing: dict[str, Any]  # with payable_until (and due_at) filled
+    payable_until: int
+    request: dict[str, Any]  # the options request it was built from, kept for the next refresh
+
+
+@dataclass(frozen=True)
 class MatchedTransfer:
     """A transfer the follower found to one of our options."""
 
