@@ -25,7 +25,9 @@ from .follower import Follower
 from .invoicing import Invoicing
 from .jobs import make_scheduler
 from .logs import configure_logging, register_secrets
+from .metrics import Metrics
 from .notify import Notifier
+from .ops import Ops, add_ops_routes
 from .store import Endpoint, Store
 from .webhooks import Dispatcher
 
@@ -81,6 +83,8 @@ class Service:
         self._scheduler = None
         self.base_url = ""
         self.notifier = Notifier()
+        self.metrics = Metrics()  # a registry of its own: several services can share a process
+        self.ops: Ops | None = None
 
     # ------------------------------------------------------------------ start
 
@@ -90,7 +94,7 @@ class Service:
         else:
             transport = HttpTransport(rpc_url)
             self._transports.append(transport)
-        return JsonRpcReader(transport)
+        return JsonRpcReader(transport, self.metrics.rpc(name))
 
     async def start(self) -> None:
         s = self.settings
@@ -118,10 +122,13 @@ class Service:
                 start_block=chain.start_block,
                 poll_interval=chain.poll_interval_seconds,
                 clock=self.clock,
+                metrics=self.metrics,
             )
             if any(a.kind == "native" for a in chain.assets):
                 log.warning("native_assets_not_watched_yet", network=chain.name)
-        self.dispatcher = Dispatcher(store.outbox, {w.url: w.secret for w in s.webhooks}, clock=self.clock)
+        self.dispatcher = Dispatcher(
+            store.outbox, {w.url: w.secret for w in s.webhooks}, clock=self.clock, on_attempt=self.metrics.webhook_attempt,
+        )
         store.outbox.on_delivery_queued = self.dispatcher.wake
 
         app = make_app(
@@ -131,6 +138,9 @@ class Service:
             from .sandbox import add_sandbox_routes
 
             add_sandbox_routes(app, self.sandbox, store, self._wake_followers)
+        self.ops = Ops(s, store, self.followers, readers, clock=self.clock)
+        self.metrics.track(store, self.ops.positions)
+        add_ops_routes(app, self.ops, self.metrics)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.http.host, s.http.port)

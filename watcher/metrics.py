@@ -1,0 +1,149 @@
+"""Prometheus metrics: one registry per Service (several daemons can share a process, as in
+the tests), counters fed by hooks in the follower, the reader and the dispatcher, and gauges
+read at scrape time from the followers and the store.
+
+Every name starts with `watcher_`. Counters count events in this process since it started;
+gauges that describe stored state (invoices by status, the outbox backlog) are read from the
+database on each scrape, so they are right after a restart too.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Callable, Iterable, Iterator, Sequence
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from . import __version__
+from .domain import InvoiceStatus
+from .store import Store
+from .store.probes import invoice_counts
+
+log = structlog.get_logger("watcher.metrics")
+
+__all__ = ["CONTENT_TYPE_LATEST", "ChainRow", "Metrics"]
+
+# Webhook attempts: a local receiver answers in milliseconds, a slow one takes up to the 10 s timeout.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# (network, head_block, last_processed_block, lag_blocks, last_head_at unix seconds); None: not known yet.
+ChainRow = tuple[str, int | None, int | None, int | None, float | None]
+
+
+class RpcCounter:
+    """`chain.RpcCounts` for one chain: its per-method children are bound once, so counting
+    a request is a dict lookup and an increment."""
+
+    def __init__(self, calls: Counter, errors: Counter, network: str) -> None:
+        self._calls_of = calls
+        self._errors_of = errors
+        self.network = network
+        self._calls: dict[str, Counter] = {}
+        self._errors: dict[str, Counter] = {}
+
+    def called(self, method: str) -> None:
+        child = self._calls.get(method)
+        if child is None:
+            child = self._calls[method] = self._calls_of.labels(self.network, method)
+        child.inc()
+
+    def failed(self, method: str) -> None:
+        child = self._errors.get(method)
+        if child is None:
+            child = self._errors[method] = self._errors_of.labels(self.network, method)
+        child.inc()
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        Info("watcher_build", "The running watcher's version.", registry=r).info({"version": __version__})
+        self.blocks_processed = Counter(
+            "watcher_blocks_processed", "Blocks scanned and committed, per chain.", ["network"], registry=r)
+        self.rpc_calls = Counter(
+            "watcher_rpc_calls", "JSON-RPC requests sent to the node, by method (a batch counts once).",
+            ["network", "method"], registry=r)
+        self.rpc_errors = Counter(
+            "watcher_rpc_errors", "Failed node reads, by method (after the transport's retries).",
+            ["network", "method"], registry=r)
+        self.payments_recorded = Counter(
+            "watcher_payments_recorded", "Payments found on chain and recorded, by the role they got then.",
+            ["network", "role"], registry=r)
+        self.webhook_deliveries = Counter(
+            "watcher_webhook_deliveries", "Webhook delivery attempts by outcome: delivered, retry (failed, "
+            "will be retried) or failed (failed, no retry left).", ["outcome"], registry=r)
+        self.webhook_latency = Histogram(
+            "watcher_webhook_delivery_duration_seconds", "Time from sending a webhook to its answer (or to "
+            "the error), per attempt.", buckets=LATENCY_BUCKETS, registry=r)
+        for outcome in ("delivered", "retry", "failed"):
+            self.webhook_deliveries.labels(outcome)  # every outcome shows, at 0 until it happens
+
+    # ------------------------------------------------------------------ hooks
+
+    def rpc(self, network: str) -> RpcCounter:
+        return RpcCounter(self.rpc_calls, self.rpc_errors, network)
+
+    def blocks_applied(self, network: str, blocks: int, payment_roles: Sequence[str]) -> None:
+        """`follower.FollowerMetrics`: called after each committed range."""
+        self.blocks_processed.labels(network).inc(blocks)
+        for role in payment_roles:
+            self.payments_recorded.labels(network, role).inc()
+
+    def webhook_attempt(self, outcome: str, seconds: float | None) -> None:
+        """`webhooks.Dispatcher`'s hook; `seconds` is None when no request was sent."""
+        self.webhook_deliveries.labels(outcome).inc()
+        if seconds is not None:
+            self.webhook_latency.observe(seconds)
+
+    # ------------------------------------------------------------------ scrape time
+
+    def track(self, store: Store, chains: Callable[[], Iterable[ChainRow]]) -> None:
+        """Read the chains' positions and the store's counts on every scrape."""
+        for network, *_ in chains():
+            self.blocks_processed.labels(network)  # shown at 0 from the start
+        self.registry.register(_StateCollector(store, chains))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector:
+    def __init__(self, store: Store, chains: Callable[[], Iterable[ChainRow]]) -> None:
+        self.store = store
+        self.chains = chains
+
+    def collect(self) -> Iterator[Metric]:
+        head = GaugeMetricFamily("watcher_head_block", "The node's latest block, as last read.", labels=["network"])
+        processed = GaugeMetricFamily(
+            "watcher_last_processed_block", "The last block scanned and committed (the checkpoint).", labels=["network"])
+        lag = GaugeMetricFamily(
+            "watcher_head_lag_blocks", "Blocks between the node's head and the checkpoint.", labels=["network"])
+        head_at = GaugeMetricFamily(
+            "watcher_last_head_timestamp_seconds", "When the node's head was last read (unix time).", labels=["network"])
+        try:
+            rows = list(self.chains())
+        except sqlite3.Error as exc:
+            log.warning("metrics_chains_unavailable", error=str(exc))
+            rows = []
+        for network, head_block, last_processed, lag_blocks, last_head_at in rows:
+            for family, value in ((head, head_block), (processed, last_processed), (lag, lag_blocks), (head_at, last_head_at)):
+                if value is not None:
+                    family.add_metric([network], value)
+        yield from (head, processed, lag, head_at)
+
+        # Stored state: if the database does not answer, these series are left out (and
+        # /readyz says why) rather than failing the whole scrape.
+        try:
+            counts = invoice_counts(self.store)
+            backlog = self.store.outbox.backlog()
+        except sqlite3.Error as exc:
+            log.warning("metrics_store_unavailable", error=str(exc))
+            return
+        invoices = GaugeMetricFamily("watcher_invoices", "Stored invoices by status.", labels=["status"])
+        for status in InvoiceStatus:
+            invoices.add_metric([status.value], counts.get(status.value, 0))
+        yield invoices
+        yield GaugeMetricFamily(
+            "watcher_webhook_outbox_backlog", "Webhook deliveries pending (due now or waiting for a retry).", value=backlog)
