@@ -1,6 +1,6 @@
 """The invoice routes of CONTRACT.md §3 beyond create and read, end to end through HTTP on a
-real daemon and chain: drafts and finalize, cancel, checkout-session refresh and exception
-resolution.
+real daemon and chain: free-text search, CSV export, stats, drafts and finalize, cancel,
+checkout-session refresh and exception resolution.
 
 Every happy path checks the stored invoice (read back through the API) and the webhooks a
 real receiver got; every refusal is checked to change nothing (the table at the end reuses
@@ -10,6 +10,8 @@ the machinery of test_api_errors.py).
 from __future__ import annotations
 
 import calendar
+import csv
+import io
 import time
 from typing import Any
 from urllib.parse import urlencode
@@ -18,6 +20,7 @@ import pytest
 
 from harness import Harness, free_port
 from test_api_errors import NO_JSON, Case, fixtures, problem_errors, send, snapshot
+from watcher import api as api_module
 from watcher.config import settings_from_dict
 from watcher.sandbox import sandbox_settings_data
 from watcher.service import Service
@@ -156,6 +159,222 @@ async def refused(h: Harness, method: str, path: str, status: int, *, json: Any 
     return got
 
 
+# --------------------------------------------------------------------------- search
+
+
+async def test_search_matches_ids_text_addresses_and_hashes_case_insensitively(h):
+    a = await h.create(amount="1", product_name="Café Überraschung", merchant_reference="order_100%",
+                       customer_id="cus_Alpha", customer_email="Alice@Example.com", bill_to="Alice Liddell")
+    b = await h.create(amount="2", product_name="Pro Plan", merchant_reference="order_200", customer_id="cus_beta",
+                       customer_email="bob@example.com", bill_to="Bob & Co")
+    c = await h.create(amount="3", product_name="Pro Plan yearly", merchant_reference="ORDER_300")
+    paid = await pay_and_wait(h, b["id"], "paid")
+    tx = paid["payments"][0]["transaction_hash"]
+    address = a["payment_options"][0]["destination_address"]  # EIP-55 mixed case
+
+    cases = {
+        a["id"]: [a["id"]],
+        a["id"].lower()[4:20]: [a["id"]],  # part of the id, other case
+        "überrasch": [a["id"]],  # Unicode case folding, not ASCII only
+        "CAFÉ": [a["id"]],
+        "pro plan": [c["id"], b["id"]],  # newest first
+        "order_": [c["id"], b["id"], a["id"]],
+        "100%": [a["id"]],  # % and _ are literal, not wildcards
+        "0%": [a["id"]],
+        "r_2": [b["id"]],
+        "CUS_ALPHA": [a["id"]],
+        "alice@example": [a["id"]],
+        "liddell": [a["id"]],
+        "bob & co": [b["id"]],
+        address: [a["id"]],
+        address.lower(): [a["id"]],
+        "0X" + address[2:].upper(): [a["id"]],
+        address[10:30].upper(): [a["id"]],
+        tx: [b["id"]],
+        tx.upper()[2:40]: [b["id"]],
+        "  pro plan yearly  ": [c["id"]],  # surrounding blanks are not part of the search
+        "nothing like this": [],
+        "\x00": [],
+    }
+    for needle, want in cases.items():
+        assert await ids(h, search=needle) == (want, len(want)), needle
+
+    # With the other filters and pagination.
+    assert await ids(h, search="pro plan", status="paid") == ([b["id"]], 1)
+    assert await ids(h, search="order_", limit="1", offset="1") == ([b["id"]], 3)
+    assert await ids(h, search="order_", merchant_reference="ORDER_300") == ([c["id"]], 1)
+
+    for bad, field in ((" ", "search"), ("", "search"), ("x" * 255, "search")):
+        await refused(h, "GET", "/v1/invoices?" + urlencode({"search": bad}), 422, field=field)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def parse_csv(text: str) -> tuple[list[str], list[dict]]:
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+    header, body = rows[0], rows[1:]
+    return header, [dict(zip(header, r)) for r in body]
+
+
+async def export(h: Harness, **query: str) -> tuple[list[str], list[dict], dict]:
+    assert h.http is not None
+    url = h.base_url + "/v1/invoices/export" + ("?" + urlencode(query) if query else "")
+    async with h.http.get(url, headers={"Authorization": f"Bearer {h.api_key}"}) as r:
+        text = (await r.read()).decode("utf-8")
+        assert r.status == 200, text
+        assert r.headers["Content-Type"] == "text/csv; charset=utf-8"
+        assert r.headers["Content-Disposition"] == 'attachment; filename="invoices.csv"'
+        assert "\r\n" in text  # RFC 4180 line ends
+        header, rows = parse_csv(text)
+        return header, rows, dict(r.headers)
+
+
+async def test_export_is_csv_with_a_header_row_the_filters_and_no_formulas(h, monkeypatch):
+    header, rows, headers = await export(h)
+    assert header == list(api_module.EXPORT_COLUMNS) and rows == [] and headers["X-Total-Count"] == "0"
+
+    a = await h.create(amount="10", merchant_reference="=HYPERLINK(\"http://evil\")", product_name="+1+2",
+                       customer_id="-5", customer_email="evil@example.com")
+    b = await h.create(amount="20", product_name='Widget, "large"\nsecond line', merchant_reference="@SUM(A1)",
+                       customer_id="\tcmd", customer_email="=x@example.com")
+    c = await h.create(amount="30", merchant_reference="plain")
+    await h.pay(b["id"], "5")
+    await h.mine(1)
+    await h.wait_invoice(b["id"], lambda i: len(i["payments"]) == 1, "first payment")
+    await pay_and_wait(h, b["id"], "paid")
+    await h.mine(2)
+    b_now = await h.wait_status(b["id"], "confirmed")
+    await h.request("POST", f"/v1/invoices/{c['id']}/cancel")
+
+    header, rows, headers = await export(h)
+    assert headers["X-Total-Count"] == "3"
+    assert [r["id"] for r in rows] == [c["id"], b["id"], a["id"]]  # newest first, as the list
+    ra, rb, rc = rows[2], rows[1], rows[0]
+    # Formula injection: a cell a spreadsheet would evaluate starts with an apostrophe.
+    assert ra["merchant_reference"] == "'=HYPERLINK(\"http://evil\")"
+    assert ra["product_name"] == "'+1+2" and ra["customer_id"] == "'-5"
+    assert rb["merchant_reference"] == "'@SUM(A1)" and rb["customer_id"] == "'\tcmd" and rb["customer_email"] == "'=x@example.com"
+    assert rb["product_name"] == 'Widget, "large"\nsecond line'  # quoted by the csv module, read back whole
+    assert rc["merchant_reference"] == "plain"
+    # The amounts, states and times of the invoice object.
+    hashes = [p["transaction_hash"] for p in b_now["payments"]]
+    assert len(hashes) == 2 and rb["transaction_hashes"] == " ".join(hashes)
+    assert {k: rb[k] for k in ("status", "amount", "currency", "received_amount", "remaining_amount", "overpaid_amount",
+                               "payment_state", "exception_type", "exception_status")} == {
+        "status": "confirmed", "amount": "20", "currency": "USD", "received_amount": "20.00", "remaining_amount": "0",
+        "overpaid_amount": "0", "payment_state": "exact", "exception_type": "", "exception_status": "",
+    }
+    assert rb["created_at"] == b_now["created_at"] and rb["paid_at"] == b_now["paid_at"]
+    assert rb["confirmed_at"] == b_now["confirmed_at"] and rb["cancelled_at"] == ""
+    assert rc["status"] == "cancelled" and rc["cancelled_at"] and rc["transaction_hashes"] == ""
+    assert ra["status"] == "pending" and ra["received_amount"] == "0" and ra["remaining_amount"] == "10.00"
+
+    # The list's filters.
+    assert [r["id"] for r in (await export(h, status="confirmed"))[1]] == [b["id"]]
+    assert [r["id"] for r in (await export(h, search="evil"))[1]] == [a["id"]]
+    assert [r["id"] for r in (await export(h, transaction_hash=hashes[0]))[1]] == [b["id"]]
+    assert (await export(h, status="expired"))[1] == []
+    # Pages, if asked for.
+    _, page, headers = await export(h, limit="1", offset="1")
+    assert [r["id"] for r in page] == [b["id"]] and headers["X-Total-Count"] == "3"
+
+    # Past the cap, an export without limit is refused, not cut short; with limit it is a page.
+    monkeypatch.setattr(api_module, "EXPORT_MAX_ROWS", 2)
+    problem = await refused(h, "GET", "/v1/invoices/export", 422, field="limit")
+    assert "3 invoices match" in problem["detail"]
+    assert [r["id"] for r in (await export(h, limit="2"))[1]] == [c["id"], b["id"]]
+    assert [r["id"] for r in (await export(h, status="pending"))[1]] == [a["id"]]
+    await refused(h, "GET", "/v1/invoices/export?limit=3", 422, field="limit")
+
+
+async def test_export_reads_in_chunks_without_repeating_or_skipping(h):
+    made = [(await h.create(amount=str(n + 1), merchant_reference=f"r{n}"))["id"] for n in range(7)]
+    store = h.service.store
+    chunks = list(store.export_rows({}, 100, 0, chunk=3))
+    assert [len(c) for c in chunks] == [3, 3, 1]
+    assert [r["id"] for c in chunks for r in c] == made[::-1]
+    chunks = list(store.export_rows({}, 4, 2, chunk=3))
+    assert [r["id"] for c in chunks for r in c] == made[::-1][2:6]
+    # An invoice created while an export is under way is not in it, and nothing shifts.
+    rows = store.export_rows({}, 100, 0, chunk=2)
+    first = next(rows)
+    await h.create(amount="1")
+    rest = [r for c in rows for r in c]
+    assert [r["id"] for r in first + rest] == made[::-1]
+
+
+# --------------------------------------------------------------------------- stats
+
+
+async def stats(h: Harness, **query: str) -> dict:
+    status, got, _ = await h.request("GET", "/v1/invoices/stats" + ("?" + urlencode(query) if query else ""))
+    assert status == 200, got
+    return got
+
+
+def counts(**nonzero: int) -> dict:
+    every = dict.fromkeys(("draft", "pending", "paid", "confirmed", "expired", "underpaid", "cancelled"), 0)
+    return every | nonzero
+
+
+def exceptions(**nonzero: int) -> dict:
+    return dict.fromkeys(("late_payment", "underpaid", "overpaid", "duplicate_payment"), 0) | nonzero
+
+
+async def test_stats_count_every_status_and_open_exception_and_sum_received_exactly(h):
+    empty = await stats(h)
+    assert empty == {
+        "total": 0, "by_status": counts(), "by_open_exception_type": exceptions(),
+        "received": [{"network": "sandbox", "asset": "TUSD", "decimals": 6, "amount_atomic": "0", "amount": "0", "payments": 0}],
+    }
+
+    paid = await h.create(amount="12.5", merchant_reference="shop-a")
+    over = await h.create(amount="10", merchant_reference="shop-a")
+    partial = await h.create(amount="7", merchant_reference="shop-b")
+    cancelled = await h.create(amount="3", merchant_reference="shop-b")
+    await h.create(amount="4", draft=True)
+    await h.create(amount="0")
+    await h.pay(paid["id"])
+    await h.pay(over["id"], "10.000001")
+    await h.pay(partial["id"], "0.25")
+    await h.mine(1)
+    await h.wait_status(paid["id"], "paid")
+    await h.wait_status(over["id"], "paid")
+    await h.wait_invoice(partial["id"], lambda i: len(i["payments"]) == 1, "partial payment")
+    status, _ = await post(h, f"/v1/invoices/{cancelled['id']}/cancel")
+    assert status == 200
+    # A late payment to the cancelled invoice is recorded but not received (it does not count).
+    await h.pay(cancelled["id"], "3")
+    await h.mine(1)
+    await h.wait_invoice(cancelled["id"], lambda i: len(i["payments"]) == 1, "late payment")
+
+    got = await stats(h)
+    assert got["total"] == 6
+    assert got["by_status"] == counts(draft=1, pending=1, paid=2, confirmed=1, cancelled=1)
+    assert got["by_open_exception_type"] == exceptions(overpaid=1, late_payment=1)
+    received = 12_500_000 + 10_000_001 + 250_000
+    assert got["received"] == [{"network": "sandbox", "asset": "TUSD", "decimals": 6, "amount_atomic": str(received),
+                                "amount": "22.750001", "payments": 3}]
+
+    shop_a = await stats(h, merchant_reference="shop-a")
+    assert shop_a["total"] == 2 and shop_a["by_status"] == counts(paid=2)
+    assert shop_a["received"][0]["amount_atomic"] == "22500001" and shop_a["received"][0]["payments"] == 2
+    shop_b = await stats(h, search="SHOP-B")
+    assert shop_b["by_status"] == counts(pending=1, cancelled=1)
+    assert shop_b["by_open_exception_type"] == exceptions(late_payment=1)
+    assert shop_b["received"][0]["amount"] == "0.25"
+    assert (await stats(h, status="draft"))["received"][0]["amount_atomic"] == "0"
+    assert (await stats(h, exception_type="overpaid"))["by_status"] == counts(paid=1)
+
+    # Accepting the late payment makes it received.
+    status, _ = await post(h, f"/v1/invoices/{cancelled['id']}/exception/resolve", {"resolution_action": "accept_late_payment"})
+    assert status == 200
+    again = await stats(h)
+    assert again["received"][0]["amount_atomic"] == str(received + 3_000_000)
+    assert again["by_open_exception_type"] == exceptions(overpaid=1)
+
+
 # --------------------------------------------------------------------------- drafts
 
 
@@ -292,6 +511,8 @@ async def test_checkout_session_requotes_with_new_addresses_and_the_old_ones_sti
     assert fresh["payment_timing"]["expires_after_minutes"] == 30
     assert unix(fresh["payment_timing"]["payable_until"]) >= unix(invoice["payment_timing"]["payable_until"]) + 4
     assert await h.get(invoice["id"]) == fresh
+    # The old address still finds the invoice.
+    assert await ids(h, search=old["destination_address"]) == ([invoice["id"]], 1)
 
     # Without a body: the last session's rates again.
     status, again = await post(h, f"/v1/invoices/{invoice['id']}/checkout-session")
@@ -462,14 +683,36 @@ ROUTE_CASES = [
     Case("session-bad-body-wrong-state", 422, "assets", "POST", "/v1/invoices/{zero}/checkout-session", json={"assets": ["NOPE"]}),
     Case("session-bad-body-unknown-invoice", 422, "quote_rates", "POST", f"/v1/invoices/{NOPE}/checkout-session",
          json={"quote_rates": {"TUSD": "-1"}}),
+    # list, export and stats queries
+    Case("list-search-blank", 422, "search", "GET", "/v1/invoices?search=%20%20"),
+    Case("list-search-empty", 422, "search", "GET", "/v1/invoices?search="),
+    Case("list-search-255", 422, "search", "GET", "/v1/invoices?search=" + "s" * 255),
+    Case("export-status-bogus", 422, "status", "GET", "/v1/invoices/export?status=bogus"),
+    Case("export-unknown-param", 422, "colour", "GET", "/v1/invoices/export?colour=red"),
+    Case("export-search-blank", 422, "search", "GET", "/v1/invoices/export?search=%20"),
+    Case("export-limit-0", 422, "limit", "GET", "/v1/invoices/export?limit=0"),
+    Case("export-limit-over-cap", 422, "limit", "GET", "/v1/invoices/export?limit=100001"),
+    Case("export-offset-negative", 422, "offset", "GET", "/v1/invoices/export?offset=-1"),
+    Case("export-exception-type-bogus", 422, "exception_type", "GET", "/v1/invoices/export?exception_type=fraud"),
+    Case("stats-limit", 422, "limit", "GET", "/v1/invoices/stats?limit=5"),
+    Case("stats-offset", 422, "offset", "GET", "/v1/invoices/stats?offset=0"),
+    Case("stats-status-bogus", 422, "status", "GET", "/v1/invoices/stats?status=PAID"),
+    Case("stats-exception-status-bogus", 422, "exception_status", "GET", "/v1/invoices/stats?exception_status=closed"),
+    Case("stats-search-blank", 422, "search", "GET", "/v1/invoices/stats?search="),
     # methods
     Case("get-finalize", 405, None, "GET", "/v1/invoices/{draft}/finalize"),
     Case("get-cancel", 405, None, "GET", CANCEL),
     Case("get-session", 405, None, "GET", SESSION),
+    Case("post-export", 405, None, "POST", "/v1/invoices/export", json={}),
+    Case("post-stats", 405, None, "POST", "/v1/invoices/stats", json={}),
+    Case("delete-stats", 405, None, "DELETE", "/v1/invoices/stats"),
     Case("put-cancel", 405, None, "PUT", CANCEL, json={}),
 ]
 
 NEW_ROUTES = [
+    ("GET", "/v1/invoices?search=x", None),
+    ("GET", "/v1/invoices/export", None),
+    ("GET", "/v1/invoices/stats", None),
     ("POST", FINALIZE, {}),
     ("POST", CANCEL, {}),
     ("POST", SESSION, {}),

@@ -52,9 +52,14 @@ def new_secret() -> str:
 @pytest.fixture(autouse=True)
 def restore_structlog():
     """Reloads and the CLI reconfigure structlog globally; put it back for the other tests."""
-    saved = structlog.get_config()
+    import logging
+
+    saved, root = structlog.get_config(), logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
     yield
     structlog.configure(**saved)
+    root.handlers[:] = handlers  # configure_logging's handler writes to this test's stderr
+    root.setLevel(level)
 
 
 # --------------------------------------------------------------------------- helpers

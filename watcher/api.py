@@ -7,8 +7,10 @@ idempotency) raise before anything is written.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import hmac
+import io
 import json
 import math
 import re
@@ -394,6 +396,43 @@ def make_app(
             raise Problem(409, "Conflict", str(exc), slug="state-conflict") from None
         return json_response(_invoice_or_404(invoice, invoice_id))
 
+    async def export_invoices(request: web.Request) -> web.StreamResponse:
+        filters = parse_list_filters(request)
+        limit = _query_int(request, "limit", EXPORT_MAX_ROWS, 1, EXPORT_MAX_ROWS)
+        offset = _query_int(request, "offset", 0, 0, 10**9)
+        total = store.count_invoices(filters)
+        if "limit" not in request.query and total - offset > EXPORT_MAX_ROWS:
+            raise invalid("limit", f"{total - offset} invoices match, more than the {EXPORT_MAX_ROWS} an export holds: "
+                                   "page with limit and offset, or narrow the filters")
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/csv; charset=utf-8",
+            "Content-Disposition": 'attachment; filename="invoices.csv"',
+            "X-Total-Count": str(total),
+        })
+        await response.prepare(request)  # from here on nothing may fail as a problem: all checks are done
+        try:
+            await response.write(_csv_lines([EXPORT_COLUMNS]))
+            if request.method != "HEAD":
+                for rows in store.export_rows(filters, limit, offset):
+                    await response.write(_csv_lines([[row[c] for c in EXPORT_COLUMNS] for row in rows]))
+            await response.write_eof()
+        except ConnectionResetError:  # the client went away mid-export: nothing to answer
+            log.info("export_abandoned", path=request.path_qs)
+        return response
+
+    async def invoice_stats(request: web.Request) -> web.Response:
+        filters = parse_list_filters(request, paging=False)
+        stats = store.invoice_stats(filters)
+        # Every configured asset is listed, at zero when nothing was received in it.
+        seen = {(r["network"], r["asset"]) for r in stats["received"]}
+        for a in invoicing.assets:
+            if (a.chain.name, a.symbol) not in seen:
+                seen.add((a.chain.name, a.symbol))
+                stats["received"].append({"network": a.chain.name, "asset": a.symbol, "decimals": a.decimals,
+                                          "amount_atomic": "0", "amount": "0", "payments": 0})
+        stats["received"].sort(key=lambda r: (r["network"], r["asset"]))
+        return json_response(stats)
+
     async def no_body(request: web.Request) -> None:
         body = await read_json(request, required=False)
         if not isinstance(body, dict):
@@ -473,6 +512,8 @@ def make_app(
     app = web.Application(client_max_size=MAX_BODY, middlewares=[problems, auth])
     app.router.add_post("/v1/invoices", create_invoice)
     app.router.add_get("/v1/invoices", list_invoices)
+    app.router.add_get("/v1/invoices/export", export_invoices)  # before {id}: the fixed paths win
+    app.router.add_get("/v1/invoices/stats", invoice_stats)
     app.router.add_get("/v1/invoices/{id}", get_invoice)
     app.router.add_get("/v1/invoices/{id}/status", get_status)
     app.router.add_get("/v1/invoices/{id}/payments", get_payments)
@@ -484,14 +525,42 @@ def make_app(
     return app
 
 
-LIST_FILTERS = ("status", "exception_type", "exception_status", "merchant_reference", "customer_id", "customer_email", "transaction_hash")
+LIST_FILTERS = (
+    "status", "exception_type", "exception_status", "merchant_reference", "customer_id", "customer_email",
+    "transaction_hash", "search",
+)
+
+# The CSV export: its columns, and the most rows one export holds (page with limit/offset past it).
+EXPORT_MAX_ROWS = 100_000
+EXPORT_COLUMNS = (
+    "id", "status", "amount", "currency", "received_amount", "remaining_amount", "overpaid_amount", "payment_state",
+    "exception_type", "exception_status", "merchant_reference", "customer_id", "customer_email", "product_name",
+    "created_at", "paid_at", "confirmed_at", "cancelled_at", "transaction_hashes",
+)
+# A cell starting with one of these is a formula to a spreadsheet (OWASP "CSV injection").
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-def parse_list_filters(request: web.Request) -> dict[str, str]:
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    text = str(value)
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def _csv_lines(rows: list[Any]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")  # RFC 4180
+    writer.writerows([[_csv_cell(v) for v in row] for row in rows])
+    return buffer.getvalue().encode("utf-8", "backslashreplace")
+
+
+def parse_list_filters(request: web.Request, *, paging: bool = True) -> dict[str, str]:
     """Known filters only: a misspelt one must not silently return everything."""
+    known = (*LIST_FILTERS, "limit", "offset") if paging else LIST_FILTERS
     for name in request.query:
-        if name not in LIST_FILTERS and name not in ("limit", "offset"):
-            raise invalid(name, f"unknown query parameter (known: {', '.join((*LIST_FILTERS, 'limit', 'offset'))})")
+        if name not in known:
+            raise invalid(name, f"unknown query parameter (known: {', '.join(known)})")
     filters = {}
     for name in LIST_FILTERS:
         value = request.query.get(name)
@@ -499,7 +568,15 @@ def parse_list_filters(request: web.Request) -> dict[str, str]:
             continue
         if len(value) > 254:
             raise invalid(name, "is too long")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise invalid(name, "is not valid UTF-8") from None
         filters[name] = value
+    if "search" in filters:
+        filters["search"] = filters["search"].strip()
+        if not filters["search"]:
+            raise invalid("search", "must not be blank (leave it out to list everything)")
     if "status" in filters and filters["status"] not in {s.value for s in InvoiceStatus}:
         raise invalid("status", f"must be one of {', '.join(s.value for s in InvoiceStatus)}")
     if "exception_status" in filters and filters["exception_status"] not in ("open", "resolved"):

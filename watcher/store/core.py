@@ -28,6 +28,7 @@ from ..domain import (
     Resolution,
     ResolutionAction,
     Transfer,
+    format_units,
     judge,
     new_id,
     payments_to_cover,
@@ -55,6 +56,10 @@ OptionFinisher = Callable[[OptionSpec, str, str, str], tuple[str, dict | None]]
 SessionPlanner = Callable[[dict], NewSession]
 
 
+def _fold(value: Any) -> Any:
+    return value.casefold() if isinstance(value, str) else value
+
+
 class Store:
     def __init__(self, path: str | Path, *, clock: Callable[[], float]) -> None:
         self.path = str(path)
@@ -67,6 +72,9 @@ class Store:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.execute("PRAGMA busy_timeout=5000")
+        # Unicode-aware case folding for the list's free-text search (SQLite's own lower() and
+        # LIKE fold ASCII only).
+        conn.create_function("watcher_fold", 1, _fold, deterministic=True)
         migrations.apply(self.db)
         self.clock = clock
         self.outbox = Outbox(self.db, clock)
@@ -215,19 +223,124 @@ class Store:
         )
         return invoice_view(row, options, self._payments(invoice_id))
 
-    def list_invoices(self, filters: dict[str, Any], limit: int, offset: int) -> tuple[list[dict], int]:
-        where, params = [], []
+    def _filter_clause(self, filters: dict[str, Any]) -> tuple[list[str], list[Any]]:
+        """The list's filters as SQL conditions on `invoices` (for the list, the export and the stats)."""
+        where: list[str] = []
+        params: list[Any] = []
         for column in ("status", "merchant_reference", "customer_id", "customer_email", "exception_type", "exception_status"):
             if filters.get(column) is not None:
-                where.append(f"{column} = ?")
+                where.append(f"invoices.{column} = ?")
                 params.append(filters[column])
         if filters.get("transaction_hash"):
-            where.append("id IN (SELECT invoice_id FROM payments WHERE tx_hash = ?)")
+            where.append("invoices.id IN (SELECT invoice_id FROM payments WHERE tx_hash = ?)")
             params.append(filters["transaction_hash"].lower())
+        if filters.get("search"):
+            # Case-insensitive substring over the invoice's own text, the deposit addresses of all
+            # its options (old sessions' too) and its payments' transaction hashes (both stored lowercase).
+            needle = _fold(filters["search"])
+            texts = " OR ".join(
+                f"instr(watcher_fold(invoices.{c}), ?) > 0"
+                for c in ("id", "product_name", "merchant_reference", "customer_id", "customer_email", "bill_to")
+            )
+            where.append(
+                f"({texts} "
+                "OR EXISTS (SELECT 1 FROM payment_options o WHERE o.invoice_id = invoices.id AND instr(o.destination_address, ?) > 0) "
+                "OR EXISTS (SELECT 1 FROM payments p WHERE p.invoice_id = invoices.id AND instr(p.tx_hash, ?) > 0))"
+            )
+            params += [needle] * 8
+        return where, params
+
+    def list_invoices(self, filters: dict[str, Any], limit: int, offset: int) -> tuple[list[dict], int]:
+        where, params = self._filter_clause(filters)
         clause = ("WHERE " + " AND ".join(where)) if where else ""
         total = self._q1(f"SELECT COUNT(*) AS n FROM invoices {clause}", params)["n"]
         ids = self._q(f"SELECT id FROM invoices {clause} ORDER BY rowid DESC LIMIT ? OFFSET ?", [*params, limit, offset])
         return [self._invoice(r["id"]) for r in ids], total  # type: ignore[misc]
+
+    def count_invoices(self, filters: dict[str, Any]) -> int:
+        where, params = self._filter_clause(filters)
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        return self._q1(f"SELECT COUNT(*) AS n FROM invoices {clause}", params)["n"]
+
+    def export_rows(self, filters: dict[str, Any], limit: int, offset: int, *, chunk: int = 500) -> Iterator[list[dict]]:
+        """The filtered invoices, newest first, as flat rows for the CSV export, `chunk` at a time.
+
+        Every chunk is its own short read (no cursor stays open while the caller writes), and
+        the chunks continue below the last rowid seen, so invoices created during the export are
+        left out rather than shifting the pages."""
+        where, params = self._filter_clause(filters)
+        last: int | None = None
+        left, skip = limit, offset
+        while left > 0:
+            conds = list(where) + (["invoices.rowid < ?"] if last is not None else [])
+            clause = ("WHERE " + " AND ".join(conds)) if conds else ""
+            rows = self._q(
+                f"SELECT invoices.rowid AS row_number, invoices.* FROM invoices {clause} ORDER BY invoices.rowid DESC LIMIT ? OFFSET ?",
+                [*params, *([last] if last is not None else []), min(chunk, left), skip],
+            )
+            skip = 0
+            if not rows:
+                return
+            hashes: dict[str, list[str]] = {r["id"]: [] for r in rows}
+            marks = ",".join("?" * len(rows))
+            for p in self._q(
+                f"SELECT invoice_id, tx_hash FROM payments WHERE invoice_id IN ({marks}) AND status != 'reverted' "
+                "ORDER BY block_timestamp, network, block_number, log_key, id",
+                list(hashes),
+            ):
+                if p["tx_hash"] not in hashes[p["invoice_id"]]:
+                    hashes[p["invoice_id"]].append(p["tx_hash"])
+            out = []
+            for r in rows:
+                summary = orjson.loads(r["payment_summary"])
+                out.append(
+                    {
+                        "id": r["id"], "status": r["status"], "amount": r["amount"], "currency": r["currency"],
+                        "received_amount": summary.get("received_amount"), "remaining_amount": summary.get("remaining_amount"),
+                        "overpaid_amount": summary.get("overpaid_amount"), "payment_state": summary.get("payment_state"),
+                        "exception_type": r["exception_type"], "exception_status": r["exception_status"],
+                        "merchant_reference": r["merchant_reference"], "customer_id": r["customer_id"],
+                        "customer_email": r["customer_email"], "product_name": r["product_name"],
+                        "created_at": r["created_at"], "paid_at": r["paid_at"], "confirmed_at": r["confirmed_at"],
+                        "cancelled_at": r["cancelled_at"], "transaction_hashes": " ".join(hashes[r["id"]]),
+                    }
+                )
+            yield out
+            last = rows[-1]["row_number"]
+            left -= len(rows)
+
+    def invoice_stats(self, filters: dict[str, Any]) -> dict:
+        """Counts of the filtered invoices by status and by open exception type (every one
+        present, zeros included), and what their counted, live payments brought per network and asset."""
+        where, params = self._filter_clause(filters)
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        by_status = {s.value: 0 for s in InvoiceStatus}
+        for r in self._q(f"SELECT status, COUNT(*) AS n FROM invoices {clause} GROUP BY status", params):
+            by_status[r["status"]] = r["n"]
+        by_exception = {t.value: 0 for t in ExceptionType}
+        open_clause = "WHERE " + " AND ".join([*where, "invoices.exception_status = 'open'"])
+        for r in self._q(f"SELECT exception_type, COUNT(*) AS n FROM invoices {open_clause} GROUP BY exception_type", params):
+            by_exception[r["exception_type"]] = r["n"]
+        # uint256 sums: SQLite's SUM would overflow (or go to floats), so they are added here, exactly.
+        received: dict[tuple[str, str, int], list[int]] = {}
+        for r in self.db.execute(
+            "SELECT p.network, p.asset, p.decimals, p.amount_atomic FROM payments p "
+            f"WHERE p.role = 'counted' AND p.status != 'reverted' AND p.invoice_id IN (SELECT invoices.id FROM invoices {clause})",
+            params,
+        ):
+            entry = received.setdefault((r["network"], r["asset"], r["decimals"]), [0, 0])
+            entry[0] += int(r["amount_atomic"])
+            entry[1] += 1
+        return {
+            "total": sum(by_status.values()),
+            "by_status": by_status,
+            "by_open_exception_type": by_exception,
+            "received": [
+                {"network": network, "asset": asset, "decimals": decimals, "amount_atomic": str(total),
+                 "amount": format_units(total, decimals), "payments": count}
+                for (network, asset, decimals), (total, count) in sorted(received.items())
+            ],
+        }
 
     # ------------------------------------------------------------------ judging
 
