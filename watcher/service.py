@@ -178,7 +178,10 @@ class Service:
             loops = [t for t in self._tasks if t.get_name() != "health"]
             if all(not t.done() for t in loops):
                 self.notifier.watchdog()
-            self.notifier.status(self.status_line())
+            try:
+                self.notifier.status(self.status_line())
+            except Exception:  # a status line is not worth stopping the watchdog for
+                log.exception("status_line_failed")
             try:
                 await asyncio.wait_for(self.stopping.wait(), timeout=interval)
             except asyncio.TimeoutError:

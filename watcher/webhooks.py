@@ -165,7 +165,11 @@ class Dispatcher:
             if sent:
                 continue
             self._wake.clear()
-            next_at = self.outbox.next_delivery_at()
+            try:
+                next_at = self.outbox.next_delivery_at()
+            except Exception:  # the database may be busy or closing; look again soon
+                log.exception("dispatcher_step_failed")
+                next_at = None
             wait = idle if next_at is None else min(idle, max(next_at - self.clock(), 0.0))
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(wait, 0.01))
