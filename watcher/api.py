@@ -24,9 +24,11 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
+from . import schemas
 from .config import InvoiceSettings
 from .domain import InvoiceStatus, ResolutionAction
 from .invoicing import Invoicing, OptionsError, finish_option, session_timing
+from .openapi import Operation
 from .store import IdempotencyConflict, NewInvoice, NewSession, StateConflict, Store
 
 log = structlog.get_logger("watcher.api")
@@ -555,6 +557,39 @@ def _csv_lines(rows: list[Any]) -> bytes:
     return buffer.getvalue().encode("utf-8", "backslashreplace")
 
 
+def _invoice_operations() -> list[Operation]:
+    """The routes of this module, declared for /openapi.json with the models the handlers use."""
+    inv = ("invoices",)
+    many = (404, 409, 400, 413, 422)
+    return [
+        Operation("POST", "/v1/invoices", "Create an invoice (Idempotency-Key: same key and body, same invoice)",
+                  {201: schemas.Invoice}, body=CreateInvoiceIn, tags=inv, problems=(409,),
+                  extra={"parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                                         "schema": {"type": "string", "minLength": 1, "maxLength": 255}}]}),
+        Operation("GET", "/v1/invoices", "List invoices, newest first", {200: schemas.InvoiceList},
+                  query=schemas.InvoicePage, tags=inv, problems=(422,)),
+        Operation("GET", "/v1/invoices/export", "The filtered list as CSV with a header row",
+                  {200: ("text/csv", {"type": "string"})}, query=schemas.ExportPage, tags=inv, problems=(422,)),
+        Operation("GET", "/v1/invoices/stats", "Counts by status and open exception, amounts received per asset",
+                  {200: schemas.InvoiceStats}, query=schemas.InvoiceFilters, tags=inv, problems=(422,)),
+        Operation("GET", "/v1/invoices/{id}", "An invoice", {200: schemas.Invoice}, tags=inv, problems=(404,)),
+        Operation("GET", "/v1/invoices/{id}/status", "The polling shape of an invoice",
+                  {200: schemas.InvoiceStatusView}, tags=inv, problems=(404,)),
+        Operation("GET", "/v1/invoices/{id}/payments", "An invoice's payments", {200: schemas.PaymentList},
+                  tags=inv, problems=(404,)),
+        Operation("POST", "/v1/invoices/{id}/finalize", "draft -> pending: options built, the timer starts",
+                  {200: schemas.Invoice}, body=NoBodyIn, body_required=False, tags=inv, problems=many),
+        Operation("POST", "/v1/invoices/{id}/cancel", "pending with nothing received -> cancelled",
+                  {200: schemas.Invoice}, body=NoBodyIn, body_required=False, tags=inv, problems=many),
+        Operation("POST", "/v1/invoices/{id}/checkout-session", "A fresh payment session: new quote, new deadline",
+                  {200: schemas.Invoice}, body=CheckoutSessionIn, body_required=False, tags=inv, problems=many),
+        Operation("POST", "/v1/invoices/{id}/exception/resolve", "Resolve the open exception",
+                  {200: schemas.Invoice}, body=ResolveIn, tags=inv, problems=many),
+        Operation("GET", "/healthz", "200 while the process serves", {200: schemas.Health}, auth=False,
+                  tags=("operations",)),
+    ]
+
+
 def parse_list_filters(request: web.Request, *, paging: bool = True) -> dict[str, str]:
     """Known filters only: a misspelt one must not silently return everything."""
     known = (*LIST_FILTERS, "limit", "offset") if paging else LIST_FILTERS
@@ -633,3 +668,6 @@ def build_new_invoice(data: CreateInvoiceIn, invoicing: Invoicing, settings: Inv
         },
         options=options,
     )
+
+
+INVOICE_OPERATIONS = _invoice_operations()

@@ -72,6 +72,23 @@ def resolve_format(
         return "json"
 
 
+class _ClientErrorsWithoutTraceback(logging.Filter):
+    """aiohttp logs a malformed request from a client (a bad header, say) with a traceback,
+    after answering it 400; it is the client's error, so one line, no stack."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            from aiohttp.http_exceptions import HttpProcessingError
+
+            if isinstance(record.exc_info[1], HttpProcessingError):
+                record.msg = "bad_http_request: %s"
+                record.args = (str(record.exc_info[1]).splitlines()[0],)
+                record.exc_info = None
+                record.exc_text = None
+                record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def configure_logging(log_format: str | None = None, level: str = "info") -> str:
     """Configure structlog (and route stdlib logging through it); returns the format chosen.
     ``log_format`` None means "not set in the config": see ``resolve_format``."""
@@ -102,6 +119,7 @@ def configure_logging(log_format: str | None = None, level: str = "info") -> str
     for old in [h for h in root.handlers if getattr(h, "_watcher", False)]:
         root.removeHandler(old)
     handler._watcher = True  # type: ignore[attr-defined]
+    handler.addFilter(_ClientErrorsWithoutTraceback())
     root.addHandler(handler)
     root.setLevel(max(LEVELS.get(level, logging.INFO), logging.WARNING))
     return chosen

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
@@ -32,6 +34,20 @@ class Operation:
     tags: tuple[str, ...] = ()
     problems: tuple[int, ...] = ()  # problem+json answers besides 401 (added when auth) and 413
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def add_openapi_route(app: web.Application, operations: list[Operation], *, version: str) -> dict:
+    """Serve the document of every declared route (this one included) at /openapi.json."""
+    own = Operation("GET", "/openapi.json", "This document (OpenAPI 3.1)",
+                    {200: (JSON, {"type": "object"})}, auth=False, tags=("operations",))
+    document = build_document([*operations, own], version=version)
+    body = orjson.dumps(document)
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type=JSON)
+
+    app.router.add_get("/openapi.json", openapi)
+    return document
 
 
 def _models(operations: list[Operation]) -> list[type[BaseModel]]:

@@ -25,7 +25,9 @@ from eth_utils import function_signature_to_4byte_selector, to_checksum_address
 
 from .addresses import account_xpub_from_mnemonic
 from .api import DECIMAL_TEXT, Problem, invalid, json_response, read_json
+from . import schemas
 from .contracts import load_artifact
+from .openapi import Operation
 from .store import Store
 
 T = TypeVar("T")
@@ -270,6 +272,16 @@ def add_sandbox_routes(app: web.Application, chain: SandboxChain, store: Store, 
 
     app.router.add_post("/v1/sandbox/invoices/{id}/pay", pay)
     app.router.add_post("/v1/sandbox/mine", mine)
+
+
+# Declarations for /openapi.json; present only in sandbox mode, like the routes.
+OPERATIONS = [
+    Operation("POST", "/v1/sandbox/invoices/{id}/pay", "Sandbox: pay an option with a real token transfer",
+              {200: schemas.SandboxPayment}, body=schemas.SandboxPayIn, body_required=False, tags=("sandbox",),
+              problems=(404, 409)),
+    Operation("POST", "/v1/sandbox/mine", "Sandbox: mine blocks", {200: schemas.SandboxMined},
+              body=schemas.SandboxMineIn, body_required=False, tags=("sandbox",)),
+]
 
 
 def _units_to_atomic(value: Any, decimals: int) -> int:

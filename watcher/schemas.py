@@ -202,3 +202,53 @@ class SandboxPayment(_Out):
 class SandboxMined(_Out):
     blocks: int
     head_block: int
+
+
+class InvoiceFilters(BaseModel):
+    """Query parameters of the invoice list, export and stats (documentation of parse_list_filters)."""
+
+    status: InvoiceStatusName | None = None
+    exception_type: ExceptionTypeName | None = None
+    exception_status: Literal["open", "resolved"] | None = None
+    merchant_reference: Annotated[str, Field(max_length=254)] | None = None
+    customer_id: Annotated[str, Field(max_length=254)] | None = None
+    customer_email: Annotated[str, Field(max_length=254)] | None = None
+    transaction_hash: Annotated[str, Field(max_length=254)] | None = None
+    search: Annotated[str, Field(min_length=1, max_length=254, pattern=r"\S")] | None = None
+
+
+class InvoicePage(InvoiceFilters):
+    limit: Annotated[int, Field(ge=1, le=200)] = 50
+    offset: Annotated[int, Field(ge=0, le=10**9)] = 0
+
+
+class ExportPage(InvoiceFilters):
+    limit: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    offset: Annotated[int, Field(ge=0, le=10**9)] = 0
+
+
+class ReceivedTotal(_Out):
+    network: str
+    asset: str
+    decimals: int
+    amount_atomic: AtomicAmount
+    amount: DecimalText
+    payments: int
+
+
+class InvoiceStats(_Out):
+    total: int
+    by_status: dict[InvoiceStatusName, int]
+    by_open_exception_type: dict[ExceptionTypeName, int]
+    received: list[ReceivedTotal]
+
+
+class SandboxPayIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    payment_option_id: str | None = None
+    amount: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?$", description="in the asset's units; default: what remains")] | None = None
+
+
+class SandboxMineIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    blocks: Annotated[int, Field(ge=1, le=1000)] = 1

@@ -18,7 +18,7 @@ import structlog
 from aiohttp import web
 
 from . import __version__
-from .api import make_app
+from .api import INVOICE_OPERATIONS, make_app
 from .chain import ChainReader, HttpTransport, JsonRpcReader, RpcError, Transport
 from .config import ConfigError, Settings, load_settings, strip_credentials
 from .follower import Follower
@@ -27,7 +27,8 @@ from .jobs import make_scheduler
 from .logs import configure_logging, register_secrets
 from .metrics import Metrics
 from .notify import Notifier
-from .ops import Ops, add_ops_routes
+from .openapi import add_openapi_route
+from .ops import OPERATIONS as OPS_OPERATIONS, Ops, add_ops_routes
 from .store import Endpoint, Store
 from .webhooks import Dispatcher
 
@@ -134,13 +135,16 @@ class Service:
         app = make_app(
             store, Invoicing(s), s.invoices, api_key=s.http.api_key, clock=self.clock,
         )
+        operations = [*INVOICE_OPERATIONS, *OPS_OPERATIONS]
         if self.sandbox is not None:
-            from .sandbox import add_sandbox_routes
+            from .sandbox import OPERATIONS as SANDBOX_OPERATIONS, add_sandbox_routes
 
             add_sandbox_routes(app, self.sandbox, store, self._wake_followers)
+            operations += SANDBOX_OPERATIONS
         self.ops = Ops(s, store, self.followers, readers, clock=self.clock)
         self.metrics.track(store, self.ops.positions)
         add_ops_routes(app, self.ops, self.metrics)
+        add_openapi_route(app, operations, version=__version__)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.http.host, s.http.port)
