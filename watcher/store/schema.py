@@ -137,6 +137,8 @@ def m001_initial(db: Database) -> None:
             UNIQUE (event_id, url)
         );
         CREATE INDEX deliveries_due ON deliveries(status, next_attempt_at);
+        CREATE INDEX deliveries_invoice ON deliveries(invoice_id);
+        CREATE INDEX deliveries_type ON deliveries(event_type);
 
         CREATE TABLE delivery_attempts (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
