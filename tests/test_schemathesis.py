@@ -3,7 +3,8 @@
 The daemon runs as a real process (sandbox mode) and schemathesis drives it over HTTP with
 every check except `positive_data_acceptance`: a request can fit the schema and still be
 refused for business reasons the schema cannot express (an asset this daemon does not have,
-an amount its quote cannot cover), and those refusals are documented 422s.
+an amount its quote cannot cover), and those refusals are documented 422s. `/readyz` is left
+out: its documented 503 (a follower behind) is no server error, and test_ops.py covers it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def test_schemathesis_finds_no_server_error_and_no_nonconforming_response(daemon
     result = subprocess.run(
         [SCHEMATHESIS, "run", f"{base}/openapi.json", "-H", f"Authorization: Bearer {key}",
          "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+         # /readyz answers a documented 503 whenever the fuzzed mine route leaves the follower
+         # behind, which "not a server error" would count; tests/test_ops.py checks it instead.
+         "--exclude-path", "/readyz",
          "--phases", "examples,coverage,fuzzing", "-n", "25", "--seed", "20261123",
          "--request-timeout", "10", "--no-color"],
         capture_output=True, text=True, timeout=600,
