@@ -128,3 +128,33 @@ async def test_no_answer_within_the_timeout_is_a_failed_attempt(tmp_path):
         await dispatcher.close()
         await runner.cleanup()
         store.close()
+
+
+async def test_a_redelivery_during_an_attempt_keeps_its_fresh_schedule(tmp_path):
+    """The last attempt is in flight when the operator redelivers: the attempt's failure must
+    not turn the re-queued delivery into `failed`."""
+    redelivered: list[str] = []
+    clock = Clock()
+    store = Store(tmp_path / "w.db", clock=clock)
+
+    async def fail_after_a_redelivery(request: web.Request) -> web.Response:
+        [row] = store.db.execute("SELECT id FROM deliveries").fetchall()
+        redelivered.append(row["id"])
+        store.outbox.redeliver(row["id"])  # the operator, while this attempt is in flight
+        return web.Response(status=500)
+
+    runner, url = await _server(fail_after_a_redelivery)
+    store.outbox.set_endpoints([Endpoint(url, ("invoice.created",))])
+    dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET}, clock=clock)
+    try:
+        _invoice(store)
+        store.db.execute("UPDATE deliveries SET attempts = 7")  # this attempt is the 8th, the last
+        assert await dispatcher.run_once() == 1
+        row = store.db.execute("SELECT status, attempts FROM deliveries").fetchone()
+        assert tuple(row) == ("pending", 0)
+        attempts = store.db.execute("SELECT attempt, status_code FROM delivery_attempts").fetchall()
+        assert [tuple(a) for a in attempts] == [(8, 500)]
+    finally:
+        await dispatcher.close()
+        await runner.cleanup()
+        store.close()

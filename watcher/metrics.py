@@ -69,7 +69,7 @@ class Metrics:
             "watcher_rpc_errors", "Failed node reads, by method (after the transport's retries).",
             ["network", "method"], registry=r)
         self.payments_recorded = Counter(
-            "watcher_payments_recorded", "Payments found on chain and recorded, by the role they got then.",
+            "watcher_payments_recorded", "Payment detections recorded, by the role the payment got then (a payment re-included after a reorg is detected, and counted, again).",
             ["network", "role"], registry=r)
         self.webhook_deliveries = Counter(
             "watcher_webhook_deliveries", "Webhook delivery attempts by outcome: delivered, retry (failed, "

@@ -145,7 +145,8 @@ class Service:
         self.metrics.track(store, self.ops.positions)
         add_ops_routes(app, self.ops, self.metrics)
         add_openapi_route(app, operations, version=__version__)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # In-flight requests get 5 s at shutdown: well inside the unit's TimeoutStopSec.
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.http.host, s.http.port)
         await site.start()
@@ -312,7 +313,7 @@ class Service:
 
         def on_hup() -> None:
             nonlocal hup_early
-            if self.store is None:  # still starting: reload once started
+            if self.dispatcher is None:  # still starting: reload once started
                 hup_early = True
             else:
                 self.reload()

@@ -143,7 +143,7 @@ class Dispatcher:
         delay = None if ok else next_attempt_delay(attempts_done)
         self.outbox.record_attempt(
             delivery["id"], ok=ok, status_code=status_code, error=error, duration_ms=duration_ms,
-            next_attempt_at=None if delay is None else self.clock() + delay,
+            next_attempt_at=None if delay is None else self.clock() + delay, claimed_attempts=delivery["attempts"],
         )
         if self.on_attempt is not None:
             outcome = "delivered" if ok else ("failed" if delay is None else "retry")

@@ -131,16 +131,22 @@ class Outbox:
         error: str | None,
         duration_ms: float,
         next_attempt_at: float | None,
+        claimed_attempts: int | None = None,
     ) -> None:
-        """One attempt, as it went; `next_attempt_at` None after a failure means give up."""
+        """One attempt, as it went; `next_attempt_at` None after a failure means give up.
+
+        `claimed_attempts` is the count the dispatcher saw when it took the delivery: if an
+        operator redelivered it meanwhile, the attempt is recorded but the fresh schedule stays."""
         now = rfc3339(self.clock())
         with self.db.atomic():
             row = self._q1("SELECT attempts FROM deliveries WHERE id = ?", [delivery_id])
-            attempt = row["attempts"] + 1
+            attempt = row["attempts"] + 1 if claimed_attempts is None else claimed_attempts + 1
             self.db.execute(
                 "INSERT INTO delivery_attempts(delivery_id, attempt, at, status_code, error, duration_ms) VALUES (?,?,?,?,?,?)",
                 [delivery_id, attempt, now, status_code, error, duration_ms],
             )
+            if claimed_attempts is not None and row["attempts"] != claimed_attempts:
+                return  # re-queued while this attempt was in flight: leave the new schedule alone
             status = "delivered" if ok else ("pending" if next_attempt_at is not None else "failed")
             self.db.execute(
                 "UPDATE deliveries SET status = ?, attempts = ?, last_status_code = ?, last_error = ?, "
