@@ -145,3 +145,49 @@ def test_resolving_one_of_two_open_exceptions_reports_it_and_shows_the_other(tmp
     assert types.count("invoice.exception_opened") == 2
     with pytest.raises(Exception, match="no open exception"):
         store.resolve_exception(invoice["id"], ResolutionAction.OTHER, None)
+
+
+def test_search_finds_payers_old_addresses_hashes_and_casefolded_text_in_one_stored_column(tmp_path):
+    from watcher.domain import InvoiceStatus
+    from watcher.store import NewSession
+
+    store = new_store(tmp_path)
+    other = create(store)
+    spec = OptionSpec("address", NET, 1, "BIG", TOKEN, 18, "x", "1", 10, 2, xpub="xpub-test")
+    new = NewInvoice(
+        amount=Decimal("10"), currency="USD",
+        fields={"product_name": "Straße", "merchant_reference": "abc", "bill_to": "def"},
+        metadata={}, tolerance_percent=Decimal(0),
+        payment_timing={"mode": "immediate", "expires_after_minutes": 20, "payable_until": None},
+        payable_until=10**10, draft=False, request={}, options=[spec],
+    )
+    derive, finish = (lambda xpub, index: f"0x{index + 1:040x}"), (lambda s, d, i, o: (f"uri:{d}", None))
+    invoice, _ = store.create_invoice(new, derive=derive, finish=finish)
+    old_address = invoice["payment_options"][0]["destination_address"].lower()
+    # A new checkout session: the first address is no longer offered, but still finds the invoice.
+    invoice = store.start_session(
+        invoice["id"], from_statuses=(InvoiceStatus.PENDING,), derive=derive, finish=finish,
+        plan=lambda row: NewSession([spec], {"mode": "immediate", "payable_until": 10**10}, 10**10, {}),
+    )
+    assert old_address not in {o["destination_address"].lower() for o in invoice["payment_options"]}
+    tx, payer = "0x" + "5e" * 32, "0x" + "c0ffee" * 6 + "abcd"
+    t = Transfer(tx, 0, 5, block(5).hash, TOKEN, payer, invoice["payment_options"][0]["destination_address"].lower(), 10)
+    store.apply_blocks(NET, [block(5)], [MatchedTransfer(t, invoice["payment_options"][0]["id"], block(5).timestamp)],
+                       confirmed_through=3)
+
+    def found(needle: str) -> list[str]:
+        data, total = store.list_invoices({"search": needle}, 50, 0)
+        assert total == len(data)
+        return [i["id"] for i in data]
+
+    assert "strasse".casefold() == "straße".casefold() != "straße".lower()  # Unicode case folding, not lower()
+    for needle in (payer, payer.upper()[2:], old_address, old_address.upper(), tx, tx.upper(), "5E5E5E",
+                   "STRASSE", "straße", "STRAẞE", invoice["id"].upper()):
+        assert found(needle) == [invoice["id"]], needle
+    assert found(other["id"]) == [other["id"]]
+    assert store.list_invoices({"search": "STRASSE"}, 50, 1) == ([], 1)  # a page past the end still counts
+    # Literal: '%' and '_' are no wildcards; and no match runs across two fields.
+    for needle in ("%", "str%", "s_rasse", "abcdef", "abc\x1fdef", "\x00"):
+        assert found(needle) == [], needle
+    assert store.invoice_stats({"search": "STRASSE"})["total"] == 1
+    assert [r["id"] for chunk in store.export_rows({"search": payer}, 10, 0) for r in chunk] == [invoice["id"]]

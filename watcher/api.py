@@ -7,6 +7,7 @@ idempotency) raise before anything is written.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import hmac
@@ -417,6 +418,11 @@ def make_app(
             if request.method != "HEAD":
                 for rows in store.export_rows(filters, limit, offset):
                     await response.write(_csv_lines([[row[c] for c in EXPORT_COLUMNS] for row in rows]))
+                    # A write returns at once while the socket takes it: let the follower, the
+                    # webhooks and the watchdog run between chunks, and stop once the client is gone.
+                    await asyncio.sleep(0)
+                    if request.transport is None or request.transport.is_closing():
+                        raise ConnectionResetError("the client went away")
             await response.write_eof()
         except ConnectionResetError:  # the client went away mid-export: nothing to answer
             log.info("export_abandoned", path=request.path_qs)

@@ -56,8 +56,17 @@ OptionFinisher = Callable[[OptionSpec, str, str, str], tuple[str, dict | None]]
 SessionPlanner = Callable[[dict], NewSession]
 
 
-def _fold(value: Any) -> Any:
-    return value.casefold() if isinstance(value, str) else value
+# The list's free-text search runs on one stored column, `invoices.search_text`: the casefolded
+# (Unicode, as str.casefold) id and SEARCH_FIELDS of the invoice, the deposit addresses of all its
+# options (old sessions' too) and the hash and payer of each of its payments, each piece after a
+# SEARCH_SEPARATOR. A needle without the separator can only match inside one piece.
+SEARCH_FIELDS = ("product_name", "merchant_reference", "customer_id", "customer_email", "bill_to")
+SEARCH_SEPARATOR = "\x1f"
+
+
+def search_text(values: Iterable[str | None]) -> str:
+    """The pieces to append to an invoice's `search_text`."""
+    return "".join(SEARCH_SEPARATOR + v.casefold() for v in values if v)
 
 
 class Store:
@@ -72,9 +81,6 @@ class Store:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.execute("PRAGMA busy_timeout=5000")
-        # Unicode-aware case folding for the list's free-text search (SQLite's own lower() and
-        # LIKE fold ASCII only).
-        conn.create_function("watcher_fold", 1, _fold, deterministic=True)
         migrations.apply(self.db)
         self.clock = clock
         self.outbox = Outbox(self.db, clock)
@@ -95,6 +101,12 @@ class Store:
 
     def _now(self) -> str:
         return rfc3339(self.clock())  # type: ignore[return-value]
+
+    def _add_search_text(self, invoice_id: str, values: Iterable[str | None]) -> None:
+        """Make more text find the invoice; called in the transaction that stores that text."""
+        self.db.execute(
+            "UPDATE invoices SET search_text = search_text || ? WHERE id = ?", [search_text(values), invoice_id]
+        )
 
     # ------------------------------------------------------------------ invoices
 
@@ -138,6 +150,7 @@ class Store:
                     "request": orjson.dumps(new.request).decode(),
                     "version": 0,
                     "created_at": now,
+                    "search_text": search_text([invoice_id, *(new.fields.get(k) for k in SEARCH_FIELDS)]),
                 }
             )
             self._insert_options(invoice_id, new.options, derive, finish)
@@ -150,6 +163,7 @@ class Store:
 
     def _insert_options(self, invoice_id: str, specs: list[OptionSpec], derive: Deriver, finish: OptionFinisher) -> None:
         start = (self._q1("SELECT COALESCE(MAX(position), -1) AS p FROM payment_options WHERE invoice_id = ?", [invoice_id])["p"]) + 1
+        destinations = []
         for offset, spec in enumerate(specs):
             option_id = new_id("opt", int(self.clock() * 1000))
             index = None
@@ -183,6 +197,9 @@ class Store:
                     "contract_call": orjson.dumps(call).decode() if call is not None else None,
                 }
             )
+            destinations.append(destination)
+        if destinations:
+            self._add_search_text(invoice_id, destinations)
 
     def _allocate_index(self, xpub: str) -> int:
         """Indices are handed out once and never again, even if the invoice is later dropped."""
@@ -235,26 +252,31 @@ class Store:
             where.append("invoices.id IN (SELECT invoice_id FROM payments WHERE tx_hash = ?)")
             params.append(filters["transaction_hash"].lower())
         if filters.get("search"):
-            # Case-insensitive substring over the invoice's own text, the deposit addresses of all
-            # its options (old sessions' too) and its payments' transaction hashes (both stored lowercase).
-            needle = _fold(filters["search"])
-            texts = " OR ".join(
-                f"instr(watcher_fold(invoices.{c}), ?) > 0"
-                for c in ("id", "product_name", "merchant_reference", "customer_id", "customer_email", "bill_to")
-            )
-            where.append(
-                f"({texts} "
-                "OR EXISTS (SELECT 1 FROM payment_options o WHERE o.invoice_id = invoices.id AND instr(o.destination_address, ?) > 0) "
-                "OR EXISTS (SELECT 1 FROM payments p WHERE p.invoice_id = invoices.id AND instr(p.tx_hash, ?) > 0))"
-            )
-            params += [needle] * 8
+            # A literal, case-insensitive substring of one piece of `search_text` (see SEARCH_FIELDS).
+            needle = filters["search"].casefold()
+            if SEARCH_SEPARATOR in needle:
+                where.append("0")  # (a control character) it could only match across two pieces: nothing
+            else:
+                where.append("instr(invoices.search_text, ?) > 0")
+                params.append(needle)
         return where, params
 
     def list_invoices(self, filters: dict[str, Any], limit: int, offset: int) -> tuple[list[dict], int]:
         where, params = self._filter_clause(filters)
         clause = ("WHERE " + " AND ".join(where)) if where else ""
-        total = self._q1(f"SELECT COUNT(*) AS n FROM invoices {clause}", params)["n"]
-        ids = self._q(f"SELECT id FROM invoices {clause} ORDER BY rowid DESC LIMIT ? OFFSET ?", [*params, limit, offset])
+        if filters.get("search"):
+            # A search reads every invoice: count the matches in the scan that finds the page.
+            ids = self._q(
+                f"SELECT id, COUNT(*) OVER () AS n FROM invoices {clause} ORDER BY rowid DESC LIMIT ? OFFSET ?",
+                [*params, limit, offset],
+            )
+            if ids:
+                total = ids[0]["n"]
+            else:  # nothing found, or a page past the end
+                total = self.count_invoices(filters) if offset else 0
+        else:
+            total = self._q1(f"SELECT COUNT(*) AS n FROM invoices {clause}", params)["n"]
+            ids = self._q(f"SELECT id FROM invoices {clause} ORDER BY rowid DESC LIMIT ? OFFSET ?", [*params, limit, offset])
         return [self._invoice(r["id"]) for r in ids], total  # type: ignore[misc]
 
     def count_invoices(self, filters: dict[str, Any]) -> int:
@@ -708,6 +730,7 @@ class Store:
                 "confirmed_at": None,
             }
         )
+        self._add_search_text(option["invoice_id"], [t.tx_hash, t.from_address])
         return payment_id
 
     def revert_to(self, network: str, ancestor: BlockRef) -> list[str]:

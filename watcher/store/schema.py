@@ -31,7 +31,10 @@ def m001_initial(db: Database) -> None:
             request TEXT NOT NULL,
             version INTEGER NOT NULL,
             created_at TEXT NOT NULL,
-            paid_at TEXT, confirmed_at TEXT, cancelled_at TEXT, last_payment_observed_at TEXT
+            paid_at TEXT, confirmed_at TEXT, cancelled_at TEXT, last_payment_observed_at TEXT,
+            -- The list's free-text search: casefolded text of the invoice, its options' deposit
+            -- addresses and its payments' hashes and payers, each piece after a U+001F (core.py).
+            search_text TEXT NOT NULL DEFAULT ''
         );
         CREATE INDEX invoices_status ON invoices(status, payable_until);
         CREATE INDEX invoices_reference ON invoices(merchant_reference);
