@@ -97,13 +97,19 @@ class Receiver:
 
 
 class Harness:
+    """Subclasses change one thing by overriding `expiry_interval`, `clock`, `chain_settings`
+    or `receiver_class`, not by copying the settings."""
+
+    expiry_interval = 0.2  # the expiry sweep (production: 5 s)
+    receiver_class: type[Receiver] = Receiver
+
     def __init__(self, tmp_path: Path, *, confirmations: int | str = 3, expiry_minutes: int = 20, tolerance: str = "0") -> None:
         self.tmp_path = tmp_path
         self.confirmations = confirmations
         self.expiry_minutes = expiry_minutes
         self.tolerance = tolerance
         self.api_key = "sk_test_" + secrets.token_urlsafe(24)
-        self.receiver = Receiver("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
+        self.receiver = self.receiver_class("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
         self.chain: SandboxChain | None = None
         self.service: Service | None = None
         self.http: aiohttp.ClientSession | None = None
@@ -115,8 +121,14 @@ class Harness:
         await self.start_service()
         return self
 
-    def settings(self):
+    def clock(self) -> float:
+        return time.time()
+
+    def chain_settings(self) -> dict:
         assert self.chain is not None
+        return sandbox_settings_data(self.chain, confirmations=self.confirmations, poll_interval=0.05)
+
+    def settings(self):
         return settings_from_dict(
             {
                 "database": str(self.tmp_path / "watcher.db"),
@@ -125,13 +137,13 @@ class Harness:
                 "http": {"listen": f"127.0.0.1:{free_port()}", "api_key_env": "API_KEY"},
                 "invoices": {"default_expiry_minutes": self.expiry_minutes, "payment_tolerance_percent": self.tolerance},
                 "webhooks": [{"url": self.receiver.url, "secret_env": "HOOK_SECRET"}],
-                "chains": [sandbox_settings_data(self.chain, confirmations=self.confirmations, poll_interval=0.05)],
+                "chains": [self.chain_settings()],
             },
             env={"API_KEY": self.api_key, "HOOK_SECRET": self.receiver.secret},
         )
 
     async def start_service(self) -> None:
-        self.service = Service(self.settings(), sandbox=self.chain, expiry_interval=0.2)
+        self.service = Service(self.settings(), sandbox=self.chain, expiry_interval=self.expiry_interval, clock=self.clock)
         await self.service.start()
 
     async def stop_service(self) -> None:

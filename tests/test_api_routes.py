@@ -18,12 +18,9 @@ from urllib.parse import urlencode
 
 import pytest
 
-from harness import Harness, free_port
+from harness import Harness
 from test_api_errors import NO_JSON, Case, fixtures, problem_errors, send, snapshot
 from watcher import api as api_module
-from watcher.config import settings_from_dict
-from watcher.sandbox import sandbox_settings_data
-from watcher.service import Service
 
 TOKEN_UNIT = 10**6  # the sandbox token has 6 decimals
 
@@ -41,30 +38,14 @@ class RouteHarness(Harness):
     def clock(self) -> float:
         return time.time() + self.offset
 
-    def settings(self):
-        assert self.chain is not None
-        chain = sandbox_settings_data(self.chain, confirmations=self.confirmations, poll_interval=0.05)
+    def chain_settings(self) -> dict:
+        chain = super().chain_settings()
         for asset in chain["assets"]:
             if self.usd_rate is None:
                 asset.pop("usd_rate", None)
             else:
                 asset["usd_rate"] = self.usd_rate
-        return settings_from_dict(
-            {
-                "database": str(self.tmp_path / "watcher.db"),
-                "log_format": "console",
-                "log_level": "warning",
-                "http": {"listen": f"127.0.0.1:{free_port()}", "api_key_env": "API_KEY"},
-                "invoices": {"default_expiry_minutes": self.expiry_minutes, "payment_tolerance_percent": self.tolerance},
-                "webhooks": [{"url": self.receiver.url, "secret_env": "HOOK_SECRET"}],
-                "chains": [chain],
-            },
-            env={"API_KEY": self.api_key, "HOOK_SECRET": self.receiver.secret},
-        )
-
-    async def start_service(self) -> None:
-        self.service = Service(self.settings(), sandbox=self.chain, expiry_interval=0.2, clock=self.clock)
-        await self.service.start()
+        return chain
 
     async def restart(self, **changes: Any) -> None:
         """Stop the daemon, change its settings, start it again on the same database."""
@@ -75,20 +56,11 @@ class RouteHarness(Harness):
 
 
 @pytest.fixture
-async def make_harness(tmp_path):
-    made: list[RouteHarness] = []
+def make_harness(harnesses):
+    def make(**kwargs: Any):
+        return harnesses(RouteHarness, **kwargs)
 
-    async def make(**kwargs: Any) -> RouteHarness:
-        h = RouteHarness(tmp_path / f"h{len(made)}", **kwargs)
-        made.append(h)
-        await h.start()
-        return h
-
-    try:
-        yield make
-    finally:
-        for h in made:
-            await h.close()
+    return make
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from aiohttp import web
 
 from harness import Harness, Receiver, Received
 from watcher.sandbox import _calldata
-from watcher.service import Service
 
 # Order of events emitted by one change (one version), as the store emits them.
 EVENT_ORDER = (
@@ -60,27 +59,16 @@ class BlockExpiryHarness(Harness):
     """The daemon with its timed expiry sweep out of the way (every hour), so that every
     deadline in these tests is decided by applying a mined block (eth-tester's time_travel)."""
 
-    async def start_service(self) -> None:
-        self.service = Service(self.settings(), sandbox=self.chain, expiry_interval=3600)
-        await self.service.start()
+    expiry_interval = 3600
+    receiver_class = RecordingReceiver
 
 
 @pytest.fixture
-async def make_harness(tmp_path):
-    made: list[Harness] = []
+def make_harness(harnesses):
+    def make(cls: type[Harness] = BlockExpiryHarness, **kwargs):
+        return harnesses(cls, **kwargs)
 
-    async def make(cls: type[Harness] = BlockExpiryHarness, **kwargs) -> Harness:
-        h = cls(tmp_path / f"h{len(made)}", **kwargs)
-        h.receiver = RecordingReceiver(h.receiver.secret)
-        made.append(h)
-        await h.start()
-        return h
-
-    try:
-        yield make
-    finally:
-        for h in made:
-            await h.close()
+    return make
 
 
 @pytest.fixture
@@ -746,12 +734,10 @@ async def test_invoice_list_filters_and_pagination(harness):
 # --------------------------------------------------------------------------- concurrency
 
 
-class FastSweepHarness(Harness):
+class FastSweepHarness(BlockExpiryHarness):
     """The same daemon with its expiry sweep every 2 ms instead of 200 ms (production: 5 s)."""
 
-    async def start_service(self) -> None:
-        self.service = Service(self.settings(), sandbox=self.chain, expiry_interval=0.002)
-        await self.service.start()
+    expiry_interval = 0.002
 
 
 async def test_requests_never_fail_while_the_expiry_sweep_runs(make_harness):

@@ -126,13 +126,8 @@ class MirrorHarness(Harness):
 
 
 @pytest.fixture
-async def mirror(tmp_path):
-    h = MirrorHarness(tmp_path)
-    await h.start()
-    try:
-        yield h
-    finally:
-        await h.close()
+async def mirror(harnesses):
+    return await harnesses(MirrorHarness)
 
 
 # --------------------------------------------------------------------------- helpers

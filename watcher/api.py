@@ -18,7 +18,7 @@ import re
 import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Awaitable, Callable, Literal
+from typing import Annotated, Any, Awaitable, Callable, Literal, TypeVar
 
 import orjson
 import structlog
@@ -281,6 +281,23 @@ async def read_json(request: web.Request, *, required: bool = True) -> Any:
         raise Problem(400, "Malformed JSON", "the body is nested too deeply", slug="malformed-json") from None
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_model(request: web.Request, model: type[M], *, required: bool = True) -> M:
+    """The body, parsed and validated into `model`: 400 when it is not JSON, 422 when it does not fit."""
+    return validate_body(model, await read_json(request, required=required), required=required)
+
+
+def validate_body(model: type[M], body: Any, *, required: bool = True) -> M:
+    if not isinstance(body, dict):
+        raise invalid("body", "must be a JSON object" if required else "must be a JSON object (or empty)")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise _from_validation(exc) from None
+
+
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(data), content_type="application/json", headers=headers)
 
@@ -343,13 +360,8 @@ def make_app(
         return await handler(request)
 
     async def create_invoice(request: web.Request) -> web.Response:
-        body = await read_json(request)
-        if not isinstance(body, dict):
-            raise invalid("body", "must be a JSON object")
-        try:
-            data = CreateInvoiceIn.model_validate(body)
-        except ValidationError as exc:
-            raise _from_validation(exc) from None
+        body = await read_json(request)  # kept: the Idempotency-Key compares the body as sent
+        data = validate_body(CreateInvoiceIn, body)
         key = request.headers.get("Idempotency-Key")
         if key is not None and not (1 <= len(key) <= 255):
             raise invalid("Idempotency-Key", "must be 1 to 255 characters")
@@ -386,13 +398,7 @@ def make_app(
 
     async def resolve_exception(request: web.Request) -> web.Response:
         invoice_id = request.match_info["id"]
-        body = await read_json(request)
-        if not isinstance(body, dict):
-            raise invalid("body", "must be a JSON object")
-        try:
-            data = ResolveIn.model_validate(body)
-        except ValidationError as exc:
-            raise _from_validation(exc) from None
+        data = await read_model(request, ResolveIn)
         try:
             invoice = store.resolve_exception(invoice_id, data.resolution_action, data.resolution_note)
         except StateConflict as exc:
@@ -442,13 +448,7 @@ def make_app(
         return json_response(stats)
 
     async def no_body(request: web.Request) -> None:
-        body = await read_json(request, required=False)
-        if not isinstance(body, dict):
-            raise invalid("body", "must be a JSON object (or empty)")
-        try:
-            NoBodyIn.model_validate(body)
-        except ValidationError as exc:
-            raise _from_validation(exc) from None
+        await read_model(request, NoBodyIn, required=False)
 
     def start_session(invoice_id: str, from_statuses: tuple[InvoiceStatus, ...], plan: Callable[[dict], NewSession]) -> dict:
         try:
@@ -477,15 +477,10 @@ def make_app(
 
     async def refresh_session(request: web.Request) -> web.Response:
         invoice_id = request.match_info["id"]
-        body = await read_json(request, required=False)
-        if not isinstance(body, dict):
-            raise invalid("body", "must be a JSON object (or empty)")
+        data = await read_model(request, CheckoutSessionIn, required=False)
         try:
-            data = CheckoutSessionIn.model_validate(body)
             if data.assets is not None:
                 invoicing.select_assets(data.assets)  # an unknown asset is the body's fault, whatever the invoice
-        except ValidationError as exc:
-            raise _from_validation(exc) from None
         except OptionsError as exc:
             raise invalid(exc.field, exc.message) from None
 
