@@ -245,6 +245,7 @@ CREATE_METADATA = [
     create("nested-900-deep", 422, "metadata", data=json.dumps(body(metadata=nested(900))).encode()),
     create("integer-over-64-bits", 422, "metadata", data=b'{"amount": "10", "metadata": {"n": 100000000000000000000000000000}}'),
     create("number-1e400", 422, "metadata", data=b'{"amount": "10", "metadata": {"n": 1e400}}'),
+    create("number-beyond-a-double", 422, "metadata", data=b'{"amount": "10", "metadata": {"n": 0.12345678901234567890123}}'),
     create("lone-surrogate-value", 422, "metadata", data=b'{"amount": "10", "metadata": {"s": "\\udc00"}}'),
     create("lone-surrogate-key", 422, "metadata", data=b'{"amount": "10", "metadata": {"\\ud800": "x"}}'),
 ]

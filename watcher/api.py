@@ -127,9 +127,11 @@ def _plain_json(value: Any, depth: int = 0) -> Any:
     if isinstance(value, list):
         return [_plain_json(v, depth + 1) for v in value]
     if isinstance(value, Decimal):
+        # Stored as a JSON number only when that loses nothing; otherwise the caller must
+        # send it as a string (metadata is the merchant's own data: never silently rounded).
         number = float(value)
-        if not math.isfinite(number):
-            raise ValueError("metadata numbers must fit in a double")
+        if not math.isfinite(number) or Decimal(repr(number)) != value:
+            raise ValueError("metadata numbers must be exact as a double; send longer ones as strings")
         return number
     if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
         raise ValueError("metadata integers must fit in 64 bits")
