@@ -19,6 +19,7 @@ const BUILD_DIR = path.join(HERE, 'build');
 const CONTRACTS = {
   TestToken: 'TestToken.sol',
   PaymentRouter: 'PaymentRouter.sol',
+  TestWallet: 'TestWallet.sol',
 };
 const SETTINGS = {
   optimizer: { enabled: true, runs: 200 },

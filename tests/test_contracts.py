@@ -37,6 +37,7 @@ BUILD_DIR = CONTRACTS_DIR / "build"
 SOURCES = {
     "TestToken": CONTRACTS_DIR / "TestToken.sol",
     "PaymentRouter": CONTRACTS_DIR / "PaymentRouter.sol",
+    "TestWallet": CONTRACTS_DIR / "TestWallet.sol",
 }
 ARTIFACT_KEYS = {"abi", "bytecode", "deployedBytecode", "compiler", "sourceHash"}
 
