@@ -36,8 +36,10 @@ def free_port() -> int:
 class Anvil:
     """One anvil process; `rpc()` is a blocking JSON-RPC call for test setup."""
 
-    def __init__(self, *, chain_id: int = 31337, block_time: float | None = None, args: tuple[str, ...] = ()) -> None:
-        self.port = free_port()
+    def __init__(
+        self, *, chain_id: int = 31337, block_time: float | None = None, args: tuple[str, ...] = (), port: int | None = None
+    ) -> None:
+        self.port = free_port() if port is None else port  # a given port: a node restarted where clients expect it
         self.chain_id = chain_id
         command = [str(ANVIL), "--host", "127.0.0.1", "--port", str(self.port), "--chain-id", str(chain_id), "--silent"]
         if block_time is not None:

@@ -20,6 +20,7 @@ __all__ = [
     "account_xpub_from_mnemonic",
     "native_payment_uri",
     "normalize_address",
+    "router_payment_uri",
     "parse_xpub",
     "to_checksum",
     "token_payment_uri",
@@ -110,3 +111,18 @@ def native_payment_uri(destination: str, chain_id: int, amount_atomic: int) -> s
     """EIP-681 URI for a plain transfer of the chain's native coin (value in wei)."""
     _check_uri_numbers(chain_id, amount_atomic)
     return f"ethereum:{to_checksum(destination)}@{chain_id}?value={amount_atomic}"
+
+
+def router_payment_uri(call: dict[str, str], chain_id: int) -> str:
+    """EIP-681 URI for `PaymentRouter.pay(invoiceId, paymentId, token, recipient, amount)`, with
+    `value` when the coin itself is paid (token is the zero address). A token payment needs an
+    `approve(router, amount)` first, which a URI cannot express; integrators show both steps."""
+    amount = int(call["amount"])
+    _check_uri_numbers(chain_id, amount)
+    native = int(call["token"], 16) == 0
+    return (
+        f"ethereum:{to_checksum(call['router'])}@{chain_id}/pay"
+        f"?bytes32={call['invoice_id_hash']}&bytes32={call['payment_id_hash']}"
+        f"&address={to_checksum(call['token'])}&address={to_checksum(call['recipient'])}&uint256={amount}"
+        + (f"&value={amount}" if native else "")
+    )

@@ -11,13 +11,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-from typing import Any, Awaitable, Callable, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, Sequence, TypeVar
 
 import aiohttp
 import orjson
 import structlog
 
-from .domain import BlockRef, Transfer
+from .contracts import PAYMENT_RECEIVED_TOPIC
+from .domain import BlockRef, FullBlock, NativeTransaction, RouterPayment, Transfer
+
+if TYPE_CHECKING:
+    from .traces import InternalTransfer
 
 log = structlog.get_logger("watcher.chain")
 
@@ -27,6 +31,12 @@ TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523
 
 # Read retries: a schedule in one place (seconds before each retry).
 RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
+
+# Full blocks per JSON-RPC batch: providers cap batches (often at 100), and a full block is large.
+BLOCK_BATCH = 100
+
+# JSON-RPC "method not found": the node lacks an optional method (we fall back, not fail).
+METHOD_NOT_FOUND = -32601
 
 
 class RpcError(Exception):
@@ -65,6 +75,18 @@ class ChainReader(Protocol):
     async def transfer_logs(
         self, from_block: int, to_block: int, tokens: Sequence[str], recipients: Sequence[str] | None
     ) -> list[Transfer]: ...
+
+    async def router_payments(
+        self, from_block: int, to_block: int, router: str, payment_ids: Sequence[str] | None
+    ) -> list[RouterPayment]: ...
+
+    async def full_blocks(self, numbers: Sequence[int]) -> list[FullBlock | None]: ...
+
+    async def successful_transactions(self, candidates: dict[str, tuple[int, str]]) -> set[str]: ...
+
+    async def probe_tracer(self, block_number: int) -> str | None: ...
+
+    async def internal_transfers(self, numbers: Sequence[int], method: str) -> list[InternalTransfer]: ...
 
 
 class HttpTransport:
@@ -198,6 +220,63 @@ def _decode_transfer_log(raw: dict) -> Transfer | None:
     )
 
 
+def decode_router_log(raw: Any) -> RouterPayment | None:
+    """A `PaymentReceived(bytes32 indexed, bytes32 indexed, address indexed, address, address,
+    uint256)` log; anything else is None, and a log that is not log-shaped an RpcError."""
+    try:
+        topics = raw.get("topics") or []
+        data = raw.get("data") or "0x"
+        if len(topics) != 4 or topics[0].lower() != PAYMENT_RECEIVED_TOPIC or raw.get("removed") or len(data) != 2 + 3 * 64:
+            return None
+        token = "0x" + data[2 + 24 : 2 + 64].lower()
+        return RouterPayment(
+            tx_hash=_hash(raw.get("transactionHash"), "log.transactionHash"),
+            log_index=_int(raw.get("logIndex"), "log.logIndex"),
+            block_number=_int(raw.get("blockNumber"), "log.blockNumber"),
+            block_hash=_hash(raw.get("blockHash"), "log.blockHash"),
+            router=raw["address"].lower(),
+            invoice_id_hash=_hash(topics[1], "log.topics[1]"),
+            payment_id_hash=_hash(topics[2], "log.topics[2]"),
+            payer="0x" + _hash(topics[3], "log.topics[3]")[-40:],
+            token=None if int(token, 16) == 0 else token,
+            recipient="0x" + data[66 + 24 : 66 + 64].lower(),
+            amount=int(data[130:194], 16),
+        )
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise RpcError("eth_getLogs", f"malformed log: {type(exc).__name__}: {exc}") from None
+
+
+def _address(value: Any, what: str) -> str:
+    if not isinstance(value, str) or len(value) != 42 or not value.startswith("0x") or not _HEX.issuperset(value[2:].lower()):
+        raise RpcError(what, f"expected an address, got {value!r}")
+    return value.lower()
+
+
+def decode_full_block(raw: Any) -> FullBlock:
+    """A block with its transactions as objects; only value-carrying calls are kept
+    (a contract creation has no recipient that could be a deposit address)."""
+    ref = decode_header(raw)
+    transactions = raw.get("transactions")
+    if not isinstance(transactions, list):
+        raise RpcError("eth_getBlockByNumber", f"block {ref.number} has no transaction list")
+    moved = []
+    hashes = []
+    for tx in transactions:
+        if not isinstance(tx, dict):
+            raise RpcError("eth_getBlockByNumber", f"block {ref.number}: transactions are not objects")
+        hashes.append(_hash(tx.get("hash"), "tx.hash"))
+        value = _int(tx.get("value"), "tx.value")
+        if value == 0 or tx.get("to") is None:
+            continue
+        moved.append(NativeTransaction(
+            tx_hash=_hash(tx.get("hash"), "tx.hash"),
+            from_address=_address(tx.get("from"), "tx.from"),
+            to_address=_address(tx.get("to"), "tx.to"),
+            amount=value,
+        ))
+    return FullBlock(ref, tuple(moved), frozenset(hashes))
+
+
 def address_topic(address: str) -> str:
     return "0x" + "00" * 12 + address[2:].lower()
 
@@ -239,6 +318,7 @@ class JsonRpcReader:
     def __init__(self, transport: Transport, counts: RpcCounts | None = None) -> None:
         self.transport = transport
         self.counts = counts
+        self.block_receipts: bool | None = None  # does the node answer eth_getBlockReceipts? (None: not asked yet)
 
     async def _call(self, method: str, params: list) -> Any:
         if self.counts is not None:
@@ -304,4 +384,112 @@ class JsonRpcReader:
             if not (from_block <= transfer.block_number <= to_block):
                 raise RpcError("eth_getLogs", f"log of block {transfer.block_number} outside {from_block}-{to_block}")
             out.append(transfer)
+        return out
+
+    @_counted("eth_getLogs")
+    async def router_payments(
+        self, from_block: int, to_block: int, router: str, payment_ids: Sequence[str] | None
+    ) -> list[RouterPayment]:
+        """The router's `PaymentReceived` logs, filtered by payment id hash while that list is short."""
+        topics: list[Any] = [PAYMENT_RECEIVED_TOPIC]
+        if payment_ids is not None:
+            if not payment_ids:
+                return []
+            topics += [None, list(payment_ids)]
+        raws = await self._call(
+            "eth_getLogs", [{"fromBlock": hex(from_block), "toBlock": hex(to_block), "address": router, "topics": topics}]
+        )
+        if not isinstance(raws, list):
+            raise RpcError("eth_getLogs", "logs are not a list")
+        out = []
+        for raw in raws:
+            payment = decode_router_log(raw)
+            if payment is None:
+                continue
+            if not (from_block <= payment.block_number <= to_block):
+                raise RpcError("eth_getLogs", f"log of block {payment.block_number} outside {from_block}-{to_block}")
+            out.append(payment)
+        return out
+
+    @_counted("eth_getBlockByNumber")
+    async def full_blocks(self, numbers: Sequence[int]) -> list[FullBlock | None]:
+        """Blocks with their transactions, in batches of BLOCK_BATCH."""
+        out: list[FullBlock | None] = []
+        for start in range(0, len(numbers), BLOCK_BATCH):
+            part = numbers[start : start + BLOCK_BATCH]
+            raws = await self._batch("eth_getBlockByNumber", [("eth_getBlockByNumber", [hex(n), True]) for n in part])
+            for n, raw in zip(part, raws):
+                if raw is None:
+                    out.append(None)
+                    continue
+                block = decode_full_block(raw)
+                if block.ref.number != n:
+                    raise RpcError("eth_getBlockByNumber", f"asked for block {n}, got {block.ref.number}")
+                out.append(block)
+        return out
+
+    @_counted("eth_getBlockReceipts")
+    async def successful_transactions(self, candidates: dict[str, tuple[int, str]]) -> set[str]:
+        """Which of these transactions (hash -> (block number, block hash)) succeeded.
+
+        One `eth_getBlockReceipts` per block that holds one, batched; a node without that
+        method gets a batch of `eth_getTransactionReceipt` instead (remembered). A receipt
+        that names another block than the one we read means the chain moved: RpcError."""
+        if not candidates:
+            return set()
+        receipts: list[Any] = []
+        if self.block_receipts is not False:
+            blocks = sorted({where for where in candidates.values()})
+            try:
+                answers = await self._batch("eth_getBlockReceipts", [("eth_getBlockReceipts", [hex(n)]) for n, _ in blocks])
+                self.block_receipts = True
+            except RpcError as exc:
+                if exc.code != METHOD_NOT_FOUND or self.block_receipts is True:
+                    raise
+                log.info("block_receipts_unavailable", url=self.transport.url, error=str(exc))
+                self.block_receipts = False
+            else:
+                for (n, _), answer in zip(blocks, answers):
+                    if not isinstance(answer, list):
+                        raise RpcError("eth_getBlockReceipts", f"block {n}: receipts are not a list")
+                    receipts += answer
+        if self.block_receipts is False:
+            hashes = sorted(candidates)
+            receipts = await self._batch("eth_getTransactionReceipt", [("eth_getTransactionReceipt", [h]) for h in hashes])
+        ok: set[str] = set()
+        seen: set[str] = set()
+        for receipt in receipts:
+            if not isinstance(receipt, dict):
+                raise RpcError("eth_getTransactionReceipt", "a receipt is missing or not an object")
+            tx = _hash(receipt.get("transactionHash"), "receipt.transactionHash")
+            if tx not in candidates:
+                continue
+            number, block_hash = candidates[tx]
+            if _hash(receipt.get("blockHash"), "receipt.blockHash") != block_hash:
+                raise RpcError("eth_getTransactionReceipt", f"receipt of {tx} names another block than {number}")
+            seen.add(tx)
+            if _int(receipt.get("status"), "receipt.status") == 1:
+                ok.add(tx)
+        if missing := set(candidates) - seen:
+            raise RpcError("eth_getTransactionReceipt", f"no receipt for {sorted(missing)[0]}")
+        return ok
+
+    async def probe_tracer(self, block_number: int) -> str | None:
+        """Which tracer the node offers for inner transfers, if any."""
+        from .traces import probe_tracer
+
+        if self.counts is not None:
+            self.counts.called("probe_tracer")
+        return await probe_tracer(self.transport, block_number)
+
+    @_counted("trace")
+    async def internal_transfers(self, numbers: Sequence[int], method: str) -> list[InternalTransfer]:
+        """The coin moved by inner calls in these blocks, with the tracer `probe_tracer` found."""
+        from .traces import fetch_internal_transfers
+
+        if self.counts is not None:
+            self.counts.called(method)
+        out: list[InternalTransfer] = []
+        for start in range(0, len(numbers), BLOCK_BATCH):
+            out += await fetch_internal_transfers(self.transport, numbers[start : start + BLOCK_BATCH], method)
         return out

@@ -234,6 +234,7 @@ class ChainSettings(BaseModel):
     deposit_xpub: Annotated[str | None, PlainValidator(_xpub)] = None
     merchant_address: Address = None
     router_address: Address = None
+    internal_transfers: Literal["auto", "on", "off"] = "auto"
     assets: Annotated[tuple[AssetSettings, ...], Field(min_length=1)]
 
     @model_validator(mode="after")

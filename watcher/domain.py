@@ -99,6 +99,8 @@ class Transfer:
     """Value that moved to an address on chain, normalised at the edge (ints, lowercase hex).
 
     `token` is None for the native coin; `log_index` is None for a plain native transfer.
+    `trace_position` tells apart the coin moved by inner calls of one transaction (found by
+    the node's tracer), in the tracer's order; None for logs and for the transaction's own value.
     """
 
     tx_hash: str
@@ -109,6 +111,56 @@ class Transfer:
     from_address: str
     to_address: str
     amount: int
+    trace_position: int | None = None
+
+    @property
+    def unique_key(self) -> int:
+        """Which value movement of the transaction this is: the log index, -1 for the
+        transaction's own value, -2 - k for its k-th inner transfer (never equal to a log index)."""
+        if self.log_index is not None:
+            return self.log_index
+        return -1 if self.trace_position is None else -2 - self.trace_position
+
+
+@dataclass(frozen=True, slots=True)
+class RouterPayment:
+    """A PaymentRouter `PaymentReceived` log; `token` None for the native coin."""
+
+    tx_hash: str
+    log_index: int
+    block_number: int
+    block_hash: str
+    router: str
+    invoice_id_hash: str
+    payment_id_hash: str
+    payer: str
+    token: str | None
+    recipient: str
+    amount: int
+
+    def as_transfer(self) -> Transfer:
+        return Transfer(self.tx_hash, self.log_index, self.block_number, self.block_hash, self.token,
+                        self.payer, self.recipient, self.amount)
+
+
+@dataclass(frozen=True, slots=True)
+class NativeTransaction:
+    """A transaction's own movement of the native coin (value > 0 to some address)."""
+
+    tx_hash: str
+    from_address: str
+    to_address: str
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class FullBlock:
+    """A block with the value-carrying transactions in it, for native deposits, and the hashes
+    of all of them (to tell that traces read by number are of this very block)."""
+
+    ref: BlockRef
+    transactions: tuple[NativeTransaction, ...]
+    tx_hashes: frozenset[str] = frozenset()
 
 
 # --------------------------------------------------------------------------- judging

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Literal, Protocol, Sequence
 
+import orjson
 import structlog
 
 from .chain import ChainReader, RpcError
-from .domain import BlockRef, Transfer
+from .domain import BlockRef, FullBlock, RouterPayment, Transfer
 from .store import MatchedTransfer, Store
 
 log = structlog.get_logger("watcher.follower")
@@ -49,6 +50,30 @@ class WatchTarget:
     token: str | None
 
 
+@dataclass(frozen=True)
+class RouterTarget:
+    """A contract-rail option, found by its payment id hash in the router's logs."""
+
+    option_id: str
+    token: str | None
+    invoice_id_hash: str
+    recipient: str
+
+
+@dataclass(frozen=True)
+class Rails:
+    """What to look for on a chain besides ERC-20 transfers to deposit addresses."""
+
+    native: bool = False  # the chain's coin to deposit addresses (a native asset is configured)
+    router: str | None = None  # PaymentRouter address: PaymentReceived logs
+    merchant: str | None = None  # the only recipient a router payment may name
+    internal_transfers: Literal["auto", "on", "off"] = "auto"  # the coin sent by inner calls (tracers)
+
+
+class TracerMissing(Exception):
+    """`internal_transfers = "on"` but the node offers no tracer: stop rather than miss payments."""
+
+
 class Follower:
     def __init__(
         self,
@@ -64,6 +89,7 @@ class Follower:
         poll_interval: float = 2.0,
         clock: Callable[[], float] = time.time,
         metrics: FollowerMetrics | None = None,
+        rails: Rails = Rails(),
     ) -> None:
         self.network = network
         self.reader = reader
@@ -79,8 +105,12 @@ class Follower:
         self.clock = clock
         self.metrics = metrics
         self.status = FollowerStatus()
+        self.rails = rails
         self._watch: dict[str, WatchTarget] = {}
+        self._router_watch: dict[str, RouterTarget] = {}
         self._watch_rowid = 0
+        # The node's tracer for inner transfers: a method name, None for none, "" before asking.
+        self.tracer: str | None = "" if rails.native and rails.internal_transfers != "off" else None
         self._wake = asyncio.Event()
 
     # ------------------------------------------------------------------ watch set
@@ -88,7 +118,14 @@ class Follower:
     def refresh_watch_set(self) -> None:
         """Pick up deposit addresses created since the last look (cheap: by rowid)."""
         for row in self.store.watch_entries(self.network, self._watch_rowid):
-            self._watch[row["destination_address"]] = WatchTarget(row["id"], row["token_contract"])
+            if row["rail"] == "address":
+                self._watch[row["destination_address"]] = WatchTarget(row["id"], row["token_contract"])
+            elif row["contract_call"]:
+                call = orjson.loads(row["contract_call"])
+                token = call["token"].lower()
+                self._router_watch[call["payment_id_hash"]] = RouterTarget(
+                    row["id"], None if int(token, 16) == 0 else token, call["invoice_id_hash"], call["recipient"].lower()
+                )
             self._watch_rowid = row["rowid"]
 
     def match(self, transfers: Sequence[Transfer]) -> list[tuple[Transfer, str]]:
@@ -107,11 +144,95 @@ class Follower:
             out.append((t, target.option_id))
         return out
 
+    def match_router(self, payments: Sequence[RouterPayment]) -> list[tuple[Transfer, str]]:
+        """Ours: from our router, for a known payment id of that invoice, to the merchant, in
+        that option's asset, and not zero. Unknown payment ids are other merchants' business."""
+        out = []
+        for p in payments:
+            target = self._router_watch.get(p.payment_id_hash)
+            if target is None or p.router != self.rails.router:
+                continue
+            problem = None
+            if p.amount == 0:
+                problem = "zero amount"
+            elif p.invoice_id_hash != target.invoice_id_hash:
+                problem = "invoice id hash does not match the option's invoice"
+            elif p.recipient != target.recipient or p.recipient != self.rails.merchant:
+                problem = "recipient is not the merchant address"
+            elif p.token != target.token:
+                problem = "token is not the option's asset"
+            if problem is not None:
+                log.warning("router_payment_ignored", network=self.network, tx=p.tx_hash, reason=problem)
+                continue
+            out.append((p.as_transfer(), target.option_id))
+        return out
+
+    async def _native_deposits(self, blocks: Sequence[FullBlock]) -> list[tuple[Transfer, str]]:
+        """Plain transfers of the coin to a native option's address, in transactions that succeeded."""
+        candidates: list[tuple[Transfer, str]] = []
+        for block in blocks:
+            for tx in block.transactions:
+                target = self._watch.get(tx.to_address)
+                if target is None:
+                    continue
+                if target.token is not None:
+                    log.warning("wrong_asset_transfer_ignored", network=self.network, tx=tx.tx_hash, to=tx.to_address, token=None)
+                    continue
+                transfer = Transfer(tx.tx_hash, None, block.ref.number, block.ref.hash, None, tx.from_address, tx.to_address, tx.amount)
+                candidates.append((transfer, target.option_id))
+        if not candidates:
+            return []
+        ok = await self.reader.successful_transactions({t.tx_hash: (t.block_number, t.block_hash) for t, _ in candidates})
+        for t, _ in candidates:
+            if t.tx_hash not in ok:
+                log.info("failed_transaction_ignored", network=self.network, tx=t.tx_hash, to=t.to_address)
+        return [(t, option) for t, option in candidates if t.tx_hash in ok]
+
+    async def _internal_deposits(self, blocks: Sequence[FullBlock]) -> list[tuple[Transfer, str]]:
+        """The coin sent to a native option's address by inner calls, read with the node's tracer."""
+        assert self.tracer
+        by_number = {b.ref.number: b for b in blocks}
+        out = []
+        for inner in await self.reader.internal_transfers([b.ref.number for b in blocks], self.tracer):
+            target = self._watch.get(inner.to_address)
+            if target is None or inner.amount == 0:
+                continue
+            if target.token is not None:
+                log.warning("wrong_asset_transfer_ignored", network=self.network, tx=inner.tx_hash, to=inner.to_address, token=None)
+                continue
+            block = by_number.get(inner.block_number)
+            if block is None or inner.tx_hash not in block.tx_hashes:
+                # Traces are read by number: make sure they are of the block we read.
+                raise ChainChanged(f"trace of tx {inner.tx_hash} is not of block {inner.block_number} as read")
+            out.append((
+                Transfer(inner.tx_hash, None, block.ref.number, block.ref.hash, None, inner.from_address,
+                         inner.to_address, inner.amount, trace_position=inner.position),
+                target.option_id,
+            ))
+        return out
+
+    async def _ensure_tracer(self, head: int) -> None:
+        """Find the node's tracer once (`auto`: use it if there is one; `on`: insist)."""
+        if self.tracer != "":
+            return
+        self.tracer = await self.reader.probe_tracer(head)
+        if self.tracer is None:
+            if self.rails.internal_transfers == "on":
+                self.tracer = ""
+                raise TracerMissing(
+                    "internal_transfers = \"on\" but the node answers neither debug_traceBlockByNumber nor trace_block"
+                )
+            log.warning("internal_transfers_unavailable", network=self.network,
+                        detail="the node has no tracer: the coin sent from inside contract calls is not seen")
+        else:
+            log.info("internal_transfers_traced", network=self.network, method=self.tracer)
+
     # ------------------------------------------------------------------ one step
 
     async def run_once(self) -> int:
         """Do one step of work; returns how many blocks it moved the checkpoint (0: caught up)."""
         head = await self.reader.block_number()
+        await self._ensure_tracer(head)
         behind_before, self.status.last_error = self.status.last_error, None
         self.status.head_block = head
         self.status.last_head_at = self.clock()
@@ -145,9 +266,15 @@ class Follower:
     async def _scan(self, cursor: BlockRef | None, first: int, last: int, head: int) -> int:
         # Headers before logs: if the chain moves between the two reads, the checkpoint keeps
         # the hash we saw first, and the next step's parent-hash check finds the reorg.
-        near_head = last > head - 2 * max(self.depth, 64)
+        # Native deposits need every block in full (its transactions), which also links them all.
+        near_head = self.rails.native or last > head - 2 * max(self.depth, 64)
         numbers = list(range(first, last + 1)) if near_head else sorted({first, last})
-        by_number = await self._headers(numbers)
+        full_blocks: list[FullBlock] = []
+        if self.rails.native:
+            full_blocks = await self._full_blocks(numbers)
+            by_number = {b.ref.number: b.ref for b in full_blocks}
+        else:
+            by_number = await self._headers(numbers)
         if cursor is not None and by_number[first].parent_hash != cursor.hash:
             await self._handle_reorg(cursor)
             return 1
@@ -157,16 +284,11 @@ class Follower:
                     raise ChainChanged(f"blocks {n - 1} and {n} do not link")
 
         self.refresh_watch_set()
-        recipients = list(self._watch) if len(self._watch) <= TOPIC_FILTER_LIMIT else None
-        try:
-            transfers = await self.reader.transfer_logs(first, last, self.tokens, recipients)
-        except RpcError as exc:
-            if last > first and exc.code != 429 and "rate" not in str(exc).lower():
-                # Providers refuse ranges that are too large or too busy: ask for less next time.
-                self.chunk_size = max(1, (last - first + 1) // 2)
-                log.warning("log_range_shrunk", network=self.network, chunk_size=self.chunk_size, error=str(exc))
-            raise
-        matched = self.match(transfers)
+        matched = await self._logged_payments(first, last)
+        if self.rails.native:
+            matched += await self._native_deposits(full_blocks)
+            if self.tracer:
+                matched += await self._internal_deposits(full_blocks)
         missing = sorted({t.block_number for t, _ in matched} - set(by_number))
         if missing:
             by_number.update(await self._headers(missing))
@@ -198,6 +320,41 @@ class Follower:
                 confirmed=result.payments_confirmed, invoices_changed=result.invoices_changed, events=result.events,
             )
         return last - first + 1
+
+    async def _logged_payments(self, first: int, last: int) -> list[tuple[Transfer, str]]:
+        """Token transfers and router payments of the range, matched to our options.
+
+        A token payment through the router also emits the token's own Transfer (payer to
+        merchant): the router's log is the payment, so that Transfer is not counted again."""
+        recipients = list(self._watch) if len(self._watch) <= TOPIC_FILTER_LIMIT else None
+        try:
+            transfers = await self.reader.transfer_logs(first, last, self.tokens, recipients)
+            routed: list[RouterPayment] = []
+            if self.rails.router is not None:
+                payment_ids = list(self._router_watch) if len(self._router_watch) <= TOPIC_FILTER_LIMIT else None
+                routed = await self.reader.router_payments(first, last, self.rails.router, payment_ids)
+        except RpcError as exc:
+            if last > first and exc.code != 429 and "rate" not in str(exc).lower():
+                # Providers refuse ranges that are too large or too busy: ask for less next time.
+                self.chunk_size = max(1, (last - first + 1) // 2)
+                log.warning("log_range_shrunk", network=self.network, chunk_size=self.chunk_size, error=str(exc))
+            raise
+        through_router = self.match_router(routed)
+        moved_by_router = {(t.tx_hash, t.token, t.to_address, t.amount) for t, _ in through_router}
+        direct = [
+            (t, option) for t, option in self.match(transfers)
+            if (t.tx_hash, t.token, t.to_address, t.amount) not in moved_by_router
+        ]
+        return direct + through_router
+
+    async def _full_blocks(self, numbers: list[int]) -> list[FullBlock]:
+        blocks = await self.reader.full_blocks(numbers)
+        out = []
+        for n, block in zip(numbers, blocks):
+            if block is None:
+                raise ChainChanged(f"block {n} vanished while reading")
+            out.append(block)
+        return out
 
     async def _headers(self, numbers: list[int]) -> dict[int, BlockRef]:
         by_number: dict[int, BlockRef] = {}
@@ -244,7 +401,7 @@ class Follower:
             try:
                 moved = await self.run_once()
                 backoff = 0.5
-            except (RpcError, ChainChanged, OSError, asyncio.TimeoutError) as exc:
+            except (RpcError, ChainChanged, TracerMissing, OSError, asyncio.TimeoutError) as exc:
                 self.status.last_error = str(exc)
                 log.warning("follower_step_failed", network=self.network, error=str(exc))
             except Exception as exc:  # a bug must not stop the chain for good: log it loudly, retry

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Sequence
 
-from .addresses import AddressDeriver, native_payment_uri, token_payment_uri
+from eth_utils import keccak
+
+from .addresses import AddressDeriver, native_payment_uri, router_payment_uri, token_payment_uri
 from .config import ChainSettings, Settings
 from .domain import UINT256_MAX, format_units, quote_atomic, rfc3339
 from .store import OptionSpec
@@ -25,8 +27,8 @@ class OptionsError(ValueError):
         self.message = message
 
 
-SUPPORTED_RAILS = ("address",)
-SUPPORTED_KINDS = ("erc20",)
+SUPPORTED_RAILS = ("address", "contract")
+ZERO_ADDRESS = "0x" + "00" * 20
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class Invoicing:
     def select_assets(self, wanted: Sequence[str] | None) -> list[AssetRef]:
         """`SYMBOL` or `network:SYMBOL`, case-insensitive; default every configured asset."""
         if wanted is None:
-            return [a for a in self.assets if a.kind in SUPPORTED_KINDS]
+            return list(self.assets)
         chosen: list[AssetRef] = []
         for i, name in enumerate(wanted):
             network, _, symbol = name.rpartition(":")
@@ -65,10 +67,7 @@ class Invoicing:
             ]
             if not found:
                 raise OptionsError(f"assets[{i}]", f"no configured asset {name!r}")
-            unsupported = [a for a in found if a.kind not in SUPPORTED_KINDS]
-            if unsupported and len(unsupported) == len(found):
-                raise OptionsError(f"assets[{i}]", f"{name!r} is a {found[0].kind} asset; this version watches ERC-20 deposits only")
-            chosen += [a for a in found if a not in chosen and a.kind in SUPPORTED_KINDS]
+            chosen += [a for a in found if a not in chosen]
         return chosen
 
     def build_or_refuse(
@@ -83,7 +82,8 @@ class Invoicing:
         if not specs:
             raise OptionsError(
                 "assets",
-                "no payment option can be built: no asset can be quoted (give quote_rates) or no chain has a deposit_xpub",
+                "no payment option can be built: no asset can be quoted (give quote_rates), or no chain has a "
+                "deposit_xpub (address rail) or a router_address and merchant_address (contract rail)",
             )
         return specs
 
@@ -102,7 +102,7 @@ class Invoicing:
     ) -> list[OptionSpec]:
         for i, rail in enumerate(rails):
             if rail not in SUPPORTED_RAILS:
-                raise OptionsError(f"rails[{i}]", f"rail {rail!r} is not supported by this version (supported: address)")
+                raise OptionsError(f"rails[{i}]", f"unknown rail {rail!r} (known: address, contract)")
         rates = {k.lower(): v for k, v in quote_rates.items()}
         specs: list[OptionSpec] = []
         for asset in self.select_assets(assets):
@@ -115,21 +115,35 @@ class Invoicing:
             if atomic == 0:
                 continue
             confirmations = asset.chain.confirmations if isinstance(asset.chain.confirmations, int) else 0
+            common = dict(
+                network=asset.chain.name, chain_id=asset.chain.chain_id, asset=asset.symbol,
+                token_contract=asset.contract, decimals=asset.decimals,
+                quoted_amount=format_units(atomic, asset.decimals), quote_rate=format(rate, "f"),
+                amount_atomic=atomic, required_confirmations=confirmations,
+            )
             for rail in rails:
                 if rail == "address" and asset.chain.deposit_xpub:
-                    specs.append(
-                        OptionSpec(
-                            rail="address", network=asset.chain.name, chain_id=asset.chain.chain_id, asset=asset.symbol,
-                            token_contract=asset.contract, decimals=asset.decimals,
-                            quoted_amount=format_units(atomic, asset.decimals), quote_rate=format(rate, "f"),
-                            amount_atomic=atomic, required_confirmations=confirmations, xpub=asset.chain.deposit_xpub,
-                        )
-                    )
+                    specs.append(OptionSpec(rail="address", xpub=asset.chain.deposit_xpub, **common))
+                elif rail == "contract" and asset.chain.router_address and asset.chain.merchant_address:
+                    specs.append(OptionSpec(rail="contract", destination=asset.chain.merchant_address,
+                                            router=asset.chain.router_address, **common))
         return specs
 
 
 def finish_option(spec: OptionSpec, destination: str, invoice_id: str, option_id: str) -> tuple[str, dict | None]:
-    """The EIP-681 URI once the destination is known (the contract rail will add its router call)."""
+    """The EIP-681 URI once the destination and ids are known, and for the contract rail the
+    router call that pays it (its hashes are what the follower finds in `PaymentReceived`)."""
+    if spec.rail == "contract":
+        assert spec.router is not None
+        call = {
+            "router": spec.router,
+            "invoice_id_hash": "0x" + keccak(text=invoice_id).hex(),
+            "payment_id_hash": "0x" + keccak(text=option_id).hex(),
+            "token": spec.token_contract or ZERO_ADDRESS,
+            "recipient": destination,
+            "amount": str(spec.amount_atomic),
+        }
+        return router_payment_uri(call, spec.chain_id), call
     if spec.token_contract:
         return token_payment_uri(spec.token_contract, spec.chain_id, destination, spec.amount_atomic), None
     return native_payment_uri(destination, spec.chain_id, spec.amount_atomic), None

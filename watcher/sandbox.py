@@ -20,12 +20,13 @@ from typing import Any, Callable, Sequence, TypeVar
 from aiohttp import web
 from eth_abi import encode
 from eth_tester import EthereumTester, PyEVMBackend
-from eth_tester.exceptions import BlockNotFound
-from eth_utils import function_signature_to_4byte_selector, to_checksum_address
+from eth_tester.exceptions import BlockNotFound, TransactionNotFound
+from eth_utils import function_signature_to_4byte_selector, keccak, to_checksum_address
 
 from .addresses import account_xpub_from_mnemonic
 from .api import DECIMAL_TEXT, Problem, invalid, json_response, read_json
 from . import schemas
+from .chain import METHOD_NOT_FOUND, RpcError
 from .contracts import load_artifact
 from .openapi import Operation
 from .store import Store
@@ -37,18 +38,43 @@ SANDBOX_NETWORK = "sandbox"
 TOKEN_SYMBOL = "TUSD"
 TOKEN_DECIMALS = 6
 PAYER_FUNDS = 10**12 * 10**TOKEN_DECIMALS
+NATIVE_FUNDS = 10_000 * 10**18  # of the 1,000,000 ETH each eth-tester account holds, what a payment may spend
+NATIVE_SYMBOL = "ETH"
+# Receives contract-rail payments: an address no sandbox account controls, so the router's
+# transfers to it are visible on their own.
+SANDBOX_MERCHANT = "0x" + keccak(text="watcher sandbox merchant")[-20:].hex()
 
 
 def _hex(value: int) -> str:
     return hex(value)
 
 
-def _block_json(block: dict) -> dict:
-    return {
+def _block_json(block: dict, full: bool = False) -> dict:
+    out: dict[str, Any] = {
         "number": _hex(block["number"]),
         "hash": block["hash"],
         "parentHash": block["parent_hash"],
         "timestamp": _hex(block["timestamp"]),
+    }
+    if full:
+        out["transactions"] = [
+            {
+                "hash": tx["hash"],
+                "from": tx["from"].lower(),
+                "to": tx["to"].lower() if tx.get("to") else None,
+                "value": _hex(tx["value"]),
+            }
+            for tx in block["transactions"]
+        ]
+    return out
+
+
+def _receipt_json(receipt: dict) -> dict:
+    return {
+        "transactionHash": receipt["transaction_hash"],
+        "blockHash": receipt["block_hash"],
+        "blockNumber": _hex(receipt["block_number"]),
+        "status": _hex(receipt["status"]),
     }
 
 
@@ -81,12 +107,17 @@ class EthTesterTransport:
         if method == "eth_blockNumber":
             return _hex(t.get_block_by_number("latest")["number"])
         if method == "eth_getBlockByNumber":
-            tag = params[0]
+            tag, full = params[0], bool(params[1]) if len(params) > 1 else False
             try:
-                block = t.get_block_by_number(int(tag, 16) if tag.startswith("0x") else tag)
+                block = t.get_block_by_number(int(tag, 16) if tag.startswith("0x") else tag, full_transactions=full)
             except BlockNotFound:
                 return None
-            return _block_json(block)
+            return _block_json(block, full)
+        if method == "eth_getTransactionReceipt":
+            try:
+                return _receipt_json(t.get_transaction_receipt(params[0]))
+            except TransactionNotFound:
+                return None
         if method == "eth_getLogs":
             f = params[0]
             address = f.get("address")
@@ -97,7 +128,8 @@ class EthTesterTransport:
                 topics=f.get("topics"),
             )
             return [_log_json(entry) for entry in logs]
-        raise ValueError(f"the sandbox chain does not answer {method}")
+        # Like a node without the method (eth_getBlockReceipts, tracers): the reader falls back.
+        raise RpcError(method, "the method does not exist / is not available", METHOD_NOT_FOUND)
 
     async def call(self, method: str, params: list) -> Any:
         return await self.chain.run(self._answer, method, params)
@@ -187,6 +219,27 @@ class SandboxChain:
         data = _calldata("transfer(address,uint256)", ["address", "uint256"], [to_checksum_address(to), amount])
         return self._send(sender or self.free_payer(), token, data, gas=200_000)
 
+    def transfer_native(self, to: str, amount: int, sender: str | None = None) -> str:
+        """Send the coin itself (mined with the next block)."""
+        return self._send(sender or self.free_payer(), to, value=amount, gas=21_000)
+
+    def pay_router(self, call: dict[str, str], sender: str | None = None) -> str:
+        """Pay through the PaymentRouter as a wallet would: approve (tokens), then `pay`."""
+        sender = sender or self.free_payer()
+        amount = int(call["amount"])
+        native = int(call["token"], 16) == 0
+        if not native:
+            approve = _calldata("approve(address,uint256)", ["address", "uint256"], [to_checksum_address(call["router"]), amount])
+            self._send(sender, call["token"], approve, gas=100_000)
+            self.mine(1)  # one pending transaction per sender: the approval goes first
+        data = _calldata(
+            "pay(bytes32,bytes32,address,address,uint256)",
+            ["bytes32", "bytes32", "address", "address", "uint256"],
+            [bytes.fromhex(call["invoice_id_hash"][2:]), bytes.fromhex(call["payment_id_hash"][2:]),
+             to_checksum_address(call["token"]), to_checksum_address(call["recipient"]), amount],
+        )
+        return self._send(sender, call["router"], data, value=amount if native else 0, gas=200_000)
+
     def mine(self, blocks: int = 1) -> list[str]:
         hashes = list(self.tester.mine_blocks(blocks))
         self._pending_senders.clear()
@@ -206,8 +259,13 @@ def sandbox_settings_data(chain: SandboxChain, *, confirmations: int | str = 3, 
         "confirmations": confirmations,
         "start_block": 0,
         "deposit_xpub": account_xpub_from_mnemonic(SANDBOX_MNEMONIC),
+        "router_address": chain.deployed.router,
+        "merchant_address": SANDBOX_MERCHANT,
         "assets": [
             {"symbol": TOKEN_SYMBOL, "kind": "erc20", "contract": chain.deployed.token, "decimals": TOKEN_DECIMALS, "usd_rate": "1"},
+            # No usd_rate: an invoice offers ETH when its request quotes it ("quote_rates": {"ETH": ...}),
+            # so a plain sandbox invoice keeps its one TUSD option.
+            {"symbol": NATIVE_SYMBOL, "kind": "native"},
         ],
     }
 
@@ -247,13 +305,17 @@ def add_sandbox_routes(app: web.Application, chain: SandboxChain, store: Store, 
         if option is None:
             raise invalid("payment_option_id", "is not an option of this invoice")
         if "amount" in body:
-            atomic = _units_to_atomic(body["amount"], option["decimals"])
+            atomic = _units_to_atomic(body["amount"], option["decimals"], PAYER_FUNDS if option["token_contract"] else NATIVE_FUNDS)
         else:
             atomic = _remaining_atomic(invoice, option)
             if atomic <= 0:
                 raise Problem(409, "Conflict", "nothing remains to be paid; give an amount to pay more", slug="state-conflict")
-        token = option["token_contract"]
-        tx = await chain.run(chain.transfer_token, token.lower(), option["destination_address"], atomic)
+        if option["rail"] == "contract":
+            tx = await chain.run(chain.pay_router, {**option["contract_call"], "amount": str(atomic)})
+        elif option["token_contract"]:
+            tx = await chain.run(chain.transfer_token, option["token_contract"].lower(), option["destination_address"], atomic)
+        else:
+            tx = await chain.run(chain.transfer_native, option["destination_address"], atomic)
         return json_response({"transaction_hash": tx})
 
     async def mine(request: web.Request) -> web.Response:
@@ -284,7 +346,7 @@ OPERATIONS = [
 ]
 
 
-def _units_to_atomic(value: Any, decimals: int) -> int:
+def _units_to_atomic(value: Any, decimals: int, funds_atomic: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
         raise invalid("amount", "must be a decimal string of the asset's units, such as \"10.5\"")
     if isinstance(value, str) and not DECIMAL_TEXT.fullmatch(value.strip()):
@@ -296,7 +358,7 @@ def _units_to_atomic(value: Any, decimals: int) -> int:
     if not number.is_finite() or number <= 0:
         raise invalid("amount", "must be above 0")
     # Bound the size before exact arithmetic: Fraction("1e-999999999") would build a 10^999999999.
-    if number > Decimal(PAYER_FUNDS).scaleb(-decimals):
+    if number > Decimal(funds_atomic).scaleb(-decimals):
         raise invalid("amount", "is more than the sandbox payer holds")
     if number.quantize(Decimal(1).scaleb(-decimals)) != number:
         raise invalid("amount", f"has more than {decimals} decimal places")

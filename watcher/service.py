@@ -21,7 +21,7 @@ from . import __version__
 from .api import INVOICE_OPERATIONS, make_app
 from .chain import ChainReader, HttpTransport, JsonRpcReader, RpcError, Transport
 from .config import ConfigError, Settings, load_settings, strip_credentials
-from .follower import Follower
+from .follower import Follower, Rails
 from .invoicing import Invoicing
 from .jobs import make_scheduler
 from .logs import configure_logging, register_secrets
@@ -124,9 +124,13 @@ class Service:
                 poll_interval=chain.poll_interval_seconds,
                 clock=self.clock,
                 metrics=self.metrics,
+                rails=Rails(
+                    native=any(a.kind == "native" for a in chain.assets),
+                    router=chain.router_address,
+                    merchant=chain.merchant_address,
+                    internal_transfers=chain.internal_transfers,
+                ),
             )
-            if any(a.kind == "native" for a in chain.assets):
-                log.warning("native_assets_not_watched_yet", network=chain.name)
         self.dispatcher = Dispatcher(
             store.outbox, {w.url: w.secret for w in s.webhooks}, clock=self.clock, on_attempt=self.metrics.webhook_attempt,
         )

@@ -614,10 +614,10 @@ class Store:
         ]
 
     def watch_entries(self, network: str, after_rowid: int = 0) -> list[sqlite3.Row]:
-        """Address-rail options on a network, in creation order; the follower keeps them in memory."""
+        """Options on a network (both rails), in creation order; the follower keeps them in memory."""
         return self._q(
-            "SELECT rowid, id, destination_address, token_contract FROM payment_options "
-            "WHERE network = ? AND rail = 'address' AND rowid > ? ORDER BY rowid",
+            "SELECT rowid, id, rail, destination_address, token_contract, contract_call FROM payment_options "
+            "WHERE network = ? AND rowid > ? ORDER BY rowid",
             [network, after_rowid],
         )
 
@@ -692,7 +692,7 @@ class Store:
         Returns the payment id when it is new or revived, None when it was already live.
         """
         t = m.transfer
-        log_key = t.log_index if t.log_index is not None else -1
+        log_key = t.unique_key
         existing = self._q1(
             "SELECT id, status FROM payments WHERE network = ? AND tx_hash = ? AND log_key = ?", [network, t.tx_hash, log_key]
         )

@@ -25,6 +25,7 @@ class OptionSpec:
     required_confirmations: int
     xpub: str | None = None  # address rail: derive the destination from this
     destination: str | None = None  # contract rail: the merchant address
+    router: str | None = None  # contract rail: the PaymentRouter to call
 
 
 @dataclass(frozen=True)
