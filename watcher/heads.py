@@ -156,7 +156,8 @@ class HeadSubscriber:
         of `on_head`: neither may end the subscription."""
         try:
             number = head_number(_loads(data), subscription)
-        except KeyError:
+        except ValueError as exc:
+            log.warning("ws_heads_malformed", error=str(exc), message=_excerpt(data))
             return
         if number is None:
             return
