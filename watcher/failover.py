@@ -76,13 +76,26 @@ def _check_shape(what: str, payload: Any, answer: Any) -> None:
         raise EndpointDown(what, "answer without result or error")
 
 
+def failure_kind(exc: BaseException) -> str:
+    """A short label for what went wrong with a request (a metrics label: few values)."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timeout"
+    if isinstance(exc, RpcError):
+        if exc.code is not None and exc.method == "http":
+            return "http_429" if exc.code == 429 else f"http_{exc.code // 100}xx"
+        return "malformed" if "JSON" in str(exc) or "answer" in str(exc) else "error"
+    return "connection"
+
+
 class _Endpoint(HttpTransport):
     """An `HttpTransport` whose give-up is an `EndpointDown`, so a JSON-RPC error answer is
     told apart from a missing answer, and whose messages never carry the URL's secrets."""
 
-    def __init__(self, url: str, *, timeout: float, retry_delays: Sequence[float]) -> None:
+    def __init__(self, url: str, *, timeout: float, retry_delays: Sequence[float],
+                 on_failure: Callable[[str], None] | None = None) -> None:
         super().__init__(url, timeout=timeout, retry_delays=retry_delays)
         self.safe_url = strip_credentials(url)
+        self.on_failure = on_failure
 
     async def _with_retries(self, what: str, payload: Any) -> Any:
         for attempt, delay in enumerate((*self._retry_delays, None)):
@@ -92,9 +105,11 @@ class _Endpoint(HttpTransport):
                 return answer
             except (aiohttp.ClientError, asyncio.TimeoutError, RpcError) as exc:
                 reason = self._describe(exc)
+                if self.on_failure is not None:
+                    self.on_failure(failure_kind(exc))
                 if delay is None:
                     raise EndpointDown(what, reason, exc.code if isinstance(exc, RpcError) else None) from None
-                log.debug("rpc_endpoint_retry", method=what, attempt=attempt + 1, error=reason, url=self.safe_url)
+                log.warning("rpc_endpoint_retry", method=what, attempt=attempt + 1, error=reason, url=self.safe_url)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -125,11 +140,15 @@ class FailoverTransport:
         retry_delays: Sequence[float] = RETRY_DELAYS,
         return_after: float = 30.0,
         on_switch: OnSwitch | None = None,
+        on_failure: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`on_failure(kind)` hears of every request an endpoint failed to answer (the metrics)."""
         if not rpc_urls:
             raise ValueError("FailoverTransport needs at least one RPC URL")
-        self._endpoints = [_Endpoint(u, timeout=timeout, retry_delays=endpoint_retry_delays) for u in rpc_urls]
+        self._endpoints = [
+            _Endpoint(u, timeout=timeout, retry_delays=endpoint_retry_delays, on_failure=on_failure) for u in rpc_urls
+        ]
         self._retry_delays = tuple(retry_delays)
         self._return_after = return_after
         self._clock = clock

@@ -13,7 +13,7 @@ import sqlite3
 from typing import Callable, Iterable, Iterator, Sequence
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from . import __version__
@@ -68,6 +68,16 @@ class Metrics:
         self.rpc_errors = Counter(
             "watcher_rpc_errors", "Failed node reads, by method (after the transport's retries).",
             ["network", "method"], registry=r)
+        self.rpc_endpoint_failures = Counter(
+            "watcher_rpc_endpoint_failures", "Requests an RPC endpoint did not answer (each attempt, before "
+            "retries and failover), by kind: timeout, connection, http_429, http_5xx, malformed.",
+            ["network", "kind"], registry=r)
+        self.rpc_failovers = Counter(
+            "watcher_rpc_failovers", "Switches of a chain's RPC endpoint: failover to the next rpc_url, or "
+            "back to the first.", ["network", "direction"], registry=r)
+        self.ws_heads_connected = Gauge(
+            "watcher_ws_heads_connected", "1 while a chain's newHeads WebSocket subscription is live, 0 while "
+            "it polls only (chains without ws_url are not listed).", ["network"], registry=r)
         self.payments_recorded = Counter(
             "watcher_payments_recorded", "Payment detections recorded, by the role the payment got then (a payment re-included after a reorg is detected, and counted, again).",
             ["network", "role"], registry=r)
@@ -84,6 +94,15 @@ class Metrics:
 
     def rpc(self, network: str) -> RpcCounter:
         return RpcCounter(self.rpc_calls, self.rpc_errors, network)
+
+    def endpoint_failed(self, network: str, kind: str) -> None:
+        self.rpc_endpoint_failures.labels(network, kind).inc()
+
+    def endpoint_switched(self, network: str, reason: str) -> None:
+        self.rpc_failovers.labels(network, "back" if reason == "answered again" else "over").inc()
+
+    def heads_mode(self, network: str, mode: str) -> None:
+        self.ws_heads_connected.labels(network).set(1 if mode == "ws" else 0)
 
     def blocks_applied(self, network: str, blocks: int, payment_roles: Sequence[str]) -> None:
         """`follower.FollowerMetrics`: called after each committed range."""

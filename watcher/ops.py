@@ -50,9 +50,12 @@ class Ops:
         followers: Mapping[str, Follower],
         readers: Mapping[str, Any],
         *,
+        heads: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
         head_max_age: float | None = None,
     ) -> None:
+        """`heads`: each chain's newHeads subscriber (its `mode` is "ws" while subscribed)."""
+        self.heads = heads if heads is not None else {}
         self.settings = settings
         self.store = store
         self.followers = followers
@@ -94,7 +97,7 @@ class Ops:
                 "head_block": head,
                 "last_processed_block": processed,
                 "lag_blocks": lag,
-                "mode": "poll",  # WebSocket heads are not built yet; ws_url is not used
+                "mode": getattr(self.heads.get(name), "mode", "poll"),
                 "rpc_url": self.rpc_url(name),
                 "last_head_at": rfc3339(head_at),
             }

@@ -20,8 +20,10 @@ from aiohttp import web
 from . import __version__
 from .api import INVOICE_OPERATIONS, make_app
 from .chain import ChainReader, HttpTransport, JsonRpcReader, RpcError, Transport
-from .config import ConfigError, Settings, load_settings, strip_credentials
+from .config import ChainSettings, ConfigError, Settings, load_settings, strip_credentials
+from .failover import FailoverTransport
 from .follower import Follower, Rails
+from .heads import HeadSubscriber
 from .invoicing import Invoicing
 from .jobs import make_scheduler
 from .logs import configure_logging, register_secrets
@@ -34,6 +36,9 @@ from .webhooks import Dispatcher
 
 if TYPE_CHECKING:  # eth-tester (behind the sandbox) is imported only when a sandbox runs
     from .sandbox import SandboxChain
+
+# Seconds an RPC request may take before the endpoint counts as failed (and the next one is tried).
+RPC_TIMEOUT = 5.0
 
 log = structlog.get_logger("watcher.service")
 
@@ -77,6 +82,7 @@ class Service:
         self.stopping = asyncio.Event()
         self.store: Store | None = None
         self.followers: dict[str, Follower] = {}
+        self.heads: dict[str, HeadSubscriber] = {}
         self.dispatcher: Dispatcher | None = None
         self._transports: list[Transport] = []
         self._tasks: list[asyncio.Task] = []
@@ -89,13 +95,51 @@ class Service:
 
     # ------------------------------------------------------------------ start
 
-    def _reader_for(self, name: str, rpc_url: str) -> ChainReader:
+    def _reader_for(self, chain: ChainSettings) -> ChainReader:
+        name = chain.name
         if self.sandbox is not None and name == self.sandbox.network:
             transport: Transport = self.sandbox.transport
         else:
-            transport = HttpTransport(rpc_url)
+            transport = FailoverTransport(
+                chain.rpc_urls,
+                timeout=RPC_TIMEOUT,
+                on_switch=lambda old, new, reason: self.metrics.endpoint_switched(name, reason),
+                on_failure=lambda kind: self.metrics.endpoint_failed(name, kind),
+            )
             self._transports.append(transport)
         return JsonRpcReader(transport, self.metrics.rpc(name))
+
+    async def _check_chain_ids(self, index: int, chain: ChainSettings, reader: ChainReader) -> None:
+        """Every rpc_url must serve the configured chain: a failover to a node of another chain
+        would read its blocks as ours. One that does not answer now is checked by nobody; say so."""
+        if self.sandbox is not None and chain.name == self.sandbox.network:
+            answers = [(None, await reader.chain_id())]
+        else:
+            answers = []
+            for j, url in enumerate(chain.rpc_urls):
+                probe = HttpTransport(url, timeout=RPC_TIMEOUT, retry_delays=(0.2,))
+                try:
+                    answers.append((j, await JsonRpcReader(probe).chain_id()))
+                except RpcError as exc:
+                    shown = strip_credentials(url)
+                    log.warning("chain_id_unchecked", network=chain.name, rpc_url=shown, error=str(exc))
+                finally:
+                    await probe.close()
+        for j, node_chain_id in answers:
+            if node_chain_id != chain.chain_id:
+                where = "the node" if j is None else f"rpc_urls[{j}]"
+                raise ConfigError(f"chains[{index}].chain_id", f"is {chain.chain_id} but {where} answers {node_chain_id}")
+
+    def _heads_for(self, chain: ChainSettings, follower: Follower) -> HeadSubscriber | None:
+        """newHeads over WebSocket when the chain has a ws_url: the follower looks at once
+        instead of at its next poll (which goes on regardless, so a dead socket loses nothing)."""
+        if chain.ws_url is None or (self.sandbox is not None and chain.name == self.sandbox.network):
+            return None
+        name = chain.name
+        self.metrics.heads_mode(name, "poll")
+        return HeadSubscriber(
+            chain.ws_url, lambda number: follower.wake(), on_mode=lambda mode: self.metrics.heads_mode(name, mode)
+        )
 
     async def start(self) -> None:
         s = self.settings
@@ -103,16 +147,12 @@ class Service:
         store.outbox.set_endpoints(Endpoint(w.url, tuple(w.events)) for w in s.webhooks)
         readers: dict[str, ChainReader] = {}
         for i, chain in enumerate(s.chains):
-            reader = self._reader_for(chain.name, chain.rpc_urls[0])
-            readers[chain.name] = reader
+            readers[chain.name] = self._reader_for(chain)
             try:
-                node_chain_id = await reader.chain_id()
-            except RpcError as exc:
-                log.warning("chain_id_unchecked", network=chain.name, error=str(exc))
-            else:
-                if node_chain_id != chain.chain_id:
-                    await self._close_resources()
-                    raise ConfigError(f"chains[{i}].chain_id", f"is {chain.chain_id} but the node answers {node_chain_id}")
+                await self._check_chain_ids(i, chain, readers[chain.name])
+            except ConfigError:
+                await self._close_resources()
+                raise
         for chain in s.chains:
             self.followers[chain.name] = Follower(
                 network=chain.name,
@@ -131,6 +171,8 @@ class Service:
                     internal_transfers=chain.internal_transfers,
                 ),
             )
+            if (heads := self._heads_for(chain, self.followers[chain.name])) is not None:
+                self.heads[chain.name] = heads
         self.dispatcher = Dispatcher(
             store.outbox, {w.url: w.secret for w in s.webhooks}, clock=self.clock, on_attempt=self.metrics.webhook_attempt,
         )
@@ -145,7 +187,7 @@ class Service:
 
             add_sandbox_routes(app, self.sandbox, store, self._wake_followers)
             operations += SANDBOX_OPERATIONS
-        self.ops = Ops(s, store, self.followers, readers, clock=self.clock)
+        self.ops = Ops(s, store, self.followers, readers, heads=self.heads, clock=self.clock)
         self.metrics.track(store, self.ops.positions)
         add_ops_routes(app, self.ops, self.metrics)
         add_openapi_route(app, operations, version=__version__)
@@ -159,6 +201,8 @@ class Service:
 
         for follower in self.followers.values():
             self._tasks.append(asyncio.create_task(follower.run(self.stopping), name=f"follower:{follower.network}"))
+        for name, heads in self.heads.items():
+            self._tasks.append(asyncio.create_task(heads.run(self.stopping), name=f"heads:{name}"))
         self._tasks.append(asyncio.create_task(self.dispatcher.run(self.stopping), name="dispatcher"))
         if self.sandbox is not None and self.block_time > 0:
             self._tasks.append(asyncio.create_task(self._mine_forever(), name="sandbox-miner"))
