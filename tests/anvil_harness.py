@@ -113,8 +113,9 @@ class AnvilHarness(Harness):
     """`await harnesses(AnvilHarness, nodes=[anvil_node(), ...])`: one chain per node."""
 
     def __init__(self, tmp_path: Any, *, nodes: list[Anvil], ws: bool = False, rpc_urls: dict[str, list[str]] | None = None,
-                 internal_transfers: str = "auto", **kwargs: Any) -> None:
+                 internal_transfers: str = "auto", poll_interval: float = 0.05, **kwargs: Any) -> None:
         super().__init__(tmp_path, **kwargs)
+        self.poll_interval = poll_interval
         self.nodes = nodes
         self.ws = ws
         self.rpc_urls = rpc_urls or {}
@@ -140,7 +141,7 @@ class AnvilHarness(Harness):
             "name": chain.name,
             "chain_id": chain.node.chain_id,
             "rpc_urls": self.rpc_urls.get(chain.name, [chain.node.url]),
-            "poll_interval_seconds": 0.05,
+            "poll_interval_seconds": self.poll_interval,
             "confirmations": self.confirmations,
             "start_block": 0,
             "deposit_xpub": account_xpub_from_mnemonic(DEPOSIT_MNEMONIC),
