@@ -73,3 +73,25 @@ async def test_internal_transfers_off_misses_wallet_payments_and_says_so(harness
     await h.mine(1)
     await h.settle()
     assert (await h.get(invoice["id"]))["payments"] == []
+
+
+async def test_internal_transfers_on_without_a_tracer_stops_the_chain_rather_than_miss_payments(harnesses, anvil_node):
+    """A node without tracers (the proxy answers "method not found" for both): with
+    `internal_transfers = "on"` the chain does not move and /readyz says why."""
+    from faultproxy import Fault, FaultProxy
+
+    node = anvil_node()
+    async with FaultProxy(node.url) as proxy:
+        for method in ("debug_traceBlockByNumber", "trace_block"):
+            proxy.inject(Fault("rpc_error", method=method, code=-32601, message=f"the method {method} does not exist"))
+        h = await harnesses(AnvilHarness, nodes=[node], rpc_urls={"anvil0": [proxy.url]}, internal_transfers="on")
+
+        async def reported() -> dict | None:
+            _, body, _ = await h.request("GET", "/readyz", auth=False)
+            [chain] = body["chains"]
+            return chain if chain["last_error"] and "tracer" in chain["last_error"] else None
+
+        chain = await h.wait_for(reported, what="the missing tracer in /readyz")
+        assert chain["last_processed_block"] is None
+        assert proxy.injected[("rpc_error", "debug_traceBlockByNumber")] >= 1
+        assert proxy.injected[("rpc_error", "trace_block")] >= 1

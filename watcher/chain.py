@@ -476,7 +476,7 @@ class JsonRpcReader:
 
     async def probe_tracer(self, block_number: int) -> str | None:
         """Which tracer the node offers for inner transfers, if any."""
-        from .traces import probe_tracer
+        from .traces import probe_tracer  # here, not on top: traces imports RpcError from this module
 
         if self.counts is not None:
             self.counts.called("probe_tracer")
@@ -485,7 +485,7 @@ class JsonRpcReader:
     @_counted("trace")
     async def internal_transfers(self, numbers: Sequence[int], method: str) -> list[InternalTransfer]:
         """The coin moved by inner calls in these blocks, with the tracer `probe_tracer` found."""
-        from .traces import fetch_internal_transfers
+        from .traces import fetch_internal_transfers  # see probe_tracer
 
         if self.counts is not None:
             self.counts.called(method)

@@ -213,14 +213,15 @@ class Follower:
 
     async def _ensure_tracer(self, head: int) -> None:
         """Find the node's tracer once (`auto`: use it if there is one; `on`: insist)."""
-        if self.tracer != "":
-            return
+        if self.tracer != "" or head < 1:
+            return  # asked already; or only genesis exists, which nodes refuse to trace (and holds no payment)
         self.tracer = await self.reader.probe_tracer(head)
         if self.tracer is None:
             if self.rails.internal_transfers == "on":
                 self.tracer = ""
                 raise TracerMissing(
-                    "internal_transfers = \"on\" but the node answers neither debug_traceBlockByNumber nor trace_block"
+                    "internal_transfers = \"on\" but the node has no tracer (neither debug_traceBlockByNumber nor "
+                    "trace_block answers): not following the chain rather than missing payments"
                 )
             log.warning("internal_transfers_unavailable", network=self.network,
                         detail="the node has no tracer: the coin sent from inside contract calls is not seen")

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol, Sequence
 
 from .chain import RpcError
+from .failover import EndpointDown
 
 __all__ = [
     "CALL_TRACER",
@@ -394,13 +395,16 @@ async def probe_tracer(transport: TraceTransport, block_number: int) -> str | No
     the way the EVM ran; `trace_block` is for nodes that only speak parity (Nethermind and
     OpenEthereum descendants, some providers). A method counts as offered only when its
     answer for `block_number` decodes: a node that says yes with garbage is a no. Pick a
-    block past genesis (geth refuses to trace genesis). Any error, including an unreachable
-    node, reads as "not offered", so call this once the node is known to answer.
+    block past genesis (geth refuses to trace genesis). An error answer reads as "not
+    offered"; an endpoint that gave no answer at all (`EndpointDown`) is raised, so a node
+    that is down for a moment does not turn the tracer off for good.
     """
     for method in (CALL_TRACER, PARITY_TRACER):
         try:
             answer = await transport.call(method, _params(method, block_number))
             await _decode_blocks(transport, method, [block_number], [answer])
+        except EndpointDown:
+            raise
         except RpcError:
             continue
         return method
