@@ -83,3 +83,28 @@ async def test_new_heads_arrive_over_websocket_and_polling_takes_over_when_the_s
     anvil_node(port=port)
     await h.wait_for(lambda: h.service.heads["anvil0"].mode == "ws", timeout=40, what="subscribed again")
     assert (await chains_view(h))["anvil0"]["mode"] == "ws"
+
+
+async def test_finalized_confirmations_follow_the_nodes_finalized_block(harnesses, anvil_node):
+    node = anvil_node()
+    h = await harnesses(AnvilHarness, nodes=[node], confirmations="finalized")
+    chain = h.anvil
+    invoice = await h.create(amount="10", assets=["TUSD"])
+    [option] = invoice["payment_options"]
+    await chain.run(chain.transfer_token, option["destination_address"], 10_000_000)
+    await h.mine(1)
+    paid = await h.wait_status(invoice["id"], "paid")
+    block = paid["payments"][0]["block_number"]
+    await h.mine(10)
+    await h.settle()
+    finalized = int(node.rpc("eth_getBlockByNumber", "finalized", False)["number"], 16)
+    assert finalized < block, "anvil finalizes well behind its head"
+    assert (await h.get(invoice["id"]))["status"] == "paid"
+
+    # Once the node's finalized block passes the payment's, it is confirmed.
+    for _ in range(20):
+        if int(node.rpc("eth_getBlockByNumber", "finalized", False)["number"], 16) >= block:
+            break
+        await h.mine(16)
+    confirmed = await h.wait_status(invoice["id"], "confirmed")
+    assert confirmed["payments"][0]["status"] == "confirmed"
