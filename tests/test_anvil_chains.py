@@ -108,3 +108,16 @@ async def test_finalized_confirmations_follow_the_nodes_finalized_block(harnesse
         await h.mine(16)
     confirmed = await h.wait_status(invoice["id"], "confirmed")
     assert confirmed["payments"][0]["status"] == "confirmed"
+
+
+async def test_every_rpc_url_must_serve_the_configured_chain(harnesses, anvil_node):
+    """A failover URL of another chain would have its blocks read as ours: refused at start."""
+    import pytest
+
+    from watcher.config import ConfigError
+
+    ours, other = anvil_node(chain_id=31337), anvil_node(chain_id=5)
+    with pytest.raises(ConfigError) as refused:
+        await harnesses(AnvilHarness, nodes=[ours], rpc_urls={"anvil0": [ours.url, other.url]})
+    assert refused.value.key == "chains[0].chain_id"
+    assert "rpc_urls[1] answers 5" in str(refused.value)

@@ -350,7 +350,7 @@ async def test_stats_count_every_status_and_open_exception_and_sum_received_exac
     status, _ = await post(h, f"/v1/invoices/{cancelled['id']}/exception/resolve", {"resolution_action": "accept_late_payment"})
     assert status == 200
     again = await stats(h)
-    assert again["received"][0]["amount_atomic"] == str(received + 3_000_000)
+    assert again["received"][tusd]["amount_atomic"] == str(received + 3_000_000)
     assert again["by_open_exception_type"] == exceptions(overpaid=1)
 
 
