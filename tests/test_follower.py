@@ -299,3 +299,96 @@ async def test_a_refused_log_range_is_asked_again_in_halves(store):
     assert f.chunk_size <= 20
     assert len(store.get_payments(inv_id)) == 1
     assert store.cursor(NET).number == 41
+
+
+# --------------------------------------------------------------------------- native coin
+
+
+class FakeNativeChain(FakeChain):
+    """FakeChain whose blocks also carry native-coin transactions, receipts and traces."""
+
+    def __init__(self) -> None:
+        self.native: dict[int, list[tuple[str, str, int, bool]]] = {}  # block -> (tx, to, value, succeeded)
+        self.inner: dict[int, list] = {}  # block -> InternalTransfer
+        self.traces_from_another_block = False
+        super().__init__()
+
+    def mine_native(self, *txs: tuple[str, int, bool], inner: tuple[str, int] | None = None) -> BlockRef:
+        from watcher.traces import InternalTransfer
+
+        block = self.mine()
+        n = block.number
+        self.native[n] = [(f"0x{n:032x}{i + 100:032x}", to, value, ok) for i, (to, value, ok) in enumerate(txs)]
+        if inner is not None:
+            to, value = inner
+            wallet_tx = f"0x{n:032x}{999:032x}"
+            self.native[n].append((wallet_tx, "0x" + "77" * 20, 0, True))  # the wallet call itself: no value to us
+            self.inner[n] = [InternalTransfer(wallet_tx, 0, n, "0x" + "77" * 20, to, value)]
+        return block
+
+    async def full_blocks(self, numbers):
+        from watcher.domain import FullBlock, NativeTransaction
+
+        out = []
+        for n in numbers:
+            if n >= len(self.blocks):
+                out.append(None)
+                continue
+            txs = self.native.get(n, [])
+            moved = tuple(NativeTransaction(h, "0x" + "bb" * 20, to, v) for h, to, v, _ in txs if v)
+            out.append(FullBlock(self.blocks[n], moved, frozenset(h for h, *_ in txs)))
+        return out
+
+    async def successful_transactions(self, candidates):
+        ok = {h for txs in self.native.values() for h, _, _, good in txs if good}
+        return {h for h in candidates if h in ok}
+
+    async def probe_tracer(self, block_number):
+        return "debug_traceBlockByNumber"
+
+    async def internal_transfers(self, numbers, method):
+        from dataclasses import replace
+
+        out = [t for n in numbers for t in self.inner.get(n, [])]
+        if self.traces_from_another_block:
+            out = [replace(t, tx_hash="0x" + "99" * 32) for t in out]
+        return out
+
+
+def native_invoice(store: Store, amount_atomic: int = 100) -> tuple[str, str]:
+    spec = OptionSpec("address", NET, 1, "ETH", None, 18, str(amount_atomic), "1", amount_atomic, 2, xpub="x")
+    new = NewInvoice(Decimal(amount_atomic), "USD", {}, {}, Decimal(0), {"mode": "immediate"}, 10**12, False, {}, [spec])
+    inv, _ = store.create_invoice(new, derive=lambda x, i: f"0x{i + 1:040x}", finish=lambda *a: ("uri", None))
+    return inv["id"], inv["payment_options"][0]["destination_address"].lower()
+
+
+async def test_native_payments_count_only_from_successful_transactions_and_inner_calls(store):
+    from watcher.follower import Rails
+
+    chain = FakeNativeChain()
+    inv_id, addr = native_invoice(store)
+    f = follower(chain, store, rails=Rails(native=True))
+    chain.mine_native((addr, 40, False))  # a failed transaction: nothing moved
+    chain.mine_native((addr, 30, True), inner=(addr, 70))
+    await catch_up(f)
+    payments = store.get_invoice(inv_id)["payments"]
+    assert sorted((p["amount_atomic"], p["log_index"]) for p in payments) == [("30", None), ("70", None)]
+    assert store.get_invoice(inv_id)["status"] == "paid"
+
+
+async def test_traces_that_are_not_of_the_block_read_are_refused(store):
+    """Traces are read by number: if the block changed between the two reads, the trace's
+    transaction is not in the block we read, and nothing is recorded."""
+    from watcher.follower import Rails
+
+    chain = FakeNativeChain()
+    inv_id, addr = native_invoice(store)
+    f = follower(chain, store, rails=Rails(native=True))
+    chain.mine_native(inner=(addr, 100))
+    chain.traces_from_another_block = True
+    with pytest.raises(ChainChanged):
+        await catch_up(f)
+    assert store.get_invoice(inv_id)["payments"] == []
+    chain.traces_from_another_block = False
+    await catch_up(f)
+    assert [p["amount_atomic"] for p in store.get_invoice(inv_id)["payments"]] == ["100"]

@@ -66,7 +66,6 @@ class Rails:
 
     native: bool = False  # the chain's coin to deposit addresses (a native asset is configured)
     router: str | None = None  # PaymentRouter address: PaymentReceived logs
-    merchant: str | None = None  # the only recipient a router payment may name
     internal_transfers: Literal["auto", "on", "off"] = "auto"  # the coin sent by inner calls (tracers)
 
 
@@ -145,8 +144,9 @@ class Follower:
         return out
 
     def match_router(self, payments: Sequence[RouterPayment]) -> list[tuple[Transfer, str]]:
-        """Ours: from our router, for a known payment id of that invoice, to the merchant, in
-        that option's asset, and not zero. Unknown payment ids are other merchants' business."""
+        """Ours: from our router, for a known payment id of that invoice, to the merchant the
+        option named (the merchant_address when it was created), in that option's asset, and
+        not zero. Unknown payment ids are other merchants' business."""
         out = []
         for p in payments:
             target = self._router_watch.get(p.payment_id_hash)
@@ -157,8 +157,8 @@ class Follower:
                 problem = "zero amount"
             elif p.invoice_id_hash != target.invoice_id_hash:
                 problem = "invoice id hash does not match the option's invoice"
-            elif p.recipient != target.recipient or p.recipient != self.rails.merchant:
-                problem = "recipient is not the merchant address"
+            elif p.recipient != target.recipient:
+                problem = "recipient is not the option's merchant address"
             elif p.token != target.token:
                 problem = "token is not the option's asset"
             if problem is not None:

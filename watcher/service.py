@@ -167,7 +167,6 @@ class Service:
                 rails=Rails(
                     native=any(a.kind == "native" for a in chain.assets),
                     router=chain.router_address,
-                    merchant=chain.merchant_address,
                     internal_transfers=chain.internal_transfers,
                 ),
             )
