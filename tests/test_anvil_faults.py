@@ -276,6 +276,7 @@ async def test_logs_naming_another_block_hash_are_never_recorded(proxies, harnes
     assert h.receiver.types_for(invoice["id"]) == ["invoice.created"]
     assert payments_recorded == 0
     assert lag >= 1 and last_processed < block
+    assert await metric(h, "watcher_follower_step_failures_total", network=NETWORK, reason="chain_changed") >= 1
     assert all(chain_entry["last_processed_block"] < block for _, chain_entry in seen)
     # Each rewritten answer names a fresh hash; none is the block's.
     hashed = [e for e in errors_seen(seen) if "block hash" in e]

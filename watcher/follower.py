@@ -43,6 +43,8 @@ class FollowerMetrics(Protocol):
 
     def blocks_applied(self, network: str, blocks: int, payment_roles: Sequence[str]) -> None: ...
 
+    def step_failed(self, network: str, reason: str) -> None: ...
+
 
 @dataclass(frozen=True)
 class WatchTarget:
@@ -111,6 +113,7 @@ class Follower:
         # The node's tracer for inner transfers: a method name, None for none, "" before asking.
         self.tracer: str | None = "" if rails.native and rails.internal_transfers != "off" else None
         self._wake = asyncio.Event()
+        self._waiting_for: str | None = None  # set by a step that found the node behind us
 
     # ------------------------------------------------------------------ watch set
 
@@ -231,12 +234,24 @@ class Follower:
     # ------------------------------------------------------------------ one step
 
     async def run_once(self) -> int:
-        """Do one step of work; returns how many blocks it moved the checkpoint (0: caught up)."""
+        """Do one step of work; returns how many blocks it moved the checkpoint (0: caught up).
+
+        `status.last_error` keeps the last failure until a step completes (a step that fails
+        late must not look healthy for its duration); a node behind us is a completed step
+        that still reports."""
+        previous = self.status.last_error
+        self._waiting_for = None
+        moved = await self._step()
+        self.status.last_error = self._waiting_for
+        if self._waiting_for is not None and self._waiting_for != previous:
+            log.warning("node_behind_checkpoint", network=self.network, detail=self._waiting_for)
+        return moved
+
+    async def _step(self) -> int:
         head = await self.reader.block_number()
-        await self._ensure_tracer(head)
-        behind_before, self.status.last_error = self.status.last_error, None
         self.status.head_block = head
         self.status.last_head_at = self.clock()
+        await self._ensure_tracer(head)
         cursor = self.store.cursor(self.network)
 
         if cursor is None:
@@ -248,9 +263,7 @@ class Follower:
             if head < cursor.number:
                 # A node behind our checkpoint (a lagging provider) proves nothing: wait for it.
                 # A real reorg shows when it has a different block at our height.
-                self.status.last_error = f"node head {head} is behind our checkpoint {cursor.number}"
-                if behind_before != self.status.last_error:
-                    log.warning("node_behind_checkpoint", network=self.network, head=head, checkpoint=cursor.number)
+                self._waiting_for = f"node head {head} is behind our checkpoint {cursor.number}"
                 return 0
             if head == cursor.number:
                 # Nothing new; make sure our tip is still canonical.
@@ -405,16 +418,34 @@ class Follower:
             except (RpcError, ChainChanged, TracerMissing, OSError, asyncio.TimeoutError) as exc:
                 self.status.last_error = str(exc)
                 log.warning("follower_step_failed", network=self.network, error=str(exc))
+                self._count_failure(exc)
             except Exception as exc:  # a bug must not stop the chain for good: log it loudly, retry
                 self.status.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("follower_step_crashed", network=self.network)
+                self._count_failure(exc)
             else:
                 if moved:
                     continue
                 await _sleep_or(stopping, self.poll_interval, self._wake)
                 continue
-            await _sleep_or(stopping, backoff)
+            # A new head (over the socket) during the backoff is a sign the node is back: look then.
+            await _sleep_or(stopping, backoff, self._wake)
             backoff = min(backoff * 2, 30.0)
+
+    def _count_failure(self, exc: BaseException) -> None:
+        if self.metrics is not None:
+            self.metrics.step_failed(self.network, _failure_reason(exc))
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """A metrics label for a failed step: few values, the log has the detail."""
+    if isinstance(exc, TracerMissing):
+        return "tracer_missing"
+    if isinstance(exc, ChainChanged):
+        return "chain_changed"
+    if isinstance(exc, (RpcError, OSError, asyncio.TimeoutError)):
+        return "rpc"
+    return "other"
 
 
 async def _sleep_or(stopping: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> None:

@@ -75,6 +75,11 @@ class Metrics:
         self.rpc_failovers = Counter(
             "watcher_rpc_failovers", "Switches of a chain's RPC endpoint: failover to the next rpc_url, or "
             "back to the first.", ["network", "direction"], registry=r)
+        self.follower_step_failures = Counter(
+            "watcher_follower_step_failures", "Follower steps that failed and will be retried, by reason: rpc "
+            "(the node did not answer or answered an error), chain_changed (what the node said moved under "
+            "us, e.g. logs naming another block hash), tracer_missing, other (a bug; see the log).",
+            ["network", "reason"], registry=r)
         self.ws_heads_connected = Gauge(
             "watcher_ws_heads_connected", "1 while a chain's newHeads WebSocket subscription is live, 0 while "
             "it polls only (chains without ws_url are not listed).", ["network"], registry=r)
@@ -94,6 +99,10 @@ class Metrics:
 
     def rpc(self, network: str) -> RpcCounter:
         return RpcCounter(self.rpc_calls, self.rpc_errors, network)
+
+    def step_failed(self, network: str, reason: str) -> None:
+        """`follower.FollowerMetrics`: a step failed (it is retried with backoff)."""
+        self.follower_step_failures.labels(network, reason).inc()
 
     def endpoint_failed(self, network: str, kind: str) -> None:
         self.rpc_endpoint_failures.labels(network, kind).inc()
