@@ -40,7 +40,21 @@ if TYPE_CHECKING:  # eth-tester (behind the sandbox) is imported only when a san
 # Seconds an RPC request may take before the endpoint counts as failed (and the next one is tried).
 RPC_TIMEOUT = 5.0
 
+# At stop, the chain loops get this long to end on their own before they are cancelled.
+STOP_GRACE = 1.0
+CANCELLABLE_TASKS = ("follower:", "heads:", "sandbox-miner", "health")
+
 log = structlog.get_logger("watcher.service")
+
+
+async def _finish(tasks: list[asyncio.Task], timeout: float) -> None:
+    """Wait for tasks to end, cancelling what is still running after `timeout`."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 # What SIGHUP applies; every other top-level key takes a restart.
 RELOADABLE = ("webhooks", "log_level", "log_format")
@@ -264,12 +278,17 @@ class Service:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
-        if self._tasks:
-            done, pending = await asyncio.wait(self._tasks, timeout=timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            self._tasks = []
+        if self.dispatcher is not None:
+            self.dispatcher.wake()  # it sees `stopping` now, not at the end of its idle wait
+        for follower in self.followers.values():
+            follower.wake()
+        # Chain reads (a follower waiting out a node's retries) are safe to cancel after a
+        # moment: a step's database change has no await inside it, so it is whole or absent.
+        # The dispatcher gets the full timeout to record the attempts it has in flight.
+        readers = [t for t in self._tasks if t.get_name().startswith(CANCELLABLE_TASKS)]
+        await _finish(readers, STOP_GRACE)
+        await _finish([t for t in self._tasks if t not in readers], timeout)
+        self._tasks = []
         await self._close_resources()
         log.info("watcher_stopped")
 
