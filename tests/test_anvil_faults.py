@@ -348,3 +348,28 @@ async def test_every_rpc_url_down_is_not_ready_and_loses_nothing(proxies, harnes
     # Whichever answered first when they came back, the first rpc_url is the one used after
     # at most the cool-down.
     await h.wait_for(url_is(h, a.url), timeout=RETURN_AFTER + 10, what="the first rpc_url in use")
+
+
+async def test_a_range_the_provider_refuses_is_shrunk(anvil_node, proxies, harnesses):
+    """"query returned more than 10000 results" (a JSON-RPC error, not a failover): the
+    follower asks for half the range until the provider accepts; the payment in the long
+    range is found once. (Growing back is a follower story in test_follower.py.)"""
+    node = anvil_node()
+    proxy = await proxies(node.url)
+    h = await harnesses(AnvilHarness, nodes=[node], rpc_urls={NETWORK: [proxy.url]}, confirmations=1)
+    await h.settle()
+    follower = h.service.followers[NETWORK]
+    start_chunk = follower.chunk_size
+    invoice = await h.create(amount="10", assets=["TUSD"])
+    [option] = invoice["payment_options"]
+    proxy.inject(Fault("rpc_error", method="eth_getLogs", times=3, code=-32005,
+                       message="query returned more than 10000 results"))
+    chain = h.anvil
+    await h.mine(300)
+    tx = await chain.run(chain.transfer_token, option["destination_address"], AMOUNT)
+    await h.mine(1)
+    paid = await h.wait_status(invoice["id"], "confirmed")  # one confirmation: paid and confirmed at once
+    assert [p["transaction_hash"] for p in paid["payments"]] == [tx]
+    assert proxy.injected[("rpc_error", "eth_getLogs")] == 3
+    assert follower.chunk_size < start_chunk, "the refused range was shrunk"
+    assert await metric(h, "watcher_follower_step_failures_total", network=NETWORK, reason="rpc") >= 3

@@ -300,6 +300,14 @@ async def test_a_refused_log_range_is_asked_again_in_halves(store):
     assert len(store.get_payments(inv_id)) == 1
     assert store.cursor(NET).number == 41
 
+    # The provider accepts more again: full ranges that succeed double the range (up to the cap).
+    chain.transfer_logs = real_logs
+    shrunk = f.chunk_size
+    for _ in range(200):
+        chain.mine()
+    await catch_up(f)
+    assert f.chunk_size >= 4 * shrunk
+
 
 # --------------------------------------------------------------------------- native coin
 
