@@ -157,22 +157,8 @@ class AnvilHarness(Harness):
             settings["ws_url"] = chain.node.ws_url
         return settings
 
-    def settings(self):
-        from harness import free_port
-        from watcher.config import settings_from_dict
-
-        return settings_from_dict(
-            {
-                "database": str(self.tmp_path / "watcher.db"),
-                "log_format": "console",
-                "log_level": "warning",
-                "http": {"listen": f"127.0.0.1:{free_port()}", "api_key_env": "API_KEY"},
-                "invoices": {"default_expiry_minutes": self.expiry_minutes, "payment_tolerance_percent": self.tolerance},
-                "webhooks": [{"url": self.receiver.url, "secret_env": "HOOK_SECRET"}],
-                "chains": [self.chain_settings_for(c) for c in self.chains],
-            },
-            env={"API_KEY": self.api_key, "HOOK_SECRET": self.receiver.secret},
-        )
+    def chains_settings(self) -> list[dict]:
+        return [self.chain_settings_for(c) for c in self.chains]
 
     async def start_service(self) -> None:
         from watcher.service import Service

@@ -128,6 +128,10 @@ class Harness:
         assert self.chain is not None
         return sandbox_settings_data(self.chain, confirmations=self.confirmations, poll_interval=0.05)
 
+    def chains_settings(self) -> list[dict]:
+        """Every chain's section (the sandbox's one here)."""
+        return [self.chain_settings()]
+
     def settings(self):
         return settings_from_dict(
             {
@@ -137,7 +141,7 @@ class Harness:
                 "http": {"listen": f"127.0.0.1:{free_port()}", "api_key_env": "API_KEY"},
                 "invoices": {"default_expiry_minutes": self.expiry_minutes, "payment_tolerance_percent": self.tolerance},
                 "webhooks": [{"url": self.receiver.url, "secret_env": "HOOK_SECRET"}],
-                "chains": [self.chain_settings()],
+                "chains": self.chains_settings(),
             },
             env={"API_KEY": self.api_key, "HOOK_SECRET": self.receiver.secret},
         )

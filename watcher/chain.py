@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("watcher.chain")
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+L = TypeVar("L", Transfer, RouterPayment)  # what a log decodes to
 
 TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 
@@ -363,6 +364,7 @@ class JsonRpcReader:
     async def transfer_logs(
         self, from_block: int, to_block: int, tokens: Sequence[str], recipients: Sequence[str] | None
     ) -> list[Transfer]:
+        """The tokens' Transfer logs, filtered by recipient topic while that list is short."""
         if not tokens:
             return []
         topics: list[Any] = [TRANSFER_TOPIC]
@@ -370,21 +372,7 @@ class JsonRpcReader:
             if not recipients:
                 return []
             topics += [None, [address_topic(a) for a in recipients]]
-        raws = await self._call(
-            "eth_getLogs",
-            [{"fromBlock": hex(from_block), "toBlock": hex(to_block), "address": list(tokens), "topics": topics}],
-        )
-        if not isinstance(raws, list):
-            raise RpcError("eth_getLogs", "logs are not a list")
-        out = []
-        for raw in raws:
-            transfer = decode_transfer_log(raw)
-            if transfer is None:
-                continue
-            if not (from_block <= transfer.block_number <= to_block):
-                raise RpcError("eth_getLogs", f"log of block {transfer.block_number} outside {from_block}-{to_block}")
-            out.append(transfer)
-        return out
+        return await self._logs(from_block, to_block, list(tokens), topics, decode_transfer_log)
 
     @_counted("eth_getLogs")
     async def router_payments(
@@ -396,19 +384,26 @@ class JsonRpcReader:
             if not payment_ids:
                 return []
             topics += [None, list(payment_ids)]
+        return await self._logs(from_block, to_block, router, topics, decode_router_log)
+
+    async def _logs(
+        self, from_block: int, to_block: int, address: str | list[str], topics: list[Any], decode: Callable[[Any], L | None]
+    ) -> list[L]:
+        """One eth_getLogs; what `decode` does not recognise is skipped, a log outside the range
+        is the node's error."""
         raws = await self._call(
-            "eth_getLogs", [{"fromBlock": hex(from_block), "toBlock": hex(to_block), "address": router, "topics": topics}]
+            "eth_getLogs", [{"fromBlock": hex(from_block), "toBlock": hex(to_block), "address": address, "topics": topics}]
         )
         if not isinstance(raws, list):
             raise RpcError("eth_getLogs", "logs are not a list")
         out = []
         for raw in raws:
-            payment = decode_router_log(raw)
-            if payment is None:
+            decoded = decode(raw)
+            if decoded is None:
                 continue
-            if not (from_block <= payment.block_number <= to_block):
-                raise RpcError("eth_getLogs", f"log of block {payment.block_number} outside {from_block}-{to_block}")
-            out.append(payment)
+            if not (from_block <= decoded.block_number <= to_block):
+                raise RpcError("eth_getLogs", f"log of block {decoded.block_number} outside {from_block}-{to_block}")
+            out.append(decoded)
         return out
 
     @_counted("eth_getBlockByNumber")
