@@ -13,18 +13,15 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Literal, Protocol, Sequence
 
-import orjson
 import structlog
 
 from .chain import ChainReader, RpcError
 from .domain import BlockRef, FullBlock, RouterPayment, Transfer
+from .matching import Match, WatchSet
 from .store import MatchedTransfer, Store
 
 log = structlog.get_logger("watcher.follower")
 
-# Up to this many deposit addresses the node filters by recipient topic; past it we ask for
-# every Transfer of our tokens and match here (long topic lists are refused by providers).
-TOPIC_FILTER_LIMIT = 1000
 
 
 class ChainChanged(Exception):
@@ -44,22 +41,6 @@ class FollowerMetrics(Protocol):
     def blocks_applied(self, network: str, blocks: int, payment_roles: Sequence[str]) -> None: ...
 
     def step_failed(self, network: str, reason: str) -> None: ...
-
-
-@dataclass(frozen=True)
-class WatchTarget:
-    option_id: str
-    token: str | None
-
-
-@dataclass(frozen=True)
-class RouterTarget:
-    """A contract-rail option, found by its payment id hash in the router's logs."""
-
-    option_id: str
-    token: str | None
-    invoice_id_hash: str
-    recipient: str
 
 
 @dataclass(frozen=True)
@@ -107,9 +88,7 @@ class Follower:
         self.metrics = metrics
         self.status = FollowerStatus()
         self.rails = rails
-        self._watch: dict[str, WatchTarget] = {}
-        self._router_watch: dict[str, RouterTarget] = {}
-        self._watch_rowid = 0
+        self.watch = WatchSet(network, rails.router)
         # The node's tracer for inner transfers: a method name, None for none, "" before asking.
         self.tracer: str | None = "" if rails.native and rails.internal_transfers != "off" else None
         self._wake = asyncio.Event()
@@ -118,71 +97,15 @@ class Follower:
     # ------------------------------------------------------------------ watch set
 
     def refresh_watch_set(self) -> None:
-        """Pick up deposit addresses created since the last look (cheap: by rowid)."""
-        for row in self.store.watch_entries(self.network, self._watch_rowid):
-            if row["rail"] == "address":
-                self._watch[row["destination_address"]] = WatchTarget(row["id"], row["token_contract"])
-            elif row["contract_call"]:
-                call = orjson.loads(row["contract_call"])
-                token = call["token"].lower()
-                self._router_watch[call["payment_id_hash"]] = RouterTarget(
-                    row["id"], None if int(token, 16) == 0 else token, call["invoice_id_hash"], call["recipient"].lower()
-                )
-            self._watch_rowid = row["rowid"]
+        """Pick up options created since the last look."""
+        self.watch.refresh(self.store)
 
-    def match(self, transfers: Sequence[Transfer]) -> list[tuple[Transfer, str]]:
-        """Ours: to a deposit address, of that option's asset, and not zero."""
-        out = []
-        for t in transfers:
-            target = self._watch.get(t.to_address)
-            if target is None:
-                continue
-            if t.amount == 0:
-                log.info("zero_value_transfer_ignored", network=self.network, tx=t.tx_hash, to=t.to_address)
-                continue
-            if target.token != t.token:
-                log.warning("wrong_asset_transfer_ignored", network=self.network, tx=t.tx_hash, to=t.to_address, token=t.token)
-                continue
-            out.append((t, target.option_id))
-        return out
+    def match(self, transfers: Sequence[Transfer]) -> list[Match]:
+        return self.watch.transfers(transfers)
 
-    def match_router(self, payments: Sequence[RouterPayment]) -> list[tuple[Transfer, str]]:
-        """Ours: from our router, for a known payment id of that invoice, to the merchant the
-        option named (the merchant_address when it was created), in that option's asset, and
-        not zero. Unknown payment ids are other merchants' business."""
-        out = []
-        for p in payments:
-            target = self._router_watch.get(p.payment_id_hash)
-            if target is None or p.router != self.rails.router:
-                continue
-            problem = None
-            if p.amount == 0:
-                problem = "zero amount"
-            elif p.invoice_id_hash != target.invoice_id_hash:
-                problem = "invoice id hash does not match the option's invoice"
-            elif p.recipient != target.recipient:
-                problem = "recipient is not the option's merchant address"
-            elif p.token != target.token:
-                problem = "token is not the option's asset"
-            if problem is not None:
-                log.warning("router_payment_ignored", network=self.network, tx=p.tx_hash, reason=problem)
-                continue
-            out.append((p.as_transfer(), target.option_id))
-        return out
-
-    async def _native_deposits(self, blocks: Sequence[FullBlock]) -> list[tuple[Transfer, str]]:
-        """Plain transfers of the coin to a native option's address, in transactions that succeeded."""
-        candidates: list[tuple[Transfer, str]] = []
-        for block in blocks:
-            for tx in block.transactions:
-                target = self._watch.get(tx.to_address)
-                if target is None:
-                    continue
-                if target.token is not None:
-                    log.warning("wrong_asset_transfer_ignored", network=self.network, tx=tx.tx_hash, to=tx.to_address, token=None)
-                    continue
-                transfer = Transfer(tx.tx_hash, None, block.ref.number, block.ref.hash, None, tx.from_address, tx.to_address, tx.amount)
-                candidates.append((transfer, target.option_id))
+    async def _native_deposits(self, blocks: Sequence[FullBlock]) -> list[Match]:
+        """Plain transfers of the coin to a coin option's address, in transactions that succeeded."""
+        candidates = self.watch.native(blocks)
         if not candidates:
             return []
         ok = await self.reader.successful_transactions({t.tx_hash: (t.block_number, t.block_hash) for t, _ in candidates})
@@ -191,27 +114,19 @@ class Follower:
                 log.info("failed_transaction_ignored", network=self.network, tx=t.tx_hash, to=t.to_address)
         return [(t, option) for t, option in candidates if t.tx_hash in ok]
 
-    async def _internal_deposits(self, blocks: Sequence[FullBlock]) -> list[tuple[Transfer, str]]:
-        """The coin sent to a native option's address by inner calls, read with the node's tracer."""
+    async def _internal_deposits(self, blocks: Sequence[FullBlock]) -> list[Match]:
+        """The coin sent to a coin option's address by inner calls, read with the node's tracer."""
         assert self.tracer
         by_number = {b.ref.number: b for b in blocks}
         out = []
-        for inner in await self.reader.internal_transfers([b.ref.number for b in blocks], self.tracer):
-            target = self._watch.get(inner.to_address)
-            if target is None or inner.amount == 0:
-                continue
-            if target.token is not None:
-                log.warning("wrong_asset_transfer_ignored", network=self.network, tx=inner.tx_hash, to=inner.to_address, token=None)
-                continue
+        for inner, option_id in self.watch.inner(await self.reader.internal_transfers(list(by_number), self.tracer)):
             block = by_number.get(inner.block_number)
             if block is None or inner.tx_hash not in block.tx_hashes:
                 # Traces are read by number: make sure they are of the block we read.
                 raise ChainChanged(f"trace of tx {inner.tx_hash} is not of block {inner.block_number} as read")
-            out.append((
-                Transfer(inner.tx_hash, None, block.ref.number, block.ref.hash, None, inner.from_address,
-                         inner.to_address, inner.amount, trace_position=inner.position),
-                target.option_id,
-            ))
+            transfer = Transfer(inner.tx_hash, None, block.ref.number, block.ref.hash, None, inner.from_address,
+                                inner.to_address, inner.amount, trace_position=inner.position)
+            out.append((transfer, option_id))
         return out
 
     async def _ensure_tracer(self, head: int) -> None:
@@ -335,31 +250,20 @@ class Follower:
             )
         return last - first + 1
 
-    async def _logged_payments(self, first: int, last: int) -> list[tuple[Transfer, str]]:
-        """Token transfers and router payments of the range, matched to our options.
-
-        A token payment through the router also emits the token's own Transfer (payer to
-        merchant): the router's log is the payment, so that Transfer is not counted again."""
-        recipients = list(self._watch) if len(self._watch) <= TOPIC_FILTER_LIMIT else None
+    async def _logged_payments(self, first: int, last: int) -> list[Match]:
+        """Token transfers and router payments of the range, matched to our options."""
         try:
-            transfers = await self.reader.transfer_logs(first, last, self.tokens, recipients)
+            transfers = await self.reader.transfer_logs(first, last, self.tokens, self.watch.recipient_filter())
             routed: list[RouterPayment] = []
             if self.rails.router is not None:
-                payment_ids = list(self._router_watch) if len(self._router_watch) <= TOPIC_FILTER_LIMIT else None
-                routed = await self.reader.router_payments(first, last, self.rails.router, payment_ids)
+                routed = await self.reader.router_payments(first, last, self.rails.router, self.watch.payment_id_filter())
         except RpcError as exc:
             if last > first and exc.code != 429 and "rate" not in str(exc).lower():
                 # Providers refuse ranges that are too large or too busy: ask for less next time.
                 self.chunk_size = max(1, (last - first + 1) // 2)
                 log.warning("log_range_shrunk", network=self.network, chunk_size=self.chunk_size, error=str(exc))
             raise
-        through_router = self.match_router(routed)
-        moved_by_router = {(t.tx_hash, t.token, t.to_address, t.amount) for t, _ in through_router}
-        direct = [
-            (t, option) for t, option in self.match(transfers)
-            if (t.tx_hash, t.token, t.to_address, t.amount) not in moved_by_router
-        ]
-        return direct + through_router
+        return self.watch.logged(transfers, routed)
 
     async def _full_blocks(self, numbers: list[int]) -> list[FullBlock]:
         blocks = await self.reader.full_blocks(numbers)

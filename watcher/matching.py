@@ -1,0 +1,155 @@
+"""Which of what a chain shows is ours: the watch set of one chain, held in memory.
+
+Deposit addresses (both assets) and router payment ids are loaded from the store once and
+then by rowid as options are created, so matching a block is a dictionary lookup per
+transfer whatever the number of open invoices. No I/O besides that load; the follower
+decides what to read from the node and hands the results here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import orjson
+import structlog
+
+from .domain import FullBlock, RouterPayment, Transfer
+
+if TYPE_CHECKING:
+    from .store import Store
+    from .traces import InternalTransfer
+
+log = structlog.get_logger("watcher.follower")
+
+# Up to this many deposit addresses (or router payment ids) the node filters by topic; past
+# it we ask for every log of our tokens (or router) and match here: providers refuse long
+# topic lists.
+TOPIC_FILTER_LIMIT = 1000
+
+Match = tuple[Transfer, str]  # a payment found, and the option it pays
+
+
+@dataclass(frozen=True, slots=True)
+class WatchTarget:
+    """An address-rail option: its deposit address is the key."""
+
+    option_id: str
+    token: str | None  # None: the native coin
+
+
+@dataclass(frozen=True, slots=True)
+class RouterTarget:
+    """A contract-rail option, found by its payment id hash in the router's logs."""
+
+    option_id: str
+    token: str | None
+    invoice_id_hash: str
+    recipient: str
+
+
+class WatchSet:
+    def __init__(self, network: str, router: str | None = None) -> None:
+        self.network = network
+        self.router = router
+        self.addresses: dict[str, WatchTarget] = {}
+        self.payment_ids: dict[str, RouterTarget] = {}
+        self._rowid = 0
+
+    def refresh(self, store: Store) -> None:
+        """Pick up options created since the last look (cheap: by rowid)."""
+        for row in store.watch_entries(self.network, self._rowid):
+            if row["rail"] == "address":
+                self.addresses[row["destination_address"]] = WatchTarget(row["id"], row["token_contract"])
+            elif row["contract_call"]:
+                call = orjson.loads(row["contract_call"])
+                token = call["token"].lower()
+                self.payment_ids[call["payment_id_hash"]] = RouterTarget(
+                    row["id"], None if int(token, 16) == 0 else token, call["invoice_id_hash"], call["recipient"].lower()
+                )
+            self._rowid = row["rowid"]
+
+    def recipient_filter(self) -> list[str] | None:
+        """The deposit addresses for a topic filter, or None when there are too many."""
+        return list(self.addresses) if len(self.addresses) <= TOPIC_FILTER_LIMIT else None
+
+    def payment_id_filter(self) -> list[str] | None:
+        return list(self.payment_ids) if len(self.payment_ids) <= TOPIC_FILTER_LIMIT else None
+
+    def transfers(self, transfers: Sequence[Transfer]) -> list[Match]:
+        """Ours: to a deposit address, of that option's asset, and not zero."""
+        out = []
+        for t in transfers:
+            target = self.addresses.get(t.to_address)
+            if target is None:
+                continue
+            if t.amount == 0:
+                log.info("zero_value_transfer_ignored", network=self.network, tx=t.tx_hash, to=t.to_address)
+                continue
+            if target.token != t.token:
+                log.warning("wrong_asset_transfer_ignored", network=self.network, tx=t.tx_hash, to=t.to_address, token=t.token)
+                continue
+            out.append((t, target.option_id))
+        return out
+
+    def router_payments(self, payments: Sequence[RouterPayment]) -> list[Match]:
+        """Ours: from our router, for a known payment id of that invoice, to the merchant the
+        option named (the merchant_address when it was created), in that option's asset, and
+        not zero. Unknown payment ids are other merchants' business on a shared router."""
+        out = []
+        for p in payments:
+            target = self.payment_ids.get(p.payment_id_hash)
+            if target is None or p.router != self.router:
+                continue
+            problem = None
+            if p.amount == 0:
+                problem = "zero amount"
+            elif p.invoice_id_hash != target.invoice_id_hash:
+                problem = "invoice id hash does not match the option's invoice"
+            elif p.recipient != target.recipient:
+                problem = "recipient is not the option's merchant address"
+            elif p.token != target.token:
+                problem = "token is not the option's asset"
+            if problem is not None:
+                log.warning("router_payment_ignored", network=self.network, tx=p.tx_hash, reason=problem)
+                continue
+            out.append((p.as_transfer(), target.option_id))
+        return out
+
+    def logged(self, transfers: Sequence[Transfer], payments: Sequence[RouterPayment]) -> list[Match]:
+        """Token transfers and router payments of one range together.
+
+        A token payment through the router also emits the token's own Transfer (payer to
+        merchant): the router's log is the payment, so that Transfer is not counted again."""
+        routed = self.router_payments(payments)
+        moved_by_router = {(t.tx_hash, t.token, t.to_address, t.amount) for t, _ in routed}
+        direct = [m for m in self.transfers(transfers) if (m[0].tx_hash, m[0].token, m[0].to_address, m[0].amount) not in moved_by_router]
+        return direct + routed
+
+    def native(self, blocks: Sequence[FullBlock]) -> list[Match]:
+        """Transactions whose own value goes to a coin option's address (their success is
+        for the caller to check: a failed transaction moved nothing)."""
+        out = []
+        for block in blocks:
+            for tx in block.transactions:
+                target = self._coin_target(tx.to_address, tx.tx_hash)
+                if target is not None:
+                    transfer = Transfer(tx.tx_hash, None, block.ref.number, block.ref.hash, None, tx.from_address,
+                                        tx.to_address, tx.amount)
+                    out.append((transfer, target.option_id))
+        return out
+
+    def inner(self, transfers: Sequence[InternalTransfer]) -> list[tuple[InternalTransfer, str]]:
+        """Inner transfers (from the node's tracer) to a coin option's address."""
+        out = []
+        for inner in transfers:
+            if inner.amount > 0 and (target := self._coin_target(inner.to_address, inner.tx_hash)) is not None:
+                out.append((inner, target.option_id))
+        return out
+
+    def _coin_target(self, to_address: str, tx_hash: str) -> WatchTarget | None:
+        target = self.addresses.get(to_address)
+        if target is not None and target.token is not None:
+            log.warning("wrong_asset_transfer_ignored", network=self.network, tx=tx_hash, to=to_address, token=None)
+            return None
+        return target
