@@ -428,7 +428,10 @@ def describe(settings: Settings) -> str:
         if chain.merchant_address:
             lines.append(f"  merchant: {to_checksum(chain.merchant_address)}")
         if chain.router_address:
-            lines.append(f"  router: {to_checksum(chain.router_address)} (contract rail)")
+            rail = "contract rail" if chain.merchant_address else "contract rail needs merchant_address too"
+            lines.append(f"  router: {to_checksum(chain.router_address)} ({rail})")
+        if any(a.kind == "native" for a in chain.assets):
+            lines.append(f"  native deposits: full blocks; inner transfers (tracer): {chain.internal_transfers}")
         for a in chain.assets:
             where = to_checksum(a.contract) if a.contract else "native coin"
             rate = f", usd_rate {a.usd_rate}" if a.usd_rate is not None else ", no usd_rate"
