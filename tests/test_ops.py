@@ -247,8 +247,8 @@ async def test_readyz_follows_each_chain_from_unreachable_to_lagging_to_stale(tm
             if status == 503 and any("blocks behind" in r["reason"] and r["last_error"] for r in body["reasons"]):
                 return body
         body = await h.wait_for(lagging, what="503 for the lag")
-        [reason] = body["reasons"]
-        assert reason["network"] == "mirror"
+        # (The sandbox chain may lag for a moment too, behind the 12 blocks just mined.)
+        [reason] = [r for r in body["reasons"] if r["network"] == "mirror"]
         assert reason["reason"] == f"is {head - before} blocks behind the node's head (bound 10)"
         assert reason["last_error"].startswith("eth_getBlockByNumber: frozen by the test")
         status, chains, _ = await h.request("GET", "/v1/chains")
