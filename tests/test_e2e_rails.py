@@ -122,3 +122,23 @@ async def test_one_invoice_offers_every_rail_and_asset(harness):
     await harness.mine(1)
     paid = await harness.wait_status(invoice["id"], "paid")
     assert len(paid["payments"]) == 2 and paid["payment_summary"]["payment_state"] == "exact"
+
+
+async def test_a_watch_set_too_large_for_a_topic_filter_is_matched_locally(harness, monkeypatch):
+    """Past the topic-filter limit the node is asked for every transfer of our tokens (and
+    every router payment); only those to our options are decoded and counted."""
+    import watcher.matching
+
+    monkeypatch.setattr(watcher.matching, "TOPIC_FILTER_LIMIT", 0)
+    chain = harness.chain
+    ours = await harness.create(amount="3", assets=["TUSD"])
+    routed = await harness.create(amount="4", assets=["TUSD"], rails=["contract"])
+    await harness.on_chain(chain.transfer_token, chain.deployed.token, "0x" + "5a" * 20, 1_000_000)  # someone else's
+    await harness.pay(ours["id"])
+    await harness.pay(routed["id"])
+    await harness.mine(1)
+    paid = await harness.wait_status(ours["id"], "paid")
+    assert [p["amount_atomic"] for p in paid["payments"]] == ["3000000"]
+    assert len((await harness.wait_status(routed["id"], "paid"))["payments"]) == 1
+    follower = harness.service.followers["sandbox"]
+    assert follower.watch.recipient_filter() is None and follower.watch.payment_id_filter() is None

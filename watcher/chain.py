@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Container, Protocol, Sequence, TypeVar
 
 import aiohttp
 import orjson
@@ -74,7 +74,8 @@ class ChainReader(Protocol):
     async def finalized_number(self) -> int: ...
 
     async def transfer_logs(
-        self, from_block: int, to_block: int, tokens: Sequence[str], recipients: Sequence[str] | None
+        self, from_block: int, to_block: int, tokens: Sequence[str], recipients: Sequence[str] | None,
+        keep: Container[str] | None = None,
     ) -> list[Transfer]: ...
 
     async def router_payments(
@@ -278,6 +279,19 @@ def decode_full_block(raw: Any) -> FullBlock:
     return FullBlock(ref, tuple(moved), frozenset(hashes))
 
 
+def _recipient_in(keep: Container[str]) -> Callable[[Any], bool]:
+    """A cheap look at a Transfer log's recipient topic; a log too odd to look at is kept,
+    so that the decoder says what is wrong with it."""
+
+    def wanted(raw: Any) -> bool:
+        try:
+            return "0x" + raw["topics"][2][-40:].lower() in keep
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return True
+
+    return wanted
+
+
 def address_topic(address: str) -> str:
     return "0x" + "00" * 12 + address[2:].lower()
 
@@ -296,9 +310,9 @@ def _counted(method: str) -> Callable[[F], F]:
 
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
-        async def counted(self: "JsonRpcReader", *args: Any) -> Any:
+        async def counted(self: "JsonRpcReader", *args: Any, **kwargs: Any) -> Any:
             try:
-                return await fn(self, *args)
+                return await fn(self, *args, **kwargs)
             except Exception:
                 if self.counts is not None:
                     self.counts.failed(method)
@@ -362,9 +376,13 @@ class JsonRpcReader:
 
     @_counted("eth_getLogs")
     async def transfer_logs(
-        self, from_block: int, to_block: int, tokens: Sequence[str], recipients: Sequence[str] | None
+        self, from_block: int, to_block: int, tokens: Sequence[str], recipients: Sequence[str] | None,
+        keep: Container[str] | None = None,
     ) -> list[Transfer]:
-        """The tokens' Transfer logs, filtered by recipient topic while that list is short."""
+        """The tokens' Transfer logs, filtered by recipient topic while that list is short.
+
+        `keep`: without a recipient filter, only logs to these addresses are decoded (checking
+        and building every log of a busy token costs more than reading it)."""
         if not tokens:
             return []
         topics: list[Any] = [TRANSFER_TOPIC]
@@ -372,7 +390,8 @@ class JsonRpcReader:
             if not recipients:
                 return []
             topics += [None, [address_topic(a) for a in recipients]]
-        return await self._logs(from_block, to_block, list(tokens), topics, decode_transfer_log)
+        wanted = None if keep is None else _recipient_in(keep)
+        return await self._logs(from_block, to_block, list(tokens), topics, decode_transfer_log, wanted)
 
     @_counted("eth_getLogs")
     async def router_payments(
@@ -387,15 +406,18 @@ class JsonRpcReader:
         return await self._logs(from_block, to_block, router, topics, decode_router_log)
 
     async def _logs(
-        self, from_block: int, to_block: int, address: str | list[str], topics: list[Any], decode: Callable[[Any], L | None]
+        self, from_block: int, to_block: int, address: str | list[str], topics: list[Any], decode: Callable[[Any], L | None],
+        wanted: Callable[[Any], bool] | None = None,
     ) -> list[L]:
-        """One eth_getLogs; what `decode` does not recognise is skipped, a log outside the range
-        is the node's error."""
+        """One eth_getLogs; what `decode` does not recognise, or `wanted` passes over, is
+        skipped; a log outside the range is the node's error."""
         raws = await self._call(
             "eth_getLogs", [{"fromBlock": hex(from_block), "toBlock": hex(to_block), "address": address, "topics": topics}]
         )
         if not isinstance(raws, list):
             raise RpcError("eth_getLogs", "logs are not a list")
+        if wanted is not None:
+            raws = [raw for raw in raws if wanted(raw)]
         out = []
         for raw in raws:
             decoded = decode(raw)

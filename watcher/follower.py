@@ -253,7 +253,11 @@ class Follower:
     async def _logged_payments(self, first: int, last: int) -> list[Match]:
         """Token transfers and router payments of the range, matched to our options."""
         try:
-            transfers = await self.reader.transfer_logs(first, last, self.tokens, self.watch.recipient_filter())
+            recipients = self.watch.recipient_filter()
+            if recipients is not None:
+                transfers = await self.reader.transfer_logs(first, last, self.tokens, recipients)
+            else:
+                transfers = await self.reader.transfer_logs(first, last, self.tokens, None, keep=self.watch.addresses)
             routed: list[RouterPayment] = []
             if self.rails.router is not None:
                 routed = await self.reader.router_payments(first, last, self.rails.router, self.watch.payment_id_filter())

@@ -466,8 +466,9 @@ class Store:
         sets = ", ".join(f"{k} = ?" for k in changes)
         self.db.execute(f"UPDATE invoices SET {sets} WHERE id = ?", [*changes.values(), invoice_id])
 
-        invoice = self._invoice(invoice_id)
-        assert invoice is not None
+        # What the events carry (the status view): the invoice row and its payments, not its options.
+        row = self._q1("SELECT * FROM invoices WHERE id = ?", [invoice_id])
+        invoice = invoice_view(row, [], self._payments(invoice_id))
         by_id = {p["id"]: p for p in invoice["payments"]}
         if created:
             self.outbox.emit("invoice.created", invoice)
@@ -707,28 +708,14 @@ class Store:
             return existing["id"]
         option = self._q1("SELECT invoice_id, asset, decimals FROM payment_options WHERE id = ?", [m.option_id])
         payment_id = new_id("pay", int(self.clock() * 1000))
-        self.db["payments"].insert(
-            {
-                "id": payment_id,
-                "network": network,
-                "tx_hash": t.tx_hash,
-                "log_index": t.log_index,
-                "log_key": log_key,
-                "invoice_id": option["invoice_id"],
-                "option_id": m.option_id,
-                "asset": option["asset"],
-                "decimals": option["decimals"],
-                "block_number": t.block_number,
-                "block_hash": t.block_hash,
-                "block_timestamp": m.block_timestamp,
-                "from_address": t.from_address,
-                "to_address": t.to_address,
-                "amount_atomic": str(t.amount),
-                "status": "detected",
-                "role": "counted",
-                "observed_at": now,
-                "confirmed_at": None,
-            }
+        # Plain SQL: the hot path of a busy chain (sqlite-utils' insert looks the table up each time).
+        self.db.execute(
+            "INSERT INTO payments(id, network, tx_hash, log_index, log_key, invoice_id, option_id, asset, decimals, "
+            "block_number, block_hash, block_timestamp, from_address, to_address, amount_atomic, status, role, "
+            "observed_at, confirmed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?, 'detected', 'counted', ?, NULL)",
+            [payment_id, network, t.tx_hash, t.log_index, log_key, option["invoice_id"], m.option_id, option["asset"],
+             option["decimals"], t.block_number, t.block_hash, m.block_timestamp, t.from_address, t.to_address,
+             str(t.amount), now],
         )
         self._add_search_text(option["invoice_id"], [t.tx_hash, t.from_address])
         return payment_id
