@@ -1,10 +1,20 @@
 """The status endpoint under load: GET /v1/invoices/{id}/status at a fixed 1,000 requests/s.
 
-    python -m bench.api_load [--quick] [--rate 1000] [--seconds 10] [--block-time 2] [--profile]
+    python -m bench.api_load [--quick] [--rate 1000] [--seconds 10] [--block-time 2]
+                             [--profile | --slow-callbacks 0.02] [--dump samples.json]
 
 - Server: the real daemon, `watcher run --sandbox --listen 127.0.0.1:PORT --block-time 2
   --database TMP` (a subprocess; its log to a file), with 200 invoices created over the API
   and 20 of them paid through the sandbox route, so some status bodies carry a payment.
+  The sandbox's chain (eth-tester) runs inside the daemon's process, in a thread that competes
+  for the GIL with the event loop whenever a block is mined or read; `--chain anvil` runs the
+  daemon as in production instead: `watcher run --config` on an anvil node (bench/live.py's
+  setup: TUSD and the coin, blocks every --block-time s, polled every 1 s), the 20 paid by
+  real token transfers.
+- What happens during the window: the 20 payments are detected before the load starts; with 3
+  confirmations the block that confirms them (20 invoices re-judged, 20 events written, one
+  commit) comes 2 blocks later, inside the measured window, so the figures include the API
+  answering while the follower does that work on the same event loop.
 - Client: a SECOND process, open loop: request k is due at t0 + k/rate whatever happened to
   the earlier ones (each is its own task on one aiohttp session); 2 s of warm-up at the same
   rate, then `--seconds` measured. Latency is counted from the moment the request was DUE
@@ -14,9 +24,14 @@
 - Baseline: a bare aiohttp server (its own process) answering the same path with a fixed
   body of the same size, hit by the same client the same way: what this client, aiohttp and
   this machine allow.
+- Server CPU per request: the daemon's (or hello server's) CPU time over the run, from /proc,
+  divided by the requests sent (the chain, follower and scheduler included).
 - `--profile`: the daemon's side instead runs in-process as `Service` with a sandbox chain
-  (exactly what `watcher run --sandbox` builds) under pyinstrument, to show where a request's
-  time goes.
+  (what `watcher run --sandbox` builds) under pyinstrument, to show where a request's time
+  goes (use a lower --rate: the profiler's own cost makes the server fall behind at 1,000/s).
+  `--slow-callbacks S` runs it with asyncio's debug mode instead, which logs every callback
+  that held the event loop longer than S seconds. `--dump` writes the daemon run's samples,
+  to see when in the run the slow requests were.
 """
 
 from __future__ import annotations
@@ -113,13 +128,14 @@ def loaded(server: "Server", spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def start_daemon(tmp: Path, block_time: float, profile_to: str | None) -> tuple[Server, str, str]:
+def start_daemon(tmp: Path, block_time: float, profile_to: str | None, slow_callbacks: float | None = None) -> tuple[Server, str, str]:
     port = free_port()
     key = "sk_bench_" + secrets.token_urlsafe(24)
     env = {**os.environ, "WATCHER_API_KEY": key}
-    if profile_to:
+    if profile_to or slow_callbacks:
         command = [sys.executable, "-m", "bench.api_load", "--serve-profiled",
-                   json.dumps({"port": port, "db": str(tmp / "watcher.db"), "block_time": block_time, "profile_to": profile_to})]
+                   json.dumps({"port": port, "db": str(tmp / "watcher.db"), "block_time": block_time,
+                               "profile_to": profile_to, "slow_callbacks": slow_callbacks})]
     else:
         command = [sys.executable, "-m", "watcher.cli", "run", "--sandbox", "--listen", f"127.0.0.1:{port}",
                    "--block-time", str(block_time), "--database", str(tmp / "watcher.db")]
@@ -144,20 +160,26 @@ def serve_profiled(spec: dict[str, Any]) -> None:
     }, env={"WATCHER_API_KEY": os.environ["WATCHER_API_KEY"], "WATCHER_WEBHOOK_SECRET": new_webhook_secret()})
     configure_logging("json", "info")
     profiler = Profiler(interval=0.0005, async_mode="disabled")
+    slow = spec.get("slow_callbacks")
 
     async def go() -> None:
         service = Service(settings, sandbox=chain, block_time=spec["block_time"])
         loop = asyncio.get_running_loop()
+        if slow:  # asyncio's debug mode names every callback that holds the loop longer than this
+            loop.set_debug(True)
+            loop.slow_callback_duration = slow
         profile_start = asyncio.Event()
         loop.add_signal_handler(__import__("signal").SIGUSR1, profile_start.set)
         task = asyncio.create_task(service.run_until_signalled())
         await profile_start.wait()
-        profiler.start()
+        if not slow:
+            profiler.start()
         await task
 
     asyncio.run(go())
-    profiler.stop()
-    Path(spec["profile_to"]).write_text(profiler.output_text(unicode=False, show_all=False))
+    if not slow:
+        profiler.stop()
+        Path(spec["profile_to"]).write_text(profiler.output_text(unicode=False, show_all=False))
 
 
 def hello_main(spec: dict[str, Any]) -> None:
@@ -240,6 +262,19 @@ async def load(spec: dict[str, Any]) -> dict[str, Any]:
         if m[3] not in (200, -1):
             non_200[str(m[3])] = non_200.get(str(m[3]), 0) + 1
 
+    # When the slow ones were: 100 ms windows (by due time) whose worst latency passed 20 ms.
+    windows: dict[int, float] = {}
+    for d, snt, e, st in measured:
+        windows[int(d * 10)] = max(windows.get(int(d * 10), 0.0), (e - d) * 1000)
+    slow = sorted(k for k, v in windows.items() if v > 20)
+    spans: list[list[float]] = []
+    for k in slow:
+        if spans and k - spans[-1][1] <= 1:
+            spans[-1][1] = k
+            spans[-1][2] = max(spans[-1][2], windows[k])
+        else:
+            spans.append([k, k, windows[k]])
+
     def pct(values: list[float], q: float) -> float:
         return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
@@ -249,19 +284,27 @@ async def load(spec: dict[str, Any]) -> dict[str, Any]:
         "p50": pct(from_due, 0.50), "p95": pct(from_due, 0.95), "p99": pct(from_due, 0.99), "max": from_due[-1] if from_due else None,
         "sent_p50": pct(from_sent, 0.50), "sent_p95": pct(from_sent, 0.95), "sent_p99": pct(from_sent, 0.99),
         "send_lag_p99": pct(send_lag, 0.99),
+        "slow_spans": [(round(a / 10 - warmup, 1), round((b + 1) / 10 - warmup, 1), round(m, 1)) for a, b, m in spans],
     }
 
 
 # --------------------------------------------------------------------------- report
 
 
-def prepare(base: str, key: str) -> tuple[list[str], str]:
-    """INVOICES invoices over the API, PAID of them paid (sandbox route); their ids and one status body."""
-    ids = [http("POST", f"{base}/v1/invoices", key, {"amount": "49.99", "merchant_reference": f"load-{i}"})["id"]
-           for i in range(INVOICES)]
-    for invoice_id in ids[:PAID]:
-        http("POST", f"{base}/v1/sandbox/invoices/{invoice_id}/pay", key, {})
-    http("POST", f"{base}/v1/sandbox/mine", key, {"blocks": 1})
+def prepare(base: str, key: str, chain: Any = None) -> tuple[list[str], str]:
+    """INVOICES invoices over the API, PAID of them paid (the sandbox route, or a transfer on
+    `chain`, an anvil node); their ids and one status body."""
+    invoices = [http("POST", f"{base}/v1/invoices", key, {"amount": "49.99", "merchant_reference": f"load-{i}"})
+                for i in range(INVOICES)]
+    ids = [i["id"] for i in invoices]
+    for invoice in invoices[:PAID]:
+        if chain is None:
+            http("POST", f"{base}/v1/sandbox/invoices/{invoice['id']}/pay", key, {})
+        else:
+            option = invoice["payment_options"][0]
+            chain.transfer_token(option["destination_address"].lower(), int(option["amount_atomic"]))
+    if chain is None:
+        http("POST", f"{base}/v1/sandbox/mine", key, {"blocks": 1})
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         body = http("GET", f"{base}/v1/invoices/{ids[0]}/status", key)
@@ -278,8 +321,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="5 s measured instead of 10")
     parser.add_argument("--rate", type=float, default=RATE, help=f"requests per second (default {RATE:,})")
     parser.add_argument("--seconds", type=float, help=f"measured seconds (default {SECONDS:g})")
-    parser.add_argument("--block-time", type=float, default=2.0, help="the sandbox's block time (default 2, as `watcher run --sandbox`)")
+    parser.add_argument("--block-time", type=float, default=2.0, help="the chain's block time (default 2, as `watcher run --sandbox`)")
+    parser.add_argument("--chain", choices=("sandbox", "anvil"), default="sandbox",
+                        help="sandbox: `watcher run --sandbox` (its chain is eth-tester inside the daemon's process); "
+                             "anvil: `watcher run --config` on an anvil node mining every --block-time s, polled "
+                             "every 1 s, as in production")
     parser.add_argument("--profile", action="store_true", help="run the daemon in-process under pyinstrument (see doc)")
+    parser.add_argument("--slow-callbacks", type=float, metavar="SECONDS",
+                        help="run the daemon in-process with asyncio debug on: every callback holding the loop longer "
+                             "than this is logged (with what it was) to the daemon's log, whose path is printed")
     parser.add_argument("--dump", help="write the daemon run's samples (due, sent, done, status) as JSON here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--hello", help=argparse.SUPPRESS)
@@ -301,16 +351,28 @@ def main(argv: list[str] | None = None) -> None:
     profile_to = str(CACHE / "profile-api.txt") if args.profile else None
     CACHE.mkdir(parents=True, exist_ok=True)
     print(f"== API load: GET /v1/invoices/{{id}}/status, open loop at {args.rate:,.0f}/s for {seconds:g} s "
-          f"(+{WARMUP:g} s warm-up), client in its own process; sandbox block time {args.block_time:g} s", flush=True)
+          f"(+{WARMUP:g} s warm-up), client in its own process; {args.chain} chain, a block every {args.block_time:g} s",
+          flush=True)
     spec = {"rate": args.rate, "seconds": seconds, "warmup": WARMUP, "dump": args.dump}
-    daemon, base, key = start_daemon(tmp, args.block_time, profile_to)
+    node = chain = None
+    if args.chain == "anvil":
+        from bench.live import start_daemon as start_on_node, start_node
+
+        if profile_to or args.slow_callbacks:
+            raise SystemExit("--profile and --slow-callbacks run the sandbox daemon in-process: use --chain sandbox")
+        node, chain = start_node(args.block_time)
+        daemon, base, key = start_on_node(tmp, node, chain, None, ws=False, poll=1.0)
+    else:
+        daemon, base, key = start_daemon(tmp, args.block_time, profile_to, args.slow_callbacks)
     try:
-        ids, body = prepare(base, key)
-        if profile_to:
+        ids, body = prepare(base, key, chain)
+        if profile_to or args.slow_callbacks:
             daemon.process.send_signal(__import__("signal").SIGUSR1)
         ours = loaded(daemon, {**spec, "base": base, "key": key, "ids": ids})
     finally:
         daemon.stop()
+        if node is not None:
+            node.stop()
     hello, hello_base = start_hello(tmp, body)
     try:
         bare = loaded(hello, {**spec, "base": hello_base, "ids": ids, "dump": None})
@@ -321,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{'p99 sent':>8} {'errors':>6} {'CPU ms/req':>10}")
     print(head)
     print("-" * len(head))
-    for label, r in ((f"bare aiohttp 'hello' (baseline)", bare), ("watcher daemon" + (" (profiled)" if profile_to else ""), ours)):
+    for label, r in (("bare aiohttp 'hello' (baseline)", bare), ("watcher daemon" + (" (profiled)" if profile_to else " (asyncio debug)" if args.slow_callbacks else ""), ours)):
         errs = sum(r["errors"].values()) + sum(r["non_200"].values())
         print(f"{label:<44} {r['achieved_rate']:>7,.0f} {r['p50']:>7.2f} {r['p95']:>7.2f} {r['p99']:>7.2f} {r['max']:>7.1f} "
               f"{r['sent_p99']:>8.2f} {errs:>6} {r['server_cpu_ms_per_request']:>10.3f}")
@@ -330,6 +392,11 @@ def main(argv: list[str] | None = None) -> None:
           f"status body {len(body)} bytes; {INVOICES} invoices, {PAID} paid; {CONNECTIONS} keep-alive connections; "
           "CPU ms/req: the server process's CPU time over the run / requests sent, chain and follower included)")
     for label, r in (("daemon", ours), ("baseline", bare)):
+        if r["slow_spans"]:
+            print(f"  {label}: requests over 20 ms were due in " + ", ".join(
+                f"{a:g}-{b:g} s (worst {m:g} ms)" for a, b, m in r["slow_spans"][:8])
+                + (f" and {len(r['slow_spans']) - 8} more spans" if len(r["slow_spans"]) > 8 else "")
+                + f" of the {seconds:g} s")
         if r["errors"] or r["non_200"]:
             print(f"  {label}: exceptions {r['errors']}, non-200 {r['non_200']}")
     print(f"ratios daemon/baseline: p50 x{ours['p50'] / bare['p50']:.2f}, p95 x{ours['p95'] / bare['p95']:.2f}, "
@@ -339,6 +406,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{ours['achieved_rate']:,.0f}/s -> {'met' if met else 'NOT met'}")
     if profile_to:
         print(f"profile of the daemon under load: {profile_to}")
+    if args.slow_callbacks:
+        print(f"slow callbacks (asyncio debug, > {args.slow_callbacks * 1000:g} ms) logged in {tmp / 'daemon.log'}")
     print(f"(api_load took {time.monotonic() - started:.0f} s)", flush=True)
 
 

@@ -113,13 +113,18 @@ def receiver_main(ws_url: str) -> None:
 # --------------------------------------------------------------------------- one run
 
 
-def config_toml(db: str, port: int, node: Any, token: str, hook_url: str, ws: bool, poll: float) -> str:
+def config_toml(db: str, port: int, node: Any, token: str, hook_url: str | None, ws: bool, poll: float) -> str:
     _tests_on_path()
     from anvil_harness import DEPOSIT_MNEMONIC, TOKEN_DECIMALS
 
     from watcher.addresses import account_xpub_from_mnemonic
 
     ws_line = f'ws_url = "{node.ws_url}"\n' if ws else ""
+    hooks = f'''[[webhooks]]
+url = "{hook_url}"
+secret_env = "WATCHER_WEBHOOK_SECRET"
+events = ["invoice.payment_detected"]
+''' if hook_url else ""
     return f'''database = "{db}"
 log_format = "json"
 log_level = "info"
@@ -128,11 +133,7 @@ log_level = "info"
 listen = "127.0.0.1:{port}"
 api_key_env = "WATCHER_API_KEY"
 
-[[webhooks]]
-url = "{hook_url}"
-secret_env = "WATCHER_WEBHOOK_SECRET"
-events = ["invoice.payment_detected"]
-
+{hooks}
 [[chains]]
 name = "anvil"
 chain_id = {node.chain_id}
@@ -157,39 +158,53 @@ usd_rate = "2000"
 '''
 
 
+def start_node(block_time: float) -> tuple[Any, Any]:
+    """anvil mining every `block_time` s, TestToken deployed, a payer funded: (node, AnvilChain)."""
+    _tests_on_path()
+    from anvil import Anvil, anvil_available
+    from anvil_harness import PAYERS, TOKEN_DECIMALS, AnvilChain, calldata
+
+    if not anvil_available():
+        raise SystemExit("anvil is not installed: run `npm ci --prefix contracts` (scripts/test does)")
+    node = Anvil(block_time=block_time)
+    try:
+        chain = AnvilChain(node, "anvil")
+        chain.token = chain.deploy("TestToken", ["string", "string", "uint8"], ["Test USD", "TUSD", TOKEN_DECIMALS])
+        chain.send(PAYERS[0], chain.token, calldata("mint(address,uint256)", ["address", "uint256"], [PAYERS[1], 10**15]))
+        chain.mine(1)
+    except BaseException:
+        node.stop()
+        raise
+    return node, chain
+
+
+def start_daemon(tmp: Path, node: Any, chain: Any, hook_url: str | None, ws: bool, poll: float) -> tuple[Server, str, str]:
+    """`watcher run --config` on the node; (server, API base URL, API key)."""
+    port = free_port()
+    key = "sk_bench_" + secrets.token_urlsafe(24)
+    cfg = tmp / "watcher.toml"
+    cfg.write_text(config_toml(str(tmp / "watcher.db"), port, node, chain.token, hook_url, ws, poll))
+    env = {**os.environ, "WATCHER_API_KEY": key, "WATCHER_WEBHOOK_SECRET": SECRET}
+    base = f"http://127.0.0.1:{port}"
+    daemon = Server([sys.executable, "-m", "watcher.cli", "run", "--config", str(cfg)], env, tmp / "daemon.log",
+                    base + "/healthz", "the daemon")
+    return daemon, base, key
+
+
 def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
 def one_run(mode: str, payments: int, block_time: float, poll: float) -> dict[str, Any]:
-    _tests_on_path()
-    from anvil import Anvil, anvil_available
-    from anvil_harness import PAYERS, TOKEN_DECIMALS, AnvilChain
-
-    if not anvil_available():
-        raise SystemExit("anvil is not installed: run `npm ci --prefix contracts` (scripts/test does)")
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-live-{mode}-"))
-    node = Anvil(block_time=block_time)
+    node, chain = start_node(block_time)
     receiver = daemon = None
     try:
-        chain = AnvilChain(node, "anvil")
-        chain.token = chain.deploy("TestToken", ["string", "string", "uint8"], ["Test USD", "TUSD", TOKEN_DECIMALS])
-        from anvil_harness import calldata
-
-        chain.send(PAYERS[0], chain.token, calldata("mint(address,uint256)", ["address", "uint256"], [PAYERS[1], 10**15]))
-        chain.mine(1)
         receiver = subprocess.Popen([sys.executable, "-m", "bench.live", "--receiver", node.ws_url],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         assert receiver.stdout is not None
         receiver_base = receiver.stdout.readline().strip()
-        port = free_port()
-        key = "sk_bench_" + secrets.token_urlsafe(24)
-        cfg = tmp / "watcher.toml"
-        cfg.write_text(config_toml(str(tmp / "watcher.db"), port, node, chain.token, receiver_base + "/hooks", mode == "ws", poll))
-        env = {**os.environ, "WATCHER_API_KEY": key, "WATCHER_WEBHOOK_SECRET": SECRET}
-        base = f"http://127.0.0.1:{port}"
-        daemon = Server([sys.executable, "-m", "watcher.cli", "run", "--config", str(cfg)], env, tmp / "daemon.log",
-                        base + "/healthz", "the daemon")
+        daemon, base, key = start_daemon(tmp, node, chain, receiver_base + "/hooks", mode == "ws", poll)
         invoices = [http("POST", f"{base}/v1/invoices", key, {"amount": AMOUNT, "assets": ["TUSD"]}) for _ in range(payments)]
         time.sleep(2 * block_time)  # the follower's first steps (start_block = latest) are behind us
         rnd = random.Random(3)

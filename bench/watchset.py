@@ -170,7 +170,7 @@ def fill_bulk(path: Path, upto: int, batch: int = 50_000) -> dict[str, Any]:
     inv_cols, opt_cols, evt_cols = list(inv), list(opt), [c for c in evt if c != "seq"]
     sql = {t: f"INSERT INTO {t}({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
            for t, cols in (("invoices", inv_cols), ("payment_options", opt_cols), ("events", evt_cols))}
-    body, tmpl_inv, tmpl_evt, tmpl_addr = bytes(evt["body"]), inv["id"].encode(), evt["id"].encode(), opt["destination_address"]
+    body, tmpl_inv, tmpl_evt = bytes(evt["body"]), inv["id"].encode(), evt["id"].encode()
     uri_head, _, uri_tail = opt["payment_uri"].partition("?address=")
     uri_tail = uri_tail.partition("&")[2]
     started = time.perf_counter()
@@ -244,6 +244,12 @@ def _blocks(ours: list[str], count: int, seed: int = 5) -> list[list[Any]]:
     return out
 
 
+def addresses(follower: Any) -> dict[str, Any]:
+    """The follower's in-memory address map (watcher.matching.WatchSet; `_watch` before it)."""
+    watch = getattr(follower, "watch", None)
+    return watch.addresses if watch is not None else follower._watch
+
+
 def _open(spec: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     from watcher.follower import Follower
     from watcher.logs import configure_logging
@@ -276,14 +282,14 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     t = time.perf_counter()
     follower.refresh_watch_set()
     result["load_s"] = time.perf_counter() - t
-    result["watched"] = len(follower._watch)
+    result["watched"] = len(addresses(follower))
     result["rss_after_load_mb"] = rss_mb()
     result["peak_rss_mb"] = peak_rss_mb()
     if result["watched"] != spec["size"]:
         raise RuntimeError(f"watch set has {result['watched']} addresses, the store {spec['size']}")
 
     # Matching: 1,000 blocks of 25 transfers, 1 ours each (a stranger-only block when the set is empty).
-    ours = list(follower._watch)
+    ours = list(addresses(follower))
     sample = random.Random(1).sample(ours, min(1000, len(ours))) if ours else ["0x" + "00" * 20]
     blocks = _blocks(sample, 1000)
     found = sum(len(follower.match(b)) for b in blocks)
@@ -293,14 +299,14 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     result["match_us_per_block"] = _time_blocks(follower.match, blocks, rounds)
     # The control: a bare dict.get per transfer on a plain dict of the same keys (what any
     # hash table of this size costs on this machine's memory), same blocks.
-    plain = dict.fromkeys(follower._watch, 1)
+    plain = dict.fromkeys(addresses(follower), 1)
 
     def bare(block: list[Any]) -> None:
         for t in block:
             plain.get(t.to_address)
 
     result["dict_us_per_block"] = _time_blocks(bare, blocks, rounds)
-    del plain
+    plain.clear()
     # The refresh a follower makes before every range when nothing is new (by rowid: cheap).
     t = time.perf_counter()
     for _ in range(100):
@@ -319,7 +325,7 @@ def explain(spec: dict[str, Any]) -> dict[str, Any]:
     so none of them gives the table's figures): `memory` (tracemalloc at the end of the load,
     and the size of one entry's objects), `profile` (pyinstrument of the load) and `what_if`
     (the same rows loaded as the follower could: streamed in chunks, WatchTarget with
-    __slots__, one token string per token; peak RSS and time, measured as in the table)."""
+    __slots__, one token string object per token; peak RSS and time, measured as in the table)."""
     store, follower, result = _open(spec)
     kind = spec["explain"]
     if kind == "memory":
@@ -333,15 +339,16 @@ def explain(spec: dict[str, Any]) -> dict[str, Any]:
         result["traced_now_mb"], result["traced_peak_mb"] = current / 2**20, peak / 2**20
         result["top"] = [{"where": str(s.traceback[0]), "mb": s.size / 2**20, "blocks": s.count}
                          for s in snapshot.statistics("lineno")[:4]]
-        key, target = next(iter(follower._watch.items()))
+        key, target = next(iter(addresses(follower).items()))
         result["entry_bytes"] = {
             "address key str": sys.getsizeof(key),
-            "WatchTarget + its __dict__": sys.getsizeof(target) + sys.getsizeof(getattr(target, "__dict__", {})),
+            "WatchTarget" + (" + its __dict__" if hasattr(target, "__dict__") else " (slots)"):
+                sys.getsizeof(target) + (sys.getsizeof(target.__dict__) if hasattr(target, "__dict__") else 0),
             "option_id str": sys.getsizeof(target.option_id),
             "token str": sys.getsizeof(target.token),
-            "dict slot share": round(sys.getsizeof(follower._watch) / max(len(follower._watch), 1)),
+            "dict slot share": round(sys.getsizeof(addresses(follower)) / max(len(addresses(follower)), 1)),
         }
-        result["distinct_token_objects"] = len({id(t.token) for t in follower._watch.values()})
+        result["distinct_token_objects"] = len({id(t.token) for t in addresses(follower).values()})
     elif kind == "profile":
         from pyinstrument import Profiler
 
