@@ -394,7 +394,11 @@ class Store:
         if it is open for payment, reports `invoice.session_refreshed`."""
         row = self._q1("SELECT * FROM invoices WHERE id = ?", [invoice_id])
         assert row is not None
-        payments = self._q("SELECT p.*, o.amount_atomic AS option_amount FROM payments p JOIN payment_options o ON o.id = p.option_id WHERE p.invoice_id = ?", [invoice_id])
+        payments = self._q(
+            "SELECT p.*, o.amount_atomic AS option_amount FROM payments p JOIN payment_options o ON o.id = p.option_id "
+            "WHERE p.invoice_id = ? ORDER BY p.block_timestamp, p.network, p.block_number, p.log_key, p.id",
+            [invoice_id],
+        )
         networks = [r["network"] for r in self._q("SELECT DISTINCT network FROM payment_options WHERE invoice_id = ?", [invoice_id])]
         resolutions = tuple(
             Resolution(
@@ -466,9 +470,14 @@ class Store:
         sets = ", ".join(f"{k} = ?" for k in changes)
         self.db.execute(f"UPDATE invoices SET {sets} WHERE id = ?", [*changes.values(), invoice_id])
 
-        # What the events carry (the status view): the invoice row and its payments, not its options.
-        row = self._q1("SELECT * FROM invoices WHERE id = ?", [invoice_id])
-        invoice = invoice_view(row, [], self._payments(invoice_id))
+        # What the events carry (the status view): the invoice as just written and its payments
+        # (with their new roles), not its options; built from the rows in hand, not read again.
+        invoice = invoice_view(
+            {**dict(row), **changes},
+            [],
+            [payment_view({**dict(p), "role": str(judged.roles.get(p["id"], p["role"]))}, self._tips.get(p["network"]))
+             for p in payments],
+        )
         by_id = {p["id"]: p for p in invoice["payments"]}
         if created:
             self.outbox.emit("invoice.created", invoice)
@@ -654,9 +663,9 @@ class Store:
 
             touched: dict[str, list[str]] = {}
             for m in matched:
-                payment_id = self._record_payment(network, m, now)
-                if payment_id is not None:
-                    invoice_id = self._q1("SELECT invoice_id FROM payments WHERE id = ?", [payment_id])["invoice_id"]
+                recorded = self._record_payment(network, m, now)
+                if recorded is not None:
+                    payment_id, invoice_id = recorded
                     touched.setdefault(invoice_id, []).append(payment_id)
                     result.payments_added += 1
 
@@ -687,15 +696,16 @@ class Store:
             )
         }
 
-    def _record_payment(self, network: str, m: MatchedTransfer, now: str) -> str | None:
+    def _record_payment(self, network: str, m: MatchedTransfer, now: str) -> tuple[str, str] | None:
         """Insert a payment once per (chain, tx, log); a reverted one seen again is detected again.
 
-        Returns the payment id when it is new or revived, None when it was already live.
+        Returns (payment id, invoice id) when it is new or revived, None when it was already live.
         """
         t = m.transfer
         log_key = t.unique_key
         existing = self._q1(
-            "SELECT id, status FROM payments WHERE network = ? AND tx_hash = ? AND log_key = ?", [network, t.tx_hash, log_key]
+            "SELECT id, invoice_id, status FROM payments WHERE network = ? AND tx_hash = ? AND log_key = ?",
+            [network, t.tx_hash, log_key],
         )
         if existing is not None:
             if existing["status"] != PaymentStatus.REVERTED:
@@ -705,7 +715,7 @@ class Store:
                 "confirmed_at = NULL, observed_at = ? WHERE id = ?",
                 [t.block_number, t.block_hash, m.block_timestamp, now, existing["id"]],
             )
-            return existing["id"]
+            return existing["id"], existing["invoice_id"]
         option = self._q1("SELECT invoice_id, asset, decimals FROM payment_options WHERE id = ?", [m.option_id])
         payment_id = new_id("pay", int(self.clock() * 1000))
         # Plain SQL: the hot path of a busy chain (sqlite-utils' insert looks the table up each time).
@@ -718,7 +728,7 @@ class Store:
              str(t.amount), now],
         )
         self._add_search_text(option["invoice_id"], [t.tx_hash, t.from_address])
-        return payment_id
+        return payment_id, option["invoice_id"]
 
     def revert_to(self, network: str, ancestor: BlockRef) -> list[str]:
         """Undo everything above `ancestor` after a reorg.
