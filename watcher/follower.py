@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Protocol, Sequence
+from typing import Any, Callable, Coroutine, Literal, Protocol, Sequence, TypeVar
 
 import structlog
 
@@ -22,6 +22,13 @@ from .store import MatchedTransfer, Store
 
 log = structlog.get_logger("watcher.follower")
 
+T = TypeVar("T")
+
+
+
+# eth_getLogs spans within a step, and how many are asked for at once (see _logged_payments).
+LOG_SPAN = 100
+LOGS_IN_FLIGHT = 2
 
 
 class ChainChanged(Exception):
@@ -251,23 +258,36 @@ class Follower:
         return last - first + 1
 
     async def _logged_payments(self, first: int, last: int) -> list[Match]:
-        """Token transfers and router payments of the range, matched to our options."""
+        """Token transfers and router payments of the range, matched to our options.
+
+        The range is read in spans of at most LOG_SPAN blocks, LOGS_IN_FLIGHT at a time:
+        nodes answer many mid-sized requests faster than one huge one, and two in flight
+        keep the node busy while we decode. The step still commits once."""
+        recipients = self.watch.recipient_filter()
+        payment_ids = self.watch.payment_id_filter()
+        limit = asyncio.Semaphore(LOGS_IN_FLIGHT)
+
+        async def span(a: int, b: int) -> tuple[list[Transfer], list[RouterPayment]]:
+            async with limit:
+                if recipients is not None:
+                    transfers = await self.reader.transfer_logs(a, b, self.tokens, recipients)
+                else:
+                    transfers = await self.reader.transfer_logs(a, b, self.tokens, None, keep=self.watch.addresses)
+                routed: list[RouterPayment] = []
+                if self.rails.router is not None:
+                    routed = await self.reader.router_payments(a, b, self.rails.router, payment_ids)
+                return transfers, routed
+
+        size = min(LOG_SPAN, self.chunk_size)
         try:
-            recipients = self.watch.recipient_filter()
-            if recipients is not None:
-                transfers = await self.reader.transfer_logs(first, last, self.tokens, recipients)
-            else:
-                transfers = await self.reader.transfer_logs(first, last, self.tokens, None, keep=self.watch.addresses)
-            routed: list[RouterPayment] = []
-            if self.rails.router is not None:
-                routed = await self.reader.router_payments(first, last, self.rails.router, self.watch.payment_id_filter())
+            parts = await _all_or_none([span(a, min(a + size - 1, last)) for a in range(first, last + 1, size)])
         except RpcError as exc:
             if last > first and exc.code != 429 and "rate" not in str(exc).lower():
                 # Providers refuse ranges that are too large or too busy: ask for less next time.
                 self.chunk_size = max(1, (last - first + 1) // 2)
                 log.warning("log_range_shrunk", network=self.network, chunk_size=self.chunk_size, error=str(exc))
             raise
-        return self.watch.logged(transfers, routed)
+        return self.watch.logged([t for transfers, _ in parts for t in transfers], [p for _, routed in parts for p in routed])
 
     async def _full_blocks(self, numbers: list[int]) -> list[FullBlock]:
         blocks = await self.reader.full_blocks(numbers)
@@ -354,6 +374,19 @@ def _failure_reason(exc: BaseException) -> str:
     if isinstance(exc, (RpcError, OSError, asyncio.TimeoutError)):
         return "rpc"
     return "other"
+
+
+async def _all_or_none(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Their results in order; if one fails, the others are cancelled (and awaited) and that
+    failure is raised, so nothing is left running or unobserved."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def _sleep_or(stopping: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> None:
