@@ -58,9 +58,11 @@ class WatchSet:
 
     def refresh(self, store: Store) -> None:
         """Pick up options created since the last look (cheap: by rowid)."""
+        tokens: dict[str | None, str | None] = {}  # one string per token, not one per option
         for row in store.watch_entries(self.network, self._rowid):
             if row["rail"] == "address":
-                self.addresses[row["destination_address"]] = WatchTarget(row["id"], row["token_contract"])
+                token = tokens.setdefault(row["token_contract"], row["token_contract"])
+                self.addresses[row["destination_address"]] = WatchTarget(row["id"], token)
             elif row["contract_call"]:
                 call = orjson.loads(row["contract_call"])
                 token = call["token"].lower()

@@ -623,13 +623,18 @@ class Store:
             for r in self._q("SELECT * FROM chain_blocks WHERE network = ? ORDER BY number DESC", [network])
         ]
 
-    def watch_entries(self, network: str, after_rowid: int = 0) -> list[sqlite3.Row]:
-        """Options on a network (both rails), in creation order; the follower keeps them in memory."""
-        return self._q(
+    def watch_entries(self, network: str, after_rowid: int = 0) -> Iterator[sqlite3.Row]:
+        """Options on a network (both rails), in creation order; the follower keeps them in memory.
+
+        Yielded in batches, not fetched at once: at start that is every open option, and a
+        million rows held as a list would double the follower's memory while it loads them."""
+        cursor = self.db.execute(
             "SELECT rowid, id, rail, destination_address, token_contract, contract_call FROM payment_options "
             "WHERE network = ? AND rowid > ? ORDER BY rowid",
             [network, after_rowid],
         )
+        while batch := cursor.fetchmany(10_000):
+            yield from batch
 
     def apply_blocks(
         self,
