@@ -1,6 +1,7 @@
-"""python -m bench [build|catchup|profile] [--profile 1%|100%|100%x25] [--repeat N] [--rebuild]
+"""python -m bench [SECTION] [--profile 1%|100%|100%x25] [--repeat N] [--rebuild] [--quick]
 
-Without a section: build (when not cached), catch-up and profile, for the 1% and 100% profiles.
+Sections: build, catchup, profile (the catch-up chains and runs), watchset, webhooks, api,
+live. Without one: all of them (profile only when pyinstrument is installed).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from bench.chain import CACHE, DEFAULT_PROFILES, PROFILES, CachedNode, Profile, 
 from bench.measure import Row, best_of, run_child, table
 
 RAW_CHUNKS = (25, 50, 100)
+# The other sections: each module has main(argv) and prints its own table and goal lines.
+SECTIONS = {"watchset": "bench.watchset", "webhooks": "bench.webhooks", "api": "bench.api_load", "live": "bench.live"}
 FILTER_LIMIT = 1000  # TOPIC_FILTER_LIMIT (watcher/matching.py): up to this many addresses the node filters
 
 # Goals from issue 5 (reported against, not asserted).
@@ -111,25 +114,33 @@ def profile_run(profile: Profile, top: int = 15) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("section", nargs="?", choices=("all", "build", "catchup", "profile"), default="all")
+    parser.add_argument("section", nargs="?", choices=("all", "build", "catchup", "profile", *SECTIONS), default="all")
     parser.add_argument("--profile", choices=tuple(PROFILES), action="append",
                         help=f"default: {' and '.join(DEFAULT_PROFILES)}; repeat the option for several".replace('%', '%%'))
     parser.add_argument("--repeat", type=int, default=3, help="runs per method; the fastest counts (default 3)")
     parser.add_argument("--rebuild", action="store_true", help="build the chains again even when cached")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes for watchset, webhooks, api and live")
     args = parser.parse_args()
     profiles = [PROFILES[p] for p in args.profile or DEFAULT_PROFILES]
-    if args.section in ("all", "profile"):
-        if importlib.util.find_spec("pyinstrument") is None:
-            parser.exit(2, "profile needs pyinstrument: .venv/bin/pip install pyinstrument\n")
+    profiling = args.section == "profile" or (args.section == "all" and importlib.util.find_spec("pyinstrument"))
+    if args.section == "profile" and importlib.util.find_spec("pyinstrument") is None:
+        parser.exit(2, "profile needs pyinstrument: .venv/bin/pip install pyinstrument\n")
     started = time.monotonic()
-    for p in profiles:
-        ensure(p, rebuild=args.rebuild)
+    if args.section in ("all", "build", "catchup", "profile"):
+        for p in profiles:
+            ensure(p, rebuild=args.rebuild)
     if args.section in ("all", "catchup"):
         for p in profiles:
             catchup(p, args.repeat)
-    if args.section in ("all", "profile"):
+    if profiling:
         for p in profiles:
             profile_run(p)
+    for name, module in SECTIONS.items():
+        if args.section in ("all", name):
+            print(f"\n== {name}", flush=True)
+            importlib.import_module(module).main(["--quick"] if args.quick else [])
+    if args.section == "all" and not profiling:
+        print("\n(profile left out: .venv/bin/pip install pyinstrument to include it)")
     print(f"\n(bench took {time.monotonic() - started:.0f} s)")
 
 
