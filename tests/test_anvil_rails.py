@@ -64,7 +64,7 @@ async def test_a_failed_transaction_to_a_deposit_address_never_counts(harnesses,
     assert [p["transaction_hash"] for p in paid["payments"]] == [good]
 
 
-async def test_internal_transfers_off_misses_wallet_payments_and_says_so(harnesses, anvil_node):
+async def test_internal_transfers_off_misses_wallet_payments(harnesses, anvil_node):
     h = await harnesses(AnvilHarness, nodes=[anvil_node()], internal_transfers="off")
     chain = h.anvil
     invoice = await h.create(amount="20", assets=["ETH"])

@@ -150,3 +150,13 @@ async def test_batches_answer_in_request_order(node):
         assert await transport.batch([("eth_blockNumber", []), ("eth_chainId", [])]) == ["0x2a", "0x2a"]
     finally:
         await transport.close()
+
+
+@pytest.mark.parametrize("value", ["0x", "0xzz", "12", None, 5])
+def test_a_block_with_a_malformed_quantity_is_the_nodes_error_not_a_crash(value):
+    from watcher.chain import decode_full_block
+
+    block = {"number": "0x1", "hash": "0x" + "11" * 32, "parentHash": "0x" + "22" * 32, "timestamp": "0x5",
+             "transactions": [{"hash": "0x" + "33" * 32, "from": "0x" + "44" * 20, "to": "0x" + "55" * 20, "value": value}]}
+    with pytest.raises(RpcError):
+        decode_full_block(block)

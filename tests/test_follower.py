@@ -400,3 +400,36 @@ async def test_traces_that_are_not_of_the_block_read_are_refused(store):
     chain.traces_from_another_block = False
     await catch_up(f)
     assert [p["amount_atomic"] for p in store.get_invoice(inv_id)["payments"]] == ["100"]
+
+
+async def test_a_tracer_that_goes_missing_is_asked_for_again(store):
+    """A failover to a node without the tracer found at start: the step fails and the next
+    one asks the node again which tracer it has (never carries on without looking)."""
+    from watcher.follower import Rails
+
+    chain = FakeNativeChain()
+    inv_id, addr = native_invoice(store)
+    f = follower(chain, store, rails=Rails(native=True))
+    chain.mine()
+    await catch_up(f)
+    assert f.tracer == "debug_traceBlockByNumber"
+    real = chain.internal_transfers
+    probes = []
+
+    async def missing(numbers, method):
+        raise RpcError(method, "the method does not exist/is not available", -32601)
+
+    async def probe(block_number):
+        probes.append(block_number)
+        return "trace_block"
+
+    chain.internal_transfers = missing
+    chain.probe_tracer = probe
+    chain.mine_native(inner=(addr, 100))
+    with pytest.raises(RpcError):
+        await f.run_once()
+    assert f.tracer == ""
+    chain.internal_transfers = real
+    await catch_up(f)
+    assert probes and f.tracer == "trace_block"
+    assert [p["amount_atomic"] for p in store.get_invoice(inv_id)["payments"]] == ["100"]

@@ -420,10 +420,33 @@ async def test_probe_prefers_call_tracer_then_parity_then_none() -> None:
     assert await probe_tracer(parity, 5) == PARITY_TRACER
     assert [r[1][0] for r in parity.requests] == [CALL_TRACER, PARITY_TRACER]
 
-    # An answer that is not a trace is as good as no answer.
-    garbage = Scripted({CALL_TRACER: lambda p: {"structLogs": []}, PARITY_TRACER: lambda p: None})
-    assert await probe_tracer(garbage, 5) is None
+    # Only "no such method" means no tracer; a node with neither answers so for both.
     assert await probe_tracer(Scripted({}), 5) is None
+
+
+async def test_probe_raises_what_is_not_an_absent_method() -> None:
+    """A garbled trace, a node behind ("header not found"), a rate limit: asked again later,
+    never taken for "no tracer" (which would stop finding such payments for good)."""
+    from watcher.failover import EndpointDown
+
+    def fails(exc: RpcError) -> Any:
+        def answer(params: list) -> Any:
+            raise exc
+        return answer
+
+    garbage = Scripted({CALL_TRACER: lambda p: {"structLogs": []}})
+    with pytest.raises(RpcError):
+        await probe_tracer(garbage, 5)
+    behind = Scripted({CALL_TRACER: fails(RpcError(CALL_TRACER, "header not found", -32000))})
+    with pytest.raises(RpcError, match="header not found"):
+        await probe_tracer(behind, 5)
+    limited = Scripted({CALL_TRACER: fails(EndpointDown(CALL_TRACER, "HTTP 429", 429))})
+    with pytest.raises(EndpointDown):
+        await probe_tracer(limited, 5)
+    # A provider that forbids the namespace (HTTP 403, or says it is not allowed) has none.
+    forbidden = Scripted({CALL_TRACER: fails(EndpointDown(CALL_TRACER, "HTTP 403", 403)),
+                          PARITY_TRACER: fails(RpcError(PARITY_TRACER, "method trace_block is not allowed", -32000))})
+    assert await probe_tracer(forbidden, 5) is None
 
 
 # --------------------------------------------------------------------------

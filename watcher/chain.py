@@ -33,8 +33,11 @@ TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523
 # Read retries: a schedule in one place (seconds before each retry).
 RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
 
-# Full blocks per JSON-RPC batch: providers cap batches (often at 100), and a full block is large.
-BLOCK_BATCH = 100
+# Full blocks per JSON-RPC batch: providers cap batches (often at 100), and a full block of a
+# busy chain is hundreds of kilobytes; a batch must come back within the request timeout.
+BLOCK_BATCH = 25
+# Blocks traced per batch: a block's call traces can run to megabytes.
+TRACE_BATCH = 5
 
 # JSON-RPC "method not found": the node lacks an optional method (we fall back, not fail).
 METHOD_NOT_FOUND = -32601
@@ -166,7 +169,7 @@ def _result(method: str, answer: Any) -> Any:
 
 
 def _int(value: Any, what: str) -> int:
-    if not isinstance(value, str) or not value.startswith("0x"):
+    if not isinstance(value, str) or not value.startswith("0x") or len(value) < 3 or not _HEX.issuperset(value[2:].lower()):
         raise RpcError(what, f"expected a hex quantity, got {value!r}")
     return int(value, 16)
 
@@ -461,7 +464,8 @@ class JsonRpcReader:
                 answers = await self._batch("eth_getBlockReceipts", [("eth_getBlockReceipts", [hex(n)]) for n, _ in blocks])
                 self.block_receipts = True
             except RpcError as exc:
-                if exc.code != METHOD_NOT_FOUND or self.block_receipts is True:
+                # (Also after it worked: a failover may have moved us to a node without it.)
+                if exc.code != METHOD_NOT_FOUND:
                     raise
                 log.info("block_receipts_unavailable", url=self.transport.url, error=str(exc))
                 self.block_receipts = False
@@ -472,7 +476,10 @@ class JsonRpcReader:
                     receipts += answer
         if self.block_receipts is False:
             hashes = sorted(candidates)
-            receipts = await self._batch("eth_getTransactionReceipt", [("eth_getTransactionReceipt", [h]) for h in hashes])
+            for start in range(0, len(hashes), BLOCK_BATCH * 4):
+                receipts += await self._batch(
+                    "eth_getTransactionReceipt", [("eth_getTransactionReceipt", [h]) for h in hashes[start : start + BLOCK_BATCH * 4]]
+                )
         ok: set[str] = set()
         seen: set[str] = set()
         for receipt in receipts:
@@ -505,8 +512,8 @@ class JsonRpcReader:
         from .traces import fetch_internal_transfers  # see probe_tracer
 
         if self.counts is not None:
-            self.counts.called(method)
+            self.counts.called("trace")
         out: list[InternalTransfer] = []
-        for start in range(0, len(numbers), BLOCK_BATCH):
-            out += await fetch_internal_transfers(self.transport, numbers[start : start + BLOCK_BATCH], method)
+        for start in range(0, len(numbers), TRACE_BATCH):
+            out += await fetch_internal_transfers(self.transport, numbers[start : start + TRACE_BATCH], method)
         return out

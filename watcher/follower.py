@@ -15,7 +15,7 @@ from typing import Any, Callable, Coroutine, Literal, Protocol, Sequence, TypeVa
 
 import structlog
 
-from .chain import ChainReader, RpcError
+from .chain import METHOD_NOT_FOUND, ChainReader, RpcError
 from .domain import BlockRef, FullBlock, RouterPayment, Transfer
 from .matching import Match, WatchSet
 from .store import MatchedTransfer, Store
@@ -23,7 +23,6 @@ from .store import MatchedTransfer, Store
 log = structlog.get_logger("watcher.follower")
 
 T = TypeVar("T")
-
 
 
 # eth_getLogs spans within a step, and how many are asked for at once (see _logged_payments).
@@ -126,7 +125,14 @@ class Follower:
         assert self.tracer
         by_number = {b.ref.number: b for b in blocks}
         out = []
-        for inner, option_id in self.watch.inner(await self.reader.internal_transfers(list(by_number), self.tracer)):
+        try:
+            traced = await self.reader.internal_transfers(list(by_number), self.tracer)
+        except RpcError as exc:
+            if exc.code == METHOD_NOT_FOUND:
+                # A failover may have moved us to a node without this tracer: ask which it has.
+                self.tracer = ""
+            raise
+        for inner, option_id in self.watch.inner(traced):
             block = by_number.get(inner.block_number)
             if block is None or inner.tx_hash not in block.tx_hashes:
                 # Traces are read by number: make sure they are of the block we read.
@@ -140,7 +146,8 @@ class Follower:
         """Find the node's tracer once (`auto`: use it if there is one; `on`: insist)."""
         if self.tracer != "" or head < 1:
             return  # asked already; or only genesis exists, which nodes refuse to trace (and holds no payment)
-        self.tracer = await self.reader.probe_tracer(head)
+        # A block a little below the head: a load-balanced provider's other backends may not have the head yet.
+        self.tracer = await self.reader.probe_tracer(max(1, head - 2))
         if self.tracer is None:
             if self.rails.internal_transfers == "on":
                 self.tracer = ""
@@ -200,9 +207,9 @@ class Follower:
         return await self._scan(cursor, first, last, head)
 
     async def _scan(self, cursor: BlockRef | None, first: int, last: int, head: int) -> int:
-        # Headers before logs: if the chain moves between the two reads, the checkpoint keeps
-        # the hash we saw first, and the next step's parent-hash check finds the reorg.
-        # Native deposits need every block in full (its transactions), which also links them all.
+        # Blocks (headers, or full blocks for native deposits, which also links them all) before
+        # logs: if the chain moves between the reads, the checkpoint keeps the hash we saw
+        # first, and the next step's parent-hash check finds the reorg.
         near_head = self.rails.native or last > head - 2 * max(self.depth, 64)
         numbers = list(range(first, last + 1)) if near_head else sorted({first, last})
         full_blocks: list[FullBlock] = []
@@ -356,8 +363,12 @@ class Follower:
                     continue
                 await _sleep_or(stopping, self.poll_interval, self._wake)
                 continue
-            # A new head (over the socket) during the backoff is a sign the node is back: look then.
-            await _sleep_or(stopping, backoff, self._wake)
+            # The first half of the backoff is kept whatever happens (a failing node is not asked
+            # again at every block); a new head during the second half means the node is likely
+            # back: look then.
+            await _sleep_or(stopping, backoff / 2)
+            self._wake.clear()
+            await _sleep_or(stopping, backoff / 2, self._wake)
             backoff = min(backoff * 2, 30.0)
 
     def _count_failure(self, exc: BaseException) -> None:

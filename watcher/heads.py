@@ -105,6 +105,9 @@ class HeadSubscriber:
                     error = "socket closed"
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError, SubscribeError) as exc:
                     error = redact(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, self.ws_url)
+                except Exception as exc:  # a bug: polling goes on; say so loudly and subscribe again
+                    log.exception("ws_heads_crashed", url=self._safe_url)
+                    error = f"{type(exc).__name__}"
                 if self.subscriptions > subscribed_before:
                     delay = self.backoff_initial
                 self._lost(error, delay)

@@ -122,7 +122,9 @@ class WatchSet:
         """Token transfers and router payments of one range together.
 
         A token payment through the router also emits the token's own Transfer (payer to
-        merchant): the router's log is the payment, so that Transfer is not counted again."""
+        merchant): the router's log is the payment, so that Transfer is not counted again.
+        (It can only match a deposit address if the merchant address is one too: a guard for
+        that misconfiguration.)"""
         routed = self.router_payments(payments)
         moved_by_router = {(t.tx_hash, t.token, t.to_address, t.amount) for t, _ in routed}
         direct = [m for m in self.transfers(transfers) if (m[0].tx_hash, m[0].token, m[0].to_address, m[0].amount) not in moved_by_router]

@@ -107,8 +107,9 @@ class Metrics:
     def endpoint_failed(self, network: str, kind: str) -> None:
         self.rpc_endpoint_failures.labels(network, kind).inc()
 
-    def endpoint_switched(self, network: str, reason: str) -> None:
-        self.rpc_failovers.labels(network, "back" if reason == "answered again" else "over").inc()
+    def endpoint_switched(self, network: str, direction: str) -> None:
+        """`direction`: "over" (to a later rpc_url) or "back" (to an earlier one)."""
+        self.rpc_failovers.labels(network, direction).inc()
 
     def heads_mode(self, network: str, mode: str) -> None:
         self.ws_heads_connected.labels(network).set(1 if mode == "ws" else 0)

@@ -114,10 +114,13 @@ class Service:
         if self.sandbox is not None and name == self.sandbox.network:
             transport: Transport = self.sandbox.transport
         else:
+            shown = [strip_credentials(u) for u in chain.rpc_urls]  # as on_switch names them
             transport = FailoverTransport(
                 chain.rpc_urls,
                 timeout=RPC_TIMEOUT,
-                on_switch=lambda old, new, reason: self.metrics.endpoint_switched(name, reason),
+                on_switch=lambda old, new, reason: self.metrics.endpoint_switched(
+                    name, "back" if shown.index(new) < shown.index(old) else "over"
+                ),
                 on_failure=lambda kind: self.metrics.endpoint_failed(name, kind),
             )
             self._transports.append(transport)

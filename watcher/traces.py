@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, Sequence
 
-from .chain import RpcError
+from .chain import METHOD_NOT_FOUND, RpcError
 from .failover import EndpointDown
 
 __all__ = [
@@ -389,23 +389,38 @@ async def _block_tx_hashes(transport: TraceTransport, numbers: Sequence[int]) ->
 
 
 async def probe_tracer(transport: TraceTransport, block_number: int) -> str | None:
-    """The tracer method this node answers usefully, callTracer first; None if neither.
+    """The tracer method this node offers, callTracer first; None if it has neither.
 
     callTracer comes first because geth, reth, erigon and anvil all offer it and it nests
     the way the EVM ran; `trace_block` is for nodes that only speak parity (Nethermind and
-    OpenEthereum descendants, some providers). A method counts as offered only when its
-    answer for `block_number` decodes: a node that says yes with garbage is a no. Pick a
-    block past genesis (geth refuses to trace genesis). An error answer reads as "not
-    offered"; an endpoint that gave no answer at all (`EndpointDown`) is raised, so a node
-    that is down for a moment does not turn the tracer off for good.
+    OpenEthereum descendants, some providers). Only an answer that says the method is not
+    there (`-32601`, "not supported", an HTTP 403/405/501) counts as "not offered"; any
+    other failure (a node behind, a rate limit, a timeout, a garbled trace) is raised, so
+    the caller asks again later rather than stop looking for such payments for good.
+    Pick a block past genesis (geth refuses to trace genesis).
     """
     for method in (CALL_TRACER, PARITY_TRACER):
         try:
             answer = await transport.call(method, _params(method, block_number))
             await _decode_blocks(transport, method, [block_number], [answer])
-        except EndpointDown:
+        except RpcError as exc:
+            if method_absent(exc):
+                continue
             raise
-        except RpcError:
-            continue
         return method
     return None
+
+
+# ("header not found" and the like are a node behind, not a missing method: not listed.)
+_ABSENT_WORDS = ("not supported", "unsupported", "does not exist", "not available", "not allowed", "disabled")
+_TRANSIENT_WORDS = ("header not found", "unknown block", "block not found", "not yet available", "try again")
+
+
+def method_absent(exc: RpcError) -> bool:
+    """Does this error say the node lacks the method (rather than failing to answer now)?"""
+    if isinstance(exc, EndpointDown):
+        return exc.code in (403, 405, 501)
+    if exc.code == METHOD_NOT_FOUND:
+        return True
+    text = str(exc).lower()
+    return any(word in text for word in _ABSENT_WORDS) and not any(word in text for word in _TRANSIENT_WORDS)
