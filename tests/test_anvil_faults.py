@@ -372,4 +372,5 @@ async def test_a_range_the_provider_refuses_is_shrunk(anvil_node, proxies, harne
     assert [p["transaction_hash"] for p in paid["payments"]] == [tx]
     assert proxy.injected[("rpc_error", "eth_getLogs")] == 3
     assert follower.chunk_size < start_chunk, "the refused range was shrunk"
-    assert await metric(h, "watcher_follower_step_failures_total", network=NETWORK, reason="rpc") >= 3
+    # (Two spans of one step may each be refused: at least one failed step, at most three.)
+    assert 1 <= await metric(h, "watcher_follower_step_failures_total", network=NETWORK, reason="rpc") <= 3
