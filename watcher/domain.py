@@ -8,6 +8,7 @@ resolution) with the same answer every time.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -465,4 +466,10 @@ def new_id(prefix: str, now_ms: int, randomness: bytes | None = None) -> str:
 def rfc3339(unix_seconds: float | int | None) -> str | None:
     if unix_seconds is None:
         return None
+    return _rfc3339(int(unix_seconds))
+
+
+@lru_cache(maxsize=4096)
+def _rfc3339(unix_seconds: int) -> str:
+    """Cached: every payment and event shows a time, and most are of the same few seconds."""
     return datetime.fromtimestamp(unix_seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
