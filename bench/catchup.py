@@ -179,7 +179,7 @@ async def watcher(url: str, meta: dict[str, Any], store_template: str, expected:
             poll_interval=chain.poll_interval_seconds,
             metrics=metrics,
             rails=Rails(
-                native=any(a.kind == "native" for a in chain.assets), router=chain.router_address,
+                native=any(a.kind == "native" for a in chain.assets),
                 internal_transfers=chain.internal_transfers,
             ),
         )

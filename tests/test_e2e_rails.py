@@ -142,3 +142,33 @@ async def test_a_watch_set_too_large_for_a_topic_filter_is_matched_locally(harne
     assert len((await harness.wait_status(routed["id"], "paid"))["payments"]) == 1
     follower = harness.service.followers["sandbox"]
     assert follower.watch.recipient_filter() is None and follower.watch.payment_id_filter() is None
+
+
+async def test_options_on_a_router_no_longer_configured_are_still_watched(harnesses):
+    """router_address changed (a new deployment): an open invoice's option names the old
+    router, and a payment through it still counts; new options use the new one."""
+    from harness import Harness
+
+    class Moved(Harness):
+        router_override: str | None = None
+
+        def chain_settings(self) -> dict:
+            chain = super().chain_settings()
+            if self.router_override is not None:
+                chain["router_address"] = self.router_override
+            return chain
+
+    h = await harnesses(Moved)
+    old = await h.create(amount="6", assets=["TUSD"], rails=["contract"])
+    new_router = await h.on_chain(h.chain.deploy_contract, "PaymentRouter", [], [])
+    await h.stop_service()
+    h.router_override = new_router
+    await h.start_service()
+    fresh = await h.create(amount="7", assets=["TUSD"], rails=["contract"])
+    assert fresh["payment_options"][0]["contract_call"]["router"].lower() == new_router
+    await h.pay(old["id"])
+    await h.pay(fresh["id"])
+    await h.mine(1)
+    for invoice in (old, fresh):
+        paid = await h.wait_status(invoice["id"], "paid")
+        assert len(paid["payments"]) == 1

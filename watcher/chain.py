@@ -82,7 +82,7 @@ class ChainReader(Protocol):
     ) -> list[Transfer]: ...
 
     async def router_payments(
-        self, from_block: int, to_block: int, router: str, payment_ids: Sequence[str] | None
+        self, from_block: int, to_block: int, routers: Sequence[str], payment_ids: Sequence[str] | None
     ) -> list[RouterPayment]: ...
 
     async def full_blocks(self, numbers: Sequence[int]) -> list[FullBlock | None]: ...
@@ -398,15 +398,15 @@ class JsonRpcReader:
 
     @_counted("eth_getLogs")
     async def router_payments(
-        self, from_block: int, to_block: int, router: str, payment_ids: Sequence[str] | None
+        self, from_block: int, to_block: int, routers: Sequence[str], payment_ids: Sequence[str] | None
     ) -> list[RouterPayment]:
-        """The router's `PaymentReceived` logs, filtered by payment id hash while that list is short."""
+        """The routers' `PaymentReceived` logs, filtered by payment id hash while that list is short."""
         topics: list[Any] = [PAYMENT_RECEIVED_TOPIC]
         if payment_ids is not None:
             if not payment_ids:
                 return []
             topics += [None, list(payment_ids)]
-        return await self._logs(from_block, to_block, router, topics, decode_router_log)
+        return await self._logs(from_block, to_block, list(routers), topics, decode_router_log)
 
     async def _logs(
         self, from_block: int, to_block: int, address: str | list[str], topics: list[Any], decode: Callable[[Any], L | None],

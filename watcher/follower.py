@@ -51,10 +51,10 @@ class FollowerMetrics(Protocol):
 
 @dataclass(frozen=True)
 class Rails:
-    """What to look for on a chain besides ERC-20 transfers to deposit addresses."""
+    """What to look for on a chain besides ERC-20 transfers to deposit addresses (router
+    payments are looked for whenever an option names a router: see WatchSet.routers)."""
 
     native: bool = False  # the chain's coin to deposit addresses (a native asset is configured)
-    router: str | None = None  # PaymentRouter address: PaymentReceived logs
     internal_transfers: Literal["auto", "on", "off"] = "auto"  # the coin sent by inner calls (tracers)
 
 
@@ -94,7 +94,7 @@ class Follower:
         self.metrics = metrics
         self.status = FollowerStatus()
         self.rails = rails
-        self.watch = WatchSet(network, rails.router)
+        self.watch = WatchSet(network)
         # The node's tracer for inner transfers: a method name, None for none, "" before asking.
         self.tracer: str | None = "" if rails.native and rails.internal_transfers != "off" else None
         self._wake = asyncio.Event()
@@ -281,8 +281,8 @@ class Follower:
                 else:
                     transfers = await self.reader.transfer_logs(a, b, self.tokens, None, keep=self.watch.addresses)
                 routed: list[RouterPayment] = []
-                if self.rails.router is not None:
-                    routed = await self.reader.router_payments(a, b, self.rails.router, payment_ids)
+                if self.watch.routers:
+                    routed = await self.reader.router_payments(a, b, sorted(self.watch.routers), payment_ids)
                 return transfers, routed
 
         size = min(LOG_SPAN, self.chunk_size)

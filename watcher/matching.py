@@ -46,14 +46,17 @@ class RouterTarget:
     token: str | None
     invoice_id_hash: str
     recipient: str
+    router: str  # the router the option names (router_address when it was created)
 
 
 class WatchSet:
-    def __init__(self, network: str, router: str | None = None) -> None:
+    def __init__(self, network: str) -> None:
         self.network = network
-        self.router = router
         self.addresses: dict[str, WatchTarget] = {}
         self.payment_ids: dict[str, RouterTarget] = {}
+        # Every router an option names: one configured now, and any earlier router_address
+        # whose options are still open (a changed setting must not orphan them).
+        self.routers: set[str] = set()
         self._rowid = 0
 
     def refresh(self, store: Store) -> None:
@@ -66,9 +69,11 @@ class WatchSet:
             elif row["contract_call"]:
                 call = orjson.loads(row["contract_call"])
                 token = call["token"].lower()
+                router = call["router"].lower()
                 self.payment_ids[call["payment_id_hash"]] = RouterTarget(
-                    row["id"], None if int(token, 16) == 0 else token, call["invoice_id_hash"], call["recipient"].lower()
+                    row["id"], None if int(token, 16) == 0 else token, call["invoice_id_hash"], call["recipient"].lower(), router
                 )
+                self.routers.add(router)
             self._rowid = row["rowid"]
 
     def recipient_filter(self) -> list[str] | None:
@@ -95,13 +100,13 @@ class WatchSet:
         return out
 
     def router_payments(self, payments: Sequence[RouterPayment]) -> list[Match]:
-        """Ours: from our router, for a known payment id of that invoice, to the merchant the
+        """Ours: from the option's router, for a known payment id of that invoice, to the merchant the
         option named (the merchant_address when it was created), in that option's asset, and
         not zero. Unknown payment ids are other merchants' business on a shared router."""
         out = []
         for p in payments:
             target = self.payment_ids.get(p.payment_id_hash)
-            if target is None or p.router != self.router:
+            if target is None or p.router != target.router:
                 continue
             problem = None
             if p.amount == 0:

@@ -183,7 +183,6 @@ class Service:
                 metrics=self.metrics,
                 rails=Rails(
                     native=any(a.kind == "native" for a in chain.assets),
-                    router=chain.router_address,
                     internal_transfers=chain.internal_transfers,
                 ),
             )
