@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import secrets
-import socket
+import urllib.request
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,8 @@ from aiohttp import web
 
 from pydantic import ValidationError
 
+from anvil import free_port  # noqa: F401  (re-exported: the tests take it from here)
+
 from watcher.config import settings_from_dict
 from watcher.schemas import Invoice, WebhookEvent
 from watcher.sandbox import SandboxChain, sandbox_settings_data
@@ -28,10 +30,17 @@ from watcher.service import Service
 from watcher.webhooks import secret_key, verify
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    """Until a daemon started in another process answers `url` with 200; fails on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} never answered")
 
 
 @dataclass

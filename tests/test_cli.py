@@ -11,7 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from harness import free_port
+from harness import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "watcher.example.toml"
@@ -81,12 +81,7 @@ def test_sandbox_quick_start_pays_an_invoice_and_stops_cleanly_on_sigterm(tmp_pa
                 key = line.split("API key:")[1].strip()
         assert key and key.startswith("sk_sandbox_")
         base = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(base + "/healthz", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_http(base + "/healthz", timeout=10)
         invoice = _api(base, key, "POST", "/v1/invoices", {"amount": "12.50"})
         assert invoice["status"] == "pending"
         _api(base, key, "POST", f"/v1/sandbox/invoices/{invoice['id']}/pay", {})

@@ -13,13 +13,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from harness import free_port
+from harness import free_port, wait_http
 
 SCHEMATHESIS = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
 
@@ -35,13 +33,11 @@ def daemon(tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(base + "/healthz", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.2)
+    try:
+        wait_http(base + "/healthz")
+    except AssertionError:
+        proc.kill()
+        raise
     yield base, key, proc
     proc.terminate()
     _, stderr = proc.communicate(timeout=30)

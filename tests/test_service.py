@@ -31,7 +31,7 @@ import structlog
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from harness import Harness, Receiver, free_port
+from harness import Harness, Receiver, free_port, wait_http
 from watcher.config import load_settings
 from watcher.logs import configure_logging, redact, register_secrets, resolve_format
 from watcher.notify import Notifier
@@ -90,17 +90,6 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
             lines.append(f"{k} = {value(v)}")
     return "\n".join(lines) + "\n" + "".join(tables)
 
-
-def wait_http(url: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"{url} never answered")
 
 
 def api(base: str, method: str, path: str, body: dict | None = None, key: str = API_KEY) -> Any:

@@ -111,8 +111,9 @@ def _places(number: Decimal) -> int:
 
 
 def _plain_json(value: Any, depth: int = 0) -> Any:
-    """Metadata as values the store and the responses can write as JSON: exact JSON numbers
-    (parsed as Decimal) become floats, integers must fit in 64 bits, text must be valid
+    """Metadata as values the store and the responses can write as JSON: JSON numbers with a
+    fraction (parsed as Decimal) become doubles only when that is exact (else a 422: send them
+    as strings), integers must fit in 64 bits, text must be valid
     Unicode, and nesting is bounded (each limit would otherwise fail later, as a 500)."""
     if depth > MAX_METADATA_DEPTH:
         raise ValueError(f"metadata must not be nested more than {MAX_METADATA_DEPTH} levels deep")

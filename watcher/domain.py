@@ -333,7 +333,7 @@ def _judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], chain_time: 
     places = display_places(invoice.amount)
     received_amount = _quantize_down(received * Fraction(invoice.amount), places)
     remaining = max(invoice.amount - received_amount, Decimal(0))
-    overpaid = max(received_amount - invoice.amount, Decimal(0))
+    overpaid = _overpaid_shown((received - 1) * Fraction(invoice.amount), places) if received > 1 else Decimal(0)
 
     open_types = _open_payment_exceptions(invoice, roles)
     if received > 1 and not _resolved_type(invoice, ExceptionType.OVERPAID):
@@ -342,7 +342,7 @@ def _judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], chain_time: 
         open_types.append(ExceptionType.UNDERPAID)
 
     return Judgement(
-        status, state, received, received_amount, _q(remaining, places), _q(overpaid, places), roles,
+        status, state, received, received_amount, _q(remaining, places), overpaid, roles,
         _pick_exception(invoice, open_types), tuple(t for t in EXCEPTION_PRIORITY if t in open_types),
     )
 
@@ -408,6 +408,20 @@ def display_places(amount: Decimal) -> int:
 def _quantize_down(value: Fraction, places: int) -> Decimal:
     scaled = value.numerator * 10**places // value.denominator
     return Decimal(f"{scaled}E-{places}")  # built from a string: exact at any size
+
+
+def _overpaid_shown(value: Fraction, places: int) -> Decimal:
+    """Rounded down like the other sums, but an overpayment smaller than the display unit
+    (it opens the overpaid exception) is shown with as many more places as it takes to be
+    seen, never as 0: the merchant must see there is something to refund."""
+    for shown_places in range(places, MAX_OVERPAID_PLACES + 1):
+        shown = _quantize_down(value, shown_places)
+        if shown > 0:
+            return shown
+    return _quantize_down(value, MAX_OVERPAID_PLACES)
+
+
+MAX_OVERPAID_PLACES = 36  # the most decimals an asset may have
 
 
 def _q(value: Decimal, places: int) -> Decimal:
