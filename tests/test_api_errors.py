@@ -60,6 +60,7 @@ def nested(depth: int) -> dict:
 
 CREATE_BODY = [
     create("malformed-json", 400, data=b'{"amount": '),
+    create("duplicate-key", 400, data=b'{"amount": "1", "amount": "2"}'),
     create("trailing-comma", 400, data=b'{"amount": "1",}'),
     create("form-encoded", 400, data=b"amount=1"),
     create("single-quotes", 400, data=b"{'amount': '1'}"),
@@ -226,6 +227,7 @@ CREATE_OPTIONS = [
     create("quote_rates-empty-symbol", 422, "quote_rates", json=body(quote_rates={"": "1"})),
     create("quote_rates-lone-surrogate-symbol", 422, "quote_rates", data=b'{"amount": "10", "quote_rates": {"\\ud800": "1"}}'),
     create("quote_rates-81-char-symbol", 422, "quote_rates", json=body(quote_rates={"A" * 81: "1"})),
+    create("quote_rates-unknown-asset", 422, "quote_rates.NOPE", json=body(quote_rates={"NOPE": "1"})),
 ]
 
 CREATE_METADATA = [
@@ -261,6 +263,8 @@ LIST_QUERY = [
     Case("limit-abc", 422, "limit", "GET", "/v1/invoices?limit=abc"),
     Case("limit-empty", 422, "limit", "GET", "/v1/invoices?limit="),
     Case("limit-negative", 422, "limit", "GET", "/v1/invoices?limit=-1"),
+    Case("limit-twice", 422, "limit", "GET", "/v1/invoices?limit=1&limit=2"),
+    Case("status-twice", 422, "status", "GET", "/v1/invoices?status=pending&status=bogus"),
     Case("limit-fraction", 422, "limit", "GET", "/v1/invoices?limit=1.5"),
     Case("limit-plus", 422, "limit", "GET", "/v1/invoices?limit=%2B5"),
     Case("limit-superscript-two", 422, "limit", "GET", "/v1/invoices?limit=%C2%B2"),
@@ -589,7 +593,7 @@ async def test_idempotency_key(harness):
         return got["total"]
 
     failures = []
-    for case_id, key in [("too-long", "k" * 256), ("empty", "")]:
+    for case_id, key in [("too-long", "k" * 256), ("empty", ""), ("not-ascii", "cl\xe9"), ("control-character", "a\tb")]:
         status, got, ctype = await harness.request("POST", "/v1/invoices", json={"amount": "1"}, headers={"Idempotency-Key": key})
         wrong = problem_errors(Case(case_id, 422, "Idempotency-Key"), status, got, ctype)
         if wrong:

@@ -565,8 +565,8 @@ async def test_checkout_session_that_cannot_be_quoted_is_a_422_and_changes_nothi
     h = await make_harness(usd_rate=None)
     invoice = await h.create(amount="4", quote_rates={"TUSD": "1"})
     problem = await refused(h, "POST", f"/v1/invoices/{invoice['id']}/checkout-session", 422,
-                            json={"quote_rates": {"OTHER": "1"}}, field="assets")
-    assert "quote" in problem["detail"]
+                            json={"quote_rates": {"OTHER": "1"}}, field="quote_rates.OTHER")
+    assert "no configured asset" in problem["detail"]
     assert await h.get(invoice["id"]) == invoice
     status, fresh = await post(h, f"/v1/invoices/{invoice['id']}/checkout-session", {"quote_rates": {"TUSD": "2"}})
     assert status == 200 and fresh["payment_options"][0]["amount_atomic"] == "2000000", fresh

@@ -231,3 +231,14 @@ def test_describe_hides_secrets_and_credentials() -> None:
 ])
 def test_strip_credentials(url: str, expected: str) -> None:
     assert strip_credentials(url) == expected
+
+
+@pytest.mark.parametrize("rate", ["1e999999999", "1e-999999999", "1_000", "\u0661", "0", "1e13"])
+def test_a_usd_rate_that_cannot_quote_is_refused_naming_the_key(rate):
+    """Quoting is exact: a rate of a billion digits would stall every create, and "1_000" or
+    another script's digits are not what an operator means by a decimal."""
+    data = base()
+    data["chains"][0]["assets"][0]["usd_rate"] = rate
+    with pytest.raises(ConfigError) as refused:
+        settings_from_dict(data, env=ENV)
+    assert refused.value.key == "chains[0].assets[0].usd_rate"

@@ -172,3 +172,15 @@ async def test_options_on_a_router_no_longer_configured_are_still_watched(harnes
     for invoice in (old, fresh):
         paid = await h.wait_status(invoice["id"], "paid")
         assert len(paid["payments"]) == 1
+
+
+async def test_sandbox_pay_of_more_than_the_payer_holds_is_a_409_and_sends_nothing(harness):
+    invoice = await harness.create(amount="1000000000000000", assets=["ETH"], quote_rates={"ETH": "0.000000000001"})
+    head = await harness.on_chain(harness.chain.head)
+    status, problem, ctype = await harness.request("POST", f"/v1/sandbox/invoices/{invoice['id']}/pay", json={})
+    assert status == 409 and ctype.startswith("application/problem+json"), problem
+    assert "more than the sandbox payer holds" in problem["detail"]
+    await harness.mine(1)
+    await harness.settle()
+    assert await harness.on_chain(harness.chain.head) == head + 1
+    assert (await harness.get(invoice["id"]))["payments"] == []

@@ -14,9 +14,7 @@ import hmac
 import io
 import json
 import math
-import re
 import time
-from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Awaitable, Callable, Literal, TypeVar
 
@@ -27,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 
 from . import schemas
 from .config import InvoiceSettings
-from .domain import InvoiceStatus, ResolutionAction
+from .domain import DECIMAL_TEXT, InvoiceStatus, ResolutionAction, usd_rate_problem
 from .invoicing import Invoicing, OptionsError, finish_option, session_timing
 from .openapi import Operation
 from .store import IdempotencyConflict, NewInvoice, NewSession, StateConflict, Store
@@ -39,7 +37,6 @@ MAX_AMOUNT = Decimal(10) ** 15  # USD; anything above is a mistake, not an invoi
 MAX_AMOUNT_PLACES = 18
 MAX_METADATA_DEPTH = 32
 # ASCII digits only: Decimal() alone would also take "1_000", "NaN" and non-ASCII digits such as "١٢".
-DECIMAL_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 
 PROBLEM = "application/problem+json"
 
@@ -171,10 +168,8 @@ def _quote_rates_in(value: Any) -> Any:
     rates = {}
     for symbol, rate in value.items():
         number = _decimal_in(rate, f"quote_rates.{symbol}")
-        if number <= 0 or number > Decimal(10) ** 12:
-            raise ValueError(f"quote_rates.{symbol} must be above 0 and at most 10^12")
-        if _places(number) > 2 * MAX_AMOUNT_PLACES:  # quoting works in exact fractions: bound the size
-            raise ValueError(f"quote_rates.{symbol} has more than {2 * MAX_AMOUNT_PLACES} decimal places")
+        if (problem := usd_rate_problem(number)) is not None:
+            raise ValueError(f"quote_rates.{symbol} {problem}")
         rates[symbol] = number
     return rates
 
@@ -269,6 +264,16 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`{"amount": "1", "amount": "2"}` is ambiguous: refuse it rather than keep the last."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
 async def read_json(request: web.Request, *, required: bool = True) -> Any:
     """The body as JSON with exact decimals; 400 when it is not JSON, 413 when too large."""
     raw = await request.read()  # raises 413 past client_max_size
@@ -277,7 +282,7 @@ async def read_json(request: web.Request, *, required: bool = True) -> Any:
             raise Problem(400, "Malformed JSON", "the request needs a JSON body", slug="malformed-json")
         return {}
     try:
-        return json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
+        return json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except (ValueError, UnicodeDecodeError) as exc:
         raise Problem(400, "Malformed JSON", f"the body is not valid JSON: {exc}", slug="malformed-json") from None
     except RecursionError:
@@ -305,8 +310,16 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     return web.Response(status=status, body=orjson.dumps(data), content_type="application/json", headers=headers)
 
 
+def single_query(request: web.Request, name: str) -> str | None:
+    """A query parameter given at most once: `?status=a&status=b` is a 422, not a silent pick."""
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise invalid(name, "must be given once")
+    return values[0] if values else None
+
+
 def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
+    raw = single_query(request, name)
     if raw is None:
         return default
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 12 or not (low <= int(raw) <= high):
@@ -366,8 +379,8 @@ def make_app(
         body = await read_json(request)  # kept: the Idempotency-Key compares the body as sent
         data = validate_body(CreateInvoiceIn, body)
         key = request.headers.get("Idempotency-Key")
-        if key is not None and not (1 <= len(key) <= 255):
-            raise invalid("Idempotency-Key", "must be 1 to 255 characters")
+        if key is not None and not (1 <= len(key) <= 255 and key.isascii() and key.isprintable()):
+            raise invalid("Idempotency-Key", "must be 1 to 255 printable ASCII characters")
         new = build_new_invoice(data, invoicing, invoice_settings, clock())
         request_hash = hashlib.sha256(orjson.dumps(body, default=str, option=orjson.OPT_SORT_KEYS)).hexdigest()
         try:
@@ -602,7 +615,7 @@ def parse_list_filters(request: web.Request, *, paging: bool = True) -> dict[str
             raise invalid(name, f"unknown query parameter (known: {', '.join(known)})")
     filters = {}
     for name in LIST_FILTERS:
-        value = request.query.get(name)
+        value = single_query(request, name)
         if value is None:
             continue
         if len(value) > 254:

@@ -24,6 +24,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, Strict, Vali
                       ValidationInfo, model_validator)
 
 from watcher.addresses import normalize_address, parse_xpub, to_checksum
+from watcher.domain import DECIMAL_TEXT, usd_rate_problem
 
 __all__ = ["AssetSettings", "ChainSettings", "ConfigError", "HttpSettings", "InvoiceSettings",
            "Settings", "WebhookSettings", "describe", "load_settings", "settings_from_dict",
@@ -108,6 +109,8 @@ def _decimal(value: Any, low: Decimal, high: Decimal | None, low_ok: bool) -> De
                          "(money is never a float)")
     if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
         raise ValueError('must be a decimal string such as "1.05"')
+    if isinstance(value, str) and not DECIMAL_TEXT.fullmatch(value.strip()):
+        raise ValueError('must be a decimal string such as "1.05" (ASCII digits, no separators)')
     try:
         result = Decimal(value.strip()) if isinstance(value, str) else Decimal(value)
     except InvalidOperation:
@@ -186,8 +189,16 @@ Confirmations = Annotated[int | Literal["finalized"],
                           PlainValidator(lambda v: _int_or_word(v, "finalized", 1, "an integer of at least 1"))]
 StartBlock = Annotated[int | Literal["latest"],
                        PlainValidator(lambda v: _int_or_word(v, "latest", 0, "a block number (0 or more)"))]
-UsdRate = Annotated[Decimal | None,
-                    PlainValidator(lambda v: None if v is None else _decimal(v, Decimal(0), None, False))]
+def _usd_rate(value: Any) -> Decimal | None:
+    if value is None:
+        return None
+    rate = _decimal(value, Decimal(0), None, False)
+    if (problem := usd_rate_problem(rate)) is not None:
+        raise ValueError(problem)
+    return rate
+
+
+UsdRate = Annotated[Decimal | None, PlainValidator(_usd_rate)]
 # Below 100: a tolerance of the whole amount would call an unpaid invoice paid.
 Percent = Annotated[Decimal, PlainValidator(lambda v: _decimal(v, Decimal(0), Decimal("99.99"), True))]
 EnvName = Annotated[str, Field(pattern=_ENV_NAME)]

@@ -8,6 +8,7 @@ resolution) with the same answer every time.
 from __future__ import annotations
 
 import math
+import re
 from functools import lru_cache
 import os
 from dataclasses import dataclass, field
@@ -397,6 +398,23 @@ def payments_to_cover(
 
 
 # --------------------------------------------------------------------------- amounts
+
+
+# A decimal as text: ASCII digits only (no "1_000", no other scripts' digits), optional exponent.
+DECIMAL_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
+MAX_USD_RATE = Decimal(10) ** 12
+MAX_RATE_PLACES = 36
+
+
+def usd_rate_problem(rate: Decimal) -> str | None:
+    """Why a USD rate cannot be used to quote, or None. Quoting works in exact fractions, so
+    a rate's size is bounded: "1e-999999999" would build a number of a billion digits."""
+    if not rate.is_finite() or rate <= 0 or rate > MAX_USD_RATE:
+        return "must be above 0 and at most 10^12"
+    exponent = rate.as_tuple().exponent
+    if isinstance(exponent, int) and -exponent > MAX_RATE_PLACES:
+        return f"has more than {MAX_RATE_PLACES} decimal places"
+    return None
 
 
 def display_places(amount: Decimal) -> int:

@@ -103,6 +103,10 @@ class Invoicing:
         for i, rail in enumerate(rails):
             if rail not in SUPPORTED_RAILS:
                 raise OptionsError(f"rails[{i}]", f"unknown rail {rail!r} (known: address, contract)")
+        known = {a.symbol.lower() for a in self.assets} | {f"{a.chain.name}:{a.symbol}".lower() for a in self.assets}
+        for name in quote_rates:
+            if name.lower() not in known:
+                raise OptionsError(f"quote_rates.{name}", f"no configured asset {name!r} (a rate names SYMBOL or network:SYMBOL)")
         rates = {k.lower(): v for k, v in quote_rates.items()}
         specs: list[OptionSpec] = []
         for asset in self.select_assets(assets):

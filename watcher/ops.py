@@ -23,7 +23,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from .api import PROBLEM, Problem, invalid, json_response, read_json
+from .api import PROBLEM, Problem, invalid, json_response, read_json, single_query
 from .config import EVENT_TYPES, Settings, strip_credentials
 from .domain import rfc3339
 from .follower import Follower
@@ -313,15 +313,8 @@ OPERATIONS = [
 # --------------------------------------------------------------------------- query parsing
 
 
-def _single(request: web.Request, name: str) -> str | None:
-    values = request.query.getall(name, [])
-    if len(values) > 1:
-        raise invalid(name, "must be given once")
-    return values[0] if values else None
-
-
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = _single(request, name)
+    raw = single_query(request, name)
     if raw is None:
         return default
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 12 or not (low <= int(raw) <= high):
@@ -337,7 +330,7 @@ def delivery_filters(request: web.Request) -> dict[str, str]:
             raise invalid(name, f"unknown query parameter (known: {', '.join(known)})")
     filters = {}
     for name in DELIVERY_FILTERS:
-        value = _single(request, name)
+        value = single_query(request, name)
         if value is not None:
             filters[name] = value
     if "status" in filters and filters["status"] not in DELIVERY_STATUSES:

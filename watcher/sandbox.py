@@ -21,10 +21,12 @@ from aiohttp import web
 from eth_abi import encode
 from eth_tester import EthereumTester, PyEVMBackend
 from eth_tester.exceptions import BlockNotFound, TransactionNotFound
+from eth_tester.exceptions import ValidationError as EthTesterValidationError
 from eth_utils import function_signature_to_4byte_selector, keccak, to_checksum_address
 
 from .addresses import account_xpub_from_mnemonic
-from .api import DECIMAL_TEXT, Problem, invalid, json_response, read_json
+from .api import Problem, invalid, json_response, read_json
+from .domain import DECIMAL_TEXT
 from . import schemas
 from .chain import METHOD_NOT_FOUND, RpcError
 from .contracts import load_artifact
@@ -304,18 +306,25 @@ def add_sandbox_routes(app: web.Application, chain: SandboxChain, store: Store, 
         option = options[0] if option_id is None else next((o for o in options if o["id"] == option_id), None)
         if option is None:
             raise invalid("payment_option_id", "is not an option of this invoice")
+        funds = PAYER_FUNDS if option["token_contract"] else NATIVE_FUNDS
         if "amount" in body:
-            atomic = _units_to_atomic(body["amount"], option["decimals"], PAYER_FUNDS if option["token_contract"] else NATIVE_FUNDS)
+            atomic = _units_to_atomic(body["amount"], option["decimals"], funds)
         else:
             atomic = _remaining_atomic(invoice, option)
             if atomic <= 0:
                 raise Problem(409, "Conflict", "nothing remains to be paid; give an amount to pay more", slug="state-conflict")
-        if option["rail"] == "contract":
-            tx = await chain.run(chain.pay_router, {**option["contract_call"], "amount": str(atomic)})
-        elif option["token_contract"]:
-            tx = await chain.run(chain.transfer_token, option["token_contract"].lower(), option["destination_address"], atomic)
-        else:
-            tx = await chain.run(chain.transfer_native, option["destination_address"], atomic)
+            if atomic > funds:
+                raise Problem(409, "Conflict", "what remains is more than the sandbox payer holds; give a smaller amount",
+                              slug="state-conflict")
+        try:
+            if option["rail"] == "contract":
+                tx = await chain.run(chain.pay_router, {**option["contract_call"], "amount": str(atomic)})
+            elif option["token_contract"]:
+                tx = await chain.run(chain.transfer_token, option["token_contract"].lower(), option["destination_address"], atomic)
+            else:
+                tx = await chain.run(chain.transfer_native, option["destination_address"], atomic)
+        except EthTesterValidationError as exc:  # e.g. the payer's balance is spent: the chain refuses
+            raise Problem(409, "Conflict", f"the sandbox chain refused the payment: {exc}", slug="state-conflict") from None
         return json_response({"transaction_hash": tx})
 
     async def mine(request: web.Request) -> web.Response:

@@ -27,7 +27,6 @@ from ..domain import (
     PaymentStatus,
     Resolution,
     ResolutionAction,
-    Transfer,
     format_units,
     judge,
     new_id,
