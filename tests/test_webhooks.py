@@ -158,3 +158,33 @@ async def test_a_redelivery_during_an_attempt_keeps_its_fresh_schedule(tmp_path)
         await dispatcher.close()
         await runner.cleanup()
         store.close()
+
+
+async def test_a_redelivery_during_the_first_attempt_is_not_lost(tmp_path):
+    """Redelivered while its first attempt is in flight (attempt count 0 before and after):
+    that attempt's success must not mark the re-queued delivery delivered; it is sent again."""
+    clock = Clock()
+    store = Store(tmp_path / "w.db", clock=clock)
+    seen: list[str] = []
+
+    async def redeliver_during_the_first(request: web.Request) -> web.Response:
+        [row] = store.db.execute("SELECT id FROM deliveries").fetchall()
+        if not seen:
+            store.outbox.redeliver(row["id"])  # the operator, while the first attempt is in flight
+        seen.append(request.headers["webhook-id"])
+        return web.Response(status=204)
+
+    runner, url = await _server(redeliver_during_the_first)
+    store.outbox.set_endpoints([Endpoint(url, ("invoice.created",))])
+    dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET}, clock=clock)
+    try:
+        _invoice(store)
+        assert await dispatcher.run_once() == 1
+        assert tuple(store.db.execute("SELECT status, attempts FROM deliveries").fetchone()) == ("pending", 0)
+        assert await dispatcher.run_once() == 1  # the redelivery itself
+        assert tuple(store.db.execute("SELECT status, attempts FROM deliveries").fetchone()) == ("delivered", 1)
+        assert len(seen) == 2 and seen[0] == seen[1]  # the same event, under its one id
+    finally:
+        await dispatcher.close()
+        await runner.cleanup()
+        store.close()

@@ -144,6 +144,7 @@ class Dispatcher:
         self.outbox.record_attempt(
             delivery["id"], ok=ok, status_code=status_code, error=error, duration_ms=duration_ms,
             next_attempt_at=None if delay is None else self.clock() + delay, claimed_attempts=delivery["attempts"],
+            claimed_requeues=delivery["requeues"],
         )
         if self.on_attempt is not None:
             outcome = "delivered" if ok else ("failed" if delay is None else "retry")

@@ -112,7 +112,7 @@ class Outbox:
 
     def due_deliveries(self, now: float, limit: int = 100) -> list[dict]:
         rows = self._q(
-            "SELECT d.id, d.event_id, d.url, d.attempts, e.body FROM deliveries d JOIN events e ON e.id = d.event_id "
+            "SELECT d.id, d.event_id, d.url, d.attempts, d.requeues, e.body FROM deliveries d JOIN events e ON e.id = d.event_id "
             "WHERE d.status = 'pending' AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at LIMIT ?",
             [now, limit],
         )
@@ -132,20 +132,25 @@ class Outbox:
         duration_ms: float,
         next_attempt_at: float | None,
         claimed_attempts: int | None = None,
+        claimed_requeues: int | None = None,
     ) -> None:
         """One attempt, as it went; `next_attempt_at` None after a failure means give up.
 
-        `claimed_attempts` is the count the dispatcher saw when it took the delivery: if an
-        operator redelivered it meanwhile, the attempt is recorded but the fresh schedule stays."""
+        `claimed_attempts` and `claimed_requeues` are what the dispatcher saw when it took the
+        delivery: if an operator redelivered it meanwhile, the attempt is recorded but the
+        fresh schedule stays."""
         now = rfc3339(self.clock())
         with self.db.atomic():
-            row = self._q1("SELECT attempts FROM deliveries WHERE id = ?", [delivery_id])
+            row = self._q1("SELECT attempts, requeues FROM deliveries WHERE id = ?", [delivery_id])
             attempt = row["attempts"] + 1 if claimed_attempts is None else claimed_attempts + 1
             self.db.execute(
                 "INSERT INTO delivery_attempts(delivery_id, attempt, at, status_code, error, duration_ms) VALUES (?,?,?,?,?,?)",
                 [delivery_id, attempt, now, status_code, error, duration_ms],
             )
-            if claimed_attempts is not None and row["attempts"] != claimed_attempts:
+            requeued = (claimed_attempts is not None and row["attempts"] != claimed_attempts) or (
+                claimed_requeues is not None and row["requeues"] != claimed_requeues
+            )
+            if requeued:
                 return  # re-queued while this attempt was in flight: leave the new schedule alone
             status = "delivered" if ok else ("pending" if next_attempt_at is not None else "failed")
             self.db.execute(
@@ -204,7 +209,8 @@ class Outbox:
             if row["url"] not in {e.url for e in self.endpoints}:
                 raise StateConflict("the delivery's endpoint is no longer configured")
             self.db.execute(
-                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?, delivered_at = NULL WHERE id = ?",
+                "UPDATE deliveries SET status = 'pending', attempts = 0, requeues = requeues + 1, next_attempt_at = ?, "
+                "delivered_at = NULL WHERE id = ?",
                 [self.clock(), delivery_id],
             )
         if self.on_delivery_queued is not None:

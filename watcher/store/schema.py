@@ -161,3 +161,10 @@ def m001_initial(db: Database) -> None:
         );
         """
     )
+
+
+@migrations()
+def m002_delivery_requeues(db: Database) -> None:
+    # Counts redeliveries, so an attempt in flight when the operator re-queued its delivery
+    # can tell (its attempt count alone may match: both 0) and leaves the new schedule alone.
+    db.execute("ALTER TABLE deliveries ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0")
