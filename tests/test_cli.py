@@ -103,3 +103,16 @@ def test_sandbox_quick_start_pays_an_invoice_and_stops_cleanly_on_sigterm(tmp_pa
     assert proc.returncode == 0, out
     assert "watcher_stopped" in out
     assert "Traceback" not in out
+
+
+def test_an_address_already_in_use_is_one_clear_line_not_a_traceback(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("run", "--sandbox", "--listen", f"127.0.0.1:{port}", "--database", str(tmp_path / "w.db"))
+    assert result.returncode == 1
+    assert "listen_failed" in result.stdout + result.stderr and "address already in use" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
 import sys
 import tempfile
@@ -99,6 +100,13 @@ def _run(settings: Settings, **service_args: object) -> int:
         asyncio.run(go())
     except ConfigError:
         raise
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            log.exception("watcher_crashed", error=str(exc))
+            return EXIT_FAILURE
+        # The API's address is taken or not ours: say so in one line (systemd retries later).
+        log.error("listen_failed", listen=settings.http.listen, error=exc.strerror)
+        return EXIT_FAILURE
     except Exception as exc:  # the one place that turns a crash into exit 1 with a log line
         log.exception("watcher_crashed", error=str(exc))
         return EXIT_FAILURE
