@@ -148,7 +148,7 @@ def prepare_store(meta: dict[str, Any], invoices: int) -> Path:
 async def watcher(url: str, meta: dict[str, Any], store_template: str, expected: int,
                   profile_to: str | None = None) -> dict[str, Any]:
     from watcher.chain import JsonRpcReader
-    from watcher.failover import FailoverTransport
+    from watcher.chain.failover import FailoverTransport
     from watcher.follower import Follower, Rails
     from watcher.logs import configure_logging
     from watcher.metrics import Metrics

@@ -27,7 +27,7 @@ import watcher.ops
 import watcher.service
 from anvil_harness import PAYERS, AnvilHarness
 from faultproxy import Fault, FaultProxy
-from watcher.failover import ENDPOINT_RETRY_DELAYS, FailoverTransport
+from watcher.chain.failover import ENDPOINT_RETRY_DELAYS, FailoverTransport
 
 NETWORK = "anvil0"
 RPC_TIMEOUT = 0.5

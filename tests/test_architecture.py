@@ -62,3 +62,31 @@ def test_web3_and_eth_tester_stay_at_the_edge():
             assert m == "chain", m
         if any(n.startswith("eth_tester") for n in names):
             assert m == "sandbox", m
+
+
+def test_the_chain_package_has_no_import_cycle():
+    """transport <- failover <- traces <- reader, heads beside: each file imports only those before it."""
+    package = PACKAGE / "chain"
+    graph: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    deps.add(node.module.split(".")[0])
+                else:
+                    deps |= {a.name for a in node.names}
+        graph[path.stem] = deps - {"__init__"}
+    assert graph, "no chain package"
+    done: set[str] = set()
+
+    def visit(name: str, stack: tuple[str, ...]) -> None:
+        assert name not in stack, f"import cycle: {' -> '.join((*stack, name))}"
+        if name in done:
+            return
+        for dep in graph.get(name, ()):
+            visit(dep, (*stack, name))
+        done.add(name)
+
+    for name in graph:
+        visit(name, ())

@@ -13,7 +13,7 @@ from anvil import free_port
 from structlog.testing import capture_logs
 
 from watcher.chain import JsonRpcReader, RpcError
-from watcher.failover import EndpointDown, FailoverTransport, redact
+from watcher.chain.failover import EndpointDown, FailoverTransport, redact
 
 REVERTING_INITCODE = "0x60006000fd"  # PUSH1 0 PUSH1 0 REVERT
 

@@ -321,7 +321,7 @@ class FakeNativeChain(FakeChain):
         super().__init__()
 
     def mine_native(self, *txs: tuple[str, int, bool], inner: tuple[str, int] | None = None) -> BlockRef:
-        from watcher.traces import InternalTransfer
+        from watcher.chain.traces import InternalTransfer
 
         block = self.mine()
         n = block.number

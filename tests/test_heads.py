@@ -13,7 +13,7 @@ from aiohttp import web
 from anvil import free_port
 from structlog.testing import capture_logs
 
-from watcher.heads import HeadSubscriber
+from watcher.chain.heads import HeadSubscriber
 
 FAST = {"heartbeat": 5.0, "connect_timeout": 2.0, "backoff_initial": 0.05, "backoff_max": 0.2}
 

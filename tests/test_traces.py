@@ -1,4 +1,4 @@
-"""Internal native deposits from the node's tracers (watcher.traces).
+"""Internal native deposits from the node's tracers (watcher.chain.traces).
 
 Tables of hand-written traces pin the rules (what counts, what a revert undoes, what is
 malformed); every table case runs through both decoders, the parity list being derived
@@ -19,7 +19,7 @@ from web3.utils.address import get_create_address
 
 from watcher.chain import HttpTransport, RpcError
 from watcher.contracts import load_artifact
-from watcher.traces import (
+from watcher.chain.traces import (
     CALL_TRACER,
     PARITY_TRACER,
     InternalTransfer,
@@ -427,7 +427,7 @@ async def test_probe_prefers_call_tracer_then_parity_then_none() -> None:
 async def test_probe_raises_what_is_not_an_absent_method() -> None:
     """A garbled trace, a node behind ("header not found"), a rate limit: asked again later,
     never taken for "no tracer" (which would stop finding such payments for good)."""
-    from watcher.failover import EndpointDown
+    from watcher.chain.failover import EndpointDown
 
     def fails(exc: RpcError) -> Any:
         def answer(params: list) -> Any:

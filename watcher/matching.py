@@ -18,7 +18,7 @@ from .domain import FullBlock, RouterPayment, Transfer
 
 if TYPE_CHECKING:
     from .store import Store
-    from .traces import InternalTransfer
+    from .chain.traces import InternalTransfer
 
 log = structlog.get_logger("watcher.follower")
 

@@ -21,9 +21,9 @@ from . import __version__
 from .api import INVOICE_OPERATIONS, make_app
 from .chain import ChainReader, HttpTransport, JsonRpcReader, RpcError, Transport
 from .config import ChainSettings, ConfigError, Settings, load_settings, strip_credentials
-from .failover import FailoverTransport
+from .chain.failover import FailoverTransport
 from .follower import Follower, Rails
-from .heads import HeadSubscriber
+from .chain.heads import HeadSubscriber
 from .invoicing import Invoicing
 from .jobs import make_scheduler
 from .logs import configure_logging, register_secrets

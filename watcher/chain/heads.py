@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 import structlog
 
-from .config import strip_credentials
+from ..config import strip_credentials
 from .failover import redact
 
 log = structlog.get_logger("watcher.heads")

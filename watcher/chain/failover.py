@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import structlog
 
-from .chain import RETRY_DELAYS, HttpTransport, RpcError
-from .config import strip_credentials
+from ..config import strip_credentials
+from .transport import RETRY_DELAYS, HttpTransport, RpcError
 
 log = structlog.get_logger("watcher.failover")
 

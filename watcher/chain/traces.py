@@ -29,8 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, Sequence
 
-from .chain import METHOD_NOT_FOUND, RpcError
 from .failover import EndpointDown
+from .transport import METHOD_NOT_FOUND, RpcError
 
 __all__ = [
     "CALL_TRACER",
