@@ -57,6 +57,7 @@ def _block_json(block: dict, full: bool = False) -> dict:
         "hash": block["hash"],
         "parentHash": block["parent_hash"],
         "timestamp": _hex(block["timestamp"]),
+        "logsBloom": "0x" + format(block["logs_bloom"], "0512x"),
     }
     if full:
         out["transactions"] = [
@@ -123,9 +124,16 @@ class EthTesterTransport:
         if method == "eth_getLogs":
             f = params[0]
             address = f.get("address")
+            if "blockHash" in f:  # EIP-234: one block by its hash; a node without it errs
+                try:
+                    first = last = t.get_block_by_hash(f["blockHash"])["number"]
+                except BlockNotFound:
+                    raise RpcError(method, f"unknown block {f['blockHash']}", -32000) from None
+            else:
+                first, last = int(f["fromBlock"], 16), int(f["toBlock"], 16)
             logs = t.get_logs(
-                from_block=int(f["fromBlock"], 16),
-                to_block=int(f["toBlock"], 16),
+                from_block=first,
+                to_block=last,
                 address=[to_checksum_address(a) for a in address] if isinstance(address, list) else address,
                 topics=f.get("topics"),
             )

@@ -124,7 +124,7 @@ class Service:
                 on_failure=lambda kind: self.metrics.endpoint_failed(name, kind),
             )
             self._transports.append(transport)
-        return JsonRpcReader(transport, self.metrics.rpc(name))
+        return JsonRpcReader(transport, self.metrics.rpc(name), max_batch=chain.max_batch)
 
     async def _check_chain_ids(self, index: int, chain: ChainSettings, reader: ChainReader) -> None:
         """Every rpc_url must serve the configured chain: a failover to a node of another chain
@@ -185,6 +185,7 @@ class Service:
                     native=any(a.kind == "native" for a in chain.assets),
                     internal_transfers=chain.internal_transfers,
                 ),
+                max_batch=chain.max_batch,
             )
             if (heads := self._heads_for(chain, self.followers[chain.name])) is not None:
                 self.heads[chain.name] = heads

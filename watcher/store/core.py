@@ -46,7 +46,7 @@ from .records import (
 from .schema import migrations
 from .views import invoice_view, payment_view, status_view
 
-BLOCK_WINDOW = 256  # recent canonical blocks kept to find a reorg's common ancestor
+BLOCK_WINDOW = 256  # recent canonical blocks kept when the caller names no window (see apply_blocks)
 
 # Derives an address from (xpub, index); builds a payment URI / contract call for an option.
 Deriver = Callable[[str, int], str]
@@ -642,11 +642,14 @@ class Store:
         matched: Sequence[MatchedTransfer],
         *,
         confirmed_through: int,
+        keep_above: int | None = None,
     ) -> ApplyResult:
         """Record a range of canonical blocks in one transaction.
 
         `blocks` are the headers of the range (its last one becomes the checkpoint);
-        `confirmed_through` is the highest block whose payments count as confirmed.
+        `confirmed_through` is the highest block whose payments count as confirmed; stored
+        blocks at or below `keep_above` are forgotten (the follower's window: what it can
+        walk back through after a reorg; BLOCK_WINDOW blocks when not given).
         """
         result = ApplyResult()
         tip = blocks[-1]
@@ -656,7 +659,8 @@ class Store:
                 "INSERT OR REPLACE INTO chain_blocks(network, number, hash, parent_hash, timestamp) VALUES (?,?,?,?,?)",
                 [(network, b.number, b.hash, b.parent_hash, b.timestamp) for b in blocks],
             )
-            self.db.execute("DELETE FROM chain_blocks WHERE network = ? AND number <= ?", [network, tip.number - BLOCK_WINDOW])
+            forget_through = tip.number - BLOCK_WINDOW if keep_above is None else min(keep_above, tip.number - 1)
+            self.db.execute("DELETE FROM chain_blocks WHERE network = ? AND number <= ?", [network, forget_through])
             self.db.execute(
                 "INSERT INTO cursors(network, block_number, block_hash, block_timestamp, updated_at) VALUES (?,?,?,?,?) "
                 "ON CONFLICT(network) DO UPDATE SET block_number = excluded.block_number, block_hash = excluded.block_hash, "
