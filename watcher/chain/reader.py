@@ -38,7 +38,8 @@ MAX_BATCH = 100
 
 class BlockUnknown(RpcError):
     """The node answering does not have a block we hold (a backend behind the others, or a
-    reorg under way): whatever else it said about that block cannot be complete. Ask again."""
+    reorg under way: it has none, or another one, at that height): whatever it said about
+    that block cannot be complete. Ask again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,8 +410,8 @@ class JsonRpcReader:
         for (block, decode, keep), raws in zip(expect, answers):
             for decoded in _decoded(raws, decode, keep):
                 if decoded.block_hash != block.hash or decoded.block_number != block.number:
-                    raise RpcError("eth_getLogs", f"asked for the logs of block {block.number} {block.hash}, "
-                                   f"got one of {decoded.block_number} {decoded.block_hash}")
+                    raise BlockUnknown("eth_getLogs", f"log of tx {decoded.tx_hash} names block hash {decoded.block_hash} "
+                                   f"(number {decoded.block_number}), not the block {block.number} its logs were asked for")
                 found.add(decoded)
         return found
 
