@@ -146,13 +146,14 @@ def _run(settings: Settings, **service_args: object) -> int:
 
 
 def _run_sandbox(args: argparse.Namespace) -> int:
-    from .sandbox import SandboxChain, new_api_key, new_webhook_secret, sandbox_settings_data
+    from .sandbox import SandboxChain, claim_database, new_api_key, new_webhook_secret, sandbox_settings_data
 
     listen = args.listen or "127.0.0.1:8080"
     api_key = os.environ.get("WATCHER_API_KEY") or new_api_key()
     secret = new_webhook_secret()
     database = args.database or str(Path(tempfile.mkdtemp(prefix="watcher-sandbox-")) / "watcher.db")
     chain = SandboxChain()
+    database_note = claim_database(database, chain)
     env = {"WATCHER_API_KEY": api_key, "WATCHER_WEBHOOK_SECRET": secret}
     settings = settings_from_dict(
         {
@@ -170,7 +171,7 @@ def _run_sandbox(args: argparse.Namespace) -> int:
         f"  API key:        {api_key}\n"
         f"  webhook secret: {secret}\n"
         f"  webhook URLs:   {', '.join(args.webhook_url) or '(none; add --webhook-url URL)'}\n"
-        f"  database:       {database}\n"
+        f"  database:       {database} ({database_note})\n"
         f"  chain:          eth-tester, chain id {chain.chain_id}, a block every {args.block_time:g} s\n"
         f"  token:          TUSD at {chain.deployed.token}\n"
         "Try:\n"
