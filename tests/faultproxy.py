@@ -94,6 +94,9 @@ class Fault:
     only: for "lagging_backend" and "null_headers", a test's choice of which calls land on
         the lagging backend (`only(call) -> bool`, the call's JSON-RPC object); the rest are
         answered honestly, as by another backend behind the same load balancer.
+    min_batch: for "lagging_backend" and "null_headers", only calls of a request holding at
+        least this many calls land on the lagging backend (a load balancer that sends big
+        batches to another pool than single calls); 1 = every request.
     cap: for "batch_cap", the longest batch accepted; a longer one is refused as a whole.
     status: for "batch_cap", 200 refuses with a single JSON-RPC error object in place of the
         batch's list (what most providers do); another status refuses with that HTTP status
@@ -110,6 +113,7 @@ class Fault:
     methods: tuple[str, ...] | None = None
     count: int = 1
     only: Callable[[dict[str, Any]], bool] | None = None
+    min_batch: int = 1
     cap: int = 100
     status: int = 200
 
@@ -129,8 +133,8 @@ class Fault:
                 raise ValueError(f"methods must be some of {LAGGING_METHODS}")
         if self.kind == "lagging_backend" and self.method is not None:
             raise ValueError("lagging_backend takes methods=(...), not method=")
-        if self.lag < 0 or self.count < 1 or self.cap < 1:
-            raise ValueError("lag must be at least 0, count and cap at least 1")
+        if self.lag < 0 or self.count < 1 or self.cap < 1 or self.min_batch < 1:
+            raise ValueError("lag must be at least 0, count, cap and min_batch at least 1")
         if self.status != 200 and _http_status(f"http_{self.status}") is None:
             raise ValueError("status must be 200 or an HTTP error status")
 
@@ -426,7 +430,10 @@ class FaultProxy:
         """How a backend at height `visible` answers `call` (the real node is at `head`)."""
         method = call.get("method")
         params = call.get("params") or []
-        if method not in fault.lagging_methods or (fault.only is not None and not fault.only(call)) or not isinstance(params, list):
+        if (
+            method not in fault.lagging_methods or not isinstance(params, list) or batch < fault.min_batch
+            or (fault.only is not None and not fault.only(call))
+        ):
             return _Forward(call)
 
         def local(result: Any = None, error: dict[str, Any] | None = None) -> _Local:

@@ -413,6 +413,18 @@ async def test_null_headers_for_the_newest_blocks_only(node: Anvil, client: Clie
     assert proxy.hid("eth_getBlockByNumber", 2) and proxy.hid("eth_getBlockByNumber", 3)
 
 
+async def test_null_headers_only_in_batches_of_at_least_min_batch(node: Anvil, client: Client, proxy: FaultProxy) -> None:
+    *_, r3 = await three_logged_blocks(node)
+    proxy.inject(Fault("null_headers", count=1, min_batch=2))
+
+    assert (await client.result("eth_getBlockByNumber", hex(3), False))["hash"] == r3["blockHash"]
+    [alone] = await client.json([call("eth_getBlockByNumber", hex(3), False, id=1)])
+    assert alone["result"]["hash"] == r3["blockHash"]
+    pair = await client.json([call("eth_getBlockByNumber", hex(n), False, id=n) for n in (2, 3)])
+    assert pair[0]["result"]["number"] == hex(2) and pair[1]["result"] is None
+    assert [(h.blocks, h.batch) for h in proxy.hidden] == [(range(3, 4), 2)]
+
+
 async def test_batch_cap_refuses_a_longer_batch_as_a_whole(client: Client, proxy: FaultProxy) -> None:
     proxy.inject(Fault("batch_cap", cap=100))
 
@@ -446,6 +458,7 @@ def test_new_kinds_refuse_settings_that_would_never_fire() -> None:
         dict(kind="lagging_backend", method="eth_getLogs"),
         dict(kind="null_headers", count=0),
         dict(kind="batch_cap", cap=0),
+        dict(kind="null_headers", min_batch=0),
         dict(kind="batch_cap", status=302),
     ):
         with pytest.raises(ValueError):
