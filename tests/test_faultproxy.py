@@ -280,3 +280,187 @@ def test_unknown_kinds_and_spent_times_are_refused() -> None:
             Fault(kind)
     with pytest.raises(ValueError):
         Fault("http_429", times=0)
+
+
+# ---------------------------------------------------------------------------- nodes that lack blocks
+
+
+async def three_logged_blocks(node: Anvil) -> list[dict[str, Any]]:
+    """Blocks 1, 2 and 3, each with one log (anvil automines here): their receipts."""
+    receipts = [await emit_log(node) for _ in range(3)]
+    assert [int(r["blockNumber"], 16) for r in receipts] == [1, 2, 3]
+    return receipts
+
+
+def logs_query(first: int, last: int | str) -> dict[str, str]:
+    return {"fromBlock": hex(first), "toBlock": last if isinstance(last, str) else hex(last)}
+
+
+async def test_lagging_backend_answers_as_a_node_lag_blocks_behind(node: Anvil, client: Client, direct: Client, proxy: FaultProxy) -> None:
+    r1, r2, r3 = await three_logged_blocks(node)
+    proxy.inject(Fault("lagging_backend", lag=1))  # it has blocks up to 2
+
+    assert await client.result("eth_chainId") == "0x7a69"  # not a lagging method: untouched
+    assert await client.result("eth_blockNumber") == hex(2)
+    # Logs by range: toBlock clamped to its head without an error; a range above it is empty.
+    assert await client.result("eth_getLogs", logs_query(0, 3)) == r1["logs"] + r2["logs"]
+    assert await client.result("eth_getLogs", logs_query(0, "latest")) == r1["logs"] + r2["logs"]
+    assert await client.result("eth_getLogs", logs_query(3, 3)) == []
+    # Logs by block hash (EIP-234): a block it lacks is an error, never an empty answer.
+    unknown = await client.json(call("eth_getLogs", {"blockHash": r3["blockHash"]}, id=5))
+    assert unknown == {"jsonrpc": "2.0", "id": 5, "error": {"code": -32000, "message": "unknown block"}}
+    assert await client.result("eth_getLogs", {"blockHash": r2["blockHash"]}) == r2["logs"]
+    # Blocks, receipts: null for what it lacks; "latest" is its own head.
+    assert await client.result("eth_getBlockByNumber", hex(3), False) is None
+    assert (await client.result("eth_getBlockByNumber", hex(2), False))["hash"] == r2["blockHash"]
+    assert (await client.result("eth_getBlockByNumber", "latest", True))["hash"] == r2["blockHash"]
+    assert await client.result("eth_getBlockByHash", r3["blockHash"], False) is None
+    assert (await client.result("eth_getBlockByHash", r2["blockHash"], False))["number"] == hex(2)
+    assert await client.result("eth_getTransactionReceipt", r3["transactionHash"]) is None
+    assert await client.result("eth_getTransactionReceipt", r2["transactionHash"]) == r2
+    assert await client.result("eth_getBlockReceipts", hex(3)) is None
+    assert await client.result("eth_getBlockReceipts", r3["blockHash"]) is None
+    assert await client.result("eth_getBlockReceipts", hex(2)) == [r2]
+
+    # The node itself has everything.
+    assert await direct.result("eth_blockNumber") == hex(3)
+    assert await direct.result("eth_getLogs", logs_query(3, 3)) == r3["logs"]
+    # Counted per call it answered differently, not per call it could have.
+    assert proxy.injected == {
+        ("lagging_backend", "eth_blockNumber"): 1, ("lagging_backend", "eth_getLogs"): 4,
+        ("lagging_backend", "eth_getBlockByNumber"): 2, ("lagging_backend", "eth_getBlockByHash"): 1,
+        ("lagging_backend", "eth_getTransactionReceipt"): 1, ("lagging_backend", "eth_getBlockReceipts"): 2,
+    }
+    assert proxy.hid("eth_getLogs", 3) and not proxy.hid("eth_getLogs", 2)
+    assert proxy.faults  # until cleared
+
+
+async def test_lagging_backend_rewrites_each_call_of_a_batch(node: Anvil, client: Client, proxy: FaultProxy) -> None:
+    _, r2, r3 = await three_logged_blocks(node)
+    proxy.inject(Fault("lagging_backend", lag=1, times=1))
+
+    batch = [
+        call("eth_getBlockByNumber", hex(2), False, id=1),
+        call("eth_getBlockByNumber", hex(3), False, id=2),
+        call("eth_getLogs", {"blockHash": r3["blockHash"]}, id=3),
+        call("eth_getLogs", {"blockHash": r2["blockHash"]}, id=4),
+        call("eth_chainId", id=5),
+        call("eth_getBlockByNumber", hex(3), True, id=6),
+    ]
+    answers = await client.json(batch)
+    assert [a["id"] for a in answers] == [1, 2, 3, 4, 5, 6]
+    assert answers[0]["result"]["hash"] == r2["blockHash"]
+    assert answers[1]["result"] is None and answers[5]["result"] is None
+    assert answers[2]["error"]["message"] == "unknown block"
+    assert answers[3]["result"] == r2["logs"]
+    assert answers[4]["result"] == "0x7a69"
+    assert {(h.method, h.blocks, h.batch) for h in proxy.hidden} == {
+        ("eth_getBlockByNumber", range(3, 4), 6), ("eth_getLogs", range(3, 4), 6)
+    }
+    # One HTTP request spent it.
+    assert not proxy.faults
+    assert (await client.result("eth_getBlockByNumber", hex(3), False))["hash"] == r3["blockHash"]
+
+
+async def test_lagging_logs_behind_an_honest_head_and_honest_headers(node: Anvil, client: Client, proxy: FaultProxy) -> None:
+    """The dangerous load balancer: eth_blockNumber and headers from an up-to-date backend, logs
+    from one a block behind, which clamps toBlock without saying so."""
+    r1, r2, r3 = await three_logged_blocks(node)
+    proxy.inject(Fault("lagging_backend", lag=1, methods=("eth_getLogs",)))
+
+    batch = [call("eth_blockNumber", id=1), call("eth_getBlockByNumber", hex(3), False, id=2)]
+    head, header = await client.json(batch)
+    assert head["result"] == hex(3) and header["result"]["hash"] == r3["blockHash"]
+    assert await client.result("eth_getLogs", logs_query(1, 3)) == r1["logs"] + r2["logs"]
+    assert await client.result("eth_getLogs", logs_query(3, 3)) == []
+    assert proxy.injected == {("lagging_backend", "eth_getLogs"): 2}
+
+    # It lags the moving head: one block later block 3 is there, block 4 is not.
+    r4 = await emit_log(node)
+    assert await client.result("eth_getLogs", logs_query(3, 4)) == r3["logs"]
+    assert proxy.hid("eth_getLogs", 4) and not proxy.hid("eth_getLogs", 3, kind="null_headers")
+    proxy.clear()
+    assert await client.result("eth_getLogs", logs_query(3, 4)) == r3["logs"] + r4["logs"]
+
+
+async def test_lagging_backend_only_for_the_calls_a_test_picks(node: Anvil, client: Client, proxy: FaultProxy) -> None:
+    """`only`: a load balancer routes some calls (here header-only blocks) to the lagging backend."""
+    *_, r3 = await three_logged_blocks(node)
+    proxy.inject(Fault("lagging_backend", lag=2, methods=("eth_getBlockByNumber",), only=lambda c: c["params"][1] is False))
+
+    batch = [call("eth_getBlockByNumber", hex(3), False, id=1), call("eth_getBlockByNumber", hex(3), True, id=2)]
+    header, full = await client.json(batch)
+    assert header["result"] is None
+    assert full["result"]["hash"] == r3["blockHash"] and len(full["result"]["transactions"]) == 1
+    assert proxy.injected == {("lagging_backend", "eth_getBlockByNumber"): 1}
+
+
+async def test_null_headers_for_the_newest_blocks_only(node: Anvil, client: Client, proxy: FaultProxy) -> None:
+    r1, r2, r3 = await three_logged_blocks(node)
+    proxy.inject(Fault("null_headers", count=2))  # blocks 2 and 3
+
+    batch = [call("eth_getBlockByNumber", hex(n), n == 3, id=n) for n in (1, 2, 3)]
+    answers = await client.json(batch)
+    assert answers[0]["result"]["hash"] == r1["blockHash"]
+    assert answers[1]["result"] is None and answers[2]["result"] is None
+    # Everything else is honest: the head, "latest", by hash, logs, receipts.
+    assert await client.result("eth_blockNumber") == hex(3)
+    assert (await client.result("eth_getBlockByNumber", "latest", False))["hash"] == r3["blockHash"]
+    assert (await client.result("eth_getBlockByHash", r3["blockHash"], False))["number"] == hex(3)
+    assert await client.result("eth_getLogs", logs_query(2, 3)) == r2["logs"] + r3["logs"]
+    assert await client.result("eth_getTransactionReceipt", r3["transactionHash"]) == r3
+    assert proxy.injected == {("null_headers", "eth_getBlockByNumber"): 2}
+    assert proxy.hid("eth_getBlockByNumber", 2) and proxy.hid("eth_getBlockByNumber", 3)
+
+
+async def test_null_headers_only_in_batches_of_at_least_min_batch(node: Anvil, client: Client, proxy: FaultProxy) -> None:
+    *_, r3 = await three_logged_blocks(node)
+    proxy.inject(Fault("null_headers", count=1, min_batch=2))
+
+    assert (await client.result("eth_getBlockByNumber", hex(3), False))["hash"] == r3["blockHash"]
+    [alone] = await client.json([call("eth_getBlockByNumber", hex(3), False, id=1)])
+    assert alone["result"]["hash"] == r3["blockHash"]
+    pair = await client.json([call("eth_getBlockByNumber", hex(n), False, id=n) for n in (2, 3)])
+    assert pair[0]["result"]["number"] == hex(2) and pair[1]["result"] is None
+    assert [(h.blocks, h.batch) for h in proxy.hidden] == [(range(3, 4), 2)]
+
+
+async def test_batch_cap_refuses_a_longer_batch_as_a_whole(client: Client, proxy: FaultProxy) -> None:
+    proxy.inject(Fault("batch_cap", cap=100))
+
+    at_cap = [call("eth_chainId", id=i) for i in range(100)]
+    assert [a["id"] for a in await client.json(at_cap)] == list(range(100))
+    assert await client.result("eth_chainId") == "0x7a69"
+    over = [call("eth_getBlockByNumber", hex(0), False, id=i) for i in range(101)]
+    status, body = await client.post(over)
+    # One JSON-RPC error object in place of the list, with HTTP 200: how providers refuse it.
+    assert status == 200
+    assert orjson.loads(body) == {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "batch size too large"}}
+    assert proxy.injected == {("batch_cap", None): 1}
+    assert proxy.requests["eth_getBlockByNumber"] == 101
+
+
+async def test_batch_cap_as_http_413_and_times_counts_refused_batches(client: Client, proxy: FaultProxy) -> None:
+    proxy.inject(Fault("batch_cap", cap=2, status=413, times=1))
+
+    assert len(await client.json([call("eth_chainId", id=1), call("eth_chainId", id=2)])) == 2  # not spent
+    status, _ = await client.post([call("eth_chainId", id=i) for i in range(3)])
+    assert status == 413
+    assert len(await client.json([call("eth_chainId", id=i) for i in range(3)])) == 3  # spent
+    assert proxy.injected == {("batch_cap", None): 1}
+
+
+def test_new_kinds_refuse_settings_that_would_never_fire() -> None:
+    for bad in (
+        dict(kind="rpc_error", methods=("eth_getLogs",)),
+        dict(kind="lagging_backend", methods=("eth_call",)),
+        dict(kind="lagging_backend", methods=()),
+        dict(kind="lagging_backend", method="eth_getLogs"),
+        dict(kind="null_headers", count=0),
+        dict(kind="batch_cap", cap=0),
+        dict(kind="null_headers", min_batch=0),
+        dict(kind="batch_cap", status=302),
+    ):
+        with pytest.raises(ValueError):
+            Fault(**bad)
+    assert Fault("rpc_error").code == -32005 and Fault("batch_cap").code == -32600
