@@ -14,7 +14,7 @@ import pytest
 from watcher.bloom import bloom_mask
 from watcher.chain import TRANSFER_TOPIC, BlockUnknown, FoundLogs, RpcError, address_topic
 from watcher.domain import BlockRef, Transfer
-from watcher.follower import ChainChanged, Follower, ReorgTooDeep
+from watcher.follower import ChainChanged, Follower, ReorgTooDeep, WrongChainFollowed
 from watcher.store import NewInvoice, OptionSpec, Store
 
 NET = "fake"
@@ -664,3 +664,21 @@ async def test_the_reorg_walk_pages_from_the_top_and_stops_at_the_first_match(st
     assert walk == [list(range(299, 291, -1))]
     assert all(len(r) <= 100 for r in chain.header_requests[before:])
     assert store.cursor(NET).hash == chain.blocks[-1].hash
+
+
+async def test_a_node_of_another_chain_found_while_following_stops_it_as_such(store):
+    """Defect 6 at run time: a failover to a node whose genesis differs from the one the
+    database recorded is not "a deep reorg": the chain stops and says what it is."""
+    chain = FakeChain()
+    inv_id, addr = invoice(store)
+    f = follower(chain, store)
+    chain.mine((addr, 100))
+    await catch_up(f)
+    store.remember_genesis(NET, chain.blocks[0].hash)
+    chain.salt = "another network"
+    chain.fork(-1)
+    for _ in range(4):
+        chain.mine()
+    with pytest.raises(WrongChainFollowed, match="another chain"):
+        await f.run_once()
+    assert store.get_payments(inv_id)[0]["status"] == "detected"

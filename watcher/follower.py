@@ -46,6 +46,10 @@ class ChainStopped(Exception):
     confirmed) and `/readyz` says why until a step succeeds again or an operator acts."""
 
 
+class WrongChainFollowed(ChainStopped):
+    """The node's genesis is not the one the database recorded: another chain entirely."""
+
+
 class ReorgTooDeep(ChainStopped):
     """The node has none of the blocks we remember: a reorg deeper than our window, or a
     node of another chain. Confirmed payments may be gone; a person must look."""
@@ -406,12 +410,28 @@ class Follower:
             start += len(ours)
             page = min(page * 2, self.max_batch)
         oldest = window[-1].number if window else cursor.number
+        await self._check_genesis()
         reason = (
             f"reorg deeper than the {len(window)} blocks remembered (blocks {oldest} to {cursor.number} all differ "
             "on the node): nothing on this chain is applied or confirmed until an operator acts"
         )
         log.error("reorg_deeper_than_window", network=self.network, tip=cursor.number, oldest=oldest, window=len(window))
         raise ReorgTooDeep(reason)
+
+    async def _check_genesis(self) -> None:
+        """After a reset test chain, or a failover to a node of another network with the same
+        chain id, nothing we hold matches: say that, not "a deep reorg"."""
+        stored = self.store.genesis_hash(self.network)
+        if stored is None:
+            return
+        [genesis] = await self.reader.headers([0])
+        if genesis is not None and genesis.hash != stored:
+            log.error("wrong_chain", network=self.network, stored_genesis=stored, node_genesis=genesis.hash)
+            raise WrongChainFollowed(
+                f"the node serves another chain: its genesis block is {genesis.hash}, this database's is {stored} "
+                "(a reset test chain, or another network with the same chain id); nothing on this chain is applied "
+                "until rpc_urls point at the right chain (and the daemon is restarted)"
+            )
 
     # ------------------------------------------------------------------ loop
 
@@ -463,6 +483,8 @@ def _failure_reason(exc: BaseException) -> str:
         return "tracer_missing"
     if isinstance(exc, ReorgTooDeep):
         return "reorg_too_deep"
+    if isinstance(exc, WrongChainFollowed):
+        return "wrong_chain"
     if isinstance(exc, (ChainChanged, BlockUnknown)):
         return "chain_changed"
     if isinstance(exc, (RpcError, OSError, asyncio.TimeoutError)):
