@@ -171,7 +171,7 @@ async def watcher(url: str, meta: dict[str, Any], store_template: str, expected:
         )
         follower = Follower(  # as Service.start builds it
             network=chain.name,
-            reader=JsonRpcReader(transport, metrics.rpc(chain.name)),
+            reader=JsonRpcReader(transport, metrics.rpc(chain.name), max_batch=chain.max_batch),
             store=store,
             tokens=[a.contract for a in chain.assets if a.kind == "erc20" and a.contract],
             confirmations=chain.confirmations,
@@ -182,6 +182,7 @@ async def watcher(url: str, meta: dict[str, Any], store_template: str, expected:
                 native=any(a.kind == "native" for a in chain.assets),
                 internal_transfers=chain.internal_transfers,
             ),
+            max_batch=chain.max_batch,
         )
         count = lambda sql: store.db.execute(sql).fetchone()[0]  # noqa: E731
         events_before = count("SELECT COUNT(*) FROM events")
