@@ -168,3 +168,13 @@ def m002_delivery_requeues(db: Database) -> None:
     # Counts redeliveries, so an attempt in flight when the operator re-queued its delivery
     # can tell (its attempt count alone may match: both 0) and leaves the new schedule alone.
     db.execute("ALTER TABLE deliveries ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0")
+
+
+@migrations()
+def m003_checkout_fields(db: Database) -> None:
+    # The hosted payment page (issue 11): where it sends the payer when done, and when the
+    # invoice last changed (every version bump); older invoices changed last at creation, as
+    # far as anyone can tell now.
+    db.execute("ALTER TABLE invoices ADD COLUMN redirect_url TEXT")
+    db.execute("ALTER TABLE invoices ADD COLUMN updated_at TEXT")
+    db.execute("UPDATE invoices SET updated_at = created_at")
