@@ -17,6 +17,7 @@ import math
 import time
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Awaitable, Callable, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import orjson
 import structlog
@@ -189,7 +190,13 @@ class CreateInvoiceIn(BaseModel):
     customer_id: ShortText | None = None
     customer_email: Annotated[str, Field(max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")] | None = None
     metadata: dict[str, Any] | None = None
+    redirect_url: Annotated[str, Field(max_length=2000)] | None = None
     draft: StrictBool = False
+
+    @field_validator("redirect_url")
+    @classmethod
+    def _redirect_url(cls, value: str | None) -> str | None:
+        return None if value is None else redirect_url_problem(value)
 
     @field_validator("amount", mode="before")
     @classmethod
@@ -258,6 +265,23 @@ class ResolveIn(BaseModel):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def redirect_url_problem(value: str) -> str:
+    """Where the payment page sends the payer: an absolute http(s) URL with a host, nothing a
+    browser would read another way (spaces, control characters) and no credentials (payers see it)."""
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError("must be an http(s) URL without spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        parts.port
+    except ValueError:
+        raise ValueError("must be a valid http(s) URL") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http or https URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not hold credentials (the payer's browser is sent there)")
+    return value
 
 
 def _reject_constant(name: str) -> Any:
@@ -667,7 +691,8 @@ def build_new_invoice(data: CreateInvoiceIn, invoicing: Invoicing, settings: Inv
     if data.draft:
         options = []
 
-    fields = {k: getattr(data, k) for k in ("product_name", "issued_by", "bill_to", "merchant_reference", "customer_id", "customer_email")}
+    fields = {k: getattr(data, k) for k in (
+        "product_name", "issued_by", "bill_to", "merchant_reference", "customer_id", "customer_email", "redirect_url")}
     return NewInvoice(
         amount=data.amount,
         currency=data.currency,

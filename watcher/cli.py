@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help=f"TOML config (default: $WATCHER_CONFIG, then {DEFAULT_CONFIG})")
     run.add_argument("--sandbox", action="store_true", help="run on an embedded test chain; needs no config and no node")
     run.add_argument("--listen", type=_listen, help="sandbox: HOST:PORT for the API (default 127.0.0.1:8080)")
+    run.add_argument("--checkout-listen", type=_listen, help="sandbox: HOST:PORT for the payment pages (default: the API's port + 1)")
     run.add_argument("--block-time", type=_block_time, default=2.0, help="sandbox: seconds between blocks (default 2; 0: only on /v1/sandbox/mine)")
     run.add_argument("--webhook-url", action="append", default=[], help="sandbox: send webhooks here (repeatable)")
     run.add_argument("--database", help="sandbox: SQLite file (default: a new temporary file)")
@@ -145,10 +146,17 @@ def _run(settings: Settings, **service_args: object) -> int:
     return EXIT_OK
 
 
+def _next_port(listen: str) -> str:
+    """The sandbox's payment pages: beside the API, on the next port."""
+    host, _, port = listen.rpartition(":")
+    return f"{host}:{int(port) + 1 if int(port) < 65535 else int(port) - 1}"
+
+
 def _run_sandbox(args: argparse.Namespace) -> int:
     from .sandbox import SandboxChain, claim_database, new_api_key, new_webhook_secret, sandbox_settings_data
 
     listen = args.listen or "127.0.0.1:8080"
+    checkout_listen = args.checkout_listen or _next_port(listen)
     api_key = os.environ.get("WATCHER_API_KEY") or new_api_key()
     secret = new_webhook_secret()
     database = args.database or str(Path(tempfile.mkdtemp(prefix="watcher-sandbox-")) / "watcher.db")
@@ -160,6 +168,7 @@ def _run_sandbox(args: argparse.Namespace) -> int:
             "database": database,
             "log_level": "info",
             "http": {"listen": listen, "api_key_env": "WATCHER_API_KEY"},
+            "checkout": {"listen": checkout_listen, "public_base_url": f"http://{checkout_listen}", "brand_name": "Sandbox Shop"},
             "webhooks": [{"url": url, "secret_env": "WATCHER_WEBHOOK_SECRET"} for url in args.webhook_url],
             "chains": [sandbox_settings_data(chain, poll_interval=min(max(args.block_time / 4, 0.1), 2.0))],
         },
@@ -168,6 +177,7 @@ def _run_sandbox(args: argparse.Namespace) -> int:
     print(
         "watcher sandbox\n"
         f"  API base URL:   http://{listen}/v1\n"
+        f"  payment pages:  http://{checkout_listen}/pay/<invoice id> (each invoice's checkout_url)\n"
         f"  API key:        {api_key}\n"
         f"  webhook secret: {secret}\n"
         f"  webhook URLs:   {', '.join(args.webhook_url) or '(none; add --webhook-url URL)'}\n"

@@ -26,7 +26,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, Strict, Vali
 from watcher.addresses import normalize_address, parse_xpub, to_checksum
 from watcher.domain import DECIMAL_TEXT, usd_rate_problem
 
-__all__ = ["AssetSettings", "ChainSettings", "ConfigError", "HttpSettings", "InvoiceSettings",
+__all__ = ["AssetSettings", "ChainSettings", "CheckoutSettings", "ConfigError", "HttpSettings", "InvoiceSettings",
            "Settings", "WebhookSettings", "describe", "load_settings", "settings_from_dict",
            "strip_credentials"]
 
@@ -311,6 +311,40 @@ class HttpSettings(BaseModel):
         return _split_listen(self.listen)[1]
 
 
+def _public_base_url(value: Any) -> str:
+    """Where payers reach the page: http(s), a host, no credentials, query or fragment, and
+    no trailing slash (`checkout_url` appends `/pay/{id}`)."""
+    url = _url(value, ("http", "https"))
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not hold credentials: payers see it")
+    if parts.query or parts.fragment:
+        raise ValueError("must have no query or fragment (checkout URLs append /pay/<invoice id>)")
+    return url.rstrip("/")
+
+
+class CheckoutSettings(BaseModel):
+    """The hosted payment page: its own public listener, and the URL payers reach it by."""
+
+    model_config = _MODEL
+    listen: Annotated[str, PlainValidator(_listen)]
+    public_base_url: Annotated[str, PlainValidator(_public_base_url)]
+    brand_name: Annotated[str, Field(min_length=1, max_length=120)] | None = None
+    # Live status streams (Server-Sent Events): at most this many open at once, and per
+    # invoice, each closed after this long (the page reconnects and resumes).
+    max_streams: Annotated[StrictInt, Field(ge=1, le=100_000)] = 10_000
+    max_streams_per_invoice: Annotated[StrictInt, Field(ge=1, le=1000)] = 20
+    stream_timeout_seconds: Annotated[StrictInt, Field(ge=10, le=86_400)] = 1800
+
+    @property
+    def host(self) -> str:
+        return _split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return _split_listen(self.listen)[1]
+
+
 class InvoiceSettings(BaseModel):
     """Defaults applied to new invoices."""
 
@@ -327,6 +361,7 @@ class Settings(BaseModel):
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     http: HttpSettings = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
+    checkout: CheckoutSettings | None = None
     invoices: InvoiceSettings = Field(default_factory=InvoiceSettings)
     webhooks: tuple[WebhookSettings, ...] = ()
     chains: Annotated[tuple[ChainSettings, ...], Field(min_length=1)]
@@ -339,6 +374,9 @@ class Settings(BaseModel):
         # One delivery per event and URL: the same URL twice would ask for two, with two secrets.
         if dup := _first_duplicate([w.url for w in self.webhooks]):
             raise _KeyedError(f"duplicate url (also webhooks[{dup[1]}])", "webhooks", dup[0], "url")
+        # The page's listener is public: sharing the API's would expose /v1 and /metrics to payers.
+        if self.checkout is not None and _split_listen(self.checkout.listen) == _split_listen(self.http.listen):
+            raise _KeyedError("must differ from http.listen (the API is not public)", "checkout", "listen")
         return self
 
 
@@ -428,6 +466,12 @@ def describe(settings: Settings) -> str:
         f"invoices: expire after {inv.default_expiry_minutes} min, "
         f"tolerance {inv.payment_tolerance_percent}%",
     ]
+    if settings.checkout is not None:
+        c = settings.checkout
+        lines.append(f"checkout: listen {c.listen}, pages at {c.public_base_url}/pay/<invoice id>"
+                     + (f", brand {c.brand_name!r}" if c.brand_name else ""))
+    else:
+        lines.append("checkout: none (invoices have no checkout_url)")
     for chain in settings.chains:
         lines.append(f"chain {chain.name} (chain id {chain.chain_id})")
         lines.append("  rpc: " + ", ".join(strip_credentials(u) for u in chain.rpc_urls))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from functools import lru_cache
-import os
+import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import ROUND_DOWN, Decimal, localcontext
@@ -490,8 +490,10 @@ _CROCKFORD_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
 def new_id(prefix: str, now_ms: int, randomness: bytes | None = None) -> str:
     """A ULID with a type prefix: sortable by creation time, unguessable.
 
-    The time comes from the caller's clock; the randomness, unless given, from the OS."""
-    rand = os.urandom(10) if randomness is None else randomness
+    The time comes from the caller's clock; the randomness, unless given, from `secrets` (the
+    OS's CSPRNG): an invoice id is the only key to its public payment page, so its 80 random
+    bits must be unguessable, never `random`'s."""
+    rand = secrets.token_bytes(10) if randomness is None else randomness
     value = (now_ms << 80) | int.from_bytes(rand, "big")
     # 26 characters, two at a time (10 bits) from a table: ids are made for every event.
     return prefix + "_" + "".join([_CROCKFORD_PAIRS[(value >> shift) & 1023] for shift in range(120, -10, -10)])

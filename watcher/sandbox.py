@@ -9,8 +9,11 @@ thread-safe, and mining must not stall the event loop that serves the API.
 from __future__ import annotations
 
 import asyncio
+<<<<<<< HEAD
 import math
 import os
+=======
+>>>>>>> main
 import secrets
 import sqlite3
 import time
@@ -32,7 +35,11 @@ from .api import Problem, invalid, json_response, read_json
 from .domain import DECIMAL_TEXT
 from . import schemas
 from .chain import METHOD_NOT_FOUND, RpcError
+<<<<<<< HEAD
 from .config import ConfigError
+=======
+from .checkout.public import remaining_atomic
+>>>>>>> main
 from .contracts import load_artifact
 from .openapi import Operation
 from .store import Store
@@ -335,47 +342,52 @@ def new_webhook_secret() -> str:
 # --------------------------------------------------------------------------- routes
 
 
+async def pay_invoice(chain: SandboxChain, store: Store, invoice_id: str, body: dict) -> str:
+    """A real payment of one of the invoice's options from the sandbox payer (the pay route's
+    work, also behind the payment page's "simulate payment" button); raises Problem."""
+    unknown = set(body) - {"payment_option_id", "amount"}
+    if unknown:
+        raise invalid(sorted(unknown)[0], "unknown field")
+    invoice = store.get_invoice(invoice_id)
+    if invoice is None:
+        raise Problem(404, "Not found", f"no invoice {invoice_id!r}", slug="not-found")
+    options = invoice["payment_options"]
+    option_id = body.get("payment_option_id")
+    if option_id is not None and not isinstance(option_id, str):
+        raise invalid("payment_option_id", "must be a string")
+    if not options:
+        raise Problem(409, "Conflict", "the invoice has no payment option to pay", slug="state-conflict")
+    option = options[0] if option_id is None else next((o for o in options if o["id"] == option_id), None)
+    if option is None:
+        raise invalid("payment_option_id", "is not an option of this invoice")
+    funds = PAYER_FUNDS if option["token_contract"] else NATIVE_FUNDS
+    if "amount" in body:
+        atomic = _units_to_atomic(body["amount"], option["decimals"], funds)
+    else:
+        atomic = remaining_atomic(invoice, option)
+        if atomic <= 0:
+            raise Problem(409, "Conflict", "nothing remains to be paid; give an amount to pay more", slug="state-conflict")
+        if atomic > funds:
+            raise Problem(409, "Conflict", "what remains is more than the sandbox payer holds; give a smaller amount",
+                          slug="state-conflict")
+    try:
+        if option["rail"] == "contract":
+            tx = await chain.run(chain.pay_router, {**option["contract_call"], "amount": str(atomic)})
+        elif option["token_contract"]:
+            tx = await chain.run(chain.transfer_token, option["token_contract"].lower(), option["destination_address"], atomic)
+        else:
+            tx = await chain.run(chain.transfer_native, option["destination_address"], atomic)
+    except EthTesterValidationError as exc:  # e.g. the payer's balance is spent: the chain refuses
+        raise Problem(409, "Conflict", f"the sandbox chain refused the payment: {exc}", slug="state-conflict") from None
+    return tx
+
+
 def add_sandbox_routes(app: web.Application, chain: SandboxChain, store: Store, on_mined: Callable[[], None]) -> None:
     async def pay(request: web.Request) -> web.Response:
-        invoice_id = request.match_info["id"]
         body = await read_json(request, required=False)
         if not isinstance(body, dict):
             raise invalid("body", "must be a JSON object")
-        unknown = set(body) - {"payment_option_id", "amount"}
-        if unknown:
-            raise invalid(sorted(unknown)[0], "unknown field")
-        invoice = store.get_invoice(invoice_id)
-        if invoice is None:
-            raise Problem(404, "Not found", f"no invoice {invoice_id!r}", slug="not-found")
-        options = invoice["payment_options"]
-        option_id = body.get("payment_option_id")
-        if option_id is not None and not isinstance(option_id, str):
-            raise invalid("payment_option_id", "must be a string")
-        if not options:
-            raise Problem(409, "Conflict", "the invoice has no payment option to pay", slug="state-conflict")
-        option = options[0] if option_id is None else next((o for o in options if o["id"] == option_id), None)
-        if option is None:
-            raise invalid("payment_option_id", "is not an option of this invoice")
-        funds = PAYER_FUNDS if option["token_contract"] else NATIVE_FUNDS
-        if "amount" in body:
-            atomic = _units_to_atomic(body["amount"], option["decimals"], funds)
-        else:
-            atomic = _remaining_atomic(invoice, option)
-            if atomic <= 0:
-                raise Problem(409, "Conflict", "nothing remains to be paid; give an amount to pay more", slug="state-conflict")
-            if atomic > funds:
-                raise Problem(409, "Conflict", "what remains is more than the sandbox payer holds; give a smaller amount",
-                              slug="state-conflict")
-        try:
-            if option["rail"] == "contract":
-                tx = await chain.run(chain.pay_router, {**option["contract_call"], "amount": str(atomic)})
-            elif option["token_contract"]:
-                tx = await chain.run(chain.transfer_token, option["token_contract"].lower(), option["destination_address"], atomic)
-            else:
-                tx = await chain.run(chain.transfer_native, option["destination_address"], atomic)
-        except EthTesterValidationError as exc:  # e.g. the payer's balance is spent: the chain refuses
-            raise Problem(409, "Conflict", f"the sandbox chain refused the payment: {exc}", slug="state-conflict") from None
-        return json_response({"transaction_hash": tx})
+        return json_response({"transaction_hash": await pay_invoice(chain, store, request.match_info["id"], body)})
 
     async def mine(request: web.Request) -> web.Response:
         body = await read_json(request, required=False)
@@ -425,15 +437,3 @@ def _units_to_atomic(value: Any, decimals: int, funds_atomic: int) -> int:
     if atomic.denominator != 1:
         raise invalid("amount", f"has more than {decimals} decimal places")
     return int(atomic)
-
-
-def _remaining_atomic(invoice: dict, option: dict) -> int:
-    """What is left to pay, in this option's atomic units (rounded up)."""
-    amounts = {o["id"]: int(o["amount_atomic"]) for o in invoice["payment_options"]}
-    paid = sum(
-        (Fraction(int(p["amount_atomic"]), amounts[p["payment_option_id"]])
-         for p in invoice["payments"]
-         if p["role"] == "counted" and p["status"] != "reverted" and p["payment_option_id"] in amounts),
-        Fraction(0),
-    )
-    return math.ceil((1 - paid) * int(option["amount_atomic"]))

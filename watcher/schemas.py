@@ -140,8 +140,11 @@ class Invoice(_Out):
     payment_options: list[PaymentOption]
     payments: list[Payment]
     payment_timing: PaymentTiming
+    checkout_url: str | None = Field(description="the hosted payment page; null without [checkout]")
+    redirect_url: str | None = Field(description="where the payment page sends the payer when done")
     version: int
     created_at: Timestamp
+    updated_at: Timestamp = Field(description="the last change (every version bump)")
     paid_at: Timestamp | None
     confirmed_at: Timestamp | None
     cancelled_at: Timestamp | None

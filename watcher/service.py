@@ -19,6 +19,7 @@ from aiohttp import web
 
 from . import __version__
 from .api import INVOICE_OPERATIONS, make_app
+from .checkout import Feed, make_checkout_app
 from .chain import ChainReader, HttpTransport, JsonRpcReader, RpcError, Transport
 from .config import ChainSettings, ConfigError, Settings, load_settings, strip_credentials
 from .chain.failover import FailoverTransport
@@ -102,6 +103,9 @@ class Service:
         self._transports: list[Transport] = []
         self._tasks: list[asyncio.Task] = []
         self._runner: web.AppRunner | None = None
+        self._checkout_runner: web.AppRunner | None = None
+        self.feed: Feed | None = None
+        self.checkout_url = ""  # where the public listener answers (its own address, not public_base_url)
         self._scheduler = None
         self.base_url = ""
         self.notifier = Notifier()
@@ -254,6 +258,8 @@ class Service:
         await site.start()
         host, port = self._runner.addresses[0][:2]
         self.base_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        if s.checkout is not None:
+            await self._start_checkout(store)
 
         for follower in self.followers.values():
             self._tasks.append(asyncio.create_task(follower.run(self.stopping), name=f"follower:{follower.network}"))
@@ -268,6 +274,32 @@ class Service:
         self._tasks.append(asyncio.create_task(self._report_health(), name="health"))
         log.info("watcher_started", version=__version__, api=self.base_url, chains=[c.name for c in s.chains],
                  webhooks=len(s.webhooks), sandbox=self.sandbox is not None)
+
+    async def _start_checkout(self, store: Store) -> None:
+        """The payment page on its own public listener: the page, its feed and its assets only."""
+        checkout = self.settings.checkout
+        assert checkout is not None
+        store.checkout_base_url = checkout.public_base_url
+        self.feed = feed = Feed(store, max_streams=checkout.max_streams, max_per_invoice=checkout.max_streams_per_invoice,
+                                timeout=checkout.stream_timeout_seconds)
+        store.outbox.event_listeners.append(feed.invoice_changed)
+        store.block_listeners.append(feed.blocks_applied)
+        sandbox_pay = None
+        if self.sandbox is not None:
+            from .sandbox import pay_invoice
+
+            sandbox = self.sandbox
+
+            async def sandbox_pay(invoice_id: str, option_id: str | None) -> str:
+                return await pay_invoice(sandbox, store, invoice_id, {"payment_option_id": option_id} if option_id else {})
+
+        app = make_checkout_app(store, checkout, feed, sandbox_pay=sandbox_pay, clock=self.clock)
+        self._checkout_runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        await self._checkout_runner.setup()
+        await web.TCPSite(self._checkout_runner, checkout.host, checkout.port).start()
+        host, port = self._checkout_runner.addresses[0][:2]
+        self.checkout_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        log.info("checkout_started", listen=self.checkout_url, public_base_url=checkout.public_base_url)
 
     def status_line(self) -> str:
         """Each chain's lag behind its head, for systemctl status."""
@@ -314,6 +346,11 @@ class Service:
     async def stop(self, timeout: float = 10.0) -> None:
         self.notifier.stopping()
         self.stopping.set()
+        if self.feed is not None:
+            self.feed.close()  # live status streams end now, not at the server's shutdown timeout
+        if self._checkout_runner is not None:
+            await self._checkout_runner.cleanup()
+            self._checkout_runner = None
         if self._runner is not None:
             # Stop taking requests first (in-flight ones finish), then the loops.
             await self._runner.cleanup()

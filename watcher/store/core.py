@@ -98,6 +98,10 @@ class Store:
         self.db.execute("PRAGMA busy_timeout=5000")
         migrations.apply(self.db)
         self.clock = clock
+        # `[checkout] public_base_url`: every invoice view then has its `checkout_url`.
+        self.checkout_base_url: str | None = None
+        # Told each network whose blocks were applied (confirmations moved), after the commit.
+        self.block_listeners: list[Callable[[str], None]] = []
         self.outbox = Outbox(self.db, clock)
         self._tips: dict[str, int] = {
             r["network"]: r["block_number"] for r in self._q("SELECT network, block_number FROM cursors")
@@ -165,6 +169,8 @@ class Store:
                     "request": orjson.dumps(new.request).decode(),
                     "version": 0,
                     "created_at": now,
+                    "updated_at": now,
+                    "redirect_url": new.fields.get("redirect_url"),
                     "search_text": search_text([invoice_id, *(new.fields.get(k) for k in SEARCH_FIELDS)]),
                 }
             )
@@ -253,7 +259,7 @@ class Store:
         options = self._q(
             "SELECT * FROM payment_options WHERE invoice_id = ? AND active = 1 ORDER BY position", [invoice_id]
         )
-        return invoice_view(row, options, self._payments(invoice_id))
+        return invoice_view(row, options, self._payments(invoice_id), self.checkout_base_url)
 
     def _filter_clause(self, filters: dict[str, Any]) -> tuple[list[str], list[Any]]:
         """The list's filters as SQL conditions on `invoices` (for the list, the export and the stats)."""
@@ -482,6 +488,7 @@ class Store:
         if new_payments:
             changes["last_payment_observed_at"] = now
         changes["version"] = row["version"] + 1
+        changes["updated_at"] = now
         sets = ", ".join(f"{k} = ?" for k in changes)
         self.db.execute(f"UPDATE invoices SET {sets} WHERE id = ?", [*changes.values(), invoice_id])
 
@@ -722,6 +729,8 @@ class Store:
                 if self._rejudge(invoice_id, new_payments=touched.get(invoice_id, ())):
                     result.invoices_changed += 1
             result.events = self.outbox.event_count() - events_before
+        for listener in self.block_listeners:
+            listener(network)
         return result
 
     def _expiry_candidates(self, network: str, chain_time: int) -> set[str]:

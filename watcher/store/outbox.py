@@ -55,6 +55,9 @@ class Outbox:
         self.on_delivery_queued: Callable[[], None] | None = None
         # (network, role) of each payment reported since the last take_reported_payments().
         self._reported_payments: list[tuple[str, str]] = []
+        # Told the invoice id of each event as it is appended (inside its transaction): the
+        # payment page's live feed reads the invoice once that transaction is over.
+        self.event_listeners: list[Callable[[str], None]] = []
 
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
         self.endpoints = tuple(endpoints)
@@ -85,6 +88,8 @@ class Outbox:
             "INSERT INTO events(id, type, invoice_id, created_at, body) VALUES (?,?,?,?,?)",
             [event_id, event_type, invoice["id"], created_at, body],
         )
+        for listener in self.event_listeners:
+            listener(invoice["id"])
         if event_type == "invoice.payment_detected" and payment is not None:
             self._reported_payments.append((payment["network"], payment["role"]))
         for endpoint in self.endpoints:
@@ -103,6 +108,15 @@ class Outbox:
         called before one, it drops what a rolled-back transaction had reported."""
         taken, self._reported_payments = self._reported_payments, []
         return taken
+
+    def event_marks(self, invoice_id: str, since: int | None = None) -> tuple[int, list[str]]:
+        """(sequence number of the invoice's latest event, or 0; the types of its events after
+        `since`, oldest first): where a live status stream stands, and what a resuming one missed."""
+        latest = self._q1("SELECT COALESCE(MAX(seq), 0) AS n FROM events WHERE invoice_id = ?", [invoice_id])["n"]
+        if since is None or since >= latest:
+            return latest, []
+        rows = self._q("SELECT type FROM events WHERE invoice_id = ? AND seq > ? ORDER BY seq", [invoice_id, since])
+        return latest, [r["type"] for r in rows]
 
     def events_for(self, invoice_id: str) -> list[dict]:
         return [

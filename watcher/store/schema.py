@@ -172,12 +172,22 @@ def m002_delivery_requeues(db: Database) -> None:
     db.execute("ALTER TABLE deliveries ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0")
 
 
-# The table-level constraint m001 put on `payments`; m003 replaces it with a partial index.
+@migrations()
+def m003_checkout_fields(db: Database) -> None:
+    # The hosted payment page (issue 11): where it sends the payer when done, and when the
+    # invoice last changed (every version bump); older invoices changed last at creation, as
+    # far as anyone can tell now.
+    db.execute("ALTER TABLE invoices ADD COLUMN redirect_url TEXT")
+    db.execute("ALTER TABLE invoices ADD COLUMN updated_at TEXT")
+    db.execute("UPDATE invoices SET updated_at = created_at")
+
+
+# The table-level constraint m001 put on `payments`; m004 replaces it with a partial index.
 _PAYMENT_KEY_CONSTRAINT = re.compile(r",\s*UNIQUE\s*\(\s*network\s*,\s*tx_hash\s*,\s*log_key\s*\)", re.IGNORECASE)
 
 
 @migrations()
-def m003_payment_identity(db: Database) -> None:
+def m004_payment_identity(db: Database) -> None:
     # A re-included transaction's logs may move (another log lands before them), so a revived
     # payment takes a new log key that a reverted row of the same transaction may still hold:
     # only live rows need a unique (network, tx, log key). SQLite cannot drop a table
@@ -186,7 +196,7 @@ def m003_payment_identity(db: Database) -> None:
     table_sql = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'payments'").fetchone()[0]
     new_sql, found = _PAYMENT_KEY_CONSTRAINT.subn("", table_sql)
     if found != 1:
-        raise RuntimeError(f"m003_payment_identity: unexpected payments table: {table_sql}")
+        raise RuntimeError(f"m004_payment_identity: unexpected payments table: {table_sql}")
     indexes = [
         r[0] for r in db.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'payments' AND sql IS NOT NULL")
     ]
@@ -202,7 +212,7 @@ def m003_payment_identity(db: Database) -> None:
 
 
 @migrations()
-def m004_chain_genesis(db: Database) -> None:
+def m005_chain_genesis(db: Database) -> None:
     # Each chain's block 0, recorded the first time it is followed: a node whose genesis differs
     # serves another chain under the same chain id (a reset test chain, another network).
     db.execute(

@@ -82,7 +82,10 @@ def invoice_confirmations(payments: list[dict]) -> int:
     return min(counted) if counted else 0
 
 
-def invoice_view(row: Mapping[str, Any], options: list[Mapping[str, Any]], payments: list[dict]) -> dict:
+def invoice_view(
+    row: Mapping[str, Any], options: list[Mapping[str, Any]], payments: list[dict], checkout_base_url: str | None = None
+) -> dict:
+    """`checkout_base_url`: `[checkout] public_base_url`, or None without a payment page."""
     return {
         "id": row["id"],
         "status": row["status"],
@@ -101,8 +104,11 @@ def invoice_view(row: Mapping[str, Any], options: list[Mapping[str, Any]], payme
         "payment_options": [option_view(o) for o in options],
         "payments": payments,
         "payment_timing": orjson.loads(row["payment_timing"]),
+        "checkout_url": f"{checkout_base_url}/pay/{row['id']}" if checkout_base_url else None,
+        "redirect_url": row["redirect_url"],
         "version": row["version"],
         "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
         "paid_at": row["paid_at"],
         "confirmed_at": row["confirmed_at"],
         "cancelled_at": row["cancelled_at"],

@@ -1,0 +1,275 @@
+"""The public listener: the payment page, its status feed and its own assets, nothing else.
+
+It reads invoices through the store (never through the API's handlers) and shows only what
+`public.py` picks. Every answer carries a strict Content-Security-Policy: the page loads its
+CSS and script from this listener and nothing from any other origin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.resources import files
+from typing import Any, Awaitable, Callable
+from urllib.parse import urlencode
+
+import jinja2
+import orjson
+import structlog
+from aiohttp import web
+
+from ..config import CheckoutSettings
+from ..addresses import to_checksum
+from ..store import Store
+from .feed import Feed
+from .i18n import LANGUAGES, negotiate, translator
+from .public import PAYABLE, amount_text, payment_uri_for, public_status, remaining_atomic
+from .qr import qr_svg
+from .wallet import wallet_steps
+
+log = structlog.get_logger("watcher.checkout")
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=(), payment=()",
+}
+INVOICE_ID = re.compile(r"^inv_[0-9A-HJKMNP-TV-Z]{26}$")
+STATIC = {"checkout.css": "text/css", "checkout.js": "text/javascript", "favicon.svg": "image/svg+xml"}
+# Strings the script shows (wallet steps and refusals, copy feedback, the countdown's end).
+SCRIPT_STRINGS = [
+    "copied", "copy_failed", "time_up", "wallet_connecting", "wallet_switching", "wallet_approving",
+    "wallet_waiting_approval", "wallet_paying", "wallet_sent", "err_rejected", "err_unknown_chain", "err_pending",
+    "err_unauthorized", "err_no_account", "err_approval_failed", "err_other", "redirect_note",
+]
+
+# Does a simulated payment for the sandbox: (invoice id, option id or None).
+SandboxPay = Callable[[str, str | None], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Asset:
+    body: bytes
+    content_type: str
+    version: str
+
+
+def _load_assets() -> dict[str, Asset]:
+    assets = {}
+    for name, content_type in STATIC.items():
+        body = files(__package__).joinpath("static", name).read_bytes()
+        assets[name] = Asset(body, content_type, hashlib.sha256(body).hexdigest()[:12])
+    return assets
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader(__package__, "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=False,
+    )
+
+
+def _time_left(seconds: int) -> str:
+    """Server-rendered countdown (the script ticks it on): H:MM:SS, with days when far off."""
+    seconds = max(seconds, 0)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    clock = f"{hours}:{minutes:02}:{secs:02}" if hours else f"{minutes:02}:{secs:02}"
+    return f"{days} d {hours:02}:{minutes:02}:{secs:02}" if days else clock
+
+
+def _json_for_script(value: Any) -> str:
+    """JSON safe inside <script type="application/json">: no `</script>` can end it early."""
+    return orjson.dumps(value).decode().replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def make_checkout_app(
+    store: Store,
+    settings: CheckoutSettings,
+    feed: Feed,
+    *,
+    sandbox_pay: SandboxPay | None = None,
+    clock: Callable[[], float] = time.time,
+) -> web.Application:
+    env = _environment()
+    page_template = env.get_template("page.html")
+    not_found_template = env.get_template("not_found.html")
+    assets = _load_assets()
+    asset_urls = {"css": f"/pay/static/checkout.css?v={assets['checkout.css'].version}",
+                  "js": f"/pay/static/checkout.js?v={assets['checkout.js'].version}",
+                  "icon": f"/pay/static/favicon.svg?v={assets['favicon.svg'].version}"}
+    brand = settings.brand_name
+
+    def language(request: web.Request) -> str:
+        return negotiate(request.query.get("lang"), request.headers.get("Accept-Language"))
+
+    def html(body: str, status: int, lang: str) -> web.Response:
+        return web.Response(body=body.encode(), status=status, content_type="text/html", charset="utf-8",
+                            headers={"Content-Language": lang, "Cache-Control": "no-store",
+                                     "Vary": "Accept-Language"})
+
+    def not_found(request: web.Request) -> web.Response:
+        lang = language(request)
+        body = not_found_template.render(t=translator(lang), lang=lang, brand=brand, assets=asset_urls)
+        return html(body, 404, lang)
+
+    def shown_invoice(request: web.Request) -> dict | None:
+        """The invoice a payer may see: drafts are as unknown as ids that never existed."""
+        invoice_id = request.match_info["id"]
+        if not INVOICE_ID.fullmatch(invoice_id):
+            return None
+        invoice = store.get_invoice(invoice_id)
+        if invoice is None or invoice["status"] == "draft":
+            return None
+        return invoice
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except web.HTTPNotFound:
+            response = not_found(request)
+        except web.HTTPMethodNotAllowed as exc:
+            response = web.Response(status=405, text="method not allowed", headers={"Allow": ", ".join(sorted(exc.allowed_methods))})
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = web.Response(status=exc.status, text=exc.reason)
+        except Exception:
+            log.exception("checkout_request_failed", method=request.method, path=request.path)
+            response = web.Response(status=500, text="the page could not be shown; try again in a moment")
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    def page_url(invoice_id: str, lang: str | None, option_id: str | None) -> str:
+        query = {k: v for k, v in (("option", option_id), ("lang", lang)) if v}
+        return f"/pay/{invoice_id}" + (f"?{urlencode(query)}" if query else "")
+
+    async def page(request: web.Request) -> web.Response:
+        invoice = shown_invoice(request)
+        if invoice is None:
+            return not_found(request)
+        lang = language(request)
+        chosen_lang = request.query.get("lang") if request.query.get("lang") in LANGUAGES else None
+        t = translator(lang)
+        status = public_status(invoice)
+        screen = status["screen"]
+        options = invoice["payment_options"]
+        wanted = request.query.get("option")
+        option = next((o for o in options if o["id"] == wanted), options[0] if options else None)
+        summary = status["payment_summary"]
+        messages = {
+            "amount": status["amount"], "currency": status["currency"], "received": summary["received_amount"],
+            "remaining": summary["remaining_amount"], "overpaid": summary["overpaid_amount"],
+            "n": min(status["confirmations"], status["required_confirmations"]), "m": status["required_confirmations"],
+        }
+        payable = screen in PAYABLE
+        shown_option = None
+        data: dict[str, Any] = {
+            "id": invoice["id"], "screen": screen, "version": status["version"], "confirmations": status["confirmations"],
+            "status_url": f"/pay/{invoice['id']}/status", "events_url": f"/pay/{invoice['id']}/events",
+            "redirect_to": status["redirect_to"], "strings": t.strings(SCRIPT_STRINGS), "wallet": None,
+        }
+        if payable and option is not None:
+            atomic = remaining_atomic(invoice, option) if screen == "partial" else int(option["amount_atomic"])
+            uri = payment_uri_for(option, atomic)
+            shown_option = {
+                "id": option["id"], "asset": option["asset"], "network": option["network"], "chain_id": option["chain_id"],
+                "rail": option["rail"], "amount": amount_text(option, atomic), "uri": uri,
+                "address": to_checksum(option["contract_call"]["router"]) if option["rail"] == "contract" else option["destination_address"],
+                "two_steps": option["rail"] == "contract" and option["token_contract"] is not None,
+                "qr": qr_svg(uri, t("qr_label")),
+            }
+            data["wallet"] = {
+                "chain_id": option["chain_id"], "network": option["network"],
+                "steps": wallet_steps(option, atomic),
+            }
+        deadline = None
+        until = invoice["payment_timing"].get("payable_until")
+        if until:
+            unix = store_time(until)
+            deadline = {"iso": until, "unix": unix, "left": _time_left(unix - int(clock())),
+                        "text": until.replace("T", " ")[:16] + " UTC"}
+        body = page_template.render(
+            t=t, lang=lang, brand=brand or invoice.get("issued_by"), product=invoice.get("product_name"),
+            assets=asset_urls, screen=screen, status=status, messages=messages, payable=payable, deadline=deadline,
+            option=shown_option,
+            options=[{"id": o["id"], "asset": o["asset"], "network": o["network"], "rail": o["rail"],
+                      "current": option is not None and o["id"] == option["id"],
+                      "href": page_url(invoice["id"], chosen_lang, o["id"])} for o in options],
+            languages=[{"code": code, "name": translator(code)("lang_name"), "current": code == lang,
+                        "href": page_url(invoice["id"], code, option["id"] if option and wanted else None)}
+                       for code in LANGUAGES],
+            refresh_href=page_url(invoice["id"], chosen_lang, wanted if option and wanted else None),
+            sandbox=sandbox_pay is not None,
+            simulate_action=f"/pay/{invoice['id']}/simulate" + (f"?lang={chosen_lang}" if chosen_lang else ""),
+            data_json=_json_for_script(data),
+        )
+        return html(body, 200, lang)
+
+    async def status_json(request: web.Request) -> web.Response:
+        invoice = shown_invoice(request)
+        if invoice is None:
+            return web.json_response({"error": "not_found", "detail": "no such payment page"}, status=404)
+        return web.Response(body=orjson.dumps(public_status(invoice)), content_type="application/json",
+                            headers={"Cache-Control": "no-store"})
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        invoice = shown_invoice(request)
+        if invoice is None:
+            return web.json_response({"error": "not_found", "detail": "no such payment page"}, status=404)
+        return await feed.serve(request, invoice["id"])
+
+    async def static(request: web.Request) -> web.Response:
+        asset = assets.get(request.match_info["name"])
+        if asset is None:
+            return not_found(request)
+        cache = "public, max-age=31536000, immutable" if request.query.get("v") == asset.version else "no-cache"
+        return web.Response(body=asset.body, content_type=asset.content_type, charset="utf-8",
+                            headers={"Cache-Control": cache, "ETag": f'"{asset.version}"'})
+
+    async def simulate(request: web.Request) -> web.Response:
+        assert sandbox_pay is not None
+        invoice = shown_invoice(request)
+        if invoice is None:
+            return not_found(request)
+        form = await request.post()
+        option_id = form.get("payment_option_id")
+        try:
+            await sandbox_pay(invoice["id"], option_id if isinstance(option_id, str) and option_id else None)
+        except Exception as exc:  # a refused payment is shown by the page's unchanged state; say why in the log
+            log.warning("sandbox_simulate_refused", invoice_id=invoice["id"], error=str(exc))
+        lang = request.query.get("lang") if request.query.get("lang") in LANGUAGES else None
+        raise web.HTTPSeeOther(page_url(invoice["id"], lang, option_id if isinstance(option_id, str) else None))
+
+    async def fallback(request: web.Request) -> web.Response:
+        return not_found(request)
+
+    app = web.Application(middlewares=[guard], client_max_size=4096)
+    app.router.add_get("/pay/static/{name}", static)
+    app.router.add_get("/pay/{id}", page)
+    app.router.add_get("/pay/{id}/status", status_json)
+    app.router.add_get("/pay/{id}/events", events)
+    if sandbox_pay is not None:
+        app.router.add_post("/pay/{id}/simulate", simulate)
+    app.router.add_route("*", "/{tail:.*}", fallback)
+    return app
+
+
+def store_time(text: str) -> int:
+    """Unix seconds of an RFC 3339 `...Z` time as the store writes it."""
+    return int(datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp())
