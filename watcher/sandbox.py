@@ -9,11 +9,7 @@ thread-safe, and mining must not stall the event loop that serves the API.
 from __future__ import annotations
 
 import asyncio
-<<<<<<< HEAD
-import math
 import os
-=======
->>>>>>> main
 import secrets
 import sqlite3
 import time
@@ -35,11 +31,8 @@ from .api import Problem, invalid, json_response, read_json
 from .domain import DECIMAL_TEXT
 from . import schemas
 from .chain import METHOD_NOT_FOUND, RpcError
-<<<<<<< HEAD
-from .config import ConfigError
-=======
 from .checkout.public import remaining_atomic
->>>>>>> main
+from .config import ConfigError
 from .contracts import load_artifact
 from .openapi import Operation
 from .store import Store
