@@ -682,3 +682,22 @@ async def test_a_node_of_another_chain_found_while_following_stops_it_as_such(st
     with pytest.raises(WrongChainFollowed, match="another chain"):
         await f.run_once()
     assert store.get_payments(inv_id)[0]["status"] == "detected"
+
+
+async def test_a_reset_chain_below_our_checkpoint_is_told_apart_from_a_node_behind(store):
+    chain = FakeChain()
+    f = follower(chain, store)
+    for _ in range(5):
+        chain.mine()
+    await catch_up(f)
+    store.remember_genesis(NET, chain.blocks[0].hash)
+    chain.visible_head = 2  # a node behind: waited for
+    assert await f.run_once() == 0 and "behind our checkpoint" in f.status.last_error
+    chain.visible_head = None
+    chain.salt = "reset"
+    chain.fork(-1)
+    chain.mine()
+    chain.mine()  # a reset chain, two blocks long
+    with pytest.raises(WrongChainFollowed):
+        await f.run_once()
+    assert store.cursor(NET).number == 5

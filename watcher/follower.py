@@ -222,7 +222,9 @@ class Follower:
         else:
             if head < cursor.number:
                 # A node behind our checkpoint (a lagging provider) proves nothing: wait for it.
-                # A real reorg shows when it has a different block at our height.
+                # A real reorg shows when it has a different block at our height. (A reset test
+                # chain starts low too: its genesis tells it apart.)
+                await self._check_genesis()
                 self._waiting_for = f"node head {head} is behind our checkpoint {cursor.number}"
                 return 0
             if head == cursor.number:
