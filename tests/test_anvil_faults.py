@@ -353,7 +353,8 @@ async def test_every_rpc_url_down_is_not_ready_and_loses_nothing(proxies, harnes
 async def test_a_range_the_provider_refuses_is_shrunk(anvil_node, proxies, harnesses):
     """"query returned more than 10000 results" (a JSON-RPC error, not a failover): the
     follower asks for half the range until the provider accepts; the payment in the long
-    range is found once. (Growing back is a follower story in test_follower.py.)"""
+    range is found once. (Growing back is a follower story in test_follower.py.) Ranges are
+    read only well below the head, so the watcher is held back while the chain grows."""
     node = anvil_node()
     proxy = await proxies(node.url)
     h = await harnesses(AnvilHarness, nodes=[node], rpc_urls={NETWORK: [proxy.url]}, confirmations=1)
@@ -362,12 +363,17 @@ async def test_a_range_the_provider_refuses_is_shrunk(anvil_node, proxies, harne
     start_chunk = follower.chunk_size
     invoice = await h.create(amount="10", assets=["TUSD"])
     [option] = invoice["payment_options"]
-    proxy.inject(Fault("rpc_error", method="eth_getLogs", times=3, code=-32005,
-                       message="query returned more than 10000 results"))
+    # Ranges are read only well below the head: hold the watcher back (its node says the head is
+    # far below the checkpoint) while 300 blocks are mined, so that it then reads them by range.
+    hold = proxy.inject(Fault("stale_head", lag=10**6))
+    await h.wait_for(lambda: proxy.injected[("stale_head", "eth_blockNumber")] >= 1, what="the watcher held back")
     chain = h.anvil
     await h.mine(300)
     tx = await chain.run(chain.transfer_token, option["destination_address"], AMOUNT)
     await h.mine(1)
+    proxy.inject(Fault("rpc_error", method="eth_getLogs", times=3, code=-32005,
+                       message="query returned more than 10000 results"))
+    proxy.faults.remove(hold)
     paid = await h.wait_status(invoice["id"], "confirmed")  # one confirmation: paid and confirmed at once
     assert [p["transaction_hash"] for p in paid["payments"]] == [tx]
     assert proxy.injected[("rpc_error", "eth_getLogs")] == 3
