@@ -71,6 +71,17 @@ async def _status_is(h: AnvilHarness, invoice_id: str, status: str) -> dict | No
     return invoice if invoice["status"] == status else None
 
 
+async def quiet(h: AnvilHarness, proxies_: list[FaultProxy], lull: float = 0.25) -> None:
+    """Until the nodes hear nothing for `lull` seconds: the follower is asleep."""
+
+    async def still() -> bool:
+        before = sum(p.requests.total() for p in proxies_)
+        await asyncio.sleep(lull)
+        return sum(p.requests.total() for p in proxies_) == before
+
+    await h.wait_for(still, what="the follower asleep")
+
+
 def assert_no_wrong_webhooks(h: AnvilHarness, reverted: Counter[str] | None = None) -> None:
     """Every event verified; `invoice.payment_reverted` only as often as `reverted` says, per
     invoice id (none by default); no exception opened (a duplicate_payment above all)."""
@@ -121,10 +132,12 @@ async def test_logs_withheld_by_a_lagging_backend_never_move_the_checkpoint_past
     assert_no_wrong_webhooks(h)
 
 
-async def test_a_failback_mid_step_onto_a_node_one_block_behind_loses_no_payment(anvil_node, proxies, harnesses):
+async def test_a_failback_mid_step_onto_a_node_one_block_behind_loses_no_payment(anvil_node, proxies, harnesses, monkeypatch):
     """rpc_urls [a, b]: the watcher is on b after a failed. Mid-step (head and block read
     from b) the cool-down ends and the logs are read from a, back but one block behind: a
     answers them as of its own head. The paying block must not be taken as read."""
+    return_after = 2.0  # room for the test to set the scene on b before the cool-down ends
+    monkeypatch.setitem(FailoverTransport.__init__.__kwdefaults__, "return_after", return_after)
     node = anvil_node()
     a, b = await proxies(node.url), await proxies(node.url)
     h = await harnesses(AnvilHarness, nodes=[node], rpc_urls={NETWORK: [a.url, b.url]})
@@ -132,25 +145,26 @@ async def test_a_failback_mid_step_onto_a_node_one_block_behind_loses_no_payment
     invoice, address = await token_invoice(h)
     await h.settle()
 
-    # The follower steps only when woken: the test decides which request is the first after
-    # the cool-down. (A poll_interval too long to matter; the step in flight finishes first.)
+    # The follower steps only when woken, so the test decides which request is the first
+    # after the cool-down: a poll_interval too long to matter, taken after the next step.
     follower.poll_interval = 3600.0
-    await steps(h, [a], 1)
+    follower.wake()
+    await quiet(h, [a, b])
     a.down = True
     follower.wake()
     await h.wait_for(url_is(h, b.url), what="failover to the second rpc_url")
     switched_at = time.monotonic()
-    await h.wait_for(lambda: b.requests["eth_getBlockByNumber"] >= 1, what="the idle step's header read on b")
+    await quiet(h, [a, b])
     a.down = False
     a.inject(Fault("lagging_backend", lag=1))  # a whole node one block behind
     # b takes longer than the cool-down over the step's block read: the logs after it go to a.
-    b.inject(Fault("timeout", method="eth_getBlockByNumber", times=1, delay=RETURN_AFTER + 0.5))
+    b.inject(Fault("timeout", method="eth_getBlockByNumber", times=1, delay=return_after + 0.5))
     tx = await transfer(h, address)
     block = await h.mine(1)
-    assert time.monotonic() - switched_at < RETURN_AFTER / 2, "too slow to start the step on b"
+    assert time.monotonic() - switched_at < return_after / 2, "too slow to start the step on b"
     follower.wake()
 
-    await h.wait_for(lambda: a.hid("eth_getLogs", block), timeout=RETURN_AFTER + 10, what="block's logs read from a mid-step")
+    await h.wait_for(lambda: a.hid("eth_getLogs", block), timeout=return_after + 10, what="block's logs read from a mid-step")
     assert b.injected[("timeout", "eth_getBlockByNumber")] == 1
     follower.poll_interval = 0.05
     follower.wake()
