@@ -1,6 +1,11 @@
 // SPDX-License-Identifier: MIT
 pragma solidity ^0.8.20;
 
+/// @notice The one ERC-20 call TestWallet makes.
+interface IERC20Transfer {
+    function transfer(address to, uint256 value) external returns (bool);
+}
+
 /// @title TestWallet
 /// @notice A minimal smart-contract wallet for tests and local chains: it pays the
 ///         native coin from inside a contract call, the way a Safe or an exchange hot
@@ -9,13 +14,23 @@ pragma solidity ^0.8.20;
 /// @dev Every shape the watcher's trace decoders must tell apart has a function here:
 ///      plain inner CALLs, a reverted inner CALL inside a successful transaction, a
 ///      DELEGATECALL that carries the caller's msg.value without moving it, and a
-///      CREATE with value whose new contract SELFDESTRUCTs to the recipient.
+///      CREATE with value whose new contract SELFDESTRUCTs to the recipient. It also pays
+///      several ERC-20 transfers in one transaction, as an exchange's batch payout does.
 contract TestWallet {
     error TransferFailed(address to);
     error LengthMismatch();
     error Reverted();
 
     receive() external payable {}
+
+    /// @notice Pay `amounts[i]` of `token` from this wallet's own balance to `to[i]`, in
+    ///         order, in one transaction: one Transfer log each. Anyone may call it (tests only).
+    function transferTokens(address token, address[] calldata to, uint256[] calldata amounts) external {
+        if (to.length != amounts.length) revert LengthMismatch();
+        for (uint256 i = 0; i < to.length; i++) {
+            if (!IERC20Transfer(token).transfer(to[i], amounts[i])) revert TransferFailed(to[i]);
+        }
+    }
 
     /// @notice Send msg.value on to `to`; reverts if `to` refuses it.
     function forward(address payable to) external payable {

@@ -102,6 +102,17 @@ class AnvilChain:
         """The coin paid from inside a contract (a smart-contract wallet's inner CALL)."""
         return self.send(sender, self.wallet, calldata("forward(address)", ["address"], [to]), value=amount)
 
+    def mint_tokens(self, to: str, amount: int, sender: str = PAYERS[0]) -> str:
+        return self.send(sender, self.token, calldata("mint(address,uint256)", ["address", "uint256"], [to, amount]))
+
+    def wallet_transfer_tokens(self, payouts: list[tuple[str, int]], sender: str = PAYERS[3]) -> str:
+        """One transaction paying each (recipient, amount) in TUSD from the wallet's own balance
+        (mint it some first): a batch payout, one Transfer log per recipient, in order."""
+        return self.send(sender, self.wallet, calldata(
+            "transferTokens(address,address[],uint256[])", ["address", "address[]", "uint256[]"],
+            [self.token, [to for to, _ in payouts], [amount for _, amount in payouts]],
+        ))
+
     def mine(self, blocks: int = 1) -> None:
         self.node.mine(blocks)
 

@@ -238,9 +238,12 @@ async def test_a_one_block_reorg_under_a_batch_cap_keeps_the_chain_going(anvil_n
     still = await h.get(kept["id"])
     assert still["status"] == "confirmed" and [p["status"] for p in still["payments"]] == ["confirmed"]
     assert_no_wrong_webhooks(h, Counter({dropped["id"]: 1}))
+    refused = proxy.injected[("batch_cap", None)]
     if cap >= 100:
-        refused = proxy.injected[("batch_cap", None)]
         assert refused == 0, f"{refused} batches longer than the default max_batch of 100"
+    else:  # whatever was refused was halved until it fit, and the smaller size is kept
+        reader = h.service.followers[NETWORK].reader
+        assert refused == 0 or reader.max_batch <= cap, (refused, reader.max_batch)
 
 
 @pytest.mark.parametrize("refusal", list(REFUSALS))
@@ -295,6 +298,7 @@ async def test_a_catch_up_over_more_blocks_than_a_batch_holds_with_a_native_asse
         assert refused == 0, f"{refused} batches longer than the default max_batch of 100"
     else:
         assert refused >= 1, f"premise: {parts} full blocks and their receipts in pages of 25 or more meet the cap of {cap}"
+        assert h.service.followers[NETWORK].reader.max_batch <= cap  # halved until it fit, and kept
 
 
 # ---------------------------------------------------------------------------- defect 4: deeper than remembered

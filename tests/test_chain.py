@@ -160,3 +160,180 @@ def test_a_block_with_a_malformed_quantity_is_the_nodes_error_not_a_crash(value)
              "transactions": [{"hash": "0x" + "33" * 32, "from": "0x" + "44" * 20, "to": "0x" + "55" * 20, "value": value}]}
     with pytest.raises(RpcError):
         decode_full_block(block)
+
+
+# --------------------------------------------------------------------------- nodes that cap, lag and mislead
+
+
+def test_bloom_bits_agree_with_the_reference_implementation():
+    from eth_bloom import BloomFilter  # py-evm's, what eth-tester builds its headers with
+
+    from watcher.bloom import bloom_mask, may_contain
+
+    reference = BloomFilter()
+    items = [TOKEN, TRANSFER_TOPIC, "0x" + "00" * 12 + TO[2:]]
+    for item in items:
+        reference.add(bytes.fromhex(item[2:]))
+    mask = 0
+    for item in items:
+        assert bloom_mask(item) & int(reference) == bloom_mask(item)
+        mask |= bloom_mask(item)
+    assert mask == int(reference)
+    assert may_contain(int(reference), bloom_mask(TOKEN) | bloom_mask(TRANSFER_TOPIC))
+    assert not may_contain(int(reference), bloom_mask("0x" + "01" * 20) | bloom_mask(TOKEN))
+
+
+def _block_hash(n: int) -> str:
+    return "0x" + f"{n:064x}"
+
+
+class CappedNode:
+    """A node on loopback with blocks 0..head: it refuses batches longer than `cap` the way
+    providers do (`style`), and its logs backend may lag (`logs_head`): ranges are clamped
+    silently above it, and headers and logs by hash above it are null / an error."""
+
+    def __init__(self, head: int = 300, cap: int = 100, style: str = "object") -> None:
+        self.head, self.cap, self.style = head, cap, style
+        self.logs_head: int | None = None
+        self.batch_sizes: list[int] = []
+        self.log_of: dict[int, dict] = {}  # block -> one Transfer log in it
+
+    def _header(self, n: int) -> dict | None:
+        if n > self.head or (self.logs_head is not None and n > self.logs_head):
+            return None
+        return {"number": hex(n), "hash": _block_hash(n), "parentHash": _block_hash(n - 1) if n else "0x" + "00" * 32,
+                "timestamp": hex(1000 + n)}
+
+    def _answer(self, call: dict) -> dict:
+        method, params = call["method"], call["params"]
+        if method == "eth_getBlockByNumber":
+            return {"jsonrpc": "2.0", "id": call["id"], "result": self._header(int(params[0], 16))}
+        if method == "eth_getLogs":
+            f = params[0]
+            if "blockHash" in f:
+                n = int(f["blockHash"], 16)
+                if self._header(n) is None:
+                    return {"jsonrpc": "2.0", "id": call["id"], "error": {"code": -32000, "message": "unknown block"}}
+                blocks = [n]
+            else:
+                top = int(f["toBlock"], 16) if self.logs_head is None else min(int(f["toBlock"], 16), self.logs_head)
+                blocks = list(range(int(f["fromBlock"], 16), top + 1))
+            return {"jsonrpc": "2.0", "id": call["id"], "result": [self.log_of[n] for n in blocks if n in self.log_of]}
+        return {"jsonrpc": "2.0", "id": call["id"], "result": hex(self.head)}
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        if isinstance(body, list):
+            self.batch_sizes.append(len(body))
+            if len(body) > self.cap:
+                if self.style == "413":
+                    return web.Response(status=413, text="request entity too large")
+                error = {"code": -32600, "message": f"batch size too large, max {self.cap}"}
+                if self.style == "each":
+                    return web.json_response([{"jsonrpc": "2.0", "id": c["id"], "error": error} for c in body])
+                return web.json_response({"jsonrpc": "2.0", "id": None, "error": error})
+            return web.json_response([self._answer(c) for c in body])
+        return web.json_response(self._answer(body))
+
+
+@pytest.fixture
+async def capped():
+    made = []
+
+    async def start(**kw) -> CappedNode:
+        n = CappedNode(**kw)
+        app = web.Application()
+        app.router.add_post("/", n.handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        n.url = f"http://127.0.0.1:{port}/"
+        made.append(runner)
+        return n
+
+    yield start
+    for runner in made:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("style", ["object", "413", "each"])
+@pytest.mark.parametrize("failover", [False, True], ids=["http", "failover"])
+async def test_a_refused_batch_is_sent_again_in_halves_and_the_ceiling_stays_down(capped, style, failover):
+    from watcher.chain.failover import FailoverTransport
+
+    node = await capped(head=300, cap=100, style=style)
+    transport = (FailoverTransport([node.url], retry_delays=(0.01,), endpoint_retry_delays=(0.01,)) if failover
+                 else HttpTransport(node.url, retry_delays=(0.01,)))
+    reader = JsonRpcReader(transport, max_batch=1000)
+    try:
+        headers = await reader.headers(list(range(0, 250)))
+        assert [h.number for h in headers] == list(range(0, 250))
+        assert reader.max_batch <= 100
+        refused = sum(1 for size in node.batch_sizes if size > 100)
+        assert refused >= 1
+        again = await reader.headers(list(range(0, 250)))  # the ceiling is remembered: no refusal now
+        assert [h.hash for h in again] == [h.hash for h in headers]
+        assert sum(1 for size in node.batch_sizes if size > 100) == refused
+        if failover:
+            assert transport.switches == 0  # a cap is an answer, not a dead endpoint
+    finally:
+        await transport.close()
+
+
+async def test_a_configured_max_batch_is_never_passed(capped):
+    node = await capped(head=300, cap=40)
+    transport = HttpTransport(node.url, retry_delays=(0.01,))
+    try:
+        await JsonRpcReader(transport, max_batch=40).headers(list(range(0, 250)))
+        assert max(node.batch_sizes) == 40
+    finally:
+        await transport.close()
+
+
+def _log_in(n: int) -> dict:
+    return log(blockNumber=hex(n), blockHash=_block_hash(n), transactionHash="0x" + f"{n:064x}")
+
+
+async def test_a_range_answered_by_a_backend_without_its_last_block_is_refused(capped):
+    """geth clamps toBlock to its own head without an error: the header of the span's last
+    block, in the same batch, shows the backend lacks it."""
+    from watcher.chain import BlockUnknown, LogQuery
+
+    node = await capped(head=300)
+    node.log_of[300] = _log_in(300)
+    node.logs_head = 299
+    transport = HttpTransport(node.url, retry_delays=(0.01,))
+    query = LogQuery(tokens=[TOKEN], recipients=[TO], keep=None, routers=[], payment_ids=None)
+    try:
+        reader = JsonRpcReader(transport)
+        with pytest.raises(BlockUnknown):
+            await reader.range_logs(200, 300, query)
+        node.logs_head = None
+        found = await reader.range_logs(200, 300, query)
+        assert [t.block_number for t in found.transfers] == [300]
+    finally:
+        await transport.close()
+
+
+async def test_logs_by_hash_must_name_the_block_asked_for(capped):
+    from watcher.chain import LogQuery
+    from watcher.domain import BlockRef
+
+    node = await capped(head=10)
+    node.log_of[5] = _log_in(5)
+    transport = HttpTransport(node.url, retry_delays=(0.01,))
+    query = LogQuery(tokens=[TOKEN], recipients=None, keep={TO}, routers=[], payment_ids=None)
+    ref = BlockRef(5, _block_hash(5), _block_hash(4), 1005)
+    try:
+        reader = JsonRpcReader(transport)
+        found = await reader.block_logs([(ref, query)])
+        assert [(t.block_number, t.amount) for t in found.transfers] == [(5, 2**200)]
+        node.log_of[5] = _log_in(6)  # a log of another block in the answer for block 5
+        with pytest.raises(RpcError, match="names block hash .* not the block 5 its logs were asked for"):
+            await reader.block_logs([(ref, query)])
+        node.logs_head = 4  # a backend without block 5: EIP-234 says error, never []
+        with pytest.raises(RpcError, match="unknown block"):
+            await reader.block_logs([(ref, query)])
+    finally:
+        await transport.close()

@@ -741,9 +741,10 @@ class FastSweepHarness(BlockExpiryHarness):
 
 
 async def test_requests_never_fail_while_the_expiry_sweep_runs(make_harness):
+    """Invoice creation goes on while the sweep runs every 2 ms, and the sweep, which picks
+    only `pending` invoices, leaves paid ones alone even past their deadline with payments
+    that never confirm: their status, version and events are what they were before."""
     h = await make_harness(FastSweepHarness, confirmations=1000, expiry_minutes=1)
-    # Paid invoices past their deadline whose payments never confirm stay sweep candidates,
-    # so every sweep holds a real transaction open.
     invoices = []
     for _ in range(10):
         invoice = await h.create(amount="1")
@@ -754,11 +755,33 @@ async def test_requests_never_fail_while_the_expiry_sweep_runs(make_harness):
         await h.wait_status(invoice["id"], "paid")
     await travel_past_deadline(h, invoices[-1])
     await h.settle()
-    assert {(await h.get(i["id"]))["status"] for i in invoices} == {"paid"}
+    before = {i["id"]: await h.get(i["id"]) for i in invoices}
+    assert {i["status"] for i in before.values()} == {"paid"}
+    chain_time = await h.on_chain(lambda: h.chain.tester.get_block_by_number("latest")["timestamp"])
+    assert all(unix(i["payment_timing"]["payable_until"]) < chain_time for i in before.values())  # all past it
+    events_before = {i: [e.event_id for e in h.receiver.for_invoice(i)] for i in before}
 
+    store = h.service.store
+    sweep = store.expire_due
+    sweeps = 0
+
+    def counted_sweep() -> int:
+        nonlocal sweeps
+        sweeps += 1
+        return sweep()
+
+    store.expire_due = counted_sweep  # the scheduler calls it through the store
     failures: list[tuple[int, object]] = []
     deadline = time.monotonic() + 3
     while not failures and time.monotonic() < deadline:
         answers = await asyncio.gather(*(h.request("POST", "/v1/invoices", json={"amount": "1"}) for _ in range(10)))
         failures += [(status, body) for status, body, _ in answers if status != 201]
     assert failures == []
+    assert sweeps >= 10, sweeps  # the sweep ran all along (every 2 ms at most, between requests)
+
+    await h.settle()
+    for invoice_id, old in before.items():
+        now = await h.get(invoice_id)
+        assert (now["status"], now["version"]) == ("paid", old["version"])
+        assert now["payment_summary"] == old["payment_summary"] and now["exception"] is None
+        assert [e.event_id for e in h.receiver.for_invoice(invoice_id)] == events_before[invoice_id]

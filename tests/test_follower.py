@@ -11,9 +11,10 @@ from decimal import Decimal
 
 import pytest
 
-from watcher.chain import RpcError
+from watcher.bloom import bloom_mask
+from watcher.chain import TRANSFER_TOPIC, BlockUnknown, FoundLogs, RpcError, address_topic
 from watcher.domain import BlockRef, Transfer
-from watcher.follower import ChainChanged, Follower
+from watcher.follower import ChainChanged, Follower, ReorgTooDeep, WrongChainFollowed
 from watcher.store import NewInvoice, OptionSpec, Store
 
 NET = "fake"
@@ -22,13 +23,23 @@ OTHER_TOKEN = "0x" + "cc" * 20
 
 
 class FakeChain:
+    """A reader over a node. Its faults: `visible_head` (the whole node behind), and
+    `backend_head` (a load balancer whose head is honest but whose logs and headers come
+    from a backend that has blocks only up to there: ranges silently clamped, headers
+    `null`, logs by hash refused), and `header_cap` (a provider refusing longer batches)."""
+
     def __init__(self) -> None:
         self.salt = "a"
         self.blocks: list[BlockRef] = []
         self.logs: dict[int, list[Transfer]] = {}
         self.visible_head: int | None = None  # a lagging node: pretend the head is lower
+        self.backend_head: int | None = None  # a lagging backend behind an honest head (headers and logs)
+        self.logs_head: int | None = None  # ...or one that lags for logs only
+        self.header_cap: int | None = None
         self.lie_about_log_hashes = False
         self.header_requests: list[list[int]] = []
+        self.log_requests: list[tuple] = []
+        self.blooms = True  # headers carry a logsBloom
         self.mine()  # genesis
 
     def _hash(self, n: int, parent: str) -> str:
@@ -37,7 +48,11 @@ class FakeChain:
     def mine(self, *payments: tuple[str, int], token: str = TOKEN) -> BlockRef:
         n = len(self.blocks)
         parent = self.blocks[-1].hash if self.blocks else "0x" + "00" * 32
-        block = BlockRef(n, self._hash(n, parent), parent, 1_000_000 + n * 12)
+        bloom = 0
+        for to, _ in payments:  # as a node sets it: the log's address and each of its topics
+            for item in (token, TRANSFER_TOPIC, address_topic("0x" + "bb" * 20), address_topic(to)):
+                bloom |= bloom_mask(item)
+        block = BlockRef(n, self._hash(n, parent), parent, 1_000_000 + n * 12, bloom if self.blooms else None)
         self.blocks.append(block)
         self.logs[n] = [
             Transfer(f"0x{n:032x}{i:032x}", i, n, block.hash, token, "0x" + "bb" * 20, to, amount)
@@ -59,9 +74,38 @@ class FakeChain:
         head = len(self.blocks) - 1
         return head if self.visible_head is None else min(head, self.visible_head)
 
+    def _has(self, n: int) -> bool:
+        return n < len(self.blocks) and (self.backend_head is None or n <= self.backend_head)
+
+    def _has_logs(self, n: int) -> bool:
+        return self._has(n) and (self.logs_head is None or n <= self.logs_head)
+
     async def headers(self, numbers):
         self.header_requests.append(list(numbers))
-        return [self.blocks[n] if n < len(self.blocks) else None for n in numbers]
+        if self.header_cap is not None and len(numbers) > self.header_cap:
+            raise RpcError("eth_getBlockByNumber", "batch size too large", -32600)
+        return [self.blocks[n] if self._has(n) else None for n in numbers]
+
+    async def range_logs(self, first, last, query, through=None):
+        """As the real reader: the span's logs (clamped to what the backend has, silently, as
+        geth does) and the header of `last` from the same backend, which must be there."""
+        self.log_requests.append(("range", first, last))
+        if not self._has_logs(last):
+            raise BlockUnknown("eth_getBlockByNumber", f"the node answering has no block {last} yet")
+        if through is not None and self.blocks[last].hash != through.hash:
+            raise BlockUnknown("eth_getBlockByNumber", f"another block {last}")
+        top = min(n for n in (last, self.backend_head, self.logs_head) if n is not None)
+        return FoundLogs(await self.transfer_logs(first, top, query.tokens, query.recipients) if query.tokens else [])
+
+    async def block_logs(self, wanted):
+        found = FoundLogs()
+        for block, query in wanted:
+            self.log_requests.append(("hash", block.number))
+            if not self._has_logs(block.number) or self.blocks[block.number].hash != block.hash:
+                raise RpcError("eth_getLogs", f"unknown block {block.hash}", -32000)
+            if query.tokens:
+                found.transfers += await self.transfer_logs(block.number, block.number, query.tokens, query.recipients)
+        return found
 
     async def finalized_number(self) -> int:
         return len(self.blocks) - 1
@@ -92,7 +136,8 @@ def invoice(store: Store, amount_atomic: int = 100) -> tuple[str, str]:
 
 def follower(chain: FakeChain, store: Store, **kw) -> Follower:
     kw.setdefault("start_block", 0)
-    return Follower(network=NET, reader=chain, store=store, tokens=[TOKEN], confirmations=2, poll_interval=0, **kw)
+    kw.setdefault("confirmations", 2)
+    return Follower(network=NET, reader=chain, store=store, tokens=[TOKEN], poll_interval=0, **kw)
 
 
 async def catch_up(f: Follower) -> None:
@@ -213,6 +258,7 @@ async def test_node_errors_surface_as_rpc_errors(store):
 
 async def test_a_reorg_between_headers_and_logs_is_found_on_the_next_step(store):
     chain = FakeChain()
+    chain.blooms = False  # (a bloom would spare the empty block 2 its logs request)
     inv_id, addr = invoice(store)
     f = follower(chain, store)
     chain.mine()
@@ -268,7 +314,7 @@ async def test_no_common_ancestor_keeps_the_checkpoint(store):
     chain.fork(-1)  # a different chain from genesis up: nothing we remember is on it
     for _ in range(3):
         chain.mine()
-    with pytest.raises(ChainChanged):
+    with pytest.raises(ReorgTooDeep):
         await catch_up(f)
     assert store.cursor(NET).number == 1
     assert store.get_payments(inv_id)[0]["status"] != "reverted"
@@ -280,6 +326,8 @@ async def test_a_refused_log_range_is_asked_again_in_halves(store):
     for _ in range(40):
         chain.mine()
     chain.mine((addr, 100))
+    for _ in range(300):  # far below the head: logs are read by range
+        chain.mine()
     real_logs = chain.transfer_logs
 
     async def at_most_10_blocks(from_block, to_block, tokens, recipients):
@@ -291,13 +339,13 @@ async def test_a_refused_log_range_is_asked_again_in_halves(store):
     f = follower(chain, store, chunk_size=64)
     for _ in range(50):
         try:
-            if await f.run_once() == 0:
-                break
+            await f.run_once()
         except RpcError:
             continue
+        if store.cursor(NET).number >= 41:
+            break
     assert f.chunk_size <= 20
     assert len(store.get_payments(inv_id)) == 1
-    assert store.cursor(NET).number == 41
 
     # The provider accepts more again: full ranges that succeed double the range (up to the cap).
     chain.transfer_logs = real_logs
@@ -432,3 +480,205 @@ async def test_a_tracer_that_goes_missing_is_asked_for_again(store):
     await catch_up(f)
     assert probes and f.tracer == "trace_block"
     assert [p["amount_atomic"] for p in store.get_invoice(inv_id)["payments"]] == ["100"]
+
+
+# --------------------------------------------------------------------------- nodes that cannot be trusted
+
+
+async def test_logs_from_a_backend_behind_the_head_are_asked_again_not_taken_as_none(store):
+    """Defect 1: near the head, logs are asked by block hash; a backend without the block
+    errs, the step fails, and the checkpoint stays below the paying block until it is read."""
+    chain = FakeChain()
+    inv_id, addr = invoice(store)
+    f = follower(chain, store)
+    chain.mine()
+    await catch_up(f)
+    chain.mine((addr, 100))
+    chain.logs_head = 1  # headers honest, logs one block behind
+    with pytest.raises(RpcError):
+        await f.run_once()
+    assert store.cursor(NET).number == 1
+    chain.logs_head = None
+    await catch_up(f)
+    assert [p["amount_atomic"] for p in store.get_payments(inv_id)] == ["100"]
+
+
+async def test_a_clamped_log_range_far_below_the_head_is_refused(store):
+    """Defect 1, by range: the span's answer carries its last header from the same backend; a
+    backend that lacks it (and so clamped toBlock) fails the step instead of moving past."""
+    chain = FakeChain()
+    inv_id, addr = invoice(store)
+    for n in range(1, 400):
+        chain.mine(*([(addr, 100)] if n == 180 else []))
+    f = follower(chain, store, chunk_size=200)
+    chain.logs_head = 150
+    with pytest.raises(BlockUnknown):
+        await f.run_once()
+    assert store.cursor(NET) is None
+    assert f.chunk_size == 200  # a node behind is not a range too large
+    chain.logs_head = None
+    await catch_up(f)
+    assert [p["amount_atomic"] for p in store.get_payments(inv_id)] == ["100"]
+
+
+async def test_blocks_the_bloom_rules_out_are_not_asked_for_logs(store):
+    chain = FakeChain()
+    inv_id, addr = invoice(store)
+    f = follower(chain, store)
+    for _ in range(5):
+        chain.mine()
+    chain.mine((addr, 100))
+    chain.mine(("0x" + "99" * 20, 5))  # our token, another recipient: the bloom rules it out too
+    await catch_up(f)
+    assert [r for r in chain.log_requests if r[0] == "hash"] == [("hash", 6)]
+    assert [p["amount_atomic"] for p in store.get_payments(inv_id)] == ["100"]
+
+
+async def test_without_a_bloom_every_block_is_asked(store):
+    chain = FakeChain()
+    chain.blooms = False
+    inv_id, addr = invoice(store)
+    f = follower(chain, store)
+    for _ in range(3):
+        chain.mine()
+    chain.mine((addr, 100))
+    await catch_up(f)
+    assert sorted(r[1] for r in chain.log_requests if r[0] == "hash") == [1, 2, 3, 4]  # (genesis was mined with one)
+    assert len(store.get_payments(inv_id)) == 1
+
+
+async def test_a_null_header_in_the_reorg_walk_is_asked_again_never_a_reorg(store):
+    """Defect 5: a one-block reorg whose walk is answered by a node a few blocks behind
+    (null for the newest heights) must not revert the confirmed payment below it."""
+    chain = FakeChain()
+    inv_id, addr = invoice(store)
+    f = follower(chain, store)
+    for _ in range(3):
+        chain.mine()
+    chain.mine((addr, 100))  # block 4
+    chain.mine()  # block 5: the payment has 2 confirmations
+    await catch_up(f)
+    assert store.get_invoice(inv_id)["status"] == "confirmed"
+    chain.fork(4)
+    chain.mine()  # 5'
+    chain.mine()  # 6'
+    real = chain.headers
+
+    async def walk_answered_by_a_lagging_node(numbers):
+        return [None if n in (4, 5) else h for n, h in zip(numbers, await real(numbers))]
+
+    chain.headers = walk_answered_by_a_lagging_node
+    with pytest.raises(ChainChanged):
+        await f.run_once()
+    assert store.get_invoice(inv_id)["status"] == "confirmed"
+    assert store.outbox.event_count() == sum(1 for _ in store.db.execute("SELECT 1 FROM events"))
+    assert not list(store.db.execute("SELECT 1 FROM events WHERE type = 'invoice.payment_reverted'"))
+    chain.headers = real
+    await catch_up(f)
+    got = store.get_invoice(inv_id)
+    assert got["status"] == "confirmed" and got["payments"][0]["status"] == "confirmed"
+    assert not list(store.db.execute("SELECT 1 FROM events WHERE type = 'invoice.payment_reverted'"))
+
+
+async def test_the_window_covers_the_confirmations_so_a_deep_reorg_is_walked_not_guessed(store):
+    """Defect 4: with confirmations = 300, a 299-block reorg must revert the payment it drops
+    (the window once stopped at 256 and took an unchecked block as the base)."""
+    chain = FakeChain()
+    inv_id, addr = invoice(store)
+    f = follower(chain, store, confirmations=300)
+    for _ in range(5):
+        chain.mine()
+    chain.mine((addr, 100))  # block 6
+    for _ in range(294):
+        chain.mine()  # to block 300
+    await catch_up(f)
+    assert store.get_invoice(inv_id)["status"] == "paid"
+    assert len(store.recent_blocks(NET)) >= 300
+    chain.fork(1)  # a 299-block reorg, without the payment
+    for _ in range(320):
+        chain.mine()
+    await catch_up(f)
+    got = store.get_invoice(inv_id)
+    assert got["status"] == "pending" and got["payments"][0]["status"] == "reverted"
+    assert store.cursor(NET).hash == chain.blocks[-1].hash
+
+
+async def test_a_reorg_deeper_than_the_window_stops_the_chain_and_confirms_nothing(store):
+    chain = FakeChain()
+    inv_id, addr = invoice(store)
+    f = follower(chain, store, confirmations=3)
+    for _ in range(299):
+        chain.mine()
+    chain.mine((addr, 100))  # block 300, not yet confirmed
+    await catch_up(f)
+    assert store.get_invoice(inv_id)["status"] == "paid"
+    assert f.window == 256 and len(store.recent_blocks(NET)) <= 257
+    chain.fork(10)  # 290 blocks deep: below everything remembered
+    for _ in range(300):
+        chain.mine()
+    for _ in range(3):
+        with pytest.raises(ReorgTooDeep, match="deeper than the"):
+            await f.run_once()
+    got = store.get_invoice(inv_id)
+    assert got["status"] == "paid" and got["payments"][0]["status"] == "detected"
+    assert store.cursor(NET).number == 300
+
+
+async def test_a_stopped_chain_says_so_until_a_step_succeeds(store):
+    import asyncio
+
+    chain = FakeChain()
+    f = follower(chain, store)
+    for _ in range(3):
+        chain.mine()
+    await catch_up(f)
+    chain.fork(-1)
+    for _ in range(5):
+        chain.mine()
+    stopping = asyncio.Event()
+    task = asyncio.create_task(f.run(stopping))
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if f.status.stopped:
+            break
+    stopping.set()
+    await task
+    assert f.status.stopped and "deeper than" in f.status.stopped
+
+
+async def test_the_reorg_walk_pages_from_the_top_and_stops_at_the_first_match(store):
+    """Defect 3: the walk never asks the whole window at once; a one-block reorg costs one
+    page of 8 headers, and no page passes max_batch."""
+    chain = FakeChain()
+    f = follower(chain, store, max_batch=100)
+    for _ in range(299):
+        chain.mine()
+    await catch_up(f)
+    chain.header_cap = 100
+    chain.fork(298)
+    chain.mine()  # 299'
+    chain.mine()  # 300'
+    before = len(chain.header_requests)
+    await catch_up(f)
+    walk = [r for r in chain.header_requests[before:] if len(r) > 1 and r[0] > r[-1]]
+    assert walk == [list(range(299, 291, -1))]
+    assert all(len(r) <= 100 for r in chain.header_requests[before:])
+    assert store.cursor(NET).hash == chain.blocks[-1].hash
+
+
+async def test_a_node_of_another_chain_found_while_following_stops_it_as_such(store):
+    """Defect 6 at run time: a failover to a node whose genesis differs from the one the
+    database recorded is not "a deep reorg": the chain stops and says what it is."""
+    chain = FakeChain()
+    inv_id, addr = invoice(store)
+    f = follower(chain, store)
+    chain.mine((addr, 100))
+    await catch_up(f)
+    store.remember_genesis(NET, chain.blocks[0].hash)
+    chain.salt = "another network"
+    chain.fork(-1)
+    for _ in range(4):
+        chain.mine()
+    with pytest.raises(WrongChainFollowed, match="another chain"):
+        await f.run_once()
+    assert store.get_payments(inv_id)[0]["status"] == "detected"

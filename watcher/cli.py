@@ -59,7 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config file and print what it would watch")
     check.add_argument("--config", help=f"TOML config (default: $WATCHER_CONFIG, then {DEFAULT_CONFIG})")
+
+    rewind = commands.add_parser(
+        "rewind", help="move a chain's checkpoint back to a block (after a reorg deeper than the watcher remembers)"
+    )
+    rewind.add_argument("--config", help=f"TOML config (default: $WATCHER_CONFIG, then {DEFAULT_CONFIG})")
+    rewind.add_argument("--chain", required=True, help="the chain's name, as in [[chains]] name")
+    rewind.add_argument("--to-block", type=_block_number, required=True, help="a block both chains share, below the fork")
     return parser
+
+
+def _block_number(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError("expected a block number, e.g. 19000000")
+    return int(value)
 
 
 def _config_path(given: str | None) -> str:
@@ -73,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = load_settings(_config_path(args.config))
             print(describe(settings))
             return EXIT_OK
+        if args.command == "rewind":
+            return _rewind(load_settings(_config_path(args.config)), args.chain, args.to_block)
         if args.sandbox:
             return _run_sandbox(args)
         path = _config_path(args.config)
@@ -81,6 +96,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"watcher: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _rewind(settings: Settings, chain: str, to_block: int) -> int:
+    from .chain import RpcError
+    from .rewind import rewind
+
+    try:
+        done = asyncio.run(rewind(settings, chain, to_block))
+    except RpcError as exc:
+        print(f"watcher: rewind failed, nothing changed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(
+        f"{done.network}: checkpoint moved from block {done.previous} back to {done.block} ({done.block_hash}); "
+        f"{done.payments_reverted} payment(s) above it marked reverted and their invoices judged again. "
+        "Start the daemon: it reads the blocks above again and detects every payment still on the chain."
+    )
+    return EXIT_OK
 
 
 def _run(settings: Settings, **service_args: object) -> int:
@@ -114,13 +146,14 @@ def _run(settings: Settings, **service_args: object) -> int:
 
 
 def _run_sandbox(args: argparse.Namespace) -> int:
-    from .sandbox import SandboxChain, new_api_key, new_webhook_secret, sandbox_settings_data
+    from .sandbox import SandboxChain, claim_database, new_api_key, new_webhook_secret, sandbox_settings_data
 
     listen = args.listen or "127.0.0.1:8080"
     api_key = os.environ.get("WATCHER_API_KEY") or new_api_key()
     secret = new_webhook_secret()
     database = args.database or str(Path(tempfile.mkdtemp(prefix="watcher-sandbox-")) / "watcher.db")
     chain = SandboxChain()
+    database_note = claim_database(database, chain)
     env = {"WATCHER_API_KEY": api_key, "WATCHER_WEBHOOK_SECRET": secret}
     settings = settings_from_dict(
         {
@@ -138,7 +171,7 @@ def _run_sandbox(args: argparse.Namespace) -> int:
         f"  API key:        {api_key}\n"
         f"  webhook secret: {secret}\n"
         f"  webhook URLs:   {', '.join(args.webhook_url) or '(none; add --webhook-url URL)'}\n"
-        f"  database:       {database}\n"
+        f"  database:       {database} ({database_note})\n"
         f"  chain:          eth-tester, chain id {chain.chain_id}, a block every {args.block_time:g} s\n"
         f"  token:          TUSD at {chain.deployed.token}\n"
         "Try:\n"

@@ -246,6 +246,7 @@ class ChainSettings(BaseModel):
     merchant_address: Address = None
     router_address: Address = None
     internal_transfers: Literal["auto", "on", "off"] = "auto"
+    max_batch: Annotated[StrictInt, Field(ge=1, le=10_000)] = 100  # JSON-RPC batch ceiling (providers cap batches)
     assets: Annotated[tuple[AssetSettings, ...], Field(min_length=1)]
 
     @model_validator(mode="after")
@@ -432,7 +433,8 @@ def describe(settings: Settings) -> str:
         lines.append("  rpc: " + ", ".join(strip_credentials(u) for u in chain.rpc_urls))
         mode = f"ws {strip_credentials(chain.ws_url)}" if chain.ws_url else "polling"
         lines.append(f"  head: {mode}, poll every {chain.poll_interval_seconds:g} s")
-        lines.append(f"  confirmations: {chain.confirmations}; start block: {chain.start_block}")
+        lines.append(f"  confirmations: {chain.confirmations}; start block: {chain.start_block}; "
+                     f"JSON-RPC batches of at most {chain.max_batch}")
         if chain.deposit_xpub:
             x = chain.deposit_xpub
             lines.append(f"  deposit xpub: {x[:12]}...{x[-6:]} (address rail)")

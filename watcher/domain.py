@@ -88,12 +88,14 @@ EXCEPTION_PRIORITY = (
 
 @dataclass(frozen=True, slots=True)
 class BlockRef:
-    """A block header as far as the follower cares: enough to link and to date."""
+    """A block header as far as the follower cares: enough to link and to date, and its
+    `logsBloom` as an int when the node gave one (which logs the block cannot hold)."""
 
     number: int
     hash: str
     parent_hash: str
     timestamp: int
+    bloom: int | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

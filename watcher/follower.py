@@ -15,8 +15,8 @@ from typing import Any, Callable, Coroutine, Literal, Protocol, Sequence, TypeVa
 
 import structlog
 
-from .chain import METHOD_NOT_FOUND, ChainReader, RpcError
-from .domain import BlockRef, FullBlock, RouterPayment, Transfer
+from .chain import MAX_BATCH, METHOD_NOT_FOUND, BlockUnknown, ChainReader, FoundLogs, LogQuery, RpcError
+from .domain import BlockRef, FullBlock, Transfer
 from .matching import Match, WatchSet
 from .store import MatchedTransfer, Store
 
@@ -28,10 +28,31 @@ T = TypeVar("T")
 # eth_getLogs spans within a step, and how many are asked for at once (see _logged_payments).
 LOG_SPAN = 100
 LOGS_IN_FLIGHT = 2
+# Blocks remembered (linked by parent hash) to find a reorg's common ancestor: at least this
+# many, and always the confirmations and this margin more.
+MIN_WINDOW = 256
+WINDOW_MARGIN = 64
+# Below `head - RANGE_DEPTH_FACTOR * max(depth, WINDOW_MARGIN)` logs are read by number range;
+# above it, block by block by hash (the unfinalised part, where nodes disagree).
+RANGE_DEPTH_FACTOR = 2
 
 
 class ChainChanged(Exception):
-    """What the node said moved under us mid-read (a reorg in progress); try again."""
+    """What the node said moved under us mid-read (a reorg in progress, a node behind); try again."""
+
+
+class ChainStopped(Exception):
+    """Following on would risk a wrong payment: the chain stops (no block is applied, nothing
+    confirmed) and `/readyz` says why until a step succeeds again or an operator acts."""
+
+
+class WrongChainFollowed(ChainStopped):
+    """The node's genesis is not the one the database recorded: another chain entirely."""
+
+
+class ReorgTooDeep(ChainStopped):
+    """The node has none of the blocks we remember: a reorg deeper than our window, or a
+    node of another chain. Confirmed payments may be gone; a person must look."""
 
 
 @dataclass
@@ -39,6 +60,7 @@ class FollowerStatus:
     head_block: int | None = None
     last_head_at: float | None = None
     last_error: str | None = None
+    stopped: str | None = None  # why the chain is stopped (ChainStopped), None while it follows
 
 
 class FollowerMetrics(Protocol):
@@ -58,7 +80,7 @@ class Rails:
     internal_transfers: Literal["auto", "on", "off"] = "auto"  # the coin sent by inner calls (tracers)
 
 
-class TracerMissing(Exception):
+class TracerMissing(ChainStopped):
     """`internal_transfers = "on"` but the node offers no tracer: stop rather than miss payments."""
 
 
@@ -78,6 +100,7 @@ class Follower:
         clock: Callable[[], float] = time.time,
         metrics: FollowerMetrics | None = None,
         rails: Rails = Rails(),
+        max_batch: int = MAX_BATCH,
     ) -> None:
         self.network = network
         self.reader = reader
@@ -86,6 +109,9 @@ class Follower:
         self.confirmations = confirmations
         # How deep reorgs are expected to go: headers are linked one by one above this depth.
         self.depth = confirmations if isinstance(confirmations, int) else 64
+        # Blocks remembered below the checkpoint; with "finalized", also everything above the finalized block.
+        self.window = max(MIN_WINDOW, self.depth + WINDOW_MARGIN)
+        self.max_batch = max(1, max_batch)
         self.start_block = start_block
         self.chunk_size = chunk_size
         self.max_chunk_size = max(max_chunk_size, chunk_size)
@@ -99,6 +125,7 @@ class Follower:
         self.tracer: str | None = "" if rails.native and rails.internal_transfers != "off" else None
         self._wake = asyncio.Event()
         self._waiting_for: str | None = None  # set by a step that found the node behind us
+        self._tip_verified = False  # set by a step that found our checkpoint still on the node's chain
 
     # ------------------------------------------------------------------ watch set
 
@@ -170,8 +197,12 @@ class Follower:
         that still reports."""
         previous = self.status.last_error
         self._waiting_for = None
+        self._tip_verified = False
         moved = await self._step()
         self.status.last_error = self._waiting_for
+        if self.status.stopped is not None and (moved or self._tip_verified):
+            log.warning("chain_resumed", network=self.network, was=self.status.stopped)
+            self.status.stopped = None
         if self._waiting_for is not None and self._waiting_for != previous:
             log.warning("node_behind_checkpoint", network=self.network, detail=self._waiting_for)
         return moved
@@ -200,18 +231,29 @@ class Follower:
                 if node_block is not None and node_block.hash != cursor.hash:
                     await self._handle_reorg(cursor)
                     return 1
+                self._tip_verified = node_block is not None
                 return 0
             first = cursor.number + 1
 
         last = min(head, first + self.chunk_size - 1)
         return await self._scan(cursor, first, last, head)
 
+    def _range_ceiling(self, head: int, finalized: int | None) -> int:
+        """The highest block whose logs may be read by number range: well below the head
+        (and at or below the finalized block with "finalized"), where no node disagrees."""
+        ceiling = head - RANGE_DEPTH_FACTOR * max(self.depth, WINDOW_MARGIN)
+        return ceiling if finalized is None else min(ceiling, finalized)
+
     async def _scan(self, cursor: BlockRef | None, first: int, last: int, head: int) -> int:
         # Blocks (headers, or full blocks for native deposits, which also links them all) before
         # logs: if the chain moves between the reads, the checkpoint keeps the hash we saw
         # first, and the next step's parent-hash check finds the reorg.
-        near_head = self.rails.native or last > head - 2 * max(self.depth, 64)
-        numbers = list(range(first, last + 1)) if near_head else sorted({first, last})
+        finalized = await self.reader.finalized_number() if self.confirmations == "finalized" else None
+        ceiling = self._range_ceiling(head, finalized)
+        near_head = last > ceiling
+        if near_head and first <= ceiling:
+            last, near_head = ceiling, False  # the ranged part now, the rest block by block next step
+        numbers = list(range(first, last + 1)) if near_head or self.rails.native else sorted({first, last})
         full_blocks: list[FullBlock] = []
         if self.rails.native:
             full_blocks = await self._full_blocks(numbers)
@@ -221,13 +263,16 @@ class Follower:
         if cursor is not None and by_number[first].parent_hash != cursor.hash:
             await self._handle_reorg(cursor)
             return 1
-        if near_head:
+        if len(numbers) == last - first + 1:
             for n in range(first + 1, last + 1):
                 if by_number[n].parent_hash != by_number[n - 1].hash:
                     raise ChainChanged(f"blocks {n - 1} and {n} do not link")
 
         self.refresh_watch_set()
-        matched = await self._logged_payments(first, last)
+        if near_head:
+            matched = await self._block_logged_payments([by_number[n] for n in numbers])
+        else:
+            matched = await self._logged_payments(first, last, by_number[last])
         if self.rails.native:
             matched += await self._native_deposits(full_blocks)
             if self.tracer:
@@ -243,16 +288,19 @@ class Follower:
             self.chunk_size = min(self.max_chunk_size, self.chunk_size * 2)
 
         blocks = [by_number[n] for n in numbers]
-        if self.confirmations == "finalized":
-            confirmed_through = min(last, await self.reader.finalized_number())
+        if finalized is not None:
+            confirmed_through = min(last, finalized)
+            keep_above = min(last - self.window, finalized - 1)
         else:
             confirmed_through = last - int(self.confirmations) + 1
+            keep_above = last - self.window
         self.store.outbox.take_reported_payments()  # what a rolled-back change reported never happened
         result = self.store.apply_blocks(
             self.network,
             blocks,
             [MatchedTransfer(t, option_id, by_number[t.block_number].timestamp) for t, option_id in matched],
             confirmed_through=confirmed_through,
+            keep_above=keep_above,
         )
         reported = self.store.outbox.take_reported_payments()
         if self.metrics is not None:
@@ -264,37 +312,56 @@ class Follower:
             )
         return last - first + 1
 
-    async def _logged_payments(self, first: int, last: int) -> list[Match]:
+    def _log_query(self, transfers: bool = True, routed: bool = True) -> LogQuery:
+        recipients = self.watch.recipient_filter()
+        return LogQuery(
+            tokens=self.tokens if transfers else [],
+            recipients=recipients,
+            keep=self.watch.addresses if recipients is None else None,
+            routers=sorted(self.watch.routers) if routed else [],
+            payment_ids=self.watch.payment_id_filter(),
+        )
+
+    async def _block_logged_payments(self, blocks: Sequence[BlockRef]) -> list[Match]:
+        """Near the head: each block's logs asked by its hash, unless its logsBloom rules out
+        every log we could want (most blocks, for most merchants: no request at all)."""
+        wanted = []
+        for block in blocks:
+            transfers, routed = self.watch.may_pay(block.bloom, self.tokens)
+            if transfers or routed:
+                wanted.append((block, self._log_query(transfers, routed)))
+        found = await self.reader.block_logs(wanted) if wanted else FoundLogs()
+        return self.watch.logged(found.transfers, found.routed)
+
+    async def _logged_payments(self, first: int, last: int, tip: BlockRef) -> list[Match]:
         """Token transfers and router payments of the range, matched to our options.
 
         The range is read in spans of at most LOG_SPAN blocks, LOGS_IN_FLIGHT at a time:
         nodes answer many mid-sized requests faster than one huge one, and two in flight
-        keep the node busy while we decode. The step still commits once."""
-        recipients = self.watch.recipient_filter()
-        payment_ids = self.watch.payment_id_filter()
+        keep the node busy while we decode. The step still commits once. Each span's answer
+        comes with the header of its last block, so a node that lacks it cannot pass off
+        a clamped range as complete."""
+        query = self._log_query()
+        if not query.requests():
+            return []
         limit = asyncio.Semaphore(LOGS_IN_FLIGHT)
 
-        async def span(a: int, b: int) -> tuple[list[Transfer], list[RouterPayment]]:
+        async def span(a: int, b: int) -> FoundLogs:
             async with limit:
-                if recipients is not None:
-                    transfers = await self.reader.transfer_logs(a, b, self.tokens, recipients)
-                else:
-                    transfers = await self.reader.transfer_logs(a, b, self.tokens, None, keep=self.watch.addresses)
-                routed: list[RouterPayment] = []
-                if self.watch.routers:
-                    routed = await self.reader.router_payments(a, b, sorted(self.watch.routers), payment_ids)
-                return transfers, routed
+                return await self.reader.range_logs(a, b, query, tip if b == tip.number else None)
 
         size = min(LOG_SPAN, self.chunk_size)
         try:
             parts = await _all_or_none([span(a, min(a + size - 1, last)) for a in range(first, last + 1, size)])
+        except BlockUnknown:
+            raise
         except RpcError as exc:
             if last > first and exc.code != 429 and "rate" not in str(exc).lower():
                 # Providers refuse ranges that are too large or too busy: ask for less next time.
                 self.chunk_size = max(1, (last - first + 1) // 2)
                 log.warning("log_range_shrunk", network=self.network, chunk_size=self.chunk_size, error=str(exc))
             raise
-        return self.watch.logged([t for transfers, _ in parts for t in transfers], [p for _, routed in parts for p in routed])
+        return self.watch.logged([t for part in parts for t in part.transfers], [p for part in parts for p in part.routed])
 
     async def _full_blocks(self, numbers: list[int]) -> list[FullBlock]:
         blocks = await self.reader.full_blocks(numbers)
@@ -315,27 +382,56 @@ class Follower:
 
     async def _handle_reorg(self, cursor: BlockRef) -> None:
         """Walk our stored window down to the newest block the node still has; drop the rest."""
-        window = self.store.recent_blocks(self.network)
-        ancestor: BlockRef | None = None
-        if window:
-            node_blocks = await self.reader.headers([b.number for b in window])
-            for ours, theirs in zip(window, node_blocks):
-                if theirs is not None and theirs.hash == ours.hash:
-                    ancestor = ours
-                    break
-        if ancestor is None and window and window[-1].number > 0:
-            # Deeper than we remember: take the node's block below our window as the base
-            # and scan up again; payments still canonical are simply detected again.
-            log.error("reorg_deeper_than_window", network=self.network, tip=cursor.number, window=len(window))
-            [ancestor] = await self.reader.headers([window[-1].number - 1])
-        if ancestor is None:
-            # Never forget the checkpoint: that would skip blocks. Try again on the next step.
-            raise ChainChanged(f"no common ancestor with the node below block {cursor.number}")
+        ancestor = await self._common_ancestor(cursor)
         reverted = self.store.revert_to(self.network, ancestor)
         log.warning(
             "reorg", network=self.network, old_tip=cursor.number, old_hash=cursor.hash,
-            ancestor=ancestor.number if ancestor else None, payments_reverted=len(reverted),
+            ancestor=ancestor.number, payments_reverted=len(reverted),
         )
+
+    async def _common_ancestor(self, cursor: BlockRef) -> BlockRef:
+        """The newest block of our window that the node has too, asked from the top in pages
+        (8 headers, then twice as many up to `max_batch`): most reorgs are a block or two.
+
+        A `null` header at a height we hold is a node behind, not a different block: ask
+        again (ChainChanged). No match in the whole window stops the chain (ReorgTooDeep):
+        taking a block we never checked as the ancestor could keep a payment that is gone."""
+        window = self.store.recent_blocks(self.network)
+        page = min(8, self.max_batch)
+        start = 0
+        while start < len(window):
+            ours = window[start : start + page]
+            theirs = await self.reader.headers([b.number for b in ours])
+            for mine, node_block in zip(ours, theirs):
+                if node_block is None:
+                    raise ChainChanged(f"the node has no block {mine.number} (behind?) while we look for a reorg's base")
+                if node_block.hash == mine.hash:
+                    return mine
+            start += len(ours)
+            page = min(page * 2, self.max_batch)
+        oldest = window[-1].number if window else cursor.number
+        await self._check_genesis()
+        reason = (
+            f"reorg deeper than the {len(window)} blocks remembered (blocks {oldest} to {cursor.number} all differ "
+            "on the node): nothing on this chain is applied or confirmed until an operator acts"
+        )
+        log.error("reorg_deeper_than_window", network=self.network, tip=cursor.number, oldest=oldest, window=len(window))
+        raise ReorgTooDeep(reason)
+
+    async def _check_genesis(self) -> None:
+        """After a reset test chain, or a failover to a node of another network with the same
+        chain id, nothing we hold matches: say that, not "a deep reorg"."""
+        stored = self.store.genesis_hash(self.network)
+        if stored is None:
+            return
+        [genesis] = await self.reader.headers([0])
+        if genesis is not None and genesis.hash != stored:
+            log.error("wrong_chain", network=self.network, stored_genesis=stored, node_genesis=genesis.hash)
+            raise WrongChainFollowed(
+                f"the node serves another chain: its genesis block is {genesis.hash}, this database's is {stored} "
+                "(a reset test chain, or another network with the same chain id); nothing on this chain is applied "
+                "until rpc_urls point at the right chain (and the daemon is restarted)"
+            )
 
     # ------------------------------------------------------------------ loop
 
@@ -350,7 +446,12 @@ class Follower:
             try:
                 moved = await self.run_once()
                 backoff = 0.5
-            except (RpcError, ChainChanged, TracerMissing, OSError, asyncio.TimeoutError) as exc:
+            except ChainStopped as exc:
+                if self.status.stopped != str(exc):
+                    log.error("chain_stopped", network=self.network, reason=str(exc))
+                self.status.last_error = self.status.stopped = str(exc)
+                self._count_failure(exc)
+            except (RpcError, ChainChanged, OSError, asyncio.TimeoutError) as exc:
                 self.status.last_error = str(exc)
                 log.warning("follower_step_failed", network=self.network, error=str(exc))
                 self._count_failure(exc)
@@ -380,7 +481,11 @@ def _failure_reason(exc: BaseException) -> str:
     """A metrics label for a failed step: few values, the log has the detail."""
     if isinstance(exc, TracerMissing):
         return "tracer_missing"
-    if isinstance(exc, ChainChanged):
+    if isinstance(exc, ReorgTooDeep):
+        return "reorg_too_deep"
+    if isinstance(exc, WrongChainFollowed):
+        return "wrong_chain"
+    if isinstance(exc, (ChainChanged, BlockUnknown)):
         return "chain_changed"
     if isinstance(exc, (RpcError, OSError, asyncio.TimeoutError)):
         return "rpc"

@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Sequence
 import orjson
 import structlog
 
+from .bloom import bloom_mask, may_contain
+from .chain import TRANSFER_TOPIC, address_topic
+from .contracts import PAYMENT_RECEIVED_TOPIC
 from .domain import FullBlock, RouterPayment, Transfer
 
 if TYPE_CHECKING:
@@ -28,6 +31,10 @@ log = structlog.get_logger("watcher.follower")
 TOPIC_FILTER_LIMIT = 1000
 
 Match = tuple[Transfer, str]  # a payment found, and the option it pays
+
+
+def _event_mask(address: str, topic: str) -> int:
+    return bloom_mask(address) | bloom_mask(topic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +89,26 @@ class WatchSet:
 
     def payment_id_filter(self) -> list[str] | None:
         return list(self.payment_ids) if len(self.payment_ids) <= TOPIC_FILTER_LIMIT else None
+
+    def may_pay(self, bloom: int | None, tokens: Sequence[str]) -> tuple[bool, bool]:
+        """(may the block hold a Transfer of ours, may it hold a router payment of ours), by
+        its logsBloom: False only when the bloom rules it out (a bloom has no false
+        negatives). Recipients and payment ids are looked at while they fit a topic filter;
+        past that, the token or router and its event alone decide."""
+        transfers = bool(tokens) and bool(self.addresses)
+        routed = bool(self.routers) and bool(self.payment_ids)
+        if bloom is None:
+            return transfers, routed
+        if transfers:
+            transfers = any(may_contain(bloom, _event_mask(t, TRANSFER_TOPIC)) for t in tokens) and (
+                len(self.addresses) > TOPIC_FILTER_LIMIT
+                or any(may_contain(bloom, bloom_mask(address_topic(a))) for a in self.addresses)
+            )
+        if routed:
+            routed = any(may_contain(bloom, _event_mask(r, PAYMENT_RECEIVED_TOPIC)) for r in self.routers) and (
+                len(self.payment_ids) > TOPIC_FILTER_LIMIT or any(may_contain(bloom, bloom_mask(p)) for p in self.payment_ids)
+            )
+        return transfers, routed
 
     def transfers(self, transfers: Sequence[Transfer]) -> list[Match]:
         """Ours: to a deposit address, of that option's asset, and not zero."""

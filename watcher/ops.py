@@ -134,10 +134,15 @@ class Ops:
                 why.append(f"has not read the node's head since it started {now - self.started_at:.0f} s ago")
             elif now - head_at > max_age:
                 why.append(f"last read the node's head {now - head_at:.0f} s ago (bound {max_age:g} s)")
+            if follower is not None and follower.status.stopped is not None:
+                why.append(f"is stopped: {self._redact(follower.status.stopped)}")
             if follower is not None and processed is None:
                 why.append("has not processed a block yet")
             elif lag is not None and lag > bound:
                 why.append(f"is {lag} blocks behind the node's head (bound {bound})")
+            elif head is not None and processed is not None and head < processed:
+                why.append(f"the node's head {head} is behind the checkpoint {processed} (a node behind the others: "
+                           "what it says cannot be checked against what we hold)")
             chains.append({
                 "network": name, "ready": not why, "head_block": head, "last_processed_block": processed,
                 "lag_blocks": lag, "max_lag_blocks": bound, "last_head_at": rfc3339(head_at), "last_error": last_error,

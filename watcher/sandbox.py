@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import secrets
+import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -29,6 +32,7 @@ from .api import Problem, invalid, json_response, read_json
 from .domain import DECIMAL_TEXT
 from . import schemas
 from .chain import METHOD_NOT_FOUND, RpcError
+from .config import ConfigError
 from .contracts import load_artifact
 from .openapi import Operation
 from .store import Store
@@ -57,6 +61,7 @@ def _block_json(block: dict, full: bool = False) -> dict:
         "hash": block["hash"],
         "parentHash": block["parent_hash"],
         "timestamp": _hex(block["timestamp"]),
+        "logsBloom": "0x" + format(block["logs_bloom"], "0512x"),
     }
     if full:
         out["transactions"] = [
@@ -123,9 +128,16 @@ class EthTesterTransport:
         if method == "eth_getLogs":
             f = params[0]
             address = f.get("address")
+            if "blockHash" in f:  # EIP-234: one block by its hash; a node without it errs
+                try:
+                    first = last = t.get_block_by_hash(f["blockHash"])["number"]
+                except BlockNotFound:
+                    raise RpcError(method, f"unknown block {f['blockHash']}", -32000) from None
+            else:
+                first, last = int(f["fromBlock"], 16), int(f["toBlock"], 16)
             logs = t.get_logs(
-                from_block=int(f["fromBlock"], 16),
-                to_block=int(f["toBlock"], 16),
+                from_block=first,
+                to_block=last,
                 address=[to_checksum_address(a) for a in address] if isinstance(address, list) else address,
                 topics=f.get("topics"),
             )
@@ -249,6 +261,44 @@ class SandboxChain:
 
     def head(self) -> int:
         return int(self.tester.get_block_by_number("latest")["number"])
+
+    @property
+    def genesis_hash(self) -> str:
+        """Block 0, dated when this chain was made: no two sandbox chains share it."""
+        return str(self.tester.get_block_by_number(0)["hash"]).lower()
+
+
+def claim_database(path: str, chain: SandboxChain, *, clock: Callable[[], float] = time.time) -> str:
+    """Make `path` a database for `chain`, and say how, for the banner.
+
+    The sandbox's chain lives in memory and is new at every start, so a database that followed
+    an earlier one cannot go on with it: its checkpoint, blocks and payments belong to a chain
+    that is gone, and the watcher would refuse the new one (another genesis). Such a database
+    is moved aside, with its WAL files, to PATH.<UTC time>.old, and a fresh one is started; one
+    that has followed no chain yet is kept."""
+    if not os.path.exists(path):
+        return "new"
+    try:
+        store = Store(path, clock=clock)
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError("--database", f"{path} is not a watcher database ({exc}); give another path") from None
+    try:
+        stored = store.genesis_hash(SANDBOX_NETWORK)
+        followed = store.cursor(SANDBOX_NETWORK) is not None
+    finally:
+        store.close()
+    if stored == chain.genesis_hash or (stored is None and not followed):
+        return "kept: it has followed no sandbox chain yet"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(clock()))
+    aside = f"{path}.{stamp}.old"
+    n = 1
+    while any(os.path.exists(aside + suffix) for suffix in ("", "-wal", "-shm")):
+        n += 1
+        aside = f"{path}.{stamp}-{n}.old"
+    for suffix in ("-wal", "-shm", ""):  # the WAL first: one left at `path` would be read into the new database
+        if os.path.exists(path + suffix):
+            os.replace(path + suffix, aside + suffix)
+    return f"new: the database there followed an earlier sandbox chain, which is gone; moved to {aside}"
 
 
 def sandbox_settings_data(chain: SandboxChain, *, confirmations: int | str = 3, poll_interval: float = 0.5) -> dict:

@@ -23,6 +23,7 @@ from .chain import ChainReader, HttpTransport, JsonRpcReader, RpcError, Transpor
 from .config import ChainSettings, ConfigError, Settings, load_settings, strip_credentials
 from .chain.failover import FailoverTransport
 from .follower import Follower, Rails
+from .genesis import WrongChain, node_genesis, wrong_chain_message
 from .chain.heads import HeadSubscriber
 from .invoicing import Invoicing
 from .jobs import make_scheduler
@@ -124,28 +125,61 @@ class Service:
                 on_failure=lambda kind: self.metrics.endpoint_failed(name, kind),
             )
             self._transports.append(transport)
-        return JsonRpcReader(transport, self.metrics.rpc(name))
+        return JsonRpcReader(transport, self.metrics.rpc(name), max_batch=chain.max_batch)
 
-    async def _check_chain_ids(self, index: int, chain: ChainSettings, reader: ChainReader) -> None:
+    async def _check_nodes(self, index: int, chain: ChainSettings, reader: ChainReader) -> list[tuple[int | None, str]]:
         """Every rpc_url must serve the configured chain: a failover to a node of another chain
-        would read its blocks as ours. One that does not answer now is checked by nobody; say so."""
+        would read its blocks as ours. One that does not answer now is checked by nobody; say so.
+        Returns (rpc_urls index, or None for the sandbox, genesis hash) of each node that told
+        its block 0, for `_check_genesis`."""
         if self.sandbox is not None and chain.name == self.sandbox.network:
-            answers = [(None, await reader.chain_id())]
+            answers = [(None, await reader.chain_id(), await node_genesis(reader))]
         else:
             answers = []
             for j, url in enumerate(chain.rpc_urls):
                 probe = HttpTransport(url, timeout=RPC_TIMEOUT, retry_delays=(0.2,))
+                shown = strip_credentials(url)
                 try:
-                    answers.append((j, await JsonRpcReader(probe).chain_id()))
+                    node_chain_id = await JsonRpcReader(probe).chain_id()
+                    try:
+                        genesis = await node_genesis(JsonRpcReader(probe))
+                    except RpcError as exc:
+                        genesis = None
+                        log.warning("genesis_unchecked", network=chain.name, rpc_url=shown, error=str(exc))
+                    answers.append((j, node_chain_id, genesis))
                 except RpcError as exc:
-                    shown = strip_credentials(url)
                     log.warning("chain_id_unchecked", network=chain.name, rpc_url=shown, error=str(exc))
                 finally:
                     await probe.close()
-        for j, node_chain_id in answers:
+        for j, node_chain_id, _ in answers:
             if node_chain_id != chain.chain_id:
                 where = "the node" if j is None else f"rpc_urls[{j}]"
                 raise ConfigError(f"chains[{index}].chain_id", f"is {chain.chain_id} but {where} answers {node_chain_id}")
+        for j, _, genesis in answers:
+            if genesis is None:
+                where = "the node" if j is None else f"rpc_urls[{j}]"
+                log.warning("genesis_unchecked", network=chain.name, node=where, error="the node does not serve block 0")
+        return [(j, genesis) for j, _, genesis in answers if genesis is not None]
+
+    def _check_genesis(self, index: int, chain: ChainSettings, geneses: list[tuple[int | None, str]]) -> str | None:
+        """Refuse a node of another chain with the same chain id (a reset test chain, another
+        network): its block 0 is not the one the database recorded, or, on a database that
+        follows nothing yet, not the other nodes'. Returns the genesis to record, if any."""
+        assert self.store is not None
+        stored = self.store.genesis_hash(chain.name)
+        for j, found in geneses:
+            if stored is not None and found != stored:
+                key = f"chains[{index}]" + ("" if j is None else f".rpc_urls[{j}]")
+                raise WrongChain(key, wrong_chain_message(chain.name, chain.chain_id, stored, found, self.settings.database))
+        if len({found for _, found in geneses}) > 1:
+            a, first = geneses[0]
+            b, second = next((j, found) for j, found in geneses if found != first)
+            raise WrongChain(
+                f"chains[{index}].rpc_urls",
+                f"rpc_urls[{a}] and rpc_urls[{b}] serve two chains with chain id {chain.chain_id} (genesis {first} "
+                f"and {second}): keep only nodes of the chain {chain.name!r} is",
+            )
+        return None if stored is not None or not geneses else geneses[0][1]
 
     def _heads_for(self, chain: ChainSettings, follower: Follower) -> HeadSubscriber | None:
         """newHeads over WebSocket when the chain has a ws_url: the follower looks at once
@@ -163,13 +197,19 @@ class Service:
         self.store = store = Store(s.database, clock=self.clock)
         store.outbox.set_endpoints(Endpoint(w.url, tuple(w.events)) for w in s.webhooks)
         readers: dict[str, ChainReader] = {}
+        first_seen: dict[str, str] = {}
         for i, chain in enumerate(s.chains):
             readers[chain.name] = self._reader_for(chain)
             try:
-                await self._check_chain_ids(i, chain, readers[chain.name])
+                genesis = self._check_genesis(i, chain, await self._check_nodes(i, chain, readers[chain.name]))
             except ConfigError:
                 await self._close_resources()
                 raise
+            if genesis is not None:
+                first_seen[chain.name] = genesis
+        for name, genesis in first_seen.items():  # only once every chain has passed its checks
+            store.remember_genesis(name, genesis)
+            log.info("genesis_recorded", network=name, genesis=genesis)
         for chain in s.chains:
             self.followers[chain.name] = Follower(
                 network=chain.name,
@@ -185,6 +225,7 @@ class Service:
                     native=any(a.kind == "native" for a in chain.assets),
                     internal_transfers=chain.internal_transfers,
                 ),
+                max_batch=chain.max_batch,
             )
             if (heads := self._heads_for(chain, self.followers[chain.name])) is not None:
                 self.heads[chain.name] = heads

@@ -8,10 +8,14 @@ WebSocket. Imports run one way: transport <- failover <- traces <- reader; heads
 
 from .reader import (
     BLOCK_BATCH,
+    MAX_BATCH,
     TRACE_BATCH,
     TRANSFER_TOPIC,
+    BlockUnknown,
     ChainReader,
+    FoundLogs,
     JsonRpcReader,
+    LogQuery,
     RpcCounts,
     address_topic,
     decode_full_block,
@@ -19,17 +23,22 @@ from .reader import (
     decode_router_log,
     decode_transfer_log,
 )
-from .transport import METHOD_NOT_FOUND, RETRY_DELAYS, HttpTransport, RpcError, Transport
+from .transport import METHOD_NOT_FOUND, RETRY_DELAYS, BatchRefused, HttpTransport, RpcError, Transport
 
 __all__ = [
     "BLOCK_BATCH",
+    "MAX_BATCH",
     "METHOD_NOT_FOUND",
     "RETRY_DELAYS",
     "TRACE_BATCH",
     "TRANSFER_TOPIC",
+    "BatchRefused",
+    "BlockUnknown",
     "ChainReader",
+    "FoundLogs",
     "HttpTransport",
     "JsonRpcReader",
+    "LogQuery",
     "RpcCounts",
     "RpcError",
     "Transport",

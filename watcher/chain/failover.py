@@ -20,7 +20,7 @@ import aiohttp
 import structlog
 
 from ..config import strip_credentials
-from .transport import RETRY_DELAYS, HttpTransport, RpcError
+from .transport import RETRY_DELAYS, BatchRefused, HttpTransport, RpcError
 
 log = structlog.get_logger("watcher.failover")
 
@@ -103,6 +103,8 @@ class _Endpoint(HttpTransport):
                 answer = await self._post(payload)
                 _check_shape(what, payload, answer)
                 return answer
+            except BatchRefused:
+                raise  # an answer (the node's cap), not a missing one: smaller batches, same endpoint
             except (aiohttp.ClientError, asyncio.TimeoutError, RpcError) as exc:
                 reason = self._describe(exc)
                 if self.on_failure is not None:

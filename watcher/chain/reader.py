@@ -9,6 +9,7 @@ watcher keep near the node's own speed rather than paying for web3's generic for
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Container, Protocol, Sequence, TypeVar
 
 import structlog
@@ -17,7 +18,7 @@ from ..contracts import PAYMENT_RECEIVED_TOPIC
 from ..domain import BlockRef, FullBlock, NativeTransaction, RouterPayment, Transfer
 from . import traces
 from .traces import InternalTransfer
-from .transport import METHOD_NOT_FOUND, RpcError, Transport
+from .transport import METHOD_NOT_FOUND, BatchRefused, RpcError, Transport
 
 log = structlog.get_logger("watcher.chain")
 
@@ -31,6 +32,55 @@ TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523
 BLOCK_BATCH = 25
 # Blocks traced per batch: a block's call traces can run to megabytes.
 TRACE_BATCH = 5
+# The JSON-RPC batch ceiling when none is configured: providers cap batches, often at 100.
+MAX_BATCH = 100
+
+
+class BlockUnknown(RpcError):
+    """The node answering does not have a block we hold (a backend behind the others, or a
+    reorg under way: it has none, or another one, at that height): whatever it said about
+    that block cannot be complete. Ask again."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogQuery:
+    """What logs a step wants: the tokens' Transfers (filtered by recipient topic while the
+    list is short, else only `keep` recipients decoded) and the routers' PaymentReceived
+    (filtered by payment id while that list is short)."""
+
+    tokens: Sequence[str]
+    recipients: Sequence[str] | None
+    keep: Container[str] | None
+    routers: Sequence[str]
+    payment_ids: Sequence[str] | None
+
+    def requests(self) -> list[tuple[str, list[Any], Callable[[Any], Any], Callable[[Any], bool] | None]]:
+        """(kind, address, topics, decode, wanted) for each eth_getLogs this query needs."""
+        out: list[Any] = []
+        if self.tokens and (self.recipients is None or self.recipients):
+            topics: list[Any] = [TRANSFER_TOPIC]
+            if self.recipients is not None:
+                topics += [None, [address_topic(a) for a in self.recipients]]
+            wanted = None if self.keep is None or self.recipients is not None else _recipient_in(self.keep)
+            out.append((list(self.tokens), topics, decode_transfer_log, wanted))
+        if self.routers and (self.payment_ids is None or self.payment_ids):
+            topics = [PAYMENT_RECEIVED_TOPIC]
+            if self.payment_ids is not None:
+                topics += [None, list(self.payment_ids)]
+            out.append((list(self.routers), topics, decode_router_log, None))
+        return out
+
+
+@dataclass
+class FoundLogs:
+    transfers: list[Transfer] = field(default_factory=list)
+    routed: list[RouterPayment] = field(default_factory=list)
+
+    def add(self, decoded: Transfer | RouterPayment) -> None:
+        if isinstance(decoded, Transfer):
+            self.transfers.append(decoded)
+        else:
+            self.routed.append(decoded)
 
 
 class ChainReader(Protocol):
@@ -44,14 +94,9 @@ class ChainReader(Protocol):
 
     async def finalized_number(self) -> int: ...
 
-    async def transfer_logs(
-        self, from_block: int, to_block: int, tokens: Sequence[str], recipients: Sequence[str] | None,
-        keep: Container[str] | None = None,
-    ) -> list[Transfer]: ...
+    async def range_logs(self, first: int, last: int, query: LogQuery, through: BlockRef | None = None) -> FoundLogs: ...
 
-    async def router_payments(
-        self, from_block: int, to_block: int, routers: Sequence[str], payment_ids: Sequence[str] | None
-    ) -> list[RouterPayment]: ...
+    async def block_logs(self, wanted: Sequence[tuple[BlockRef, LogQuery]]) -> FoundLogs: ...
 
     async def full_blocks(self, numbers: Sequence[int]) -> list[FullBlock | None]: ...
 
@@ -87,7 +132,16 @@ def decode_header(raw: Any) -> BlockRef:
         hash=_hash(raw.get("hash"), "block.hash"),
         parent_hash=_hash(raw.get("parentHash"), "block.parentHash"),
         timestamp=_int(raw.get("timestamp"), "block.timestamp"),
+        bloom=_bloom(raw.get("logsBloom")),
     )
+
+
+def _bloom(value: Any) -> int | None:
+    """The header's logsBloom, or None when the node gave none we can read (then nothing is
+    skipped for it: a missing bloom only costs requests)."""
+    if isinstance(value, str) and len(value) == 2 + 512 and value.startswith("0x") and _HEX.issuperset(value[2:].lower()):
+        return int(value, 16)
+    return None
 
 
 def decode_transfer_log(raw: Any) -> Transfer | None:
@@ -176,6 +230,31 @@ def decode_full_block(raw: Any) -> FullBlock:
     return FullBlock(ref, tuple(moved), frozenset(hashes))
 
 
+def _decoded(raws: Any, decode: Callable[[Any], L | None], wanted: Callable[[Any], bool] | None) -> list[L]:
+    if not isinstance(raws, list):
+        raise RpcError("eth_getLogs", "logs are not a list")
+    out = []
+    for raw in raws:
+        if wanted is not None and not wanted(raw):
+            continue
+        decoded = decode(raw)
+        if decoded is not None:
+            out.append(decoded)
+    return out
+
+
+def _proof(raw: Any, number: int, ours: BlockRef | None) -> None:
+    """The header that closes a batch of logs: the node answering has block `number`, and it
+    is ours (when we hold it)."""
+    if raw is None:
+        raise BlockUnknown("eth_getBlockByNumber", f"the node answering has no block {number} yet: its logs cannot be complete")
+    header = decode_header(raw)
+    if header.number != number:
+        raise RpcError("eth_getBlockByNumber", f"asked for block {number}, got {header.number}")
+    if ours is not None and header.hash != ours.hash:
+        raise BlockUnknown("eth_getBlockByNumber", f"the node answering has another block {number} than ours (a reorg under way?)")
+
+
 def _recipient_in(keep: Container[str]) -> Callable[[Any], bool]:
     """A cheap look at a Transfer log's recipient topic; a log too odd to look at is kept,
     so that the decoder says what is wrong with it."""
@@ -227,20 +306,38 @@ class JsonRpcReader:
     and so is every failed operation: a counter increment per request, against a
     round trip to the node."""
 
-    def __init__(self, transport: Transport, counts: RpcCounts | None = None) -> None:
+    def __init__(self, transport: Transport, counts: RpcCounts | None = None, *, max_batch: int = MAX_BATCH) -> None:
         self.transport = transport
         self.counts = counts
         self.block_receipts: bool | None = None  # does the node answer eth_getBlockReceipts? (None: not asked yet)
+        # The batch ceiling: the configured `max_batch`, halved (for good) each time the node refuses a batch.
+        self.max_batch = max(1, max_batch)
 
     async def _call(self, method: str, params: list) -> Any:
         if self.counts is not None:
             self.counts.called(method)
         return await self.transport.call(method, params)
 
-    async def _batch(self, method: str, calls: Sequence[tuple[str, list]]) -> list[Any]:
-        if self.counts is not None:
-            self.counts.called(method)
-        return await self.transport.batch(calls)
+    async def _batch(self, method: str, calls: Sequence[tuple[str, list]], *, page: int | None = None) -> list[Any]:
+        """The answers to `calls`, sent in batches of at most `max_batch` (and `page`); a
+        batch the node refuses as too long halves `max_batch` and goes again."""
+        out: list[Any] = []
+        done = 0
+        while done < len(calls):
+            size = min(self.max_batch, page or self.max_batch)
+            part = calls[done : done + size]
+            if self.counts is not None:
+                self.counts.called(method)
+            try:
+                out += await self.transport.batch(part)
+            except BatchRefused as exc:
+                if len(part) == 1:
+                    raise
+                self.max_batch = max(1, len(part) // 2)
+                log.warning("rpc_batch_shrunk", method=method, max_batch=self.max_batch, error=str(exc))
+                continue
+            done += len(part)
+        return out
 
     @_counted("eth_chainId")
     async def chain_id(self) -> int:
@@ -272,74 +369,67 @@ class JsonRpcReader:
         return decode_header(raw).number
 
     @_counted("eth_getLogs")
-    async def transfer_logs(
-        self, from_block: int, to_block: int, tokens: Sequence[str], recipients: Sequence[str] | None,
-        keep: Container[str] | None = None,
-    ) -> list[Transfer]:
-        """The tokens' Transfer logs, filtered by recipient topic while that list is short.
-
-        `keep`: without a recipient filter, only logs to these addresses are decoded (checking
-        and building every log of a busy token costs more than reading it)."""
-        if not tokens:
-            return []
-        topics: list[Any] = [TRANSFER_TOPIC]
-        if recipients is not None:
-            if not recipients:
-                return []
-            topics += [None, [address_topic(a) for a in recipients]]
-        wanted = None if keep is None else _recipient_in(keep)
-        return await self._logs(from_block, to_block, list(tokens), topics, decode_transfer_log, wanted)
+    async def range_logs(self, first: int, last: int, query: LogQuery, through: BlockRef | None = None) -> FoundLogs:
+        """The query's logs of blocks `first`..`last` by number range, in one batch with the
+        header of `last`: a backend behind `last` answers logs only up to its own head and
+        no error (geth clamps `toBlock`), so the same batch must show it has `last` (the
+        hash of `through`, when given), or nothing it said is taken."""
+        requests = query.requests()
+        if not requests:
+            return FoundLogs()
+        span = {"fromBlock": hex(first), "toBlock": hex(last)}
+        calls = [("eth_getLogs", [{**span, "address": address, "topics": topics}]) for address, topics, _, _ in requests]
+        answers = await self._batch("eth_getLogs", [*calls, ("eth_getBlockByNumber", [hex(last), False])])
+        _proof(answers[-1], last, through)
+        found = FoundLogs()
+        for (_, _, decode, wanted), raws in zip(requests, answers):
+            for decoded in _decoded(raws, decode, wanted):
+                if not (first <= decoded.block_number <= last):
+                    raise RpcError("eth_getLogs", f"log of block {decoded.block_number} outside {first}-{last}")
+                found.add(decoded)
+        return found
 
     @_counted("eth_getLogs")
-    async def router_payments(
-        self, from_block: int, to_block: int, routers: Sequence[str], payment_ids: Sequence[str] | None
-    ) -> list[RouterPayment]:
-        """The routers' `PaymentReceived` logs, filtered by payment id hash while that list is short."""
-        topics: list[Any] = [PAYMENT_RECEIVED_TOPIC]
-        if payment_ids is not None:
-            if not payment_ids:
-                return []
-            topics += [None, list(payment_ids)]
-        return await self._logs(from_block, to_block, list(routers), topics, decode_router_log)
-
-    async def _logs(
-        self, from_block: int, to_block: int, address: str | list[str], topics: list[Any], decode: Callable[[Any], L | None],
-        wanted: Callable[[Any], bool] | None = None,
-    ) -> list[L]:
-        """One eth_getLogs; what `decode` does not recognise, or `wanted` passes over, is
-        skipped; a log outside the range is the node's error."""
-        raws = await self._call(
-            "eth_getLogs", [{"fromBlock": hex(from_block), "toBlock": hex(to_block), "address": address, "topics": topics}]
-        )
-        if not isinstance(raws, list):
-            raise RpcError("eth_getLogs", "logs are not a list")
-        if wanted is not None:
-            raws = [raw for raw in raws if wanted(raw)]
-        out = []
-        for raw in raws:
-            decoded = decode(raw)
-            if decoded is None:
-                continue
-            if not (from_block <= decoded.block_number <= to_block):
-                raise RpcError("eth_getLogs", f"log of block {decoded.block_number} outside {from_block}-{to_block}")
-            out.append(decoded)
-        return out
+    async def block_logs(self, wanted: Sequence[tuple[BlockRef, LogQuery]]) -> FoundLogs:
+        """Each block's logs asked by its hash (EIP-234: a node that lacks the block errs
+        rather than answers nothing), all in batches; every log must name the block asked
+        for. The newest block's header, by number, closes the last batch: the node answering
+        has the chain we hold up to there."""
+        calls: list[tuple[str, list]] = []
+        expect: list[tuple[BlockRef, Callable[[Any], Any], Callable[[Any], bool] | None]] = []
+        for block, query in wanted:
+            for address, topics, decode, keep in query.requests():
+                calls.append(("eth_getLogs", [{"blockHash": block.hash, "address": address, "topics": topics}]))
+                expect.append((block, decode, keep))
+        if not calls:
+            return FoundLogs()
+        top = max((block for block, _ in wanted), key=lambda b: b.number)
+        answers = await self._batch("eth_getLogs", [*calls, ("eth_getBlockByNumber", [hex(top.number), False])])
+        _proof(answers[-1], top.number, top)
+        found = FoundLogs()
+        for (block, decode, keep), raws in zip(expect, answers):
+            for decoded in _decoded(raws, decode, keep):
+                if decoded.block_hash != block.hash or decoded.block_number != block.number:
+                    raise BlockUnknown("eth_getLogs", f"log of tx {decoded.tx_hash} names block hash {decoded.block_hash} "
+                                   f"(number {decoded.block_number}), not the block {block.number} its logs were asked for")
+                found.add(decoded)
+        return found
 
     @_counted("eth_getBlockByNumber")
     async def full_blocks(self, numbers: Sequence[int]) -> list[FullBlock | None]:
         """Blocks with their transactions, in batches of BLOCK_BATCH."""
         out: list[FullBlock | None] = []
-        for start in range(0, len(numbers), BLOCK_BATCH):
-            part = numbers[start : start + BLOCK_BATCH]
-            raws = await self._batch("eth_getBlockByNumber", [("eth_getBlockByNumber", [hex(n), True]) for n in part])
-            for n, raw in zip(part, raws):
-                if raw is None:
-                    out.append(None)
-                    continue
-                block = decode_full_block(raw)
-                if block.ref.number != n:
-                    raise RpcError("eth_getBlockByNumber", f"asked for block {n}, got {block.ref.number}")
-                out.append(block)
+        raws = await self._batch(
+            "eth_getBlockByNumber", [("eth_getBlockByNumber", [hex(n), True]) for n in numbers], page=BLOCK_BATCH
+        )
+        for n, raw in zip(numbers, raws):
+            if raw is None:
+                out.append(None)
+                continue
+            block = decode_full_block(raw)
+            if block.ref.number != n:
+                raise RpcError("eth_getBlockByNumber", f"asked for block {n}, got {block.ref.number}")
+            out.append(block)
         return out
 
     @_counted("eth_getBlockReceipts")
@@ -355,7 +445,9 @@ class JsonRpcReader:
         if self.block_receipts is not False:
             blocks = sorted({where for where in candidates.values()})
             try:
-                answers = await self._batch("eth_getBlockReceipts", [("eth_getBlockReceipts", [hex(n)]) for n, _ in blocks])
+                answers = await self._batch(
+                    "eth_getBlockReceipts", [("eth_getBlockReceipts", [hex(n)]) for n, _ in blocks], page=BLOCK_BATCH
+                )
                 self.block_receipts = True
             except RpcError as exc:
                 # (Also after it worked: a failover may have moved us to a node without it.)
@@ -369,11 +461,9 @@ class JsonRpcReader:
                         raise RpcError("eth_getBlockReceipts", f"block {n}: receipts are not a list")
                     receipts += answer
         if self.block_receipts is False:
-            hashes = sorted(candidates)
-            for start in range(0, len(hashes), BLOCK_BATCH * 4):
-                receipts += await self._batch(
-                    "eth_getTransactionReceipt", [("eth_getTransactionReceipt", [h]) for h in hashes[start : start + BLOCK_BATCH * 4]]
-                )
+            receipts += await self._batch(
+                "eth_getTransactionReceipt", [("eth_getTransactionReceipt", [h]) for h in sorted(candidates)]
+            )
         ok: set[str] = set()
         seen: set[str] = set()
         for receipt in receipts:
@@ -396,14 +486,28 @@ class JsonRpcReader:
         """Which tracer the node offers for inner transfers, if any."""
         if self.counts is not None:
             self.counts.called("probe_tracer")
-        return await traces.probe_tracer(self.transport, block_number)
+        return await traces.probe_tracer(_Paged(self, "probe_tracer"), block_number)
 
     @_counted("trace")
     async def internal_transfers(self, numbers: Sequence[int], method: str) -> list[InternalTransfer]:
         """The coin moved by inner calls in these blocks, with the tracer `probe_tracer` found."""
-        if self.counts is not None:
-            self.counts.called("trace")
         out: list[InternalTransfer] = []
+        paged = _Paged(self, "trace")
         for start in range(0, len(numbers), TRACE_BATCH):
-            out += await traces.fetch_internal_transfers(self.transport, numbers[start : start + TRACE_BATCH], method)
+            out += await traces.fetch_internal_transfers(paged, numbers[start : start + TRACE_BATCH], method)
         return out
+
+
+class _Paged:
+    """The reader's transport as the tracers see it: batches kept under the reader's
+    `max_batch` (and halved when refused), like every other batch."""
+
+    def __init__(self, reader: JsonRpcReader, method: str) -> None:
+        self.reader = reader
+        self.method = method
+
+    async def call(self, method: str, params: list) -> Any:
+        return await self.reader.transport.call(method, params)
+
+    async def batch(self, calls: Sequence[tuple[str, list]]) -> list[Any]:
+        return await self.reader._batch(self.method, calls)

@@ -31,6 +31,35 @@ class RpcError(Exception):
         self.code = code
 
 
+class BatchRefused(RpcError):
+    """The node refused a JSON-RPC batch as a whole (too long for its cap: HTTP 413, or one
+    error object about batches where a list was due, or such an error for every request): the
+    same requests in smaller batches will do. Never retried as it is, never a failover."""
+
+
+def refused_batch(payload: Any, status: int, answer: Any) -> BatchRefused | None:
+    """The refusal of a whole batch, as providers word it, or None."""
+    if not isinstance(payload, list) or len(payload) < 2:
+        return None
+    if status == 413:
+        return BatchRefused("batch", f"HTTP 413 for a batch of {len(payload)}", 413)
+    if isinstance(answer, dict) and isinstance(answer.get("error"), dict) and _about_batches(answer["error"]):
+        error = answer["error"]
+        return BatchRefused("batch", f"a batch of {len(payload)} refused: {error.get('message')}", error.get("code"))
+    if isinstance(answer, list) and len(answer) == len(payload) and all(
+        isinstance(a, dict) and isinstance(a.get("error"), dict) and _about_batches(a["error"]) for a in answer
+    ):
+        error = answer[0]["error"]
+        return BatchRefused("batch", f"a batch of {len(payload)} refused: {error.get('message')}", error.get("code"))
+    return None
+
+
+def _about_batches(error: dict) -> bool:
+    """An error that names batches ("batch too large", "batch limit exceeded"): a rate
+    limiter's or proxy's error object, which says nothing of batches, stays a failed answer."""
+    return "batch" in str(error.get("message", "")).lower()
+
+
 class Transport(Protocol):
     """Sends JSON-RPC requests; answers are the raw `result` values."""
 
@@ -66,16 +95,23 @@ class HttpTransport:
         ) as response:
             body = await response.read()
             if response.status != 200:
+                if refused := refused_batch(payload, response.status, None):
+                    raise refused
                 raise RpcError("http", f"HTTP {response.status}", response.status)
         try:
-            return orjson.loads(body)
+            answer = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise RpcError("http", f"malformed JSON: {exc}") from None
+        if refused := refused_batch(payload, 200, answer):
+            raise refused
+        return answer
 
     async def _with_retries(self, what: str, payload: Any) -> Any:
         for attempt, delay in enumerate((*self._retry_delays, None)):
             try:
                 return await self._post(payload)
+            except BatchRefused:
+                raise
             except (aiohttp.ClientError, asyncio.TimeoutError, RpcError) as exc:
                 if delay is None:
                     raise RpcError(what, f"gave up after {attempt + 1} attempts: {exc}") from None

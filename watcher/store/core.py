@@ -46,7 +46,7 @@ from .records import (
 from .schema import migrations
 from .views import invoice_view, payment_view, status_view
 
-BLOCK_WINDOW = 256  # recent canonical blocks kept to find a reorg's common ancestor
+BLOCK_WINDOW = 256  # recent canonical blocks kept when the caller names no window (see apply_blocks)
 
 # Derives an address from (xpub, index); builds a payment URI / contract call for an option.
 Deriver = Callable[[str, int], str]
@@ -66,6 +66,22 @@ SEARCH_SEPARATOR = "\x1f"
 def search_text(values: Iterable[str | None]) -> str:
     """The pieces to append to an invoice's `search_text`."""
     return "".join(SEARCH_SEPARATOR + v.casefold() for v in values if v)
+
+
+def _by_transaction(matched: Sequence[MatchedTransfer]) -> dict[str, list[MatchedTransfer]]:
+    """The transfers of each transaction, transactions in the order they were found."""
+    out: dict[str, list[MatchedTransfer]] = {}
+    for m in matched:
+        out.setdefault(m.transfer.tx_hash, []).append(m)
+    return out
+
+
+def _identity(m: MatchedTransfer, asset: str) -> tuple:
+    """What a payment moves, which survives its transaction's re-inclusion elsewhere: the
+    option it pays (hence the asset and token), the asset, payer, recipient and amount, as
+    the payments table stores them."""
+    t = m.transfer
+    return (m.option_id, asset, t.from_address, t.to_address, str(t.amount))
 
 
 class Store:
@@ -615,6 +631,22 @@ class Store:
         block = self._q1("SELECT parent_hash FROM chain_blocks WHERE network = ? AND number = ?", [network, row["block_number"]])
         return BlockRef(row["block_number"], row["block_hash"], block["parent_hash"] if block else "", row["block_timestamp"])
 
+    def genesis_hash(self, network: str) -> str | None:
+        """The hash of block 0 of the chain this database follows as `network`; None until
+        `remember_genesis` has recorded it (a chain never followed, a database from before)."""
+        row = self._q1("SELECT hash FROM chain_genesis WHERE network = ?", [network])
+        return row["hash"] if row else None
+
+    def remember_genesis(self, network: str, block_hash: str) -> str:
+        """Record `network`'s genesis hash unless one is recorded; returns the recorded one,
+        which differs from `block_hash` when the node serves another chain."""
+        with self.db.atomic():
+            self.db.execute(
+                "INSERT INTO chain_genesis(network, hash, recorded_at) VALUES (?, ?, ?) ON CONFLICT(network) DO NOTHING",
+                [network, block_hash.lower(), self._now()],
+            )
+            return self.genesis_hash(network)  # type: ignore[return-value]
+
     def recent_blocks(self, network: str) -> list[BlockRef]:
         """The stored canonical window, newest first."""
         return [
@@ -642,11 +674,14 @@ class Store:
         matched: Sequence[MatchedTransfer],
         *,
         confirmed_through: int,
+        keep_above: int | None = None,
     ) -> ApplyResult:
         """Record a range of canonical blocks in one transaction.
 
         `blocks` are the headers of the range (its last one becomes the checkpoint);
-        `confirmed_through` is the highest block whose payments count as confirmed.
+        `confirmed_through` is the highest block whose payments count as confirmed; stored
+        blocks at or below `keep_above` are forgotten (the follower's window: what it can
+        walk back through after a reorg; BLOCK_WINDOW blocks when not given).
         """
         result = ApplyResult()
         tip = blocks[-1]
@@ -656,7 +691,8 @@ class Store:
                 "INSERT OR REPLACE INTO chain_blocks(network, number, hash, parent_hash, timestamp) VALUES (?,?,?,?,?)",
                 [(network, b.number, b.hash, b.parent_hash, b.timestamp) for b in blocks],
             )
-            self.db.execute("DELETE FROM chain_blocks WHERE network = ? AND number <= ?", [network, tip.number - BLOCK_WINDOW])
+            forget_through = tip.number - BLOCK_WINDOW if keep_above is None else min(keep_above, tip.number - 1)
+            self.db.execute("DELETE FROM chain_blocks WHERE network = ? AND number <= ?", [network, forget_through])
             self.db.execute(
                 "INSERT INTO cursors(network, block_number, block_hash, block_timestamp, updated_at) VALUES (?,?,?,?,?) "
                 "ON CONFLICT(network) DO UPDATE SET block_number = excluded.block_number, block_hash = excluded.block_hash, "
@@ -666,10 +702,8 @@ class Store:
             self._tips[network] = tip.number
 
             touched: dict[str, list[str]] = {}
-            for m in matched:
-                recorded = self._record_payment(network, m, now)
-                if recorded is not None:
-                    payment_id, invoice_id = recorded
+            for tx_hash, transfers in _by_transaction(matched).items():
+                for payment_id, invoice_id in self._record_transaction(network, tx_hash, transfers, now):
                     touched.setdefault(invoice_id, []).append(payment_id)
                     result.payments_added += 1
 
@@ -700,34 +734,69 @@ class Store:
             )
         }
 
-    def _record_payment(self, network: str, m: MatchedTransfer, now: str) -> tuple[str, str] | None:
-        """Insert a payment once per (chain, tx, log); a reverted one seen again is detected again.
+    def _record_transaction(
+        self, network: str, tx_hash: str, transfers: Sequence[MatchedTransfer], now: str
+    ) -> list[tuple[str, str]]:
+        """Record what one transaction paid us; returns (payment id, invoice id) of each payment
+        that is new or revived, in the transaction's order.
 
-        Returns (payment id, invoice id) when it is new or revived, None when it was already live.
-        """
-        t = m.transfer
-        log_key = t.unique_key
-        existing = self._q1(
-            "SELECT id, invoice_id, status FROM payments WHERE network = ? AND tx_hash = ? AND log_key = ?",
-            [network, t.tx_hash, log_key],
+        A payment is what it moves (see `_identity`), not where its log sits: a transaction
+        re-included after a reorg may land at another position and its logs get other
+        indexes. So a transfer at a key a live payment of this transaction holds is already
+        recorded; any other revives a reverted payment of the transaction that moved the same
+        thing (the k-th such transfer, in log order, the k-th such payment, by its old key),
+        taking its new block and log; what is left is a new payment. All transfers of a
+        transaction are in one block, hence in one call."""
+        rows = self._q(
+            "SELECT id, invoice_id, status, log_key, option_id, asset, from_address, to_address, amount_atomic "
+            "FROM payments WHERE network = ? AND tx_hash = ? ORDER BY log_key, id",
+            [network, tx_hash],
         )
-        if existing is not None:
-            if existing["status"] != PaymentStatus.REVERTED:
-                return None
-            self.db.execute(
-                "UPDATE payments SET status = 'detected', block_number = ?, block_hash = ?, block_timestamp = ?, "
-                "confirmed_at = NULL, observed_at = ? WHERE id = ?",
-                [t.block_number, t.block_hash, m.block_timestamp, now, existing["id"]],
-            )
-            return existing["id"], existing["invoice_id"]
-        option = self._q1("SELECT invoice_id, asset, decimals FROM payment_options WHERE id = ?", [m.option_id])
+        live_keys = {r["log_key"] for r in rows if r["status"] != PaymentStatus.REVERTED}
+        reverted: dict[tuple, list[sqlite3.Row]] = {}
+        for r in rows:
+            if r["status"] == PaymentStatus.REVERTED:
+                key = (r["option_id"], r["asset"], r["from_address"], r["to_address"], r["amount_atomic"])
+                reverted.setdefault(key, []).append(r)
+        options: dict[str, sqlite3.Row] = {}
+        recorded = []
+        for m in sorted(transfers, key=lambda m: m.transfer.unique_key):
+            t = m.transfer
+            if t.unique_key in live_keys:
+                continue
+            option = options.get(m.option_id)
+            if option is None:
+                option = self._q1("SELECT invoice_id, asset, decimals FROM payment_options WHERE id = ?", [m.option_id])
+                if option is None:
+                    raise LookupError(f"no payment option {m.option_id!r}")
+                options[m.option_id] = option
+            same = reverted.get(_identity(m, option["asset"]))
+            if same:
+                recorded.append(self._revive_payment(same.pop(0), m, now))
+            else:
+                recorded.append(self._insert_payment(network, m, option, now))
+            live_keys.add(t.unique_key)
+        return recorded
+
+    def _revive_payment(self, row: sqlite3.Row, m: MatchedTransfer, now: str) -> tuple[str, str]:
+        """A reverted payment back on the canonical chain, where it now is."""
+        t = m.transfer
+        self.db.execute(
+            "UPDATE payments SET status = 'detected', block_number = ?, block_hash = ?, block_timestamp = ?, "
+            "log_index = ?, log_key = ?, confirmed_at = NULL, observed_at = ? WHERE id = ?",
+            [t.block_number, t.block_hash, m.block_timestamp, t.log_index, t.unique_key, now, row["id"]],
+        )
+        return row["id"], row["invoice_id"]
+
+    def _insert_payment(self, network: str, m: MatchedTransfer, option: sqlite3.Row, now: str) -> tuple[str, str]:
+        t = m.transfer
         payment_id = new_id("pay", int(self.clock() * 1000))
         # Plain SQL: the hot path of a busy chain (sqlite-utils' insert looks the table up each time).
         self.db.execute(
             "INSERT INTO payments(id, network, tx_hash, log_index, log_key, invoice_id, option_id, asset, decimals, "
             "block_number, block_hash, block_timestamp, from_address, to_address, amount_atomic, status, role, "
             "observed_at, confirmed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?, 'detected', 'counted', ?, NULL)",
-            [payment_id, network, t.tx_hash, t.log_index, log_key, option["invoice_id"], m.option_id, option["asset"],
+            [payment_id, network, t.tx_hash, t.log_index, t.unique_key, option["invoice_id"], m.option_id, option["asset"],
              option["decimals"], t.block_number, t.block_hash, m.block_timestamp, t.from_address, t.to_address,
              str(t.amount), now],
         )

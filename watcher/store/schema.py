@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
@@ -168,3 +170,41 @@ def m002_delivery_requeues(db: Database) -> None:
     # Counts redeliveries, so an attempt in flight when the operator re-queued its delivery
     # can tell (its attempt count alone may match: both 0) and leaves the new schedule alone.
     db.execute("ALTER TABLE deliveries ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0")
+
+
+# The table-level constraint m001 put on `payments`; m003 replaces it with a partial index.
+_PAYMENT_KEY_CONSTRAINT = re.compile(r",\s*UNIQUE\s*\(\s*network\s*,\s*tx_hash\s*,\s*log_key\s*\)", re.IGNORECASE)
+
+
+@migrations()
+def m003_payment_identity(db: Database) -> None:
+    # A re-included transaction's logs may move (another log lands before them), so a revived
+    # payment takes a new log key that a reverted row of the same transaction may still hold:
+    # only live rows need a unique (network, tx, log key). SQLite cannot drop a table
+    # constraint, so the table is rebuilt from its own stored definition (keeping any column
+    # added since m001) with its rows and its other indexes. Nothing references `payments`.
+    table_sql = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'payments'").fetchone()[0]
+    new_sql, found = _PAYMENT_KEY_CONSTRAINT.subn("", table_sql)
+    if found != 1:
+        raise RuntimeError(f"m003_payment_identity: unexpected payments table: {table_sql}")
+    indexes = [
+        r[0] for r in db.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'payments' AND sql IS NOT NULL")
+    ]
+    db.execute(re.sub(r"^CREATE TABLE\s+\"?payments\"?", "CREATE TABLE payments_rebuilt", new_sql, count=1))
+    db.execute("INSERT INTO payments_rebuilt SELECT * FROM payments")
+    db.execute("DROP TABLE payments")
+    db.execute("ALTER TABLE payments_rebuilt RENAME TO payments")
+    for sql in indexes:
+        db.execute(sql)
+    db.execute(
+        "CREATE UNIQUE INDEX payments_live_log ON payments(network, tx_hash, log_key) WHERE status != 'reverted'"
+    )
+
+
+@migrations()
+def m004_chain_genesis(db: Database) -> None:
+    # Each chain's block 0, recorded the first time it is followed: a node whose genesis differs
+    # serves another chain under the same chain id (a reset test chain, another network).
+    db.execute(
+        "CREATE TABLE chain_genesis (network TEXT PRIMARY KEY, hash TEXT NOT NULL, recorded_at TEXT NOT NULL)"
+    )
