@@ -11,7 +11,9 @@ hand the follower from a misbehaving node:
   `null`, logs by hash refused (EIP-234: "unknown block");
 - `logs_head`: the same for logs only (headers honest);
 - `headers_head`: the same for headers only (logs and head honest): `null` for the newest
-  headers, as a node a few blocks behind answers during a reorg walk;
+  headers, as a node a few blocks behind answers;
+- `null_headers`: heights whose headers are `null` whatever else is asked, e.g. the heights
+  a reorg walk asks for, routed to a backend behind while the scan's newer block is not;
 - `range_limit`: a range's logs answered for its first `range_limit` blocks only, silently,
   while the header that closes the batch is honest (a provider that serves each call of a
   batch from another backend, or truncates);
@@ -49,6 +51,7 @@ class FakeChain:
         self.backend_head: int | None = None  # a lagging backend behind an honest head (headers and logs)
         self.logs_head: int | None = None  # ...or one that lags for logs only
         self.headers_head: int | None = None  # ...or for headers only
+        self.null_headers: frozenset[int] = frozenset()  # these heights' headers land on a backend behind
         self.range_limit: int | None = None  # a range's logs cut short after this many blocks
         self.header_cap: int | None = None
         self.batch_cap: int | None = None
@@ -95,7 +98,7 @@ class FakeChain:
         return 0 <= n < len(self.blocks) and (self.backend_head is None or n <= self.backend_head)
 
     def _has_header(self, n: int) -> bool:
-        return self._has(n) and (self.headers_head is None or n <= self.headers_head)
+        return self._has(n) and (self.headers_head is None or n <= self.headers_head) and n not in self.null_headers
 
     def _has_logs(self, n: int) -> bool:
         return self._has(n) and (self.logs_head is None or n <= self.logs_head)

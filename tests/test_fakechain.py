@@ -56,6 +56,8 @@ async def test_logs_head_and_headers_head_each_lag_alone() -> None:
 
     chain.logs_head, chain.headers_head = None, 3
     assert [h is None for h in await chain.headers([3, 4, 5])] == [False, True, True]
+    chain.headers_head, chain.null_headers = None, frozenset({4})
+    assert [h is None for h in await chain.headers([3, 4, 5])] == [False, True, False]
     assert [t.amount for t in (await chain.block_logs([(chain.blocks[5], query())])).transfers] == [5]
     assert [t.amount for t in (await chain.range_logs(0, 5, query())).transfers] == [3, 5]
 
@@ -151,39 +153,40 @@ def reverted_events(store: Store) -> list:
     return list(store.db.execute("SELECT 1 FROM events WHERE type = 'invoice.payment_reverted'"))
 
 
-async def test_a_walk_answered_with_null_headers_by_a_node_behind_reverts_nothing(store):
-    """A one-block reorg above a confirmed payment, while headers come from a node three
-    blocks behind (its logs and the head from an up-to-date one): the walk meets `null` at
-    heights we hold and asks again; nothing is reverted, and once the node catches up the
-    reorg is walked to its real ancestor."""
+async def test_null_headers_in_a_walk_wait_for_the_node_then_the_real_reorg_reverts_once(store):
+    """A two-block reorg drops a payment. The scan's new block comes from an up-to-date
+    backend, but the heights the walk asks for (which we hold) from one behind: `null`. The
+    walk asks again and reverts nothing meanwhile; once that backend answers, the walk finds
+    the real ancestor and the dropped payment is reverted, once."""
     chain = FakeChain()
     inv_id, addr = invoice(store)
-    f = follower(chain, store)
-    for _ in range(3):
+    f = follower(chain, store, confirmations=3)
+    for _ in range(4):
         chain.mine()
-    chain.mine((addr, 100))  # block 4
-    chain.mine()
-    chain.mine()  # block 6: the payment has 3 confirmations
+    chain.mine((addr, 100))  # block 5
+    chain.mine()  # block 6: 2 of 3 confirmations
     await catch_up(f)
-    assert store.get_invoice(inv_id)["status"] == "confirmed"
-    chain.fork(5)
-    chain.mine()  # 6'
-    chain.mine()  # 7'
-    chain.headers_head = 4  # null for 5, 6', 7'
+    assert store.get_invoice(inv_id)["status"] == "paid"
+    chain.fork(4)
+    for _ in range(3):
+        chain.mine()  # 5', 6', 7': no payment
+    chain.null_headers = frozenset({5, 6})
+    before = len(chain.header_requests)
     for _ in range(3):
         with pytest.raises(ChainChanged):
             await f.run_once()
+    walked = [r for r in chain.header_requests[before:] if 6 in r]
+    assert walked, f"premise: the walk met the nulls (asked: {chain.header_requests[before:]})"
     got = store.get_invoice(inv_id)
-    assert got["status"] == "confirmed" and got["payments"][0]["status"] == "confirmed"
-    assert not reverted_events(store)
-    assert store.cursor(NET).number == 6
+    assert got["status"] == "paid" and got["payments"][0]["status"] == "detected"
+    assert not reverted_events(store) and store.cursor(NET).number == 6
 
-    chain.headers_head = None
+    chain.null_headers = frozenset()
     await catch_up(f)
     assert store.cursor(NET).hash == chain.blocks[-1].hash
     got = store.get_invoice(inv_id)
-    assert got["status"] == "confirmed" and got["payments"][0]["status"] == "confirmed"
-    assert not reverted_events(store)
+    assert got["status"] == "pending" and got["payments"][0]["status"] == "reverted"
+    assert len(reverted_events(store)) == 1
 
 
 async def test_native_blocks_from_a_node_behind_are_asked_again_never_skipped(store):
