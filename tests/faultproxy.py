@@ -101,6 +101,8 @@ class Fault:
     status: for "batch_cap", 200 refuses with a single JSON-RPC error object in place of the
         batch's list (what most providers do); another status refuses with that HTTP status
         (e.g. 413 Payload Too Large).
+    each: for "batch_cap" with status 200, answer a list holding that error for every call
+        of the batch instead (how some providers word the same refusal).
     """
 
     kind: str
@@ -116,6 +118,7 @@ class Fault:
     min_batch: int = 1
     cap: int = 100
     status: int = 200
+    each: bool = False
 
     def __post_init__(self) -> None:
         # A typo in a kind would otherwise be a fault that silently never fires.
@@ -137,6 +140,8 @@ class Fault:
             raise ValueError("lag must be at least 0, count, cap and min_batch at least 1")
         if self.status != 200 and _http_status(f"http_{self.status}") is None:
             raise ValueError("status must be 200 or an HTTP error status")
+        if self.each and (self.kind != "batch_cap" or self.status != 200):
+            raise ValueError("each is for batch_cap refusing with HTTP 200")
 
     @property
     def match_method(self) -> str | None:
@@ -331,7 +336,11 @@ class FaultProxy:
         if fault.kind == "batch_cap":
             if fault.status != 200:
                 return web.Response(status=fault.status, text=f"batch of {len(body)} exceeds the limit of {fault.cap}")
-            return _json({"jsonrpc": "2.0", "id": None, "error": {"code": fault.code, "message": fault.message}})
+            error = {"code": fault.code, "message": fault.message}
+            if fault.each:
+                return _json([{"jsonrpc": "2.0", "id": call.get("id") if isinstance(call, dict) else None, "error": error}
+                              for call in body])
+            return _json({"jsonrpc": "2.0", "id": None, "error": error})
         if fault.kind in PER_CALL:
             return await self._per_call(fault, raw, body)
         raise AssertionError(fault.kind)

@@ -71,6 +71,17 @@ async def _status_is(h: AnvilHarness, invoice_id: str, status: str) -> dict | No
     return invoice if invoice["status"] == status else None
 
 
+async def quiet(h: AnvilHarness, proxies_: list[FaultProxy], lull: float = 0.25) -> None:
+    """Until the nodes hear nothing for `lull` seconds: the follower is asleep."""
+
+    async def still() -> bool:
+        before = sum(p.requests.total() for p in proxies_)
+        await asyncio.sleep(lull)
+        return sum(p.requests.total() for p in proxies_) == before
+
+    await h.wait_for(still, what="the follower asleep")
+
+
 def assert_no_wrong_webhooks(h: AnvilHarness, reverted: Counter[str] | None = None) -> None:
     """Every event verified; `invoice.payment_reverted` only as often as `reverted` says, per
     invoice id (none by default); no exception opened (a duplicate_payment above all)."""
@@ -121,10 +132,12 @@ async def test_logs_withheld_by_a_lagging_backend_never_move_the_checkpoint_past
     assert_no_wrong_webhooks(h)
 
 
-async def test_a_failback_mid_step_onto_a_node_one_block_behind_loses_no_payment(anvil_node, proxies, harnesses):
+async def test_a_failback_mid_step_onto_a_node_one_block_behind_loses_no_payment(anvil_node, proxies, harnesses, monkeypatch):
     """rpc_urls [a, b]: the watcher is on b after a failed. Mid-step (head and block read
     from b) the cool-down ends and the logs are read from a, back but one block behind: a
     answers them as of its own head. The paying block must not be taken as read."""
+    return_after = 2.0  # room for the test to set the scene on b before the cool-down ends
+    monkeypatch.setitem(FailoverTransport.__init__.__kwdefaults__, "return_after", return_after)
     node = anvil_node()
     a, b = await proxies(node.url), await proxies(node.url)
     h = await harnesses(AnvilHarness, nodes=[node], rpc_urls={NETWORK: [a.url, b.url]})
@@ -132,25 +145,26 @@ async def test_a_failback_mid_step_onto_a_node_one_block_behind_loses_no_payment
     invoice, address = await token_invoice(h)
     await h.settle()
 
-    # The follower steps only when woken: the test decides which request is the first after
-    # the cool-down. (A poll_interval too long to matter; the step in flight finishes first.)
+    # The follower steps only when woken, so the test decides which request is the first
+    # after the cool-down: a poll_interval too long to matter, taken after the next step.
     follower.poll_interval = 3600.0
-    await steps(h, [a], 1)
+    follower.wake()
+    await quiet(h, [a, b])
     a.down = True
     follower.wake()
     await h.wait_for(url_is(h, b.url), what="failover to the second rpc_url")
     switched_at = time.monotonic()
-    await h.wait_for(lambda: b.requests["eth_getBlockByNumber"] >= 1, what="the idle step's header read on b")
+    await quiet(h, [a, b])
     a.down = False
     a.inject(Fault("lagging_backend", lag=1))  # a whole node one block behind
     # b takes longer than the cool-down over the step's block read: the logs after it go to a.
-    b.inject(Fault("timeout", method="eth_getBlockByNumber", times=1, delay=RETURN_AFTER + 0.5))
+    b.inject(Fault("timeout", method="eth_getBlockByNumber", times=1, delay=return_after + 0.5))
     tx = await transfer(h, address)
     block = await h.mine(1)
-    assert time.monotonic() - switched_at < RETURN_AFTER / 2, "too slow to start the step on b"
+    assert time.monotonic() - switched_at < return_after / 2, "too slow to start the step on b"
     follower.wake()
 
-    await h.wait_for(lambda: a.hid("eth_getLogs", block), timeout=RETURN_AFTER + 10, what="block's logs read from a mid-step")
+    await h.wait_for(lambda: a.hid("eth_getLogs", block), timeout=return_after + 10, what="block's logs read from a mid-step")
     assert b.injected[("timeout", "eth_getBlockByNumber")] == 1
     follower.poll_interval = 0.05
     follower.wake()
@@ -171,16 +185,26 @@ async def test_a_failback_mid_step_onto_a_node_one_block_behind_loses_no_payment
 # ---------------------------------------------------------------------------- defect 3: batch caps
 
 
-@pytest.mark.parametrize(("cap", "status"), [(100, 200), (50, 413)], ids=["cap100_error_object", "cap50_http413"])
-async def test_a_one_block_reorg_under_a_batch_cap_keeps_the_chain_going(anvil_node, proxies, harnesses, cap, status):
+# How providers refuse a batch longer than their cap: (cap, Fault keywords).
+REFUSALS = {
+    "cap100_error_object": (100, {}),
+    "cap10_http413": (10, {"status": 413}),
+    "cap10_error_each": (10, {"each": True, "message": "batch limit exceeded"}),
+}
+
+
+@pytest.mark.parametrize("refusal", ["cap100_error_object", "cap10_http413"])
+async def test_a_one_block_reorg_under_a_batch_cap_keeps_the_chain_going(anvil_node, proxies, harnesses, refusal):
     """The provider refuses batches longer than `cap` (with one JSON-RPC error object in place
     of the list, or HTTP 413) and the watcher remembers more blocks than that. A one-block
     reorg drops a payment: it is reverted once, the confirmed one below is untouched, and a
     payment after the reorg is still found. With the default max_batch (100) nothing is
-    refused at a cap of 100; a lower cap is met by halving."""
+    refused at a cap of 100. (Whether a walk ever needs a page longer than 10 is the walk's
+    business: the catch-up test below holds the halving.)"""
+    cap, how = REFUSALS[refusal]
     node = anvil_node()
     proxy = await proxies(node.url)
-    proxy.inject(Fault("batch_cap", cap=cap, status=status))  # from the start, for good
+    proxy.inject(Fault("batch_cap", cap=cap, **how))  # from the start, for good
     h = await harnesses(AnvilHarness, nodes=[node], rpc_urls={NETWORK: [proxy.url]}, confirmations=3, internal_transfers="off")
     chain = h.anvil
     kept, kept_address = await token_invoice(h)
@@ -222,14 +246,18 @@ async def test_a_one_block_reorg_under_a_batch_cap_keeps_the_chain_going(anvil_n
         assert refused == 0 or reader.max_batch <= cap, (refused, reader.max_batch)
 
 
-async def test_a_catch_up_over_more_blocks_than_a_batch_holds_with_a_native_asset(anvil_node, proxies, harnesses):
+@pytest.mark.parametrize("refusal", list(REFUSALS))
+async def test_a_catch_up_over_more_blocks_than_a_batch_holds_with_a_native_asset(anvil_node, proxies, harnesses, refusal):
     """125 blocks, each paying part of one coin invoice, read in one catch-up step behind a
-    provider that caps batches at 100: the full blocks and their receipts come in pages, every
-    part is recorded once and the invoice is paid and confirmed."""
+    provider that caps batches: the full blocks and their receipts come in pages, every part
+    is recorded once and the invoice is paid and confirmed. At a cap of 100 the default
+    max_batch (100) is never refused; at 10 (free tiers) a page of full blocks is, and the
+    watcher halves."""
     parts = 125
+    cap, how = REFUSALS[refusal]
     node = anvil_node()
     proxy = await proxies(node.url)
-    proxy.inject(Fault("batch_cap", cap=100))
+    proxy.inject(Fault("batch_cap", cap=cap, **how))
     h = await harnesses(AnvilHarness, nodes=[node], rpc_urls={NETWORK: [proxy.url]}, confirmations=3, internal_transfers="off")
     chain = h.anvil
     invoice = await h.create(amount="10", assets=["ETH"])
@@ -265,7 +293,12 @@ async def test_a_catch_up_over_more_blocks_than_a_batch_holds_with_a_native_asse
     types = Counter(h.receiver.types_for(invoice["id"]))
     assert types["invoice.paid"] == 1 and types["invoice.confirmed"] == 1
     assert_no_wrong_webhooks(h)
-    assert proxy.injected[("batch_cap", None)] == 0, "a batch longer than the default max_batch of 100"
+    refused = proxy.injected[("batch_cap", None)]
+    if cap >= 100:
+        assert refused == 0, f"{refused} batches longer than the default max_batch of 100"
+    else:
+        assert refused >= 1, f"premise: {parts} full blocks and their receipts in pages of 25 or more meet the cap of {cap}"
+        assert h.service.followers[NETWORK].reader.max_batch <= cap  # halved until it fit, and kept
 
 
 # ---------------------------------------------------------------------------- defect 4: deeper than remembered

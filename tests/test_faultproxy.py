@@ -450,6 +450,14 @@ async def test_batch_cap_as_http_413_and_times_counts_refused_batches(client: Cl
     assert proxy.injected == {("batch_cap", None): 1}
 
 
+async def test_batch_cap_with_an_error_for_each_call(client: Client, proxy: FaultProxy) -> None:
+    proxy.inject(Fault("batch_cap", cap=2, each=True, message="batch limit exceeded"))
+
+    answers = await client.json([call("eth_chainId", id=i) for i in ("a", "b", "c")])
+    assert answers == [{"jsonrpc": "2.0", "id": i, "error": {"code": -32600, "message": "batch limit exceeded"}} for i in "abc"]
+    assert proxy.requests["eth_chainId"] == 3 and proxy.injected == {("batch_cap", None): 1}
+
+
 def test_new_kinds_refuse_settings_that_would_never_fire() -> None:
     for bad in (
         dict(kind="rpc_error", methods=("eth_getLogs",)),
@@ -459,6 +467,8 @@ def test_new_kinds_refuse_settings_that_would_never_fire() -> None:
         dict(kind="null_headers", count=0),
         dict(kind="batch_cap", cap=0),
         dict(kind="null_headers", min_batch=0),
+        dict(kind="batch_cap", status=413, each=True),
+        dict(kind="rpc_error", each=True),
         dict(kind="batch_cap", status=302),
     ):
         with pytest.raises(ValueError):
