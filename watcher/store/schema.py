@@ -178,3 +178,10 @@ def m003_checkout_fields(db: Database) -> None:
     db.execute("ALTER TABLE invoices ADD COLUMN redirect_url TEXT")
     db.execute("ALTER TABLE invoices ADD COLUMN updated_at TEXT")
     db.execute("UPDATE invoices SET updated_at = created_at")
+
+
+@migrations()
+def m004_delivery_lanes(db: Database) -> None:
+    # Each webhook endpoint has its own queue: its due deliveries are read by url, so one
+    # endpoint's backlog is never scanned to find another's.
+    db.execute("CREATE INDEX deliveries_endpoint_due ON deliveries(url, status, next_attempt_at)")
