@@ -23,12 +23,14 @@ class SandboxDaemon:
     """`async with SandboxDaemon(tmp_path, "--webhook-url", url) as d:` starts it and waits until
     /healthz answers; on exit SIGTERM, and the exit code must be 0."""
 
-    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None, block_time: float = 0.5) -> None:
+    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None, block_time: float = 0.5,
+                 database: Path | None = None) -> None:
         self.tmp_path = tmp_path
+        self.database = database or tmp_path / "watcher.db"
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.args = ["run", "--sandbox", "--listen", f"127.0.0.1:{self.port}", "--block-time", str(block_time),
-                     "--database", str(tmp_path / "watcher.db"), *args]
+                     "--database", str(self.database), *args]
         self.env = {**os.environ, **(env or {})}
         self.stderr_path = tmp_path / "daemon.stderr"
         self.proc: asyncio.subprocess.Process | None = None
