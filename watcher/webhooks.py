@@ -292,7 +292,7 @@ class Dispatcher:
                 try:
                     wait = self._fill(lane, idle)
                 except Exception:  # a bug here must not stop this endpoint's deliveries for good
-                    log.exception("dispatcher_step_failed", url=strip_credentials(lane.url))
+                    log.exception("dispatcher_step_failed", url=lane.url)  # the log strips url fields
                 if lane.keys is None and not lane.in_flight and self._idle_unconfigured(lane):
                     return  # no longer configured and nothing left to fail: the lane ends
                 try:
