@@ -242,3 +242,44 @@ def test_a_usd_rate_that_cannot_quote_is_refused_naming_the_key(rate):
     with pytest.raises(ConfigError) as refused:
         settings_from_dict(data, env=ENV)
     assert refused.value.key == "chains[0].assets[0].usd_rate"
+
+
+@pytest.mark.parametrize("url", [
+    "https://shop.example/hook", "http://127.0.0.1:9000/hook", "http://localhost/hook", "http://[::1]:8000/h",
+    "http://127.8.9.10/hook", "HTTPS://shop.example/hook",
+])
+def test_a_webhook_url_is_https_or_a_loopback_host(url: str) -> None:
+    data = base()
+    data["webhooks"][0]["url"] = url
+    assert settings_from_dict(data, env=ENV).webhooks[0].url == url
+
+
+@pytest.mark.parametrize("url", [
+    "http://shop.example/hook", "http://10.0.0.5/hook", "http://localhost.shop.example/hook", "http://[::2]/hook",
+    "ftp://shop.example/hook",
+])
+def test_plain_http_to_another_host_is_refused_saying_why(url: str) -> None:
+    data = base()
+    data["webhooks"][0]["url"] = url
+    with pytest.raises(ConfigError) as refused:
+        settings_from_dict(data, env=ENV)
+    assert refused.value.key == "webhooks[0].url"
+    if url.startswith("http:"):
+        assert "https" in refused.value.message and "loopback" in refused.value.message
+    assert url not in str(refused.value)  # a URL may hold credentials: never echoed
+
+
+def test_several_webhook_secrets_while_rotating() -> None:
+    new = "whsec_" + base64.b64encode(b"\x07" * 32).decode()
+    s = settings_from_dict(base(), env={**ENV, "WATCHER_WEBHOOK_SECRET": f"{HOOK_SECRET}  {new}"})
+    assert s.webhooks[0].secret.split() == [HOOK_SECRET, new]
+
+
+@pytest.mark.parametrize("value", [
+    f"{HOOK_SECRET} whsec_short", f"{HOOK_SECRET} {HOOK_SECRET}", " ", " ".join([HOOK_SECRET[:-4] + f"{i:03d}=" for i in range(6)]),
+])
+def test_a_bad_secret_among_several_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        settings_from_dict(base(), env={**ENV, "WATCHER_WEBHOOK_SECRET": value})
+    assert refused.value.key == "webhooks[0].secret_env"
+    assert HOOK_SECRET not in str(refused.value)

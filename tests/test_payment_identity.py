@@ -183,7 +183,7 @@ def test_a_live_payment_keeps_its_key_unique_but_a_reverted_one_does_not(tmp_pat
 def _old_database(path) -> None:
     """A database as the last release left it (before m003), with a payment in it."""
     db = Database(sqlite3.connect(path, isolation_level=None))
-    migrations.apply(db, stop_before="m004_payment_identity")
+    migrations.apply(db, stop_before="m005_payment_identity")
     db.execute(
         "INSERT INTO invoices(id, status, amount, currency, metadata, tolerance_percent, payment_timing, "
         "payment_summary, request, version, created_at) VALUES ('inv_1', 'paid', '10', 'USD', '{}', '0', '{}', '{}', "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import time
 from decimal import Decimal
 
 import pytest
@@ -85,7 +87,9 @@ async def test_a_failing_endpoint_is_retried_on_schedule_then_marked_failed(tmp_
     clock = Clock()
     store = Store(tmp_path / "w.db", clock=clock)
     store.outbox.set_endpoints([Endpoint(url, ("*",))])
-    dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET}, clock=clock)
+    # The schedule of each delivery, on its own: no breaker pausing the endpoint in between
+    # (test_a_failing_endpoint_is_paused_by_its_breaker_alone covers that).
+    dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET}, clock=clock, breaker_threshold=None)
     try:
         _invoice(store)  # zero amount: invoice.created and invoice.confirmed
         gaps = []
@@ -187,4 +191,260 @@ async def test_a_redelivery_during_the_first_attempt_is_not_lost(tmp_path):
     finally:
         await dispatcher.close()
         await runner.cleanup()
+        store.close()
+
+
+# --------------------------------------------------------------------------- misbehaving receivers
+
+
+class Endpoints:
+    """Local receivers on one aiohttp server, each path misbehaving its own way."""
+
+    def __init__(self) -> None:
+        self.app = web.Application()
+        self.runner: web.AppRunner | None = None
+        self.base = ""
+        self.hits: dict[str, int] = {}
+
+    def add(self, path: str, handler) -> str:
+        async def counted(request: web.Request) -> web.StreamResponse:
+            self.hits[path] = self.hits.get(path, 0) + 1
+            return await handler(request)
+
+        self.app.router.add_route("*", path, counted)
+        return path
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    async def start(self) -> "Endpoints":
+        self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=0.1)
+        await self.runner.setup()
+        port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        self.base = f"http://127.0.0.1:{port}"
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+@pytest.fixture
+async def endpoints():
+    made = Endpoints()
+    yield made
+    await made.stop()
+
+
+def _deliveries(store: Store, url: str) -> list[tuple]:
+    rows = store.db.execute(
+        "SELECT status, attempts, last_status_code, last_error FROM deliveries WHERE url = ? ORDER BY rowid", [url]
+    ).fetchall()
+    return [tuple(r) for r in rows]
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_a_redirect_is_a_failed_attempt_and_is_never_followed(tmp_path, endpoints, status):
+    """A 302 used to become a body-less GET recorded as delivered (the event lost); a 307 re-POSTed
+    the signed body to wherever the receiver pointed. The Location's token is masked."""
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    endpoints.add("/elsewhere", elsewhere)
+
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=status, headers={"Location": endpoints.url("/elsewhere?token=LOCATION-SECRET-123")})
+
+    endpoints.add("/hook", redirect)
+    await endpoints.start()
+    url = endpoints.url("/hook?token=ENDPOINT-SECRET-456")
+    clock = Clock()
+    store = Store(tmp_path / "w.db", clock=clock)
+    store.outbox.set_endpoints([Endpoint(url, ("invoice.created",))])
+    dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET}, clock=clock)
+    try:
+        _invoice(store)
+        assert await dispatcher.run_once() == 1
+        [(state, attempts, code, error)] = _deliveries(store, url)
+        assert (state, attempts, code) == ("pending", 1, status)
+        assert error == (f"HTTP {status}: a redirect to {endpoints.url('/elsewhere?token=***')}; "
+                         "redirects are not followed")
+        assert endpoints.hits == {"/hook": 1}  # nothing went to the redirect's target
+        shown = store.outbox.list_deliveries()[0][0]
+        assert "SECRET" not in repr(shown)
+    finally:
+        await dispatcher.close()
+        store.close()
+
+
+async def test_a_hanging_endpoint_does_not_delay_a_healthy_one(tmp_path, endpoints):
+    """One endpoint that never answers beside a healthy one: the healthy one gets every event
+    at once. Before, a pass took 64 due deliveries and waited for all of them (10 s each
+    hanging attempt), so the healthy endpoint got 16 deliveries per 10 s."""
+    delivered: list[str] = []
+
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(60)
+        return web.Response(status=204)
+
+    async def healthy(request: web.Request) -> web.Response:
+        delivered.append(request.headers["webhook-id"])
+        return web.Response(status=204)
+
+    endpoints.add("/hang", hang)
+    endpoints.add("/ok", healthy)
+    await endpoints.start()
+    dead, alive = endpoints.url("/hang"), endpoints.url("/ok")
+    store = Store(tmp_path / "w.db", clock=time.time)
+    store.outbox.set_endpoints([Endpoint(dead, ("*",)), Endpoint(alive, ("*",))])
+    dispatcher = Dispatcher(store.outbox, {dead: VECTOR_SECRET, alive: VECTOR_SECRET})
+    store.outbox.on_delivery_queued = dispatcher.wake
+    stopping = asyncio.Event()
+    runner = asyncio.create_task(dispatcher.run(stopping))
+    try:
+        for _ in range(60):  # 120 events: created and confirmed each
+            _invoice(store)
+        started = time.monotonic()
+        while len(delivered) < 120:
+            assert time.monotonic() - started < 5, f"the healthy endpoint got {len(delivered)} of 120 in 5 s"
+            await asyncio.sleep(0.02)
+        assert len(set(delivered)) == 120
+        hung = store.db.execute("SELECT COUNT(*) FROM deliveries WHERE url = ? AND status = 'pending'", [dead]).fetchone()[0]
+        assert hung == 120
+    finally:
+        runner.cancel()  # not a graceful stop, which would wait for the hanging attempts
+        await asyncio.gather(runner, return_exceptions=True)
+        await dispatcher.close()
+        store.close()
+
+
+async def test_a_failing_endpoint_is_paused_by_its_breaker_alone(tmp_path, endpoints):
+    """After 10 failures in a row an endpoint gets no attempt for a pause (its deliveries wait,
+    due, without spending retries); then one probe; a failed probe pauses it longer, a good one
+    resumes it. Another endpoint is delivered to throughout."""
+    answer = {"status": 503}
+
+    async def flaky(request: web.Request) -> web.Response:
+        return web.Response(status=answer["status"])
+
+    async def healthy(request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    endpoints.add("/flaky", flaky)
+    endpoints.add("/ok", healthy)
+    await endpoints.start()
+    bad, good = endpoints.url("/flaky"), endpoints.url("/ok")
+    clock = Clock()
+    store = Store(tmp_path / "w.db", clock=clock)
+    store.outbox.set_endpoints([Endpoint(bad, ("invoice.created",)), Endpoint(good, ("invoice.created",))])
+    changes: list[tuple[str, bool]] = []
+    dispatcher = Dispatcher(store.outbox, {bad: VECTOR_SECRET, good: VECTOR_SECRET}, clock=clock,
+                            on_breaker=lambda url, opened: changes.append((url, opened)))
+
+    def attempts(url: str) -> int:
+        return sum(a for _, a, _, _ in _deliveries(store, url))
+
+    try:
+        for _ in range(12):
+            _invoice(store)
+        assert await dispatcher.run_once() == 24  # 12 each; the 10th failure opens the breaker
+        assert changes == [(bad, True)] and dispatcher.open_breakers() == [bad]
+        clock.now += 5  # the first retries are due, and the first pause is over
+        for _ in range(3):
+            _invoice(store)
+        assert await dispatcher.run_once() == 3 + 1  # the healthy endpoint's three, and one probe
+        assert attempts(bad) == 13
+        clock.now += 5  # the failed probe paused it for 15 s
+        assert await dispatcher.run_once() == 0
+        clock.now += 10
+        answer["status"] = 204
+        assert await dispatcher.run_once() == 1  # the probe, which succeeds and closes it
+        assert changes == [(bad, True), (bad, False)] and dispatcher.open_breakers() == []
+        # Everything due to it, at once: 15 less the good probe and the failed one (due in 5 min).
+        assert await dispatcher.run_once() == 13
+        clock.now += 300
+        assert await dispatcher.run_once() == 1
+        assert {s for s, *_ in _deliveries(store, bad)} == {"delivered"}
+        assert {s for s, *_ in _deliveries(store, good)} == {"delivered"}
+        # The pauses cost no attempt: 12 failures, two probes, then one each (and the retry).
+        tried = store.db.execute("SELECT COUNT(*) FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id "
+                                 "WHERE d.url = ?", [bad]).fetchone()[0]
+        assert tried == 12 + 2 + 13 + 1
+    finally:
+        await dispatcher.close()
+        store.close()
+
+
+async def test_at_most_64_kib_of_an_answer_is_read(tmp_path, endpoints):
+    """A receiver answering 200 with 50 MB: delivered, and the daemon stopped reading (and
+    closed the connection) long before the end. Before, the whole body was read into memory."""
+    sent = {"bytes": 0, "finished": False}
+    chunk = b"x" * (256 * 1024)
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers={"Content-Type": "text/plain"})
+        response.content_length = 50 * 1024 * 1024
+        await response.prepare(request)
+        try:
+            for _ in range(200):
+                await response.write(chunk)
+                sent["bytes"] += len(chunk)
+            sent["finished"] = True
+        except (ConnectionResetError, ConnectionError):
+            pass
+        return response
+
+    endpoints.add("/huge", huge)
+    await endpoints.start()
+    url = endpoints.url("/huge")
+    clock = Clock()
+    store = Store(tmp_path / "w.db", clock=clock)
+    store.outbox.set_endpoints([Endpoint(url, ("invoice.created",))])
+    dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET}, clock=clock)
+    try:
+        _invoice(store)
+        assert await dispatcher.run_once() == 1
+        assert _deliveries(store, url) == [("delivered", 1, 200, None)]
+        await asyncio.sleep(0.3)  # the server notices the closed connection
+        assert not sent["finished"]
+        assert sent["bytes"] < 16 * 1024 * 1024, sent
+    finally:
+        await dispatcher.close()
+        store.close()
+
+
+async def test_while_rotating_every_attempt_carries_one_signature_per_secret(tmp_path, endpoints):
+    old_secret = VECTOR_SECRET
+    new_secret = "whsec_" + base64.b64encode(b"n" * 32).decode()
+    seen: list[tuple[dict, bytes]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        seen.append(({k.lower(): v for k, v in request.headers.items()}, await request.read()))
+        return web.Response(status=204)
+
+    endpoints.add("/hook", hook)
+    await endpoints.start()
+    url = endpoints.url("/hook")
+    clock = Clock()
+    store = Store(tmp_path / "w.db", clock=clock)
+    store.outbox.set_endpoints([Endpoint(url, ("invoice.created",))])
+    dispatcher = Dispatcher(store.outbox, {url: f"{old_secret} {new_secret}"}, clock=clock)
+    try:
+        _invoice(store)
+        assert await dispatcher.run_once() == 1
+        [(headers, body)] = seen
+        parts = headers["webhook-signature"].split(" ")
+        assert len(parts) == 2 and all(p.startswith("v1,") for p in parts)
+        msg_id, ts = headers["webhook-id"], int(headers["webhook-timestamp"])
+        # Each signature on its own: the first is the old secret's, the second the new one's.
+        assert parts[0] == sign(secret_key(old_secret), msg_id, ts, body)
+        assert parts[1] == sign(secret_key(new_secret), msg_id, ts, body)
+        for secret in (old_secret, new_secret):
+            alone = {**headers, "webhook-signature": sign(secret_key(secret), msg_id, ts, body)}
+            assert verify(secret_key(secret), alone, body, now=clock.now)
+            assert verify(secret_key(secret), headers, body, now=clock.now)  # a receiver with either secret
+    finally:
+        await dispatcher.close()
         store.close()

@@ -18,13 +18,14 @@ from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, Strict, ValidationError,
                       ValidationInfo, model_validator)
 
 from watcher.addresses import normalize_address, parse_xpub, to_checksum
 from watcher.domain import DECIMAL_TEXT, usd_rate_problem
+from watcher.redaction import strip_credentials
 
 __all__ = ["AssetSettings", "ChainSettings", "CheckoutSettings", "ConfigError", "HttpSettings", "InvoiceSettings",
            "Settings", "WebhookSettings", "describe", "load_settings", "settings_from_dict",
@@ -262,7 +263,10 @@ class ChainSettings(BaseModel):
         return self
 
 
-def _valid_webhook_secret(value: str) -> bool:
+MAX_WEBHOOK_SECRETS = 5  # a rotation needs two; more is a mistake (and a signature per secret)
+
+
+def _one_webhook_secret(value: str) -> bool:
     """Standard Webhooks: "whsec_" + base64 of the HMAC key; a short key is a weak signature."""
     try:
         return value.startswith("whsec_") and 24 <= len(base64.b64decode(value[6:], validate=True)) <= 64
@@ -270,11 +274,47 @@ def _valid_webhook_secret(value: str) -> bool:
         return False
 
 
+def _valid_webhook_secret(value: str) -> bool:
+    """One secret, or several separated by spaces while rotating (each attempt is signed with each)."""
+    parts = value.split()
+    return 1 <= len(parts) <= MAX_WEBHOOK_SECRETS and len(set(parts)) == len(parts) and all(map(_one_webhook_secret, parts))
+
+
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """127.0.0.0/8, ::1 or localhost: traffic that never leaves the machine."""
+    if not host:
+        return False
+    if host.lower().rstrip(".") in LOOPBACK_NAMES or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _webhook_url(value: Any) -> str:
+    """https, or plain http to this machine only: a webhook carries signed invoice data (emails,
+    amounts, metadata) that anyone on the path could read or, without TLS, change."""
+    url = _url(value, ("http", "https"))
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "http" and not is_loopback_host(parts.hostname):
+        raise ValueError("must be an https URL: plain http is allowed only for a loopback host (localhost, "
+                         "127.0.0.1, [::1]), since a webhook carries invoice data that anyone on the path "
+                         "could read or change; terminate TLS in front of the receiver")
+    return url
+
+
+WebhookUrl = Annotated[str, PlainValidator(_webhook_url)]
+
+
 class WebhookSettings(BaseModel):
     """One webhook endpoint; its signing secret comes from the environment variable secret_env."""
 
     model_config = _MODEL
-    url: HttpUrl
+    url: WebhookUrl
     secret_env: EnvName
     events: Annotated[tuple[Annotated[str, PlainValidator(_event)], ...], Field(min_length=1)] = ("*",)
     secret: str = Field(repr=False, exclude=True)
@@ -283,7 +323,8 @@ class WebhookSettings(BaseModel):
     @classmethod
     def _resolve_secret(cls, data: Any, info: ValidationInfo) -> Any:
         return _inject_secret(data, info, "secret", "secret_env", None, _valid_webhook_secret,
-                              "the webhook secret: whsec_<base64 key> with a key of 24 to 64 bytes")
+                              "the webhook secret: whsec_<base64 key> with a key of 24 to 64 bytes; while rotating, "
+                              f"up to {MAX_WEBHOOK_SECRETS} different ones separated by spaces")
 
 
 class HttpSettings(BaseModel):
@@ -432,27 +473,6 @@ def load_settings(path: str | os.PathLike[str], env: Mapping[str, str] | None = 
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(where, f"TOML syntax error: {exc}") from None
     return settings_from_dict(data, env)
-
-
-_SECRET_PARAM = re.compile(r"key|token|secret|auth|pass|sig|cred", re.IGNORECASE)
-_TOKEN_LIKE = re.compile(r"(?=.*[0-9])(?=.*[A-Za-z])[A-Za-z0-9_-]{20,}")
-
-
-def strip_credentials(url: str) -> str:
-    """A URL safe to show: userinfo dropped, API-key-like path segments and query values
-    replaced by ``***`` (RPC providers put keys in either place)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    netloc = parts.netloc.rpartition("@")[2]
-    path = "/".join("***" if _TOKEN_LIKE.fullmatch(seg) else seg for seg in parts.path.split("/"))
-    query = []
-    for item in parts.query.split("&") if parts.query else []:
-        name, sep, value = item.partition("=")
-        secret = _SECRET_PARAM.search(name) or _TOKEN_LIKE.fullmatch(value or name)
-        query.append(f"{name}=***" if secret and sep else ("***" if secret else item))
-    return urlunsplit((parts.scheme, netloc, path, "&".join(query), ""))
 
 
 def describe(settings: Settings) -> str:

@@ -2,8 +2,9 @@
 
 Every log line is one event with a snake_case name (``webhook_delivered``) and fields.
 Secrets are never passed to the logger; as a second line of defence every rendered value is
-scrubbed of the secrets registered with ``register_secrets`` (the API key, webhook secrets)
-and ``url`` fields lose any credentials (RPC providers put keys in URLs). Records of the
+scrubbed of the secrets registered with ``register_secrets`` (the API key, webhook secrets),
+``url`` fields lose any credentials (RPC providers put keys in URLs), and any text that quotes
+a URL, or a piece of one the daemon knows, goes through ``redaction.redact_text``. Records of the
 libraries that use the standard ``logging`` module (aiohttp, APScheduler, web3) go through the
 same renderer, at warning and above.
 """
@@ -18,7 +19,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from .config import strip_credentials
+from .redaction import redact_text, strip_credentials
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 FORMATS = ("json", "console")
@@ -37,7 +38,7 @@ def _scrub(value: Any) -> Any:
         for secret in _secrets:
             if secret in value:
                 value = value.replace(secret, REDACTED)
-        return value
+        return redact_text(value)
     if isinstance(value, (list, tuple)):
         return type(value)(_scrub(v) for v in value)
     if isinstance(value, dict):

@@ -94,6 +94,10 @@ class Metrics:
             "the error), per attempt.", buckets=LATENCY_BUCKETS, registry=r)
         for outcome in ("delivered", "retry", "failed"):
             self.webhook_deliveries.labels(outcome)  # every outcome shows, at 0 until it happens
+        self.webhook_paused = Gauge(
+            "watcher_webhook_endpoint_paused", "1 while an endpoint's circuit breaker holds its deliveries "
+            "after repeated failures, 0 once it answers again (endpoint: its URL, credentials masked).",
+            ["endpoint"], registry=r)
 
     # ------------------------------------------------------------------ hooks
 
@@ -125,6 +129,10 @@ class Metrics:
         self.webhook_deliveries.labels(outcome).inc()
         if seconds is not None:
             self.webhook_latency.observe(seconds)
+
+    def webhook_breaker(self, endpoint: str, paused: bool) -> None:
+        """`webhooks.Dispatcher`'s hook; `endpoint` is already shown without credentials."""
+        self.webhook_paused.labels(endpoint).set(1 if paused else 0)
 
     # ------------------------------------------------------------------ scrape time
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import sqlite3
 import time
 from typing import Annotated, Any, Callable, Literal, Mapping
-from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
@@ -29,6 +28,7 @@ from .domain import rfc3339
 from .follower import Follower
 from .metrics import CONTENT_TYPE_LATEST, ChainRow, Metrics
 from .openapi import Operation
+from .redaction import Redactor
 from .schemas import Timestamp
 from .store import StateConflict, Store
 from .store.outbox import DELIVERY_STATUSES
@@ -64,7 +64,7 @@ class Ops:
         self.started_at = clock()
         # Seconds without reading a head before a chain is not ready; None: per chain, ten polls but at least a minute.
         self.head_max_age = head_max_age
-        self._redact = _redactor([u for c in settings.chains for u in (*c.rpc_urls, c.ws_url) if u])
+        self._redact = Redactor([u for c in settings.chains for u in (*c.rpc_urls, c.ws_url) if u])
 
     def rpc_url(self, name: str) -> str:
         """The URL the chain's reader talks to, credentials stripped."""
@@ -162,27 +162,7 @@ class Ops:
         }
 
 
-def _redactor(urls: list[str]) -> Callable[[str], str]:
-    """Errors can quote a node's URL: show it as /v1/chains does, credentials stripped."""
-    pairs: list[tuple[str, str]] = []
-    for url in urls:
-        safe = strip_credentials(url)
-        pairs.append((url, safe))
-        try:
-            parts = urlsplit(url)
-        except ValueError:
-            continue
-        pieces = [parts.netloc.rpartition("@")[0], *parts.path.split("/")]
-        pieces += [piece for item in parts.query.split("&") for piece in item.split("=", 1)]
-        pairs += [(piece, "***") for piece in pieces if len(piece) >= 6 and piece not in safe]
-    pairs.sort(key=lambda p: -len(p[0]))  # whole URLs before their parts
 
-    def redact(text: str) -> str:
-        for secret, shown in pairs:
-            text = text.replace(secret, shown)
-        return text
-
-    return redact
 
 
 # --------------------------------------------------------------------------- response shapes
@@ -353,9 +333,6 @@ def delivery_filters(request: web.Request) -> dict[str, str]:
 def add_ops_routes(app: web.Application, ops: Ops, metrics: Metrics) -> None:
     store = ops.store
 
-    def shown(delivery: dict) -> dict:
-        return delivery | {"url": strip_credentials(delivery["url"])}
-
     async def readyz(request: web.Request) -> web.Response:
         ready, body = ops.readiness()
         if ready:
@@ -375,7 +352,7 @@ def add_ops_routes(app: web.Application, ops: Ops, metrics: Metrics) -> None:
         limit = _int_param(request, "limit", 50, 1, 200)
         offset = _int_param(request, "offset", 0, 0, 10**9)
         data, total = store.outbox.list_deliveries(**filters, limit=limit, offset=offset)
-        return json_response({"data": [shown(d) for d in data], "total": total, "limit": limit, "offset": offset})
+        return json_response({"data": data, "total": total, "limit": limit, "offset": offset})
 
     async def redeliver(request: web.Request) -> web.Response:
         delivery_id = request.match_info["id"]
@@ -390,7 +367,7 @@ def add_ops_routes(app: web.Application, ops: Ops, metrics: Metrics) -> None:
             raise Problem(409, "Conflict", str(exc), slug="state-conflict") from None
         if delivery is None:
             raise Problem(404, "Not found", f"no webhook delivery {delivery_id!r}", slug="not-found")
-        return json_response(shown(delivery))
+        return json_response(delivery)
 
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_route)

@@ -33,6 +33,7 @@ from .metrics import Metrics
 from .notify import Notifier
 from .openapi import add_openapi_route
 from .ops import OPERATIONS as OPS_OPERATIONS, Ops, add_ops_routes
+from .redaction import redact_text, register_urls
 from .store import Endpoint, Store
 from .webhooks import Dispatcher
 
@@ -63,7 +64,13 @@ RELOADABLE = ("webhooks", "log_level", "log_format")
 
 
 def _secrets_of(settings: Settings) -> list[str]:
-    return [settings.http.api_key, *(w.secret for w in settings.webhooks)]
+    """Values no log line may show: the API key and each webhook secret (several while rotating)."""
+    return [settings.http.api_key, *(part for w in settings.webhooks for part in w.secret.split())]
+
+
+def _urls_of(settings: Settings) -> list[str]:
+    """Every URL the daemon talks to, for the redaction of their credentials wherever they appear."""
+    return [*(u for c in settings.chains for u in (*c.rpc_urls, c.ws_url) if u), *(w.url for w in settings.webhooks)]
 
 
 def _log_choice(settings: Settings) -> tuple[str | None, str]:
@@ -91,6 +98,7 @@ class Service:
         self.env = env
         self._log_choice = _log_choice(settings)
         register_secrets(_secrets_of(settings))
+        register_urls(_urls_of(settings))
         self.sandbox = sandbox
         self.block_time = block_time
         self.clock = clock
@@ -149,10 +157,10 @@ class Service:
                         genesis = await node_genesis(JsonRpcReader(probe))
                     except RpcError as exc:
                         genesis = None
-                        log.warning("genesis_unchecked", network=chain.name, rpc_url=shown, error=str(exc))
+                        log.warning("genesis_unchecked", network=chain.name, rpc_url=shown, error=redact_text(str(exc)))
                     answers.append((j, node_chain_id, genesis))
                 except RpcError as exc:
-                    log.warning("chain_id_unchecked", network=chain.name, rpc_url=shown, error=str(exc))
+                    log.warning("chain_id_unchecked", network=chain.name, rpc_url=shown, error=redact_text(str(exc)))
                 finally:
                     await probe.close()
         for j, node_chain_id, _ in answers:
@@ -235,6 +243,7 @@ class Service:
                 self.heads[chain.name] = heads
         self.dispatcher = Dispatcher(
             store.outbox, {w.url: w.secret for w in s.webhooks}, clock=self.clock, on_attempt=self.metrics.webhook_attempt,
+            on_breaker=self.metrics.webhook_breaker,
         )
         store.outbox.on_delivery_queued = self.dispatcher.wake
 
@@ -433,6 +442,7 @@ class Service:
             changes["log_format"] = f"{self._log_choice[0] or 'auto'} -> {choice[0] or 'auto'}"
 
         register_secrets(_secrets_of(new))
+        register_urls(_urls_of(new))
         self.store.outbox.set_endpoints(Endpoint(w.url, tuple(w.events)) for w in new.webhooks)
         self.dispatcher.set_secrets({w.url: w.secret for w in new.webhooks})
         if choice != self._log_choice:

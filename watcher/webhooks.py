@@ -3,6 +3,11 @@
 Events are written by the store in the same transaction as the change they report; this
 module only moves them out: claim what is due, POST it signed, record the attempt, and
 reschedule on the one retry schedule below or give up and mark it failed.
+
+Each endpoint is a lane of its own (contract §5): its own queue (its due deliveries, read by
+URL), its own concurrency limit and its own circuit breaker, so an endpoint that hangs or
+fails delays only its own deliveries. An attempt never follows a redirect (a 3xx is a failed
+attempt, its Location in `last_error`) and reads at most 64 KiB of the answer.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ import base64
 import hashlib
 import hmac
 import time
-from typing import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
 
 import aiohttp
 import structlog
 
+from .redaction import redact_text, strip_credentials
 from .store import Outbox
 
 log = structlog.get_logger("watcher.webhooks")
@@ -24,6 +31,22 @@ log = structlog.get_logger("watcher.webhooks")
 # Seconds to wait before each retry after a failed attempt; after the last, the delivery fails.
 RETRY_SCHEDULE = (5, 5 * 60, 30 * 60, 2 * 3600, 5 * 3600, 10 * 3600, 10 * 3600)
 TIMEOUT_SECONDS = 10.0
+# Of an answer, only this much is read (and thrown away): a receiver cannot fill our memory.
+MAX_RESPONSE_BYTES = 64 * 1024
+# Attempts in flight per endpoint.
+ENDPOINT_CONCURRENCY = 16
+# Consecutive failed attempts that open an endpoint's breaker, and how long it then stays open
+# (growing while the probe after each pause fails too; back to the first after a success).
+BREAKER_THRESHOLD = 10
+BREAKER_PAUSES = (5.0, 15.0, 60.0, 300.0)
+
+
+def secret_keys(secrets: str) -> list[bytes]:
+    """The HMAC keys of a `secret_env` value: one secret, or several separated by spaces while rotating."""
+    keys = [secret_key(part) for part in secrets.split()]
+    if not keys:
+        raise ValueError("no webhook secret")
+    return keys
 
 
 def secret_key(secret: str) -> bytes:
@@ -38,6 +61,12 @@ def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     signed = f"{msg_id}.{timestamp}.".encode() + body
     digest = hmac.new(key, signed, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode()
+
+
+def signatures(keys: Sequence[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
+    """One `v1,` signature per key, space-separated: a receiver holding any one of the secrets
+    accepts the attempt, so a secret can be rotated without a gap."""
+    return " ".join(sign(key, msg_id, timestamp, body) for key in keys)
 
 
 def verify(key: bytes, headers: Mapping[str, str], body: bytes, *, now: float, tolerance: int = 300) -> bool:
@@ -61,82 +90,288 @@ def next_attempt_delay(attempts_done: int) -> float | None:
     return None
 
 
+@dataclass
+class Breaker:
+    """An endpoint's circuit breaker. Closed: attempts flow. After `threshold` consecutive
+    failed attempts it opens: the endpoint gets no attempt for a pause (its deliveries wait,
+    due, without spending their retries). Then one probe goes out: a success closes it, a
+    failure opens it again for the next, longer pause."""
+
+    threshold: int = BREAKER_THRESHOLD
+    pauses: tuple[float, ...] = BREAKER_PAUSES
+    failures: int = 0
+    opened: int = 0  # consecutive openings (picks the pause)
+    open_until: float | None = None
+    probing: bool = False
+
+    @property
+    def is_open(self) -> bool:
+        return self.open_until is not None
+
+    def room(self, now: float, in_flight: int, limit: int) -> int:
+        """How many attempts may start now."""
+        if self.open_until is None:
+            return max(limit - in_flight, 0)
+        if now < self.open_until or self.probing or in_flight:
+            return 0
+        return 1  # the probe
+
+    def started(self, now: float) -> None:
+        if self.open_until is not None and now >= self.open_until:
+            self.probing = True
+
+    def record(self, ok: bool, now: float) -> bool | None:
+        """Count an attempt; returns True when the breaker opened, False when it closed, else None."""
+        was_open, probe = self.open_until is not None, self.probing
+        self.probing = False
+        if ok:
+            self.failures = 0
+            self.opened = 0
+            self.open_until = None
+            return False if was_open else None
+        self.failures += 1
+        if was_open:
+            if probe:  # the probe failed: pause again, longer
+                self.open_until = now + self.pauses[min(self.opened, len(self.pauses) - 1)]
+                self.opened += 1
+            return None  # else an attempt that was in flight when it opened: nothing new
+        if self.failures >= self.threshold:
+            self.open_until = now + self.pauses[0]
+            self.opened = 1
+            return True
+        return None
+
+    def reopens_in(self, now: float) -> float | None:
+        return None if self.open_until is None else max(self.open_until - now, 0.0)
+
+
+@dataclass
+class _Lane:
+    """One endpoint: its keys (None once it is no longer configured), breaker and attempts in flight."""
+
+    url: str
+    keys: list[bytes] | None
+    breaker: Breaker
+    in_flight: dict[str, asyncio.Task] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None
+
+
 class Dispatcher:
     def __init__(
         self,
         outbox: Outbox,
-        secrets: Mapping[str, str],  # url -> whsec_ secret
+        secrets: Mapping[str, str],  # url -> whsec_ secret(s), space-separated
         *,
         clock: Callable[[], float] = time.time,
-        concurrency: int = 16,
+        concurrency: int = ENDPOINT_CONCURRENCY,
         timeout: float = TIMEOUT_SECONDS,
+        breaker_threshold: int | None = BREAKER_THRESHOLD,
+        breaker_pauses: tuple[float, ...] = BREAKER_PAUSES,
         on_attempt: Callable[[str, float | None], None] | None = None,
+        on_breaker: Callable[[str, bool], None] | None = None,
     ) -> None:
-        """``on_attempt(outcome, seconds)`` hears of each attempt (the metrics): outcome
-        ``delivered``, ``retry`` or ``failed``; seconds None when nothing was sent."""
+        """``concurrency``: attempts in flight per endpoint. ``breaker_threshold`` None: no breaker.
+        ``on_attempt(outcome, seconds)`` hears of each attempt (the metrics): outcome
+        ``delivered``, ``retry`` or ``failed``; seconds None when nothing was sent.
+        ``on_breaker(shown_url, open)`` hears of each breaker that opens or closes."""
         self.outbox = outbox
         self.on_attempt = on_attempt
+        self.on_breaker = on_breaker
         self.clock = clock
         self.concurrency = concurrency
         self.timeout = timeout
+        self.breaker_threshold = breaker_threshold
+        self.breaker_pauses = breaker_pauses
         self._session: aiohttp.ClientSession | None = None
         self._wake = asyncio.Event()
+        self._lanes: dict[str, _Lane] = {}
+        self._keys: dict[str, list[bytes]] = {}
         self.set_secrets(secrets)
 
     def set_secrets(self, secrets: Mapping[str, str]) -> None:
-        self._keys = {url: secret_key(s) for url, s in secrets.items()}
+        """The configured endpoints and their secrets (at start and on reload)."""
+        self._keys = {url: secret_keys(s) for url, s in secrets.items()}
+        for url, lane in self._lanes.items():
+            lane.keys = self._keys.get(url)
 
     def wake(self) -> None:
         self._wake.set()
+        for lane in self._lanes.values():
+            lane.changed.set()
+
+    def open_breakers(self) -> list[str]:
+        """The endpoints (credentials stripped) whose breaker is open now."""
+        return [strip_credentials(url) for url, lane in self._lanes.items() if lane.breaker.is_open]
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
 
+    def _lane(self, url: str) -> _Lane:
+        lane = self._lanes.get(url)
+        if lane is None:
+            threshold = self.breaker_threshold if self.breaker_threshold is not None else 2**62
+            lane = self._lanes[url] = _Lane(url, self._keys.get(url), Breaker(threshold, self.breaker_pauses))
+        return lane
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # No pool-wide cap: each lane bounds its own connections, so one endpoint's hanging
+            # attempts can never hold the connections another endpoint needs.
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout), connector=aiohttp.TCPConnector(limit=0),
+            )
+        return self._session
+
+    # ------------------------------------------------------------------ one pass (tests, benchmarks)
+
     async def run_once(self) -> int:
-        """Deliver everything due now; returns how many attempts were made."""
-        due = self.outbox.due_deliveries(self.clock(), limit=self.concurrency * 4)
+        """Deliver everything due now, each endpoint on its own; returns how many attempts were made."""
+        urls = set(self._keys) | set(self.outbox.pending_urls())
+        counts = await asyncio.gather(*(self._lane_once(self._lane(url)) for url in sorted(urls)))
+        return sum(counts)
+
+    async def _lane_once(self, lane: _Lane) -> int:
+        now = self.clock()
+        room = lane.breaker.room(now, len(lane.in_flight), self.concurrency * 4)
+        if room == 0:
+            return 0
+        due = self.outbox.due_deliveries(now, limit=room, url=lane.url, exclude=list(lane.in_flight))
         if not due:
             return 0
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
         semaphore = asyncio.Semaphore(self.concurrency)
 
         async def one(delivery: dict) -> None:
             async with semaphore:
-                await self._attempt(delivery)
+                await self._attempt(lane, delivery)
 
+        lane.breaker.started(now)
         await asyncio.gather(*(one(d) for d in due))
         return len(due)
 
-    async def _attempt(self, delivery: dict) -> None:
-        key = self._keys.get(delivery["url"])
+    # ------------------------------------------------------------------ the daemon's loop
+
+    async def run(self, stopping: asyncio.Event, idle: float = 1.0) -> None:
+        """Keep a lane running for every endpoint that is configured or has pending deliveries.
+        At `stopping`, the lanes start nothing new and let their attempts in flight finish;
+        cancelled, they cancel those attempts too."""
+        try:
+            while not stopping.is_set():
+                self._wake.clear()
+                try:
+                    urls = set(self._keys) | set(self.outbox.pending_urls())
+                except Exception:  # the database may be busy or closing; look again soon
+                    log.exception("dispatcher_step_failed")
+                    urls = set(self._keys)
+                for url in urls:
+                    lane = self._lane(url)
+                    if lane.task is None or lane.task.done():
+                        lane.task = asyncio.create_task(self._run_lane(lane, stopping, idle), name="webhook-lane")
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=idle)
+                except asyncio.TimeoutError:
+                    pass
+            for lane in self._lanes.values():
+                lane.changed.set()
+            await asyncio.gather(*(lane.task for lane in self._lanes.values() if lane.task is not None))
+        except asyncio.CancelledError:
+            lanes = [lane.task for lane in self._lanes.values() if lane.task is not None]
+            for task in lanes:
+                task.cancel()
+            await asyncio.gather(*lanes, return_exceptions=True)
+            raise
+
+    async def _run_lane(self, lane: _Lane, stopping: asyncio.Event, idle: float) -> None:
+        """Start the lane's due deliveries while it has room; wait for room, a wake-up or the next due time."""
+        try:
+            while not stopping.is_set():
+                lane.changed.clear()
+                wait = idle
+                try:
+                    wait = self._fill(lane, idle)
+                except Exception:  # a bug here must not stop this endpoint's deliveries for good
+                    log.exception("dispatcher_step_failed", url=lane.url)  # the log strips url fields
+                if lane.keys is None and not lane.in_flight and self._idle_unconfigured(lane):
+                    return  # no longer configured and nothing left to fail: the lane ends
+                try:
+                    await asyncio.wait_for(lane.changed.wait(), timeout=max(wait, 0.01))
+                except asyncio.TimeoutError:
+                    pass
+            # Stopping: let the attempts in flight record their outcome.
+            await asyncio.gather(*lane.in_flight.values(), return_exceptions=True)
+        except asyncio.CancelledError:
+            attempts = list(lane.in_flight.values())
+            for task in attempts:
+                task.cancel()
+            await asyncio.gather(*attempts, return_exceptions=True)
+            raise
+
+    def _idle_unconfigured(self, lane: _Lane) -> bool:
+        return self.outbox.next_delivery_at(lane.url) is None
+
+    def _fill(self, lane: _Lane, idle: float) -> float:
+        """Start what the lane has room for; returns how long to wait before looking again."""
+        now = self.clock()
+        room = lane.breaker.room(now, len(lane.in_flight), self.concurrency)
+        if room > 0:
+            due = self.outbox.due_deliveries(now, limit=room, url=lane.url, exclude=list(lane.in_flight))
+            for delivery in due:
+                lane.breaker.started(now)
+                task = asyncio.create_task(self._attempt(lane, delivery), name="webhook-attempt")
+                lane.in_flight[delivery["id"]] = task
+                task.add_done_callback(lambda _t, i=delivery["id"]: self._done(lane, i))
+        if lane.in_flight:
+            return idle  # a finished attempt wakes the lane
+        next_at = self.outbox.next_delivery_at(lane.url)
+        wait = idle if next_at is None else max(next_at - now, 0.0)
+        return min(idle, max(wait, lane.breaker.reopens_in(now) or 0.0))
+
+    def _done(self, lane: _Lane, delivery_id: str) -> None:
+        lane.in_flight.pop(delivery_id, None)
+        lane.changed.set()
+
+    # ------------------------------------------------------------------ one attempt
+
+    async def _post(self, keys: list[bytes], delivery: dict) -> tuple[int | None, str | None]:
+        """(status code, error or None): one POST, no redirect followed, at most 64 KiB read."""
+        timestamp = int(self.clock())
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": delivery["event_id"],
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": signatures(keys, delivery["event_id"], timestamp, delivery["body"]),
+            "user-agent": "watcher-webhooks",
+        }
+        try:
+            async with self._http().post(
+                delivery["url"], data=delivery["body"], headers=headers, allow_redirects=False
+            ) as response:
+                if not await _read_at_most(response, MAX_RESPONSE_BYTES):
+                    response.close()  # the rest is never read: drop the connection instead
+                if 300 <= response.status < 400:
+                    location = response.headers.get("Location")
+                    where = f"to {location}" if location else "without a Location"
+                    return response.status, f"HTTP {response.status}: a redirect {where}; redirects are not followed"
+                if not 200 <= response.status < 300:
+                    return response.status, f"HTTP {response.status}"
+                return response.status, None
+        except asyncio.TimeoutError:
+            return None, f"no answer within {self.timeout:g} s"
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+
+    async def _attempt(self, lane: _Lane, delivery: dict) -> None:
+        keys = lane.keys
         started = time.perf_counter()
         status_code: int | None = None
-        error: str | None = None
-        if key is None:
-            error = "endpoint is no longer configured"
+        if keys is None:
+            error: str | None = "endpoint is no longer configured"
         else:
-            timestamp = int(self.clock())
-            headers = {
-                "content-type": "application/json",
-                "webhook-id": delivery["event_id"],
-                "webhook-timestamp": str(timestamp),
-                "webhook-signature": sign(key, delivery["event_id"], timestamp, delivery["body"]),
-                "user-agent": "watcher-webhooks",
-            }
-            try:
-                assert self._session is not None
-                async with self._session.post(delivery["url"], data=delivery["body"], headers=headers) as response:
-                    status_code = response.status
-                    await response.read()
-                    if not 200 <= response.status < 300:
-                        error = f"HTTP {response.status}"
-            except asyncio.TimeoutError:
-                error = f"no answer within {self.timeout:g} s"
-            except (aiohttp.ClientError, OSError, ValueError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
+            status_code, error = await self._post(keys, delivery)
+            if error is not None:
+                error = redact_text(error)  # a Location or an aiohttp error can quote credentials
         duration_ms = (time.perf_counter() - started) * 1000
         ok = error is None
         attempts_done = delivery["attempts"] + 1
@@ -146,33 +381,40 @@ class Dispatcher:
             next_attempt_at=None if delay is None else self.clock() + delay, claimed_attempts=delivery["attempts"],
             claimed_requeues=delivery["requeues"],
         )
+        if keys is not None:
+            self._breaker_saw(lane, ok)
         if self.on_attempt is not None:
             outcome = "delivered" if ok else ("failed" if delay is None else "retry")
-            self.on_attempt(outcome, duration_ms / 1000 if key is not None else None)
+            self.on_attempt(outcome, duration_ms / 1000 if keys is not None else None)
+        url = strip_credentials(delivery["url"])
         if ok:
-            log.info("webhook_delivered", delivery=delivery["id"], event_id=delivery["event_id"], url=delivery["url"], ms=round(duration_ms, 1))
+            log.info("webhook_delivered", delivery=delivery["id"], event_id=delivery["event_id"], url=url, ms=round(duration_ms, 1))
         elif delay is None:
-            log.error("webhook_failed", delivery=delivery["id"], event_id=delivery["event_id"], url=delivery["url"], error=error, attempts=attempts_done)
+            log.error("webhook_failed", delivery=delivery["id"], event_id=delivery["event_id"], url=url, error=error, attempts=attempts_done)
         else:
-            log.warning("webhook_retry_scheduled", delivery=delivery["id"], event_id=delivery["event_id"], url=delivery["url"], error=error, in_seconds=delay)
+            log.warning("webhook_retry_scheduled", delivery=delivery["id"], event_id=delivery["event_id"], url=url, error=error, in_seconds=delay)
 
-    async def run(self, stopping: asyncio.Event, idle: float = 1.0) -> None:
-        while not stopping.is_set():
-            try:
-                sent = await self.run_once()
-            except Exception:  # a bug here must not stop deliveries for good
-                log.exception("dispatcher_step_failed")
-                sent = 0
-            if sent:
-                continue
-            self._wake.clear()
-            try:
-                next_at = self.outbox.next_delivery_at()
-            except Exception:  # the database may be busy or closing; look again soon
-                log.exception("dispatcher_step_failed")
-                next_at = None
-            wait = idle if next_at is None else min(idle, max(next_at - self.clock(), 0.0))
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=max(wait, 0.01))
-            except asyncio.TimeoutError:
-                pass
+    def _breaker_saw(self, lane: _Lane, ok: bool) -> None:
+        now = self.clock()
+        change = lane.breaker.record(ok, now)
+        if change is None:
+            return
+        shown = strip_credentials(lane.url)
+        if change:
+            log.warning("webhook_endpoint_paused", url=shown, failures=lane.breaker.failures,
+                        seconds=lane.breaker.reopens_in(now))
+        else:
+            log.info("webhook_endpoint_resumed", url=shown)
+        if self.on_breaker is not None:
+            self.on_breaker(shown, change)
+
+
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bool:
+    """Read (and drop) the body up to `limit` bytes; True when it was read to its end."""
+    read = 0
+    while read <= limit:
+        chunk = await response.content.read(limit + 1 - read)
+        if not chunk:
+            return True
+        read += len(chunk)
+    return False

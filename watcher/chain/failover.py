@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
-from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
 
 from ..config import strip_credentials
+from ..redaction import Redactor
 from .transport import RETRY_DELAYS, BatchRefused, HttpTransport, RpcError
 
 log = structlog.get_logger("watcher.failover")
@@ -46,16 +46,7 @@ class EndpointDown(RpcError):
 def redact(text: str, url: str) -> str:
     """`text` with `url`'s secrets masked: aiohttp puts the full request URL (userinfo,
     query and all) into some of its error messages."""
-    safe = strip_credentials(url)
-    text = text.replace(url, safe)
-    parts = urlsplit(url)
-    secrets = [parts.username, parts.password, parts.query]
-    safe_path = urlsplit(safe).path.split("/")
-    secrets += [raw for raw, shown in zip(parts.path.split("/"), safe_path) if raw != shown]
-    secrets += [item.partition("=")[2] for item in parts.query.split("&")]
-    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
+    return Redactor([url])(text)
 
 
 def _check_shape(what: str, payload: Any, answer: Any) -> None:

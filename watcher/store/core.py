@@ -7,6 +7,7 @@ a crash the state and its events always agree. Atomic amounts are TEXT: they are
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from contextlib import contextmanager
 from decimal import Decimal
@@ -84,11 +85,26 @@ def _identity(m: MatchedTransfer, asset: str) -> tuple:
     return (m.option_id, asset, t.from_address, t.to_address, str(t.amount))
 
 
+def _create_private(path: Path) -> None:
+    """The database holds customers' emails and metadata: a new file is 0600 (SQLite gives its
+    -wal and -shm files the database file's mode) and a directory the daemon creates is 0700,
+    whatever the umask. An existing file keeps the mode the operator gave it."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return
+    os.fchmod(fd, 0o600)
+    os.close(fd)
+
+
 class Store:
     def __init__(self, path: str | Path, *, clock: Callable[[], float]) -> None:
         self.path = str(path)
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            _create_private(Path(self.path))
         conn = sqlite3.connect(self.path, isolation_level=None)  # one thread: the event loop's
         conn.row_factory = sqlite3.Row
         self.db = Database(conn)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import orjson
 from sqlite_utils import Database
 
 from ..domain import new_id, rfc3339
+from ..redaction import Redactor, redact_text, strip_credentials
 from .records import StateConflict
 from .views import status_view
 
@@ -21,17 +22,19 @@ DELIVERY_STATUSES = ("pending", "delivered", "failed")
 
 
 def delivery_view(row: sqlite3.Row) -> dict:
-    """A delivery as the API shows it (contract §3, `/v1/webhook-deliveries`)."""
+    """A delivery as the API shows it (contract §3, `/v1/webhook-deliveries`): the endpoint's
+    credentials masked in its URL and in the error text (rows written before errors were
+    redacted on the way in are shown safely too)."""
     return {
         "id": row["id"],
         "event_id": row["event_id"],
         "event_type": row["event_type"],
         "invoice_id": row["invoice_id"],
-        "url": row["url"],
+        "url": strip_credentials(row["url"]),
         "status": row["status"],
         "attempts": row["attempts"],
         "last_status_code": row["last_status_code"],
-        "last_error": row["last_error"],
+        "last_error": None if row["last_error"] is None else Redactor([row["url"]])(redact_text(row["last_error"])),
         "next_attempt_at": rfc3339(row["next_attempt_at"]),
         "delivered_at": row["delivered_at"],
     }
@@ -124,17 +127,37 @@ class Outbox:
             for r in self._q("SELECT * FROM events WHERE invoice_id = ? ORDER BY seq", [invoice_id])
         ]
 
-    def due_deliveries(self, now: float, limit: int = 100) -> list[dict]:
+    def due_deliveries(
+        self, now: float, limit: int = 100, *, url: str | None = None, exclude: Collection[str] = ()
+    ) -> list[dict]:
+        """Pending deliveries due by `now`, oldest first: to one endpoint when `url` is given,
+        leaving out `exclude` (the ids already in flight)."""
+        where = ["d.status = 'pending'", "d.next_attempt_at <= ?"]
+        params: list[Any] = [now]
+        if url is not None:
+            where.append("d.url = ?")
+            params.append(url)
+        if exclude:
+            where.append(f"d.id NOT IN ({','.join('?' * len(exclude))})")
+            params += list(exclude)
         rows = self._q(
             "SELECT d.id, d.event_id, d.url, d.attempts, d.requeues, e.body FROM deliveries d JOIN events e ON e.id = d.event_id "
-            "WHERE d.status = 'pending' AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at LIMIT ?",
-            [now, limit],
+            f"WHERE {' AND '.join(where)} ORDER BY d.next_attempt_at LIMIT ?",
+            [*params, limit],
         )
         return [dict(r) | {"body": bytes(r["body"])} for r in rows]
 
-    def next_delivery_at(self) -> float | None:
-        row = self._q1("SELECT MIN(next_attempt_at) AS t FROM deliveries WHERE status = 'pending'")
+    def next_delivery_at(self, url: str | None = None) -> float | None:
+        """When the next pending delivery (to `url`, or to any endpoint) is due."""
+        if url is None:
+            row = self._q1("SELECT MIN(next_attempt_at) AS t FROM deliveries WHERE status = 'pending'")
+        else:
+            row = self._q1("SELECT MIN(next_attempt_at) AS t FROM deliveries WHERE url = ? AND status = 'pending'", [url])
         return row["t"] if row else None
+
+    def pending_urls(self) -> list[str]:
+        """Endpoints with pending deliveries (some may no longer be configured)."""
+        return [r["url"] for r in self._q("SELECT DISTINCT url FROM deliveries WHERE status = 'pending'")]
 
     def record_attempt(
         self,

@@ -182,12 +182,19 @@ def m003_checkout_fields(db: Database) -> None:
     db.execute("UPDATE invoices SET updated_at = created_at")
 
 
-# The table-level constraint m001 put on `payments`; m004 replaces it with a partial index.
+@migrations()
+def m004_delivery_lanes(db: Database) -> None:
+    # Each webhook endpoint has its own queue: its due deliveries are read by url, so one
+    # endpoint's backlog is never scanned to find another's.
+    db.execute("CREATE INDEX deliveries_endpoint_due ON deliveries(url, status, next_attempt_at)")
+
+
+# The table-level constraint m001 put on `payments`; m005 replaces it with a partial index.
 _PAYMENT_KEY_CONSTRAINT = re.compile(r",\s*UNIQUE\s*\(\s*network\s*,\s*tx_hash\s*,\s*log_key\s*\)", re.IGNORECASE)
 
 
 @migrations()
-def m004_payment_identity(db: Database) -> None:
+def m005_payment_identity(db: Database) -> None:
     # A re-included transaction's logs may move (another log lands before them), so a revived
     # payment takes a new log key that a reverted row of the same transaction may still hold:
     # only live rows need a unique (network, tx, log key). SQLite cannot drop a table
@@ -196,7 +203,7 @@ def m004_payment_identity(db: Database) -> None:
     table_sql = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'payments'").fetchone()[0]
     new_sql, found = _PAYMENT_KEY_CONSTRAINT.subn("", table_sql)
     if found != 1:
-        raise RuntimeError(f"m004_payment_identity: unexpected payments table: {table_sql}")
+        raise RuntimeError(f"m005_payment_identity: unexpected payments table: {table_sql}")
     indexes = [
         r[0] for r in db.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'payments' AND sql IS NOT NULL")
     ]
@@ -212,7 +219,7 @@ def m004_payment_identity(db: Database) -> None:
 
 
 @migrations()
-def m005_chain_genesis(db: Database) -> None:
+def m006_chain_genesis(db: Database) -> None:
     # Each chain's block 0, recorded the first time it is followed: a node whose genesis differs
     # serves another chain under the same chain id (a reset test chain, another network).
     db.execute(
