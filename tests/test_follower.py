@@ -1,4 +1,4 @@
-"""The follower against a FakeChain (a ChainReader that can mine, fork, lag and lie).
+"""The follower against a FakeChain (tests/fakechain.py: a ChainReader that can mine, fork, lag and lie).
 
 eth-tester and the end-to-end tests prove the real path; these make the chain's awkward
 moments read like stories and check exactly what the follower asked the node for.
@@ -6,118 +6,17 @@ moments read like stories and check exactly what the follower asked the node for
 
 from __future__ import annotations
 
-import hashlib
 from decimal import Decimal
 
 import pytest
 
-from watcher.bloom import bloom_mask
-from watcher.chain import TRANSFER_TOPIC, BlockUnknown, FoundLogs, RpcError, address_topic
-from watcher.domain import BlockRef, Transfer
+from fakechain import TOKEN, FakeChain, FakeNativeChain
+from watcher.chain import BlockUnknown, RpcError
 from watcher.follower import ChainChanged, Follower, ReorgTooDeep, WrongChainFollowed
 from watcher.store import NewInvoice, OptionSpec, Store
 
 NET = "fake"
-TOKEN = "0x" + "aa" * 20
 OTHER_TOKEN = "0x" + "cc" * 20
-
-
-class FakeChain:
-    """A reader over a node. Its faults: `visible_head` (the whole node behind), and
-    `backend_head` (a load balancer whose head is honest but whose logs and headers come
-    from a backend that has blocks only up to there: ranges silently clamped, headers
-    `null`, logs by hash refused), and `header_cap` (a provider refusing longer batches)."""
-
-    def __init__(self) -> None:
-        self.salt = "a"
-        self.blocks: list[BlockRef] = []
-        self.logs: dict[int, list[Transfer]] = {}
-        self.visible_head: int | None = None  # a lagging node: pretend the head is lower
-        self.backend_head: int | None = None  # a lagging backend behind an honest head (headers and logs)
-        self.logs_head: int | None = None  # ...or one that lags for logs only
-        self.header_cap: int | None = None
-        self.lie_about_log_hashes = False
-        self.header_requests: list[list[int]] = []
-        self.log_requests: list[tuple] = []
-        self.blooms = True  # headers carry a logsBloom
-        self.mine()  # genesis
-
-    def _hash(self, n: int, parent: str) -> str:
-        return "0x" + hashlib.sha256(f"{self.salt}:{n}:{parent}".encode()).hexdigest()
-
-    def mine(self, *payments: tuple[str, int], token: str = TOKEN) -> BlockRef:
-        n = len(self.blocks)
-        parent = self.blocks[-1].hash if self.blocks else "0x" + "00" * 32
-        bloom = 0
-        for to, _ in payments:  # as a node sets it: the log's address and each of its topics
-            for item in (token, TRANSFER_TOPIC, address_topic("0x" + "bb" * 20), address_topic(to)):
-                bloom |= bloom_mask(item)
-        block = BlockRef(n, self._hash(n, parent), parent, 1_000_000 + n * 12, bloom if self.blooms else None)
-        self.blocks.append(block)
-        self.logs[n] = [
-            Transfer(f"0x{n:032x}{i:032x}", i, n, block.hash, token, "0x" + "bb" * 20, to, amount)
-            for i, (to, amount) in enumerate(payments)
-        ]
-        return block
-
-    def fork(self, at: int) -> None:
-        """Drop every block above `at`; new blocks get other hashes."""
-        self.blocks = self.blocks[: at + 1]
-        self.logs = {n: v for n, v in self.logs.items() if n <= at}
-        self.salt += "'"
-
-    # ChainReader
-    async def chain_id(self) -> int:
-        return 1
-
-    async def block_number(self) -> int:
-        head = len(self.blocks) - 1
-        return head if self.visible_head is None else min(head, self.visible_head)
-
-    def _has(self, n: int) -> bool:
-        return n < len(self.blocks) and (self.backend_head is None or n <= self.backend_head)
-
-    def _has_logs(self, n: int) -> bool:
-        return self._has(n) and (self.logs_head is None or n <= self.logs_head)
-
-    async def headers(self, numbers):
-        self.header_requests.append(list(numbers))
-        if self.header_cap is not None and len(numbers) > self.header_cap:
-            raise RpcError("eth_getBlockByNumber", "batch size too large", -32600)
-        return [self.blocks[n] if self._has(n) else None for n in numbers]
-
-    async def range_logs(self, first, last, query, through=None):
-        """As the real reader: the span's logs (clamped to what the backend has, silently, as
-        geth does) and the header of `last` from the same backend, which must be there."""
-        self.log_requests.append(("range", first, last))
-        if not self._has_logs(last):
-            raise BlockUnknown("eth_getBlockByNumber", f"the node answering has no block {last} yet")
-        if through is not None and self.blocks[last].hash != through.hash:
-            raise BlockUnknown("eth_getBlockByNumber", f"another block {last}")
-        top = min(n for n in (last, self.backend_head, self.logs_head) if n is not None)
-        return FoundLogs(await self.transfer_logs(first, top, query.tokens, query.recipients) if query.tokens else [])
-
-    async def block_logs(self, wanted):
-        found = FoundLogs()
-        for block, query in wanted:
-            self.log_requests.append(("hash", block.number))
-            if not self._has_logs(block.number) or self.blocks[block.number].hash != block.hash:
-                raise RpcError("eth_getLogs", f"unknown block {block.hash}", -32000)
-            if query.tokens:
-                found.transfers += await self.transfer_logs(block.number, block.number, query.tokens, query.recipients)
-        return found
-
-    async def finalized_number(self) -> int:
-        return len(self.blocks) - 1
-
-    async def transfer_logs(self, from_block, to_block, tokens, recipients):
-        out = []
-        for n in range(from_block, to_block + 1):
-            for t in self.logs.get(n, []):
-                if t.token in tokens and (recipients is None or t.to_address in recipients):
-                    out.append(t if not self.lie_about_log_hashes else Transfer(
-                        t.tx_hash, t.log_index, t.block_number, "0x" + "ee" * 32, t.token, t.from_address, t.to_address, t.amount))
-        return out
 
 
 @pytest.fixture
@@ -357,57 +256,6 @@ async def test_a_refused_log_range_is_asked_again_in_halves(store):
 
 
 # --------------------------------------------------------------------------- native coin
-
-
-class FakeNativeChain(FakeChain):
-    """FakeChain whose blocks also carry native-coin transactions, receipts and traces."""
-
-    def __init__(self) -> None:
-        self.native: dict[int, list[tuple[str, str, int, bool]]] = {}  # block -> (tx, to, value, succeeded)
-        self.inner: dict[int, list] = {}  # block -> InternalTransfer
-        self.traces_from_another_block = False
-        super().__init__()
-
-    def mine_native(self, *txs: tuple[str, int, bool], inner: tuple[str, int] | None = None) -> BlockRef:
-        from watcher.chain.traces import InternalTransfer
-
-        block = self.mine()
-        n = block.number
-        self.native[n] = [(f"0x{n:032x}{i + 100:032x}", to, value, ok) for i, (to, value, ok) in enumerate(txs)]
-        if inner is not None:
-            to, value = inner
-            wallet_tx = f"0x{n:032x}{999:032x}"
-            self.native[n].append((wallet_tx, "0x" + "77" * 20, 0, True))  # the wallet call itself: no value to us
-            self.inner[n] = [InternalTransfer(wallet_tx, 0, n, "0x" + "77" * 20, to, value)]
-        return block
-
-    async def full_blocks(self, numbers):
-        from watcher.domain import FullBlock, NativeTransaction
-
-        out = []
-        for n in numbers:
-            if n >= len(self.blocks):
-                out.append(None)
-                continue
-            txs = self.native.get(n, [])
-            moved = tuple(NativeTransaction(h, "0x" + "bb" * 20, to, v) for h, to, v, _ in txs if v)
-            out.append(FullBlock(self.blocks[n], moved, frozenset(h for h, *_ in txs)))
-        return out
-
-    async def successful_transactions(self, candidates):
-        ok = {h for txs in self.native.values() for h, _, _, good in txs if good}
-        return {h for h in candidates if h in ok}
-
-    async def probe_tracer(self, block_number):
-        return "debug_traceBlockByNumber"
-
-    async def internal_transfers(self, numbers, method):
-        from dataclasses import replace
-
-        out = [t for n in numbers for t in self.inner.get(n, [])]
-        if self.traces_from_another_block:
-            out = [replace(t, tx_hash="0x" + "99" * 32) for t in out]
-        return out
 
 
 def native_invoice(store: Store, amount_atomic: int = 100) -> tuple[str, str]:
