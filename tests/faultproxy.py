@@ -93,7 +93,10 @@ class Fault:
         `null` for (numbers above head - count), everything else honest.
     only: for "lagging_backend" and "null_headers", a test's choice of which calls land on
         the lagging backend (`only(call) -> bool`, the call's JSON-RPC object); the rest are
-        answered honestly, as by another backend behind the same load balancer.
+        answered honestly, as by another backend behind the same load balancer. For
+        "rpc_error", which calls of the method fail (e.g. eth_getLogs by range, not by block
+        hash: a provider's range limit); a request with none of them neither matches nor
+        spends it.
     min_batch: for "lagging_backend" and "null_headers", only calls of a request holding at
         least this many calls land on the lagging backend (a load balancer that sends big
         batches to another pool than single calls); 1 = every request.
@@ -160,8 +163,17 @@ class Fault:
             return isinstance(body, list) and len(body) > self.cap
         if self.kind in PER_CALL:
             return not self.lagging_methods.isdisjoint(methods)
+        if self.kind == "rpc_error" and self.only is not None:
+            return any(self.fails(call) for call in (body if isinstance(body, list) else [body]))
         wanted = self.match_method
         return wanted is None or wanted in methods
+
+    def fails(self, call: Any) -> bool:
+        """For "rpc_error": whether this call of a request is answered with the error."""
+        return (
+            isinstance(call, dict) and self.method in (None, call.get("method"))
+            and (self.only is None or self.only(call))
+        )
 
 
 def _http_status(kind: str) -> int | None:
@@ -360,7 +372,7 @@ class FaultProxy:
             call_id = body.get("id") if isinstance(body, dict) else None
             return _json({"jsonrpc": "2.0", "id": call_id, "error": error})
         # In a batch only the matching calls fail, like a provider refusing one heavy query.
-        hit = [isinstance(call, dict) and fault.method in (None, call.get("method")) for call in body]
+        hit = [fault.fails(call) for call in body]
         rest = [call for call, failed in zip(body, hit) if not failed]
         answered: dict[bytes, Any] = {}
         if rest:

@@ -221,6 +221,21 @@ async def test_rpc_error_in_a_batch_fails_only_the_matching_calls(client: Client
     assert proxy.requests == {"eth_chainId": 1, "eth_getLogs": 1, "eth_blockNumber": 1}
 
 
+async def test_rpc_error_only_for_the_calls_a_test_picks(node: Anvil, client: Client, proxy: FaultProxy) -> None:
+    """A provider's range limit refuses eth_getLogs by range, never by block hash; a request
+    with no such call neither fails nor spends the fault."""
+    receipt = await emit_log(node)
+    by_range = lambda call: "fromBlock" in call["params"][0]  # noqa: E731
+    proxy.inject(Fault("rpc_error", method="eth_getLogs", times=1, only=by_range))
+
+    assert await client.result("eth_getLogs", {"blockHash": receipt["blockHash"]}) == receipt["logs"]
+    batch = [call("eth_getLogs", {"blockHash": receipt["blockHash"]}, id=1), call("eth_getLogs", ALL_LOGS, id=2)]
+    by_hash, ranged = await client.json(batch)
+    assert by_hash["result"] == receipt["logs"] and ranged["error"]["code"] == -32005
+    assert await client.result("eth_getLogs", ALL_LOGS) == receipt["logs"]  # spent
+    assert proxy.injected == {("rpc_error", "eth_getLogs"): 1}
+
+
 async def test_wrong_block_hash_changes_only_log_block_hashes(node: Anvil, client: Client, direct: Client, proxy: FaultProxy) -> None:
     receipt = await emit_log(node)
     real_logs = await direct.result("eth_getLogs", ALL_LOGS)
