@@ -549,3 +549,24 @@ async def test_a_reset_chain_below_our_checkpoint_is_told_apart_from_a_node_behi
     with pytest.raises(WrongChainFollowed):
         await f.run_once()
     assert store.cursor(NET).number == 5
+
+
+async def test_a_node_without_its_newest_header_still_gives_the_blocks_below_it(store):
+    """An honest head whose newest header stays `null` (a backend behind, for good): the blocks
+    below it are applied, the payment in one of them recorded; the missing one waits."""
+    chain = FakeChain()
+    inv_id, addr = invoice(store)
+    f = follower(chain, store)
+    chain.mine()
+    await catch_up(f)
+    chain.mine((addr, 100))  # block 2
+    chain.mine()  # block 3, whose header the node does not give
+    chain.headers_head = 2
+    assert await f.run_once() == 1
+    assert store.cursor(NET).number == 2
+    assert [p["amount_atomic"] for p in store.get_payments(inv_id)] == ["100"]
+    with pytest.raises(ChainChanged):
+        await f.run_once()  # block 3 alone: still nothing to take
+    chain.headers_head = None
+    await catch_up(f)
+    assert store.cursor(NET).number == 3

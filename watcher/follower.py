@@ -255,13 +255,18 @@ class Follower:
         near_head = last > ceiling
         if near_head and first <= ceiling:
             last, near_head = ceiling, False  # the ranged part now, the rest block by block next step
-        numbers = list(range(first, last + 1)) if near_head or self.rails.native else sorted({first, last})
+        whole = near_head or self.rails.native  # every block of the range read, not only its ends
+        numbers = list(range(first, last + 1)) if whole else sorted({first, last})
         full_blocks: list[FullBlock] = []
         if self.rails.native:
-            full_blocks = await self._full_blocks(numbers)
+            full_blocks = await self._full_blocks(numbers, partial=whole)
             by_number = {b.ref.number: b.ref for b in full_blocks}
         else:
-            by_number = await self._headers(numbers)
+            by_number = await self._headers(numbers, partial=whole)
+        if whole and len(by_number) < len(numbers):
+            # The node lacks the newest blocks for now (a backend behind): take the ones it has.
+            numbers = numbers[: len(by_number)]
+            last = numbers[-1]
         if cursor is not None and by_number[first].parent_hash != cursor.hash:
             await self._handle_reorg(cursor)
             return 1
@@ -365,19 +370,24 @@ class Follower:
             raise
         return self.watch.logged([t for part in parts for t in part.transfers], [p for part in parts for p in part.routed])
 
-    async def _full_blocks(self, numbers: list[int]) -> list[FullBlock]:
-        blocks = await self.reader.full_blocks(numbers)
+    async def _full_blocks(self, numbers: list[int], *, partial: bool = False) -> list[FullBlock]:
+        """The blocks; with `partial`, those before the first the node does not have (at least one)."""
         out = []
-        for n, block in zip(numbers, blocks):
+        for n, block in zip(numbers, await self.reader.full_blocks(numbers)):
             if block is None:
+                if partial and out:
+                    break
                 raise ChainChanged(f"block {n} vanished while reading")
             out.append(block)
         return out
 
-    async def _headers(self, numbers: list[int]) -> dict[int, BlockRef]:
+    async def _headers(self, numbers: list[int], *, partial: bool = False) -> dict[int, BlockRef]:
+        """The headers; with `partial`, those before the first the node does not have (at least one)."""
         by_number: dict[int, BlockRef] = {}
         for n, h in zip(numbers, await self.reader.headers(numbers)):
             if h is None:
+                if partial and by_number:
+                    break
                 raise ChainChanged(f"block {n} vanished while reading")
             by_number[n] = h
         return by_number
