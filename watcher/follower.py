@@ -35,6 +35,8 @@ WINDOW_MARGIN = 64
 # Below `head - RANGE_DEPTH_FACTOR * max(depth, WINDOW_MARGIN)` logs are read by number range;
 # above it, block by block by hash (the unfinalised part, where nodes disagree).
 RANGE_DEPTH_FACTOR = 2
+# Up to this many deposit addresses (or payment ids) go in a topic filter of one block's logs.
+BLOCK_TOPIC_LIMIT = 16
 
 
 class ChainChanged(Exception):
@@ -319,14 +321,21 @@ class Follower:
             )
         return last - first + 1
 
-    def _log_query(self, transfers: bool = True, routed: bool = True) -> LogQuery:
+    def _log_query(self, transfers: bool = True, routed: bool = True, *, one_block: bool = False) -> LogQuery:
+        """What to ask eth_getLogs for. One block holds few logs: past BLOCK_TOPIC_LIMIT
+        addresses (or payment ids) its logs are asked unfiltered and matched here, rather than
+        sending the whole list with every block's request."""
         recipients = self.watch.recipient_filter()
+        payment_ids = self.watch.payment_id_filter()
+        if one_block:
+            recipients = recipients if recipients is not None and len(recipients) <= BLOCK_TOPIC_LIMIT else None
+            payment_ids = payment_ids if payment_ids is not None and len(payment_ids) <= BLOCK_TOPIC_LIMIT else None
         return LogQuery(
             tokens=self.tokens if transfers else [],
             recipients=recipients,
             keep=self.watch.addresses if recipients is None else None,
             routers=sorted(self.watch.routers) if routed else [],
-            payment_ids=self.watch.payment_id_filter(),
+            payment_ids=payment_ids,
         )
 
     async def _block_logged_payments(self, blocks: Sequence[BlockRef]) -> list[Match]:
@@ -336,7 +345,7 @@ class Follower:
         for block in blocks:
             transfers, routed = self.watch.may_pay(block.bloom, self.tokens)
             if transfers or routed:
-                wanted.append((block, self._log_query(transfers, routed)))
+                wanted.append((block, self._log_query(transfers, routed, one_block=True)))
         found = await self.reader.block_logs(wanted) if wanted else FoundLogs()
         return self.watch.logged(found.transfers, found.routed)
 
