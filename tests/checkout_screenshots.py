@@ -75,6 +75,8 @@ async def main(out: Path) -> None:
         expired = await h.create(amount="49.99", product_name="Pro Plan - Monthly")
         await travel_past_deadline(h, expired)
         await h.wait_status(expired["id"], "expired")
+        # A fresh browser: the confirmed page's redirect (4 s after it showed) can fire while the
+        # driver navigates, after which chromedriver's next page load times out at once.
         await asyncio.to_thread(browser.quit)
         browser = await asyncio.to_thread(Browser)
         await shoot(browser, expired["checkout_url"], "expired", out, "expired")
