@@ -358,3 +358,21 @@ async def test_the_page_and_its_assets_are_under_100_kb_and_cached(shop):
         assert status == 200 and headers["Cache-Control"] == "public, max-age=31536000, immutable"
         total += len(body.encode())
     assert total < 100 * 1024, total
+
+
+async def test_overpaid_and_underpaid_screens_say_what_happened(shop):
+    over = await shop.create(amount="5")
+    await shop.pay(over["id"], amount="7")
+    under = await shop.create(amount="10")
+    await shop.pay(under["id"], amount="4")
+    await shop.mine(1)
+    await shop.wait_status(over["id"], "paid")
+    _, html, _ = await shop.public(f"/pay/{over['id']}")
+    assert 'data-screen="overpaid"' in html and "You sent 2.00 USD more than the 5 USD due" in html
+    assert 'id="pay"' not in html and "1 of 3 confirmations" in html
+
+    await travel_past_deadline(shop, under)
+    await shop.wait_status(under["id"], "underpaid")
+    _, html, headers = await shop.public(f"/pay/{under['id']}", headers={"Accept-Language": "es"})
+    assert 'data-screen="underpaid"' in html and "Solo llegaron 4.00 USD de 10 USD antes del plazo" in html
+    assert 'id="pay"' not in html and headers["Content-Language"] == "es"
