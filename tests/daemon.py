@@ -37,6 +37,7 @@ class SandboxDaemon:
         self.api_key = ""
         self.webhook_secret = ""
         self.banner = ""
+        self.preexec_fn = None  # e.g. a lower descriptor limit for the daemon alone
 
     @property
     def pid(self) -> int:
@@ -55,7 +56,8 @@ class SandboxDaemon:
         self.tmp_path.mkdir(parents=True, exist_ok=True)
         with open(self.stderr_path, "w") as stderr:
             self.proc = await asyncio.create_subprocess_exec(
-                *WATCHER, *self.args, stdout=asyncio.subprocess.PIPE, stderr=stderr, env=self.env)
+                *WATCHER, *self.args, stdout=asyncio.subprocess.PIPE, stderr=stderr, env=self.env,
+                preexec_fn=self.preexec_fn)
         try:
             await self._read_banner()
             await self._wait_healthy()

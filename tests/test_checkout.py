@@ -52,7 +52,7 @@ def _config(tmp_path, **checkout) -> dict:
 
 
 def test_checkout_config_is_validated_with_the_key_named(tmp_path):
-    env = {"WATCHER_API_KEY": "k" * 20}
+    env = {"WATCHER_API_KEY": "sk_test_Qm3v9XcT2pLr8KwZ4nYh7JdF6sBa1Ue5"}  # 32+ random characters
     ok = settings_from_dict(_config(tmp_path, listen="0.0.0.0:8081", public_base_url="https://pay.shop.example/"), env)
     assert ok.checkout is not None and ok.checkout.public_base_url == "https://pay.shop.example"  # no trailing slash
     assert ok.checkout.brand_name is None and ok.checkout.max_streams == 10_000

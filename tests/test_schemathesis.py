@@ -25,7 +25,7 @@ SCHEMATHESIS = shutil.which("schemathesis") or str(Path(sys.executable).parent /
 @pytest.fixture
 def daemon(tmp_path):
     port = free_port()
-    key = "sk_test_schemathesis_0123456789"
+    key = "sk_test_schemathesis_0123456789ABCDEF"
     env = {**os.environ, "WATCHER_API_KEY": key}
     proc = subprocess.Popen(
         [sys.executable, "-m", "watcher.cli", "run", "--sandbox", "--listen", f"127.0.0.1:{port}",

@@ -185,7 +185,8 @@ def _run_sandbox(args: argparse.Namespace) -> int:
         f"  chain:          eth-tester, chain id {chain.chain_id}, a block every {args.block_time:g} s\n"
         f"  token:          TUSD at {chain.deployed.token}\n"
         "Try:\n"
-        f"  curl -s -H 'Authorization: Bearer {api_key}' -d '{{\"amount\": \"49.99\"}}' http://{listen}/v1/invoices\n"
+        f"  curl -s -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' "
+        f"-d '{{\"amount\": \"49.99\"}}' http://{listen}/v1/invoices\n"
         f"  curl -s -H 'Authorization: Bearer {api_key}' -X POST http://{listen}/v1/sandbox/invoices/<id>/pay\n"
         f"  curl -s -H 'Authorization: Bearer {api_key}' http://{listen}/v1/invoices/<id>/status\n",
         flush=True,
