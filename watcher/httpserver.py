@@ -209,7 +209,11 @@ async def listen(runner: web.AppRunner, host: str, port: int, *, max_connections
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if port == 0 and sockets[:-1]:  # several addresses share the port the first one got
                 address = (address[0], sockets[0].getsockname()[1], *address[2:])
-            sock.bind(address)
+            try:
+                sock.bind(address)
+            except OSError as exc:  # worded as asyncio words it (the CLI's listen_failed line shows it)
+                raise OSError(exc.errno, f"error while attempting to bind on address {address!r}: "
+                                         f"{(exc.strerror or str(exc)).lower()}") from None
             sock.listen(BACKLOG)
             sock.setblocking(False)
     except OSError:
