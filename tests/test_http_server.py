@@ -280,12 +280,14 @@ async def test_300_silent_sockets_under_ulimit_256_do_not_take_the_api_down(tmp_
             await asyncio.sleep(0.5)
             started = time.monotonic()
             async with aiohttp.ClientSession() as http:
-                deadline = started + 45
+                # The silent sockets ahead of it in the backlog are accepted first and cut after
+                # 10 s; on a busy machine the client's SYN retries add their own waits.
+                deadline = started + 100
                 status = None
                 while status != 200:
                     assert time.monotonic() < deadline, "healthz never answered"
                     try:
-                        async with http.get(daemon.base_url + "/healthz", timeout=aiohttp.ClientTimeout(total=30)) as r:
+                        async with http.get(daemon.base_url + "/healthz", timeout=aiohttp.ClientTimeout(total=60)) as r:
                             status = r.status
                     except (aiohttp.ClientError, asyncio.TimeoutError):
                         await asyncio.sleep(0.5)
@@ -293,7 +295,7 @@ async def test_300_silent_sockets_under_ulimit_256_do_not_take_the_api_down(tmp_
         finally:
             for s in socks:
                 s.close()
-        assert took < 40, took
+        assert took < 100, took  # before: never (aiohttp kept the silent sockets for an hour)
         status, _ = await daemon.request("GET", "/v1/invoices")
         assert status == 200
     err = daemon.stderr()
