@@ -193,7 +193,7 @@ async def run(args: argparse.Namespace) -> None:
     raise_fd_limit()
     invoices_n = max(args.streams // PER_INVOICE, args.paid)
     api_port, page_port, hook_port, bare_port = free_port(), free_port(), free_port(), free_port()
-    key = "sk_bench_" + secrets.token_urlsafe(16)
+    key = "sk_bench_" + secrets.token_urlsafe(24)
     hooks: dict[str, float] = {}
 
     async def receive(request: web.Request) -> web.Response:
