@@ -321,8 +321,12 @@ class Service:
         await self._checkout_runner.setup()
         # The public listener: the same header and idle timeouts as the API's; its connections
         # are the page's requests and its live streams, each capped.
-        listener = await listen(self._checkout_runner, checkout.host, checkout.port,
-                                max_connections=self.settings.http.max_connections + checkout.max_streams)
+        try:
+            listener = await listen(self._checkout_runner, checkout.host, checkout.port,
+                                    max_connections=self.settings.http.max_connections + checkout.max_streams)
+        except OSError as exc:
+            exc.listen = checkout.listen  # type: ignore[attr-defined]  # which address (the CLI's one line names it)
+            raise
         self._listeners.append(listener)
         host, port = listener.addresses[0][:2]
         self.checkout_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
