@@ -1,6 +1,6 @@
 """python -m bench [SECTION] [--profile 1%|100%|100%x25] [--repeat N] [--rebuild] [--quick]
 
-Sections: build, catchup, profile (the catch-up chains and runs), watchset, webhooks, api,
+Sections: build, catchup, profile (the catch-up chains and runs), watchset, webhooks, api, checkout,
 live. Without one: all of them (profile only when pyinstrument is installed).
 """
 
@@ -18,7 +18,8 @@ from bench.measure import Row, best_of, run_child, table
 
 RAW_CHUNKS = (25, 50, 100)
 # The other sections: each module has main(argv) and prints its own table and goal lines.
-SECTIONS = {"watchset": "bench.watchset", "webhooks": "bench.webhooks", "api": "bench.api_load", "live": "bench.live"}
+SECTIONS = {"watchset": "bench.watchset", "webhooks": "bench.webhooks", "api": "bench.api_load", "live": "bench.live",
+            "checkout": "bench.checkout"}
 FILTER_LIMIT = 1000  # TOPIC_FILTER_LIMIT (watcher/matching.py): up to this many addresses the node filters
 
 # Goals from issue 5 (reported against, not asserted).

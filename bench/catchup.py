@@ -86,7 +86,7 @@ async def web3(url: str, meta: dict[str, Any], chunk: int, events: bool) -> dict
 
 NETWORK = "bench"
 ENV = {
-    "WATCHER_API_KEY": "bench-api-key-0123456789",
+    "WATCHER_API_KEY": "bench-api-key-0123456789abcdefGHIJKLmn",
     "WATCHER_WEBHOOK_SECRET": "whsec_" + base64.b64encode(b"bench-webhook-secret-32-bytes!!!").decode(),
 }
 

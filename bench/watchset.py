@@ -48,7 +48,7 @@ NETWORK = "bench"
 TOKEN = "0x" + "7e" * 20
 MNEMONIC = "abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon about"
 ENV = {
-    "WATCHER_API_KEY": "bench-api-key-0123456789",
+    "WATCHER_API_KEY": "bench-api-key-0123456789abcdefGHIJKLmn",
     "WATCHER_WEBHOOK_SECRET": "whsec_" + base64.b64encode(b"bench-webhook-secret-32-bytes!!!").decode(),
 }
 SIZES = (10_000, 100_000, 1_000_000)

@@ -101,7 +101,12 @@ class Browser:
         await self.call(self.driver.get_log, "browser")  # drop what earlier pages logged
 
     async def open(self, url: str) -> None:
-        await self.call(self.driver.get, url)
+        from selenium.common.exceptions import TimeoutException
+
+        try:
+            await self.call(self.driver.get, url)
+        except TimeoutException as exc:
+            raise AssertionError(f"{url} did not load: {exc.msg}") from None
 
     async def text(self, css: str) -> str:
         return await self.js(f"var e = document.querySelector({css!r}); return e ? e.textContent.trim() : null;")

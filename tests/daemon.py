@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,18 @@ from anvil import free_port
 WATCHER = [sys.executable, "-m", "watcher.cli"]
 
 
+def free_pair() -> int:
+    """A free port whose next port is free too: the sandbox serves its payment pages there."""
+    while True:
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
 class SandboxDaemon:
     """`async with SandboxDaemon(tmp_path, "--webhook-url", url) as d:` starts it and waits until
     /healthz answers; on exit SIGTERM, and the exit code must be 0."""
@@ -27,7 +40,7 @@ class SandboxDaemon:
                  database: Path | None = None) -> None:
         self.tmp_path = tmp_path
         self.database = database or tmp_path / "watcher.db"
-        self.port = free_port()
+        self.port = free_pair()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.args = ["run", "--sandbox", "--listen", f"127.0.0.1:{self.port}", "--block-time", str(block_time),
                      "--database", str(self.database), *args]
@@ -37,6 +50,7 @@ class SandboxDaemon:
         self.api_key = ""
         self.webhook_secret = ""
         self.banner = ""
+        self.preexec_fn = None  # e.g. a lower descriptor limit for the daemon alone
 
     @property
     def pid(self) -> int:
@@ -55,7 +69,8 @@ class SandboxDaemon:
         self.tmp_path.mkdir(parents=True, exist_ok=True)
         with open(self.stderr_path, "w") as stderr:
             self.proc = await asyncio.create_subprocess_exec(
-                *WATCHER, *self.args, stdout=asyncio.subprocess.PIPE, stderr=stderr, env=self.env)
+                *WATCHER, *self.args, stdout=asyncio.subprocess.PIPE, stderr=stderr, env=self.env,
+                preexec_fn=self.preexec_fn)
         try:
             await self._read_banner()
             await self._wait_healthy()

@@ -106,10 +106,12 @@ class Receiver:
 
 
 class Harness:
-    """Subclasses change one thing by overriding `expiry_interval`, `clock`, `chain_settings`
-    or `receiver_class`, not by copying the settings."""
+    """Subclasses change one thing by overriding `expiry_interval`, `clock`, `chain_settings`,
+    `http_settings`, `env` or `receiver_class`, not by copying the settings."""
 
     expiry_interval = 0.2  # the expiry sweep (production: 5 s)
+    auth_failures_per_second: int | None = 10  # as in production; None for tables of bad keys
+    prune_interval = 30.0  # the retention jobs (production: 30 s)
     receiver_class: type[Receiver] = Receiver
 
     def __init__(self, tmp_path: Path, *, confirmations: int | str = 3, expiry_minutes: int = 20, tolerance: str = "0") -> None:
@@ -141,22 +143,30 @@ class Harness:
         """Every chain's section (the sandbox's one here)."""
         return [self.chain_settings()]
 
+    def http_settings(self) -> dict:
+        return {"listen": f"127.0.0.1:{free_port()}", "api_key_env": "API_KEY"}
+
+    def env(self) -> dict[str, str]:
+        return {"API_KEY": self.api_key, "HOOK_SECRET": self.receiver.secret}
+
     def settings(self):
         return settings_from_dict(
             {
                 "database": str(self.tmp_path / "watcher.db"),
                 "log_format": "console",
                 "log_level": "warning",
-                "http": {"listen": f"127.0.0.1:{free_port()}", "api_key_env": "API_KEY"},
+                "http": self.http_settings(),
                 "invoices": {"default_expiry_minutes": self.expiry_minutes, "payment_tolerance_percent": self.tolerance},
                 "webhooks": [{"url": self.receiver.url, "secret_env": "HOOK_SECRET"}],
                 "chains": self.chains_settings(),
             },
-            env={"API_KEY": self.api_key, "HOOK_SECRET": self.receiver.secret},
+            env=self.env(),
         )
 
     async def start_service(self) -> None:
-        self.service = Service(self.settings(), sandbox=self.chain, expiry_interval=self.expiry_interval, clock=self.clock)
+        self.service = Service(self.settings(), sandbox=self.chain, expiry_interval=self.expiry_interval, clock=self.clock,
+                               auth_failures_per_second=self.auth_failures_per_second,
+                               prune_interval=self.prune_interval)
         await self.service.start()
 
     async def stop_service(self) -> None:

@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from harness import Harness
+
 PROBLEM = "application/problem+json"
 NO_JSON = object()  # sentinel: the case sends `data` (or nothing), not a JSON value
 
@@ -63,6 +65,10 @@ CREATE_BODY = [
     create("duplicate-key", 400, data=b'{"amount": "1", "amount": "2"}'),
     create("trailing-comma", 400, data=b'{"amount": "1",}'),
     create("form-encoded", 400, data=b"amount=1"),
+    create("form-content-type", 415, data=b"amount=1", headers={"Content-Type": "application/x-www-form-urlencoded"}),
+    create("text-plain-content-type", 415, data=b'{"amount": "1"}', headers={"Content-Type": "text/plain"}),
+    create("octet-stream-content-type", 415, data=b'{"amount": "1"}', headers={"Content-Type": "application/octet-stream"}),
+    create("json-lookalike-content-type", 415, data=b'{"amount": "1"}', headers={"Content-Type": "application/jsonx"}),
     create("single-quotes", 400, data=b"{'amount': '1'}"),
     create("empty-body", 400, data=b""),
     create("whitespace-body", 400, data=b" \n\t "),
@@ -517,10 +523,22 @@ async def send(harness, case: Case, names: dict[str, str]) -> tuple[int, Any, st
         kwargs["json"] = fill(case.json, names)
     elif case.data is not None:
         kwargs["data"] = case.data
+        if not any(name.lower() == "content-type" for name in kwargs["headers"] or {}):
+            kwargs["headers"] = {**(kwargs["headers"] or {}), "Content-Type": "application/json"}
     return await harness.request(case.method, fill(case.path, names), **kwargs)
 
 
 # --------------------------------------------------------------------------- tests
+
+
+class UnthrottledHarness(Harness):
+    auth_failures_per_second = None  # the auth table fails 150 keys in a row from one address
+
+
+@pytest.fixture
+async def harness(harnesses):
+    return await harnesses(UnthrottledHarness)
+
 
 
 @pytest.mark.parametrize("table", list(TABLES.values()), ids=list(TABLES))

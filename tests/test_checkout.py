@@ -52,7 +52,7 @@ def _config(tmp_path, **checkout) -> dict:
 
 
 def test_checkout_config_is_validated_with_the_key_named(tmp_path):
-    env = {"WATCHER_API_KEY": "k" * 20}
+    env = {"WATCHER_API_KEY": "sk_test_Qm3v9XcT2pLr8KwZ4nYh7JdF6sBa1Ue5"}  # 32+ random characters
     ok = settings_from_dict(_config(tmp_path, listen="0.0.0.0:8081", public_base_url="https://pay.shop.example/"), env)
     assert ok.checkout is not None and ok.checkout.public_base_url == "https://pay.shop.example"  # no trailing slash
     assert ok.checkout.brand_name is None and ok.checkout.max_streams == 10_000
@@ -358,3 +358,73 @@ async def test_the_page_and_its_assets_are_under_100_kb_and_cached(shop):
         assert status == 200 and headers["Cache-Control"] == "public, max-age=31536000, immutable"
         total += len(body.encode())
     assert total < 100 * 1024, total
+
+
+async def test_overpaid_and_underpaid_screens_say_what_happened(shop):
+    over = await shop.create(amount="5")
+    await shop.pay(over["id"], amount="7")
+    under = await shop.create(amount="10")
+    await shop.pay(under["id"], amount="4")
+    await shop.mine(1)
+    await shop.wait_status(over["id"], "paid")
+    _, html, _ = await shop.public(f"/pay/{over['id']}")
+    assert 'data-screen="overpaid"' in html and "You sent 2.00 USD more than the 5 USD due" in html
+    assert 'id="pay"' not in html and "1 of 3 confirmations" in html
+
+    await travel_past_deadline(shop, under)
+    await shop.wait_status(under["id"], "underpaid")
+    _, html, headers = await shop.public(f"/pay/{under['id']}", headers={"Accept-Language": "es"})
+    assert 'data-screen="underpaid"' in html and "Solo llegaron 4.00 USD de 10 USD antes del plazo" in html
+    assert 'id="pay"' not in html and headers["Content-Language"] == "es"
+
+
+def test_the_sandbox_prints_the_payment_pages_and_a_taken_address_is_named(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from harness import free_port, wait_http
+
+    api, page = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "WATCHER_API_KEY"}
+    command = [sys.executable, "-m", "watcher.cli", "run", "--sandbox", "--listen", f"127.0.0.1:{api}",
+               "--checkout-listen", f"127.0.0.1:{page}", "--block-time", "0", "--database", str(tmp_path / "s.db")]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 60
+        while not any("API key:" in line for line in lines) and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        [pages] = [line for line in lines if "payment pages:" in line]
+        assert f"http://127.0.0.1:{page}/pay/<invoice id>" in pages
+        key = next(line for line in lines if "API key:" in line).split("API key:")[1].strip()
+        wait_http(f"http://127.0.0.1:{api}/healthz", timeout=20)
+        request = urllib.request.Request(f"http://127.0.0.1:{api}/v1/invoices", data=b'{"amount": "3"}', method="POST",
+                                         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            invoice = json.loads(r.read())
+        assert invoice["checkout_url"] == f"http://127.0.0.1:{page}/pay/{invoice['id']}"
+        with urllib.request.urlopen(invoice["checkout_url"], timeout=10) as r:
+            html = r.read().decode()
+        assert 'id="simulate"' in html and f'action="/pay/{invoice["id"]}/simulate"' in html
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and "Traceback" not in out
+
+    with socket.socket() as taken:  # the page's address is taken: one line naming it, exit 1
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        command[command.index("--checkout-listen") + 1] = f"127.0.0.1:{busy}"
+        command[command.index("--listen") + 1] = f"127.0.0.1:{free_port()}"
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output
+    [line] = [line for line in output.splitlines() if "listen_failed" in line]
+    assert f"127.0.0.1:{busy}" in line and "address already in use" in line

@@ -174,6 +174,11 @@ async def test_without_javascript_the_state_is_shown_with_a_refresh_link(shop, b
     other = await shop.create(amount="3")
     await browser.open(other["checkout_url"])
     await browser.call(lambda: browser.driver.find_element("css selector", "#simulate").click())
+
+    async def back_on_the_page() -> bool:  # the POST answered 303 to the page: the payment is sent
+        return "option=" in await browser.call(lambda: browser.driver.current_url)
+
+    await browser.wait(back_on_the_page, what="the simulate form's answer")
     await shop.mine(1)
     await shop.wait_status(other["id"], "paid")
     await browser.call(lambda: browser.driver.find_element("css selector", ".refresh a").click())

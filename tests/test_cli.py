@@ -16,7 +16,7 @@ from harness import free_port, wait_http
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "watcher.example.toml"
 WATCHER = [sys.executable, "-m", "watcher.cli"]
-ENV = {**os.environ, "WATCHER_API_KEY": "sk_test_0123456789abcdef", "WATCHER_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8}
+ENV = {**os.environ, "WATCHER_API_KEY": "sk_test_0123456789abcdefghijkLMNOPQ", "WATCHER_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8}
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -55,7 +55,8 @@ def test_missing_config_and_bad_usage_exit_2(tmp_path):
 
 def _api(base: str, key: str, method: str, path: str, body: dict | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(base + path, data=data, method=method, headers={"Authorization": f"Bearer {key}"})
+    request = urllib.request.Request(base + path, data=data, method=method,
+                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 

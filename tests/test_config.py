@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from watcher.config import ConfigError, describe, load_settings, settings_from_dict, strip_credentials
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "watcher.example.toml"
-API_KEY = "test-api-key-0123456789abcdef"
+API_KEY = "test-api-key-0123456789abcdefGHIJKL"
 HOOK_SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
 ENV = {"WATCHER_API_KEY": API_KEY, "WATCHER_WEBHOOK_SECRET": HOOK_SECRET}
 XPUB = ("xpub6Ce9NcJvTk36xtLSrJLZqE7wtgA5deCeYs7rSQtreh4cj6ByPtrg9sD7V2FNFLPnf8heNP3FGkeV9qwf"
@@ -283,3 +283,72 @@ def test_a_bad_secret_among_several_is_refused(value: str) -> None:
         settings_from_dict(base(), env={**ENV, "WATCHER_WEBHOOK_SECRET": value})
     assert refused.value.key == "webhooks[0].secret_env"
     assert HOOK_SECRET not in str(refused.value)
+
+
+READ_KEY = "rk_" + "Zq8Xw2Lm5Np9Rt3Vb7Hc1Jd4Kf6Gs0Ya"
+
+
+def with_keys(*keys: dict) -> dict[str, Any]:
+    data = base()
+    data["http"]["api_keys"] = list(keys)
+    return data
+
+
+def test_named_keys_with_scopes_and_a_connection_limit() -> None:
+    data = with_keys({"name": "dashboard", "key_env": "READ_KEY", "scope": "read"})
+    data["http"]["max_connections"] = 50
+    s = settings_from_dict(data, env={**ENV, "READ_KEY": READ_KEY})
+    [key] = s.http.api_keys
+    assert (key.name, key.scope, key.key) == ("dashboard", "read", READ_KEY)
+    assert s.http.max_connections == 50 and settings_from_dict(base(), env=ENV).http.max_connections == 1000
+    text = describe(s)
+    assert "API key dashboard from $READ_KEY, scope read" in text and READ_KEY not in text and API_KEY not in text
+    assert READ_KEY not in repr(s)
+
+
+@pytest.mark.parametrize("value", [
+    "a" * 40,                                   # one character
+    "k3y" * 14,                                 # a pattern repeated
+    "sk_live_" + "0123" * 8,                    # a prefix and a pattern: four different characters
+    "sk_test_0123456789abcdef",                 # 24 characters
+    "Zq8Xw2Lm5Np9Rt3Vb7Hc1Jd4Kf6Gs0Y",         # 31 characters
+    "Zq8Xw2Lm5Np9 t3Vb7Hc1Jd4Kf6Gs0Ya",         # a space
+    "Zq8Xw2Lm5Np9Rt3Vb7Hc1Jd4Kf6Gs0Yä",         # not ASCII
+])
+@pytest.mark.parametrize("where", ["api_key_env", "api_keys"])
+def test_a_short_or_predictable_key_is_refused(value: str, where: str) -> None:
+    if where == "api_key_env":
+        data, env, key = base(), {**ENV, "WATCHER_API_KEY": value}, "http.api_key_env"
+    else:
+        data = with_keys({"name": "dashboard", "key_env": "READ_KEY", "scope": "read"})
+        env, key = {**ENV, "READ_KEY": value}, "http.api_keys[0].key_env"
+    with pytest.raises(ConfigError) as refused:
+        settings_from_dict(data, env=env)
+    assert refused.value.key == key
+    assert "32" in refused.value.message and value not in str(refused.value)
+
+
+@pytest.mark.parametrize(("keys", "env", "key", "words"), [
+    ([{"name": "a", "key_env": "READ_KEY", "scope": "read"}, {"name": "a", "key_env": "K2", "scope": "write"}],
+     {"K2": READ_KEY[::-1]}, "http.api_keys[1].name", "duplicate name"),
+    ([{"name": "a", "key_env": "WATCHER_API_KEY", "scope": "read"}], {}, "http.api_keys[0].key_env", "same key"),
+    ([{"name": "a", "key_env": "READ_KEY", "scope": "read"}, {"name": "b", "key_env": "READ_KEY", "scope": "write"}],
+     {}, "http.api_keys[1].key_env", "same key"),
+    ([{"name": "a", "key_env": "READ_KEY", "scope": "admin"}], {}, "http.api_keys[0].scope", ""),
+    ([{"name": "a", "key_env": "NOPE", "scope": "read"}], {}, "http.api_keys[0].key_env", "not set"),
+    ([{"name": "a", "key": READ_KEY, "scope": "read"}], {}, "http.api_keys[0].key", "never live in the file"),
+])
+def test_api_keys_mistakes_name_their_key(keys, env, key, words) -> None:
+    with pytest.raises(ConfigError) as refused:
+        settings_from_dict(with_keys(*keys), env={**ENV, "READ_KEY": READ_KEY, **env})
+    assert refused.value.key == key and words in refused.value.message
+    assert READ_KEY not in str(refused.value)
+
+
+def test_max_connections_is_a_positive_integer() -> None:
+    for value in (0, -1, "10", 1.5):
+        data = base()
+        data["http"]["max_connections"] = value
+        with pytest.raises(ConfigError) as refused:
+            settings_from_dict(data, env=ENV)
+        assert refused.value.key == "http.max_connections"

@@ -25,7 +25,7 @@ SCHEMATHESIS = shutil.which("schemathesis") or str(Path(sys.executable).parent /
 @pytest.fixture
 def daemon(tmp_path):
     port = free_port()
-    key = "sk_test_schemathesis_0123456789"
+    key = "sk_test_schemathesis_0123456789ABCDEF"
     env = {**os.environ, "WATCHER_API_KEY": key}
     proc = subprocess.Popen(
         [sys.executable, "-m", "watcher.cli", "run", "--sandbox", "--listen", f"127.0.0.1:{port}",
@@ -51,7 +51,10 @@ def test_schemathesis_finds_no_server_error_and_no_nonconforming_response(daemon
         pytest.fail("schemathesis is a test dependency: pip install -e '.[test]'")
     result = subprocess.run(
         [SCHEMATHESIS, "run", f"{base}/openapi.json", "-H", f"Authorization: Bearer {key}",
-         "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+         # ignored_auth sends bad keys fast: past 10 a second from one address the contract's
+         # answer is 429, which it counts as a failure; tests/test_api_errors.py (every route,
+         # every bad key) and tests/test_http_server.py (the 429) check authentication instead.
+         "--checks", "all", "--exclude-checks", "positive_data_acceptance,ignored_auth",
          # /readyz answers a documented 503 whenever the fuzzed mine route leaves the follower
          # behind, which "not a server error" would count; tests/test_ops.py checks it instead.
          "--exclude-path", "/readyz",

@@ -41,7 +41,7 @@ from watcher.service import Service
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "watcher.service"
 WATCHER = [sys.executable, "-m", "watcher.cli"]
-API_KEY = "sk_test_" + "k3y" * 8
+API_KEY = "sk_test_Qm3v9XcT2pLr8KwZ4nYh7JdF6sBa1Ue5"
 SNAKE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 
 
@@ -637,6 +637,9 @@ def test_the_unit_is_what_the_contract_asks_for():
     for option in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices"):
         assert settings[option] == "yes", option
     assert settings["ProtectSystem"] == "strict"
+    # Room for http.max_connections' default beside the descriptors the daemon keeps for itself.
+    from watcher.httpserver import DEFAULT_MAX_CONNECTIONS, RESERVED_DESCRIPTORS
+    assert int(settings["LimitNOFILE"]) >= DEFAULT_MAX_CONNECTIONS + RESERVED_DESCRIPTORS
 
 
 LOG_METHODS = {"debug", "info", "warning", "warn", "error", "exception", "critical", "msg"}

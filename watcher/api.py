@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import csv
 import hashlib
-import hmac
 import io
 import json
 import math
+import re
 import time
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Awaitable, Callable, Literal, TypeVar
+from typing import Annotated, Any, Awaitable, Callable, Literal, Sequence, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
@@ -25,8 +25,10 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
 from . import schemas
+from .auth import FAILURES_PER_SECOND, ApiKey, auth_middleware
 from .config import InvoiceSettings
 from .domain import DECIMAL_TEXT, InvoiceStatus, ResolutionAction, usd_rate_problem
+from .httpserver import harden
 from .invoicing import Invoicing, OptionsError, finish_option, session_timing
 from .openapi import Operation
 from .store import IdempotencyConflict, NewInvoice, NewSession, StateConflict, Store
@@ -299,7 +301,11 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 async def read_json(request: web.Request, *, required: bool = True) -> Any:
-    """The body as JSON with exact decimals; 400 when it is not JSON, 413 when too large."""
+    """The body as JSON with exact decimals; 415 when it is not sent as JSON, 400 when it is
+    not JSON, 413 when too large."""
+    if request.body_exists and request.content_type != "application/json":
+        raise Problem(415, "Unsupported media type", "send the body as JSON, with Content-Type: application/json",
+                      slug="unsupported-media-type")
     raw = await request.read()  # raises 413 past client_max_size
     if not raw.strip():
         if required:
@@ -366,9 +372,14 @@ def make_app(
     invoice_settings: InvoiceSettings,
     *,
     api_key: str,
+    api_keys: Sequence[ApiKey] = (),
+    auth_failures_per_second: int | None = FAILURES_PER_SECOND,
     clock: Callable[[], float] = time.time,
 ) -> web.Application:
-    api_key_bytes = api_key.encode()
+    """`api_key` is the `write` key of `api_key_env`; `api_keys` the others (`[[http.api_keys]]`)."""
+    auth = auth_middleware([ApiKey("api_key_env", api_key, "write"), *api_keys],
+                           lambda status, title, detail: Problem(status, title, detail).response(),
+                           failures_per_second=auth_failures_per_second)
 
     @web.middleware
     async def problems(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
@@ -388,16 +399,6 @@ def make_app(
         except Exception:
             log.exception("request_failed", method=request.method, path=request.path)
             return Problem(500, "Internal error", "the server could not handle this request; see its log").response()
-
-    @web.middleware
-    async def auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        if request.path.startswith("/v1/") or request.path == "/v1":
-            header = request.headers.get("Authorization", "")
-            scheme, _, token = header.partition(" ")
-            given = token.strip().encode("utf-8", "surrogateescape")  # any bytes a client sends
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given, api_key_bytes):
-                raise Problem(401, "Unauthorized", "send Authorization: Bearer <api key>")
-        return await handler(request)
 
     async def create_invoice(request: web.Request) -> web.Response:
         body = await read_json(request)  # kept: the Idempotency-Key compares the body as sent
@@ -553,6 +554,7 @@ def make_app(
         return json_response({"status": "ok"})
 
     app = web.Application(client_max_size=MAX_BODY, middlewares=[problems, auth])
+    harden(app)
     app.router.add_post("/v1/invoices", create_invoice)
     app.router.add_get("/v1/invoices", list_invoices)
     app.router.add_get("/v1/invoices/export", export_invoices)  # before {id}: the fixed paths win
@@ -581,19 +583,28 @@ EXPORT_COLUMNS = (
     "created_at", "paid_at", "confirmed_at", "cancelled_at", "transaction_hashes",
 )
 # A cell starting with one of these is a formula to a spreadsheet (OWASP "CSV injection").
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n", "\0")
+
+
+# Inside a field, a formula character after one of these starts a cell of its own for a
+# spreadsheet that splits on `;` (many European locales) or reads the field unquoted.
+_FORMULA_AFTER_SEPARATOR = re.compile(r"([;,\t\r\n])(?=[=+\-@\t\r\n\x00])")
 
 
 def _csv_cell(value: Any) -> str:
+    """A field no spreadsheet evaluates: `'` before a formula character at its start, and
+    after a separator inside it (`x;=cmd()` becomes `x;'=cmd()`)."""
     if value is None:
         return ""
-    text = str(value)
+    text = _FORMULA_AFTER_SEPARATOR.sub(r"\1'", str(value))
     return "'" + text if text.startswith(FORMULA_START) else text
 
 
 def _csv_lines(rows: list[Any]) -> bytes:
+    """Every field quoted: a `;` or `,` inside one (`x;=cmd()`) never starts a cell of its own,
+    whichever separator the spreadsheet's locale uses."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")  # RFC 4180
+    writer = csv.writer(buffer, lineterminator="\r\n", quoting=csv.QUOTE_ALL)  # RFC 4180
     writer.writerows([[_csv_cell(v) for v in row] for row in rows])
     return buffer.getvalue().encode("utf-8", "backslashreplace")
 

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help=f"TOML config (default: $WATCHER_CONFIG, then {DEFAULT_CONFIG})")
     run.add_argument("--sandbox", action="store_true", help="run on an embedded test chain; needs no config and no node")
     run.add_argument("--listen", type=_listen, help="sandbox: HOST:PORT for the API (default 127.0.0.1:8080)")
-    run.add_argument("--checkout-listen", type=_listen, help="sandbox: HOST:PORT for the payment pages (default: the API's port + 1)")
+    run.add_argument("--checkout-listen", type=_listen, help="sandbox: HOST:PORT for the payment pages (default: the API's port + 1, or any free one)")
     run.add_argument("--block-time", type=_block_time, default=2.0, help="sandbox: seconds between blocks (default 2; 0: only on /v1/sandbox/mine)")
     run.add_argument("--webhook-url", action="append", default=[], help="sandbox: send webhooks here (repeatable)")
     run.add_argument("--database", help="sandbox: SQLite file (default: a new temporary file)")
@@ -138,7 +138,7 @@ def _run(settings: Settings, **service_args: object) -> int:
             log.exception("watcher_crashed", error=str(exc))
             return EXIT_FAILURE
         # The API's address is taken or not ours: say so in one line (systemd retries later).
-        log.error("listen_failed", listen=settings.http.listen, error=exc.strerror)
+        log.error("listen_failed", listen=getattr(exc, "listen", settings.http.listen), error=exc.strerror)
         return EXIT_FAILURE
     except Exception as exc:  # the one place that turns a crash into exit 1 with a log line
         log.exception("watcher_crashed", error=str(exc))
@@ -147,9 +147,21 @@ def _run(settings: Settings, **service_args: object) -> int:
 
 
 def _next_port(listen: str) -> str:
-    """The sandbox's payment pages: beside the API, on the next port."""
+    """The sandbox's payment pages: beside the API, on the next port, or on any free one when
+    that is taken (the URL is printed either way)."""
+    import socket
+
     host, _, port = listen.rpartition(":")
-    return f"{host}:{int(port) + 1 if int(port) < 65535 else int(port) - 1}"
+    wanted = int(port) + 1 if int(port) < 65535 else int(port) - 1
+    family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
+    for candidate in (wanted, 0):
+        with socket.socket(family) as probe:
+            try:
+                probe.bind((host.strip("[]"), candidate))
+            except OSError:
+                continue
+            return f"{host}:{probe.getsockname()[1]}"
+    return f"{host}:{wanted}"  # cannot bind here at all: the daemon will say so
 
 
 def _run_sandbox(args: argparse.Namespace) -> int:
@@ -185,7 +197,8 @@ def _run_sandbox(args: argparse.Namespace) -> int:
         f"  chain:          eth-tester, chain id {chain.chain_id}, a block every {args.block_time:g} s\n"
         f"  token:          TUSD at {chain.deployed.token}\n"
         "Try:\n"
-        f"  curl -s -H 'Authorization: Bearer {api_key}' -d '{{\"amount\": \"49.99\"}}' http://{listen}/v1/invoices\n"
+        f"  curl -s -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' "
+        f"-d '{{\"amount\": \"49.99\"}}' http://{listen}/v1/invoices\n"
         f"  curl -s -H 'Authorization: Bearer {api_key}' -X POST http://{listen}/v1/sandbox/invoices/<id>/pay\n"
         f"  curl -s -H 'Authorization: Bearer {api_key}' http://{listen}/v1/invoices/<id>/status\n",
         flush=True,

@@ -11,9 +11,11 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import math
 import os
 import re
 import tomllib
+from collections import Counter
 from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -27,8 +29,8 @@ from watcher.addresses import normalize_address, parse_xpub, to_checksum
 from watcher.domain import DECIMAL_TEXT, usd_rate_problem
 from watcher.redaction import strip_credentials
 
-__all__ = ["AssetSettings", "ChainSettings", "CheckoutSettings", "ConfigError", "HttpSettings", "InvoiceSettings",
-           "Settings", "WebhookSettings", "describe", "load_settings", "settings_from_dict",
+__all__ = ["ApiKeySettings", "AssetSettings", "ChainSettings", "CheckoutSettings", "ConfigError", "HttpSettings",
+           "InvoiceSettings", "RetentionSettings", "Settings", "WebhookSettings", "describe", "load_settings", "settings_from_dict",
            "strip_credentials"]
 
 EVENT_TYPES: frozenset[str] = frozenset({
@@ -327,20 +329,68 @@ class WebhookSettings(BaseModel):
                               f"up to {MAX_WEBHOOK_SECRETS} different ones separated by spaces")
 
 
+MIN_API_KEY_LENGTH = 32
+_API_KEY_WANTED = (f"an API key: at least {MIN_API_KEY_LENGTH} random printable ASCII characters without spaces "
+                   "(e.g. openssl rand -hex 32), not a repeated pattern or a handful of different characters")
+
+
+def api_key_problem(value: str) -> str | None:
+    """Why `value` is too weak to guard the API, or None. Length, then a rough entropy estimate:
+    a repeated unit ("abcabc..."), fewer than 10 distinct characters, or under 3 bits of Shannon
+    entropy per character is a key a guesser or a shoulder would find."""
+    if not (value.isascii() and value.isprintable()) or any(c.isspace() for c in value):
+        return "must be printable ASCII without spaces"
+    if len(value) < MIN_API_KEY_LENGTH:
+        return f"is shorter than {MIN_API_KEY_LENGTH} characters"
+    counts = Counter(value)
+    bits = -sum(n / len(value) * math.log2(n / len(value)) for n in counts.values())
+    if (value + value).find(value, 1) < len(value) or len(counts) < 10 or bits < 3.0:
+        return "has too little entropy (a repeated pattern or too few different characters)"
+    return None
+
+
+class ApiKeySettings(BaseModel):
+    """One more bearer token for /v1, named (for the logs) and scoped: `read` keys may only GET."""
+
+    model_config = _MODEL
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    key_env: EnvName
+    scope: Literal["read", "write"]
+    key: str = Field(repr=False, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_key(cls, data: Any, info: ValidationInfo) -> Any:
+        return _inject_secret(data, info, "key", "key_env", None, lambda v: api_key_problem(v) is None, _API_KEY_WANTED)
+
+
 class HttpSettings(BaseModel):
-    """Where the API listens, and the bearer token (from the environment) it demands."""
+    """Where the API listens, the bearer tokens (from the environment) it takes, and how many
+    connections it serves at once."""
 
     model_config = _MODEL
     listen: Annotated[str, PlainValidator(_listen)] = "127.0.0.1:8080"
     api_key_env: EnvName = "WATCHER_API_KEY"
     api_key: str = Field(repr=False, exclude=True)
+    api_keys: tuple[ApiKeySettings, ...] = ()
+    max_connections: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = 1000
 
     @model_validator(mode="before")
     @classmethod
     def _resolve_api_key(cls, data: Any, info: ValidationInfo) -> Any:
         return _inject_secret(data, info, "api_key", "api_key_env", "WATCHER_API_KEY",
-                              lambda v: len(v) >= 16 and v == v.strip(),
-                              "the API key: at least 16 characters, no surrounding whitespace")
+                              lambda v: api_key_problem(v) is None, _API_KEY_WANTED)
+
+    @model_validator(mode="after")
+    def _distinct_keys(self) -> HttpSettings:
+        """A name shows in the logs and a key decides the scope: each must be unambiguous."""
+        if dup := _first_duplicate([k.name for k in self.api_keys]):
+            raise _KeyedError(f"duplicate name (also api_keys[{dup[1]}])", "api_keys", dup[0], "name")
+        if dup := _first_duplicate([self.api_key, *(k.key for k in self.api_keys)]):
+            other = "api_key_env" if dup[1] == 0 else f"api_keys[{dup[1] - 1}].key_env"
+            raise _KeyedError(f"holds the same key as {other}; give each key its own value",
+                              "api_keys", dup[0] - 1, "key_env")
+        return self
 
     @property
     def host(self) -> str:
@@ -394,6 +444,15 @@ class InvoiceSettings(BaseModel):
     payment_tolerance_percent: Percent = Decimal("0")
 
 
+class RetentionSettings(BaseModel):
+    """How long the store keeps what it no longer needs (pruned by bounded background jobs)."""
+
+    model_config = _MODEL
+    idempotency_keys_hours: Annotated[StrictInt, Field(ge=1, le=24 * 3650)] = 24
+    delivered_events_days: Annotated[StrictInt, Field(ge=1, le=36500)] = 30
+    watch_closed_invoices_days: Annotated[StrictInt, Field(ge=0, le=36500)] = 365  # 0: forever
+
+
 class Settings(BaseModel):
     """The whole validated configuration; immutable so a reload swaps it as one object."""
 
@@ -404,6 +463,7 @@ class Settings(BaseModel):
     http: HttpSettings = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
     checkout: CheckoutSettings | None = None
     invoices: InvoiceSettings = Field(default_factory=InvoiceSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     webhooks: tuple[WebhookSettings, ...] = ()
     chains: Annotated[tuple[ChainSettings, ...], Field(min_length=1)]
 
@@ -482,9 +542,15 @@ def describe(settings: Settings) -> str:
     lines = [
         f"database: {settings.database}",
         f"logging: {settings.log_format}, level {settings.log_level}",
-        f"http: listen {settings.http.listen} (API key from ${settings.http.api_key_env})",
+        f"http: listen {settings.http.listen} (API key from ${settings.http.api_key_env}, scope write; "
+        f"at most {settings.http.max_connections} connections)",
+        *(f"http: API key {k.name} from ${k.key_env}, scope {k.scope}" for k in settings.http.api_keys),
         f"invoices: expire after {inv.default_expiry_minutes} min, "
         f"tolerance {inv.payment_tolerance_percent}%",
+        f"retention: idempotency keys {settings.retention.idempotency_keys_hours} h, delivered events "
+        f"{settings.retention.delivered_events_days} days, closed invoices watched "
+        + (f"{settings.retention.watch_closed_invoices_days} days" if settings.retention.watch_closed_invoices_days
+           else "forever"),
     ]
     if settings.checkout is not None:
         c = settings.checkout

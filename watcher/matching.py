@@ -9,7 +9,7 @@ decides what to read from the node and hands the results here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import orjson
 import structlog
@@ -82,6 +82,24 @@ class WatchSet:
                 )
                 self.routers.add(router)
             self._rowid = row["rowid"]
+
+    def forget(self, rows: Iterable[Any]) -> int:
+        """Stop watching these options (rows as `store.retention.closed_watch_entries` gives
+        them: their invoices closed long ago); returns how many were still watched."""
+        forgotten = 0
+        for row in rows:
+            if row["rail"] == "address":
+                target = self.addresses.get(row["destination_address"])
+                if target is not None and target.option_id == row["id"]:
+                    del self.addresses[row["destination_address"]]
+                    forgotten += 1
+            elif row["contract_call"]:
+                payment_id = orjson.loads(row["contract_call"])["payment_id_hash"]
+                router_target = self.payment_ids.get(payment_id)
+                if router_target is not None and router_target.option_id == row["id"]:
+                    del self.payment_ids[payment_id]
+                    forgotten += 1
+        return forgotten
 
     def recipient_filter(self) -> list[str] | None:
         """The deposit addresses for a topic filter, or None when there are too many."""

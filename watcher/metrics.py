@@ -20,6 +20,7 @@ from . import __version__
 from .domain import InvoiceStatus
 from .store import Store
 from .store.probes import invoice_counts
+from .store.retention import store_bytes
 
 log = structlog.get_logger("watcher.metrics")
 
@@ -94,6 +95,12 @@ class Metrics:
             "the error), per attempt.", buckets=LATENCY_BUCKETS, registry=r)
         for outcome in ("delivered", "retry", "failed"):
             self.webhook_deliveries.labels(outcome)  # every outcome shows, at 0 until it happens
+        self.pruned = Counter(
+            "watcher_pruned", "Rows the retention jobs removed, by what: idempotency_keys, events, deliveries, "
+            "delivery_attempts, watched_options (addresses of long-closed invoices no longer watched).",
+            ["what"], registry=r)
+        for what in ("idempotency_keys", "events", "deliveries", "delivery_attempts", "watched_options"):
+            self.pruned.labels(what)
         self.webhook_paused = Gauge(
             "watcher_webhook_endpoint_paused", "1 while an endpoint's circuit breaker holds its deliveries "
             "after repeated failures, 0 once it answers again (endpoint: its URL, credentials masked).",
@@ -129,6 +136,10 @@ class Metrics:
         self.webhook_deliveries.labels(outcome).inc()
         if seconds is not None:
             self.webhook_latency.observe(seconds)
+
+    def rows_pruned(self, what: str, count: int) -> None:
+        """`jobs`' hook: a retention job removed `count` rows of `what`."""
+        self.pruned.labels(what).inc(count)
 
     def webhook_breaker(self, endpoint: str, paused: bool) -> None:
         """`webhooks.Dispatcher`'s hook; `endpoint` is already shown without credentials."""
@@ -175,9 +186,15 @@ class _StateCollector:
         try:
             counts = invoice_counts(self.store)
             backlog = self.store.outbox.backlog()
+            sizes = store_bytes(self.store)
         except sqlite3.Error as exc:
             log.warning("metrics_store_unavailable", error=str(exc))
             return
+        size = GaugeMetricFamily("watcher_store_bytes", "The database's size on disk: its pages (database) and "
+                                 "its write-ahead log (wal).", labels=["file"])
+        for file, value in sizes.items():
+            size.add_metric([file], value)
+        yield size
         invoices = GaugeMetricFamily("watcher_invoices", "Stored invoices by status.", labels=["status"])
         for status in InvoiceStatus:
             invoices.add_metric([status.value], counts.get(status.value, 0))

@@ -99,9 +99,11 @@ def build_document(operations: list[Operation], *, version: str) -> dict:
             else:
                 media = PROBLEM if model is Problem else JSON
                 entry["responses"][str(status)] = {"description": _reason(status), "content": {media: {"schema": ref(model)}}}
-        extra_problems = set(op.problems) | ({401} if op.auth else set())
-        if op.body is not None:
-            extra_problems |= {400, 413, 422}
+        extra_problems = set(op.problems) | ({401, 429} if op.auth else set())
+        if op.auth and op.method.upper() not in ("GET", "HEAD"):
+            extra_problems |= {403}  # a read key on a route that changes data
+        if op.body is not None or 413 in op.problems:
+            extra_problems |= {400, 413, 415, 422}
         for status in sorted(extra_problems):
             entry["responses"].setdefault(str(status), problem(_reason(status)))
         entry.update(op.extra)
@@ -137,8 +139,9 @@ def _operation_id(op: Operation) -> str:
 
 _REASONS = {
     200: "OK", 201: "Created", 204: "No content", 400: "Malformed JSON", 401: "Missing or wrong API key",
-    404: "Not found", 405: "Method not allowed", 409: "State conflict", 413: "Body over 64 KiB",
-    422: "Invalid field", 503: "Not ready",
+    403: "A read key on a route that changes data", 404: "Not found", 405: "Method not allowed",
+    409: "State conflict", 413: "Body over 64 KiB", 415: "Body not sent as application/json", 422: "Invalid field",
+    429: "Too many failed authentications from this address", 503: "Not ready",
 }
 
 

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from . import __version__
 from .api import INVOICE_OPERATIONS, make_app
+from .auth import FAILURES_PER_SECOND, ApiKey
 from .checkout import Feed, make_checkout_app
 from .chain import ChainReader, HttpTransport, JsonRpcReader, RpcError, Transport
 from .config import ChainSettings, ConfigError, Settings, load_settings, strip_credentials
@@ -26,8 +27,9 @@ from .chain.failover import FailoverTransport
 from .follower import Follower, Rails
 from .genesis import WrongChain, node_genesis, wrong_chain_message
 from .chain.heads import HeadSubscriber
+from .httpserver import Listener, harden, listen
 from .invoicing import Invoicing
-from .jobs import make_scheduler
+from .jobs import PRUNE_INTERVAL, make_scheduler
 from .logs import configure_logging, register_secrets
 from .metrics import Metrics
 from .notify import Notifier
@@ -65,7 +67,8 @@ RELOADABLE = ("webhooks", "log_level", "log_format")
 
 def _secrets_of(settings: Settings) -> list[str]:
     """Values no log line may show: the API key and each webhook secret (several while rotating)."""
-    return [settings.http.api_key, *(part for w in settings.webhooks for part in w.secret.split())]
+    return [settings.http.api_key, *(k.key for k in settings.http.api_keys),
+            *(part for w in settings.webhooks for part in w.secret.split())]
 
 
 def _urls_of(settings: Settings) -> list[str]:
@@ -90,12 +93,15 @@ class Service:
         expiry_interval: float = 5.0,
         config_path: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        auth_failures_per_second: int | None = FAILURES_PER_SECOND,
+        prune_interval: float = PRUNE_INTERVAL,
     ) -> None:
         """``config_path`` is the file SIGHUP re-reads (None: nothing to reload, as in the
         sandbox); ``env`` is where its secrets are looked up (default: the process's)."""
         self.settings = settings
         self.config_path = None if config_path is None else os.fspath(config_path)
         self.env = env
+        self.auth_failures_per_second = auth_failures_per_second  # None: no 429 (tests that fail auth on purpose)
         self._log_choice = _log_choice(settings)
         register_secrets(_secrets_of(settings))
         register_urls(_urls_of(settings))
@@ -103,6 +109,7 @@ class Service:
         self.block_time = block_time
         self.clock = clock
         self.expiry_interval = expiry_interval
+        self.prune_interval = prune_interval
         self.stopping = asyncio.Event()
         self.store: Store | None = None
         self.followers: dict[str, Follower] = {}
@@ -112,6 +119,7 @@ class Service:
         self._tasks: list[asyncio.Task] = []
         self._runner: web.AppRunner | None = None
         self._checkout_runner: web.AppRunner | None = None
+        self._listeners: list[Listener] = []
         self.feed: Feed | None = None
         self.checkout_url = ""  # where the public listener answers (its own address, not public_base_url)
         self._scheduler = None
@@ -247,8 +255,10 @@ class Service:
         )
         store.outbox.on_delivery_queued = self.dispatcher.wake
 
+        api_keys = [ApiKey(k.name, k.key, k.scope) for k in s.http.api_keys]
         app = make_app(
-            store, Invoicing(s), s.invoices, api_key=s.http.api_key, clock=self.clock,
+            store, Invoicing(s), s.invoices, api_key=s.http.api_key, api_keys=api_keys, clock=self.clock,
+            auth_failures_per_second=self.auth_failures_per_second,
         )
         operations = [*INVOICE_OPERATIONS, *OPS_OPERATIONS]
         if self.sandbox is not None:
@@ -263,9 +273,9 @@ class Service:
         # In-flight requests get 5 s at shutdown: well inside the unit's TimeoutStopSec.
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, s.http.host, s.http.port)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
+        listener = await listen(self._runner, s.http.host, s.http.port, max_connections=s.http.max_connections)
+        self._listeners.append(listener)
+        host, port = listener.addresses[0][:2]
         self.base_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         if s.checkout is not None:
             await self._start_checkout(store)
@@ -277,7 +287,10 @@ class Service:
         self._tasks.append(asyncio.create_task(self.dispatcher.run(self.stopping), name="dispatcher"))
         if self.sandbox is not None and self.block_time > 0:
             self._tasks.append(asyncio.create_task(self._mine_forever(), name="sandbox-miner"))
-        self._scheduler = make_scheduler(store, expiry_interval=self.expiry_interval)
+        self._scheduler = make_scheduler(store, expiry_interval=self.expiry_interval, retention=s.retention,
+                                         clock=self.clock, on_pruned=self.metrics.rows_pruned,
+                                         prune_interval=self.prune_interval,
+                                         watch_sets=lambda: {name: f.watch for name, f in self.followers.items()})
         self._scheduler.start()
         self.notifier.ready(self.status_line())
         self._tasks.append(asyncio.create_task(self._report_health(), name="health"))
@@ -304,9 +317,18 @@ class Service:
 
         app = make_checkout_app(store, checkout, feed, sandbox_pay=sandbox_pay, clock=self.clock)
         self._checkout_runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        harden(app)
         await self._checkout_runner.setup()
-        await web.TCPSite(self._checkout_runner, checkout.host, checkout.port).start()
-        host, port = self._checkout_runner.addresses[0][:2]
+        # The public listener: the same header and idle timeouts as the API's; its connections
+        # are the page's requests and its live streams, each capped.
+        try:
+            listener = await listen(self._checkout_runner, checkout.host, checkout.port,
+                                    max_connections=self.settings.http.max_connections + checkout.max_streams)
+        except OSError as exc:
+            exc.listen = checkout.listen  # type: ignore[attr-defined]  # which address (the CLI's one line names it)
+            raise
+        self._listeners.append(listener)
+        host, port = listener.addresses[0][:2]
         self.checkout_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         log.info("checkout_started", listen=self.checkout_url, public_base_url=checkout.public_base_url)
 
@@ -357,6 +379,9 @@ class Service:
         self.stopping.set()
         if self.feed is not None:
             self.feed.close()  # live status streams end now, not at the server's shutdown timeout
+        for listener in self._listeners:  # accept no new connection; the cleanups close the open ones
+            await listener.close()
+        self._listeners = []
         if self._checkout_runner is not None:
             await self._checkout_runner.cleanup()
             self._checkout_runner = None

@@ -7,6 +7,7 @@ CSS and script from this listener and nothing from any other origin.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import time
@@ -192,7 +193,9 @@ def make_checkout_app(
                 "rail": option["rail"], "amount": amount_text(option, atomic), "uri": uri,
                 "address": to_checksum(option["contract_call"]["router"]) if option["rail"] == "contract" else option["destination_address"],
                 "two_steps": option["rail"] == "contract" and option["token_contract"] is not None,
-                "qr": qr_svg(uri, t("qr_label")),
+                # The first drawing of a code takes tens of ms (segno picks the most readable of
+                # the 8 masks): in a thread, so the follower and the API are not held up meanwhile.
+                "qr": await asyncio.to_thread(qr_svg, uri, t("qr_label")),
             }
             data["wallet"] = {
                 "chain_id": option["chain_id"], "network": option["network"],

@@ -225,3 +225,16 @@ def m006_chain_genesis(db: Database) -> None:
     db.execute(
         "CREATE TABLE chain_genesis (network TEXT PRIMARY KEY, hash TEXT NOT NULL, recorded_at TEXT NOT NULL)"
     )
+
+
+@migrations()
+def m007_retention_indexes(db: Database) -> None:
+    # Retention (issue 10): each prune reads its oldest rows by time, and removes an event's
+    # deliveries' attempts by delivery; closed invoices are walked in the order they changed.
+    for sql in (
+        "CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at)",
+        "CREATE INDEX events_created ON events(created_at)",
+        "CREATE INDEX delivery_attempts_delivery ON delivery_attempts(delivery_id)",
+        "CREATE INDEX invoices_updated ON invoices(updated_at)",
+    ):
+        db.execute(sql)
