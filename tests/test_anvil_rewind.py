@@ -45,6 +45,9 @@ async def test_a_reorg_deeper_than_the_window_stops_the_chain_until_the_operator
     await h.stop_service()
     config = tmp_path / "rewind.toml"
     config.write_text(_toml(h))
+    above_fork = ["rewind", "--config", str(config), "--chain", chain.name, "--to-block", str(head - 10)]
+    assert await asyncio.to_thread(cli_main, above_fork) == 2  # a block we hold that the node has another of
+    assert "above the fork" in capsys.readouterr().err
     rewind = ["rewind", "--config", str(config), "--chain", chain.name, "--to-block", str(fork_base - 2)]
     assert await asyncio.to_thread(cli_main, rewind) == 0  # (the command runs its own event loop)
     assert "marked reverted" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import errno
 import os
+import sqlite3
 import sys
 import tempfile
 from pathlib import Path
@@ -105,7 +106,7 @@ def _rewind(settings: Settings, chain: str, to_block: int) -> int:
 
     try:
         done = asyncio.run(rewind(settings, chain, to_block))
-    except RpcError as exc:
+    except (RpcError, sqlite3.Error, OSError) as exc:  # a node that does not answer, a locked database
         print(f"watcher: rewind failed, nothing changed: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     print(

@@ -135,9 +135,6 @@ class Follower:
         """Pick up options created since the last look."""
         self.watch.refresh(self.store)
 
-    def match(self, transfers: Sequence[Transfer]) -> list[Match]:
-        return self.watch.transfers(transfers)
-
     async def _native_deposits(self, blocks: Sequence[FullBlock]) -> list[Match]:
         """Plain transfers of the coin to a coin option's address, in transactions that succeeded."""
         candidates = self.watch.native(blocks)
@@ -404,6 +401,10 @@ class Follower:
     async def _handle_reorg(self, cursor: BlockRef) -> None:
         """Walk our stored window down to the newest block the node still has; drop the rest."""
         ancestor = await self._common_ancestor(cursor)
+        if ancestor.number == cursor.number:
+            # The node said another block was there, then that ours is: backends disagreeing
+            # (a load balancer). Nothing to undo; fail the step so that it backs off.
+            raise ChainChanged(f"the node disagrees with itself about block {cursor.number}")
         reverted = self.store.revert_to(self.network, ancestor)
         log.warning(
             "reorg", network=self.network, old_tip=cursor.number, old_hash=cursor.hash,
@@ -413,6 +414,8 @@ class Follower:
     async def _common_ancestor(self, cursor: BlockRef) -> BlockRef:
         """The newest block of our window that the node has too, asked from the top in pages
         (8 headers, then twice as many up to `max_batch`): most reorgs are a block or two.
+        (Far below the head the window holds only each ranged step's end blocks: a reorg that
+        deep goes back to the end block below it, and payments above are detected again.)
 
         A `null` header at a height we hold is a node behind, not a different block: ask
         again (ChainChanged). No match in the whole window stops the chain (ReorgTooDeep):
@@ -434,7 +437,8 @@ class Follower:
         await self._check_genesis()
         reason = (
             f"reorg deeper than the {len(window)} blocks remembered (blocks {oldest} to {cursor.number} all differ "
-            "on the node): nothing on this chain is applied or confirmed until an operator acts"
+            "on the node): nothing on this chain is applied or confirmed until the node agrees again or an operator "
+            f"runs `watcher rewind --chain {self.network} --to-block N` with a block below the fork"
         )
         log.error("reorg_deeper_than_window", network=self.network, tip=cursor.number, oldest=oldest, window=len(window))
         raise ReorgTooDeep(reason)
@@ -451,7 +455,7 @@ class Follower:
             raise WrongChainFollowed(
                 f"the node serves another chain: its genesis block is {genesis.hash}, this database's is {stored} "
                 "(a reset test chain, or another network with the same chain id); nothing on this chain is applied "
-                "until rpc_urls point at the right chain (and the daemon is restarted)"
+                "until the node serves the right chain again (fix rpc_urls and restart if it does not)"
             )
 
     # ------------------------------------------------------------------ loop

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from .chain import JsonRpcReader, RpcError
 from .chain.failover import FailoverTransport
@@ -37,6 +38,8 @@ async def rewind(settings: Settings, chain_name: str, to_block: int) -> Rewound:
     if chain_name not in names:
         raise ConfigError("--chain", f"is {chain_name!r}, not one of the configured chains ({', '.join(names)})")
     chain = settings.chains[names.index(chain_name)]
+    if not Path(settings.database).is_file():
+        raise ConfigError("database", f"{settings.database} does not exist: there is nothing to rewind")
     store = Store(settings.database, clock=time.time)
     store.outbox.set_endpoints(Endpoint(w.url, tuple(w.events)) for w in settings.webhooks)  # the events it queues
     transport = FailoverTransport(chain.rpc_urls, retry_delays=(0.5, 1.0))
@@ -49,9 +52,19 @@ async def rewind(settings: Settings, chain_name: str, to_block: int) -> Rewound:
         reader = JsonRpcReader(transport, max_batch=chain.max_batch)
         if (node_chain_id := await reader.chain_id()) != chain.chain_id:
             raise ConfigError(f"chains[{names.index(chain_name)}].chain_id", f"is {chain.chain_id} but the node answers {node_chain_id}")
-        [header] = await reader.headers([to_block])
+        stored_genesis = store.genesis_hash(chain_name)
+        below = [b for b in store.recent_blocks(chain_name) if b.number <= to_block]
+        numbers = sorted({to_block, 0, *(b.number for b in below)})
+        node = dict(zip(numbers, await reader.headers(numbers)))
+        header = node[to_block]
         if header is None:
             raise RpcError("eth_getBlockByNumber", f"the node has no block {to_block}")
+        if stored_genesis is not None and node[0] is not None and node[0].hash != stored_genesis:
+            raise ConfigError("--chain", f"the node serves another chain than this database follows (genesis {node[0].hash}, "
+                              f"the database's {stored_genesis}): fix rpc_urls, do not rewind")
+        if differing := [b.number for b in below if node[b.number] is None or node[b.number].hash != b.hash]:
+            raise ConfigError("--to-block", f"block {max(differing)} of this database is not on the node's chain: "
+                              f"{to_block} is above the fork, pick a block below {min(differing)}")
         reverted = store.revert_to(chain_name, header)
         return Rewound(chain_name, header.number, header.hash, cursor.number, len(reverted))
     finally:
