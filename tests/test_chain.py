@@ -196,6 +196,7 @@ class CappedNode:
         self.head, self.cap, self.style = head, cap, style
         self.logs_head: int | None = None
         self.batch_sizes: list[int] = []
+        self.batch_methods: list[list[str]] = []
         self.log_of: dict[int, dict] = {}  # block -> one Transfer log in it
 
     def _header(self, n: int) -> dict | None:
@@ -225,6 +226,7 @@ class CappedNode:
         body = orjson.loads(await request.read())
         if isinstance(body, list):
             self.batch_sizes.append(len(body))
+            self.batch_methods.append([c["method"] for c in body])
             if len(body) > self.cap:
                 if self.style == "413":
                     return web.Response(status=413, text="request entity too large")
@@ -335,5 +337,30 @@ async def test_logs_by_hash_must_name_the_block_asked_for(capped):
         node.logs_head = 4  # a backend without block 5: EIP-234 says error, never []
         with pytest.raises(RpcError, match="unknown block"):
             await reader.block_logs([(ref, query)])
+    finally:
+        await transport.close()
+
+
+async def test_every_batch_of_logs_carries_its_own_proof_header(capped):
+    """However the calls are paged (a small max_batch, or a halving), each request that asks for
+    logs also asks for the header of its newest block: a page of logs answered by a backend
+    behind can never be vouched for by a header another request got from a synced one."""
+    from watcher.chain import LogQuery
+    from watcher.domain import BlockRef
+
+    node = await capped(head=40, cap=5)
+    for n in (12, 17, 30):
+        node.log_of[n] = _log_in(n)
+    transport = HttpTransport(node.url, retry_delays=(0.01,))
+    query = LogQuery(tokens=[TOKEN], recipients=None, keep={TO}, routers=["0x" + "99" * 20], payment_ids=None)
+    refs = [BlockRef(n, _block_hash(n), _block_hash(n - 1), 1000 + n) for n in range(10, 35)]
+    try:
+        reader = JsonRpcReader(transport, max_batch=8)  # the node takes 5: halved to 4
+        found = await reader.block_logs([(ref, query) for ref in refs])
+        assert sorted(t.block_number for t in found.transfers) == [12, 17, 30]
+        spans = await JsonRpcReader(transport, max_batch=2).range_logs(10, 34, query)
+        assert sorted(t.block_number for t in spans.transfers) == [12, 17, 30]
+        answered = [m for m, size in zip(node.batch_methods, node.batch_sizes) if size <= 5]
+        assert answered and all(m[-1] == "eth_getBlockByNumber" and "eth_getLogs" in m for m in answered)
     finally:
         await transport.close()

@@ -249,7 +249,8 @@ class ChainSettings(BaseModel):
     merchant_address: Address = None
     router_address: Address = None
     internal_transfers: Literal["auto", "on", "off"] = "auto"
-    max_batch: Annotated[StrictInt, Field(ge=1, le=10_000)] = 100  # JSON-RPC batch ceiling (providers cap batches)
+    # JSON-RPC batch ceiling (providers cap batches); at least 2: logs go with the header that proves them
+    max_batch: Annotated[StrictInt, Field(ge=2, le=10_000)] = 100
     assets: Annotated[tuple[AssetSettings, ...], Field(min_length=1)]
 
     @model_validator(mode="after")

@@ -318,25 +318,39 @@ class JsonRpcReader:
             self.counts.called(method)
         return await self.transport.call(method, params)
 
-    async def _batch(self, method: str, calls: Sequence[tuple[str, list]], *, page: int | None = None) -> list[Any]:
+    async def _batch(
+        self, method: str, calls: Sequence[tuple[str, list]], *, page: int | None = None,
+        about: Sequence[tuple[int, BlockRef | None]] | None = None,
+    ) -> list[Any]:
         """The answers to `calls`, sent in batches of at most `max_batch` (and `page`); a
-        batch the node refuses as too long halves `max_batch` and goes again."""
+        batch the node refuses as too long halves `max_batch` and goes again.
+
+        `about` (one `(block number, our header or None)` per call) closes every batch with
+        the header of the highest block its calls are about, from the same request, so the
+        node that answered them is shown to have that block (ours, when we hold it)."""
         out: list[Any] = []
         done = 0
+        extra = 0 if about is None else 1
         while done < len(calls):
-            size = min(self.max_batch, page or self.max_batch)
-            part = calls[done : done + size]
+            size = max(1, min(self.max_batch, page or self.max_batch) - extra)
+            part = list(calls[done : done + size])
+            if about is not None:
+                number, ours = max(about[done : done + size], key=lambda a: a[0])
+                part.append(("eth_getBlockByNumber", [hex(number), False]))
             if self.counts is not None:
                 self.counts.called(method)
             try:
-                out += await self.transport.batch(part)
+                answers = await self.transport.batch(part)
             except BatchRefused as exc:
-                if len(part) == 1:
+                if len(part) <= 1 + extra:
                     raise
-                self.max_batch = max(1, len(part) // 2)
+                self.max_batch = max(1 + extra, len(part) // 2)
                 log.warning("rpc_batch_shrunk", method=method, max_batch=self.max_batch, error=str(exc))
                 continue
-            done += len(part)
+            if about is not None:
+                _proof(answers.pop(), number, ours)
+            out += answers
+            done += len(part) - extra
         return out
 
     @_counted("eth_chainId")
@@ -379,8 +393,7 @@ class JsonRpcReader:
             return FoundLogs()
         span = {"fromBlock": hex(first), "toBlock": hex(last)}
         calls = [("eth_getLogs", [{**span, "address": address, "topics": topics}]) for address, topics, _, _ in requests]
-        answers = await self._batch("eth_getLogs", [*calls, ("eth_getBlockByNumber", [hex(last), False])])
-        _proof(answers[-1], last, through)
+        answers = await self._batch("eth_getLogs", calls, about=[(last, through)] * len(calls))
         found = FoundLogs()
         for (_, _, decode, wanted), raws in zip(requests, answers):
             for decoded in _decoded(raws, decode, wanted):
@@ -393,8 +406,8 @@ class JsonRpcReader:
     async def block_logs(self, wanted: Sequence[tuple[BlockRef, LogQuery]]) -> FoundLogs:
         """Each block's logs asked by its hash (EIP-234: a node that lacks the block errs
         rather than answers nothing), all in batches; every log must name the block asked
-        for. The newest block's header, by number, closes the last batch: the node answering
-        has the chain we hold up to there."""
+        for. Each batch is closed by the header, by number, of its newest block, which must be
+        ours: the node answering has the chain we hold up to there."""
         calls: list[tuple[str, list]] = []
         expect: list[tuple[BlockRef, Callable[[Any], Any], Callable[[Any], bool] | None]] = []
         for block, query in wanted:
@@ -403,9 +416,7 @@ class JsonRpcReader:
                 expect.append((block, decode, keep))
         if not calls:
             return FoundLogs()
-        top = max((block for block, _ in wanted), key=lambda b: b.number)
-        answers = await self._batch("eth_getLogs", [*calls, ("eth_getBlockByNumber", [hex(top.number), False])])
-        _proof(answers[-1], top.number, top)
+        answers = await self._batch("eth_getLogs", calls, about=[(block.number, block) for block, _, _ in expect])
         found = FoundLogs()
         for (block, decode, keep), raws in zip(expect, answers):
             for decoded in _decoded(raws, decode, keep):
