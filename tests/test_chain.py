@@ -364,3 +364,11 @@ async def test_every_batch_of_logs_carries_its_own_proof_header(capped):
         assert answered and all(m[-1] == "eth_getBlockByNumber" and "eth_getLogs" in m for m in answered)
     finally:
         await transport.close()
+
+
+def test_an_empty_bloom_on_a_block_with_transactions_is_not_believed():
+    raw = {"number": "0x1", "hash": "0x" + "11" * 32, "parentHash": "0x" + "22" * 32, "timestamp": "0x5",
+           "logsBloom": "0x" + "00" * 256}
+    assert decode_header({**raw, "transactions": []}).bloom == 0
+    assert decode_header({**raw, "transactions": ["0x" + "33" * 32]}).bloom is None
+    assert decode_header({**raw, "logsBloom": "0x12"}).bloom is None

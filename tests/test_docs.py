@@ -67,8 +67,8 @@ def config_keys(model: type[BaseModel] = Settings, prefix: str = "") -> dict[str
                 keys[key] = "—"
             elif isinstance(default, (str, Decimal)):
                 keys[key] = f'"{default}"'
-            elif isinstance(default, tuple):
-                keys[key] = json.dumps(list(default))
+            elif isinstance(default, (tuple, bool)):
+                keys[key] = json.dumps(list(default) if isinstance(default, tuple) else default)
             else:
                 keys[key] = str(default)
     return keys

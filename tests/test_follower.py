@@ -570,3 +570,18 @@ async def test_a_node_without_its_newest_header_still_gives_the_blocks_below_it(
     chain.headers_head = None
     await catch_up(f)
     assert store.cursor(NET).number == 3
+
+
+async def test_an_untrusted_bloom_skips_nothing(store):
+    """`trust_logs_bloom = false` (a chain whose blooms leave logs out): every block near the head
+    is asked for its logs, even one whose bloom rules ours out."""
+    from dataclasses import replace
+
+    chain = FakeChain()
+    inv_id, addr = invoice(store)
+    f = follower(chain, store, trust_logs_bloom=False)
+    chain.mine()
+    block = chain.mine((addr, 100))
+    chain.blocks[block.number] = replace(block, bloom=0)  # a bloom that leaves our log out
+    await catch_up(f)
+    assert [p["amount_atomic"] for p in store.get_payments(inv_id)] == ["100"]

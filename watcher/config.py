@@ -42,6 +42,7 @@ EVENT_TYPES: frozenset[str] = frozenset({
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 StrictInt = Annotated[int, Strict()]
+StrictBool = Annotated[bool, Strict()]
 
 
 class ConfigError(Exception):
@@ -251,6 +252,7 @@ class ChainSettings(BaseModel):
     internal_transfers: Literal["auto", "on", "off"] = "auto"
     # JSON-RPC batch ceiling (providers cap batches); at least 2: logs go with the header that proves them
     max_batch: Annotated[StrictInt, Field(ge=2, le=10_000)] = 100
+    trust_logs_bloom: StrictBool = True  # false: ask every block near the head for its logs (chains with incomplete blooms)
     assets: Annotated[tuple[AssetSettings, ...], Field(min_length=1)]
 
     @model_validator(mode="after")

@@ -103,6 +103,7 @@ class Follower:
         metrics: FollowerMetrics | None = None,
         rails: Rails = Rails(),
         max_batch: int = MAX_BATCH,
+        trust_logs_bloom: bool = True,
     ) -> None:
         self.network = network
         self.reader = reader
@@ -114,6 +115,7 @@ class Follower:
         # Blocks remembered below the checkpoint; with "finalized", also everything above the finalized block.
         self.window = max(MIN_WINDOW, self.depth + WINDOW_MARGIN)
         self.max_batch = max(1, max_batch)
+        self.trust_logs_bloom = trust_logs_bloom
         self.start_block = start_block
         self.chunk_size = chunk_size
         self.max_chunk_size = max(max_chunk_size, chunk_size)
@@ -340,7 +342,7 @@ class Follower:
         every log we could want (most blocks, for most merchants: no request at all)."""
         wanted = []
         for block in blocks:
-            transfers, routed = self.watch.may_pay(block.bloom, self.tokens)
+            transfers, routed = self.watch.may_pay(block.bloom if self.trust_logs_bloom else None, self.tokens)
             if transfers or routed:
                 wanted.append((block, self._log_query(transfers, routed, one_block=True)))
         found = await self.reader.block_logs(wanted) if wanted else FoundLogs()

@@ -246,6 +246,7 @@ class Service:
                     internal_transfers=chain.internal_transfers,
                 ),
                 max_batch=chain.max_batch,
+                trust_logs_bloom=chain.trust_logs_bloom,
             )
             if (heads := self._heads_for(chain, self.followers[chain.name])) is not None:
                 self.heads[chain.name] = heads

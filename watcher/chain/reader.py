@@ -132,15 +132,17 @@ def decode_header(raw: Any) -> BlockRef:
         hash=_hash(raw.get("hash"), "block.hash"),
         parent_hash=_hash(raw.get("parentHash"), "block.parentHash"),
         timestamp=_int(raw.get("timestamp"), "block.timestamp"),
-        bloom=_bloom(raw.get("logsBloom")),
+        bloom=_bloom(raw.get("logsBloom"), raw.get("transactions")),
     )
 
 
-def _bloom(value: Any) -> int | None:
+def _bloom(value: Any, transactions: Any) -> int | None:
     """The header's logsBloom, or None when the node gave none we can read (then nothing is
-    skipped for it: a missing bloom only costs requests)."""
+    skipped for it: a missing bloom only costs requests). An empty bloom on a block with
+    transactions is not believed either: some chains leave logs out of it (bridge deposits)."""
     if isinstance(value, str) and len(value) == 2 + 512 and value.startswith("0x") and _HEX.issuperset(value[2:].lower()):
-        return int(value, 16)
+        bloom = int(value, 16)
+        return None if bloom == 0 and transactions else bloom
     return None
 
 
