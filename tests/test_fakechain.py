@@ -207,3 +207,28 @@ async def test_native_blocks_from_a_node_behind_are_asked_again_never_skipped(st
     await catch_up(f)
     assert [p["amount_atomic"] for p in store.get_payments(inv_id)] == ["100"]
     assert store.get_invoice(inv_id)["status"] == "confirmed"
+
+
+async def test_a_database_without_a_recorded_genesis_takes_none_from_a_node_without_its_blocks(tmp_path):
+    """A database that follows a chain but recorded no genesis (made before it was kept) must not
+    take a reset chain's block 0 as its own: the node must hold one of its blocks first."""
+    from watcher.service import Service
+
+    store = Store(tmp_path / "w.db", clock=lambda: 1_000_000.0)
+    try:
+        chain = FakeChain()
+        f = Follower(network=NET, reader=chain, store=store, tokens=[TOKEN], confirmations=2, start_block=0, poll_interval=0)
+        for _ in range(4):
+            chain.mine()
+        while await f.run_once():
+            pass
+        service = Service.__new__(Service)  # only the check, not a daemon
+        service.store = store
+        assert await service._node_holds_our_blocks(NET, chain)
+        chain.salt = "reset"
+        chain.fork(-1)
+        for _ in range(6):
+            chain.mine()
+        assert not await service._node_holds_our_blocks(NET, chain)
+    finally:
+        store.close()

@@ -201,6 +201,25 @@ class Service:
             )
         return None if stored is not None or not geneses else geneses[0][1]
 
+    async def _node_holds_our_blocks(self, name: str, reader: ChainReader) -> bool:
+        """Before a database that already follows the chain records its first genesis (one from
+        before genesis hashes were kept): the node must have one of the blocks it holds, or it
+        may be another chain; the follower then stops on it rather than take it as ours."""
+        assert self.store is not None
+        window = self.store.recent_blocks(name)
+        if not window:
+            return True
+        try:
+            theirs = await reader.headers([b.number for b in window])
+        except RpcError as exc:
+            log.warning("genesis_unrecorded", network=name, error=redact_text(str(exc)))
+            return False
+        if any(t is not None and t.hash == b.hash for b, t in zip(window, theirs)):
+            return True
+        log.warning("genesis_unrecorded", network=name,
+                    error="the node has none of the blocks this database holds: its genesis is not recorded as ours")
+        return False
+
     def _heads_for(self, chain: ChainSettings, follower: Follower) -> HeadSubscriber | None:
         """newHeads over WebSocket when the chain has a ws_url: the follower looks at once
         instead of at its next poll (which goes on regardless, so a dead socket loses nothing)."""
@@ -225,7 +244,7 @@ class Service:
             except ConfigError:
                 await self._close_resources()
                 raise
-            if genesis is not None:
+            if genesis is not None and await self._node_holds_our_blocks(chain.name, readers[chain.name]):
                 first_seen[chain.name] = genesis
         for name, genesis in first_seen.items():  # only once every chain has passed its checks
             store.remember_genesis(name, genesis)
