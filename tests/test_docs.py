@@ -262,3 +262,91 @@ def test_the_documented_backup_works_on_a_running_watcher(tmp_path):
             db.close()
         assert set(created[:before]) <= ids, "everything committed before the backup is in it"
         assert ids == events, "an invoice and its event are in the copy together, or neither is"
+
+
+# --------------------------------------------------------------------------- the repository stands alone
+
+TOP_DIRS = ("bench", "config", "contracts", "docs", "scripts", "tests", "watcher", ".ci")
+PARENT = ".." + "/"  # spelt apart so that this file does not match its own rule
+
+
+def tracked_text_files() -> dict[Path, str]:
+    """Every file a clone has (git's index; the tree without .venv and node_modules when this is
+    not a git checkout), by path, with its text; binary files are left out."""
+    try:
+        listing = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+        paths = [ROOT / name for name in listing.decode().split("\0") if name]
+    except (OSError, subprocess.CalledProcessError):
+        skip = {".git", ".venv", "node_modules", "__pycache__", ".pytest_cache"}
+        paths = [p for p in ROOT.rglob("*") if p.is_file() and not skip & set(p.relative_to(ROOT).parts)]
+    texts = {}
+    for path in paths:
+        try:
+            texts[path] = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, FileNotFoundError):
+            continue
+    return texts
+
+
+def outside_references(path: Path, text: str) -> list[str]:
+    """The paths `text` (the file at `path`) names that a clone does not have: a relative path
+    climbing out of the repository, a Markdown link to a missing file, a `*.md` file the
+    repository lacks, or a path under one of the repository's folders that does not exist."""
+    found = []
+    for m in re.finditer(re.escape(PARENT) + r"[\w./-]*", text):
+        target = (path.parent / m[0]).resolve()
+        if not target.is_relative_to(ROOT):
+            found.append(m[0])
+    if path.suffix == ".md":
+        for m in re.finditer(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", text):
+            target = m[1]
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):   # https:, mailto:
+                continue
+            resolved = (path.parent / target).resolve()
+            if not resolved.is_relative_to(ROOT) or not resolved.exists():
+                found.append(target)
+    for m in re.finditer(r"(?<![\w/.:-])([\w.-][\w./*-]*\.md)\b", text):
+        name = m[1]
+        candidates = [ROOT / name, path.parent / name]
+        if not any(c.resolve().is_relative_to(ROOT) and c.exists() for c in candidates) \
+                and not any(ROOT.glob("**/" + name)):
+            found.append(name)
+    if path.suffix == ".md":
+        folders = "|".join(map(re.escape, TOP_DIRS))
+        for m in re.finditer(r"`((?:" + folders + r")/[^`\s]*)`", text):
+            if not any(ROOT.glob(m[1].rstrip("/"))) and not _ignored(m[1]):
+                found.append(m[1])
+    return found
+
+
+def _ignored(path: str) -> bool:
+    """A path git ignores: something the project makes (a cache), not a file it ships."""
+    try:
+        return subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT).returncode == 0
+    except OSError:
+        return False
+
+
+def test_no_tracked_file_names_a_path_outside_the_repository():
+    """A clone has only the repository: its docs, config and code must not send a reader to a
+    file it lacks (the project's old spec sat next to the repository, not in it)."""
+    texts = tracked_text_files()
+    assert ROOT / "README.md" in texts and ROOT / "docs" / "operators.md" in texts
+    this_file = Path(__file__).resolve()   # names missing files on purpose, to test the check
+    bad = {str(path.relative_to(ROOT)): refs for path, text in texts.items()
+           if path != this_file and (refs := outside_references(path, text))}
+    assert bad == {}
+
+
+def test_the_outside_reference_check_catches_each_kind(tmp_path):
+    """The check above fails on each way a doc can point out of the repository."""
+    doc = ROOT / "docs" / "example.md"
+    assert outside_references(doc, "See [the spec](" + PARENT + PARENT + "shared/SPEC.md).") != []
+    assert outside_references(doc, "the contract (`" + PARENT + PARENT + "shared/SPEC.md`)") != []
+    assert outside_references(doc, "as NOWHERE" + ".md section 2 says") != []
+    assert outside_references(doc, "[operators](missing.md)") == ["missing.md", "missing.md"]
+    assert outside_references(doc, "run `scripts/no-such-script`") == ["scripts/no-such-script"]
+    assert outside_references(ROOT / "config" / "x.toml", "# see SPEC" + ".md section 2") == ["SPEC" + ".md"]
+    assert outside_references(doc, "[operators](operators.md), `docs/integrators.md`, `scripts/test`, "
+                                    "`tests/test_anvil_*`, /usr/share/doc/watcher/operators.md, "
+                                    "[site](https://example.com/x.md)") == []

@@ -1,4 +1,4 @@
-"""The payment rules of CONTRACT.md §4, end to end: HTTP in, real token transfers on the
+"""The payment rules (docs/integrators.md, "Payment rules"), end to end: HTTP in, real token transfers on the
 in-process chain, and the webhooks a real receiver got and verified.
 
 Each test drives the daemon through its API (the sandbox pay/mine routes and the operator
