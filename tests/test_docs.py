@@ -350,3 +350,9 @@ def test_the_outside_reference_check_catches_each_kind(tmp_path):
     assert outside_references(doc, "[operators](operators.md), `docs/integrators.md`, `scripts/test`, "
                                     "`tests/test_anvil_*`, /usr/share/doc/watcher/operators.md, "
                                     "[site](https://example.com/x.md)") == []
+
+
+def test_the_api_reference_lists_every_event_type():
+    text = (ROOT / "docs" / "api.md").read_text()
+    section = text.split("## Webhook events", 1)[1].split("\n## ", 1)[0]
+    assert set(re.findall(r"^\| `(invoice\.[a-z_]+)` \|", section, re.M)) == EVENT_TYPES
