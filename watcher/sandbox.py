@@ -142,6 +142,15 @@ class EthTesterTransport:
                 topics=f.get("topics"),
             )
             return [_log_json(entry) for entry in logs]
+        if method == "eth_getBalance":
+            return _hex(t.get_balance(to_checksum_address(params[0]), params[1] if len(params) > 1 else "latest"))
+        if method == "eth_call":
+            call = {"from": self.chain.payers[0], "gas": 1_000_000, "value": 0,
+                    "to": to_checksum_address(params[0]["to"]), "data": params[0].get("data", "0x")}
+            try:
+                return t.call(call, params[1] if len(params) > 1 else "latest")
+            except Exception as exc:  # a revert, as a node answers it
+                raise RpcError(method, f"execution reverted: {exc}", 3) from None
         # Like a node without the method (eth_getBlockReceipts, tracers): the reader falls back.
         raise RpcError(method, "the method does not exist / is not available", METHOD_NOT_FOUND)
 

@@ -22,6 +22,7 @@ from .api import INVOICE_OPERATIONS, make_app
 from .auth import FAILURES_PER_SECOND, ApiKey
 from .checkout import Feed, make_checkout_app
 from .apidocs import OPERATIONS as DOCS_OPERATIONS, add_docs_routes
+from .deposits_api import OPERATIONS as DEPOSIT_OPERATIONS, add_deposit_balance_routes
 from .chain import ChainReader, HttpTransport, JsonRpcReader, RpcError, Transport
 from .config import ChainSettings, ConfigError, Settings, load_settings, strip_credentials
 from .chain.failover import FailoverTransport
@@ -261,7 +262,7 @@ class Service:
             store, Invoicing(s), s.invoices, api_key=s.http.api_key, api_keys=api_keys, clock=self.clock,
             auth_failures_per_second=self.auth_failures_per_second,
         )
-        operations = [*INVOICE_OPERATIONS, *OPS_OPERATIONS, *DOCS_OPERATIONS]
+        operations = [*INVOICE_OPERATIONS, *OPS_OPERATIONS, *DOCS_OPERATIONS, *DEPOSIT_OPERATIONS]
         if self.sandbox is not None:
             from .sandbox import OPERATIONS as SANDBOX_OPERATIONS, add_sandbox_routes
 
@@ -270,6 +271,8 @@ class Service:
         self.ops = Ops(s, store, self.followers, readers, heads=self.heads, clock=self.clock)
         self.metrics.track(store, self.ops.positions)
         add_ops_routes(app, self.ops, self.metrics)
+        add_deposit_balance_routes(app, store, {name: r.transport for name, r in readers.items()},  # type: ignore[attr-defined]
+                                   {c.name: getattr(c, "max_batch", 100) for c in s.chains})
         add_openapi_route(app, operations, version=__version__)
         add_docs_routes(app)
         # In-flight requests get 5 s at shutdown: well inside the unit's TimeoutStopSec.
