@@ -293,7 +293,7 @@ def outside_references(path: Path, text: str) -> list[str]:
     climbing out of the repository, a Markdown link to a missing file, a `*.md` file the
     repository lacks, or a path under one of the repository's folders that does not exist."""
     found = []
-    for m in re.finditer(re.escape(PARENT) + r"[\w./-]*", text):
+    for m in re.finditer(r"(?<![\w.])" + re.escape(PARENT) + r"[\w./-]*", text):   # not "inv_.../pay"
         target = (path.parent / m[0]).resolve()
         if not target.is_relative_to(ROOT):
             found.append(m[0])
@@ -346,6 +346,7 @@ def test_the_outside_reference_check_catches_each_kind(tmp_path):
     assert outside_references(doc, "as NOWHERE" + ".md section 2 says") != []
     assert outside_references(doc, "[operators](missing.md)") == ["missing.md", "missing.md"]
     assert outside_references(doc, "run `scripts/no-such-script`") == ["scripts/no-such-script"]
+    assert outside_references(doc, "curl .../v1/invoices/inv_" + "." * 3 + "/pay") == []
     assert outside_references(ROOT / "config" / "x.toml", "# see SPEC" + ".md section 2") == ["SPEC" + ".md"]
     assert outside_references(doc, "[operators](operators.md), `docs/integrators.md`, `scripts/test`, "
                                     "`tests/test_anvil_*`, /usr/share/doc/watcher/operators.md, "
@@ -356,3 +357,25 @@ def test_the_api_reference_lists_every_event_type():
     text = (ROOT / "docs" / "api.md").read_text()
     section = text.split("## Webhook events", 1)[1].split("\n## ", 1)[0]
     assert set(re.findall(r"^\| `(invoice\.[a-z_]+)` \|", section, re.M)) == EVENT_TYPES
+
+
+def test_the_example_config_and_the_reference_state_the_tolerance_range_the_watcher_takes():
+    """One range everywhere: what the settings accept, the reference table and the example's comment."""
+    from watcher.config import ConfigError, settings_from_dict
+
+    def accepts(value: str) -> bool:
+        data = {"http": {"listen": "127.0.0.1:8080"}, "invoices": {"payment_tolerance_percent": value},
+                "chains": [{"name": "c", "chain_id": 1, "rpc_urls": ["https://x.example"], "poll_interval_seconds": 1.0,
+                            "confirmations": 1, "assets": [{"symbol": "ETH", "kind": "native"}]}]}
+        try:
+            settings_from_dict(data, {"WATCHER_API_KEY": "k" * 16})
+            return True
+        except ConfigError:
+            return False
+
+    assert accepts("0") and accepts("99.99") and not accepts("100") and not accepts("99.991") and not accepts("-1")
+    row = next(line for line in OPERATORS.read_text().splitlines() if line.startswith("| `invoices.payment_tolerance_percent`"))
+    assert '`"0"` to `"99.99"`' in row
+    example = (ROOT / "config" / "watcher.example.toml").read_text()
+    comment = next(line for line in example.splitlines() if line.startswith("payment_tolerance_percent"))
+    assert '"0" to "99.99"' in comment

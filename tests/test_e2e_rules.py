@@ -714,6 +714,13 @@ async def test_invoice_list_filters_and_pagination(harness):
     assert (await ids(transaction_hash=tx))[:2] == ([b["id"]], 1)
     assert (await ids(transaction_hash="0x" + tx[2:].upper()))[:2] == ([b["id"]], 1)
     assert (await ids(transaction_hash="0x" + "ab" * 32))[:2] == ([], 0)
+    # As explorers often copy it: no 0x (any case, blanks around) is the same hash.
+    assert (await ids(transaction_hash=tx[2:]))[:2] == ([b["id"]], 1)
+    assert (await ids(transaction_hash=" " + tx[2:].upper() + " "))[:2] == ([b["id"]], 1)
+    assert (await ids(transaction_hash="0X" + tx[2:]))[:2] == ([b["id"]], 1)
+    for not_a_hash in (tx[3:], tx + "0", "0x" + "g" * 64, "hello", tx[2:] + tx[2:]):
+        status, problem, _ = await h.request("GET", "/v1/invoices?" + urlencode({"transaction_hash": not_a_hash}))
+        assert status == 422 and problem["errors"][0]["field"] == "transaction_hash", not_a_hash
     [listed_b] = (await ids(transaction_hash=tx))[2]["data"]
     assert listed_b["status"] == "paid" and listed_b["payments"][0]["transaction_hash"] == tx
 

@@ -124,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(path)
         return _run(settings, config_path=path)
     except ConfigError as exc:
-        print(f"watcher: configuration error: {exc}", file=sys.stderr)
+        for key, message in exc.problems:
+            print(f"watcher: configuration error: {key}: {message}", file=sys.stderr)
         return EXIT_USAGE
 
 
@@ -218,7 +219,7 @@ def _run_sandbox(args: argparse.Namespace) -> int:
     listen = args.listen or "127.0.0.1:8080"
     checkout_listen = args.checkout_listen or _next_port(listen)
     api_key = os.environ.get("WATCHER_API_KEY") or new_api_key()
-    secret = new_webhook_secret()
+    secret = os.environ.get("WATCHER_WEBHOOK_SECRET") or new_webhook_secret()  # pinned, like the API key
     database = args.database or str(Path(tempfile.mkdtemp(prefix="watcher-sandbox-")) / "watcher.db")
     chain = SandboxChain()
     database_note = claim_database(database, chain)
@@ -247,7 +248,11 @@ def _run_sandbox(args: argparse.Namespace) -> int:
         "Try:\n"
         f"  curl -s -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' "
         f"-d '{{\"amount\": \"49.99\"}}' http://{listen}/v1/invoices\n"
-        f"  curl -s -H 'Authorization: Bearer {api_key}' -X POST http://{listen}/v1/sandbox/invoices/<id>/pay\n"
+        f"  curl -s -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' "
+        f"-d '{{}}' http://{listen}/v1/sandbox/invoices/<id>/pay"
+        "   # or {\"payment_option_id\": \"opt_...\", \"amount\": \"10\"}\n"
+        f"  curl -s -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' "
+        f"-d '{{\"blocks\": 3}}' http://{listen}/v1/sandbox/mine\n"
         f"  curl -s -H 'Authorization: Bearer {api_key}' http://{listen}/v1/invoices/<id>/status\n",
         flush=True,
     )
