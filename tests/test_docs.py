@@ -293,7 +293,8 @@ def outside_references(path: Path, text: str) -> list[str]:
     climbing out of the repository, a Markdown link to a missing file, a `*.md` file the
     repository lacks, or a path under one of the repository's folders that does not exist."""
     found = []
-    for m in re.finditer(r"(?<![\w.])" + re.escape(PARENT) + r"[\w./-]*", text):   # not "inv_.../pay"
+    # Not inside a name or a URL path ("inv_.../pay", "/pay/static/" + PARENT + "x": a route, not a file).
+    for m in re.finditer(r"(?<![\w./])" + re.escape(PARENT) + r"[\w./-]*", text):
         target = (path.parent / m[0]).resolve()
         if not target.is_relative_to(ROOT):
             found.append(m[0])
@@ -314,9 +315,17 @@ def outside_references(path: Path, text: str) -> list[str]:
     if path.suffix == ".md":
         folders = "|".join(map(re.escape, TOP_DIRS))
         for m in re.finditer(r"`((?:" + folders + r")/[^`\s]*)`", text):
-            if not any(ROOT.glob(m[1].rstrip("/"))) and not _ignored(m[1]):
+            if not all(any(ROOT.glob(p.rstrip("/"))) for p in _braces(m[1])) and not _ignored(m[1]):
                 found.append(m[1])
     return found
+
+
+def _braces(pattern: str) -> list[str]:
+    """Shell brace expansion, one level: `locales/{en,de}.json` is two paths."""
+    m = re.search(r"\{([^{}]*,[^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    return [p for choice in m[1].split(",") for p in _braces(pattern[:m.start()] + choice + pattern[m.end():])]
 
 
 def _ignored(path: str) -> bool:
@@ -347,6 +356,8 @@ def test_the_outside_reference_check_catches_each_kind(tmp_path):
     assert outside_references(doc, "[operators](missing.md)") == ["missing.md", "missing.md"]
     assert outside_references(doc, "run `scripts/no-such-script`") == ["scripts/no-such-script"]
     assert outside_references(doc, "curl .../v1/invoices/inv_" + "." * 3 + "/pay") == []
+    assert outside_references(doc, "`docs/{operators,integrators}.md`") == []
+    assert outside_references(doc, "`docs/{operators,nowhere}.md`") == ["docs/{operators,nowhere}.md"]
     assert outside_references(ROOT / "config" / "x.toml", "# see SPEC" + ".md section 2") == ["SPEC" + ".md"]
     assert outside_references(doc, "[operators](operators.md), `docs/integrators.md`, `scripts/test`, "
                                     "`tests/test_anvil_*`, /usr/share/doc/watcher/operators.md, "
