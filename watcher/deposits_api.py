@@ -9,7 +9,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from .api import Problem, invalid, json_response, single_query
+from .api import Problem, _query_int, invalid, json_response, single_query
 from .balances import BalanceError, BatchTransport, DepositAddress, funded_deposits
 from .chain import RpcError
 from .openapi import Operation
@@ -47,15 +47,6 @@ class DepositBalanceQuery(BaseModel):
     offset: Annotated[int, Field(ge=0, le=10**9)] = 0
 
 
-def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = single_query(request, name)
-    if raw is None:
-        return default
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12 or not (low <= int(raw) <= high):
-        raise invalid(name, f"must be a whole number from {low} to {high}")
-    return int(raw)
-
-
 async def deposit_balances(store: Store, transports: Mapping[str, BatchTransport], max_batch: Mapping[str, int],
                            network: str | None = None) -> list[dict]:
     """Every funded deposit address (of one network, or all), read from the nodes now."""
@@ -77,8 +68,8 @@ def add_deposit_balance_routes(app: web.Application, store: Store, transports: M
         network = single_query(request, "network")
         if network is not None and network not in transports:
             raise invalid("network", f"is not a configured chain (configured: {', '.join(transports)})")
-        limit = _int_param(request, "limit", 50, 1, 200)
-        offset = _int_param(request, "offset", 0, 0, 10**9)
+        limit = _query_int(request, "limit", 50, 1, 200)
+        offset = _query_int(request, "offset", 0, 0, 10**9)
         try:
             rows = await deposit_balances(store, transports, max_batch, network)
         except (RpcError, BalanceError) as exc:
