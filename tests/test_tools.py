@@ -137,3 +137,15 @@ def test_check_config_checks_the_router_code_on_the_node(tmp_path, anvil_node):
     offline = watcher("check-config", "--offline", "--config",
                       str(_config_with_router(tmp_path, node.url, 31337, chain.token)), env=env)
     assert offline.returncode == 0, "--offline asks no node"
+
+
+def test_balances_without_a_running_watcher_is_one_line_and_exit_1(tmp_path):
+    from harness import free_port
+
+    config = tmp_path / "watcher.toml"
+    config.write_text(EXAMPLE.read_text().replace('listen = "127.0.0.1:8080"', f'listen = "127.0.0.1:{free_port()}"'))
+    env = {"WATCHER_API_KEY": "sk_test_0123456789abcdef", "WATCHER_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8}
+    result = watcher("balances", "--config", str(config), env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("watcher balances: cannot reach the watcher's API") and result.stderr.count("\n") == 1
+    assert env["WATCHER_API_KEY"] not in result.stderr
