@@ -137,7 +137,7 @@ def test_a_database_that_cannot_be_created_is_one_line_and_exit_2(tmp_path):
 
 def test_the_sandbox_takes_its_webhook_secret_and_api_key_from_the_environment(tmp_path):
     port = free_port()
-    pinned = {"WATCHER_API_KEY": "sk_pinned_0123456789abcdef", "WATCHER_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8}
+    pinned = {"WATCHER_API_KEY": "sk_pinned_Zq3vN8xK2pL7wR4tY9bC6mD1fG5hJ0aE", "WATCHER_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8}
     proc = subprocess.Popen(
         [*WATCHER, "run", "--sandbox", "--listen", f"127.0.0.1:{port}", "--block-time", "0",
          "--webhook-url", "http://127.0.0.1:9/hooks", "--database", str(tmp_path / "sandbox.db")],

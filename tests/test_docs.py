@@ -379,7 +379,7 @@ def test_the_example_config_and_the_reference_state_the_tolerance_range_the_watc
                 "chains": [{"name": "c", "chain_id": 1, "rpc_urls": ["https://x.example"], "poll_interval_seconds": 1.0,
                             "confirmations": 1, "assets": [{"symbol": "ETH", "kind": "native"}]}]}
         try:
-            settings_from_dict(data, {"WATCHER_API_KEY": "k" * 16})
+            settings_from_dict(data, {"WATCHER_API_KEY": "sk_test_Zq3vN8xK2pL7wR4tY9bC6mD1fG5hJ0aE"})
             return True
         except ConfigError:
             return False

@@ -69,7 +69,7 @@ kind = "native"
 """)
     proc = subprocess.Popen([sys.executable, "-m", "watcher.cli", "run", "--config", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "WATCHER_API_KEY": "sk_test_0123456789abcdef"})
+                            env={**os.environ, "WATCHER_API_KEY": "sk_test_Zq3vN8xK2pL7wR4tY9bC6mD1fG5hJ0aE"})
     lines: list[dict] = []
     try:
         assert proc.stdout is not None

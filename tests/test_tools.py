@@ -119,7 +119,7 @@ def test_check_config_checks_the_router_code_on_the_node(tmp_path, anvil_node):
     tx = chain.send("0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266", None, data, gas=3_000_000)
     node.mine(1)
     router = chain.receipt(tx)["contractAddress"]
-    env = {"WATCHER_API_KEY": "sk_test_0123456789abcdef", "WATCHER_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8}
+    env = {"WATCHER_API_KEY": "sk_test_Zq3vN8xK2pL7wR4tY9bC6mD1fG5hJ0aE", "WATCHER_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8}
 
     good = watcher("check-config", "--config", str(_config_with_router(tmp_path, node.url, 31337, router)), env=env)
     assert good.returncode == 0, good.stderr
@@ -144,7 +144,7 @@ def test_balances_without_a_running_watcher_is_one_line_and_exit_1(tmp_path):
 
     config = tmp_path / "watcher.toml"
     config.write_text(EXAMPLE.read_text().replace('listen = "127.0.0.1:8080"', f'listen = "127.0.0.1:{free_port()}"'))
-    env = {"WATCHER_API_KEY": "sk_test_0123456789abcdef", "WATCHER_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8}
+    env = {"WATCHER_API_KEY": "sk_test_Zq3vN8xK2pL7wR4tY9bC6mD1fG5hJ0aE", "WATCHER_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8}
     result = watcher("balances", "--config", str(config), env=env)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("watcher balances: cannot reach the watcher's API") and result.stderr.count("\n") == 1
