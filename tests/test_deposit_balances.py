@@ -108,3 +108,51 @@ async def test_a_node_that_answers_nonsense_is_an_error_not_a_zero(mode):
     node = RecordingTransport({(d.address, d.token_contract): 5 for d in deposits}, mode)
     with pytest.raises(BalanceError):
         await read_balances(node, deposits, max_batch=100)
+
+
+async def test_on_a_real_node_behind_a_misbehaving_proxy(harnesses, anvil_node, monkeypatch):
+    """anvil over HTTP: the paid addresses with what they hold, the coin for gas beside a
+    token; then the node refusing balanceOf, or failing outright, is a 503 that says so,
+    never a 500 or a row of zeros."""
+    import watcher.service
+    from anvil_harness import AnvilHarness
+    from faultproxy import Fault, FaultProxy
+    from watcher.chain.failover import FailoverTransport
+
+    monkeypatch.setattr(watcher.service, "RPC_TIMEOUT", 0.5)
+    defaults = FailoverTransport.__init__.__kwdefaults__
+    monkeypatch.setitem(defaults, "retry_delays", (0.05, 0.1))
+    node = anvil_node()
+    proxy = FaultProxy(node.url)
+    await proxy.start()
+    try:
+        h = await harnesses(AnvilHarness, nodes=[node], rpc_urls={"anvil0": [proxy.url]})
+        token_paid = await h.create(amount="3")
+        coin_paid = await h.create(amount="2", assets=["ETH"])
+        token_address = token_paid["payment_options"][0]["destination_address"]
+        coin_option = coin_paid["payment_options"][0]
+        await h.anvil.run(h.anvil.transfer_token, token_address, 3_000_000)
+        await h.anvil.run(h.anvil.transfer_native, token_address, 10**15)          # gas for a later sweep
+        await h.anvil.run(h.anvil.transfer_native, coin_option["destination_address"], int(coin_option["amount_atomic"]))
+        await h.mine(1)
+        await h.wait_status(token_paid["id"], "paid")
+        await h.wait_status(coin_paid["id"], "paid")
+
+        status, body, _ = await h.request("GET", "/v1/deposit-balances")
+        assert status == 200, body
+        rows = {r["address"]: r for r in body["data"]}
+        assert rows[token_address]["amount_atomic"] == "3000000" and rows[token_address]["native_balance_atomic"] == str(10**15)
+        coin_row = rows[coin_option["destination_address"]]
+        assert coin_row["asset"] == "ETH" and coin_row["amount_atomic"] == coin_row["native_balance_atomic"] == coin_option["amount_atomic"]
+        assert proxy.requests["eth_call"] >= 1 and proxy.requests["eth_getBalance"] >= 2
+
+        for fault in (Fault("rpc_error", method="eth_call", message="execution timeout"), Fault("http_503", method="eth_getBalance")):
+            proxy.inject(fault)
+            status, problem, ctype = await h.request("GET", "/v1/deposit-balances")
+            assert status == 503 and ctype.startswith("application/problem+json"), problem
+            assert problem["title"] == "Node unavailable"
+            proxy.clear()
+        status, body, _ = await h.request("GET", "/v1/deposit-balances")
+        assert status == 200 and body["total"] == 2, "answers again once the node does"
+    finally:
+        await proxy.close()
