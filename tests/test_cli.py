@@ -143,6 +143,7 @@ def test_the_sandbox_takes_its_webhook_secret_and_api_key_from_the_environment(t
     pinned = {"WATCHER_API_KEY": "sk_pinned_Zq3vN8xK2pL7wR4tY9bC6mD1fG5hJ0aE", "WATCHER_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8}
     proc = subprocess.Popen(
         [*WATCHER, "run", "--sandbox", "--listen", f"127.0.0.1:{port}", "--block-time", "0",
+         "--checkout-listen", f"127.0.0.1:{free_port()}",  # not port + 1, which another socket may hold
          "--webhook-url", "http://127.0.0.1:9/hooks", "--database", str(tmp_path / "sandbox.db")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **pinned},
     )
