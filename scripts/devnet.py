@@ -172,7 +172,7 @@ def up(args: argparse.Namespace) -> int:
   API:          http://{args.listen}/v1   key {env_values['WATCHER_API_KEY']}
 Try, in another shell:
   ( set -a; . {env_file}; watcher addresses --config {config} --count 3 )
-  curl -s -H "Authorization: Bearer {env_values['WATCHER_API_KEY']}" -d '{{"amount": "12.50"}}' http://{args.listen}/v1/invoices
+  curl -s -H "Authorization: Bearer {env_values['WATCHER_API_KEY']}" -H "Content-Type: application/json" -d '{{"amount": "12.50"}}' http://{args.listen}/v1/invoices
   scripts/devnet pay inv_...   # from the payer, as a wallet would
 """, flush=True)
         daemon = subprocess.Popen([str(WATCHER), "run", "--config", str(config)], env={**os.environ, **env_values})
