@@ -1,4 +1,4 @@
-"""The invoice routes of CONTRACT.md §3 beyond create and read, end to end through HTTP on a
+"""The invoice routes beyond create and read, end to end through HTTP on a
 real daemon and chain: free-text search, CSV export, stats, drafts and finalize, cancel,
 checkout-session refresh and exception resolution.
 

@@ -1,4 +1,4 @@
-"""The module boundaries of DESIGN.md, held by parsing the imports."""
+"""The module boundaries (the README's "Layout"), held by parsing the imports."""
 
 from __future__ import annotations
 

@@ -117,3 +117,51 @@ def test_an_address_already_in_use_is_one_clear_line_not_a_traceback(tmp_path):
     assert result.returncode == 1
     assert "listen_failed" in result.stdout + result.stderr and "address already in use" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+    # It never started, so it does not say it stopped (before or after saying why it failed).
+    assert "watcher_stopped" not in result.stdout + result.stderr
+
+
+def test_a_database_that_cannot_be_created_is_one_line_and_exit_2(tmp_path):
+    """Exit 2, so systemd's RestartPreventExitStatus=2 does not restart a daemon that would
+    only fail the same way; one line that names the path and says why."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the database's directory should be")
+    for database, why in ((blocker / "watcher.db", "is not a directory"), (tmp_path, "")):
+        result = run("run", "--sandbox", "--listen", f"127.0.0.1:{free_port()}", "--database", str(database))
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "Traceback" not in result.stdout + result.stderr
+        [line] = [line for line in result.stderr.splitlines() if "configuration error" in line]
+        # The sandbox looks at an existing path first (is it a database of an earlier sandbox chain?).
+        assert line.startswith((f"watcher: configuration error: database: cannot open or create {database}",
+                                f"watcher: configuration error: --database: {database} is not a watcher database"))
+        assert why in line
+        assert "watcher_crashed" not in result.stdout + result.stderr and "watcher_stopped" not in result.stdout
+
+
+def test_the_sandbox_takes_its_webhook_secret_and_api_key_from_the_environment(tmp_path):
+    port = free_port()
+    pinned = {"WATCHER_API_KEY": "sk_pinned_Zq3vN8xK2pL7wR4tY9bC6mD1fG5hJ0aE", "WATCHER_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8}
+    proc = subprocess.Popen(
+        [*WATCHER, "run", "--sandbox", "--listen", f"127.0.0.1:{port}", "--block-time", "0",
+         "--checkout-listen", f"127.0.0.1:{free_port()}",  # not port + 1, which another socket may hold
+         "--webhook-url", "http://127.0.0.1:9/hooks", "--database", str(tmp_path / "sandbox.db")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **pinned},
+    )
+    try:
+        assert proc.stdout is not None
+        shown: dict[str, str] = {}
+        while "webhook secret" not in shown:
+            line = proc.stdout.readline()
+            assert line, "the sandbox stopped before printing its settings"
+            name, sep, value = line.strip().partition(":")
+            if sep and name in ("API key", "webhook secret"):
+                shown[name] = value.strip()
+        assert shown == {"API key": pinned["WATCHER_API_KEY"], "webhook secret": pinned["WATCHER_WEBHOOK_SECRET"]}
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=30)
+        assert _api(f"http://127.0.0.1:{port}", pinned["WATCHER_API_KEY"], "GET", "/v1/chains")["data"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    bad = run("run", "--sandbox", "--listen", f"127.0.0.1:{free_port()}", "--webhook-url", "http://127.0.0.1:9/hooks",
+              env={**os.environ, "WATCHER_WEBHOOK_SECRET": "not-a-secret"})
+    assert bad.returncode == 2 and "WATCHER_WEBHOOK_SECRET" in bad.stderr

@@ -352,3 +352,48 @@ def test_max_connections_is_a_positive_integer() -> None:
         with pytest.raises(ConfigError) as refused:
             settings_from_dict(data, env=ENV)
         assert refused.value.key == "http.max_connections"
+
+
+def test_every_mistake_is_reported_at_once_and_a_misspelt_key_gets_a_suggestion():
+    data = base()
+    data["log_levle"] = "info"                                   # misspelt top-level key
+    data["http"]["listen"] = "nope"                              # bad value
+    chain = data["chains"][0]
+    chain["confirmation"] = chain.pop("confirmations")          # misspelt, so the real one is missing
+    chain["merchant_address"] = "0x123"                          # bad address
+    chain["assets"][0]["usd_rat"] = chain["assets"][0].pop("usd_rate")
+    chain["assets"][1]["colour"] = "blue"                        # unknown, nothing close
+    with pytest.raises(ConfigError) as caught:
+        settings_from_dict(data, ENV)
+    problems = dict(caught.value.problems)
+    assert problems == {
+        "log_levle": "unknown key, did you mean 'log_level'?",
+        "http.listen": "must be HOST:PORT, e.g. 127.0.0.1:8080 or [::1]:8080",
+        "chains[0].confirmation": "unknown key, did you mean 'confirmations'?",
+        "chains[0].confirmations": "required key is missing",
+        "chains[0].merchant_address": "must be a 0x-prefixed 40-digit hex address",
+        "chains[0].assets[0].usd_rat": "unknown key, did you mean 'usd_rate'?",
+        "chains[0].assets[1].colour": "unknown key",
+    }
+    assert str(caught.value).count("\n") == len(problems) - 1, "one line per problem"
+    # The first problem stays the error's key and message (what a reload logs).
+    assert (caught.value.key, caught.value.message) == caught.value.problems[0]
+    # A secret never appears, nor a value from the file.
+    assert "nope" not in str(caught.value) and API_KEY not in str(caught.value)
+
+
+def test_the_command_line_prints_every_problem_on_its_own_line(tmp_path):
+    import subprocess
+    import sys
+
+    text = EXAMPLE.read_text().replace("log_level = ", "log_levl = ", 1).replace("confirmations = 12", "confirmations = 0", 1)
+    text = text.replace("decimals = 6\nusd_rate", "decimal = 6\nusd_rate", 1)
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "watcher.cli", "check-config", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60, env=ENV | {"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert "watcher: configuration error: log_levl: unknown key, did you mean 'log_level'?" in lines
+    assert any(line.startswith("watcher: configuration error: chains[0].confirmations:") for line in lines)
+    assert "watcher: configuration error: chains[0].assets[0].decimal: unknown key, did you mean 'decimals'?" in lines

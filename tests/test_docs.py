@@ -262,3 +262,131 @@ def test_the_documented_backup_works_on_a_running_watcher(tmp_path):
             db.close()
         assert set(created[:before]) <= ids, "everything committed before the backup is in it"
         assert ids == events, "an invoice and its event are in the copy together, or neither is"
+
+
+# --------------------------------------------------------------------------- the repository stands alone
+
+TOP_DIRS = ("bench", "config", "contracts", "docs", "scripts", "tests", "watcher", ".ci")
+PARENT = ".." + "/"  # spelt apart so that this file does not match its own rule
+
+
+def tracked_text_files() -> dict[Path, str]:
+    """Every file a clone has (git's index; the tree without .venv and node_modules when this is
+    not a git checkout), by path, with its text; binary files are left out."""
+    try:
+        listing = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+        paths = [ROOT / name for name in listing.decode().split("\0") if name]
+    except (OSError, subprocess.CalledProcessError):
+        skip = {".git", ".venv", "node_modules", "__pycache__", ".pytest_cache"}
+        paths = [p for p in ROOT.rglob("*") if p.is_file() and not skip & set(p.relative_to(ROOT).parts)]
+    texts = {}
+    for path in paths:
+        try:
+            texts[path] = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, FileNotFoundError):
+            continue
+    return texts
+
+
+def outside_references(path: Path, text: str) -> list[str]:
+    """The paths `text` (the file at `path`) names that a clone does not have: a relative path
+    climbing out of the repository, a Markdown link to a missing file, a `*.md` file the
+    repository lacks, or a path under one of the repository's folders that does not exist."""
+    found = []
+    # Not inside a name or a URL path ("inv_.../pay", "/pay/static/" + PARENT + "x": a route, not a file).
+    for m in re.finditer(r"(?<![\w./])" + re.escape(PARENT) + r"[\w./-]*", text):
+        target = (path.parent / m[0]).resolve()
+        if not target.is_relative_to(ROOT):
+            found.append(m[0])
+    if path.suffix == ".md":
+        for m in re.finditer(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", text):
+            target = m[1]
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):   # https:, mailto:
+                continue
+            resolved = (path.parent / target).resolve()
+            if not resolved.is_relative_to(ROOT) or not resolved.exists():
+                found.append(target)
+    for m in re.finditer(r"(?<![\w/.:-])([\w.-][\w./*-]*\.md)\b", text):
+        name = m[1]
+        candidates = [ROOT / name, path.parent / name]
+        if not any(c.resolve().is_relative_to(ROOT) and c.exists() for c in candidates) \
+                and not any(ROOT.glob("**/" + name)):
+            found.append(name)
+    if path.suffix == ".md":
+        folders = "|".join(map(re.escape, TOP_DIRS))
+        for m in re.finditer(r"`((?:" + folders + r")/[^`\s]*)`", text):
+            if not all(any(ROOT.glob(p.rstrip("/"))) for p in _braces(m[1])) and not _ignored(m[1]):
+                found.append(m[1])
+    return found
+
+
+def _braces(pattern: str) -> list[str]:
+    """Shell brace expansion, one level: `locales/{en,de}.json` is two paths."""
+    m = re.search(r"\{([^{}]*,[^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    return [p for choice in m[1].split(",") for p in _braces(pattern[:m.start()] + choice + pattern[m.end():])]
+
+
+def _ignored(path: str) -> bool:
+    """A path git ignores: something the project makes (a cache), not a file it ships."""
+    try:
+        return subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT).returncode == 0
+    except OSError:
+        return False
+
+
+def test_no_tracked_file_names_a_path_outside_the_repository():
+    """A clone has only the repository: its docs, config and code must not send a reader to a
+    file it lacks (the project's old spec sat next to the repository, not in it)."""
+    texts = tracked_text_files()
+    assert ROOT / "README.md" in texts and ROOT / "docs" / "operators.md" in texts
+    this_file = Path(__file__).resolve()   # names missing files on purpose, to test the check
+    bad = {str(path.relative_to(ROOT)): refs for path, text in texts.items()
+           if path != this_file and (refs := outside_references(path, text))}
+    assert bad == {}
+
+
+def test_the_outside_reference_check_catches_each_kind(tmp_path):
+    """The check above fails on each way a doc can point out of the repository."""
+    doc = ROOT / "docs" / "example.md"
+    assert outside_references(doc, "See [the spec](" + PARENT + PARENT + "shared/SPEC.md).") != []
+    assert outside_references(doc, "the contract (`" + PARENT + PARENT + "shared/SPEC.md`)") != []
+    assert outside_references(doc, "as NOWHERE" + ".md section 2 says") != []
+    assert outside_references(doc, "[operators](missing.md)") == ["missing.md", "missing.md"]
+    assert outside_references(doc, "run `scripts/no-such-script`") == ["scripts/no-such-script"]
+    assert outside_references(doc, "curl .../v1/invoices/inv_" + "." * 3 + "/pay") == []
+    assert outside_references(doc, "`docs/{operators,integrators}.md`") == []
+    assert outside_references(doc, "`docs/{operators,nowhere}.md`") == ["docs/{operators,nowhere}.md"]
+    assert outside_references(ROOT / "config" / "x.toml", "# see SPEC" + ".md section 2") == ["SPEC" + ".md"]
+    assert outside_references(doc, "[operators](operators.md), `docs/integrators.md`, `scripts/test`, "
+                                    "`tests/test_anvil_*`, /usr/share/doc/watcher/operators.md, "
+                                    "[site](https://example.com/x.md)") == []
+
+
+def test_the_api_reference_lists_every_event_type():
+    text = (ROOT / "docs" / "api.md").read_text()
+    section = text.split("## Webhook events", 1)[1].split("\n## ", 1)[0]
+    assert set(re.findall(r"^\| `(invoice\.[a-z_]+)` \|", section, re.M)) == EVENT_TYPES
+
+
+def test_the_example_config_and_the_reference_state_the_tolerance_range_the_watcher_takes():
+    """One range everywhere: what the settings accept, the reference table and the example's comment."""
+    from watcher.config import ConfigError, settings_from_dict
+
+    def accepts(value: str) -> bool:
+        data = {"http": {"listen": "127.0.0.1:8080"}, "invoices": {"payment_tolerance_percent": value},
+                "chains": [{"name": "c", "chain_id": 1, "rpc_urls": ["https://x.example"], "poll_interval_seconds": 1.0,
+                            "confirmations": 1, "assets": [{"symbol": "ETH", "kind": "native"}]}]}
+        try:
+            settings_from_dict(data, {"WATCHER_API_KEY": "sk_test_Zq3vN8xK2pL7wR4tY9bC6mD1fG5hJ0aE"})
+            return True
+        except ConfigError:
+            return False
+
+    assert accepts("0") and accepts("99.99") and not accepts("100") and not accepts("99.991") and not accepts("-1")
+    row = next(line for line in OPERATORS.read_text().splitlines() if line.startswith("| `invoices.payment_tolerance_percent`"))
+    assert '`"0"` to `"99.99"`' in row
+    example = (ROOT / "config" / "watcher.example.toml").read_text()
+    comment = next(line for line in example.splitlines() if line.startswith("payment_tolerance_percent"))
+    assert '"0" to "99.99"' in comment

@@ -1,4 +1,4 @@
-"""The payment rules of CONTRACT.md §4, end to end: HTTP in, real token transfers on the
+"""The payment rules (docs/integrators.md, "Payment rules"), end to end: HTTP in, real token transfers on the
 in-process chain, and the webhooks a real receiver got and verified.
 
 Each test drives the daemon through its API (the sandbox pay/mine routes and the operator
@@ -714,6 +714,13 @@ async def test_invoice_list_filters_and_pagination(harness):
     assert (await ids(transaction_hash=tx))[:2] == ([b["id"]], 1)
     assert (await ids(transaction_hash="0x" + tx[2:].upper()))[:2] == ([b["id"]], 1)
     assert (await ids(transaction_hash="0x" + "ab" * 32))[:2] == ([], 0)
+    # As explorers often copy it: no 0x (any case, blanks around) is the same hash.
+    assert (await ids(transaction_hash=tx[2:]))[:2] == ([b["id"]], 1)
+    assert (await ids(transaction_hash=" " + tx[2:].upper() + " "))[:2] == ([b["id"]], 1)
+    assert (await ids(transaction_hash="0X" + tx[2:]))[:2] == ([b["id"]], 1)
+    for not_a_hash in (tx[3:], tx + "0", "0x" + "g" * 64, "hello", tx[2:] + tx[2:]):
+        status, problem, _ = await h.request("GET", "/v1/invoices?" + urlencode({"transaction_hash": not_a_hash}))
+        assert status == 422 and problem["errors"][0]["field"] == "transaction_hash", not_a_hash
     [listed_b] = (await ids(transaction_hash=tx))[2]["data"]
     assert listed_b["status"] == "paid" and listed_b["payments"][0]["transaction_hash"] == tx
 

@@ -1,4 +1,4 @@
-"""Table-driven tests of the pure payment rules in watcher.domain (CONTRACT.md §3 and §4).
+"""Table-driven tests of the pure payment rules in watcher.domain (docs/integrators.md, "Payment rules").
 
 Every case gives an invoice, its payments and the chain's time, and pins the whole verdict:
 status, payment summary (amounts as strings), each payment's role, the exception shown and

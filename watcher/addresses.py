@@ -59,11 +59,12 @@ def parse_xpub(xpub: str) -> Bip32Base:
     return node
 
 
-def account_xpub_from_mnemonic(mnemonic: str, account: int = 0) -> str:
-    """The xpub of m/44'/60'/account' for a BIP-39 mnemonic (for the sandbox and tests)."""
+def account_xpub_from_mnemonic(mnemonic: str, account: int = 0, *, passphrase: str = "") -> str:
+    """The xpub of m/44'/60'/account' for a BIP-39 mnemonic (and optional BIP-39 passphrase):
+    `watcher xpub`, the sandbox and tests."""
     if not 0 <= account < _HARDENED:
         raise ValueError(f"account must be in 0..{_HARDENED - 1}")
-    seed = Bip39SeedGenerator(mnemonic).Generate()
+    seed = Bip39SeedGenerator(mnemonic).Generate(passphrase)
     ctx = Bip44.FromSeed(seed, Bip44Coins.ETHEREUM).Purpose().Coin().Account(account)
     return ctx.PublicKey().ToExtended()
 

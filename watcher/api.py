@@ -660,6 +660,8 @@ def parse_list_filters(request: web.Request, *, paging: bool = True) -> dict[str
         except UnicodeEncodeError:
             raise invalid(name, "is not valid UTF-8") from None
         filters[name] = value
+    if "transaction_hash" in filters:
+        filters["transaction_hash"] = _transaction_hash(filters["transaction_hash"])
     if "search" in filters:
         filters["search"] = filters["search"].strip()
         if not filters["search"]:
@@ -671,6 +673,15 @@ def parse_list_filters(request: web.Request, *, paging: bool = True) -> dict[str
     if "exception_type" in filters and filters["exception_type"] not in ("late_payment", "underpaid", "overpaid", "duplicate_payment"):
         raise invalid("exception_type", "must be late_payment, underpaid, overpaid or duplicate_payment")
     return filters
+
+
+def _transaction_hash(value: str) -> str:
+    """A transaction hash as stored: 0x and 64 lowercase hex digits. Without the 0x (as some
+    explorers copy it) it is the same hash; anything else would silently match nothing."""
+    digits = value.strip().removeprefix("0x").removeprefix("0X")
+    if len(digits) != 64 or not all(c in "0123456789abcdefABCDEF" for c in digits):
+        raise invalid("transaction_hash", "must be a transaction hash: 64 hex digits, with or without 0x")
+    return "0x" + digits.lower()
 
 
 def build_new_invoice(data: CreateInvoiceIn, invoicing: Invoicing, settings: InvoiceSettings, now: float) -> NewInvoice:

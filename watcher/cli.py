@@ -10,7 +10,7 @@ import sqlite3
 import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import structlog
 
@@ -45,6 +45,18 @@ def _block_time(value: str) -> float:
     return seconds
 
 
+def _bounded_int(low: int, high: int, what: str) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number from {low} to {high}")
+        return int(value)
+    return parse
+
+
+_count = _bounded_int(1, 100_000, "--count")
+_account = _bounded_int(0, 2**31 - 1, "--account")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="watcher", description="Watches EVM chains for invoice payments.")
     parser.add_argument("--version", action="version", version=f"watcher {__version__}")
@@ -61,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config file and print what it would watch")
     check.add_argument("--config", help=f"TOML config (default: $WATCHER_CONFIG, then {DEFAULT_CONFIG})")
+    check.add_argument("--offline", action="store_true", help="do not ask the nodes (router_address is then not checked)")
 
     rewind = commands.add_parser(
         "rewind", help="move a chain's checkpoint back to a block (after a reorg deeper than the watcher remembers)"
@@ -68,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     rewind.add_argument("--config", help=f"TOML config (default: $WATCHER_CONFIG, then {DEFAULT_CONFIG})")
     rewind.add_argument("--chain", required=True, help="the chain's name, as in [[chains]] name")
     rewind.add_argument("--to-block", type=_block_number, required=True, help="a block both chains share, below the fork")
+
+    xpub = commands.add_parser("xpub", help="print the account xpub (m/44'/60'/N') of a BIP-39 mnemonic read from stdin")
+    xpub.add_argument("--account", type=_account, default=0, help="the account N of m/44'/60'/N' (default 0)")
+    xpub.add_argument("--passphrase", action="store_true", help="also read a BIP-39 passphrase (the second line of stdin)")
+
+    addresses = commands.add_parser("addresses", help="print the first deposit addresses of each chain's deposit_xpub")
+    addresses.add_argument("--config", help=f"TOML config (default: $WATCHER_CONFIG, then {DEFAULT_CONFIG})")
+    addresses.add_argument("--count", type=_count, default=10, help="how many per chain (default 10, at most 100000)")
+    addresses.add_argument("--chain", help="only this chain (its name)")
+
+    balances = commands.add_parser("balances", help="deposit addresses that still hold funds (asks the running watcher)")
+    balances.add_argument("--config", help=f"TOML config (default: $WATCHER_CONFIG, then {DEFAULT_CONFIG})")
+
+    commands.add_parser("router-deploy-tx", help="print the PaymentRouter's creation data, for any wallet to send")
     return parser
 
 
@@ -85,18 +112,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "check-config":
-            settings = load_settings(_config_path(args.config))
-            print(describe(settings))
-            return EXIT_OK
+            from .tools import run_check_config
+
+            return run_check_config(_config_path(args.config), describe, offline=args.offline)
         if args.command == "rewind":
             return _rewind(load_settings(_config_path(args.config)), args.chain, args.to_block)
+        if args.command in ("xpub", "addresses", "balances", "router-deploy-tx"):
+            return _run_tool(args)
         if args.sandbox:
             return _run_sandbox(args)
         path = _config_path(args.config)
         settings = load_settings(path)
         return _run(settings, config_path=path)
     except ConfigError as exc:
-        print(f"watcher: configuration error: {exc}", file=sys.stderr)
+        for key, message in exc.problems:
+            print(f"watcher: configuration error: {key}: {message}", file=sys.stderr)
         return EXIT_USAGE
 
 
@@ -115,6 +145,25 @@ def _rewind(settings: Settings, chain: str, to_block: int) -> int:
         "Start the daemon: it reads the blocks above again and detects every payment still on the chain."
     )
     return EXIT_OK
+
+
+def _run_tool(args: argparse.Namespace) -> int:
+    from . import tools
+
+    try:
+        if args.command == "xpub":
+            return tools.run_xpub(args.account, args.passphrase)
+        if args.command == "addresses":
+            return tools.run_addresses(_config_path(args.config), args.count, args.chain)
+        if args.command == "balances":
+            return tools.run_balances(_config_path(args.config))
+        return tools.run_router_deploy_tx()
+    except tools.ToolError as exc:
+        print(f"watcher {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (RuntimeError, OSError) as exc:
+        print(f"watcher {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def _run(settings: Settings, **service_args: object) -> int:
@@ -171,7 +220,7 @@ def _run_sandbox(args: argparse.Namespace) -> int:
     listen = args.listen or "127.0.0.1:8080"
     checkout_listen = args.checkout_listen or _next_port(listen)
     api_key = os.environ.get("WATCHER_API_KEY") or new_api_key()
-    secret = new_webhook_secret()
+    secret = os.environ.get("WATCHER_WEBHOOK_SECRET") or new_webhook_secret()  # pinned, like the API key
     database = args.database or str(Path(tempfile.mkdtemp(prefix="watcher-sandbox-")) / "watcher.db")
     chain = SandboxChain()
     database_note = claim_database(database, chain)
@@ -200,7 +249,11 @@ def _run_sandbox(args: argparse.Namespace) -> int:
         "Try:\n"
         f"  curl -s -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' "
         f"-d '{{\"amount\": \"49.99\"}}' http://{listen}/v1/invoices\n"
-        f"  curl -s -H 'Authorization: Bearer {api_key}' -X POST http://{listen}/v1/sandbox/invoices/<id>/pay\n"
+        f"  curl -s -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' "
+        f"-d '{{}}' http://{listen}/v1/sandbox/invoices/<id>/pay"
+        "   # or {\"payment_option_id\": \"opt_...\", \"amount\": \"10\"}\n"
+        f"  curl -s -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' "
+        f"-d '{{\"blocks\": 3}}' http://{listen}/v1/sandbox/mine\n"
         f"  curl -s -H 'Authorization: Bearer {api_key}' http://{listen}/v1/invoices/<id>/status\n",
         flush=True,
     )

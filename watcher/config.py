@@ -15,8 +15,10 @@ import math
 import os
 import re
 import tomllib
+import difflib
+import typing
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -46,10 +48,13 @@ StrictBool = Annotated[bool, Strict()]
 
 
 class ConfigError(Exception):
-    """A configuration problem, with the dotted key it concerns (exit code 2 in the CLI)."""
+    """A configuration problem, with the dotted key it concerns (exit code 2 in the CLI).
+    `problems` holds every problem found in one pass, the first one being `key`/`message`,
+    so an operator fixes them all in one go rather than one per run."""
 
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
+    def __init__(self, key: str, message: str, more: Sequence[tuple[str, str]] = ()) -> None:
+        self.problems = [(key, message), *more]
+        super().__init__("\n".join(f"{k}: {m}" for k, m in self.problems))
         self.key = key
         self.message = message
 
@@ -496,18 +501,61 @@ _PLAIN_MESSAGES = {"extra_forbidden": "unknown key", "missing": "required key is
                    "model_type": "must be a table", "model_attributes_type": "must be a table"}
 
 
-def _config_error(exc: ValidationError) -> ConfigError:
-    """The first pydantic error as a ConfigError; input values are never copied into it."""
-    err = exc.errors(include_url=False, include_input=False)[0]
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The settings model of the table at `loc` (`("chains", 0, "assets", 1)`), or None."""
+    model: type[BaseModel] = Settings
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        inner = [a for a in (field.annotation, *typing.get_args(field.annotation))
+                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        inner += [b for a in typing.get_args(field.annotation) for b in typing.get_args(a)
+                  if isinstance(b, type) and issubclass(b, BaseModel)]
+        if not inner:
+            return None
+        model = inner[0]
+    return model
+
+
+def _unknown_key(loc: tuple[str | int, ...]) -> str:
+    """ "unknown key", with the nearest key the table does take when the name looks misspelt."""
+    model = _model_at(loc[:-1])
+    if model is None or not isinstance(loc[-1], str):
+        return "unknown key"
+    keys = [name for name, f in model.model_fields.items() if not f.exclude]
+    close = difflib.get_close_matches(loc[-1], keys, n=1, cutoff=0.6)
+    return f"unknown key, did you mean {close[0]!r}?" if close else "unknown key"
+
+
+def _problem(err: Any) -> tuple[str, str]:
     loc, message = tuple(err["loc"]), err["msg"]
     cause = (err.get("ctx") or {}).get("error")
     if isinstance(cause, _KeyedError):
         loc, message = loc + cause.path, cause.message
     elif err["type"] == "value_error" and cause is not None:
         message = str(cause)
+    elif err["type"] == "extra_forbidden":
+        message = _unknown_key(loc)
     else:
         message = _PLAIN_MESSAGES.get(err["type"], message)
-    return ConfigError(_dotted(loc), message)
+    return _dotted(loc), message
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    """Every pydantic error as one ConfigError; input values are never copied into it."""
+    errors = exc.errors(include_url=False, include_input=False)
+    problems: list[tuple[str, str]] = []
+    for err in errors:
+        loc = tuple(err["loc"])
+        # A list whose items failed is also "too short" to pydantic: the items are the news.
+        if err["type"] == "too_short" and any(tuple(e["loc"])[:len(loc)] == loc and len(e["loc"]) > len(loc) for e in errors):
+            continue
+        if (problem := _problem(err)) not in problems:
+            problems.append(problem)
+    return ConfigError(*problems[0], problems[1:])
 
 
 def settings_from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:

@@ -468,6 +468,7 @@ class Follower:
 
     async def run(self, stopping: asyncio.Event) -> None:
         backoff = 0.5
+        failing_since: float | None = None  # the first failure of the current run of them
         while not stopping.is_set():
             self._wake.clear()  # a wake during the step below makes the next sleep end at once
             try:
@@ -479,14 +480,20 @@ class Follower:
                 self.status.last_error = self.status.stopped = str(exc)
                 self._count_failure(exc)
             except (RpcError, ChainChanged, OSError, asyncio.TimeoutError) as exc:
+                failing_since = failing_since or time.monotonic()
                 self.status.last_error = str(exc)
                 log.warning("follower_step_failed", network=self.network, error=str(exc))
                 self._count_failure(exc)
             except Exception as exc:  # a bug must not stop the chain for good: log it loudly, retry
+                failing_since = failing_since or time.monotonic()
                 self.status.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("follower_step_crashed", network=self.network)
                 self._count_failure(exc)
             else:
+                if failing_since is not None:  # the change of state back, once
+                    log.info("follower_recovered", network=self.network,
+                             failed_for_seconds=round(time.monotonic() - failing_since, 1))
+                    failing_since = None
                 if moved:
                     continue
                 await _sleep_or(stopping, self.poll_interval, self._wake)

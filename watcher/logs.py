@@ -14,8 +14,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterable, Mapping
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import structlog
 
@@ -53,6 +55,54 @@ def redact(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
             value = strip_credentials(value)
         event[key] = _scrub(value)
     return event
+
+
+# Warnings a node or endpoint that stays down repeats at every retry. The first of a run is
+# the news (the state changed); the same one again is logged at most once a minute, with how
+# many were held back. A recovery (`follower_recovered`) ends the run.
+REPEATING = frozenset({"rpc_retry", "rpc_endpoint_retry", "rpc_all_endpoints_failed", "follower_step_failed",
+                       "ws_heads_lost", "node_behind_checkpoint"})
+RECOVERED = frozenset({"follower_recovered"})
+REMINDER_SECONDS = 60.0
+
+
+class RepeatThrottle:
+    """structlog processor: lets the first of a run of repeating warnings through, then one
+    reminder a minute (with `suppressed`, how many were dropped since the last line shown).
+    A run is keyed by the event and its `network` or `url`; it ends with a recovery event or
+    after a minute without that warning."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, every: float = REMINDER_SECONDS) -> None:
+        self.clock = clock
+        self.every = every
+        self._runs: dict[tuple, list[float | int]] = {}  # key -> [last shown, last seen, dropped]
+        self._lock = threading.Lock()
+
+    def __call__(self, _logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+        name = event.get("event")
+        if name in RECOVERED:
+            with self._lock:
+                self._runs.clear()
+            return event
+        if name not in REPEATING:
+            return event
+        key = (name, event.get("network"), event.get("url"))
+        now = self.clock()
+        with self._lock:
+            run = self._runs.get(key)
+            if run is None or now - run[1] > self.every:  # a new run: the state changed
+                self._runs[key] = [now, now, 0]
+                return event
+            run[1] = now
+            if now - run[0] < self.every:
+                run[2] += 1
+                raise structlog.DropEvent
+            event["suppressed"] = run[2]
+            run[0], run[2] = now, 0
+        return event
+
+
+_throttle = RepeatThrottle()
 
 
 def resolve_format(
@@ -105,7 +155,7 @@ def configure_logging(log_format: str | None = None, level: str = "info") -> str
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, redact, renderer],
+        processors=[_throttle, *shared, structlog.processors.format_exc_info, redact, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from aiohttp import web
 from eth_abi import encode
 from eth_tester import EthereumTester, PyEVMBackend
-from eth_tester.exceptions import BlockNotFound, TransactionNotFound
+from eth_tester.exceptions import BlockNotFound, TransactionFailed, TransactionNotFound
 from eth_tester.exceptions import ValidationError as EthTesterValidationError
 from eth_utils import function_signature_to_4byte_selector, keccak, to_checksum_address
 
@@ -142,6 +142,15 @@ class EthTesterTransport:
                 topics=f.get("topics"),
             )
             return [_log_json(entry) for entry in logs]
+        if method == "eth_getBalance":
+            return _hex(t.get_balance(to_checksum_address(params[0]), params[1] if len(params) > 1 else "latest"))
+        if method == "eth_call":
+            call = {"from": self.chain.payers[0], "gas": 1_000_000, "value": 0,
+                    "to": to_checksum_address(params[0]["to"]), "data": params[0].get("data", "0x")}
+            try:
+                return t.call(call, params[1] if len(params) > 1 else "latest")
+            except Exception as exc:  # a revert, as a node answers it
+                raise RpcError(method, f"execution reverted: {exc}", 3) from None
         # Like a node without the method (eth_getBlockReceipts, tracers): the reader falls back.
         raise RpcError(method, "the method does not exist / is not available", METHOD_NOT_FOUND)
 
@@ -157,6 +166,10 @@ class EthTesterTransport:
 
 def _calldata(signature: str, types: list[str], args: list[Any]) -> str:
     return "0x" + (function_signature_to_4byte_selector(signature) + encode(types, args)).hex()
+
+
+class PaymentRefused(Exception):
+    """A sandbox payment that would revert, or did."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +214,22 @@ class SandboxChain:
         self._pending_senders.add(sender)
         return tx_hash
 
+    def preflight(self, sender: str, to: str, data: str = "0x", value: int = 0) -> None:
+        """Run a payment as a call first: one that would revert (the payer lacks the tokens or
+        the allowance) raises PaymentRefused and is never sent."""
+        try:
+            self.tester.call({"from": sender, "to": to_checksum_address(to), "data": data, "value": value,
+                              "gas": 3_000_000}, "latest")
+        except TransactionFailed as exc:
+            raise PaymentRefused(f"the transfer would revert on chain ({exc}); nothing was sent") from None
+
+    def receipt_status(self, tx_hash: str) -> int | None:
+        """1 or 0 once the transaction is mined, None while it is pending."""
+        try:
+            return int(self.tester.get_transaction_receipt(tx_hash)["status"])
+        except TransactionNotFound:
+            return None
+
     def free_payer(self) -> str:
         """A funded account with no pending transaction (mining a block if there is none)."""
         for payer in self.payers:
@@ -231,7 +260,9 @@ class SandboxChain:
     def transfer_token(self, token: str, to: str, amount: int, sender: str | None = None) -> str:
         """Send an ERC-20 transfer (mined with the next block)."""
         data = _calldata("transfer(address,uint256)", ["address", "uint256"], [to_checksum_address(to), amount])
-        return self._send(sender or self.free_payer(), token, data, gas=200_000)
+        sender = sender or self.free_payer()
+        self.preflight(sender, token, data)
+        return self._send(sender, token, data, gas=200_000)
 
     def transfer_native(self, to: str, amount: int, sender: str | None = None) -> str:
         """Send the coin itself (mined with the next block)."""
@@ -252,6 +283,7 @@ class SandboxChain:
             [bytes.fromhex(call["invoice_id_hash"][2:]), bytes.fromhex(call["payment_id_hash"][2:]),
              to_checksum_address(call["token"]), to_checksum_address(call["recipient"]), amount],
         )
+        self.preflight(sender, call["router"], data, amount if native else 0)
         return self._send(sender, call["router"], data, value=amount if native else 0, gas=200_000)
 
     def mine(self, blocks: int = 1) -> list[str]:
@@ -372,15 +404,35 @@ async def pay_invoice(chain: SandboxChain, store: Store, invoice_id: str, body: 
             tx = await chain.run(chain.transfer_native, option["destination_address"], atomic)
     except EthTesterValidationError as exc:  # e.g. the payer's balance is spent: the chain refuses
         raise Problem(409, "Conflict", f"the sandbox chain refused the payment: {exc}", slug="state-conflict") from None
+    except PaymentRefused as exc:  # it would revert: nothing was sent
+        raise Problem(409, "Conflict", str(exc), slug="payment-reverted") from None
     return tx
 
 
-def add_sandbox_routes(app: web.Application, chain: SandboxChain, store: Store, on_mined: Callable[[], None]) -> None:
+async def wait_for_receipt(chain: SandboxChain, tx_hash: str, timeout: float) -> int | None:
+    """The transaction's receipt status once the miner has mined it; None if it is still
+    pending after `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (status := await chain.run(chain.receipt_status, tx_hash)) is None:
+        if asyncio.get_running_loop().time() > deadline:
+            return None
+        await asyncio.sleep(0.05)
+    return status
+
+
+def add_sandbox_routes(app: web.Application, chain: SandboxChain, store: Store, on_mined: Callable[[], None],
+                       *, block_time: float = 0.0) -> None:
+    """`block_time` > 0: blocks are mined by the daemon, so the pay route waits for the receipt
+    (and answers 409 on a revert); 0: blocks come only from /v1/sandbox/mine, so it cannot."""
+
     async def pay(request: web.Request) -> web.Response:
         body = await read_json(request, required=False)
         if not isinstance(body, dict):
             raise invalid("body", "must be a JSON object")
-        return json_response({"transaction_hash": await pay_invoice(chain, store, request.match_info["id"], body)})
+        tx = await pay_invoice(chain, store, request.match_info["id"], body)
+        if block_time > 0 and await wait_for_receipt(chain, tx, max(5.0, 3 * block_time)) == 0:
+            raise Problem(409, "Conflict", f"the payment {tx} reverted on chain: nothing was paid", slug="payment-reverted")
+        return json_response({"transaction_hash": tx})
 
     async def mine(request: web.Request) -> web.Response:
         body = await read_json(request, required=False)

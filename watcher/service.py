@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import structlog
@@ -21,6 +23,8 @@ from . import __version__
 from .api import INVOICE_OPERATIONS, make_app
 from .auth import FAILURES_PER_SECOND, ApiKey
 from .checkout import Feed, make_checkout_app
+from .apidocs import OPERATIONS as DOCS_OPERATIONS, add_docs_routes
+from .deposits_api import OPERATIONS as DEPOSIT_OPERATIONS, add_deposit_balance_routes
 from .chain import ChainReader, HttpTransport, JsonRpcReader, RpcError, Transport
 from .config import ChainSettings, ConfigError, Settings, load_settings, strip_credentials
 from .chain.failover import FailoverTransport
@@ -127,6 +131,7 @@ class Service:
         self.notifier = Notifier()
         self.metrics = Metrics()  # a registry of its own: several services can share a process
         self.ops: Ops | None = None
+        self.started = False  # watcher_started was logged: only then is watcher_stopped
 
     # ------------------------------------------------------------------ start
 
@@ -231,9 +236,23 @@ class Service:
             chain.ws_url, lambda number: follower.wake(), on_mode=lambda mode: self.metrics.heads_mode(name, mode)
         )
 
+    def _open_store(self) -> Store:
+        """The database, or a ConfigError (exit 2: a restart would only fail the same way)
+        naming the path when it cannot be opened or created."""
+        path = self.settings.database
+        try:
+            return Store(path, clock=self.clock)
+        except (sqlite3.Error, OSError) as exc:
+            where = Path(path).parent
+            hint = (f"{where} is not a directory" if where.exists() and not where.is_dir()
+                    else f"its directory {where} cannot be created" if not where.is_dir()
+                    else f"the watcher may not write to {where}" if not os.access(where, os.W_OK)
+                    else "it is not a database file the watcher can open")
+            raise ConfigError("database", f"cannot open or create {path}: {exc} ({hint})") from None
+
     async def start(self) -> None:
         s = self.settings
-        self.store = store = Store(s.database, clock=self.clock)
+        self.store = store = self._open_store()
         store.outbox.set_endpoints(Endpoint(w.url, tuple(w.events)) for w in s.webhooks)
         readers: dict[str, ChainReader] = {}
         first_seen: dict[str, str] = {}
@@ -280,16 +299,19 @@ class Service:
             store, Invoicing(s), s.invoices, api_key=s.http.api_key, api_keys=api_keys, clock=self.clock,
             auth_failures_per_second=self.auth_failures_per_second,
         )
-        operations = [*INVOICE_OPERATIONS, *OPS_OPERATIONS]
+        operations = [*INVOICE_OPERATIONS, *OPS_OPERATIONS, *DOCS_OPERATIONS, *DEPOSIT_OPERATIONS]
         if self.sandbox is not None:
             from .sandbox import OPERATIONS as SANDBOX_OPERATIONS, add_sandbox_routes
 
-            add_sandbox_routes(app, self.sandbox, store, self._wake_followers)
+            add_sandbox_routes(app, self.sandbox, store, self._wake_followers, block_time=self.block_time)
             operations += SANDBOX_OPERATIONS
         self.ops = Ops(s, store, self.followers, readers, heads=self.heads, clock=self.clock)
         self.metrics.track(store, self.ops.positions)
         add_ops_routes(app, self.ops, self.metrics)
+        add_deposit_balance_routes(app, store, {name: r.transport for name, r in readers.items()},  # type: ignore[attr-defined]
+                                   {c.name: getattr(c, "max_batch", 100) for c in s.chains})
         add_openapi_route(app, operations, version=__version__)
+        add_docs_routes(app)
         # In-flight requests get 5 s at shutdown: well inside the unit's TimeoutStopSec.
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
@@ -314,6 +336,7 @@ class Service:
         self._scheduler.start()
         self.notifier.ready(self.status_line())
         self._tasks.append(asyncio.create_task(self._report_health(), name="health"))
+        self.started = True
         log.info("watcher_started", version=__version__, api=self.base_url, chains=[c.name for c in s.chains],
                  webhooks=len(s.webhooks), sandbox=self.sandbox is not None)
 
@@ -424,7 +447,9 @@ class Service:
         await _finish([t for t in self._tasks if t not in readers], timeout)
         self._tasks = []
         await self._close_resources()
-        log.info("watcher_stopped")
+        if self.started:  # a start that failed is reported by its caller (listen_failed, ...), not as a stop
+            self.started = False
+            log.info("watcher_stopped")
 
     async def _close_resources(self) -> None:
         if self.dispatcher is not None:
