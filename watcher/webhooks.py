@@ -38,6 +38,8 @@ ENDPOINT_CONCURRENCY = 16
 # Consecutive failed attempts that open an endpoint's breaker, and how long it then stays open
 # (growing while the probe after each pause fails too; back to the first after a success).
 BREAKER_THRESHOLD = 10
+# How often the dispatcher looks for pending deliveries to endpoints no longer configured.
+UNCONFIGURED_SCAN_SECONDS = 30.0
 BREAKER_PAUSES = (5.0, 15.0, 60.0, 300.0)
 
 
@@ -257,14 +259,22 @@ class Dispatcher:
         """Keep a lane running for every endpoint that is configured or has pending deliveries.
         At `stopping`, the lanes start nothing new and let their attempts in flight finish;
         cancelled, they cancel those attempts too."""
+        loop = asyncio.get_running_loop()
+        unconfigured: set[str] = set()
+        scanned_at = float("-inf")
         try:
             while not stopping.is_set():
                 self._wake.clear()
-                try:
-                    urls = set(self._keys) | set(self.outbox.pending_urls())
-                except Exception:  # the database may be busy or closing; look again soon
-                    log.exception("dispatcher_step_failed")
-                    urls = set(self._keys)
+                # Deliveries to endpoints no longer configured (a reload removed them) are rare:
+                # look for them now and then, not at every wake-up (a dead endpoint's backlog
+                # would make that scan cost something at every new event).
+                if loop.time() - scanned_at >= UNCONFIGURED_SCAN_SECONDS:
+                    scanned_at = loop.time()
+                    try:
+                        unconfigured = set(self.outbox.pending_urls()) - set(self._keys)
+                    except Exception:  # the database may be busy or closing; look again soon
+                        log.exception("dispatcher_step_failed")
+                urls = set(self._keys) | unconfigured
                 for url in urls:
                     lane = self._lane(url)
                     if lane.task is None or lane.task.done():
