@@ -423,7 +423,8 @@ def _public_base_url(value: Any) -> str:
 
 
 class CheckoutSettings(BaseModel):
-    """The hosted payment page: its own public listener, and the URL payers reach it by."""
+    """The hosted payment page: its own public listener, and the URL payers reach it by.
+    (`host` and `port` as HttpSettings has them.)"""
 
     model_config = _MODEL
     listen: Annotated[str, PlainValidator(_listen)]
@@ -435,13 +436,8 @@ class CheckoutSettings(BaseModel):
     max_streams_per_invoice: Annotated[StrictInt, Field(ge=1, le=1000)] = 20
     stream_timeout_seconds: Annotated[StrictInt, Field(ge=10, le=86_400)] = 1800
 
-    @property
-    def host(self) -> str:
-        return _split_listen(self.listen)[0]
-
-    @property
-    def port(self) -> int:
-        return _split_listen(self.listen)[1]
+    host = HttpSettings.host
+    port = HttpSettings.port
 
 
 class InvoiceSettings(BaseModel):
