@@ -585,3 +585,27 @@ async def test_an_untrusted_bloom_skips_nothing(store):
     chain.blocks[block.number] = replace(block, bloom=0)  # a bloom that leaves our log out
     await catch_up(f)
     assert [p["amount_atomic"] for p in store.get_payments(inv_id)] == ["100"]
+
+
+async def test_backends_that_disagree_about_our_tip_fail_the_step_instead_of_spinning(store):
+    """One backend says our tip is another block, the walk's says it is ours: nothing to undo,
+    and the step fails (so it backs off) rather than report progress and go round at once."""
+    from dataclasses import replace
+
+    chain = FakeChain()
+    f = follower(chain, store)
+    for _ in range(3):
+        chain.mine()
+    await catch_up(f)
+    real = chain.headers
+    calls = []
+
+    async def first_answer_from_another_backend(numbers):
+        calls.append(list(numbers))
+        answer = await real(numbers)
+        return [replace(h, hash="0x" + "ab" * 32) for h in answer] if len(calls) == 1 else answer
+
+    chain.headers = first_answer_from_another_backend
+    with pytest.raises(ChainChanged, match="disagrees with itself"):
+        await f.run_once()
+    assert store.cursor(NET).hash == chain.blocks[3].hash
