@@ -99,16 +99,21 @@ class Node:
         return web.json_response([answer(c) for c in body] if isinstance(body, list) else answer(body))
 
 
-@pytest.fixture
-async def node():
-    n = Node()
+async def serve(handle) -> tuple[web.AppRunner, str]:
+    """A JSON-RPC endpoint on loopback answered by `handle`; (runner to clean up, its URL)."""
     app = web.Application()
-    app.router.add_post("/", n.handle)
+    app.router.add_post("/", handle)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    n.url = f"http://127.0.0.1:{port}/"
+    return runner, f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture
+async def node():
+    n = Node()
+    runner, n.url = await serve(n.handle)
     yield n
     await runner.cleanup()
 
@@ -244,13 +249,7 @@ async def capped():
 
     async def start(**kw) -> CappedNode:
         n = CappedNode(**kw)
-        app = web.Application()
-        app.router.add_post("/", n.handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        n.url = f"http://127.0.0.1:{port}/"
+        runner, n.url = await serve(n.handle)
         made.append(runner)
         return n
 
