@@ -18,8 +18,13 @@ from bench.measure import Row, best_of, run_child, table
 
 RAW_CHUNKS = (25, 50, 100)
 # The other sections: each module has main(argv) and prints its own table and goal lines.
-SECTIONS = {"watchset": "bench.watchset", "webhooks": "bench.webhooks", "api": "bench.api_load", "live": "bench.live",
-            "checkout": "bench.checkout"}
+SECTIONS = {
+    "watchset": "bench.watchset",
+    "webhooks": "bench.webhooks",
+    "api": "bench.api_load",
+    "live": "bench.live",
+    "checkout": "bench.checkout",
+}
 FILTER_LIMIT = 1000  # TOPIC_FILTER_LIMIT (watcher/matching.py): up to this many addresses the node filters
 
 # Goals from issue 5 (reported against, not asserted).
@@ -43,11 +48,16 @@ def watcher_runs(profile: Profile, meta: dict[str, Any]) -> list[tuple[str, dict
     for the follower's recipient filter, those alone (the node filters, so fewer logs come)."""
     deposits = load_deposits(meta)
     runs = []
-    counts = [profile.invoices] + ([profile.paid] if profile.paid < profile.invoices and profile.paid <= FILTER_LIMIT else [])
+    counts = [profile.invoices] + (
+        [profile.paid] if profile.paid < profile.invoices and profile.paid <= FILTER_LIMIT else []
+    )
     for n in counts:
         how = "node filters by recipient" if n <= FILTER_LIMIT else "all logs, matched here"
-        spec = {"method": "watcher", "store": str(prepare_store(meta, n)),
-                "expected": sum(d["transfers"] for d in deposits[:n])}
+        spec = {
+            "method": "watcher",
+            "store": str(prepare_store(meta, n)),
+            "expected": sum(d["transfers"] for d in deposits[:n]),
+        }
         runs.append((f"watcher, {n:,} invoices ({how})", spec))
     return runs
 
@@ -64,38 +74,66 @@ def catchup(profile: Profile, repeat: int) -> None:
         sweep: dict[tuple[int, int], dict[str, Any]] = {}
         for inflight in (1, 2):
             for chunk in RAW_CHUNKS:
-                sweep[chunk, inflight] = best_of({**base, "method": "raw", "chunk": chunk, "inflight": inflight}, repeat)
-        print("raw sweep, logs/s by chunk size: " + "; ".join(
-            f"{n} in flight: " + ", ".join(f"{c}: {logs / sweep[c, n]['wall_s']:,.0f}" for c in RAW_CHUNKS)
-            for n in (1, 2)), flush=True)
+                sweep[chunk, inflight] = best_of(
+                    {**base, "method": "raw", "chunk": chunk, "inflight": inflight}, repeat
+                )
+        print(
+            "raw sweep, logs/s by chunk size: "
+            + "; ".join(
+                f"{n} in flight: "
+                + ", ".join(f"{c}: {logs / sweep[c, n]['wall_s']:,.0f}" for c in RAW_CHUNKS)
+                for n in (1, 2)
+            ),
+            flush=True,
+        )
         rows = []
         for inflight in (1, 2):
             chunk = min(RAW_CHUNKS, key=lambda c: sweep[c, inflight]["wall_s"])
-            rows.append(Row(f"raw aiohttp+orjson, {inflight} in flight, chunk {chunk}", sweep[chunk, inflight]))
+            rows.append(
+                Row(f"raw aiohttp+orjson, {inflight} in flight, chunk {chunk}", sweep[chunk, inflight])
+            )
         raw_best = min(rows, key=lambda r: r.result["wall_s"])
         chunk = min(RAW_CHUNKS, key=lambda c: sweep[c, 1]["wall_s"])
-        web3_events = Row(f"web3 contract.events.Transfer.get_logs, chunk {chunk}",
-                          best_of({**base, "method": "web3-events", "chunk": chunk}, repeat))
+        web3_events = Row(
+            f"web3 contract.events.Transfer.get_logs, chunk {chunk}",
+            best_of({**base, "method": "web3-events", "chunk": chunk}, repeat),
+        )
         rows.append(web3_events)
-        rows.append(Row(f"web3 w3.eth.get_logs, chunk {chunk}", best_of({**base, "method": "web3-getlogs", "chunk": chunk}, repeat)))
+        rows.append(
+            Row(
+                f"web3 w3.eth.get_logs, chunk {chunk}",
+                best_of({**base, "method": "web3-getlogs", "chunk": chunk}, repeat),
+            )
+        )
         for label, spec in watchers:
             rows.append(Row(label, best_of({**base, **spec}, repeat)))
     print(table(rows, blocks=blocks, logs=logs))
-    for row in rows[-len(watchers):]:
+    for row in rows[-len(watchers) :]:
         r = row.result
-        print(f"{row.label}: watcher/raw = {raw_best.result['wall_s'] / r['wall_s']:.2f}, "
-              f"watcher/web3 = {web3_events.result['wall_s'] / r['wall_s']:.1f}; runs {[round(s, 2) for s in r['runs_s']]} s")
-        print(f"  {r['payments']:,} payments, {r['events']:,} events ({r['event_bytes'] / 1e6:,.1f} MB of bodies), "
-              f"{r['steps']} steps, store {r['db_mb']:,.0f} MB after; invoices {r['invoices_by_status']}")
+        print(
+            f"{row.label}: watcher/raw = {raw_best.result['wall_s'] / r['wall_s']:.2f}, "
+            f"watcher/web3 = {web3_events.result['wall_s'] / r['wall_s']:.1f}; runs {[round(s, 2) for s in r['runs_s']]} s"
+        )
+        print(
+            f"  {r['payments']:,} payments, {r['events']:,} events ({r['event_bytes'] / 1e6:,.1f} MB of bodies), "
+            f"{r['steps']} steps, store {r['db_mb']:,.0f} MB after; invoices {r['invoices_by_status']}"
+        )
     main = rows[-len(watchers)].result
     vs_raw = raw_best.result["wall_s"] / main["wall_s"]
     vs_web3 = web3_events.result["wall_s"] / main["wall_s"]
     if profile.share < 1:
-        print(f"goal: catch-up >= {GOAL_VS_RAW} x raw: {vs_raw:.2f} ({'met' if vs_raw >= GOAL_VS_RAW else 'NOT met'})")
+        print(
+            f"goal: catch-up >= {GOAL_VS_RAW} x raw: {vs_raw:.2f} ({'met' if vs_raw >= GOAL_VS_RAW else 'NOT met'})"
+        )
     else:
         rate = main["payments"] / main["wall_s"]
-        print(f"goal: >= {GOAL_PAYMENTS_PER_S:,} payments/s: {rate:,.0f} ({'met' if rate >= GOAL_PAYMENTS_PER_S else 'NOT met'})")
-    print(f"goal: >= {GOAL_VS_WEB3} x web3: {vs_web3:.1f} ({'met' if vs_web3 >= GOAL_VS_WEB3 else 'NOT met'})", flush=True)
+        print(
+            f"goal: >= {GOAL_PAYMENTS_PER_S:,} payments/s: {rate:,.0f} ({'met' if rate >= GOAL_PAYMENTS_PER_S else 'NOT met'})"
+        )
+    print(
+        f"goal: >= {GOAL_VS_WEB3} x web3: {vs_web3:.1f} ({'met' if vs_web3 >= GOAL_VS_WEB3 else 'NOT met'})",
+        flush=True,
+    )
 
 
 def profile_run(profile: Profile, top: int = 15) -> None:
@@ -105,9 +143,14 @@ def profile_run(profile: Profile, top: int = 15) -> None:
     with CachedNode(meta) as node:
         result = run_child({"url": node.url, "meta": meta["files"]["meta"], **spec, "profile_to": str(out)})
     found = json.loads(out.with_suffix(".json").read_text())
-    print(f"\n== profile of the {label}, profile {profile.name}: {result['wall_s']:.2f} s under pyinstrument, "
-          f"{result['payments']:,} payments; tree: bench/{CACHE.name}/{out.name} (and .txt)")
-    for title, key in (("self time (where the CPU goes)", "self"), ("inclusive time, watcher/ code", "inclusive_watcher")):
+    print(
+        f"\n== profile of the {label}, profile {profile.name}: {result['wall_s']:.2f} s under pyinstrument, "
+        f"{result['payments']:,} payments; tree: bench/{CACHE.name}/{out.name} (and .txt)"
+    )
+    for title, key in (
+        ("self time (where the CPU goes)", "self"),
+        ("inclusive time, watcher/ code", "inclusive_watcher"),
+    ):
         print(f"-- top {top} by {title}")
         for f in found[key][:top]:
             print(f"  {f['share']:6.1%} {f['seconds']:7.3f} s  {f['function']}  {f['where']}")
@@ -115,15 +158,27 @@ def profile_run(profile: Profile, top: int = 15) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("section", nargs="?", choices=("all", "build", "catchup", "profile", *SECTIONS), default="all")
-    parser.add_argument("--profile", choices=tuple(PROFILES), action="append",
-                        help=f"default: {' and '.join(DEFAULT_PROFILES)}; repeat the option for several".replace('%', '%%'))
-    parser.add_argument("--repeat", type=int, default=3, help="runs per method; the fastest counts (default 3)")
+    parser.add_argument(
+        "section", nargs="?", choices=("all", "build", "catchup", "profile", *SECTIONS), default="all"
+    )
+    parser.add_argument(
+        "--profile",
+        choices=tuple(PROFILES),
+        action="append",
+        help=f"default: {' and '.join(DEFAULT_PROFILES)}; repeat the option for several".replace("%", "%%"),
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per method; the fastest counts (default 3)"
+    )
     parser.add_argument("--rebuild", action="store_true", help="build the chains again even when cached")
-    parser.add_argument("--quick", action="store_true", help="smaller sizes for watchset, webhooks, api and live")
+    parser.add_argument(
+        "--quick", action="store_true", help="smaller sizes for watchset, webhooks, api and live"
+    )
     args = parser.parse_args()
     profiles = [PROFILES[p] for p in args.profile or DEFAULT_PROFILES]
-    profiling = args.section == "profile" or (args.section == "all" and importlib.util.find_spec("pyinstrument"))
+    profiling = args.section == "profile" or (
+        args.section == "all" and importlib.util.find_spec("pyinstrument")
+    )
     if args.section == "profile" and importlib.util.find_spec("pyinstrument") is None:
         parser.exit(2, "profile needs pyinstrument: .venv/bin/pip install pyinstrument\n")
     started = time.monotonic()

@@ -96,10 +96,13 @@ def wait_up(url: str, process: subprocess.Popen, what: str, timeout: float = 60)
 
 
 class Server:
-    def __init__(self, command: list[str], env: dict[str, str], log_path: Path, health: str, what: str) -> None:
+    def __init__(
+        self, command: list[str], env: dict[str, str], log_path: Path, health: str, what: str
+    ) -> None:
         self.log = open(log_path, "w")
-        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                        stdin=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            command, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, stdin=subprocess.PIPE
+        )
         wait_up(health, self.process, what)
 
     def stop(self) -> None:
@@ -119,26 +122,54 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def loaded(server: "Server", spec: dict[str, Any]) -> dict[str, Any]:
+def loaded(server: Server, spec: dict[str, Any]) -> dict[str, Any]:
     """Run the load child against a server, with the server's CPU time per request."""
     before = cpu_seconds(server.process.pid)
     result = run_child("bench.api_load", spec, timeout=spec["seconds"] + 120)
-    result["server_cpu_ms_per_request"] = (cpu_seconds(server.process.pid) - before) * 1000 / (
-        (spec["warmup"] + spec["seconds"]) * spec["rate"] + 1)
+    result["server_cpu_ms_per_request"] = (
+        (cpu_seconds(server.process.pid) - before)
+        * 1000
+        / ((spec["warmup"] + spec["seconds"]) * spec["rate"] + 1)
+    )
     return result
 
 
-def start_daemon(tmp: Path, block_time: float, profile_to: str | None, slow_callbacks: float | None = None) -> tuple[Server, str, str]:
+def start_daemon(
+    tmp: Path, block_time: float, profile_to: str | None, slow_callbacks: float | None = None
+) -> tuple[Server, str, str]:
     port = free_port()
     key = "sk_bench_" + secrets.token_urlsafe(24)
     env = {**os.environ, "WATCHER_API_KEY": key}
     if profile_to or slow_callbacks:
-        command = [sys.executable, "-m", "bench.api_load", "--serve-profiled",
-                   json.dumps({"port": port, "db": str(tmp / "watcher.db"), "block_time": block_time,
-                               "profile_to": profile_to, "slow_callbacks": slow_callbacks})]
+        command = [
+            sys.executable,
+            "-m",
+            "bench.api_load",
+            "--serve-profiled",
+            json.dumps(
+                {
+                    "port": port,
+                    "db": str(tmp / "watcher.db"),
+                    "block_time": block_time,
+                    "profile_to": profile_to,
+                    "slow_callbacks": slow_callbacks,
+                }
+            ),
+        ]
     else:
-        command = [sys.executable, "-m", "watcher.cli", "run", "--sandbox", "--listen", f"127.0.0.1:{port}",
-                   "--block-time", str(block_time), "--database", str(tmp / "watcher.db")]
+        command = [
+            sys.executable,
+            "-m",
+            "watcher.cli",
+            "run",
+            "--sandbox",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--block-time",
+            str(block_time),
+            "--database",
+            str(tmp / "watcher.db"),
+        ]
     base = f"http://127.0.0.1:{port}"
     return Server(command, env, tmp / "daemon.log", base + "/healthz", "the daemon"), base, key
 
@@ -153,11 +184,20 @@ def serve_profiled(spec: dict[str, Any]) -> None:
     from watcher.service import Service
 
     chain = SandboxChain()
-    settings = settings_from_dict({
-        "database": spec["db"], "log_level": "info",
-        "http": {"listen": f"127.0.0.1:{spec['port']}", "api_key_env": "WATCHER_API_KEY"},
-        "chains": [sandbox_settings_data(chain, poll_interval=min(max(spec["block_time"] / 4, 0.1), 2.0))],
-    }, env={"WATCHER_API_KEY": os.environ["WATCHER_API_KEY"], "WATCHER_WEBHOOK_SECRET": new_webhook_secret()})
+    settings = settings_from_dict(
+        {
+            "database": spec["db"],
+            "log_level": "info",
+            "http": {"listen": f"127.0.0.1:{spec['port']}", "api_key_env": "WATCHER_API_KEY"},
+            "chains": [
+                sandbox_settings_data(chain, poll_interval=min(max(spec["block_time"] / 4, 0.1), 2.0))
+            ],
+        },
+        env={
+            "WATCHER_API_KEY": os.environ["WATCHER_API_KEY"],
+            "WATCHER_WEBHOOK_SECRET": new_webhook_secret(),
+        },
+    )
     configure_logging("json", "info")
     profiler = Profiler(interval=0.0005, async_mode="disabled")
     slow = spec.get("slow_callbacks")
@@ -279,12 +319,23 @@ async def load(spec: dict[str, Any]) -> dict[str, Any]:
         return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
     return {
-        "requests": len(measured), "ok": len(ok), "errors": errors, "non_200": non_200,
-        "achieved_rate": answered / seconds, "last_answer_after_s": window_end - warmup,
-        "p50": pct(from_due, 0.50), "p95": pct(from_due, 0.95), "p99": pct(from_due, 0.99), "max": from_due[-1] if from_due else None,
-        "sent_p50": pct(from_sent, 0.50), "sent_p95": pct(from_sent, 0.95), "sent_p99": pct(from_sent, 0.99),
+        "requests": len(measured),
+        "ok": len(ok),
+        "errors": errors,
+        "non_200": non_200,
+        "achieved_rate": answered / seconds,
+        "last_answer_after_s": window_end - warmup,
+        "p50": pct(from_due, 0.50),
+        "p95": pct(from_due, 0.95),
+        "p99": pct(from_due, 0.99),
+        "max": from_due[-1] if from_due else None,
+        "sent_p50": pct(from_sent, 0.50),
+        "sent_p95": pct(from_sent, 0.95),
+        "sent_p99": pct(from_sent, 0.99),
         "send_lag_p99": pct(send_lag, 0.99),
-        "slow_spans": [(round(a / 10 - warmup, 1), round((b + 1) / 10 - warmup, 1), round(m, 1)) for a, b, m in spans],
+        "slow_spans": [
+            (round(a / 10 - warmup, 1), round((b + 1) / 10 - warmup, 1), round(m, 1)) for a, b, m in spans
+        ],
     }
 
 
@@ -294,8 +345,10 @@ async def load(spec: dict[str, Any]) -> dict[str, Any]:
 def prepare(base: str, key: str, chain: Any = None) -> tuple[list[str], str]:
     """INVOICES invoices over the API, PAID of them paid (the sandbox route, or a transfer on
     `chain`, an anvil node); their ids and one status body."""
-    invoices = [http("POST", f"{base}/v1/invoices", key, {"amount": "49.99", "merchant_reference": f"load-{i}"})
-                for i in range(INVOICES)]
+    invoices = [
+        http("POST", f"{base}/v1/invoices", key, {"amount": "49.99", "merchant_reference": f"load-{i}"})
+        for i in range(INVOICES)
+    ]
     ids = [i["id"] for i in invoices]
     for invoice in invoices[:PAID]:
         if chain is None:
@@ -321,16 +374,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="5 s measured instead of 10")
     parser.add_argument("--rate", type=float, default=RATE, help=f"requests per second (default {RATE:,})")
     parser.add_argument("--seconds", type=float, help=f"measured seconds (default {SECONDS:g})")
-    parser.add_argument("--block-time", type=float, default=2.0, help="the chain's block time (default 2, as `watcher run --sandbox`)")
-    parser.add_argument("--chain", choices=("sandbox", "anvil"), default="sandbox",
-                        help="sandbox: `watcher run --sandbox` (its chain is eth-tester inside the daemon's process); "
-                             "anvil: `watcher run --config` on an anvil node mining every --block-time s, polled "
-                             "every 1 s, as in production")
-    parser.add_argument("--profile", action="store_true", help="run the daemon in-process under pyinstrument (see doc)")
-    parser.add_argument("--slow-callbacks", type=float, metavar="SECONDS",
-                        help="run the daemon in-process with asyncio debug on: every callback holding the loop longer "
-                             "than this is logged (with what it was) to the daemon's log, whose path is printed")
-    parser.add_argument("--dump", help="write the daemon run's samples (due, sent, done, status) as JSON here")
+    parser.add_argument(
+        "--block-time",
+        type=float,
+        default=2.0,
+        help="the chain's block time (default 2, as `watcher run --sandbox`)",
+    )
+    parser.add_argument(
+        "--chain",
+        choices=("sandbox", "anvil"),
+        default="sandbox",
+        help="sandbox: `watcher run --sandbox` (its chain is eth-tester inside the daemon's process); "
+        "anvil: `watcher run --config` on an anvil node mining every --block-time s, polled "
+        "every 1 s, as in production",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="run the daemon in-process under pyinstrument (see doc)"
+    )
+    parser.add_argument(
+        "--slow-callbacks",
+        type=float,
+        metavar="SECONDS",
+        help="run the daemon in-process with asyncio debug on: every callback holding the loop longer "
+        "than this is logged (with what it was) to the daemon's log, whose path is printed",
+    )
+    parser.add_argument(
+        "--dump", help="write the daemon run's samples (due, sent, done, status) as JSON here"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--hello", help=argparse.SUPPRESS)
     parser.add_argument("--serve-profiled", help=argparse.SUPPRESS)
@@ -350,16 +420,21 @@ def main(argv: list[str] | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-api-"))
     profile_to = str(CACHE / "profile-api.txt") if args.profile else None
     CACHE.mkdir(parents=True, exist_ok=True)
-    print(f"== API load: GET /v1/invoices/{{id}}/status, open loop at {args.rate:,.0f}/s for {seconds:g} s "
-          f"(+{WARMUP:g} s warm-up), client in its own process; {args.chain} chain, a block every {args.block_time:g} s",
-          flush=True)
+    print(
+        f"== API load: GET /v1/invoices/{{id}}/status, open loop at {args.rate:,.0f}/s for {seconds:g} s "
+        f"(+{WARMUP:g} s warm-up), client in its own process; {args.chain} chain, a block every {args.block_time:g} s",
+        flush=True,
+    )
     spec = {"rate": args.rate, "seconds": seconds, "warmup": WARMUP, "dump": args.dump}
     node = chain = None
     if args.chain == "anvil":
-        from bench.live import start_daemon as start_on_node, start_node
+        from bench.live import start_daemon as start_on_node
+        from bench.live import start_node
 
         if profile_to or args.slow_callbacks:
-            raise SystemExit("--profile and --slow-callbacks run the sandbox daemon in-process: use --chain sandbox")
+            raise SystemExit(
+                "--profile and --slow-callbacks run the sandbox daemon in-process: use --chain sandbox"
+            )
         node, chain = start_node(args.block_time)
         daemon, base, key = start_on_node(tmp, node, chain, None, ws=False, poll=1.0)
     else:
@@ -379,35 +454,56 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         hello.stop()
 
-    head = (f"{'server':<44} {'rate/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'max ms':>7} "
-            f"{'p99 sent':>8} {'errors':>6} {'CPU ms/req':>10}")
+    head = (
+        f"{'server':<44} {'rate/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'max ms':>7} "
+        f"{'p99 sent':>8} {'errors':>6} {'CPU ms/req':>10}"
+    )
     print(head)
     print("-" * len(head))
-    for label, r in (("bare aiohttp 'hello' (baseline)", bare), ("watcher daemon" + (" (profiled)" if profile_to else " (asyncio debug)" if args.slow_callbacks else ""), ours)):
+    for label, r in (
+        ("bare aiohttp 'hello' (baseline)", bare),
+        (
+            "watcher daemon"
+            + (" (profiled)" if profile_to else " (asyncio debug)" if args.slow_callbacks else ""),
+            ours,
+        ),
+    ):
         errs = sum(r["errors"].values()) + sum(r["non_200"].values())
-        print(f"{label:<44} {r['achieved_rate']:>7,.0f} {r['p50']:>7.2f} {r['p95']:>7.2f} {r['p99']:>7.2f} {r['max']:>7.1f} "
-              f"{r['sent_p99']:>8.2f} {errs:>6} {r['server_cpu_ms_per_request']:>10.3f}")
-    print(f"(latency from the request's due time; 'p99 sent' from when the client actually sent it; "
-          f"client send lag p99: daemon {ours['send_lag_p99']:.2f} ms, baseline {bare['send_lag_p99']:.2f} ms; "
-          f"status body {len(body)} bytes; {INVOICES} invoices, {PAID} paid; {CONNECTIONS} keep-alive connections; "
-          "CPU ms/req: the server process's CPU time over the run / requests sent, chain and follower included)")
+        print(
+            f"{label:<44} {r['achieved_rate']:>7,.0f} {r['p50']:>7.2f} {r['p95']:>7.2f} {r['p99']:>7.2f} {r['max']:>7.1f} "
+            f"{r['sent_p99']:>8.2f} {errs:>6} {r['server_cpu_ms_per_request']:>10.3f}"
+        )
+    print(
+        f"(latency from the request's due time; 'p99 sent' from when the client actually sent it; "
+        f"client send lag p99: daemon {ours['send_lag_p99']:.2f} ms, baseline {bare['send_lag_p99']:.2f} ms; "
+        f"status body {len(body)} bytes; {INVOICES} invoices, {PAID} paid; {CONNECTIONS} keep-alive connections; "
+        "CPU ms/req: the server process's CPU time over the run / requests sent, chain and follower included)"
+    )
     for label, r in (("daemon", ours), ("baseline", bare)):
         if r["slow_spans"]:
-            print(f"  {label}: requests over 20 ms were due in " + ", ".join(
-                f"{a:g}-{b:g} s (worst {m:g} ms)" for a, b, m in r["slow_spans"][:8])
+            print(
+                f"  {label}: requests over 20 ms were due in "
+                + ", ".join(f"{a:g}-{b:g} s (worst {m:g} ms)" for a, b, m in r["slow_spans"][:8])
                 + (f" and {len(r['slow_spans']) - 8} more spans" if len(r["slow_spans"]) > 8 else "")
-                + f" of the {seconds:g} s")
+                + f" of the {seconds:g} s"
+            )
         if r["errors"] or r["non_200"]:
             print(f"  {label}: exceptions {r['errors']}, non-200 {r['non_200']}")
-    print(f"ratios daemon/baseline: p50 x{ours['p50'] / bare['p50']:.2f}, p95 x{ours['p95'] / bare['p95']:.2f}, "
-          f"p99 x{ours['p99'] / bare['p99']:.2f}")
+    print(
+        f"ratios daemon/baseline: p50 x{ours['p50'] / bare['p50']:.2f}, p95 x{ours['p95'] / bare['p95']:.2f}, "
+        f"p99 x{ours['p99'] / bare['p99']:.2f}"
+    )
     met = ours["p99"] <= GOAL_P99_MS and ours["achieved_rate"] >= 0.98 * args.rate
-    print(f"goal: p99 <= {GOAL_P99_MS:g} ms at {args.rate:,.0f} requests/s: p99 {ours['p99']:.2f} ms at "
-          f"{ours['achieved_rate']:,.0f}/s -> {'met' if met else 'NOT met'}")
+    print(
+        f"goal: p99 <= {GOAL_P99_MS:g} ms at {args.rate:,.0f} requests/s: p99 {ours['p99']:.2f} ms at "
+        f"{ours['achieved_rate']:,.0f}/s -> {'met' if met else 'NOT met'}"
+    )
     if profile_to:
         print(f"profile of the daemon under load: {profile_to}")
     if args.slow_callbacks:
-        print(f"slow callbacks (asyncio debug, > {args.slow_callbacks * 1000:g} ms) logged in {tmp / 'daemon.log'}")
+        print(
+            f"slow callbacks (asyncio debug, > {args.slow_callbacks * 1000:g} ms) logged in {tmp / 'daemon.log'}"
+        )
     print(f"(api_load took {time.monotonic() - started:.0f} s)", flush=True)
 
 

@@ -46,12 +46,26 @@ async def raw(url: str, meta: dict[str, Any], chunk: int, inflight: int) -> dict
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal logs
         for a, b in todo:  # the workers share one iterator: each takes the next chunk
-            body = {"jsonrpc": "2.0", "id": a, "method": "eth_getLogs", "params": [
-                {"fromBlock": hex(a), "toBlock": hex(b), "address": meta["tokens"], "topics": [TRANSFER_TOPIC]}]}
-            async with session.post(url, data=orjson.dumps(body), headers={"Content-Type": "application/json"}) as r:
+            body = {
+                "jsonrpc": "2.0",
+                "id": a,
+                "method": "eth_getLogs",
+                "params": [
+                    {
+                        "fromBlock": hex(a),
+                        "toBlock": hex(b),
+                        "address": meta["tokens"],
+                        "topics": [TRANSFER_TOPIC],
+                    }
+                ],
+            }
+            async with session.post(
+                url, data=orjson.dumps(body), headers={"Content-Type": "application/json"}
+            ) as r:
                 answer = orjson.loads(await r.read())
             decoded = [("0x" + log["topics"][2][26:], int(log["data"], 16)) for log in answer["result"]]
             logs += len(decoded)
+
     async with aiohttp.ClientSession() as session:
         started = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(inflight)))
@@ -76,7 +90,9 @@ async def web3(url: str, meta: dict[str, Any], chunk: int, events: bool) -> dict
                 decoded = [(event["args"]["to"], event["args"]["value"]) for event in found]
                 logs += len(decoded)
         else:
-            found = await w3.eth.get_logs({"fromBlock": a, "toBlock": b, "address": tokens, "topics": [TRANSFER_TOPIC]})
+            found = await w3.eth.get_logs(
+                {"fromBlock": a, "toBlock": b, "address": tokens, "topics": [TRANSFER_TOPIC]}
+            )
             decoded = [(log["topics"][2][12:], int.from_bytes(log["data"], "big")) for log in found]
             logs += len(decoded)
     wall = time.perf_counter() - started
@@ -94,19 +110,35 @@ ENV = {
 def settings_for(url: str, meta: dict[str, Any], database: str) -> Any:
     from watcher.config import settings_from_dict
 
-    return settings_from_dict({
-        "database": database,
-        "http": {"listen": "127.0.0.1:8080"},  # never opened: no API runs here
-        "webhooks": [{"url": "http://127.0.0.1:9/hooks", "secret_env": "WATCHER_WEBHOOK_SECRET"}],
-        "chains": [{
-            "name": NETWORK, "chain_id": meta["chain_id"], "rpc_urls": [url], "poll_interval_seconds": 2.0,
-            "confirmations": 12, "start_block": meta["first_block"], "deposit_xpub": meta["xpub"],
-            "assets": [
-                {"symbol": f"BUSD{'AB'[i]}", "kind": "erc20", "contract": t, "decimals": DECIMALS, "usd_rate": "1"}
-                for i, t in enumerate(meta["tokens"])
+    return settings_from_dict(
+        {
+            "database": database,
+            "http": {"listen": "127.0.0.1:8080"},  # never opened: no API runs here
+            "webhooks": [{"url": "http://127.0.0.1:9/hooks", "secret_env": "WATCHER_WEBHOOK_SECRET"}],
+            "chains": [
+                {
+                    "name": NETWORK,
+                    "chain_id": meta["chain_id"],
+                    "rpc_urls": [url],
+                    "poll_interval_seconds": 2.0,
+                    "confirmations": 12,
+                    "start_block": meta["first_block"],
+                    "deposit_xpub": meta["xpub"],
+                    "assets": [
+                        {
+                            "symbol": f"BUSD{'AB'[i]}",
+                            "kind": "erc20",
+                            "contract": t,
+                            "decimals": DECIMALS,
+                            "usd_rate": "1",
+                        }
+                        for i, t in enumerate(meta["tokens"])
+                    ],
+                }
             ],
-        }],
-    }, env=ENV)
+        },
+        env=ENV,
+    )
 
 
 def prepare_store(meta: dict[str, Any], invoices: int) -> Path:
@@ -133,20 +165,29 @@ def prepare_store(meta: dict[str, Any], invoices: int) -> Path:
     for start in range(0, len(deposits), 1000):
         with store.db.atomic():  # a commit per thousand (each create_invoice is a savepoint in it)
             for d in deposits[start : start + 1000]:
-                amount = Decimal(int(d["received_atomic"])).scaleb(-DECIMALS) if d["transfers"] else Decimal("25.00")
-                data = CreateInvoiceIn.model_validate({"amount": str(amount), "assets": [symbols[d["token"]]]})
+                amount = (
+                    Decimal(int(d["received_atomic"])).scaleb(-DECIMALS)
+                    if d["transfers"]
+                    else Decimal("25.00")
+                )
+                data = CreateInvoiceIn.model_validate(
+                    {"amount": str(amount), "assets": [symbols[d["token"]]]}
+                )
                 new = build_new_invoice(data, invoicing, settings.invoices, time.time())
                 invoice, _ = store.create_invoice(new, derive=invoicing.derive, finish=finish_option)
                 [option] = invoice["payment_options"]
                 if option["destination_address"].lower() != d["address"]:
-                    raise RuntimeError(f"invoice {d['index']} got {option['destination_address']}, the chain has {d['address']}")
+                    raise RuntimeError(
+                        f"invoice {d['index']} got {option['destination_address']}, the chain has {d['address']}"
+                    )
     store.close()  # checkpoints the WAL into the file
     building.rename(path)
     return path
 
 
-async def watcher(url: str, meta: dict[str, Any], store_template: str, expected: int,
-                  profile_to: str | None = None) -> dict[str, Any]:
+async def watcher(
+    url: str, meta: dict[str, Any], store_template: str, expected: int, profile_to: str | None = None
+) -> dict[str, Any]:
     from watcher.chain import JsonRpcReader
     from watcher.chain.failover import FailoverTransport
     from watcher.follower import Follower, Rails
@@ -165,7 +206,8 @@ async def watcher(url: str, meta: dict[str, Any], store_template: str, expected:
         chain = settings.chains[0]
         metrics = Metrics()
         transport = FailoverTransport(
-            chain.rpc_urls, timeout=RPC_TIMEOUT,
+            chain.rpc_urls,
+            timeout=RPC_TIMEOUT,
             on_switch=lambda old, new, reason: metrics.endpoint_switched(NETWORK, reason),
             on_failure=lambda kind: metrics.endpoint_failed(NETWORK, kind),
         )
@@ -202,22 +244,34 @@ async def watcher(url: str, meta: dict[str, Any], store_template: str, expected:
         if profiler is not None:
             profiler.stop()
             Path(profile_to).write_text(profiler.output_html())
-            Path(profile_to).with_suffix(".txt").write_text(profiler.output_text(unicode=False, show_all=False))
+            Path(profile_to).with_suffix(".txt").write_text(
+                profiler.output_text(unicode=False, show_all=False)
+            )
             Path(profile_to).with_suffix(".json").write_text(json.dumps(top_frames(profiler.last_session)))
-            profiler.last_session.save(str(Path(profile_to).with_suffix(".pyisession")))  # pyinstrument --load
+            profiler.last_session.save(
+                str(Path(profile_to).with_suffix(".pyisession"))
+            )  # pyinstrument --load
         await transport.close()
         result = {
-            "wall_s": wall, "steps": steps, "payments": count("SELECT COUNT(*) FROM payments"),
+            "wall_s": wall,
+            "steps": steps,
+            "payments": count("SELECT COUNT(*) FROM payments"),
             "events": count("SELECT COUNT(*) FROM events") - events_before,
-            "event_bytes": count("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM events WHERE type != 'invoice.created'"),
-            "invoices_by_status": dict(store.db.execute("SELECT status, COUNT(*) FROM invoices GROUP BY status").fetchall()),
+            "event_bytes": count(
+                "SELECT COALESCE(SUM(LENGTH(body)), 0) FROM events WHERE type != 'invoice.created'"
+            ),
+            "invoices_by_status": dict(
+                store.db.execute("SELECT status, COUNT(*) FROM invoices GROUP BY status").fetchall()
+            ),
         }
         store.close()
         result["db_mb"] = sum(f.stat().st_size for f in tmp.iterdir()) / 1e6
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if result["payments"] != expected:
-        raise RuntimeError(f"recorded {result['payments']} payments, the chain has {expected} to these invoices")
+        raise RuntimeError(
+            f"recorded {result['payments']} payments, the chain has {expected} to these invoices"
+        )
     return result
 
 
@@ -242,8 +296,10 @@ def top_frames(session: Any, limit: int = 25) -> dict[str, Any]:
 
     def ranked(table: dict, only: str | None = None) -> list[dict[str, Any]]:
         items = [(k, v) for k, v in table.items() if only is None or only in k[1]]
-        return [{"function": f, "where": f"{p}:{n}", "share": v / total, "seconds": v}
-                for (f, p, n), v in sorted(items, key=lambda kv: -kv[1])[:limit]]
+        return [
+            {"function": f, "where": f"{p}:{n}", "share": v / total, "seconds": v}
+            for (f, p, n), v in sorted(items, key=lambda kv: -kv[1])[:limit]
+        ]
 
     return {"total_s": total, "self": ranked(own), "inclusive_watcher": ranked(inclusive, "watcher/")}
 

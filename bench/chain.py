@@ -83,8 +83,15 @@ class Transfer:
 
 def params(profile: Profile) -> dict[str, Any]:
     return {
-        "format": FORMAT, **asdict(profile), "seed": SEED, "blocks": BLOCKS, "transfers_per_block": TRANSFERS_PER_BLOCK,
-        "native_transfers": NATIVE_TRANSFERS, "other_addresses": OTHER_ADDRESSES, "xpub": XPUB, "anvil": ANVIL_VERSION,
+        "format": FORMAT,
+        **asdict(profile),
+        "seed": SEED,
+        "blocks": BLOCKS,
+        "transfers_per_block": TRANSFERS_PER_BLOCK,
+        "native_transfers": NATIVE_TRANSFERS,
+        "other_addresses": OTHER_ADDRESSES,
+        "xpub": XPUB,
+        "anvil": ANVIL_VERSION,
     }
 
 
@@ -92,8 +99,11 @@ def cache_paths(profile: Profile) -> dict[str, Path]:
     """The metadata, our deposit addresses, and anvil's state (gzipped) of a profile's chain."""
     key = hashlib.sha256(json.dumps(params(profile), sort_keys=True).encode()).hexdigest()[:12]
     stem = f"chain-{profile.name.replace('%', 'pct')}-{key}"
-    return {"meta": CACHE / f"{stem}.json", "deposits": CACHE / f"{stem}.deposits.json",
-            "state": CACHE / f"{stem}.state.json.gz"}
+    return {
+        "meta": CACHE / f"{stem}.json",
+        "deposits": CACHE / f"{stem}.deposits.json",
+        "state": CACHE / f"{stem}.state.json.gz",
+    }
 
 
 def plan(profile: Profile) -> tuple[list[list[Transfer]], list[str]]:
@@ -121,7 +131,9 @@ def plan(profile: Profile) -> tuple[list[list[Transfer]], list[str]]:
             else:
                 block.append(Transfer(rng.randrange(2), payer, rng.choice(others), value))
         if b in native_blocks:
-            block.append(Transfer(None, rng.randrange(PAYERS), rng.choice(others), rng.randrange(1, 10**6) * 10**12))
+            block.append(
+                Transfer(None, rng.randrange(PAYERS), rng.choice(others), rng.randrange(1, 10**6) * 10**12)
+            )
         blocks.append(block)
     return blocks, ours
 
@@ -131,7 +143,9 @@ def calldata(signature: str, types: list[str], args: list[Any]) -> str:
 
 
 def rpc_batch(url: str, calls: list[tuple[str, list]]) -> list[Any]:
-    body = json.dumps([{"jsonrpc": "2.0", "id": i, "method": m, "params": p} for i, (m, p) in enumerate(calls)])
+    body = json.dumps(
+        [{"jsonrpc": "2.0", "id": i, "method": m, "params": p} for i, (m, p) in enumerate(calls)]
+    )
     request = urllib.request.Request(url, data=body.encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         answers = sorted(json.loads(response.read()), key=lambda a: a["id"])
@@ -151,18 +165,43 @@ def build(profile: Profile, log: Any = print) -> dict[str, Any]:
         node.rpc("anvil_setBlockTimestampInterval", BLOCK_INTERVAL)
         payers = node.rpc("eth_accounts")[:PAYERS]
         bytecode = load_artifact("TestToken")["bytecode"]
-        hashes = rpc_batch(node.url, [
-            ("eth_sendTransaction", [{"from": payers[0], "gas": hex(3_000_000),
-                                      "data": bytecode + encode(["string", "string", "uint8"], [name, symbol, DECIMALS]).hex()}])
-            for name, symbol in (("Bench USD A", "BUSDA"), ("Bench USD B", "BUSDB"))
-        ])
+        hashes = rpc_batch(
+            node.url,
+            [
+                (
+                    "eth_sendTransaction",
+                    [
+                        {
+                            "from": payers[0],
+                            "gas": hex(3_000_000),
+                            "data": bytecode
+                            + encode(["string", "string", "uint8"], [name, symbol, DECIMALS]).hex(),
+                        }
+                    ],
+                )
+                for name, symbol in (("Bench USD A", "BUSDA"), ("Bench USD B", "BUSDB"))
+            ],
+        )
         node.mine(1)
         tokens = [node.rpc("eth_getTransactionReceipt", h)["contractAddress"].lower() for h in hashes]
-        rpc_batch(node.url, [
-            ("eth_sendTransaction", [{"from": payers[0], "to": t, "gas": hex(100_000),
-                                      "data": calldata("mint(address,uint256)", ["address", "uint256"], [p, 10**30])}])
-            for t in tokens for p in payers
-        ])
+        rpc_batch(
+            node.url,
+            [
+                (
+                    "eth_sendTransaction",
+                    [
+                        {
+                            "from": payers[0],
+                            "to": t,
+                            "gas": hex(100_000),
+                            "data": calldata("mint(address,uint256)", ["address", "uint256"], [p, 10**30]),
+                        }
+                    ],
+                )
+                for t in tokens
+                for p in payers
+            ],
+        )
         node.mine(1)
         first = node.head() + 1
         for n, block in enumerate(blocks):
@@ -171,8 +210,14 @@ def build(profile: Profile, log: Any = print) -> dict[str, Any]:
                 if t.token is None:
                     tx = {"from": payers[t.payer], "to": t.to, "value": hex(t.value), "gas": hex(21_000)}
                 else:
-                    tx = {"from": payers[t.payer], "to": tokens[t.token], "gas": hex(100_000),
-                          "data": calldata("transfer(address,uint256)", ["address", "uint256"], [t.to, t.value])}
+                    tx = {
+                        "from": payers[t.payer],
+                        "to": tokens[t.token],
+                        "gas": hex(100_000),
+                        "data": calldata(
+                            "transfer(address,uint256)", ["address", "uint256"], [t.to, t.value]
+                        ),
+                    }
                 calls.append(("eth_sendTransaction", [tx]))
             rpc_batch(node.url, calls)
             node.mine(1)
@@ -184,15 +229,19 @@ def build(profile: Profile, log: Any = print) -> dict[str, Any]:
             found = node.rpc("eth_getLogs", {"fromBlock": hex(first), "toBlock": hex(last), "address": token})
             planned = sum(1 for block in blocks for t in block if t.token == i)
             if len(found) != planned:
-                raise RuntimeError(f"token {i}: {len(found)} logs on the chain, {planned} planned (a transfer failed)")
+                raise RuntimeError(
+                    f"token {i}: {len(found)} logs on the chain, {planned} planned (a transfer failed)"
+                )
             logs_per_token[token] = planned
         head_hash = node.rpc("eth_getBlockByNumber", hex(last), False)["hash"]
         state = node.rpc("anvil_dumpState")  # 0x + gzip of the JSON that --load-state reads
     finally:
         node.stop()
     index_of = {a: i for i, a in enumerate(ours)}
-    deposits = [{"index": i, "address": a, "token": tokens[i % 2], "transfers": 0, "received_atomic": 0}
-                for i, a in enumerate(ours)]
+    deposits = [
+        {"index": i, "address": a, "token": tokens[i % 2], "transfers": 0, "received_atomic": 0}
+        for i, a in enumerate(ours)
+    ]
     for block in blocks:
         for t in block:
             if t.token is not None and t.to in index_of:
@@ -242,8 +291,10 @@ def ensure(profile: Profile, *, rebuild: bool = False, log: Any = print) -> dict
     if meta is None:
         log(f"building the {profile.name} chain (once; cached under bench/{CACHE.name}/)...")
         meta = build(profile, log)
-        log(f"  built in {meta['build_seconds']} s: blocks {meta['first_block']}-{meta['last_block']}, "
-            f"{meta['token_transfers']:,} token transfers, {meta['native_transfers']} native")
+        log(
+            f"  built in {meta['build_seconds']} s: blocks {meta['first_block']}-{meta['last_block']}, "
+            f"{meta['token_transfers']:,} token transfers, {meta['native_transfers']} native"
+        )
     return meta
 
 
@@ -270,7 +321,7 @@ class CachedNode:
         self.node.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def __enter__(self) -> "CachedNode":
+    def __enter__(self) -> CachedNode:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -26,13 +26,11 @@ import asyncio
 import os
 import resource
 import secrets
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import orjson
@@ -65,7 +63,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def spread(values: list[float]) -> str:
-    return f"p50 {pct(values, .5):.1f} ms, p95 {pct(values, .95):.1f}, p99 {pct(values, .99):.1f}, max {max(values):.1f}"
+    return f"p50 {pct(values, 0.5):.1f} ms, p95 {pct(values, 0.95):.1f}, p99 {pct(values, 0.99):.1f}, max {max(values):.1f}"
 
 
 async def wait_up(session: aiohttp.ClientSession, url: str, timeout: float = 60) -> None:
@@ -174,7 +172,7 @@ class Streams:
                     self.ready.set()
                 await next_event(r)
                 self.arrivals[i] = time.perf_counter()
-        except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             self.failed.append(type(exc).__name__)
         finally:
             if self.opened + len(self.failed) == len(self.urls):
@@ -212,10 +210,28 @@ async def run(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="watcher-bench-checkout-"))
     log = open(workdir / "daemon.log", "wb")
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "watcher.cli", "run", "--sandbox", "--listen", f"127.0.0.1:{api_port}",
-         "--checkout-listen", f"127.0.0.1:{page_port}", "--block-time", "0", "--database", str(workdir / "w.db"),
-         "--webhook-url", f"http://127.0.0.1:{hook_port}/hooks"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "WATCHER_API_KEY": key}, cwd=ROOT)
+        [
+            sys.executable,
+            "-m",
+            "watcher.cli",
+            "run",
+            "--sandbox",
+            "--listen",
+            f"127.0.0.1:{api_port}",
+            "--checkout-listen",
+            f"127.0.0.1:{page_port}",
+            "--block-time",
+            "0",
+            "--database",
+            str(workdir / "w.db"),
+            "--webhook-url",
+            f"http://127.0.0.1:{hook_port}/hooks",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "WATCHER_API_KEY": key},
+        cwd=ROOT,
+    )
     bare_proc = None
     connector = aiohttp.TCPConnector(limit=0)
     session = aiohttp.ClientSession(connector=connector)
@@ -225,8 +241,9 @@ async def run(args: argparse.Namespace) -> None:
         await wait_up(session, api + "/healthz")
         ids = []
         for _ in range(invoices_n):
-            async with session.post(api + "/v1/invoices", json={"amount": "49.99", "product_name": "Pro Plan"},
-                                    headers=auth) as r:
+            async with session.post(
+                api + "/v1/invoices", json={"amount": "49.99", "product_name": "Pro Plan"}, headers=auth
+            ) as r:
                 ids.append((await r.json())["id"])
         page_urls = [f"http://127.0.0.1:{page_port}/pay/{ids[-1 - i % len(ids)]}" for i in range(args.pages)]
 
@@ -241,8 +258,9 @@ async def run(args: argparse.Namespace) -> None:
         for path in re.findall(r'(?:href|src)="(/pay/static/[^"]+)"', html):
             async with session.get(f"http://127.0.0.1:{page_port}{path.replace('&amp;', '&')}") as r:
                 asset_bytes += len(await r.read())
-        bare_proc = subprocess.Popen([sys.executable, "-m", "bench.checkout", "bare", str(bare_port), str(page_size)],
-                                     cwd=ROOT)
+        bare_proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.checkout", "bare", str(bare_port), str(page_size)], cwd=ROOT
+        )
         await wait_up(session, f"http://127.0.0.1:{bare_port}/page")
         bare_urls = [f"http://127.0.0.1:{bare_port}/page"] * args.pages
         await ttfb(session, bare_urls[:10])
@@ -250,7 +268,9 @@ async def run(args: argparse.Namespace) -> None:
 
         # ---- streams on the daemon
         rss_before = rss_mb(daemon.pid)
-        urls = [f"http://127.0.0.1:{page_port}/pay/{ids[i // PER_INVOICE]}/events" for i in range(args.streams)]
+        urls = [
+            f"http://127.0.0.1:{page_port}/pay/{ids[i // PER_INVOICE]}/events" for i in range(args.streams)
+        ]
         streams = Streams(session, urls)
         t_open = time.perf_counter()
         await streams.open(timeout=300)
@@ -259,20 +279,29 @@ async def run(args: argparse.Namespace) -> None:
         rss_streams = rss_mb(daemon.pid)
         paid = ids[: args.paid]
         for invoice_id in paid:  # the sandbox mines a block whenever its 10 payer accounts are all pending
-            async with session.post(f"{api}/v1/sandbox/invoices/{invoice_id}/pay", json={}, headers=auth) as r:
+            async with session.post(
+                f"{api}/v1/sandbox/invoices/{invoice_id}/pay", json={}, headers=auth
+            ) as r:
                 assert r.status == 200, await r.text()
         async with session.post(f"{api}/v1/sandbox/mine", json={"blocks": 1}, headers=auth) as r:
             assert r.status == 200  # the last payments' block
         expected = {i for i in range(args.streams) if ids[i // PER_INVOICE] in set(paid)}
         deadline = time.perf_counter() + 60
-        while (not expected <= set(streams.arrivals) or len(hooks) < len(paid)) and time.perf_counter() < deadline:
+        while (
+            not expected <= set(streams.arrivals) or len(hooks) < len(paid)
+        ) and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)
         missing = sorted({ids[i // PER_INVOICE] for i in expected - set(streams.arrivals)})
         if missing:
-            print(f"(no stream message for {len(missing)} paid invoices: {missing[:3]}; webhook seen for "
-                  f"{sum(1 for m in missing if m in hooks)} of them)")
-        vs_hook = [(streams.arrivals[i] - hooks[ids[i // PER_INVOICE]]) * 1000
-                   for i in expected if i in streams.arrivals and ids[i // PER_INVOICE] in hooks]
+            print(
+                f"(no stream message for {len(missing)} paid invoices: {missing[:3]}; webhook seen for "
+                f"{sum(1 for m in missing if m in hooks)} of them)"
+            )
+        vs_hook = [
+            (streams.arrivals[i] - hooks[ids[i // PER_INVOICE]]) * 1000
+            for i in expected
+            if i in streams.arrivals and ids[i // PER_INVOICE] in hooks
+        ]
         await streams.close()
 
         # ---- streams on the bare server
@@ -292,23 +321,37 @@ async def run(args: argparse.Namespace) -> None:
         bare_lat = [(t - t_send) * 1000 for t in bare_streams.arrivals.values()]
         await bare_streams.close()
 
-        print(f"\n== checkout page and live streams ({args.streams:,} streams, {args.paid} invoices paid, "
-              f"{args.pages} page loads)")
-        print(f"page: {page_size:,} bytes of HTML + {asset_bytes:,} of assets = {page_size + asset_bytes:,} bytes "
-              f"(goal < 100 KB: {'met' if page_size + asset_bytes < 100 * 1024 else 'NOT met'})")
-        print(f"page TTFB       watcher, first view: {spread(first)}; again: {spread(warm_first)}   "
-              f"bare aiohttp, same bytes: {spread(bare_first)}")
-        print(f"page last byte  watcher, first view: {spread(whole)}; again: {spread(warm_whole)}   bare: {spread(bare_whole)}")
-        print(f"streams opened  watcher: {streams.opened:,} in {open_s:.1f} s ({len(streams.failed)} refused/failed; "
-              f"RSS {rss_before:.0f} -> {rss_streams:.0f} MB)   bare aiohttp-sse: {bare_streams.opened:,} in "
-              f"{bare_open_s:.1f} s (RSS {bare_rss_before:.0f} -> {bare_rss:.0f} MB)")
-        print(f"event delivery  watcher, {len(vs_hook):,} streams of {len(paid)} paid invoices: after their webhook "
-              f"{spread(vs_hook)} (negative: before it)")
+        print(
+            f"\n== checkout page and live streams ({args.streams:,} streams, {args.paid} invoices paid, "
+            f"{args.pages} page loads)"
+        )
+        print(
+            f"page: {page_size:,} bytes of HTML + {asset_bytes:,} of assets = {page_size + asset_bytes:,} bytes "
+            f"(goal < 100 KB: {'met' if page_size + asset_bytes < 100 * 1024 else 'NOT met'})"
+        )
+        print(
+            f"page TTFB       watcher, first view: {spread(first)}; again: {spread(warm_first)}   "
+            f"bare aiohttp, same bytes: {spread(bare_first)}"
+        )
+        print(
+            f"page last byte  watcher, first view: {spread(whole)}; again: {spread(warm_whole)}   bare: {spread(bare_whole)}"
+        )
+        print(
+            f"streams opened  watcher: {streams.opened:,} in {open_s:.1f} s ({len(streams.failed)} refused/failed; "
+            f"RSS {rss_before:.0f} -> {rss_streams:.0f} MB)   bare aiohttp-sse: {bare_streams.opened:,} in "
+            f"{bare_open_s:.1f} s (RSS {bare_rss_before:.0f} -> {bare_rss:.0f} MB)"
+        )
+        print(
+            f"event delivery  watcher, {len(vs_hook):,} streams of {len(paid)} paid invoices: after their webhook "
+            f"{spread(vs_hook)} (negative: before it)"
+        )
         print(f"                bare, one broadcast to {len(bare_lat):,} streams: {spread(bare_lat)}")
-        print(f"goal: {GOAL_STREAMS:,} open streams: {'met' if streams.opened >= GOAL_STREAMS else 'NOT met'}; "
-              f"each event within {GOAL_MS:.0f} ms of its webhook: "
-              f"{'met' if vs_hook and max(vs_hook) <= GOAL_MS and len(vs_hook) == len(expected) else 'NOT met'} "
-              f"({len(vs_hook)} of {len(expected)} measured)")
+        print(
+            f"goal: {GOAL_STREAMS:,} open streams: {'met' if streams.opened >= GOAL_STREAMS else 'NOT met'}; "
+            f"each event within {GOAL_MS:.0f} ms of its webhook: "
+            f"{'met' if vs_hook and max(vs_hook) <= GOAL_MS and len(vs_hook) == len(expected) else 'NOT met'} "
+            f"({len(vs_hook)} of {len(expected)} measured)"
+        )
     finally:
         await session.close()
         for proc in (daemon, bare_proc):

@@ -68,15 +68,16 @@ def receiver_main(ws_url: str) -> None:
     stats = {"bad_signatures": 0, "attempts": 0}
 
     async def follow_heads() -> None:
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(ws_url) as ws:
-                await ws.send_str(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_subscribe", "params": ["newHeads"]}))
-                async for msg in ws:
-                    now = time.time()
-                    data = orjson.loads(msg.data)
-                    head = (data.get("params") or {}).get("result")
-                    if head and "number" in head:
-                        heads.setdefault(int(head["number"], 16), now)
+        async with aiohttp.ClientSession() as session, session.ws_connect(ws_url) as ws:
+            await ws.send_str(
+                json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_subscribe", "params": ["newHeads"]})
+            )
+            async for msg in ws:
+                now = time.time()
+                data = orjson.loads(msg.data)
+                head = (data.get("params") or {}).get("result")
+                if head and "number" in head:
+                    heads.setdefault(int(head["number"], 16), now)
 
     async def hook(request: web.Request) -> web.Response:
         now = time.time()
@@ -87,8 +88,16 @@ def receiver_main(ws_url: str) -> None:
             return web.Response(status=401)
         data = orjson.loads(body)
         payment = data["data"]["payment"] or {}
-        hooks.append({"type": data["type"], "id": data["id"], "invoice": data["data"]["invoice"]["id"],
-                      "tx": payment.get("transaction_hash"), "block": payment.get("block_number"), "at": now})
+        hooks.append(
+            {
+                "type": data["type"],
+                "id": data["id"],
+                "invoice": data["data"]["invoice"]["id"],
+                "tx": payment.get("transaction_hash"),
+                "block": payment.get("block_number"),
+                "at": now,
+            }
+        )
         return web.Response(status=204)
 
     async def get_stats(request: web.Request) -> web.Response:
@@ -113,18 +122,24 @@ def receiver_main(ws_url: str) -> None:
 # --------------------------------------------------------------------------- one run
 
 
-def config_toml(db: str, port: int, node: Any, token: str, hook_url: str | None, ws: bool, poll: float) -> str:
+def config_toml(
+    db: str, port: int, node: Any, token: str, hook_url: str | None, ws: bool, poll: float
+) -> str:
     _tests_on_path()
     from anvil_harness import DEPOSIT_MNEMONIC, TOKEN_DECIMALS
 
     from watcher.addresses import account_xpub_from_mnemonic
 
     ws_line = f'ws_url = "{node.ws_url}"\n' if ws else ""
-    hooks = f'''[[webhooks]]
+    hooks = (
+        f'''[[webhooks]]
 url = "{hook_url}"
 secret_env = "WATCHER_WEBHOOK_SECRET"
 events = ["invoice.payment_detected"]
-''' if hook_url else ""
+'''
+        if hook_url
+        else ""
+    )
     return f'''database = "{db}"
 log_format = "json"
 log_level = "info"
@@ -169,8 +184,14 @@ def start_node(block_time: float) -> tuple[Any, Any]:
     node = Anvil(block_time=block_time)
     try:
         chain = AnvilChain(node, "anvil")
-        chain.token = chain.deploy("TestToken", ["string", "string", "uint8"], ["Test USD", "TUSD", TOKEN_DECIMALS])
-        chain.send(PAYERS[0], chain.token, calldata("mint(address,uint256)", ["address", "uint256"], [PAYERS[1], 10**15]))
+        chain.token = chain.deploy(
+            "TestToken", ["string", "string", "uint8"], ["Test USD", "TUSD", TOKEN_DECIMALS]
+        )
+        chain.send(
+            PAYERS[0],
+            chain.token,
+            calldata("mint(address,uint256)", ["address", "uint256"], [PAYERS[1], 10**15]),
+        )
         chain.mine(1)
     except BaseException:
         node.stop()
@@ -178,7 +199,9 @@ def start_node(block_time: float) -> tuple[Any, Any]:
     return node, chain
 
 
-def start_daemon(tmp: Path, node: Any, chain: Any, hook_url: str | None, ws: bool, poll: float) -> tuple[Server, str, str]:
+def start_daemon(
+    tmp: Path, node: Any, chain: Any, hook_url: str | None, ws: bool, poll: float
+) -> tuple[Server, str, str]:
     """`watcher run --config` on the node; (server, API base URL, API key)."""
     port = free_port()
     key = "sk_bench_" + secrets.token_urlsafe(24)
@@ -186,8 +209,13 @@ def start_daemon(tmp: Path, node: Any, chain: Any, hook_url: str | None, ws: boo
     cfg.write_text(config_toml(str(tmp / "watcher.db"), port, node, chain.token, hook_url, ws, poll))
     env = {**os.environ, "WATCHER_API_KEY": key, "WATCHER_WEBHOOK_SECRET": SECRET}
     base = f"http://127.0.0.1:{port}"
-    daemon = Server([sys.executable, "-m", "watcher.cli", "run", "--config", str(cfg)], env, tmp / "daemon.log",
-                    base + "/healthz", "the daemon")
+    daemon = Server(
+        [sys.executable, "-m", "watcher.cli", "run", "--config", str(cfg)],
+        env,
+        tmp / "daemon.log",
+        base + "/healthz",
+        "the daemon",
+    )
     return daemon, base, key
 
 
@@ -200,12 +228,20 @@ def one_run(mode: str, payments: int, block_time: float, poll: float) -> dict[st
     node, chain = start_node(block_time)
     receiver = daemon = None
     try:
-        receiver = subprocess.Popen([sys.executable, "-m", "bench.live", "--receiver", node.ws_url],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        receiver = subprocess.Popen(
+            [sys.executable, "-m", "bench.live", "--receiver", node.ws_url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
         assert receiver.stdout is not None
         receiver_base = receiver.stdout.readline().strip()
         daemon, base, key = start_daemon(tmp, node, chain, receiver_base + "/hooks", mode == "ws", poll)
-        invoices = [http("POST", f"{base}/v1/invoices", key, {"amount": AMOUNT, "assets": ["TUSD"]}) for _ in range(payments)]
+        invoices = [
+            http("POST", f"{base}/v1/invoices", key, {"amount": AMOUNT, "assets": ["TUSD"]})
+            for _ in range(payments)
+        ]
         time.sleep(2 * block_time)  # the follower's first steps (start_block = latest) are behind us
         rnd = random.Random(3)
         sent: dict[str, str] = {}
@@ -214,7 +250,9 @@ def one_run(mode: str, payments: int, block_time: float, poll: float) -> dict[st
             due = t0 + k * block_time + rnd.uniform(0, block_time)
             time.sleep(max(0.0, due - time.monotonic()))
             option = invoice["payment_options"][0]
-            sent[chain.transfer_token(option["destination_address"].lower(), int(option["amount_atomic"]))] = invoice["id"]
+            sent[
+                chain.transfer_token(option["destination_address"].lower(), int(option["amount_atomic"]))
+            ] = invoice["id"]
         deadline = time.monotonic() + 30
         while True:
             stats = http("GET", receiver_base + "/stats")
@@ -241,12 +279,19 @@ def one_run(mode: str, payments: int, block_time: float, poll: float) -> dict[st
     for h in stats["hooks"]:
         per_invoice[h["invoice"]] = per_invoice.get(h["invoice"], 0) + 1
     return {
-        "mode": mode, "payments": payments, "webhooks": len(stats["hooks"]), "bad_signatures": stats["bad_signatures"],
-        "unknown_tx": sum(1 for h in stats["hooks"] if h["tx"] not in sent), "no_head": no_head,
+        "mode": mode,
+        "payments": payments,
+        "webhooks": len(stats["hooks"]),
+        "bad_signatures": stats["bad_signatures"],
+        "unknown_tx": sum(1 for h in stats["hooks"] if h["tx"] not in sent),
+        "no_head": no_head,
         "twice": sum(1 for n in per_invoice.values() if n > 1),
         "blocks": len({h["block"] for h in stats["hooks"]}),
-        "p50": pct(latencies, 0.50), "p95": pct(latencies, 0.95), "p99": pct(latencies, 0.99),
-        "min": latencies[0] if latencies else float("nan"), "max": latencies[-1] if latencies else float("nan"),
+        "p50": pct(latencies, 0.50),
+        "p95": pct(latencies, 0.95),
+        "p99": pct(latencies, 0.99),
+        "min": latencies[0] if latencies else float("nan"),
+        "max": latencies[-1] if latencies else float("nan"),
         "log": str(tmp / "daemon.log"),
     }
 
@@ -265,26 +310,37 @@ def main(argv: list[str] | None = None) -> None:
         return
     payments = args.payments or (QUICK_PAYMENTS if args.quick else PAYMENTS)
     started = time.monotonic()
-    print(f"== live latency: anvil, a block every {args.block_time:g} s, {payments} TUSD payments per mode, "
-          f"head (receiver's own newHeads) -> signed invoice.payment_detected at the receiver", flush=True)
+    print(
+        f"== live latency: anvil, a block every {args.block_time:g} s, {payments} TUSD payments per mode, "
+        f"head (receiver's own newHeads) -> signed invoice.payment_detected at the receiver",
+        flush=True,
+    )
     results = [one_run(mode, payments, args.block_time, args.poll) for mode in (args.mode or ["ws", "poll"])]
     head = f"{'mode':<34} {'hooks':>6} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'min ms':>7} {'max ms':>7} {'ok':>3}"
     print(head)
     print("-" * len(head))
     for r in results:
-        ok = r["webhooks"] == payments and not (r["bad_signatures"] or r["unknown_tx"] or r["twice"] or r["no_head"])
+        ok = r["webhooks"] == payments and not (
+            r["bad_signatures"] or r["unknown_tx"] or r["twice"] or r["no_head"]
+        )
         label = "WebSocket newHeads (+ poll 1 s)" if r["mode"] == "ws" else f"polling every {args.poll:g} s"
-        print(f"{label:<34} {r['webhooks']:>6} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f} {r['min']:>7.1f} "
-              f"{r['max']:>7.1f} {'yes' if ok else 'NO':>3}")
+        print(
+            f"{label:<34} {r['webhooks']:>6} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f} {r['min']:>7.1f} "
+            f"{r['max']:>7.1f} {'yes' if ok else 'NO':>3}"
+        )
         if not ok:
             print(f"  {r['mode']}: {r}")
-    print(f"(ok = one signed payment_detected per payment, none for an unknown tx, every block's head seen; "
-          f"payments landed in {', '.join(str(r['blocks']) for r in results)} distinct blocks)")
+    print(
+        f"(ok = one signed payment_detected per payment, none for an unknown tx, every block's head seen; "
+        f"payments landed in {', '.join(str(r['blocks']) for r in results)} distinct blocks)"
+    )
     ws = next((r for r in results if r["mode"] == "ws"), None)
     if ws is not None:
         met = ws["p50"] <= GOAL_P50_MS and ws["p99"] <= GOAL_P99_MS
-        print(f"goal: over WebSocket p50 <= {GOAL_P50_MS:g} ms, p99 <= {GOAL_P99_MS:g} ms: p50 {ws['p50']:.1f}, "
-              f"p99 {ws['p99']:.1f} -> {'met' if met else 'NOT met'}")
+        print(
+            f"goal: over WebSocket p50 <= {GOAL_P50_MS:g} ms, p99 <= {GOAL_P99_MS:g} ms: p50 {ws['p50']:.1f}, "
+            f"p99 {ws['p99']:.1f} -> {'met' if met else 'NOT met'}"
+        )
     print(f"(live took {time.monotonic() - started:.0f} s)", flush=True)
 
 

@@ -23,7 +23,9 @@ def peak_rss_mb() -> float:
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one method in a fresh interpreter (`python -m bench.catchup SPEC`), so its peak RSS
     is its own; the child prints its result as the last line of stdout."""
-    done = subprocess.run([sys.executable, "-m", "bench.catchup", json.dumps(spec)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.catchup", json.dumps(spec)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         raise RuntimeError(f"{spec['method']} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -50,7 +52,9 @@ class Row:
 def table(rows: list[Row], *, blocks: int, logs: int) -> str:
     """Rates are of the range: its blocks and Transfer logs per second of wall time, whatever a
     method had to fetch to cover them (a node-side recipient filter fetches fewer)."""
-    head = f"{'method':<50} {'wall s':>7} {'logs/s':>9} {'blocks/s':>9} {'payments/s':>11} {'peak RSS MB':>12}"
+    head = (
+        f"{'method':<50} {'wall s':>7} {'logs/s':>9} {'blocks/s':>9} {'payments/s':>11} {'peak RSS MB':>12}"
+    )
     lines = [head, "-" * len(head)]
     for row in rows:
         r = row.result

@@ -85,17 +85,28 @@ def settings_for(database: str, *, webhook_url: str | None = None, webhook_secre
         hooks.append({"url": webhook_url, "secret_env": "WATCHER_WEBHOOK_SECRET"})
         if webhook_secret is not None:
             env["WATCHER_WEBHOOK_SECRET"] = webhook_secret
-    return settings_from_dict({
-        "database": database,
-        "http": {"listen": "127.0.0.1:8080"},  # never opened here
-        "webhooks": hooks,
-        "chains": [{
-            "name": NETWORK, "chain_id": 900_001, "rpc_urls": ["http://127.0.0.1:9/never-called"],
-            "poll_interval_seconds": 2.0, "confirmations": 3, "start_block": 0,
-            "deposit_xpub": account_xpub_from_mnemonic(MNEMONIC),
-            "assets": [{"symbol": "TUSD", "kind": "erc20", "contract": TOKEN, "decimals": 6, "usd_rate": "1"}],
-        }],
-    }, env=env)
+    return settings_from_dict(
+        {
+            "database": database,
+            "http": {"listen": "127.0.0.1:8080"},  # never opened here
+            "webhooks": hooks,
+            "chains": [
+                {
+                    "name": NETWORK,
+                    "chain_id": 900_001,
+                    "rpc_urls": ["http://127.0.0.1:9/never-called"],
+                    "poll_interval_seconds": 2.0,
+                    "confirmations": 3,
+                    "start_block": 0,
+                    "deposit_xpub": account_xpub_from_mnemonic(MNEMONIC),
+                    "assets": [
+                        {"symbol": "TUSD", "kind": "erc20", "contract": TOKEN, "decimals": 6, "usd_rate": "1"}
+                    ],
+                }
+            ],
+        },
+        env=env,
+    )
 
 
 class Creator:
@@ -110,7 +121,9 @@ class Creator:
         self._model, self._build, self._finish = CreateInvoiceIn, build_new_invoice, finish_option
 
     def create(self, n: int) -> dict:
-        data = self._model.model_validate({"amount": "25.00", "merchant_reference": f"order-{n}", "product_name": "bench"})
+        data = self._model.model_validate(
+            {"amount": "25.00", "merchant_reference": f"order-{n}", "product_name": "bench"}
+        )
         new = self._build(data, self.invoicing, self.settings.invoices, time.time())
         invoice, _ = self.store.create_invoice(new, derive=self.invoicing.derive, finish=self._finish)
         return invoice
@@ -118,8 +131,13 @@ class Creator:
 
 def run_child(module: str, spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
     """`python -m <module> --child SPEC` in a fresh interpreter; its last stdout line is the JSON result."""
-    done = subprocess.run([sys.executable, "-m", module, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"{module} child failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -166,10 +184,16 @@ def fill_bulk(path: Path, upto: int, batch: int = 50_000) -> dict[str, Any]:
         return {"bulk": 0, "wall_s": 0.0}
     inv = dict(conn.execute("SELECT * FROM invoices ORDER BY rowid LIMIT 1").fetchone())
     opt = dict(conn.execute("SELECT * FROM payment_options WHERE invoice_id = ?", [inv["id"]]).fetchone())
-    evt = dict(conn.execute("SELECT * FROM events WHERE invoice_id = ? AND type = 'invoice.created'", [inv["id"]]).fetchone())
+    evt = dict(
+        conn.execute(
+            "SELECT * FROM events WHERE invoice_id = ? AND type = 'invoice.created'", [inv["id"]]
+        ).fetchone()
+    )
     inv_cols, opt_cols, evt_cols = list(inv), list(opt), [c for c in evt if c != "seq"]
-    sql = {t: f"INSERT INTO {t}({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-           for t, cols in (("invoices", inv_cols), ("payment_options", opt_cols), ("events", evt_cols))}
+    sql = {
+        t: f"INSERT INTO {t}({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+        for t, cols in (("invoices", inv_cols), ("payment_options", opt_cols), ("events", evt_cols))
+    }
     body, tmpl_inv, tmpl_evt = bytes(evt["body"]), inv["id"].encode(), evt["id"].encode()
     uri_head, _, uri_tail = opt["payment_uri"].partition("?address=")
     uri_tail = uri_tail.partition("&")[2]
@@ -178,12 +202,24 @@ def fill_bulk(path: Path, upto: int, batch: int = 50_000) -> dict[str, Any]:
     for lo in range(have, upto, batch):
         invs, opts, evts = [], [], []
         for i in range(lo, min(lo + batch, upto)):
-            inv_id, opt_id, evt_id, address = _ulid_like("inv", i), _ulid_like("opt", i), _ulid_like("evt", i), _address(i)
+            inv_id, opt_id, evt_id, address = (
+                _ulid_like("inv", i),
+                _ulid_like("opt", i),
+                _ulid_like("evt", i),
+                _address(i),
+            )
             inv["id"], inv["merchant_reference"] = inv_id, f"order-{i}"
             inv["search_text"] = f"\x1f{inv_id.casefold()}\x1fbench\x1forder-{i}\x1f{address}"
             invs.append([inv[c] for c in inv_cols])
-            opt["id"], opt["invoice_id"], opt["destination_address"], opt["derivation_index"] = opt_id, inv_id, address, i
-            opt["payment_uri"] = f"{uri_head}?address={address}&{uri_tail}"  # (not checksummed: not read here)
+            opt["id"], opt["invoice_id"], opt["destination_address"], opt["derivation_index"] = (
+                opt_id,
+                inv_id,
+                address,
+                i,
+            )
+            opt["payment_uri"] = (
+                f"{uri_head}?address={address}&{uri_tail}"  # (not checksummed: not read here)
+            )
             opts.append([opt[c] for c in opt_cols])
             evt["id"], evt["invoice_id"] = evt_id, inv_id
             evt["body"] = body.replace(tmpl_inv, inv_id.encode()).replace(tmpl_evt, evt_id.encode())
@@ -220,7 +256,10 @@ def ensure_store(size: int, sample: int, rebuild: bool, smaller: Path | None) ->
     meta["db_mb"] = path.stat().st_size / 2**20
     meta_path.write_text(json.dumps(meta))
     if bulk["bulk"]:
-        print(f"  bulk-inserted {bulk['bulk']:,} more in {bulk['wall_s']:.1f} s ({meta['db_mb']:.0f} MB file)", flush=True)
+        print(
+            f"  bulk-inserted {bulk['bulk']:,} more in {bulk['wall_s']:.1f} s ({meta['db_mb']:.0f} MB file)",
+            flush=True,
+        )
     return path, meta
 
 
@@ -238,8 +277,18 @@ def _blocks(ours: list[str], count: int, seed: int = 5) -> list[list[Any]]:
         mine = rnd.randrange(BLOCK_TRANSFERS)
         for k in range(BLOCK_TRANSFERS):
             to = ours[b % len(ours)] if k == mine else "0x" + rnd.randbytes(20).hex()
-            block.append(Transfer("0x" + rnd.randbytes(32).hex(), k, 1000 + b, "0x" + "ab" * 32, TOKEN,
-                                  "0x" + rnd.randbytes(20).hex(), to, 10**6 + k))
+            block.append(
+                Transfer(
+                    "0x" + rnd.randbytes(32).hex(),
+                    k,
+                    1000 + b,
+                    "0x" + "ab" * 32,
+                    TOKEN,
+                    "0x" + rnd.randbytes(20).hex(),
+                    to,
+                    10**6 + k,
+                )
+            )
         out.append(block)
     return out
 
@@ -337,13 +386,17 @@ def explain(spec: dict[str, Any]) -> dict[str, Any]:
         snapshot = tracemalloc.take_snapshot()
         tracemalloc.stop()
         result["traced_now_mb"], result["traced_peak_mb"] = current / 2**20, peak / 2**20
-        result["top"] = [{"where": str(s.traceback[0]), "mb": s.size / 2**20, "blocks": s.count}
-                         for s in snapshot.statistics("lineno")[:4]]
+        result["top"] = [
+            {"where": str(s.traceback[0]), "mb": s.size / 2**20, "blocks": s.count}
+            for s in snapshot.statistics("lineno")[:4]
+        ]
         key, target = next(iter(addresses(follower).items()))
         result["entry_bytes"] = {
             "address key str": sys.getsizeof(key),
-            "WatchTarget" + (" + its __dict__" if hasattr(target, "__dict__") else " (slots)"):
-                sys.getsizeof(target) + (sys.getsizeof(target.__dict__) if hasattr(target, "__dict__") else 0),
+            "WatchTarget" + (" + its __dict__" if hasattr(target, "__dict__") else " (slots)"): sys.getsizeof(
+                target
+            )
+            + (sys.getsizeof(target.__dict__) if hasattr(target, "__dict__") else 0),
             "option_id str": sys.getsizeof(target.option_id),
             "token str": sys.getsizeof(target.token),
             "dict slot share": round(sys.getsizeof(addresses(follower)) / max(len(addresses(follower)), 1)),
@@ -363,8 +416,10 @@ def explain(spec: dict[str, Any]) -> dict[str, Any]:
         t = time.perf_counter()
         n = 0
         for _row in store.db.conn.execute(
-                "SELECT rowid, id, rail, destination_address, token_contract, contract_call FROM payment_options "
-                "WHERE network = ? AND rowid > ? ORDER BY rowid", [NETWORK, 0]):
+            "SELECT rowid, id, rail, destination_address, token_contract, contract_call FROM payment_options "
+            "WHERE network = ? AND rowid > ? ORDER BY rowid",
+            [NETWORK, 0],
+        ):
             n += 1
         result["query_only_s"] = time.perf_counter() - t
     else:  # what_if
@@ -380,7 +435,9 @@ def explain(spec: dict[str, Any]) -> dict[str, Any]:
         t = time.perf_counter()
         cur = store.db.conn.execute(
             "SELECT rowid, id, rail, destination_address, token_contract, contract_call FROM payment_options "
-            "WHERE network = ? AND rowid > ? ORDER BY rowid", [NETWORK, 0])
+            "WHERE network = ? AND rowid > ? ORDER BY rowid",
+            [NETWORK, 0],
+        )
         while rows := cur.fetchmany(10_000):
             for row in rows:
                 if row["rail"] == "address":
@@ -399,7 +456,10 @@ def _creation_rate(spec: dict[str, Any], store: Any) -> dict[str, Any]:
     settings = settings_for(spec["db"])
     creator = Creator(settings, store)
     q1 = lambda sql: store.db.execute(sql).fetchone()[0]  # noqa: E731
-    before = {t: q1(f"SELECT COALESCE(MAX(rowid), 0) FROM {t}") for t in ("invoices", "payment_options", "events", "deliveries")}
+    before = {
+        t: q1(f"SELECT COALESCE(MAX(rowid), 0) FROM {t}")
+        for t in ("invoices", "payment_options", "events", "deliveries")
+    }
     counter = q1("SELECT next_index FROM derivation_counters") if spec["size"] else None
     n = spec["create"]
     creator.create(-1)  # warm (imports, caches); removed with the rest
@@ -435,13 +495,20 @@ def _creation_rate(spec: dict[str, Any], store: Any) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.watchset", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="sizes 1,000 / 10,000 / 100,000, smaller samples")
+    parser.add_argument(
+        "--quick", action="store_true", help="sizes 1,000 / 10,000 / 100,000, smaller samples"
+    )
     parser.add_argument("--sizes", help="comma-separated sizes (default 10000,100000,1000000)")
-    parser.add_argument("--sample", type=int, help="invoices filled through the real create path (default 10,000)")
+    parser.add_argument(
+        "--sample", type=int, help="invoices filled through the real create path (default 10,000)"
+    )
     parser.add_argument("--create", type=int, help="invoices created per size for the rate (default 1,000)")
     parser.add_argument("--rebuild", action="store_true", help="fill the stores again even when cached")
-    parser.add_argument("--explain", action="store_true",
-                        help="for the largest size: tracemalloc, a profile of the load, and a leaner loader's figures")
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="for the largest size: tracemalloc, a profile of the load, and a leaner loader's figures",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -454,11 +521,16 @@ def main(argv: list[str] | None = None) -> None:
             result = measure(spec)
         print(json.dumps(result))
         return
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(QUICK_SIZES if args.quick else SIZES)
+    sizes = (
+        [int(s) for s in args.sizes.split(",")] if args.sizes else list(QUICK_SIZES if args.quick else SIZES)
+    )
     sample = args.sample or (2_000 if args.quick else 10_000)
     create = args.create if args.create is not None else (300 if args.quick else 1_000)
     started = time.monotonic()
-    print(f"== watch set scale: sizes {', '.join(f'{s:,}' for s in sizes)}; one TUSD address option per invoice", flush=True)
+    print(
+        f"== watch set scale: sizes {', '.join(f'{s:,}' for s in sizes)}; one TUSD address option per invoice",
+        flush=True,
+    )
 
     baseline_db = CACHE / "watchset-0.db"
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -475,58 +547,81 @@ def main(argv: list[str] | None = None) -> None:
     base = results[0]
     real = next(iter(metas.values()))["real"] if metas else None
 
-    head = (f"{'watched':>10} {'load s':>7} {'peak RSS MB':>11} {'x base':>6} {'set MB':>7} {'B/addr':>7} "
-            f"{'match µs/blk':>12} {'x base':>6} {'dict µs/blk':>11} {'create/s':>9} {'x base':>6}")
+    head = (
+        f"{'watched':>10} {'load s':>7} {'peak RSS MB':>11} {'x base':>6} {'set MB':>7} {'B/addr':>7} "
+        f"{'match µs/blk':>12} {'x base':>6} {'dict µs/blk':>11} {'create/s':>9} {'x base':>6}"
+    )
     print(head)
     print("-" * len(head))
     for r in results:
         grown = r["peak_rss_mb"] - base["peak_rss_mb"]
         per = f"{grown * 2**20 / r['size']:>7,.0f}" if r["size"] else f"{'':>7}"
-        print(f"{r['size']:>10,} {r['load_s']:>7.2f} {r['peak_rss_mb']:>11.0f} {r['peak_rss_mb'] / base['peak_rss_mb']:>6.2f} "
-              f"{grown:>7.0f} {per} {r['match_us_per_block']:>12.1f} {r['match_us_per_block'] / base['match_us_per_block']:>6.2f} "
-              f"{r['dict_us_per_block']:>11.1f} {r['create_rate']:>9,.0f} {r['create_rate'] / base['create_rate']:>6.2f}")
-    print("(baseline = the 0 row: an empty store open in the same kind of process; load = Follower.refresh_watch_set() "
-          "at start; set MB = peak RSS - baseline's; match = Follower.match on a block of 25 Transfers, 1 ours; "
-          "dict = a bare dict.get per transfer on a plain dict of the same keys, same blocks)")
+        print(
+            f"{r['size']:>10,} {r['load_s']:>7.2f} {r['peak_rss_mb']:>11.0f} {r['peak_rss_mb'] / base['peak_rss_mb']:>6.2f} "
+            f"{grown:>7.0f} {per} {r['match_us_per_block']:>12.1f} {r['match_us_per_block'] / base['match_us_per_block']:>6.2f} "
+            f"{r['dict_us_per_block']:>11.1f} {r['create_rate']:>9,.0f} {r['create_rate'] / base['create_rate']:>6.2f}"
+        )
+    print(
+        "(baseline = the 0 row: an empty store open in the same kind of process; load = Follower.refresh_watch_set() "
+        "at start; set MB = peak RSS - baseline's; match = Follower.match on a block of 25 Transfers, 1 ours; "
+        "dict = a bare dict.get per transfer on a plain dict of the same keys, same blocks)"
+    )
     for r in results:
-        print(f"  {r['size']:>9,}: creation {r['create_rate']:,.0f}/s ({r['created']:,} invoices; {r['create_rate_no_fsync']:,.0f}/s "
-              f"with synchronous=OFF); derivation {r['derive_ms']:.2f} ms/address; no-op refresh {r['refresh_noop_us']:.0f} µs; "
-              f"store open {r['store_open_s'] * 1000:.0f} ms, RSS {r['rss_store_open_mb']:.0f} MB")
+        print(
+            f"  {r['size']:>9,}: creation {r['create_rate']:,.0f}/s ({r['created']:,} invoices; {r['create_rate_no_fsync']:,.0f}/s "
+            f"with synchronous=OFF); derivation {r['derive_ms']:.2f} ms/address; no-op refresh {r['refresh_noop_us']:.0f} µs; "
+            f"store open {r['store_open_s'] * 1000:.0f} ms, RSS {r['rss_store_open_mb']:.0f} MB"
+        )
     if real:
-        print(f"fill through Store.create_invoice: {real['created']:,} invoices at {real['rate']:,.0f}/s "
-              f"(into a new store); the rest bulk-inserted (see the module doc)")
+        print(
+            f"fill through Store.create_invoice: {real['created']:,} invoices at {real['rate']:,.0f}/s "
+            f"(into a new store); the rest bulk-inserted (see the module doc)"
+        )
     big = max(results, key=lambda r: r["size"])
     if big["size"]:
-        scaled = big["peak_rss_mb"] if big["size"] >= 1_000_000 else (
-            base["peak_rss_mb"] + (big["peak_rss_mb"] - base["peak_rss_mb"]) * 1_000_000 / big["size"])
+        scaled = (
+            big["peak_rss_mb"]
+            if big["size"] >= 1_000_000
+            else (base["peak_rss_mb"] + (big["peak_rss_mb"] - base["peak_rss_mb"]) * 1_000_000 / big["size"])
+        )
         label = "measured" if big["size"] >= 1_000_000 else f"extrapolated from {big['size']:,}"
-        print(f"goal: 1,000,000 watched addresses in <= {GOAL_RSS_MB} MB RSS: {scaled:,.0f} MB ({label}) -> "
-              f"{'met' if scaled <= GOAL_RSS_MB else 'NOT met'}")
+        print(
+            f"goal: 1,000,000 watched addresses in <= {GOAL_RSS_MB} MB RSS: {scaled:,.0f} MB ({label}) -> "
+            f"{'met' if scaled <= GOAL_RSS_MB else 'NOT met'}"
+        )
         small = results[1]
         ratio = big["match_us_per_block"] / small["match_us_per_block"]
         own = [r["match_us_per_block"] - r["dict_us_per_block"] for r in (small, big)]
-        print(f"goal: per-block matching independent of size: {small['match_us_per_block']:.1f} µs at {small['size']:,} -> "
-              f"{big['match_us_per_block']:.1f} µs at {big['size']:,} (x{ratio:.2f}) -> "
-              f"{'met' if ratio < 1.5 else 'NOT met in wall time'}; match's own cost above a bare dict lookup "
-              f"{own[0]:.1f} -> {own[1]:.1f} µs (the rest is the hash table's memory: cache and TLB misses)")
+        print(
+            f"goal: per-block matching independent of size: {small['match_us_per_block']:.1f} µs at {small['size']:,} -> "
+            f"{big['match_us_per_block']:.1f} µs at {big['size']:,} (x{ratio:.2f}) -> "
+            f"{'met' if ratio < 1.5 else 'NOT met in wall time'}; match's own cost above a bare dict lookup "
+            f"{own[0]:.1f} -> {own[1]:.1f} µs (the rest is the hash table's memory: cache and TLB misses)"
+        )
     if args.explain and big["size"]:
         spec = {"db": str(paths[big["size"]]), "size": big["size"]}
         mem = run_child("bench.watchset", {**spec, "explain": "memory"})
         prof = run_child("bench.watchset", {**spec, "explain": "profile"})
         lean = run_child("bench.watchset", {**spec, "explain": "what_if"})
         print(f"-- why, at {big['size']:,} (each in its own process):")
-        print(f"   tracemalloc: {mem['traced_peak_mb']:.0f} MB traced at the peak of the load (the fetched rows and the set), "
-              f"{mem['traced_now_mb']:.0f} MB kept by the set; {mem['distinct_token_objects']:,} distinct token str objects "
-              f"for 1 token")
+        print(
+            f"   tracemalloc: {mem['traced_peak_mb']:.0f} MB traced at the peak of the load (the fetched rows and the set), "
+            f"{mem['traced_now_mb']:.0f} MB kept by the set; {mem['distinct_token_objects']:,} distinct token str objects "
+            f"for 1 token"
+        )
         print("   one entry: " + ", ".join(f"{k} {v} B" for k, v in mem["entry_bytes"].items()))
         for t in mem["top"]:
             print(f"   {t['mb']:7.1f} MB {t['blocks']:>10,} blocks allocated at {t['where']}")
-        print(f"   load profile (pyinstrument, {CACHE}/profile-watchset-load-{big['size']}.txt); "
-              f"the query alone, rows dropped: {prof['query_only_s']:.2f} s")
+        print(
+            f"   load profile (pyinstrument, {CACHE}/profile-watchset-load-{big['size']}.txt); "
+            f"the query alone, rows dropped: {prof['query_only_s']:.2f} s"
+        )
         print("   " + "\n   ".join(prof["profile"].strip().splitlines()[:30]))
-        print(f"   a leaner load of the same rows (fetchmany(10,000), WatchTarget with __slots__, the token string shared): "
-              f"{lean['load_s']:.2f} s, peak RSS {lean['peak_rss_mb']:.0f} MB "
-              f"(vs {big['load_s']:.2f} s, {big['peak_rss_mb']:.0f} MB)")
+        print(
+            f"   a leaner load of the same rows (fetchmany(10,000), WatchTarget with __slots__, the token string shared): "
+            f"{lean['load_s']:.2f} s, peak RSS {lean['peak_rss_mb']:.0f} MB "
+            f"(vs {big['load_s']:.2f} s, {big['peak_rss_mb']:.0f} MB)"
+        )
     print(f"(watchset took {time.monotonic() - started:.0f} s)", flush=True)
 
 

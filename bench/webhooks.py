@@ -58,15 +58,21 @@ SECRET = ENV["WATCHER_WEBHOOK_SECRET"]
 
 
 def receiver_main(fail_rate: float, seed: int) -> None:
-    from aiohttp import web
     import orjson
+    from aiohttp import web
 
     from watcher.webhooks import secret_key, verify
 
     key = secret_key(SECRET)
     rnd = random.Random(seed)
-    stats: dict[str, Any] = {"attempts": 0, "bad_signatures": 0, "failed_on_purpose": 0, "accepted": 0,
-                             "first_at": None, "last_at": None}
+    stats: dict[str, Any] = {
+        "attempts": 0,
+        "bad_signatures": 0,
+        "failed_on_purpose": 0,
+        "accepted": 0,
+        "first_at": None,
+        "last_at": None,
+    }
     ids_by_event: dict[tuple[str, str], set[str]] = {}
     accepted_ids: dict[str, int] = {}
 
@@ -99,13 +105,15 @@ def receiver_main(fail_rate: float, seed: int) -> None:
         return web.Response(status=204)
 
     async def get_stats(request: web.Request) -> web.Response:
-        return web.json_response({
-            **stats,
-            "distinct_ids": len(accepted_ids),
-            "ids_accepted_twice": sum(1 for n in accepted_ids.values() if n > 1),
-            "events": len(ids_by_event),
-            "events_under_two_ids": sum(1 for ids in ids_by_event.values() if len(ids) > 1),
-        })
+        return web.json_response(
+            {
+                **stats,
+                "distinct_ids": len(accepted_ids),
+                "ids_accepted_twice": sum(1 for n in accepted_ids.values() if n > 1),
+                "events": len(ids_by_event),
+                "events_under_two_ids": sum(1 for ids in ids_by_event.values() if len(ids) > 1),
+            }
+        )
 
     async def serve() -> None:
         app = web.Application()
@@ -118,7 +126,9 @@ def receiver_main(fail_rate: float, seed: int) -> None:
         await site.start()
         port = runner.addresses[0][1]
         print(f"http://127.0.0.1:{port}", flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
+        await asyncio.get_running_loop().run_in_executor(
+            None, sys.stdin.read
+        )  # until the parent closes stdin
         await runner.cleanup()
 
     asyncio.run(serve())
@@ -127,8 +137,17 @@ def receiver_main(fail_rate: float, seed: int) -> None:
 class ReceiverProcess:
     def __init__(self, fail_rate: float = 0.0, seed: int = 10) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.webhooks", "--receiver", json.dumps({"fail_rate": fail_rate, "seed": seed})],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent,
+            [
+                sys.executable,
+                "-m",
+                "bench.webhooks",
+                "--receiver",
+                json.dumps({"fail_rate": fail_rate, "seed": seed}),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
         )
         assert self.process.stdout is not None
         self.base = self.process.stdout.readline().strip()
@@ -143,7 +162,7 @@ class ReceiverProcess:
         with urllib.request.urlopen(self.base + "/stats", timeout=10) as r:
             return json.loads(r.read())
 
-    def __enter__(self) -> "ReceiverProcess":
+    def __enter__(self) -> ReceiverProcess:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -202,7 +221,8 @@ def fresh_copy(source: Path, url: str, dead_url: str | None = None) -> str:
         conn.execute(
             "INSERT INTO deliveries(id, event_id, event_type, invoice_id, url, status, attempts, next_attempt_at, created_at) "
             "SELECT 'dead' || id, event_id, event_type, invoice_id, ?, 'pending', 0, next_attempt_at, created_at FROM deliveries",
-            [dead_url])
+            [dead_url],
+        )
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
     return str(tmp)
@@ -225,12 +245,17 @@ async def run_dispatcher(spec: dict[str, Any]) -> dict[str, Any]:
     urls = [spec["url"], *([spec["dead_url"]] if spec.get("dead_url") else [])]
     store.outbox.set_endpoints([Endpoint(url, ("*",)) for url in urls])
     outcomes: dict[str, int] = {}
-    dispatcher = hooks.Dispatcher(store.outbox, {url: SECRET for url in urls},
-                                  on_attempt=lambda outcome, s: outcomes.__setitem__(outcome, outcomes.get(outcome, 0) + 1))
+    dispatcher = hooks.Dispatcher(
+        store.outbox,
+        {url: SECRET for url in urls},
+        on_attempt=lambda outcome, s: outcomes.__setitem__(outcome, outcomes.get(outcome, 0) + 1),
+    )
     store.outbox.on_delivery_queued = dispatcher.wake
+
     def healthy_backlog() -> int:  # the dead endpoint's deliveries never finish: time the healthy one's
-        return store.db.execute("SELECT COUNT(*) FROM deliveries WHERE url = ? AND status = 'pending'",
-                                [spec["url"]]).fetchone()[0]
+        return store.db.execute(
+            "SELECT COUNT(*) FROM deliveries WHERE url = ? AND status = 'pending'", [spec["url"]]
+        ).fetchone()[0]
 
     total = healthy_backlog()
     profiler = None
@@ -256,13 +281,24 @@ async def run_dispatcher(spec: dict[str, Any]) -> dict[str, Any]:
         profiler.stop()
         Path(spec["profile_to"]).write_text(profiler.output_text(unicode=False, show_all=False))
     await dispatcher.close()
-    rows = dict(store.db.execute("SELECT status, COUNT(*) FROM deliveries WHERE url = ? GROUP BY status",
-                                 [spec["url"]]).fetchall())
-    attempts = store.db.execute("SELECT COUNT(*) FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id "
-                                "WHERE d.url = ?", [spec["url"]]).fetchone()[0]
+    rows = dict(
+        store.db.execute(
+            "SELECT status, COUNT(*) FROM deliveries WHERE url = ? GROUP BY status", [spec["url"]]
+        ).fetchall()
+    )
+    attempts = store.db.execute(
+        "SELECT COUNT(*) FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id WHERE d.url = ?",
+        [spec["url"]],
+    ).fetchone()[0]
     store.close()
-    return {"wall_s": wall, "cpu_s": cpu, "deliveries": total, "by_status": rows, "attempts": attempts,
-            "outcomes": outcomes}
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "deliveries": total,
+        "by_status": rows,
+        "attempts": attempts,
+        "outcomes": outcomes,
+    }
 
 
 async def run_bare(spec: dict[str, Any]) -> dict[str, Any]:
@@ -271,7 +307,10 @@ async def run_bare(spec: dict[str, Any]) -> dict[str, Any]:
     from watcher.webhooks import secret_key, sign
 
     conn = sqlite3.connect(spec["db"])
-    bodies = [(r[0], bytes(r[1])) for r in conn.execute("SELECT e.id, e.body FROM deliveries d JOIN events e ON e.id = d.event_id")]
+    bodies = [
+        (r[0], bytes(r[1]))
+        for r in conn.execute("SELECT e.id, e.body FROM deliveries d JOIN events e ON e.id = d.event_id")
+    ]
     conn.close()
     key = secret_key(SECRET)
     todo = iter(bodies)
@@ -281,8 +320,12 @@ async def run_bare(spec: dict[str, Any]) -> dict[str, Any]:
         nonlocal failures
         for event_id, body in todo:
             ts = int(time.time())
-            headers = {"content-type": "application/json", "webhook-id": event_id, "webhook-timestamp": str(ts),
-                       "webhook-signature": sign(key, event_id, ts, body)}
+            headers = {
+                "content-type": "application/json",
+                "webhook-id": event_id,
+                "webhook-timestamp": str(ts),
+                "webhook-signature": sign(key, event_id, ts, body),
+            }
             async with session.post(spec["url"], data=body, headers=headers) as r:
                 await r.read()
                 failures += not 200 <= r.status < 300
@@ -297,14 +340,17 @@ async def run_bare(spec: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- report
 
 
-def one_run(label: str, source: Path, method: str, *, fail_rate: float = 0.0, dead: bool = False,
-            **extra: Any) -> dict[str, Any]:
+def one_run(
+    label: str, source: Path, method: str, *, fail_rate: float = 0.0, dead: bool = False, **extra: Any
+) -> dict[str, Any]:
     with ReceiverProcess(fail_rate) as receiver:
         dead_url = receiver.dead_url if dead else None
         db = fresh_copy(source, receiver.url, dead_url)
         try:
-            result = run_child("bench.webhooks", {"run": method, "db": db, "url": receiver.url, "dead_url": dead_url,
-                                                  **extra})
+            result = run_child(
+                "bench.webhooks",
+                {"run": method, "db": db, "url": receiver.url, "dead_url": dead_url, **extra},
+            )
         finally:
             shutil.rmtree(Path(db).parent, ignore_errors=True)
         result["receiver"] = receiver.stats()
@@ -316,15 +362,28 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.webhooks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_EVENTS:,} events")
     parser.add_argument("--events", type=int, help=f"events per run (default {EVENTS:,})")
-    parser.add_argument("--log-level", default="info", choices=("info", "warning"),
-                        help="the dispatcher's log level (default info, the daemon's default)")
-    parser.add_argument("--profile", action="store_true", help="profile the healthy dispatcher run (pyinstrument)")
-    parser.add_argument("--explain", action="store_true",
-                        help="add a what-if run: the healthy run with the store at PRAGMA synchronous=NORMAL")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=("info", "warning"),
+        help="the dispatcher's log level (default info, the daemon's default)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="profile the healthy dispatcher run (pyinstrument)"
+    )
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="add a what-if run: the healthy run with the store at PRAGMA synchronous=NORMAL",
+    )
     parser.add_argument("--rebuild", action="store_true", help="create the events again even when cached")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run the healthy and the dead-beside runs this many times, alternating, and keep the "
-                             "best of each (a shared machine's load moves single runs by 2x)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the healthy and the dead-beside runs this many times, alternating, and keep the "
+        "best of each (a shared machine's load moves single runs by 2x)",
+    )
     parser.add_argument("--receiver", help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -349,31 +408,71 @@ def main(argv: list[str] | None = None) -> None:
 
     count = args.events or (QUICK_EVENTS if args.quick else EVENTS)
     started = time.monotonic()
-    print(f"== webhooks: {count:,} invoice.created events, receiver in its own process, Dispatcher concurrency "
-          f"{CONCURRENCY}, dispatcher log level {args.log_level}", flush=True)
+    print(
+        f"== webhooks: {count:,} invoice.created events, receiver in its own process, Dispatcher concurrency "
+        f"{CONCURRENCY}, dispatcher log level {args.log_level}",
+        flush=True,
+    )
     source = ensure_events(count, args.rebuild)
     profile_to = str(CACHE / "profile-webhooks.txt") if args.profile else None
     alone, beside = [], []
     for _ in range(max(args.repeat, 1)):  # alternating, so a burst of load hits both alike
-        alone.append(one_run("watcher Dispatcher, healthy receiver", source, "dispatcher", log_level=args.log_level,
-                             profile_to=profile_to))
-        beside.append(one_run("watcher Dispatcher, healthy beside a dead endpoint", source, "dispatcher", dead=True,
-                              log_level=args.log_level))
+        alone.append(
+            one_run(
+                "watcher Dispatcher, healthy receiver",
+                source,
+                "dispatcher",
+                log_level=args.log_level,
+                profile_to=profile_to,
+            )
+        )
+        beside.append(
+            one_run(
+                "watcher Dispatcher, healthy beside a dead endpoint",
+                source,
+                "dispatcher",
+                dead=True,
+                log_level=args.log_level,
+            )
+        )
     if args.repeat > 1:
         for label, tries in (("alone", alone), ("beside a dead one", beside)):
-            print(f"  healthy {label}, each run: " + ", ".join(
-                f"{r['deliveries'] / r['wall_s']:,.0f}/s ({r['cpu_s']:.1f} s CPU in {r['wall_s']:.1f} s)" for r in tries))
+            print(
+                f"  healthy {label}, each run: "
+                + ", ".join(
+                    f"{r['deliveries'] / r['wall_s']:,.0f}/s ({r['cpu_s']:.1f} s CPU in {r['wall_s']:.1f} s)"
+                    for r in tries
+                )
+            )
     runs = [
-        one_run(f"bare aiohttp client, {CONCURRENCY} in flight (baseline)", source, "bare", concurrency=CONCURRENCY),
+        one_run(
+            f"bare aiohttp client, {CONCURRENCY} in flight (baseline)",
+            source,
+            "bare",
+            concurrency=CONCURRENCY,
+        ),
         min(alone, key=lambda r: r["wall_s"]),
-        one_run("watcher Dispatcher, receiver fails 10% (retries 0.2 s)", source, "dispatcher", fail_rate=0.1,
-                log_level=args.log_level, retry_schedule=[0.2] * 7),
+        one_run(
+            "watcher Dispatcher, receiver fails 10% (retries 0.2 s)",
+            source,
+            "dispatcher",
+            fail_rate=0.1,
+            log_level=args.log_level,
+            retry_schedule=[0.2] * 7,
+        ),
         min(beside, key=lambda r: r["wall_s"]),
     ]
     if args.explain:
-        runs.append(one_run("what-if: healthy, store at synchronous=NORMAL", source, "dispatcher",
-                            log_level=args.log_level, synchronous="NORMAL",
-                            profile_to=profile_to and profile_to.replace(".txt", "-normal.txt")))
+        runs.append(
+            one_run(
+                "what-if: healthy, store at synchronous=NORMAL",
+                source,
+                "dispatcher",
+                log_level=args.log_level,
+                synchronous="NORMAL",
+                profile_to=profile_to and profile_to.replace(".txt", "-normal.txt"),
+            )
+        )
     base = runs[0]
     head = f"{'run':<58} {'wall s':>7} {'deliv/s':>8} {'x base':>6} {'attempts':>8} {'500s':>5} {'ok':>3}"
     print(head)
@@ -381,34 +480,54 @@ def main(argv: list[str] | None = None) -> None:
     problems = []
     for r in runs:
         rec = r["receiver"]
-        ok = (rec["distinct_ids"] == count and rec["accepted"] == count and rec["bad_signatures"] == 0
-              and rec["events_under_two_ids"] == 0 and rec["ids_accepted_twice"] == 0
-              and r.get("by_status", {"delivered": count}) == {"delivered": count})
+        ok = (
+            rec["distinct_ids"] == count
+            and rec["accepted"] == count
+            and rec["bad_signatures"] == 0
+            and rec["events_under_two_ids"] == 0
+            and rec["ids_accepted_twice"] == 0
+            and r.get("by_status", {"delivered": count}) == {"delivered": count}
+        )
         if not ok:
             problems.append((r["label"], rec, r.get("by_status")))
         rate = r["deliveries"] / r["wall_s"]
-        print(f"{r['label']:<58} {r['wall_s']:>7.2f} {rate:>8,.0f} {rate / (base['deliveries'] / base['wall_s']):>6.2f} "
-              f"{rec['attempts']:>8,} {rec['failed_on_purpose']:>5,} {'yes' if ok else 'NO':>3}")
-    print("ok = every delivery 'delivered', the receiver accepted each of the events once: "
-          f"{count:,} distinct webhook-ids, one per (invoice, type), no bad signature")
+        print(
+            f"{r['label']:<58} {r['wall_s']:>7.2f} {rate:>8,.0f} {rate / (base['deliveries'] / base['wall_s']):>6.2f} "
+            f"{rec['attempts']:>8,} {rec['failed_on_purpose']:>5,} {'yes' if ok else 'NO':>3}"
+        )
+    print(
+        "ok = every delivery 'delivered', the receiver accepted each of the events once: "
+        f"{count:,} distinct webhook-ids, one per (invoice, type), no bad signature"
+    )
     for label, rec, by_status in problems:
         print(f"  PROBLEM in {label}: receiver {rec}, deliveries {by_status}")
     for r in runs[1:]:
-        print(f"  {r['label']}: {r['attempts']:,} attempts recorded, outcomes {r['outcomes']}, {r['log_lines']:,} log lines; "
-              f"receiver saw {r['receiver']['events_under_two_ids']} events under a second id")
+        print(
+            f"  {r['label']}: {r['attempts']:,} attempts recorded, outcomes {r['outcomes']}, {r['log_lines']:,} log lines; "
+            f"receiver saw {r['receiver']['events_under_two_ids']} events under a second id"
+        )
     if args.explain:
-        print("  (what-if: the same Dispatcher with the store connection at PRAGMA synchronous=NORMAL, so the "
-              "per-attempt commit in Outbox.record_attempt does not wait for an fsync; not the daemon's setting)")
+        print(
+            "  (what-if: the same Dispatcher with the store connection at PRAGMA synchronous=NORMAL, so the "
+            "per-attempt commit in Outbox.record_attempt does not wait for an fsync; not the daemon's setting)"
+        )
     healthy = runs[1]["deliveries"] / runs[1]["wall_s"]
     beside = runs[3]["deliveries"] / runs[3]["wall_s"]
-    print(f"goal: a dead endpoint (it takes each connection and never answers) costs the healthy one beside it "
-          f"< 10%: {beside:,.0f}/s beside it vs {healthy:,.0f}/s alone = {beside / healthy:.0%} -> "
-          f"{'met' if beside >= 0.9 * healthy else 'NOT met'} (the dead endpoint got "
-          f"{runs[3]['receiver'].get('dead_attempts', 0)} attempts, {CONCURRENCY} at a time)")
-    print(f"goal: >= {GOAL_PER_S:,} deliveries/s: {healthy:,.0f}/s healthy -> {'met' if healthy >= GOAL_PER_S else 'NOT met'}; "
-          f"limit (bare client) {base['deliveries'] / base['wall_s']:,.0f}/s")
+    print(
+        f"goal: a dead endpoint (it takes each connection and never answers) costs the healthy one beside it "
+        f"< 10%: {beside:,.0f}/s beside it vs {healthy:,.0f}/s alone = {beside / healthy:.0%} -> "
+        f"{'met' if beside >= 0.9 * healthy else 'NOT met'} (the dead endpoint got "
+        f"{runs[3]['receiver'].get('dead_attempts', 0)} attempts, {CONCURRENCY} at a time)"
+    )
+    print(
+        f"goal: >= {GOAL_PER_S:,} deliveries/s: {healthy:,.0f}/s healthy -> {'met' if healthy >= GOAL_PER_S else 'NOT met'}; "
+        f"limit (bare client) {base['deliveries'] / base['wall_s']:,.0f}/s"
+    )
     if profile_to:
-        print(f"profile of the healthy run: {profile_to}" + (" (and -normal.txt: the what-if)" if args.explain else ""))
+        print(
+            f"profile of the healthy run: {profile_to}"
+            + (" (and -normal.txt: the what-if)" if args.explain else "")
+        )
     print(f"(webhooks took {time.monotonic() - started:.0f} s)", flush=True)
 
 

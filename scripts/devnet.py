@@ -38,8 +38,8 @@ WATCHER = Path(sys.executable).parent / "watcher"
 # anvil's public test mnemonic. Its account 0 (m/44'/60'/0'/0/i) holds anvil's funded dev
 # accounts, so the deposit xpub is account 1 (m/44'/60'/1'): addresses nobody funds but payers.
 MNEMONIC = "test test test test test test test test test test test junk"
-DEPLOYER = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"   # anvil account 0
-PAYER = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"      # anvil account 1: has the test tokens
+DEPLOYER = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"  # anvil account 0
+PAYER = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"  # anvil account 1: has the test tokens
 MERCHANT = "0x" + keccak(text="watcher devnet merchant")[-20:].hex()  # receives router payments
 CHAIN_ID = 31337
 TOKEN_DECIMALS = 6
@@ -60,7 +60,9 @@ def calldata(signature: str, types: list[str], args: list[object]) -> str:
     return "0x" + (function_signature_to_4byte_selector(signature) + encode(types, args)).hex()
 
 
-def send(url: str, sender: str, to: str | None, data: str = "0x", value: int = 0, gas: int = 3_000_000) -> dict:
+def send(
+    url: str, sender: str, to: str | None, data: str = "0x", value: int = 0, gas: int = 3_000_000
+) -> dict:
     """A transaction from an anvil account (they are unlocked), waited for; its receipt."""
     tx: dict[str, object] = {"from": sender, "data": data, "value": hex(value), "gas": hex(gas)}
     if to is not None:
@@ -85,8 +87,18 @@ def deploy(url: str, name: str, types: list[str], args: list[object]) -> str:
 def start_anvil(port: int, block_time: float) -> subprocess.Popen:
     if not ANVIL.exists():
         raise SystemExit(f"anvil is missing: run `npm ci --prefix contracts` (expected at {ANVIL})")
-    command = [str(ANVIL), "--host", "127.0.0.1", "--port", str(port), "--chain-id", str(CHAIN_ID),
-               "--block-time", f"{block_time:g}", "--silent"]
+    command = [
+        str(ANVIL),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--chain-id",
+        str(CHAIN_ID),
+        "--block-time",
+        f"{block_time:g}",
+        "--silent",
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -101,12 +113,16 @@ def start_anvil(port: int, block_time: float) -> subprocess.Popen:
             time.sleep(0.1)
 
 
-def write_config(directory: Path, rpc_url: str, listen: str, token: str, router: str, webhook_urls: list[str]) -> Path:
+def write_config(
+    directory: Path, rpc_url: str, listen: str, token: str, router: str, webhook_urls: list[str]
+) -> Path:
     xpub = account_xpub_from_mnemonic(MNEMONIC, 1)
-    hooks = "".join(f'\n[[webhooks]]\nurl = "{u}"\nsecret_env = "WATCHER_WEBHOOK_SECRET"\n' for u in webhook_urls)
+    hooks = "".join(
+        f'\n[[webhooks]]\nurl = "{u}"\nsecret_env = "WATCHER_WEBHOOK_SECRET"\n' for u in webhook_urls
+    )
     config = directory / "watcher.toml"
     config.write_text(f"""# Written by scripts/devnet: a local anvil chain (chain id {CHAIN_ID}), throwaway keys.
-database = "{directory / 'watcher.db'}"
+database = "{directory / "watcher.db"}"
 log_format = "console"
 
 [http]
@@ -142,7 +158,9 @@ kind = "native"
 def up(args: argparse.Namespace) -> int:
     directory = Path(args.dir).resolve()
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob("watcher.db*"):  # a new chain: the old database's checkpoint is another chain's
+    for stale in directory.glob(
+        "watcher.db*"
+    ):  # a new chain: the old database's checkpoint is another chain's
         stale.unlink()
     anvil = start_anvil(args.port, args.block_time)
     url = f"http://127.0.0.1:{args.port}"
@@ -150,7 +168,12 @@ def up(args: argparse.Namespace) -> int:
     try:
         token = deploy(url, "TestToken", ["string", "string", "uint8"], ["Test USD", "TUSD", TOKEN_DECIMALS])
         router = deploy(url, "PaymentRouter", [], [])
-        send(url, DEPLOYER, token, calldata("mint(address,uint256)", ["address", "uint256"], [PAYER, PAYER_TOKENS]))
+        send(
+            url,
+            DEPLOYER,
+            token,
+            calldata("mint(address,uint256)", ["address", "uint256"], [PAYER, PAYER_TOKENS]),
+        )
         config = write_config(directory, url, args.listen, token, router, args.webhook_url)
         env_values = {
             "WATCHER_API_KEY": os.environ.get("WATCHER_API_KEY") or "sk_devnet_" + secrets.token_urlsafe(24),
@@ -160,22 +183,38 @@ def up(args: argparse.Namespace) -> int:
         env_file = directory / "watcher.env"
         env_file.write_text("".join(f"{k}={v}\n" for k, v in env_values.items()))
         env_file.chmod(0o600)
-        (directory / "devnet.json").write_text(json.dumps(
-            {"rpc_url": url, "chain_id": CHAIN_ID, "token": token, "router": router, "payer": PAYER,
-             "merchant": to_checksum_address(MERCHANT), "listen": args.listen}, indent=2))
-        print(f"""watcher devnet
+        (directory / "devnet.json").write_text(
+            json.dumps(
+                {
+                    "rpc_url": url,
+                    "chain_id": CHAIN_ID,
+                    "token": token,
+                    "router": router,
+                    "payer": PAYER,
+                    "merchant": to_checksum_address(MERCHANT),
+                    "listen": args.listen,
+                },
+                indent=2,
+            )
+        )
+        print(
+            f"""watcher devnet
   anvil:        {url} (chain id {CHAIN_ID}, a block every {args.block_time:g} s)
   token:        TUSD {token} ({TOKEN_DECIMALS} decimals; the payer {PAYER} holds 1,000,000)
   router:       {router} (PaymentRouter; merchant {to_checksum_address(MERCHANT)})
   config:       {config}
   secrets:      {env_file}
-  API:          http://{args.listen}/v1   key {env_values['WATCHER_API_KEY']}
+  API:          http://{args.listen}/v1   key {env_values["WATCHER_API_KEY"]}
 Try, in another shell:
   ( set -a; . {env_file}; watcher addresses --config {config} --count 3 )
-  curl -s -H "Authorization: Bearer {env_values['WATCHER_API_KEY']}" -H "Content-Type: application/json" -d '{{"amount": "12.50"}}' http://{args.listen}/v1/invoices
+  curl -s -H "Authorization: Bearer {env_values["WATCHER_API_KEY"]}" -H "Content-Type: application/json" -d '{{"amount": "12.50"}}' http://{args.listen}/v1/invoices
   scripts/devnet pay inv_...   # from the payer, as a wallet would
-""", flush=True)
-        daemon = subprocess.Popen([str(WATCHER), "run", "--config", str(config)], env={**os.environ, **env_values})
+""",
+            flush=True,
+        )
+        daemon = subprocess.Popen(
+            [str(WATCHER), "run", "--config", str(config)], env={**os.environ, **env_values}
+        )
         stop = {"now": False}
 
         def on_signal(signum: int, frame: object) -> None:
@@ -204,11 +243,15 @@ def pay(args: argparse.Namespace) -> int:
     directory = Path(args.dir).resolve()
     try:
         devnet = json.loads((directory / "devnet.json").read_text())
-        env = dict(line.split("=", 1) for line in (directory / "watcher.env").read_text().splitlines() if "=" in line)
+        env = dict(
+            line.split("=", 1) for line in (directory / "watcher.env").read_text().splitlines() if "=" in line
+        )
     except FileNotFoundError:
         raise SystemExit(f"no devnet in {directory}: start one with `scripts/devnet` first") from None
-    request = urllib.request.Request(f"http://{devnet['listen']}/v1/invoices/{args.invoice}",
-                                     headers={"Authorization": f"Bearer {env['WATCHER_API_KEY']}"})
+    request = urllib.request.Request(
+        f"http://{devnet['listen']}/v1/invoices/{args.invoice}",
+        headers={"Authorization": f"Bearer {env['WATCHER_API_KEY']}"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             invoice = json.loads(response.read())
@@ -218,41 +261,83 @@ def pay(args: argparse.Namespace) -> int:
     option = next((o for o in options if args.option in (None, o["id"])), None)
     if option is None:
         raise SystemExit("no such payment option" if args.option else "the invoice has no payment option")
-    amount = (int(Decimal(args.amount) * 10 ** option["decimals"]) if args.amount is not None
-              else int(option["amount_atomic"]))
+    amount = (
+        int(Decimal(args.amount) * 10 ** option["decimals"])
+        if args.amount is not None
+        else int(option["amount_atomic"])
+    )
     url = devnet["rpc_url"]
     if option["rail"] == "contract":
         call = option["contract_call"]
         native = int(call["token"], 16) == 0
         if not native:
-            send(url, PAYER, call["token"], calldata("approve(address,uint256)", ["address", "uint256"], [call["router"], amount]))
-        receipt = send(url, PAYER, call["router"], calldata(
-            "pay(bytes32,bytes32,address,address,uint256)", ["bytes32", "bytes32", "address", "address", "uint256"],
-            [bytes.fromhex(call["invoice_id_hash"][2:]), bytes.fromhex(call["payment_id_hash"][2:]), call["token"],
-             call["recipient"], amount]), value=amount if native else 0)
+            send(
+                url,
+                PAYER,
+                call["token"],
+                calldata("approve(address,uint256)", ["address", "uint256"], [call["router"], amount]),
+            )
+        receipt = send(
+            url,
+            PAYER,
+            call["router"],
+            calldata(
+                "pay(bytes32,bytes32,address,address,uint256)",
+                ["bytes32", "bytes32", "address", "address", "uint256"],
+                [
+                    bytes.fromhex(call["invoice_id_hash"][2:]),
+                    bytes.fromhex(call["payment_id_hash"][2:]),
+                    call["token"],
+                    call["recipient"],
+                    amount,
+                ],
+            ),
+            value=amount if native else 0,
+        )
     elif option["token_contract"]:
-        receipt = send(url, PAYER, option["token_contract"], calldata(
-            "transfer(address,uint256)", ["address", "uint256"], [option["destination_address"], amount]), gas=100_000)
+        receipt = send(
+            url,
+            PAYER,
+            option["token_contract"],
+            calldata(
+                "transfer(address,uint256)", ["address", "uint256"], [option["destination_address"], amount]
+            ),
+            gas=100_000,
+        )
     else:
         receipt = send(url, PAYER, option["destination_address"], value=amount, gas=21_000)
-    print(f"paid {amount} atomic {option['asset']} to {option['destination_address']} "
-          f"({option['rail']} rail) in {receipt['transactionHash']}, block {int(receipt['blockNumber'], 16)}")
+    print(
+        f"paid {amount} atomic {option['asset']} to {option['destination_address']} "
+        f"({option['rail']} rail) in {receipt['transactionHash']}, block {int(receipt['blockNumber'], 16)}"
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["pay"]:
-        parser = argparse.ArgumentParser(prog="scripts/devnet pay", description="pay a devnet invoice from the funded payer")
+        parser = argparse.ArgumentParser(
+            prog="scripts/devnet pay", description="pay a devnet invoice from the funded payer"
+        )
         parser.add_argument("invoice", help="the invoice id (inv_...)")
         parser.add_argument("--amount", help="in the asset's units (default: the option's whole amount)")
         parser.add_argument("--option", help="the payment option id (default: the first)")
-        parser.add_argument("--dir", default=str(ROOT / ".devnet"), help="the devnet's directory (default .devnet)")
+        parser.add_argument(
+            "--dir", default=str(ROOT / ".devnet"), help="the devnet's directory (default .devnet)"
+        )
         return pay(parser.parse_args(argv[1:]))
-    parser = argparse.ArgumentParser(prog="scripts/devnet", description="anvil + token + router + config + watcher")
-    parser.add_argument("--dir", default=str(ROOT / ".devnet"), help="where the config, secrets and database go (default .devnet)")
+    parser = argparse.ArgumentParser(
+        prog="scripts/devnet", description="anvil + token + router + config + watcher"
+    )
+    parser.add_argument(
+        "--dir",
+        default=str(ROOT / ".devnet"),
+        help="where the config, secrets and database go (default .devnet)",
+    )
     parser.add_argument("--port", type=int, default=8545, help="anvil's port (default 8545)")
-    parser.add_argument("--listen", default="127.0.0.1:8080", help="the watcher's API (default 127.0.0.1:8080)")
+    parser.add_argument(
+        "--listen", default="127.0.0.1:8080", help="the watcher's API (default 127.0.0.1:8080)"
+    )
     parser.add_argument("--block-time", type=float, default=1.0, help="seconds between blocks (default 1)")
     parser.add_argument("--webhook-url", action="append", default=[], help="send webhooks here (repeatable)")
     return up(parser.parse_args(argv))

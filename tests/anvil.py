@@ -37,11 +37,27 @@ class Anvil:
     """One anvil process; `rpc()` is a blocking JSON-RPC call for test setup."""
 
     def __init__(
-        self, *, chain_id: int = 31337, block_time: float | None = None, args: tuple[str, ...] = (), port: int | None = None
+        self,
+        *,
+        chain_id: int = 31337,
+        block_time: float | None = None,
+        args: tuple[str, ...] = (),
+        port: int | None = None,
     ) -> None:
-        self.port = free_port() if port is None else port  # a given port: a node restarted where clients expect it
+        self.port = (
+            free_port() if port is None else port
+        )  # a given port: a node restarted where clients expect it
         self.chain_id = chain_id
-        command = [str(ANVIL), "--host", "127.0.0.1", "--port", str(self.port), "--chain-id", str(chain_id), "--silent"]
+        command = [
+            str(ANVIL),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--chain-id",
+            str(chain_id),
+            "--silent",
+        ]
         if block_time is not None:
             command += ["--block-time", str(block_time)]
         self.process = subprocess.Popen([*command, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -52,7 +68,9 @@ class Anvil:
                 break
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"anvil did not start: {self.process.stderr.read().decode() if self.process.stderr else ''}")
+                    raise RuntimeError(
+                        f"anvil did not start: {self.process.stderr.read().decode() if self.process.stderr else ''}"
+                    )
                 time.sleep(0.05)
 
     @property

@@ -12,16 +12,18 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from anvil import Anvil
 from eth_abi import encode
 from eth_utils import function_signature_to_4byte_selector
-
-from anvil import Anvil
 from harness import Harness
+
 from watcher.addresses import account_xpub_from_mnemonic
 from watcher.contracts import load_artifact
 
 # Deposit addresses come from a mnemonic other than anvil's, so none is a funded dev account.
-DEPOSIT_MNEMONIC = "abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon about"
+DEPOSIT_MNEMONIC = (
+    "abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon about"
+)
 MERCHANT = "0x" + "4d" * 20
 TOKEN_DECIMALS = 6
 # anvil's first dev accounts (unlocked, funded): payers.
@@ -48,13 +50,19 @@ class AnvilChain:
     wallet: str = ""
     contracts: dict[str, str] = field(default_factory=dict)
 
-    def setup(self) -> "AnvilChain":
+    def setup(self) -> AnvilChain:
         self.node.rpc("evm_setAutomine", False)
-        self.token = self.deploy("TestToken", ["string", "string", "uint8"], ["Test USD", "TUSD", TOKEN_DECIMALS])
+        self.token = self.deploy(
+            "TestToken", ["string", "string", "uint8"], ["Test USD", "TUSD", TOKEN_DECIMALS]
+        )
         self.router = self.deploy("PaymentRouter", [], [])
         self.wallet = self.deploy("TestWallet", [], [])
         for payer in PAYERS:
-            self.send(PAYERS[0], self.token, calldata("mint(address,uint256)", ["address", "uint256"], [payer, 10**15]))
+            self.send(
+                PAYERS[0],
+                self.token,
+                calldata("mint(address,uint256)", ["address", "uint256"], [payer, 10**15]),
+            )
         self.node.mine(1)
         return self
 
@@ -80,7 +88,9 @@ class AnvilChain:
         return receipt["contractAddress"].lower()
 
     def transfer_token(self, to: str, amount: int, sender: str = PAYERS[1]) -> str:
-        return self.send(sender, self.token, calldata("transfer(address,uint256)", ["address", "uint256"], [to, amount]))
+        return self.send(
+            sender, self.token, calldata("transfer(address,uint256)", ["address", "uint256"], [to, amount])
+        )
 
     def transfer_native(self, to: str, amount: int, sender: str = PAYERS[1]) -> str:
         return self.send(sender, to, value=amount, gas=21_000)
@@ -89,12 +99,21 @@ class AnvilChain:
         amount = int(call["amount"])
         native = int(call["token"], 16) == 0
         if not native:
-            self.send(sender, self.token, calldata("approve(address,uint256)", ["address", "uint256"], [self.router, amount]))
+            self.send(
+                sender,
+                self.token,
+                calldata("approve(address,uint256)", ["address", "uint256"], [self.router, amount]),
+            )
         data = calldata(
             "pay(bytes32,bytes32,address,address,uint256)",
             ["bytes32", "bytes32", "address", "address", "uint256"],
-            [bytes.fromhex(call["invoice_id_hash"][2:]), bytes.fromhex(call["payment_id_hash"][2:]), call["token"],
-             call["recipient"], amount],
+            [
+                bytes.fromhex(call["invoice_id_hash"][2:]),
+                bytes.fromhex(call["payment_id_hash"][2:]),
+                call["token"],
+                call["recipient"],
+                amount,
+            ],
         )
         return self.send(sender, self.router, data, value=amount if native else 0)
 
@@ -103,15 +122,22 @@ class AnvilChain:
         return self.send(sender, self.wallet, calldata("forward(address)", ["address"], [to]), value=amount)
 
     def mint_tokens(self, to: str, amount: int, sender: str = PAYERS[0]) -> str:
-        return self.send(sender, self.token, calldata("mint(address,uint256)", ["address", "uint256"], [to, amount]))
+        return self.send(
+            sender, self.token, calldata("mint(address,uint256)", ["address", "uint256"], [to, amount])
+        )
 
     def wallet_transfer_tokens(self, payouts: list[tuple[str, int]], sender: str = PAYERS[3]) -> str:
         """One transaction paying each (recipient, amount) in TUSD from the wallet's own balance
         (mint it some first): a batch payout, one Transfer log per recipient, in order."""
-        return self.send(sender, self.wallet, calldata(
-            "transferTokens(address,address[],uint256[])", ["address", "address[]", "uint256[]"],
-            [self.token, [to for to, _ in payouts], [amount for _, amount in payouts]],
-        ))
+        return self.send(
+            sender,
+            self.wallet,
+            calldata(
+                "transferTokens(address,address[],uint256[])",
+                ["address", "address[]", "uint256[]"],
+                [self.token, [to for to, _ in payouts], [amount for _, amount in payouts]],
+            ),
+        )
 
     def mine(self, blocks: int = 1) -> None:
         self.node.mine(blocks)
@@ -123,8 +149,17 @@ class AnvilChain:
 class AnvilHarness(Harness):
     """`await harnesses(AnvilHarness, nodes=[anvil_node(), ...])`: one chain per node."""
 
-    def __init__(self, tmp_path: Any, *, nodes: list[Anvil], ws: bool = False, rpc_urls: dict[str, list[str]] | None = None,
-                 internal_transfers: str = "auto", poll_interval: float = 0.05, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        tmp_path: Any,
+        *,
+        nodes: list[Anvil],
+        ws: bool = False,
+        rpc_urls: dict[str, list[str]] | None = None,
+        internal_transfers: str = "auto",
+        poll_interval: float = 0.05,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(tmp_path, **kwargs)
         self.poll_interval = poll_interval
         self.nodes = nodes
@@ -133,7 +168,7 @@ class AnvilHarness(Harness):
         self.internal_transfers = internal_transfers
         self.chains: list[AnvilChain] = []
 
-    async def start(self) -> "AnvilHarness":
+    async def start(self) -> AnvilHarness:
         import aiohttp
 
         await self.receiver.start()
@@ -160,7 +195,13 @@ class AnvilHarness(Harness):
             "merchant_address": MERCHANT,
             "internal_transfers": self.internal_transfers,
             "assets": [
-                {"symbol": "TUSD", "kind": "erc20", "contract": chain.token, "decimals": TOKEN_DECIMALS, "usd_rate": "1"},
+                {
+                    "symbol": "TUSD",
+                    "kind": "erc20",
+                    "contract": chain.token,
+                    "decimals": TOKEN_DECIMALS,
+                    "usd_rate": "1",
+                },
                 {"symbol": "ETH", "kind": "native", "usd_rate": "2000"},
             ],
         }

@@ -12,13 +12,24 @@ import asyncio
 import os
 import shutil
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars", "--force-device-scale-factor=1")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--force-device-scale-factor=1",
+)
 
 # window.ethereum for the page: each request waits in a queue the test empties and answers.
 PROVIDER = """
@@ -83,12 +94,21 @@ class Browser:
 
     # ------------------------------------------------------------------ per-test setup
 
-    async def reset(self, *, width: int = 1280, height: int = 900, accept_language: str = "en",
-                    javascript: bool = True, wallet: bool = False) -> None:
+    async def reset(
+        self,
+        *,
+        width: int = 1280,
+        height: int = 900,
+        accept_language: str = "en",
+        javascript: bool = True,
+        wallet: bool = False,
+    ) -> None:
         """A clean state for the next page: size, language, JavaScript, and the injected wallet."""
         await self.call(self.driver.get, "about:blank")
-        await self.cdp("Emulation.setDeviceMetricsOverride",
-                       {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600})
+        await self.cdp(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600},
+        )
         await self.cdp("Network.enable", {})
         await self.cdp("Network.setExtraHTTPHeaders", {"headers": {"Accept-Language": accept_language}})
         await self.cdp("Emulation.setScriptExecutionDisabled", {"value": not javascript})
@@ -109,13 +129,23 @@ class Browser:
             raise AssertionError(f"{url} did not load: {exc.msg}") from None
 
     async def text(self, css: str) -> str:
-        return await self.js(f"var e = document.querySelector({css!r}); return e ? e.textContent.trim() : null;")
+        return await self.js(
+            f"var e = document.querySelector({css!r}); return e ? e.textContent.trim() : null;"
+        )
 
     async def screen(self) -> str | None:
-        return await self.js("var m = document.getElementById('checkout'); return m ? m.dataset.screen : null;")
+        return await self.js(
+            "var m = document.getElementById('checkout'); return m ? m.dataset.screen : null;"
+        )
 
-    async def wait(self, check: Callable[[], Any], *, timeout: float = 20.0, what: str = "condition",
-                   between: Callable[[], Any] | None = None) -> Any:
+    async def wait(
+        self,
+        check: Callable[[], Any],
+        *,
+        timeout: float = 20.0,
+        what: str = "condition",
+        between: Callable[[], Any] | None = None,
+    ) -> Any:
         """Until `check()` (async) is truthy; `between()` (async) runs each round (the wallet bridge)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -143,8 +173,10 @@ class Browser:
     async def full_page_png(self, width: int) -> bytes:
         """The whole page, however long, at `width` CSS pixels."""
         height = await self.js("return Math.ceil(document.documentElement.scrollHeight);")
-        await self.cdp("Emulation.setDeviceMetricsOverride",
-                       {"width": width, "height": int(height), "deviceScaleFactor": 1, "mobile": width < 600})
+        await self.cdp(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": int(height), "deviceScaleFactor": 1, "mobile": width < 600},
+        )
         return await self.png()
 
 
@@ -154,12 +186,22 @@ class WalletBridge:
     the page's wait for an approval's receipt ends). `refuse` answers every request with that
     EIP-1193 error instead."""
 
-    def __init__(self, browser: Browser, rpc: Callable[..., Any], chain_id: int, mine: Callable[[], Any],
-                 refuse: dict | None = None, wallet_chain_id: int | None = None, knows_chain: bool = True) -> None:
+    def __init__(
+        self,
+        browser: Browser,
+        rpc: Callable[..., Any],
+        chain_id: int,
+        mine: Callable[[], Any],
+        refuse: dict | None = None,
+        wallet_chain_id: int | None = None,
+        knows_chain: bool = True,
+    ) -> None:
         self.browser = browser
         self.rpc = rpc
         self.chain_id = chain_id  # the node's
-        self.wallet_chain_id = chain_id if wallet_chain_id is None else wallet_chain_id  # where the wallet stands
+        self.wallet_chain_id = (
+            chain_id if wallet_chain_id is None else wallet_chain_id
+        )  # where the wallet stands
         self.knows_chain = knows_chain  # whether it can switch to the node's chain
         self.mine = mine
         self.refuse = refuse
@@ -171,8 +213,12 @@ class WalletBridge:
         for request in requests:
             self.seen.append(request["method"])
             result, error = await self._answer(request["method"], request["params"])
-            await self.browser.js("window.__rpcBridge.answer(arguments[0], arguments[1], arguments[2]);",
-                                  request["id"], result, error)
+            await self.browser.js(
+                "window.__rpcBridge.answer(arguments[0], arguments[1], arguments[2]);",
+                request["id"],
+                result,
+                error,
+            )
 
     async def _answer(self, method: str, params: list) -> tuple[Any, dict | None]:
         if self.refuse is not None:

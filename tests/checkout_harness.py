@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
-
 from harness import Harness, free_port
+
 from watcher.config import settings_from_dict
 
 
@@ -21,9 +21,15 @@ class CheckoutHarness(Harness):
         port = free_port()
         data = base.model_dump(exclude={"http", "webhooks"})
         data["http"] = {"listen": base.http.listen, "api_key_env": "API_KEY"}
-        data["webhooks"] = [{"url": w.url, "secret_env": "HOOK_SECRET", "events": list(w.events)} for w in base.webhooks]
-        data["checkout"] = {"listen": f"127.0.0.1:{port}", "public_base_url": f"http://127.0.0.1:{port}",
-                            "brand_name": self.brand_name, **self.checkout_extra}
+        data["webhooks"] = [
+            {"url": w.url, "secret_env": "HOOK_SECRET", "events": list(w.events)} for w in base.webhooks
+        ]
+        data["checkout"] = {
+            "listen": f"127.0.0.1:{port}",
+            "public_base_url": f"http://127.0.0.1:{port}",
+            "brand_name": self.brand_name,
+            **self.checkout_extra,
+        }
         return settings_from_dict(data, env={"API_KEY": self.api_key, "HOOK_SECRET": self.receiver.secret})
 
     @property

@@ -37,8 +37,13 @@ async def shoot(browser: Browser, url: str, name: str, out: Path, screen: str) -
     for size, (width, height) in SIZES.items():
         await browser.reset(width=width, height=height, wallet=True)
         await browser.open(url)
-        await browser.wait(lambda: browser.js(f"return document.getElementById('checkout').dataset.screen === '{screen}'"
-                                              " && document.readyState === 'complete';"), what=f"{name} on screen")
+        await browser.wait(
+            lambda: browser.js(
+                f"return document.getElementById('checkout').dataset.screen === '{screen}'"
+                " && document.readyState === 'complete';"
+            ),
+            what=f"{name} on screen",
+        )
         await asyncio.sleep(0.5)  # the script's first run: countdown, copy and wallet buttons
         png = await browser.full_page_png(width)
         (out / f"{name}-{size}.png").write_bytes(_small_png(png))
@@ -51,19 +56,28 @@ async def main(out: Path) -> None:
     h = CheckoutHarness(Path(tempfile.mkdtemp(prefix="watcher-shots-")))
     await h.start()
     try:
-        waiting = await h.create(amount="49.99", product_name="Pro Plan - Monthly",
-                                 quote_rates={"ETH": "3150.25"}, assets=["TUSD", "ETH"])
+        waiting = await h.create(
+            amount="49.99",
+            product_name="Pro Plan - Monthly",
+            quote_rates={"ETH": "3150.25"},
+            assets=["TUSD", "ETH"],
+        )
         await shoot(browser, waiting["checkout_url"], "waiting", out, "waiting")
 
         partial = await h.create(amount="49.99", product_name="Pro Plan - Monthly")
         await h.pay(partial["id"], amount="20")
         await h.mine(1)
-        await h.wait_invoice(partial["id"], lambda i: i["payment_summary"]["payment_state"] == "partial", "partial")
+        await h.wait_invoice(
+            partial["id"], lambda i: i["payment_summary"]["payment_state"] == "partial", "partial"
+        )
         await shoot(browser, partial["checkout_url"], "partly-paid", out, "partial")
 
-        seen = await h.create(amount="49.99", product_name="Pro Plan - Monthly",
-                              # (a local URL: the browser goes there 4 s after "confirmed", and has no internet here)
-                              redirect_url=h.public_url + "/orders/123")
+        seen = await h.create(
+            amount="49.99",
+            product_name="Pro Plan - Monthly",
+            # (a local URL: the browser goes there 4 s after "confirmed", and has no internet here)
+            redirect_url=h.public_url + "/orders/123",
+        )
         await h.pay(seen["id"])
         await h.mine(1)
         await h.wait_status(seen["id"], "paid")
@@ -86,5 +100,9 @@ async def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "docs" / "checkout"
+    target = (
+        Path(sys.argv[1])
+        if len(sys.argv) > 1
+        else Path(__file__).resolve().parent.parent / "docs" / "checkout"
+    )
     asyncio.run(main(target))

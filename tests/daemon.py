@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-
 from anvil import free_port
 
 WATCHER = [sys.executable, "-m", "watcher.cli"]
@@ -36,14 +35,29 @@ class SandboxDaemon:
     """`async with SandboxDaemon(tmp_path, "--webhook-url", url) as d:` starts it and waits until
     /healthz answers; on exit SIGTERM, and the exit code must be 0."""
 
-    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None, block_time: float = 0.5,
-                 database: Path | None = None) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        block_time: float = 0.5,
+        database: Path | None = None,
+    ) -> None:
         self.tmp_path = tmp_path
         self.database = database or tmp_path / "watcher.db"
         self.port = free_pair()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.args = ["run", "--sandbox", "--listen", f"127.0.0.1:{self.port}", "--block-time", str(block_time),
-                     "--database", str(self.database), *args]
+        self.args = [
+            "run",
+            "--sandbox",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--block-time",
+            str(block_time),
+            "--database",
+            str(self.database),
+            *args,
+        ]
         self.env = {**os.environ, **(env or {})}
         self.stderr_path = tmp_path / "daemon.stderr"
         self.proc: asyncio.subprocess.Process | None = None
@@ -65,12 +79,17 @@ class SandboxDaemon:
         status = Path(f"/proc/{self.pid}/status").read_text()
         return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1])
 
-    async def __aenter__(self) -> "SandboxDaemon":
+    async def __aenter__(self) -> SandboxDaemon:
         self.tmp_path.mkdir(parents=True, exist_ok=True)
         with open(self.stderr_path, "w") as stderr:
             self.proc = await asyncio.create_subprocess_exec(
-                *WATCHER, *self.args, stdout=asyncio.subprocess.PIPE, stderr=stderr, env=self.env,
-                preexec_fn=self.preexec_fn)
+                *WATCHER,
+                *self.args,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+                env=self.env,
+                preexec_fn=self.preexec_fn,
+            )
         try:
             await self._read_banner()
             await self._wait_healthy()
@@ -99,16 +118,25 @@ class SandboxDaemon:
             while time.monotonic() < deadline:
                 assert self.proc is not None and self.proc.returncode is None, self.stderr()
                 try:
-                    async with http.get(self.base_url + "/healthz", timeout=aiohttp.ClientTimeout(total=1)) as r:
+                    async with http.get(
+                        self.base_url + "/healthz", timeout=aiohttp.ClientTimeout(total=1)
+                    ) as r:
                         if r.status == 200:
                             return
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     pass
                 await asyncio.sleep(0.1)
         raise AssertionError(f"{self.base_url}/healthz never answered:\n{self.stderr()}")
 
-    async def request(self, method: str, path: str, *, json: Any = None, key: str | None = None,
-                      headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
         h = {"Authorization": f"Bearer {key or self.api_key}", **(headers or {})}
         async with aiohttp.ClientSession() as http:
             async with http.request(method, self.base_url + path, json=json, headers=h) as r:
@@ -121,7 +149,7 @@ class SandboxDaemon:
         self.proc.send_signal(signal.SIGTERM)
         try:
             return await asyncio.wait_for(self.proc.wait(), timeout=30)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.proc.kill()
             await self.proc.wait()
             raise AssertionError(f"the daemon did not stop on SIGTERM:\n{self.stderr()}")

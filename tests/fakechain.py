@@ -29,8 +29,8 @@ hand the follower from a misbehaving node:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 from watcher.bloom import bloom_mask
 from watcher.chain import TRANSFER_TOPIC, BlockUnknown, FoundLogs, RpcError, address_topic
@@ -98,7 +98,11 @@ class FakeChain:
         return 0 <= n < len(self.blocks) and (self.backend_head is None or n <= self.backend_head)
 
     def _has_header(self, n: int) -> bool:
-        return self._has(n) and (self.headers_head is None or n <= self.headers_head) and n not in self.null_headers
+        return (
+            self._has(n)
+            and (self.headers_head is None or n <= self.headers_head)
+            and n not in self.null_headers
+        )
 
     def _has_logs(self, n: int) -> bool:
         return self._has(n) and (self.logs_head is None or n <= self.logs_head)
@@ -127,7 +131,9 @@ class FakeChain:
         top = min(n for n in (last, self.backend_head, self.logs_head) if n is not None)
         if self.range_limit is not None:
             top = min(top, first + self.range_limit - 1)
-        return FoundLogs(await self.transfer_logs(first, top, query.tokens, query.recipients) if query.tokens else [])
+        return FoundLogs(
+            await self.transfer_logs(first, top, query.tokens, query.recipients) if query.tokens else []
+        )
 
     async def block_logs(self, wanted) -> FoundLogs:
         self._capped("eth_getLogs", len(wanted))
@@ -137,7 +143,9 @@ class FakeChain:
             if not self._has_logs(block.number) or self.blocks[block.number].hash != block.hash:
                 raise RpcError("eth_getLogs", f"unknown block {block.hash}", -32000)
             if query.tokens:
-                found.transfers += await self.transfer_logs(block.number, block.number, query.tokens, query.recipients)
+                found.transfers += await self.transfer_logs(
+                    block.number, block.number, query.tokens, query.recipients
+                )
         return found
 
     async def finalized_number(self) -> int:
@@ -148,7 +156,9 @@ class FakeChain:
         for n in range(from_block, to_block + 1):
             for t in self.logs.get(n, []):
                 if t.token in tokens and (recipients is None or t.to_address in recipients):
-                    out.append(t if not self.lie_about_log_hashes else replace(t, block_hash="0x" + "ee" * 32))
+                    out.append(
+                        t if not self.lie_about_log_hashes else replace(t, block_hash="0x" + "ee" * 32)
+                    )
         return out
 
 
@@ -166,11 +176,15 @@ class FakeNativeChain(FakeChain):
     def mine_native(self, *txs: tuple[str, int, bool], inner: tuple[str, int] | None = None) -> BlockRef:
         block = self.mine()
         n = block.number
-        self.native[n] = [(f"0x{n:032x}{i + 100:032x}", to, value, ok) for i, (to, value, ok) in enumerate(txs)]
+        self.native[n] = [
+            (f"0x{n:032x}{i + 100:032x}", to, value, ok) for i, (to, value, ok) in enumerate(txs)
+        ]
         if inner is not None:
             to, value = inner
             wallet_tx = f"0x{n:032x}{999:032x}"
-            self.native[n].append((wallet_tx, "0x" + "77" * 20, 0, True))  # the wallet call itself: no value to us
+            self.native[n].append(
+                (wallet_tx, "0x" + "77" * 20, 0, True)
+            )  # the wallet call itself: no value to us
             self.inner[n] = [InternalTransfer(wallet_tx, 0, n, "0x" + "77" * 20, to, value)]
         return block
 

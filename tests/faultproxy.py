@@ -41,20 +41,35 @@ from aiohttp import web
 
 KINDS = frozenset(
     {
-        "timeout", "malformed_json", "rpc_error", "wrong_block_hash", "drop_connection", "stale_head",
-        "lagging_backend", "null_headers", "batch_cap",
+        "timeout",
+        "malformed_json",
+        "rpc_error",
+        "wrong_block_hash",
+        "drop_connection",
+        "stale_head",
+        "lagging_backend",
+        "null_headers",
+        "batch_cap",
     }
 )
 
 # Faults that only make sense for one method: without an explicit method they still only match
 # requests that contain it, so they are neither spent nor counted on requests they cannot alter.
-IMPLIED_METHOD = {"wrong_block_hash": "eth_getLogs", "stale_head": "eth_blockNumber", "null_headers": "eth_getBlockByNumber"}
+IMPLIED_METHOD = {
+    "wrong_block_hash": "eth_getLogs",
+    "stale_head": "eth_blockNumber",
+    "null_headers": "eth_getBlockByNumber",
+}
 
 # Every method whose answer depends on which blocks a node has: what a lagging backend answers
 # differently (by default all of them; `Fault.methods` picks some, e.g. only eth_getLogs behind
 # a load balancer whose eth_blockNumber and headers come from an up-to-date backend).
 LAGGING_METHODS = (
-    "eth_blockNumber", "eth_getLogs", "eth_getBlockByNumber", "eth_getBlockByHash", "eth_getBlockReceipts",
+    "eth_blockNumber",
+    "eth_getLogs",
+    "eth_getBlockByNumber",
+    "eth_getBlockByHash",
+    "eth_getBlockReceipts",
     "eth_getTransactionReceipt",
 )
 
@@ -171,7 +186,8 @@ class Fault:
     def fails(self, call: Any) -> bool:
         """For "rpc_error": whether this call of a request is answered with the error."""
         return (
-            isinstance(call, dict) and self.method in (None, call.get("method"))
+            isinstance(call, dict)
+            and self.method in (None, call.get("method"))
             and (self.only is None or self.only(call))
         )
 
@@ -324,7 +340,9 @@ class FaultProxy:
             # The upstream itself failing is not an injected fault; say so plainly.
             return web.Response(status=502, text=f"FaultProxy upstream error: {error!r}")
 
-    async def _apply(self, fault: Fault, request: web.BaseRequest, raw: bytes, body: Any) -> web.StreamResponse:
+    async def _apply(
+        self, fault: Fault, request: web.BaseRequest, raw: bytes, body: Any
+    ) -> web.StreamResponse:
         if (status := _http_status(fault.kind)) is not None:
             headers = {"Retry-After": "1"} if status == 429 else None
             return web.Response(status=status, text=f"{status} injected by FaultProxy", headers=headers)
@@ -338,20 +356,34 @@ class FaultProxy:
         if fault.kind == "malformed_json":
             status, data = await self._post(raw)
             # A strict prefix of a JSON object or array is never valid JSON.
-            return web.Response(status=status, body=data[: max(1, len(data) // 2)], content_type="application/json")
+            return web.Response(
+                status=status, body=data[: max(1, len(data) // 2)], content_type="application/json"
+            )
         if fault.kind == "rpc_error":
             return await self._rpc_error(fault, raw, body)
         if fault.kind == "wrong_block_hash":
             return await self._rewrite(raw, body, "eth_getLogs", _rehash_logs)
         if fault.kind == "stale_head":
-            return await self._rewrite(raw, body, "eth_blockNumber", lambda head: hex(max(0, int(head, 16) - fault.lag)))
+            return await self._rewrite(
+                raw, body, "eth_blockNumber", lambda head: hex(max(0, int(head, 16) - fault.lag))
+            )
         if fault.kind == "batch_cap":
             if fault.status != 200:
-                return web.Response(status=fault.status, text=f"batch of {len(body)} exceeds the limit of {fault.cap}")
+                return web.Response(
+                    status=fault.status, text=f"batch of {len(body)} exceeds the limit of {fault.cap}"
+                )
             error = {"code": fault.code, "message": fault.message}
             if fault.each:
-                return _json([{"jsonrpc": "2.0", "id": call.get("id") if isinstance(call, dict) else None, "error": error}
-                              for call in body])
+                return _json(
+                    [
+                        {
+                            "jsonrpc": "2.0",
+                            "id": call.get("id") if isinstance(call, dict) else None,
+                            "error": error,
+                        }
+                        for call in body
+                    ]
+                )
             return _json({"jsonrpc": "2.0", "id": None, "error": error})
         if fault.kind in PER_CALL:
             return await self._per_call(fault, raw, body)
@@ -359,7 +391,9 @@ class FaultProxy:
 
     async def _post(self, raw: bytes) -> tuple[int, bytes]:
         assert self._session is not None, "FaultProxy is not started"
-        async with self._session.post(self.upstream_url, data=raw, headers={"Content-Type": "application/json"}) as answer:
+        async with self._session.post(
+            self.upstream_url, data=raw, headers={"Content-Type": "application/json"}
+        ) as answer:
             return answer.status, await answer.read()
 
     async def _forward(self, raw: bytes) -> web.Response:
@@ -391,12 +425,18 @@ class FaultProxy:
                 merged.append(answer)
         return _json(merged)
 
-    async def _rewrite(self, raw: bytes, body: Any, method: str, change: Callable[[Any], Any]) -> web.Response:
+    async def _rewrite(
+        self, raw: bytes, body: Any, method: str, change: Callable[[Any], Any]
+    ) -> web.Response:
         status, data = await self._post(raw)
         if status != 200:
             return web.Response(status=status, body=data, content_type="application/json")
         calls = body if isinstance(body, list) else [body]
-        wanted = {orjson.dumps(call.get("id")) for call in calls if isinstance(call, dict) and call.get("method") == method}
+        wanted = {
+            orjson.dumps(call.get("id"))
+            for call in calls
+            if isinstance(call, dict) and call.get("method") == method
+        }
         answer = orjson.loads(data)
         for item in answer if isinstance(answer, list) else [answer]:
             if isinstance(item, dict) and "result" in item and orjson.dumps(item.get("id")) in wanted:
@@ -407,7 +447,9 @@ class FaultProxy:
 
     async def _upstream(self, method: str, *params: Any) -> Any:
         """One call to the real node for the proxy's own needs (not counted in `requests`)."""
-        status, data = await self._post(orjson.dumps({"jsonrpc": "2.0", "id": 0, "method": method, "params": list(params)}))
+        status, data = await self._post(
+            orjson.dumps({"jsonrpc": "2.0", "id": 0, "method": method, "params": list(params)})
+        )
         answer = orjson.loads(data) if status == 200 else None
         if not isinstance(answer, dict) or "result" not in answer:
             raise aiohttp.ClientError(f"upstream {method} failed: HTTP {status} {data[:200]!r}")
@@ -423,7 +465,9 @@ class FaultProxy:
         forwarded = [plan.call for plan in plans if isinstance(plan, _Forward)]
         answered: dict[bytes, Any] = {}
         if forwarded:
-            status, data = await self._post(orjson.dumps(forwarded if isinstance(body, list) else forwarded[0]))
+            status, data = await self._post(
+                orjson.dumps(forwarded if isinstance(body, list) else forwarded[0])
+            )
             if status != 200:
                 return web.Response(status=status, body=data, content_type="application/json")
             upstream = orjson.loads(data)
@@ -447,12 +491,16 @@ class FaultProxy:
         self.injected[(fault.kind, method)] += 1
         self.hidden.append(Hidden(fault.kind, method, blocks, batch))
 
-    async def _plan(self, fault: Fault, call: dict[str, Any], head: int, visible: int, batch: int) -> _Local | _Forward:
+    async def _plan(
+        self, fault: Fault, call: dict[str, Any], head: int, visible: int, batch: int
+    ) -> _Local | _Forward:
         """How a backend at height `visible` answers `call` (the real node is at `head`)."""
         method = call.get("method")
         params = call.get("params") or []
         if (
-            method not in fault.lagging_methods or not isinstance(params, list) or batch < fault.min_batch
+            method not in fault.lagging_methods
+            or not isinstance(params, list)
+            or batch < fault.min_batch
             or (fault.only is not None and not fault.only(call))
         ):
             return _Forward(call)
@@ -489,7 +537,12 @@ class FaultProxy:
                 return local(None)
             return _Forward(call)
         if method in ("eth_getBlockByHash", "eth_getTransactionReceipt"):
-            return _Forward(call, after=lambda result: hides_number(result, "number" if method == "eth_getBlockByHash" else "blockNumber"))
+            return _Forward(
+                call,
+                after=lambda result: hides_number(
+                    result, "number" if method == "eth_getBlockByHash" else "blockNumber"
+                ),
+            )
         if method == "eth_getBlockReceipts" and params:
             where = params[0]
             n = _number(where, None)

@@ -9,23 +9,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import secrets
-import urllib.request
 import time
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
-
+from anvil import free_port  # noqa: F401  (re-exported: the tests take it from here)
 from pydantic import ValidationError
 
-from anvil import free_port  # noqa: F401  (re-exported: the tests take it from here)
-
 from watcher.config import settings_from_dict
-from watcher.schemas import Invoice, WebhookEvent
 from watcher.sandbox import SandboxChain, sandbox_settings_data
+from watcher.schemas import Invoice, WebhookEvent
 from watcher.service import Service
 from watcher.webhooks import secret_key, verify
 
@@ -82,7 +81,9 @@ class Receiver:
         except ValidationError as exc:
             self.schema_errors.append(f"{data.get('type')}: {exc}")
         invoice = data["data"]["invoice"]
-        self.events.append(Received(data["id"], data["type"], invoice["id"], invoice["version"], data, dict(request.headers)))
+        self.events.append(
+            Received(data["id"], data["type"], invoice["id"], invoice["version"], data, dict(request.headers))
+        )
         return web.Response(status=204)
 
     async def start(self) -> None:
@@ -114,7 +115,9 @@ class Harness:
     prune_interval = 30.0  # the retention jobs (production: 30 s)
     receiver_class: type[Receiver] = Receiver
 
-    def __init__(self, tmp_path: Path, *, confirmations: int | str = 3, expiry_minutes: int = 20, tolerance: str = "0") -> None:
+    def __init__(
+        self, tmp_path: Path, *, confirmations: int | str = 3, expiry_minutes: int = 20, tolerance: str = "0"
+    ) -> None:
         self.tmp_path = tmp_path
         self.confirmations = confirmations
         self.expiry_minutes = expiry_minutes
@@ -125,7 +128,7 @@ class Harness:
         self.service: Service | None = None
         self.http: aiohttp.ClientSession | None = None
 
-    async def start(self) -> "Harness":
+    async def start(self) -> Harness:
         await self.receiver.start()
         self.chain = await asyncio.get_running_loop().run_in_executor(None, SandboxChain)
         self.http = aiohttp.ClientSession()
@@ -156,7 +159,10 @@ class Harness:
                 "log_format": "console",
                 "log_level": "warning",
                 "http": self.http_settings(),
-                "invoices": {"default_expiry_minutes": self.expiry_minutes, "payment_tolerance_percent": self.tolerance},
+                "invoices": {
+                    "default_expiry_minutes": self.expiry_minutes,
+                    "payment_tolerance_percent": self.tolerance,
+                },
                 "webhooks": [{"url": self.receiver.url, "secret_env": "HOOK_SECRET"}],
                 "chains": self.chains_settings(),
             },
@@ -164,9 +170,14 @@ class Harness:
         )
 
     async def start_service(self) -> None:
-        self.service = Service(self.settings(), sandbox=self.chain, expiry_interval=self.expiry_interval, clock=self.clock,
-                               auth_failures_per_second=self.auth_failures_per_second,
-                               prune_interval=self.prune_interval)
+        self.service = Service(
+            self.settings(),
+            sandbox=self.chain,
+            expiry_interval=self.expiry_interval,
+            clock=self.clock,
+            auth_failures_per_second=self.auth_failures_per_second,
+            prune_interval=self.prune_interval,
+        )
         await self.service.start()
 
     async def stop_service(self) -> None:
@@ -196,8 +207,14 @@ class Harness:
         return self.service.base_url
 
     async def request(
-        self, method: str, path: str, *, json: Any = None, data: bytes | str | None = None,
-        headers: dict[str, str] | None = None, auth: bool = True,
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        data: bytes | str | None = None,
+        headers: dict[str, str] | None = None,
+        auth: bool = True,
     ) -> tuple[int, Any, str]:
         """Returns (status, parsed body or None, content type)."""
         assert self.http is not None
@@ -254,7 +271,9 @@ class Harness:
 
     # ------------------------------------------------------------------ waiting
 
-    async def wait_for(self, check: Callable[[], Any], *, timeout: float = 15.0, what: str = "condition") -> Any:
+    async def wait_for(
+        self, check: Callable[[], Any], *, timeout: float = 15.0, what: str = "condition"
+    ) -> Any:
         """Poll `check` (sync or async) until it returns something truthy."""
         deadline = time.monotonic() + timeout
         last: Any = None
@@ -267,7 +286,9 @@ class Harness:
             await asyncio.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
-    async def wait_invoice(self, invoice_id: str, predicate: Callable[[dict], bool], what: str = "invoice state") -> dict:
+    async def wait_invoice(
+        self, invoice_id: str, predicate: Callable[[dict], bool], what: str = "invoice state"
+    ) -> dict:
         async def check() -> dict | None:
             invoice = await self.get(invoice_id)
             return invoice if predicate(invoice) else None

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from watcher.addresses import (AddressDeriver, account_xpub_from_mnemonic, native_payment_uri,
-                               normalize_address, to_checksum, token_payment_uri)
+from watcher.addresses import (
+    AddressDeriver,
+    account_xpub_from_mnemonic,
+    native_payment_uri,
+    normalize_address,
+    to_checksum,
+    token_payment_uri,
+)
 
 MNEMONIC = "test test test test test test test test test test test junk"
 USDT = "0xdAC17F958D2ee523a2206206994597C13D831ec7"
@@ -17,11 +23,14 @@ def deriver() -> AddressDeriver:
     return AddressDeriver(account_xpub_from_mnemonic(MNEMONIC))
 
 
-@pytest.mark.parametrize(("index", "expected"), [
-    (0, "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"),
-    (1, "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"),
-    (2, "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"),
-])
+@pytest.mark.parametrize(
+    ("index", "expected"),
+    [
+        (0, "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"),
+        (1, "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"),
+        (2, "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"),
+    ],
+)
 def test_derive_known_vectors(deriver: AddressDeriver, index: int, expected: str) -> None:
     address = deriver.derive(index)
     assert address == expected.lower()
@@ -42,7 +51,9 @@ def test_derive_accepts_max_index(deriver: AddressDeriver) -> None:
     assert deriver.derive(2**31 - 1).startswith("0x")
 
 
-@pytest.mark.parametrize("xpub", ["", "xpub123", "not a key", account_xpub_from_mnemonic(MNEMONIC)[:-1] + "x"])
+@pytest.mark.parametrize(
+    "xpub", ["", "xpub123", "not a key", account_xpub_from_mnemonic(MNEMONIC)[:-1] + "x"]
+)
 def test_bad_xpub_rejected(xpub: str) -> None:
     with pytest.raises(ValueError):
         AddressDeriver(xpub)
@@ -57,18 +68,28 @@ def test_private_extended_key_rejected() -> None:
         AddressDeriver(xprv)
 
 
-@pytest.mark.parametrize(("given", "expected"), [
-    (USDT.lower(), USDT.lower()),
-    ("0x" + USDT[2:].upper(), USDT.lower()),
-    (USDT, USDT.lower()),
-])
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (USDT.lower(), USDT.lower()),
+        ("0x" + USDT[2:].upper(), USDT.lower()),
+        (USDT, USDT.lower()),
+    ],
+)
 def test_normalize_address(given: str, expected: str) -> None:
     assert normalize_address(given) == expected
     assert to_checksum(given) == USDT
 
 
-@pytest.mark.parametrize("bad", ["0x1234", "dAC17F958D2ee523a2206206994597C13D831ec7",
-                                 "0xDac17F958D2ee523a2206206994597C13D831ec7", "0x" + "g" * 40])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "0x1234",
+        "dAC17F958D2ee523a2206206994597C13D831ec7",
+        "0xDac17F958D2ee523a2206206994597C13D831ec7",
+        "0x" + "g" * 40,
+    ],
+)
 def test_bad_addresses(bad: str) -> None:
     with pytest.raises(ValueError):
         to_checksum(bad)

@@ -13,7 +13,9 @@ async def chains_view(h: AnvilHarness) -> dict[str, dict]:
     return {row["name"]: row for row in body["data"]}
 
 
-async def test_two_chains_each_follow_their_own_node_and_one_failing_does_not_stall_the_other(harnesses, anvil_node):
+async def test_two_chains_each_follow_their_own_node_and_one_failing_does_not_stall_the_other(
+    harnesses, anvil_node
+):
     first, second = anvil_node(chain_id=31337), anvil_node(chain_id=31338)
     h = await harnesses(AnvilHarness, nodes=[first, second], confirmations=2)
     a, b = h.chains
@@ -52,7 +54,9 @@ async def test_two_chains_each_follow_their_own_node_and_one_failing_does_not_st
     assert {c["network"]: c["ready"] for c in body["chains"]}["anvil1"] is True
 
 
-async def test_new_heads_arrive_over_websocket_and_polling_takes_over_when_the_socket_drops(harnesses, anvil_node):
+async def test_new_heads_arrive_over_websocket_and_polling_takes_over_when_the_socket_drops(
+    harnesses, anvil_node
+):
     node = anvil_node()
     # A long poll interval: a payment found within a second was found because of the socket.
     h = await harnesses(AnvilHarness, nodes=[node], ws=True, poll_interval=30.0, confirmations=1)

@@ -24,10 +24,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import aiohttp
-
 from anvil import ROOT
 from anvil_harness import DEPOSIT_MNEMONIC, MERCHANT, PAYERS, TOKEN_DECIMALS, AnvilChain
 from harness import Receiver, free_port
+
 from watcher.addresses import account_xpub_from_mnemonic
 
 WATCHER = ROOT / ".venv" / "bin" / "watcher"
@@ -50,19 +50,40 @@ def write_config(path: Path, *, database: Path, listen: str, webhook_url: str, c
     http = {"listen": listen, "api_key_env": "WATCHER_API_KEY"}
     hook = {"url": webhook_url, "secret_env": "WATCHER_WEBHOOK_SECRET"}
     c = {
-        "name": chain.name, "chain_id": chain.node.chain_id, "rpc_urls": [chain.node.url], "poll_interval_seconds": 0.05,
-        "confirmations": CONFIRMATIONS, "start_block": 0, "deposit_xpub": account_xpub_from_mnemonic(DEPOSIT_MNEMONIC),
-        "router_address": chain.router, "merchant_address": MERCHANT,
+        "name": chain.name,
+        "chain_id": chain.node.chain_id,
+        "rpc_urls": [chain.node.url],
+        "poll_interval_seconds": 0.05,
+        "confirmations": CONFIRMATIONS,
+        "start_block": 0,
+        "deposit_xpub": account_xpub_from_mnemonic(DEPOSIT_MNEMONIC),
+        "router_address": chain.router,
+        "merchant_address": MERCHANT,
     }
-    token = {"symbol": "TUSD", "kind": "erc20", "contract": chain.token, "decimals": TOKEN_DECIMALS, "usd_rate": "1"}
+    token = {
+        "symbol": "TUSD",
+        "kind": "erc20",
+        "contract": chain.token,
+        "decimals": TOKEN_DECIMALS,
+        "usd_rate": "1",
+    }
     native = {"symbol": "ETH", "kind": "native", "usd_rate": "2000"}
 
     def table(d: dict) -> str:
         return "".join(f"{k} = {_toml(v)}\n" for k, v in d.items())
 
     path.write_text(
-        table(top) + "\n[http]\n" + table(http) + "\n[[webhooks]]\n" + table(hook) + "\n[[chains]]\n" + table(c)
-        + "\n[[chains.assets]]\n" + table(token) + "\n[[chains.assets]]\n" + table(native)
+        table(top)
+        + "\n[http]\n"
+        + table(http)
+        + "\n[[webhooks]]\n"
+        + table(hook)
+        + "\n[[chains]]\n"
+        + table(c)
+        + "\n[[chains.assets]]\n"
+        + table(token)
+        + "\n[[chains.assets]]\n"
+        + table(native)
     )
 
 
@@ -81,12 +102,17 @@ class Daemon:
         self.logs.append(log)
         with open(log, "wb") as out:
             self.process = subprocess.Popen(
-                [str(WATCHER), "run", "--config", str(self.config)], env=self.env, stdout=out, stderr=subprocess.STDOUT
+                [str(WATCHER), "run", "--config", str(self.config)],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 20
         while True:
             if self.process.poll() is not None:
-                raise AssertionError(f"watcher exited with {self.process.returncode}: {log.read_text()[-3000:]}")
+                raise AssertionError(
+                    f"watcher exited with {self.process.returncode}: {log.read_text()[-3000:]}"
+                )
             try:
                 async with http.get(self.base_url + "/healthz") as r:
                     if r.status == 200:
@@ -149,25 +175,38 @@ async def test_sigkill_while_recording_payments_loses_and_repeats_nothing(anvil_
         await daemon.start(http)
 
         # ------------------------------------------------------------ the invoices and their plan
-        invoices = [await api("POST", "/v1/invoices", json={"amount": str(10 + i), "assets": ["TUSD"]}) for i in range(30)]
+        invoices = [
+            await api("POST", "/v1/invoices", json={"amount": str(10 + i), "assets": ["TUSD"]})
+            for i in range(30)
+        ]
         ids = [inv["id"] for inv in invoices]
         address = {inv["id"]: inv["payment_options"][0]["destination_address"] for inv in invoices}
         atomic = {inv["id"]: int(inv["payment_options"][0]["amount_atomic"]) for inv in invoices}
         assert all(atomic[i] == (10 + n) * UNIT for n, i in enumerate(ids))
-        exact, paid_while_down, in_halves, doubled, half_only = ids[:20], ids[20:25], ids[25:28], ids[28], ids[29]
+        exact, paid_while_down, in_halves, doubled, half_only = (
+            ids[:20],
+            ids[20:25],
+            ids[25:28],
+            ids[28],
+            ids[29],
+        )
 
         # (invoice, atomic amount) per transaction, in the order they are sent.
         before = [(i, atomic[i]) for i in exact] + [(i, atomic[i] // 2) for i in in_halves]
         before += [(doubled, atomic[doubled]), (half_only, atomic[half_only] // 2)]
-        while_down = [(i, atomic[i]) for i in paid_while_down] + [(i, atomic[i] - atomic[i] // 2) for i in in_halves]
+        while_down = [(i, atomic[i]) for i in paid_while_down] + [
+            (i, atomic[i] - atomic[i] // 2) for i in in_halves
+        ]
         while_down += [(doubled, atomic[doubled])]  # a second full payment: a duplicate
         txs: dict[str, list[str]] = defaultdict(list)
         paid_in_phase_one = len(exact) + 1
 
         def pay_in_blocks(plan: list[tuple[str, int]], per_block: int, gap: float) -> None:
             for k in range(0, len(plan), per_block):
-                for invoice_id, amount in plan[k:k + per_block]:
-                    txs[invoice_id].append(chain.transfer_token(address[invoice_id], amount, PAYERS[1 + k // per_block % 3]))
+                for invoice_id, amount in plan[k : k + per_block]:
+                    txs[invoice_id].append(
+                        chain.transfer_token(address[invoice_id], amount, PAYERS[1 + k // per_block % 3])
+                    )
                 chain.mine(1)
                 time.sleep(gap)
 
@@ -182,7 +221,9 @@ async def test_sigkill_while_recording_payments_loses_and_repeats_nothing(anvil_
         kill_at = 2 * 5  # two blocks in: three more and their webhooks still to come
         deadline = time.monotonic() + 15
         while not kill_at <= seen < paid_in_phase_one:
-            assert not (miner.done() and seen >= paid_in_phase_one), "every payment was recorded before the kill"
+            assert not (miner.done() and seen >= paid_in_phase_one), (
+                "every payment was recorded before the kill"
+            )
             assert time.monotonic() < deadline, f"no payment recorded in time (seen {seen})"
             seen = await paid_count()
         daemon.kill()
@@ -221,7 +262,9 @@ async def test_sigkill_while_recording_payments_loses_and_repeats_nothing(anvil_
             got = {i: await api("GET", f"/v1/invoices/{i}") for i in ids}
             if all(got[i]["status"] == expected_status[i] for i in ids) and await caught_up():
                 break
-            assert time.monotonic() < deadline, {i: got[i]["status"] for i in ids if got[i]["status"] != expected_status[i]}
+            assert time.monotonic() < deadline, {
+                i: got[i]["status"] for i in ids if got[i]["status"] != expected_status[i]
+            }
             await asyncio.sleep(0.1)
 
         # ------------------------------------------------------------ every payment once, every invoice right
@@ -231,7 +274,9 @@ async def test_sigkill_while_recording_payments_loses_and_repeats_nothing(anvil_
             assert sorted(p["transaction_hash"] for p in payments) == sorted(txs[i]), (n, payments)
             assert len(payments) == len(txs[i]), (n, "a transaction recorded twice")
             assert all(p["status"] == "confirmed" for p in payments), (n, payments)
-            assert sum(int(p["amount_atomic"]) for p in payments) == sum(a for j, a in before + while_down if j == i)
+            assert sum(int(p["amount_atomic"]) for p in payments) == sum(
+                a for j, a in before + while_down if j == i
+            )
         for i in exact + paid_while_down + in_halves:
             assert got[i]["payment_summary"]["payment_state"] == "exact", got[i]["payment_summary"]
             assert got[i]["exception"] is None
@@ -263,14 +308,22 @@ async def test_sigkill_while_recording_payments_loses_and_repeats_nothing(anvil_
         def expected_types(i: str) -> Counter:
             if i == half_only:
                 return Counter({"invoice.created": 1, "invoice.payment_detected": 1})
-            types = Counter({"invoice.created": 1, "invoice.payment_detected": len(txs[i]), "invoice.paid": 1,
-                             "invoice.confirmed": 1})
+            types = Counter(
+                {
+                    "invoice.created": 1,
+                    "invoice.payment_detected": len(txs[i]),
+                    "invoice.paid": 1,
+                    "invoice.confirmed": 1,
+                }
+            )
             if i == doubled:
                 types["invoice.exception_opened"] = 1
             return types
 
         for n, i in enumerate(ids):
-            delivered = Counter(by_id[event_id][0].type for event_id in {e.event_id for e in receiver.for_invoice(i)})
+            delivered = Counter(
+                by_id[event_id][0].type for event_id in {e.event_id for e in receiver.for_invoice(i)}
+            )
             assert delivered == expected_types(i), (n, delivered)
 
         # ------------------------------------------------------------ a clean stop, an intact file, no crash logged
@@ -281,8 +334,10 @@ async def test_sigkill_while_recording_payments_loses_and_repeats_nothing(anvil_
             for bad in ("watcher_crashed", "follower_step_crashed", "dispatcher_step_failed", "Traceback"):
                 assert bad not in text, f"{log.name}: {bad}"
         assert kill_at <= killed_at_paid < paid_in_phase_one
-        print(f"killed with {killed_at_paid}/{paid_in_phase_one} paid and {events_before_kill} events received; "
-              f"{sum(len(c) > 1 for c in by_id.values())} events redelivered after the restart")
+        print(
+            f"killed with {killed_at_paid}/{paid_in_phase_one} paid and {events_before_kill} events received; "
+            f"{sum(len(c) > 1 for c in by_id.values())} events redelivered after the restart"
+        )
     finally:
         daemon.cleanup()
         await http.close()

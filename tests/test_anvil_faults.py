@@ -20,13 +20,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from anvil_harness import PAYERS, AnvilHarness
+from faultproxy import Fault, FaultProxy
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 import watcher.ops
 import watcher.service
-from anvil_harness import PAYERS, AnvilHarness
-from faultproxy import Fault, FaultProxy
 from watcher.chain.failover import ENDPOINT_RETRY_DELAYS, FailoverTransport
 
 NETWORK = "anvil0"
@@ -169,7 +169,9 @@ FAULTS = [
 
 
 @pytest.mark.parametrize(("kind", "label", "shown"), FAULTS, ids=[f[0] for f in FAULTS])
-async def test_a_faulty_getlogs_is_retried_and_the_payment_recorded_once(proxies, harnesses, anvil_node, kind, label, shown):
+async def test_a_faulty_getlogs_is_retried_and_the_payment_recorded_once(
+    proxies, harnesses, anvil_node, kind, label, shown
+):
     """One more faulty eth_getLogs than a follower step tries: the first step's read fails
     (the chain's last_error in /readyz says why), the next step's retry gets the logs."""
     node = anvil_node()
@@ -243,7 +245,11 @@ async def test_a_failing_first_rpc_url_fails_over_and_back(proxies, harnesses, a
     assert a.requests["eth_getLogs"] > a_logs_before
     assert b.requests.total() == b_before
     [first] = (await h.get(invoice["id"]))["payments"]
-    assert (first["id"], first["transaction_hash"], first["block_hash"]) == (payment["id"], tx, payment["block_hash"])
+    assert (first["id"], first["transaction_hash"], first["block_hash"]) == (
+        payment["id"],
+        tx,
+        payment["block_hash"],
+    )
 
 
 async def test_logs_naming_another_block_hash_are_never_recorded(proxies, harnesses, anvil_node):
@@ -263,8 +269,13 @@ async def test_logs_naming_another_block_hash_are_never_recorded(proxies, harnes
         async with watching_readyz(h) as seen:
             tx = await chain.run(chain.transfer_token, address, AMOUNT)
             block = await h.mine(1)
-            await h.wait_for(lambda: proxy.injected[("wrong_block_hash", "eth_getLogs")] >= 3, what="three rewritten answers")
-            await h.wait_for(lambda: any("block hash" in e for e in errors_seen(seen)), what="last_error in /readyz")
+            await h.wait_for(
+                lambda: proxy.injected[("wrong_block_hash", "eth_getLogs")] >= 3,
+                what="three rewritten answers",
+            )
+            await h.wait_for(
+                lambda: any("block hash" in e for e in errors_seen(seen)), what="last_error in /readyz"
+            )
             stuck = await h.get(invoice["id"])
             lag = await metric(h, "watcher_head_lag_blocks", network=NETWORK)
             last_processed = await metric(h, "watcher_last_processed_block", network=NETWORK)
@@ -276,7 +287,9 @@ async def test_logs_naming_another_block_hash_are_never_recorded(proxies, harnes
     assert h.receiver.types_for(invoice["id"]) == ["invoice.created"]
     assert payments_recorded == 0
     assert lag >= 1 and last_processed < block
-    assert await metric(h, "watcher_follower_step_failures_total", network=NETWORK, reason="chain_changed") >= 1
+    assert (
+        await metric(h, "watcher_follower_step_failures_total", network=NETWORK, reason="chain_changed") >= 1
+    )
     assert all(chain_entry["last_processed_block"] < block for _, chain_entry in seen)
     # Each rewritten answer names a fresh hash; none is the block's.
     hashed = [e for e in errors_seen(seen) if "block hash" in e]
@@ -351,7 +364,7 @@ async def test_every_rpc_url_down_is_not_ready_and_loses_nothing(proxies, harnes
 
 
 async def test_a_range_the_provider_refuses_is_shrunk(anvil_node, proxies, harnesses):
-    """"query returned more than 10000 results" (a JSON-RPC error, not a failover): the
+    """ "query returned more than 10000 results" (a JSON-RPC error, not a failover): the
     follower asks for half the range until the provider accepts; the payment in the long
     range is found once. (Growing back is a follower story in test_follower.py.) Ranges are
     read only well below the head, so the watcher is held back while the chain grows."""
@@ -366,19 +379,31 @@ async def test_a_range_the_provider_refuses_is_shrunk(anvil_node, proxies, harne
     # Ranges are read only well below the head: hold the watcher back (its node says the head is
     # far below the checkpoint) while 300 blocks are mined, so that it then reads them by range.
     hold = proxy.inject(Fault("stale_head", lag=10**6))
-    await h.wait_for(lambda: proxy.injected[("stale_head", "eth_blockNumber")] >= 1, what="the watcher held back")
+    await h.wait_for(
+        lambda: proxy.injected[("stale_head", "eth_blockNumber")] >= 1, what="the watcher held back"
+    )
     chain = h.anvil
     await h.mine(300)
     tx = await chain.run(chain.transfer_token, option["destination_address"], AMOUNT)
     await h.mine(1)
-    proxy.inject(Fault("rpc_error", method="eth_getLogs", times=3, code=-32005,
-                       message="query returned more than 10000 results", only=lambda call: "fromBlock" in call["params"][0]))
+    proxy.inject(
+        Fault(
+            "rpc_error",
+            method="eth_getLogs",
+            times=3,
+            code=-32005,
+            message="query returned more than 10000 results",
+            only=lambda call: "fromBlock" in call["params"][0],
+        )
+    )
     with capture_logs() as logs:
         proxy.faults.remove(hold)
         paid = await h.wait_status(invoice["id"], "confirmed")  # one confirmation: paid and confirmed at once
     assert [p["transaction_hash"] for p in paid["payments"]] == [tx]
     assert proxy.injected[("rpc_error", "eth_getLogs")] == 3
     shrunk = [e["chunk_size"] for e in logs if e["event"] == "log_range_shrunk"]
-    assert shrunk and min(shrunk) < start_chunk, "the refused range was shrunk"  # (it grows back after full ranges)
+    assert shrunk and min(shrunk) < start_chunk, (
+        "the refused range was shrunk"
+    )  # (it grows back after full ranges)
     # (Two spans of one step may each be refused: at least one failed step, at most three.)
     assert 1 <= await metric(h, "watcher_follower_step_failures_total", network=NETWORK, reason="rpc") <= 3

@@ -16,10 +16,10 @@ import time
 
 import aiohttp
 import pytest
-
 from anvil_harness import AnvilChain, AnvilHarness
 from harness import Receiver, free_port
 from test_anvil_crash import WATCHER, Daemon, write_config
+
 from watcher.genesis import WrongChain
 
 
@@ -57,7 +57,9 @@ async def test_a_reset_chain_behind_an_old_database_is_refused_with_exit_2(anvil
         await daemon.start(http)
         async with http.post(daemon.base_url + "/v1/invoices", json={"amount": "5", "assets": ["TUSD"]}) as r:
             invoice = await r.json()
-        await asyncio.to_thread(chain.transfer_token, invoice["payment_options"][0]["destination_address"], 5_000_000)
+        await asyncio.to_thread(
+            chain.transfer_token, invoice["payment_options"][0]["destination_address"], 5_000_000
+        )
         await asyncio.to_thread(chain.mine, 1)
         deadline = time.monotonic() + 15
         while True:
@@ -74,7 +76,9 @@ async def test_a_reset_chain_behind_an_old_database_is_refused_with_exit_2(anvil
         # The test chain is reset: a new node where the old one was, same chain id, same contracts.
         node.stop()
         # (anvil dates its genesis to the second: a later one makes sure it is another block 0)
-        reset = anvil_node(port=node.port, chain_id=node.chain_id, args=("--timestamp", str(int(time.time()) + 3600)))
+        reset = anvil_node(
+            port=node.port, chain_id=node.chain_id, args=("--timestamp", str(int(time.time()) + 3600))
+        )
         again = await asyncio.to_thread(AnvilChain(reset, "anvil0").setup)
         assert (again.token, again.router) == (chain.token, chain.router)
         new_genesis = _genesis(reset)
@@ -82,13 +86,19 @@ async def test_a_reset_chain_behind_an_old_database_is_refused_with_exit_2(anvil
         await asyncio.to_thread(reset.mine, 10)  # past the old checkpoint: nothing else gives it away
 
         result = await asyncio.to_thread(
-            subprocess.run, [str(WATCHER), "run", "--config", str(config)], env=env, capture_output=True, text=True,
+            subprocess.run,
+            [str(WATCHER), "run", "--config", str(config)],
+            env=env,
+            capture_output=True,
+            text=True,
             timeout=30,
         )
         assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
         # One line for the operator; the rest is the JSON log (the daemon never started).
         [line] = [x for x in result.stderr.splitlines() if x.strip() and not x.startswith("{")]
-        assert line.startswith("watcher: configuration error: chains[0].rpc_urls[0]: chain 'anvil0' (chain id 31337)")
+        assert line.startswith(
+            "watcher: configuration error: chains[0].rpc_urls[0]: chain 'anvil0' (chain id 31337)"
+        )
         assert old_genesis in line and new_genesis in line
         assert "fresh database" in line and str(database) in line and "rpc_urls" in line
         assert "Traceback" not in result.stdout + result.stderr

@@ -27,8 +27,15 @@ async def test_token_native_router_and_wallet_payments_on_a_real_node(harnesses,
     for inv in (token_inv, native_inv, router_inv, wallet_inv):
         await h.wait_status(inv["id"], "paid")
     await h.mine(2)
-    results = {name: await h.wait_status(inv["id"], "confirmed")
-               for name, inv in [("token", token_inv), ("native", native_inv), ("router", router_inv), ("wallet", wallet_inv)]}
+    results = {
+        name: await h.wait_status(inv["id"], "confirmed")
+        for name, inv in [
+            ("token", token_inv),
+            ("native", native_inv),
+            ("router", router_inv),
+            ("wallet", wallet_inv),
+        ]
+    }
     for name, invoice in results.items():
         [payment] = invoice["payments"]
         assert payment["transaction_hash"] == txs[name], name
@@ -75,7 +82,9 @@ async def test_internal_transfers_off_misses_wallet_payments(harnesses, anvil_no
     assert (await h.get(invoice["id"]))["payments"] == []
 
 
-async def test_internal_transfers_on_without_a_tracer_stops_the_chain_rather_than_miss_payments(harnesses, anvil_node):
+async def test_internal_transfers_on_without_a_tracer_stops_the_chain_rather_than_miss_payments(
+    harnesses, anvil_node
+):
     """A node without tracers (the proxy answers "method not found" for both): with
     `internal_transfers = "on"` the chain does not move and /readyz says why."""
     from faultproxy import Fault, FaultProxy
@@ -83,8 +92,12 @@ async def test_internal_transfers_on_without_a_tracer_stops_the_chain_rather_tha
     node = anvil_node()
     async with FaultProxy(node.url) as proxy:
         for method in ("debug_traceBlockByNumber", "trace_block"):
-            proxy.inject(Fault("rpc_error", method=method, code=-32601, message=f"the method {method} does not exist"))
-        h = await harnesses(AnvilHarness, nodes=[node], rpc_urls={"anvil0": [proxy.url]}, internal_transfers="on")
+            proxy.inject(
+                Fault("rpc_error", method=method, code=-32601, message=f"the method {method} does not exist")
+            )
+        h = await harnesses(
+            AnvilHarness, nodes=[node], rpc_urls={"anvil0": [proxy.url]}, internal_transfers="on"
+        )
 
         async def reported() -> dict | None:
             _, body, _ = await h.request("GET", "/readyz", auth=False)

@@ -43,9 +43,12 @@ async def test_a_batch_payout_re_included_at_shifted_logs_pays_each_invoice_once
     # log), then the batch payout, the same signed transaction, one log later each.
     raw = await chain.run(chain.node.rpc, "eth_getRawTransactionByHash", tx)
     before = {
-        "from": PAYERS[1], "to": chain.token, "gas": hex(200_000),
+        "from": PAYERS[1],
+        "to": chain.token,
+        "gas": hex(200_000),
         "data": calldata("transfer(address,uint256)", ["address", "uint256"], [BYSTANDER, 1]),
-        "maxPriorityFeePerGas": hex(10**11), "maxFeePerGas": hex(10**12),
+        "maxPriorityFeePerGas": hex(10**11),
+        "maxFeePerGas": hex(10**12),
     }
     depth = head - old_block + 1
     await chain.run(chain.node.rpc, "anvil_reorg", depth, [[before, depth - 1], [raw, depth - 1]])
@@ -64,8 +67,12 @@ async def test_a_batch_payout_re_included_at_shifted_logs_pays_each_invoice_once
     for inv, old, log_index in ((x, px, 1), (y, py, 2)):
         done = await h.get(inv["id"])
         assert done["status"] == "confirmed" and done["exception"] is None
-        assert done["payment_summary"] == {"payment_state": "exact", "received_amount": "10.00",
-                                           "remaining_amount": "0", "overpaid_amount": "0"}
+        assert done["payment_summary"] == {
+            "payment_state": "exact",
+            "received_amount": "10.00",
+            "remaining_amount": "0",
+            "overpaid_amount": "0",
+        }
         [p] = done["payments"]  # the same payment, moved: no second one
         assert p["id"] == old["id"] and p["transaction_hash"] == tx
         assert (p["status"], p["role"], p["amount_atomic"]) == ("confirmed", "counted", str(PRICE))
@@ -80,18 +87,29 @@ async def test_a_batch_payout_re_included_at_shifted_logs_pays_each_invoice_once
         assert not any(t.startswith("invoice.exception") for t in types), types
         assert types["invoice.created"] == 1 and types["invoice.payment_reverted"] == 1
         assert types["invoice.confirmed"] == 1 and types["invoice.paid"] >= 1
-        assert set(types) == {"invoice.created", "invoice.payment_detected", "invoice.paid",
-                              "invoice.payment_reverted", "invoice.confirmed"}, types
+        assert set(types) == {
+            "invoice.created",
+            "invoice.payment_detected",
+            "invoice.paid",
+            "invoice.payment_reverted",
+            "invoice.confirmed",
+        }, types
         # Every payment event names this invoice's one payment, to its own address.
         named = [e.body["data"]["payment"] for e in events if e.body["data"]["payment"] is not None]
         assert {q["id"] for q in named} == {old["id"]}
-        assert {q["to_address"].lower() for q in named} == {inv["payment_options"][0]["destination_address"].lower()}
+        assert {q["to_address"].lower() for q in named} == {
+            inv["payment_options"][0]["destination_address"].lower()
+        }
         by_version = sorted(events, key=lambda e: e.version)
         assert by_version[-1].type == "invoice.confirmed"
         [reverted] = [e for e in events if e.type == "invoice.payment_reverted"]
-        assert (reverted.body["data"]["payment"]["block_hash"], reverted.body["data"]["payment"]["log_index"]) == (
-            old_hash, old["log_index"])
+        assert (
+            reverted.body["data"]["payment"]["block_hash"],
+            reverted.body["data"]["payment"]["log_index"],
+        ) == (old_hash, old["log_index"])
         last_detected = [e for e in by_version if e.type == "invoice.payment_detected"][-1]
         assert last_detected.version > reverted.version
-        assert (last_detected.body["data"]["payment"]["block_hash"], last_detected.body["data"]["payment"]["log_index"]) == (
-            new_hash, log_index)
+        assert (
+            last_detected.body["data"]["payment"]["block_hash"],
+            last_detected.body["data"]["payment"]["log_index"],
+        ) == (new_hash, log_index)

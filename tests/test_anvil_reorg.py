@@ -90,7 +90,12 @@ async def test_a_reorg_that_drops_the_payment_reverts_it_and_unpays_the_invoice(
     assert reverted.body["data"]["invoice"]["status"] == "pending"
     assert reverted.version == back["version"] > paid_events[0].version
     assert Counter(e.type for e in events) == Counter(
-        {"invoice.created": 1, "invoice.payment_detected": 1, "invoice.paid": 1, "invoice.payment_reverted": 1}
+        {
+            "invoice.created": 1,
+            "invoice.payment_detected": 1,
+            "invoice.paid": 1,
+            "invoice.payment_reverted": 1,
+        }
     )
 
 
@@ -119,7 +124,9 @@ async def test_a_reorg_that_moves_the_payment_to_another_block_counts_it_once(an
     new_block, new_hash = int(receipt["blockNumber"], 16), receipt["blockHash"]
     assert new_block == head != old_block and new_hash != old_hash
     # The old height now holds an empty block: the log the watcher saw is nowhere on the chain.
-    assert (await chain.run(chain.node.rpc, "eth_getBlockByNumber", hex(old_block), False))["transactions"] == []
+    assert (await chain.run(chain.node.rpc, "eth_getBlockByNumber", hex(old_block), False))[
+        "transactions"
+    ] == []
 
     # Not confirmed one block short of the new block's depth (it would be at the old one's) ...
     await h.mine(CONFIRMATIONS - 2)

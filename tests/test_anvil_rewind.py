@@ -10,13 +10,17 @@ from anvil_harness import AnvilHarness
 from watcher.cli import main as cli_main
 
 
-async def test_a_reorg_deeper_than_the_window_stops_the_chain_until_the_operator_rewinds(anvil_node, harnesses, tmp_path, capsys):
+async def test_a_reorg_deeper_than_the_window_stops_the_chain_until_the_operator_rewinds(
+    anvil_node, harnesses, tmp_path, capsys
+):
     h = await harnesses(AnvilHarness, nodes=[anvil_node()], confirmations=3)
     chain = h.anvil
     dropped = await h.create(amount="10", assets=["TUSD"])
     kept = await h.create(amount="7", assets=["TUSD"])
     await h.mine(3)
-    kept_tx = await chain.run(chain.transfer_token, kept["payment_options"][0]["destination_address"], 7_000_000)
+    kept_tx = await chain.run(
+        chain.transfer_token, kept["payment_options"][0]["destination_address"], 7_000_000
+    )
     await h.mine(1)
     fork_base = await chain.run(chain.head)  # the kept payment is at or below here
     await h.mine(20)

@@ -22,10 +22,10 @@ from collections import Counter
 from typing import Any
 
 import pytest
-
 from anvil_harness import PAYERS, AnvilHarness
 from faultproxy import Fault, FaultProxy
 from test_anvil_faults import AMOUNT, NETWORK, assert_paid_once, proxies, readyz, token_invoice, url_is  # noqa: F401
+
 from watcher.chain.failover import FailoverTransport
 
 RETURN_AFTER = 1.0  # seconds on a fallback before the preferred endpoint is tried again
@@ -53,14 +53,19 @@ async def steps(h: AnvilHarness, proxies_: list[FaultProxy], n: int) -> None:
     """Until the follower has started `n` more steps (each begins with eth_blockNumber), so the
     one in flight when this was called has ended."""
     start = sum(p.requests["eth_blockNumber"] for p in proxies_)
-    await h.wait_for(lambda: sum(p.requests["eth_blockNumber"] for p in proxies_) >= start + n, what=f"{n} more follower steps")
+    await h.wait_for(
+        lambda: sum(p.requests["eth_blockNumber"] for p in proxies_) >= start + n,
+        what=f"{n} more follower steps",
+    )
 
 
 async def wait_status(h: AnvilHarness, invoice_id: str, status: str, timeout: float = 15.0) -> dict:
     """`h.wait_status`, and on a timeout the follower's checkpoint and last error, which say
     where the chain stalled."""
     try:
-        return await h.wait_for(lambda: _status_is(h, invoice_id, status), timeout=timeout, what=f"status {status}")
+        return await h.wait_for(
+            lambda: _status_is(h, invoice_id, status), timeout=timeout, what=f"status {status}"
+        )
     except AssertionError as exc:
         _, _, entry = await readyz(h)
         raise AssertionError(f"{exc}; the chain: {entry}") from None
@@ -88,7 +93,11 @@ def assert_no_wrong_webhooks(h: AnvilHarness, reverted: Counter[str] | None = No
     assert h.receiver.bad_signatures == 0
     got = Counter(e.invoice_id for e in h.receiver.events if e.type == "invoice.payment_reverted")
     assert got == (reverted or Counter()), f"invoice.payment_reverted sent for {dict(got)}"
-    opened = [e.body["data"]["invoice"]["exception"] for e in h.receiver.events if e.type == "invoice.exception_opened"]
+    opened = [
+        e.body["data"]["invoice"]["exception"]
+        for e in h.receiver.events
+        if e.type == "invoice.exception_opened"
+    ]
     assert not opened, opened
     per_id = Counter(e.event_id for e in h.receiver.events)
     assert all(n == 1 for n in per_id.values()), per_id
@@ -102,7 +111,9 @@ async def transfer(h: AnvilHarness, address: str, sender: str = PAYERS[1]) -> st
 # ---------------------------------------------------------------------------- defect 1: logs that lag
 
 
-async def test_logs_withheld_by_a_lagging_backend_never_move_the_checkpoint_past_a_payment(anvil_node, proxies, harnesses):
+async def test_logs_withheld_by_a_lagging_backend_never_move_the_checkpoint_past_a_payment(
+    anvil_node, proxies, harnesses
+):
     """The load balancer answers eth_blockNumber and headers from an up-to-date backend and
     eth_getLogs from one a block behind, which clamps toBlock to its own head without an
     error. The paying block's logs are not proven complete while that lasts: the checkpoint
@@ -116,7 +127,9 @@ async def test_logs_withheld_by_a_lagging_backend_never_move_the_checkpoint_past
     proxy.inject(Fault("lagging_backend", lag=1, methods=("eth_getLogs",)))  # until cleared
     tx = await transfer(h, address)
     block = await h.mine(1)
-    await h.wait_for(lambda: proxy.hid("eth_getLogs", block), what=f"the lagging backend withholding block {block}'s logs")
+    await h.wait_for(
+        lambda: proxy.hid("eth_getLogs", block), what=f"the lagging backend withholding block {block}'s logs"
+    )
     await steps(h, [proxy], 2)
     row = await chain_row(h)
     assert row["last_processed_block"] < block, (
@@ -132,7 +145,9 @@ async def test_logs_withheld_by_a_lagging_backend_never_move_the_checkpoint_past
     assert_no_wrong_webhooks(h)
 
 
-async def test_a_failback_mid_step_onto_a_node_one_block_behind_loses_no_payment(anvil_node, proxies, harnesses, monkeypatch):
+async def test_a_failback_mid_step_onto_a_node_one_block_behind_loses_no_payment(
+    anvil_node, proxies, harnesses, monkeypatch
+):
     """rpc_urls [a, b]: the watcher is on b after a failed. Mid-step (head and block read
     from b) the cool-down ends and the logs are read from a, back but one block behind: a
     answers them as of its own head. The paying block must not be taken as read."""
@@ -164,7 +179,11 @@ async def test_a_failback_mid_step_onto_a_node_one_block_behind_loses_no_payment
     assert time.monotonic() - switched_at < return_after / 2, "too slow to start the step on b"
     follower.wake()
 
-    await h.wait_for(lambda: a.hid("eth_getLogs", block), timeout=return_after + 10, what="block's logs read from a mid-step")
+    await h.wait_for(
+        lambda: a.hid("eth_getLogs", block),
+        timeout=return_after + 10,
+        what="block's logs read from a mid-step",
+    )
     assert b.injected[("timeout", "eth_getBlockByNumber")] == 1
     follower.poll_interval = 0.05
     follower.wake()
@@ -194,7 +213,9 @@ REFUSALS = {
 
 
 @pytest.mark.parametrize("refusal", ["cap100_error_object", "cap10_http413"])
-async def test_a_one_block_reorg_under_a_batch_cap_keeps_the_chain_going(anvil_node, proxies, harnesses, refusal):
+async def test_a_one_block_reorg_under_a_batch_cap_keeps_the_chain_going(
+    anvil_node, proxies, harnesses, refusal
+):
     """The provider refuses batches longer than `cap` (with one JSON-RPC error object in place
     of the list, or HTTP 413) and the watcher remembers more blocks than that. A one-block
     reorg drops a payment: it is reverted once, the confirmed one below is untouched, and a
@@ -205,7 +226,9 @@ async def test_a_one_block_reorg_under_a_batch_cap_keeps_the_chain_going(anvil_n
     node = anvil_node()
     proxy = await proxies(node.url)
     proxy.inject(Fault("batch_cap", cap=cap, **how))  # from the start, for good
-    h = await harnesses(AnvilHarness, nodes=[node], rpc_urls={NETWORK: [proxy.url]}, confirmations=3, internal_transfers="off")
+    h = await harnesses(
+        AnvilHarness, nodes=[node], rpc_urls={NETWORK: [proxy.url]}, confirmations=3, internal_transfers="off"
+    )
     chain = h.anvil
     kept, kept_address = await token_invoice(h)
     await transfer(h, kept_address)
@@ -214,7 +237,9 @@ async def test_a_one_block_reorg_under_a_batch_cap_keeps_the_chain_going(anvil_n
     await wait_status(h, kept["id"], "confirmed")
     await h.settle()
     remembered = len(h.service.store.recent_blocks(NETWORK))
-    assert remembered > cap, f"premise: the watcher remembers {remembered} blocks, not more than a batch holds"
+    assert remembered > cap, (
+        f"premise: the watcher remembers {remembered} blocks, not more than a batch holds"
+    )
 
     dropped, address = await token_invoice(h)
     tx = await transfer(h, address, PAYERS[2])
@@ -247,7 +272,9 @@ async def test_a_one_block_reorg_under_a_batch_cap_keeps_the_chain_going(anvil_n
 
 
 @pytest.mark.parametrize("refusal", list(REFUSALS))
-async def test_a_catch_up_over_more_blocks_than_a_batch_holds_with_a_native_asset(anvil_node, proxies, harnesses, refusal):
+async def test_a_catch_up_over_more_blocks_than_a_batch_holds_with_a_native_asset(
+    anvil_node, proxies, harnesses, refusal
+):
     """125 blocks, each paying part of one coin invoice, read in one catch-up step behind a
     provider that caps batches: the full blocks and their receipts come in pages, every part
     is recorded once and the invoice is paid and confirmed. At a cap of 100 the default
@@ -258,7 +285,9 @@ async def test_a_catch_up_over_more_blocks_than_a_batch_holds_with_a_native_asse
     node = anvil_node()
     proxy = await proxies(node.url)
     proxy.inject(Fault("batch_cap", cap=cap, **how))
-    h = await harnesses(AnvilHarness, nodes=[node], rpc_urls={NETWORK: [proxy.url]}, confirmations=3, internal_transfers="off")
+    h = await harnesses(
+        AnvilHarness, nodes=[node], rpc_urls={NETWORK: [proxy.url]}, confirmations=3, internal_transfers="off"
+    )
     chain = h.anvil
     invoice = await h.create(amount="10", assets=["ETH"])
     [option] = invoice["payment_options"]
@@ -270,7 +299,9 @@ async def test_a_catch_up_over_more_blocks_than_a_batch_holds_with_a_native_asse
     # Hold the watcher back (its node says the head is far below its checkpoint) while the
     # parts are mined one block each: it then reads them all in one step.
     hold = proxy.inject(Fault("stale_head", lag=10**6))
-    await h.wait_for(lambda: proxy.injected[("stale_head", "eth_blockNumber")] >= 1, what="the watcher held back")
+    await h.wait_for(
+        lambda: proxy.injected[("stale_head", "eth_blockNumber")] >= 1, what="the watcher held back"
+    )
 
     def pay_in_parts() -> None:
         for value in amounts:
@@ -297,7 +328,9 @@ async def test_a_catch_up_over_more_blocks_than_a_batch_holds_with_a_native_asse
     if cap >= 100:
         assert refused == 0, f"{refused} batches longer than the default max_batch of 100"
     else:
-        assert refused >= 1, f"premise: {parts} full blocks and their receipts in pages of 25 or more meet the cap of {cap}"
+        assert refused >= 1, (
+            f"premise: {parts} full blocks and their receipts in pages of 25 or more meet the cap of {cap}"
+        )
         assert h.service.followers[NETWORK].reader.max_batch <= cap  # halved until it fit, and kept
 
 
@@ -307,7 +340,9 @@ DEEP_CONFIRMATIONS = 300
 REORG_DEPTH = 700  # deeper than the watcher remembers at 300 confirmations (the test checks)
 
 
-async def test_a_reorg_deeper_than_the_watcher_remembers_stops_the_chain_and_confirms_nothing(anvil_node, proxies, harnesses):
+async def test_a_reorg_deeper_than_the_watcher_remembers_stops_the_chain_and_confirms_nothing(
+    anvil_node, proxies, harnesses
+):
     """confirmations = 300, a payment 281 blocks deep (not yet confirmed) and a reorg of 700
     blocks that orphans it. The watcher cannot find a common ancestor in what it remembers:
     it stops the chain, /readyz is 503 and says why, and the orphaned payment is never
@@ -315,7 +350,11 @@ async def test_a_reorg_deeper_than_the_watcher_remembers_stops_the_chain_and_con
     node = anvil_node()
     proxy = await proxies(node.url)
     h = await harnesses(
-        AnvilHarness, nodes=[node], rpc_urls={NETWORK: [proxy.url]}, confirmations=DEEP_CONFIRMATIONS, internal_transfers="off"
+        AnvilHarness,
+        nodes=[node],
+        rpc_urls={NETWORK: [proxy.url]},
+        confirmations=DEEP_CONFIRMATIONS,
+        internal_transfers="off",
     )
     chain = h.anvil
     invoice, address = await token_invoice(h)
@@ -327,7 +366,11 @@ async def test_a_reorg_deeper_than_the_watcher_remembers_stops_the_chain_and_con
     await h.settle()
     assert paid["payments"][0]["block_number"] == paid_block
     remembered = len(h.service.store.recent_blocks(NETWORK))
-    assert remembered < REORG_DEPTH <= head and head - paid_block + 1 <= REORG_DEPTH, (remembered, head, paid_block)
+    assert remembered < REORG_DEPTH <= head and head - paid_block + 1 <= REORG_DEPTH, (
+        remembered,
+        head,
+        paid_block,
+    )
     status, _, _ = await readyz(h)
     assert status == 200
 
@@ -344,11 +387,15 @@ async def test_a_reorg_deeper_than_the_watcher_remembers_stops_the_chain_and_con
         status, body, _ = await readyz(h)
         seen.append(body)
         # (503 for another reason first is fine: anvil answers intermediate heads while it reorgs.)
-        stopped = status == 503 and any("reorg" in r["reason"].lower() for r in body["reasons"] if r.get("network") == NETWORK)
+        stopped = status == 503 and any(
+            "reorg" in r["reason"].lower() for r in body["reasons"] if r.get("network") == NETWORK
+        )
         return ("stopped", body) if stopped else None
 
     try:
-        outcome, body = await h.wait_for(stopped_or_confirmed, timeout=30, what="the chain stopped (or the payment confirmed)")
+        outcome, body = await h.wait_for(
+            stopped_or_confirmed, timeout=30, what="the chain stopped (or the payment confirmed)"
+        )
     except AssertionError as exc:
         raise AssertionError(f"{exc}; /readyz said last: {seen[-1] if seen else None}") from None
     assert outcome == "stopped", "the payment of a block the reorg orphaned was confirmed"
@@ -377,7 +424,9 @@ async def test_null_headers_in_a_reorg_walk_revert_no_confirmed_payment(anvil_no
     "ask again": the payment stays confirmed and no payment_reverted is sent."""
     node = anvil_node()
     proxy = await proxies(node.url)
-    h = await harnesses(AnvilHarness, nodes=[node], rpc_urls={NETWORK: [proxy.url]}, confirmations=3, internal_transfers="off")
+    h = await harnesses(
+        AnvilHarness, nodes=[node], rpc_urls={NETWORK: [proxy.url]}, confirmations=3, internal_transfers="off"
+    )
     chain = h.anvil
     invoice, address = await token_invoice(h)
     tx = await transfer(h, address)
@@ -391,23 +440,33 @@ async def test_null_headers_in_a_reorg_walk_revert_no_confirmed_payment(anvil_no
     proxy.inject(Fault("null_headers", count=6, min_batch=2))  # batches go to the lagging backend
     await chain.run(chain.node.rpc, "anvil_reorg", 1, [])
     await h.mine(1)
-    await h.wait_for(lambda: proxy.hid("eth_getBlockByNumber", tip - 1), what="a reorg walk answered with nulls")
+    await h.wait_for(
+        lambda: proxy.hid("eth_getBlockByNumber", tip - 1), what="a reorg walk answered with nulls"
+    )
     await steps(h, [proxy], 2)
     during = await h.get(invoice["id"])
-    assert during["status"] == "confirmed", f"a confirmed payment was reverted on null headers: {during['status']}"
+    assert during["status"] == "confirmed", (
+        f"a confirmed payment was reverted on null headers: {during['status']}"
+    )
 
     proxy.clear()
     await h.settle()
     final = await h.get(invoice["id"])
     [kept] = final["payments"]
     assert final["status"] == "confirmed" and kept["status"] == "confirmed"
-    assert (kept["id"], kept["transaction_hash"], kept["block_hash"]) == (payment["id"], tx, payment["block_hash"])
+    assert (kept["id"], kept["transaction_hash"], kept["block_hash"]) == (
+        payment["id"],
+        tx,
+        payment["block_hash"],
+    )
     receipt = await chain.run(chain.receipt, tx)
     assert receipt["blockHash"] == payment["block_hash"]  # the reorg never touched it
     node_head = await chain.run(chain.node.rpc, "eth_getBlockByNumber", "latest", False)
     assert h.service.store.cursor(NETWORK).hash == node_head["hash"]
     types = Counter(h.receiver.types_for(invoice["id"]))
-    assert types == Counter({"invoice.created": 1, "invoice.payment_detected": 1, "invoice.paid": 1, "invoice.confirmed": 1}), types
+    assert types == Counter(
+        {"invoice.created": 1, "invoice.payment_detected": 1, "invoice.paid": 1, "invoice.confirmed": 1}
+    ), types
     assert_no_wrong_webhooks(h)
 
 
@@ -432,7 +491,9 @@ async def test_readyz_is_503_while_the_node_is_behind_the_checkpoint(anvil_node,
         status, body, _ = await readyz(h)
         return body if status == 503 else None
 
-    body = await h.wait_for(unready, timeout=10, what="/readyz 503 while the node's head is behind the checkpoint")
+    body = await h.wait_for(
+        unready, timeout=10, what="/readyz 503 while the node's head is behind the checkpoint"
+    )
     [reason] = [r for r in body["reasons"] if r.get("network") == NETWORK]
     assert "behind" in reason["reason"], reason
     [entry] = [c for c in body["chains"] if c["network"] == NETWORK]

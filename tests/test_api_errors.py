@@ -16,13 +16,11 @@ whole table one block is mined and the pending invoice must still have no paymen
 from __future__ import annotations
 
 import asyncio
-
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-
 from harness import Harness
 
 PROBLEM = "application/problem+json"
@@ -33,7 +31,9 @@ NO_JSON = object()  # sentinel: the case sends `data` (or nothing), not a JSON v
 class Case:
     id: str
     status: int
-    field: str | None = None  # for 422: what errors[0].field must name (exactly, or as a prefix of a sub-path)
+    field: str | None = (
+        None  # for 422: what errors[0].field must name (exactly, or as a prefix of a sub-path)
+    )
     method: str = "POST"
     path: str = "/v1/invoices"
     json: Any = NO_JSON
@@ -65,10 +65,25 @@ CREATE_BODY = [
     create("duplicate-key", 400, data=b'{"amount": "1", "amount": "2"}'),
     create("trailing-comma", 400, data=b'{"amount": "1",}'),
     create("form-encoded", 400, data=b"amount=1"),
-    create("form-content-type", 415, data=b"amount=1", headers={"Content-Type": "application/x-www-form-urlencoded"}),
+    create(
+        "form-content-type",
+        415,
+        data=b"amount=1",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    ),
     create("text-plain-content-type", 415, data=b'{"amount": "1"}', headers={"Content-Type": "text/plain"}),
-    create("octet-stream-content-type", 415, data=b'{"amount": "1"}', headers={"Content-Type": "application/octet-stream"}),
-    create("json-lookalike-content-type", 415, data=b'{"amount": "1"}', headers={"Content-Type": "application/jsonx"}),
+    create(
+        "octet-stream-content-type",
+        415,
+        data=b'{"amount": "1"}',
+        headers={"Content-Type": "application/octet-stream"},
+    ),
+    create(
+        "json-lookalike-content-type",
+        415,
+        data=b'{"amount": "1"}',
+        headers={"Content-Type": "application/jsonx"},
+    ),
     create("single-quotes", 400, data=b"{'amount': '1'}"),
     create("empty-body", 400, data=b""),
     create("whitespace-body", 400, data=b" \n\t "),
@@ -78,7 +93,12 @@ CREATE_BODY = [
     create("minus-infinity-literal", 400, data=b'{"amount": -Infinity}'),
     create("nested-50000-deep", 400, data=b"[" * 50_000),
     create("nested-30000-deep-array", 422, "body", data=b"[" * 30_000 + b"]" * 30_000),
-    create("lone-surrogate-in-string-field", 422, "product_name", data=b'{"amount": "1", "product_name": "\\ud800"}'),
+    create(
+        "lone-surrogate-in-string-field",
+        422,
+        "product_name",
+        data=b'{"amount": "1", "product_name": "\\ud800"}',
+    ),
     create("null", 422, "body", data=b"null"),
     create("array", 422, "body", json=[]),
     create("array-of-object", 422, "body", json=[{"amount": "1"}]),
@@ -90,7 +110,9 @@ CREATE_BODY = [
     create("unknown-field-id", 422, "id", json=body(id="inv_mine")),
     create("unknown-field-status", 422, "status", json=body(status="paid")),
     create("unknown-field-lone-surrogate", 422, None, data=b'{"amount": "1", "\\ud800": 1}'),
-    create("body-exactly-64KiB", 422, "metadata", data=None),  # filled in below: parsed, then refused for metadata size
+    create(
+        "body-exactly-64KiB", 422, "metadata", data=None
+    ),  # filled in below: parsed, then refused for metadata size
     create("body-64KiB-plus-1", 413, data=None),  # filled in below
     create("body-70KB", 413, data=b'{"amount": "1", "metadata": {"blob": "' + b"x" * 70_000 + b'"}}'),
 ]
@@ -179,25 +201,85 @@ CREATE_TIMING = [
     create("unknown-mode", 422, "payment_timing.mode", json=body(payment_timing={"mode": "weekly"})),
     create("mode-null", 422, "payment_timing.mode", json=body(payment_timing={"mode": None})),
     create("due_date-without-days", 422, "payment_timing", json=body(payment_timing={"mode": "due_date"})),
-    create("due_date-with-minutes", 422, "payment_timing",
-           json=body(payment_timing={"mode": "due_date", "due_after_days": 3, "expires_after_minutes": 5})),
-    create("immediate-with-days", 422, "payment_timing", json=body(payment_timing={"mode": "immediate", "due_after_days": 3})),
+    create(
+        "due_date-with-minutes",
+        422,
+        "payment_timing",
+        json=body(payment_timing={"mode": "due_date", "due_after_days": 3, "expires_after_minutes": 5}),
+    ),
+    create(
+        "immediate-with-days",
+        422,
+        "payment_timing",
+        json=body(payment_timing={"mode": "immediate", "due_after_days": 3}),
+    ),
     create("immediate-with-grace", 422, "payment_timing", json=body(payment_timing={"grace_period_days": 3})),
-    create("minutes-0", 422, "payment_timing.expires_after_minutes", json=body(payment_timing={"expires_after_minutes": 0})),
-    create("minutes-negative", 422, "payment_timing.expires_after_minutes", json=body(payment_timing={"expires_after_minutes": -5})),
-    create("minutes-over-a-year", 422, "payment_timing.expires_after_minutes",
-           json=body(payment_timing={"expires_after_minutes": 525_601})),
-    create("minutes-string", 422, "payment_timing.expires_after_minutes", json=body(payment_timing={"expires_after_minutes": "20"})),
-    create("minutes-fraction", 422, "payment_timing.expires_after_minutes",
-           data=b'{"amount": "10", "payment_timing": {"expires_after_minutes": 20.5}}'),
-    create("minutes-bool", 422, "payment_timing.expires_after_minutes", json=body(payment_timing={"expires_after_minutes": True})),
-    create("days-negative", 422, "payment_timing.due_after_days", json=body(payment_timing={"mode": "due_date", "due_after_days": -1})),
-    create("days-too-many", 422, "payment_timing.due_after_days", json=body(payment_timing={"mode": "due_date", "due_after_days": 3651})),
-    create("grace-too-long", 422, "payment_timing.grace_period_days",
-           json=body(payment_timing={"mode": "due_date", "due_after_days": 3, "grace_period_days": 366})),
-    create("unknown-key", 422, "payment_timing.colour", json=body(payment_timing={"expires_after_minutes": 20, "colour": 1})),
-    create("payable_until-given", 422, "payment_timing.payable_until",
-           json=body(payment_timing={"payable_until": "2030-01-01T00:00:00Z"})),
+    create(
+        "minutes-0",
+        422,
+        "payment_timing.expires_after_minutes",
+        json=body(payment_timing={"expires_after_minutes": 0}),
+    ),
+    create(
+        "minutes-negative",
+        422,
+        "payment_timing.expires_after_minutes",
+        json=body(payment_timing={"expires_after_minutes": -5}),
+    ),
+    create(
+        "minutes-over-a-year",
+        422,
+        "payment_timing.expires_after_minutes",
+        json=body(payment_timing={"expires_after_minutes": 525_601}),
+    ),
+    create(
+        "minutes-string",
+        422,
+        "payment_timing.expires_after_minutes",
+        json=body(payment_timing={"expires_after_minutes": "20"}),
+    ),
+    create(
+        "minutes-fraction",
+        422,
+        "payment_timing.expires_after_minutes",
+        data=b'{"amount": "10", "payment_timing": {"expires_after_minutes": 20.5}}',
+    ),
+    create(
+        "minutes-bool",
+        422,
+        "payment_timing.expires_after_minutes",
+        json=body(payment_timing={"expires_after_minutes": True}),
+    ),
+    create(
+        "days-negative",
+        422,
+        "payment_timing.due_after_days",
+        json=body(payment_timing={"mode": "due_date", "due_after_days": -1}),
+    ),
+    create(
+        "days-too-many",
+        422,
+        "payment_timing.due_after_days",
+        json=body(payment_timing={"mode": "due_date", "due_after_days": 3651}),
+    ),
+    create(
+        "grace-too-long",
+        422,
+        "payment_timing.grace_period_days",
+        json=body(payment_timing={"mode": "due_date", "due_after_days": 3, "grace_period_days": 366}),
+    ),
+    create(
+        "unknown-key",
+        422,
+        "payment_timing.colour",
+        json=body(payment_timing={"expires_after_minutes": 20, "colour": 1}),
+    ),
+    create(
+        "payable_until-given",
+        422,
+        "payment_timing.payable_until",
+        json=body(payment_timing={"payable_until": "2030-01-01T00:00:00Z"}),
+    ),
 ]
 
 CREATE_OPTIONS = [
@@ -231,7 +313,12 @@ CREATE_OPTIONS = [
     create("quote_rates-over-10^12", 422, "quote_rates", json=body(quote_rates={"TUSD": "1e13"})),
     create("quote_rates-tiny-exponent", 422, "quote_rates", json=body(quote_rates={"TUSD": "1e-999999999"})),
     create("quote_rates-empty-symbol", 422, "quote_rates", json=body(quote_rates={"": "1"})),
-    create("quote_rates-lone-surrogate-symbol", 422, "quote_rates", data=b'{"amount": "10", "quote_rates": {"\\ud800": "1"}}'),
+    create(
+        "quote_rates-lone-surrogate-symbol",
+        422,
+        "quote_rates",
+        data=b'{"amount": "10", "quote_rates": {"\\ud800": "1"}}',
+    ),
     create("quote_rates-81-char-symbol", 422, "quote_rates", json=body(quote_rates={"A" * 81: "1"})),
     create("quote_rates-unknown-asset", 422, "quote_rates.NOPE", json=body(quote_rates={"NOPE": "1"})),
 ]
@@ -241,7 +328,12 @@ CREATE_METADATA = [
     create("string", 422, "metadata", json=body(metadata="vip")),
     create("number", 422, "metadata", json=body(metadata=5)),
     create("over-8KiB-one-value", 422, "metadata", json=body(metadata={"blob": "x" * (8 * 1024)})),
-    create("over-8KiB-many-keys", 422, "metadata", json=body(metadata={f"k{i:04d}": "v" * 10 for i in range(600)})),
+    create(
+        "over-8KiB-many-keys",
+        422,
+        "metadata",
+        json=body(metadata={f"k{i:04d}": "v" * 10 for i in range(600)}),
+    ),
     create("notes-141", 422, "metadata", json=body(metadata={"notes": "n" * 141})),
     create("notes-number", 422, "metadata", json=body(metadata={"notes": 5})),
     create("notes-list", 422, "metadata", json=body(metadata={"notes": ["a"]})),
@@ -250,9 +342,19 @@ CREATE_METADATA = [
     create("nested-33-deep", 422, "metadata", json=body(metadata=nested(33))),
     create("nested-300-deep", 422, "metadata", data=json.dumps(body(metadata=nested(300))).encode()),
     create("nested-900-deep", 422, "metadata", data=json.dumps(body(metadata=nested(900))).encode()),
-    create("integer-over-64-bits", 422, "metadata", data=b'{"amount": "10", "metadata": {"n": 100000000000000000000000000000}}'),
+    create(
+        "integer-over-64-bits",
+        422,
+        "metadata",
+        data=b'{"amount": "10", "metadata": {"n": 100000000000000000000000000000}}',
+    ),
     create("number-1e400", 422, "metadata", data=b'{"amount": "10", "metadata": {"n": 1e400}}'),
-    create("number-beyond-a-double", 422, "metadata", data=b'{"amount": "10", "metadata": {"n": 0.12345678901234567890123}}'),
+    create(
+        "number-beyond-a-double",
+        422,
+        "metadata",
+        data=b'{"amount": "10", "metadata": {"n": 0.12345678901234567890123}}',
+    ),
     create("lone-surrogate-value", 422, "metadata", data=b'{"amount": "10", "metadata": {"s": "\\udc00"}}'),
     create("lone-surrogate-key", 422, "metadata", data=b'{"amount": "10", "metadata": {"\\ud800": "x"}}'),
 ]
@@ -263,7 +365,13 @@ LIST_QUERY = [
     Case("status-uppercase", 422, "status", "GET", "/v1/invoices?status=PENDING"),
     Case("exception_type-bogus", 422, "exception_type", "GET", "/v1/invoices?exception_type=fraud"),
     Case("exception_status-bogus", 422, "exception_status", "GET", "/v1/invoices?exception_status=closed"),
-    Case("merchant_reference-255", 422, "merchant_reference", "GET", "/v1/invoices?merchant_reference=" + "m" * 255),
+    Case(
+        "merchant_reference-255",
+        422,
+        "merchant_reference",
+        "GET",
+        "/v1/invoices?merchant_reference=" + "m" * 255,
+    ),
     Case("limit-0", 422, "limit", "GET", "/v1/invoices?limit=0"),
     Case("limit-201", 422, "limit", "GET", "/v1/invoices?limit=201"),
     Case("limit-abc", 422, "limit", "GET", "/v1/invoices?limit=abc"),
@@ -286,10 +394,18 @@ UNKNOWN_IDS = [
     Case("get", 404, None, "GET", "/v1/invoices/inv_01NOPE0000000000000000000"),
     Case("status", 404, None, "GET", "/v1/invoices/inv_01NOPE0000000000000000000/status"),
     Case("payments", 404, None, "GET", "/v1/invoices/inv_01NOPE0000000000000000000/payments"),
-    Case("resolve", 404, None, "POST", "/v1/invoices/inv_01NOPE0000000000000000000/exception/resolve",
-         json={"resolution_action": "other"}),
+    Case(
+        "resolve",
+        404,
+        None,
+        "POST",
+        "/v1/invoices/inv_01NOPE0000000000000000000/exception/resolve",
+        json={"resolution_action": "other"},
+    ),
     Case("sandbox-pay", 404, None, "POST", "/v1/sandbox/invoices/inv_01NOPE0000000000000000000/pay", json={}),
-    Case("sandbox-pay-empty-body", 404, None, "POST", "/v1/sandbox/invoices/inv_01NOPE0000000000000000000/pay"),
+    Case(
+        "sandbox-pay-empty-body", 404, None, "POST", "/v1/sandbox/invoices/inv_01NOPE0000000000000000000/pay"
+    ),
     Case("option-id-as-invoice-id", 404, None, "GET", "/v1/invoices/{opt}"),
     Case("id-differs-in-case", 404, None, "GET", "/v1/invoices/{inv_lower}"),
     Case("percent-encoded-space", 404, None, "GET", "/v1/invoices/inv%20x"),
@@ -321,22 +437,78 @@ ROUTING = [
 
 RESOLVE = "/v1/invoices/{inv}/exception/resolve"
 RESOLVE_CASES = [
-    *[Case(f"no-open-exception-{action}", 409, None, "POST", RESOLVE, json={"resolution_action": action})
-      for action in ("accept_late_payment", "accept_overpayment", "write_off_underpayment", "mark_duplicate_payment_reviewed", "other")],
-    Case("no-open-exception-with-note", 409, None, "POST", RESOLVE, json={"resolution_action": "other", "resolution_note": "ok"}),
-    Case("no-open-exception-zero-invoice", 409, None, "POST", "/v1/invoices/{zero}/exception/resolve", json={"resolution_action": "other"}),
+    *[
+        Case(f"no-open-exception-{action}", 409, None, "POST", RESOLVE, json={"resolution_action": action})
+        for action in (
+            "accept_late_payment",
+            "accept_overpayment",
+            "write_off_underpayment",
+            "mark_duplicate_payment_reviewed",
+            "other",
+        )
+    ],
+    Case(
+        "no-open-exception-with-note",
+        409,
+        None,
+        "POST",
+        RESOLVE,
+        json={"resolution_action": "other", "resolution_note": "ok"},
+    ),
+    Case(
+        "no-open-exception-zero-invoice",
+        409,
+        None,
+        "POST",
+        "/v1/invoices/{zero}/exception/resolve",
+        json={"resolution_action": "other"},
+    ),
     Case("bad-action", 422, "resolution_action", "POST", RESOLVE, json={"resolution_action": "approve"}),
     Case("action-uppercase", 422, "resolution_action", "POST", RESOLVE, json={"resolution_action": "OTHER"}),
     Case("action-number", 422, "resolution_action", "POST", RESOLVE, json={"resolution_action": 5}),
     Case("action-null", 422, "resolution_action", "POST", RESOLVE, json={"resolution_action": None}),
     Case("action-list", 422, "resolution_action", "POST", RESOLVE, json={"resolution_action": ["other"]}),
     Case("action-missing", 422, "resolution_action", "POST", RESOLVE, json={"resolution_note": "x"}),
-    Case("note-501", 422, "resolution_note", "POST", RESOLVE, json={"resolution_action": "other", "resolution_note": "n" * 501}),
-    Case("note-number", 422, "resolution_note", "POST", RESOLVE, json={"resolution_action": "other", "resolution_note": 5}),
-    Case("unknown-field-lone-surrogate", 422, None, "POST", RESOLVE, data=b'{"resolution_action": "other", "\\ud800": 1}'),
-    Case("unknown-field", 422, "status", "POST", RESOLVE, json={"resolution_action": "other", "status": "resolved"}),
-    Case("bad-action-unknown-invoice", 422, "resolution_action", "POST", "/v1/invoices/inv_nope/exception/resolve",
-         json={"resolution_action": "approve"}),
+    Case(
+        "note-501",
+        422,
+        "resolution_note",
+        "POST",
+        RESOLVE,
+        json={"resolution_action": "other", "resolution_note": "n" * 501},
+    ),
+    Case(
+        "note-number",
+        422,
+        "resolution_note",
+        "POST",
+        RESOLVE,
+        json={"resolution_action": "other", "resolution_note": 5},
+    ),
+    Case(
+        "unknown-field-lone-surrogate",
+        422,
+        None,
+        "POST",
+        RESOLVE,
+        data=b'{"resolution_action": "other", "\\ud800": 1}',
+    ),
+    Case(
+        "unknown-field",
+        422,
+        "status",
+        "POST",
+        RESOLVE,
+        json={"resolution_action": "other", "status": "resolved"},
+    ),
+    Case(
+        "bad-action-unknown-invoice",
+        422,
+        "resolution_action",
+        "POST",
+        "/v1/invoices/inv_nope/exception/resolve",
+        json={"resolution_action": "approve"},
+    ),
     Case("malformed-json", 400, None, "POST", RESOLVE, data=b'{"resolution_action": "other"'),
     Case("empty-body", 400, None, "POST", RESOLVE, data=b""),
     Case("array", 422, "body", "POST", RESOLVE, json=[{"resolution_action": "other"}]),
@@ -379,7 +551,14 @@ PAY_CASES = [
     Case("null", 422, "body", "POST", PAY, data=b"null"),
     Case("body-70KB", 413, None, "POST", PAY, data=b'{"amount": "' + b"1" * 70_000 + b'"}'),
     Case("no-options-zero-invoice", 409, None, "POST", "/v1/sandbox/invoices/{zero}/pay", json={}),
-    Case("no-options-draft-invoice", 409, None, "POST", "/v1/sandbox/invoices/{draft}/pay", json={"amount": "1"}),
+    Case(
+        "no-options-draft-invoice",
+        409,
+        None,
+        "POST",
+        "/v1/sandbox/invoices/{draft}/pay",
+        json={"amount": "1"},
+    ),
 ]
 
 MINE = "/v1/sandbox/mine"
@@ -431,8 +610,16 @@ BAD_AUTH = [
     ("bearer-empty-key", "Bearer "),
 ]
 AUTH_CASES = [
-    Case(f"{route}-{variant}", 401, None, method, path, json=payload if payload is not None else NO_JSON,
-         headers={} if header is None else {"Authorization": header}, auth=False)
+    Case(
+        f"{route}-{variant}",
+        401,
+        None,
+        method,
+        path,
+        json=payload if payload is not None else NO_JSON,
+        headers={} if header is None else {"Authorization": header},
+        auth=False,
+    )
     for route, method, path, payload in V1_ROUTES
     for variant, header in BAD_AUTH
 ]
@@ -475,11 +662,18 @@ def problem_errors(case: Case, status: int, got: Any, ctype: str) -> list[str]:
         errors = got.get("errors")
         if not isinstance(errors, list) or not errors:
             wrong.append("422 without an errors list")
-        elif not all(isinstance(e, dict) and isinstance(e.get("field"), str) and isinstance(e.get("message"), str) for e in errors):
+        elif not all(
+            isinstance(e, dict) and isinstance(e.get("field"), str) and isinstance(e.get("message"), str)
+            for e in errors
+        ):
             wrong.append(f"errors entries are not {{field, message}}: {errors!r}")
         elif case.field is not None:
             first = errors[0]["field"]
-            if not (first == case.field or first.startswith(case.field + ".") or first.startswith(case.field + "[")):
+            if not (
+                first == case.field
+                or first.startswith(case.field + ".")
+                or first.startswith(case.field + "[")
+            ):
                 wrong.append(f"errors[0].field is {first!r}, wanted {case.field!r}")
     if wrong:
         wrong.append(f"body: {str(got)[:300]}")
@@ -502,8 +696,13 @@ async def fixtures(harness) -> dict[str, str]:
     assert not zero["payment_options"] and not draft["payment_options"]
     key = harness.api_key
     return {
-        "inv": inv["id"], "opt": inv["payment_options"][0]["id"], "zero": zero["id"], "draft": draft["id"],
-        "inv_lower": inv["id"].lower(), "key": key, "key_short": key[:-1],
+        "inv": inv["id"],
+        "opt": inv["payment_options"][0]["id"],
+        "zero": zero["id"],
+        "draft": draft["id"],
+        "inv_lower": inv["id"].lower(),
+        "key": key,
+        "key_short": key[:-1],
     }
 
 
@@ -540,7 +739,6 @@ async def harness(harnesses):
     return await harnesses(UnthrottledHarness)
 
 
-
 @pytest.mark.parametrize("table", list(TABLES.values()), ids=list(TABLES))
 async def test_bad_requests_answer_problems_and_change_nothing(harness, table: list[Case]):
     names = await fixtures(harness)
@@ -565,14 +763,18 @@ async def test_bad_requests_answer_problems_and_change_nothing(harness, table: l
     await harness.settle()
     invoice = await harness.get(names["inv"])
     if invoice["payments"] or invoice["status"] != "pending":
-        failures.append(f"after mining, the fixture invoice changed: {invoice['status']}, payments {invoice['payments']}")
+        failures.append(
+            f"after mining, the fixture invoice changed: {invoice['status']}, payments {invoice['payments']}"
+        )
     assert not failures, f"{len(failures)} of {len(table)} cases failed:\n" + "\n".join(failures)
 
 
 async def test_healthz_is_open_and_auth_scheme_is_case_insensitive(harness):
     status, got, _ = await harness.request("GET", "/healthz", auth=False)
     assert status == 200 and got == {"status": "ok"}
-    status, got, _ = await harness.request("GET", "/v1/invoices", auth=False, headers={"Authorization": f"bearer {harness.api_key}"})
+    status, got, _ = await harness.request(
+        "GET", "/v1/invoices", auth=False, headers={"Authorization": f"bearer {harness.api_key}"}
+    )
     assert status == 200, got
 
 
@@ -597,9 +799,20 @@ async def test_create_takes_exact_decimals_and_plain_json_metadata(harness):
     zero = await harness.create(amount="-0")
     assert zero["amount"] == "0" and zero["status"] == "confirmed" and zero["payment_options"] == []
 
-    metadata = {"notes": "n" * 140, "price": 1.5, "count": 3, "big": 2**63 - 1, "nested": {"list": [1, 2.25, None, True, "x"]}}
-    invoice = await harness.create(metadata=metadata, product_name="p" * 200, issued_by="i" * 120, bill_to="b" * 120,
-                                   customer_email="buyer@example.com")
+    metadata = {
+        "notes": "n" * 140,
+        "price": 1.5,
+        "count": 3,
+        "big": 2**63 - 1,
+        "nested": {"list": [1, 2.25, None, True, "x"]},
+    }
+    invoice = await harness.create(
+        metadata=metadata,
+        product_name="p" * 200,
+        issued_by="i" * 120,
+        bill_to="b" * 120,
+        customer_email="buyer@example.com",
+    )
     assert invoice["metadata"] == metadata
     assert (await harness.get(invoice["id"]))["metadata"] == metadata
 
@@ -611,8 +824,15 @@ async def test_idempotency_key(harness):
         return got["total"]
 
     failures = []
-    for case_id, key in [("too-long", "k" * 256), ("empty", ""), ("not-ascii", "cl\xe9"), ("control-character", "a\tb")]:
-        status, got, ctype = await harness.request("POST", "/v1/invoices", json={"amount": "1"}, headers={"Idempotency-Key": key})
+    for case_id, key in [
+        ("too-long", "k" * 256),
+        ("empty", ""),
+        ("not-ascii", "cl\xe9"),
+        ("control-character", "a\tb"),
+    ]:
+        status, got, ctype = await harness.request(
+            "POST", "/v1/invoices", json={"amount": "1"}, headers={"Idempotency-Key": key}
+        )
         wrong = problem_errors(Case(case_id, 422, "Idempotency-Key"), status, got, ctype)
         if wrong:
             failures.append(f"{case_id}: " + "; ".join(wrong))
@@ -620,10 +840,14 @@ async def test_idempotency_key(harness):
     assert await total() == 0
 
     key = {"Idempotency-Key": "k" * 255}
-    status, first, _ = await harness.request("POST", "/v1/invoices", json={"amount": "12.5", "merchant_reference": "r1"}, headers=key)
+    status, first, _ = await harness.request(
+        "POST", "/v1/invoices", json={"amount": "12.5", "merchant_reference": "r1"}, headers=key
+    )
     assert status == 201, first
     # The same key and body (keys in another order) answers the same invoice, not a second one.
-    status, again, _ = await harness.request("POST", "/v1/invoices", json={"merchant_reference": "r1", "amount": "12.5"}, headers=key)
+    status, again, _ = await harness.request(
+        "POST", "/v1/invoices", json={"merchant_reference": "r1", "amount": "12.5"}, headers=key
+    )
     assert status == 201, again
     assert again["id"] == first["id"] and again["payment_options"] == first["payment_options"]
     assert await total() == 1
@@ -648,8 +872,12 @@ async def test_idempotency_key(harness):
     assert (await harness.get(first["id"]))["version"] == first["version"]
 
     # A different key with the first body is a new invoice.
-    status, other, _ = await harness.request("POST", "/v1/invoices", json={"amount": "12.5", "merchant_reference": "r1"},
-                                             headers={"Idempotency-Key": "another"})
+    status, other, _ = await harness.request(
+        "POST",
+        "/v1/invoices",
+        json={"amount": "12.5", "merchant_reference": "r1"},
+        headers={"Idempotency-Key": "another"},
+    )
     assert status == 201 and other["id"] != first["id"]
     assert await total() == 2
 
@@ -658,7 +886,9 @@ async def test_method_not_allowed_names_the_allowed_methods(harness):
     status, body, ctype = await harness.request("DELETE", "/v1/invoices")
     assert status == 405 and ctype.startswith("application/problem+json")
     assert body["status"] == 405
-    async with harness.http.delete(harness.base_url + "/v1/invoices", headers={"Authorization": f"Bearer {harness.api_key}"}) as r:
+    async with harness.http.delete(
+        harness.base_url + "/v1/invoices", headers={"Authorization": f"Bearer {harness.api_key}"}
+    ) as r:
         assert set(r.headers["Allow"].split(", ")) == {"GET", "HEAD", "POST"}
 
 
@@ -666,8 +896,13 @@ async def test_deeply_nested_json_is_a_400_not_a_crash(harness):
     before = (await harness.request("GET", "/v1/invoices"))[1]["total"]
     # Whether the parser refuses the depth (400) or the validation does (422) depends on the
     # interpreter's recursion limit (eth-tester raises it); either way, a problem, never a 500.
-    for body in ("[" * 30000 + "]" * 30000, '{"amount": "1", "metadata": {"x": ' + "[" * 30000 + "]" * 30000 + "}}"):
-        status, problem, ctype = await harness.request("POST", "/v1/invoices", data=body, headers={"Content-Type": "application/json"})
+    for body in (
+        "[" * 30000 + "]" * 30000,
+        '{"amount": "1", "metadata": {"x": ' + "[" * 30000 + "]" * 30000 + "}}",
+    ):
+        status, problem, ctype = await harness.request(
+            "POST", "/v1/invoices", data=body, headers={"Content-Type": "application/json"}
+        )
         assert status in (400, 422) and ctype.startswith("application/problem+json"), (status, problem)
         assert problem["status"] == status
     assert (await harness.request("GET", "/v1/invoices"))[1]["total"] == before
@@ -676,7 +911,9 @@ async def test_deeply_nested_json_is_a_400_not_a_crash(harness):
 async def test_an_authorization_header_that_is_not_utf8_is_a_401(harness):
     host, port = harness.base_url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"GET /v1/invoices HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\xfa\r\nConnection: close\r\n\r\n")
+    writer.write(
+        b"GET /v1/invoices HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\xfa\r\nConnection: close\r\n\r\n"
+    )
     await writer.drain()
     answer = await reader.read()
     writer.close()

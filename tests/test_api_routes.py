@@ -17,9 +17,9 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
-
 from harness import Harness
 from test_api_errors import NO_JSON, Case, fixtures, problem_errors, send, snapshot
+
 from watcher import api as api_module
 
 TOKEN_UNIT = 10**6  # the sandbox token has 6 decimals
@@ -126,7 +126,9 @@ def event(h: Harness, invoice_id: str, kind: str) -> dict:
     return found
 
 
-async def refused(h: Harness, method: str, path: str, status: int, *, json: Any = None, field: str | None = None) -> dict:
+async def refused(
+    h: Harness, method: str, path: str, status: int, *, json: Any = None, field: str | None = None
+) -> dict:
     """The request answers a problem with `status` and changes nothing."""
     before = await snapshot(h)
     got_status, got, ctype = await h.request(method, path, json=json)
@@ -140,10 +142,22 @@ async def refused(h: Harness, method: str, path: str, status: int, *, json: Any 
 
 
 async def test_search_matches_ids_text_addresses_and_hashes_case_insensitively(h):
-    a = await h.create(amount="1", product_name="Café Überraschung", merchant_reference="order_100%",
-                       customer_id="cus_Alpha", customer_email="Alice@Example.com", bill_to="Alice Liddell")
-    b = await h.create(amount="2", product_name="Pro Plan", merchant_reference="order_200", customer_id="cus_beta",
-                       customer_email="bob@example.com", bill_to="Bob & Co")
+    a = await h.create(
+        amount="1",
+        product_name="Café Überraschung",
+        merchant_reference="order_100%",
+        customer_id="cus_Alpha",
+        customer_email="Alice@Example.com",
+        bill_to="Alice Liddell",
+    )
+    b = await h.create(
+        amount="2",
+        product_name="Pro Plan",
+        merchant_reference="order_200",
+        customer_id="cus_beta",
+        customer_email="bob@example.com",
+        bill_to="Bob & Co",
+    )
     c = await h.create(amount="3", product_name="Pro Plan yearly", merchant_reference="ORDER_300")
     paid = await pay_and_wait(h, b["id"], "paid")
     tx = paid["payments"][0]["transaction_hash"]
@@ -211,10 +225,20 @@ async def test_export_is_csv_with_a_header_row_the_filters_and_no_formulas(h, mo
     header, rows, headers = await export(h)
     assert header == list(api_module.EXPORT_COLUMNS) and rows == [] and headers["X-Total-Count"] == "0"
 
-    a = await h.create(amount="10", merchant_reference="=HYPERLINK(\"http://evil\")", product_name="+1+2",
-                       customer_id="-5", customer_email="evil@example.com")
-    b = await h.create(amount="20", product_name='Widget, "large"\nsecond line', merchant_reference="@SUM(A1)",
-                       customer_id="\tcmd", customer_email="=x@example.com")
+    a = await h.create(
+        amount="10",
+        merchant_reference='=HYPERLINK("http://evil")',
+        product_name="+1+2",
+        customer_id="-5",
+        customer_email="evil@example.com",
+    )
+    b = await h.create(
+        amount="20",
+        product_name='Widget, "large"\nsecond line',
+        merchant_reference="@SUM(A1)",
+        customer_id="\tcmd",
+        customer_email="=x@example.com",
+    )
     c = await h.create(amount="30", merchant_reference="plain")
     await h.pay(b["id"], "5")
     await h.mine(1)
@@ -229,18 +253,41 @@ async def test_export_is_csv_with_a_header_row_the_filters_and_no_formulas(h, mo
     assert [r["id"] for r in rows] == [c["id"], b["id"], a["id"]]  # newest first, as the list
     ra, rb, rc = rows[2], rows[1], rows[0]
     # Formula injection: a cell a spreadsheet would evaluate starts with an apostrophe.
-    assert ra["merchant_reference"] == "'=HYPERLINK(\"http://evil\")"
+    assert ra["merchant_reference"] == '\'=HYPERLINK("http://evil")'
     assert ra["product_name"] == "'+1+2" and ra["customer_id"] == "'-5"
-    assert rb["merchant_reference"] == "'@SUM(A1)" and rb["customer_id"] == "'\tcmd" and rb["customer_email"] == "'=x@example.com"
+    assert (
+        rb["merchant_reference"] == "'@SUM(A1)"
+        and rb["customer_id"] == "'\tcmd"
+        and rb["customer_email"] == "'=x@example.com"
+    )
     assert rb["product_name"] == 'Widget, "large"\nsecond line'  # quoted by the csv module, read back whole
     assert rc["merchant_reference"] == "plain"
     # The amounts, states and times of the invoice object.
     hashes = [p["transaction_hash"] for p in b_now["payments"]]
     assert len(hashes) == 2 and rb["transaction_hashes"] == " ".join(hashes)
-    assert {k: rb[k] for k in ("status", "amount", "currency", "received_amount", "remaining_amount", "overpaid_amount",
-                               "payment_state", "exception_type", "exception_status")} == {
-        "status": "confirmed", "amount": "20", "currency": "USD", "received_amount": "20.00", "remaining_amount": "0",
-        "overpaid_amount": "0", "payment_state": "exact", "exception_type": "", "exception_status": "",
+    assert {
+        k: rb[k]
+        for k in (
+            "status",
+            "amount",
+            "currency",
+            "received_amount",
+            "remaining_amount",
+            "overpaid_amount",
+            "payment_state",
+            "exception_type",
+            "exception_status",
+        )
+    } == {
+        "status": "confirmed",
+        "amount": "20",
+        "currency": "USD",
+        "received_amount": "20.00",
+        "remaining_amount": "0",
+        "overpaid_amount": "0",
+        "payment_state": "exact",
+        "exception_type": "",
+        "exception_status": "",
     }
     assert rb["created_at"] == b_now["created_at"] and rb["paid_at"] == b_now["paid_at"]
     assert rb["confirmed_at"] == b_now["confirmed_at"] and rb["cancelled_at"] == ""
@@ -302,9 +349,27 @@ def exceptions(**nonzero: int) -> dict:
 async def test_stats_count_every_status_and_open_exception_and_sum_received_exactly(h):
     empty = await stats(h)
     assert empty == {
-        "total": 0, "by_status": counts(), "by_open_exception_type": exceptions(),
-        "received": [{"network": "sandbox", "asset": "ETH", "decimals": 18, "amount_atomic": "0", "amount": "0", "payments": 0},
-                     {"network": "sandbox", "asset": "TUSD", "decimals": 6, "amount_atomic": "0", "amount": "0", "payments": 0}],
+        "total": 0,
+        "by_status": counts(),
+        "by_open_exception_type": exceptions(),
+        "received": [
+            {
+                "network": "sandbox",
+                "asset": "ETH",
+                "decimals": 18,
+                "amount_atomic": "0",
+                "amount": "0",
+                "payments": 0,
+            },
+            {
+                "network": "sandbox",
+                "asset": "TUSD",
+                "decimals": 6,
+                "amount_atomic": "0",
+                "amount": "0",
+                "payments": 0,
+            },
+        ],
     }
 
     paid = await h.create(amount="12.5", merchant_reference="shop-a")
@@ -333,14 +398,30 @@ async def test_stats_count_every_status_and_open_exception_and_sum_received_exac
     assert got["by_open_exception_type"] == exceptions(overpaid=1, late_payment=1)
     received = 12_500_000 + 10_000_001 + 250_000
     assert got["received"] == [
-        {"network": "sandbox", "asset": "ETH", "decimals": 18, "amount_atomic": "0", "amount": "0", "payments": 0},
-        {"network": "sandbox", "asset": "TUSD", "decimals": 6, "amount_atomic": str(received), "amount": "22.750001", "payments": 3},
+        {
+            "network": "sandbox",
+            "asset": "ETH",
+            "decimals": 18,
+            "amount_atomic": "0",
+            "amount": "0",
+            "payments": 0,
+        },
+        {
+            "network": "sandbox",
+            "asset": "TUSD",
+            "decimals": 6,
+            "amount_atomic": str(received),
+            "amount": "22.750001",
+            "payments": 3,
+        },
     ]
 
     tusd = 1  # received is sorted by network and asset: ETH first
     shop_a = await stats(h, merchant_reference="shop-a")
     assert shop_a["total"] == 2 and shop_a["by_status"] == counts(paid=2)
-    assert shop_a["received"][tusd]["amount_atomic"] == "22500001" and shop_a["received"][tusd]["payments"] == 2
+    assert (
+        shop_a["received"][tusd]["amount_atomic"] == "22500001" and shop_a["received"][tusd]["payments"] == 2
+    )
     shop_b = await stats(h, search="SHOP-B")
     assert shop_b["by_status"] == counts(pending=1, cancelled=1)
     assert shop_b["by_open_exception_type"] == exceptions(late_payment=1)
@@ -349,7 +430,9 @@ async def test_stats_count_every_status_and_open_exception_and_sum_received_exac
     assert (await stats(h, exception_type="overpaid"))["by_status"] == counts(paid=1)
 
     # Accepting the late payment makes it received.
-    status, _ = await post(h, f"/v1/invoices/{cancelled['id']}/exception/resolve", {"resolution_action": "accept_late_payment"})
+    status, _ = await post(
+        h, f"/v1/invoices/{cancelled['id']}/exception/resolve", {"resolution_action": "accept_late_payment"}
+    )
     assert status == 200
     again = await stats(h)
     assert again["received"][tusd]["amount_atomic"] == str(received + 3_000_000)
@@ -360,11 +443,21 @@ async def test_stats_count_every_status_and_open_exception_and_sum_received_exac
 
 
 async def test_a_draft_is_finalized_into_a_payable_invoice(h):
-    draft = await h.create(amount="15", draft=True, merchant_reference="d1", quote_rates={"TUSD": "0.5"},
-                           payment_timing={"mode": "due_date", "due_after_days": 3, "grace_period_days": 2})
+    draft = await h.create(
+        amount="15",
+        draft=True,
+        merchant_reference="d1",
+        quote_rates={"TUSD": "0.5"},
+        payment_timing={"mode": "due_date", "due_after_days": 3, "grace_period_days": 2},
+    )
     assert draft["status"] == "draft" and draft["payment_options"] == [] and draft["version"] == 1
-    assert draft["payment_timing"] == {"mode": "due_date", "due_after_days": 3, "grace_period_days": 2,
-                                       "due_at": None, "payable_until": None}
+    assert draft["payment_timing"] == {
+        "mode": "due_date",
+        "due_after_days": 3,
+        "grace_period_days": 2,
+        "due_at": None,
+        "payable_until": None,
+    }
     assert await h.get(draft["id"]) == draft
 
     before = h.clock()
@@ -373,7 +466,9 @@ async def test_a_draft_is_finalized_into_a_payable_invoice(h):
     assert status == 200, final
     assert final["status"] == "pending" and final["version"] == 2
     [option] = final["payment_options"]
-    assert option["amount_atomic"] == "30000000" and option["quote_rate"] == "0.5"  # the draft's own quote_rates
+    assert (
+        option["amount_atomic"] == "30000000" and option["quote_rate"] == "0.5"
+    )  # the draft's own quote_rates
     assert option["destination_address"].startswith("0x") and option["asset"] == "TUSD"
     timing = final["payment_timing"]
     assert int(before) + 3 * 86400 <= unix(timing["due_at"]) <= int(after) + 3 * 86400
@@ -384,8 +479,11 @@ async def test_a_draft_is_finalized_into_a_payable_invoice(h):
     # The new address is watched.
     paid = await pay_and_wait(h, draft["id"], "paid")
     assert paid["payment_summary"]["payment_state"] == "exact"
-    await timeline(h, draft, [{"invoice.created"}, {"invoice.session_refreshed"},
-                              {"invoice.payment_detected", "invoice.paid"}])
+    await timeline(
+        h,
+        draft,
+        [{"invoice.created"}, {"invoice.session_refreshed"}, {"invoice.payment_detected", "invoice.paid"}],
+    )
     refreshed = event(h, draft["id"], "invoice.session_refreshed")
     assert refreshed["data"]["invoice"]["status"] == "pending" and refreshed["data"]["payment"] is None
     assert refreshed["data"]["invoice"]["payment_timing"] == timing
@@ -435,7 +533,9 @@ async def test_cancel_a_pending_invoice_and_a_later_payment_is_late(h):
     assert status == 200, cancelled
     assert cancelled["status"] == "cancelled" and cancelled["version"] == 2
     assert cancelled["cancelled_at"] and abs(unix(cancelled["cancelled_at"]) - time.time()) < 30
-    assert cancelled["payment_options"] == invoice["payment_options"]  # still shown: its address is still watched
+    assert (
+        cancelled["payment_options"] == invoice["payment_options"]
+    )  # still shown: its address is still watched
     assert await h.get(invoice["id"]) == cancelled
     await refused(h, "POST", f"/v1/invoices/{invoice['id']}/cancel", 409)
 
@@ -447,14 +547,25 @@ async def test_cancel_a_pending_invoice_and_a_later_payment_is_late(h):
     assert late["payment_summary"]["payment_state"] == "unpaid"
     await refused(h, "POST", f"/v1/invoices/{invoice['id']}/cancel", 409)
 
-    status, accepted = await post(h, f"/v1/invoices/{invoice['id']}/exception/resolve",
-                                  {"resolution_action": "accept_late_payment", "resolution_note": "shipped anyway"})
-    assert status == 200 and accepted["status"] == "paid" and accepted["payments"][0]["role"] == "counted", accepted
+    status, accepted = await post(
+        h,
+        f"/v1/invoices/{invoice['id']}/exception/resolve",
+        {"resolution_action": "accept_late_payment", "resolution_note": "shipped anyway"},
+    )
+    assert status == 200 and accepted["status"] == "paid" and accepted["payments"][0]["role"] == "counted", (
+        accepted
+    )
     assert accepted["payments"][0]["transaction_hash"] == tx
-    await timeline(h, invoice, [
-        {"invoice.created"}, {"invoice.cancelled"}, {"invoice.payment_detected", "invoice.exception_opened"},
-        {"invoice.paid", "invoice.exception_resolved"},
-    ])
+    await timeline(
+        h,
+        invoice,
+        [
+            {"invoice.created"},
+            {"invoice.cancelled"},
+            {"invoice.payment_detected", "invoice.exception_opened"},
+            {"invoice.paid", "invoice.exception_resolved"},
+        ],
+    )
     body = event(h, invoice["id"], "invoice.cancelled")
     assert body["data"]["invoice"]["status"] == "cancelled" and body["data"]["invoice"]["version"] == 2
 
@@ -472,7 +583,9 @@ async def test_only_a_pending_invoice_that_received_nothing_is_cancelled(h):
         problem = await refused(h, "POST", f"/v1/invoices/{invoice['id']}/cancel", 409)
         assert problem["type"] == "urn:watcher:problem:state-conflict"
     await refused(h, "POST", "/v1/invoices/inv_01NOPE0000000000000000000/cancel", 404)
-    await refused(h, "POST", f"/v1/invoices/{partial['id']}/cancel", 422, json={"reason": "duplicate"}, field="reason")
+    await refused(
+        h, "POST", f"/v1/invoices/{partial['id']}/cancel", 422, json={"reason": "duplicate"}, field="reason"
+    )
     assert "invoice.cancelled" not in {e.type for e in h.receiver.events}
 
 
@@ -480,17 +593,23 @@ async def test_only_a_pending_invoice_that_received_nothing_is_cancelled(h):
 
 
 async def test_checkout_session_requotes_with_new_addresses_and_the_old_ones_still_count(h):
-    invoice = await h.create(amount="20", merchant_reference="cs1", payment_timing={"expires_after_minutes": 30})
+    invoice = await h.create(
+        amount="20", merchant_reference="cs1", payment_timing={"expires_after_minutes": 30}
+    )
     [old] = invoice["payment_options"]
     h.offset += 5  # the new timer visibly starts later
-    status, fresh = await post(h, f"/v1/invoices/{invoice['id']}/checkout-session", {"quote_rates": {"TUSD": "0.8"}})
+    status, fresh = await post(
+        h, f"/v1/invoices/{invoice['id']}/checkout-session", {"quote_rates": {"TUSD": "0.8"}}
+    )
     assert status == 200, fresh
     [new] = fresh["payment_options"]
     assert new["id"] != old["id"] and new["destination_address"] != old["destination_address"]
     assert (new["amount_atomic"], new["quote_rate"]) == ("25000000", "0.8")
     assert fresh["status"] == "pending" and fresh["version"] == invoice["version"] + 1
     assert fresh["payment_timing"]["expires_after_minutes"] == 30
-    assert unix(fresh["payment_timing"]["payable_until"]) >= unix(invoice["payment_timing"]["payable_until"]) + 4
+    assert (
+        unix(fresh["payment_timing"]["payable_until"]) >= unix(invoice["payment_timing"]["payable_until"]) + 4
+    )
     assert await h.get(invoice["id"]) == fresh
     # The old address still finds the invoice.
     assert await ids(h, search=old["destination_address"]) == ([invoice["id"]], 1)
@@ -498,28 +617,48 @@ async def test_checkout_session_requotes_with_new_addresses_and_the_old_ones_sti
     # Without a body: the last session's rates again.
     status, again = await post(h, f"/v1/invoices/{invoice['id']}/checkout-session")
     assert status == 200 and again["payment_options"][0]["amount_atomic"] == "25000000", again
-    assert again["payment_options"][0]["destination_address"] not in (old["destination_address"], new["destination_address"])
+    assert again["payment_options"][0]["destination_address"] not in (
+        old["destination_address"],
+        new["destination_address"],
+    )
 
     # A payment to the first (no longer offered) address counts at that option's own quote:
     # half of 20 TUSD there is half the invoice.
-    await h.on_chain(h.chain.transfer_token, h.chain.deployed.token, old["destination_address"].lower(), 10 * TOKEN_UNIT)
+    await h.on_chain(
+        h.chain.transfer_token, h.chain.deployed.token, old["destination_address"].lower(), 10 * TOKEN_UNIT
+    )
     await h.mine(1)
-    half = await h.wait_invoice(invoice["id"], lambda i: len(i["payments"]) == 1, "payment to the old address")
+    half = await h.wait_invoice(
+        invoice["id"], lambda i: len(i["payments"]) == 1, "payment to the old address"
+    )
     assert half["payments"][0]["payment_option_id"] == old["id"] and half["payments"][0]["role"] == "counted"
-    assert half["payment_summary"] == {"payment_state": "partial", "received_amount": "10.00",
-                                       "remaining_amount": "10.00", "overpaid_amount": "0"}
+    assert half["payment_summary"] == {
+        "payment_state": "partial",
+        "received_amount": "10.00",
+        "remaining_amount": "10.00",
+        "overpaid_amount": "0",
+    }
     # Something was received: no new session, no cancel.
     await refused(h, "POST", f"/v1/invoices/{invoice['id']}/checkout-session", 409)
-    await h.on_chain(h.chain.transfer_token, h.chain.deployed.token, new["destination_address"].lower(), 12_500_000)
+    await h.on_chain(
+        h.chain.transfer_token, h.chain.deployed.token, new["destination_address"].lower(), 12_500_000
+    )
     await h.mine(1)
     done = await h.wait_status(invoice["id"], "paid")
     assert done["payment_summary"]["payment_state"] == "exact"
     await refused(h, "POST", f"/v1/invoices/{invoice['id']}/checkout-session", 409)
 
-    await timeline(h, invoice, [
-        {"invoice.created"}, {"invoice.session_refreshed"}, {"invoice.session_refreshed"},
-        {"invoice.payment_detected"}, {"invoice.payment_detected", "invoice.paid"},
-    ])
+    await timeline(
+        h,
+        invoice,
+        [
+            {"invoice.created"},
+            {"invoice.session_refreshed"},
+            {"invoice.session_refreshed"},
+            {"invoice.payment_detected"},
+            {"invoice.payment_detected", "invoice.paid"},
+        ],
+    )
 
 
 async def test_checkout_session_reopens_an_expired_invoice(make_harness):
@@ -531,17 +670,25 @@ async def test_checkout_session_reopens_an_expired_invoice(make_harness):
     status, fresh = await post(h, f"/v1/invoices/{invoice['id']}/checkout-session", {"assets": ["TUSD"]})
     assert status == 200, fresh
     assert fresh["status"] == "pending" and fresh["exception"] is None
-    assert unix(fresh["payment_timing"]["payable_until"]) > unix(invoice["payment_timing"]["payable_until"]) + 60
+    assert (
+        unix(fresh["payment_timing"]["payable_until"]) > unix(invoice["payment_timing"]["payable_until"]) + 60
+    )
     # Still pending after a new block (the deadline is in the future of the chain too).
     await h.mine(1)
     await h.settle()
     assert (await h.get(invoice["id"]))["status"] == "pending"
     paid = await pay_and_wait(h, invoice["id"], "paid")
     assert paid["payments"][0]["role"] == "counted"
-    await timeline(h, invoice, [
-        {"invoice.created"}, {"invoice.expired"}, {"invoice.session_refreshed"},
-        {"invoice.payment_detected", "invoice.paid"},
-    ])
+    await timeline(
+        h,
+        invoice,
+        [
+            {"invoice.created"},
+            {"invoice.expired"},
+            {"invoice.session_refreshed"},
+            {"invoice.payment_detected", "invoice.paid"},
+        ],
+    )
 
 
 async def test_checkout_session_is_refused_unless_pending_or_expired_with_nothing_received(make_harness):
@@ -566,11 +713,19 @@ async def test_checkout_session_is_refused_unless_pending_or_expired_with_nothin
 async def test_checkout_session_that_cannot_be_quoted_is_a_422_and_changes_nothing(make_harness):
     h = await make_harness(usd_rate=None)
     invoice = await h.create(amount="4", quote_rates={"TUSD": "1"})
-    problem = await refused(h, "POST", f"/v1/invoices/{invoice['id']}/checkout-session", 422,
-                            json={"quote_rates": {"OTHER": "1"}}, field="quote_rates.OTHER")
+    problem = await refused(
+        h,
+        "POST",
+        f"/v1/invoices/{invoice['id']}/checkout-session",
+        422,
+        json={"quote_rates": {"OTHER": "1"}},
+        field="quote_rates.OTHER",
+    )
     assert "no configured asset" in problem["detail"]
     assert await h.get(invoice["id"]) == invoice
-    status, fresh = await post(h, f"/v1/invoices/{invoice['id']}/checkout-session", {"quote_rates": {"TUSD": "2"}})
+    status, fresh = await post(
+        h, f"/v1/invoices/{invoice['id']}/checkout-session", {"quote_rates": {"TUSD": "2"}}
+    )
     assert status == 200 and fresh["payment_options"][0]["amount_atomic"] == "2000000", fresh
 
 
@@ -588,9 +743,17 @@ async def test_resolve_fits_the_open_exception_and_answers_the_invoice(h):
     for action in ("accept_late_payment", "write_off_underpayment", "mark_duplicate_payment_reviewed"):
         problem = await refused(h, "POST", path, 409, json={"resolution_action": action})
         assert "overpaid" in problem["detail"]
-    await refused(h, "POST", path, 422, json={"resolution_action": "accept_overpayment", "resolution_note": "n" * 501},
-                  field="resolution_note")
-    status, resolved = await post(h, path, {"resolution_action": "accept_overpayment", "resolution_note": "refund sent"})
+    await refused(
+        h,
+        "POST",
+        path,
+        422,
+        json={"resolution_action": "accept_overpayment", "resolution_note": "n" * 501},
+        field="resolution_note",
+    )
+    status, resolved = await post(
+        h, path, {"resolution_action": "accept_overpayment", "resolution_note": "refund sent"}
+    )
     assert status == 200, resolved
     assert resolved["exception"]["type"] == "overpaid" and resolved["exception"]["status"] == "resolved"
     assert resolved["exception"]["resolution_action"] == "accept_overpayment"
@@ -607,22 +770,38 @@ async def test_resolve_fits_the_open_exception_and_answers_the_invoice(h):
     status, other = await post(h, path, {"resolution_action": "other"})
     assert status == 200 and other["exception"]["resolution_action"] == "other", other
     assert [p["role"] for p in other["payments"]] == ["counted", "duplicate"]
-    await refused(h, "POST", "/v1/invoices/inv_01NOPE0000000000000000000/exception/resolve", 404,
-                  json={"resolution_action": "other"})
+    await refused(
+        h,
+        "POST",
+        "/v1/invoices/inv_01NOPE0000000000000000000/exception/resolve",
+        404,
+        json={"resolution_action": "other"},
+    )
     await h.mine(2)
     await h.wait_status(invoice["id"], "confirmed")
-    await timeline(h, invoice, [
-        {"invoice.created"}, {"invoice.payment_detected", "invoice.paid", "invoice.exception_opened"},
-        {"invoice.exception_resolved"}, {"invoice.payment_detected", "invoice.exception_opened"},
-        {"invoice.exception_resolved"}, {"invoice.confirmed"},
-    ])
+    await timeline(
+        h,
+        invoice,
+        [
+            {"invoice.created"},
+            {"invoice.payment_detected", "invoice.paid", "invoice.exception_opened"},
+            {"invoice.exception_resolved"},
+            {"invoice.payment_detected", "invoice.exception_opened"},
+            {"invoice.exception_resolved"},
+            {"invoice.confirmed"},
+        ],
+    )
 
 
 # --------------------------------------------------------------------------- bad requests
 
 
 NOPE = "inv_01NOPE0000000000000000000"
-FINALIZE, CANCEL, SESSION = "/v1/invoices/{draft}/finalize", "/v1/invoices/{inv}/cancel", "/v1/invoices/{inv}/checkout-session"
+FINALIZE, CANCEL, SESSION = (
+    "/v1/invoices/{draft}/finalize",
+    "/v1/invoices/{inv}/cancel",
+    "/v1/invoices/{inv}/checkout-session",
+)
 
 ROUTE_CASES = [
     # finalize: only a draft, no body fields
@@ -634,7 +813,9 @@ ROUTE_CASES = [
     Case("finalize-null", 422, "body", "POST", FINALIZE, data=b"null"),
     Case("finalize-malformed", 400, None, "POST", FINALIZE, data=b"{"),
     Case("finalize-70KB", 413, None, "POST", FINALIZE, data=b'{"x": "' + b"x" * 70_000 + b'"}'),
-    Case("finalize-bad-body-unknown-invoice", 422, "x", "POST", f"/v1/invoices/{NOPE}/finalize", json={"x": 1}),
+    Case(
+        "finalize-bad-body-unknown-invoice", 422, "x", "POST", f"/v1/invoices/{NOPE}/finalize", json={"x": 1}
+    ),
     # cancel
     Case("cancel-draft", 409, None, "POST", "/v1/invoices/{draft}/cancel"),
     Case("cancel-confirmed", 409, None, "POST", "/v1/invoices/{zero}/cancel", json={}),
@@ -657,13 +838,33 @@ ROUTE_CASES = [
     Case("session-rates-list", 422, "quote_rates", "POST", SESSION, json={"quote_rates": []}),
     Case("session-rails", 422, "rails", "POST", SESSION, json={"rails": ["address"]}),
     Case("session-amount", 422, "amount", "POST", SESSION, json={"amount": "1"}),
-    Case("session-timing", 422, "payment_timing", "POST", SESSION, json={"payment_timing": {"expires_after_minutes": 5}}),
+    Case(
+        "session-timing",
+        422,
+        "payment_timing",
+        "POST",
+        SESSION,
+        json={"payment_timing": {"expires_after_minutes": 5}},
+    ),
     Case("session-array", 422, "body", "POST", SESSION, json=[]),
     Case("session-malformed", 400, None, "POST", SESSION, data=b'{"assets": ['),
     Case("session-70KB", 413, None, "POST", SESSION, data=b'{"assets": ["' + b"x" * 70_000 + b'"]}'),
-    Case("session-bad-body-wrong-state", 422, "assets", "POST", "/v1/invoices/{zero}/checkout-session", json={"assets": ["NOPE"]}),
-    Case("session-bad-body-unknown-invoice", 422, "quote_rates", "POST", f"/v1/invoices/{NOPE}/checkout-session",
-         json={"quote_rates": {"TUSD": "-1"}}),
+    Case(
+        "session-bad-body-wrong-state",
+        422,
+        "assets",
+        "POST",
+        "/v1/invoices/{zero}/checkout-session",
+        json={"assets": ["NOPE"]},
+    ),
+    Case(
+        "session-bad-body-unknown-invoice",
+        422,
+        "quote_rates",
+        "POST",
+        f"/v1/invoices/{NOPE}/checkout-session",
+        json={"quote_rates": {"TUSD": "-1"}},
+    ),
     # list, export and stats queries
     Case("list-search-blank", 422, "search", "GET", "/v1/invoices?search=%20%20"),
     Case("list-search-empty", 422, "search", "GET", "/v1/invoices?search="),
@@ -674,11 +875,23 @@ ROUTE_CASES = [
     Case("export-limit-0", 422, "limit", "GET", "/v1/invoices/export?limit=0"),
     Case("export-limit-over-cap", 422, "limit", "GET", "/v1/invoices/export?limit=100001"),
     Case("export-offset-negative", 422, "offset", "GET", "/v1/invoices/export?offset=-1"),
-    Case("export-exception-type-bogus", 422, "exception_type", "GET", "/v1/invoices/export?exception_type=fraud"),
+    Case(
+        "export-exception-type-bogus",
+        422,
+        "exception_type",
+        "GET",
+        "/v1/invoices/export?exception_type=fraud",
+    ),
     Case("stats-limit", 422, "limit", "GET", "/v1/invoices/stats?limit=5"),
     Case("stats-offset", 422, "offset", "GET", "/v1/invoices/stats?offset=0"),
     Case("stats-status-bogus", 422, "status", "GET", "/v1/invoices/stats?status=PAID"),
-    Case("stats-exception-status-bogus", 422, "exception_status", "GET", "/v1/invoices/stats?exception_status=closed"),
+    Case(
+        "stats-exception-status-bogus",
+        422,
+        "exception_status",
+        "GET",
+        "/v1/invoices/stats?exception_status=closed",
+    ),
     Case("stats-search-blank", 422, "search", "GET", "/v1/invoices/stats?search="),
     # methods
     Case("get-finalize", 405, None, "GET", "/v1/invoices/{draft}/finalize"),
@@ -700,11 +913,23 @@ NEW_ROUTES = [
     ("POST", f"/v1/invoices/{NOPE}/cancel", {}),
 ]
 AUTH_CASES = [
-    Case(f"{method}-{path}-{variant}", 401, None, method, path, json=NO_JSON if payload is None else payload,
-         headers={} if header is None else {"Authorization": header}, auth=False)
+    Case(
+        f"{method}-{path}-{variant}",
+        401,
+        None,
+        method,
+        path,
+        json=NO_JSON if payload is None else payload,
+        headers={} if header is None else {"Authorization": header},
+        auth=False,
+    )
     for method, path, payload in NEW_ROUTES
-    for variant, header in (("missing", None), ("wrong-key", "Bearer sk_test_wrong"), ("key-plus-one", "Bearer {key}x"),
-                            ("basic", "Basic {key}"))
+    for variant, header in (
+        ("missing", None),
+        ("wrong-key", "Bearer sk_test_wrong"),
+        ("key-plus-one", "Bearer {key}x"),
+        ("basic", "Basic {key}"),
+    )
 ]
 
 

@@ -38,7 +38,11 @@ def modules() -> list[str]:
 
 
 def test_domain_imports_the_standard_library_only():
-    third_party = {n for n in imports_of("domain") if n.split(".")[0] not in sys.stdlib_module_names and n != "__future__"}
+    third_party = {
+        n
+        for n in imports_of("domain")
+        if n.split(".")[0] not in sys.stdlib_module_names and n != "__future__"
+    }
     assert third_party == set()
 
 

@@ -5,9 +5,16 @@ from __future__ import annotations
 import orjson
 import pytest
 from aiohttp import web
-
 from harness import free_port
-from watcher.chain import TRANSFER_TOPIC, HttpTransport, JsonRpcReader, RpcError, decode_header, decode_transfer_log
+
+from watcher.chain import (
+    TRANSFER_TOPIC,
+    HttpTransport,
+    JsonRpcReader,
+    RpcError,
+    decode_header,
+    decode_transfer_log,
+)
 
 TO = "0x" + "ab" * 20
 FROM = "0x" + "cd" * 20
@@ -60,14 +67,30 @@ def test_logs_that_are_not_erc20_transfers_are_skipped(raw):
         log(blockHash="0x1234"),
         {k: v for k, v in log().items() if k != "transactionHash"},
     ],
-    ids=["string", "int-topics", "non-hex-topic", "non-hex-data", "int-block-number", "short-hash", "no-tx-hash"],
+    ids=[
+        "string",
+        "int-topics",
+        "non-hex-topic",
+        "non-hex-data",
+        "int-block-number",
+        "short-hash",
+        "no-tx-hash",
+    ],
 )
 def test_malformed_logs_are_rpc_errors(raw):
     with pytest.raises(RpcError):
         decode_transfer_log(raw)
 
 
-@pytest.mark.parametrize("raw", [None, [], {"number": "0x1"}, {"number": "1", "hash": "0x" + "1" * 64, "parentHash": "0x" + "2" * 64, "timestamp": "0x1"}])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        None,
+        [],
+        {"number": "0x1"},
+        {"number": "1", "hash": "0x" + "1" * 64, "parentHash": "0x" + "2" * 64, "timestamp": "0x1"},
+    ],
+)
 def test_malformed_headers_are_rpc_errors(raw):
     with pytest.raises(RpcError):
         decode_header(raw)
@@ -91,7 +114,9 @@ class Node:
         if fault == "garbage":
             return web.Response(status=200, text="{not json")
         if fault == "error":
-            return web.json_response({"jsonrpc": "2.0", "id": body["id"], "error": {"code": -32005, "message": "too many results"}})
+            return web.json_response(
+                {"jsonrpc": "2.0", "id": body["id"], "error": {"code": -32005, "message": "too many results"}}
+            )
 
         def answer(call: dict) -> dict:
             return {"jsonrpc": "2.0", "id": call["id"], "result": "0x2a"}
@@ -161,8 +186,15 @@ async def test_batches_answer_in_request_order(node):
 def test_a_block_with_a_malformed_quantity_is_the_nodes_error_not_a_crash(value):
     from watcher.chain import decode_full_block
 
-    block = {"number": "0x1", "hash": "0x" + "11" * 32, "parentHash": "0x" + "22" * 32, "timestamp": "0x5",
-             "transactions": [{"hash": "0x" + "33" * 32, "from": "0x" + "44" * 20, "to": "0x" + "55" * 20, "value": value}]}
+    block = {
+        "number": "0x1",
+        "hash": "0x" + "11" * 32,
+        "parentHash": "0x" + "22" * 32,
+        "timestamp": "0x5",
+        "transactions": [
+            {"hash": "0x" + "33" * 32, "from": "0x" + "44" * 20, "to": "0x" + "55" * 20, "value": value}
+        ],
+    }
     with pytest.raises(RpcError):
         decode_full_block(block)
 
@@ -207,8 +239,12 @@ class CappedNode:
     def _header(self, n: int) -> dict | None:
         if n > self.head or (self.logs_head is not None and n > self.logs_head):
             return None
-        return {"number": hex(n), "hash": _block_hash(n), "parentHash": _block_hash(n - 1) if n else "0x" + "00" * 32,
-                "timestamp": hex(1000 + n)}
+        return {
+            "number": hex(n),
+            "hash": _block_hash(n),
+            "parentHash": _block_hash(n - 1) if n else "0x" + "00" * 32,
+            "timestamp": hex(1000 + n),
+        }
 
     def _answer(self, call: dict) -> dict:
         method, params = call["method"], call["params"]
@@ -219,12 +255,24 @@ class CappedNode:
             if "blockHash" in f:
                 n = int(f["blockHash"], 16)
                 if self._header(n) is None:
-                    return {"jsonrpc": "2.0", "id": call["id"], "error": {"code": -32000, "message": "unknown block"}}
+                    return {
+                        "jsonrpc": "2.0",
+                        "id": call["id"],
+                        "error": {"code": -32000, "message": "unknown block"},
+                    }
                 blocks = [n]
             else:
-                top = int(f["toBlock"], 16) if self.logs_head is None else min(int(f["toBlock"], 16), self.logs_head)
+                top = (
+                    int(f["toBlock"], 16)
+                    if self.logs_head is None
+                    else min(int(f["toBlock"], 16), self.logs_head)
+                )
                 blocks = list(range(int(f["fromBlock"], 16), top + 1))
-            return {"jsonrpc": "2.0", "id": call["id"], "result": [self.log_of[n] for n in blocks if n in self.log_of]}
+            return {
+                "jsonrpc": "2.0",
+                "id": call["id"],
+                "result": [self.log_of[n] for n in blocks if n in self.log_of],
+            }
         return {"jsonrpc": "2.0", "id": call["id"], "result": hex(self.head)}
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -237,7 +285,9 @@ class CappedNode:
                     return web.Response(status=413, text="request entity too large")
                 error = {"code": -32600, "message": f"batch size too large, max {self.cap}"}
                 if self.style == "each":
-                    return web.json_response([{"jsonrpc": "2.0", "id": c["id"], "error": error} for c in body])
+                    return web.json_response(
+                        [{"jsonrpc": "2.0", "id": c["id"], "error": error} for c in body]
+                    )
                 return web.json_response({"jsonrpc": "2.0", "id": None, "error": error})
             return web.json_response([self._answer(c) for c in body])
         return web.json_response(self._answer(body))
@@ -264,8 +314,11 @@ async def test_a_refused_batch_is_sent_again_in_halves_and_the_ceiling_stays_dow
     from watcher.chain.failover import FailoverTransport
 
     node = await capped(head=300, cap=100, style=style)
-    transport = (FailoverTransport([node.url], retry_delays=(0.01,), endpoint_retry_delays=(0.01,)) if failover
-                 else HttpTransport(node.url, retry_delays=(0.01,)))
+    transport = (
+        FailoverTransport([node.url], retry_delays=(0.01,), endpoint_retry_delays=(0.01,))
+        if failover
+        else HttpTransport(node.url, retry_delays=(0.01,))
+    )
     reader = JsonRpcReader(transport, max_batch=1000)
     try:
         headers = await reader.headers(list(range(0, 250)))
@@ -366,8 +419,13 @@ async def test_every_batch_of_logs_carries_its_own_proof_header(capped):
 
 
 def test_an_empty_bloom_on_a_block_with_transactions_is_not_believed():
-    raw = {"number": "0x1", "hash": "0x" + "11" * 32, "parentHash": "0x" + "22" * 32, "timestamp": "0x5",
-           "logsBloom": "0x" + "00" * 256}
+    raw = {
+        "number": "0x1",
+        "hash": "0x" + "11" * 32,
+        "parentHash": "0x" + "22" * 32,
+        "timestamp": "0x5",
+        "logsBloom": "0x" + "00" * 256,
+    }
     assert decode_header({**raw, "transactions": []}).bloom == 0
     assert decode_header({**raw, "transactions": ["0x" + "33" * 32]}).bloom is None
     assert decode_header({**raw, "logsBloom": "0x12"}).bloom is None

@@ -12,14 +12,14 @@ import secrets
 
 import aiohttp
 import pytest
-
 from checkout_harness import CheckoutHarness, read_sse
 from harness import Harness
+from test_e2e_rules import travel_past_deadline
+
 from watcher import domain
 from watcher.checkout.i18n import LANGUAGES, _catalogue, negotiate, placeholders
 from watcher.checkout.public import screen_of
 from watcher.config import ConfigError, settings_from_dict
-from test_e2e_rules import travel_past_deadline
 
 PRIVATE = {
     "customer_email": "buyer.private@example.com",
@@ -28,8 +28,14 @@ PRIVATE = {
     "bill_to": "Jane Private Payer",
     "metadata": {"order_id": "ord-META-77", "notes": "VIP-NOTE-42"},
 }
-PRIVATE_STRINGS = ["buyer.private@example.com", "order-SECRET-123", "cust-HIDDEN-9", "Jane Private Payer",
-                   "ord-META-77", "VIP-NOTE-42"]
+PRIVATE_STRINGS = [
+    "buyer.private@example.com",
+    "order-SECRET-123",
+    "cust-HIDDEN-9",
+    "Jane Private Payer",
+    "ord-META-77",
+    "VIP-NOTE-42",
+]
 
 
 @pytest.fixture
@@ -45,25 +51,53 @@ def _config(tmp_path, **checkout) -> dict:
         "database": str(tmp_path / "w.db"),
         "http": {"listen": "127.0.0.1:8080"},
         "checkout": checkout,
-        "chains": [{"name": "c", "chain_id": 1, "rpc_urls": ["http://127.0.0.1:1"], "poll_interval_seconds": 1.0,
-                    "confirmations": 1, "merchant_address": "0x" + "11" * 20, "router_address": "0x" + "22" * 20,
-                    "assets": [{"symbol": "ETH", "kind": "native"}]}],
+        "chains": [
+            {
+                "name": "c",
+                "chain_id": 1,
+                "rpc_urls": ["http://127.0.0.1:1"],
+                "poll_interval_seconds": 1.0,
+                "confirmations": 1,
+                "merchant_address": "0x" + "11" * 20,
+                "router_address": "0x" + "22" * 20,
+                "assets": [{"symbol": "ETH", "kind": "native"}],
+            }
+        ],
     }
 
 
 def test_checkout_config_is_validated_with_the_key_named(tmp_path):
     env = {"WATCHER_API_KEY": "sk_test_Qm3v9XcT2pLr8KwZ4nYh7JdF6sBa1Ue5"}  # 32+ random characters
-    ok = settings_from_dict(_config(tmp_path, listen="0.0.0.0:8081", public_base_url="https://pay.shop.example/"), env)
-    assert ok.checkout is not None and ok.checkout.public_base_url == "https://pay.shop.example"  # no trailing slash
+    ok = settings_from_dict(
+        _config(tmp_path, listen="0.0.0.0:8081", public_base_url="https://pay.shop.example/"), env
+    )
+    assert (
+        ok.checkout is not None and ok.checkout.public_base_url == "https://pay.shop.example"
+    )  # no trailing slash
     assert ok.checkout.brand_name is None and ok.checkout.max_streams == 10_000
     for bad, key in [
-        ({"listen": "127.0.0.1:8080", "public_base_url": "https://pay.example"}, "checkout.listen"),  # the API's own
+        (
+            {"listen": "127.0.0.1:8080", "public_base_url": "https://pay.example"},
+            "checkout.listen",
+        ),  # the API's own
         ({"listen": "0.0.0.0:8081", "public_base_url": "ftp://pay.example"}, "checkout.public_base_url"),
-        ({"listen": "0.0.0.0:8081", "public_base_url": "https://u:p@pay.example"}, "checkout.public_base_url"),
-        ({"listen": "0.0.0.0:8081", "public_base_url": "https://pay.example/?a=1"}, "checkout.public_base_url"),
+        (
+            {"listen": "0.0.0.0:8081", "public_base_url": "https://u:p@pay.example"},
+            "checkout.public_base_url",
+        ),
+        (
+            {"listen": "0.0.0.0:8081", "public_base_url": "https://pay.example/?a=1"},
+            "checkout.public_base_url",
+        ),
         ({"listen": "0.0.0.0:8081"}, "checkout.public_base_url"),
-        ({"listen": "0.0.0.0:8081", "public_base_url": "https://pay.example", "brand_name": ""}, "checkout.brand_name"),
-        ({"listen": "0.0.0.0:8081", "public_base_url": "https://pay.example", "colour": "red"}, "checkout.colour"),
+        (
+            {"listen": "0.0.0.0:8081", "public_base_url": "https://pay.example", "brand_name": ""},
+            "checkout.brand_name",
+        ),
+        (
+            {"listen": "0.0.0.0:8081", "public_base_url": "https://pay.example", "colour": "red"},
+            "checkout.colour",
+        ),
     ]:
         with pytest.raises(ConfigError) as err:
             settings_from_dict(_config(tmp_path, **bad), env)
@@ -87,10 +121,20 @@ async def test_without_checkout_the_url_is_null_and_redirect_url_is_still_kept(h
     assert invoice["checkout_url"] is None and invoice["redirect_url"] == "http://localhost:3000/done"
 
 
-@pytest.mark.parametrize("url", [
-    "javascript:alert(1)", "ftp://shop.example/x", "/relative/path", "https://", "https://shop.example/a b",
-    "https://user:pw@shop.example/", "https://shop.example/\n", "https://shop.example/" + "a" * 2000, "",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "javascript:alert(1)",
+        "ftp://shop.example/x",
+        "/relative/path",
+        "https://",
+        "https://shop.example/a b",
+        "https://user:pw@shop.example/",
+        "https://shop.example/\n",
+        "https://shop.example/" + "a" * 2000,
+        "",
+    ],
+)
 async def test_a_bad_redirect_url_is_a_422_and_creates_nothing(harness: Harness, url):
     status, body, _ = await harness.request("POST", "/v1/invoices", json={"amount": "5", "redirect_url": url})
     assert status == 422, body
@@ -116,13 +160,28 @@ def test_invoice_id_randomness_comes_from_secrets(monkeypatch):
 
 async def test_the_public_listener_serves_only_the_page(shop):
     invoice = await shop.create()
-    for path in ("/v1/invoices", f"/v1/invoices/{invoice['id']}", "/metrics", "/healthz", "/readyz", "/openapi.json",
-                 "/docs", "/v1/sandbox/mine", "/", "/pay", "/pay/static/../../watcher/config.py", "/pay/static/x.js"):
+    for path in (
+        "/v1/invoices",
+        f"/v1/invoices/{invoice['id']}",
+        "/metrics",
+        "/healthz",
+        "/readyz",
+        "/openapi.json",
+        "/docs",
+        "/v1/sandbox/mine",
+        "/",
+        "/pay",
+        "/pay/static/../../watcher/config.py",
+        "/pay/static/x.js",
+    ):
         status, text, headers = await shop.public(path)
         assert status == 404, path
         assert invoice["id"] not in text and "Content-Security-Policy" in headers
-    async with shop.http.post(f"{shop.public_url}/v1/invoices", json={"amount": "1"},
-                              headers={"Authorization": f"Bearer {shop.api_key}"}) as r:
+    async with shop.http.post(
+        f"{shop.public_url}/v1/invoices",
+        json={"amount": "1"},
+        headers={"Authorization": f"Bearer {shop.api_key}"},
+    ) as r:
         assert r.status == 404
     # ...and the API does not serve the page.
     status, _, _ = await shop.request("GET", f"/pay/{invoice['id']}", auth=False)
@@ -195,20 +254,23 @@ def test_catalogues_are_complete_with_the_same_placeholders():
     assert negotiate("FR", None) == "fr"
 
 
-@pytest.mark.parametrize("status, state, exception, screen", [
-    ("pending", "unpaid", None, "waiting"),
-    ("pending", "partial", None, "partial"),
-    ("paid", "exact", None, "paid"),
-    ("confirmed", "exact", None, "confirmed"),
-    ("confirmed", "overpaid", {"type": "overpaid", "status": "open"}, "overpaid"),
-    ("paid", "overpaid", {"type": "overpaid", "status": "open"}, "overpaid"),
-    ("expired", "unpaid", None, "expired"),
-    ("expired", "unpaid", {"type": "late_payment", "status": "open"}, "late"),
-    ("expired", "unpaid", {"type": "late_payment", "status": "resolved"}, "expired"),
-    ("cancelled", "unpaid", {"type": "late_payment", "status": "open"}, "late"),
-    ("cancelled", "unpaid", None, "cancelled"),
-    ("underpaid", "partial", {"type": "underpaid", "status": "open"}, "underpaid"),
-])
+@pytest.mark.parametrize(
+    "status, state, exception, screen",
+    [
+        ("pending", "unpaid", None, "waiting"),
+        ("pending", "partial", None, "partial"),
+        ("paid", "exact", None, "paid"),
+        ("confirmed", "exact", None, "confirmed"),
+        ("confirmed", "overpaid", {"type": "overpaid", "status": "open"}, "overpaid"),
+        ("paid", "overpaid", {"type": "overpaid", "status": "open"}, "overpaid"),
+        ("expired", "unpaid", None, "expired"),
+        ("expired", "unpaid", {"type": "late_payment", "status": "open"}, "late"),
+        ("expired", "unpaid", {"type": "late_payment", "status": "resolved"}, "expired"),
+        ("cancelled", "unpaid", {"type": "late_payment", "status": "open"}, "late"),
+        ("cancelled", "unpaid", None, "cancelled"),
+        ("underpaid", "partial", {"type": "underpaid", "status": "open"}, "underpaid"),
+    ],
+)
 def test_each_state_has_its_screen(status, state, exception, screen):
     invoice = {"status": status, "payment_summary": {"payment_state": state}, "exception": exception}
     assert screen_of(invoice) == screen
@@ -219,7 +281,9 @@ async def test_partly_paid_shows_what_remains_to_the_same_address(shop):
     option = invoice["payment_options"][0]
     await shop.pay(invoice["id"], amount="4")
     await shop.mine(1)
-    await shop.wait_invoice(invoice["id"], lambda i: i["payment_summary"]["payment_state"] == "partial", "partial")
+    await shop.wait_invoice(
+        invoice["id"], lambda i: i["payment_summary"]["payment_state"] == "partial", "partial"
+    )
     status, html, _ = await shop.public(f"/pay/{invoice['id']}")
     assert 'data-screen="partial"' in html
     assert "We received 4.00 USD of 10 USD" in html and "6.00 USD" in html
@@ -230,7 +294,15 @@ async def test_partly_paid_shows_what_remains_to_the_same_address(shop):
     status, text, _ = await shop.public(f"/pay/{invoice['id']}/status")
     body = json.loads(text)
     assert body["payment_summary"]["remaining_amount"] == "6.00" and len(body["payments"]) == 1
-    assert set(body["payments"][0]) == {"transaction_hash", "network", "asset", "amount", "confirmations", "status", "late"}
+    assert set(body["payments"][0]) == {
+        "transaction_hash",
+        "network",
+        "asset",
+        "amount",
+        "confirmations",
+        "status",
+        "late",
+    }
 
 
 async def test_expired_cancelled_and_late_screens(shop):
@@ -268,8 +340,11 @@ async def test_confirmed_sends_the_payer_to_redirect_url_with_the_invoice_id(sho
 async def test_sandbox_simulate_button_pays_through_the_sandbox_route(shop):
     invoice = await shop.create(amount="7")
     option_id = invoice["payment_options"][0]["id"]
-    async with shop.http.post(f"{shop.public_url}/pay/{invoice['id']}/simulate?lang=de",
-                              data={"payment_option_id": option_id}, allow_redirects=False) as r:
+    async with shop.http.post(
+        f"{shop.public_url}/pay/{invoice['id']}/simulate?lang=de",
+        data={"payment_option_id": option_id},
+        allow_redirects=False,
+    ) as r:
         assert r.status == 303 and r.headers["Location"] == f"/pay/{invoice['id']}?option={option_id}&lang=de"
     await shop.mine(1)
     paid = await shop.wait_status(invoice["id"], "paid")
@@ -390,8 +465,21 @@ def test_the_sandbox_prints_the_payment_pages_and_a_taken_address_is_named(tmp_p
 
     api, page = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "WATCHER_API_KEY"}
-    command = [sys.executable, "-m", "watcher.cli", "run", "--sandbox", "--listen", f"127.0.0.1:{api}",
-               "--checkout-listen", f"127.0.0.1:{page}", "--block-time", "0", "--database", str(tmp_path / "s.db")]
+    command = [
+        sys.executable,
+        "-m",
+        "watcher.cli",
+        "run",
+        "--sandbox",
+        "--listen",
+        f"127.0.0.1:{api}",
+        "--checkout-listen",
+        f"127.0.0.1:{page}",
+        "--block-time",
+        "0",
+        "--database",
+        str(tmp_path / "s.db"),
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         lines: list[str] = []
@@ -404,8 +492,12 @@ def test_the_sandbox_prints_the_payment_pages_and_a_taken_address_is_named(tmp_p
         assert f"http://127.0.0.1:{page}/pay/<invoice id>" in pages
         key = next(line for line in lines if "API key:" in line).split("API key:")[1].strip()
         wait_http(f"http://127.0.0.1:{api}/healthz", timeout=20)
-        request = urllib.request.Request(f"http://127.0.0.1:{api}/v1/invoices", data=b'{"amount": "3"}', method="POST",
-                                         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{api}/v1/invoices",
+            data=b'{"amount": "3"}',
+            method="POST",
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=10) as r:
             invoice = json.loads(r.read())
         assert invoice["checkout_url"] == f"http://127.0.0.1:{page}/pay/{invoice['id']}"

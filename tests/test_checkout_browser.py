@@ -11,7 +11,6 @@ import os
 import re
 
 import pytest
-
 from anvil_harness import PAYERS, AnvilHarness
 from browser import Browser, WalletBridge, available
 from checkout_harness import CheckoutHarness
@@ -23,7 +22,9 @@ def browser():
     if not available():
         if os.environ.get("CI"):
             pytest.fail("chromium and chromium-driver are not installed: .ci/run installs them")
-        pytest.skip("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+        pytest.skip(
+            "chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
+        )
     b = Browser()
     try:
         yield b
@@ -61,24 +62,36 @@ async def test_page_turns_paid_then_confirmed_live_after_a_real_payment(harnesse
     assert await browser.text("h1") == "Waiting for your payment"
     assert decode_qr(await browser.png("svg.qr")) == [option["payment_uri"]]
     await browser.js("window.__sameDocument = true;")  # gone if the page ever reloads
-    await browser.wait(lambda: browser.js("return !!(window.EventSource && document.getElementById('countdown'));"))
+    await browser.wait(
+        lambda: browser.js("return !!(window.EventSource && document.getElementById('countdown'));")
+    )
 
     await chain.run(chain.transfer_token, option["destination_address"], 12_500_000)
     await h.mine(1)
-    await browser.wait(lambda: browser.js("return document.getElementById('checkout').dataset.screen === 'paid';"),
-                       what="the page to show paid")
+    await browser.wait(
+        lambda: browser.js("return document.getElementById('checkout').dataset.screen === 'paid';"),
+        what="the page to show paid",
+    )
     assert await browser.text("#progress-text") == "1 of 3 confirmations"
     assert "Payment seen" in await browser.text("#live")  # said to screen readers too
     await h.mine(1)
     await browser.wait(lambda: browser.text("#progress-text"), what="2 confirmations")
-    await browser.wait(lambda: browser.js("return document.getElementById('progress-text').textContent === '2 of 3 confirmations';"),
-                       what="2 of 3 confirmations")
+    await browser.wait(
+        lambda: browser.js(
+            "return document.getElementById('progress-text').textContent === '2 of 3 confirmations';"
+        ),
+        what="2 of 3 confirmations",
+    )
     await h.mine(1)
-    await browser.wait(lambda: browser.js("return document.getElementById('checkout').dataset.screen === 'confirmed';"),
-                       what="the page to show confirmed")
+    await browser.wait(
+        lambda: browser.js("return document.getElementById('checkout').dataset.screen === 'confirmed';"),
+        what="the page to show confirmed",
+    )
     assert await browser.js("return window.__sameDocument === true;"), "the page reloaded"
     assert await browser.text("h1") == "Payment confirmed"
-    rows = await browser.js("return Array.from(document.querySelectorAll('#payments tbody tr')).map(r => r.textContent);")
+    rows = await browser.js(
+        "return Array.from(document.querySelectorAll('#payments tbody tr')).map(r => r.textContent);"
+    )
     assert len(rows) == 1 and "12.5 TUSD" in rows[0] and "confirmed" in rows[0]
 
 
@@ -90,18 +103,27 @@ async def test_browser_wallet_button_approves_then_pays_through_the_router(harne
     [option] = invoice["payment_options"]
     await browser.reset(wallet=True)
     await browser.open(invoice["checkout_url"])
-    await browser.wait(lambda: browser.js("return !document.getElementById('wallet-button').hidden;"),
-                       what="the wallet button (shown only with a wallet)")
+    await browser.wait(
+        lambda: browser.js("return !document.getElementById('wallet-button').hidden;"),
+        what="the wallet button (shown only with a wallet)",
+    )
     bridge = WalletBridge(browser, node.rpc, node.chain_id, lambda: h.mine(1))
     await browser.js("document.getElementById('wallet-button').click();")
-    await browser.wait(lambda: browser.js("return document.getElementById('checkout').dataset.screen === 'paid';"),
-                       between=bridge.serve, what="the wallet's payment to be seen", timeout=30)
+    await browser.wait(
+        lambda: browser.js("return document.getElementById('checkout').dataset.screen === 'paid';"),
+        between=bridge.serve,
+        what="the wallet's payment to be seen",
+        timeout=30,
+    )
     assert bridge.seen[:3] == ["eth_requestAccounts", "eth_chainId", "eth_sendTransaction"]
     assert [tx["to"].lower() for tx in bridge.sent] == [chain.token, chain.router]  # approve, then pay
     paid = await h.wait_status(invoice["id"], "paid")
     [payment] = paid["payments"]
     assert payment["amount_atomic"] == option["amount_atomic"] == "30000000"
-    assert payment["from_address"].lower() == PAYERS[0] and payment["to_address"].lower() == option["destination_address"].lower()
+    assert (
+        payment["from_address"].lower() == PAYERS[0]
+        and payment["to_address"].lower() == option["destination_address"].lower()
+    )
 
 
 async def test_wallet_refusals_are_said_in_plain_words(harnesses, anvil_node, browser):
@@ -109,28 +131,48 @@ async def test_wallet_refusals_are_said_in_plain_words(harnesses, anvil_node, br
     h = await harnesses(AnvilCheckout, nodes=[node])
     invoice = await h.create(amount="5", assets=["ETH"])
     for refusal, words in [
-        ({"code": 4001, "message": "User rejected the request."}, "You declined the request in your wallet. Nothing was sent."),
-        ({"code": -32002, "message": "Request already pending"}, "Your wallet already has a request open. Look at your wallet."),
-        ({"code": -32603, "message": "insufficient funds"}, "Your wallet could not send the payment: insufficient funds"),
+        (
+            {"code": 4001, "message": "User rejected the request."},
+            "You declined the request in your wallet. Nothing was sent.",
+        ),
+        (
+            {"code": -32002, "message": "Request already pending"},
+            "Your wallet already has a request open. Look at your wallet.",
+        ),
+        (
+            {"code": -32603, "message": "insufficient funds"},
+            "Your wallet could not send the payment: insufficient funds",
+        ),
     ]:
         await browser.reset(wallet=True)
         await browser.open(invoice["checkout_url"])
         await browser.wait(lambda: browser.js("return !document.getElementById('wallet-button').hidden;"))
         bridge = WalletBridge(browser, node.rpc, node.chain_id, lambda: h.mine(1), refuse=refusal)
         await browser.js("document.getElementById('wallet-button').click();")
-        await browser.wait(lambda: browser.js("return document.getElementById('wallet-message').classList.contains('error');"),
-                           between=bridge.serve, what="the refusal")
+        await browser.wait(
+            lambda: browser.js(
+                "return document.getElementById('wallet-message').classList.contains('error');"
+            ),
+            between=bridge.serve,
+            what="the refusal",
+        )
         assert await browser.text("#wallet-message") == words
     # A wallet on another chain that does not know this one: switching fails with 4902.
     await browser.reset(wallet=True)
     await browser.open(invoice["checkout_url"])
     await browser.wait(lambda: browser.js("return !document.getElementById('wallet-button').hidden;"))
-    bridge = WalletBridge(browser, node.rpc, node.chain_id, lambda: h.mine(1), wallet_chain_id=1, knows_chain=False)
+    bridge = WalletBridge(
+        browser, node.rpc, node.chain_id, lambda: h.mine(1), wallet_chain_id=1, knows_chain=False
+    )
     await browser.js("document.getElementById('wallet-button').click();")
-    await browser.wait(lambda: browser.js("return document.getElementById('wallet-message').classList.contains('error');"),
-                       between=bridge.serve, what="the unknown chain")
+    await browser.wait(
+        lambda: browser.js("return document.getElementById('wallet-message').classList.contains('error');"),
+        between=bridge.serve,
+        what="the unknown chain",
+    )
     assert await browser.text("#wallet-message") == (
-        f"Your wallet does not know the anvil0 network (chain id {node.chain_id}). Add it to your wallet, then try again.")
+        f"Your wallet does not know the anvil0 network (chain id {node.chain_id}). Add it to your wallet, then try again."
+    )
     assert (await h.get(invoice["id"]))["payments"] == []
 
 
@@ -161,14 +203,23 @@ async def test_without_javascript_the_state_is_shown_with_a_refresh_link(shop, b
     await shop.wait_status(invoice["id"], "paid")
     await browser.reset(javascript=False)
     await browser.open(invoice["checkout_url"])
-    assert await browser.call(lambda: browser.driver.find_element("css selector", "h1").text) == "Payment seen"
-    assert "1 of 3 confirmations" in await browser.call(lambda: browser.driver.find_element("css selector", "#state").text)
-    refresh = await browser.call(lambda: browser.driver.find_element("css selector", ".refresh a").get_attribute("href"))
+    assert (
+        await browser.call(lambda: browser.driver.find_element("css selector", "h1").text) == "Payment seen"
+    )
+    assert "1 of 3 confirmations" in await browser.call(
+        lambda: browser.driver.find_element("css selector", "#state").text
+    )
+    refresh = await browser.call(
+        lambda: browser.driver.find_element("css selector", ".refresh a").get_attribute("href")
+    )
     assert refresh == invoice["checkout_url"]
     await shop.mine(3)
     await shop.wait_status(invoice["id"], "confirmed")
     await browser.call(lambda: browser.driver.find_element("css selector", ".refresh a").click())
-    assert await browser.call(lambda: browser.driver.find_element("css selector", "h1").text) == "Payment confirmed"
+    assert (
+        await browser.call(lambda: browser.driver.find_element("css selector", "h1").text)
+        == "Payment confirmed"
+    )
 
     # The simulate button is a plain form: it pays without JavaScript too.
     other = await shop.create(amount="3")
@@ -182,7 +233,9 @@ async def test_without_javascript_the_state_is_shown_with_a_refresh_link(shop, b
     await shop.mine(1)
     await shop.wait_status(other["id"], "paid")
     await browser.call(lambda: browser.driver.find_element("css selector", ".refresh a").click())
-    assert await browser.call(lambda: browser.driver.find_element("css selector", "h1").text) == "Payment seen"
+    assert (
+        await browser.call(lambda: browser.driver.find_element("css selector", "h1").text) == "Payment seen"
+    )
 
 
 async def test_no_other_origin_nothing_private_and_no_api_on_the_public_listener(shop, browser):

@@ -16,7 +16,11 @@ from harness import free_port, wait_http
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "watcher.example.toml"
 WATCHER = [sys.executable, "-m", "watcher.cli"]
-ENV = {**os.environ, "WATCHER_API_KEY": "sk_test_0123456789abcdefghijkLMNOPQ", "WATCHER_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8}
+ENV = {
+    **os.environ,
+    "WATCHER_API_KEY": "sk_test_0123456789abcdefghijkLMNOPQ",
+    "WATCHER_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8,
+}
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -55,8 +59,12 @@ def test_missing_config_and_bad_usage_exit_2(tmp_path):
 
 def _api(base: str, key: str, method: str, path: str, body: dict | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(base + path, data=data, method=method,
-                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    request = urllib.request.Request(
+        base + path,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
@@ -65,9 +73,21 @@ def test_sandbox_quick_start_pays_an_invoice_and_stops_cleanly_on_sigterm(tmp_pa
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "WATCHER_API_KEY"}
     proc = subprocess.Popen(
-        [*WATCHER, "run", "--sandbox", "--listen", f"127.0.0.1:{port}", "--block-time", "0.3",
-         "--database", str(tmp_path / "sandbox.db")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        [
+            *WATCHER,
+            "run",
+            "--sandbox",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--block-time",
+            "0.3",
+            "--database",
+            str(tmp_path / "sandbox.db"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     try:
         assert proc.stdout is not None
@@ -113,9 +133,14 @@ def test_an_address_already_in_use_is_one_clear_line_not_a_traceback(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run("run", "--sandbox", "--listen", f"127.0.0.1:{port}", "--database", str(tmp_path / "w.db"))
+        result = run(
+            "run", "--sandbox", "--listen", f"127.0.0.1:{port}", "--database", str(tmp_path / "w.db")
+        )
     assert result.returncode == 1
-    assert "listen_failed" in result.stdout + result.stderr and "address already in use" in result.stdout + result.stderr
+    assert (
+        "listen_failed" in result.stdout + result.stderr
+        and "address already in use" in result.stdout + result.stderr
+    )
     assert "Traceback" not in result.stdout + result.stderr
     # It never started, so it does not say it stopped (before or after saying why it failed).
     assert "watcher_stopped" not in result.stdout + result.stderr
@@ -132,20 +157,44 @@ def test_a_database_that_cannot_be_created_is_one_line_and_exit_2(tmp_path):
         assert "Traceback" not in result.stdout + result.stderr
         [line] = [line for line in result.stderr.splitlines() if "configuration error" in line]
         # The sandbox looks at an existing path first (is it a database of an earlier sandbox chain?).
-        assert line.startswith((f"watcher: configuration error: database: cannot open or create {database}",
-                                f"watcher: configuration error: --database: {database} is not a watcher database"))
+        assert line.startswith(
+            (
+                f"watcher: configuration error: database: cannot open or create {database}",
+                f"watcher: configuration error: --database: {database} is not a watcher database",
+            )
+        )
         assert why in line
-        assert "watcher_crashed" not in result.stdout + result.stderr and "watcher_stopped" not in result.stdout
+        assert (
+            "watcher_crashed" not in result.stdout + result.stderr and "watcher_stopped" not in result.stdout
+        )
 
 
 def test_the_sandbox_takes_its_webhook_secret_and_api_key_from_the_environment(tmp_path):
     port = free_port()
-    pinned = {"WATCHER_API_KEY": "sk_pinned_Zq3vN8xK2pL7wR4tY9bC6mD1fG5hJ0aE", "WATCHER_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8}
+    pinned = {
+        "WATCHER_API_KEY": "sk_pinned_Zq3vN8xK2pL7wR4tY9bC6mD1fG5hJ0aE",
+        "WATCHER_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8,
+    }
     proc = subprocess.Popen(
-        [*WATCHER, "run", "--sandbox", "--listen", f"127.0.0.1:{port}", "--block-time", "0",
-         "--checkout-listen", f"127.0.0.1:{free_port()}",  # not port + 1, which another socket may hold
-         "--webhook-url", "http://127.0.0.1:9/hooks", "--database", str(tmp_path / "sandbox.db")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **pinned},
+        [
+            *WATCHER,
+            "run",
+            "--sandbox",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--block-time",
+            "0",
+            "--checkout-listen",
+            f"127.0.0.1:{free_port()}",  # not port + 1, which another socket may hold
+            "--webhook-url",
+            "http://127.0.0.1:9/hooks",
+            "--database",
+            str(tmp_path / "sandbox.db"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **pinned},
     )
     try:
         assert proc.stdout is not None
@@ -156,12 +205,22 @@ def test_the_sandbox_takes_its_webhook_secret_and_api_key_from_the_environment(t
             name, sep, value = line.strip().partition(":")
             if sep and name in ("API key", "webhook secret"):
                 shown[name] = value.strip()
-        assert shown == {"API key": pinned["WATCHER_API_KEY"], "webhook secret": pinned["WATCHER_WEBHOOK_SECRET"]}
+        assert shown == {
+            "API key": pinned["WATCHER_API_KEY"],
+            "webhook secret": pinned["WATCHER_WEBHOOK_SECRET"],
+        }
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout=30)
         assert _api(f"http://127.0.0.1:{port}", pinned["WATCHER_API_KEY"], "GET", "/v1/chains")["data"]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
-    bad = run("run", "--sandbox", "--listen", f"127.0.0.1:{free_port()}", "--webhook-url", "http://127.0.0.1:9/hooks",
-              env={**os.environ, "WATCHER_WEBHOOK_SECRET": "not-a-secret"})
+    bad = run(
+        "run",
+        "--sandbox",
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--webhook-url",
+        "http://127.0.0.1:9/hooks",
+        env={**os.environ, "WATCHER_WEBHOOK_SECRET": "not-a-secret"},
+    )
     assert bad.returncode == 2 and "WATCHER_WEBHOOK_SECRET" in bad.stderr

@@ -18,8 +18,10 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "watcher.example.t
 API_KEY = "test-api-key-0123456789abcdefGHIJKL"
 HOOK_SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
 ENV = {"WATCHER_API_KEY": API_KEY, "WATCHER_WEBHOOK_SECRET": HOOK_SECRET}
-XPUB = ("xpub6Ce9NcJvTk36xtLSrJLZqE7wtgA5deCeYs7rSQtreh4cj6ByPtrg9sD7V2FNFLPnf8heNP3FGkeV9qwf"
-        "zvZNSd54JoNXVsXFYSYwHsnJxqP")
+XPUB = (
+    "xpub6Ce9NcJvTk36xtLSrJLZqE7wtgA5deCeYs7rSQtreh4cj6ByPtrg9sD7V2FNFLPnf8heNP3FGkeV9qwf"
+    "zvZNSd54JoNXVsXFYSYwHsnJxqP"
+)
 USDT = "0xdAC17F958D2ee523a2206206994597C13D831ec7"
 
 
@@ -28,14 +30,20 @@ def base() -> dict[str, Any]:
         "database": ":memory:",
         "http": {"listen": "127.0.0.1:8080"},
         "webhooks": [{"url": "https://shop.example/hook", "secret_env": "WATCHER_WEBHOOK_SECRET"}],
-        "chains": [{
-            "name": "ethereum", "chain_id": 1, "rpc_urls": ["https://rpc.example"],
-            "poll_interval_seconds": 2.0, "confirmations": 12, "deposit_xpub": XPUB,
-            "assets": [
-                {"symbol": "USDT", "kind": "erc20", "contract": USDT, "decimals": 6, "usd_rate": "1"},
-                {"symbol": "ETH", "kind": "native"},
-            ],
-        }],
+        "chains": [
+            {
+                "name": "ethereum",
+                "chain_id": 1,
+                "rpc_urls": ["https://rpc.example"],
+                "poll_interval_seconds": 2.0,
+                "confirmations": 12,
+                "deposit_xpub": XPUB,
+                "assets": [
+                    {"symbol": "USDT", "kind": "erc20", "contract": USDT, "decimals": 6, "usd_rate": "1"},
+                    {"symbol": "ETH", "kind": "native"},
+                ],
+            }
+        ],
     }
 
 
@@ -67,6 +75,7 @@ def test_ipv6_listen() -> None:
 def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     """A mutation that sets a dotted path like 'chains.0.assets.1.contract' (None deletes,
     an index one past a list's end appends)."""
+
     def apply(data: dict[str, Any]) -> None:
         *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
         node: Any = data
@@ -78,6 +87,7 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
             node.append(value)
         else:
             node[last] = value
+
     return apply
 
 
@@ -89,7 +99,8 @@ def _dup_chain(data: dict[str, Any]) -> None:
 
 def _dup_symbol(data: dict[str, Any]) -> None:
     data["chains"][0]["assets"].append(
-        {"symbol": "usdt", "kind": "erc20", "contract": "0x" + "ab" * 20, "decimals": 6})
+        {"symbol": "usdt", "kind": "erc20", "contract": "0x" + "ab" * 20, "decimals": 6}
+    )
 
 
 CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
@@ -97,8 +108,11 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("unknown chain key", _set("chains.0.rpc_url", "https://x.example"), "chains[0].rpc_url"),
     ("unknown asset key", _set("chains.0.assets.0.address", USDT), "chains[0].assets[0].address"),
     ("bad address", _set("chains.0.assets.0.contract", "0x1234"), "chains[0].assets[0].contract"),
-    ("bad checksum", _set("chains.0.assets.0.contract", "0xDac17F958D2ee523a2206206994597C13D831ec7"),
-     "chains[0].assets[0].contract"),
+    (
+        "bad checksum",
+        _set("chains.0.assets.0.contract", "0xDac17F958D2ee523a2206206994597C13D831ec7"),
+        "chains[0].assets[0].contract",
+    ),
     ("bad merchant", _set("chains.0.merchant_address", "0xzz"), "chains[0].merchant_address"),
     ("duplicate symbol", _dup_symbol, "chains[0].assets[2].symbol"),
     ("duplicate chain name", _dup_chain, "chains[1].name"),
@@ -118,16 +132,28 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("api_key in file", _set("http.api_key", API_KEY), "http.api_key"),
     ("secret in file", _set("webhooks.0.secret", HOOK_SECRET), "webhooks[0].secret"),
     ("unknown event", _set("webhooks.0.events", ["*", "invoice.payed"]), "webhooks[0].events[1]"),
-    ("same webhook url twice", _set("webhooks", [{"url": "https://shop.example/hook", "secret_env": "WATCHER_WEBHOOK_SECRET"}] * 2),
-     "webhooks[1].url"),
-    ("bad tolerance", _set("invoices", {"payment_tolerance_percent": "101"}),
-     "invoices.payment_tolerance_percent"),
-    ("tolerance of the whole amount", _set("invoices", {"payment_tolerance_percent": "100"}),
-     "invoices.payment_tolerance_percent"),
+    (
+        "same webhook url twice",
+        _set("webhooks", [{"url": "https://shop.example/hook", "secret_env": "WATCHER_WEBHOOK_SECRET"}] * 2),
+        "webhooks[1].url",
+    ),
+    (
+        "bad tolerance",
+        _set("invoices", {"payment_tolerance_percent": "101"}),
+        "invoices.payment_tolerance_percent",
+    ),
+    (
+        "tolerance of the whole amount",
+        _set("invoices", {"payment_tolerance_percent": "100"}),
+        "invoices.payment_tolerance_percent",
+    ),
     ("no chains", _set("chains", []), "chains"),
     ("http not a table", _set("http", "127.0.0.1:8080"), "http"),
-    ("second native coin", _set("chains.0.assets.2", {"symbol": "WETH", "kind": "native"}),
-     "chains[0].assets[2].kind"),
+    (
+        "second native coin",
+        _set("chains.0.assets.2", {"symbol": "WETH", "kind": "native"}),
+        "chains[0].assets[2].kind",
+    ),
 ]
 
 
@@ -148,16 +174,31 @@ def test_float_usd_rate_says_quote_it() -> None:
         settings_from_dict(data, env=ENV)
 
 
-@pytest.mark.parametrize(("env", "key", "variable"), [
-    ({"WATCHER_WEBHOOK_SECRET": HOOK_SECRET}, "http.api_key_env", "WATCHER_API_KEY"),
-    ({"WATCHER_API_KEY": API_KEY}, "webhooks[0].secret_env", "WATCHER_WEBHOOK_SECRET"),
-    ({**ENV, "WATCHER_WEBHOOK_SECRET": base64.b64encode(bytes(32)).decode()},
-     "webhooks[0].secret_env", "WATCHER_WEBHOOK_SECRET"),
-    ({**ENV, "WATCHER_WEBHOOK_SECRET": "whsec_" + base64.b64encode(bytes(8)).decode()},
-     "webhooks[0].secret_env", "WATCHER_WEBHOOK_SECRET"),
-    ({**ENV, "WATCHER_API_KEY": "short"}, "http.api_key_env", "WATCHER_API_KEY"),
-], ids=["api key missing", "webhook secret missing", "secret without whsec_", "secret too short",
-        "api key too short"])
+@pytest.mark.parametrize(
+    ("env", "key", "variable"),
+    [
+        ({"WATCHER_WEBHOOK_SECRET": HOOK_SECRET}, "http.api_key_env", "WATCHER_API_KEY"),
+        ({"WATCHER_API_KEY": API_KEY}, "webhooks[0].secret_env", "WATCHER_WEBHOOK_SECRET"),
+        (
+            {**ENV, "WATCHER_WEBHOOK_SECRET": base64.b64encode(bytes(32)).decode()},
+            "webhooks[0].secret_env",
+            "WATCHER_WEBHOOK_SECRET",
+        ),
+        (
+            {**ENV, "WATCHER_WEBHOOK_SECRET": "whsec_" + base64.b64encode(bytes(8)).decode()},
+            "webhooks[0].secret_env",
+            "WATCHER_WEBHOOK_SECRET",
+        ),
+        ({**ENV, "WATCHER_API_KEY": "short"}, "http.api_key_env", "WATCHER_API_KEY"),
+    ],
+    ids=[
+        "api key missing",
+        "webhook secret missing",
+        "secret without whsec_",
+        "secret too short",
+        "api key too short",
+    ],
+)
 def test_secret_env_problems(env: dict[str, str], key: str, variable: str) -> None:
     with pytest.raises(ConfigError) as info:
         settings_from_dict(base(), env=env)
@@ -223,12 +264,18 @@ def test_describe_hides_secrets_and_credentials() -> None:
     assert API_KEY not in repr(s) and HOOK_SECRET not in repr(s)
 
 
-@pytest.mark.parametrize(("url", "expected"), [
-    ("https://user:pass@rpc.example:8545/", "https://rpc.example:8545/"),
-    ("https://rpc.example/", "https://rpc.example/"),
-    ("wss://mainnet.infura.io/ws/v3/0123456789abcdef0123456789abcdef", "wss://mainnet.infura.io/ws/v3/***"),
-    ("https://rpc.example/?apikey=s3cret&chain=1", "https://rpc.example/?apikey=***&chain=1"),
-])
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://user:pass@rpc.example:8545/", "https://rpc.example:8545/"),
+        ("https://rpc.example/", "https://rpc.example/"),
+        (
+            "wss://mainnet.infura.io/ws/v3/0123456789abcdef0123456789abcdef",
+            "wss://mainnet.infura.io/ws/v3/***",
+        ),
+        ("https://rpc.example/?apikey=s3cret&chain=1", "https://rpc.example/?apikey=***&chain=1"),
+    ],
+)
 def test_strip_credentials(url: str, expected: str) -> None:
     assert strip_credentials(url) == expected
 
@@ -244,20 +291,33 @@ def test_a_usd_rate_that_cannot_quote_is_refused_naming_the_key(rate):
     assert refused.value.key == "chains[0].assets[0].usd_rate"
 
 
-@pytest.mark.parametrize("url", [
-    "https://shop.example/hook", "http://127.0.0.1:9000/hook", "http://localhost/hook", "http://[::1]:8000/h",
-    "http://127.8.9.10/hook", "HTTPS://shop.example/hook",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://shop.example/hook",
+        "http://127.0.0.1:9000/hook",
+        "http://localhost/hook",
+        "http://[::1]:8000/h",
+        "http://127.8.9.10/hook",
+        "HTTPS://shop.example/hook",
+    ],
+)
 def test_a_webhook_url_is_https_or_a_loopback_host(url: str) -> None:
     data = base()
     data["webhooks"][0]["url"] = url
     assert settings_from_dict(data, env=ENV).webhooks[0].url == url
 
 
-@pytest.mark.parametrize("url", [
-    "http://shop.example/hook", "http://10.0.0.5/hook", "http://localhost.shop.example/hook", "http://[::2]/hook",
-    "ftp://shop.example/hook",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://shop.example/hook",
+        "http://10.0.0.5/hook",
+        "http://localhost.shop.example/hook",
+        "http://[::2]/hook",
+        "ftp://shop.example/hook",
+    ],
+)
 def test_plain_http_to_another_host_is_refused_saying_why(url: str) -> None:
     data = base()
     data["webhooks"][0]["url"] = url
@@ -275,9 +335,15 @@ def test_several_webhook_secrets_while_rotating() -> None:
     assert s.webhooks[0].secret.split() == [HOOK_SECRET, new]
 
 
-@pytest.mark.parametrize("value", [
-    f"{HOOK_SECRET} whsec_short", f"{HOOK_SECRET} {HOOK_SECRET}", " ", " ".join([HOOK_SECRET[:-4] + f"{i:03d}=" for i in range(6)]),
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"{HOOK_SECRET} whsec_short",
+        f"{HOOK_SECRET} {HOOK_SECRET}",
+        " ",
+        " ".join([HOOK_SECRET[:-4] + f"{i:03d}=" for i in range(6)]),
+    ],
+)
 def test_a_bad_secret_among_several_is_refused(value: str) -> None:
     with pytest.raises(ConfigError) as refused:
         settings_from_dict(base(), env={**ENV, "WATCHER_WEBHOOK_SECRET": value})
@@ -302,19 +368,26 @@ def test_named_keys_with_scopes_and_a_connection_limit() -> None:
     assert (key.name, key.scope, key.key) == ("dashboard", "read", READ_KEY)
     assert s.http.max_connections == 50 and settings_from_dict(base(), env=ENV).http.max_connections == 1000
     text = describe(s)
-    assert "API key dashboard from $READ_KEY, scope read" in text and READ_KEY not in text and API_KEY not in text
+    assert (
+        "API key dashboard from $READ_KEY, scope read" in text
+        and READ_KEY not in text
+        and API_KEY not in text
+    )
     assert READ_KEY not in repr(s)
 
 
-@pytest.mark.parametrize("value", [
-    "a" * 40,                                   # one character
-    "k3y" * 14,                                 # a pattern repeated
-    "sk_live_" + "0123" * 8,                    # a prefix and a pattern: four different characters
-    "sk_test_0123456789abcdef",                 # 24 characters
-    "Zq8Xw2Lm5Np9Rt3Vb7Hc1Jd4Kf6Gs0Y",         # 31 characters
-    "Zq8Xw2Lm5Np9 t3Vb7Hc1Jd4Kf6Gs0Ya",         # a space
-    "Zq8Xw2Lm5Np9Rt3Vb7Hc1Jd4Kf6Gs0Yä",         # not ASCII
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "a" * 40,  # one character
+        "k3y" * 14,  # a pattern repeated
+        "sk_live_" + "0123" * 8,  # a prefix and a pattern: four different characters
+        "sk_test_0123456789abcdef",  # 24 characters
+        "Zq8Xw2Lm5Np9Rt3Vb7Hc1Jd4Kf6Gs0Y",  # 31 characters
+        "Zq8Xw2Lm5Np9 t3Vb7Hc1Jd4Kf6Gs0Ya",  # a space
+        "Zq8Xw2Lm5Np9Rt3Vb7Hc1Jd4Kf6Gs0Yä",  # not ASCII
+    ],
+)
 @pytest.mark.parametrize("where", ["api_key_env", "api_keys"])
 def test_a_short_or_predictable_key_is_refused(value: str, where: str) -> None:
     if where == "api_key_env":
@@ -328,16 +401,43 @@ def test_a_short_or_predictable_key_is_refused(value: str, where: str) -> None:
     assert "32" in refused.value.message and value not in str(refused.value)
 
 
-@pytest.mark.parametrize(("keys", "env", "key", "words"), [
-    ([{"name": "a", "key_env": "READ_KEY", "scope": "read"}, {"name": "a", "key_env": "K2", "scope": "write"}],
-     {"K2": READ_KEY[::-1]}, "http.api_keys[1].name", "duplicate name"),
-    ([{"name": "a", "key_env": "WATCHER_API_KEY", "scope": "read"}], {}, "http.api_keys[0].key_env", "same key"),
-    ([{"name": "a", "key_env": "READ_KEY", "scope": "read"}, {"name": "b", "key_env": "READ_KEY", "scope": "write"}],
-     {}, "http.api_keys[1].key_env", "same key"),
-    ([{"name": "a", "key_env": "READ_KEY", "scope": "admin"}], {}, "http.api_keys[0].scope", ""),
-    ([{"name": "a", "key_env": "NOPE", "scope": "read"}], {}, "http.api_keys[0].key_env", "not set"),
-    ([{"name": "a", "key": READ_KEY, "scope": "read"}], {}, "http.api_keys[0].key", "never live in the file"),
-])
+@pytest.mark.parametrize(
+    ("keys", "env", "key", "words"),
+    [
+        (
+            [
+                {"name": "a", "key_env": "READ_KEY", "scope": "read"},
+                {"name": "a", "key_env": "K2", "scope": "write"},
+            ],
+            {"K2": READ_KEY[::-1]},
+            "http.api_keys[1].name",
+            "duplicate name",
+        ),
+        (
+            [{"name": "a", "key_env": "WATCHER_API_KEY", "scope": "read"}],
+            {},
+            "http.api_keys[0].key_env",
+            "same key",
+        ),
+        (
+            [
+                {"name": "a", "key_env": "READ_KEY", "scope": "read"},
+                {"name": "b", "key_env": "READ_KEY", "scope": "write"},
+            ],
+            {},
+            "http.api_keys[1].key_env",
+            "same key",
+        ),
+        ([{"name": "a", "key_env": "READ_KEY", "scope": "admin"}], {}, "http.api_keys[0].scope", ""),
+        ([{"name": "a", "key_env": "NOPE", "scope": "read"}], {}, "http.api_keys[0].key_env", "not set"),
+        (
+            [{"name": "a", "key": READ_KEY, "scope": "read"}],
+            {},
+            "http.api_keys[0].key",
+            "never live in the file",
+        ),
+    ],
+)
 def test_api_keys_mistakes_name_their_key(keys, env, key, words) -> None:
     with pytest.raises(ConfigError) as refused:
         settings_from_dict(with_keys(*keys), env={**ENV, "READ_KEY": READ_KEY, **env})
@@ -356,13 +456,13 @@ def test_max_connections_is_a_positive_integer() -> None:
 
 def test_every_mistake_is_reported_at_once_and_a_misspelt_key_gets_a_suggestion():
     data = base()
-    data["log_levle"] = "info"                                   # misspelt top-level key
-    data["http"]["listen"] = "nope"                              # bad value
+    data["log_levle"] = "info"  # misspelt top-level key
+    data["http"]["listen"] = "nope"  # bad value
     chain = data["chains"][0]
-    chain["confirmation"] = chain.pop("confirmations")          # misspelt, so the real one is missing
-    chain["merchant_address"] = "0x123"                          # bad address
+    chain["confirmation"] = chain.pop("confirmations")  # misspelt, so the real one is missing
+    chain["merchant_address"] = "0x123"  # bad address
     chain["assets"][0]["usd_rat"] = chain["assets"][0].pop("usd_rate")
-    chain["assets"][1]["colour"] = "blue"                        # unknown, nothing close
+    chain["assets"][1]["colour"] = "blue"  # unknown, nothing close
     with pytest.raises(ConfigError) as caught:
         settings_from_dict(data, ENV)
     problems = dict(caught.value.problems)
@@ -386,14 +486,26 @@ def test_the_command_line_prints_every_problem_on_its_own_line(tmp_path):
     import subprocess
     import sys
 
-    text = EXAMPLE.read_text().replace("log_level = ", "log_levl = ", 1).replace("confirmations = 12", "confirmations = 0", 1)
+    text = (
+        EXAMPLE.read_text()
+        .replace("log_level = ", "log_levl = ", 1)
+        .replace("confirmations = 12", "confirmations = 0", 1)
+    )
     text = text.replace("decimals = 6\nusd_rate", "decimal = 6\nusd_rate", 1)
     path = tmp_path / "bad.toml"
     path.write_text(text)
-    result = subprocess.run([sys.executable, "-m", "watcher.cli", "check-config", "--config", str(path)],
-                            capture_output=True, text=True, timeout=60, env=ENV | {"PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-m", "watcher.cli", "check-config", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=ENV | {"PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.splitlines()
     assert "watcher: configuration error: log_levl: unknown key, did you mean 'log_level'?" in lines
     assert any(line.startswith("watcher: configuration error: chains[0].confirmations:") for line in lines)
-    assert "watcher: configuration error: chains[0].assets[0].decimal: unknown key, did you mean 'decimals'?" in lines
+    assert (
+        "watcher: configuration error: chains[0].assets[0].decimal: unknown key, did you mean 'decimals'?"
+        in lines
+    )

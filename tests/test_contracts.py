@@ -115,13 +115,11 @@ def test_build_check_passes() -> None:
 
 
 def test_topic_constants() -> None:
-    assert TRANSFER_TOPIC == (
-        "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
-    )
-    assert PAYMENT_RECEIVED_TOPIC == (
+    assert TRANSFER_TOPIC == ("0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef")
+    assert (
         "0x" + keccak(text="PaymentReceived(bytes32,bytes32,address,address,address,uint256)").hex()
-    )
-    assert PAYMENT_RECEIVED_TOPIC == PAYMENT_RECEIVED_TOPIC.lower()
+    ) == PAYMENT_RECEIVED_TOPIC
+    assert PAYMENT_RECEIVED_TOPIC.lower() == PAYMENT_RECEIVED_TOPIC
     assert len(PAYMENT_RECEIVED_TOPIC) == 66
 
 
@@ -133,10 +131,7 @@ def _event_topic(abi: list[dict[str, Any]], name: str) -> str:
 
 def test_topic_constants_match_artifact_abis() -> None:
     assert _event_topic(load_artifact("TestToken")["abi"], "Transfer") == TRANSFER_TOPIC
-    assert (
-        _event_topic(load_artifact("PaymentRouter")["abi"], "PaymentReceived")
-        == PAYMENT_RECEIVED_TOPIC
-    )
+    assert _event_topic(load_artifact("PaymentRouter")["abi"], "PaymentReceived") == PAYMENT_RECEIVED_TOPIC
 
 
 # --------------------------------------------------------------------------
@@ -192,9 +187,7 @@ def _revert_data(exc: BaseException) -> bytes:
     raise AssertionError(f"no revert data in {message!r}")
 
 
-def _assert_reverts(
-    w3: Web3, fn: Any, tx: dict[str, Any], error_signature: str
-) -> None:
+def _assert_reverts(w3: Web3, fn: Any, tx: dict[str, Any], error_signature: str) -> None:
     """Assert that ``fn`` reverts with ``error_signature`` when called and when mined."""
     with pytest.raises(Exception) as info:
         fn.call(tx)
@@ -369,9 +362,7 @@ def test_router_rejects_mismatches(w3: Web3, token: Contract, router: Contract) 
     _assert_reverts(w3, pay(token.address, merchant, 0), {"from": payer}, "ZeroAmount()")
     _assert_reverts(w3, pay(ZERO_ADDRESS, merchant, 0), {"from": payer}, "ZeroAmount()")
     # Zero recipient, token and native.
-    _assert_reverts(
-        w3, pay(token.address, ZERO_ADDRESS, 100), {"from": payer}, "ZeroRecipient()"
-    )
+    _assert_reverts(w3, pay(token.address, ZERO_ADDRESS, 100), {"from": payer}, "ZeroRecipient()")
     _assert_reverts(
         w3,
         pay(ZERO_ADDRESS, ZERO_ADDRESS, 100),
@@ -411,9 +402,7 @@ def test_router_rejects_mismatches(w3: Web3, token: Contract, router: Contract) 
 
 def test_router_has_no_receive_or_fallback(w3: Web3, router: Contract) -> None:
     sender = w3.eth.accounts[1]
-    tx_hash = w3.eth.send_transaction(
-        {"from": sender, "to": router.address, "value": 1, "gas": GAS}
-    )
+    tx_hash = w3.eth.send_transaction({"from": sender, "to": router.address, "value": 1, "gas": GAS})
     assert w3.eth.wait_for_transaction_receipt(tx_hash)["status"] == 0
     assert w3.eth.get_balance(router.address) == 0
     assert not [e for e in router.abi if e["type"] in ("receive", "fallback")]

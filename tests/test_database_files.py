@@ -9,6 +9,7 @@ import stat
 import time
 
 from daemon import SandboxDaemon
+
 from watcher.store import Store
 
 

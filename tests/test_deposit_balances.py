@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from watcher.addresses import AddressDeriver
+from watcher.addresses import AddressDeriver, account_xpub_from_mnemonic
 from watcher.balances import BalanceError, DepositAddress, read_balances
 from watcher.sandbox import SANDBOX_MNEMONIC
-from watcher.addresses import account_xpub_from_mnemonic
 
 
 async def test_paid_deposit_addresses_are_listed_with_what_they_hold(harness):
@@ -28,9 +27,13 @@ async def test_paid_deposit_addresses_are_listed_with_what_they_hold(harness):
     assert body["total"] == 2 and body["limit"] == 50 and body["offset"] == 0
     full_option, part_option = paid_full["payment_options"][0], paid_part["payment_options"][0]
     assert rows[full_option["destination_address"]] == {
-        "network": "sandbox", "address": full_option["destination_address"],
+        "network": "sandbox",
+        "address": full_option["destination_address"],
         "derivation_index": rows[full_option["destination_address"]]["derivation_index"],
-        "asset": "TUSD", "amount_atomic": "12500000", "amount": "12.5", "native_balance_atomic": "0",
+        "asset": "TUSD",
+        "amount_atomic": "12500000",
+        "amount": "12.5",
+        "native_balance_atomic": "0",
     }
     assert rows[part_option["destination_address"]]["amount_atomic"] == "1250000"
     assert rows[part_option["destination_address"]]["amount"] == "1.25"
@@ -85,8 +88,17 @@ TOKEN = "0x" + "aa" * 20
 
 
 def _deposits(n: int) -> list[DepositAddress]:
-    return [DepositAddress("chain", "0x" + f"{i + 1:040x}", i, "TOK" if i % 2 == 0 else "ETH",
-                           TOKEN if i % 2 == 0 else None, 6 if i % 2 == 0 else 18) for i in range(n)]
+    return [
+        DepositAddress(
+            "chain",
+            "0x" + f"{i + 1:040x}",
+            i,
+            "TOK" if i % 2 == 0 else "ETH",
+            TOKEN if i % 2 == 0 else None,
+            6 if i % 2 == 0 else 18,
+        )
+        for i in range(n)
+    ]
 
 
 async def test_balances_are_read_in_batches_no_larger_than_the_cap():
@@ -114,9 +126,10 @@ async def test_on_a_real_node_behind_a_misbehaving_proxy(harnesses, anvil_node, 
     """anvil over HTTP: the paid addresses with what they hold, the coin for gas beside a
     token; then the node refusing balanceOf, or failing outright, is a 503 that says so,
     never a 500 or a row of zeros."""
-    import watcher.service
     from anvil_harness import AnvilHarness
     from faultproxy import Fault, FaultProxy
+
+    import watcher.service
     from watcher.chain.failover import FailoverTransport
 
     monkeypatch.setattr(watcher.service, "RPC_TIMEOUT", 0.5)
@@ -132,8 +145,10 @@ async def test_on_a_real_node_behind_a_misbehaving_proxy(harnesses, anvil_node, 
         token_address = token_paid["payment_options"][0]["destination_address"]
         coin_option = coin_paid["payment_options"][0]
         await h.anvil.run(h.anvil.transfer_token, token_address, 3_000_000)
-        await h.anvil.run(h.anvil.transfer_native, token_address, 10**15)          # gas for a later sweep
-        await h.anvil.run(h.anvil.transfer_native, coin_option["destination_address"], int(coin_option["amount_atomic"]))
+        await h.anvil.run(h.anvil.transfer_native, token_address, 10**15)  # gas for a later sweep
+        await h.anvil.run(
+            h.anvil.transfer_native, coin_option["destination_address"], int(coin_option["amount_atomic"])
+        )
         await h.mine(1)
         await h.wait_status(token_paid["id"], "paid")
         await h.wait_status(coin_paid["id"], "paid")
@@ -141,12 +156,20 @@ async def test_on_a_real_node_behind_a_misbehaving_proxy(harnesses, anvil_node, 
         status, body, _ = await h.request("GET", "/v1/deposit-balances")
         assert status == 200, body
         rows = {r["address"]: r for r in body["data"]}
-        assert rows[token_address]["amount_atomic"] == "3000000" and rows[token_address]["native_balance_atomic"] == str(10**15)
+        assert rows[token_address]["amount_atomic"] == "3000000" and rows[token_address][
+            "native_balance_atomic"
+        ] == str(10**15)
         coin_row = rows[coin_option["destination_address"]]
-        assert coin_row["asset"] == "ETH" and coin_row["amount_atomic"] == coin_row["native_balance_atomic"] == coin_option["amount_atomic"]
+        assert (
+            coin_row["asset"] == "ETH"
+            and coin_row["amount_atomic"] == coin_row["native_balance_atomic"] == coin_option["amount_atomic"]
+        )
         assert proxy.requests["eth_call"] >= 1 and proxy.requests["eth_getBalance"] >= 2
 
-        for fault in (Fault("rpc_error", method="eth_call", message="execution timeout"), Fault("http_503", method="eth_getBalance")):
+        for fault in (
+            Fault("rpc_error", method="eth_call", message="execution timeout"),
+            Fault("http_503", method="eth_getBalance"),
+        ):
             proxy.inject(fault)
             status, problem, ctype = await h.request("GET", "/v1/deposit-balances")
             assert status == 503 and ctype.startswith("application/problem+json"), problem

@@ -18,7 +18,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from harness import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,8 +27,12 @@ GUIDE = ROOT / "docs" / "from-sandbox-to-mainnet.md"
 def guide_lines() -> list[str]:
     """The command lines of the guide's devnet step, comments dropped."""
     section = GUIDE.read_text().split("## 2. A local devnet", 1)[1].split("\n## ", 1)[0]
-    return [line.split("  #")[0].strip() for block in re.findall(r"```sh\n(.*?)```", section, re.S)
-            for line in block.splitlines() if line.strip()]
+    return [
+        line.split("  #")[0].strip()
+        for block in re.findall(r"```sh\n(.*?)```", section, re.S)
+        for line in block.splitlines()
+        if line.strip()
+    ]
 
 
 def guide_line(start: str) -> str:
@@ -44,10 +47,24 @@ def devnet(tmp_path, anvil_node):  # anvil_node: skips (or fails in CI) without 
     directory, port, listen = tmp_path / "devnet", free_port(), f"127.0.0.1:{free_port()}"
     assert "scripts/devnet" in guide_lines()
     started = time.monotonic()
-    proc = subprocess.Popen([str(ROOT / "scripts" / "devnet"), "--dir", str(directory), "--port", str(port),
-                             "--listen", listen, "--block-time", "0.5"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")})
+    proc = subprocess.Popen(
+        [
+            str(ROOT / "scripts" / "devnet"),
+            "--dir",
+            str(directory),
+            "--port",
+            str(port),
+            "--listen",
+            listen,
+            "--block-time",
+            "0.5",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")},
+    )
     try:
         wait_http(f"http://{listen}/healthz", timeout=120)
         yield directory, listen, started
@@ -72,8 +89,12 @@ def bash(line: str, directory: Path, listen: str) -> str:
 
 def api(listen: str, key: str, method: str, path: str, body: dict | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"http://{listen}{path}", data=data, method=method,
-                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://{listen}{path}",
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
@@ -86,7 +107,9 @@ def test_the_devnet_guide_works_as_written(devnet):
     xpub = bash(guide_line('echo "test test'), directory, listen).strip()
     assert xpub == config["chains"][0]["deposit_xpub"]
 
-    lines = bash(guide_line("( set -a; . .devnet/watcher.env; .venv/bin/watcher addresses"), directory, listen)
+    lines = bash(
+        guide_line("( set -a; . .devnet/watcher.env; .venv/bin/watcher addresses"), directory, listen
+    )
     addresses = [line.split() for line in lines.splitlines()]
     assert [a[:2] for a in addresses] == [["devnet", f"m/44'/60'/1'/0/{i}"] for i in range(3)]
 
@@ -94,14 +117,18 @@ def test_the_devnet_guide_works_as_written(devnet):
     second = api(listen, key, "POST", "/v1/invoices", {"amount": "20"})
     third = api(listen, key, "POST", "/v1/invoices", {"amount": "1"})
     shown = [inv["payment_options"][0]["destination_address"] for inv in (first, second, third)]
-    assert shown == [a[2] for a in addresses], "the xpub the watcher uses is the one derived from the mnemonic"
+    assert shown == [a[2] for a in addresses], (
+        "the xpub the watcher uses is the one derived from the mnemonic"
+    )
 
     pay = guide_line("scripts/devnet pay")
     assert pay == "scripts/devnet pay inv_..."
     bash(pay.replace("inv_...", first["id"]) + f" --dir {directory}", directory, listen)
     bash(pay.replace("inv_...", second["id"]) + f" --dir {directory} --amount 5", directory, listen)
 
-    status_line = guide_line("curl -s -H \"Authorization: Bearer $KEY\" http://127.0.0.1:8080/v1/invoices/inv_.../status")
+    status_line = guide_line(
+        'curl -s -H "Authorization: Bearer $KEY" http://127.0.0.1:8080/v1/invoices/inv_.../status'
+    )
     assert "/status" in status_line
     deadline = time.monotonic() + 60
     while (status := api(listen, key, "GET", f"/v1/invoices/{first['id']}/status"))["status"] != "confirmed":
@@ -119,15 +146,23 @@ def test_the_devnet_guide_works_as_written(devnet):
 
     balances = api(listen, key, "GET", "/v1/deposit-balances")
     assert balances["total"] == 2
-    assert [(r["address"], r["derivation_index"], r["asset"], r["amount"], r["native_balance_atomic"])
-            for r in balances["data"]] == [(shown[0], 0, "TUSD", "12.5", "0"), (shown[1], 1, "TUSD", "5", "0")]
+    assert [
+        (r["address"], r["derivation_index"], r["asset"], r["amount"], r["native_balance_atomic"])
+        for r in balances["data"]
+    ] == [(shown[0], 0, "TUSD", "12.5", "0"), (shown[1], 1, "TUSD", "5", "0")]
 
-    table = bash(f"( set -a; . .devnet/watcher.env; .venv/bin/watcher balances --config .devnet/watcher.toml )",
-                 directory, listen)
+    table = bash(
+        "( set -a; . .devnet/watcher.env; .venv/bin/watcher balances --config .devnet/watcher.toml )",
+        directory,
+        listen,
+    )
     assert shown[0] in table and shown[1] in table and shown[2] not in table
 
-    checked = bash("( set -a; . .devnet/watcher.env; .venv/bin/watcher check-config --config .devnet/watcher.toml )",
-                   directory, listen)
+    checked = bash(
+        "( set -a; . .devnet/watcher.env; .venv/bin/watcher check-config --config .devnet/watcher.toml )",
+        directory,
+        listen,
+    )
     assert "holds the PaymentRouter's code" in checked
     assert "watcher check-config --config .devnet/watcher.toml" in GUIDE.read_text()
     assert "watcher balances --config .devnet/watcher.toml" in GUIDE.read_text()
@@ -135,6 +170,11 @@ def test_the_devnet_guide_works_as_written(devnet):
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_devnet_pay_without_a_devnet_says_so(tmp_path):
-    result = subprocess.run([str(ROOT / "scripts" / "devnet"), "pay", "inv_x", "--dir", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "devnet"), "pay", "inv_x", "--dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0 and "no devnet" in result.stderr and "Traceback" not in result.stderr

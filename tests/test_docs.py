@@ -23,9 +23,9 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from harness import free_port
 from pydantic import BaseModel
 
-from harness import free_port
 from watcher.config import EVENT_TYPES, Settings
 from watcher.webhooks import secret_key, sign
 
@@ -94,7 +94,11 @@ def test_the_config_reference_lists_every_key_of_the_settings_model_and_no_other
 
 def test_the_config_reference_states_each_default():
     documented = reference_table()
-    wrong = {key: (documented[key], default) for key, default in config_keys().items() if documented[key] != default}
+    wrong = {
+        key: (documented[key], default)
+        for key, default in config_keys().items()
+        if documented[key] != default
+    }
     assert wrong == {}, "(documented, actual)"
 
 
@@ -134,20 +138,26 @@ def test_the_webhook_verification_example_accepts_the_watchers_signatures_and_no
     body = json.dumps({"id": "evt_1", "type": "invoice.paid", "data": {"invoice": {"version": 3}}}).encode()
     now = int(time.time())
 
-    def headers(msg_id: str = "evt_1", ts: int = now, key: bytes = secret_key(secret), signed: bytes = body) -> dict:
-        return {"Webhook-Id": msg_id, "Webhook-Timestamp": str(ts), "Webhook-Signature": sign(key, msg_id, ts, signed)}
+    def headers(
+        msg_id: str = "evt_1", ts: int = now, key: bytes = secret_key(secret), signed: bytes = body
+    ) -> dict:
+        return {
+            "Webhook-Id": msg_id,
+            "Webhook-Timestamp": str(ts),
+            "Webhook-Signature": sign(key, msg_id, ts, signed),
+        }
 
     assert verify_webhook(secret, headers(), body) is True
     # Several signatures (a secret being rotated): any valid v1 one will do.
     several = headers()
     several["Webhook-Signature"] = "v1,bm90IGl0 " + several["Webhook-Signature"]
     assert verify_webhook(secret, several, body) is True
-    assert verify_webhook(secret, headers(), body + b" ") is False                     # body changed
+    assert verify_webhook(secret, headers(), body + b" ") is False  # body changed
     assert verify_webhook(secret, headers(signed=body + b" "), body) is False
     assert verify_webhook(secret, headers(key=secrets.token_bytes(32)), body) is False  # another secret
-    assert verify_webhook(secret, headers(ts=now - 3600), body) is False               # replayed later
+    assert verify_webhook(secret, headers(ts=now - 3600), body) is False  # replayed later
     forged = headers()
-    forged["Webhook-Id"] = "evt_2"                                                     # id swapped
+    forged["Webhook-Id"] = "evt_2"  # id swapped
     assert verify_webhook(secret, forged, body) is False
     assert verify_webhook(secret, {}, body) is False
     unversioned = headers()
@@ -169,13 +179,17 @@ def test_the_docs_link_each_other_and_the_readme_links_both():
 
 # --------------------------------------------------------------------------- backup
 
+
 def backup_commands() -> tuple[str, str, str]:
     """The documented backup commands (sqlite3 shell, Python) and the check, as the watcher
     user would run them."""
     text = OPERATORS.read_text()
     section = text.split("## Back up the database", 1)[1].split("\n## ", 1)[0]
-    lines = [line.removeprefix("runuser -u watcher -- ")
-             for block in re.findall(r"```sh\n(.*?)```", section, re.S) for line in block.splitlines()]
+    lines = [
+        line.removeprefix("runuser -u watcher -- ")
+        for block in re.findall(r"```sh\n(.*?)```", section, re.S)
+        for line in block.splitlines()
+    ]
 
     def one(marker: str) -> str:
         [line] = [line for line in lines if marker in line]
@@ -184,8 +198,10 @@ def backup_commands() -> tuple[str, str, str]:
     return one('".backup '), one("src.backup(dst)"), one("integrity_check")
 
 
-@pytest.mark.skipif(shutil.which("sqlite3") is None and not os.environ.get("CI"),
-                    reason="the sqlite3 shell is not installed (apt-get install sqlite3); .ci/run installs it in CI")
+@pytest.mark.skipif(
+    shutil.which("sqlite3") is None and not os.environ.get("CI"),
+    reason="the sqlite3 shell is not installed (apt-get install sqlite3); .ci/run installs it in CI",
+)
 def test_the_documented_backup_works_on_a_running_watcher(tmp_path):
     """Back up a WAL database while the daemon writes to it: the copy is sound and holds
     what was committed before it; both documented ways."""
@@ -193,17 +209,34 @@ def test_the_documented_backup_works_on_a_running_watcher(tmp_path):
     key = "sk_test_" + secrets.token_hex(12)
     database = tmp_path / "watcher.db"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "watcher.cli", "run", "--sandbox", "--listen", f"127.0.0.1:{port}",
-         "--block-time", "0.2", "--database", str(database)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "WATCHER_API_KEY": key},
+        [
+            sys.executable,
+            "-m",
+            "watcher.cli",
+            "run",
+            "--sandbox",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--block-time",
+            "0.2",
+            "--database",
+            str(database),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "WATCHER_API_KEY": key},
     )
     base = f"http://127.0.0.1:{port}"
     created: list[str] = []
     stop = threading.Event()
 
     def create() -> None:
-        request = urllib.request.Request(base + "/v1/invoices", data=b'{"amount": "1.50"}', method="POST",
-                                         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        request = urllib.request.Request(
+            base + "/v1/invoices",
+            data=b'{"amount": "1.50"}',
+            method="POST",
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=10) as r:
             created.append(json.loads(r.read())["id"])
 
@@ -238,7 +271,10 @@ def test_the_documented_backup_works_on_a_running_watcher(tmp_path):
                 assert run.returncode == 0, (command, run.stderr)
                 checked = subprocess.run(
                     ["bash", "-c", check.replace("/var/backups/watcher/watcher.db", shlex.quote(str(copy)))],
-                    capture_output=True, text=True, timeout=60)
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
                 assert checked.stdout.strip() == "ok", checked
                 results.append((copy, before))
         finally:
@@ -257,7 +293,9 @@ def test_the_documented_backup_works_on_a_running_watcher(tmp_path):
         db = sqlite3.connect(copy)
         try:
             ids = {row[0] for row in db.execute("SELECT id FROM invoices")}
-            events = {row[0] for row in db.execute("SELECT invoice_id FROM events WHERE type = 'invoice.created'")}
+            events = {
+                row[0] for row in db.execute("SELECT invoice_id FROM events WHERE type = 'invoice.created'")
+            }
         finally:
             db.close()
         assert set(created[:before]) <= ids, "everything committed before the backup is in it"
@@ -301,7 +339,7 @@ def outside_references(path: Path, text: str) -> list[str]:
     if path.suffix == ".md":
         for m in re.finditer(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", text):
             target = m[1]
-            if re.match(r"[a-z][a-z0-9+.-]*:", target):   # https:, mailto:
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
                 continue
             resolved = (path.parent / target).resolve()
             if not resolved.is_relative_to(ROOT) or not resolved.exists():
@@ -309,8 +347,9 @@ def outside_references(path: Path, text: str) -> list[str]:
     for m in re.finditer(r"(?<![\w/.:-])([\w.-][\w./*-]*\.md)\b", text):
         name = m[1]
         candidates = [ROOT / name, path.parent / name]
-        if not any(c.resolve().is_relative_to(ROOT) and c.exists() for c in candidates) \
-                and not any(ROOT.glob("**/" + name)):
+        if not any(c.resolve().is_relative_to(ROOT) and c.exists() for c in candidates) and not any(
+            ROOT.glob("**/" + name)
+        ):
             found.append(name)
     if path.suffix == ".md":
         folders = "|".join(map(re.escape, TOP_DIRS))
@@ -325,7 +364,9 @@ def _braces(pattern: str) -> list[str]:
     m = re.search(r"\{([^{}]*,[^{}]*)\}", pattern)
     if not m:
         return [pattern]
-    return [p for choice in m[1].split(",") for p in _braces(pattern[:m.start()] + choice + pattern[m.end():])]
+    return [
+        p for choice in m[1].split(",") for p in _braces(pattern[: m.start()] + choice + pattern[m.end() :])
+    ]
 
 
 def _ignored(path: str) -> bool:
@@ -341,9 +382,12 @@ def test_no_tracked_file_names_a_path_outside_the_repository():
     file it lacks (the project's old spec sat next to the repository, not in it)."""
     texts = tracked_text_files()
     assert ROOT / "README.md" in texts and ROOT / "docs" / "operators.md" in texts
-    this_file = Path(__file__).resolve()   # names missing files on purpose, to test the check
-    bad = {str(path.relative_to(ROOT)): refs for path, text in texts.items()
-           if path != this_file and (refs := outside_references(path, text))}
+    this_file = Path(__file__).resolve()  # names missing files on purpose, to test the check
+    bad = {
+        str(path.relative_to(ROOT)): refs
+        for path, text in texts.items()
+        if path != this_file and (refs := outside_references(path, text))
+    }
     assert bad == {}
 
 
@@ -359,9 +403,15 @@ def test_the_outside_reference_check_catches_each_kind(tmp_path):
     assert outside_references(doc, "`docs/{operators,integrators}.md`") == []
     assert outside_references(doc, "`docs/{operators,nowhere}.md`") == ["docs/{operators,nowhere}.md"]
     assert outside_references(ROOT / "config" / "x.toml", "# see SPEC" + ".md section 2") == ["SPEC" + ".md"]
-    assert outside_references(doc, "[operators](operators.md), `docs/integrators.md`, `scripts/test`, "
-                                    "`tests/test_anvil_*`, /usr/share/doc/watcher/operators.md, "
-                                    "[site](https://example.com/x.md)") == []
+    assert (
+        outside_references(
+            doc,
+            "[operators](operators.md), `docs/integrators.md`, `scripts/test`, "
+            "`tests/test_anvil_*`, /usr/share/doc/watcher/operators.md, "
+            "[site](https://example.com/x.md)",
+        )
+        == []
+    )
 
 
 def test_the_api_reference_lists_every_event_type():
@@ -375,17 +425,38 @@ def test_the_example_config_and_the_reference_state_the_tolerance_range_the_watc
     from watcher.config import ConfigError, settings_from_dict
 
     def accepts(value: str) -> bool:
-        data = {"http": {"listen": "127.0.0.1:8080"}, "invoices": {"payment_tolerance_percent": value},
-                "chains": [{"name": "c", "chain_id": 1, "rpc_urls": ["https://x.example"], "poll_interval_seconds": 1.0,
-                            "confirmations": 1, "assets": [{"symbol": "ETH", "kind": "native"}]}]}
+        data = {
+            "http": {"listen": "127.0.0.1:8080"},
+            "invoices": {"payment_tolerance_percent": value},
+            "chains": [
+                {
+                    "name": "c",
+                    "chain_id": 1,
+                    "rpc_urls": ["https://x.example"],
+                    "poll_interval_seconds": 1.0,
+                    "confirmations": 1,
+                    "assets": [{"symbol": "ETH", "kind": "native"}],
+                }
+            ],
+        }
         try:
             settings_from_dict(data, {"WATCHER_API_KEY": "sk_test_Zq3vN8xK2pL7wR4tY9bC6mD1fG5hJ0aE"})
             return True
         except ConfigError:
             return False
 
-    assert accepts("0") and accepts("99.99") and not accepts("100") and not accepts("99.991") and not accepts("-1")
-    row = next(line for line in OPERATORS.read_text().splitlines() if line.startswith("| `invoices.payment_tolerance_percent`"))
+    assert (
+        accepts("0")
+        and accepts("99.99")
+        and not accepts("100")
+        and not accepts("99.991")
+        and not accepts("-1")
+    )
+    row = next(
+        line
+        for line in OPERATORS.read_text().splitlines()
+        if line.startswith("| `invoices.payment_tolerance_percent`")
+    )
     assert '`"0"` to `"99.99"`' in row
     example = (ROOT / "config" / "watcher.example.toml").read_text()
     comment = next(line for line in example.splitlines() if line.startswith("payment_tolerance_percent"))

@@ -16,8 +16,12 @@ async def test_exact_payment_goes_pending_paid_confirmed(harness):
     assert payment["transaction_hash"] == tx
     assert payment["role"] == "counted" and payment["status"] == "detected"
     assert payment["amount_atomic"] == "49990000" and payment["amount"] == "49.99"
-    assert paid["payment_summary"] == {"payment_state": "exact", "received_amount": "49.99",
-                                       "remaining_amount": "0", "overpaid_amount": "0"}
+    assert paid["payment_summary"] == {
+        "payment_state": "exact",
+        "received_amount": "49.99",
+        "remaining_amount": "0",
+        "overpaid_amount": "0",
+    }
 
     await harness.mine(2)
     confirmed = await harness.wait_status(invoice["id"], "confirmed")
@@ -25,7 +29,9 @@ async def test_exact_payment_goes_pending_paid_confirmed(harness):
     assert confirmed["payments"][0]["status"] == "confirmed"
     assert confirmed["paid_at"] and confirmed["confirmed_at"]
 
-    events = await harness.wait_events(invoice["id"], "invoice.created", "invoice.payment_detected", "invoice.paid", "invoice.confirmed")
+    events = await harness.wait_events(
+        invoice["id"], "invoice.created", "invoice.payment_detected", "invoice.paid", "invoice.confirmed"
+    )
     assert harness.receiver.bad_signatures == 0
     versions = [e.version for e in events]
     assert versions == sorted(versions) and versions[0] == 1

@@ -77,7 +77,10 @@ async def test_restart_resumes_without_skipping_or_repeating(harness):
     # While the daemon is down: the second invoice is paid and blocks go by.
     option = second["payment_options"][0]
     await harness.on_chain(
-        harness.chain.transfer_token, option["token_contract"].lower(), option["destination_address"], int(option["amount_atomic"])
+        harness.chain.transfer_token,
+        option["token_contract"].lower(),
+        option["destination_address"],
+        int(option["amount_atomic"]),
     )
     await harness.mine_direct(5)
 

@@ -19,12 +19,16 @@ async def test_native_deposit_goes_pending_paid_confirmed(harness):
     paid = await harness.wait_status(invoice["id"], "paid")
     [payment] = paid["payments"]
     assert payment["transaction_hash"] == tx and payment["log_index"] is None
-    assert payment["amount_atomic"] == str(10**16) and payment["amount"] == "0.01" and payment["asset"] == "ETH"
+    assert (
+        payment["amount_atomic"] == str(10**16) and payment["amount"] == "0.01" and payment["asset"] == "ETH"
+    )
     assert payment["to_address"] == option["destination_address"]
 
     await harness.mine(2)
     await harness.wait_status(invoice["id"], "confirmed")
-    events = await harness.wait_events(invoice["id"], "invoice.payment_detected", "invoice.paid", "invoice.confirmed")
+    events = await harness.wait_events(
+        invoice["id"], "invoice.payment_detected", "invoice.paid", "invoice.confirmed"
+    )
     assert len({e.event_id for e in events}) == len(events)
 
 
@@ -35,7 +39,9 @@ async def test_each_option_counts_only_its_own_asset(harness):
     token = await harness.create(amount="20", assets=["TUSD"])
     [native_option] = native["payment_options"]
     [token_option] = token["payment_options"]
-    await harness.on_chain(chain.transfer_token, chain.deployed.token, native_option["destination_address"], 20_000_000)
+    await harness.on_chain(
+        chain.transfer_token, chain.deployed.token, native_option["destination_address"], 20_000_000
+    )
     await harness.on_chain(chain.transfer_native, token_option["destination_address"], 10**16)
     await harness.mine(1)
     await harness.settle()
@@ -56,9 +62,15 @@ async def test_a_token_payment_through_the_router_is_counted_once(harness):
     [option] = invoice["payment_options"]
     call = option["contract_call"]
     assert option["rail"] == "contract" and option["destination_address"].lower() == SANDBOX_MERCHANT
-    assert call["router"].lower() == harness.chain.deployed.router and call["recipient"].lower() == SANDBOX_MERCHANT
+    assert (
+        call["router"].lower() == harness.chain.deployed.router
+        and call["recipient"].lower() == SANDBOX_MERCHANT
+    )
     assert call["token"].lower() == harness.chain.deployed.token and call["amount"] == "12500000"
-    assert option["payment_uri"].startswith("ethereum:") and "/pay?bytes32=" + call["invoice_id_hash"] in option["payment_uri"]
+    assert (
+        option["payment_uri"].startswith("ethereum:")
+        and "/pay?bytes32=" + call["invoice_id_hash"] in option["payment_uri"]
+    )
 
     tx = await harness.pay(invoice["id"])
     await harness.mine(1)
@@ -77,7 +89,9 @@ async def test_a_token_payment_through_the_router_is_counted_once(harness):
 async def test_the_coin_through_the_router(harness):
     invoice = await harness.create(amount="40", assets=["ETH"], rails=["contract"], quote_rates=ETH_QUOTE)
     [option] = invoice["payment_options"]
-    assert option["contract_call"]["token"] == "0x" + "00" * 20 and option["payment_uri"].endswith(f"&value={2 * 10**16}")
+    assert option["contract_call"]["token"] == "0x" + "00" * 20 and option["payment_uri"].endswith(
+        f"&value={2 * 10**16}"
+    )
     await harness.pay(invoice["id"])
     await harness.mine(3)
     confirmed = await harness.wait_status(invoice["id"], "confirmed")
@@ -93,7 +107,10 @@ async def test_router_payments_that_do_not_fit_the_option_are_ignored(harness):
     call = option["contract_call"]
     stranger = "0x" + "12" * 20
     wrong = [
-        {**call, "invoice_id_hash": other["payment_options"][0]["contract_call"]["invoice_id_hash"]},  # another invoice's id
+        {
+            **call,
+            "invoice_id_hash": other["payment_options"][0]["contract_call"]["invoice_id_hash"],
+        },  # another invoice's id
         {**call, "recipient": stranger},  # not the merchant
         {**call, "token": "0x" + "00" * 20},  # the coin for a token option
         {**call, "payment_id_hash": "0x" + "ab" * 32},  # someone else's payment on a shared router
@@ -133,7 +150,9 @@ async def test_a_watch_set_too_large_for_a_topic_filter_is_matched_locally(harne
     chain = harness.chain
     ours = await harness.create(amount="3", assets=["TUSD"])
     routed = await harness.create(amount="4", assets=["TUSD"], rails=["contract"])
-    await harness.on_chain(chain.transfer_token, chain.deployed.token, "0x" + "5a" * 20, 1_000_000)  # someone else's
+    await harness.on_chain(
+        chain.transfer_token, chain.deployed.token, "0x" + "5a" * 20, 1_000_000
+    )  # someone else's
     await harness.pay(ours["id"])
     await harness.pay(routed["id"])
     await harness.mine(1)
@@ -175,9 +194,13 @@ async def test_options_on_a_router_no_longer_configured_are_still_watched(harnes
 
 
 async def test_sandbox_pay_of_more_than_the_payer_holds_is_a_409_and_sends_nothing(harness):
-    invoice = await harness.create(amount="1000000000000000", assets=["ETH"], quote_rates={"ETH": "0.000000000001"})
+    invoice = await harness.create(
+        amount="1000000000000000", assets=["ETH"], quote_rates={"ETH": "0.000000000001"}
+    )
     head = await harness.on_chain(harness.chain.head)
-    status, problem, ctype = await harness.request("POST", f"/v1/sandbox/invoices/{invoice['id']}/pay", json={})
+    status, problem, ctype = await harness.request(
+        "POST", f"/v1/sandbox/invoices/{invoice['id']}/pay", json={}
+    )
     assert status == 409 and ctype.startswith("application/problem+json"), problem
     assert "more than the sandbox payer holds" in problem["detail"]
     await harness.mine(1)

@@ -16,8 +16,8 @@ from urllib.parse import urlencode
 
 import pytest
 from aiohttp import web
+from harness import Harness, Received, Receiver
 
-from harness import Harness, Receiver, Received
 from watcher.sandbox import _calldata
 
 # Order of events emitted by one change (one version), as the store emits them.
@@ -80,7 +80,12 @@ async def harness(make_harness):
 
 
 def summary(state: str, received: str, remaining: str, overpaid: str = "0") -> dict:
-    return {"payment_state": state, "received_amount": received, "remaining_amount": remaining, "overpaid_amount": overpaid}
+    return {
+        "payment_state": state,
+        "received_amount": received,
+        "remaining_amount": remaining,
+        "overpaid_amount": overpaid,
+    }
 
 
 def unix(rfc3339: str) -> int:
@@ -120,7 +125,9 @@ async def webhooks(h: Harness, invoice: dict, timeline: list[set[str]]) -> list[
         if e.type in STATUS_OF_EVENT:
             assert e.body["data"]["invoice"]["status"] in STATUS_OF_EVENT[e.type], (e.type, e.body)
         if e.type == "invoice.payment_detected":
-            assert e.body["data"]["payment"] is not None and e.body["data"]["payment"]["id"].startswith("pay_")
+            assert e.body["data"]["payment"] is not None and e.body["data"]["payment"]["id"].startswith(
+                "pay_"
+            )
     assert len({e.event_id for e in events}) == len(events), "an event was delivered under two ids or twice"
     by_version: dict[int, list[str]] = {}
     for e in events:
@@ -162,7 +169,9 @@ async def test_two_partial_payments_add_up_to_exactly_the_amount(harness):
     paid = await h.wait_status(invoice["id"], "paid")
     assert paid["payment_summary"] == summary("exact", "25.50", "0")
     assert [(p["transaction_hash"], p["amount_atomic"], p["role"]) for p in paid["payments"]] == [
-        (tx1, "10250000", "counted"), (tx2, "15250000", "counted")]
+        (tx1, "10250000", "counted"),
+        (tx2, "15250000", "counted"),
+    ]
     assert paid["confirmations"] == 1  # the smallest among the counted payments
     assert paid["paid_at"] is not None and paid["confirmed_at"] is None
     assert paid["exception"] is None
@@ -176,14 +185,21 @@ async def test_two_partial_payments_add_up_to_exactly_the_amount(harness):
     status, polled, _ = await h.request("GET", f"/v1/invoices/{invoice['id']}/status")
     assert status == 200
     assert (polled["status"], polled["version"], polled["payment_summary"]) == (
-        "confirmed", confirmed["version"], confirmed["payment_summary"])
+        "confirmed",
+        confirmed["version"],
+        confirmed["payment_summary"],
+    )
 
-    events = await webhooks(h, invoice, [
-        {"invoice.created"},
-        {"invoice.payment_detected"},
-        {"invoice.payment_detected", "invoice.paid"},
-        {"invoice.confirmed"},
-    ])
+    events = await webhooks(
+        h,
+        invoice,
+        [
+            {"invoice.created"},
+            {"invoice.payment_detected"},
+            {"invoice.payment_detected", "invoice.paid"},
+            {"invoice.confirmed"},
+        ],
+    )
     detected = [e for e in events if e.type == "invoice.payment_detected"]
     assert sorted(e.body["data"]["payment"]["transaction_hash"] for e in detected) == sorted([tx1, tx2])
     first_detected = min(detected, key=lambda e: e.version)
@@ -206,10 +222,19 @@ async def test_overpayment_is_paid_with_an_overpaid_exception(harness):
     await h.mine(1)
     paid = await h.wait_status(invoice["id"], "paid")
     assert paid["payment_summary"] == summary("overpaid", "12.50", "0", "2.50")
-    assert paid["exception"] == {"type": "overpaid", "status": "open", "resolution_action": None,
-                                 "resolution_note": None, "resolved_at": None}
+    assert paid["exception"] == {
+        "type": "overpaid",
+        "status": "open",
+        "resolution_action": None,
+        "resolution_note": None,
+        "resolved_at": None,
+    }
     [payment] = paid["payments"]
-    assert (payment["transaction_hash"], payment["role"], payment["amount_atomic"]) == (tx, "counted", "12500000")
+    assert (payment["transaction_hash"], payment["role"], payment["amount_atomic"]) == (
+        tx,
+        "counted",
+        "12500000",
+    )
 
     await h.mine(2)
     confirmed = await h.wait_status(invoice["id"], "confirmed")
@@ -233,12 +258,16 @@ async def test_overpayment_is_paid_with_an_overpaid_exception(harness):
     status, problem = await resolve(h, invoice["id"], "other")
     assert status == 409, problem  # nothing open any more
 
-    events = await webhooks(h, invoice, [
-        {"invoice.created"},
-        {"invoice.payment_detected", "invoice.paid", "invoice.exception_opened"},
-        {"invoice.confirmed"},
-        {"invoice.exception_resolved"},
-    ])
+    events = await webhooks(
+        h,
+        invoice,
+        [
+            {"invoice.created"},
+            {"invoice.payment_detected", "invoice.paid", "invoice.exception_opened"},
+            {"invoice.confirmed"},
+            {"invoice.exception_resolved"},
+        ],
+    )
     [opened] = [e for e in events if e.type == "invoice.exception_opened"]
     assert opened.body["data"]["invoice"]["exception"]["type"] == "overpaid"
     assert opened.body["data"]["invoice"]["payment_summary"]["overpaid_amount"] == "2.50"
@@ -254,14 +283,21 @@ async def test_second_partial_payment_that_overshoots_is_counted_and_overpaid(ha
     tx2 = await h.pay(invoice["id"], amount="6.000001")
     await h.mine(1)
     paid = await h.wait_status(invoice["id"], "paid")
-    assert [(p["transaction_hash"], p["role"]) for p in paid["payments"]] == [(tx1, "counted"), (tx2, "counted")]
+    assert [(p["transaction_hash"], p["role"]) for p in paid["payments"]] == [
+        (tx1, "counted"),
+        (tx2, "counted"),
+    ]
     assert paid["payment_summary"] == summary("overpaid", "12.00", "0", "2.00")  # rounded down to cents
     assert paid["exception"]["type"] == "overpaid" and paid["exception"]["status"] == "open"
-    await webhooks(h, invoice, [
-        {"invoice.created"},
-        {"invoice.payment_detected"},
-        {"invoice.payment_detected", "invoice.paid", "invoice.exception_opened"},
-    ])
+    await webhooks(
+        h,
+        invoice,
+        [
+            {"invoice.created"},
+            {"invoice.payment_detected"},
+            {"invoice.payment_detected", "invoice.paid", "invoice.exception_opened"},
+        ],
+    )
 
 
 # --------------------------------------------------------------------------- 3. duplicate
@@ -281,7 +317,10 @@ async def test_second_full_payment_after_paid_is_a_duplicate(harness):
     await h.mine(1)
     after = await wait_payments(h, invoice["id"], 2)
     assert after["status"] == "confirmed"
-    assert [(p["transaction_hash"], p["role"]) for p in after["payments"]] == [(tx1, "counted"), (tx2, "duplicate")]
+    assert [(p["transaction_hash"], p["role"]) for p in after["payments"]] == [
+        (tx1, "counted"),
+        (tx2, "duplicate"),
+    ]
     assert after["payments"][1]["amount_atomic"] == "49990000"
     assert after["payment_summary"] == summary("exact", "49.99", "0")
     assert after["exception"]["type"] == "duplicate_payment" and after["exception"]["status"] == "open"
@@ -298,15 +337,21 @@ async def test_second_full_payment_after_paid_is_a_duplicate(harness):
     status, resolved = await resolve(h, invoice["id"], "mark_duplicate_payment_reviewed", "refund sent")
     assert status == 200, resolved
     assert resolved["status"] == "confirmed"
-    assert resolved["exception"]["type"] == "duplicate_payment" and resolved["exception"]["status"] == "resolved"
+    assert (
+        resolved["exception"]["type"] == "duplicate_payment" and resolved["exception"]["status"] == "resolved"
+    )
     assert resolved["payments"][1]["role"] == "duplicate"
 
-    events = await webhooks(h, invoice, [
-        {"invoice.created"},
-        {"invoice.payment_detected", "invoice.paid", "invoice.confirmed"},  # 3 blocks at once: both said
-        {"invoice.payment_detected", "invoice.exception_opened"},
-        {"invoice.exception_resolved"},
-    ])
+    events = await webhooks(
+        h,
+        invoice,
+        [
+            {"invoice.created"},
+            {"invoice.payment_detected", "invoice.paid", "invoice.confirmed"},  # 3 blocks at once: both said
+            {"invoice.payment_detected", "invoice.exception_opened"},
+            {"invoice.exception_resolved"},
+        ],
+    )
     dup_event = max((e for e in events if e.type == "invoice.payment_detected"), key=lambda e: e.version)
     assert dup_event.body["data"]["payment"]["transaction_hash"] == tx2
     assert dup_event.body["data"]["payment"]["role"] == "duplicate"
@@ -333,10 +378,19 @@ async def test_payment_after_deadline_is_late_until_accepted(make_harness):
     late = await wait_payments(h, invoice["id"], 1)
     assert late["status"] == "expired"
     [payment] = late["payments"]
-    assert (payment["transaction_hash"], payment["role"], payment["amount_atomic"]) == (tx, "late", "20000000")
+    assert (payment["transaction_hash"], payment["role"], payment["amount_atomic"]) == (
+        tx,
+        "late",
+        "20000000",
+    )
     assert unix(payment["block_timestamp"]) > unix(invoice["payment_timing"]["payable_until"])
-    assert late["exception"] == {"type": "late_payment", "status": "open", "resolution_action": None,
-                                 "resolution_note": None, "resolved_at": None}
+    assert late["exception"] == {
+        "type": "late_payment",
+        "status": "open",
+        "resolution_action": None,
+        "resolution_note": None,
+        "resolved_at": None,
+    }
     assert late["payment_summary"] == summary("unpaid", "0", "20.00")
     assert late["confirmations"] == 0  # no payment counts
 
@@ -360,13 +414,17 @@ async def test_payment_after_deadline_is_late_until_accepted(make_harness):
     assert confirmed["confirmations"] == 3
     assert confirmed["exception"]["status"] == "resolved"
 
-    await webhooks(h, invoice, [
-        {"invoice.created"},
-        {"invoice.expired"},
-        {"invoice.payment_detected", "invoice.exception_opened"},
-        {"invoice.paid", "invoice.exception_resolved"},
-        {"invoice.confirmed"},
-    ])
+    await webhooks(
+        h,
+        invoice,
+        [
+            {"invoice.created"},
+            {"invoice.expired"},
+            {"invoice.payment_detected", "invoice.exception_opened"},
+            {"invoice.paid", "invoice.exception_resolved"},
+            {"invoice.confirmed"},
+        ],
+    )
 
 
 # --------------------------------------------------------------------------- 5. underpaid
@@ -384,9 +442,16 @@ async def underpaid_then_written_off(h: Harness) -> tuple[dict, str]:
     await travel_past_deadline(h, invoice)  # the payment now has 2 confirmations
     underpaid = await h.wait_status(invoice["id"], "underpaid")
     assert underpaid["payment_summary"] == summary("partial", "12.00", "18.00")
-    assert underpaid["exception"] == {"type": "underpaid", "status": "open", "resolution_action": None,
-                                      "resolution_note": None, "resolved_at": None}
-    assert underpaid["payments"][0]["role"] == "counted" and underpaid["payments"][0]["transaction_hash"] == tx
+    assert underpaid["exception"] == {
+        "type": "underpaid",
+        "status": "open",
+        "resolution_action": None,
+        "resolution_note": None,
+        "resolved_at": None,
+    }
+    assert (
+        underpaid["payments"][0]["role"] == "counted" and underpaid["payments"][0]["transaction_hash"] == tx
+    )
     assert underpaid["paid_at"] is None
     await h.wait_events(invoice["id"], "invoice.underpaid")
 
@@ -397,7 +462,9 @@ async def underpaid_then_written_off(h: Harness) -> tuple[dict, str]:
     # The write-off waits for the payment to be confirmed.
     assert written_off["status"] == "underpaid"
     assert written_off["payments"][0]["status"] == "detected"
-    assert written_off["exception"]["type"] == "underpaid" and written_off["exception"]["status"] == "resolved"
+    assert (
+        written_off["exception"]["type"] == "underpaid" and written_off["exception"]["status"] == "resolved"
+    )
     assert written_off["exception"]["resolution_action"] == "write_off_underpayment"
     await h.wait_events(invoice["id"], "invoice.exception_resolved")
 
@@ -415,13 +482,17 @@ async def underpaid_then_written_off(h: Harness) -> tuple[dict, str]:
 async def test_deadline_with_partial_payment_is_underpaid_until_written_off(make_harness):
     h = await make_harness(expiry_minutes=1)
     invoice, _ = await underpaid_then_written_off(h)
-    events = await webhooks(h, invoice, [
-        {"invoice.created"},
-        {"invoice.payment_detected"},
-        {"invoice.underpaid", "invoice.exception_opened"},
-        {"invoice.exception_resolved"},
-        {"invoice.confirmed"},  # never invoice.paid: the amount was never reached
-    ])
+    events = await webhooks(
+        h,
+        invoice,
+        [
+            {"invoice.created"},
+            {"invoice.payment_detected"},
+            {"invoice.underpaid", "invoice.exception_opened"},
+            {"invoice.exception_resolved"},
+            {"invoice.confirmed"},  # never invoice.paid: the amount was never reached
+        ],
+    )
     [underpaid_event] = [e for e in events if e.type == "invoice.underpaid"]
     assert underpaid_event.body["data"]["invoice"]["exception"]["type"] == "underpaid"
     [confirmed_event] = [e for e in events if e.type == "invoice.confirmed"]
@@ -482,7 +553,9 @@ async def test_transfer_of_an_unconfigured_token_is_ignored(harness):
     dest = option["destination_address"]
     other = (await h.on_chain(h.chain.tester.get_accounts))[1]
 
-    impostor = await h.on_chain(h.chain.deploy_contract, "TestToken", ["string", "string", "uint8"], ["Test USD", "TUSD", 6])
+    impostor = await h.on_chain(
+        h.chain.deploy_contract, "TestToken", ["string", "string", "uint8"], ["Test USD", "TUSD", 6]
+    )
     assert impostor != h.chain.deployed.token
     mint = _calldata("mint(address,uint256)", ["address", "uint256"], [other, 10**12])
     await h.on_chain(h.chain._send, other, impostor, mint)
@@ -519,7 +592,9 @@ async def test_zero_amount_invoice_is_confirmed_at_once(harness):
     assert invoice["paid_at"] is not None and invoice["confirmed_at"] is not None
     assert invoice["version"] == 1
 
-    status, problem, ctype = await h.request("POST", f"/v1/sandbox/invoices/{invoice['id']}/pay", json={"amount": "1"})
+    status, problem, ctype = await h.request(
+        "POST", f"/v1/sandbox/invoices/{invoice['id']}/pay", json={"amount": "1"}
+    )
     assert status == 409 and ctype.startswith("application/problem+json"), problem
 
     await h.mine(1)
@@ -557,11 +632,15 @@ async def test_underpayment_within_tolerance_counts_as_exact(make_harness):
     await h.settle()
     assert (await h.get(outside["id"]))["status"] == "pending"
 
-    await webhooks(h, inside, [
-        {"invoice.created"},
-        {"invoice.payment_detected", "invoice.paid"},
-        {"invoice.confirmed"},
-    ])
+    await webhooks(
+        h,
+        inside,
+        [
+            {"invoice.created"},
+            {"invoice.payment_detected", "invoice.paid"},
+            {"invoice.confirmed"},
+        ],
+    )
     await webhooks(h, outside, [{"invoice.created"}, {"invoice.payment_detected"}])
 
 
@@ -599,7 +678,9 @@ async def test_amounts_above_2_64_are_exact(harness):
     await h.mine(3)
     confirmed = await h.wait_status(invoice["id"], "confirmed")
     assert [(p["transaction_hash"], p["amount_atomic"], p["role"]) for p in confirmed["payments"]] == [
-        (tx1, "18446744073709551617", "counted"), (tx2, "80318688036166991594", "counted")]
+        (tx1, "18446744073709551617", "counted"),
+        (tx2, "80318688036166991594", "counted"),
+    ]
     assert confirmed["payments"][1]["amount"] == "80318688036166.991594"
     assert confirmed["payment_summary"] == summary("exact", amount, "0")
     assert confirmed["exception"] is None
@@ -608,12 +689,18 @@ async def test_amounts_above_2_64_are_exact(harness):
     assert status == 200
     assert [p["amount_atomic"] for p in payments["data"]] == ["18446744073709551617", "80318688036166991594"]
 
-    events = await webhooks(h, invoice, [
-        {"invoice.created"},
-        {"invoice.payment_detected"},
-        {"invoice.payment_detected", "invoice.paid", "invoice.confirmed"},  # 3 blocks at once
-    ])
-    amounts = sorted(e.body["data"]["payment"]["amount_atomic"] for e in events if e.type == "invoice.payment_detected")
+    events = await webhooks(
+        h,
+        invoice,
+        [
+            {"invoice.created"},
+            {"invoice.payment_detected"},
+            {"invoice.payment_detected", "invoice.paid", "invoice.confirmed"},  # 3 blocks at once
+        ],
+    )
+    amounts = sorted(
+        e.body["data"]["payment"]["amount_atomic"] for e in events if e.type == "invoice.payment_detected"
+    )
     assert amounts == ["18446744073709551617", "80318688036166991594"]
     [last] = [e for e in events if e.type == "invoice.confirmed"]
     assert last.body["data"]["invoice"]["payment_summary"]["received_amount"] == amount
@@ -719,7 +806,9 @@ async def test_invoice_list_filters_and_pagination(harness):
     assert (await ids(transaction_hash=" " + tx[2:].upper() + " "))[:2] == ([b["id"]], 1)
     assert (await ids(transaction_hash="0X" + tx[2:]))[:2] == ([b["id"]], 1)
     for not_a_hash in (tx[3:], tx + "0", "0x" + "g" * 64, "hello", tx[2:] + tx[2:]):
-        status, problem, _ = await h.request("GET", "/v1/invoices?" + urlencode({"transaction_hash": not_a_hash}))
+        status, problem, _ = await h.request(
+            "GET", "/v1/invoices?" + urlencode({"transaction_hash": not_a_hash})
+        )
         assert status == 422 and problem["errors"][0]["field"] == "transaction_hash", not_a_hash
     [listed_b] = (await ids(transaction_hash=tx))[2]["data"]
     assert listed_b["status"] == "paid" and listed_b["payments"][0]["transaction_hash"] == tx
@@ -765,7 +854,9 @@ async def test_requests_never_fail_while_the_expiry_sweep_runs(make_harness):
     before = {i["id"]: await h.get(i["id"]) for i in invoices}
     assert {i["status"] for i in before.values()} == {"paid"}
     chain_time = await h.on_chain(lambda: h.chain.tester.get_block_by_number("latest")["timestamp"])
-    assert all(unix(i["payment_timing"]["payable_until"]) < chain_time for i in before.values())  # all past it
+    assert all(
+        unix(i["payment_timing"]["payable_until"]) < chain_time for i in before.values()
+    )  # all past it
     events_before = {i: [e.event_id for e in h.receiver.for_invoice(i)] for i in before}
 
     store = h.service.store
@@ -781,7 +872,9 @@ async def test_requests_never_fail_while_the_expiry_sweep_runs(make_harness):
     failures: list[tuple[int, object]] = []
     deadline = time.monotonic() + 3
     while not failures and time.monotonic() < deadline:
-        answers = await asyncio.gather(*(h.request("POST", "/v1/invoices", json={"amount": "1"}) for _ in range(10)))
+        answers = await asyncio.gather(
+            *(h.request("POST", "/v1/invoices", json={"amount": "1"}) for _ in range(10))
+        )
         failures += [(status, body) for status, body, _ in answers if status != 201]
     assert failures == []
     assert sweeps >= 10, sweeps  # the sweep ran all along (every 2 ms at most, between requests)

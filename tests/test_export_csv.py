@@ -19,7 +19,9 @@ EVIL = {
 
 
 async def export_text(h) -> str:
-    async with h.http.get(h.base_url + "/v1/invoices/export", headers={"Authorization": f"Bearer {h.api_key}"}) as r:
+    async with h.http.get(
+        h.base_url + "/v1/invoices/export", headers={"Authorization": f"Bearer {h.api_key}"}
+    ) as r:
         assert r.status == 200
         return (await r.read()).decode()
 

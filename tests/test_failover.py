@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -33,9 +34,13 @@ class Gate:
         self._closing = asyncio.Event()
 
     def url(self, secrets: str = "") -> str:
-        return f"http://{secrets}127.0.0.1:{self.port}/" if not secrets else f"http://{secrets}@127.0.0.1:{self.port}/"
+        return (
+            f"http://{secrets}127.0.0.1:{self.port}/"
+            if not secrets
+            else f"http://{secrets}@127.0.0.1:{self.port}/"
+        )
 
-    async def start(self) -> "Gate":
+    async def start(self) -> Gate:
         app = web.Application()
         app.router.add_post("/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app)
@@ -56,14 +61,20 @@ class Gate:
         body = await request.read()
         if self.mode == "proxy":
             assert self._client is not None
-            async with self._client.post(self.upstream, data=body, headers={"Content-Type": "application/json"}) as answer:
-                return web.Response(body=await answer.read(), status=answer.status, content_type="application/json")
+            async with self._client.post(
+                self.upstream, data=body, headers={"Content-Type": "application/json"}
+            ) as answer:
+                return web.Response(
+                    body=await answer.read(), status=answer.status, content_type="application/json"
+                )
         if self.mode in ("503", "429"):
             return web.Response(status=int(self.mode), text="unavailable")
         if self.mode == "garbage":
             return web.Response(text="<html>bad gateway</html>", content_type="text/html")
         if self.mode == "wrong_shape":
-            return web.json_response({"jsonrpc": "2.0", "id": None, "error": {"code": -32005, "message": "limit"}})
+            return web.json_response(
+                {"jsonrpc": "2.0", "id": None, "error": {"code": -32005, "message": "limit"}}
+            )
         await self._closing.wait()  # "hang", until the test is over
         return web.Response(status=504)
 
@@ -177,7 +188,9 @@ async def test_returns_to_the_preferred_endpoint_after_the_cool_down(anvil_node,
         ("eth_call", [{"data": REVERTING_INITCODE}, "latest"], 3, "execution reverted"),
     ],
 )
-async def test_a_json_rpc_error_is_the_answer_not_a_failover(anvil_node, gates, transports, method, params, code, message):
+async def test_a_json_rpc_error_is_the_answer_not_a_failover(
+    anvil_node, gates, transports, method, params, code, message
+):
     node = anvil_node()
     gate = await gates(node.url)
     transport = transports([gate.url(), node.url])
@@ -224,7 +237,9 @@ async def test_a_reader_reads_headers_through_failover(anvil_node, gates, transp
 async def test_all_endpoints_down_is_an_rpc_error_after_the_backoff_schedule(anvil_node, gates, transports):
     node = anvil_node()
     first, second = await gates(node.url, "503"), await gates(node.url, "503")
-    transport = transports([first.url(), second.url()], endpoint_retry_delays=(0.01,), retry_delays=(0.1, 0.2))
+    transport = transports(
+        [first.url(), second.url()], endpoint_retry_delays=(0.01,), retry_delays=(0.1, 0.2)
+    )
 
     started = time.monotonic()
     with pytest.raises(RpcError) as raised:
@@ -261,7 +276,9 @@ async def test_credentials_never_reach_logs_or_callbacks(anvil_node, gates, tran
     node = anvil_node()
     gate = await gates(node.url, "hang")
     secrets = ("s3cretpw", "TOPSECRETKEY", "abcdef1234567890abcdef1234")
-    preferred = f"http://alice:s3cretpw@127.0.0.1:{gate.port}/v3/abcdef1234567890abcdef1234?apikey=TOPSECRETKEY"
+    preferred = (
+        f"http://alice:s3cretpw@127.0.0.1:{gate.port}/v3/abcdef1234567890abcdef1234?apikey=TOPSECRETKEY"
+    )
     dead = f"http://bob:s3cretpw@127.0.0.1:{free_port()}/?apikey=TOPSECRETKEY"
     switches = Switches()
     transport = transports([preferred, dead, node.url], timeout=0.2, on_switch=switches)
@@ -277,7 +294,9 @@ async def test_credentials_never_reach_logs_or_callbacks(anvil_node, gates, tran
     assert not any(s in redact(aiohttp_message, preferred) for s in secrets)
 
 
-async def test_a_json_rpc_error_after_failover_still_moves_to_the_endpoint_that_answered(anvil_node, transports):
+async def test_a_json_rpc_error_after_failover_still_moves_to_the_endpoint_that_answered(
+    anvil_node, transports
+):
     node = anvil_node()
     transport = transports([f"http://127.0.0.1:{free_port()}", node.url])
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
-
 from fakechain import TOKEN, FakeChain, FakeNativeChain
+
 from watcher.chain import BlockUnknown, LogQuery, RpcError
 from watcher.follower import ChainChanged, Follower, Rails
 from watcher.store import NewInvoice, OptionSpec, Store
@@ -22,7 +22,9 @@ ADDR = "0x" + "01" * 20
 
 
 def query(*recipients: str) -> LogQuery:
-    return LogQuery(tokens=[TOKEN], recipients=list(recipients) or None, keep=None, routers=[], payment_ids=None)
+    return LogQuery(
+        tokens=[TOKEN], recipients=list(recipients) or None, keep=None, routers=[], payment_ids=None
+    )
 
 
 def paid_chain(blocks: int = 6, paying: tuple[int, ...] = (3, 5)) -> FakeChain:
@@ -86,7 +88,9 @@ async def test_batch_caps_refuse_longer_batches_of_anything() -> None:
         chain.headers([1, 2, 3]),
         chain.full_blocks([1, 2, 3]),
         chain.block_logs([(chain.blocks[n], query()) for n in (1, 2, 3)]),
-        chain.successful_transactions({tx: (n, chain.blocks[n].hash) for n in (1, 2, 3) for tx, *_ in chain.native[n]}),
+        chain.successful_transactions(
+            {tx: (n, chain.blocks[n].hash) for n in (1, 2, 3) for tx, *_ in chain.native[n]}
+        ),
     ):
         with pytest.raises(RpcError, match="batch size too large"):
             await read
@@ -102,7 +106,9 @@ async def test_native_blocks_and_receipts_follow_the_lag_and_the_fork() -> None:
     [full] = await chain.full_blocks([1])
     assert full.ref == block and [t.amount for t in full.transactions] == [7, 8]
     [ok_tx, failed_tx] = [tx for tx, *_ in chain.native[1]]
-    assert await chain.successful_transactions({ok_tx: (1, block.hash), failed_tx: (1, block.hash)}) == {ok_tx}
+    assert await chain.successful_transactions({ok_tx: (1, block.hash), failed_tx: (1, block.hash)}) == {
+        ok_tx
+    }
     chain.fork(0)
     chain.mine()
     with pytest.raises(RpcError, match="another block"):
@@ -131,15 +137,21 @@ def store(tmp_path):
 
 def invoice(store: Store, token: str | None = TOKEN, amount_atomic: int = 100) -> tuple[str, str]:
     symbol, decimals = ("TOK", 0) if token else ("ETH", 18)
-    spec = OptionSpec("address", NET, 1, symbol, token, decimals, str(amount_atomic), "1", amount_atomic, 2, xpub="x")
-    new = NewInvoice(Decimal(amount_atomic), "USD", {}, {}, Decimal(0), {"mode": "immediate"}, 10**12, False, {}, [spec])
+    spec = OptionSpec(
+        "address", NET, 1, symbol, token, decimals, str(amount_atomic), "1", amount_atomic, 2, xpub="x"
+    )
+    new = NewInvoice(
+        Decimal(amount_atomic), "USD", {}, {}, Decimal(0), {"mode": "immediate"}, 10**12, False, {}, [spec]
+    )
     inv, _ = store.create_invoice(new, derive=lambda x, i: f"0x{i + 1:040x}", finish=lambda *a: ("uri", None))
     return inv["id"], inv["payment_options"][0]["destination_address"].lower()
 
 
 def follower(chain: FakeChain, store: Store, **kw) -> Follower:
     kw.setdefault("confirmations", 2)
-    return Follower(network=NET, reader=chain, store=store, tokens=[TOKEN], start_block=0, poll_interval=0, **kw)
+    return Follower(
+        network=NET, reader=chain, store=store, tokens=[TOKEN], start_block=0, poll_interval=0, **kw
+    )
 
 
 async def catch_up(f: Follower) -> None:
@@ -217,7 +229,15 @@ async def test_a_database_without_a_recorded_genesis_takes_none_from_a_node_with
     store = Store(tmp_path / "w.db", clock=lambda: 1_000_000.0)
     try:
         chain = FakeChain()
-        f = Follower(network=NET, reader=chain, store=store, tokens=[TOKEN], confirmations=2, start_block=0, poll_interval=0)
+        f = Follower(
+            network=NET,
+            reader=chain,
+            store=store,
+            tokens=[TOKEN],
+            confirmations=2,
+            start_block=0,
+            poll_interval=0,
+        )
         for _ in range(4):
             chain.mine()
         while await f.run_once():

@@ -36,7 +36,9 @@ class Client:
 
     async def post(self, body: Any, timeout: float = 5) -> tuple[int, bytes]:
         async with self.session.post(
-            self.url, data=orjson.dumps(body), headers={"Content-Type": "application/json"},
+            self.url,
+            data=orjson.dumps(body),
+            headers={"Content-Type": "application/json"},
             timeout=aiohttp.ClientTimeout(total=timeout),
         ) as response:
             return response.status, await response.read()
@@ -95,11 +97,17 @@ async def emit_log(node: Anvil) -> dict[str, Any]:
     raise AssertionError("no receipt")
 
 
-async def test_single_and_batch_requests_are_forwarded_intact(client: Client, direct: Client, proxy: FaultProxy) -> None:
+async def test_single_and_batch_requests_are_forwarded_intact(
+    client: Client, direct: Client, proxy: FaultProxy
+) -> None:
     single = await client.json(call("eth_chainId", id="a-string-id"))
     assert single == {"jsonrpc": "2.0", "id": "a-string-id", "result": "0x7a69"}
 
-    batch = [call("eth_chainId", id=7), call("eth_blockNumber", id="x"), call("eth_getBalance", DEV_ACCOUNT, "latest", id=9)]
+    batch = [
+        call("eth_chainId", id=7),
+        call("eth_blockNumber", id="x"),
+        call("eth_getBalance", DEV_ACCOUNT, "latest", id=9),
+    ]
     through_proxy = await client.json(batch)
     assert [answer["id"] for answer in through_proxy] == [7, "x", 9]
     assert through_proxy == await direct.json(batch)
@@ -119,7 +127,9 @@ async def test_http_status_fault_then_normal(client: Client, proxy: FaultProxy, 
     assert proxy.injected == {(f"http_{status}", "eth_chainId"): 1}
 
 
-async def test_times_counts_matching_http_requests_and_a_batch_once(client: Client, proxy: FaultProxy) -> None:
+async def test_times_counts_matching_http_requests_and_a_batch_once(
+    client: Client, proxy: FaultProxy
+) -> None:
     proxy.inject(Fault("http_429", method="eth_getLogs", times=2))
 
     assert await client.result("eth_chainId") == "0x7a69"  # other methods pass, and do not spend it
@@ -132,7 +142,9 @@ async def test_times_counts_matching_http_requests_and_a_batch_once(client: Clie
     assert not proxy.faults
 
 
-async def test_first_matching_fault_wins_and_clear_ends_unlimited_faults(client: Client, proxy: FaultProxy) -> None:
+async def test_first_matching_fault_wins_and_clear_ends_unlimited_faults(
+    client: Client, proxy: FaultProxy
+) -> None:
     proxy.inject(Fault("http_500", method="eth_getLogs"))
     proxy.inject(Fault("http_503"))
 
@@ -164,7 +176,9 @@ async def test_timeout_with_delay_answers_late_but_correctly(client: Client, pro
     assert time.monotonic() - started >= 0.4
 
 
-async def test_a_request_its_client_gave_up_on_is_never_delivered_late(node: Anvil, client: Client, proxy: FaultProxy) -> None:
+async def test_a_request_its_client_gave_up_on_is_never_delivered_late(
+    node: Anvil, client: Client, proxy: FaultProxy
+) -> None:
     proxy.inject(Fault("timeout", times=1, delay=0.4))
 
     with pytest.raises(asyncio.TimeoutError):
@@ -203,7 +217,11 @@ async def test_rpc_error_default_and_given(client: Client, proxy: FaultProxy) ->
     proxy.inject(Fault("rpc_error", method="eth_call", times=1, code=3, message="execution reverted"))
 
     answer = await client.json(call("eth_getLogs", ALL_LOGS, id=42))
-    assert answer == {"jsonrpc": "2.0", "id": 42, "error": {"code": -32005, "message": "query returned more than 10000 results"}}
+    assert answer == {
+        "jsonrpc": "2.0",
+        "id": 42,
+        "error": {"code": -32005, "message": "query returned more than 10000 results"},
+    }
     answer = await client.json(call("eth_call", {"to": DEV_ACCOUNT}, "latest", id="c"))
     assert answer["id"] == "c" and answer["error"] == {"code": 3, "message": "execution reverted"}
     assert await client.result("eth_getLogs", ALL_LOGS) == []
@@ -221,7 +239,9 @@ async def test_rpc_error_in_a_batch_fails_only_the_matching_calls(client: Client
     assert proxy.requests == {"eth_chainId": 1, "eth_getLogs": 1, "eth_blockNumber": 1}
 
 
-async def test_rpc_error_only_for_the_calls_a_test_picks(node: Anvil, client: Client, proxy: FaultProxy) -> None:
+async def test_rpc_error_only_for_the_calls_a_test_picks(
+    node: Anvil, client: Client, proxy: FaultProxy
+) -> None:
     """A provider's range limit refuses eth_getLogs by range, never by block hash; a request
     with no such call neither fails nor spends the fault."""
     receipt = await emit_log(node)
@@ -229,14 +249,19 @@ async def test_rpc_error_only_for_the_calls_a_test_picks(node: Anvil, client: Cl
     proxy.inject(Fault("rpc_error", method="eth_getLogs", times=1, only=by_range))
 
     assert await client.result("eth_getLogs", {"blockHash": receipt["blockHash"]}) == receipt["logs"]
-    batch = [call("eth_getLogs", {"blockHash": receipt["blockHash"]}, id=1), call("eth_getLogs", ALL_LOGS, id=2)]
+    batch = [
+        call("eth_getLogs", {"blockHash": receipt["blockHash"]}, id=1),
+        call("eth_getLogs", ALL_LOGS, id=2),
+    ]
     by_hash, ranged = await client.json(batch)
     assert by_hash["result"] == receipt["logs"] and ranged["error"]["code"] == -32005
     assert await client.result("eth_getLogs", ALL_LOGS) == receipt["logs"]  # spent
     assert proxy.injected == {("rpc_error", "eth_getLogs"): 1}
 
 
-async def test_wrong_block_hash_changes_only_log_block_hashes(node: Anvil, client: Client, direct: Client, proxy: FaultProxy) -> None:
+async def test_wrong_block_hash_changes_only_log_block_hashes(
+    node: Anvil, client: Client, direct: Client, proxy: FaultProxy
+) -> None:
     receipt = await emit_log(node)
     real_logs = await direct.result("eth_getLogs", ALL_LOGS)
     assert real_logs == receipt["logs"]
@@ -244,7 +269,10 @@ async def test_wrong_block_hash_changes_only_log_block_hashes(node: Anvil, clien
 
     # Requests without eth_getLogs neither match nor spend it.
     assert await client.result("eth_getTransactionReceipt", receipt["transactionHash"]) == receipt
-    batch = [call("eth_getLogs", ALL_LOGS, id=1), call("eth_getBlockByNumber", receipt["blockNumber"], False, id=2)]
+    batch = [
+        call("eth_getLogs", ALL_LOGS, id=1),
+        call("eth_getBlockByNumber", receipt["blockNumber"], False, id=2),
+    ]
     logs_answer, block_answer = await client.json(batch)
     single = await client.result("eth_getLogs", ALL_LOGS)
 
@@ -311,7 +339,9 @@ def logs_query(first: int, last: int | str) -> dict[str, str]:
     return {"fromBlock": hex(first), "toBlock": last if isinstance(last, str) else hex(last)}
 
 
-async def test_lagging_backend_answers_as_a_node_lag_blocks_behind(node: Anvil, client: Client, direct: Client, proxy: FaultProxy) -> None:
+async def test_lagging_backend_answers_as_a_node_lag_blocks_behind(
+    node: Anvil, client: Client, direct: Client, proxy: FaultProxy
+) -> None:
     r1, r2, r3 = await three_logged_blocks(node)
     proxy.inject(Fault("lagging_backend", lag=1))  # it has blocks up to 2
 
@@ -342,15 +372,20 @@ async def test_lagging_backend_answers_as_a_node_lag_blocks_behind(node: Anvil, 
     assert await direct.result("eth_getLogs", logs_query(3, 3)) == r3["logs"]
     # Counted per call it answered differently, not per call it could have.
     assert proxy.injected == {
-        ("lagging_backend", "eth_blockNumber"): 1, ("lagging_backend", "eth_getLogs"): 4,
-        ("lagging_backend", "eth_getBlockByNumber"): 2, ("lagging_backend", "eth_getBlockByHash"): 1,
-        ("lagging_backend", "eth_getTransactionReceipt"): 1, ("lagging_backend", "eth_getBlockReceipts"): 2,
+        ("lagging_backend", "eth_blockNumber"): 1,
+        ("lagging_backend", "eth_getLogs"): 4,
+        ("lagging_backend", "eth_getBlockByNumber"): 2,
+        ("lagging_backend", "eth_getBlockByHash"): 1,
+        ("lagging_backend", "eth_getTransactionReceipt"): 1,
+        ("lagging_backend", "eth_getBlockReceipts"): 2,
     }
     assert proxy.hid("eth_getLogs", 3) and not proxy.hid("eth_getLogs", 2)
     assert proxy.faults  # until cleared
 
 
-async def test_lagging_backend_rewrites_each_call_of_a_batch(node: Anvil, client: Client, proxy: FaultProxy) -> None:
+async def test_lagging_backend_rewrites_each_call_of_a_batch(
+    node: Anvil, client: Client, proxy: FaultProxy
+) -> None:
     _, r2, r3 = await three_logged_blocks(node)
     proxy.inject(Fault("lagging_backend", lag=1, times=1))
 
@@ -370,14 +405,17 @@ async def test_lagging_backend_rewrites_each_call_of_a_batch(node: Anvil, client
     assert answers[3]["result"] == r2["logs"]
     assert answers[4]["result"] == "0x7a69"
     assert {(h.method, h.blocks, h.batch) for h in proxy.hidden} == {
-        ("eth_getBlockByNumber", range(3, 4), 6), ("eth_getLogs", range(3, 4), 6)
+        ("eth_getBlockByNumber", range(3, 4), 6),
+        ("eth_getLogs", range(3, 4), 6),
     }
     # One HTTP request spent it.
     assert not proxy.faults
     assert (await client.result("eth_getBlockByNumber", hex(3), False))["hash"] == r3["blockHash"]
 
 
-async def test_lagging_logs_behind_an_honest_head_and_honest_headers(node: Anvil, client: Client, proxy: FaultProxy) -> None:
+async def test_lagging_logs_behind_an_honest_head_and_honest_headers(
+    node: Anvil, client: Client, proxy: FaultProxy
+) -> None:
     """The dangerous load balancer: eth_blockNumber and headers from an up-to-date backend, logs
     from one a block behind, which clamps toBlock without saying so."""
     r1, r2, r3 = await three_logged_blocks(node)
@@ -398,19 +436,33 @@ async def test_lagging_logs_behind_an_honest_head_and_honest_headers(node: Anvil
     assert await client.result("eth_getLogs", logs_query(3, 4)) == r3["logs"] + r4["logs"]
 
 
-async def test_lagging_backend_only_for_the_calls_a_test_picks(node: Anvil, client: Client, proxy: FaultProxy) -> None:
+async def test_lagging_backend_only_for_the_calls_a_test_picks(
+    node: Anvil, client: Client, proxy: FaultProxy
+) -> None:
     """`only`: a load balancer routes some calls (here header-only blocks) to the lagging backend."""
     *_, r3 = await three_logged_blocks(node)
-    proxy.inject(Fault("lagging_backend", lag=2, methods=("eth_getBlockByNumber",), only=lambda c: c["params"][1] is False))
+    proxy.inject(
+        Fault(
+            "lagging_backend",
+            lag=2,
+            methods=("eth_getBlockByNumber",),
+            only=lambda c: c["params"][1] is False,
+        )
+    )
 
-    batch = [call("eth_getBlockByNumber", hex(3), False, id=1), call("eth_getBlockByNumber", hex(3), True, id=2)]
+    batch = [
+        call("eth_getBlockByNumber", hex(3), False, id=1),
+        call("eth_getBlockByNumber", hex(3), True, id=2),
+    ]
     header, full = await client.json(batch)
     assert header["result"] is None
     assert full["result"]["hash"] == r3["blockHash"] and len(full["result"]["transactions"]) == 1
     assert proxy.injected == {("lagging_backend", "eth_getBlockByNumber"): 1}
 
 
-async def test_null_headers_for_the_newest_blocks_only(node: Anvil, client: Client, proxy: FaultProxy) -> None:
+async def test_null_headers_for_the_newest_blocks_only(
+    node: Anvil, client: Client, proxy: FaultProxy
+) -> None:
     r1, r2, r3 = await three_logged_blocks(node)
     proxy.inject(Fault("null_headers", count=2))  # blocks 2 and 3
 
@@ -428,7 +480,9 @@ async def test_null_headers_for_the_newest_blocks_only(node: Anvil, client: Clie
     assert proxy.hid("eth_getBlockByNumber", 2) and proxy.hid("eth_getBlockByNumber", 3)
 
 
-async def test_null_headers_only_in_batches_of_at_least_min_batch(node: Anvil, client: Client, proxy: FaultProxy) -> None:
+async def test_null_headers_only_in_batches_of_at_least_min_batch(
+    node: Anvil, client: Client, proxy: FaultProxy
+) -> None:
     *_, r3 = await three_logged_blocks(node)
     proxy.inject(Fault("null_headers", count=1, min_batch=2))
 
@@ -450,12 +504,18 @@ async def test_batch_cap_refuses_a_longer_batch_as_a_whole(client: Client, proxy
     status, body = await client.post(over)
     # One JSON-RPC error object in place of the list, with HTTP 200: how providers refuse it.
     assert status == 200
-    assert orjson.loads(body) == {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "batch size too large"}}
+    assert orjson.loads(body) == {
+        "jsonrpc": "2.0",
+        "id": None,
+        "error": {"code": -32600, "message": "batch size too large"},
+    }
     assert proxy.injected == {("batch_cap", None): 1}
     assert proxy.requests["eth_getBlockByNumber"] == 101
 
 
-async def test_batch_cap_as_http_413_and_times_counts_refused_batches(client: Client, proxy: FaultProxy) -> None:
+async def test_batch_cap_as_http_413_and_times_counts_refused_batches(
+    client: Client, proxy: FaultProxy
+) -> None:
     proxy.inject(Fault("batch_cap", cap=2, status=413, times=1))
 
     assert len(await client.json([call("eth_chainId", id=1), call("eth_chainId", id=2)])) == 2  # not spent
@@ -469,7 +529,10 @@ async def test_batch_cap_with_an_error_for_each_call(client: Client, proxy: Faul
     proxy.inject(Fault("batch_cap", cap=2, each=True, message="batch limit exceeded"))
 
     answers = await client.json([call("eth_chainId", id=i) for i in ("a", "b", "c")])
-    assert answers == [{"jsonrpc": "2.0", "id": i, "error": {"code": -32600, "message": "batch limit exceeded"}} for i in "abc"]
+    assert answers == [
+        {"jsonrpc": "2.0", "id": i, "error": {"code": -32600, "message": "batch limit exceeded"}}
+        for i in "abc"
+    ]
     assert proxy.requests["eth_chainId"] == 3 and proxy.injected == {("batch_cap", None): 1}
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
-
 from fakechain import TOKEN, FakeChain, FakeNativeChain
+
 from watcher.chain import BlockUnknown, RpcError
 from watcher.follower import ChainChanged, Follower, ReorgTooDeep, WrongChainFollowed
 from watcher.store import NewInvoice, OptionSpec, Store
@@ -28,7 +28,9 @@ def store(tmp_path):
 
 def invoice(store: Store, amount_atomic: int = 100) -> tuple[str, str]:
     spec = OptionSpec("address", NET, 1, "TOK", TOKEN, 0, str(amount_atomic), "1", amount_atomic, 2, xpub="x")
-    new = NewInvoice(Decimal(amount_atomic), "USD", {}, {}, Decimal(0), {"mode": "immediate"}, 10**12, False, {}, [spec])
+    new = NewInvoice(
+        Decimal(amount_atomic), "USD", {}, {}, Decimal(0), {"mode": "immediate"}, 10**12, False, {}, [spec]
+    )
     inv, _ = store.create_invoice(new, derive=lambda x, i: f"0x{i + 1:040x}", finish=lambda *a: ("uri", None))
     return inv["id"], inv["payment_options"][0]["destination_address"].lower()
 
@@ -260,7 +262,9 @@ async def test_a_refused_log_range_is_asked_again_in_halves(store):
 
 def native_invoice(store: Store, amount_atomic: int = 100) -> tuple[str, str]:
     spec = OptionSpec("address", NET, 1, "ETH", None, 18, str(amount_atomic), "1", amount_atomic, 2, xpub="x")
-    new = NewInvoice(Decimal(amount_atomic), "USD", {}, {}, Decimal(0), {"mode": "immediate"}, 10**12, False, {}, [spec])
+    new = NewInvoice(
+        Decimal(amount_atomic), "USD", {}, {}, Decimal(0), {"mode": "immediate"}, 10**12, False, {}, [spec]
+    )
     inv, _ = store.create_invoice(new, derive=lambda x, i: f"0x{i + 1:040x}", finish=lambda *a: ("uri", None))
     return inv["id"], inv["payment_options"][0]["destination_address"].lower()
 
@@ -391,7 +395,12 @@ async def test_without_a_bloom_every_block_is_asked(store):
         chain.mine()
     chain.mine((addr, 100))
     await catch_up(f)
-    assert sorted(r[1] for r in chain.log_requests if r[0] == "hash") == [1, 2, 3, 4]  # (genesis was mined with one)
+    assert sorted(r[1] for r in chain.log_requests if r[0] == "hash") == [
+        1,
+        2,
+        3,
+        4,
+    ]  # (genesis was mined with one)
     assert len(store.get_payments(inv_id)) == 1
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import orjson
@@ -72,7 +73,7 @@ class WsProxy:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/"
 
-    async def start(self) -> "WsProxy":
+    async def start(self) -> WsProxy:
         app = web.Application()
         app.router.add_get("/", self._handle)
         self._runner = web.AppRunner(app)
@@ -181,8 +182,12 @@ async def test_polls_while_the_node_is_down_and_returns_to_the_socket(anvil_node
     assert modes == ["ws", "poll", "ws"]
     events = [e["event"] for e in logs]
     assert events.count("ws_heads_subscribed") == 2
-    lost_after_subscribing = [e for e in logs[events.index("ws_heads_subscribed"):] if e["event"] == "ws_heads_lost"]
-    assert lost_after_subscribing[0]["retry_in"] == FAST["backoff_initial"]  # a subscription resets the backoff
+    lost_after_subscribing = [
+        e for e in logs[events.index("ws_heads_subscribed") :] if e["event"] == "ws_heads_lost"
+    ]
+    assert (
+        lost_after_subscribing[0]["retry_in"] == FAST["backoff_initial"]
+    )  # a subscription resets the backoff
     assert running.subscriber.subscriptions == 2
     assert await running.stop() < 1.0
 
@@ -197,10 +202,20 @@ async def test_malformed_notifications_are_skipped(anvil_node, subscribe, ws_pro
 
     with capture_logs() as logs:
         await proxy.inject("{not json")
-        await proxy.inject({"jsonrpc": "2.0", "method": "eth_subscription",
-                            "params": {"subscription": subscription, "result": {"number": "zz"}}})
-        await proxy.inject({"jsonrpc": "2.0", "method": "eth_subscription",
-                            "params": {"subscription": "0xother", "result": {"number": "0x63"}}})
+        await proxy.inject(
+            {
+                "jsonrpc": "2.0",
+                "method": "eth_subscription",
+                "params": {"subscription": subscription, "result": {"number": "zz"}},
+            }
+        )
+        await proxy.inject(
+            {
+                "jsonrpc": "2.0",
+                "method": "eth_subscription",
+                "params": {"subscription": "0xother", "result": {"number": "0x63"}},
+            }
+        )
         await proxy.inject([1, 2, 3])
         node.mine(1)
         await until(lambda: heads == [1])

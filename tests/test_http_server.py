@@ -15,10 +15,10 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from structlog.testing import capture_logs
-
 from daemon import SandboxDaemon
 from harness import Harness
+from structlog.testing import capture_logs
+
 from watcher.httpserver import harden, listen
 
 PROBLEM = "application/problem+json"
@@ -39,7 +39,7 @@ async def closed_within(reader: asyncio.StreamReader, seconds: float) -> float |
             data = await asyncio.wait_for(reader.read(65536), timeout=seconds - (time.monotonic() - started))
             if not data:
                 return time.monotonic() - started
-    except (asyncio.TimeoutError, ValueError):
+    except (TimeoutError, ValueError):
         return None
     except ConnectionError:
         return time.monotonic() - started
@@ -91,7 +91,9 @@ async def small_server():
 GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
-async def test_silent_and_slow_headers_are_cut_at_the_header_timeout_idle_ones_at_the_idle_timeout(small_server):
+async def test_silent_and_slow_headers_are_cut_at_the_header_timeout_idle_ones_at_the_idle_timeout(
+    small_server,
+):
     port = await small_server(header_timeout=0.5, idle_timeout=1.5)
     silent_reader, silent = await connect(port)
     slow_reader, slow = await connect(port)
@@ -104,7 +106,8 @@ async def test_silent_and_slow_headers_are_cut_at_the_header_timeout_idle_ones_a
     body.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")  # headers done, body slow
 
     silent_at, slow_at, idle_at = await asyncio.gather(
-        closed_within(silent_reader, 3), closed_within(slow_reader, 3), closed_within(idle_reader, 3))
+        closed_within(silent_reader, 3), closed_within(slow_reader, 3), closed_within(idle_reader, 3)
+    )
     assert silent_at is not None and 0.4 < silent_at < 1.2, silent_at
     assert slow_at is not None and 0.4 < slow_at < 1.2, slow_at
     assert idle_at is not None and 1.2 < idle_at < 2.5, idle_at  # the idle timeout, not the header one
@@ -152,32 +155,64 @@ async def test_errors_of_the_http_layer_are_problems_that_echo_nothing(harness):
         assert 400 <= status < 500, (what, status, body)
         assert headers["content-type"].startswith(PROBLEM), (what, headers)
         problem = orjson.loads(body)
-        assert problem["status"] == status and problem["title"] and problem["type"].startswith("urn:watcher:problem:")
+        assert (
+            problem["status"] == status
+            and problem["title"]
+            and problem["type"].startswith("urn:watcher:problem:")
+        )
         assert marker not in body.decode() and "aaaa" not in body.decode(), (what, body)
         assert "server" not in headers, (what, headers)
 
 
 async def test_no_answer_names_the_servers_software(harness):
-    for method, path, auth in (("GET", "/healthz", False), ("GET", "/v1/invoices", False), ("GET", "/nope", False),
-                               ("GET", "/metrics", False), ("GET", "/v1/invoices", True), ("DELETE", "/healthz", False)):
-        async with harness.http.request(method, harness.base_url + path,
-                                        headers={"Authorization": f"Bearer {harness.api_key}"} if auth else {}) as r:
+    for method, path, auth in (
+        ("GET", "/healthz", False),
+        ("GET", "/v1/invoices", False),
+        ("GET", "/nope", False),
+        ("GET", "/metrics", False),
+        ("GET", "/v1/invoices", True),
+        ("DELETE", "/healthz", False),
+    ):
+        async with harness.http.request(
+            method,
+            harness.base_url + path,
+            headers={"Authorization": f"Bearer {harness.api_key}"} if auth else {},
+        ) as r:
             await r.read()
             assert "Server" not in r.headers, (method, path, dict(r.headers))
-            assert not any("aiohttp" in v or "Python" in v for v in r.headers.values()), (path, dict(r.headers))
+            assert not any("aiohttp" in v or "Python" in v for v in r.headers.values()), (
+                path,
+                dict(r.headers),
+            )
 
 
 async def test_a_body_that_is_not_json_is_a_415_on_every_route_that_takes_one(harness):
     invoice = await harness.create(amount="3")
-    for path in ("/v1/invoices", f"/v1/invoices/{invoice['id']}/cancel", f"/v1/invoices/{invoice['id']}/checkout-session",
-                 f"/v1/invoices/{invoice['id']}/exception/resolve", "/v1/sandbox/mine"):
-        for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+    for path in (
+        "/v1/invoices",
+        f"/v1/invoices/{invoice['id']}/cancel",
+        f"/v1/invoices/{invoice['id']}/checkout-session",
+        f"/v1/invoices/{invoice['id']}/exception/resolve",
+        "/v1/sandbox/mine",
+    ):
+        for ctype in (
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            None,
+        ):
             headers = {"Content-Type": ctype} if ctype else {}
-            status, problem, got_type = await harness.request("POST", path, data=b'{"amount": "1"}', headers=headers)
+            status, problem, got_type = await harness.request(
+                "POST", path, data=b'{"amount": "1"}', headers=headers
+            )
             assert status == 415 and got_type.startswith(PROBLEM), (path, ctype, status, problem)
             assert problem["title"] == "Unsupported media type"
-    status, _, _ = await harness.request("POST", "/v1/invoices", data=b'{"amount": "1"}',
-                                         headers={"Content-Type": "application/json; charset=utf-8"})
+    status, _, _ = await harness.request(
+        "POST",
+        "/v1/invoices",
+        data=b'{"amount": "1"}',
+        headers={"Content-Type": "application/json; charset=utf-8"},
+    )
     assert status == 201
     assert (await harness.get(invoice["id"]))["status"] == "pending"  # nothing changed by the 415s
 
@@ -197,10 +232,13 @@ class KeysHarness(Harness):
         self.new_write_key, self.read_key = new_key(), new_key()
 
     def http_settings(self) -> dict:
-        return {**super().http_settings(), "api_keys": [
-            {"name": "rotated-in", "key_env": "NEW_KEY", "scope": "write"},
-            {"name": "dashboard", "key_env": "READ_KEY", "scope": "read"},
-        ]}
+        return {
+            **super().http_settings(),
+            "api_keys": [
+                {"name": "rotated-in", "key_env": "NEW_KEY", "scope": "write"},
+                {"name": "dashboard", "key_env": "READ_KEY", "scope": "read"},
+            ],
+        }
 
     def env(self) -> dict[str, str]:
         return {**super().env(), "NEW_KEY": self.new_write_key, "READ_KEY": self.read_key}
@@ -210,26 +248,37 @@ async def test_read_keys_read_write_keys_write_and_several_work_at_once(harnesse
     h = await harnesses(KeysHarness)
 
     async def call(method: str, path: str, key: str, json=None) -> tuple[int, dict]:
-        status, body, _ = await h.request(method, path, json=json, auth=False, headers={"Authorization": f"Bearer {key}"})
+        status, body, _ = await h.request(
+            method, path, json=json, auth=False, headers={"Authorization": f"Bearer {key}"}
+        )
         return status, body
 
     for key in (h.api_key, h.new_write_key):  # the old and the new key, while rotating
         status, invoice = await call("POST", "/v1/invoices", key, {"amount": "2"})
         assert status == 201, invoice
-    for path in ("/v1/invoices", f"/v1/invoices/{invoice['id']}", "/v1/invoices/export", "/v1/chains",
-                 "/v1/webhook-deliveries"):
+    for path in (
+        "/v1/invoices",
+        f"/v1/invoices/{invoice['id']}",
+        "/v1/invoices/export",
+        "/v1/chains",
+        "/v1/webhook-deliveries",
+    ):
         status, _ = await call("GET", path, h.read_key)
         assert status == 200, path
     with capture_logs() as logs:
-        for method, path, body in (("POST", "/v1/invoices", {"amount": "2"}),
-                                   ("POST", f"/v1/invoices/{invoice['id']}/cancel", {}),
-                                   ("POST", "/v1/sandbox/mine", {"blocks": 1})):
+        for method, path, body in (
+            ("POST", "/v1/invoices", {"amount": "2"}),
+            ("POST", f"/v1/invoices/{invoice['id']}/cancel", {}),
+            ("POST", "/v1/sandbox/mine", {"blocks": 1}),
+        ):
             status, problem = await call(method, path, h.read_key, body)
             assert status == 403 and problem["title"] == "Forbidden", (path, problem)
             assert "dashboard" in problem["detail"]
     assert (await h.get(invoice["id"]))["status"] == "pending"
     forbidden = [e for e in logs if e["event"] == "api_auth_forbidden"]
-    assert len(forbidden) == 3 and all(e["key"] == "dashboard" and e["client"] == "127.0.0.1" for e in forbidden)
+    assert len(forbidden) == 3 and all(
+        e["key"] == "dashboard" and e["client"] == "127.0.0.1" for e in forbidden
+    )
     assert h.read_key not in repr(logs)
 
 
@@ -238,20 +287,28 @@ async def test_failed_authentication_is_logged_and_throttled_per_address(harness
     with capture_logs() as logs:
         answers = []
         for header in wrong:
-            status, problem, _ = await harness.request("GET", "/v1/invoices", auth=False, headers={"Authorization": header})
+            status, problem, _ = await harness.request(
+                "GET", "/v1/invoices", auth=False, headers={"Authorization": header}
+            )
             answers.append(status)
         # A right key is never throttled, even from that address.
         status, _, _ = await harness.request("GET", "/v1/invoices")
         assert status == 200
-        async with harness.http.get(harness.base_url + "/v1/invoices", headers={"Authorization": wrong[0]}) as r:
+        async with harness.http.get(
+            harness.base_url + "/v1/invoices", headers={"Authorization": wrong[0]}
+        ) as r:
             assert r.status == 429 and r.headers["Retry-After"] == "1"
             assert (await r.json(content_type=None))["title"] == "Too many requests"
         await asyncio.sleep(1.1)
-        status, _, _ = await harness.request("GET", "/v1/invoices", auth=False, headers={"Authorization": wrong[0]})
+        status, _, _ = await harness.request(
+            "GET", "/v1/invoices", auth=False, headers={"Authorization": wrong[0]}
+        )
         assert status == 401  # a second later the address may try again
     assert answers[:10] == [401] * 10 and set(answers[10:]) == {429}, answers
     failed = [e for e in logs if e["event"] == "api_auth_failed"]
-    assert len(failed) == 11 and all(e["client"] == "127.0.0.1" and e["path"] == "/v1/invoices" for e in failed)
+    assert len(failed) == 11 and all(
+        e["client"] == "127.0.0.1" and e["path"] == "/v1/invoices" for e in failed
+    )
     assert [e["event"] for e in logs].count("api_auth_throttled") == 1
     assert not any(w.split()[1] in repr(logs) for w in wrong)  # never the token
 
@@ -287,9 +344,11 @@ async def test_300_silent_sockets_under_ulimit_256_do_not_take_the_api_down(tmp_
                 while status != 200:
                     assert time.monotonic() < deadline, "healthz never answered"
                     try:
-                        async with http.get(daemon.base_url + "/healthz", timeout=aiohttp.ClientTimeout(total=60)) as r:
+                        async with http.get(
+                            daemon.base_url + "/healthz", timeout=aiohttp.ClientTimeout(total=60)
+                        ) as r:
                             status = r.status
-                    except (aiohttp.ClientError, asyncio.TimeoutError):
+                    except (TimeoutError, aiohttp.ClientError):
                         await asyncio.sleep(0.5)
             took = time.monotonic() - started
         finally:

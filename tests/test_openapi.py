@@ -51,7 +51,11 @@ async def test_docs_render_the_document_from_assets_served_here_and_nowhere_else
     assert "default-src 'none'" in csp and "script-src 'self'" in csp and "http" not in csp
     assert "http://" not in page and "https://" not in page and "//" not in page.replace("<!--", "")
     linked = re.findall(r'(?:src|href)="([^"]+)"', page)
-    assert {"/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css", "/docs/assets/watcher-docs.js"} <= set(linked)
+    assert {
+        "/docs/assets/swagger-ui-bundle.js",
+        "/docs/assets/swagger-ui.css",
+        "/docs/assets/watcher-docs.js",
+    } <= set(linked)
     for path in linked:
         assert path.startswith("/") and not path.startswith("//"), path
         async with harness.http.get(harness.base_url + path) as r:

@@ -22,14 +22,33 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from watcher.config import EVENT_TYPES, settings_from_dict
 from watcher.openapi import build_document
-from watcher.ops import OPERATIONS, ChainList, DeliveryQuery, NotReady, Ready, WebhookDelivery, WebhookDeliveryList
+from watcher.ops import (
+    OPERATIONS,
+    ChainList,
+    DeliveryQuery,
+    NotReady,
+    Ready,
+    WebhookDelivery,
+    WebhookDeliveryList,
+)
 from watcher.sandbox import sandbox_settings_data
 from watcher.store.outbox import DELIVERY_STATUSES
 
 PROBLEM = "application/problem+json"
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-DELIVERY_KEYS = {"id", "event_id", "event_type", "invoice_id", "url", "status", "attempts", "last_status_code",
-                 "last_error", "next_attempt_at", "delivered_at"}
+DELIVERY_KEYS = {
+    "id",
+    "event_id",
+    "event_type",
+    "invoice_id",
+    "url",
+    "status",
+    "attempts",
+    "last_status_code",
+    "last_error",
+    "next_attempt_at",
+    "delivered_at",
+}
 MIRROR_CHAIN_ID = 4242
 SECRET_PATH = "abcdef0123456789abcdef0123456789"
 SECRET_QUERY = "sekret123"
@@ -55,7 +74,11 @@ class RpcProxy:
         method, params = call["method"], call.get("params", [])
         if "*" in self.frozen or method in self.frozen:
             # Errors quoting the URL happen (proxies, gateways): the watcher must not repeat its secrets.
-            return {"jsonrpc": "2.0", "id": call["id"], "error": {"code": -32000, "message": f"frozen by the test at {request.path_qs}"}}
+            return {
+                "jsonrpc": "2.0",
+                "id": call["id"],
+                "error": {"code": -32000, "message": f"frozen by the test at {request.path_qs}"},
+            }
         if method == "eth_chainId":
             return {"jsonrpc": "2.0", "id": call["id"], "result": hex(MIRROR_CHAIN_ID)}
         assert self.harness.chain is not None
@@ -88,7 +111,7 @@ class MirrorHarness(Harness):
         self.proxy = RpcProxy(self)
         self.proxy.frozen = set(frozen)
 
-    async def start(self) -> "MirrorHarness":
+    async def start(self) -> MirrorHarness:
         await self.proxy.start()
         await super().start()
         return self
@@ -101,10 +124,16 @@ class MirrorHarness(Harness):
         assert self.chain is not None
         sandbox = sandbox_settings_data(self.chain, confirmations=self.confirmations, poll_interval=0.05)
         mirror = {
-            "name": "mirror", "chain_id": MIRROR_CHAIN_ID, "rpc_urls": [self.proxy.url], "poll_interval_seconds": 0.05,
-            "confirmations": 3, "start_block": 0,
+            "name": "mirror",
+            "chain_id": MIRROR_CHAIN_ID,
+            "rpc_urls": [self.proxy.url],
+            "poll_interval_seconds": 0.05,
+            "confirmations": 3,
+            "start_block": 0,
             # No xpub and no rate: invoices get no option here; the chain is only followed.
-            "assets": [{"symbol": "TUSD", "kind": "erc20", "contract": self.chain.deployed.token, "decimals": 6}],
+            "assets": [
+                {"symbol": "TUSD", "kind": "erc20", "contract": self.chain.deployed.token, "decimals": 6}
+            ],
         }
         return settings_from_dict(
             {
@@ -139,8 +168,11 @@ async def scrape(h: Harness) -> dict[tuple[str, tuple], float]:
         assert r.status == 200
         assert r.headers["Content-Type"] == prometheus_client.CONTENT_TYPE_LATEST
         text = await r.text()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def sample(samples: dict, name: str, **labels: str) -> float | None:
@@ -161,7 +193,9 @@ async def deliveries(h: Harness, query: str = "") -> dict:
 
 
 async def redeliver(h: Harness, delivery_id: str, **options: Any) -> tuple[int, Any, str]:
-    status, body, ctype = await h.request("POST", f"/v1/webhook-deliveries/{delivery_id}/redeliver", **options)
+    status, body, ctype = await h.request(
+        "POST", f"/v1/webhook-deliveries/{delivery_id}/redeliver", **options
+    )
     if status == 200:
         WebhookDelivery.model_validate(body)
     return status, body, ctype
@@ -175,7 +209,9 @@ async def delivery_of(h: Harness, invoice_id: str, event_type: str) -> dict:
 def bump(h: Harness, delivery_id: str) -> None:
     """Bring a scheduled retry forward instead of sleeping through the schedule."""
     assert h.service is not None and h.service.store is not None and h.service.dispatcher is not None
-    h.service.store.db.execute("UPDATE deliveries SET next_attempt_at = ? WHERE id = ?", [time.time(), delivery_id])
+    h.service.store.db.execute(
+        "UPDATE deliveries SET next_attempt_at = ? WHERE id = ?", [time.time(), delivery_id]
+    )
     h.service.dispatcher.wake()
 
 
@@ -185,14 +221,25 @@ def bump(h: Harness, delivery_id: str) -> None:
 async def test_chains_report_head_checkpoint_and_lag_per_chain(mirror):
     h = mirror
     head = await h.mine(3)
-    await h.wait_for(lambda: h.processed("sandbox") == head and h.processed("mirror") == head, what="both chains at head")
+    await h.wait_for(
+        lambda: h.processed("sandbox") == head and h.processed("mirror") == head, what="both chains at head"
+    )
     status, body, ctype = await h.request("GET", "/v1/chains")
     assert status == 200 and ctype.startswith("application/json")
     ChainList.model_validate(body)
     by_name = {c["name"]: c for c in body["data"]}
     assert list(by_name) == ["sandbox", "mirror"]  # in configuration order
     for chain in by_name.values():
-        assert set(chain) == {"name", "chain_id", "head_block", "last_processed_block", "lag_blocks", "mode", "rpc_url", "last_head_at"}
+        assert set(chain) == {
+            "name",
+            "chain_id",
+            "head_block",
+            "last_processed_block",
+            "lag_blocks",
+            "mode",
+            "rpc_url",
+            "last_head_at",
+        }
         assert chain["head_block"] >= head and chain["last_processed_block"] == head
         assert chain["lag_blocks"] == chain["head_block"] - head
         assert chain["mode"] == "poll"
@@ -215,9 +262,14 @@ async def test_readyz_follows_each_chain_from_unreachable_to_lagging_to_stale(tm
             status, body, ctype = await readyz(h)
             if status == 503 and any(r.get("last_error") for r in body["reasons"]):
                 return status, body, ctype
+
         status, body, ctype = await h.wait_for(unreachable, what="503 with the follower's error")
         assert ctype.startswith(PROBLEM)
-        assert body["type"] == "urn:watcher:problem:not-ready" and body["status"] == 503 and body["title"] == "Not ready"
+        assert (
+            body["type"] == "urn:watcher:problem:not-ready"
+            and body["status"] == 503
+            and body["title"] == "Not ready"
+        )
         assert body["database"] == "ok"
         [reason, *more] = body["reasons"]
         assert all(r["network"] == "mirror" for r in body["reasons"])  # the sandbox chain is fine
@@ -234,7 +286,10 @@ async def test_readyz_follows_each_chain_from_unreachable_to_lagging_to_stale(tm
         h.proxy.frozen = set()
         status, body, _ = await h.wait_for(lambda: _ready(h), what="ready")
         assert body["status"] == "ready" and body["database"] == "ok"
-        assert [(c["network"], c["ready"], c["lag_blocks"]) for c in body["chains"]] == [("sandbox", True, 0), ("mirror", True, 0)]
+        assert [(c["network"], c["ready"], c["lag_blocks"]) for c in body["chains"]] == [
+            ("sandbox", True, 0),
+            ("mirror", True, 0),
+        ]
 
         # The node answers its head but not its blocks: the checkpoint stays, the lag grows past the bound.
         h.proxy.frozen = {"eth_getBlockByNumber"}
@@ -243,8 +298,11 @@ async def test_readyz_follows_each_chain_from_unreachable_to_lagging_to_stale(tm
 
         async def lagging():
             status, body, _ = await readyz(h)
-            if status == 503 and any("blocks behind" in r["reason"] and r["last_error"] for r in body["reasons"]):
+            if status == 503 and any(
+                "blocks behind" in r["reason"] and r["last_error"] for r in body["reasons"]
+            ):
                 return body
+
         body = await h.wait_for(lagging, what="503 for the lag")
         # (The sandbox chain may lag for a moment too, behind the 12 blocks just mined.)
         [reason] = [r for r in body["reasons"] if r["network"] == "mirror"]
@@ -252,14 +310,28 @@ async def test_readyz_follows_each_chain_from_unreachable_to_lagging_to_stale(tm
         assert reason["last_error"].startswith("eth_getBlockByNumber: frozen by the test")
         status, chains, _ = await h.request("GET", "/v1/chains")
         [row] = [c for c in chains["data"] if c["name"] == "mirror"]
-        assert (row["head_block"], row["last_processed_block"], row["lag_blocks"]) == (head, before, head - before)
-        await h.wait_for(lambda: (h.processed("sandbox") or -1) >= head, what="the sandbox chain at the head (busy machines lag)")
+        assert (row["head_block"], row["last_processed_block"], row["lag_blocks"]) == (
+            head,
+            before,
+            head - before,
+        )
+        await h.wait_for(
+            lambda: (h.processed("sandbox") or -1) >= head,
+            what="the sandbox chain at the head (busy machines lag)",
+        )
         samples = await scrape(h)
         assert sample(samples, "watcher_head_lag_blocks", network="mirror") == head - before
         assert sample(samples, "watcher_head_lag_blocks", network="sandbox") == 0
-        assert sample(samples, "watcher_rpc_errors_total", network="mirror", method="eth_getBlockByNumber") >= 1
-        assert sample(samples, "watcher_rpc_errors_total", network="mirror", method="eth_blockNumber") >= 1  # from the start
-        assert sample(samples, "watcher_rpc_errors_total", network="sandbox", method="eth_getBlockByNumber") is None
+        assert (
+            sample(samples, "watcher_rpc_errors_total", network="mirror", method="eth_getBlockByNumber") >= 1
+        )
+        assert (
+            sample(samples, "watcher_rpc_errors_total", network="mirror", method="eth_blockNumber") >= 1
+        )  # from the start
+        assert (
+            sample(samples, "watcher_rpc_errors_total", network="sandbox", method="eth_getBlockByNumber")
+            is None
+        )
 
         # Catching up makes it ready again.
         h.proxy.frozen = set()
@@ -274,6 +346,7 @@ async def test_readyz_follows_each_chain_from_unreachable_to_lagging_to_stale(tm
             status, body, _ = await readyz(h)
             if status == 503 and any("last read the node's head" in r["reason"] for r in body["reasons"]):
                 return body
+
         body = await h.wait_for(stale, what="503 for a stale head")
         assert {r["network"] for r in body["reasons"]} == {"mirror"}
     finally:
@@ -316,7 +389,11 @@ async def test_metrics_count_blocks_rpc_payments_invoices_and_webhooks(harness):
     await h.wait_status(invoice["id"], "paid")
     await h.pay(invoice["id"], amount="1")  # after it was paid: a duplicate
     await h.mine(3)
-    await h.wait_invoice(invoice["id"], lambda i: i["status"] == "confirmed" and len(i["payments"]) == 2, "confirmed, 2 payments")
+    await h.wait_invoice(
+        invoice["id"],
+        lambda i: i["status"] == "confirmed" and len(i["payments"]) == 2,
+        "confirmed, 2 payments",
+    )
     await h.settle()
     assert h.service is not None and h.service.store is not None
     head = h.service.store.cursor("sandbox").number
@@ -328,7 +405,9 @@ async def test_metrics_count_blocks_rpc_payments_invoices_and_webhooks(harness):
     assert sample(samples, "watcher_last_processed_block", network="sandbox") == head
     assert sample(samples, "watcher_head_block", network="sandbox") == head
     assert sample(samples, "watcher_head_lag_blocks", network="sandbox") == 0
-    assert sample(samples, "watcher_last_head_timestamp_seconds", network="sandbox") == pytest.approx(time.time(), abs=30)
+    assert sample(samples, "watcher_last_head_timestamp_seconds", network="sandbox") == pytest.approx(
+        time.time(), abs=30
+    )
     # RPC: every method the follower uses, no errors.
     assert sample(samples, "watcher_rpc_calls_total", network="sandbox", method="eth_chainId") == 1
     for method in ("eth_blockNumber", "eth_getBlockByNumber", "eth_getLogs"):
@@ -338,7 +417,15 @@ async def test_metrics_count_blocks_rpc_payments_invoices_and_webhooks(harness):
     assert sample(samples, "watcher_payments_recorded_total", network="sandbox", role="counted") == 1
     assert sample(samples, "watcher_payments_recorded_total", network="sandbox", role="duplicate") == 1
     invoices = {dict(k[1])["status"]: v for k, v in samples.items() if k[0] == "watcher_invoices"}
-    assert invoices == {"draft": 0, "pending": 1, "paid": 0, "confirmed": 1, "expired": 0, "underpaid": 0, "cancelled": 0}
+    assert invoices == {
+        "draft": 0,
+        "pending": 1,
+        "paid": 0,
+        "confirmed": 1,
+        "expired": 0,
+        "underpaid": 0,
+        "cancelled": 0,
+    }
     # Webhooks: one attempt per delivered event, timed; nothing left in the outbox.
     delivered = len(h.receiver.events)
     assert delivered == (await deliveries(h, "?status=delivered"))["total"] > 0
@@ -358,7 +445,9 @@ async def test_metrics_are_per_daemon_and_show_the_backlog(harness, tmp_path):
     h.receiver.fail_next = 1
     invoice = await h.create(amount="2")
     await h.wait_for(lambda: h.receiver.attempts >= 1, what="first attempt")
-    samples = await h.wait_for(lambda: _with(h, "watcher_webhook_deliveries_total", 1, outcome="retry"), what="a retry counted")
+    samples = await h.wait_for(
+        lambda: _with(h, "watcher_webhook_deliveries_total", 1, outcome="retry"), what="a retry counted"
+    )
     assert sample(samples, "watcher_webhook_outbox_backlog") == 1
     assert sample(samples, "watcher_webhook_deliveries_total", outcome="delivered") == 0
 
@@ -374,7 +463,9 @@ async def test_metrics_are_per_daemon_and_show_the_backlog(harness, tmp_path):
         await other.close()
 
     bump(h, (await delivery_of(h, invoice["id"], "invoice.created"))["id"])
-    samples = await h.wait_for(lambda: _with(h, "watcher_webhook_deliveries_total", 1, outcome="delivered"), what="delivered")
+    samples = await h.wait_for(
+        lambda: _with(h, "watcher_webhook_deliveries_total", 1, outcome="delivered"), what="delivered"
+    )
     assert sample(samples, "watcher_webhook_outbox_backlog") == 0
     assert sample(samples, "watcher_webhook_delivery_duration_seconds_count") == 2
 
@@ -403,7 +494,12 @@ async def test_deliveries_list_filters_and_pages(harness):
     for row in rows:
         assert set(row) == DELIVERY_KEYS
         assert row["url"] == h.receiver.url and row["status"] == "delivered"
-        assert (row["attempts"], row["last_status_code"], row["last_error"], row["next_attempt_at"]) == (1, 204, None, None)
+        assert (row["attempts"], row["last_status_code"], row["last_error"], row["next_attempt_at"]) == (
+            1,
+            204,
+            None,
+            None,
+        )
         assert RFC3339.match(row["delivered_at"])
     # Newest first: the reverse of the order they were queued (and, one at a time here, received).
     assert [r["event_id"] for r in rows] == [e.event_id for e in reversed(h.receiver.events)]
@@ -413,7 +509,11 @@ async def test_deliveries_list_filters_and_pages(harness):
     assert created["total"] == 2 and {r["invoice_id"] for r in created["data"]} == {first["id"], second["id"]}
     of_second = await deliveries(h, f"?invoice_id={second['id']}")
     assert of_second["total"] == len([r for r in rows if r["invoice_id"] == second["id"]])
-    assert {r["event_type"] for r in of_second["data"]} >= {"invoice.created", "invoice.payment_detected", "invoice.paid"}
+    assert {r["event_type"] for r in of_second["data"]} >= {
+        "invoice.created",
+        "invoice.payment_detected",
+        "invoice.paid",
+    }
     both = await deliveries(h, f"?invoice_id={second['id']}&event_type=invoice.paid&status=delivered")
     assert both["total"] == 1 and both["data"][0]["event_type"] == "invoice.paid"
     assert (await deliveries(h, "?status=failed")) == {"data": [], "total": 0, "limit": 50, "offset": 0}
@@ -438,9 +538,15 @@ async def test_redeliver_sends_the_same_event_again(harness):
     status, queued, ctype = await redeliver(h, row["id"])
     assert status == 200 and ctype.startswith("application/json"), queued
     assert set(queued) == DELIVERY_KEYS
-    assert (queued["id"], queued["event_id"], queued["status"], queued["attempts"], queued["delivered_at"]) == (
-        row["id"], row["event_id"], "pending", 0, None)
+    assert (
+        queued["id"],
+        queued["event_id"],
+        queued["status"],
+        queued["attempts"],
+        queued["delivered_at"],
+    ) == (row["id"], row["event_id"], "pending", 0, None)
     assert RFC3339.match(queued["next_attempt_at"])
+
     def twice() -> list | None:
         got = [e for e in h.receiver.events if e.event_id == row["event_id"]]
         return got if len(got) == 2 else None
@@ -459,13 +565,17 @@ async def test_a_failed_delivery_can_be_redelivered(harness):
     h = harness
     h.receiver.fail_next = 100
     invoice = await h.create(amount="8")
-    row = await h.wait_for(lambda: _delivery_with(h, None, "pending", invoice["id"], attempts=1), what="first failure")
+    row = await h.wait_for(
+        lambda: _delivery_with(h, None, "pending", invoice["id"], attempts=1), what="first failure"
+    )
     assert (row["last_status_code"], row["last_error"]) == (500, "HTTP 500")
     assert RFC3339.match(row["next_attempt_at"])
     # Through the retry schedule (7 retries), brought forward, to failed.
     for attempt in range(2, 9):
         bump(h, row["id"])
-        row = await h.wait_for(lambda: _delivery_with(h, row["id"], None, attempts=attempt), what=f"attempt {attempt}")
+        row = await h.wait_for(
+            lambda: _delivery_with(h, row["id"], None, attempts=attempt), what=f"attempt {attempt}"
+        )
     assert (row["status"], row["next_attempt_at"], row["delivered_at"]) == ("failed", None, None)
     assert (await deliveries(h, "?status=failed"))["data"] == [row]
     samples = await scrape(h)
@@ -486,7 +596,9 @@ async def test_redelivering_a_pending_delivery_sends_it_now(harness):
     h = harness
     h.receiver.fail_next = 1
     invoice = await h.create(amount="9")
-    row = await h.wait_for(lambda: _delivery_with(h, None, "pending", invoice["id"], attempts=1), what="first failure")
+    row = await h.wait_for(
+        lambda: _delivery_with(h, None, "pending", invoice["id"], attempts=1), what="first failure"
+    )
     started = time.monotonic()
     status, _, _ = await redeliver(h, row["id"])
     assert status == 200
@@ -494,8 +606,13 @@ async def test_redelivering_a_pending_delivery_sends_it_now(harness):
     assert time.monotonic() - started < 4  # not at the scheduled retry, 5 s after the failure
 
 
-async def _delivery_with(h: Harness, delivery_id: str | None, status: str | None, invoice_id: str | None = None,
-                         attempts: int | None = None) -> dict | None:
+async def _delivery_with(
+    h: Harness,
+    delivery_id: str | None,
+    status: str | None,
+    invoice_id: str | None = None,
+    attempts: int | None = None,
+) -> dict | None:
     query = f"?invoice_id={invoice_id}" if invoice_id else "?limit=200"
     for row in (await deliveries(h, query))["data"]:
         if delivery_id not in (None, row["id"]):
@@ -522,7 +639,13 @@ async def test_bad_input_on_every_ops_route_is_a_problem(harness):
         ("GET", "/v1/webhook-deliveries", 401, None, {"auth": False}),
         ("POST", redeliver, 401, None, {"auth": False}),
         ("POST", "/v1/webhook-deliveries/dlv_unknown/redeliver", 401, None, {"auth": False}),
-        ("GET", "/v1/chains", 401, None, {"auth": False, "headers": {"Authorization": "Bearer wrong-key-of-some-length"}}),
+        (
+            "GET",
+            "/v1/chains",
+            401,
+            None,
+            {"auth": False, "headers": {"Authorization": "Bearer wrong-key-of-some-length"}},
+        ),
         ("GET", "/v1/chains?verbose=1", 422, "verbose", {}),
         ("POST", "/v1/chains", 405, None, {}),
         ("GET", "/v1/webhook-deliveries?status=sent", 422, "status", {}),
@@ -553,7 +676,13 @@ async def test_bad_input_on_every_ops_route_is_a_problem(harness):
         ("POST", redeliver, 422, "body", {"data": b"null", "headers": {"Content-Type": "application/json"}}),
         ("POST", redeliver, 422, "force", {"json": {"force": True}}),
         ("POST", redeliver, 415, None, {"data": b"{}", "headers": {"Content-Type": "text/plain"}}),
-        ("POST", redeliver, 413, None, {"data": b'{"a": "' + b"x" * 70_000 + b'"}', "headers": {"Content-Type": "application/json"}}),
+        (
+            "POST",
+            redeliver,
+            413,
+            None,
+            {"data": b'{"a": "' + b"x" * 70_000 + b'"}', "headers": {"Content-Type": "application/json"}},
+        ),
         ("POST", "/readyz", 405, None, {"auth": False}),
         ("POST", "/metrics", 405, None, {"auth": False}),
     ]
@@ -563,7 +692,9 @@ async def test_bad_input_on_every_ops_route_is_a_problem(harness):
         problem_ok = ctype.startswith(PROBLEM) and isinstance(body, dict) and body.get("status") == expected
         field_ok = field is None or (body.get("errors") or [{}])[0].get("field") == field
         if status != expected or not problem_ok or not field_ok:
-            failures.append((method, path[:80], expected, status, body if isinstance(body, dict) else str(body)[:200]))
+            failures.append(
+                (method, path[:80], expected, status, body if isinstance(body, dict) else str(body)[:200])
+            )
     assert not failures, "\n".join(map(str, failures))
 
     # Nothing above changed a delivery or queued one again (a re-queue is written before the
@@ -611,6 +742,11 @@ def test_the_documented_query_and_shapes_match_the_handlers():
     assert set(fields["status"].annotation.__args__[0].__args__) == set(DELIVERY_STATUSES)
     assert set(fields["event_type"].annotation.__args__[0].__args__) == EVENT_TYPES
     document = build_document(OPERATIONS, version="test")
-    assert set(document["paths"]) == {"/readyz", "/metrics", "/v1/chains", "/v1/webhook-deliveries",
-                                      "/v1/webhook-deliveries/{id}/redeliver"}
+    assert set(document["paths"]) == {
+        "/readyz",
+        "/metrics",
+        "/v1/chains",
+        "/v1/webhook-deliveries",
+        "/v1/webhook-deliveries/{id}/redeliver",
+    }
     assert "$defs" not in orjson.dumps(document).decode()  # every reference resolves within the document

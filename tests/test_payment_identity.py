@@ -30,7 +30,12 @@ AMOUNT = 10_000_000  # each invoice's price, in atomic units
 
 def block(n: int, fork: int = 0) -> BlockRef:
     """Block `n` of branch `fork` (another branch: other hashes, same heights)."""
-    return BlockRef(n, f"0x{fork:02x}{n:062x}", f"0x{fork:02x}{n - 1:062x}" if n > 4 else f"0x{0:02x}{n - 1:062x}", 1_000 + n)
+    return BlockRef(
+        n,
+        f"0x{fork:02x}{n:062x}",
+        f"0x{fork:02x}{n - 1:062x}" if n > 4 else f"0x{0:02x}{n - 1:062x}",
+        1_000 + n,
+    )
 
 
 def new_store(tmp_path) -> Store:
@@ -39,15 +44,31 @@ def new_store(tmp_path) -> Store:
 
 def create(store: Store, *, rail: str = "address") -> dict:
     spec = OptionSpec(
-        rail=rail, network=NET, chain_id=1, asset="TUSD", token_contract=TOKEN, decimals=6,
-        quoted_amount="10", quote_rate="1", amount_atomic=AMOUNT, required_confirmations=3,
+        rail=rail,
+        network=NET,
+        chain_id=1,
+        asset="TUSD",
+        token_contract=TOKEN,
+        decimals=6,
+        quoted_amount="10",
+        quote_rate="1",
+        amount_atomic=AMOUNT,
+        required_confirmations=3,
         xpub="xpub-test" if rail == "address" else None,
-        destination=MERCHANT if rail == "contract" else None, router=ROUTER if rail == "contract" else None,
+        destination=MERCHANT if rail == "contract" else None,
+        router=ROUTER if rail == "contract" else None,
     )
     new = NewInvoice(
-        amount=Decimal("10"), currency="USD", fields={}, metadata={}, tolerance_percent=Decimal(0),
+        amount=Decimal("10"),
+        currency="USD",
+        fields={},
+        metadata={},
+        tolerance_percent=Decimal(0),
         payment_timing={"mode": "immediate", "expires_after_minutes": 20, "payable_until": None},
-        payable_until=10**10, draft=False, request={}, options=[spec],
+        payable_until=10**10,
+        draft=False,
+        request={},
+        options=[spec],
     )
     invoice, _ = store.create_invoice(
         new, derive=lambda xpub, index: f"0x{index + 1:040x}", finish=lambda s, d, i, o: (f"uri:{d}", None)
@@ -98,7 +119,12 @@ def test_a_batch_payment_re_mined_one_log_later_revives_each_payment_as_itself(t
         assert got["status"] == "paid" and got["exception"] is None
         [p] = got["payments"]
         assert p["id"] == before[invoice["id"]]
-        assert (p["status"], p["role"], p["log_index"], p["block_hash"]) == ("detected", "counted", log_index, new.hash)
+        assert (p["status"], p["role"], p["log_index"], p["block_hash"]) == (
+            "detected",
+            "counted",
+            log_index,
+            new.hash,
+        )
         assert p["to_address"].lower() == invoice["payment_options"][0]["destination_address"].lower()
         assert got["payment_summary"]["payment_state"] == "exact"
         assert "invoice.exception_opened" not in event_types(store, invoice)
@@ -117,7 +143,9 @@ def test_identical_transfers_of_one_transaction_pair_up_in_log_order(tmp_path):
     first, second = [r["id"] for r in store.db.execute("SELECT id FROM payments ORDER BY log_key")]
 
     new = block(5, fork=1)
-    store.apply_blocks(NET, [new], [paying(x, 9, new, AMOUNT // 2), paying(x, 7, new, AMOUNT // 2)], confirmed_through=2)
+    store.apply_blocks(
+        NET, [new], [paying(x, 9, new, AMOUNT // 2), paying(x, 7, new, AMOUNT // 2)], confirmed_through=2
+    )
     got = store.get_invoice(x["id"])
     assert got["status"] == "paid" and got["exception"] is None
     by_id = {p["id"]: p for p in got["payments"]}
@@ -209,16 +237,25 @@ def test_the_migration_keeps_every_payment_and_index_and_moves_uniqueness_to_liv
     before = sqlite3.connect(path)
     old_row = before.execute("SELECT * FROM payments").fetchall()
     # PRAGMA index_list: (seq, name, unique, origin, partial); origin "u" is a UNIQUE constraint.
-    assert [r[3] for r in before.execute("PRAGMA index_list(payments)")].count("u") == 1  # the table-wide UNIQUE
+    assert [r[3] for r in before.execute("PRAGMA index_list(payments)")].count(
+        "u"
+    ) == 1  # the table-wide UNIQUE
     before.close()
 
     store = Store(path, clock=lambda: 2_000.0)
     assert [tuple(r) for r in store.db.execute("SELECT * FROM payments")] == old_row
     columns = {r["name"]: r["type"] for r in store.db.execute("PRAGMA table_info(payments)")}
     assert columns["amount_atomic"] == "TEXT"
-    indexes = {r["name"]: r["sql"] for r in store.db.execute("SELECT name, sql FROM sqlite_master WHERE type='index' AND tbl_name='payments'")}
+    indexes = {
+        r["name"]: r["sql"]
+        for r in store.db.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type='index' AND tbl_name='payments'"
+        )
+    }
     assert {"payments_invoice", "payments_unconfirmed", "payments_tx"} <= set(indexes)
-    origins = {r["name"]: (r["origin"], r["partial"]) for r in store.db.execute("PRAGMA index_list(payments)")}
+    origins = {
+        r["name"]: (r["origin"], r["partial"]) for r in store.db.execute("PRAGMA index_list(payments)")
+    }
     assert "u" not in {origin for origin, _ in origins.values()}
     assert origins["payments_live_log"] == ("c", 1)
     assert "WHERE status != 'reverted'" in indexes["payments_live_log"]

@@ -15,9 +15,9 @@ import time
 
 import aiohttp
 from aiohttp import web
-
 from harness import free_port
 from test_service import API_KEY, WATCHER, LocalNode, log_lines, new_secret, to_toml
+
 from watcher.logs import redact
 from watcher.redaction import Redactor, credential_pieces, redact_text, register_urls, strip_credentials
 from watcher.sandbox import SandboxChain, sandbox_settings_data
@@ -29,27 +29,40 @@ HOOK_TOKEN = "HOOKTOKEN-9876543210"
 def test_a_known_url_is_masked_even_where_an_error_quotes_only_a_piece_of_it():
     url = "https://alice:pa55word-xyz@rpc.example/v3/0123456789abcdef0123456789abcdef?apikey=K3Y-value-1234"
     redactor = Redactor([url])
-    for text in (f"connect to {url} failed", "host alice:pa55word-xyz@rpc.example", "bad key K3Y-value-1234",
-                 "path /v3/0123456789abcdef0123456789abcdef"):
+    for text in (
+        f"connect to {url} failed",
+        "host alice:pa55word-xyz@rpc.example",
+        "bad key K3Y-value-1234",
+        "path /v3/0123456789abcdef0123456789abcdef",
+    ):
         shown = redactor(text)
-        assert not any(p in shown for p in ("pa55word-xyz", "K3Y-value-1234", "0123456789abcdef0123456789abcdef")), shown
+        assert not any(
+            p in shown for p in ("pa55word-xyz", "K3Y-value-1234", "0123456789abcdef0123456789abcdef")
+        ), shown
     assert redactor(f"connect to {url} failed") == f"connect to {strip_credentials(url)} failed"
     assert "pa55word-xyz" in credential_pieces(url)
 
 
 def test_any_url_quoted_in_text_loses_its_credentials():
     text = "0, message='', url='http://127.0.0.1:1/?apikey=abc123secret&x=1'; then https://u:pw@x.example/a."
-    assert redact_text(text) == "0, message='', url='http://127.0.0.1:1/?apikey=***&x=1'; then https://x.example/a."
+    assert (
+        redact_text(text)
+        == "0, message='', url='http://127.0.0.1:1/?apikey=***&x=1'; then https://x.example/a."
+    )
 
 
 def test_the_log_processor_masks_urls_in_every_field_not_only_url_fields():
     """The start-up chain-id probe logged `error` with aiohttp's text, which quotes the RPC URL."""
     register_urls(["https://rpc.example/?apikey=REGISTERED-123456"])
-    event = redact(None, "warning", {
-        "event": "chain_id_unchecked",
-        "error": "eth_chainId: gave up: 0, message='', url='https://rpc.example/?apikey=REGISTERED-123456'",
-        "detail": {"why": ["key REGISTERED-123456 refused"]},
-    })
+    event = redact(
+        None,
+        "warning",
+        {
+            "event": "chain_id_unchecked",
+            "error": "eth_chainId: gave up: 0, message='', url='https://rpc.example/?apikey=REGISTERED-123456'",
+            "detail": {"why": ["key REGISTERED-123456 refused"]},
+        },
+    )
     assert "REGISTERED-123456" not in repr(event)
     assert event["error"].endswith("url='https://rpc.example/?apikey=***'")
 
@@ -100,8 +113,9 @@ async def test_credentials_of_a_looping_node_and_endpoint_show_nowhere(tmp_path)
     env = {**os.environ, "WATCHER_API_KEY": API_KEY, "HOOK": new_secret(), "JOURNAL_STREAM": "8:1"}
     stderr_path = tmp_path / "stderr"
     with open(stderr_path, "w") as stderr:
-        proc = await asyncio.create_subprocess_exec(*WATCHER, "run", "--config", str(config),
-                                                    stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+        proc = await asyncio.create_subprocess_exec(
+            *WATCHER, "run", "--config", str(config), stdout=subprocess.DEVNULL, stderr=stderr, env=env
+        )
     base = f"http://127.0.0.1:{port}"
     answers: list[str] = []
     try:

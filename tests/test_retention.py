@@ -9,6 +9,7 @@ from decimal import Decimal
 
 from harness import Harness
 from test_ops import sample, scrape
+
 from watcher.store import Endpoint, NewInvoice, Store
 from watcher.store.retention import prune_delivered_events, prune_idempotency_keys
 
@@ -25,12 +26,23 @@ class Clock:
 
 def create(store: Store, key: str | None = None) -> dict:
     new = NewInvoice(
-        amount=Decimal(0), currency="USD", fields={}, metadata={}, tolerance_percent=Decimal(0),
+        amount=Decimal(0),
+        currency="USD",
+        fields={},
+        metadata={},
+        tolerance_percent=Decimal(0),
         payment_timing={"mode": "immediate", "expires_after_minutes": 20, "payable_until": None},
-        payable_until=None, draft=False, request={},
+        payable_until=None,
+        draft=False,
+        request={},
     )
-    invoice, _ = store.create_invoice(new, derive=lambda x, i: "", finish=lambda *a: ("", None),
-                                      idempotency_key=key, request_hash="h" if key else None)
+    invoice, _ = store.create_invoice(
+        new,
+        derive=lambda x, i: "",
+        finish=lambda *a: ("", None),
+        idempotency_key=key,
+        request_hash="h" if key else None,
+    )
     return invoice
 
 
@@ -62,19 +74,33 @@ def test_only_events_whose_every_delivery_went_out_are_pruned_with_their_deliver
     clock = Clock()
     store = Store(tmp_path / "w.db", clock=clock)
     try:
-        store.outbox.set_endpoints([Endpoint("http://127.0.0.1:1/a", ("*",)), Endpoint("http://127.0.0.1:1/b", ("*",))])
-        delivered, half, failed = create(store), create(store), create(store)  # two events each, four deliveries
+        store.outbox.set_endpoints(
+            [Endpoint("http://127.0.0.1:1/a", ("*",)), Endpoint("http://127.0.0.1:1/b", ("*",))]
+        )
+        delivered, half, failed = (
+            create(store),
+            create(store),
+            create(store),
+        )  # two events each, four deliveries
         store.outbox.set_endpoints([])
         unsent = create(store)  # no endpoint: nothing to deliver
 
         def settle(invoice: dict, statuses: tuple[str, str]) -> None:
             """Endpoint a's deliveries end as statuses[0], endpoint b's as statuses[1]."""
-            rows = store.db.execute("SELECT d.id, d.url FROM deliveries d WHERE d.invoice_id = ?", [invoice["id"]]).fetchall()
+            rows = store.db.execute(
+                "SELECT d.id, d.url FROM deliveries d WHERE d.invoice_id = ?", [invoice["id"]]
+            ).fetchall()
             for row in rows:
                 status = statuses[0] if row["url"].endswith("/a") else statuses[1]
                 ok = status == "delivered"
-                store.outbox.record_attempt(row["id"], ok=ok, status_code=204 if ok else 500, error=None if ok else "HTTP 500",
-                                            duration_ms=1.0, next_attempt_at=None if status != "pending" else clock.now + 5)
+                store.outbox.record_attempt(
+                    row["id"],
+                    ok=ok,
+                    status_code=204 if ok else 500,
+                    error=None if ok else "HTTP 500",
+                    duration_ms=1.0,
+                    next_attempt_at=None if status != "pending" else clock.now + 5,
+                )
 
         settle(delivered, ("delivered", "delivered"))
         settle(half, ("delivered", "pending"))
@@ -88,7 +114,9 @@ def test_only_events_whose_every_delivery_went_out_are_pruned_with_their_deliver
         left = {r[0] for r in store.db.execute("SELECT DISTINCT invoice_id FROM events")}
         assert left == {half["id"], failed["id"]} and count(store, "events") == before - 4
         assert count(store, "deliveries") == 8 and count(store, "delivery_attempts") == 8
-        assert store.outbox.events_for(delivered["id"]) == [] and store.get_invoice(delivered["id"]) is not None
+        assert (
+            store.outbox.events_for(delivered["id"]) == [] and store.get_invoice(delivered["id"]) is not None
+        )
         assert unsent["id"] not in left
     finally:
         store.close()
@@ -109,7 +137,9 @@ class RetentionHarness(Harness):
 
 async def test_the_daemon_prunes_on_schedule_and_reports_size_and_counts(harnesses):
     h = await harnesses(RetentionHarness)
-    status, first, _ = await h.request("POST", "/v1/invoices", json={"amount": "0"}, headers={"Idempotency-Key": "k1"})
+    status, first, _ = await h.request(
+        "POST", "/v1/invoices", json={"amount": "0"}, headers={"Idempotency-Key": "k1"}
+    )
     assert status == 201
     await h.wait_events(first["id"], "invoice.created", "invoice.confirmed")
     await h.settle()
@@ -138,7 +168,9 @@ class WatchHarness(RetentionHarness):
 
     def settings(self):
         base = super().settings()
-        return base.model_copy(update={"retention": base.retention.model_copy(update={"watch_closed_invoices_days": 1})})
+        return base.model_copy(
+            update={"retention": base.retention.model_copy(update={"watch_closed_invoices_days": 1})}
+        )
 
 
 async def test_addresses_of_long_closed_invoices_leave_the_watch_set(harnesses):
@@ -152,14 +184,19 @@ async def test_addresses_of_long_closed_invoices_leave_the_watch_set(harnesses):
     assert status == 200
     open_one = await h.create(amount="4")
     watch = h.service.followers["sandbox"].watch
-    address = {i["id"]: i["payment_options"][0]["destination_address"].lower()
-               for i in (paid, cancelled, open_one)}
+    address = {
+        i["id"]: i["payment_options"][0]["destination_address"].lower() for i in (paid, cancelled, open_one)
+    }
     await h.mine(1)  # the follower's next step picks up the newest option
     await h.wait_for(lambda: all(a in watch.addresses for a in address.values()), what="all three watched")
 
     h.offset = 2 * DAY  # two days later: the closed ones go, the open one stays
-    await h.wait_for(lambda: address[paid["id"]] not in watch.addresses and address[cancelled["id"]] not in watch.addresses,
-                     what="closed invoices unwatched")
+    await h.wait_for(
+        lambda: (
+            address[paid["id"]] not in watch.addresses and address[cancelled["id"]] not in watch.addresses
+        ),
+        what="closed invoices unwatched",
+    )
     assert address[open_one["id"]] in watch.addresses
     samples = await scrape(h)
     assert sample(samples, "watcher_pruned_total", what="watched_options") == 2

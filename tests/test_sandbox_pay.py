@@ -5,8 +5,8 @@ transfer that reverted on chain is a 409, not a 200 with a hash."""
 from __future__ import annotations
 
 from eth_utils import to_checksum_address
-
 from harness import Harness
+
 from watcher.sandbox import PAYER_FUNDS
 from watcher.service import Service
 
@@ -17,10 +17,19 @@ async def drain_payers(h: Harness) -> None:
     """Every sandbox payer sends all its tokens away: the next token payment must fail."""
     chain = h.chain
     assert chain is not None
+
     def balance(owner: str) -> int:
         data = "0x70a08231" + "0" * 24 + owner[2:].lower()
-        answer = chain.tester.call({"from": owner, "to": to_checksum_address(chain.deployed.token),
-                                    "data": data, "gas": 100_000, "value": 0}, "latest")
+        answer = chain.tester.call(
+            {
+                "from": owner,
+                "to": to_checksum_address(chain.deployed.token),
+                "data": data,
+                "gas": 100_000,
+                "value": 0,
+            },
+            "latest",
+        )
         return int(answer, 16)
 
     for payer in chain.payers:
@@ -35,7 +44,9 @@ async def test_a_payment_that_would_revert_is_a_409_and_sends_nothing(harness):
     invoice = await harness.create(amount="5")
     await drain_payers(harness)
     head = await harness.on_chain(harness.chain.head)
-    status, problem, ctype = await harness.request("POST", f"/v1/sandbox/invoices/{invoice['id']}/pay", json={})
+    status, problem, ctype = await harness.request(
+        "POST", f"/v1/sandbox/invoices/{invoice['id']}/pay", json={}
+    )
     assert status == 409 and ctype.startswith("application/problem+json"), problem
     assert "revert" in problem["detail"]
     assert harness.chain._pending_senders == set(), "nothing was sent"
@@ -50,8 +61,13 @@ class MiningHarness(Harness):
     """The daemon mines a block every 0.2 s, as `watcher run --sandbox` does."""
 
     async def start_service(self) -> None:
-        self.service = Service(self.settings(), sandbox=self.chain, expiry_interval=self.expiry_interval,
-                               clock=self.clock, block_time=0.2)
+        self.service = Service(
+            self.settings(),
+            sandbox=self.chain,
+            expiry_interval=self.expiry_interval,
+            clock=self.clock,
+            block_time=0.2,
+        )
         await self.service.start()
 
 

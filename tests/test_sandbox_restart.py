@@ -24,9 +24,21 @@ class Sandbox:
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if k != "WATCHER_API_KEY"}
         self.proc = subprocess.Popen(
-            [*WATCHER, "run", "--sandbox", "--listen", f"127.0.0.1:{self.port}", "--block-time", "0.3",
-             "--database", str(database)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            [
+                *WATCHER,
+                "run",
+                "--sandbox",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--block-time",
+                "0.3",
+                "--database",
+                str(database),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
         )
         self.banner: dict[str, str] = {}
         lines: list[str] = []
@@ -87,7 +99,9 @@ def test_a_restarted_sandbox_sets_the_old_chains_database_aside_and_detects_paym
         note = second.banner["database"]
         assert note.startswith(f"{database} (new: the database there followed an earlier sandbox chain"), note
         aside = Path(note.split("moved to ")[1].rstrip(")"))
-        assert aside.parent == tmp_path and aside.name.startswith("sandbox.db.") and aside.name.endswith(".old")
+        assert (
+            aside.parent == tmp_path and aside.name.startswith("sandbox.db.") and aside.name.endswith(".old")
+        )
         # The old run's data is all in the file set aside, and the new database starts empty.
         assert _rows(aside, "SELECT id, status FROM invoices") == [(old_invoice["id"], "confirmed")]
         assert _rows(aside, "SELECT hash FROM chain_genesis") == [(old_genesis,)]
@@ -118,8 +132,12 @@ def test_a_sandbox_database_that_followed_no_chain_is_kept(tmp_path):
 def test_a_sandbox_database_path_that_is_not_a_database_is_exit_2(tmp_path):
     garbage = tmp_path / "notes.txt"
     garbage.write_text("not a database, " * 100)
-    result = subprocess.run([*WATCHER, "run", "--sandbox", "--listen", f"127.0.0.1:{free_port()}", "--database",
-                             str(garbage)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [*WATCHER, "run", "--sandbox", "--listen", f"127.0.0.1:{free_port()}", "--database", str(garbage)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "--database" in result.stderr and "not a watcher database" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr

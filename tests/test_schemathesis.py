@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from harness import free_port, wait_http
 
 SCHEMATHESIS = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
@@ -28,9 +27,23 @@ def daemon(tmp_path):
     key = "sk_test_schemathesis_0123456789ABCDEF"
     env = {**os.environ, "WATCHER_API_KEY": key}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "watcher.cli", "run", "--sandbox", "--listen", f"127.0.0.1:{port}",
-         "--block-time", "0.5", "--database", str(tmp_path / "st.db")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "watcher.cli",
+            "run",
+            "--sandbox",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--block-time",
+            "0.5",
+            "--database",
+            str(tmp_path / "st.db"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -50,17 +63,36 @@ def test_schemathesis_finds_no_server_error_and_no_nonconforming_response(daemon
     if not Path(SCHEMATHESIS).exists():
         pytest.fail("schemathesis is a test dependency: pip install -e '.[test]'")
     result = subprocess.run(
-        [SCHEMATHESIS, "run", f"{base}/openapi.json", "-H", f"Authorization: Bearer {key}",
-         # ignored_auth sends bad keys fast: past 10 a second from one address the contract's
-         # answer is 429, which it counts as a failure; tests/test_api_errors.py (every route,
-         # every bad key) and tests/test_http_server.py (the 429) check authentication instead.
-         "--checks", "all", "--exclude-checks", "positive_data_acceptance,ignored_auth",
-         # /readyz answers a documented 503 whenever the fuzzed mine route leaves the follower
-         # behind, which "not a server error" would count; tests/test_ops.py checks it instead.
-         "--exclude-path", "/readyz",
-         "--phases", "examples,coverage,fuzzing", "-n", "25", "--seed", "20261123",
-         "--request-timeout", "10", "--no-color"],
-        capture_output=True, text=True, timeout=600,
+        [
+            SCHEMATHESIS,
+            "run",
+            f"{base}/openapi.json",
+            "-H",
+            f"Authorization: Bearer {key}",
+            # ignored_auth sends bad keys fast: past 10 a second from one address the contract's
+            # answer is 429, which it counts as a failure; tests/test_api_errors.py (every route,
+            # every bad key) and tests/test_http_server.py (the 429) check authentication instead.
+            "--checks",
+            "all",
+            "--exclude-checks",
+            "positive_data_acceptance,ignored_auth",
+            # /readyz answers a documented 503 whenever the fuzzed mine route leaves the follower
+            # behind, which "not a server error" would count; tests/test_ops.py checks it instead.
+            "--exclude-path",
+            "/readyz",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "-n",
+            "25",
+            "--seed",
+            "20261123",
+            "--request-timeout",
+            "10",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     summary = result.stdout[-6000:]
     assert result.returncode == 0, summary

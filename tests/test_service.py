@@ -29,9 +29,9 @@ import orjson
 import pytest
 import structlog
 from aiohttp import web
+from harness import Harness, Receiver, free_port, wait_http
 from structlog.testing import capture_logs
 
-from harness import Harness, Receiver, free_port, wait_http
 from watcher.config import load_settings
 from watcher.logs import configure_logging, redact, register_secrets, resolve_format
 from watcher.notify import Notifier
@@ -64,6 +64,7 @@ def restore_structlog():
 
 # --------------------------------------------------------------------------- helpers
 
+
 def to_toml(data: dict[str, Any], prefix: str = "") -> str:
     """Just enough TOML for the settings: scalars, lists of scalars, tables, arrays of tables."""
 
@@ -91,11 +92,14 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
     return "\n".join(lines) + "\n" + "".join(tables)
 
 
-
 def api(base: str, method: str, path: str, body: dict | None = None, key: str = API_KEY) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(base + path, data=data, method=method,
-                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    request = urllib.request.Request(
+        base + path,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
@@ -105,8 +109,18 @@ def closed_port() -> int:
 
 
 def sandbox_cmd(tmp_path: Path, port: int, *extra: str) -> list[str]:
-    return [*WATCHER, "run", "--sandbox", "--listen", f"127.0.0.1:{port}", "--block-time", "0.3",
-            "--database", str(tmp_path / "watcher.db"), *extra]
+    return [
+        *WATCHER,
+        "run",
+        "--sandbox",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--block-time",
+        "0.3",
+        "--database",
+        str(tmp_path / "watcher.db"),
+        *extra,
+    ]
 
 
 def log_lines(text: str) -> list[dict]:
@@ -114,6 +128,7 @@ def log_lines(text: str) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- sd_notify
+
 
 def test_notifier_is_a_no_op_without_systemd():
     n = Notifier({})
@@ -149,7 +164,7 @@ def test_the_daemon_speaks_sd_notify_under_a_fake_notify_socket(tmp_path):
         while time.monotonic() < deadline:
             try:
                 fields = sock.recv(4096).decode().split("\n")
-            except socket.timeout:
+            except TimeoutError:
                 assert proc.poll() is None or predicate(), f"daemon exited {proc.returncode}"
                 continue
             messages.append(fields)
@@ -194,14 +209,20 @@ def test_the_daemon_speaks_sd_notify_under_a_fake_notify_socket(tmp_path):
 
 # --------------------------------------------------------------------------- SIGTERM
 
+
 def test_sigterm_stops_within_seconds_keeping_undelivered_events_and_a_sound_database(tmp_path):
     """A webhook endpoint that is down: the events stay queued across the stop; the file is
     intact. The same run's stderr is checked for secrets (URL credentials included)."""
     port = free_port()
     hook = f"http://hook-user:hunter2-password@127.0.0.1:{closed_port()}/hooks?token=t0ken-value-1234567890"
     env = {**os.environ, "WATCHER_API_KEY": API_KEY}
-    proc = subprocess.Popen(sandbox_cmd(tmp_path, port, "--webhook-url", hook),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        sandbox_cmd(tmp_path, port, "--webhook-url", hook),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz")
         base = f"http://127.0.0.1:{port}"
@@ -252,7 +273,7 @@ def test_sigterm_stops_within_seconds_keeping_undelivered_events_and_a_sound_dat
     # Secrets: the banner (stdout) shows them on purpose; the logs never do.
     secret = re.search(r"webhook secret: (\S+)", out)[1]
     assert API_KEY in out and secret.startswith("whsec_")
-    for value in (API_KEY, secret, secret[len("whsec_"):], "hunter2-password", "t0ken-value-1234567890"):
+    for value in (API_KEY, secret, secret[len("whsec_") :], "hunter2-password", "t0ken-value-1234567890"):
         assert value not in err
     lines = log_lines(err)
     assert lines and len(lines) == len(err.strip().splitlines()), "stderr into a pipe is JSON lines"
@@ -262,6 +283,7 @@ def test_sigterm_stops_within_seconds_keeping_undelivered_events_and_a_sound_dat
 
 
 # --------------------------------------------------------------------------- SIGHUP, in-process
+
 
 class FileHarness(Harness):
     """The harness's daemon, configured from a TOML file the test rewrites, secrets from `env`."""
@@ -286,8 +308,13 @@ class FileHarness(Harness):
                 webhooks=[{"url": self.receiver.url, "secret_env": "HOOK_SECRET"}],
                 chains=[sandbox_settings_data(self.chain, poll_interval=0.05)],
             )
-        self.service = Service(load_settings(self.path, env=self.env), sandbox=self.chain,
-                               expiry_interval=0.2, config_path=self.path, env=self.env)
+        self.service = Service(
+            load_settings(self.path, env=self.env),
+            sandbox=self.chain,
+            expiry_interval=0.2,
+            config_path=self.path,
+            env=self.env,
+        )
         return self.service
 
     async def start_service(self) -> None:
@@ -320,11 +347,16 @@ async def test_reload_swaps_webhook_endpoints_and_secrets(fh):
     with capture_logs() as logs:
         assert fh.service.reload() is True
     second = await fh.create(amount="2")
-    await fh.wait_for(lambda: fh.second.types_for(second["id"]) == ["invoice.created"], what="event at the new URL")
+    await fh.wait_for(
+        lambda: fh.second.types_for(second["id"]) == ["invoice.created"], what="event at the new URL"
+    )
     assert fh.second.bad_signatures == 0  # signed with the new endpoint's secret
     assert fh.receiver.for_invoice(second["id"]) == []
     reloaded = [entry for entry in logs if entry["event"] == "config_reloaded"]
-    assert reloaded and reloaded[0]["changes"] == {"webhooks_added": [fh.second.url], "webhooks_removed": [fh.receiver.url]}
+    assert reloaded and reloaded[0]["changes"] == {
+        "webhooks_added": [fh.second.url],
+        "webhooks_removed": [fh.receiver.url],
+    }
     assert not [e for e in logs if e["event"] == "config_changes_need_restart"]
     assert fh.service.settings.webhooks[0].url == fh.second.url
     text = repr(logs)
@@ -348,16 +380,21 @@ async def test_a_bad_file_is_logged_and_the_running_settings_stay(fh):
 
 
 async def test_reload_names_the_keys_that_need_a_restart_and_applies_the_rest(fh):
-    fh.write(http={"listen": "127.0.0.1:1", "api_key_env": "API_KEY"}, invoices={"default_expiry_minutes": 5},
-             webhooks=hooks((fh.receiver, "HOOK_SECRET"), (fh.second, "HOOK_SECRET_2")))
+    fh.write(
+        http={"listen": "127.0.0.1:1", "api_key_env": "API_KEY"},
+        invoices={"default_expiry_minutes": 5},
+        webhooks=hooks((fh.receiver, "HOOK_SECRET"), (fh.second, "HOOK_SECRET_2")),
+    )
     with capture_logs() as logs:
         assert fh.service.reload() is True
     warning = next(e for e in logs if e["event"] == "config_changes_need_restart")
     assert warning["keys"] == ["http", "invoices"] and warning["log_level"] == "warning"
     assert fh.service.settings.http.listen != "127.0.0.1:1"  # still the running one
     invoice = await fh.create()
-    await fh.wait_for(lambda: fh.second.types_for(invoice["id"]) and fh.receiver.types_for(invoice["id"]),
-                      what="both endpoints")
+    await fh.wait_for(
+        lambda: fh.second.types_for(invoice["id"]) and fh.receiver.types_for(invoice["id"]),
+        what="both endpoints",
+    )
 
 
 async def test_reload_changes_the_log_level_and_format(fh, capsys):
@@ -367,7 +404,9 @@ async def test_reload_changes_the_log_level_and_format(fh, capsys):
     structlog.get_logger("t").debug("probe_event", n=1)
     err = capsys.readouterr().err
     lines = log_lines(err)
-    assert {"event": "probe_event", "n": 1}.items() <= next(e for e in lines if e["event"] == "probe_event").items()
+    assert {"event": "probe_event", "n": 1}.items() <= next(
+        e for e in lines if e["event"] == "probe_event"
+    ).items()
     reloaded = next(e for e in lines if e["event"] == "config_reloaded")
     assert reloaded["changes"] == {"log_level": "warning -> debug", "log_format": "auto -> json"}
     fh.write(log_level="error")
@@ -399,7 +438,9 @@ async def test_sighup_reloads_through_the_running_loop_and_sigterm_stops(tmp_pat
         os.kill(os.getpid(), signal.SIGHUP)
         await h.wait_for(lambda: service.settings.webhooks[0].url == second.url, what="reload")
         invoice = await h.create()
-        await h.wait_for(lambda: second.types_for(invoice["id"]) == ["invoice.created"], what="event at the new URL")
+        await h.wait_for(
+            lambda: second.types_for(invoice["id"]) == ["invoice.created"], what="event at the new URL"
+        )
         os.kill(os.getpid(), signal.SIGTERM)
         await asyncio.wait_for(task, timeout=15)
         assert service.store is None  # stopped and closed
@@ -411,6 +452,7 @@ async def test_sighup_reloads_through_the_running_loop_and_sigterm_stops(tmp_pat
 
 
 # --------------------------------------------------------------------------- SIGHUP, real process, real config
+
 
 class LocalNode:
     """A JSON-RPC node over HTTP answered by an in-process eth-tester chain."""
@@ -425,12 +467,17 @@ class LocalNode:
 
         def answer(call: dict) -> dict:
             try:
-                return {"jsonrpc": "2.0", "id": call["id"],
-                        "result": self.chain.transport._answer(call["method"], call["params"])}
+                return {
+                    "jsonrpc": "2.0",
+                    "id": call["id"],
+                    "result": self.chain.transport._answer(call["method"], call["params"]),
+                }
             except Exception as exc:
                 return {"jsonrpc": "2.0", "id": call["id"], "error": {"code": -32000, "message": str(exc)}}
 
-        result = await self.chain.run(lambda: [answer(c) for c in payload] if isinstance(payload, list) else answer(payload))
+        result = await self.chain.run(
+            lambda: [answer(c) for c in payload] if isinstance(payload, list) else answer(payload)
+        )
         return web.Response(body=orjson.dumps(result), content_type="application/json")
 
     async def start(self) -> None:
@@ -468,19 +515,26 @@ async def test_watcher_run_with_a_config_file_reloads_on_sighup(tmp_path):
     }
     config = tmp_path / "watcher.toml"
     config.write_text(to_toml(data))
-    env = {**os.environ, "WATCHER_API_KEY": API_KEY, "HOOK_A": a.secret, "HOOK_B": b.secret,
-           "JOURNAL_STREAM": "8:12345"}
+    env = {
+        **os.environ,
+        "WATCHER_API_KEY": API_KEY,
+        "HOOK_A": a.secret,
+        "HOOK_B": b.secret,
+        "JOURNAL_STREAM": "8:12345",
+    }
     stderr_path = tmp_path / "stderr"
     with open(stderr_path, "w") as stderr:
-        proc = await asyncio.create_subprocess_exec(*WATCHER, "run", "--config", str(config),
-                                                    stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+        proc = await asyncio.create_subprocess_exec(
+            *WATCHER, "run", "--config", str(config), stdout=subprocess.DEVNULL, stderr=stderr, env=env
+        )
     base = f"http://127.0.0.1:{port}"
 
     async def request(method: str, path: str, body: dict | None = None) -> dict:
-        async with aiohttp.ClientSession() as http:
-            async with http.request(method, base + path, json=body, headers={"Authorization": f"Bearer {API_KEY}"}) as r:
-                assert r.status in (200, 201), await r.text()
-                return await r.json()
+        async with aiohttp.ClientSession() as http, http.request(
+            method, base + path, json=body, headers={"Authorization": f"Bearer {API_KEY}"}
+        ) as r:
+            assert r.status in (200, 201), await r.text()
+            return await r.json()
 
     async def wait(check, what: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -518,7 +572,7 @@ async def test_watcher_run_with_a_config_file_reloads_on_sighup(tmp_path):
             proc.send_signal(signal.SIGTERM)
         try:
             code = await asyncio.wait_for(proc.wait(), timeout=20)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             raise
         for server in (node, a, b):
@@ -535,6 +589,7 @@ async def test_watcher_run_with_a_config_file_reloads_on_sighup(tmp_path):
 
 
 # --------------------------------------------------------------------------- logs
+
 
 def test_log_format_follows_the_file_then_systemd_then_the_terminal():
     class Tty:
@@ -554,12 +609,21 @@ def test_log_format_follows_the_file_then_systemd_then_the_terminal():
 
 def test_redaction_strips_registered_secrets_and_url_credentials():
     register_secrets(["sk_live_abcdefgh12345678"])
-    event = redact(None, "info", {
-        "event": "x", "error": "boom sk_live_abcdefgh12345678", "nested": {"k": ["sk_live_abcdefgh12345678"]},
-        "url": "https://u:p@rpc.example/v3/0123456789abcdef0123456789abcdef", "rpc_url": "https://x.example/?apikey=zzz",
-    })
+    event = redact(
+        None,
+        "info",
+        {
+            "event": "x",
+            "error": "boom sk_live_abcdefgh12345678",
+            "nested": {"k": ["sk_live_abcdefgh12345678"]},
+            "url": "https://u:p@rpc.example/v3/0123456789abcdef0123456789abcdef",
+            "rpc_url": "https://x.example/?apikey=zzz",
+        },
+    )
     assert event["error"] == "boom ***" and event["nested"] == {"k": ["***"]}
-    assert event["url"] == "https://rpc.example/v3/***" and event["rpc_url"] == "https://x.example/?apikey=***"
+    assert (
+        event["url"] == "https://rpc.example/v3/***" and event["rpc_url"] == "https://x.example/?apikey=***"
+    )
 
 
 async def test_no_log_call_passes_a_secret_or_an_unnamed_event(harness):
@@ -576,11 +640,12 @@ async def test_no_log_call_passes_a_secret_or_an_unnamed_event(harness):
     assert other and logs
     text = repr(logs)
     assert harness.api_key not in text and harness.receiver.secret not in text
-    assert harness.receiver.secret[len("whsec_"):] not in text
+    assert harness.receiver.secret[len("whsec_") :] not in text
     assert all(SNAKE.match(e["event"]) for e in logs), [e["event"] for e in logs]
 
 
 # --------------------------------------------------------------------------- systemd unit
+
 
 def _verify_unit(tmp_path: Path, unit: Path) -> subprocess.CompletedProcess:
     """`systemd-analyze verify` on the shipped unit, unchanged. Its ExecStart names the real
@@ -591,9 +656,13 @@ def _verify_unit(tmp_path: Path, unit: Path) -> subprocess.CompletedProcess:
     assert os.access(entry, os.X_OK), f"{entry} (the installed console script) is missing"
     dropin = tmp_path / "units" / f"{unit.name}.d"
     dropin.mkdir(parents=True)
-    (dropin / "ci.conf").write_text(f"[Service]\nExecStart=\nExecStart={entry} run --config /etc/watcher/watcher.toml\n")
+    (dropin / "ci.conf").write_text(
+        f"[Service]\nExecStart=\nExecStart={entry} run --config /etc/watcher/watcher.toml\n"
+    )
     env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path / 'units'}:", "SYSTEMD_LOG_COLOR": "0"}
-    return subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 systemd_analyze = pytest.mark.skipif(
@@ -618,7 +687,9 @@ def test_systemd_analyze_verify_catches_a_broken_unit(tmp_path):
     missing = tmp_path / "other" / "watcher.service"
     missing.parent.mkdir()
     missing.write_text(UNIT.read_text())
-    plain = subprocess.run(["systemd-analyze", "verify", str(missing)], capture_output=True, text=True, timeout=120)
+    plain = subprocess.run(
+        ["systemd-analyze", "verify", str(missing)], capture_output=True, text=True, timeout=120
+    )
     if not Path("/usr/local/bin/watcher").exists():
         assert plain.returncode != 0 and "/usr/local/bin/watcher" in plain.stderr
 
@@ -639,11 +710,14 @@ def test_the_unit_is_what_the_contract_asks_for():
     assert settings["ProtectSystem"] == "strict"
     # Room for http.max_connections' default beside the descriptors the daemon keeps for itself.
     from watcher.httpserver import DEFAULT_MAX_CONNECTIONS, RESERVED_DESCRIPTORS
+
     assert int(settings["LimitNOFILE"]) >= DEFAULT_MAX_CONNECTIONS + RESERVED_DESCRIPTORS
 
 
 LOG_METHODS = {"debug", "info", "warning", "warn", "error", "exception", "critical", "msg"}
-SECRET_WORDS = re.compile(r"secret|api_?key|password|passwd|bearer|authorization|credential|mnemonic|private_key", re.IGNORECASE)
+SECRET_WORDS = re.compile(
+    r"secret|api_?key|password|passwd|bearer|authorization|credential|mnemonic|private_key", re.IGNORECASE
+)
 
 
 def test_every_log_call_names_a_snake_case_event_and_passes_no_secret_field():
@@ -654,13 +728,19 @@ def test_every_log_call_names_a_snake_case_event_and_passes_no_secret_field():
     calls = 0
     for path in sorted((ROOT / "watcher").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr in LOG_METHODS and isinstance(node.func.value, ast.Name)
-                    and node.func.value.id in ("log", "logger")):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in LOG_METHODS
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id in ("log", "logger")
+            ):
                 continue
             calls += 1
             where = f"{path.relative_to(ROOT)}:{node.lineno}"
-            assert node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str), where
+            assert (
+                node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+            ), where
             assert SNAKE.match(node.args[0].value), f"{where}: {node.args[0].value!r}"
             for kw in node.keywords:
                 assert kw.arg is not None and not SECRET_WORDS.search(kw.arg), f"{where}: field {kw.arg}"

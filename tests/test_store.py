@@ -25,13 +25,29 @@ def new_store(tmp_path) -> Store:
 
 def create(store: Store, amount_atomic: int = HUGE) -> dict:
     spec = OptionSpec(
-        rail="address", network=NET, chain_id=1, asset="BIG", token_contract=TOKEN, decimals=18,
-        quoted_amount="x", quote_rate="1", amount_atomic=amount_atomic, required_confirmations=2, xpub="xpub-test",
+        rail="address",
+        network=NET,
+        chain_id=1,
+        asset="BIG",
+        token_contract=TOKEN,
+        decimals=18,
+        quoted_amount="x",
+        quote_rate="1",
+        amount_atomic=amount_atomic,
+        required_confirmations=2,
+        xpub="xpub-test",
     )
     new = NewInvoice(
-        amount=Decimal("10"), currency="USD", fields={}, metadata={}, tolerance_percent=Decimal(0),
+        amount=Decimal("10"),
+        currency="USD",
+        fields={},
+        metadata={},
+        tolerance_percent=Decimal(0),
         payment_timing={"mode": "immediate", "expires_after_minutes": 20, "payable_until": None},
-        payable_until=10**10, draft=False, request={}, options=[spec],
+        payable_until=10**10,
+        draft=False,
+        request={},
+        options=[spec],
     )
     invoice, created = store.create_invoice(
         new, derive=lambda xpub, index: f"0x{index + 1:040x}", finish=lambda s, d, i, o: (f"uri:{d}", None)
@@ -40,9 +56,20 @@ def create(store: Store, amount_atomic: int = HUGE) -> dict:
     return invoice
 
 
-def transfer_to(invoice: dict, amount: int, *, tx: str = "0x" + "11" * 32, log_index: int = 0, n: int = 5) -> MatchedTransfer:
+def transfer_to(
+    invoice: dict, amount: int, *, tx: str = "0x" + "11" * 32, log_index: int = 0, n: int = 5
+) -> MatchedTransfer:
     option = invoice["payment_options"][0]
-    t = Transfer(tx, log_index, n, block(n).hash, TOKEN, "0x" + "bb" * 20, option["destination_address"].lower(), amount)
+    t = Transfer(
+        tx,
+        log_index,
+        n,
+        block(n).hash,
+        TOKEN,
+        "0x" + "bb" * 20,
+        option["destination_address"].lower(),
+        amount,
+    )
     return MatchedTransfer(t, option["id"], block(n).timestamp)
 
 
@@ -94,8 +121,16 @@ def test_deposit_indexes_are_never_reused_and_survive_reopening(tmp_path):
     c = create(store)
     rows = store.db.execute("SELECT derivation_index FROM payment_options ORDER BY rowid").fetchall()
     assert [r["derivation_index"] for r in rows] == [0, 1, 2]
-    assert len({a["payment_options"][0]["destination_address"], b["payment_options"][0]["destination_address"],
-                c["payment_options"][0]["destination_address"]}) == 3
+    assert (
+        len(
+            {
+                a["payment_options"][0]["destination_address"],
+                b["payment_options"][0]["destination_address"],
+                c["payment_options"][0]["destination_address"],
+            }
+        )
+        == 3
+    )
 
 
 def test_revert_marks_orphaned_payments_and_rejudges(tmp_path):
@@ -115,10 +150,14 @@ def test_revert_marks_orphaned_payments_and_rejudges(tmp_path):
 
 
 def test_finish_option_builds_eip681_uris():
-    spec = OptionSpec("address", NET, 1, "USDT", "0xdac17f958d2ee523a2206206994597c13d831ec7", 6, "1", "1", 1_000_000, 12)
+    spec = OptionSpec(
+        "address", NET, 1, "USDT", "0xdac17f958d2ee523a2206206994597c13d831ec7", 6, "1", "1", 1_000_000, 12
+    )
     uri, call = finish_option(spec, "0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266", "inv_x", "opt_y")
-    assert uri == ("ethereum:0xdAC17F958D2ee523a2206206994597C13D831ec7@1/transfer"
-                   "?address=0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266&uint256=1000000")
+    assert uri == (
+        "ethereum:0xdAC17F958D2ee523a2206206994597C13D831ec7@1/transfer"
+        "?address=0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266&uint256=1000000"
+    )
     assert call is None
 
 
@@ -128,18 +167,30 @@ def test_resolving_one_of_two_open_exceptions_reports_it_and_shows_the_other(tmp
     store = new_store(tmp_path)
     invoice = create(store, amount_atomic=10)
     store.apply_blocks(NET, [block(5)], [transfer_to(invoice, 15, tx="0x" + "01" * 32)], confirmed_through=3)
-    store.apply_blocks(NET, [block(6)], [transfer_to(invoice, 5, tx="0x" + "02" * 32, n=6)], confirmed_through=4)
+    store.apply_blocks(
+        NET, [block(6)], [transfer_to(invoice, 5, tx="0x" + "02" * 32, n=6)], confirmed_through=4
+    )
     got = store.get_invoice(invoice["id"])
     assert [p["role"] for p in got["payments"]] == ["counted", "duplicate"]
     assert got["exception"]["type"] == "duplicate_payment"
     types = [e["type"] for e in store.outbox.events_for(invoice["id"])]
     assert types.count("invoice.exception_opened") == 2  # overpaid, then the duplicate
 
-    after = store.resolve_exception(invoice["id"], ResolutionAction.MARK_DUPLICATE_PAYMENT_REVIEWED, "refunded")
-    assert after["exception"] == {"type": "overpaid", "status": "open", "resolution_action": None,
-                                  "resolution_note": None, "resolved_at": None}
+    after = store.resolve_exception(
+        invoice["id"], ResolutionAction.MARK_DUPLICATE_PAYMENT_REVIEWED, "refunded"
+    )
+    assert after["exception"] == {
+        "type": "overpaid",
+        "status": "open",
+        "resolution_action": None,
+        "resolution_note": None,
+        "resolved_at": None,
+    }
     last = store.resolve_exception(invoice["id"], ResolutionAction.ACCEPT_OVERPAYMENT, None)
-    assert last["exception"]["status"] == "resolved" and last["exception"]["resolution_action"] == "accept_overpayment"
+    assert (
+        last["exception"]["status"] == "resolved"
+        and last["exception"]["resolution_action"] == "accept_overpayment"
+    )
     types = [e["type"] for e in store.outbox.events_for(invoice["id"])]
     assert types[-2:] == ["invoice.exception_resolved", "invoice.exception_resolved"]
     assert types.count("invoice.exception_opened") == 2
@@ -155,34 +206,68 @@ def test_search_finds_payers_old_addresses_hashes_and_casefolded_text_in_one_sto
     other = create(store)
     spec = OptionSpec("address", NET, 1, "BIG", TOKEN, 18, "x", "1", 10, 2, xpub="xpub-test")
     new = NewInvoice(
-        amount=Decimal("10"), currency="USD",
+        amount=Decimal("10"),
+        currency="USD",
         fields={"product_name": "Straße", "merchant_reference": "abc", "bill_to": "def"},
-        metadata={}, tolerance_percent=Decimal(0),
+        metadata={},
+        tolerance_percent=Decimal(0),
         payment_timing={"mode": "immediate", "expires_after_minutes": 20, "payable_until": None},
-        payable_until=10**10, draft=False, request={}, options=[spec],
+        payable_until=10**10,
+        draft=False,
+        request={},
+        options=[spec],
     )
     derive, finish = (lambda xpub, index: f"0x{index + 1:040x}"), (lambda s, d, i, o: (f"uri:{d}", None))
     invoice, _ = store.create_invoice(new, derive=derive, finish=finish)
     old_address = invoice["payment_options"][0]["destination_address"].lower()
     # A new checkout session: the first address is no longer offered, but still finds the invoice.
     invoice = store.start_session(
-        invoice["id"], from_statuses=(InvoiceStatus.PENDING,), derive=derive, finish=finish,
+        invoice["id"],
+        from_statuses=(InvoiceStatus.PENDING,),
+        derive=derive,
+        finish=finish,
         plan=lambda row: NewSession([spec], {"mode": "immediate", "payable_until": 10**10}, 10**10, {}),
     )
     assert old_address not in {o["destination_address"].lower() for o in invoice["payment_options"]}
     tx, payer = "0x" + "5e" * 32, "0x" + "c0ffee" * 6 + "abcd"
-    t = Transfer(tx, 0, 5, block(5).hash, TOKEN, payer, invoice["payment_options"][0]["destination_address"].lower(), 10)
-    store.apply_blocks(NET, [block(5)], [MatchedTransfer(t, invoice["payment_options"][0]["id"], block(5).timestamp)],
-                       confirmed_through=3)
+    t = Transfer(
+        tx,
+        0,
+        5,
+        block(5).hash,
+        TOKEN,
+        payer,
+        invoice["payment_options"][0]["destination_address"].lower(),
+        10,
+    )
+    store.apply_blocks(
+        NET,
+        [block(5)],
+        [MatchedTransfer(t, invoice["payment_options"][0]["id"], block(5).timestamp)],
+        confirmed_through=3,
+    )
 
     def found(needle: str) -> list[str]:
         data, total = store.list_invoices({"search": needle}, 50, 0)
         assert total == len(data)
         return [i["id"] for i in data]
 
-    assert "strasse".casefold() == "straße".casefold() != "straße".lower()  # Unicode case folding, not lower()
-    for needle in (payer, payer.upper()[2:], old_address, old_address.upper(), tx, tx.upper(), "5E5E5E",
-                   "STRASSE", "straße", "STRAẞE", invoice["id"].upper()):
+    assert (
+        "strasse".casefold() == "straße".casefold() != "straße".lower()
+    )  # Unicode case folding, not lower()
+    for needle in (
+        payer,
+        payer.upper()[2:],
+        old_address,
+        old_address.upper(),
+        tx,
+        tx.upper(),
+        "5E5E5E",
+        "STRASSE",
+        "straße",
+        "STRAẞE",
+        invoice["id"].upper(),
+    ):
         assert found(needle) == [invoice["id"]], needle
     assert found(other["id"]) == [other["id"]]
     assert store.list_invoices({"search": "STRASSE"}, 50, 1) == ([], 1)  # a page past the end still counts
@@ -190,4 +275,6 @@ def test_search_finds_payers_old_addresses_hashes_and_casefolded_text_in_one_sto
     for needle in ("%", "str%", "s_rasse", "abcdef", "abc\x1fdef", "\x00"):
         assert found(needle) == [], needle
     assert store.invoice_stats({"search": "STRASSE"})["total"] == 1
-    assert [r["id"] for chunk in store.export_rows({"search": payer}, 10, 0) for r in chunk] == [invoice["id"]]
+    assert [r["id"] for chunk in store.export_rows({"search": payer}, 10, 0) for r in chunk] == [
+        invoice["id"]
+    ]

@@ -11,14 +11,14 @@ from __future__ import annotations
 import copy
 import random
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from web3 import Web3
 from web3.utils.address import get_create_address
 
 from watcher.chain import HttpTransport, RpcError
-from watcher.contracts import load_artifact
 from watcher.chain.traces import (
     CALL_TRACER,
     PARITY_TRACER,
@@ -28,6 +28,7 @@ from watcher.chain.traces import (
     fetch_internal_transfers,
     probe_tracer,
 )
+from watcher.contracts import load_artifact
 
 BLOCK = 7
 TX1 = "0x" + "11" * 32
@@ -44,7 +45,9 @@ Y = "0x" + "0d" * 20
 # --------------------------------------------------------------------------
 
 
-def frame(kind: str, frm: str, to: str | None, value: int | None = None, *calls: dict, error: str | None = None) -> dict:
+def frame(
+    kind: str, frm: str, to: str | None, value: int | None = None, *calls: dict, error: str | None = None
+) -> dict:
     """A callTracer frame as geth writes it (upper-case type, hex value, `calls` only when any)."""
     f: dict[str, Any] = {"type": kind, "from": frm, "gas": "0x1000", "gasUsed": "0x10", "input": "0x"}
     if to is not None:
@@ -79,10 +82,23 @@ def parity_block(block_number: int, *txs: tuple[str, dict]) -> list[dict]:
                 action = {"address": f["from"], "refundAddress": f["to"], "balance": f.get("value", "0x0")}
             elif kind in ("CREATE", "CREATE2"):
                 trace_type = "create"
-                action = {"from": f["from"], "value": f.get("value", "0x0"), "gas": "0x1000", "init": "0x", "creationMethod": kind.lower()}
+                action = {
+                    "from": f["from"],
+                    "value": f.get("value", "0x0"),
+                    "gas": "0x1000",
+                    "init": "0x",
+                    "creationMethod": kind.lower(),
+                }
             else:
                 trace_type = "call"
-                action = {"from": f["from"], "to": f["to"], "callType": kind.lower(), "value": f.get("value", "0x0"), "gas": "0x1000", "input": "0x"}
+                action = {
+                    "from": f["from"],
+                    "to": f["to"],
+                    "callType": kind.lower(),
+                    "value": f.get("value", "0x0"),
+                    "gas": "0x1000",
+                    "input": "0x",
+                }
             t: dict[str, Any] = {
                 "action": action,
                 "blockHash": "0x" + "bc" * 32,
@@ -103,7 +119,9 @@ def parity_block(block_number: int, *txs: tuple[str, dict]) -> list[dict]:
 
 
 def it(tx: str, position: int, frm: str, to: str, amount: int, block: int = BLOCK) -> InternalTransfer:
-    return InternalTransfer(tx_hash=tx, position=position, block_number=block, from_address=frm, to_address=to, amount=amount)
+    return InternalTransfer(
+        tx_hash=tx, position=position, block_number=block, from_address=frm, to_address=to, amount=amount
+    )
 
 
 def deep(levels: int) -> dict:
@@ -119,15 +137,39 @@ CASES: dict[str, tuple[list[tuple[str, dict]], list[InternalTransfer]]] = {
     "plain transfer: the top-level call is not internal": ([(TX1, frame("CALL", EOA, X, 5))], []),
     "one inner call": ([(TX1, root(5, frame("CALL", WALLET, X, 5)))], [it(TX1, 0, WALLET, X, 5)]),
     "zero-value inner calls do not count nor take a position": (
-        [(TX1, root(3, frame("CALL", WALLET, INNER, 0), frame("CALL", WALLET, X, 3), frame("CALL", WALLET, INNER)))],
+        [
+            (
+                TX1,
+                root(
+                    3,
+                    frame("CALL", WALLET, INNER, 0),
+                    frame("CALL", WALLET, X, 3),
+                    frame("CALL", WALLET, INNER),
+                ),
+            )
+        ],
         [it(TX1, 0, WALLET, X, 3)],
     ),
     "several, in pre-order, positions per transaction": (
         [
-            (TX1, root(6, frame("CALL", WALLET, X, 1), frame("CALL", WALLET, INNER, 2, frame("CALL", INNER, Y, 2)), frame("CALL", WALLET, X, 3))),
+            (
+                TX1,
+                root(
+                    6,
+                    frame("CALL", WALLET, X, 1),
+                    frame("CALL", WALLET, INNER, 2, frame("CALL", INNER, Y, 2)),
+                    frame("CALL", WALLET, X, 3),
+                ),
+            ),
             (TX2, root(4, frame("CALL", WALLET, Y, 4))),
         ],
-        [it(TX1, 0, WALLET, X, 1), it(TX1, 1, WALLET, INNER, 2), it(TX1, 2, INNER, Y, 2), it(TX1, 3, WALLET, X, 3), it(TX2, 0, WALLET, Y, 4)],
+        [
+            it(TX1, 0, WALLET, X, 1),
+            it(TX1, 1, WALLET, INNER, 2),
+            it(TX1, 2, INNER, Y, 2),
+            it(TX1, 3, WALLET, X, 3),
+            it(TX2, 0, WALLET, Y, 4),
+        ],
     ),
     "DELEGATECALL shows msg.value but pays nobody; its inner CALL does": (
         [(TX1, root(11, frame("DELEGATECALL", WALLET, INNER, 11, frame("CALL", WALLET, X, 11))))],
@@ -138,7 +180,12 @@ CASES: dict[str, tuple[list[tuple[str, dict]], list[InternalTransfer]]] = {
         [],
     ),
     "reverted inner call": (
-        [(TX1, root(7, frame("CALL", WALLET, X, 7, error="execution reverted"), frame("CALL", WALLET, Y, 1)))],
+        [
+            (
+                TX1,
+                root(7, frame("CALL", WALLET, X, 7, error="execution reverted"), frame("CALL", WALLET, Y, 1)),
+            )
+        ],
         [it(TX1, 0, WALLET, Y, 1)],
     ),
     "children and grandchildren of a reverted call": (
@@ -147,7 +194,14 @@ CASES: dict[str, tuple[list[tuple[str, dict]], list[InternalTransfer]]] = {
                 TX1,
                 root(
                     8,
-                    frame("CALL", WALLET, WALLET, 7, frame("CALL", WALLET, INNER, 7, frame("CALL", INNER, X, 7)), error="execution reverted"),
+                    frame(
+                        "CALL",
+                        WALLET,
+                        WALLET,
+                        7,
+                        frame("CALL", WALLET, INNER, 7, frame("CALL", INNER, X, 7)),
+                        error="execution reverted",
+                    ),
                     frame("CALL", WALLET, X, 1),
                 ),
             )
@@ -155,11 +209,38 @@ CASES: dict[str, tuple[list[tuple[str, dict]], list[InternalTransfer]]] = {
         [it(TX1, 0, WALLET, X, 1)],
     ),
     "a reverted parent undoes a child that did not itself fail": (
-        [(TX1, root(7, frame("CALL", WALLET, INNER, 0, frame("STATICCALL", INNER, Y), frame("CALL", INNER, X, 7), error="out of gas")))],
+        [
+            (
+                TX1,
+                root(
+                    7,
+                    frame(
+                        "CALL",
+                        WALLET,
+                        INNER,
+                        0,
+                        frame("STATICCALL", INNER, Y),
+                        frame("CALL", INNER, X, 7),
+                        error="out of gas",
+                    ),
+                ),
+            )
+        ],
         [],
     ),
     "failed transaction: nothing inside counts": (
-        [(TX1, root(3, frame("CALL", WALLET, X, 1), frame("CALL", WALLET, INNER, 2, error="execution reverted"), error="execution reverted")), (TX2, root(1, frame("CALL", WALLET, Y, 1)))],
+        [
+            (
+                TX1,
+                root(
+                    3,
+                    frame("CALL", WALLET, X, 1),
+                    frame("CALL", WALLET, INNER, 2, error="execution reverted"),
+                    error="execution reverted",
+                ),
+            ),
+            (TX2, root(1, frame("CALL", WALLET, Y, 1))),
+        ],
         [it(TX2, 0, WALLET, Y, 1)],
     ),
     "CREATE with value is ignored, the SELFDESTRUCT inside pays": (
@@ -167,15 +248,44 @@ CASES: dict[str, tuple[list[tuple[str, dict]], list[InternalTransfer]]] = {
         [it(TX1, 0, INNER, X, 13)],
     ),
     "CREATE2 without `to` (failed), SELFDESTRUCT of nothing": (
-        [(TX1, root(1, frame("CREATE2", WALLET, None, 1, error="contract creation code storage out of gas"), frame("SELFDESTRUCT", WALLET, X, 0)))],
+        [
+            (
+                TX1,
+                root(
+                    1,
+                    frame("CREATE2", WALLET, None, 1, error="contract creation code storage out of gas"),
+                    frame("SELFDESTRUCT", WALLET, X, 0),
+                ),
+            )
+        ],
         [],
     ),
     "SELFDESTRUCT inside a reverted frame": (
-        [(TX1, root(2, frame("CALL", WALLET, INNER, 2, frame("SELFDESTRUCT", INNER, X, 2), error="execution reverted")))],
+        [
+            (
+                TX1,
+                root(
+                    2,
+                    frame(
+                        "CALL",
+                        WALLET,
+                        INNER,
+                        2,
+                        frame("SELFDESTRUCT", INNER, X, 2),
+                        error="execution reverted",
+                    ),
+                ),
+            )
+        ],
         [],
     ),
     "addresses are lowercased": (
-        [(TX1.upper().replace("0X", "0x"), root(1, frame("CALL", WALLET.upper().replace("0X", "0x"), "0x" + "0C" * 20, 1)))],
+        [
+            (
+                TX1.upper().replace("0X", "0x"),
+                root(1, frame("CALL", WALLET.upper().replace("0X", "0x"), "0x" + "0C" * 20, 1)),
+            )
+        ],
         [it(TX1, 0, WALLET, X, 1)],
     ),
     "nesting deeper than Python's recursion limit": ([(TX1, root(1, deep(1500)))], [it(TX1, 0, INNER, X, 1)]),
@@ -193,7 +303,9 @@ def test_old_geth_without_tx_hash_is_named_from_the_block() -> None:
     txs = [(TX1, root(1, frame("CALL", WALLET, X, 1))), (TX2, root(2, frame("CALL", WALLET, Y, 2)))]
     bare = [{"result": r} for _, r in txs]
     assert decode_call_traces(BLOCK, bare, [TX1, TX2]) == [it(TX1, 0, WALLET, X, 1), it(TX2, 0, WALLET, Y, 2)]
-    assert decode_call_traces(BLOCK, call_block(*txs), [TX1.upper().replace("0X", "0x"), TX2]) == decode_call_traces(BLOCK, bare, [TX1, TX2])
+    assert decode_call_traces(
+        BLOCK, call_block(*txs), [TX1.upper().replace("0X", "0x"), TX2]
+    ) == decode_call_traces(BLOCK, bare, [TX1, TX2])
     with pytest.raises(RpcError, match="no txHash"):
         decode_call_traces(BLOCK, bare)
     with pytest.raises(RpcError, match="2 traces for 1 transactions"):
@@ -203,8 +315,19 @@ def test_old_geth_without_tx_hash_is_named_from_the_block() -> None:
 
 
 def test_parity_specifics() -> None:
-    txs = [(TX1, root(6, frame("CALL", WALLET, X, 1), frame("CALL", WALLET, INNER, 2, frame("CALL", INNER, Y, 2)))), (TX2, root(4, frame("CALL", WALLET, Y, 4)))]
-    expected = [it(TX1, 0, WALLET, X, 1), it(TX1, 1, WALLET, INNER, 2), it(TX1, 2, INNER, Y, 2), it(TX2, 0, WALLET, Y, 4)]
+    txs = [
+        (
+            TX1,
+            root(6, frame("CALL", WALLET, X, 1), frame("CALL", WALLET, INNER, 2, frame("CALL", INNER, Y, 2))),
+        ),
+        (TX2, root(4, frame("CALL", WALLET, Y, 4))),
+    ]
+    expected = [
+        it(TX1, 0, WALLET, X, 1),
+        it(TX1, 1, WALLET, INNER, 2),
+        it(TX1, 2, INNER, Y, 2),
+        it(TX2, 0, WALLET, Y, 4),
+    ]
     flat = parity_block(BLOCK, *txs)
     # Order within a transaction comes from traceAddress, not from the list.
     tx1 = [t for t in flat if t["transactionHash"] == TX1]
@@ -212,10 +335,22 @@ def test_parity_specifics() -> None:
     assert decode_parity_traces(BLOCK, shuffled) == expected
     # blockNumber as hex (some nodes), block rewards (proof-of-work chains) skipped.
     hexed = [{**t, "blockNumber": hex(BLOCK)} for t in flat]
-    reward = {"action": {"author": X, "rewardType": "block", "value": "0x1bc16d674ec80000"}, "blockHash": "0x" + "bc" * 32, "blockNumber": BLOCK, "result": None, "subtraces": 0, "traceAddress": [], "transactionHash": None, "transactionPosition": None, "type": "reward"}
+    reward = {
+        "action": {"author": X, "rewardType": "block", "value": "0x1bc16d674ec80000"},
+        "blockHash": "0x" + "bc" * 32,
+        "blockNumber": BLOCK,
+        "result": None,
+        "subtraces": 0,
+        "traceAddress": [],
+        "transactionHash": None,
+        "transactionPosition": None,
+        "type": "reward",
+    }
     assert decode_parity_traces(BLOCK, [*hexed, reward]) == expected
     # "selfdestruct" spelling, and the balance read from `balance` with `refundAddress`.
-    suicide = parity_block(BLOCK, (TX1, root(3, frame("CREATE", WALLET, INNER, 3, frame("SELFDESTRUCT", INNER, X, 3)))))
+    suicide = parity_block(
+        BLOCK, (TX1, root(3, frame("CREATE", WALLET, INNER, 3, frame("SELFDESTRUCT", INNER, X, 3))))
+    )
     assert suicide[-1]["type"] == "suicide"
     suicide[-1]["type"] = "selfdestruct"
     assert decode_parity_traces(BLOCK, suicide) == [it(TX1, 0, INNER, X, 3)]
@@ -238,7 +373,16 @@ def _set(path: Sequence[Any], value: Any) -> Any:
     return apply
 
 
-GOOD_CALL = call_block((TX1, root(3, frame("CALL", WALLET, X, 1), frame("CALL", WALLET, INNER, 2, frame("SELFDESTRUCT", INNER, Y, 2)))))
+GOOD_CALL = call_block(
+    (
+        TX1,
+        root(
+            3,
+            frame("CALL", WALLET, X, 1),
+            frame("CALL", WALLET, INNER, 2, frame("SELFDESTRUCT", INNER, Y, 2)),
+        ),
+    )
+)
 MALFORMED_CALL = {
     "not a list": lambda raw: {"0": raw[0]},
     "null": lambda raw: None,
@@ -263,7 +407,11 @@ MALFORMED_CALL = {
 
 @pytest.mark.parametrize("name", list(MALFORMED_CALL))
 def test_malformed_call_traces_are_rpc_errors(name: str) -> None:
-    assert decode_call_traces(BLOCK, GOOD_CALL) == [it(TX1, 0, WALLET, X, 1), it(TX1, 1, WALLET, INNER, 2), it(TX1, 2, INNER, Y, 2)]
+    assert decode_call_traces(BLOCK, GOOD_CALL) == [
+        it(TX1, 0, WALLET, X, 1),
+        it(TX1, 1, WALLET, INNER, 2),
+        it(TX1, 2, INNER, Y, 2),
+    ]
     with pytest.raises(RpcError) as info:
         decode_call_traces(BLOCK, MALFORMED_CALL[name](GOOD_CALL))
     assert info.value.method == CALL_TRACER
@@ -317,7 +465,9 @@ def _mutations(raw: Any, path: tuple = ()) -> list[tuple]:
     return out
 
 
-@pytest.mark.parametrize("decoder,good", [(decode_call_traces, GOOD_CALL), (decode_parity_traces, GOOD_PARITY)])
+@pytest.mark.parametrize(
+    "decoder,good", [(decode_call_traces, GOOD_CALL), (decode_parity_traces, GOOD_PARITY)]
+)
 def test_any_mangled_answer_decodes_or_is_an_rpc_error(decoder: Any, good: list) -> None:
     """Never a KeyError, TypeError, ...: each field replaced by junk or removed, one at a time."""
     rng = random.Random(1)
@@ -328,7 +478,10 @@ def test_any_mangled_answer_decodes_or_is_an_rpc_error(decoder: Any, good: list)
                 result = decoder(BLOCK, raw)
             except RpcError:
                 continue
-            assert isinstance(result, list) and all(isinstance(t, InternalTransfer) for t in result), (path, junk)
+            assert isinstance(result, list) and all(isinstance(t, InternalTransfer) for t in result), (
+                path,
+                junk,
+            )
 
 
 # --------------------------------------------------------------------------
@@ -371,12 +524,21 @@ def _by_block(make: Any) -> Any:
 
 async def test_fetch_is_one_batch_for_all_blocks() -> None:
     expected = [it(TX1, 0, WALLET, X, 1, block=5), it(TX2, 0, WALLET, Y, 2, block=7)]
-    node = Scripted({CALL_TRACER: _by_block(lambda n, *txs: call_block(*txs)), PARITY_TRACER: _by_block(parity_block)})
+    node = Scripted(
+        {CALL_TRACER: _by_block(lambda n, *txs: call_block(*txs)), PARITY_TRACER: _by_block(parity_block)}
+    )
     assert await fetch_internal_transfers(node, [5, 6, 7], CALL_TRACER) == expected
     assert await fetch_internal_transfers(node, [5, 6, 7], PARITY_TRACER) == expected
     assert await fetch_internal_transfers(node, [], PARITY_TRACER) == []
     assert node.requests == [
-        ("batch", [(CALL_TRACER, ["0x5", {"tracer": "callTracer"}]), (CALL_TRACER, ["0x6", {"tracer": "callTracer"}]), (CALL_TRACER, ["0x7", {"tracer": "callTracer"}])]),
+        (
+            "batch",
+            [
+                (CALL_TRACER, ["0x5", {"tracer": "callTracer"}]),
+                (CALL_TRACER, ["0x6", {"tracer": "callTracer"}]),
+                (CALL_TRACER, ["0x7", {"tracer": "callTracer"}]),
+            ],
+        ),
         ("batch", [(PARITY_TRACER, ["0x5"]), (PARITY_TRACER, ["0x6"]), (PARITY_TRACER, ["0x7"])]),
     ]
     with pytest.raises(ValueError):
@@ -387,12 +549,20 @@ async def test_fetch_names_old_geth_traces_from_the_blocks() -> None:
     node = Scripted(
         {
             CALL_TRACER: _by_block(lambda n, *txs: [{"result": r} for _, r in txs]),
-            "eth_getBlockByNumber": lambda params: {"transactions": [h for h, _ in TRACES_BY_BLOCK[int(params[0], 16)]]},
+            "eth_getBlockByNumber": lambda params: {
+                "transactions": [h for h, _ in TRACES_BY_BLOCK[int(params[0], 16)]]
+            },
         }
     )
-    assert await fetch_internal_transfers(node, [5, 6, 7], CALL_TRACER) == [it(TX1, 0, WALLET, X, 1, block=5), it(TX2, 0, WALLET, Y, 2, block=7)]
+    assert await fetch_internal_transfers(node, [5, 6, 7], CALL_TRACER) == [
+        it(TX1, 0, WALLET, X, 1, block=5),
+        it(TX2, 0, WALLET, Y, 2, block=7),
+    ]
     # The second batch asks only for the blocks that had unnamed traces (6 has none).
-    assert node.requests[1] == ("batch", [("eth_getBlockByNumber", ["0x5", False]), ("eth_getBlockByNumber", ["0x7", False])])
+    assert node.requests[1] == (
+        "batch",
+        [("eth_getBlockByNumber", ["0x5", False]), ("eth_getBlockByNumber", ["0x7", False])],
+    )
     node.answers["eth_getBlockByNumber"] = lambda params: {"transactions": []}
     with pytest.raises(RpcError, match="1 traces for 0 transactions"):
         await fetch_internal_transfers(node, [5], CALL_TRACER)
@@ -432,6 +602,7 @@ async def test_probe_raises_what_is_not_an_absent_method() -> None:
     def fails(exc: RpcError) -> Any:
         def answer(params: list) -> Any:
             raise exc
+
         return answer
 
     garbage = Scripted({CALL_TRACER: lambda p: {"structLogs": []}})
@@ -444,8 +615,12 @@ async def test_probe_raises_what_is_not_an_absent_method() -> None:
     with pytest.raises(EndpointDown):
         await probe_tracer(limited, 5)
     # A provider that forbids the namespace (HTTP 403, or says it is not allowed) has none.
-    forbidden = Scripted({CALL_TRACER: fails(EndpointDown(CALL_TRACER, "HTTP 403", 403)),
-                          PARITY_TRACER: fails(RpcError(PARITY_TRACER, "method trace_block is not allowed", -32000))})
+    forbidden = Scripted(
+        {
+            CALL_TRACER: fails(EndpointDown(CALL_TRACER, "HTTP 403", 403)),
+            PARITY_TRACER: fails(RpcError(PARITY_TRACER, "method trace_block is not allowed", -32000)),
+        }
+    )
     assert await probe_tracer(forbidden, 5) is None
 
 
@@ -474,13 +649,25 @@ class Chain:
         return receipt
 
     def deploy(self, name: str) -> str:
-        tx_hash = self.node.rpc("eth_sendTransaction", {"from": self.sender, "data": load_artifact(name)["bytecode"]})
+        tx_hash = self.node.rpc(
+            "eth_sendTransaction", {"from": self.sender, "data": load_artifact(name)["bytecode"]}
+        )
         return self.receipt(tx_hash)["contractAddress"].lower()
 
     def send(self, fn: str, args: list, value: int) -> str:
-        args = [[Web3.to_checksum_address(a) for a in x] if isinstance(x, list) and x and isinstance(x[0], str) else Web3.to_checksum_address(x) if isinstance(x, str) else x for x in args]
+        args = [
+            [Web3.to_checksum_address(a) for a in x]
+            if isinstance(x, list) and x and isinstance(x[0], str)
+            else Web3.to_checksum_address(x)
+            if isinstance(x, str)
+            else x
+            for x in args
+        ]
         data = self.abi.encode_abi(fn, args=args)
-        return self.node.rpc("eth_sendTransaction", {"from": self.sender, "to": self.wallet, "data": data, "value": hex(value), "gas": hex(self.GAS)})
+        return self.node.rpc(
+            "eth_sendTransaction",
+            {"from": self.sender, "to": self.wallet, "data": data, "value": hex(value), "gas": hex(self.GAS)},
+        )
 
     def pay(self, to: str, value: int) -> str:
         return self.node.rpc("eth_sendTransaction", {"from": self.sender, "to": to, "value": hex(value)})
@@ -548,7 +735,11 @@ async def test_anvil_one_block_both_tracers(anvil_node: Any) -> None:
     assert decode_call_traces(number, bare, block["transactions"]) == decode_call_traces(number, raw)
     # trace_block keeps the failed transaction's traces, its top-level one marked "Reverted".
     flat = node.rpc(PARITY_TRACER, hex(number))
-    assert [(t["traceAddress"], t.get("error")) for t in flat if t["transactionHash"] == d] == [([], "Reverted"), ([0], None), ([1], "Reverted")]
+    assert [(t["traceAddress"], t.get("error")) for t in flat if t["transactionHash"] == d] == [
+        ([], "Reverted"),
+        ([0], None),
+        ([1], "Reverted"),
+    ]
 
 
 async def test_anvil_across_blocks_both_tracers(anvil_node: Any) -> None:

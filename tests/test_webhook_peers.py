@@ -10,9 +10,9 @@ import time
 import aiohttp
 import pytest
 from aiohttp import web
-
 from daemon import SandboxDaemon
 from harness import free_port
+
 from watcher.webhooks import secret_key, verify
 
 BIG = 50 * 1024 * 1024
@@ -38,7 +38,9 @@ class Peers:
 
     async def redirect(self, request: web.Request) -> web.Response:
         self.count("redirect")
-        return web.Response(status=307, headers={"Location": f"{self.base}/elsewhere?token=LOCATION-SECRET-77"})
+        return web.Response(
+            status=307, headers={"Location": f"{self.base}/elsewhere?token=LOCATION-SECRET-77"}
+        )
 
     async def elsewhere(self, request: web.Request) -> web.Response:
         self.count("elsewhere")
@@ -111,7 +113,9 @@ async def test_misbehaving_endpoints_hurt_only_themselves(tmp_path, peers):
 
         # The healthy endpoint gets every invoice.created at once, whatever the others do.
         while len(peers.ok_ids) < INVOICES:
-            assert time.monotonic() - created < 8, f"the healthy endpoint got {len(peers.ok_ids)} of {INVOICES}"
+            assert time.monotonic() - created < 8, (
+                f"the healthy endpoint got {len(peers.ok_ids)} of {INVOICES}"
+            )
             await asyncio.sleep(0.05)
         assert len(set(peers.ok_ids)) == INVOICES and peers.bad_signatures == 0
 
@@ -140,12 +144,12 @@ async def test_misbehaving_endpoints_hurt_only_themselves(tmp_path, peers):
             assert d["url"] == f"{peers.base}/redirect?token=***"
         for d in tried:
             assert d["last_status_code"] == 307
-            assert d["last_error"] == (f"HTTP 307: a redirect to {peers.base}/elsewhere?token=***; "
-                                       "redirects are not followed")
+            assert d["last_error"] == (
+                f"HTTP 307: a redirect to {peers.base}/elsewhere?token=***; redirects are not followed"
+            )
         assert "elsewhere" not in peers.hits
-        async with aiohttp.ClientSession() as http:
-            async with http.get(daemon.base_url + "/metrics") as r:
-                metrics = await r.text()
+        async with aiohttp.ClientSession() as http, http.get(daemon.base_url + "/metrics") as r:
+            metrics = await r.text()
         assert f'watcher_webhook_endpoint_paused{{endpoint="{peers.base}/redirect?token=***"}} 1.0' in metrics
         assert "SECRET" not in metrics
 

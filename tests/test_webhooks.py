@@ -9,8 +9,8 @@ from decimal import Decimal
 
 import pytest
 from aiohttp import web
-
 from harness import free_port
+
 from watcher.store import Endpoint, NewInvoice, Store
 from watcher.webhooks import RETRY_SCHEDULE, Dispatcher, next_attempt_delay, secret_key, sign, verify
 
@@ -29,15 +29,66 @@ def test_signature_matches_the_standard_webhooks_vector():
 @pytest.mark.parametrize(
     "headers, body, now, ok",
     [
-        ({"webhook-id": VECTOR_ID, "webhook-timestamp": str(VECTOR_TS), "webhook-signature": VECTOR_SIG}, VECTOR_BODY, VECTOR_TS, True),
-        ({"webhook-id": VECTOR_ID, "webhook-timestamp": str(VECTOR_TS), "webhook-signature": "v1,bad " + VECTOR_SIG}, VECTOR_BODY, VECTOR_TS, True),
-        ({"webhook-id": VECTOR_ID, "webhook-timestamp": str(VECTOR_TS), "webhook-signature": VECTOR_SIG}, VECTOR_BODY + b" ", VECTOR_TS, False),
-        ({"webhook-id": "msg_other", "webhook-timestamp": str(VECTOR_TS), "webhook-signature": VECTOR_SIG}, VECTOR_BODY, VECTOR_TS, False),
-        ({"webhook-id": VECTOR_ID, "webhook-timestamp": str(VECTOR_TS), "webhook-signature": VECTOR_SIG}, VECTOR_BODY, VECTOR_TS + 301, False),
-        ({"webhook-id": VECTOR_ID, "webhook-timestamp": "soon", "webhook-signature": VECTOR_SIG}, VECTOR_BODY, VECTOR_TS, False),
-        ({"webhook-id": VECTOR_ID, "webhook-timestamp": str(VECTOR_TS), "webhook-signature": "v2," + VECTOR_SIG[3:]}, VECTOR_BODY, VECTOR_TS, False),
+        (
+            {"webhook-id": VECTOR_ID, "webhook-timestamp": str(VECTOR_TS), "webhook-signature": VECTOR_SIG},
+            VECTOR_BODY,
+            VECTOR_TS,
+            True,
+        ),
+        (
+            {
+                "webhook-id": VECTOR_ID,
+                "webhook-timestamp": str(VECTOR_TS),
+                "webhook-signature": "v1,bad " + VECTOR_SIG,
+            },
+            VECTOR_BODY,
+            VECTOR_TS,
+            True,
+        ),
+        (
+            {"webhook-id": VECTOR_ID, "webhook-timestamp": str(VECTOR_TS), "webhook-signature": VECTOR_SIG},
+            VECTOR_BODY + b" ",
+            VECTOR_TS,
+            False,
+        ),
+        (
+            {"webhook-id": "msg_other", "webhook-timestamp": str(VECTOR_TS), "webhook-signature": VECTOR_SIG},
+            VECTOR_BODY,
+            VECTOR_TS,
+            False,
+        ),
+        (
+            {"webhook-id": VECTOR_ID, "webhook-timestamp": str(VECTOR_TS), "webhook-signature": VECTOR_SIG},
+            VECTOR_BODY,
+            VECTOR_TS + 301,
+            False,
+        ),
+        (
+            {"webhook-id": VECTOR_ID, "webhook-timestamp": "soon", "webhook-signature": VECTOR_SIG},
+            VECTOR_BODY,
+            VECTOR_TS,
+            False,
+        ),
+        (
+            {
+                "webhook-id": VECTOR_ID,
+                "webhook-timestamp": str(VECTOR_TS),
+                "webhook-signature": "v2," + VECTOR_SIG[3:],
+            },
+            VECTOR_BODY,
+            VECTOR_TS,
+            False,
+        ),
     ],
-    ids=["valid", "one-of-several", "tampered-body", "other-id", "too-old", "bad-timestamp", "unknown-version"],
+    ids=[
+        "valid",
+        "one-of-several",
+        "tampered-body",
+        "other-id",
+        "too-old",
+        "bad-timestamp",
+        "unknown-version",
+    ],
 )
 def test_verify(headers, body, now, ok):
     assert verify(secret_key(VECTOR_SECRET), headers, body, now=now) is ok
@@ -58,9 +109,15 @@ class Clock:
 
 def _invoice(store: Store) -> dict:
     new = NewInvoice(
-        amount=Decimal(0), currency="USD", fields={}, metadata={}, tolerance_percent=Decimal(0),
+        amount=Decimal(0),
+        currency="USD",
+        fields={},
+        metadata={},
+        tolerance_percent=Decimal(0),
         payment_timing={"mode": "immediate", "expires_after_minutes": 20, "payable_until": None},
-        payable_until=None, draft=False, request={},
+        payable_until=None,
+        draft=False,
+        request={},
     )
     invoice, _ = store.create_invoice(new, derive=lambda x, i: "", finish=lambda *a: ("", None))
     return invoice
@@ -102,7 +159,9 @@ async def test_a_failing_endpoint_is_retried_on_schedule_then_marked_failed(tmp_
             clock.now = next_at
         assert gaps == list(RETRY_SCHEDULE)
         assert await dispatcher.run_once() == 0
-        rows = store.db.execute("SELECT status, attempts, last_status_code, last_error FROM deliveries").fetchall()
+        rows = store.db.execute(
+            "SELECT status, attempts, last_status_code, last_error FROM deliveries"
+        ).fetchall()
         assert [tuple(r) for r in rows] == [("failed", 8, 503, "HTTP 503")] * 2
         attempts = store.db.execute("SELECT COUNT(*) FROM delivery_attempts").fetchone()[0]
         assert attempts == 16
@@ -186,7 +245,10 @@ async def test_a_redelivery_during_the_first_attempt_is_not_lost(tmp_path):
         assert await dispatcher.run_once() == 1
         assert tuple(store.db.execute("SELECT status, attempts FROM deliveries").fetchone()) == ("pending", 0)
         assert await dispatcher.run_once() == 1  # the redelivery itself
-        assert tuple(store.db.execute("SELECT status, attempts FROM deliveries").fetchone()) == ("delivered", 1)
+        assert tuple(store.db.execute("SELECT status, attempts FROM deliveries").fetchone()) == (
+            "delivered",
+            1,
+        )
         assert len(seen) == 2 and seen[0] == seen[1]  # the same event, under its one id
     finally:
         await dispatcher.close()
@@ -217,7 +279,7 @@ class Endpoints:
     def url(self, path: str) -> str:
         return self.base + path
 
-    async def start(self) -> "Endpoints":
+    async def start(self) -> Endpoints:
         self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=0.1)
         await self.runner.setup()
         port = free_port()
@@ -239,7 +301,8 @@ async def endpoints():
 
 def _deliveries(store: Store, url: str) -> list[tuple]:
     rows = store.db.execute(
-        "SELECT status, attempts, last_status_code, last_error FROM deliveries WHERE url = ? ORDER BY rowid", [url]
+        "SELECT status, attempts, last_status_code, last_error FROM deliveries WHERE url = ? ORDER BY rowid",
+        [url],
     ).fetchall()
     return [tuple(r) for r in rows]
 
@@ -255,7 +318,9 @@ async def test_a_redirect_is_a_failed_attempt_and_is_never_followed(tmp_path, en
     endpoints.add("/elsewhere", elsewhere)
 
     async def redirect(request: web.Request) -> web.Response:
-        return web.Response(status=status, headers={"Location": endpoints.url("/elsewhere?token=LOCATION-SECRET-123")})
+        return web.Response(
+            status=status, headers={"Location": endpoints.url("/elsewhere?token=LOCATION-SECRET-123")}
+        )
 
     endpoints.add("/hook", redirect)
     await endpoints.start()
@@ -269,8 +334,10 @@ async def test_a_redirect_is_a_failed_attempt_and_is_never_followed(tmp_path, en
         assert await dispatcher.run_once() == 1
         [(state, attempts, code, error)] = _deliveries(store, url)
         assert (state, attempts, code) == ("pending", 1, status)
-        assert error == (f"HTTP {status}: a redirect to {endpoints.url('/elsewhere?token=***')}; "
-                         "redirects are not followed")
+        assert error == (
+            f"HTTP {status}: a redirect to {endpoints.url('/elsewhere?token=***')}; "
+            "redirects are not followed"
+        )
         assert endpoints.hits == {"/hook": 1}  # nothing went to the redirect's target
         shown = store.outbox.list_deliveries()[0][0]
         assert "SECRET" not in repr(shown)
@@ -311,7 +378,9 @@ async def test_a_hanging_endpoint_does_not_delay_a_healthy_one(tmp_path, endpoin
             assert time.monotonic() - started < 5, f"the healthy endpoint got {len(delivered)} of 120 in 5 s"
             await asyncio.sleep(0.02)
         assert len(set(delivered)) == 120
-        hung = store.db.execute("SELECT COUNT(*) FROM deliveries WHERE url = ? AND status = 'pending'", [dead]).fetchone()[0]
+        hung = store.db.execute(
+            "SELECT COUNT(*) FROM deliveries WHERE url = ? AND status = 'pending'", [dead]
+        ).fetchone()[0]
         assert hung == 120
     finally:
         runner.cancel()  # not a graceful stop, which would wait for the hanging attempts
@@ -340,8 +409,12 @@ async def test_a_failing_endpoint_is_paused_by_its_breaker_alone(tmp_path, endpo
     store = Store(tmp_path / "w.db", clock=clock)
     store.outbox.set_endpoints([Endpoint(bad, ("invoice.created",)), Endpoint(good, ("invoice.created",))])
     changes: list[tuple[str, bool]] = []
-    dispatcher = Dispatcher(store.outbox, {bad: VECTOR_SECRET, good: VECTOR_SECRET}, clock=clock,
-                            on_breaker=lambda url, opened: changes.append((url, opened)))
+    dispatcher = Dispatcher(
+        store.outbox,
+        {bad: VECTOR_SECRET, good: VECTOR_SECRET},
+        clock=clock,
+        on_breaker=lambda url, opened: changes.append((url, opened)),
+    )
 
     def attempts(url: str) -> int:
         return sum(a for _, a, _, _ in _deliveries(store, url))
@@ -369,8 +442,11 @@ async def test_a_failing_endpoint_is_paused_by_its_breaker_alone(tmp_path, endpo
         assert {s for s, *_ in _deliveries(store, bad)} == {"delivered"}
         assert {s for s, *_ in _deliveries(store, good)} == {"delivered"}
         # The pauses cost no attempt: 12 failures, two probes, then one each (and the retry).
-        tried = store.db.execute("SELECT COUNT(*) FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id "
-                                 "WHERE d.url = ?", [bad]).fetchone()[0]
+        tried = store.db.execute(
+            "SELECT COUNT(*) FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id "
+            "WHERE d.url = ?",
+            [bad],
+        ).fetchone()[0]
         assert tried == 12 + 2 + 13 + 1
     finally:
         await dispatcher.close()

@@ -15,14 +15,24 @@ import json
 import math
 import re
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Awaitable, Callable, Literal, Sequence, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from . import schemas
 from .auth import FAILURES_PER_SECOND, ApiKey, auth_middleware
@@ -52,7 +62,9 @@ def _text(value: Any) -> Any:
 
 
 class Problem(Exception):
-    def __init__(self, status: int, title: str, detail: str, errors: list[dict] | None = None, slug: str | None = None) -> None:
+    def __init__(
+        self, status: int, title: str, detail: str, errors: list[dict] | None = None, slug: str | None = None
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.title = title
@@ -74,7 +86,9 @@ class Problem(Exception):
 
 
 def invalid(field: str, message: str) -> Problem:
-    return Problem(422, "Invalid request", f"{field}: {message}", [{"field": field, "message": message}], "validation")
+    return Problem(
+        422, "Invalid request", f"{field}: {message}", [{"field": field, "message": message}], "validation"
+    )
 
 
 def _from_validation(exc: ValidationError) -> Problem:
@@ -93,13 +107,13 @@ def _from_validation(exc: ValidationError) -> Problem:
 def _decimal_in(value: Any, what: str) -> Decimal:
     """Money arrives as a decimal string (or an integer, or an exact JSON number); never a float."""
     if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
-        raise ValueError(f"{what} must be a decimal string such as \"49.99\"")
+        raise ValueError(f'{what} must be a decimal string such as "49.99"')
     if isinstance(value, str) and not DECIMAL_TEXT.fullmatch(value.strip()):
-        raise ValueError(f"{what} must be a decimal string such as \"49.99\"")
+        raise ValueError(f'{what} must be a decimal string such as "49.99"')
     try:
         number = Decimal(value.strip()) if isinstance(value, str) else Decimal(value)
     except InvalidOperation:
-        raise ValueError(f"{what} must be a decimal string such as \"49.99\"") from None
+        raise ValueError(f'{what} must be a decimal string such as "49.99"') from None
     if not number.is_finite():
         raise ValueError(f"{what} must be a finite number")
     return number
@@ -147,19 +161,23 @@ class TimingIn(BaseModel):
     grace_period_days: Annotated[StrictInt, Field(ge=0, le=365)] | None = None
 
     @model_validator(mode="after")
-    def _fits_mode(self) -> "TimingIn":
-        if self.mode == "immediate" and (self.due_after_days is not None or self.grace_period_days is not None):
-            raise ValueError("due_after_days and grace_period_days belong to mode \"due_date\"")
+    def _fits_mode(self) -> TimingIn:
+        if self.mode == "immediate" and (
+            self.due_after_days is not None or self.grace_period_days is not None
+        ):
+            raise ValueError('due_after_days and grace_period_days belong to mode "due_date"')
         if self.mode == "due_date":
             if self.expires_after_minutes is not None:
-                raise ValueError("expires_after_minutes belongs to mode \"immediate\"")
+                raise ValueError('expires_after_minutes belongs to mode "immediate"')
             if self.due_after_days is None:
-                raise ValueError("mode \"due_date\" needs due_after_days")
+                raise ValueError('mode "due_date" needs due_after_days')
         return self
 
 
 ShortText = Annotated[str, Field(max_length=200)]
-AssetsIn = Annotated[list[Annotated[str, Field(min_length=1, max_length=80)]], Field(min_length=1, max_length=50)]
+AssetsIn = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=80)]], Field(min_length=1, max_length=50)
+]
 QuoteRatesIn = dict[Annotated[str, Field(min_length=1, max_length=80)], Decimal]
 
 
@@ -167,7 +185,7 @@ def _quote_rates_in(value: Any) -> Any:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise ValueError("quote_rates must be an object of \"SYMBOL\": \"usd per unit\"")
+        raise ValueError('quote_rates must be an object of "SYMBOL": "usd per unit"')
     rates = {}
     for symbol, rate in value.items():
         number = _decimal_in(rate, f"quote_rates.{symbol}")
@@ -304,17 +322,25 @@ async def read_json(request: web.Request, *, required: bool = True) -> Any:
     """The body as JSON with exact decimals; 415 when it is not sent as JSON, 400 when it is
     not JSON, 413 when too large."""
     if request.body_exists and request.content_type != "application/json":
-        raise Problem(415, "Unsupported media type", "send the body as JSON, with Content-Type: application/json",
-                      slug="unsupported-media-type")
+        raise Problem(
+            415,
+            "Unsupported media type",
+            "send the body as JSON, with Content-Type: application/json",
+            slug="unsupported-media-type",
+        )
     raw = await request.read()  # raises 413 past client_max_size
     if not raw.strip():
         if required:
             raise Problem(400, "Malformed JSON", "the request needs a JSON body", slug="malformed-json")
         return {}
     try:
-        return json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        return json.loads(
+            raw, parse_float=Decimal, parse_constant=_reject_constant, object_pairs_hook=_unique_keys
+        )
     except (ValueError, UnicodeDecodeError) as exc:
-        raise Problem(400, "Malformed JSON", f"the body is not valid JSON: {exc}", slug="malformed-json") from None
+        raise Problem(
+            400, "Malformed JSON", f"the body is not valid JSON: {exc}", slug="malformed-json"
+        ) from None
     except RecursionError:
         raise Problem(400, "Malformed JSON", "the body is nested too deeply", slug="malformed-json") from None
 
@@ -337,7 +363,9 @@ def validate_body(model: type[M], body: Any, *, required: bool = True) -> M:
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json", headers=headers)
+    return web.Response(
+        status=status, body=orjson.dumps(data), content_type="application/json", headers=headers
+    )
 
 
 def single_query(request: web.Request, name: str) -> str | None:
@@ -377,12 +405,16 @@ def make_app(
     clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """`api_key` is the `write` key of `api_key_env`; `api_keys` the others (`[[http.api_keys]]`)."""
-    auth = auth_middleware([ApiKey("api_key_env", api_key, "write"), *api_keys],
-                           lambda status, title, detail: Problem(status, title, detail).response(),
-                           failures_per_second=auth_failures_per_second)
+    auth = auth_middleware(
+        [ApiKey("api_key_env", api_key, "write"), *api_keys],
+        lambda status, title, detail: Problem(status, title, detail).response(),
+        failures_per_second=auth_failures_per_second,
+    )
 
     @web.middleware
-    async def problems(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def problems(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         try:
             return await handler(request)
         except Problem as p:
@@ -398,7 +430,9 @@ def make_app(
             return response
         except Exception:
             log.exception("request_failed", method=request.method, path=request.path)
-            return Problem(500, "Internal error", "the server could not handle this request; see its log").response()
+            return Problem(
+                500, "Internal error", "the server could not handle this request; see its log"
+            ).response()
 
     async def create_invoice(request: web.Request) -> web.Response:
         body = await read_json(request)  # kept: the Idempotency-Key compares the body as sent
@@ -407,15 +441,31 @@ def make_app(
         if key is not None and not (1 <= len(key) <= 255 and key.isascii() and key.isprintable()):
             raise invalid("Idempotency-Key", "must be 1 to 255 printable ASCII characters")
         new = build_new_invoice(data, invoicing, invoice_settings, clock())
-        request_hash = hashlib.sha256(orjson.dumps(body, default=str, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        request_hash = hashlib.sha256(
+            orjson.dumps(body, default=str, option=orjson.OPT_SORT_KEYS)
+        ).hexdigest()
         try:
             invoice, created = store.create_invoice(
-                new, derive=invoicing.derive, finish=finish_option, idempotency_key=key, request_hash=request_hash
+                new,
+                derive=invoicing.derive,
+                finish=finish_option,
+                idempotency_key=key,
+                request_hash=request_hash,
             )
         except IdempotencyConflict:
-            raise Problem(409, "Conflict", "this Idempotency-Key was used with another request body", slug="idempotency-conflict") from None
+            raise Problem(
+                409,
+                "Conflict",
+                "this Idempotency-Key was used with another request body",
+                slug="idempotency-conflict",
+            ) from None
         if created:
-            log.info("invoice_created", invoice_id=invoice["id"], amount=invoice["amount"], options=len(invoice["payment_options"]))
+            log.info(
+                "invoice_created",
+                invoice_id=invoice["id"],
+                amount=invoice["amount"],
+                options=len(invoice["payment_options"]),
+            )
         return json_response(invoice, 201, None if created else {"Idempotent-Replayed": "true"})
 
     async def get_invoice(request: web.Request) -> web.Response:
@@ -452,13 +502,18 @@ def make_app(
         offset = _query_int(request, "offset", 0, 0, 10**9)
         total = store.count_invoices(filters)
         if "limit" not in request.query and total - offset > EXPORT_MAX_ROWS:
-            raise invalid("limit", f"{total - offset} invoices match, more than the {EXPORT_MAX_ROWS} an export holds: "
-                                   "page with limit and offset, or narrow the filters")
-        response = web.StreamResponse(headers={
-            "Content-Type": "text/csv; charset=utf-8",
-            "Content-Disposition": 'attachment; filename="invoices.csv"',
-            "X-Total-Count": str(total),
-        })
+            raise invalid(
+                "limit",
+                f"{total - offset} invoices match, more than the {EXPORT_MAX_ROWS} an export holds: "
+                "page with limit and offset, or narrow the filters",
+            )
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/csv; charset=utf-8",
+                "Content-Disposition": 'attachment; filename="invoices.csv"',
+                "X-Total-Count": str(total),
+            }
+        )
         await response.prepare(request)  # from here on nothing may fail as a problem: all checks are done
         try:
             await response.write(_csv_lines([EXPORT_COLUMNS]))
@@ -483,18 +538,33 @@ def make_app(
         for a in invoicing.assets:
             if (a.chain.name, a.symbol) not in seen:
                 seen.add((a.chain.name, a.symbol))
-                stats["received"].append({"network": a.chain.name, "asset": a.symbol, "decimals": a.decimals,
-                                          "amount_atomic": "0", "amount": "0", "payments": 0})
+                stats["received"].append(
+                    {
+                        "network": a.chain.name,
+                        "asset": a.symbol,
+                        "decimals": a.decimals,
+                        "amount_atomic": "0",
+                        "amount": "0",
+                        "payments": 0,
+                    }
+                )
         stats["received"].sort(key=lambda r: (r["network"], r["asset"]))
         return json_response(stats)
 
     async def no_body(request: web.Request) -> None:
         await read_model(request, NoBodyIn, required=False)
 
-    def start_session(invoice_id: str, from_statuses: tuple[InvoiceStatus, ...], plan: Callable[[dict], NewSession]) -> dict:
+    def start_session(
+        invoice_id: str, from_statuses: tuple[InvoiceStatus, ...], plan: Callable[[dict], NewSession]
+    ) -> dict:
         try:
-            invoice = store.start_session(invoice_id, from_statuses=from_statuses, plan=plan,
-                                          derive=invoicing.derive, finish=finish_option)
+            invoice = store.start_session(
+                invoice_id,
+                from_statuses=from_statuses,
+                plan=plan,
+                derive=invoicing.derive,
+                finish=finish_option,
+            )
         except StateConflict as exc:
             raise Problem(409, "Conflict", str(exc), slug="state-conflict") from None
         except OptionsError as exc:
@@ -513,7 +583,12 @@ def make_app(
             return NewSession(options, timing, payable_until, options_request)
 
         invoice = start_session(invoice_id, (InvoiceStatus.DRAFT,), plan)
-        log.info("invoice_finalized", invoice_id=invoice_id, status=invoice["status"], options=len(invoice["payment_options"]))
+        log.info(
+            "invoice_finalized",
+            invoice_id=invoice_id,
+            status=invoice["status"],
+            options=len(invoice["payment_options"]),
+        )
         return json_response(invoice)
 
     async def refresh_session(request: web.Request) -> web.Response:
@@ -521,7 +596,9 @@ def make_app(
         data = await read_model(request, CheckoutSessionIn, required=False)
         try:
             if data.assets is not None:
-                invoicing.select_assets(data.assets)  # an unknown asset is the body's fault, whatever the invoice
+                invoicing.select_assets(
+                    data.assets
+                )  # an unknown asset is the body's fault, whatever the invoice
         except OptionsError as exc:
             raise invalid(exc.field, exc.message) from None
 
@@ -571,16 +648,38 @@ def make_app(
 
 
 LIST_FILTERS = (
-    "status", "exception_type", "exception_status", "merchant_reference", "customer_id", "customer_email",
-    "transaction_hash", "search",
+    "status",
+    "exception_type",
+    "exception_status",
+    "merchant_reference",
+    "customer_id",
+    "customer_email",
+    "transaction_hash",
+    "search",
 )
 
 # The CSV export: its columns, and the most rows one export holds (page with limit/offset past it).
 EXPORT_MAX_ROWS = 100_000
 EXPORT_COLUMNS = (
-    "id", "status", "amount", "currency", "received_amount", "remaining_amount", "overpaid_amount", "payment_state",
-    "exception_type", "exception_status", "merchant_reference", "customer_id", "customer_email", "product_name",
-    "created_at", "paid_at", "confirmed_at", "cancelled_at", "transaction_hashes",
+    "id",
+    "status",
+    "amount",
+    "currency",
+    "received_amount",
+    "remaining_amount",
+    "overpaid_amount",
+    "payment_state",
+    "exception_type",
+    "exception_status",
+    "merchant_reference",
+    "customer_id",
+    "customer_email",
+    "product_name",
+    "created_at",
+    "paid_at",
+    "confirmed_at",
+    "cancelled_at",
+    "transaction_hashes",
 )
 # A cell starting with one of these is a formula to a spreadsheet (OWASP "CSV injection").
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n", "\0")
@@ -614,31 +713,118 @@ def _invoice_operations() -> list[Operation]:
     inv = ("invoices",)
     many = (404, 409, 400, 413, 422)
     return [
-        Operation("POST", "/v1/invoices", "Create an invoice (Idempotency-Key: same key and body, same invoice)",
-                  {201: schemas.Invoice}, body=CreateInvoiceIn, tags=inv, problems=(409,),
-                  extra={"parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                                         "schema": {"type": "string", "minLength": 1, "maxLength": 255}}]}),
-        Operation("GET", "/v1/invoices", "List invoices, newest first", {200: schemas.InvoiceList},
-                  query=schemas.InvoicePage, tags=inv, problems=(422,)),
-        Operation("GET", "/v1/invoices/export", "The filtered list as CSV with a header row",
-                  {200: ("text/csv", {"type": "string"})}, query=schemas.ExportPage, tags=inv, problems=(422,)),
-        Operation("GET", "/v1/invoices/stats", "Counts by status and open exception, amounts received per asset",
-                  {200: schemas.InvoiceStats}, query=schemas.InvoiceFilters, tags=inv, problems=(422,)),
-        Operation("GET", "/v1/invoices/{id}", "An invoice", {200: schemas.Invoice}, tags=inv, problems=(404,)),
-        Operation("GET", "/v1/invoices/{id}/status", "The polling shape of an invoice",
-                  {200: schemas.InvoiceStatusView}, tags=inv, problems=(404,)),
-        Operation("GET", "/v1/invoices/{id}/payments", "An invoice's payments", {200: schemas.PaymentList},
-                  tags=inv, problems=(404,)),
-        Operation("POST", "/v1/invoices/{id}/finalize", "draft -> pending: options built, the timer starts",
-                  {200: schemas.Invoice}, body=NoBodyIn, body_required=False, tags=inv, problems=many),
-        Operation("POST", "/v1/invoices/{id}/cancel", "pending with nothing received -> cancelled",
-                  {200: schemas.Invoice}, body=NoBodyIn, body_required=False, tags=inv, problems=many),
-        Operation("POST", "/v1/invoices/{id}/checkout-session", "A fresh payment session: new quote, new deadline",
-                  {200: schemas.Invoice}, body=CheckoutSessionIn, body_required=False, tags=inv, problems=many),
-        Operation("POST", "/v1/invoices/{id}/exception/resolve", "Resolve the open exception",
-                  {200: schemas.Invoice}, body=ResolveIn, tags=inv, problems=many),
-        Operation("GET", "/healthz", "200 while the process serves", {200: schemas.Health}, auth=False,
-                  tags=("operations",)),
+        Operation(
+            "POST",
+            "/v1/invoices",
+            "Create an invoice (Idempotency-Key: same key and body, same invoice)",
+            {201: schemas.Invoice},
+            body=CreateInvoiceIn,
+            tags=inv,
+            problems=(409,),
+            extra={
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                    }
+                ]
+            },
+        ),
+        Operation(
+            "GET",
+            "/v1/invoices",
+            "List invoices, newest first",
+            {200: schemas.InvoiceList},
+            query=schemas.InvoicePage,
+            tags=inv,
+            problems=(422,),
+        ),
+        Operation(
+            "GET",
+            "/v1/invoices/export",
+            "The filtered list as CSV with a header row",
+            {200: ("text/csv", {"type": "string"})},
+            query=schemas.ExportPage,
+            tags=inv,
+            problems=(422,),
+        ),
+        Operation(
+            "GET",
+            "/v1/invoices/stats",
+            "Counts by status and open exception, amounts received per asset",
+            {200: schemas.InvoiceStats},
+            query=schemas.InvoiceFilters,
+            tags=inv,
+            problems=(422,),
+        ),
+        Operation(
+            "GET", "/v1/invoices/{id}", "An invoice", {200: schemas.Invoice}, tags=inv, problems=(404,)
+        ),
+        Operation(
+            "GET",
+            "/v1/invoices/{id}/status",
+            "The polling shape of an invoice",
+            {200: schemas.InvoiceStatusView},
+            tags=inv,
+            problems=(404,),
+        ),
+        Operation(
+            "GET",
+            "/v1/invoices/{id}/payments",
+            "An invoice's payments",
+            {200: schemas.PaymentList},
+            tags=inv,
+            problems=(404,),
+        ),
+        Operation(
+            "POST",
+            "/v1/invoices/{id}/finalize",
+            "draft -> pending: options built, the timer starts",
+            {200: schemas.Invoice},
+            body=NoBodyIn,
+            body_required=False,
+            tags=inv,
+            problems=many,
+        ),
+        Operation(
+            "POST",
+            "/v1/invoices/{id}/cancel",
+            "pending with nothing received -> cancelled",
+            {200: schemas.Invoice},
+            body=NoBodyIn,
+            body_required=False,
+            tags=inv,
+            problems=many,
+        ),
+        Operation(
+            "POST",
+            "/v1/invoices/{id}/checkout-session",
+            "A fresh payment session: new quote, new deadline",
+            {200: schemas.Invoice},
+            body=CheckoutSessionIn,
+            body_required=False,
+            tags=inv,
+            problems=many,
+        ),
+        Operation(
+            "POST",
+            "/v1/invoices/{id}/exception/resolve",
+            "Resolve the open exception",
+            {200: schemas.Invoice},
+            body=ResolveIn,
+            tags=inv,
+            problems=many,
+        ),
+        Operation(
+            "GET",
+            "/healthz",
+            "200 while the process serves",
+            {200: schemas.Health},
+            auth=False,
+            tags=("operations",),
+        ),
     ]
 
 
@@ -670,7 +856,12 @@ def parse_list_filters(request: web.Request, *, paging: bool = True) -> dict[str
         raise invalid("status", f"must be one of {', '.join(s.value for s in InvoiceStatus)}")
     if "exception_status" in filters and filters["exception_status"] not in ("open", "resolved"):
         raise invalid("exception_status", "must be open or resolved")
-    if "exception_type" in filters and filters["exception_type"] not in ("late_payment", "underpaid", "overpaid", "duplicate_payment"):
+    if "exception_type" in filters and filters["exception_type"] not in (
+        "late_payment",
+        "underpaid",
+        "overpaid",
+        "duplicate_payment",
+    ):
         raise invalid("exception_type", "must be late_payment, underpaid, overpaid or duplicate_payment")
     return filters
 
@@ -684,13 +875,22 @@ def _transaction_hash(value: str) -> str:
     return "0x" + digits.lower()
 
 
-def build_new_invoice(data: CreateInvoiceIn, invoicing: Invoicing, settings: InvoiceSettings, now: float) -> NewInvoice:
+def build_new_invoice(
+    data: CreateInvoiceIn, invoicing: Invoicing, settings: InvoiceSettings, now: float
+) -> NewInvoice:
     """Quote the options and start the timer; raises Problem(422) when no option can be built."""
     timing_in = data.payment_timing or TimingIn()
     if timing_in.mode == "immediate":
-        base: dict[str, Any] = {"mode": "immediate", "expires_after_minutes": timing_in.expires_after_minutes or settings.default_expiry_minutes}
+        base: dict[str, Any] = {
+            "mode": "immediate",
+            "expires_after_minutes": timing_in.expires_after_minutes or settings.default_expiry_minutes,
+        }
     else:
-        base = {"mode": "due_date", "due_after_days": timing_in.due_after_days or 0, "grace_period_days": timing_in.grace_period_days or 0}
+        base = {
+            "mode": "due_date",
+            "due_after_days": timing_in.due_after_days or 0,
+            "grace_period_days": timing_in.grace_period_days or 0,
+        }
     timing, payable_until = session_timing(base, now)
     payable: int | None = payable_until
     if data.draft:  # the timer starts at finalize
@@ -707,14 +907,26 @@ def build_new_invoice(data: CreateInvoiceIn, invoicing: Invoicing, settings: Inv
             # could never be finalized is refused at once.
             options = invoicing.build_or_refuse(data.amount, data.assets, data.rails, rates)
         elif data.assets is not None or data.rails != ["address"]:
-            invoicing.build(Decimal(1), data.assets, data.rails, rates)  # no options, but the request must make sense
+            invoicing.build(
+                Decimal(1), data.assets, data.rails, rates
+            )  # no options, but the request must make sense
     except OptionsError as exc:
         raise invalid(exc.field, exc.message) from None
     if data.draft:
         options = []
 
-    fields = {k: getattr(data, k) for k in (
-        "product_name", "issued_by", "bill_to", "merchant_reference", "customer_id", "customer_email", "redirect_url")}
+    fields = {
+        k: getattr(data, k)
+        for k in (
+            "product_name",
+            "issued_by",
+            "bill_to",
+            "merchant_reference",
+            "customer_id",
+            "customer_email",
+            "redirect_url",
+        )
+    }
     return NewInvoice(
         amount=data.amount,
         currency=data.currency,

@@ -18,8 +18,10 @@ ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
 
 # No inline script, nothing from another origin. Swagger UI sets inline styles and shows
 # images as data: URLs; `validatorUrl: null` keeps it from asking validator.swagger.io.
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-       "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -58,8 +60,12 @@ def swagger_ui_dir() -> Path:
 
 
 def _headers(content_type: str) -> dict[str, str]:
-    return {"Content-Type": content_type, "Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
-            "Cache-Control": "public, max-age=3600"}
+    return {
+        "Content-Type": content_type,
+        "Content-Security-Policy": CSP,
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "public, max-age=3600",
+    }
 
 
 def add_docs_routes(app: web.Application) -> None:
@@ -87,9 +93,21 @@ def add_docs_routes(app: web.Application) -> None:
 
 
 OPERATIONS = [
-    Operation("GET", "/docs", "This API description rendered for people (Swagger UI, served from the package)",
-              {200: ("text/html", {"type": "string"})}, auth=False, tags=("operations",)),
-    Operation("GET", "/docs/assets/{name}", "The scripts and styles of /docs",
-              {200: ("application/octet-stream", {"type": "string"})}, auth=False, tags=("operations",),
-              problems=(404,)),
+    Operation(
+        "GET",
+        "/docs",
+        "This API description rendered for people (Swagger UI, served from the package)",
+        {200: ("text/html", {"type": "string"})},
+        auth=False,
+        tags=("operations",),
+    ),
+    Operation(
+        "GET",
+        "/docs/assets/{name}",
+        "The scripts and styles of /docs",
+        {200: ("application/octet-stream", {"type": "string"})},
+        auth=False,
+        tags=("operations",),
+        problems=(404,),
+    ),
 ]

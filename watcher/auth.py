@@ -8,8 +8,9 @@ from __future__ import annotations
 import hmac
 import time
 from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Literal, Sequence
+from typing import Literal
 
 import structlog
 from aiohttp import web
@@ -36,7 +37,9 @@ class ApiKey:
 class FailureThrottle:
     """Failed attempts per client address in the last second."""
 
-    def __init__(self, limit: int = FAILURES_PER_SECOND, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, limit: int = FAILURES_PER_SECOND, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.limit = limit
         self.clock = clock
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
@@ -64,8 +67,9 @@ class FailureThrottle:
         return True
 
 
-def auth_middleware(keys: Sequence[ApiKey], problem: ProblemResponse, *,
-                    failures_per_second: int | None = FAILURES_PER_SECOND) -> Callable:
+def auth_middleware(
+    keys: Sequence[ApiKey], problem: ProblemResponse, *, failures_per_second: int | None = FAILURES_PER_SECOND
+) -> Callable:
     """aiohttp middleware guarding `/v1`. `problem(status, title, detail)` builds the answer."""
     encoded = [(k, k.key.encode()) for k in keys]
     throttle = FailureThrottle(failures_per_second) if failures_per_second else None
@@ -91,15 +95,24 @@ def auth_middleware(keys: Sequence[ApiKey], problem: ProblemResponse, *,
             if throttle is not None and throttle.failed(client):
                 if throttle.first_throttled(client):
                     log.warning("api_auth_throttled", client=client, limit_per_second=throttle.limit)
-                response = problem(429, "Too many requests",
-                                   "too many failed authentication attempts from this address; wait a second")
+                response = problem(
+                    429,
+                    "Too many requests",
+                    "too many failed authentication attempts from this address; wait a second",
+                )
                 response.headers["Retry-After"] = "1"
                 return response
-            log.warning("api_auth_failed", client=client, method=request.method, path=request.path, reason=reason)
+            log.warning(
+                "api_auth_failed", client=client, method=request.method, path=request.path, reason=reason
+            )
             return problem(401, "Unauthorized", "send Authorization: Bearer <api key>")
         if key.scope == "read" and request.method not in READ_METHODS:
-            log.warning("api_auth_forbidden", client=client, key=key.name, method=request.method, path=request.path)
-            return problem(403, "Forbidden", f"the key {key.name!r} may only read (GET); this route changes data")
+            log.warning(
+                "api_auth_forbidden", client=client, key=key.name, method=request.method, path=request.path
+            )
+            return problem(
+                403, "Forbidden", f"the key {key.name!r} may only read (GET); this route changes data"
+            )
         return await handler(request)
 
     return auth

@@ -65,8 +65,9 @@ def balance_calls(deposits: Sequence[DepositAddress]) -> list[tuple[str, list]]:
     return calls
 
 
-async def read_balances(transport: BatchTransport, deposits: Sequence[DepositAddress], *,
-                        max_batch: int = DEFAULT_MAX_BATCH) -> list[tuple[int, int]]:
+async def read_balances(
+    transport: BatchTransport, deposits: Sequence[DepositAddress], *, max_batch: int = DEFAULT_MAX_BATCH
+) -> list[tuple[int, int]]:
     """(asset balance, native balance) per deposit, in order, asked in batches of at most
     `max_batch` calls. A deposit's calls may straddle two batches; that is fine, each call
     stands alone."""
@@ -75,7 +76,7 @@ async def read_balances(transport: BatchTransport, deposits: Sequence[DepositAdd
     calls = balance_calls(deposits)
     answers: list[Any] = []
     for start in range(0, len(calls), max_batch):
-        chunk = calls[start:start + max_batch]
+        chunk = calls[start : start + max_batch]
         got = await transport.batch(chunk)
         if not isinstance(got, list) or len(got) != len(chunk):
             raise BalanceError("the node's batch answer does not have one result per call")
@@ -90,7 +91,9 @@ async def read_balances(transport: BatchTransport, deposits: Sequence[DepositAdd
         raw = answers[i]
         i += 1
         if raw in ("0x", None):
-            raise BalanceError(f"balanceOf({d.address}) on {d.token_contract}: no answer (is it a token contract?)")
+            raise BalanceError(
+                f"balanceOf({d.address}) on {d.token_contract}: no answer (is it a token contract?)"
+            )
         out.append((_quantity(raw, f"balanceOf({d.address})"), native))
     return out
 
@@ -108,8 +111,12 @@ def balance_row(deposit: DepositAddress, amount: int, native: int) -> dict:
     }
 
 
-async def funded_deposits(transports: Mapping[str, BatchTransport], deposits: Iterable[DepositAddress], *,
-                          max_batch: Mapping[str, int] | None = None) -> list[dict]:
+async def funded_deposits(
+    transports: Mapping[str, BatchTransport],
+    deposits: Iterable[DepositAddress],
+    *,
+    max_batch: Mapping[str, int] | None = None,
+) -> list[dict]:
     """The rows of the deposits that still hold some of their asset, in the order given."""
     by_network: dict[str, list[DepositAddress]] = {}
     for d in deposits:

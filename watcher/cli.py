@@ -9,8 +9,8 @@ import os
 import sqlite3
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import structlog
 
@@ -50,6 +50,7 @@ def _bounded_int(low: int, high: int, what: str) -> Callable[[str], int]:
         if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
             raise argparse.ArgumentTypeError(f"{what} must be a whole number from {low} to {high}")
         return int(value)
+
     return parse
 
 
@@ -64,37 +65,67 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("--config", help=f"TOML config (default: $WATCHER_CONFIG, then {DEFAULT_CONFIG})")
-    run.add_argument("--sandbox", action="store_true", help="run on an embedded test chain; needs no config and no node")
+    run.add_argument(
+        "--sandbox", action="store_true", help="run on an embedded test chain; needs no config and no node"
+    )
     run.add_argument("--listen", type=_listen, help="sandbox: HOST:PORT for the API (default 127.0.0.1:8080)")
-    run.add_argument("--checkout-listen", type=_listen, help="sandbox: HOST:PORT for the payment pages (default: the API's port + 1, or any free one)")
-    run.add_argument("--block-time", type=_block_time, default=2.0, help="sandbox: seconds between blocks (default 2; 0: only on /v1/sandbox/mine)")
-    run.add_argument("--webhook-url", action="append", default=[], help="sandbox: send webhooks here (repeatable)")
+    run.add_argument(
+        "--checkout-listen",
+        type=_listen,
+        help="sandbox: HOST:PORT for the payment pages (default: the API's port + 1, or any free one)",
+    )
+    run.add_argument(
+        "--block-time",
+        type=_block_time,
+        default=2.0,
+        help="sandbox: seconds between blocks (default 2; 0: only on /v1/sandbox/mine)",
+    )
+    run.add_argument(
+        "--webhook-url", action="append", default=[], help="sandbox: send webhooks here (repeatable)"
+    )
     run.add_argument("--database", help="sandbox: SQLite file (default: a new temporary file)")
 
     check = commands.add_parser("check-config", help="validate a config file and print what it would watch")
     check.add_argument("--config", help=f"TOML config (default: $WATCHER_CONFIG, then {DEFAULT_CONFIG})")
-    check.add_argument("--offline", action="store_true", help="do not ask the nodes (router_address is then not checked)")
+    check.add_argument(
+        "--offline", action="store_true", help="do not ask the nodes (router_address is then not checked)"
+    )
 
     rewind = commands.add_parser(
-        "rewind", help="move a chain's checkpoint back to a block (after a reorg deeper than the watcher remembers)"
+        "rewind",
+        help="move a chain's checkpoint back to a block (after a reorg deeper than the watcher remembers)",
     )
     rewind.add_argument("--config", help=f"TOML config (default: $WATCHER_CONFIG, then {DEFAULT_CONFIG})")
     rewind.add_argument("--chain", required=True, help="the chain's name, as in [[chains]] name")
-    rewind.add_argument("--to-block", type=_block_number, required=True, help="a block both chains share, below the fork")
+    rewind.add_argument(
+        "--to-block", type=_block_number, required=True, help="a block both chains share, below the fork"
+    )
 
-    xpub = commands.add_parser("xpub", help="print the account xpub (m/44'/60'/N') of a BIP-39 mnemonic read from stdin")
+    xpub = commands.add_parser(
+        "xpub", help="print the account xpub (m/44'/60'/N') of a BIP-39 mnemonic read from stdin"
+    )
     xpub.add_argument("--account", type=_account, default=0, help="the account N of m/44'/60'/N' (default 0)")
-    xpub.add_argument("--passphrase", action="store_true", help="also read a BIP-39 passphrase (the second line of stdin)")
+    xpub.add_argument(
+        "--passphrase", action="store_true", help="also read a BIP-39 passphrase (the second line of stdin)"
+    )
 
-    addresses = commands.add_parser("addresses", help="print the first deposit addresses of each chain's deposit_xpub")
+    addresses = commands.add_parser(
+        "addresses", help="print the first deposit addresses of each chain's deposit_xpub"
+    )
     addresses.add_argument("--config", help=f"TOML config (default: $WATCHER_CONFIG, then {DEFAULT_CONFIG})")
-    addresses.add_argument("--count", type=_count, default=10, help="how many per chain (default 10, at most 100000)")
+    addresses.add_argument(
+        "--count", type=_count, default=10, help="how many per chain (default 10, at most 100000)"
+    )
     addresses.add_argument("--chain", help="only this chain (its name)")
 
-    balances = commands.add_parser("balances", help="deposit addresses that still hold funds (asks the running watcher)")
+    balances = commands.add_parser(
+        "balances", help="deposit addresses that still hold funds (asks the running watcher)"
+    )
     balances.add_argument("--config", help=f"TOML config (default: $WATCHER_CONFIG, then {DEFAULT_CONFIG})")
 
-    commands.add_parser("router-deploy-tx", help="print the PaymentRouter's creation data, for any wallet to send")
+    commands.add_parser(
+        "router-deploy-tx", help="print the PaymentRouter's creation data, for any wallet to send"
+    )
     return parser
 
 
@@ -230,7 +261,11 @@ def _run_sandbox(args: argparse.Namespace) -> int:
             "database": database,
             "log_level": "info",
             "http": {"listen": listen, "api_key_env": "WATCHER_API_KEY"},
-            "checkout": {"listen": checkout_listen, "public_base_url": f"http://{checkout_listen}", "brand_name": "Sandbox Shop"},
+            "checkout": {
+                "listen": checkout_listen,
+                "public_base_url": f"http://{checkout_listen}",
+                "brand_name": "Sandbox Shop",
+            },
             "webhooks": [{"url": url, "secret_env": "WATCHER_WEBHOOK_SECRET"} for url in args.webhook_url],
             "chains": [sandbox_settings_data(chain, poll_interval=min(max(args.block_time / 4, 0.1), 2.0))],
         },
@@ -248,10 +283,10 @@ def _run_sandbox(args: argparse.Namespace) -> int:
         f"  token:          TUSD at {chain.deployed.token}\n"
         "Try:\n"
         f"  curl -s -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' "
-        f"-d '{{\"amount\": \"49.99\"}}' http://{listen}/v1/invoices\n"
+        f'-d \'{{"amount": "49.99"}}\' http://{listen}/v1/invoices\n'
         f"  curl -s -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' "
         f"-d '{{}}' http://{listen}/v1/sandbox/invoices/<id>/pay"
-        "   # or {\"payment_option_id\": \"opt_...\", \"amount\": \"10\"}\n"
+        '   # or {"payment_option_id": "opt_...", "amount": "10"}\n'
         f"  curl -s -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' "
         f"-d '{{\"blocks\": 3}}' http://{listen}/v1/sandbox/mine\n"
         f"  curl -s -H 'Authorization: Bearer {api_key}' http://{listen}/v1/invoices/<id>/status\n",

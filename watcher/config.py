@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import ipaddress
 import math
 import os
 import re
 import tomllib
-import difflib
 import typing
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -24,23 +24,53 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, Strict, ValidationError,
-                      ValidationInfo, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from watcher.addresses import normalize_address, parse_xpub, to_checksum
 from watcher.domain import DECIMAL_TEXT, usd_rate_problem
 from watcher.redaction import strip_credentials
 
-__all__ = ["ApiKeySettings", "AssetSettings", "ChainSettings", "CheckoutSettings", "ConfigError", "HttpSettings",
-           "InvoiceSettings", "RetentionSettings", "Settings", "WebhookSettings", "describe", "load_settings", "settings_from_dict",
-           "strip_credentials"]
+__all__ = [
+    "ApiKeySettings",
+    "AssetSettings",
+    "ChainSettings",
+    "CheckoutSettings",
+    "ConfigError",
+    "HttpSettings",
+    "InvoiceSettings",
+    "RetentionSettings",
+    "Settings",
+    "WebhookSettings",
+    "describe",
+    "load_settings",
+    "settings_from_dict",
+    "strip_credentials",
+]
 
-EVENT_TYPES: frozenset[str] = frozenset({
-    "invoice.created", "invoice.session_refreshed", "invoice.payment_detected",
-    "invoice.payment_reverted", "invoice.paid", "invoice.confirmed", "invoice.expired",
-    "invoice.underpaid", "invoice.cancelled", "invoice.exception_opened",
-    "invoice.exception_resolved",
-})
+EVENT_TYPES: frozenset[str] = frozenset(
+    {
+        "invoice.created",
+        "invoice.session_refreshed",
+        "invoice.payment_detected",
+        "invoice.payment_reverted",
+        "invoice.paid",
+        "invoice.confirmed",
+        "invoice.expired",
+        "invoice.underpaid",
+        "invoice.cancelled",
+        "invoice.exception_opened",
+        "invoice.exception_resolved",
+    }
+)
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 StrictInt = Annotated[int, Strict()]
@@ -72,15 +102,24 @@ class _KeyedError(ValueError):
 _MODEL = ConfigDict(frozen=True, extra="forbid")
 
 
-def _inject_secret(data: Any, info: ValidationInfo, field: str, env_field: str,
-                   default_var: str | None, valid: Callable[[str], bool], wanted: str) -> Any:
+def _inject_secret(
+    data: Any,
+    info: ValidationInfo,
+    field: str,
+    env_field: str,
+    default_var: str | None,
+    valid: Callable[[str], bool],
+    wanted: str,
+) -> Any:
     """Put the secret from the variable named by ``env_field`` into ``field`` before validation,
     and reject it in the file. Messages describe ``wanted`` and never echo the value."""
     if not isinstance(data, Mapping):
         return data
     if field in data:
-        raise _KeyedError("secrets never live in the file; put the value in the environment "
-                          f"variable named by {env_field}", field)
+        raise _KeyedError(
+            f"secrets never live in the file; put the value in the environment variable named by {env_field}",
+            field,
+        )
     var = data.get(env_field, default_var)
     if not isinstance(var, str) or not re.match(_ENV_NAME, var):
         return data  # field validation reports the missing or malformed name
@@ -114,8 +153,9 @@ def _first_duplicate(values: list[Any]) -> tuple[int, int] | None:
 def _decimal(value: Any, low: Decimal, high: Decimal | None, low_ok: bool) -> Decimal:
     """Money is never a float: a TOML float has already lost precision, so demand a string."""
     if isinstance(value, float):
-        raise ValueError('must be a quoted decimal string such as "1.05", not a float '
-                         "(money is never a float)")
+        raise ValueError(
+            'must be a quoted decimal string such as "1.05", not a float (money is never a float)'
+        )
     if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
         raise ValueError('must be a decimal string such as "1.05"')
     if isinstance(value, str) and not DECIMAL_TEXT.fullmatch(value.strip()):
@@ -124,9 +164,16 @@ def _decimal(value: Any, low: Decimal, high: Decimal | None, low_ok: bool) -> De
         result = Decimal(value.strip()) if isinstance(value, str) else Decimal(value)
     except InvalidOperation:
         raise ValueError('must be a decimal string such as "1.05"') from None
-    if not result.is_finite() or result < low or (result == low and not low_ok) or (high is not None and result > high):
-        raise ValueError(f"must be {'at least' if low_ok else 'greater than'} {low}"
-                         + (f" and at most {high}" if high is not None else ""))
+    if (
+        not result.is_finite()
+        or result < low
+        or (result == low and not low_ok)
+        or (high is not None and result > high)
+    ):
+        raise ValueError(
+            f"must be {'at least' if low_ok else 'greater than'} {low}"
+            + (f" and at most {high}" if high is not None else "")
+        )
     return result
 
 
@@ -174,7 +221,9 @@ def _split_listen(value: Any) -> tuple[str, int]:
 
 def _event(value: Any) -> str:
     if value != "*" and value not in EVENT_TYPES:
-        raise ValueError(f'unknown event type {value!r}; use "*" or one of: ' + ", ".join(sorted(EVENT_TYPES)))
+        raise ValueError(
+            f'unknown event type {value!r}; use "*" or one of: ' + ", ".join(sorted(EVENT_TYPES))
+        )
     return str(value)
 
 
@@ -194,10 +243,16 @@ def _xpub(value: Any) -> str | None:
 Address = Annotated[str | None, PlainValidator(_address)]
 HttpUrl = Annotated[str, PlainValidator(lambda v: _url(v, ("http", "https")))]
 WsUrl = Annotated[str | None, PlainValidator(lambda v: None if v is None else _url(v, ("ws", "wss")))]
-Confirmations = Annotated[int | Literal["finalized"],
-                          PlainValidator(lambda v: _int_or_word(v, "finalized", 1, "an integer of at least 1"))]
-StartBlock = Annotated[int | Literal["latest"],
-                       PlainValidator(lambda v: _int_or_word(v, "latest", 0, "a block number (0 or more)"))]
+Confirmations = Annotated[
+    int | Literal["finalized"],
+    PlainValidator(lambda v: _int_or_word(v, "finalized", 1, "an integer of at least 1")),
+]
+StartBlock = Annotated[
+    int | Literal["latest"],
+    PlainValidator(lambda v: _int_or_word(v, "latest", 0, "a block number (0 or more)")),
+]
+
+
 def _usd_rate(value: Any) -> Decimal | None:
     if value is None:
         return None
@@ -257,19 +312,28 @@ class ChainSettings(BaseModel):
     internal_transfers: Literal["auto", "on", "off"] = "auto"
     # JSON-RPC batch ceiling (providers cap batches); at least 2: logs go with the header that proves them
     max_batch: Annotated[StrictInt, Field(ge=2, le=10_000)] = 100
-    trust_logs_bloom: StrictBool = True  # false: ask every block near the head for its logs (chains with incomplete blooms)
+    trust_logs_bloom: StrictBool = (
+        True  # false: ask every block near the head for its logs (chains with incomplete blooms)
+    )
     assets: Annotated[tuple[AssetSettings, ...], Field(min_length=1)]
 
     @model_validator(mode="after")
     def _unique_assets(self) -> ChainSettings:
         """Two entries for one symbol or token would make a transfer count twice or be ambiguous."""
         if dup := _first_duplicate([a.symbol.upper() for a in self.assets]):
-            raise _KeyedError(f"duplicate symbol on this chain (also assets[{dup[1]}]; symbols are "
-                              "compared case-insensitively)", "assets", dup[0], "symbol")
+            raise _KeyedError(
+                f"duplicate symbol on this chain (also assets[{dup[1]}]; symbols are "
+                "compared case-insensitively)",
+                "assets",
+                dup[0],
+                "symbol",
+            )
         if dup := _first_duplicate([a.contract for a in self.assets]):
             raise _KeyedError(f"same token contract as assets[{dup[1]}]", "assets", dup[0], "contract")
         if dup := _first_duplicate([a.kind if a.kind == "native" else None for a in self.assets]):
-            raise _KeyedError(f"a chain has one native coin and assets[{dup[1]}] is it", "assets", dup[0], "kind")
+            raise _KeyedError(
+                f"a chain has one native coin and assets[{dup[1]}] is it", "assets", dup[0], "kind"
+            )
         return self
 
 
@@ -287,7 +351,11 @@ def _one_webhook_secret(value: str) -> bool:
 def _valid_webhook_secret(value: str) -> bool:
     """One secret, or several separated by spaces while rotating (each attempt is signed with each)."""
     parts = value.split()
-    return 1 <= len(parts) <= MAX_WEBHOOK_SECRETS and len(set(parts)) == len(parts) and all(map(_one_webhook_secret, parts))
+    return (
+        1 <= len(parts) <= MAX_WEBHOOK_SECRETS
+        and len(set(parts)) == len(parts)
+        and all(map(_one_webhook_secret, parts))
+    )
 
 
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
@@ -311,9 +379,11 @@ def _webhook_url(value: Any) -> str:
     url = _url(value, ("http", "https"))
     parts = urlsplit(url)
     if parts.scheme.lower() == "http" and not is_loopback_host(parts.hostname):
-        raise ValueError("must be an https URL: plain http is allowed only for a loopback host (localhost, "
-                         "127.0.0.1, [::1]), since a webhook carries invoice data that anyone on the path "
-                         "could read or change; terminate TLS in front of the receiver")
+        raise ValueError(
+            "must be an https URL: plain http is allowed only for a loopback host (localhost, "
+            "127.0.0.1, [::1]), since a webhook carries invoice data that anyone on the path "
+            "could read or change; terminate TLS in front of the receiver"
+        )
     return url
 
 
@@ -332,14 +402,23 @@ class WebhookSettings(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _resolve_secret(cls, data: Any, info: ValidationInfo) -> Any:
-        return _inject_secret(data, info, "secret", "secret_env", None, _valid_webhook_secret,
-                              "the webhook secret: whsec_<base64 key> with a key of 24 to 64 bytes; while rotating, "
-                              f"up to {MAX_WEBHOOK_SECRETS} different ones separated by spaces")
+        return _inject_secret(
+            data,
+            info,
+            "secret",
+            "secret_env",
+            None,
+            _valid_webhook_secret,
+            "the webhook secret: whsec_<base64 key> with a key of 24 to 64 bytes; while rotating, "
+            f"up to {MAX_WEBHOOK_SECRETS} different ones separated by spaces",
+        )
 
 
 MIN_API_KEY_LENGTH = 32
-_API_KEY_WANTED = (f"an API key: at least {MIN_API_KEY_LENGTH} random printable ASCII characters without spaces "
-                   "(e.g. openssl rand -hex 32), not a repeated pattern or a handful of different characters")
+_API_KEY_WANTED = (
+    f"an API key: at least {MIN_API_KEY_LENGTH} random printable ASCII characters without spaces "
+    "(e.g. openssl rand -hex 32), not a repeated pattern or a handful of different characters"
+)
 
 
 def api_key_problem(value: str) -> str | None:
@@ -369,7 +448,9 @@ class ApiKeySettings(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _resolve_key(cls, data: Any, info: ValidationInfo) -> Any:
-        return _inject_secret(data, info, "key", "key_env", None, lambda v: api_key_problem(v) is None, _API_KEY_WANTED)
+        return _inject_secret(
+            data, info, "key", "key_env", None, lambda v: api_key_problem(v) is None, _API_KEY_WANTED
+        )
 
 
 class HttpSettings(BaseModel):
@@ -386,8 +467,15 @@ class HttpSettings(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _resolve_api_key(cls, data: Any, info: ValidationInfo) -> Any:
-        return _inject_secret(data, info, "api_key", "api_key_env", "WATCHER_API_KEY",
-                              lambda v: api_key_problem(v) is None, _API_KEY_WANTED)
+        return _inject_secret(
+            data,
+            info,
+            "api_key",
+            "api_key_env",
+            "WATCHER_API_KEY",
+            lambda v: api_key_problem(v) is None,
+            _API_KEY_WANTED,
+        )
 
     @model_validator(mode="after")
     def _distinct_keys(self) -> HttpSettings:
@@ -396,8 +484,12 @@ class HttpSettings(BaseModel):
             raise _KeyedError(f"duplicate name (also api_keys[{dup[1]}])", "api_keys", dup[0], "name")
         if dup := _first_duplicate([self.api_key, *(k.key for k in self.api_keys)]):
             other = "api_key_env" if dup[1] == 0 else f"api_keys[{dup[1] - 1}].key_env"
-            raise _KeyedError(f"holds the same key as {other}; give each key its own value",
-                              "api_keys", dup[0] - 1, "key_env")
+            raise _KeyedError(
+                f"holds the same key as {other}; give each key its own value",
+                "api_keys",
+                dup[0] - 1,
+                "key_env",
+            )
         return self
 
     @property
@@ -480,7 +572,9 @@ class Settings(BaseModel):
         if dup := _first_duplicate([w.url for w in self.webhooks]):
             raise _KeyedError(f"duplicate url (also webhooks[{dup[1]}])", "webhooks", dup[0], "url")
         # The page's listener is public: sharing the API's would expose /v1 and /metrics to payers.
-        if self.checkout is not None and _split_listen(self.checkout.listen) == _split_listen(self.http.listen):
+        if self.checkout is not None and _split_listen(self.checkout.listen) == _split_listen(
+            self.http.listen
+        ):
             raise _KeyedError("must differ from http.listen (the API is not public)", "checkout", "listen")
         return self
 
@@ -492,9 +586,14 @@ def _dotted(loc: tuple[str | int, ...]) -> str:
     return key or "(top level)"
 
 
-_PLAIN_MESSAGES = {"extra_forbidden": "unknown key", "missing": "required key is missing",
-                   "too_short": "must not be empty", "tuple_type": "must be a list",
-                   "model_type": "must be a table", "model_attributes_type": "must be a table"}
+_PLAIN_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+    "too_short": "must not be empty",
+    "tuple_type": "must be a list",
+    "model_type": "must be a table",
+    "model_attributes_type": "must be a table",
+}
 
 
 def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
@@ -506,10 +605,17 @@ def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
         field = model.model_fields.get(part)
         if field is None:
             return None
-        inner = [a for a in (field.annotation, *typing.get_args(field.annotation))
-                 if isinstance(a, type) and issubclass(a, BaseModel)]
-        inner += [b for a in typing.get_args(field.annotation) for b in typing.get_args(a)
-                  if isinstance(b, type) and issubclass(b, BaseModel)]
+        inner = [
+            a
+            for a in (field.annotation, *typing.get_args(field.annotation))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        inner += [
+            b
+            for a in typing.get_args(field.annotation)
+            for b in typing.get_args(a)
+            if isinstance(b, type) and issubclass(b, BaseModel)
+        ]
         if not inner:
             return None
         model = inner[0]
@@ -547,7 +653,9 @@ def _config_error(exc: ValidationError) -> ConfigError:
     for err in errors:
         loc = tuple(err["loc"])
         # A list whose items failed is also "too short" to pydantic: the items are the news.
-        if err["type"] == "too_short" and any(tuple(e["loc"])[:len(loc)] == loc and len(e["loc"]) > len(loc) for e in errors):
+        if err["type"] == "too_short" and any(
+            tuple(e["loc"])[: len(loc)] == loc and len(e["loc"]) > len(loc) for e in errors
+        ):
             continue
         if (problem := _problem(err)) not in problems:
             problems.append(problem)
@@ -596,13 +704,18 @@ def describe(settings: Settings) -> str:
         f"tolerance {inv.payment_tolerance_percent}%",
         f"retention: idempotency keys {settings.retention.idempotency_keys_hours} h, delivered events "
         f"{settings.retention.delivered_events_days} days, closed invoices watched "
-        + (f"{settings.retention.watch_closed_invoices_days} days" if settings.retention.watch_closed_invoices_days
-           else "forever"),
+        + (
+            f"{settings.retention.watch_closed_invoices_days} days"
+            if settings.retention.watch_closed_invoices_days
+            else "forever"
+        ),
     ]
     if settings.checkout is not None:
         c = settings.checkout
-        lines.append(f"checkout: listen {c.listen}, pages at {c.public_base_url}/pay/<invoice id>"
-                     + (f", brand {c.brand_name!r}" if c.brand_name else ""))
+        lines.append(
+            f"checkout: listen {c.listen}, pages at {c.public_base_url}/pay/<invoice id>"
+            + (f", brand {c.brand_name!r}" if c.brand_name else "")
+        )
     else:
         lines.append("checkout: none (invoices have no checkout_url)")
     for chain in settings.chains:
@@ -610,8 +723,10 @@ def describe(settings: Settings) -> str:
         lines.append("  rpc: " + ", ".join(strip_credentials(u) for u in chain.rpc_urls))
         mode = f"ws {strip_credentials(chain.ws_url)}" if chain.ws_url else "polling"
         lines.append(f"  head: {mode}, poll every {chain.poll_interval_seconds:g} s")
-        lines.append(f"  confirmations: {chain.confirmations}; start block: {chain.start_block}; "
-                     f"JSON-RPC batches of at most {chain.max_batch}")
+        lines.append(
+            f"  confirmations: {chain.confirmations}; start block: {chain.start_block}; "
+            f"JSON-RPC batches of at most {chain.max_batch}"
+        )
         if chain.deposit_xpub:
             x = chain.deposit_xpub
             lines.append(f"  deposit xpub: {x[:12]}...{x[-6:]} (address rail)")
@@ -621,7 +736,9 @@ def describe(settings: Settings) -> str:
             rail = "contract rail" if chain.merchant_address else "contract rail needs merchant_address too"
             lines.append(f"  router: {to_checksum(chain.router_address)} ({rail})")
         if any(a.kind == "native" for a in chain.assets):
-            lines.append(f"  native deposits: full blocks; inner transfers (tracer): {chain.internal_transfers}")
+            lines.append(
+                f"  native deposits: full blocks; inner transfers (tracer): {chain.internal_transfers}"
+            )
         for a in chain.assets:
             where = to_checksum(a.contract) if a.contract else "native coin"
             rate = f", usd_rate {a.usd_rate}" if a.usd_rate is not None else ", no usd_rate"
@@ -629,6 +746,8 @@ def describe(settings: Settings) -> str:
     if not settings.webhooks:
         lines.append("webhooks: none")
     for hook in settings.webhooks:
-        lines.append(f"webhook {strip_credentials(hook.url)}: events {', '.join(hook.events)} "
-                     f"(secret from ${hook.secret_env})")
+        lines.append(
+            f"webhook {strip_credentials(hook.url)}: events {', '.join(hook.events)} "
+            f"(secret from ${hook.secret_env})"
+        )
     return "\n".join(lines)

@@ -35,9 +35,7 @@ __all__ = [
 ARTIFACT_PACKAGE: Final = "watcher.contracts_build"
 
 TRANSFER_SIGNATURE: Final = "Transfer(address,address,uint256)"
-PAYMENT_RECEIVED_SIGNATURE: Final = (
-    "PaymentReceived(bytes32,bytes32,address,address,address,uint256)"
-)
+PAYMENT_RECEIVED_SIGNATURE: Final = "PaymentReceived(bytes32,bytes32,address,address,address,uint256)"
 
 
 def _topic(signature: str) -> str:

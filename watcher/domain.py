@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 import re
-from functools import lru_cache
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import ROUND_DOWN, Decimal, localcontext
 from enum import StrEnum
 from fractions import Fraction
-from typing import Sequence
+from functools import lru_cache
 
 UINT256_MAX = 2**256 - 1
 
@@ -143,8 +143,16 @@ class RouterPayment:
     amount: int
 
     def as_transfer(self) -> Transfer:
-        return Transfer(self.tx_hash, self.log_index, self.block_number, self.block_hash, self.token,
-                        self.payer, self.recipient, self.amount)
+        return Transfer(
+            self.tx_hash,
+            self.log_index,
+            self.block_number,
+            self.block_hash,
+            self.token,
+            self.payer,
+            self.recipient,
+            self.amount,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,8 +278,14 @@ def _judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], chain_time: 
         open_zero = _open_payment_exceptions(invoice, roles)
         return Judgement(
             InvoiceStatus.DRAFT if invoice.draft else InvoiceStatus.CONFIRMED,
-            PaymentState.EXACT, Fraction(0), Decimal(0), Decimal(0), Decimal(0), roles,
-            _pick_exception(invoice, open_zero), tuple(t for t in EXCEPTION_PRIORITY if t in open_zero),
+            PaymentState.EXACT,
+            Fraction(0),
+            Decimal(0),
+            Decimal(0),
+            Decimal(0),
+            roles,
+            _pick_exception(invoice, open_zero),
+            tuple(t for t in EXCEPTION_PRIORITY if t in open_zero),
         )
 
     threshold = 1 - Fraction(invoice.tolerance_percent) / 100
@@ -336,7 +350,9 @@ def _judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], chain_time: 
     places = display_places(invoice.amount)
     received_amount = _quantize_down(received * Fraction(invoice.amount), places)
     remaining = max(invoice.amount - received_amount, Decimal(0))
-    overpaid = _overpaid_shown((received - 1) * Fraction(invoice.amount), places) if received > 1 else Decimal(0)
+    overpaid = (
+        _overpaid_shown((received - 1) * Fraction(invoice.amount), places) if received > 1 else Decimal(0)
+    )
 
     open_types = _open_payment_exceptions(invoice, roles)
     if received > 1 and not _resolved_type(invoice, ExceptionType.OVERPAID):
@@ -345,8 +361,15 @@ def _judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], chain_time: 
         open_types.append(ExceptionType.UNDERPAID)
 
     return Judgement(
-        status, state, received, received_amount, _q(remaining, places), overpaid, roles,
-        _pick_exception(invoice, open_types), tuple(t for t in EXCEPTION_PRIORITY if t in open_types),
+        status,
+        state,
+        received,
+        received_amount,
+        _q(remaining, places),
+        overpaid,
+        roles,
+        _pick_exception(invoice, open_types),
+        tuple(t for t in EXCEPTION_PRIORITY if t in open_types),
     )
 
 
@@ -368,12 +391,18 @@ def _resolved_type(invoice: InvoiceFacts, kind: ExceptionType) -> bool:
 
 def _open_payment_exceptions(invoice: InvoiceFacts, roles: dict[str, Role]) -> list[ExceptionType]:
     """Late and duplicate payments stay an open exception until a resolution covers them."""
-    covered: dict[ExceptionType, set[str]] = {ExceptionType.LATE_PAYMENT: set(), ExceptionType.DUPLICATE_PAYMENT: set()}
+    covered: dict[ExceptionType, set[str]] = {
+        ExceptionType.LATE_PAYMENT: set(),
+        ExceptionType.DUPLICATE_PAYMENT: set(),
+    }
     for r in invoice.resolutions:
         if r.exception_type in covered:
             covered[r.exception_type] |= r.payment_ids
     open_types = []
-    for kind, role in ((ExceptionType.LATE_PAYMENT, Role.LATE), (ExceptionType.DUPLICATE_PAYMENT, Role.DUPLICATE)):
+    for kind, role in (
+        (ExceptionType.LATE_PAYMENT, Role.LATE),
+        (ExceptionType.DUPLICATE_PAYMENT, Role.DUPLICATE),
+    ):
         if any(r == role and pid not in covered[kind] for pid, r in roles.items()):
             open_types.append(kind)
     return open_types
@@ -389,11 +418,11 @@ def _pick_exception(invoice: InvoiceFacts, open_types: list[ExceptionType]) -> E
     return None
 
 
-def payments_to_cover(
-    kind: ExceptionType, roles: dict[str, Role]
-) -> frozenset[str]:
+def payments_to_cover(kind: ExceptionType, roles: dict[str, Role]) -> frozenset[str]:
     """The payments a resolution of `kind` takes in: every late or duplicate one it is about."""
-    wanted = {ExceptionType.LATE_PAYMENT: Role.LATE, ExceptionType.DUPLICATE_PAYMENT: Role.DUPLICATE}.get(kind)
+    wanted = {ExceptionType.LATE_PAYMENT: Role.LATE, ExceptionType.DUPLICATE_PAYMENT: Role.DUPLICATE}.get(
+        kind
+    )
     if wanted is None:
         return frozenset()
     return frozenset(pid for pid, role in roles.items() if role == wanted)
@@ -496,7 +525,9 @@ def new_id(prefix: str, now_ms: int, randomness: bytes | None = None) -> str:
     rand = secrets.token_bytes(10) if randomness is None else randomness
     value = (now_ms << 80) | int.from_bytes(rand, "big")
     # 26 characters, two at a time (10 bits) from a table: ids are made for every event.
-    return prefix + "_" + "".join([_CROCKFORD_PAIRS[(value >> shift) & 1023] for shift in range(120, -10, -10)])
+    return (
+        prefix + "_" + "".join([_CROCKFORD_PAIRS[(value >> shift) & 1023] for shift in range(120, -10, -10)])
+    )
 
 
 def rfc3339(unix_seconds: float | int | None) -> str | None:
@@ -508,4 +539,4 @@ def rfc3339(unix_seconds: float | int | None) -> str | None:
 @lru_cache(maxsize=4096)
 def _rfc3339(unix_seconds: int) -> str:
     """Cached: every payment and event shows a time, and most are of the same few seconds."""
-    return datetime.fromtimestamp(unix_seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(unix_seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Coroutine, Literal, Protocol, Sequence, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
 
@@ -142,7 +143,9 @@ class Follower:
         candidates = self.watch.native(blocks)
         if not candidates:
             return []
-        ok = await self.reader.successful_transactions({t.tx_hash: (t.block_number, t.block_hash) for t, _ in candidates})
+        ok = await self.reader.successful_transactions(
+            {t.tx_hash: (t.block_number, t.block_hash) for t, _ in candidates}
+        )
         for t, _ in candidates:
             if t.tx_hash not in ok:
                 log.info("failed_transaction_ignored", network=self.network, tx=t.tx_hash, to=t.to_address)
@@ -164,9 +167,20 @@ class Follower:
             block = by_number.get(inner.block_number)
             if block is None or inner.tx_hash not in block.tx_hashes:
                 # Traces are read by number: make sure they are of the block we read.
-                raise ChainChanged(f"trace of tx {inner.tx_hash} is not of block {inner.block_number} as read")
-            transfer = Transfer(inner.tx_hash, None, block.ref.number, block.ref.hash, None, inner.from_address,
-                                inner.to_address, inner.amount, trace_position=inner.position)
+                raise ChainChanged(
+                    f"trace of tx {inner.tx_hash} is not of block {inner.block_number} as read"
+                )
+            transfer = Transfer(
+                inner.tx_hash,
+                None,
+                block.ref.number,
+                block.ref.hash,
+                None,
+                inner.from_address,
+                inner.to_address,
+                inner.amount,
+                trace_position=inner.position,
+            )
             out.append((transfer, option_id))
         return out
 
@@ -180,11 +194,14 @@ class Follower:
             if self.rails.internal_transfers == "on":
                 self.tracer = ""
                 raise TracerMissing(
-                    "internal_transfers = \"on\" but the node has no tracer (neither debug_traceBlockByNumber nor "
+                    'internal_transfers = "on" but the node has no tracer (neither debug_traceBlockByNumber nor '
                     "trace_block answers): not following the chain rather than missing payments"
                 )
-            log.warning("internal_transfers_unavailable", network=self.network,
-                        detail="the node has no tracer: the coin sent from inside contract calls is not seen")
+            log.warning(
+                "internal_transfers_unavailable",
+                network=self.network,
+                detail="the node has no tracer: the coin sent from inside contract calls is not seen",
+            )
         else:
             log.info("internal_transfers_traced", network=self.network, method=self.tracer)
 
@@ -290,7 +307,9 @@ class Follower:
             by_number.update(await self._headers(missing))
         for t, _ in matched:
             if by_number[t.block_number].hash != t.block_hash:
-                raise ChainChanged(f"log of tx {t.tx_hash} names block hash {t.block_hash}, not the canonical one")
+                raise ChainChanged(
+                    f"log of tx {t.tx_hash} names block hash {t.block_hash}, not the canonical one"
+                )
         numbers = sorted(by_number)
         if last - first + 1 == self.chunk_size and self.chunk_size < self.max_chunk_size:
             self.chunk_size = min(self.max_chunk_size, self.chunk_size * 2)
@@ -315,8 +334,14 @@ class Follower:
             self.metrics.blocks_applied(self.network, last - first + 1, [role for _, role in reported])
         if result.payments_added or result.payments_confirmed or result.invoices_changed:
             log.info(
-                "blocks_applied", network=self.network, first=first, last=last, payments=result.payments_added,
-                confirmed=result.payments_confirmed, invoices_changed=result.invoices_changed, events=result.events,
+                "blocks_applied",
+                network=self.network,
+                first=first,
+                last=last,
+                payments=result.payments_added,
+                confirmed=result.payments_confirmed,
+                invoices_changed=result.invoices_changed,
+                events=result.events,
             )
         return last - first + 1
 
@@ -327,8 +352,12 @@ class Follower:
         recipients = self.watch.recipient_filter()
         payment_ids = self.watch.payment_id_filter()
         if one_block:
-            recipients = recipients if recipients is not None and len(recipients) <= BLOCK_TOPIC_LIMIT else None
-            payment_ids = payment_ids if payment_ids is not None and len(payment_ids) <= BLOCK_TOPIC_LIMIT else None
+            recipients = (
+                recipients if recipients is not None and len(recipients) <= BLOCK_TOPIC_LIMIT else None
+            )
+            payment_ids = (
+                payment_ids if payment_ids is not None and len(payment_ids) <= BLOCK_TOPIC_LIMIT else None
+            )
         return LogQuery(
             tokens=self.tokens if transfers else [],
             recipients=recipients,
@@ -342,7 +371,9 @@ class Follower:
         every log we could want (most blocks, for most merchants: no request at all)."""
         wanted = []
         for block in blocks:
-            transfers, routed = self.watch.may_pay(block.bloom if self.trust_logs_bloom else None, self.tokens)
+            transfers, routed = self.watch.may_pay(
+                block.bloom if self.trust_logs_bloom else None, self.tokens
+            )
             if transfers or routed:
                 wanted.append((block, self._log_query(transfers, routed, one_block=True)))
         found = await self.reader.block_logs(wanted) if wanted else FoundLogs()
@@ -367,16 +398,22 @@ class Follower:
 
         size = min(LOG_SPAN, self.chunk_size)
         try:
-            parts = await _all_or_none([span(a, min(a + size - 1, last)) for a in range(first, last + 1, size)])
+            parts = await _all_or_none(
+                [span(a, min(a + size - 1, last)) for a in range(first, last + 1, size)]
+            )
         except BlockUnknown:
             raise
         except RpcError as exc:
             if last > first and exc.code != 429 and "rate" not in str(exc).lower():
                 # Providers refuse ranges that are too large or too busy: ask for less next time.
                 self.chunk_size = max(1, (last - first + 1) // 2)
-                log.warning("log_range_shrunk", network=self.network, chunk_size=self.chunk_size, error=str(exc))
+                log.warning(
+                    "log_range_shrunk", network=self.network, chunk_size=self.chunk_size, error=str(exc)
+                )
             raise
-        return self.watch.logged([t for part in parts for t in part.transfers], [p for part in parts for p in part.routed])
+        return self.watch.logged(
+            [t for part in parts for t in part.transfers], [p for part in parts for p in part.routed]
+        )
 
     async def _full_blocks(self, numbers: list[int], *, partial: bool = False) -> list[FullBlock]:
         """The blocks; with `partial`, those before the first the node does not have (at least one)."""
@@ -409,8 +446,12 @@ class Follower:
             raise ChainChanged(f"the node disagrees with itself about block {cursor.number}")
         reverted = self.store.revert_to(self.network, ancestor)
         log.warning(
-            "reorg", network=self.network, old_tip=cursor.number, old_hash=cursor.hash,
-            ancestor=ancestor.number, payments_reverted=len(reverted),
+            "reorg",
+            network=self.network,
+            old_tip=cursor.number,
+            old_hash=cursor.hash,
+            ancestor=ancestor.number,
+            payments_reverted=len(reverted),
         )
 
     async def _common_ancestor(self, cursor: BlockRef) -> BlockRef:
@@ -430,7 +471,9 @@ class Follower:
             theirs = await self.reader.headers([b.number for b in ours])
             for mine, node_block in zip(ours, theirs):
                 if node_block is None:
-                    raise ChainChanged(f"the node has no block {mine.number} (behind?) while we look for a reorg's base")
+                    raise ChainChanged(
+                        f"the node has no block {mine.number} (behind?) while we look for a reorg's base"
+                    )
                 if node_block.hash == mine.hash:
                     return mine
             start += len(ours)
@@ -442,7 +485,13 @@ class Follower:
             "on the node): nothing on this chain is applied or confirmed until the node agrees again or an operator "
             f"runs `watcher rewind --chain {self.network} --to-block N` with a block below the fork"
         )
-        log.error("reorg_deeper_than_window", network=self.network, tip=cursor.number, oldest=oldest, window=len(window))
+        log.error(
+            "reorg_deeper_than_window",
+            network=self.network,
+            tip=cursor.number,
+            oldest=oldest,
+            window=len(window),
+        )
         raise ReorgTooDeep(reason)
 
     async def _check_genesis(self) -> None:
@@ -479,7 +528,7 @@ class Follower:
                     log.error("chain_stopped", network=self.network, reason=str(exc))
                 self.status.last_error = self.status.stopped = str(exc)
                 self._count_failure(exc)
-            except (RpcError, ChainChanged, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, RpcError, ChainChanged, OSError) as exc:
                 failing_since = failing_since or time.monotonic()
                 self.status.last_error = str(exc)
                 log.warning("follower_step_failed", network=self.network, error=str(exc))
@@ -491,8 +540,11 @@ class Follower:
                 self._count_failure(exc)
             else:
                 if failing_since is not None:  # the change of state back, once
-                    log.info("follower_recovered", network=self.network,
-                             failed_for_seconds=round(time.monotonic() - failing_since, 1))
+                    log.info(
+                        "follower_recovered",
+                        network=self.network,
+                        failed_for_seconds=round(time.monotonic() - failing_since, 1),
+                    )
                     failing_since = None
                 if moved:
                     continue

@@ -36,14 +36,21 @@ BACKLOG = 128
 RESERVED_DESCRIPTORS = 128
 PROBLEM = "application/problem+json"
 
-_TITLES = {400: "Bad request", 413: "Payload too large", 414: "URI too long",
-           431: "Request header fields too large", 500: "Internal error", 504: "Gateway timeout"}
+_TITLES = {
+    400: "Bad request",
+    413: "Payload too large",
+    414: "URI too long",
+    431: "Request header fields too large",
+    500: "Internal error",
+    504: "Gateway timeout",
+}
 
 
 def hide_server_header(request: web.BaseRequest) -> None:
     """Drop the `Server` header aiohttp adds to every response (software and version)."""
     writer = request.writer
     if getattr(writer, "_on_headers_sent", None) is None and hasattr(writer, "_on_headers_sent"):
+
         async def drop(headers: Any) -> None:
             headers.popall("Server", None)
 
@@ -71,7 +78,9 @@ class _Handler(RequestHandler):
     """aiohttp's handler with a deadline for the headers of each request and problem+json
     for the errors of the HTTP layer."""
 
-    def __init__(self, manager: web.Server, *, listener: "Listener", header_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self, manager: web.Server, *, listener: Listener, header_timeout: float, **kwargs: Any
+    ) -> None:
         super().__init__(manager, **kwargs)
         self._listener = listener
         self._header_timeout = header_timeout
@@ -113,20 +122,40 @@ class _Handler(RequestHandler):
         self._header_deadline = None
         self.force_close()
 
-    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
         """A request that never reached the application: say what kind of error, echo nothing."""
         if status >= 500:
-            log.error("http_request_failed", client=request.remote, status=status,
-                      error=type(exc).__name__ if exc else None)
+            log.error(
+                "http_request_failed",
+                client=request.remote,
+                status=status,
+                error=type(exc).__name__ if exc else None,
+            )
         else:
-            log.info("http_bad_request", client=request.remote, status=status,
-                     error=type(exc).__name__ if exc else None)
+            log.info(
+                "http_bad_request",
+                client=request.remote,
+                status=status,
+                error=type(exc).__name__ if exc else None,
+            )
         title = _TITLES.get(status, "Bad request" if status < 500 else "Internal error")
-        detail = ("the request could not be read as HTTP/1.1 within the server's limits"
-                  if status < 500 else "the server could not handle this request; see its log")
-        body = {"type": f"urn:watcher:problem:{title.lower().replace(' ', '-')}", "title": title,
-                "status": status, "detail": detail}
+        detail = (
+            "the request could not be read as HTTP/1.1 within the server's limits"
+            if status < 500
+            else "the server could not handle this request; see its log"
+        )
+        body = {
+            "type": f"urn:watcher:problem:{title.lower().replace(' ', '-')}",
+            "title": title,
+            "status": status,
+            "detail": detail,
+        }
         response = web.Response(status=status, body=orjson.dumps(body), content_type=PROBLEM)
         response.force_close()
         hide_server_header(request)
@@ -136,8 +165,15 @@ class _Handler(RequestHandler):
 class Listener:
     """Accepts connections for a set-up AppRunner while fewer than `max_connections` are open."""
 
-    def __init__(self, runner: web.AppRunner, sockets: list[socket.socket], *, max_connections: int,
-                 header_timeout: float, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        sockets: list[socket.socket],
+        *,
+        max_connections: int,
+        header_timeout: float,
+        idle_timeout: float,
+    ) -> None:
         self.runner = runner
         self.sockets = sockets
         self.max_connections = max_connections
@@ -155,8 +191,14 @@ class Listener:
     def _handler(self) -> _Handler:
         server = self.runner.server
         assert server is not None
-        return _Handler(server, loop=asyncio.get_running_loop(), listener=self, header_timeout=self.header_timeout,
-                        keepalive_timeout=self.idle_timeout, access_log=None)
+        return _Handler(
+            server,
+            loop=asyncio.get_running_loop(),
+            listener=self,
+            header_timeout=self.header_timeout,
+            keepalive_timeout=self.idle_timeout,
+            access_log=None,
+        )
 
     def released(self) -> None:
         self.open -= 1
@@ -193,8 +235,15 @@ class Listener:
             sock.close()
 
 
-async def listen(runner: web.AppRunner, host: str, port: int, *, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 header_timeout: float = HEADER_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT) -> Listener:
+async def listen(
+    runner: web.AppRunner,
+    host: str,
+    port: int,
+    *,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    header_timeout: float = HEADER_TIMEOUT,
+    idle_timeout: float = IDLE_TIMEOUT,
+) -> Listener:
     """Bind `host:port` (every address it names) and serve `runner`'s application there.
     An address in use or not the host's raises OSError, as aiohttp's sites do."""
     loop = asyncio.get_running_loop()
@@ -212,8 +261,11 @@ async def listen(runner: web.AppRunner, host: str, port: int, *, max_connections
             try:
                 sock.bind(address)
             except OSError as exc:  # worded as asyncio words it (the CLI's listen_failed line shows it)
-                raise OSError(exc.errno, f"error while attempting to bind on address {address!r}: "
-                                         f"{(exc.strerror or str(exc)).lower()}") from None
+                raise OSError(
+                    exc.errno,
+                    f"error while attempting to bind on address {address!r}: "
+                    f"{(exc.strerror or str(exc)).lower()}",
+                ) from None
             sock.listen(BACKLOG)
             sock.setblocking(False)
     except OSError:
@@ -222,6 +274,12 @@ async def listen(runner: web.AppRunner, host: str, port: int, *, max_connections
         raise
     limit = effective_max_connections(max_connections)
     if limit < max_connections:
-        log.warning("http_max_connections_lowered", configured=max_connections, effective=limit,
-                    hint="the process may open too few files: raise LimitNOFILE (ulimit -n)")
-    return Listener(runner, sockets, max_connections=limit, header_timeout=header_timeout, idle_timeout=idle_timeout)
+        log.warning(
+            "http_max_connections_lowered",
+            configured=max_connections,
+            effective=limit,
+            hint="the process may open too few files: raise LimitNOFILE (ulimit -n)",
+        )
+    return Listener(
+        runner, sockets, max_connections=limit, header_timeout=header_timeout, idle_timeout=idle_timeout
+    )

@@ -6,9 +6,10 @@ index is allocated exactly once).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Sequence
+from typing import Any
 
 from eth_utils import keccak
 
@@ -44,7 +45,9 @@ class AssetRef:
 class Invoicing:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._derivers = {c.deposit_xpub: AddressDeriver(c.deposit_xpub) for c in settings.chains if c.deposit_xpub}
+        self._derivers = {
+            c.deposit_xpub: AddressDeriver(c.deposit_xpub) for c in settings.chains if c.deposit_xpub
+        }
         self.assets: list[AssetRef] = [
             AssetRef(chain, a.symbol, a.kind, a.contract, a.decimals, a.usd_rate)
             for chain in settings.chains
@@ -62,7 +65,8 @@ class Invoicing:
         for i, name in enumerate(wanted):
             network, _, symbol = name.rpartition(":")
             found = [
-                a for a in self.assets
+                a
+                for a in self.assets
                 if a.symbol.lower() == symbol.lower() and (not network or a.chain.name == network.lower())
             ]
             if not found:
@@ -103,14 +107,21 @@ class Invoicing:
         for i, rail in enumerate(rails):
             if rail not in SUPPORTED_RAILS:
                 raise OptionsError(f"rails[{i}]", f"unknown rail {rail!r} (known: address, contract)")
-        known = {a.symbol.lower() for a in self.assets} | {f"{a.chain.name}:{a.symbol}".lower() for a in self.assets}
+        known = {a.symbol.lower() for a in self.assets} | {
+            f"{a.chain.name}:{a.symbol}".lower() for a in self.assets
+        }
         for name in quote_rates:
             if name.lower() not in known:
-                raise OptionsError(f"quote_rates.{name}", f"no configured asset {name!r} (a rate names SYMBOL or network:SYMBOL)")
+                raise OptionsError(
+                    f"quote_rates.{name}",
+                    f"no configured asset {name!r} (a rate names SYMBOL or network:SYMBOL)",
+                )
         rates = {k.lower(): v for k, v in quote_rates.items()}
         specs: list[OptionSpec] = []
         for asset in self.select_assets(assets):
-            rate = rates.get(f"{asset.chain.name}:{asset.symbol}".lower(), rates.get(asset.symbol.lower(), asset.usd_rate))
+            rate = rates.get(
+                f"{asset.chain.name}:{asset.symbol}".lower(), rates.get(asset.symbol.lower(), asset.usd_rate)
+            )
             if rate is None:
                 continue  # cannot be quoted: left out
             atomic = quote_atomic(amount, rate, asset.decimals)
@@ -120,21 +131,34 @@ class Invoicing:
                 continue
             confirmations = asset.chain.confirmations if isinstance(asset.chain.confirmations, int) else 0
             common = dict(
-                network=asset.chain.name, chain_id=asset.chain.chain_id, asset=asset.symbol,
-                token_contract=asset.contract, decimals=asset.decimals,
-                quoted_amount=format_units(atomic, asset.decimals), quote_rate=format(rate, "f"),
-                amount_atomic=atomic, required_confirmations=confirmations,
+                network=asset.chain.name,
+                chain_id=asset.chain.chain_id,
+                asset=asset.symbol,
+                token_contract=asset.contract,
+                decimals=asset.decimals,
+                quoted_amount=format_units(atomic, asset.decimals),
+                quote_rate=format(rate, "f"),
+                amount_atomic=atomic,
+                required_confirmations=confirmations,
             )
             for rail in rails:
                 if rail == "address" and asset.chain.deposit_xpub:
                     specs.append(OptionSpec(rail="address", xpub=asset.chain.deposit_xpub, **common))
                 elif rail == "contract" and asset.chain.router_address and asset.chain.merchant_address:
-                    specs.append(OptionSpec(rail="contract", destination=asset.chain.merchant_address,
-                                            router=asset.chain.router_address, **common))
+                    specs.append(
+                        OptionSpec(
+                            rail="contract",
+                            destination=asset.chain.merchant_address,
+                            router=asset.chain.router_address,
+                            **common,
+                        )
+                    )
         return specs
 
 
-def finish_option(spec: OptionSpec, destination: str, invoice_id: str, option_id: str) -> tuple[str, dict | None]:
+def finish_option(
+    spec: OptionSpec, destination: str, invoice_id: str, option_id: str
+) -> tuple[str, dict | None]:
     """The EIP-681 URI once the destination and ids are known, and for the contract rail the
     router call that pays it (its hashes are what the follower finds in `PaymentReceived`)."""
     if spec.rail == "contract":
@@ -159,12 +183,19 @@ def session_timing(timing: dict[str, Any], now: float) -> tuple[dict[str, Any], 
     if timing["mode"] == "immediate":
         minutes = timing["expires_after_minutes"]
         payable_until = int(now) + minutes * 60
-        return {"mode": "immediate", "expires_after_minutes": minutes, "payable_until": rfc3339(payable_until)}, payable_until
+        return {
+            "mode": "immediate",
+            "expires_after_minutes": minutes,
+            "payable_until": rfc3339(payable_until),
+        }, payable_until
     due_days = timing.get("due_after_days") or 0
     grace = timing.get("grace_period_days") or 0
     due_at = int(now) + due_days * 86400
     payable_until = due_at + grace * 86400
     return {
-        "mode": "due_date", "due_after_days": due_days, "grace_period_days": grace,
-        "due_at": rfc3339(due_at), "payable_until": rfc3339(payable_until),
+        "mode": "due_date",
+        "due_after_days": due_days,
+        "grace_period_days": grace,
+        "due_at": rfc3339(due_at),
+        "payable_until": rfc3339(payable_until),
     }, payable_until

@@ -11,7 +11,7 @@ store.retention), so a first run on an old database is worked off over several r
 from __future__ import annotations
 
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -36,7 +36,9 @@ async def expire_sweep(store: Store) -> int:
     return changed
 
 
-async def prune_idempotency(store: Store, hours: int, clock: Callable[[], float], on_pruned: OnPruned | None) -> int:
+async def prune_idempotency(
+    store: Store, hours: int, clock: Callable[[], float], on_pruned: OnPruned | None
+) -> int:
     removed = prune_idempotency_keys(store, clock() - hours * 3600)
     if removed:
         log.info("idempotency_keys_pruned", count=removed)
@@ -45,12 +47,18 @@ async def prune_idempotency(store: Store, hours: int, clock: Callable[[], float]
     return removed
 
 
-async def prune_events(store: Store, days: int, clock: Callable[[], float], on_pruned: OnPruned | None) -> int:
+async def prune_events(
+    store: Store, days: int, clock: Callable[[], float], on_pruned: OnPruned | None
+) -> int:
     events, deliveries, attempts = prune_delivered_events(store, clock() - days * 86400)
     if events:
         log.info("delivered_events_pruned", events=events, deliveries=deliveries, attempts=attempts)
         if on_pruned is not None:
-            for what, count in (("events", events), ("deliveries", deliveries), ("delivery_attempts", attempts)):
+            for what, count in (
+                ("events", events),
+                ("deliveries", deliveries),
+                ("delivery_attempts", attempts),
+            ):
                 on_pruned(what, count)
     return events
 
@@ -60,8 +68,14 @@ class Unwatcher:
     per run, walking the closed invoices in the order they closed (a mark per chain: each run
     goes on where the last stopped; after a restart, which loads every option, from the start)."""
 
-    def __init__(self, store: Store, watch_sets: Callable[[], Mapping[str, WatchSet]], days: int,
-                 clock: Callable[[], float], on_pruned: OnPruned | None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        watch_sets: Callable[[], Mapping[str, WatchSet]],
+        days: int,
+        clock: Callable[[], float],
+        on_pruned: OnPruned | None,
+    ) -> None:
         self.store = store
         self.watch_sets = watch_sets
         self.days = days
@@ -99,20 +113,41 @@ def make_scheduler(
     """`watch_sets`: each chain's WatchSet (the followers'), for `watch_closed_invoices_days`."""
     scheduler = AsyncIOScheduler(timezone="UTC")
     scheduler.add_job(
-        expire_sweep, "interval", seconds=expiry_interval, args=[store], id="expiry",
-        max_instances=1, coalesce=True,
+        expire_sweep,
+        "interval",
+        seconds=expiry_interval,
+        args=[store],
+        id="expiry",
+        max_instances=1,
+        coalesce=True,
     )
     if retention is not None:
         scheduler.add_job(
-            prune_idempotency, "interval", seconds=prune_interval, id="prune_idempotency_keys",
-            args=[store, retention.idempotency_keys_hours, clock, on_pruned], max_instances=1, coalesce=True,
+            prune_idempotency,
+            "interval",
+            seconds=prune_interval,
+            id="prune_idempotency_keys",
+            args=[store, retention.idempotency_keys_hours, clock, on_pruned],
+            max_instances=1,
+            coalesce=True,
         )
         scheduler.add_job(
-            prune_events, "interval", seconds=prune_interval, id="prune_delivered_events",
-            args=[store, retention.delivered_events_days, clock, on_pruned], max_instances=1, coalesce=True,
+            prune_events,
+            "interval",
+            seconds=prune_interval,
+            id="prune_delivered_events",
+            args=[store, retention.delivered_events_days, clock, on_pruned],
+            max_instances=1,
+            coalesce=True,
         )
         if retention.watch_closed_invoices_days and watch_sets is not None:
             unwatch = Unwatcher(store, watch_sets, retention.watch_closed_invoices_days, clock, on_pruned)
-            scheduler.add_job(unwatch.run, "interval", seconds=prune_interval, id="unwatch_closed_invoices",
-                              max_instances=1, coalesce=True)
+            scheduler.add_job(
+                unwatch.run,
+                "interval",
+                seconds=prune_interval,
+                id="unwatch_closed_invoices",
+                max_instances=1,
+                coalesce=True,
+            )
     return scheduler

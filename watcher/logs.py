@@ -16,8 +16,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any, Callable, TextIO
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TextIO
 
 import structlog
 
@@ -60,8 +60,16 @@ def redact(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
 # Warnings a node or endpoint that stays down repeats at every retry. The first of a run is
 # the news (the state changed); the same one again is logged at most once a minute, with how
 # many were held back. A recovery (`follower_recovered`) ends the run.
-REPEATING = frozenset({"rpc_retry", "rpc_endpoint_retry", "rpc_all_endpoints_failed", "follower_step_failed",
-                       "ws_heads_lost", "node_behind_checkpoint"})
+REPEATING = frozenset(
+    {
+        "rpc_retry",
+        "rpc_endpoint_retry",
+        "rpc_all_endpoints_failed",
+        "follower_step_failed",
+        "ws_heads_lost",
+        "node_behind_checkpoint",
+    }
+)
 RECOVERED = frozenset({"follower_recovered"})
 REMINDER_SECONDS = 60.0
 
@@ -161,11 +169,17 @@ def configure_logging(log_format: str | None = None, level: str = "info") -> str
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                    structlog.processors.format_exc_info, redact, renderer],
-    ))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                redact,
+                renderer,
+            ],
+        )
+    )
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_watcher", False)]:
         root.removeHandler(old)

@@ -8,8 +8,9 @@ decides what to read from the node and hands the results here.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -20,8 +21,8 @@ from .contracts import PAYMENT_RECEIVED_TOPIC
 from .domain import FullBlock, RouterPayment, Transfer
 
 if TYPE_CHECKING:
-    from .store import Store
     from .chain.traces import InternalTransfer
+    from .store import Store
 
 log = structlog.get_logger("watcher.follower")
 
@@ -78,7 +79,11 @@ class WatchSet:
                 token = call["token"].lower()
                 router = call["router"].lower()
                 self.payment_ids[call["payment_id_hash"]] = RouterTarget(
-                    row["id"], None if int(token, 16) == 0 else token, call["invoice_id_hash"], call["recipient"].lower(), router
+                    row["id"],
+                    None if int(token, 16) == 0 else token,
+                    call["invoice_id_hash"],
+                    call["recipient"].lower(),
+                    router,
                 )
                 self.routers.add(router)
             self._rowid = row["rowid"]
@@ -123,8 +128,11 @@ class WatchSet:
                 or any(may_contain(bloom, bloom_mask(address_topic(a))) for a in self.addresses)
             )
         if routed:
-            routed = any(may_contain(bloom, _event_mask(r, PAYMENT_RECEIVED_TOPIC)) for r in self.routers) and (
-                len(self.payment_ids) > TOPIC_FILTER_LIMIT or any(may_contain(bloom, bloom_mask(p)) for p in self.payment_ids)
+            routed = any(
+                may_contain(bloom, _event_mask(r, PAYMENT_RECEIVED_TOPIC)) for r in self.routers
+            ) and (
+                len(self.payment_ids) > TOPIC_FILTER_LIMIT
+                or any(may_contain(bloom, bloom_mask(p)) for p in self.payment_ids)
             )
         return transfers, routed
 
@@ -139,7 +147,13 @@ class WatchSet:
                 log.info("zero_value_transfer_ignored", network=self.network, tx=t.tx_hash, to=t.to_address)
                 continue
             if target.token != t.token:
-                log.warning("wrong_asset_transfer_ignored", network=self.network, tx=t.tx_hash, to=t.to_address, token=t.token)
+                log.warning(
+                    "wrong_asset_transfer_ignored",
+                    network=self.network,
+                    tx=t.tx_hash,
+                    to=t.to_address,
+                    token=t.token,
+                )
                 continue
             out.append((t, target.option_id))
         return out
@@ -177,7 +191,11 @@ class WatchSet:
         that misconfiguration.)"""
         routed = self.router_payments(payments)
         moved_by_router = {(t.tx_hash, t.token, t.to_address, t.amount) for t, _ in routed}
-        direct = [m for m in self.transfers(transfers) if (m[0].tx_hash, m[0].token, m[0].to_address, m[0].amount) not in moved_by_router]
+        direct = [
+            m
+            for m in self.transfers(transfers)
+            if (m[0].tx_hash, m[0].token, m[0].to_address, m[0].amount) not in moved_by_router
+        ]
         return direct + routed
 
     def native(self, blocks: Sequence[FullBlock]) -> list[Match]:
@@ -188,8 +206,16 @@ class WatchSet:
             for tx in block.transactions:
                 target = self._coin_target(tx.to_address, tx.tx_hash)
                 if target is not None:
-                    transfer = Transfer(tx.tx_hash, None, block.ref.number, block.ref.hash, None, tx.from_address,
-                                        tx.to_address, tx.amount)
+                    transfer = Transfer(
+                        tx.tx_hash,
+                        None,
+                        block.ref.number,
+                        block.ref.hash,
+                        None,
+                        tx.from_address,
+                        tx.to_address,
+                        tx.amount,
+                    )
                     out.append((transfer, target.option_id))
         return out
 
@@ -197,13 +223,18 @@ class WatchSet:
         """Inner transfers (from the node's tracer) to a coin option's address."""
         out = []
         for inner in transfers:
-            if inner.amount > 0 and (target := self._coin_target(inner.to_address, inner.tx_hash)) is not None:
+            if (
+                inner.amount > 0
+                and (target := self._coin_target(inner.to_address, inner.tx_hash)) is not None
+            ):
                 out.append((inner, target.option_id))
         return out
 
     def _coin_target(self, to_address: str, tx_hash: str) -> WatchTarget | None:
         target = self.addresses.get(to_address)
         if target is not None and target.token is not None:
-            log.warning("wrong_asset_transfer_ignored", network=self.network, tx=tx_hash, to=to_address, token=None)
+            log.warning(
+                "wrong_asset_transfer_ignored", network=self.network, tx=tx_hash, to=to_address, token=None
+            )
             return None
         return target

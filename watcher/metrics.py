@@ -10,10 +10,18 @@ database on each scrape, so they are right after a restart too.
 from __future__ import annotations
 
 import sqlite3
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from . import __version__
@@ -62,49 +70,85 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         Info("watcher_build", "The running watcher's version.", registry=r).info({"version": __version__})
         self.blocks_processed = Counter(
-            "watcher_blocks_processed", "Blocks scanned and committed, per chain.", ["network"], registry=r)
+            "watcher_blocks_processed", "Blocks scanned and committed, per chain.", ["network"], registry=r
+        )
         self.rpc_calls = Counter(
-            "watcher_rpc_calls", "JSON-RPC requests sent to the node, by method (a batch counts once).",
-            ["network", "method"], registry=r)
+            "watcher_rpc_calls",
+            "JSON-RPC requests sent to the node, by method (a batch counts once).",
+            ["network", "method"],
+            registry=r,
+        )
         self.rpc_errors = Counter(
-            "watcher_rpc_errors", "Failed node reads, by method (after the transport's retries).",
-            ["network", "method"], registry=r)
+            "watcher_rpc_errors",
+            "Failed node reads, by method (after the transport's retries).",
+            ["network", "method"],
+            registry=r,
+        )
         self.rpc_endpoint_failures = Counter(
-            "watcher_rpc_endpoint_failures", "Requests an RPC endpoint did not answer (each attempt, before "
+            "watcher_rpc_endpoint_failures",
+            "Requests an RPC endpoint did not answer (each attempt, before "
             "retries and failover), by kind: timeout, connection, http_429, http_5xx, malformed.",
-            ["network", "kind"], registry=r)
+            ["network", "kind"],
+            registry=r,
+        )
         self.rpc_failovers = Counter(
-            "watcher_rpc_failovers", "Switches of a chain's RPC endpoint: failover to the next rpc_url, or "
-            "back to the first.", ["network", "direction"], registry=r)
+            "watcher_rpc_failovers",
+            "Switches of a chain's RPC endpoint: failover to the next rpc_url, or back to the first.",
+            ["network", "direction"],
+            registry=r,
+        )
         self.follower_step_failures = Counter(
-            "watcher_follower_step_failures", "Follower steps that failed and will be retried, by reason: rpc "
+            "watcher_follower_step_failures",
+            "Follower steps that failed and will be retried, by reason: rpc "
             "(the node did not answer or answered an error), chain_changed (what the node said moved under "
             "us, e.g. logs naming another block hash), tracer_missing, other (a bug; see the log).",
-            ["network", "reason"], registry=r)
+            ["network", "reason"],
+            registry=r,
+        )
         self.ws_heads_connected = Gauge(
-            "watcher_ws_heads_connected", "1 while a chain's newHeads WebSocket subscription is live, 0 while "
-            "it polls only (chains without ws_url are not listed).", ["network"], registry=r)
+            "watcher_ws_heads_connected",
+            "1 while a chain's newHeads WebSocket subscription is live, 0 while "
+            "it polls only (chains without ws_url are not listed).",
+            ["network"],
+            registry=r,
+        )
         self.payments_recorded = Counter(
-            "watcher_payments_recorded", "Payment detections recorded, by the role the payment got then (a payment re-included after a reorg is detected, and counted, again).",
-            ["network", "role"], registry=r)
+            "watcher_payments_recorded",
+            "Payment detections recorded, by the role the payment got then (a payment re-included after a reorg is detected, and counted, again).",
+            ["network", "role"],
+            registry=r,
+        )
         self.webhook_deliveries = Counter(
-            "watcher_webhook_deliveries", "Webhook delivery attempts by outcome: delivered, retry (failed, "
-            "will be retried) or failed (failed, no retry left).", ["outcome"], registry=r)
+            "watcher_webhook_deliveries",
+            "Webhook delivery attempts by outcome: delivered, retry (failed, "
+            "will be retried) or failed (failed, no retry left).",
+            ["outcome"],
+            registry=r,
+        )
         self.webhook_latency = Histogram(
-            "watcher_webhook_delivery_duration_seconds", "Time from sending a webhook to its answer (or to "
-            "the error), per attempt.", buckets=LATENCY_BUCKETS, registry=r)
+            "watcher_webhook_delivery_duration_seconds",
+            "Time from sending a webhook to its answer (or to the error), per attempt.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         for outcome in ("delivered", "retry", "failed"):
             self.webhook_deliveries.labels(outcome)  # every outcome shows, at 0 until it happens
         self.pruned = Counter(
-            "watcher_pruned", "Rows the retention jobs removed, by what: idempotency_keys, events, deliveries, "
+            "watcher_pruned",
+            "Rows the retention jobs removed, by what: idempotency_keys, events, deliveries, "
             "delivery_attempts, watched_options (addresses of long-closed invoices no longer watched).",
-            ["what"], registry=r)
+            ["what"],
+            registry=r,
+        )
         for what in ("idempotency_keys", "events", "deliveries", "delivery_attempts", "watched_options"):
             self.pruned.labels(what)
         self.webhook_paused = Gauge(
-            "watcher_webhook_endpoint_paused", "1 while an endpoint's circuit breaker holds its deliveries "
+            "watcher_webhook_endpoint_paused",
+            "1 while an endpoint's circuit breaker holds its deliveries "
             "after repeated failures, 0 once it answers again (endpoint: its URL, credentials masked).",
-            ["endpoint"], registry=r)
+            ["endpoint"],
+            registry=r,
+        )
 
     # ------------------------------------------------------------------ hooks
 
@@ -163,20 +207,36 @@ class _StateCollector:
         self.chains = chains
 
     def collect(self) -> Iterator[Metric]:
-        head = GaugeMetricFamily("watcher_head_block", "The node's latest block, as last read.", labels=["network"])
+        head = GaugeMetricFamily(
+            "watcher_head_block", "The node's latest block, as last read.", labels=["network"]
+        )
         processed = GaugeMetricFamily(
-            "watcher_last_processed_block", "The last block scanned and committed (the checkpoint).", labels=["network"])
+            "watcher_last_processed_block",
+            "The last block scanned and committed (the checkpoint).",
+            labels=["network"],
+        )
         lag = GaugeMetricFamily(
-            "watcher_head_lag_blocks", "Blocks between the node's head and the checkpoint.", labels=["network"])
+            "watcher_head_lag_blocks",
+            "Blocks between the node's head and the checkpoint.",
+            labels=["network"],
+        )
         head_at = GaugeMetricFamily(
-            "watcher_last_head_timestamp_seconds", "When the node's head was last read (unix time).", labels=["network"])
+            "watcher_last_head_timestamp_seconds",
+            "When the node's head was last read (unix time).",
+            labels=["network"],
+        )
         try:
             rows = list(self.chains())
         except sqlite3.Error as exc:
             log.warning("metrics_chains_unavailable", error=str(exc))
             rows = []
         for network, head_block, last_processed, lag_blocks, last_head_at in rows:
-            for family, value in ((head, head_block), (processed, last_processed), (lag, lag_blocks), (head_at, last_head_at)):
+            for family, value in (
+                (head, head_block),
+                (processed, last_processed),
+                (lag, lag_blocks),
+                (head_at, last_head_at),
+            ):
                 if value is not None:
                     family.add_metric([network], value)
         yield from (head, processed, lag, head_at)
@@ -190,8 +250,11 @@ class _StateCollector:
         except sqlite3.Error as exc:
             log.warning("metrics_store_unavailable", error=str(exc))
             return
-        size = GaugeMetricFamily("watcher_store_bytes", "The database's size on disk: its pages (database) and "
-                                 "its write-ahead log (wal).", labels=["file"])
+        size = GaugeMetricFamily(
+            "watcher_store_bytes",
+            "The database's size on disk: its pages (database) and its write-ahead log (wal).",
+            labels=["file"],
+        )
         for file, value in sizes.items():
             size.add_metric([file], value)
         yield size
@@ -200,4 +263,7 @@ class _StateCollector:
             invoices.add_metric([status.value], counts.get(status.value, 0))
         yield invoices
         yield GaugeMetricFamily(
-            "watcher_webhook_outbox_backlog", "Webhook deliveries pending (due now or waiting for a retry).", value=backlog)
+            "watcher_webhook_outbox_backlog",
+            "Webhook deliveries pending (due now or waiting for a retry).",
+            value=backlog,
+        )

@@ -38,8 +38,14 @@ class Operation:
 
 def add_openapi_route(app: web.Application, operations: list[Operation], *, version: str) -> dict:
     """Serve the document of every declared route (this one included) at /openapi.json."""
-    own = Operation("GET", "/openapi.json", "This document (OpenAPI 3.1)",
-                    {200: (JSON, {"type": "object"})}, auth=False, tags=("operations",))
+    own = Operation(
+        "GET",
+        "/openapi.json",
+        "This document (OpenAPI 3.1)",
+        {200: (JSON, {"type": "object"})},
+        auth=False,
+        tags=("operations",),
+    )
     document = build_document([*operations, own], version=version)
     body = orjson.dumps(document)
 
@@ -86,8 +92,14 @@ def build_document(operations: list[Operation], *, version: str) -> dict:
         if op.query is not None:
             query_schema = op.query.model_json_schema(ref_template="#/components/schemas/{model}")
             for name, prop in query_schema.get("properties", {}).items():
-                parameters.append({"name": name, "in": "query", "required": name in query_schema.get("required", []),
-                                   "schema": {k: v for k, v in prop.items() if k != "title"}})
+                parameters.append(
+                    {
+                        "name": name,
+                        "in": "query",
+                        "required": name in query_schema.get("required", []),
+                        "schema": {k: v for k, v in prop.items() if k != "title"},
+                    }
+                )
         if parameters:
             entry["parameters"] = parameters
         if op.body is not None:
@@ -95,10 +107,16 @@ def build_document(operations: list[Operation], *, version: str) -> dict:
         for status, model in op.responses.items():
             if isinstance(model, tuple):
                 media, schema = model
-                entry["responses"][str(status)] = {"description": _reason(status), "content": {media: {"schema": schema}}}
+                entry["responses"][str(status)] = {
+                    "description": _reason(status),
+                    "content": {media: {"schema": schema}},
+                }
             else:
                 media = PROBLEM if model is Problem else JSON
-                entry["responses"][str(status)] = {"description": _reason(status), "content": {media: {"schema": ref(model)}}}
+                entry["responses"][str(status)] = {
+                    "description": _reason(status),
+                    "content": {media: {"schema": ref(model)}},
+                }
         extra_problems = set(op.problems) | ({401, 429} if op.auth else set())
         if op.auth and op.method.upper() not in ("GET", "HEAD"):
             extra_problems |= {403}  # a read key on a route that changes data
@@ -138,10 +156,20 @@ def _operation_id(op: Operation) -> str:
 
 
 _REASONS = {
-    200: "OK", 201: "Created", 204: "No content", 400: "Malformed JSON", 401: "Missing or wrong API key",
-    403: "A read key on a route that changes data", 404: "Not found", 405: "Method not allowed",
-    409: "State conflict", 413: "Body over 64 KiB", 415: "Body not sent as application/json", 422: "Invalid field",
-    429: "Too many failed authentications from this address", 503: "Not ready",
+    200: "OK",
+    201: "Created",
+    204: "No content",
+    400: "Malformed JSON",
+    401: "Missing or wrong API key",
+    403: "A read key on a route that changes data",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "State conflict",
+    413: "Body over 64 KiB",
+    415: "Body not sent as application/json",
+    422: "Invalid field",
+    429: "Too many failed authentications from this address",
+    503: "Not ready",
 }
 
 

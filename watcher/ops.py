@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from typing import Annotated, Any, Callable, Literal, Mapping
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, Literal
 
 import orjson
 from aiohttp import web
@@ -126,7 +127,9 @@ class Ops:
             bound = max(2 * depth, MIN_LAG_BOUND)
             poll = follower.poll_interval if follower else 0.0
             max_age = self.head_max_age if self.head_max_age is not None else max(MIN_HEAD_MAX_AGE, 10 * poll)
-            last_error = self._redact(follower.status.last_error) if follower and follower.status.last_error else None
+            last_error = (
+                self._redact(follower.status.last_error) if follower and follower.status.last_error else None
+            )
             why = []
             if follower is None:
                 why.append("no follower runs for this chain")
@@ -141,14 +144,26 @@ class Ops:
             elif lag is not None and lag > bound:
                 why.append(f"is {lag} blocks behind the node's head (bound {bound})")
             elif head is not None and processed is not None and head < processed:
-                why.append(f"the node's head {head} is behind the checkpoint {processed} (a node behind the others: "
-                           "what it says cannot be checked against what we hold)")
-            chains.append({
-                "network": name, "ready": not why, "head_block": head, "last_processed_block": processed,
-                "lag_blocks": lag, "max_lag_blocks": bound, "last_head_at": rfc3339(head_at), "last_error": last_error,
-            })
+                why.append(
+                    f"the node's head {head} is behind the checkpoint {processed} (a node behind the others: "
+                    "what it says cannot be checked against what we hold)"
+                )
+            chains.append(
+                {
+                    "network": name,
+                    "ready": not why,
+                    "head_block": head,
+                    "last_processed_block": processed,
+                    "lag_blocks": lag,
+                    "max_lag_blocks": bound,
+                    "last_head_at": rfc3339(head_at),
+                    "last_error": last_error,
+                }
+            )
             for reason in why:
-                reasons.append({"check": "chain", "network": name, "reason": reason, "last_error": last_error})
+                reasons.append(
+                    {"check": "chain", "network": name, "reason": reason, "last_error": last_error}
+                )
         if not reasons:
             return True, {"status": "ready", "database": database, "chains": chains}
         detail = "; ".join(
@@ -157,12 +172,14 @@ class Ops:
             for r in reasons
         )
         return False, {
-            "type": "urn:watcher:problem:not-ready", "title": "Not ready", "status": 503, "detail": detail,
-            "reasons": reasons, "database": database, "chains": chains,
+            "type": "urn:watcher:problem:not-ready",
+            "title": "Not ready",
+            "status": 503,
+            "detail": detail,
+            "reasons": reasons,
+            "database": database,
+            "chains": chains,
         }
-
-
-
 
 
 # --------------------------------------------------------------------------- response shapes
@@ -173,9 +190,17 @@ class _Out(BaseModel):
 
 
 EventTypeName = Literal[
-    "invoice.created", "invoice.session_refreshed", "invoice.payment_detected", "invoice.payment_reverted",
-    "invoice.paid", "invoice.confirmed", "invoice.expired", "invoice.underpaid", "invoice.cancelled",
-    "invoice.exception_opened", "invoice.exception_resolved",
+    "invoice.created",
+    "invoice.session_refreshed",
+    "invoice.payment_detected",
+    "invoice.payment_reverted",
+    "invoice.paid",
+    "invoice.confirmed",
+    "invoice.expired",
+    "invoice.underpaid",
+    "invoice.cancelled",
+    "invoice.exception_opened",
+    "invoice.exception_resolved",
 ]
 DeliveryStatusName = Literal["pending", "delivered", "failed"]
 
@@ -281,17 +306,47 @@ def _inlined(model: type[BaseModel]) -> dict:
 
 # Declarations for /openapi.json (openapi.build_document); the routes below are these.
 OPERATIONS = [
-    Operation("GET", "/readyz", "Ready when the database answers and every chain's lag is within bounds",
-              {200: Ready, 503: (PROBLEM, _inlined(NotReady))}, auth=False, tags=("operations",)),
-    Operation("GET", "/metrics", "Prometheus metrics (text format)",
-              {200: (CONTENT_TYPE_LATEST.split(";")[0], {"type": "string"})}, auth=False, tags=("operations",)),
-    Operation("GET", "/v1/chains", "Each configured chain: head, checkpoint, lag, RPC URL in use",
-              {200: ChainList}, tags=("operations",), problems=(422,)),
-    Operation("GET", "/v1/webhook-deliveries", "Webhook deliveries, newest first",
-              {200: WebhookDeliveryList}, query=DeliveryQuery, tags=("webhooks",), problems=(422,)),
-    Operation("POST", "/v1/webhook-deliveries/{id}/redeliver",
-              "Queue the same event (same webhook-id) again to the same endpoint, due now, with a fresh retry schedule",
-              {200: WebhookDelivery}, tags=("webhooks",), problems=(400, 404, 409, 413, 422)),
+    Operation(
+        "GET",
+        "/readyz",
+        "Ready when the database answers and every chain's lag is within bounds",
+        {200: Ready, 503: (PROBLEM, _inlined(NotReady))},
+        auth=False,
+        tags=("operations",),
+    ),
+    Operation(
+        "GET",
+        "/metrics",
+        "Prometheus metrics (text format)",
+        {200: (CONTENT_TYPE_LATEST.split(";")[0], {"type": "string"})},
+        auth=False,
+        tags=("operations",),
+    ),
+    Operation(
+        "GET",
+        "/v1/chains",
+        "Each configured chain: head, checkpoint, lag, RPC URL in use",
+        {200: ChainList},
+        tags=("operations",),
+        problems=(422,),
+    ),
+    Operation(
+        "GET",
+        "/v1/webhook-deliveries",
+        "Webhook deliveries, newest first",
+        {200: WebhookDeliveryList},
+        query=DeliveryQuery,
+        tags=("webhooks",),
+        problems=(422,),
+    ),
+    Operation(
+        "POST",
+        "/v1/webhook-deliveries/{id}/redeliver",
+        "Queue the same event (same webhook-id) again to the same endpoint, due now, with a fresh retry schedule",
+        {200: WebhookDelivery},
+        tags=("webhooks",),
+        problems=(400, 404, 409, 413, 422),
+    ),
 ]
 
 

@@ -96,7 +96,7 @@ def _stripped_in_text(match: re.Match[str]) -> str:
     """A URL found in prose, shown without credentials; punctuation after it stays prose."""
     url = match.group(0)
     core = url.rstrip(".,;:!?)]}")
-    return strip_credentials(core) + url[len(core):]
+    return strip_credentials(core) + url[len(core) :]
 
 
 _known = Redactor()

@@ -13,11 +13,12 @@ import os
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from eth_abi import encode
@@ -26,14 +27,14 @@ from eth_tester.exceptions import BlockNotFound, TransactionFailed, TransactionN
 from eth_tester.exceptions import ValidationError as EthTesterValidationError
 from eth_utils import function_signature_to_4byte_selector, keccak, to_checksum_address
 
+from . import schemas
 from .addresses import account_xpub_from_mnemonic
 from .api import Problem, invalid, json_response, read_json
-from .domain import DECIMAL_TEXT
-from . import schemas
 from .chain import METHOD_NOT_FOUND, RpcError
 from .checkout.public import remaining_atomic
 from .config import ConfigError
 from .contracts import load_artifact
+from .domain import DECIMAL_TEXT
 from .openapi import Operation
 from .store import Store
 
@@ -104,7 +105,7 @@ class EthTesterTransport:
 
     url = "eth-tester://in-process"
 
-    def __init__(self, chain: "SandboxChain") -> None:
+    def __init__(self, chain: SandboxChain) -> None:
         self.chain = chain
 
     def _answer(self, method: str, params: list) -> Any:
@@ -116,7 +117,9 @@ class EthTesterTransport:
         if method == "eth_getBlockByNumber":
             tag, full = params[0], bool(params[1]) if len(params) > 1 else False
             try:
-                block = t.get_block_by_number(int(tag, 16) if tag.startswith("0x") else tag, full_transactions=full)
+                block = t.get_block_by_number(
+                    int(tag, 16) if tag.startswith("0x") else tag, full_transactions=full
+                )
             except BlockNotFound:
                 return None
             return _block_json(block, full)
@@ -143,10 +146,17 @@ class EthTesterTransport:
             )
             return [_log_json(entry) for entry in logs]
         if method == "eth_getBalance":
-            return _hex(t.get_balance(to_checksum_address(params[0]), params[1] if len(params) > 1 else "latest"))
+            return _hex(
+                t.get_balance(to_checksum_address(params[0]), params[1] if len(params) > 1 else "latest")
+            )
         if method == "eth_call":
-            call = {"from": self.chain.payers[0], "gas": 1_000_000, "value": 0,
-                    "to": to_checksum_address(params[0]["to"]), "data": params[0].get("data", "0x")}
+            call = {
+                "from": self.chain.payers[0],
+                "gas": 1_000_000,
+                "value": 0,
+                "to": to_checksum_address(params[0]["to"]),
+                "data": params[0].get("data", "0x"),
+            }
             try:
                 return t.call(call, params[1] if len(params) > 1 else "latest")
             except Exception as exc:  # a revert, as a node answers it
@@ -204,7 +214,9 @@ class SandboxChain:
 
     # -- synchronous helpers, called through run() once the daemon is up
 
-    def _send(self, sender: str, to: str | None, data: str = "0x", value: int = 0, gas: int = 3_000_000) -> str:
+    def _send(
+        self, sender: str, to: str | None, data: str = "0x", value: int = 0, gas: int = 3_000_000
+    ) -> str:
         if sender in self._pending_senders:
             self.mine(1)  # never let a pending transaction be silently replaced
         tx: dict[str, Any] = {"from": sender, "data": data, "value": value, "gas": gas}
@@ -218,8 +230,16 @@ class SandboxChain:
         """Run a payment as a call first: one that would revert (the payer lacks the tokens or
         the allowance) raises PaymentRefused and is never sent."""
         try:
-            self.tester.call({"from": sender, "to": to_checksum_address(to), "data": data, "value": value,
-                              "gas": 3_000_000}, "latest")
+            self.tester.call(
+                {
+                    "from": sender,
+                    "to": to_checksum_address(to),
+                    "data": data,
+                    "value": value,
+                    "gas": 3_000_000,
+                },
+                "latest",
+            )
         except TransactionFailed as exc:
             raise PaymentRefused(f"the transfer would revert on chain ({exc}); nothing was sent") from None
 
@@ -250,16 +270,24 @@ class SandboxChain:
 
     def _deploy(self) -> Deployed:
         payer = self.tester.get_accounts()[0]
-        token = self.deploy_contract("TestToken", ["string", "string", "uint8"], ["Test USD", TOKEN_SYMBOL, TOKEN_DECIMALS])
+        token = self.deploy_contract(
+            "TestToken", ["string", "string", "uint8"], ["Test USD", TOKEN_SYMBOL, TOKEN_DECIMALS]
+        )
         router = self.deploy_contract("PaymentRouter", [], [])
         for account in self.payers:
-            self._send(account, token, _calldata("mint(address,uint256)", ["address", "uint256"], [account, PAYER_FUNDS]))
+            self._send(
+                account,
+                token,
+                _calldata("mint(address,uint256)", ["address", "uint256"], [account, PAYER_FUNDS]),
+            )
         self.mine(1)
         return Deployed(token, router, payer)
 
     def transfer_token(self, token: str, to: str, amount: int, sender: str | None = None) -> str:
         """Send an ERC-20 transfer (mined with the next block)."""
-        data = _calldata("transfer(address,uint256)", ["address", "uint256"], [to_checksum_address(to), amount])
+        data = _calldata(
+            "transfer(address,uint256)", ["address", "uint256"], [to_checksum_address(to), amount]
+        )
         sender = sender or self.free_payer()
         self.preflight(sender, token, data)
         return self._send(sender, token, data, gas=200_000)
@@ -274,14 +302,23 @@ class SandboxChain:
         amount = int(call["amount"])
         native = int(call["token"], 16) == 0
         if not native:
-            approve = _calldata("approve(address,uint256)", ["address", "uint256"], [to_checksum_address(call["router"]), amount])
+            approve = _calldata(
+                "approve(address,uint256)",
+                ["address", "uint256"],
+                [to_checksum_address(call["router"]), amount],
+            )
             self._send(sender, call["token"], approve, gas=100_000)
             self.mine(1)  # one pending transaction per sender: the approval goes first
         data = _calldata(
             "pay(bytes32,bytes32,address,address,uint256)",
             ["bytes32", "bytes32", "address", "address", "uint256"],
-            [bytes.fromhex(call["invoice_id_hash"][2:]), bytes.fromhex(call["payment_id_hash"][2:]),
-             to_checksum_address(call["token"]), to_checksum_address(call["recipient"]), amount],
+            [
+                bytes.fromhex(call["invoice_id_hash"][2:]),
+                bytes.fromhex(call["payment_id_hash"][2:]),
+                to_checksum_address(call["token"]),
+                to_checksum_address(call["recipient"]),
+                amount,
+            ],
         )
         self.preflight(sender, call["router"], data, amount if native else 0)
         return self._send(sender, call["router"], data, value=amount if native else 0, gas=200_000)
@@ -313,7 +350,9 @@ def claim_database(path: str, chain: SandboxChain, *, clock: Callable[[], float]
     try:
         store = Store(path, clock=clock)
     except sqlite3.DatabaseError as exc:
-        raise ConfigError("--database", f"{path} is not a watcher database ({exc}); give another path") from None
+        raise ConfigError(
+            "--database", f"{path} is not a watcher database ({exc}); give another path"
+        ) from None
     try:
         stored = store.genesis_hash(SANDBOX_NETWORK)
         followed = store.cursor(SANDBOX_NETWORK) is not None
@@ -327,13 +366,19 @@ def claim_database(path: str, chain: SandboxChain, *, clock: Callable[[], float]
     while any(os.path.exists(aside + suffix) for suffix in ("", "-wal", "-shm")):
         n += 1
         aside = f"{path}.{stamp}-{n}.old"
-    for suffix in ("-wal", "-shm", ""):  # the WAL first: one left at `path` would be read into the new database
+    for suffix in (
+        "-wal",
+        "-shm",
+        "",
+    ):  # the WAL first: one left at `path` would be read into the new database
         if os.path.exists(path + suffix):
             os.replace(path + suffix, aside + suffix)
     return f"new: the database there followed an earlier sandbox chain, which is gone; moved to {aside}"
 
 
-def sandbox_settings_data(chain: SandboxChain, *, confirmations: int | str = 3, poll_interval: float = 0.5) -> dict:
+def sandbox_settings_data(
+    chain: SandboxChain, *, confirmations: int | str = 3, poll_interval: float = 0.5
+) -> dict:
     """The one chain of the sandbox, as a config section."""
     return {
         "name": SANDBOX_NETWORK,
@@ -346,7 +391,13 @@ def sandbox_settings_data(chain: SandboxChain, *, confirmations: int | str = 3, 
         "router_address": chain.deployed.router,
         "merchant_address": SANDBOX_MERCHANT,
         "assets": [
-            {"symbol": TOKEN_SYMBOL, "kind": "erc20", "contract": chain.deployed.token, "decimals": TOKEN_DECIMALS, "usd_rate": "1"},
+            {
+                "symbol": TOKEN_SYMBOL,
+                "kind": "erc20",
+                "contract": chain.deployed.token,
+                "decimals": TOKEN_DECIMALS,
+                "usd_rate": "1",
+            },
             # No usd_rate: an invoice offers ETH when its request quotes it ("quote_rates": {"ETH": ...}),
             # so a plain sandbox invoice keeps its one TUSD option.
             {"symbol": NATIVE_SYMBOL, "kind": "native"},
@@ -391,19 +442,32 @@ async def pay_invoice(chain: SandboxChain, store: Store, invoice_id: str, body: 
     else:
         atomic = remaining_atomic(invoice, option)
         if atomic <= 0:
-            raise Problem(409, "Conflict", "nothing remains to be paid; give an amount to pay more", slug="state-conflict")
+            raise Problem(
+                409,
+                "Conflict",
+                "nothing remains to be paid; give an amount to pay more",
+                slug="state-conflict",
+            )
         if atomic > funds:
-            raise Problem(409, "Conflict", "what remains is more than the sandbox payer holds; give a smaller amount",
-                          slug="state-conflict")
+            raise Problem(
+                409,
+                "Conflict",
+                "what remains is more than the sandbox payer holds; give a smaller amount",
+                slug="state-conflict",
+            )
     try:
         if option["rail"] == "contract":
             tx = await chain.run(chain.pay_router, {**option["contract_call"], "amount": str(atomic)})
         elif option["token_contract"]:
-            tx = await chain.run(chain.transfer_token, option["token_contract"].lower(), option["destination_address"], atomic)
+            tx = await chain.run(
+                chain.transfer_token, option["token_contract"].lower(), option["destination_address"], atomic
+            )
         else:
             tx = await chain.run(chain.transfer_native, option["destination_address"], atomic)
     except EthTesterValidationError as exc:  # e.g. the payer's balance is spent: the chain refuses
-        raise Problem(409, "Conflict", f"the sandbox chain refused the payment: {exc}", slug="state-conflict") from None
+        raise Problem(
+            409, "Conflict", f"the sandbox chain refused the payment: {exc}", slug="state-conflict"
+        ) from None
     except PaymentRefused as exc:  # it would revert: nothing was sent
         raise Problem(409, "Conflict", str(exc), slug="payment-reverted") from None
     return tx
@@ -420,8 +484,14 @@ async def wait_for_receipt(chain: SandboxChain, tx_hash: str, timeout: float) ->
     return status
 
 
-def add_sandbox_routes(app: web.Application, chain: SandboxChain, store: Store, on_mined: Callable[[], None],
-                       *, block_time: float = 0.0) -> None:
+def add_sandbox_routes(
+    app: web.Application,
+    chain: SandboxChain,
+    store: Store,
+    on_mined: Callable[[], None],
+    *,
+    block_time: float = 0.0,
+) -> None:
     """`block_time` > 0: blocks are mined by the daemon, so the pay route waits for the receipt
     (and answers 409 on a revert); 0: blocks come only from /v1/sandbox/mine, so it cannot."""
 
@@ -431,7 +501,12 @@ def add_sandbox_routes(app: web.Application, chain: SandboxChain, store: Store, 
             raise invalid("body", "must be a JSON object")
         tx = await pay_invoice(chain, store, request.match_info["id"], body)
         if block_time > 0 and await wait_for_receipt(chain, tx, max(5.0, 3 * block_time)) == 0:
-            raise Problem(409, "Conflict", f"the payment {tx} reverted on chain: nothing was paid", slug="payment-reverted")
+            raise Problem(
+                409,
+                "Conflict",
+                f"the payment {tx} reverted on chain: nothing was paid",
+                slug="payment-reverted",
+            )
         return json_response({"transaction_hash": tx})
 
     async def mine(request: web.Request) -> web.Response:
@@ -454,23 +529,37 @@ def add_sandbox_routes(app: web.Application, chain: SandboxChain, store: Store, 
 
 # Declarations for /openapi.json; present only in sandbox mode, like the routes.
 OPERATIONS = [
-    Operation("POST", "/v1/sandbox/invoices/{id}/pay", "Sandbox: pay an option with a real token transfer",
-              {200: schemas.SandboxPayment}, body=schemas.SandboxPayIn, body_required=False, tags=("sandbox",),
-              problems=(404, 409)),
-    Operation("POST", "/v1/sandbox/mine", "Sandbox: mine blocks", {200: schemas.SandboxMined},
-              body=schemas.SandboxMineIn, body_required=False, tags=("sandbox",)),
+    Operation(
+        "POST",
+        "/v1/sandbox/invoices/{id}/pay",
+        "Sandbox: pay an option with a real token transfer",
+        {200: schemas.SandboxPayment},
+        body=schemas.SandboxPayIn,
+        body_required=False,
+        tags=("sandbox",),
+        problems=(404, 409),
+    ),
+    Operation(
+        "POST",
+        "/v1/sandbox/mine",
+        "Sandbox: mine blocks",
+        {200: schemas.SandboxMined},
+        body=schemas.SandboxMineIn,
+        body_required=False,
+        tags=("sandbox",),
+    ),
 ]
 
 
 def _units_to_atomic(value: Any, decimals: int, funds_atomic: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
-        raise invalid("amount", "must be a decimal string of the asset's units, such as \"10.5\"")
+        raise invalid("amount", 'must be a decimal string of the asset\'s units, such as "10.5"')
     if isinstance(value, str) and not DECIMAL_TEXT.fullmatch(value.strip()):
-        raise invalid("amount", "must be a decimal string of the asset's units, such as \"10.5\"")
+        raise invalid("amount", 'must be a decimal string of the asset\'s units, such as "10.5"')
     try:
         number = Decimal(value) if not isinstance(value, str) else Decimal(value.strip())
     except InvalidOperation:
-        raise invalid("amount", "must be a decimal string of the asset's units, such as \"10.5\"") from None
+        raise invalid("amount", 'must be a decimal string of the asset\'s units, such as "10.5"') from None
     if not number.is_finite() or number <= 0:
         raise invalid("amount", "must be above 0")
     # Bound the size before exact arithmetic: Fraction("1e-999999999") would build a 10^999999999.

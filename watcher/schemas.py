@@ -20,7 +20,11 @@ Hash = Annotated[str, Field(pattern=r"^0x[0-9a-f]{64}$")]
 InvoiceStatusName = Literal["draft", "pending", "paid", "confirmed", "expired", "underpaid", "cancelled"]
 ExceptionTypeName = Literal["late_payment", "underpaid", "overpaid", "duplicate_payment"]
 ResolutionActionName = Literal[
-    "accept_late_payment", "accept_overpayment", "write_off_underpayment", "mark_duplicate_payment_reviewed", "other"
+    "accept_late_payment",
+    "accept_overpayment",
+    "write_off_underpayment",
+    "mark_duplicate_payment_reviewed",
+    "other",
 ]
 
 
@@ -190,9 +194,17 @@ class WebhookEvent(_Out):
 
     id: str
     type: Literal[
-        "invoice.created", "invoice.session_refreshed", "invoice.payment_detected", "invoice.payment_reverted",
-        "invoice.paid", "invoice.confirmed", "invoice.expired", "invoice.underpaid", "invoice.cancelled",
-        "invoice.exception_opened", "invoice.exception_resolved",
+        "invoice.created",
+        "invoice.session_refreshed",
+        "invoice.payment_detected",
+        "invoice.payment_reverted",
+        "invoice.paid",
+        "invoice.confirmed",
+        "invoice.expired",
+        "invoice.underpaid",
+        "invoice.cancelled",
+        "invoice.exception_opened",
+        "invoice.exception_resolved",
     ]
     created_at: Timestamp
     data: WebhookEventData
@@ -249,7 +261,13 @@ class InvoiceStats(_Out):
 class SandboxPayIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     payment_option_id: str | None = None
-    amount: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?$", description="in the asset's units; default: what remains")] | None = None
+    amount: (
+        Annotated[
+            str,
+            Field(pattern=r"^[0-9]+(\.[0-9]+)?$", description="in the asset's units; default: what remains"),
+        ]
+        | None
+    ) = None
 
 
 class SandboxMineIn(BaseModel):

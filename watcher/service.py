@@ -12,25 +12,27 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
 
 from . import __version__
 from .api import INVOICE_OPERATIONS, make_app
+from .apidocs import OPERATIONS as DOCS_OPERATIONS
+from .apidocs import add_docs_routes
 from .auth import FAILURES_PER_SECOND, ApiKey
-from .checkout import Feed, make_checkout_app
-from .apidocs import OPERATIONS as DOCS_OPERATIONS, add_docs_routes
-from .deposits_api import OPERATIONS as DEPOSIT_OPERATIONS, add_deposit_balance_routes
 from .chain import ChainReader, HttpTransport, JsonRpcReader, RpcError, Transport
-from .config import ChainSettings, ConfigError, Settings, load_settings, strip_credentials
 from .chain.failover import FailoverTransport
+from .chain.heads import HeadSubscriber
+from .checkout import Feed, make_checkout_app
+from .config import ChainSettings, ConfigError, Settings, load_settings, strip_credentials
+from .deposits_api import OPERATIONS as DEPOSIT_OPERATIONS
+from .deposits_api import add_deposit_balance_routes
 from .follower import Follower, Rails
 from .genesis import WrongChain, node_genesis, wrong_chain_message
-from .chain.heads import HeadSubscriber
 from .httpserver import Listener, harden, listen
 from .invoicing import Invoicing
 from .jobs import PRUNE_INTERVAL, make_scheduler
@@ -38,7 +40,8 @@ from .logs import configure_logging, register_secrets
 from .metrics import Metrics
 from .notify import Notifier
 from .openapi import add_openapi_route
-from .ops import OPERATIONS as OPS_OPERATIONS, Ops, add_ops_routes
+from .ops import OPERATIONS as OPS_OPERATIONS
+from .ops import Ops, add_ops_routes
 from .redaction import redact_text, register_urls
 from .store import Endpoint, Store
 from .webhooks import Dispatcher
@@ -65,19 +68,26 @@ async def _finish(tasks: list[asyncio.Task], timeout: float) -> None:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
 
+
 # What SIGHUP applies; every other top-level key takes a restart.
 RELOADABLE = ("webhooks", "log_level", "log_format")
 
 
 def _secrets_of(settings: Settings) -> list[str]:
     """Values no log line may show: the API key and each webhook secret (several while rotating)."""
-    return [settings.http.api_key, *(k.key for k in settings.http.api_keys),
-            *(part for w in settings.webhooks for part in w.secret.split())]
+    return [
+        settings.http.api_key,
+        *(k.key for k in settings.http.api_keys),
+        *(part for w in settings.webhooks for part in w.secret.split()),
+    ]
 
 
 def _urls_of(settings: Settings) -> list[str]:
     """Every URL the daemon talks to, for the redaction of their credentials wherever they appear."""
-    return [*(u for c in settings.chains for u in (*c.rpc_urls, c.ws_url) if u), *(w.url for w in settings.webhooks)]
+    return [
+        *(u for c in settings.chains for u in (*c.rpc_urls, c.ws_url) if u),
+        *(w.url for w in settings.webhooks),
+    ]
 
 
 def _log_choice(settings: Settings) -> tuple[str | None, str]:
@@ -105,7 +115,9 @@ class Service:
         self.settings = settings
         self.config_path = None if config_path is None else os.fspath(config_path)
         self.env = env
-        self.auth_failures_per_second = auth_failures_per_second  # None: no 429 (tests that fail auth on purpose)
+        self.auth_failures_per_second = (
+            auth_failures_per_second  # None: no 429 (tests that fail auth on purpose)
+        )
         self._log_choice = _log_choice(settings)
         register_secrets(_secrets_of(settings))
         register_urls(_urls_of(settings))
@@ -152,7 +164,9 @@ class Service:
             self._transports.append(transport)
         return JsonRpcReader(transport, self.metrics.rpc(name), max_batch=chain.max_batch)
 
-    async def _check_nodes(self, index: int, chain: ChainSettings, reader: ChainReader) -> list[tuple[int | None, str]]:
+    async def _check_nodes(
+        self, index: int, chain: ChainSettings, reader: ChainReader
+    ) -> list[tuple[int | None, str]]:
         """Every rpc_url must serve the configured chain: a failover to a node of another chain
         would read its blocks as ours. One that does not answer now is checked by nobody; say so.
         Returns (rpc_urls index, or None for the sandbox, genesis hash) of each node that told
@@ -170,23 +184,39 @@ class Service:
                         genesis = await node_genesis(JsonRpcReader(probe))
                     except RpcError as exc:
                         genesis = None
-                        log.warning("genesis_unchecked", network=chain.name, rpc_url=shown, error=redact_text(str(exc)))
+                        log.warning(
+                            "genesis_unchecked",
+                            network=chain.name,
+                            rpc_url=shown,
+                            error=redact_text(str(exc)),
+                        )
                     answers.append((j, node_chain_id, genesis))
                 except RpcError as exc:
-                    log.warning("chain_id_unchecked", network=chain.name, rpc_url=shown, error=redact_text(str(exc)))
+                    log.warning(
+                        "chain_id_unchecked", network=chain.name, rpc_url=shown, error=redact_text(str(exc))
+                    )
                 finally:
                     await probe.close()
         for j, node_chain_id, _ in answers:
             if node_chain_id != chain.chain_id:
                 where = "the node" if j is None else f"rpc_urls[{j}]"
-                raise ConfigError(f"chains[{index}].chain_id", f"is {chain.chain_id} but {where} answers {node_chain_id}")
+                raise ConfigError(
+                    f"chains[{index}].chain_id", f"is {chain.chain_id} but {where} answers {node_chain_id}"
+                )
         for j, _, genesis in answers:
             if genesis is None:
                 where = "the node" if j is None else f"rpc_urls[{j}]"
-                log.warning("genesis_unchecked", network=chain.name, node=where, error="the node does not serve block 0")
+                log.warning(
+                    "genesis_unchecked",
+                    network=chain.name,
+                    node=where,
+                    error="the node does not serve block 0",
+                )
         return [(j, genesis) for j, _, genesis in answers if genesis is not None]
 
-    def _check_genesis(self, index: int, chain: ChainSettings, geneses: list[tuple[int | None, str]]) -> str | None:
+    def _check_genesis(
+        self, index: int, chain: ChainSettings, geneses: list[tuple[int | None, str]]
+    ) -> str | None:
         """Refuse a node of another chain with the same chain id (a reset test chain, another
         network): its block 0 is not the one the database recorded, or, on a database that
         follows nothing yet, not the other nodes'. Returns the genesis to record, if any."""
@@ -195,7 +225,10 @@ class Service:
         for j, found in geneses:
             if stored is not None and found != stored:
                 key = f"chains[{index}]" + ("" if j is None else f".rpc_urls[{j}]")
-                raise WrongChain(key, wrong_chain_message(chain.name, chain.chain_id, stored, found, self.settings.database))
+                raise WrongChain(
+                    key,
+                    wrong_chain_message(chain.name, chain.chain_id, stored, found, self.settings.database),
+                )
         if len({found for _, found in geneses}) > 1:
             a, first = geneses[0]
             b, second = next((j, found) for j, found in geneses if found != first)
@@ -221,8 +254,11 @@ class Service:
             return False
         if any(t is not None and t.hash == b.hash for b, t in zip(window, theirs)):
             return True
-        log.warning("genesis_unrecorded", network=name,
-                    error="the node has none of the blocks this database holds: its genesis is not recorded as ours")
+        log.warning(
+            "genesis_unrecorded",
+            network=name,
+            error="the node has none of the blocks this database holds: its genesis is not recorded as ours",
+        )
         return False
 
     def _heads_for(self, chain: ChainSettings, follower: Follower) -> HeadSubscriber | None:
@@ -233,7 +269,9 @@ class Service:
         name = chain.name
         self.metrics.heads_mode(name, "poll")
         return HeadSubscriber(
-            chain.ws_url, lambda number: follower.wake(), on_mode=lambda mode: self.metrics.heads_mode(name, mode)
+            chain.ws_url,
+            lambda number: follower.wake(),
+            on_mode=lambda mode: self.metrics.heads_mode(name, mode),
         )
 
     def _open_store(self) -> Store:
@@ -244,10 +282,15 @@ class Service:
             return Store(path, clock=self.clock)
         except (sqlite3.Error, OSError) as exc:
             where = Path(path).parent
-            hint = (f"{where} is not a directory" if where.exists() and not where.is_dir()
-                    else f"its directory {where} cannot be created" if not where.is_dir()
-                    else f"the watcher may not write to {where}" if not os.access(where, os.W_OK)
-                    else "it is not a database file the watcher can open")
+            hint = (
+                f"{where} is not a directory"
+                if where.exists() and not where.is_dir()
+                else f"its directory {where} cannot be created"
+                if not where.is_dir()
+                else f"the watcher may not write to {where}"
+                if not os.access(where, os.W_OK)
+                else "it is not a database file the watcher can open"
+            )
             raise ConfigError("database", f"cannot open or create {path}: {exc} ({hint})") from None
 
     async def start(self) -> None:
@@ -259,7 +302,9 @@ class Service:
         for i, chain in enumerate(s.chains):
             readers[chain.name] = self._reader_for(chain)
             try:
-                genesis = self._check_genesis(i, chain, await self._check_nodes(i, chain, readers[chain.name]))
+                genesis = self._check_genesis(
+                    i, chain, await self._check_nodes(i, chain, readers[chain.name])
+                )
             except ConfigError:
                 await self._close_resources()
                 raise
@@ -289,33 +334,48 @@ class Service:
             if (heads := self._heads_for(chain, self.followers[chain.name])) is not None:
                 self.heads[chain.name] = heads
         self.dispatcher = Dispatcher(
-            store.outbox, {w.url: w.secret for w in s.webhooks}, clock=self.clock, on_attempt=self.metrics.webhook_attempt,
+            store.outbox,
+            {w.url: w.secret for w in s.webhooks},
+            clock=self.clock,
+            on_attempt=self.metrics.webhook_attempt,
             on_breaker=self.metrics.webhook_breaker,
         )
         store.outbox.on_delivery_queued = self.dispatcher.wake
 
         api_keys = [ApiKey(k.name, k.key, k.scope) for k in s.http.api_keys]
         app = make_app(
-            store, Invoicing(s), s.invoices, api_key=s.http.api_key, api_keys=api_keys, clock=self.clock,
+            store,
+            Invoicing(s),
+            s.invoices,
+            api_key=s.http.api_key,
+            api_keys=api_keys,
+            clock=self.clock,
             auth_failures_per_second=self.auth_failures_per_second,
         )
         operations = [*INVOICE_OPERATIONS, *OPS_OPERATIONS, *DOCS_OPERATIONS, *DEPOSIT_OPERATIONS]
         if self.sandbox is not None:
-            from .sandbox import OPERATIONS as SANDBOX_OPERATIONS, add_sandbox_routes
+            from .sandbox import OPERATIONS as SANDBOX_OPERATIONS
+            from .sandbox import add_sandbox_routes
 
             add_sandbox_routes(app, self.sandbox, store, self._wake_followers, block_time=self.block_time)
             operations += SANDBOX_OPERATIONS
         self.ops = Ops(s, store, self.followers, readers, heads=self.heads, clock=self.clock)
         self.metrics.track(store, self.ops.positions)
         add_ops_routes(app, self.ops, self.metrics)
-        add_deposit_balance_routes(app, store, {name: r.transport for name, r in readers.items()},  # type: ignore[attr-defined]
-                                   {c.name: getattr(c, "max_batch", 100) for c in s.chains})
+        add_deposit_balance_routes(
+            app,
+            store,
+            {name: r.transport for name, r in readers.items()},  # type: ignore[attr-defined]
+            {c.name: getattr(c, "max_batch", 100) for c in s.chains},
+        )
         add_openapi_route(app, operations, version=__version__)
         add_docs_routes(app)
         # In-flight requests get 5 s at shutdown: well inside the unit's TimeoutStopSec.
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
-        listener = await listen(self._runner, s.http.host, s.http.port, max_connections=s.http.max_connections)
+        listener = await listen(
+            self._runner, s.http.host, s.http.port, max_connections=s.http.max_connections
+        )
         self._listeners.append(listener)
         host, port = listener.addresses[0][:2]
         self.base_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
@@ -323,30 +383,47 @@ class Service:
             await self._start_checkout(store)
 
         for follower in self.followers.values():
-            self._tasks.append(asyncio.create_task(follower.run(self.stopping), name=f"follower:{follower.network}"))
+            self._tasks.append(
+                asyncio.create_task(follower.run(self.stopping), name=f"follower:{follower.network}")
+            )
         for name, heads in self.heads.items():
             self._tasks.append(asyncio.create_task(heads.run(self.stopping), name=f"heads:{name}"))
         self._tasks.append(asyncio.create_task(self.dispatcher.run(self.stopping), name="dispatcher"))
         if self.sandbox is not None and self.block_time > 0:
             self._tasks.append(asyncio.create_task(self._mine_forever(), name="sandbox-miner"))
-        self._scheduler = make_scheduler(store, expiry_interval=self.expiry_interval, retention=s.retention,
-                                         clock=self.clock, on_pruned=self.metrics.rows_pruned,
-                                         prune_interval=self.prune_interval,
-                                         watch_sets=lambda: {name: f.watch for name, f in self.followers.items()})
+        self._scheduler = make_scheduler(
+            store,
+            expiry_interval=self.expiry_interval,
+            retention=s.retention,
+            clock=self.clock,
+            on_pruned=self.metrics.rows_pruned,
+            prune_interval=self.prune_interval,
+            watch_sets=lambda: {name: f.watch for name, f in self.followers.items()},
+        )
         self._scheduler.start()
         self.notifier.ready(self.status_line())
         self._tasks.append(asyncio.create_task(self._report_health(), name="health"))
         self.started = True
-        log.info("watcher_started", version=__version__, api=self.base_url, chains=[c.name for c in s.chains],
-                 webhooks=len(s.webhooks), sandbox=self.sandbox is not None)
+        log.info(
+            "watcher_started",
+            version=__version__,
+            api=self.base_url,
+            chains=[c.name for c in s.chains],
+            webhooks=len(s.webhooks),
+            sandbox=self.sandbox is not None,
+        )
 
     async def _start_checkout(self, store: Store) -> None:
         """The payment page on its own public listener: the page, its feed and its assets only."""
         checkout = self.settings.checkout
         assert checkout is not None
         store.checkout_base_url = checkout.public_base_url
-        self.feed = feed = Feed(store, max_streams=checkout.max_streams, max_per_invoice=checkout.max_streams_per_invoice,
-                                timeout=checkout.stream_timeout_seconds)
+        self.feed = feed = Feed(
+            store,
+            max_streams=checkout.max_streams,
+            max_per_invoice=checkout.max_streams_per_invoice,
+            timeout=checkout.stream_timeout_seconds,
+        )
         store.outbox.event_listeners.append(feed.invoice_changed)
         store.block_listeners.append(feed.blocks_applied)
         sandbox_pay = None
@@ -356,17 +433,25 @@ class Service:
             sandbox = self.sandbox
 
             async def sandbox_pay(invoice_id: str, option_id: str | None) -> str:
-                return await pay_invoice(sandbox, store, invoice_id, {"payment_option_id": option_id} if option_id else {})
+                return await pay_invoice(
+                    sandbox, store, invoice_id, {"payment_option_id": option_id} if option_id else {}
+                )
 
         app = make_checkout_app(store, checkout, feed, sandbox_pay=sandbox_pay, clock=self.clock)
-        self._checkout_runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        self._checkout_runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=2.0
+        )
         harden(app)
         await self._checkout_runner.setup()
         # The public listener: the same header and idle timeouts as the API's; its connections
         # are the page's requests and its live streams, each capped.
         try:
-            listener = await listen(self._checkout_runner, checkout.host, checkout.port,
-                                    max_connections=self.settings.http.max_connections + checkout.max_streams)
+            listener = await listen(
+                self._checkout_runner,
+                checkout.host,
+                checkout.port,
+                max_connections=self.settings.http.max_connections + checkout.max_streams,
+            )
         except OSError as exc:
             exc.listen = checkout.listen  # type: ignore[attr-defined]  # which address (the CLI's one line names it)
             raise
@@ -399,7 +484,7 @@ class Service:
                 log.exception("status_line_failed")
             try:
                 await asyncio.wait_for(self.stopping.wait(), timeout=interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def _wake_followers(self) -> None:
@@ -411,7 +496,7 @@ class Service:
         while not self.stopping.is_set():
             try:
                 await asyncio.wait_for(self.stopping.wait(), timeout=self.block_time)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await self.sandbox.run(self.sandbox.mine, 1)
                 self._wake_followers()
 
@@ -500,9 +585,14 @@ class Service:
             changes["webhooks_removed"] = removed
         for url in new_hooks.keys() & old_hooks.keys():
             a, b = old_hooks[url], new_hooks[url]
-            what = [name for name, differs in (("events", a.events != b.events),
-                                               ("secret", (a.secret_env, a.secret) != (b.secret_env, b.secret)))
-                    if differs]
+            what = [
+                name
+                for name, differs in (
+                    ("events", a.events != b.events),
+                    ("secret", (a.secret_env, a.secret) != (b.secret_env, b.secret)),
+                )
+                if differs
+            ]
             if what:
                 changes.setdefault("webhooks_changed", {})[strip_credentials(url)] = what
         choice = _log_choice(new)
@@ -520,13 +610,20 @@ class Service:
             self._log_choice = choice
         update = {key: getattr(new, key) for key in RELOADABLE}
         self.settings = old.model_copy(update=update)
-        log.info("config_reloaded", config=self.config_path, changes=changes or "none",
-                 webhooks=len(new.webhooks))
-        ignored = [key for key in type(new).model_fields
-                   if key not in RELOADABLE and getattr(new, key) != getattr(old, key)]
+        log.info(
+            "config_reloaded", config=self.config_path, changes=changes or "none", webhooks=len(new.webhooks)
+        )
+        ignored = [
+            key
+            for key in type(new).model_fields
+            if key not in RELOADABLE and getattr(new, key) != getattr(old, key)
+        ]
         if ignored:
-            log.warning("config_changes_need_restart", keys=ignored,
-                        hint="these keys are applied only at start-up: restart the watcher")
+            log.warning(
+                "config_changes_need_restart",
+                keys=ignored,
+                hint="these keys are applied only at start-up: restart the watcher",
+            )
         return True
 
     # ------------------------------------------------------------------ signals

@@ -14,8 +14,8 @@ import socket
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
-from typing import IO, Callable
+from collections.abc import Callable, Iterator, Mapping
+from typing import IO
 
 from bip_utils import Bip39MnemonicValidator
 
@@ -71,22 +71,33 @@ def xpub_from_stdin(stream: IO[str], *, account: int = 0, passphrase: bool = Fal
         raise ToolError("no mnemonic on standard input")
     if not Bip39MnemonicValidator().IsValid(words):
         count = len(words.split())
-        raise ToolError(f"that is not a valid BIP-39 mnemonic ({count} words; a word is misspelt, "
-                        "missing or out of order, or the checksum does not match)")
+        raise ToolError(
+            f"that is not a valid BIP-39 mnemonic ({count} words; a word is misspelt, "
+            "missing or out of order, or the checksum does not match)"
+        )
     secret = read_secret_line(stream, "BIP-39 passphrase (not echoed): ") if passphrase else ""
     xpub = account_xpub_from_mnemonic(words, account, passphrase=secret)
     return xpub, AddressDeriver(xpub).derive(0)
 
 
-def run_xpub(account: int, passphrase: bool, *, stdin: IO[str] | None = None, out: IO[str] | None = None,
-             err: IO[str] | None = None, network: Callable[[], bool] = has_network) -> int:
+def run_xpub(
+    account: int,
+    passphrase: bool,
+    *,
+    stdin: IO[str] | None = None,
+    out: IO[str] | None = None,
+    err: IO[str] | None = None,
+    network: Callable[[], bool] = has_network,
+) -> int:
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
     if network():
         err.write(NETWORK_WARNING)
     xpub, first = xpub_from_stdin(stdin, account=account, passphrase=passphrase)
     out.write(xpub + "\n")
-    err.write(f"account m/44'/60'/{account}'; its first deposit address, m/44'/60'/{account}'/0/0, "
-              f"is {to_checksum(first)}: check it in your wallet\n")
+    err.write(
+        f"account m/44'/60'/{account}'; its first deposit address, m/44'/60'/{account}'/0/0, "
+        f"is {to_checksum(first)}: check it in your wallet\n"
+    )
     return 0
 
 
@@ -102,11 +113,15 @@ def account_path(xpub: str) -> str:
     return f"{xpub[:12]}...{xpub[-6:]}"
 
 
-def deposit_addresses(settings: Settings, count: int, chain: str | None = None) -> Iterator[tuple[str, str, str]]:
+def deposit_addresses(
+    settings: Settings, count: int, chain: str | None = None
+) -> Iterator[tuple[str, str, str]]:
     """(chain name, derivation path, EIP-55 address) of the first `count` deposit addresses."""
     chains = [c for c in settings.chains if chain is None or c.name == chain]
     if chain is not None and not chains:
-        raise ToolError(f"--chain {chain}: no such chain in the config (chains: {', '.join(c.name for c in settings.chains)})")
+        raise ToolError(
+            f"--chain {chain}: no such chain in the config (chains: {', '.join(c.name for c in settings.chains)})"
+        )
     with_xpub = [c for c in chains if c.deposit_xpub]
     if not with_xpub:
         raise ToolError("no chain of the config has a deposit_xpub (the address rail needs one)")
@@ -122,7 +137,9 @@ class _NoSecretsNeeded(Mapping[str, str]):
     use the API key or a webhook secret should not demand them."""
 
     # Valid as an API key (32+ characters, not a pattern) and as a webhook secret; never used.
-    STAND_IN = "whsec_" + base64.b64encode(hashlib.sha256(b"watcher: no secret needed here").digest()).decode()
+    STAND_IN = (
+        "whsec_" + base64.b64encode(hashlib.sha256(b"watcher: no secret needed here").digest()).decode()
+    )
 
     def __getitem__(self, name: str) -> str:
         return os.environ.get(name, self.STAND_IN)
@@ -163,10 +180,12 @@ def router_creation_data() -> str:
 def run_router_deploy_tx(out: IO[str] | None = None, err: IO[str] | None = None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     out.write(router_creation_data() + "\n")
-    err.write("Send this as the data of a contract-creation transaction (no `to`, value 0) from any funded\n"
-              "account, e.g. `cast send --rpc-url $RPC --ledger --create \"$(watcher router-deploy-tx)\"`.\n"
-              "Set chains[].router_address to the contract address in its receipt; `watcher check-config`\n"
-              "then checks that the address holds this router's code.\n")
+    err.write(
+        "Send this as the data of a contract-creation transaction (no `to`, value 0) from any funded\n"
+        'account, e.g. `cast send --rpc-url $RPC --ledger --create "$(watcher router-deploy-tx)"`.\n'
+        "Set chains[].router_address to the contract address in its receipt; `watcher check-config`\n"
+        "then checks that the address holds this router's code.\n"
+    )
     return 0
 
 
@@ -196,15 +215,25 @@ async def check_routers(settings: Settings) -> list[str]:
         key = f"chains[{i}].router_address"
         code = await _code_at(chain, chain.router_address)
         if code is None:
-            lines.append(f"warning: {key} not checked: no rpc_url of chain {chain.name} answered "
-                         f"({', '.join(strip_credentials(u) for u in chain.rpc_urls)})")
+            lines.append(
+                f"warning: {key} not checked: no rpc_url of chain {chain.name} answered "
+                f"({', '.join(strip_credentials(u) for u in chain.rpc_urls)})"
+            )
         elif code in ("0x", "0x0", ""):
-            raise ConfigError(key, f"holds no contract on chain {chain.name} (not deployed there, or another chain's address)")
+            raise ConfigError(
+                key,
+                f"holds no contract on chain {chain.name} (not deployed there, or another chain's address)",
+            )
         elif code != expected:
-            raise ConfigError(key, f"holds a contract on chain {chain.name} that is not the watcher's PaymentRouter "
-                                   "(its code differs; deploy the router with `watcher router-deploy-tx`)")
+            raise ConfigError(
+                key,
+                f"holds a contract on chain {chain.name} that is not the watcher's PaymentRouter "
+                "(its code differs; deploy the router with `watcher router-deploy-tx`)",
+            )
         else:
-            lines.append(f"chain {chain.name}: router {to_checksum(chain.router_address)} holds the PaymentRouter's code")
+            lines.append(
+                f"chain {chain.name}: router {to_checksum(chain.router_address)} holds the PaymentRouter's code"
+            )
     return lines
 
 
@@ -218,8 +247,10 @@ def fetch_balances(settings: Settings, timeout: float = 60.0) -> list[dict]:
     base = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1/deposit-balances"
     rows: list[dict] = []
     while True:
-        request = urllib.request.Request(f"{base}?limit=200&offset={len(rows)}",
-                                         headers={"Authorization": f"Bearer {settings.http.api_key}"})
+        request = urllib.request.Request(
+            f"{base}?limit=200&offset={len(rows)}",
+            headers={"Authorization": f"Bearer {settings.http.api_key}"},
+        )
         try:
             with urllib.request.urlopen(request, timeout=timeout) as r:
                 page = json.loads(r.read())
@@ -231,8 +262,9 @@ def fetch_balances(settings: Settings, timeout: float = 60.0) -> list[dict]:
                 pass
             raise RuntimeError(f"the watcher answered {exc.code}: {detail}") from None
         except (urllib.error.URLError, OSError) as exc:
-            raise RuntimeError(f"cannot reach the watcher's API at {base} (is it running?): "
-                               f"{getattr(exc, 'reason', exc)}") from None
+            raise RuntimeError(
+                f"cannot reach the watcher's API at {base} (is it running?): {getattr(exc, 'reason', exc)}"
+            ) from None
         rows.extend(page["data"])
         if not page["data"] or len(rows) >= page["total"]:
             return rows
@@ -258,7 +290,9 @@ def run_balances(path: str, out: IO[str] | None = None) -> int:
     return 0
 
 
-def run_check_config(path: str, describe: Callable[[Settings], str], *, offline: bool, out: IO[str] | None = None) -> int:
+def run_check_config(
+    path: str, describe: Callable[[Settings], str], *, offline: bool, out: IO[str] | None = None
+) -> int:
     out = out or sys.stdout
     settings = load_settings(path)
     text = describe(settings)

@@ -17,8 +17,8 @@ import base64
 import hashlib
 import hmac
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import aiohttp
 import structlog
@@ -55,7 +55,7 @@ def secret_key(secret: str) -> bytes:
     """The HMAC key of a `whsec_<base64>` secret."""
     if not secret.startswith("whsec_"):
         raise ValueError("a webhook secret starts with whsec_")
-    return base64.b64decode(secret[len("whsec_"):])
+    return base64.b64decode(secret[len("whsec_") :])
 
 
 def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -223,7 +223,8 @@ class Dispatcher:
             # No pool-wide cap: each lane bounds its own connections, so one endpoint's hanging
             # attempts can never hold the connections another endpoint needs.
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout), connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                connector=aiohttp.TCPConnector(limit=0),
             )
         return self._session
 
@@ -278,10 +279,12 @@ class Dispatcher:
                 for url in urls:
                     lane = self._lane(url)
                     if lane.task is None or lane.task.done():
-                        lane.task = asyncio.create_task(self._run_lane(lane, stopping, idle), name="webhook-lane")
+                        lane.task = asyncio.create_task(
+                            self._run_lane(lane, stopping, idle), name="webhook-lane"
+                        )
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=idle)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             for lane in self._lanes.values():
                 lane.changed.set()
@@ -307,7 +310,7 @@ class Dispatcher:
                     return  # no longer configured and nothing left to fail: the lane ends
                 try:
                     await asyncio.wait_for(lane.changed.wait(), timeout=max(wait, 0.01))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             # Stopping: let the attempts in flight record their outcome.
             await asyncio.gather(*lane.in_flight.values(), return_exceptions=True)
@@ -363,11 +366,14 @@ class Dispatcher:
                 if 300 <= response.status < 400:
                     location = response.headers.get("Location")
                     where = f"to {location}" if location else "without a Location"
-                    return response.status, f"HTTP {response.status}: a redirect {where}; redirects are not followed"
+                    return (
+                        response.status,
+                        f"HTTP {response.status}: a redirect {where}; redirects are not followed",
+                    )
                 if not 200 <= response.status < 300:
                     return response.status, f"HTTP {response.status}"
                 return response.status, None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None, f"no answer within {self.timeout:g} s"
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             return None, f"{type(exc).__name__}: {exc}"
@@ -387,8 +393,13 @@ class Dispatcher:
         attempts_done = delivery["attempts"] + 1
         delay = None if ok else next_attempt_delay(attempts_done)
         self.outbox.record_attempt(
-            delivery["id"], ok=ok, status_code=status_code, error=error, duration_ms=duration_ms,
-            next_attempt_at=None if delay is None else self.clock() + delay, claimed_attempts=delivery["attempts"],
+            delivery["id"],
+            ok=ok,
+            status_code=status_code,
+            error=error,
+            duration_ms=duration_ms,
+            next_attempt_at=None if delay is None else self.clock() + delay,
+            claimed_attempts=delivery["attempts"],
             claimed_requeues=delivery["requeues"],
         )
         if keys is not None:
@@ -398,11 +409,31 @@ class Dispatcher:
             self.on_attempt(outcome, duration_ms / 1000 if keys is not None else None)
         url = strip_credentials(delivery["url"])
         if ok:
-            log.info("webhook_delivered", delivery=delivery["id"], event_id=delivery["event_id"], url=url, ms=round(duration_ms, 1))
+            log.info(
+                "webhook_delivered",
+                delivery=delivery["id"],
+                event_id=delivery["event_id"],
+                url=url,
+                ms=round(duration_ms, 1),
+            )
         elif delay is None:
-            log.error("webhook_failed", delivery=delivery["id"], event_id=delivery["event_id"], url=url, error=error, attempts=attempts_done)
+            log.error(
+                "webhook_failed",
+                delivery=delivery["id"],
+                event_id=delivery["event_id"],
+                url=url,
+                error=error,
+                attempts=attempts_done,
+            )
         else:
-            log.warning("webhook_retry_scheduled", delivery=delivery["id"], event_id=delivery["event_id"], url=url, error=error, in_seconds=delay)
+            log.warning(
+                "webhook_retry_scheduled",
+                delivery=delivery["id"],
+                event_id=delivery["event_id"],
+                url=url,
+                error=error,
+                in_seconds=delay,
+            )
 
     def _breaker_saw(self, lane: _Lane, ok: bool) -> None:
         now = self.clock()
@@ -411,8 +442,12 @@ class Dispatcher:
             return
         shown = strip_credentials(lane.url)
         if change:
-            log.warning("webhook_endpoint_paused", url=shown, failures=lane.breaker.failures,
-                        seconds=lane.breaker.reopens_in(now))
+            log.warning(
+                "webhook_endpoint_paused",
+                url=shown,
+                failures=lane.breaker.failures,
+                seconds=lane.breaker.reopens_in(now),
+            )
         else:
             log.info("webhook_endpoint_resumed", url=shown)
         if self.on_breaker is not None:

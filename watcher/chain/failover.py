@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import aiohttp
 import structlog
@@ -82,8 +83,14 @@ class _Endpoint(HttpTransport):
     """An `HttpTransport` whose give-up is an `EndpointDown`, so a JSON-RPC error answer is
     told apart from a missing answer, and whose messages never carry the URL's secrets."""
 
-    def __init__(self, url: str, *, timeout: float, retry_delays: Sequence[float],
-                 on_failure: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float,
+        retry_delays: Sequence[float],
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
         super().__init__(url, timeout=timeout, retry_delays=retry_delays)
         self.safe_url = strip_credentials(url)
         self.on_failure = on_failure
@@ -96,13 +103,17 @@ class _Endpoint(HttpTransport):
                 return answer
             except BatchRefused:
                 raise  # an answer (the node's cap), not a missing one: smaller batches, same endpoint
-            except (aiohttp.ClientError, asyncio.TimeoutError, RpcError) as exc:
+            except (TimeoutError, aiohttp.ClientError, RpcError) as exc:
                 reason = self._describe(exc)
                 if self.on_failure is not None:
                     self.on_failure(failure_kind(exc))
                 if delay is None:
-                    raise EndpointDown(what, reason, exc.code if isinstance(exc, RpcError) else None) from None
-                log.warning("rpc_endpoint_retry", method=what, attempt=attempt + 1, error=reason, url=self.safe_url)
+                    raise EndpointDown(
+                        what, reason, exc.code if isinstance(exc, RpcError) else None
+                    ) from None
+                log.warning(
+                    "rpc_endpoint_retry", method=what, attempt=attempt + 1, error=reason, url=self.safe_url
+                )
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -140,7 +151,8 @@ class FailoverTransport:
         if not rpc_urls:
             raise ValueError("FailoverTransport needs at least one RPC URL")
         self._endpoints = [
-            _Endpoint(u, timeout=timeout, retry_delays=endpoint_retry_delays, on_failure=on_failure) for u in rpc_urls
+            _Endpoint(u, timeout=timeout, retry_delays=endpoint_retry_delays, on_failure=on_failure)
+            for u in rpc_urls
         ]
         self._retry_delays = tuple(retry_delays)
         self._return_after = return_after
@@ -194,13 +206,23 @@ class FailoverTransport:
                 return result
             if delay is None:
                 break
-            log.warning("rpc_all_endpoints_failed", method=what, attempt=attempt + 1, retry_in=delay,
-                        error=last.reason if last else None, endpoints=len(self._endpoints))
+            log.warning(
+                "rpc_all_endpoints_failed",
+                method=what,
+                attempt=attempt + 1,
+                retry_in=delay,
+                error=last.reason if last else None,
+                endpoints=len(self._endpoints),
+            )
             await asyncio.sleep(delay)
             start = 0
         assert last is not None
         passes = len(self._retry_delays) + 1
-        raise EndpointDown(what, f"all {len(self._endpoints)} endpoints failed {passes} times, last: {last.reason}", last.code)
+        raise EndpointDown(
+            what,
+            f"all {len(self._endpoints)} endpoints failed {passes} times, last: {last.reason}",
+            last.code,
+        )
 
     def _order(self, start: int) -> list[int]:
         n = len(self._endpoints)

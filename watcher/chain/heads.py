@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import aiohttp
 import orjson
@@ -96,15 +97,19 @@ class HeadSubscriber:
 
     async def _loop(self, stopping: asyncio.Event) -> None:
         delay = self.backoff_initial
-        timeout = aiohttp.ClientTimeout(total=None, connect=self.connect_timeout, sock_connect=self.connect_timeout)
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.connect_timeout, sock_connect=self.connect_timeout
+        )
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while not stopping.is_set():
                 subscribed_before = self.subscriptions
                 try:
                     await self._session(session)
                     error = "socket closed"
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, SubscribeError) as exc:
-                    error = redact(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, self.ws_url)
+                except (TimeoutError, aiohttp.ClientError, OSError, SubscribeError) as exc:
+                    error = redact(
+                        f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, self.ws_url
+                    )
                 except Exception as exc:  # a bug: polling goes on; say so loudly and subscribe again
                     log.exception("ws_heads_crashed", url=self._safe_url)
                     error = f"{type(exc).__name__}"

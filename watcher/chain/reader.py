@@ -9,8 +9,9 @@ watcher keep near the node's own speed rather than paying for web3's generic for
 from __future__ import annotations
 
 import functools
+from collections.abc import Awaitable, Callable, Container, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Container, Protocol, Sequence, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
@@ -94,7 +95,9 @@ class ChainReader(Protocol):
 
     async def finalized_number(self) -> int: ...
 
-    async def range_logs(self, first: int, last: int, query: LogQuery, through: BlockRef | None = None) -> FoundLogs: ...
+    async def range_logs(
+        self, first: int, last: int, query: LogQuery, through: BlockRef | None = None
+    ) -> FoundLogs: ...
 
     async def block_logs(self, wanted: Sequence[tuple[BlockRef, LogQuery]]) -> FoundLogs: ...
 
@@ -108,7 +111,12 @@ class ChainReader(Protocol):
 
 
 def _int(value: Any, what: str) -> int:
-    if not isinstance(value, str) or not value.startswith("0x") or len(value) < 3 or not _HEX.issuperset(value[2:].lower()):
+    if (
+        not isinstance(value, str)
+        or not value.startswith("0x")
+        or len(value) < 3
+        or not _HEX.issuperset(value[2:].lower())
+    ):
         raise RpcError(what, f"expected a hex quantity, got {value!r}")
     return int(value, 16)
 
@@ -118,7 +126,12 @@ _HEX = frozenset("0123456789abcdef")
 
 def _hash(value: Any, what: str) -> str:
     """A 32-byte hex word (a hash or a topic), lowercase."""
-    if not isinstance(value, str) or len(value) != 66 or not value.startswith("0x") or not _HEX.issuperset(value[2:].lower()):
+    if (
+        not isinstance(value, str)
+        or len(value) != 66
+        or not value.startswith("0x")
+        or not _HEX.issuperset(value[2:].lower())
+    ):
         raise RpcError(what, f"expected a 32-byte hash, got {value!r}")
     return value.lower()
 
@@ -140,7 +153,12 @@ def _bloom(value: Any, transactions: Any) -> int | None:
     """The header's logsBloom, or None when the node gave none we can read (then nothing is
     skipped for it: a missing bloom only costs requests). An empty bloom on a block with
     transactions is not believed either: some chains leave logs out of it (bridge deposits)."""
-    if isinstance(value, str) and len(value) == 2 + 512 and value.startswith("0x") and _HEX.issuperset(value[2:].lower()):
+    if (
+        isinstance(value, str)
+        and len(value) == 2 + 512
+        and value.startswith("0x")
+        and _HEX.issuperset(value[2:].lower())
+    ):
         bloom = int(value, 16)
         return None if bloom == 0 and transactions else bloom
     return None
@@ -181,7 +199,12 @@ def decode_router_log(raw: Any) -> RouterPayment | None:
     try:
         topics = raw.get("topics") or []
         data = raw.get("data") or "0x"
-        if len(topics) != 4 or topics[0].lower() != PAYMENT_RECEIVED_TOPIC or raw.get("removed") or len(data) != 2 + 3 * 64:
+        if (
+            len(topics) != 4
+            or topics[0].lower() != PAYMENT_RECEIVED_TOPIC
+            or raw.get("removed")
+            or len(data) != 2 + 3 * 64
+        ):
             return None
         token = "0x" + data[2 + 24 : 2 + 64].lower()
         return RouterPayment(
@@ -202,7 +225,12 @@ def decode_router_log(raw: Any) -> RouterPayment | None:
 
 
 def _address(value: Any, what: str) -> str:
-    if not isinstance(value, str) or len(value) != 42 or not value.startswith("0x") or not _HEX.issuperset(value[2:].lower()):
+    if (
+        not isinstance(value, str)
+        or len(value) != 42
+        or not value.startswith("0x")
+        or not _HEX.issuperset(value[2:].lower())
+    ):
         raise RpcError(what, f"expected an address, got {value!r}")
     return value.lower()
 
@@ -223,12 +251,14 @@ def decode_full_block(raw: Any) -> FullBlock:
         value = _int(tx.get("value"), "tx.value")
         if value == 0 or tx.get("to") is None:
             continue
-        moved.append(NativeTransaction(
-            tx_hash=_hash(tx.get("hash"), "tx.hash"),
-            from_address=_address(tx.get("from"), "tx.from"),
-            to_address=_address(tx.get("to"), "tx.to"),
-            amount=value,
-        ))
+        moved.append(
+            NativeTransaction(
+                tx_hash=_hash(tx.get("hash"), "tx.hash"),
+                from_address=_address(tx.get("from"), "tx.from"),
+                to_address=_address(tx.get("to"), "tx.to"),
+                amount=value,
+            )
+        )
     return FullBlock(ref, tuple(moved), frozenset(hashes))
 
 
@@ -249,12 +279,18 @@ def _proof(raw: Any, number: int, ours: BlockRef | None) -> None:
     """The header that closes a batch of logs: the node answering has block `number`, and it
     is ours (when we hold it)."""
     if raw is None:
-        raise BlockUnknown("eth_getBlockByNumber", f"the node answering has no block {number} yet: its logs cannot be complete")
+        raise BlockUnknown(
+            "eth_getBlockByNumber",
+            f"the node answering has no block {number} yet: its logs cannot be complete",
+        )
     header = decode_header(raw)
     if header.number != number:
         raise RpcError("eth_getBlockByNumber", f"asked for block {number}, got {header.number}")
     if ours is not None and header.hash != ours.hash:
-        raise BlockUnknown("eth_getBlockByNumber", f"the node answering has another block {number} than ours (a reorg under way?)")
+        raise BlockUnknown(
+            "eth_getBlockByNumber",
+            f"the node answering has another block {number} than ours (a reorg under way?)",
+        )
 
 
 def _recipient_in(keep: Container[str]) -> Callable[[Any], bool]:
@@ -288,7 +324,7 @@ def _counted(method: str) -> Callable[[F], F]:
 
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
-        async def counted(self: "JsonRpcReader", *args: Any, **kwargs: Any) -> Any:
+        async def counted(self: JsonRpcReader, *args: Any, **kwargs: Any) -> Any:
             try:
                 return await fn(self, *args, **kwargs)
             except Exception:
@@ -308,10 +344,14 @@ class JsonRpcReader:
     and so is every failed operation: a counter increment per request, against a
     round trip to the node."""
 
-    def __init__(self, transport: Transport, counts: RpcCounts | None = None, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self, transport: Transport, counts: RpcCounts | None = None, *, max_batch: int = MAX_BATCH
+    ) -> None:
         self.transport = transport
         self.counts = counts
-        self.block_receipts: bool | None = None  # does the node answer eth_getBlockReceipts? (None: not asked yet)
+        self.block_receipts: bool | None = (
+            None  # does the node answer eth_getBlockReceipts? (None: not asked yet)
+        )
         # The batch ceiling: the configured `max_batch`, halved (for good) each time the node refuses a batch.
         self.max_batch = max(1, max_batch)
 
@@ -321,7 +361,11 @@ class JsonRpcReader:
         return await self.transport.call(method, params)
 
     async def _batch(
-        self, method: str, calls: Sequence[tuple[str, list]], *, page: int | None = None,
+        self,
+        method: str,
+        calls: Sequence[tuple[str, list]],
+        *,
+        page: int | None = None,
         about: Sequence[tuple[int, BlockRef | None]] | None = None,
     ) -> list[Any]:
         """The answers to `calls`, sent in batches of at most `max_batch` (and `page`); a
@@ -365,7 +409,9 @@ class JsonRpcReader:
 
     @_counted("eth_getBlockByNumber")
     async def headers(self, numbers: Sequence[int]) -> list[BlockRef | None]:
-        raws = await self._batch("eth_getBlockByNumber", [("eth_getBlockByNumber", [hex(n), False]) for n in numbers])
+        raws = await self._batch(
+            "eth_getBlockByNumber", [("eth_getBlockByNumber", [hex(n), False]) for n in numbers]
+        )
         out: list[BlockRef | None] = []
         for n, raw in zip(numbers, raws):
             if raw is None:
@@ -385,7 +431,9 @@ class JsonRpcReader:
         return decode_header(raw).number
 
     @_counted("eth_getLogs")
-    async def range_logs(self, first: int, last: int, query: LogQuery, through: BlockRef | None = None) -> FoundLogs:
+    async def range_logs(
+        self, first: int, last: int, query: LogQuery, through: BlockRef | None = None
+    ) -> FoundLogs:
         """The query's logs of blocks `first`..`last` by number range, in one batch with the
         header of `last`: a backend behind `last` answers logs only up to its own head and
         no error (geth clamps `toBlock`), so the same batch must show it has `last` (the
@@ -394,13 +442,18 @@ class JsonRpcReader:
         if not requests:
             return FoundLogs()
         span = {"fromBlock": hex(first), "toBlock": hex(last)}
-        calls = [("eth_getLogs", [{**span, "address": address, "topics": topics}]) for address, topics, _, _ in requests]
+        calls = [
+            ("eth_getLogs", [{**span, "address": address, "topics": topics}])
+            for address, topics, _, _ in requests
+        ]
         answers = await self._batch("eth_getLogs", calls, about=[(last, through)] * len(calls))
         found = FoundLogs()
         for (_, _, decode, wanted), raws in zip(requests, answers):
             for decoded in _decoded(raws, decode, wanted):
                 if not (first <= decoded.block_number <= last):
-                    raise RpcError("eth_getLogs", f"log of block {decoded.block_number} outside {first}-{last}")
+                    raise RpcError(
+                        "eth_getLogs", f"log of block {decoded.block_number} outside {first}-{last}"
+                    )
                 found.add(decoded)
         return found
 
@@ -414,17 +467,24 @@ class JsonRpcReader:
         expect: list[tuple[BlockRef, Callable[[Any], Any], Callable[[Any], bool] | None]] = []
         for block, query in wanted:
             for address, topics, decode, keep in query.requests():
-                calls.append(("eth_getLogs", [{"blockHash": block.hash, "address": address, "topics": topics}]))
+                calls.append(
+                    ("eth_getLogs", [{"blockHash": block.hash, "address": address, "topics": topics}])
+                )
                 expect.append((block, decode, keep))
         if not calls:
             return FoundLogs()
-        answers = await self._batch("eth_getLogs", calls, about=[(block.number, block) for block, _, _ in expect])
+        answers = await self._batch(
+            "eth_getLogs", calls, about=[(block.number, block) for block, _, _ in expect]
+        )
         found = FoundLogs()
         for (block, decode, keep), raws in zip(expect, answers):
             for decoded in _decoded(raws, decode, keep):
                 if decoded.block_hash != block.hash or decoded.block_number != block.number:
-                    raise BlockUnknown("eth_getLogs", f"log of tx {decoded.tx_hash} names block hash {decoded.block_hash} "
-                                   f"(number {decoded.block_number}), not the block {block.number} its logs were asked for")
+                    raise BlockUnknown(
+                        "eth_getLogs",
+                        f"log of tx {decoded.tx_hash} names block hash {decoded.block_hash} "
+                        f"(number {decoded.block_number}), not the block {block.number} its logs were asked for",
+                    )
                 found.add(decoded)
         return found
 
@@ -433,7 +493,9 @@ class JsonRpcReader:
         """Blocks with their transactions, in batches of BLOCK_BATCH."""
         out: list[FullBlock | None] = []
         raws = await self._batch(
-            "eth_getBlockByNumber", [("eth_getBlockByNumber", [hex(n), True]) for n in numbers], page=BLOCK_BATCH
+            "eth_getBlockByNumber",
+            [("eth_getBlockByNumber", [hex(n), True]) for n in numbers],
+            page=BLOCK_BATCH,
         )
         for n, raw in zip(numbers, raws):
             if raw is None:
@@ -459,7 +521,9 @@ class JsonRpcReader:
             blocks = sorted({where for where in candidates.values()})
             try:
                 answers = await self._batch(
-                    "eth_getBlockReceipts", [("eth_getBlockReceipts", [hex(n)]) for n, _ in blocks], page=BLOCK_BATCH
+                    "eth_getBlockReceipts",
+                    [("eth_getBlockReceipts", [hex(n)]) for n, _ in blocks],
+                    page=BLOCK_BATCH,
                 )
                 self.block_receipts = True
             except RpcError as exc:
@@ -487,7 +551,9 @@ class JsonRpcReader:
                 continue
             number, block_hash = candidates[tx]
             if _hash(receipt.get("blockHash"), "receipt.blockHash") != block_hash:
-                raise RpcError("eth_getTransactionReceipt", f"receipt of {tx} names another block than {number}")
+                raise RpcError(
+                    "eth_getTransactionReceipt", f"receipt of {tx} names another block than {number}"
+                )
             seen.add(tx)
             if _int(receipt.get("status"), "receipt.status") == 1:
                 ok.add(tx)

@@ -26,8 +26,9 @@ addresses become lowercase, and anything not shaped like a trace is an `RpcError
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, Sequence
+from typing import Any, Final, Protocol
 
 from .failover import EndpointDown
 from .transport import METHOD_NOT_FOUND, RpcError
@@ -91,7 +92,12 @@ def _quantity(value: Any, method: str, what: str, *, default: int | None = None)
     """A hex quantity; `default` when the field is absent (geth omits zero values)."""
     if value is None and default is not None:
         return default
-    if isinstance(value, str) and value[:2] in ("0x", "0X") and 2 < len(value) <= 66 and _HEX.issuperset(value[2:].lower()):
+    if (
+        isinstance(value, str)
+        and value[:2] in ("0x", "0X")
+        and 2 < len(value) <= 66
+        and _HEX.issuperset(value[2:].lower())
+    ):
         return int(value, 16)
     raise RpcError(method, f"{what}: expected a hex quantity, got {value!r}")
 
@@ -104,13 +110,23 @@ def _number(value: Any, method: str, what: str) -> int:
 
 
 def _address(value: Any, method: str, what: str) -> str:
-    if isinstance(value, str) and len(value) == 42 and value[:2] in ("0x", "0X") and _HEX.issuperset(value[2:].lower()):
+    if (
+        isinstance(value, str)
+        and len(value) == 42
+        and value[:2] in ("0x", "0X")
+        and _HEX.issuperset(value[2:].lower())
+    ):
         return value.lower()
     raise RpcError(method, f"{what}: expected an address, got {value!r}")
 
 
 def _tx_hash(value: Any, method: str, what: str) -> str:
-    if isinstance(value, str) and len(value) == 66 and value[:2] in ("0x", "0X") and _HEX.issuperset(value[2:].lower()):
+    if (
+        isinstance(value, str)
+        and len(value) == 66
+        and value[:2] in ("0x", "0X")
+        and _HEX.issuperset(value[2:].lower())
+    ):
         return value.lower()
     raise RpcError(method, f"{what}: expected a transaction hash, got {value!r}")
 
@@ -245,7 +261,11 @@ def decode_parity_traces(block_number: int, raw: Any) -> list[InternalTransfer]:
         tx_hash = _tx_hash(trace.get("transactionHash"), method, f"{what}.transactionHash")
         address = trace.get("traceAddress")
         # map/set/min keep this at C speed: a 1024-deep trace has half a million indices.
-        if not isinstance(address, list) or not set(map(type, address)) <= {int} or min(address, default=0) < 0:
+        if (
+            not isinstance(address, list)
+            or not set(map(type, address)) <= {int}
+            or min(address, default=0) < 0
+        ):
             raise RpcError(method, f"{what}.traceAddress: expected a list of indices, got {address!r}")
         frames = by_tx.setdefault(tx_hash, {})
         if tuple(address) in frames:
@@ -363,7 +383,8 @@ async def _decode_blocks(
     unnamed = [
         number
         for number, answer in zip(numbers, answers)
-        if isinstance(answer, list) and any(isinstance(item, dict) and "txHash" not in item for item in answer)
+        if isinstance(answer, list)
+        and any(isinstance(item, dict) and "txHash" not in item for item in answer)
     ]
     hashes = await _block_tx_hashes(transport, unnamed) if unnamed else {}
     return [

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -45,12 +46,21 @@ def refused_batch(payload: Any, status: int, answer: Any) -> BatchRefused | None
         return BatchRefused("batch", f"HTTP 413 for a batch of {len(payload)}", 413)
     if isinstance(answer, dict) and isinstance(answer.get("error"), dict) and _about_batches(answer["error"]):
         error = answer["error"]
-        return BatchRefused("batch", f"a batch of {len(payload)} refused: {error.get('message')}", error.get("code"))
-    if isinstance(answer, list) and len(answer) == len(payload) and all(
-        isinstance(a, dict) and isinstance(a.get("error"), dict) and _about_batches(a["error"]) for a in answer
+        return BatchRefused(
+            "batch", f"a batch of {len(payload)} refused: {error.get('message')}", error.get("code")
+        )
+    if (
+        isinstance(answer, list)
+        and len(answer) == len(payload)
+        and all(
+            isinstance(a, dict) and isinstance(a.get("error"), dict) and _about_batches(a["error"])
+            for a in answer
+        )
     ):
         error = answer[0]["error"]
-        return BatchRefused("batch", f"a batch of {len(payload)} refused: {error.get('message')}", error.get("code"))
+        return BatchRefused(
+            "batch", f"a batch of {len(payload)} refused: {error.get('message')}", error.get("code")
+        )
     return None
 
 
@@ -76,7 +86,9 @@ class Transport(Protocol):
 class HttpTransport:
     """JSON-RPC over HTTP with aiohttp and orjson; retries reads with backoff."""
 
-    def __init__(self, url: str, *, timeout: float = 10.0, retry_delays: Sequence[float] = RETRY_DELAYS) -> None:
+    def __init__(
+        self, url: str, *, timeout: float = 10.0, retry_delays: Sequence[float] = RETRY_DELAYS
+    ) -> None:
         self._url = url
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
@@ -112,7 +124,7 @@ class HttpTransport:
                 return await self._post(payload)
             except BatchRefused:
                 raise
-            except (aiohttp.ClientError, asyncio.TimeoutError, RpcError) as exc:
+            except (TimeoutError, aiohttp.ClientError, RpcError) as exc:
                 if delay is None:
                     raise RpcError(what, f"gave up after {attempt + 1} attempts: {exc}") from None
                 log.warning("rpc_retry", method=what, attempt=attempt + 1, error=str(exc), url=self._url)
@@ -120,14 +132,18 @@ class HttpTransport:
         raise AssertionError("unreachable")
 
     async def call(self, method: str, params: list) -> Any:
-        answer = await self._with_retries(method, {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params})
+        answer = await self._with_retries(
+            method, {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
+        )
         return _result(method, answer)
 
     async def batch(self, calls: Sequence[tuple[str, list]]) -> list[Any]:
         if not calls:
             return []
         first = next(self._ids)
-        payload = [{"jsonrpc": "2.0", "id": first + i, "method": m, "params": p} for i, (m, p) in enumerate(calls)]
+        payload = [
+            {"jsonrpc": "2.0", "id": first + i, "method": m, "params": p} for i, (m, p) in enumerate(calls)
+        ]
         for _ in range(len(calls) - 1):
             next(self._ids)
         answers = await self._with_retries(calls[0][0], payload)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import orjson
 import structlog
@@ -121,7 +121,9 @@ class Feed:
 
     # ------------------------------------------------------------------ reading
 
-    def current(self, invoice_id: str, channel: Channel | None = None, since: int | None = None) -> Message | None:
+    def current(
+        self, invoice_id: str, channel: Channel | None = None, since: int | None = None
+    ) -> Message | None:
         """The invoice's public status as a message (None if it is gone or a draft)."""
         invoice = self.store.get_invoice(invoice_id)
         if invoice is None or invoice["status"] == "draft":
@@ -141,7 +143,9 @@ class Feed:
         if self.open_streams >= self.max_streams:
             raise StreamsFull("too many live status streams are open; poll the status instead")
         if channel is not None and len(channel.streams) >= self.max_per_invoice:
-            raise StreamsFull("too many live status streams are open for this invoice; poll the status instead")
+            raise StreamsFull(
+                "too many live status streams are open for this invoice; poll the status instead"
+            )
         if channel is None:
             channel = self.channels[invoice_id] = Channel()
         stream = Stream()
@@ -165,7 +169,9 @@ class Feed:
             channel, stream = self._open(invoice_id)
         except StreamsFull as exc:
             log.warning("checkout_streams_full", invoice_id=invoice_id, open=self.open_streams)
-            return web.json_response({"error": "busy", "detail": str(exc)}, status=503, headers={"Retry-After": "10"})
+            return web.json_response(
+                {"error": "busy", "detail": str(exc)}, status=503, headers={"Retry-After": "10"}
+            )
         response = EventSourceResponse(ping_interval=PING_SECONDS, headers={"Cache-Control": "no-store"})
         try:
             await response.prepare(request)
@@ -182,12 +188,14 @@ class Feed:
                     break
                 try:
                     await asyncio.wait_for(stream.changed.wait(), timeout=min(left, 5.0))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
                 stream.changed.clear()
                 if stream.latest is not None and not self.closing.is_set():
-                    await response.send(stream.latest.data.decode(), id=str(stream.latest.seq), event="status")
-        except (ConnectionResetError, asyncio.TimeoutError, RuntimeError):
+                    await response.send(
+                        stream.latest.data.decode(), id=str(stream.latest.seq), event="status"
+                    )
+        except (TimeoutError, ConnectionResetError, RuntimeError):
             pass  # the browser went away (or stalled): nothing to answer
         finally:
             self._close(invoice_id, stream)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 from typing import Any
-from urllib.parse import urlencode, urlsplit, urlunsplit, parse_qsl
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..addresses import native_payment_uri, router_payment_uri, token_payment_uri
 from ..domain import format_units
@@ -27,7 +27,9 @@ def screen_of(invoice: dict) -> str:
     status = invoice["status"]
     state = invoice["payment_summary"]["payment_state"]
     exception = invoice["exception"]
-    late_open = exception is not None and exception["type"] == "late_payment" and exception["status"] == "open"
+    late_open = (
+        exception is not None and exception["type"] == "late_payment" and exception["status"] == "open"
+    )
     if status in ("expired", "cancelled") and late_open:
         return "late"
     if status == "pending":
@@ -42,9 +44,11 @@ def paid_fraction(invoice: dict) -> Fraction:
     amount over its option's amount), exactly."""
     amounts = {o["id"]: int(o["amount_atomic"]) for o in invoice["payment_options"]}
     return sum(
-        (Fraction(int(p["amount_atomic"]), amounts[p["payment_option_id"]])
-         for p in invoice["payments"]
-         if p["role"] == "counted" and p["status"] != "reverted" and p["payment_option_id"] in amounts),
+        (
+            Fraction(int(p["amount_atomic"]), amounts[p["payment_option_id"]])
+            for p in invoice["payments"]
+            if p["role"] == "counted" and p["status"] != "reverted" and p["payment_option_id"] in amounts
+        ),
         Fraction(0),
     )
 
@@ -60,9 +64,13 @@ def payment_uri_for(option: dict, amount_atomic: int) -> str:
     if amount_atomic == int(option["amount_atomic"]):
         return option["payment_uri"]
     if option["rail"] == "contract":
-        return router_payment_uri({**option["contract_call"], "amount": str(amount_atomic)}, option["chain_id"])
+        return router_payment_uri(
+            {**option["contract_call"], "amount": str(amount_atomic)}, option["chain_id"]
+        )
     if option["token_contract"]:
-        return token_payment_uri(option["token_contract"], option["chain_id"], option["destination_address"], amount_atomic)
+        return token_payment_uri(
+            option["token_contract"], option["chain_id"], option["destination_address"], amount_atomic
+        )
     return native_payment_uri(option["destination_address"], option["chain_id"], amount_atomic)
 
 
@@ -82,8 +90,11 @@ def public_payment(payment: dict) -> dict:
 def required_confirmations(invoice: dict) -> int:
     """m of "n of m": what the options that were paid into need (else the largest offered)."""
     options = {o["id"]: o for o in invoice["payment_options"]}
-    paid_into = [options[p["payment_option_id"]]["required_confirmations"]
-                 for p in invoice["payments"] if p["payment_option_id"] in options and p["status"] != "reverted"]
+    paid_into = [
+        options[p["payment_option_id"]]["required_confirmations"]
+        for p in invoice["payments"]
+        if p["payment_option_id"] in options and p["status"] != "reverted"
+    ]
     offered = [o["required_confirmations"] for o in invoice["payment_options"]]
     return max(paid_into or offered or [0])
 
@@ -108,7 +119,9 @@ def public_status(invoice: dict) -> dict[str, Any]:
         "screen": screen_of(invoice),
         "amount": invoice["amount"],
         "currency": invoice["currency"],
-        "payment_summary": {k: summary[k] for k in ("payment_state", "received_amount", "remaining_amount", "overpaid_amount")},
+        "payment_summary": {
+            k: summary[k] for k in ("payment_state", "received_amount", "remaining_amount", "overpaid_amount")
+        },
         "confirmations": invoice["confirmations"],
         "required_confirmations": required_confirmations(invoice),
         "payable_until": invoice["payment_timing"].get("payable_until"),

@@ -15,7 +15,20 @@ def qr_svg(data: str, label: str) -> str:
     phones read it on a dark screen, and `label` as its accessible name."""
     code = segno.make(data, error="m", micro=False)
     out = io.BytesIO()
-    code.save(out, kind="svg", xmldecl=False, svgns=False, nl=False, omitsize=True, scale=1, border=4,
-              dark="#000", light="#fff", svgclass="qr", lineclass=None, title=label)
+    code.save(
+        out,
+        kind="svg",
+        xmldecl=False,
+        svgns=False,
+        nl=False,
+        omitsize=True,
+        scale=1,
+        border=4,
+        dark="#000",
+        light="#fff",
+        svgclass="qr",
+        lineclass=None,
+        title=label,
+    )
     svg = out.getvalue().decode()
     return svg.replace("<svg ", '<svg role="img" focusable="false" ', 1)

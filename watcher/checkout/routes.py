@@ -11,10 +11,11 @@ import asyncio
 import hashlib
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.resources import files
-from typing import Any, Awaitable, Callable
+from typing import Any
 from urllib.parse import urlencode
 
 import jinja2
@@ -22,8 +23,8 @@ import orjson
 import structlog
 from aiohttp import web
 
-from ..config import CheckoutSettings
 from ..addresses import to_checksum
+from ..config import CheckoutSettings
 from ..store import Store
 from .feed import Feed
 from .i18n import LANGUAGES, negotiate, translator
@@ -50,9 +51,23 @@ INVOICE_ID = re.compile(r"^inv_[0-9A-HJKMNP-TV-Z]{26}$")
 STATIC = {"checkout.css": "text/css", "checkout.js": "text/javascript", "favicon.svg": "image/svg+xml"}
 # Strings the script shows (wallet steps and refusals, copy feedback, the countdown's end).
 SCRIPT_STRINGS = [
-    "copied", "copy_failed", "time_up", "wallet_connecting", "wallet_switching", "wallet_approving",
-    "wallet_waiting_approval", "wallet_paying", "wallet_sent", "err_rejected", "err_unknown_chain", "err_pending",
-    "err_unauthorized", "err_no_account", "err_approval_failed", "err_other", "redirect_note",
+    "copied",
+    "copy_failed",
+    "time_up",
+    "wallet_connecting",
+    "wallet_switching",
+    "wallet_approving",
+    "wallet_waiting_approval",
+    "wallet_paying",
+    "wallet_sent",
+    "err_rejected",
+    "err_unknown_chain",
+    "err_pending",
+    "err_unauthorized",
+    "err_no_account",
+    "err_approval_failed",
+    "err_other",
+    "redirect_note",
 ]
 
 # Does a simulated payment for the sandbox: (invoice id, option id or None).
@@ -95,7 +110,9 @@ def _time_left(seconds: int) -> str:
 
 def _json_for_script(value: Any) -> str:
     """JSON safe inside <script type="application/json">: no `</script>` can end it early."""
-    return orjson.dumps(value).decode().replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return (
+        orjson.dumps(value).decode().replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    )
 
 
 def make_checkout_app(
@@ -110,18 +127,24 @@ def make_checkout_app(
     page_template = env.get_template("page.html")
     not_found_template = env.get_template("not_found.html")
     assets = _load_assets()
-    asset_urls = {"css": f"/pay/static/checkout.css?v={assets['checkout.css'].version}",
-                  "js": f"/pay/static/checkout.js?v={assets['checkout.js'].version}",
-                  "icon": f"/pay/static/favicon.svg?v={assets['favicon.svg'].version}"}
+    asset_urls = {
+        "css": f"/pay/static/checkout.css?v={assets['checkout.css'].version}",
+        "js": f"/pay/static/checkout.js?v={assets['checkout.js'].version}",
+        "icon": f"/pay/static/favicon.svg?v={assets['favicon.svg'].version}",
+    }
     brand = settings.brand_name
 
     def language(request: web.Request) -> str:
         return negotiate(request.query.get("lang"), request.headers.get("Accept-Language"))
 
     def html(body: str, status: int, lang: str) -> web.Response:
-        return web.Response(body=body.encode(), status=status, content_type="text/html", charset="utf-8",
-                            headers={"Content-Language": lang, "Cache-Control": "no-store",
-                                     "Vary": "Accept-Language"})
+        return web.Response(
+            body=body.encode(),
+            status=status,
+            content_type="text/html",
+            charset="utf-8",
+            headers={"Content-Language": lang, "Cache-Control": "no-store", "Vary": "Accept-Language"},
+        )
 
     def not_found(request: web.Request) -> web.Response:
         lang = language(request)
@@ -139,13 +162,19 @@ def make_checkout_app(
         return invoice
 
     @web.middleware
-    async def guard(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def guard(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         try:
             response = await handler(request)
         except web.HTTPNotFound:
             response = not_found(request)
         except web.HTTPMethodNotAllowed as exc:
-            response = web.Response(status=405, text="method not allowed", headers={"Allow": ", ".join(sorted(exc.allowed_methods))})
+            response = web.Response(
+                status=405,
+                text="method not allowed",
+                headers={"Allow": ", ".join(sorted(exc.allowed_methods))},
+            )
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -174,52 +203,99 @@ def make_checkout_app(
         option = next((o for o in options if o["id"] == wanted), options[0] if options else None)
         summary = status["payment_summary"]
         messages = {
-            "amount": status["amount"], "currency": status["currency"], "received": summary["received_amount"],
-            "remaining": summary["remaining_amount"], "overpaid": summary["overpaid_amount"],
-            "n": min(status["confirmations"], status["required_confirmations"]), "m": status["required_confirmations"],
+            "amount": status["amount"],
+            "currency": status["currency"],
+            "received": summary["received_amount"],
+            "remaining": summary["remaining_amount"],
+            "overpaid": summary["overpaid_amount"],
+            "n": min(status["confirmations"], status["required_confirmations"]),
+            "m": status["required_confirmations"],
         }
         payable = screen in PAYABLE
         shown_option = None
         data: dict[str, Any] = {
-            "id": invoice["id"], "screen": screen, "version": status["version"], "confirmations": status["confirmations"],
-            "status_url": f"/pay/{invoice['id']}/status", "events_url": f"/pay/{invoice['id']}/events",
-            "redirect_to": status["redirect_to"], "strings": t.strings(SCRIPT_STRINGS), "wallet": None,
+            "id": invoice["id"],
+            "screen": screen,
+            "version": status["version"],
+            "confirmations": status["confirmations"],
+            "status_url": f"/pay/{invoice['id']}/status",
+            "events_url": f"/pay/{invoice['id']}/events",
+            "redirect_to": status["redirect_to"],
+            "strings": t.strings(SCRIPT_STRINGS),
+            "wallet": None,
         }
         if payable and option is not None:
-            atomic = remaining_atomic(invoice, option) if screen == "partial" else int(option["amount_atomic"])
+            atomic = (
+                remaining_atomic(invoice, option) if screen == "partial" else int(option["amount_atomic"])
+            )
             uri = payment_uri_for(option, atomic)
             shown_option = {
-                "id": option["id"], "asset": option["asset"], "network": option["network"], "chain_id": option["chain_id"],
-                "rail": option["rail"], "amount": amount_text(option, atomic), "uri": uri,
-                "address": to_checksum(option["contract_call"]["router"]) if option["rail"] == "contract" else option["destination_address"],
+                "id": option["id"],
+                "asset": option["asset"],
+                "network": option["network"],
+                "chain_id": option["chain_id"],
+                "rail": option["rail"],
+                "amount": amount_text(option, atomic),
+                "uri": uri,
+                "address": to_checksum(option["contract_call"]["router"])
+                if option["rail"] == "contract"
+                else option["destination_address"],
                 "two_steps": option["rail"] == "contract" and option["token_contract"] is not None,
                 # The first drawing of a code takes tens of ms (segno picks the most readable of
                 # the 8 masks): in a thread, so the follower and the API are not held up meanwhile.
                 "qr": await asyncio.to_thread(qr_svg, uri, t("qr_label")),
             }
             data["wallet"] = {
-                "chain_id": option["chain_id"], "network": option["network"],
+                "chain_id": option["chain_id"],
+                "network": option["network"],
                 "steps": wallet_steps(option, atomic),
             }
         deadline = None
         until = invoice["payment_timing"].get("payable_until")
         if until:
             unix = store_time(until)
-            deadline = {"iso": until, "unix": unix, "left": _time_left(unix - int(clock())),
-                        "text": until.replace("T", " ")[:16] + " UTC"}
+            deadline = {
+                "iso": until,
+                "unix": unix,
+                "left": _time_left(unix - int(clock())),
+                "text": until.replace("T", " ")[:16] + " UTC",
+            }
         body = page_template.render(
-            t=t, lang=lang, brand=brand or invoice.get("issued_by"), product=invoice.get("product_name"),
-            assets=asset_urls, screen=screen, status=status, messages=messages, payable=payable, deadline=deadline,
+            t=t,
+            lang=lang,
+            brand=brand or invoice.get("issued_by"),
+            product=invoice.get("product_name"),
+            assets=asset_urls,
+            screen=screen,
+            status=status,
+            messages=messages,
+            payable=payable,
+            deadline=deadline,
             option=shown_option,
-            options=[{"id": o["id"], "asset": o["asset"], "network": o["network"], "rail": o["rail"],
-                      "current": option is not None and o["id"] == option["id"],
-                      "href": page_url(invoice["id"], chosen_lang, o["id"])} for o in options],
-            languages=[{"code": code, "name": translator(code)("lang_name"), "current": code == lang,
-                        "href": page_url(invoice["id"], code, option["id"] if option and wanted else None)}
-                       for code in LANGUAGES],
+            options=[
+                {
+                    "id": o["id"],
+                    "asset": o["asset"],
+                    "network": o["network"],
+                    "rail": o["rail"],
+                    "current": option is not None and o["id"] == option["id"],
+                    "href": page_url(invoice["id"], chosen_lang, o["id"]),
+                }
+                for o in options
+            ],
+            languages=[
+                {
+                    "code": code,
+                    "name": translator(code)("lang_name"),
+                    "current": code == lang,
+                    "href": page_url(invoice["id"], code, option["id"] if option and wanted else None),
+                }
+                for code in LANGUAGES
+            ],
             refresh_href=page_url(invoice["id"], chosen_lang, wanted if option and wanted else None),
             sandbox=sandbox_pay is not None,
-            simulate_action=f"/pay/{invoice['id']}/simulate" + (f"?lang={chosen_lang}" if chosen_lang else ""),
+            simulate_action=f"/pay/{invoice['id']}/simulate"
+            + (f"?lang={chosen_lang}" if chosen_lang else ""),
             data_json=_json_for_script(data),
         )
         return html(body, 200, lang)
@@ -228,8 +304,11 @@ def make_checkout_app(
         invoice = shown_invoice(request)
         if invoice is None:
             return web.json_response({"error": "not_found", "detail": "no such payment page"}, status=404)
-        return web.Response(body=orjson.dumps(public_status(invoice)), content_type="application/json",
-                            headers={"Cache-Control": "no-store"})
+        return web.Response(
+            body=orjson.dumps(public_status(invoice)),
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
 
     async def events(request: web.Request) -> web.StreamResponse:
         invoice = shown_invoice(request)
@@ -241,9 +320,15 @@ def make_checkout_app(
         asset = assets.get(request.match_info["name"])
         if asset is None:
             return not_found(request)
-        cache = "public, max-age=31536000, immutable" if request.query.get("v") == asset.version else "no-cache"
-        return web.Response(body=asset.body, content_type=asset.content_type, charset="utf-8",
-                            headers={"Cache-Control": cache, "ETag": f'"{asset.version}"'})
+        cache = (
+            "public, max-age=31536000, immutable" if request.query.get("v") == asset.version else "no-cache"
+        )
+        return web.Response(
+            body=asset.body,
+            content_type=asset.content_type,
+            charset="utf-8",
+            headers={"Cache-Control": cache, "ETag": f'"{asset.version}"'},
+        )
 
     async def simulate(request: web.Request) -> web.Response:
         assert sandbox_pay is not None
@@ -254,10 +339,14 @@ def make_checkout_app(
         option_id = form.get("payment_option_id")
         try:
             await sandbox_pay(invoice["id"], option_id if isinstance(option_id, str) and option_id else None)
-        except Exception as exc:  # a refused payment is shown by the page's unchanged state; say why in the log
+        except (
+            Exception
+        ) as exc:  # a refused payment is shown by the page's unchanged state; say why in the log
             log.warning("sandbox_simulate_refused", invoice_id=invoice["id"], error=str(exc))
         lang = request.query.get("lang") if request.query.get("lang") in LANGUAGES else None
-        raise web.HTTPSeeOther(page_url(invoice["id"], lang, option_id if isinstance(option_id, str) else None))
+        raise web.HTTPSeeOther(
+            page_url(invoice["id"], lang, option_id if isinstance(option_id, str) else None)
+        )
 
     async def fallback(request: web.Request) -> web.Response:
         return not_found(request)
@@ -275,4 +364,4 @@ def make_checkout_app(
 
 def store_time(text: str) -> int:
     """Unix seconds of an RFC 3339 `...Z` time as the store writes it."""
-    return int(datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp())
+    return int(datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp())

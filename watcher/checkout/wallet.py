@@ -26,8 +26,13 @@ def wallet_steps(option: dict, amount_atomic: int) -> list[dict[str, str]]:
         pay = _call(
             "pay(bytes32,bytes32,address,address,uint256)",
             ["bytes32", "bytes32", "address", "address", "uint256"],
-            [bytes.fromhex(call["invoice_id_hash"][2:]), bytes.fromhex(call["payment_id_hash"][2:]),
-             to_checksum(call["token"]), to_checksum(call["recipient"]), amount_atomic],
+            [
+                bytes.fromhex(call["invoice_id_hash"][2:]),
+                bytes.fromhex(call["payment_id_hash"][2:]),
+                to_checksum(call["token"]),
+                to_checksum(call["recipient"]),
+                amount_atomic,
+            ],
         )
         if token is None:
             return [{"kind": "pay", "to": router, "value": hex(amount_atomic), "data": pay}]

@@ -13,6 +13,18 @@ from .records import (
 )
 
 __all__ = [
-    "BLOCK_WINDOW", "ApplyResult", "Deriver", "Endpoint", "IdempotencyConflict", "MatchedTransfer",
-    "NewInvoice", "NewSession", "OptionFinisher", "OptionSpec", "Outbox", "SessionPlanner", "StateConflict", "Store",
+    "BLOCK_WINDOW",
+    "ApplyResult",
+    "Deriver",
+    "Endpoint",
+    "IdempotencyConflict",
+    "MatchedTransfer",
+    "NewInvoice",
+    "NewSession",
+    "OptionFinisher",
+    "OptionSpec",
+    "Outbox",
+    "SessionPlanner",
+    "StateConflict",
+    "Store",
 ]

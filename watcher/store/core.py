@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import orjson
 from sqlite_utils import Database
@@ -140,7 +141,8 @@ class Store:
     def _add_search_text(self, invoice_id: str, values: Iterable[str | None]) -> None:
         """Make more text find the invoice; called in the transaction that stores that text."""
         self.db.execute(
-            "UPDATE invoices SET search_text = search_text || ? WHERE id = ?", [search_text(values), invoice_id]
+            "UPDATE invoices SET search_text = search_text || ? WHERE id = ?",
+            [search_text(values), invoice_id],
         )
 
     # ------------------------------------------------------------------ invoices
@@ -161,7 +163,9 @@ class Store:
         """
         with self.db.atomic():
             if idempotency_key is not None:
-                seen = self._q1("SELECT request_hash, invoice_id FROM idempotency_keys WHERE key = ?", [idempotency_key])
+                seen = self._q1(
+                    "SELECT request_hash, invoice_id FROM idempotency_keys WHERE key = ?", [idempotency_key]
+                )
                 if seen is not None:
                     if seen["request_hash"] != request_hash:
                         raise IdempotencyConflict(idempotency_key)
@@ -175,8 +179,17 @@ class Store:
                     "status": str(status),
                     "amount": format(new.amount, "f"),
                     "currency": new.currency,
-                    **{k: new.fields.get(k) for k in (
-                        "product_name", "issued_by", "bill_to", "merchant_reference", "customer_id", "customer_email")},
+                    **{
+                        k: new.fields.get(k)
+                        for k in (
+                            "product_name",
+                            "issued_by",
+                            "bill_to",
+                            "merchant_reference",
+                            "customer_id",
+                            "customer_email",
+                        )
+                    },
                     "metadata": orjson.dumps(new.metadata).decode(),
                     "tolerance_percent": format(new.tolerance_percent, "f"),
                     "payment_timing": orjson.dumps(new.payment_timing).decode(),
@@ -193,13 +206,28 @@ class Store:
             self._insert_options(invoice_id, new.options, derive, finish)
             if idempotency_key is not None:
                 self.db["idempotency_keys"].insert(
-                    {"key": idempotency_key, "request_hash": request_hash, "invoice_id": invoice_id, "created_at": now}
+                    {
+                        "key": idempotency_key,
+                        "request_hash": request_hash,
+                        "invoice_id": invoice_id,
+                        "created_at": now,
+                    }
                 )
             self._rejudge(invoice_id, created=True)
             return self._invoice(invoice_id), True
 
-    def _insert_options(self, invoice_id: str, specs: list[OptionSpec], derive: Deriver, finish: OptionFinisher) -> None:
-        start = (self._q1("SELECT COALESCE(MAX(position), -1) AS p FROM payment_options WHERE invoice_id = ?", [invoice_id])["p"]) + 1
+    def _insert_options(
+        self, invoice_id: str, specs: list[OptionSpec], derive: Deriver, finish: OptionFinisher
+    ) -> None:
+        start = (
+            (
+                self._q1(
+                    "SELECT COALESCE(MAX(position), -1) AS p FROM payment_options WHERE invoice_id = ?",
+                    [invoice_id],
+                )["p"]
+            )
+            + 1
+        )
         destinations = []
         for offset, spec in enumerate(specs):
             option_id = new_id("opt", int(self.clock() * 1000))
@@ -273,7 +301,8 @@ class Store:
         if row is None:
             return None
         options = self._q(
-            "SELECT * FROM payment_options WHERE invoice_id = ? AND active = 1 ORDER BY position", [invoice_id]
+            "SELECT * FROM payment_options WHERE invoice_id = ? AND active = 1 ORDER BY position",
+            [invoice_id],
         )
         return invoice_view(row, options, self._payments(invoice_id), self.checkout_base_url)
 
@@ -281,7 +310,14 @@ class Store:
         """The list's filters as SQL conditions on `invoices` (for the list, the export and the stats)."""
         where: list[str] = []
         params: list[Any] = []
-        for column in ("status", "merchant_reference", "customer_id", "customer_email", "exception_type", "exception_status"):
+        for column in (
+            "status",
+            "merchant_reference",
+            "customer_id",
+            "customer_email",
+            "exception_type",
+            "exception_status",
+        ):
             if filters.get(column) is not None:
                 where.append(f"invoices.{column} = ?")
                 params.append(filters[column])
@@ -313,7 +349,10 @@ class Store:
                 total = self.count_invoices(filters) if offset else 0
         else:
             total = self._q1(f"SELECT COUNT(*) AS n FROM invoices {clause}", params)["n"]
-            ids = self._q(f"SELECT id FROM invoices {clause} ORDER BY rowid DESC LIMIT ? OFFSET ?", [*params, limit, offset])
+            ids = self._q(
+                f"SELECT id FROM invoices {clause} ORDER BY rowid DESC LIMIT ? OFFSET ?",
+                [*params, limit, offset],
+            )
         return [self._invoice(r["id"]) for r in ids], total  # type: ignore[misc]
 
     def count_invoices(self, filters: dict[str, Any]) -> int:
@@ -321,7 +360,9 @@ class Store:
         clause = ("WHERE " + " AND ".join(where)) if where else ""
         return self._q1(f"SELECT COUNT(*) AS n FROM invoices {clause}", params)["n"]
 
-    def export_rows(self, filters: dict[str, Any], limit: int, offset: int, *, chunk: int = 500) -> Iterator[list[dict]]:
+    def export_rows(
+        self, filters: dict[str, Any], limit: int, offset: int, *, chunk: int = 500
+    ) -> Iterator[list[dict]]:
         """The filtered invoices, newest first, as flat rows for the CSV export, `chunk` at a time.
 
         Every chunk is its own short read (no cursor stays open while the caller writes), and
@@ -354,14 +395,25 @@ class Store:
                 summary = orjson.loads(r["payment_summary"])
                 out.append(
                     {
-                        "id": r["id"], "status": r["status"], "amount": r["amount"], "currency": r["currency"],
-                        "received_amount": summary.get("received_amount"), "remaining_amount": summary.get("remaining_amount"),
-                        "overpaid_amount": summary.get("overpaid_amount"), "payment_state": summary.get("payment_state"),
-                        "exception_type": r["exception_type"], "exception_status": r["exception_status"],
-                        "merchant_reference": r["merchant_reference"], "customer_id": r["customer_id"],
-                        "customer_email": r["customer_email"], "product_name": r["product_name"],
-                        "created_at": r["created_at"], "paid_at": r["paid_at"], "confirmed_at": r["confirmed_at"],
-                        "cancelled_at": r["cancelled_at"], "transaction_hashes": " ".join(hashes[r["id"]]),
+                        "id": r["id"],
+                        "status": r["status"],
+                        "amount": r["amount"],
+                        "currency": r["currency"],
+                        "received_amount": summary.get("received_amount"),
+                        "remaining_amount": summary.get("remaining_amount"),
+                        "overpaid_amount": summary.get("overpaid_amount"),
+                        "payment_state": summary.get("payment_state"),
+                        "exception_type": r["exception_type"],
+                        "exception_status": r["exception_status"],
+                        "merchant_reference": r["merchant_reference"],
+                        "customer_id": r["customer_id"],
+                        "customer_email": r["customer_email"],
+                        "product_name": r["product_name"],
+                        "created_at": r["created_at"],
+                        "paid_at": r["paid_at"],
+                        "confirmed_at": r["confirmed_at"],
+                        "cancelled_at": r["cancelled_at"],
+                        "transaction_hashes": " ".join(hashes[r["id"]]),
                     }
                 )
             yield out
@@ -378,7 +430,10 @@ class Store:
             by_status[r["status"]] = r["n"]
         by_exception = {t.value: 0 for t in ExceptionType}
         open_clause = "WHERE " + " AND ".join([*where, "invoices.exception_status = 'open'"])
-        for r in self._q(f"SELECT exception_type, COUNT(*) AS n FROM invoices {open_clause} GROUP BY exception_type", params):
+        for r in self._q(
+            f"SELECT exception_type, COUNT(*) AS n FROM invoices {open_clause} GROUP BY exception_type",
+            params,
+        ):
             by_exception[r["exception_type"]] = r["n"]
         # uint256 sums: SQLite's SUM would overflow (or go to floats), so they are added here, exactly.
         received: dict[tuple[str, str, int], list[int]] = {}
@@ -395,8 +450,14 @@ class Store:
             "by_status": by_status,
             "by_open_exception_type": by_exception,
             "received": [
-                {"network": network, "asset": asset, "decimals": decimals, "amount_atomic": str(total),
-                 "amount": format_units(total, decimals), "payments": count}
+                {
+                    "network": network,
+                    "asset": asset,
+                    "decimals": decimals,
+                    "amount_atomic": str(total),
+                    "amount": format_units(total, decimals),
+                    "payments": count,
+                }
                 for (network, asset, decimals), (total, count) in sorted(received.items())
             ],
         }
@@ -436,10 +497,18 @@ class Store:
             "WHERE p.invoice_id = ? ORDER BY p.block_timestamp, p.network, p.block_number, p.log_key, p.id",
             [invoice_id],
         )
-        networks = [r["network"] for r in self._q("SELECT DISTINCT network FROM payment_options WHERE invoice_id = ?", [invoice_id])]
+        networks = [
+            r["network"]
+            for r in self._q(
+                "SELECT DISTINCT network FROM payment_options WHERE invoice_id = ?", [invoice_id]
+            )
+        ]
         resolutions = tuple(
             Resolution(
-                ExceptionType(r["exception_type"]), ResolutionAction(r["action"]), r["note"], r["resolved_at"],
+                ExceptionType(r["exception_type"]),
+                ResolutionAction(r["action"]),
+                r["note"],
+                r["resolved_at"],
                 frozenset(r["payment_ids"]),
             )
             for r in orjson.loads(row["resolutions"])
@@ -456,7 +525,10 @@ class Store:
             facts,
             [
                 PaymentFacts(
-                    p["id"], int(p["amount_atomic"]), int(p["option_amount"]), p["block_timestamp"],
+                    p["id"],
+                    int(p["amount_atomic"]),
+                    int(p["option_amount"]),
+                    p["block_timestamp"],
                     PaymentStatus(p["status"]),
                     (p["block_timestamp"], p["network"], p["block_number"], p["log_key"]),
                 )
@@ -487,12 +559,18 @@ class Store:
         newly_open = [t for t in open_now if t not in orjson.loads(row["open_exceptions"])]
         if open_now != orjson.loads(row["open_exceptions"]):
             changes["open_exceptions"] = orjson.dumps(open_now).decode()
-        if not (changes or created or new_payments or reverted_payments or roles_changed or resolved or session):
+        if not (
+            changes or created or new_payments or reverted_payments or roles_changed or resolved or session
+        ):
             return False
 
         now = self._now()
         fully_paid = judged.payment_state in (PaymentState.EXACT, PaymentState.OVERPAID)
-        if new_status in (InvoiceStatus.PAID, InvoiceStatus.CONFIRMED) and fully_paid and row["paid_at"] is None:
+        if (
+            new_status in (InvoiceStatus.PAID, InvoiceStatus.CONFIRMED)
+            and fully_paid
+            and row["paid_at"] is None
+        ):
             changes["paid_at"] = now
         if new_status == InvoiceStatus.CONFIRMED and row["confirmed_at"] is None:
             changes["confirmed_at"] = now
@@ -513,8 +591,13 @@ class Store:
         invoice = invoice_view(
             {**dict(row), **changes},
             [],
-            [payment_view({**dict(p), "role": str(judged.roles.get(p["id"], p["role"]))}, self._tips.get(p["network"]))
-             for p in payments],
+            [
+                payment_view(
+                    {**dict(p), "role": str(judged.roles.get(p["id"], p["role"]))},
+                    self._tips.get(p["network"]),
+                )
+                for p in payments
+            ],
         )
         by_id = {p["id"]: p for p in invoice["payments"]}
         if created:
@@ -534,7 +617,12 @@ class Store:
                 InvoiceStatus.CANCELLED: "invoice.cancelled",
             }.get(InvoiceStatus(new_status))
             # (A zero-amount invoice, confirmed at creation or at finalize, was never "paid".)
-            if event == "invoice.confirmed" and old_status != InvoiceStatus.PAID and fully_paid and not (created or session):
+            if (
+                event == "invoice.confirmed"
+                and old_status != InvoiceStatus.PAID
+                and fully_paid
+                and not (created or session)
+            ):
                 self.outbox.emit("invoice.paid", invoice)  # paid and confirmed in one step: say both
             if event is not None:
                 self.outbox.emit(event, invoice)
@@ -571,7 +659,10 @@ class Store:
                     "payment_ids": sorted(payments_to_cover(kind, roles)),  # type: ignore[arg-type]
                 }
             )
-            self.db.execute("UPDATE invoices SET resolutions = ? WHERE id = ?", [orjson.dumps(resolutions).decode(), invoice_id])
+            self.db.execute(
+                "UPDATE invoices SET resolutions = ? WHERE id = ?",
+                [orjson.dumps(resolutions).decode(), invoice_id],
+            )
             self._rejudge(invoice_id, resolved=True)
             return self._invoice(invoice_id)
 
@@ -601,12 +692,18 @@ class Store:
             if self._live_payments(invoice_id):
                 raise StateConflict(f"the invoice is {status} and has received a payment")
             session = plan(dict(row))
-            self.db.execute("UPDATE payment_options SET active = 0 WHERE invoice_id = ? AND active = 1", [invoice_id])
+            self.db.execute(
+                "UPDATE payment_options SET active = 0 WHERE invoice_id = ? AND active = 1", [invoice_id]
+            )
             self._insert_options(invoice_id, session.options, derive, finish)
             self.db.execute(
                 "UPDATE invoices SET payment_timing = ?, payable_until = ?, request = ? WHERE id = ?",
-                [orjson.dumps(session.payment_timing).decode(), session.payable_until,
-                 orjson.dumps(session.request).decode(), invoice_id],
+                [
+                    orjson.dumps(session.payment_timing).decode(),
+                    session.payable_until,
+                    orjson.dumps(session.request).decode(),
+                    invoice_id,
+                ],
             )
             self._rejudge(invoice_id, session=True)
             return self._invoice(invoice_id)
@@ -651,8 +748,16 @@ class Store:
         row = self._q1("SELECT * FROM cursors WHERE network = ?", [network])
         if row is None:
             return None
-        block = self._q1("SELECT parent_hash FROM chain_blocks WHERE network = ? AND number = ?", [network, row["block_number"]])
-        return BlockRef(row["block_number"], row["block_hash"], block["parent_hash"] if block else "", row["block_timestamp"])
+        block = self._q1(
+            "SELECT parent_hash FROM chain_blocks WHERE network = ? AND number = ?",
+            [network, row["block_number"]],
+        )
+        return BlockRef(
+            row["block_number"],
+            row["block_hash"],
+            block["parent_hash"] if block else "",
+            row["block_timestamp"],
+        )
 
     def genesis_hash(self, network: str) -> str | None:
         """The hash of block 0 of the chain this database follows as `network`; None until
@@ -714,8 +819,12 @@ class Store:
                 "INSERT OR REPLACE INTO chain_blocks(network, number, hash, parent_hash, timestamp) VALUES (?,?,?,?,?)",
                 [(network, b.number, b.hash, b.parent_hash, b.timestamp) for b in blocks],
             )
-            forget_through = tip.number - BLOCK_WINDOW if keep_above is None else min(keep_above, tip.number - 1)
-            self.db.execute("DELETE FROM chain_blocks WHERE network = ? AND number <= ?", [network, forget_through])
+            forget_through = (
+                tip.number - BLOCK_WINDOW if keep_above is None else min(keep_above, tip.number - 1)
+            )
+            self.db.execute(
+                "DELETE FROM chain_blocks WHERE network = ? AND number <= ?", [network, forget_through]
+            )
             self.db.execute(
                 "INSERT INTO cursors(network, block_number, block_hash, block_timestamp, updated_at) VALUES (?,?,?,?,?) "
                 "ON CONFLICT(network) DO UPDATE SET block_number = excluded.block_number, block_hash = excluded.block_hash, "
@@ -736,10 +845,15 @@ class Store:
             )
             if due:
                 self.db.conn.executemany(
-                    "UPDATE payments SET status = 'confirmed', confirmed_at = ? WHERE id = ?", [(now, r["id"]) for r in due]
+                    "UPDATE payments SET status = 'confirmed', confirmed_at = ? WHERE id = ?",
+                    [(now, r["id"]) for r in due],
                 )
                 result.payments_confirmed = len(due)
-            invoice_ids = set(touched) | {r["invoice_id"] for r in due} | self._expiry_candidates(network, tip.timestamp)
+            invoice_ids = (
+                set(touched)
+                | {r["invoice_id"] for r in due}
+                | self._expiry_candidates(network, tip.timestamp)
+            )
             events_before = self.outbox.event_count()
             for invoice_id in sorted(invoice_ids):
                 if self._rejudge(invoice_id, new_payments=touched.get(invoice_id, ())):
@@ -791,7 +905,9 @@ class Store:
                 continue
             option = options.get(m.option_id)
             if option is None:
-                option = self._q1("SELECT invoice_id, asset, decimals FROM payment_options WHERE id = ?", [m.option_id])
+                option = self._q1(
+                    "SELECT invoice_id, asset, decimals FROM payment_options WHERE id = ?", [m.option_id]
+                )
                 if option is None:
                     raise LookupError(f"no payment option {m.option_id!r}")
                 options[m.option_id] = option
@@ -813,7 +929,9 @@ class Store:
         )
         return row["id"], row["invoice_id"]
 
-    def _insert_payment(self, network: str, m: MatchedTransfer, option: sqlite3.Row, now: str) -> tuple[str, str]:
+    def _insert_payment(
+        self, network: str, m: MatchedTransfer, option: sqlite3.Row, now: str
+    ) -> tuple[str, str]:
         t = m.transfer
         payment_id = new_id("pay", int(self.clock() * 1000))
         # Plain SQL: the hot path of a busy chain (sqlite-utils' insert looks the table up each time).
@@ -821,9 +939,24 @@ class Store:
             "INSERT INTO payments(id, network, tx_hash, log_index, log_key, invoice_id, option_id, asset, decimals, "
             "block_number, block_hash, block_timestamp, from_address, to_address, amount_atomic, status, role, "
             "observed_at, confirmed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?, 'detected', 'counted', ?, NULL)",
-            [payment_id, network, t.tx_hash, t.log_index, t.unique_key, option["invoice_id"], m.option_id, option["asset"],
-             option["decimals"], t.block_number, t.block_hash, m.block_timestamp, t.from_address, t.to_address,
-             str(t.amount), now],
+            [
+                payment_id,
+                network,
+                t.tx_hash,
+                t.log_index,
+                t.unique_key,
+                option["invoice_id"],
+                m.option_id,
+                option["asset"],
+                option["decimals"],
+                t.block_number,
+                t.block_hash,
+                m.block_timestamp,
+                t.from_address,
+                t.to_address,
+                str(t.amount),
+                now,
+            ],
         )
         self._add_search_text(option["invoice_id"], [t.tx_hash, t.from_address])
         return payment_id, option["invoice_id"]
@@ -841,7 +974,8 @@ class Store:
                 [network, floor],
             )
             self.db.conn.executemany(
-                "UPDATE payments SET status = 'reverted', confirmed_at = NULL WHERE id = ?", [(r["id"],) for r in orphaned]
+                "UPDATE payments SET status = 'reverted', confirmed_at = NULL WHERE id = ?",
+                [(r["id"],) for r in orphaned],
             )
             self.db.execute("DELETE FROM chain_blocks WHERE network = ? AND number > ?", [network, floor])
             self.db.execute(

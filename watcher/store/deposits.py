@@ -27,4 +27,7 @@ def paid_deposit_addresses(db: Database, networks: Iterable[str] | None = None) 
         """,
         params,
     ).fetchall()
-    return [dict(zip(("network", "address", "derivation_index", "asset", "token_contract", "decimals"), r)) for r in rows]
+    return [
+        dict(zip(("network", "address", "derivation_index", "asset", "token_contract", "decimals"), r))
+        for r in rows
+    ]

@@ -7,8 +7,9 @@ back) together with the state change.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Iterable, Sequence
+from typing import Any
 
 import orjson
 from sqlite_utils import Database
@@ -34,7 +35,9 @@ def delivery_view(row: sqlite3.Row) -> dict:
         "status": row["status"],
         "attempts": row["attempts"],
         "last_status_code": row["last_status_code"],
-        "last_error": None if row["last_error"] is None else Redactor([row["url"]])(redact_text(row["last_error"])),
+        "last_error": None
+        if row["last_error"] is None
+        else Redactor([row["url"]])(redact_text(row["last_error"])),
         "next_attempt_at": rfc3339(row["next_attempt_at"]),
         "delivered_at": row["delivered_at"],
     }
@@ -100,7 +103,15 @@ class Outbox:
                 self.db.execute(
                     "INSERT INTO deliveries(id, event_id, event_type, invoice_id, url, status, attempts, next_attempt_at, created_at) "
                     "VALUES (?,?,?,?,?, 'pending', 0, ?, ?)",
-                    [new_id("dlv", int(now_s * 1000)), event_id, event_type, invoice["id"], endpoint.url, now_s, created_at],
+                    [
+                        new_id("dlv", int(now_s * 1000)),
+                        event_id,
+                        event_type,
+                        invoice["id"],
+                        endpoint.url,
+                        now_s,
+                        created_at,
+                    ],
                 )
                 if self.on_delivery_queued is not None:
                     self.on_delivery_queued()
@@ -115,10 +126,14 @@ class Outbox:
     def event_marks(self, invoice_id: str, since: int | None = None) -> tuple[int, list[str]]:
         """(sequence number of the invoice's latest event, or 0; the types of its events after
         `since`, oldest first): where a live status stream stands, and what a resuming one missed."""
-        latest = self._q1("SELECT COALESCE(MAX(seq), 0) AS n FROM events WHERE invoice_id = ?", [invoice_id])["n"]
+        latest = self._q1("SELECT COALESCE(MAX(seq), 0) AS n FROM events WHERE invoice_id = ?", [invoice_id])[
+            "n"
+        ]
         if since is None or since >= latest:
             return latest, []
-        rows = self._q("SELECT type FROM events WHERE invoice_id = ? AND seq > ? ORDER BY seq", [invoice_id, since])
+        rows = self._q(
+            "SELECT type FROM events WHERE invoice_id = ? AND seq > ? ORDER BY seq", [invoice_id, since]
+        )
         return latest, [r["type"] for r in rows]
 
     def events_for(self, invoice_id: str) -> list[dict]:
@@ -152,7 +167,9 @@ class Outbox:
         if url is None:
             row = self._q1("SELECT MIN(next_attempt_at) AS t FROM deliveries WHERE status = 'pending'")
         else:
-            row = self._q1("SELECT MIN(next_attempt_at) AS t FROM deliveries WHERE url = ? AND status = 'pending'", [url])
+            row = self._q1(
+                "SELECT MIN(next_attempt_at) AS t FROM deliveries WHERE url = ? AND status = 'pending'", [url]
+            )
         return row["t"] if row else None
 
     def pending_urls(self) -> list[str]:
@@ -193,7 +210,15 @@ class Outbox:
             self.db.execute(
                 "UPDATE deliveries SET status = ?, attempts = ?, last_status_code = ?, last_error = ?, "
                 "next_attempt_at = ?, delivered_at = ? WHERE id = ?",
-                [status, attempt, status_code, error, None if ok else next_attempt_at, now if ok else None, delivery_id],
+                [
+                    status,
+                    attempt,
+                    status_code,
+                    error,
+                    None if ok else next_attempt_at,
+                    now if ok else None,
+                    delivery_id,
+                ],
             )
 
     # ------------------------------------------------------------------ operations
@@ -219,7 +244,9 @@ class Outbox:
                 params.append(value)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         total = self._q1(f"SELECT COUNT(*) AS n FROM deliveries{clause}", params)["n"]
-        rows = self._q(f"SELECT * FROM deliveries{clause} ORDER BY rowid DESC LIMIT ? OFFSET ?", [*params, limit, offset])
+        rows = self._q(
+            f"SELECT * FROM deliveries{clause} ORDER BY rowid DESC LIMIT ? OFFSET ?", [*params, limit, offset]
+        )
         return [delivery_view(r) for r in rows], total
 
     def get_delivery(self, delivery_id: str) -> dict | None:

@@ -53,8 +53,13 @@ def prune_delivered_events(store: Store, older_than: float, limit: int = BATCH) 
     return events, deliveries, attempts
 
 
-def closed_watch_entries(store: Store, network: str, closed_before: float, after: tuple[str, int] = ("", 0),
-                         limit: int = WATCH_BATCH) -> list[sqlite3.Row]:
+def closed_watch_entries(
+    store: Store,
+    network: str,
+    closed_before: float,
+    after: tuple[str, int] = ("", 0),
+    limit: int = WATCH_BATCH,
+) -> list[sqlite3.Row]:
     """Options on `network` whose invoice closed (confirmed, cancelled, expired or underpaid,
     and unchanged since) before `closed_before`, after the (updated_at, option rowid) mark
     `after`, in that order: the ones to stop watching for late payments, a batch at a time."""

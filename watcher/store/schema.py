@@ -190,7 +190,9 @@ def m004_delivery_lanes(db: Database) -> None:
 
 
 # The table-level constraint m001 put on `payments`; m005 replaces it with a partial index.
-_PAYMENT_KEY_CONSTRAINT = re.compile(r",\s*UNIQUE\s*\(\s*network\s*,\s*tx_hash\s*,\s*log_key\s*\)", re.IGNORECASE)
+_PAYMENT_KEY_CONSTRAINT = re.compile(
+    r",\s*UNIQUE\s*\(\s*network\s*,\s*tx_hash\s*,\s*log_key\s*\)", re.IGNORECASE
+)
 
 
 @migrations()
@@ -200,12 +202,17 @@ def m005_payment_identity(db: Database) -> None:
     # only live rows need a unique (network, tx, log key). SQLite cannot drop a table
     # constraint, so the table is rebuilt from its own stored definition (keeping any column
     # added since m001) with its rows and its other indexes. Nothing references `payments`.
-    table_sql = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'payments'").fetchone()[0]
+    table_sql = db.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'payments'"
+    ).fetchone()[0]
     new_sql, found = _PAYMENT_KEY_CONSTRAINT.subn("", table_sql)
     if found != 1:
         raise RuntimeError(f"m005_payment_identity: unexpected payments table: {table_sql}")
     indexes = [
-        r[0] for r in db.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'payments' AND sql IS NOT NULL")
+        r[0]
+        for r in db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'payments' AND sql IS NOT NULL"
+        )
     ]
     db.execute(re.sub(r"^CREATE TABLE\s+\"?payments\"?", "CREATE TABLE payments_rebuilt", new_sql, count=1))
     db.execute("INSERT INTO payments_rebuilt SELECT * FROM payments")

@@ -6,8 +6,9 @@ byte, come from one place.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any
 
 import orjson
 from eth_hash.auto import keccak
@@ -83,7 +84,10 @@ def invoice_confirmations(payments: list[dict]) -> int:
 
 
 def invoice_view(
-    row: Mapping[str, Any], options: list[Mapping[str, Any]], payments: list[dict], checkout_base_url: str | None = None
+    row: Mapping[str, Any],
+    options: list[Mapping[str, Any]],
+    payments: list[dict],
+    checkout_base_url: str | None = None,
 ) -> dict:
     """`checkout_base_url`: `[checkout] public_base_url`, or None without a payment page."""
     return {
@@ -117,8 +121,15 @@ def invoice_view(
 
 
 STATUS_FIELDS = (
-    "id", "status", "confirmations", "payment_summary", "exception", "payment_timing",
-    "last_payment_observed_at", "payments", "version",
+    "id",
+    "status",
+    "confirmations",
+    "payment_summary",
+    "exception",
+    "payment_timing",
+    "last_payment_observed_at",
+    "payments",
+    "version",
 )
 
 
