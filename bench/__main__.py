@@ -35,7 +35,8 @@ GOAL_VS_WEB3 = 10
 
 def describe(meta: dict[str, Any]) -> str:
     return (
-        f"blocks {meta['first_block']}-{meta['last_block']} ({meta['last_block'] - meta['first_block'] + 1}), "
+        f"blocks {meta['first_block']}-{meta['last_block']} "
+        f"({meta['last_block'] - meta['first_block'] + 1}), "
         f"Transfer logs {' + '.join(f'{n:,}' for n in meta['logs_per_token'].values())} of 2 tokens, "
         f"{meta['native_transfers']} native transfers; {meta['deposit_addresses']:,} deposit addresses "
         f"({meta['paid_addresses']:,} paid), {meta['transfers_to_ours']:,} transfers to them; "
@@ -112,10 +113,12 @@ def catchup(profile: Profile, repeat: int) -> None:
         r = row.result
         print(
             f"{row.label}: watcher/raw = {raw_best.result['wall_s'] / r['wall_s']:.2f}, "
-            f"watcher/web3 = {web3_events.result['wall_s'] / r['wall_s']:.1f}; runs {[round(s, 2) for s in r['runs_s']]} s"
+            f"watcher/web3 = {web3_events.result['wall_s'] / r['wall_s']:.1f}; runs "
+            f"{[round(s, 2) for s in r['runs_s']]} s"
         )
         print(
-            f"  {r['payments']:,} payments, {r['events']:,} events ({r['event_bytes'] / 1e6:,.1f} MB of bodies), "
+            f"  {r['payments']:,} payments, {r['events']:,} events ({r['event_bytes'] / 1e6:,.1f} MB of "
+            "bodies), "
             f"{r['steps']} steps, store {r['db_mb']:,.0f} MB after; invoices {r['invoices_by_status']}"
         )
     main = rows[-len(watchers)].result
@@ -123,12 +126,14 @@ def catchup(profile: Profile, repeat: int) -> None:
     vs_web3 = web3_events.result["wall_s"] / main["wall_s"]
     if profile.share < 1:
         print(
-            f"goal: catch-up >= {GOAL_VS_RAW} x raw: {vs_raw:.2f} ({'met' if vs_raw >= GOAL_VS_RAW else 'NOT met'})"
+            f"goal: catch-up >= {GOAL_VS_RAW} x raw: {vs_raw:.2f} "
+            f"({'met' if vs_raw >= GOAL_VS_RAW else 'NOT met'})"
         )
     else:
         rate = main["payments"] / main["wall_s"]
         print(
-            f"goal: >= {GOAL_PAYMENTS_PER_S:,} payments/s: {rate:,.0f} ({'met' if rate >= GOAL_PAYMENTS_PER_S else 'NOT met'})"
+            f"goal: >= {GOAL_PAYMENTS_PER_S:,} payments/s: {rate:,.0f} "
+            f"({'met' if rate >= GOAL_PAYMENTS_PER_S else 'NOT met'})"
         )
     print(
         f"goal: >= {GOAL_VS_WEB3} x web3: {vs_web3:.1f} ({'met' if vs_web3 >= GOAL_VS_WEB3 else 'NOT met'})",

@@ -86,9 +86,9 @@ def wait_up(url: str, process: subprocess.Popen, what: str, timeout: float = 60)
         try:
             urllib.request.urlopen(url, timeout=2).read()
             return
-        except OSError:
+        except OSError as exc:
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not start (exit {process.poll()})")
+                raise RuntimeError(f"{what} did not start (exit {process.poll()})") from exc
             time.sleep(0.1)
 
 
@@ -99,10 +99,10 @@ class Server:
     def __init__(
         self, command: list[str], env: dict[str, str], log_path: Path, health: str, what: str
     ) -> None:
-        self.log = open(log_path, "w")
-        self.process = subprocess.Popen(
-            command, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, stdin=subprocess.PIPE
-        )
+        with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, stdin=subprocess.PIPE
+            )
         wait_up(health, self.process, what)
 
     def stop(self) -> None:
@@ -113,7 +113,6 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.log.close()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -304,7 +303,7 @@ async def load(spec: dict[str, Any]) -> dict[str, Any]:
 
     # When the slow ones were: 100 ms windows (by due time) whose worst latency passed 20 ms.
     windows: dict[int, float] = {}
-    for d, snt, e, st in measured:
+    for d, _sent, e, _status in measured:
         windows[int(d * 10)] = max(windows.get(int(d * 10), 0.0), (e - d) * 1000)
     slow = sorted(k for k, v in windows.items() if v > 20)
     spans: list[list[float]] = []
@@ -422,7 +421,8 @@ def main(argv: list[str] | None = None) -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     print(
         f"== API load: GET /v1/invoices/{{id}}/status, open loop at {args.rate:,.0f}/s for {seconds:g} s "
-        f"(+{WARMUP:g} s warm-up), client in its own process; {args.chain} chain, a block every {args.block_time:g} s",
+        f"(+{WARMUP:g} s warm-up), client in its own process; {args.chain} chain, a block every "
+        f"{args.block_time:g} s",
         flush=True,
     )
     spec = {"rate": args.rate, "seconds": seconds, "warmup": WARMUP, "dump": args.dump}
@@ -470,13 +470,15 @@ def main(argv: list[str] | None = None) -> None:
     ):
         errs = sum(r["errors"].values()) + sum(r["non_200"].values())
         print(
-            f"{label:<44} {r['achieved_rate']:>7,.0f} {r['p50']:>7.2f} {r['p95']:>7.2f} {r['p99']:>7.2f} {r['max']:>7.1f} "
+            f"{label:<44} {r['achieved_rate']:>7,.0f} {r['p50']:>7.2f} {r['p95']:>7.2f} {r['p99']:>7.2f} "
+            f"{r['max']:>7.1f} "
             f"{r['sent_p99']:>8.2f} {errs:>6} {r['server_cpu_ms_per_request']:>10.3f}"
         )
     print(
         f"(latency from the request's due time; 'p99 sent' from when the client actually sent it; "
         f"client send lag p99: daemon {ours['send_lag_p99']:.2f} ms, baseline {bare['send_lag_p99']:.2f} ms; "
-        f"status body {len(body)} bytes; {INVOICES} invoices, {PAID} paid; {CONNECTIONS} keep-alive connections; "
+        f"status body {len(body)} bytes; {INVOICES} invoices, {PAID} paid; {CONNECTIONS} keep-alive "
+        "connections; "
         "CPU ms/req: the server process's CPU time over the run / requests sent, chain and follower included)"
     )
     for label, r in (("daemon", ours), ("baseline", bare)):
@@ -490,7 +492,8 @@ def main(argv: list[str] | None = None) -> None:
         if r["errors"] or r["non_200"]:
             print(f"  {label}: exceptions {r['errors']}, non-200 {r['non_200']}")
     print(
-        f"ratios daemon/baseline: p50 x{ours['p50'] / bare['p50']:.2f}, p95 x{ours['p95'] / bare['p95']:.2f}, "
+        f"ratios daemon/baseline: p50 x{ours['p50'] / bare['p50']:.2f}, p95 "
+        f"x{ours['p95'] / bare['p95']:.2f}, "
         f"p99 x{ours['p99'] / bare['p99']:.2f}"
     )
     met = ours["p99"] <= GOAL_P99_MS and ours["achieved_rate"] >= 0.98 * args.rate
@@ -502,7 +505,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"profile of the daemon under load: {profile_to}")
     if args.slow_callbacks:
         print(
-            f"slow callbacks (asyncio debug, > {args.slow_callbacks * 1000:g} ms) logged in {tmp / 'daemon.log'}"
+            f"slow callbacks (asyncio debug, > {args.slow_callbacks * 1000:g} ms) logged in "
+            f"{tmp / 'daemon.log'}"
         )
     print(f"(api_load took {time.monotonic() - started:.0f} s)", flush=True)
 

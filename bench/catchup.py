@@ -178,7 +178,8 @@ def prepare_store(meta: dict[str, Any], invoices: int) -> Path:
                 [option] = invoice["payment_options"]
                 if option["destination_address"].lower() != d["address"]:
                     raise RuntimeError(
-                        f"invoice {d['index']} got {option['destination_address']}, the chain has {d['address']}"
+                        f"invoice {d['index']} got {option['destination_address']}, the chain has "
+                        f"{d['address']}"
                     )
     store.close()  # checkpoints the WAL into the file
     building.rename(path)

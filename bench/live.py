@@ -316,7 +316,10 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     results = [one_run(mode, payments, args.block_time, args.poll) for mode in (args.mode or ["ws", "poll"])]
-    head = f"{'mode':<34} {'hooks':>6} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'min ms':>7} {'max ms':>7} {'ok':>3}"
+    head = (
+        f"{'mode':<34} {'hooks':>6} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
+        f"{'min ms':>7} {'max ms':>7} {'ok':>3}"
+    )
     print(head)
     print("-" * len(head))
     for r in results:
@@ -325,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         label = "WebSocket newHeads (+ poll 1 s)" if r["mode"] == "ws" else f"polling every {args.poll:g} s"
         print(
-            f"{label:<34} {r['webhooks']:>6} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f} {r['min']:>7.1f} "
+            f"{label:<34} {r['webhooks']:>6} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f} "
+            f"{r['min']:>7.1f} "
             f"{r['max']:>7.1f} {'yes' if ok else 'NO':>3}"
         )
         if not ok:
@@ -338,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     if ws is not None:
         met = ws["p50"] <= GOAL_P50_MS and ws["p99"] <= GOAL_P99_MS
         print(
-            f"goal: over WebSocket p50 <= {GOAL_P50_MS:g} ms, p99 <= {GOAL_P99_MS:g} ms: p50 {ws['p50']:.1f}, "
+            f"goal: over WebSocket p50 <= {GOAL_P50_MS:g} ms, p99 <= {GOAL_P99_MS:g} ms: p50 "
+            f"{ws['p50']:.1f}, "
             f"p99 {ws['p99']:.1f} -> {'met' if met else 'NOT met'}"
         )
     print(f"(live took {time.monotonic() - started:.0f} s)", flush=True)

@@ -414,13 +414,12 @@ def explain(spec: dict[str, Any]) -> dict[str, Any]:
         result["profile"] = text
         # the query alone, rows fetched and dropped, for comparison
         t = time.perf_counter()
-        n = 0
         for _row in store.db.conn.execute(
             "SELECT rowid, id, rail, destination_address, token_contract, contract_call FROM payment_options "
             "WHERE network = ? AND rowid > ? ORDER BY rowid",
             [NETWORK, 0],
         ):
-            n += 1
+            pass
         result["query_only_s"] = time.perf_counter() - t
     else:  # what_if
         from dataclasses import dataclass
@@ -528,7 +527,8 @@ def main(argv: list[str] | None = None) -> None:
     create = args.create if args.create is not None else (300 if args.quick else 1_000)
     started = time.monotonic()
     print(
-        f"== watch set scale: sizes {', '.join(f'{s:,}' for s in sizes)}; one TUSD address option per invoice",
+        f"== watch set scale: sizes {', '.join(f'{s:,}' for s in sizes)}; one TUSD address option per "
+        "invoice",
         flush=True,
     )
 
@@ -557,19 +557,26 @@ def main(argv: list[str] | None = None) -> None:
         grown = r["peak_rss_mb"] - base["peak_rss_mb"]
         per = f"{grown * 2**20 / r['size']:>7,.0f}" if r["size"] else f"{'':>7}"
         print(
-            f"{r['size']:>10,} {r['load_s']:>7.2f} {r['peak_rss_mb']:>11.0f} {r['peak_rss_mb'] / base['peak_rss_mb']:>6.2f} "
-            f"{grown:>7.0f} {per} {r['match_us_per_block']:>12.1f} {r['match_us_per_block'] / base['match_us_per_block']:>6.2f} "
-            f"{r['dict_us_per_block']:>11.1f} {r['create_rate']:>9,.0f} {r['create_rate'] / base['create_rate']:>6.2f}"
+            f"{r['size']:>10,} {r['load_s']:>7.2f} {r['peak_rss_mb']:>11.0f} "
+            f"{r['peak_rss_mb'] / base['peak_rss_mb']:>6.2f} "
+            f"{grown:>7.0f} {per} {r['match_us_per_block']:>12.1f} "
+            f"{r['match_us_per_block'] / base['match_us_per_block']:>6.2f} "
+            f"{r['dict_us_per_block']:>11.1f} {r['create_rate']:>9,.0f} "
+            f"{r['create_rate'] / base['create_rate']:>6.2f}"
         )
     print(
-        "(baseline = the 0 row: an empty store open in the same kind of process; load = Follower.refresh_watch_set() "
-        "at start; set MB = peak RSS - baseline's; match = Follower.match on a block of 25 Transfers, 1 ours; "
+        "(baseline = the 0 row: an empty store open in the same kind of process; load = "
+        "Follower.refresh_watch_set() "
+        "at start; set MB = peak RSS - baseline's; match = Follower.match on a block of 25 Transfers, 1 "
+        "ours; "
         "dict = a bare dict.get per transfer on a plain dict of the same keys, same blocks)"
     )
     for r in results:
         print(
-            f"  {r['size']:>9,}: creation {r['create_rate']:,.0f}/s ({r['created']:,} invoices; {r['create_rate_no_fsync']:,.0f}/s "
-            f"with synchronous=OFF); derivation {r['derive_ms']:.2f} ms/address; no-op refresh {r['refresh_noop_us']:.0f} µs; "
+            f"  {r['size']:>9,}: creation {r['create_rate']:,.0f}/s ({r['created']:,} invoices; "
+            f"{r['create_rate_no_fsync']:,.0f}/s "
+            f"with synchronous=OFF); derivation {r['derive_ms']:.2f} ms/address; no-op refresh "
+            f"{r['refresh_noop_us']:.0f} µs; "
             f"store open {r['store_open_s'] * 1000:.0f} ms, RSS {r['rss_store_open_mb']:.0f} MB"
         )
     if real:
@@ -593,7 +600,8 @@ def main(argv: list[str] | None = None) -> None:
         ratio = big["match_us_per_block"] / small["match_us_per_block"]
         own = [r["match_us_per_block"] - r["dict_us_per_block"] for r in (small, big)]
         print(
-            f"goal: per-block matching independent of size: {small['match_us_per_block']:.1f} µs at {small['size']:,} -> "
+            f"goal: per-block matching independent of size: {small['match_us_per_block']:.1f} µs at "
+            f"{small['size']:,} -> "
             f"{big['match_us_per_block']:.1f} µs at {big['size']:,} (x{ratio:.2f}) -> "
             f"{'met' if ratio < 1.5 else 'NOT met in wall time'}; match's own cost above a bare dict lookup "
             f"{own[0]:.1f} -> {own[1]:.1f} µs (the rest is the hash table's memory: cache and TLB misses)"
@@ -605,8 +613,10 @@ def main(argv: list[str] | None = None) -> None:
         lean = run_child("bench.watchset", {**spec, "explain": "what_if"})
         print(f"-- why, at {big['size']:,} (each in its own process):")
         print(
-            f"   tracemalloc: {mem['traced_peak_mb']:.0f} MB traced at the peak of the load (the fetched rows and the set), "
-            f"{mem['traced_now_mb']:.0f} MB kept by the set; {mem['distinct_token_objects']:,} distinct token str objects "
+            f"   tracemalloc: {mem['traced_peak_mb']:.0f} MB traced at the peak of the load (the fetched "
+            "rows and the set), "
+            f"{mem['traced_now_mb']:.0f} MB kept by the set; {mem['distinct_token_objects']:,} distinct "
+            "token str objects "
             f"for 1 token"
         )
         print("   one entry: " + ", ".join(f"{k} {v} B" for k, v in mem["entry_bytes"].items()))
@@ -618,7 +628,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         print("   " + "\n   ".join(prof["profile"].strip().splitlines()[:30]))
         print(
-            f"   a leaner load of the same rows (fetchmany(10,000), WatchTarget with __slots__, the token string shared): "
+            "   a leaner load of the same rows (fetchmany(10,000), WatchTarget with __slots__, the token "
+            "string shared): "
             f"{lean['load_s']:.2f} s, peak RSS {lean['peak_rss_mb']:.0f} MB "
             f"(vs {big['load_s']:.2f} s, {big['peak_rss_mb']:.0f} MB)"
         )

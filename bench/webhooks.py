@@ -17,7 +17,8 @@
   file). Three runs: healthy, the receiver failing 10% of attempts, and the healthy endpoint
   beside a dead one (every event queued to both; the dead one takes each connection and never
   answers, so each of its attempts hangs for the 10 s timeout): the healthy endpoint's rate
-  there against its rate alone, in the same run of the benchmark, is the issue-10 goal (>= 90%). The Dispatcher takes no retry schedule (it reads the module's
+  there against its rate alone, in the same run of the benchmark, is the issue-10 goal
+  (>= 90%). The Dispatcher takes no retry schedule (it reads the module's
   RETRY_SCHEDULE, 5 s then 5 min ...); for the failing run this benchmark replaces
   `watcher.webhooks.RETRY_SCHEDULE` with 0.2 s steps, so retries are due at once and the run
   ends; the rate of that run includes those 0.2 s waits.
@@ -219,8 +220,10 @@ def fresh_copy(source: Path, url: str, dead_url: str | None = None) -> str:
     conn.execute("UPDATE deliveries SET url = ?, next_attempt_at = ?", [url, time.time() - 1])
     if dead_url is not None:
         conn.execute(
-            "INSERT INTO deliveries(id, event_id, event_type, invoice_id, url, status, attempts, next_attempt_at, created_at) "
-            "SELECT 'dead' || id, event_id, event_type, invoice_id, ?, 'pending', 0, next_attempt_at, created_at FROM deliveries",
+            "INSERT INTO deliveries(id, event_id, event_type, invoice_id, url, status, attempts, "
+            "next_attempt_at, created_at) "
+            "SELECT 'dead' || id, event_id, event_type, invoice_id, ?, 'pending', 0, next_attempt_at, "
+            "created_at FROM deliveries",
             [dead_url],
         )
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -400,7 +403,8 @@ def main(argv: list[str] | None = None) -> None:
             with open(log_path, "w") as log_file:
                 os.dup2(log_file.fileno(), 2)
                 result = asyncio.run(run_dispatcher(spec))
-            result["log_lines"] = sum(1 for _ in open(log_path))
+            with open(log_path) as lines:
+                result["log_lines"] = sum(1 for _ in lines)
         else:
             result = asyncio.run(run_bare(spec))
         print(json.dumps(result))
@@ -492,7 +496,8 @@ def main(argv: list[str] | None = None) -> None:
             problems.append((r["label"], rec, r.get("by_status")))
         rate = r["deliveries"] / r["wall_s"]
         print(
-            f"{r['label']:<58} {r['wall_s']:>7.2f} {rate:>8,.0f} {rate / (base['deliveries'] / base['wall_s']):>6.2f} "
+            f"{r['label']:<58} {r['wall_s']:>7.2f} {rate:>8,.0f} "
+            f"{rate / (base['deliveries'] / base['wall_s']):>6.2f} "
             f"{rec['attempts']:>8,} {rec['failed_on_purpose']:>5,} {'yes' if ok else 'NO':>3}"
         )
     print(
@@ -503,13 +508,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  PROBLEM in {label}: receiver {rec}, deliveries {by_status}")
     for r in runs[1:]:
         print(
-            f"  {r['label']}: {r['attempts']:,} attempts recorded, outcomes {r['outcomes']}, {r['log_lines']:,} log lines; "
+            f"  {r['label']}: {r['attempts']:,} attempts recorded, outcomes {r['outcomes']}, "
+            f"{r['log_lines']:,} log lines; "
             f"receiver saw {r['receiver']['events_under_two_ids']} events under a second id"
         )
     if args.explain:
         print(
             "  (what-if: the same Dispatcher with the store connection at PRAGMA synchronous=NORMAL, so the "
-            "per-attempt commit in Outbox.record_attempt does not wait for an fsync; not the daemon's setting)"
+            "per-attempt commit in Outbox.record_attempt does not wait for an fsync; not the daemon's "
+            "setting)"
         )
     healthy = runs[1]["deliveries"] / runs[1]["wall_s"]
     beside = runs[3]["deliveries"] / runs[3]["wall_s"]
@@ -520,7 +527,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{runs[3]['receiver'].get('dead_attempts', 0)} attempts, {CONCURRENCY} at a time)"
     )
     print(
-        f"goal: >= {GOAL_PER_S:,} deliveries/s: {healthy:,.0f}/s healthy -> {'met' if healthy >= GOAL_PER_S else 'NOT met'}; "
+        f"goal: >= {GOAL_PER_S:,} deliveries/s: {healthy:,.0f}/s healthy -> "
+        f"{'met' if healthy >= GOAL_PER_S else 'NOT met'}; "
         f"limit (bare client) {base['deliveries'] / base['wall_s']:,.0f}/s"
     )
     if profile_to:

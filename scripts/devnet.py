@@ -106,10 +106,12 @@ def start_anvil(port: int, block_time: float) -> subprocess.Popen:
         try:
             rpc(url, "eth_chainId")
             return proc
-        except OSError:
+        except OSError as exc:
             if proc.poll() is not None or time.monotonic() > deadline:
                 err = proc.stderr.read().decode() if proc.stderr else ""
-                raise SystemExit(f"anvil did not start on port {port}: {err.strip() or 'port taken?'}")
+                raise SystemExit(
+                    f"anvil did not start on port {port}: {err.strip() or 'port taken?'}"
+                ) from exc
             time.sleep(0.1)
 
 
@@ -121,7 +123,8 @@ def write_config(
         f'\n[[webhooks]]\nurl = "{u}"\nsecret_env = "WATCHER_WEBHOOK_SECRET"\n' for u in webhook_urls
     )
     config = directory / "watcher.toml"
-    config.write_text(f"""# Written by scripts/devnet: a local anvil chain (chain id {CHAIN_ID}), throwaway keys.
+    config.write_text(f"""# Written by scripts/devnet: a local anvil chain (chain id {CHAIN_ID}),
+# throwaway keys.
 database = "{directory / "watcher.db"}"
 log_format = "console"
 
@@ -207,7 +210,8 @@ def up(args: argparse.Namespace) -> int:
   API:          http://{args.listen}/v1   key {env_values["WATCHER_API_KEY"]}
 Try, in another shell:
   ( set -a; . {env_file}; watcher addresses --config {config} --count 3 )
-  curl -s -H "Authorization: Bearer {env_values["WATCHER_API_KEY"]}" -H "Content-Type: application/json" -d '{{"amount": "12.50"}}' http://{args.listen}/v1/invoices
+  curl -s -H "Authorization: Bearer {env_values["WATCHER_API_KEY"]}" \\
+    -H "Content-Type: application/json" -d '{{"amount": "12.50"}}' http://{args.listen}/v1/invoices
   scripts/devnet pay inv_...   # from the payer, as a wallet would
 """,
             flush=True,

@@ -66,11 +66,10 @@ class Anvil:
             try:
                 self.rpc("eth_chainId")
                 break
-            except OSError:
+            except OSError as exc:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"anvil did not start: {self.process.stderr.read().decode() if self.process.stderr else ''}"
-                    )
+                    stderr = self.process.stderr.read().decode() if self.process.stderr else ""
+                    raise RuntimeError(f"anvil did not start: {stderr}") from exc
                 time.sleep(0.05)
 
     @property

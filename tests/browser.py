@@ -40,7 +40,8 @@ PROVIDER = """
     answer: function (id, result, error) {
       var p = pending[id]; delete pending[id];
       if (!p) { return; }
-      if (error) { var e = new Error(error.message); e.code = error.code; p.reject(e); } else { p.resolve(result); }
+      if (error) { var e = new Error(error.message); e.code = error.code; p.reject(e); }
+      else { p.resolve(result); }
     }
   };
   window.ethereum = {

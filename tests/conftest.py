@@ -1,10 +1,13 @@
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from faultproxy import FaultProxy  # noqa: E402
 from harness import Harness  # noqa: E402
 
 
@@ -56,3 +59,22 @@ def anvil_node():
     finally:
         for node in made:
             node.stop()
+
+
+@pytest.fixture
+async def proxies() -> AsyncIterator[Any]:
+    """`await proxies(node_url)`: a started FaultProxy, closed after the test (and after the
+    daemon, which is set up later and so torn down first)."""
+    made: list[FaultProxy] = []
+
+    async def make(upstream: str) -> FaultProxy:
+        proxy = FaultProxy(upstream)
+        await proxy.start()
+        made.append(proxy)
+        return proxy
+
+    try:
+        yield make
+    finally:
+        for proxy in made:
+            await proxy.close()

@@ -138,10 +138,12 @@ class SandboxDaemon:
         headers: dict[str, str] | None = None,
     ) -> tuple[int, Any]:
         h = {"Authorization": f"Bearer {key or self.api_key}", **(headers or {})}
-        async with aiohttp.ClientSession() as http:
-            async with http.request(method, self.base_url + path, json=json, headers=h) as r:
-                body = await r.json(content_type=None) if r.content_length != 0 else None
-                return r.status, body
+        async with (
+            aiohttp.ClientSession() as http,
+            http.request(method, self.base_url + path, json=json, headers=h) as r,
+        ):
+            body = await r.json(content_type=None) if r.content_length != 0 else None
+            return r.status, body
 
     async def _stop(self) -> int | None:
         if self.proc is None or self.proc.returncode is not None:
@@ -152,7 +154,7 @@ class SandboxDaemon:
         except TimeoutError:
             self.proc.kill()
             await self.proc.wait()
-            raise AssertionError(f"the daemon did not stop on SIGTERM:\n{self.stderr()}")
+            raise AssertionError(f"the daemon did not stop on SIGTERM:\n{self.stderr()}") from None
 
     async def __aexit__(self, *exc: Any) -> None:
         code = await self._stop()

@@ -407,7 +407,7 @@ class FaultProxy:
             return _json({"jsonrpc": "2.0", "id": call_id, "error": error})
         # In a batch only the matching calls fail, like a provider refusing one heavy query.
         hit = [fault.fails(call) for call in body]
-        rest = [call for call, failed in zip(body, hit) if not failed]
+        rest = [call for call, failed in zip(body, hit, strict=True) if not failed]
         answered: dict[bytes, Any] = {}
         if rest:
             status, data = await self._post(orjson.dumps(rest))
@@ -417,7 +417,7 @@ class FaultProxy:
             for answer in upstream if isinstance(upstream, list) else [upstream]:
                 answered[orjson.dumps(answer.get("id"))] = answer
         merged = []
-        for call, failed in zip(body, hit):
+        for call, failed in zip(body, hit, strict=True):
             call_id = call.get("id") if isinstance(call, dict) else None
             if failed:
                 merged.append({"jsonrpc": "2.0", "id": call_id, "error": error})
@@ -475,7 +475,7 @@ class FaultProxy:
                 if isinstance(answer, dict):
                     answered[orjson.dumps(answer.get("id"))] = answer
         merged = []
-        for call, plan in zip(calls, plans):
+        for call, plan in zip(calls, plans, strict=True):
             if isinstance(plan, _Local):
                 merged.append(plan.answer)
                 continue

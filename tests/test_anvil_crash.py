@@ -326,7 +326,7 @@ async def test_sigkill_while_recording_payments_loses_and_repeats_nothing(anvil_
             )
             assert delivered == expected_types(i), (n, delivered)
 
-        # ------------------------------------------------------------ a clean stop, an intact file, no crash logged
+        # ---------------------------------------------- a clean stop, an intact file, no crash logged
         assert daemon.terminate() == 0
         assert integrity(database) == "ok"
         for log in daemon.logs:
@@ -335,7 +335,8 @@ async def test_sigkill_while_recording_payments_loses_and_repeats_nothing(anvil_
                 assert bad not in text, f"{log.name}: {bad}"
         assert kill_at <= killed_at_paid < paid_in_phase_one
         print(
-            f"killed with {killed_at_paid}/{paid_in_phase_one} paid and {events_before_kill} events received; "
+            f"killed with {killed_at_paid}/{paid_in_phase_one} paid "
+            f"and {events_before_kill} events received; "
             f"{sum(len(c) > 1 for c in by_id.values())} events redelivered after the restart"
         )
     finally:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from anvil_harness import PAYERS, AnvilHarness
-from faultproxy import Fault, FaultProxy
+from faultproxy import Fault
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
@@ -46,25 +46,6 @@ def fast_rpc(monkeypatch: pytest.MonkeyPatch) -> None:
     assert defaults is not None and {"retry_delays", "return_after"} <= defaults.keys()
     monkeypatch.setitem(defaults, "retry_delays", PASS_DELAYS)
     monkeypatch.setitem(defaults, "return_after", RETURN_AFTER)
-
-
-@pytest.fixture
-async def proxies() -> AsyncIterator[Any]:
-    """`await proxies(node_url)`: a started FaultProxy, closed after the test (and after the
-    daemon, which is set up later and so torn down first)."""
-    made: list[FaultProxy] = []
-
-    async def make(upstream: str) -> FaultProxy:
-        proxy = FaultProxy(upstream)
-        await proxy.start()
-        made.append(proxy)
-        return proxy
-
-    try:
-        yield make
-    finally:
-        for proxy in made:
-            await proxy.close()
 
 
 # ---------------------------------------------------------------------------- helpers

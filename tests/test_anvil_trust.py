@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from anvil_harness import PAYERS, AnvilHarness
 from faultproxy import Fault, FaultProxy
-from test_anvil_faults import AMOUNT, NETWORK, assert_paid_once, proxies, readyz, token_invoice, url_is  # noqa: F401
+from test_anvil_faults import AMOUNT, NETWORK, assert_paid_once, readyz, token_invoice, url_is
 
 from watcher.chain.failover import FailoverTransport
 
@@ -133,7 +133,8 @@ async def test_logs_withheld_by_a_lagging_backend_never_move_the_checkpoint_past
     await steps(h, [proxy], 2)
     row = await chain_row(h)
     assert row["last_processed_block"] < block, (
-        f"the checkpoint moved to {row['last_processed_block']}, past block {block} whose logs the node withheld"
+        f"the checkpoint moved to {row['last_processed_block']}, "
+        f"past block {block} whose logs the node withheld"
     )
     assert (await h.get(invoice["id"]))["status"] == "pending"
 
@@ -190,7 +191,8 @@ async def test_a_failback_mid_step_onto_a_node_one_block_behind_loses_no_payment
     await steps(h, [a, b], 2)
     row = await chain_row(h)
     assert row["last_processed_block"] < block, (
-        f"the checkpoint moved to {row['last_processed_block']}, past block {block} whose logs came from a node behind it"
+        f"the checkpoint moved to {row['last_processed_block']}, "
+        f"past block {block} whose logs came from a node behind it"
     )
 
     await h.mine(1)  # a has the paying block now
@@ -334,7 +336,7 @@ async def test_a_catch_up_over_more_blocks_than_a_batch_holds_with_a_native_asse
         assert h.service.followers[NETWORK].reader.max_batch <= cap  # halved until it fit, and kept
 
 
-# ---------------------------------------------------------------------------- defect 4: deeper than remembered
+# ------------------------------------------------------------------ defect 4: deeper than remembered
 
 DEEP_CONFIRMATIONS = 300
 REORG_DEPTH = 700  # deeper than the watcher remembers at 300 confirmations (the test checks)

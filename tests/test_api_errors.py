@@ -681,7 +681,8 @@ def problem_errors(case: Case, status: int, got: Any, ctype: str) -> list[str]:
 
 
 async def snapshot(harness) -> tuple:
-    """Everything a bad request must not change: the invoices (id, version, status), their total, the chain head."""
+    """Everything a bad request must not change: the invoices (id, version, status), their
+    total, the chain head."""
     status, got, _ = await harness.request("GET", "/v1/invoices?limit=200")
     assert status == 200, got
     invoices = sorted((i["id"], i["version"], i["status"]) for i in got["data"])
@@ -912,7 +913,8 @@ async def test_an_authorization_header_that_is_not_utf8_is_a_401(harness):
     host, port = harness.base_url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(
-        b"GET /v1/invoices HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\xfa\r\nConnection: close\r\n\r\n"
+        b"GET /v1/invoices HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer \xff\xfe\xfa\r\nConnection: close\r\n\r\n"
     )
     await writer.drain()
     answer = await reader.read()

@@ -205,7 +205,7 @@ async def test_search_matches_ids_text_addresses_and_hashes_case_insensitively(h
 def parse_csv(text: str) -> tuple[list[str], list[dict]]:
     rows = list(csv.reader(io.StringIO(text, newline="")))
     header, body = rows[0], rows[1:]
-    return header, [dict(zip(header, r)) for r in body]
+    return header, [dict(zip(header, r, strict=True)) for r in body]
 
 
 async def export(h: Harness, **query: str) -> tuple[list[str], list[dict], dict]:

@@ -412,7 +412,7 @@ async def test_every_batch_of_logs_carries_its_own_proof_header(capped):
         assert sorted(t.block_number for t in found.transfers) == [12, 17, 30]
         spans = await JsonRpcReader(transport, max_batch=2).range_logs(10, 34, query)
         assert sorted(t.block_number for t in spans.transfers) == [12, 17, 30]
-        answered = [m for m, size in zip(node.batch_methods, node.batch_sizes) if size <= 5]
+        answered = [m for m, size in zip(node.batch_methods, node.batch_sizes, strict=True) if size <= 5]
         assert answered and all(m[-1] == "eth_getBlockByNumber" and "eth_getLogs" in m for m in answered)
     finally:
         await transport.close()

@@ -171,7 +171,8 @@ async def test_wallet_refusals_are_said_in_plain_words(harnesses, anvil_node, br
         what="the unknown chain",
     )
     assert await browser.text("#wallet-message") == (
-        f"Your wallet does not know the anvil0 network (chain id {node.chain_id}). Add it to your wallet, then try again."
+        f"Your wallet does not know the anvil0 network (chain id {node.chain_id}). "
+        "Add it to your wallet, then try again."
     )
     assert (await h.get(invoice["id"]))["payments"] == []
 

@@ -78,7 +78,7 @@ class RecordingTransport:
         if self.mode == "garbled":
             return ["banana" for _ in out]
         if self.mode == "no_contract":
-            return [a if m == "eth_getBalance" else "0x" for a, (m, _) in zip(out, calls)]
+            return [a if m == "eth_getBalance" else "0x" for a, (m, _) in zip(out, calls, strict=True)]
         if self.mode == "huge":
             return ["0x1" + "0" * 64 for _ in out]
         return out

@@ -422,7 +422,7 @@ async def test_a_null_header_in_the_reorg_walk_is_asked_again_never_a_reorg(stor
     real = chain.headers
 
     async def walk_answered_by_a_lagging_node(numbers):
-        return [None if n in (4, 5) else h for n, h in zip(numbers, await real(numbers))]
+        return [None if n in (4, 5) else h for n, h in zip(numbers, await real(numbers), strict=True)]
 
     chain.headers = walk_answered_by_a_lagging_node
     with pytest.raises(ChainChanged):

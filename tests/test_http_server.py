@@ -60,7 +60,7 @@ async def raw_request(port: int, request: bytes) -> tuple[int, dict[str, str], b
     return int(lines[0].split()[1]), headers, body
 
 
-# --------------------------------------------------------------------------- the listener, with short timeouts
+# ------------------------------------------------------------------ the listener, with short timeouts
 
 
 @pytest.fixture
@@ -146,7 +146,9 @@ async def test_errors_of_the_http_layer_are_problems_that_echo_nothing(harness):
     requests = {
         "bad request line": f"{marker} / HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
         "not HTTP": f"\x16\x03\x01{marker}\r\n\r\n".encode(),
-        "oversized header": f"GET /healthz HTTP/1.1\r\nHost: x\r\nX-{marker}: {'a' * 20_000}\r\n\r\n".encode(),
+        "oversized header": (
+            f"GET /healthz HTTP/1.1\r\nHost: x\r\nX-{marker}: {'a' * 20_000}\r\n\r\n".encode()
+        ),
         "oversized URL": f"GET /{marker}{'a' * 20_000} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
         "bad header": f"GET /healthz HTTP/1.1\r\nHost: x\r\n{marker}\r\n\r\n".encode(),
     }
@@ -313,7 +315,7 @@ async def test_failed_authentication_is_logged_and_throttled_per_address(harness
     assert not any(w.split()[1] in repr(logs) for w in wrong)  # never the token
 
 
-# --------------------------------------------------------------------------- the descriptor limit, as a process
+# ----------------------------------------------------------------- the descriptor limit, as a process
 
 
 def _low_file_limit() -> None:

@@ -574,7 +574,8 @@ async def test_a_failed_delivery_can_be_redelivered(harness):
     for attempt in range(2, 9):
         bump(h, row["id"])
         row = await h.wait_for(
-            lambda: _delivery_with(h, row["id"], None, attempts=attempt), what=f"attempt {attempt}"
+            lambda row_id=row["id"], attempt=attempt: _delivery_with(h, row_id, None, attempts=attempt),
+            what=f"attempt {attempt}",
         )
     assert (row["status"], row["next_attempt_at"], row["delivered_at"]) == ("failed", None, None)
     assert (await deliveries(h, "?status=failed"))["data"] == [row]

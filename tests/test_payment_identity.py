@@ -214,19 +214,21 @@ def _old_database(path) -> None:
     migrations.apply(db, stop_before="m005_payment_identity")
     db.execute(
         "INSERT INTO invoices(id, status, amount, currency, metadata, tolerance_percent, payment_timing, "
-        "payment_summary, request, version, created_at) VALUES ('inv_1', 'paid', '10', 'USD', '{}', '0', '{}', '{}', "
-        "'{}', 3, '2026-01-01T00:00:00Z')"
+        "payment_summary, request, version, created_at) "
+        "VALUES ('inv_1', 'paid', '10', 'USD', '{}', '0', '{}', '{}', '{}', 3, '2026-01-01T00:00:00Z')"
     )
     db.execute(
-        "INSERT INTO payment_options(id, invoice_id, position, rail, network, chain_id, asset, decimals, quoted_amount, "
-        "quote_rate, amount_atomic, destination_address, payment_uri, required_confirmations) "
-        "VALUES ('opt_1', 'inv_1', 0, 'address', 'testnet', 1, 'TUSD', 6, '10', '1', '10000000', '0x01', 'uri', 3)"
+        "INSERT INTO payment_options(id, invoice_id, position, rail, network, chain_id, asset, decimals, "
+        "quoted_amount, quote_rate, amount_atomic, destination_address, payment_uri, required_confirmations) "
+        "VALUES ('opt_1', 'inv_1', 0, 'address', 'testnet', 1, 'TUSD', 6, '10', '1', '10000000', '0x01', "
+        "'uri', 3)"
     )
     db.execute(
-        "INSERT INTO payments(id, network, tx_hash, log_index, log_key, invoice_id, option_id, asset, decimals, "
-        "block_number, block_hash, block_timestamp, from_address, to_address, amount_atomic, status, role, observed_at) "
-        f"VALUES ('pay_1', 'testnet', '{TX}', 3, 3, 'inv_1', 'opt_1', 'TUSD', 6, 5, '0x05', 1005, '{PAYER}', '0x01', "
-        f"'{2**200}', 'detected', 'counted', '2026-01-01T00:00:00Z')"
+        "INSERT INTO payments(id, network, tx_hash, log_index, log_key, invoice_id, option_id, asset, "
+        "decimals, block_number, block_hash, block_timestamp, from_address, to_address, amount_atomic, "
+        "status, role, observed_at) "
+        f"VALUES ('pay_1', 'testnet', '{TX}', 3, 3, 'inv_1', 'opt_1', 'TUSD', 6, 5, '0x05', 1005, '{PAYER}', "
+        f"'0x01', '{2**200}', 'detected', 'counted', '2026-01-01T00:00:00Z')"
     )
     db.close()
 
@@ -264,9 +266,9 @@ def test_the_migration_keeps_every_payment_and_index_and_moves_uniqueness_to_liv
     # A reverted row and a live one may share the key now; two live ones may not.
     store.db.execute("UPDATE payments SET status = 'reverted'")
     store.db.execute(
-        "INSERT INTO payments SELECT 'pay_2', network, tx_hash, log_index, log_key, invoice_id, option_id, asset, decimals, "
-        "block_number, block_hash, block_timestamp, from_address, to_address, amount_atomic, 'detected', role, observed_at, "
-        "confirmed_at FROM payments WHERE id = 'pay_1'"
+        "INSERT INTO payments SELECT 'pay_2', network, tx_hash, log_index, log_key, invoice_id, option_id, "
+        "asset, decimals, block_number, block_hash, block_timestamp, from_address, to_address, "
+        "amount_atomic, 'detected', role, observed_at, confirmed_at FROM payments WHERE id = 'pay_1'"
     )
     with pytest.raises(sqlite3.IntegrityError):
         store.db.execute("UPDATE payments SET status = 'detected' WHERE id = 'pay_1'")

@@ -155,8 +155,10 @@ def test_the_daemon_speaks_sd_notify_under_a_fake_notify_socket(tmp_path):
     port = free_port()
     env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000", "WATCHER_API_KEY": API_KEY}
     env.pop("WATCHDOG_PID", None)
-    stderr = open(tmp_path / "stderr", "w+")
-    proc = subprocess.Popen(sandbox_cmd(tmp_path, port), stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    with open(tmp_path / "stderr", "w") as stderr:  # the daemon keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            sandbox_cmd(tmp_path, port), stdout=subprocess.DEVNULL, stderr=stderr, env=env
+        )
     messages: list[list[str]] = []
 
     def receive_until(predicate, timeout: float) -> None:
@@ -202,8 +204,7 @@ def test_the_daemon_speaks_sd_notify_under_a_fake_notify_socket(tmp_path):
         shutil.rmtree(sock_dir, ignore_errors=True)
     stopping = next(m for m in messages if "STOPPING=1" in m)
     assert "STATUS=stopping" in stopping
-    stderr.seek(0)
-    events = [line["event"] for line in log_lines(stderr.read())]
+    events = [line["event"] for line in log_lines((tmp_path / "stderr").read_text())]
     assert "config_reload_skipped" in events and "watcher_stopped" in events
 
 
@@ -451,7 +452,7 @@ async def test_sighup_reloads_through_the_running_loop_and_sigterm_stops(tmp_pat
         await second.stop()
 
 
-# --------------------------------------------------------------------------- SIGHUP, real process, real config
+# --------------------------------------------------------------- SIGHUP, real process, real config
 
 
 class LocalNode:
@@ -530,9 +531,10 @@ async def test_watcher_run_with_a_config_file_reloads_on_sighup(tmp_path):
     base = f"http://127.0.0.1:{port}"
 
     async def request(method: str, path: str, body: dict | None = None) -> dict:
-        async with aiohttp.ClientSession() as http, http.request(
-            method, base + path, json=body, headers={"Authorization": f"Bearer {API_KEY}"}
-        ) as r:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.request(method, base + path, json=body, headers={"Authorization": f"Bearer {API_KEY}"}) as r,
+        ):
             assert r.status in (200, 201), await r.text()
             return await r.json()
 

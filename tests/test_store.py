@@ -105,7 +105,7 @@ def test_a_failing_change_writes_nothing(tmp_path):
     events_before = store.outbox.events_for(invoice["id"])
     good = transfer_to(invoice, 5)
     broken = MatchedTransfer(good.transfer, "opt_does_not_exist", good.block_timestamp)
-    with pytest.raises(Exception):
+    with pytest.raises(LookupError, match="opt_does_not_exist"):
         store.apply_blocks(NET, [block(5)], [broken], confirmed_through=3)
     assert store.cursor(NET) is None
     assert store.recent_blocks(NET) == []

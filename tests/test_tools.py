@@ -18,7 +18,10 @@ EXAMPLE = ROOT / "config" / "watcher.example.toml"
 WATCHER = [sys.executable, "-m", "watcher.cli"]
 MNEMONIC = "test test test test test test test test test test test junk"
 # m/44'/60'/0' of MNEMONIC, as every wallet derives it (its /0/0 is the well-known 0xf39F...2266).
-KNOWN_XPUB = "xpub6Ce9NcJvTk36xtLSrJLZqE7wtgA5deCeYs7rSQtreh4cj6ByPtrg9sD7V2FNFLPnf8heNP3FGkeV9qwfzvZNSd54JoNXVsXFYSYwHsnJxqP"
+KNOWN_XPUB = (
+    "xpub6Ce9NcJvTk36xtLSrJLZqE7wtgA5deCeYs7rSQtreh4cj6ByPtrg9sD7V2FNFLPnf8heNP3FGkeV9qwfz"
+    "vZNSd54JoNXVsXFYSYwHsnJxqP"
+)
 
 
 def watcher(*args: str, stdin: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
@@ -79,7 +82,15 @@ def test_xpub_warns_on_a_machine_with_a_network_and_not_on_one_without():
     for networked in (True, False):
         out, err = io.StringIO(), io.StringIO()
         assert (
-            run_xpub(0, False, stdin=io.StringIO(MNEMONIC), out=out, err=err, network=lambda: networked) == 0
+            run_xpub(
+                0,
+                False,
+                stdin=io.StringIO(MNEMONIC),
+                out=out,
+                err=err,
+                network=lambda networked=networked: networked,
+            )
+            == 0
         )
         assert out.getvalue() == KNOWN_XPUB + "\n"
         assert (NETWORK_WARNING in err.getvalue()) is networked

@@ -68,7 +68,8 @@ class Problem(Exception):
         super().__init__(detail)
         self.status = status
         self.title = title
-        # Field names and details can quote the request: keep lone surrogates from making them unwritable as JSON.
+        # Field names and details can quote the request: keep lone surrogates from making them
+        # unwritable as JSON.
         self.detail = _text(detail)
         self.errors = [{k: _text(v) for k, v in e.items()} for e in errors] if errors is not None else None
         self.slug = slug or title.lower().replace(" ", "-")
@@ -294,7 +295,7 @@ def redirect_url_problem(value: str) -> str:
         raise ValueError("must be an http(s) URL without spaces or control characters")
     try:
         parts = urlsplit(value)
-        parts.port
+        _ = parts.port  # raises ValueError for a port out of range
     except ValueError:
         raise ValueError("must be a valid http(s) URL") from None
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
@@ -376,7 +377,9 @@ def single_query(request: web.Request, name: str) -> str | None:
     return values[0] if values else None
 
 
-def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    """A whole-number query parameter in [low, high]: ASCII digits only (int() alone would take
+    "+5", " 5" and "٥"), given at most once."""
     raw = single_query(request, name)
     if raw is None:
         return default
@@ -482,8 +485,8 @@ def make_app(
 
     async def list_invoices(request: web.Request) -> web.Response:
         filters = parse_list_filters(request)
-        limit = _query_int(request, "limit", 50, 1, 200)
-        offset = _query_int(request, "offset", 0, 0, 10**9)
+        limit = query_int(request, "limit", 50, 1, 200)
+        offset = query_int(request, "offset", 0, 0, 10**9)
         data, total = store.list_invoices(filters, limit, offset)
         return json_response({"data": data, "total": total, "limit": limit, "offset": offset})
 
@@ -498,8 +501,8 @@ def make_app(
 
     async def export_invoices(request: web.Request) -> web.StreamResponse:
         filters = parse_list_filters(request)
-        limit = _query_int(request, "limit", EXPORT_MAX_ROWS, 1, EXPORT_MAX_ROWS)
-        offset = _query_int(request, "offset", 0, 0, 10**9)
+        limit = query_int(request, "limit", EXPORT_MAX_ROWS, 1, EXPORT_MAX_ROWS)
+        offset = query_int(request, "offset", 0, 0, 10**9)
         total = store.count_invoices(filters)
         if "limit" not in request.query and total - offset > EXPORT_MAX_ROWS:
             raise invalid(

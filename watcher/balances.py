@@ -127,7 +127,9 @@ async def funded_deposits(
         if transport is None:
             raise BalanceError(f"no node for network {network!r} (is the chain still configured?)")
         cap = (max_batch or {}).get(network, DEFAULT_MAX_BATCH)
-        for d, (amount, native) in zip(group, await read_balances(transport, group, max_batch=cap)):
+        for d, (amount, native) in zip(
+            group, await read_balances(transport, group, max_batch=cap), strict=True
+        ):
             if amount > 0:
                 funded[(d.network, d.address)] = balance_row(d, amount, native)
     return [funded[key] for d in _ordered(by_network) if (key := (d.network, d.address)) in funded]

@@ -9,7 +9,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from .api import Problem, _query_int, invalid, json_response, single_query
+from .api import Problem, invalid, json_response, query_int, single_query
 from .balances import BalanceError, BatchTransport, DepositAddress, funded_deposits
 from .chain import RpcError
 from .openapi import Operation
@@ -85,8 +85,8 @@ def add_deposit_balance_routes(
         network = single_query(request, "network")
         if network is not None and network not in transports:
             raise invalid("network", f"is not a configured chain (configured: {', '.join(transports)})")
-        limit = _query_int(request, "limit", 50, 1, 200)
-        offset = _query_int(request, "offset", 0, 0, 10**9)
+        limit = query_int(request, "limit", 50, 1, 200)
+        offset = query_int(request, "offset", 0, 0, 10**9)
         try:
             rows = await deposit_balances(store, transports, max_batch, network)
         except (RpcError, BalanceError) as exc:

@@ -25,8 +25,9 @@ async def node_genesis(reader: ChainReader) -> str | None:
 def wrong_chain_message(network: str, chain_id: int, stored: str, found: str, database: str) -> str:
     """One line for the operator: which chain, both hashes, and the two ways out."""
     return (
-        f"chain {network!r} (chain id {chain_id}) is another chain than this database follows: the node's genesis "
-        f"block is {found}, the database's is {stored} (a reset test chain, or another network with the same "
-        f"chain id); point rpc_urls at a node of the chain the database follows, or start on a fresh database "
+        f"chain {network!r} (chain id {chain_id}) is another chain than this database follows: "
+        f"the node's genesis block is {found}, the database's is {stored} (a reset test chain, "
+        "or another network with the same chain id); point rpc_urls at a node of the chain the "
+        "database follows, or start on a fresh database "
         f"(move {database} aside) to follow this chain from scratch"
     )

@@ -114,7 +114,8 @@ class Metrics:
         )
         self.payments_recorded = Counter(
             "watcher_payments_recorded",
-            "Payment detections recorded, by the role the payment got then (a payment re-included after a reorg is detected, and counted, again).",
+            "Payment detections recorded, by the role the payment got then "
+            "(a payment re-included after a reorg is detected, and counted, again).",
             ["network", "role"],
             registry=r,
         )

@@ -132,7 +132,8 @@ def build_document(operations: list[Operation], *, version: str) -> dict:
         "info": {
             "title": "watcher",
             "version": version,
-            "description": "Watches EVM chains for invoice payments. Money is a decimal string, atomic amounts are uint256 base-10 strings.",
+            "description": "Watches EVM chains for invoice payments. Money is a decimal string, "
+            "atomic amounts are uint256 base-10 strings.",
         },
         "paths": paths,
         "components": {

@@ -23,7 +23,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from .api import PROBLEM, Problem, invalid, json_response, read_json, single_query
+from .api import PROBLEM, Problem, invalid, json_response, query_int, read_json, single_query
 from .config import EVENT_TYPES, Settings, strip_credentials
 from .domain import rfc3339
 from .follower import Follower
@@ -63,7 +63,8 @@ class Ops:
         self.readers = readers
         self.clock = clock
         self.started_at = clock()
-        # Seconds without reading a head before a chain is not ready; None: per chain, ten polls but at least a minute.
+        # Seconds without reading a head before a chain is not ready; None: per chain, ten polls
+        # but at least a minute.
         self.head_max_age = head_max_age
         self._redact = Redactor([u for c in settings.chains for u in (*c.rpc_urls, c.ws_url) if u])
 
@@ -342,7 +343,8 @@ OPERATIONS = [
     Operation(
         "POST",
         "/v1/webhook-deliveries/{id}/redeliver",
-        "Queue the same event (same webhook-id) again to the same endpoint, due now, with a fresh retry schedule",
+        "Queue the same event (same webhook-id) again to the same endpoint, due now, "
+        "with a fresh retry schedule",
         {200: WebhookDelivery},
         tags=("webhooks",),
         problems=(400, 404, 409, 413, 422),
@@ -351,15 +353,6 @@ OPERATIONS = [
 
 
 # --------------------------------------------------------------------------- query parsing
-
-
-def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = single_query(request, name)
-    if raw is None:
-        return default
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12 or not (low <= int(raw) <= high):
-        raise invalid(name, f"must be a whole number from {low} to {high}")
-    return int(raw)
 
 
 def delivery_filters(request: web.Request) -> dict[str, str]:
@@ -404,8 +397,8 @@ def add_ops_routes(app: web.Application, ops: Ops, metrics: Metrics) -> None:
 
     async def list_deliveries(request: web.Request) -> web.Response:
         filters = delivery_filters(request)
-        limit = _int_param(request, "limit", 50, 1, 200)
-        offset = _int_param(request, "offset", 0, 0, 10**9)
+        limit = query_int(request, "limit", 50, 1, 200)
+        offset = query_int(request, "offset", 0, 0, 10**9)
         data, total = store.outbox.list_deliveries(**filters, limit=limit, offset=offset)
         return json_response({"data": data, "total": total, "limit": limit, "offset": offset})
 

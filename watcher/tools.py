@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import getpass
 import hashlib
 import json
@@ -119,9 +120,8 @@ def deposit_addresses(
     """(chain name, derivation path, EIP-55 address) of the first `count` deposit addresses."""
     chains = [c for c in settings.chains if chain is None or c.name == chain]
     if chain is not None and not chains:
-        raise ToolError(
-            f"--chain {chain}: no such chain in the config (chains: {', '.join(c.name for c in settings.chains)})"
-        )
+        known = ", ".join(c.name for c in settings.chains)
+        raise ToolError(f"--chain {chain}: no such chain in the config (chains: {known})")
     with_xpub = [c for c in chains if c.deposit_xpub]
     if not with_xpub:
         raise ToolError("no chain of the config has a deposit_xpub (the address rail needs one)")
@@ -144,7 +144,7 @@ class _NoSecretsNeeded(Mapping[str, str]):
     def __getitem__(self, name: str) -> str:
         return os.environ.get(name, self.STAND_IN)
 
-    def get(self, name: str, default: object = None) -> str:  # type: ignore[override]
+    def get(self, name: str, default: object = None) -> str:
         return self[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -231,9 +231,8 @@ async def check_routers(settings: Settings) -> list[str]:
                 "(its code differs; deploy the router with `watcher router-deploy-tx`)",
             )
         else:
-            lines.append(
-                f"chain {chain.name}: router {to_checksum(chain.router_address)} holds the PaymentRouter's code"
-            )
+            router = to_checksum(chain.router_address)
+            lines.append(f"chain {chain.name}: router {router} holds the PaymentRouter's code")
     return lines
 
 
@@ -256,10 +255,8 @@ def fetch_balances(settings: Settings, timeout: float = 60.0) -> list[dict]:
                 page = json.loads(r.read())
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode("utf-8", "replace")
-            try:
+            with contextlib.suppress(ValueError):  # not a problem document: the text as it came
                 detail = json.loads(detail).get("detail", detail)
-            except ValueError:
-                pass
             raise RuntimeError(f"the watcher answered {exc.code}: {detail}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise RuntimeError(
@@ -280,7 +277,9 @@ def format_balances(rows: list[dict], settings: Settings) -> str:
         gas = format_units(int(r["native_balance_atomic"]), native.decimals if native else 18)
         table.append((r["network"], str(r["derivation_index"]), r["address"], r["asset"], r["amount"], gas))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table
+    )
 
 
 def run_balances(path: str, out: IO[str] | None = None) -> int:

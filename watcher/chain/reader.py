@@ -413,7 +413,7 @@ class JsonRpcReader:
             "eth_getBlockByNumber", [("eth_getBlockByNumber", [hex(n), False]) for n in numbers]
         )
         out: list[BlockRef | None] = []
-        for n, raw in zip(numbers, raws):
+        for n, raw in zip(numbers, raws, strict=True):
             if raw is None:
                 out.append(None)
                 continue
@@ -448,7 +448,7 @@ class JsonRpcReader:
         ]
         answers = await self._batch("eth_getLogs", calls, about=[(last, through)] * len(calls))
         found = FoundLogs()
-        for (_, _, decode, wanted), raws in zip(requests, answers):
+        for (_, _, decode, wanted), raws in zip(requests, answers, strict=True):
             for decoded in _decoded(raws, decode, wanted):
                 if not (first <= decoded.block_number <= last):
                     raise RpcError(
@@ -477,13 +477,14 @@ class JsonRpcReader:
             "eth_getLogs", calls, about=[(block.number, block) for block, _, _ in expect]
         )
         found = FoundLogs()
-        for (block, decode, keep), raws in zip(expect, answers):
+        for (block, decode, keep), raws in zip(expect, answers, strict=True):
             for decoded in _decoded(raws, decode, keep):
                 if decoded.block_hash != block.hash or decoded.block_number != block.number:
                     raise BlockUnknown(
                         "eth_getLogs",
                         f"log of tx {decoded.tx_hash} names block hash {decoded.block_hash} "
-                        f"(number {decoded.block_number}), not the block {block.number} its logs were asked for",
+                        f"(number {decoded.block_number}), "
+                        f"not the block {block.number} its logs were asked for",
                     )
                 found.add(decoded)
         return found
@@ -497,7 +498,7 @@ class JsonRpcReader:
             [("eth_getBlockByNumber", [hex(n), True]) for n in numbers],
             page=BLOCK_BATCH,
         )
-        for n, raw in zip(numbers, raws):
+        for n, raw in zip(numbers, raws, strict=True):
             if raw is None:
                 out.append(None)
                 continue
@@ -533,7 +534,7 @@ class JsonRpcReader:
                 log.info("block_receipts_unavailable", url=self.transport.url, error=str(exc))
                 self.block_receipts = False
             else:
-                for (n, _), answer in zip(blocks, answers):
+                for (n, _), answer in zip(blocks, answers, strict=True):
                     if not isinstance(answer, list):
                         raise RpcError("eth_getBlockReceipts", f"block {n}: receipts are not a list")
                     receipts += answer

@@ -373,23 +373,27 @@ async def fetch_internal_transfers(
 async def _decode_blocks(
     transport: TraceTransport, method: str, numbers: Sequence[int], answers: Sequence[Any]
 ) -> list[InternalTransfer]:
-    for number, answer in zip(numbers, answers):
+    for number, answer in zip(numbers, answers, strict=True):
         if answer is None:
             # Some nodes answer null for a block they do not have; the caller asked for it
             # because it exists, so this is the node falling behind or a reorg, not "empty".
             raise RpcError(method, f"block {number}: no traces (unknown block?)")
     if method == PARITY_TRACER:
-        return [t for number, answer in zip(numbers, answers) for t in decode_parity_traces(number, answer)]
+        return [
+            t
+            for number, answer in zip(numbers, answers, strict=True)
+            for t in decode_parity_traces(number, answer)
+        ]
     unnamed = [
         number
-        for number, answer in zip(numbers, answers)
+        for number, answer in zip(numbers, answers, strict=True)
         if isinstance(answer, list)
         and any(isinstance(item, dict) and "txHash" not in item for item in answer)
     ]
     hashes = await _block_tx_hashes(transport, unnamed) if unnamed else {}
     return [
         t
-        for number, answer in zip(numbers, answers)
+        for number, answer in zip(numbers, answers, strict=True)
         for t in decode_call_traces(number, answer, hashes.get(number))
     ]
 
@@ -400,7 +404,7 @@ async def _block_tx_hashes(transport: TraceTransport, numbers: Sequence[int]) ->
     if not isinstance(blocks, list) or len(blocks) != len(numbers):
         raise RpcError(method, "batch answer does not match the request")
     hashes: dict[int, list[str]] = {}
-    for number, block in zip(numbers, blocks):
+    for number, block in zip(numbers, blocks, strict=True):
         block = _object(block, method, f"block {number}")
         transactions = block.get("transactions")
         if not isinstance(transactions, list):

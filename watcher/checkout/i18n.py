@@ -42,7 +42,7 @@ def negotiate(query_lang: str | None, accept_language: str | None) -> str:
     if query_lang and query_lang.lower() in LANGUAGES:
         return query_lang.lower()
     best, best_q = DEFAULT, 0.0
-    for position, item in enumerate((accept_language or "")[:1000].split(",")):
+    for item in (accept_language or "")[:1000].split(","):
         tag, _, params = item.strip().partition(";")
         q = 1.0
         for param in params.split(";"):

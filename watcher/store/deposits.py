@@ -28,6 +28,12 @@ def paid_deposit_addresses(db: Database, networks: Iterable[str] | None = None) 
         params,
     ).fetchall()
     return [
-        dict(zip(("network", "address", "derivation_index", "asset", "token_contract", "decimals"), r))
+        dict(
+            zip(
+                ("network", "address", "derivation_index", "asset", "token_contract", "decimals"),
+                r,
+                strict=True,
+            )
+        )
         for r in rows
     ]

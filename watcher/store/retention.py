@@ -45,7 +45,8 @@ def prune_delivered_events(store: Store, older_than: float, limit: int = BATCH) 
         ids = [r["id"] for r in rows]
         marks = ",".join("?" * len(ids))
         attempts = store.db.execute(
-            f"DELETE FROM delivery_attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_id IN ({marks}))",
+            "DELETE FROM delivery_attempts WHERE delivery_id IN "
+            f"(SELECT id FROM deliveries WHERE event_id IN ({marks}))",
             ids,
         ).rowcount
         deliveries = store.db.execute(f"DELETE FROM deliveries WHERE event_id IN ({marks})", ids).rowcount

@@ -221,7 +221,8 @@ def m005_payment_identity(db: Database) -> None:
     for sql in indexes:
         db.execute(sql)
     db.execute(
-        "CREATE UNIQUE INDEX payments_live_log ON payments(network, tx_hash, log_key) WHERE status != 'reverted'"
+        "CREATE UNIQUE INDEX payments_live_log ON payments(network, tx_hash, log_key) "
+        "WHERE status != 'reverted'"
     )
 
 

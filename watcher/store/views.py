@@ -31,10 +31,8 @@ def _checksum(address: str) -> str:
 
 def payment_view(row: Mapping[str, Any], tip: int | None) -> dict:
     """A payment; `tip` is the chain's last processed block, from which confirmations follow."""
-    if row["status"] == "reverted" or tip is None:
-        confirmations = 0
-    else:
-        confirmations = max(tip - row["block_number"] + 1, 0)
+    reverted = row["status"] == "reverted"
+    confirmations = 0 if reverted or tip is None else max(tip - row["block_number"] + 1, 0)
     return {
         "id": row["id"],
         "payment_option_id": row["option_id"],
