@@ -11,6 +11,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import structlog
 
@@ -22,7 +23,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # usage errors exit 2, as argparse does, with our wording
+    def error(self, message: str) -> NoReturn:  # usage errors exit 2, as argparse does, with our wording
         self.print_usage(sys.stderr)
         print(f"watcher: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
@@ -171,7 +172,8 @@ def _rewind(settings: Settings, chain: str, to_block: int) -> int:
         print(f"watcher: rewind failed, nothing changed: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     print(
-        f"{done.network}: checkpoint moved from block {done.previous} back to {done.block} ({done.block_hash}); "
+        f"{done.network}: checkpoint moved from block {done.previous} back to {done.block} "
+        f"({done.block_hash}); "
         f"{done.payments_reverted} payment(s) above it marked reverted and their invoices judged again. "
         "Start the daemon: it reads the blocks above again and detects every payment still on the chain."
     )

@@ -556,7 +556,7 @@ class Settings(BaseModel):
     database: Annotated[str, Field(min_length=1)] = "/var/lib/watcher/watcher.db"
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    http: HttpSettings = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
+    http: HttpSettings = Field(default_factory=dict, validate_default=True)
     checkout: CheckoutSettings | None = None
     invoices: InvoiceSettings = Field(default_factory=InvoiceSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)

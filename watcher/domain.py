@@ -274,7 +274,9 @@ def judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], *, chain_time
 def _judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], chain_time: int | None) -> Judgement:
     if invoice.amount == 0:
         # Nothing to pay: settled at creation, nothing can be counted.
-        roles = {p.id: Role.DUPLICATE for p in payments if p.status != PaymentStatus.REVERTED}
+        roles: dict[str, Role] = {
+            p.id: Role.DUPLICATE for p in payments if p.status != PaymentStatus.REVERTED
+        }
         open_zero = _open_payment_exceptions(invoice, roles)
         return Judgement(
             InvoiceStatus.DRAFT if invoice.draft else InvoiceStatus.CONFIRMED,
@@ -295,7 +297,7 @@ def _judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], chain_time: 
         key=lambda p: (p.order or (p.block_timestamp,), p.id),
     )
 
-    roles: dict[str, Role] = {}
+    roles = {}
     received = Fraction(0)
     counted: list[PaymentFacts] = []
     for p in live:

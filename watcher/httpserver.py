@@ -54,7 +54,7 @@ def hide_server_header(request: web.BaseRequest) -> None:
         async def drop(headers: Any) -> None:
             headers.popall("Server", None)
 
-        writer._on_headers_sent = drop  # type: ignore[union-attr]
+        writer._on_headers_sent = drop
 
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:

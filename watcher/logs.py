@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TextIO
 
 import structlog
+from structlog.typing import EventDict
 
 from .redaction import redact_text, strip_credentials
 
@@ -48,7 +49,7 @@ def _scrub(value: Any) -> Any:
     return value
 
 
-def redact(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+def redact(_logger: Any, _method: str, event: EventDict) -> EventDict:
     """structlog processor: strip URL credentials and registered secrets from every value."""
     for key, value in event.items():
         if isinstance(value, str) and (key == "url" or key.endswith("_url")):
@@ -86,7 +87,7 @@ class RepeatThrottle:
         self._runs: dict[tuple, list[float | int]] = {}  # key -> [last shown, last seen, dropped]
         self._lock = threading.Lock()
 
-    def __call__(self, _logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, _logger: Any, _method: str, event: EventDict) -> EventDict:
         name = event.get("event")
         if name in RECOVERED:
             with self._lock:

@@ -64,7 +64,7 @@ async def rewind(settings: Settings, chain_name: str, to_block: int) -> Rewound:
         stored_genesis = store.genesis_hash(chain_name)
         below = [b for b in store.recent_blocks(chain_name) if b.number <= to_block]
         numbers = sorted({to_block, 0, *(b.number for b in below)})
-        node = dict(zip(numbers, await reader.headers(numbers)))
+        node = dict(zip(numbers, await reader.headers(numbers), strict=True))
         header = node[to_block]
         if header is None:
             raise RpcError("eth_getBlockByNumber", f"the node has no block {to_block}")
@@ -74,7 +74,7 @@ async def rewind(settings: Settings, chain_name: str, to_block: int) -> Rewound:
                 f"the node serves another chain than this database follows (genesis {node[0].hash}, "
                 f"the database's {stored_genesis}): fix rpc_urls, do not rewind",
             )
-        if differing := [b.number for b in below if node[b.number] is None or node[b.number].hash != b.hash]:
+        if differing := [b.number for b in below if (ref := node[b.number]) is None or ref.hash != b.hash]:
             raise ConfigError(
                 "--to-block",
                 f"block {max(differing)} of this database is not on the node's chain: "
