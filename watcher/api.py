@@ -397,6 +397,31 @@ def _invoice_or_404(value: dict | list | None, invoice_id: str) -> Any:
 # --------------------------------------------------------------------------- the app
 
 
+@web.middleware
+async def problems(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error as problem+json: ours, aiohttp's (404, 405, 413) and, logged, any other."""
+    try:
+        return await handler(request)
+    except Problem as p:
+        return p.response()
+    except web.HTTPRequestEntityTooLarge:
+        return Problem(413, "Payload too large", f"the body is over {MAX_BODY // 1024} KiB").response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = Problem(exc.status, exc.reason, exc.text or exc.reason).response()
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+        return response
+    except Exception:
+        log.exception("request_failed", method=request.method, path=request.path)
+        return Problem(
+            500, "Internal error", "the server could not handle this request; see its log"
+        ).response()
+
+
 def make_app(
     store: Store,
     invoicing: Invoicing,
@@ -413,44 +438,57 @@ def make_app(
         lambda status, title, detail: Problem(status, title, detail).response(),
         failures_per_second=auth_failures_per_second,
     )
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[problems, auth])
+    harden(app)
+    app.router.add_routes(InvoiceRoutes(store, invoicing, invoice_settings, clock).table())
+    app.router.add_get("/healthz", healthz)
+    return app
 
-    @web.middleware
-    async def problems(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except Problem as p:
-            return p.response()
-        except web.HTTPRequestEntityTooLarge:
-            return Problem(413, "Payload too large", f"the body is over {MAX_BODY // 1024} KiB").response()
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            response = Problem(exc.status, exc.reason, exc.text or exc.reason).response()
-            if isinstance(exc, web.HTTPMethodNotAllowed):
-                response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
-            return response
-        except Exception:
-            log.exception("request_failed", method=request.method, path=request.path)
-            return Problem(
-                500, "Internal error", "the server could not handle this request; see its log"
-            ).response()
 
-    async def create_invoice(request: web.Request) -> web.Response:
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+class InvoiceRoutes:
+    """The handlers of /v1/invoices, with what they share: the store, the quoting, the clock."""
+
+    def __init__(
+        self, store: Store, invoicing: Invoicing, settings: InvoiceSettings, clock: Callable[[], float]
+    ) -> None:
+        self.store = store
+        self.invoicing = invoicing
+        self.settings = settings
+        self.clock = clock
+
+    def table(self) -> list[web.RouteDef]:
+        return [
+            web.post("/v1/invoices", self.create_invoice),
+            web.get("/v1/invoices", self.list_invoices),
+            web.get("/v1/invoices/export", self.export_invoices),  # before {id}: the fixed paths win
+            web.get("/v1/invoices/stats", self.invoice_stats),
+            web.get("/v1/invoices/{id}", self.get_invoice),
+            web.get("/v1/invoices/{id}/status", self.get_status),
+            web.get("/v1/invoices/{id}/payments", self.get_payments),
+            web.post("/v1/invoices/{id}/finalize", self.finalize_invoice),
+            web.post("/v1/invoices/{id}/cancel", self.cancel_invoice),
+            web.post("/v1/invoices/{id}/checkout-session", self.refresh_session),
+            web.post("/v1/invoices/{id}/exception/resolve", self.resolve_exception),
+        ]
+
+    async def create_invoice(self, request: web.Request) -> web.Response:
         body = await read_json(request)  # kept: the Idempotency-Key compares the body as sent
         data = validate_body(CreateInvoiceIn, body)
         key = request.headers.get("Idempotency-Key")
         if key is not None and not (1 <= len(key) <= 255 and key.isascii() and key.isprintable()):
             raise invalid("Idempotency-Key", "must be 1 to 255 printable ASCII characters")
-        new = build_new_invoice(data, invoicing, invoice_settings, clock())
+        new = build_new_invoice(data, self.invoicing, self.settings, self.clock())
         request_hash = hashlib.sha256(
             orjson.dumps(body, default=str, option=orjson.OPT_SORT_KEYS)
         ).hexdigest()
         try:
-            invoice, created = store.create_invoice(
+            invoice, created = self.store.create_invoice(
                 new,
-                derive=invoicing.derive,
+                derive=self.invoicing.derive,
                 finish=finish_option,
                 idempotency_key=key,
                 request_hash=request_hash,
@@ -471,39 +509,39 @@ def make_app(
             )
         return json_response(invoice, 201, None if created else {"Idempotent-Replayed": "true"})
 
-    async def get_invoice(request: web.Request) -> web.Response:
+    async def get_invoice(self, request: web.Request) -> web.Response:
         invoice_id = request.match_info["id"]
-        return json_response(_invoice_or_404(store.get_invoice(invoice_id), invoice_id))
+        return json_response(_invoice_or_404(self.store.get_invoice(invoice_id), invoice_id))
 
-    async def get_status(request: web.Request) -> web.Response:
+    async def get_status(self, request: web.Request) -> web.Response:
         invoice_id = request.match_info["id"]
-        return json_response(_invoice_or_404(store.get_status(invoice_id), invoice_id))
+        return json_response(_invoice_or_404(self.store.get_status(invoice_id), invoice_id))
 
-    async def get_payments(request: web.Request) -> web.Response:
+    async def get_payments(self, request: web.Request) -> web.Response:
         invoice_id = request.match_info["id"]
-        return json_response({"data": _invoice_or_404(store.get_payments(invoice_id), invoice_id)})
+        return json_response({"data": _invoice_or_404(self.store.get_payments(invoice_id), invoice_id)})
 
-    async def list_invoices(request: web.Request) -> web.Response:
+    async def list_invoices(self, request: web.Request) -> web.Response:
         filters = parse_list_filters(request)
         limit = query_int(request, "limit", 50, 1, 200)
         offset = query_int(request, "offset", 0, 0, 10**9)
-        data, total = store.list_invoices(filters, limit, offset)
+        data, total = self.store.list_invoices(filters, limit, offset)
         return json_response({"data": data, "total": total, "limit": limit, "offset": offset})
 
-    async def resolve_exception(request: web.Request) -> web.Response:
+    async def resolve_exception(self, request: web.Request) -> web.Response:
         invoice_id = request.match_info["id"]
         data = await read_model(request, ResolveIn)
         try:
-            invoice = store.resolve_exception(invoice_id, data.resolution_action, data.resolution_note)
+            invoice = self.store.resolve_exception(invoice_id, data.resolution_action, data.resolution_note)
         except StateConflict as exc:
             raise Problem(409, "Conflict", str(exc), slug="state-conflict") from None
         return json_response(_invoice_or_404(invoice, invoice_id))
 
-    async def export_invoices(request: web.Request) -> web.StreamResponse:
+    async def export_invoices(self, request: web.Request) -> web.StreamResponse:
         filters = parse_list_filters(request)
         limit = query_int(request, "limit", EXPORT_MAX_ROWS, 1, EXPORT_MAX_ROWS)
         offset = query_int(request, "offset", 0, 0, 10**9)
-        total = store.count_invoices(filters)
+        total = self.store.count_invoices(filters)
         if "limit" not in request.query and total - offset > EXPORT_MAX_ROWS:
             raise invalid(
                 "limit",
@@ -521,24 +559,34 @@ def make_app(
         try:
             await response.write(_csv_lines([EXPORT_COLUMNS]))
             if request.method != "HEAD":
-                for rows in store.export_rows(filters, limit, offset):
-                    await response.write(_csv_lines([[row[c] for c in EXPORT_COLUMNS] for row in rows]))
-                    # A write returns at once while the socket takes it: let the follower, the
-                    # webhooks and the watchdog run between chunks, and stop once the client is gone.
-                    await asyncio.sleep(0)
-                    if request.transport is None or request.transport.is_closing():
-                        raise ConnectionResetError("the client went away")
+                await self._write_export_rows(request, response, filters, limit, offset)
             await response.write_eof()
         except ConnectionResetError:  # the client went away mid-export: nothing to answer
             log.info("export_abandoned", path=request.path_qs)
         return response
 
-    async def invoice_stats(request: web.Request) -> web.Response:
+    async def _write_export_rows(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        filters: dict[str, str],
+        limit: int,
+        offset: int,
+    ) -> None:
+        for rows in self.store.export_rows(filters, limit, offset):
+            await response.write(_csv_lines([[row[c] for c in EXPORT_COLUMNS] for row in rows]))
+            # A write returns at once while the socket takes it: let the follower, the
+            # webhooks and the watchdog run between chunks, and stop once the client is gone.
+            await asyncio.sleep(0)
+            if request.transport is None or request.transport.is_closing():
+                raise ConnectionResetError("the client went away")
+
+    async def invoice_stats(self, request: web.Request) -> web.Response:
         filters = parse_list_filters(request, paging=False)
-        stats = store.invoice_stats(filters)
+        stats = self.store.invoice_stats(filters)
         # Every configured asset is listed, at zero when nothing was received in it.
         seen = {(r["network"], r["asset"]) for r in stats["received"]}
-        for a in invoicing.assets:
+        for a in self.invoicing.assets:
             if (a.chain.name, a.symbol) not in seen:
                 seen.add((a.chain.name, a.symbol))
                 stats["received"].append(
@@ -554,18 +602,15 @@ def make_app(
         stats["received"].sort(key=lambda r: (r["network"], r["asset"]))
         return json_response(stats)
 
-    async def no_body(request: web.Request) -> None:
-        await read_model(request, NoBodyIn, required=False)
-
-    def start_session(
-        invoice_id: str, from_statuses: tuple[InvoiceStatus, ...], plan: Callable[[dict], NewSession]
+    def _start_session(
+        self, invoice_id: str, from_statuses: tuple[InvoiceStatus, ...], plan: Callable[[dict], NewSession]
     ) -> dict:
         try:
-            invoice = store.start_session(
+            invoice = self.store.start_session(
                 invoice_id,
                 from_statuses=from_statuses,
                 plan=plan,
-                derive=invoicing.derive,
+                derive=self.invoicing.derive,
                 finish=finish_option,
             )
         except StateConflict as exc:
@@ -574,18 +619,18 @@ def make_app(
             raise invalid(exc.field, exc.message) from None
         return _invoice_or_404(invoice, invoice_id)
 
-    async def finalize_invoice(request: web.Request) -> web.Response:
+    async def finalize_invoice(self, request: web.Request) -> web.Response:
         invoice_id = request.match_info["id"]
-        await no_body(request)
+        await read_model(request, NoBodyIn, required=False)
 
         def plan(row: dict) -> NewSession:
             amount = Decimal(row["amount"])
             options_request = orjson.loads(row["request"])
-            timing, payable_until = session_timing(orjson.loads(row["payment_timing"]), clock())
-            options = invoicing.build_from_request(amount, options_request) if amount > 0 else []
+            timing, payable_until = session_timing(orjson.loads(row["payment_timing"]), self.clock())
+            options = self.invoicing.build_from_request(amount, options_request) if amount > 0 else []
             return NewSession(options, timing, payable_until, options_request)
 
-        invoice = start_session(invoice_id, (InvoiceStatus.DRAFT,), plan)
+        invoice = self._start_session(invoice_id, (InvoiceStatus.DRAFT,), plan)
         log.info(
             "invoice_finalized",
             invoice_id=invoice_id,
@@ -594,14 +639,12 @@ def make_app(
         )
         return json_response(invoice)
 
-    async def refresh_session(request: web.Request) -> web.Response:
+    async def refresh_session(self, request: web.Request) -> web.Response:
         invoice_id = request.match_info["id"]
         data = await read_model(request, CheckoutSessionIn, required=False)
         try:
-            if data.assets is not None:
-                invoicing.select_assets(
-                    data.assets
-                )  # an unknown asset is the body's fault, whatever the invoice
+            if data.assets is not None:  # an unknown asset is the body's fault, whatever the invoice
+                self.invoicing.select_assets(data.assets)
         except OptionsError as exc:
             raise invalid(exc.field, exc.message) from None
 
@@ -611,43 +654,24 @@ def make_app(
                 options_request["assets"] = data.assets
             if data.quote_rates is not None:
                 options_request["quote_rates"] = {k: format(v, "f") for k, v in data.quote_rates.items()}
-            timing, payable_until = session_timing(orjson.loads(row["payment_timing"]), clock())
-            options = invoicing.build_from_request(Decimal(row["amount"]), options_request)
+            timing, payable_until = session_timing(orjson.loads(row["payment_timing"]), self.clock())
+            options = self.invoicing.build_from_request(Decimal(row["amount"]), options_request)
             return NewSession(options, timing, payable_until, options_request)
 
-        invoice = start_session(invoice_id, (InvoiceStatus.PENDING, InvoiceStatus.EXPIRED), plan)
+        invoice = self._start_session(invoice_id, (InvoiceStatus.PENDING, InvoiceStatus.EXPIRED), plan)
         log.info("invoice_session_refreshed", invoice_id=invoice_id, options=len(invoice["payment_options"]))
         return json_response(invoice)
 
-    async def cancel_invoice(request: web.Request) -> web.Response:
+    async def cancel_invoice(self, request: web.Request) -> web.Response:
         invoice_id = request.match_info["id"]
-        await no_body(request)
+        await read_model(request, NoBodyIn, required=False)
         try:
-            invoice = store.cancel_invoice(invoice_id)
+            invoice = self.store.cancel_invoice(invoice_id)
         except StateConflict as exc:
             raise Problem(409, "Conflict", str(exc), slug="state-conflict") from None
         invoice = _invoice_or_404(invoice, invoice_id)
         log.info("invoice_cancelled", invoice_id=invoice_id)
         return json_response(invoice)
-
-    async def healthz(request: web.Request) -> web.Response:
-        return json_response({"status": "ok"})
-
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[problems, auth])
-    harden(app)
-    app.router.add_post("/v1/invoices", create_invoice)
-    app.router.add_get("/v1/invoices", list_invoices)
-    app.router.add_get("/v1/invoices/export", export_invoices)  # before {id}: the fixed paths win
-    app.router.add_get("/v1/invoices/stats", invoice_stats)
-    app.router.add_get("/v1/invoices/{id}", get_invoice)
-    app.router.add_get("/v1/invoices/{id}/status", get_status)
-    app.router.add_get("/v1/invoices/{id}/payments", get_payments)
-    app.router.add_post("/v1/invoices/{id}/finalize", finalize_invoice)
-    app.router.add_post("/v1/invoices/{id}/cancel", cancel_invoice)
-    app.router.add_post("/v1/invoices/{id}/checkout-session", refresh_session)
-    app.router.add_post("/v1/invoices/{id}/exception/resolve", resolve_exception)
-    app.router.add_get("/healthz", healthz)
-    return app
 
 
 LIST_FILTERS = (
