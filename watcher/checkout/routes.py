@@ -123,52 +123,58 @@ def make_checkout_app(
     sandbox_pay: SandboxPay | None = None,
     clock: Callable[[], float] = time.time,
 ) -> web.Application:
-    env = _environment()
-    page_template = env.get_template("page.html")
-    not_found_template = env.get_template("not_found.html")
-    assets = _load_assets()
-    asset_urls = {
-        "css": f"/pay/static/checkout.css?v={assets['checkout.css'].version}",
-        "js": f"/pay/static/checkout.js?v={assets['checkout.js'].version}",
-        "icon": f"/pay/static/favicon.svg?v={assets['favicon.svg'].version}",
-    }
-    brand = settings.brand_name
+    pages = CheckoutPages(store, settings, feed, sandbox_pay, clock)
+    app = web.Application(middlewares=[pages.guard], client_max_size=4096)
+    app.router.add_routes(pages.table())
+    return app
 
-    def language(request: web.Request) -> str:
-        return negotiate(request.query.get("lang"), request.headers.get("Accept-Language"))
 
-    def html(body: str, status: int, lang: str) -> web.Response:
-        return web.Response(
-            body=body.encode(),
-            status=status,
-            content_type="text/html",
-            charset="utf-8",
-            headers={"Content-Language": lang, "Cache-Control": "no-store", "Vary": "Accept-Language"},
-        )
+class CheckoutPages:
+    """The payment page's handlers, with what they share: the templates, the assets, the store."""
 
-    def not_found(request: web.Request) -> web.Response:
-        lang = language(request)
-        body = not_found_template.render(t=translator(lang), lang=lang, brand=brand, assets=asset_urls)
-        return html(body, 404, lang)
+    def __init__(
+        self,
+        store: Store,
+        settings: CheckoutSettings,
+        feed: Feed,
+        sandbox_pay: SandboxPay | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.feed = feed
+        self.sandbox_pay = sandbox_pay
+        self.clock = clock
+        self.brand = settings.brand_name
+        env = _environment()
+        self.page_template = env.get_template("page.html")
+        self.not_found_template = env.get_template("not_found.html")
+        self.assets = _load_assets()
+        self.asset_urls = {
+            "css": f"/pay/static/checkout.css?v={self.assets['checkout.css'].version}",
+            "js": f"/pay/static/checkout.js?v={self.assets['checkout.js'].version}",
+            "icon": f"/pay/static/favicon.svg?v={self.assets['favicon.svg'].version}",
+        }
 
-    def shown_invoice(request: web.Request) -> dict | None:
-        """The invoice a payer may see: drafts are as unknown as ids that never existed."""
-        invoice_id = request.match_info["id"]
-        if not INVOICE_ID.fullmatch(invoice_id):
-            return None
-        invoice = store.get_invoice(invoice_id)
-        if invoice is None or invoice["status"] == "draft":
-            return None
-        return invoice
+    def table(self) -> list[web.RouteDef]:
+        routes = [
+            web.get("/pay/static/{name}", self.static),
+            web.get("/pay/{id}", self.page),
+            web.get("/pay/{id}/status", self.status_json),
+            web.get("/pay/{id}/events", self.events),
+        ]
+        if self.sandbox_pay is not None:
+            routes.append(web.post("/pay/{id}/simulate", self.simulate))
+        routes.append(web.route("*", "/{tail:.*}", self.fallback))
+        return routes
 
     @web.middleware
     async def guard(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         try:
             response = await handler(request)
         except web.HTTPNotFound:
-            response = not_found(request)
+            response = self.not_found(request)
         except web.HTTPMethodNotAllowed as exc:
             response = web.Response(
                 status=405,
@@ -185,34 +191,36 @@ def make_checkout_app(
         response.headers.update(SECURITY_HEADERS)
         return response
 
-    def page_url(invoice_id: str, lang: str | None, option_id: str | None) -> str:
-        query = {k: v for k, v in (("option", option_id), ("lang", lang)) if v}
-        return f"/pay/{invoice_id}" + (f"?{urlencode(query)}" if query else "")
+    def not_found(self, request: web.Request) -> web.Response:
+        lang = _language(request)
+        body = self.not_found_template.render(
+            t=translator(lang), lang=lang, brand=self.brand, assets=self.asset_urls
+        )
+        return _html(body, 404, lang)
 
-    async def page(request: web.Request) -> web.Response:
-        invoice = shown_invoice(request)
+    def shown_invoice(self, request: web.Request) -> dict | None:
+        """The invoice a payer may see: drafts are as unknown as ids that never existed."""
+        invoice_id = request.match_info["id"]
+        if not INVOICE_ID.fullmatch(invoice_id):
+            return None
+        invoice = self.store.get_invoice(invoice_id)
+        if invoice is None or invoice["status"] == "draft":
+            return None
+        return invoice
+
+    async def page(self, request: web.Request) -> web.Response:
+        invoice = self.shown_invoice(request)
         if invoice is None:
-            return not_found(request)
-        lang = language(request)
-        chosen_lang = request.query.get("lang") if request.query.get("lang") in LANGUAGES else None
+            return self.not_found(request)
+        lang = _language(request)
+        chosen_lang = _chosen_language(request)
         t = translator(lang)
         status = public_status(invoice)
         screen = status["screen"]
         options = invoice["payment_options"]
         wanted = request.query.get("option")
         option = next((o for o in options if o["id"] == wanted), options[0] if options else None)
-        summary = status["payment_summary"]
-        messages = {
-            "amount": status["amount"],
-            "currency": status["currency"],
-            "received": summary["received_amount"],
-            "remaining": summary["remaining_amount"],
-            "overpaid": summary["overpaid_amount"],
-            "n": min(status["confirmations"], status["required_confirmations"]),
-            "m": status["required_confirmations"],
-        }
         payable = screen in PAYABLE
-        shown_option = None
         data: dict[str, Any] = {
             "id": invoice["id"],
             "screen": screen,
@@ -224,53 +232,28 @@ def make_checkout_app(
             "strings": t.strings(SCRIPT_STRINGS),
             "wallet": None,
         }
+        shown_option = None
         if payable and option is not None:
             atomic = (
                 remaining_atomic(invoice, option) if screen == "partial" else int(option["amount_atomic"])
             )
-            uri = payment_uri_for(option, atomic)
-            shown_option = {
-                "id": option["id"],
-                "asset": option["asset"],
-                "network": option["network"],
-                "chain_id": option["chain_id"],
-                "rail": option["rail"],
-                "amount": amount_text(option, atomic),
-                "uri": uri,
-                "address": to_checksum(option["contract_call"]["router"])
-                if option["rail"] == "contract"
-                else option["destination_address"],
-                "two_steps": option["rail"] == "contract" and option["token_contract"] is not None,
-                # The first drawing of a code takes tens of ms (segno picks the most readable of
-                # the 8 masks): in a thread, so the follower and the API are not held up meanwhile.
-                "qr": await asyncio.to_thread(qr_svg, uri, t("qr_label")),
-            }
+            shown_option = await _shown_option(option, atomic, t("qr_label"))
             data["wallet"] = {
                 "chain_id": option["chain_id"],
                 "network": option["network"],
                 "steps": wallet_steps(option, atomic),
             }
-        deadline = None
-        until = invoice["payment_timing"].get("payable_until")
-        if until:
-            unix = store_time(until)
-            deadline = {
-                "iso": until,
-                "unix": unix,
-                "left": _time_left(unix - int(clock())),
-                "text": until.replace("T", " ")[:16] + " UTC",
-            }
-        body = page_template.render(
+        body = self.page_template.render(
             t=t,
             lang=lang,
-            brand=brand or invoice.get("issued_by"),
+            brand=self.brand or invoice.get("issued_by"),
             product=invoice.get("product_name"),
-            assets=asset_urls,
+            assets=self.asset_urls,
             screen=screen,
             status=status,
-            messages=messages,
+            messages=_messages(status),
             payable=payable,
-            deadline=deadline,
+            deadline=self._deadline(invoice),
             option=shown_option,
             options=[
                 {
@@ -279,7 +262,7 @@ def make_checkout_app(
                     "network": o["network"],
                     "rail": o["rail"],
                     "current": option is not None and o["id"] == option["id"],
-                    "href": page_url(invoice["id"], chosen_lang, o["id"]),
+                    "href": _page_url(invoice["id"], chosen_lang, o["id"]),
                 }
                 for o in options
             ],
@@ -288,20 +271,32 @@ def make_checkout_app(
                     "code": code,
                     "name": translator(code)("lang_name"),
                     "current": code == lang,
-                    "href": page_url(invoice["id"], code, option["id"] if option and wanted else None),
+                    "href": _page_url(invoice["id"], code, option["id"] if option and wanted else None),
                 }
                 for code in LANGUAGES
             ],
-            refresh_href=page_url(invoice["id"], chosen_lang, wanted if option and wanted else None),
-            sandbox=sandbox_pay is not None,
+            refresh_href=_page_url(invoice["id"], chosen_lang, wanted if option and wanted else None),
+            sandbox=self.sandbox_pay is not None,
             simulate_action=f"/pay/{invoice['id']}/simulate"
             + (f"?lang={chosen_lang}" if chosen_lang else ""),
             data_json=_json_for_script(data),
         )
-        return html(body, 200, lang)
+        return _html(body, 200, lang)
 
-    async def status_json(request: web.Request) -> web.Response:
-        invoice = shown_invoice(request)
+    def _deadline(self, invoice: dict) -> dict | None:
+        until = invoice["payment_timing"].get("payable_until")
+        if not until:
+            return None
+        unix = store_time(until)
+        return {
+            "iso": until,
+            "unix": unix,
+            "left": _time_left(unix - int(self.clock())),
+            "text": until.replace("T", " ")[:16] + " UTC",
+        }
+
+    async def status_json(self, request: web.Request) -> web.Response:
+        invoice = self.shown_invoice(request)
         if invoice is None:
             return web.json_response({"error": "not_found", "detail": "no such payment page"}, status=404)
         return web.Response(
@@ -310,16 +305,16 @@ def make_checkout_app(
             headers={"Cache-Control": "no-store"},
         )
 
-    async def events(request: web.Request) -> web.StreamResponse:
-        invoice = shown_invoice(request)
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        invoice = self.shown_invoice(request)
         if invoice is None:
             return web.json_response({"error": "not_found", "detail": "no such payment page"}, status=404)
-        return await feed.serve(request, invoice["id"])
+        return await self.feed.serve(request, invoice["id"])
 
-    async def static(request: web.Request) -> web.Response:
-        asset = assets.get(request.match_info["name"])
+    async def static(self, request: web.Request) -> web.Response:
+        asset = self.assets.get(request.match_info["name"])
         if asset is None:
-            return not_found(request)
+            return self.not_found(request)
         cache = (
             "public, max-age=31536000, immutable" if request.query.get("v") == asset.version else "no-cache"
         )
@@ -330,36 +325,90 @@ def make_checkout_app(
             headers={"Cache-Control": cache, "ETag": f'"{asset.version}"'},
         )
 
-    async def simulate(request: web.Request) -> web.Response:
-        assert sandbox_pay is not None
-        invoice = shown_invoice(request)
+    async def simulate(self, request: web.Request) -> web.Response:
+        assert self.sandbox_pay is not None
+        invoice = self.shown_invoice(request)
         if invoice is None:
-            return not_found(request)
+            return self.not_found(request)
         form = await request.post()
         option_id = form.get("payment_option_id")
         try:
-            await sandbox_pay(invoice["id"], option_id if isinstance(option_id, str) and option_id else None)
+            await self.sandbox_pay(
+                invoice["id"], option_id if isinstance(option_id, str) and option_id else None
+            )
         except (
             Exception
         ) as exc:  # a refused payment is shown by the page's unchanged state; say why in the log
             log.warning("sandbox_simulate_refused", invoice_id=invoice["id"], error=str(exc))
-        lang = request.query.get("lang") if request.query.get("lang") in LANGUAGES else None
         raise web.HTTPSeeOther(
-            page_url(invoice["id"], lang, option_id if isinstance(option_id, str) else None)
+            _page_url(
+                invoice["id"], _chosen_language(request), option_id if isinstance(option_id, str) else None
+            )
         )
 
-    async def fallback(request: web.Request) -> web.Response:
-        return not_found(request)
+    async def fallback(self, request: web.Request) -> web.Response:
+        return self.not_found(request)
 
-    app = web.Application(middlewares=[guard], client_max_size=4096)
-    app.router.add_get("/pay/static/{name}", static)
-    app.router.add_get("/pay/{id}", page)
-    app.router.add_get("/pay/{id}/status", status_json)
-    app.router.add_get("/pay/{id}/events", events)
-    if sandbox_pay is not None:
-        app.router.add_post("/pay/{id}/simulate", simulate)
-    app.router.add_route("*", "/{tail:.*}", fallback)
-    return app
+
+def _language(request: web.Request) -> str:
+    return negotiate(request.query.get("lang"), request.headers.get("Accept-Language"))
+
+
+def _chosen_language(request: web.Request) -> str | None:
+    """The language the payer picked on the page (`?lang=`), kept in the links it makes."""
+    lang = request.query.get("lang")
+    return lang if lang in LANGUAGES else None
+
+
+def _html(body: str, status: int, lang: str) -> web.Response:
+    return web.Response(
+        body=body.encode(),
+        status=status,
+        content_type="text/html",
+        charset="utf-8",
+        headers={"Content-Language": lang, "Cache-Control": "no-store", "Vary": "Accept-Language"},
+    )
+
+
+def _page_url(invoice_id: str, lang: str | None, option_id: str | None) -> str:
+    query = {k: v for k, v in (("option", option_id), ("lang", lang)) if v}
+    return f"/pay/{invoice_id}" + (f"?{urlencode(query)}" if query else "")
+
+
+def _messages(status: dict) -> dict[str, Any]:
+    """The figures the page's sentences quote."""
+    summary = status["payment_summary"]
+    return {
+        "amount": status["amount"],
+        "currency": status["currency"],
+        "received": summary["received_amount"],
+        "remaining": summary["remaining_amount"],
+        "overpaid": summary["overpaid_amount"],
+        "n": min(status["confirmations"], status["required_confirmations"]),
+        "m": status["required_confirmations"],
+    }
+
+
+async def _shown_option(option: dict, atomic: int, qr_label: str) -> dict[str, Any]:
+    """The chosen option as the page shows it: what to send, where, and its QR code."""
+    uri = payment_uri_for(option, atomic)
+    contract = option["rail"] == "contract"
+    return {
+        "id": option["id"],
+        "asset": option["asset"],
+        "network": option["network"],
+        "chain_id": option["chain_id"],
+        "rail": option["rail"],
+        "amount": amount_text(option, atomic),
+        "uri": uri,
+        "address": to_checksum(option["contract_call"]["router"])
+        if contract
+        else option["destination_address"],
+        "two_steps": contract and option["token_contract"] is not None,
+        # The first drawing of a code takes tens of ms (segno picks the most readable of
+        # the 8 masks): in a thread, so the follower and the API are not held up meanwhile.
+        "qr": await asyncio.to_thread(qr_svg, uri, qr_label),
+    }
 
 
 def store_time(text: str) -> int:
