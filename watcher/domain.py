@@ -273,31 +273,78 @@ def judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], *, chain_time
 
 def _judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], chain_time: int | None) -> Judgement:
     if invoice.amount == 0:
-        # Nothing to pay: settled at creation, nothing can be counted.
-        roles: dict[str, Role] = {
-            p.id: Role.DUPLICATE for p in payments if p.status != PaymentStatus.REVERTED
-        }
-        open_zero = _open_payment_exceptions(invoice, roles)
-        return Judgement(
-            InvoiceStatus.DRAFT if invoice.draft else InvoiceStatus.CONFIRMED,
-            PaymentState.EXACT,
-            Fraction(0),
-            Decimal(0),
-            Decimal(0),
-            Decimal(0),
-            roles,
-            _pick_exception(invoice, open_zero),
-            tuple(t for t in EXCEPTION_PRIORITY if t in open_zero),
-        )
+        return _judge_nothing_to_pay(invoice, payments)
 
     threshold = 1 - Fraction(invoice.tolerance_percent) / 100
+    roles, received, counted = _assign_roles(invoice, payments, threshold)
+    fully_paid = received >= threshold and received > 0
+    status = _status(
+        invoice,
+        received,
+        fully_paid=fully_paid,
+        all_confirmed=all(p.status == PaymentStatus.CONFIRMED for p in counted),
+        deadline_passed=(
+            chain_time is not None
+            and invoice.payable_until is not None
+            and chain_time > invoice.payable_until
+        ),
+    )
+
+    places = display_places(invoice.amount)
+    received_amount = _quantize_down(received * Fraction(invoice.amount), places)
+    remaining = max(invoice.amount - received_amount, Decimal(0))
+    overpaid = (
+        _overpaid_shown((received - 1) * Fraction(invoice.amount), places) if received > 1 else Decimal(0)
+    )
+
+    open_types = _open_payment_exceptions(invoice, roles)
+    if received > 1 and not _resolved_type(invoice, ExceptionType.OVERPAID):
+        open_types.append(ExceptionType.OVERPAID)
+    if status == InvoiceStatus.UNDERPAID and not _resolved_type(invoice, ExceptionType.UNDERPAID):
+        open_types.append(ExceptionType.UNDERPAID)
+
+    return Judgement(
+        status,
+        _payment_state(received, fully_paid),
+        received,
+        received_amount,
+        _q(remaining, places),
+        overpaid,
+        roles,
+        _pick_exception(invoice, open_types),
+        tuple(t for t in EXCEPTION_PRIORITY if t in open_types),
+    )
+
+
+def _judge_nothing_to_pay(invoice: InvoiceFacts, payments: Sequence[PaymentFacts]) -> Judgement:
+    """An invoice of 0: settled at creation, nothing can be counted."""
+    roles = {p.id: Role.DUPLICATE for p in payments if p.status != PaymentStatus.REVERTED}
+    open_types = _open_payment_exceptions(invoice, roles)
+    return Judgement(
+        InvoiceStatus.DRAFT if invoice.draft else InvoiceStatus.CONFIRMED,
+        PaymentState.EXACT,
+        Fraction(0),
+        Decimal(0),
+        Decimal(0),
+        Decimal(0),
+        roles,
+        _pick_exception(invoice, open_types),
+        tuple(t for t in EXCEPTION_PRIORITY if t in open_types),
+    )
+
+
+def _assign_roles(
+    invoice: InvoiceFacts, payments: Sequence[PaymentFacts], threshold: Fraction
+) -> tuple[dict[str, Role], Fraction, list[PaymentFacts]]:
+    """In chain order, each live payment counts until the invoice is paid; after that it is a
+    duplicate, and one past the deadline (not accepted late) is late. Returns the roles, the
+    share of the invoice received, and the counted payments."""
     accepted_late = _covered(invoice, ResolutionAction.ACCEPT_LATE_PAYMENT)
     live = sorted(
         (p for p in payments if p.status != PaymentStatus.REVERTED),
         key=lambda p: (p.order or (p.block_timestamp,), p.id),
     )
-
-    roles = {}
+    roles: dict[str, Role] = {}
     received = Fraction(0)
     counted: list[PaymentFacts] = []
     for p in live:
@@ -316,63 +363,33 @@ def _judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], chain_time: 
             counted.append(p)
         else:
             roles[p.id] = Role.LATE
+    return roles, received, counted
 
-    fully_paid = received >= threshold and received > 0
-    all_confirmed = all(p.status == PaymentStatus.CONFIRMED for p in counted)
-    deadline_passed = (
-        chain_time is not None and invoice.payable_until is not None and chain_time > invoice.payable_until
-    )
-    written_off = _has_action(invoice, ResolutionAction.WRITE_OFF_UNDERPAYMENT)
 
+def _status(
+    invoice: InvoiceFacts, received: Fraction, *, fully_paid: bool, all_confirmed: bool, deadline_passed: bool
+) -> InvoiceStatus:
     if invoice.draft:
-        status = InvoiceStatus.DRAFT
-    elif fully_paid:
-        status = InvoiceStatus.CONFIRMED if all_confirmed else InvoiceStatus.PAID
-    elif invoice.cancelled and received == 0:
-        status = InvoiceStatus.CANCELLED
-    elif deadline_passed or invoice.cancelled:
-        if received == 0:
-            status = InvoiceStatus.EXPIRED
-        elif written_off and all_confirmed:
-            status = InvoiceStatus.CONFIRMED
-        else:
-            status = InvoiceStatus.UNDERPAID
-    else:
-        status = InvoiceStatus.PENDING
-
+        return InvoiceStatus.DRAFT
+    if fully_paid:
+        return InvoiceStatus.CONFIRMED if all_confirmed else InvoiceStatus.PAID
+    if invoice.cancelled and received == 0:
+        return InvoiceStatus.CANCELLED
+    if not (deadline_passed or invoice.cancelled):
+        return InvoiceStatus.PENDING
     if received == 0:
-        state = PaymentState.UNPAID
-    elif received > 1:
-        state = PaymentState.OVERPAID
-    elif fully_paid:
-        state = PaymentState.EXACT
-    else:
-        state = PaymentState.PARTIAL
+        return InvoiceStatus.EXPIRED
+    if all_confirmed and _has_action(invoice, ResolutionAction.WRITE_OFF_UNDERPAYMENT):
+        return InvoiceStatus.CONFIRMED
+    return InvoiceStatus.UNDERPAID
 
-    places = display_places(invoice.amount)
-    received_amount = _quantize_down(received * Fraction(invoice.amount), places)
-    remaining = max(invoice.amount - received_amount, Decimal(0))
-    overpaid = (
-        _overpaid_shown((received - 1) * Fraction(invoice.amount), places) if received > 1 else Decimal(0)
-    )
 
-    open_types = _open_payment_exceptions(invoice, roles)
-    if received > 1 and not _resolved_type(invoice, ExceptionType.OVERPAID):
-        open_types.append(ExceptionType.OVERPAID)
-    if status == InvoiceStatus.UNDERPAID and not _resolved_type(invoice, ExceptionType.UNDERPAID):
-        open_types.append(ExceptionType.UNDERPAID)
-
-    return Judgement(
-        status,
-        state,
-        received,
-        received_amount,
-        _q(remaining, places),
-        overpaid,
-        roles,
-        _pick_exception(invoice, open_types),
-        tuple(t for t in EXCEPTION_PRIORITY if t in open_types),
-    )
+def _payment_state(received: Fraction, fully_paid: bool) -> PaymentState:
+    if received == 0:
+        return PaymentState.UNPAID
+    if received > 1:
+        return PaymentState.OVERPAID
+    return PaymentState.EXACT if fully_paid else PaymentState.PARTIAL
 
 
 def _covered(invoice: InvoiceFacts, action: ResolutionAction) -> frozenset[str]:
