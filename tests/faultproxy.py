@@ -504,76 +504,106 @@ class FaultProxy:
             or (fault.only is not None and not fault.only(call))
         ):
             return _Forward(call)
+        backend = _LaggingBackend(self, fault, call, head, visible, batch)
+        planner = {
+            "eth_blockNumber": backend.block_number,
+            "eth_getBlockByNumber": backend.block_by_number,
+            "eth_getBlockByHash": backend.about_a_block,
+            "eth_getTransactionReceipt": backend.about_a_block,
+            "eth_getBlockReceipts": backend.block_receipts,
+            "eth_getLogs": backend.logs,
+        }.get(str(method))
+        return _Forward(call) if planner is None else await planner(params)
 
-        def local(result: Any = None, error: dict[str, Any] | None = None) -> _Local:
-            answer = {"jsonrpc": "2.0", "id": call["id"]}
-            return _Local(answer | ({"error": error} if error is not None else {"result": result}))
 
-        def hide(blocks: range) -> None:
-            if blocks:  # a backend that has every block asked about answers like the node
-                self._note(fault, str(method), blocks, batch)
+@dataclass
+class _LaggingBackend:
+    """One call as a backend `visible` blocks high answers it, the real node being at `head`."""
 
-        def hides_number(result: Any, number_key: str) -> Any:
-            # An answer about something in a block the backend lacks: it has no such thing.
-            if isinstance(result, dict) and _number(result.get(number_key), -1) > visible:
-                n = _number(result[number_key], -1)
-                hide(range(n, n + 1))
+    proxy: FaultProxy
+    fault: Fault
+    call: dict[str, Any]
+    head: int
+    visible: int
+    batch: int
+
+    def local(self, result: Any = None, error: dict[str, Any] | None = None) -> _Local:
+        answer = {"jsonrpc": "2.0", "id": self.call["id"]}
+        return _Local(answer | ({"error": error} if error is not None else {"result": result}))
+
+    def hide(self, blocks: range) -> None:
+        if blocks:  # a backend that has every block asked about answers like the node
+            self.proxy._note(self.fault, str(self.call.get("method")), blocks, self.batch)
+
+    def missing(self, n: int | None) -> bool:
+        """Whether block `n` is past this backend's height (noted as hidden when it is)."""
+        if n is None or n <= self.visible:
+            return False
+        self.hide(range(n, n + 1))
+        return True
+
+    def hide_above(self) -> None:
+        self.hide(range(self.visible + 1, self.head + 1))
+
+    async def number_of_block(self, block_hash: str) -> int | None:
+        block = await self.proxy._upstream("eth_getBlockByHash", block_hash, False)
+        return _number(block.get("number"), None) if isinstance(block, dict) else None
+
+    async def block_number(self, params: list[Any]) -> _Local | _Forward:
+        self.hide_above()
+        return self.local(hex(self.visible))
+
+    async def block_by_number(self, params: list[Any]) -> _Local | _Forward:
+        if not params:
+            return _Forward(self.call)
+        tag = params[0]
+        if tag in ("latest", "pending"):
+            if self.fault.kind == "null_headers":
+                return _Forward(self.call)  # a null for "latest" is no node's answer
+            self.hide_above()
+            return _Forward(self.call | {"params": [hex(self.visible), *params[1:]]})
+        return self.local(None) if self.missing(_number(tag, None)) else _Forward(self.call)
+
+    async def about_a_block(self, params: list[Any]) -> _Local | _Forward:
+        """A block by hash or a receipt: forwarded, and dropped on the way back when it is in a
+        block the backend lacks (it has no such thing)."""
+        number_key = "number" if self.call.get("method") == "eth_getBlockByHash" else "blockNumber"
+
+        def hides_number(result: Any) -> Any:
+            if isinstance(result, dict) and self.missing(_number(result.get(number_key), -1)):
                 return None
             return result
 
-        if method == "eth_blockNumber":
-            hide(range(visible + 1, head + 1))
-            return local(hex(visible))
-        if method == "eth_getBlockByNumber" and params:
-            tag = params[0]
-            if tag in ("latest", "pending"):
-                if fault.kind == "null_headers":
-                    return _Forward(call)  # a null for "latest" is no node's answer
-                hide(range(visible + 1, head + 1))
-                return _Forward(call | {"params": [hex(visible), *params[1:]]})
-            n = _number(tag, None)
-            if n is not None and n > visible:
-                hide(range(n, n + 1))
-                return local(None)
-            return _Forward(call)
-        if method in ("eth_getBlockByHash", "eth_getTransactionReceipt"):
-            return _Forward(
-                call,
-                after=lambda result: hides_number(
-                    result, "number" if method == "eth_getBlockByHash" else "blockNumber"
-                ),
-            )
-        if method == "eth_getBlockReceipts" and params:
-            where = params[0]
-            n = _number(where, None)
-            if isinstance(where, str) and len(where) == 66:  # a block hash
-                block = await self._upstream("eth_getBlockByHash", where, False)
-                n = _number(block.get("number"), None) if isinstance(block, dict) else None
-            elif where in ("latest", "pending"):
-                hide(range(visible + 1, head + 1))
-                return _Forward(call | {"params": [hex(visible)]})
-            if n is not None and n > visible:
-                hide(range(n, n + 1))
-                return local(None)
-            return _Forward(call)
-        if method == "eth_getLogs" and params and isinstance(params[0], dict):
-            query = params[0]
-            if "blockHash" in query:
-                block = await self._upstream("eth_getBlockByHash", query["blockHash"], False)
-                n = _number(block.get("number"), None) if isinstance(block, dict) else None
-                if n is not None and n > visible:
-                    hide(range(n, n + 1))
-                    return local(error={"code": fault.code, "message": fault.message})
-                return _Forward(call)
-            first = _block_tag(query.get("fromBlock", "latest"), head)
-            last = _block_tag(query.get("toBlock", "latest"), head)
-            if last <= visible:
-                return _Forward(call)
-            hide(range(max(first, visible + 1), min(last, head) + 1))
-            if first > visible:
-                return local([])  # the silent answer: nothing there (that it knows of)
-            return _Forward(call | {"params": [query | {"toBlock": hex(visible)}, *params[1:]]})
-        return _Forward(call)
+        return _Forward(self.call, after=hides_number)
+
+    async def block_receipts(self, params: list[Any]) -> _Local | _Forward:
+        if not params:
+            return _Forward(self.call)
+        where = params[0]
+        n = _number(where, None)
+        if isinstance(where, str) and len(where) == 66:  # a block hash
+            n = await self.number_of_block(where)
+        elif where in ("latest", "pending"):
+            self.hide_above()
+            return _Forward(self.call | {"params": [hex(self.visible)]})
+        return self.local(None) if self.missing(n) else _Forward(self.call)
+
+    async def logs(self, params: list[Any]) -> _Local | _Forward:
+        if not params or not isinstance(params[0], dict):
+            return _Forward(self.call)
+        query = params[0]
+        if "blockHash" in query:
+            if self.missing(await self.number_of_block(query["blockHash"])):
+                return self.local(error={"code": self.fault.code, "message": self.fault.message})
+            return _Forward(self.call)
+        first = _block_tag(query.get("fromBlock", "latest"), self.head)
+        last = _block_tag(query.get("toBlock", "latest"), self.head)
+        if last <= self.visible:
+            return _Forward(self.call)
+        self.hide(range(max(first, self.visible + 1), min(last, self.head) + 1))
+        if first > self.visible:
+            return self.local([])  # the silent answer: nothing there (that it knows of)
+        return _Forward(self.call | {"params": [query | {"toBlock": hex(self.visible)}, *params[1:]]})
 
 
 def _number(value: Any, default: Any) -> Any:

@@ -268,71 +268,28 @@ async def test_sigkill_while_recording_payments_loses_and_repeats_nothing(anvil_
             await asyncio.sleep(0.1)
 
         # ------------------------------------------------------------ every payment once, every invoice right
-        for n, i in enumerate(ids):
-            invoice = got[i]
-            payments = invoice["payments"]
-            assert sorted(p["transaction_hash"] for p in payments) == sorted(txs[i]), (n, payments)
-            assert len(payments) == len(txs[i]), (n, "a transaction recorded twice")
-            assert all(p["status"] == "confirmed" for p in payments), (n, payments)
-            assert sum(int(p["amount_atomic"]) for p in payments) == sum(
-                a for j, a in before + while_down if j == i
-            )
-        for i in exact + paid_while_down + in_halves:
-            assert got[i]["payment_summary"]["payment_state"] == "exact", got[i]["payment_summary"]
-            assert got[i]["exception"] is None
-            assert [p["role"] for p in got[i]["payments"]] == ["counted"] * len(txs[i])
-        assert got[doubled]["exception"]["type"] == "duplicate_payment"
-        assert got[doubled]["exception"]["status"] == "open"
-        roles = {p["transaction_hash"]: p["role"] for p in got[doubled]["payments"]}
-        assert roles == {txs[doubled][0]: "counted", txs[doubled][1]: "duplicate"}
-        assert got[half_only]["payment_summary"]["payment_state"] == "partial"
-        assert got[half_only]["payment_summary"]["received_amount"] == "19.50"
+        assert_every_payment_once(got, txs, before + while_down)
+        assert_judged(
+            got, txs, exact=exact + paid_while_down + in_halves, doubled=doubled, half_only=half_only
+        )
         failed = await api("GET", "/v1/webhook-deliveries", params={"status": "failed", "limit": "1"})
         assert failed["total"] == 0
 
         # ------------------------------------------------------------ every change reported once
-        assert receiver.bad_signatures == 0
-        by_id: dict[str, list] = defaultdict(list)
-        for e in receiver.events:
-            by_id[e.event_id].append(e)
-        for event_id, copies in by_id.items():  # a redelivery is the same event, byte for byte
-            assert all(c.body == copies[0].body for c in copies), event_id
-        change_ids: dict[tuple, set[str]] = defaultdict(set)
-        for e in receiver.events:
-            payment = e.body["data"]["payment"]
-            # Two payments found in one step share the invoice's version: the payment tells them apart.
-            change_ids[(e.invoice_id, e.type, e.version, payment["id"] if payment else None)].add(e.event_id)
-        twice = {k: v for k, v in change_ids.items() if len(v) > 1}
-        assert not twice, f"a change reported under two ids: {twice}"
-
-        def expected_types(i: str) -> Counter:
-            if i == half_only:
-                return Counter({"invoice.created": 1, "invoice.payment_detected": 1})
-            types = Counter(
-                {
-                    "invoice.created": 1,
-                    "invoice.payment_detected": len(txs[i]),
-                    "invoice.paid": 1,
-                    "invoice.confirmed": 1,
-                }
-            )
-            if i == doubled:
-                types["invoice.exception_opened"] = 1
-            return types
-
+        by_id = assert_every_change_reported_once(receiver)
         for n, i in enumerate(ids):
             delivered = Counter(
                 by_id[event_id][0].type for event_id in {e.event_id for e in receiver.for_invoice(i)}
             )
-            assert delivered == expected_types(i), (n, delivered)
+            assert delivered == expected_types(len(txs[i]), paid=i != half_only, duplicate=i == doubled), (
+                n,
+                delivered,
+            )
 
         # ---------------------------------------------- a clean stop, an intact file, no crash logged
         assert daemon.terminate() == 0
         assert integrity(database) == "ok"
-        for log in daemon.logs:
-            text = log.read_text()
-            for bad in ("watcher_crashed", "follower_step_crashed", "dispatcher_step_failed", "Traceback"):
-                assert bad not in text, f"{log.name}: {bad}"
+        assert_no_crash_logged(daemon.logs)
         assert kill_at <= killed_at_paid < paid_in_phase_one
         print(
             f"killed with {killed_at_paid}/{paid_in_phase_one} paid "
@@ -343,3 +300,72 @@ async def test_sigkill_while_recording_payments_loses_and_repeats_nothing(anvil_
         daemon.cleanup()
         await http.close()
         await receiver.stop()
+
+
+def assert_every_payment_once(
+    got: dict[str, dict], txs: dict[str, list[str]], sent: list[tuple[str, int]]
+) -> None:
+    """Each invoice has exactly the transactions sent to it, each once, confirmed, for the amounts sent."""
+    for n, (i, invoice) in enumerate(got.items()):
+        payments = invoice["payments"]
+        assert sorted(p["transaction_hash"] for p in payments) == sorted(txs[i]), (n, payments)
+        assert len(payments) == len(txs[i]), (n, "a transaction recorded twice")
+        assert all(p["status"] == "confirmed" for p in payments), (n, payments)
+        assert sum(int(p["amount_atomic"]) for p in payments) == sum(a for j, a in sent if j == i)
+
+
+def assert_judged(
+    got: dict[str, dict], txs: dict[str, list[str]], *, exact: list[str], doubled: str, half_only: str
+) -> None:
+    """Paid in full (at once or in parts): exact; paid twice: a duplicate; half paid: partial."""
+    for i in exact:
+        assert got[i]["payment_summary"]["payment_state"] == "exact", got[i]["payment_summary"]
+        assert got[i]["exception"] is None
+        assert [p["role"] for p in got[i]["payments"]] == ["counted"] * len(txs[i])
+    assert got[doubled]["exception"]["type"] == "duplicate_payment"
+    assert got[doubled]["exception"]["status"] == "open"
+    roles = {p["transaction_hash"]: p["role"] for p in got[doubled]["payments"]}
+    assert roles == {txs[doubled][0]: "counted", txs[doubled][1]: "duplicate"}
+    assert got[half_only]["payment_summary"]["payment_state"] == "partial"
+    assert got[half_only]["payment_summary"]["received_amount"] == "19.50"
+
+
+def assert_every_change_reported_once(receiver: Receiver) -> dict[str, list]:
+    """Signed, a redelivery byte for byte the same event, no change under two ids; the events by id."""
+    assert receiver.bad_signatures == 0
+    by_id: dict[str, list] = defaultdict(list)
+    for e in receiver.events:
+        by_id[e.event_id].append(e)
+    for event_id, copies in by_id.items():  # a redelivery is the same event, byte for byte
+        assert all(c.body == copies[0].body for c in copies), event_id
+    change_ids: dict[tuple, set[str]] = defaultdict(set)
+    for e in receiver.events:
+        payment = e.body["data"]["payment"]
+        # Two payments found in one step share the invoice's version: the payment tells them apart.
+        change_ids[(e.invoice_id, e.type, e.version, payment["id"] if payment else None)].add(e.event_id)
+    twice = {k: v for k, v in change_ids.items() if len(v) > 1}
+    assert not twice, f"a change reported under two ids: {twice}"
+    return by_id
+
+
+def expected_types(payments: int, *, paid: bool, duplicate: bool) -> Counter:
+    if not paid:
+        return Counter({"invoice.created": 1, "invoice.payment_detected": payments})
+    types = Counter(
+        {
+            "invoice.created": 1,
+            "invoice.payment_detected": payments,
+            "invoice.paid": 1,
+            "invoice.confirmed": 1,
+        }
+    )
+    if duplicate:
+        types["invoice.exception_opened"] = 1
+    return types
+
+
+def assert_no_crash_logged(logs: list[Path]) -> None:
+    for log in logs:
+        text = log.read_text()
+        for bad in ("watcher_crashed", "follower_step_crashed", "dispatcher_step_failed", "Traceback"):
+            assert bad not in text, f"{log.name}: {bad}"
