@@ -453,7 +453,22 @@ class ApiKeySettings(BaseModel):
         )
 
 
-class HttpSettings(BaseModel):
+class _ListenAddress:
+    """`host` and `port` of a model's `listen` ("host:port", IPv6 in brackets)."""
+
+    listen: str
+
+    @property
+    def host(self) -> str:
+        """Host without IPv6 brackets, ready for socket binding."""
+        return _split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return _split_listen(self.listen)[1]
+
+
+class HttpSettings(_ListenAddress, BaseModel):
     """Where the API listens, the bearer tokens (from the environment) it takes, and how many
     connections it serves at once."""
 
@@ -492,15 +507,6 @@ class HttpSettings(BaseModel):
             )
         return self
 
-    @property
-    def host(self) -> str:
-        """Host without IPv6 brackets, ready for socket binding."""
-        return _split_listen(self.listen)[0]
-
-    @property
-    def port(self) -> int:
-        return _split_listen(self.listen)[1]
-
 
 def _public_base_url(value: Any) -> str:
     """Where payers reach the page: http(s), a host, no credentials, query or fragment, and
@@ -514,9 +520,8 @@ def _public_base_url(value: Any) -> str:
     return url.rstrip("/")
 
 
-class CheckoutSettings(BaseModel):
-    """The hosted payment page: its own public listener, and the URL payers reach it by.
-    (`host` and `port` as HttpSettings has them.)"""
+class CheckoutSettings(_ListenAddress, BaseModel):
+    """The hosted payment page: its own public listener, and the URL payers reach it by."""
 
     model_config = _MODEL
     listen: Annotated[str, PlainValidator(_listen)]
@@ -527,9 +532,6 @@ class CheckoutSettings(BaseModel):
     max_streams: Annotated[StrictInt, Field(ge=1, le=100_000)] = 10_000
     max_streams_per_invoice: Annotated[StrictInt, Field(ge=1, le=1000)] = 20
     stream_timeout_seconds: Annotated[StrictInt, Field(ge=10, le=86_400)] = 1800
-
-    host = HttpSettings.host
-    port = HttpSettings.port
 
 
 class InvoiceSettings(BaseModel):
