@@ -517,50 +517,36 @@ class JsonRpcReader:
         that names another block than the one we read means the chain moved: RpcError."""
         if not candidates:
             return set()
-        receipts: list[Any] = []
-        if self.block_receipts is not False:
-            blocks = sorted({where for where in candidates.values()})
-            try:
-                answers = await self._batch(
-                    "eth_getBlockReceipts",
-                    [("eth_getBlockReceipts", [hex(n)]) for n, _ in blocks],
-                    page=BLOCK_BATCH,
-                )
-                self.block_receipts = True
-            except RpcError as exc:
-                # (Also after it worked: a failover may have moved us to a node without it.)
-                if exc.code != METHOD_NOT_FOUND:
-                    raise
-                log.info("block_receipts_unavailable", url=self.transport.url, error=str(exc))
-                self.block_receipts = False
-            else:
-                for (n, _), answer in zip(blocks, answers, strict=True):
-                    if not isinstance(answer, list):
-                        raise RpcError("eth_getBlockReceipts", f"block {n}: receipts are not a list")
-                    receipts += answer
-        if self.block_receipts is False:
-            receipts += await self._batch(
+        receipts = await self._receipts_by_block(candidates) if self.block_receipts is not False else None
+        if receipts is None:
+            receipts = await self._batch(
                 "eth_getTransactionReceipt", [("eth_getTransactionReceipt", [h]) for h in sorted(candidates)]
             )
-        ok: set[str] = set()
-        seen: set[str] = set()
-        for receipt in receipts:
-            if not isinstance(receipt, dict):
-                raise RpcError("eth_getTransactionReceipt", "a receipt is missing or not an object")
-            tx = _hash(receipt.get("transactionHash"), "receipt.transactionHash")
-            if tx not in candidates:
-                continue
-            number, block_hash = candidates[tx]
-            if _hash(receipt.get("blockHash"), "receipt.blockHash") != block_hash:
-                raise RpcError(
-                    "eth_getTransactionReceipt", f"receipt of {tx} names another block than {number}"
-                )
-            seen.add(tx)
-            if _int(receipt.get("status"), "receipt.status") == 1:
-                ok.add(tx)
-        if missing := set(candidates) - seen:
-            raise RpcError("eth_getTransactionReceipt", f"no receipt for {sorted(missing)[0]}")
-        return ok
+        return _succeeded(receipts, candidates)
+
+    async def _receipts_by_block(self, candidates: dict[str, tuple[int, str]]) -> list[Any] | None:
+        """Every receipt of the candidates' blocks, or None when the node lacks eth_getBlockReceipts."""
+        blocks = sorted(set(candidates.values()))
+        try:
+            answers = await self._batch(
+                "eth_getBlockReceipts",
+                [("eth_getBlockReceipts", [hex(n)]) for n, _ in blocks],
+                page=BLOCK_BATCH,
+            )
+        except RpcError as exc:
+            # (Also after it worked: a failover may have moved us to a node without it.)
+            if exc.code != METHOD_NOT_FOUND:
+                raise
+            log.info("block_receipts_unavailable", url=self.transport.url, error=str(exc))
+            self.block_receipts = False
+            return None
+        self.block_receipts = True
+        receipts: list[Any] = []
+        for (n, _), answer in zip(blocks, answers, strict=True):
+            if not isinstance(answer, list):
+                raise RpcError("eth_getBlockReceipts", f"block {n}: receipts are not a list")
+            receipts += answer
+        return receipts
 
     async def probe_tracer(self, block_number: int) -> str | None:
         """Which tracer the node offers for inner transfers, if any."""
@@ -591,3 +577,25 @@ class _Paged:
 
     async def batch(self, calls: Sequence[tuple[str, list]]) -> list[Any]:
         return await self.reader._batch(self.method, calls)
+
+
+def _succeeded(receipts: list[Any], candidates: dict[str, tuple[int, str]]) -> set[str]:
+    """The candidates whose receipt says success. Every candidate needs its receipt, in the
+    block we read it from: otherwise the chain moved (RpcError)."""
+    ok: set[str] = set()
+    seen: set[str] = set()
+    for receipt in receipts:
+        if not isinstance(receipt, dict):
+            raise RpcError("eth_getTransactionReceipt", "a receipt is missing or not an object")
+        tx = _hash(receipt.get("transactionHash"), "receipt.transactionHash")
+        if tx not in candidates:
+            continue
+        number, block_hash = candidates[tx]
+        if _hash(receipt.get("blockHash"), "receipt.blockHash") != block_hash:
+            raise RpcError("eth_getTransactionReceipt", f"receipt of {tx} names another block than {number}")
+        seen.add(tx)
+        if _int(receipt.get("status"), "receipt.status") == 1:
+            ok.add(tx)
+    if missing := set(candidates) - seen:
+        raise RpcError("eth_getTransactionReceipt", f"no receipt for {sorted(missing)[0]}")
+    return ok
