@@ -65,6 +65,36 @@ def _models(operations: list[Operation]) -> list[type[BaseModel]]:
     return seen
 
 
+def _parameters(op: Operation) -> list[dict[str, Any]]:
+    """The path's parameters, then the query model's fields."""
+    parameters = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+        for name in _path_params(op.path)
+    ]
+    if op.query is not None:
+        query_schema = op.query.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, prop in query_schema.get("properties", {}).items():
+            parameters.append(
+                {
+                    "name": name,
+                    "in": "query",
+                    "required": name in query_schema.get("required", []),
+                    "schema": {k: v for k, v in prop.items() if k != "title"},
+                }
+            )
+    return parameters
+
+
+def _implied_problems(op: Operation) -> list[int]:
+    """The problems a route can answer beyond its own: auth's, and a body's."""
+    statuses = set(op.problems) | ({401, 429} if op.auth else set())
+    if op.auth and op.method.upper() not in ("GET", "HEAD"):
+        statuses |= {403}  # a read key on a route that changes data
+    if op.body is not None or 413 in op.problems:
+        statuses |= {400, 413, 415, 422}
+    return sorted(statuses)
+
+
 def build_document(operations: list[Operation], *, version: str) -> dict:
     models = _models(operations)
     keyed, defs = models_json_schema(
@@ -85,44 +115,20 @@ def build_document(operations: list[Operation], *, version: str) -> dict:
             entry["tags"] = list(op.tags)
         if op.auth:
             entry["security"] = [{"bearer": []}]
-        parameters = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
-            for name in _path_params(op.path)
-        ]
-        if op.query is not None:
-            query_schema = op.query.model_json_schema(ref_template="#/components/schemas/{model}")
-            for name, prop in query_schema.get("properties", {}).items():
-                parameters.append(
-                    {
-                        "name": name,
-                        "in": "query",
-                        "required": name in query_schema.get("required", []),
-                        "schema": {k: v for k, v in prop.items() if k != "title"},
-                    }
-                )
-        if parameters:
+        if parameters := _parameters(op):
             entry["parameters"] = parameters
         if op.body is not None:
             entry["requestBody"] = {"required": op.body_required, "content": {JSON: {"schema": ref(op.body)}}}
         for status, model in op.responses.items():
             if isinstance(model, tuple):
                 media, schema = model
-                entry["responses"][str(status)] = {
-                    "description": _reason(status),
-                    "content": {media: {"schema": schema}},
-                }
             else:
-                media = PROBLEM if model is Problem else JSON
-                entry["responses"][str(status)] = {
-                    "description": _reason(status),
-                    "content": {media: {"schema": ref(model)}},
-                }
-        extra_problems = set(op.problems) | ({401, 429} if op.auth else set())
-        if op.auth and op.method.upper() not in ("GET", "HEAD"):
-            extra_problems |= {403}  # a read key on a route that changes data
-        if op.body is not None or 413 in op.problems:
-            extra_problems |= {400, 413, 415, 422}
-        for status in sorted(extra_problems):
+                media, schema = (PROBLEM if model is Problem else JSON), ref(model)
+            entry["responses"][str(status)] = {
+                "description": _reason(status),
+                "content": {media: {"schema": schema}},
+            }
+        for status in _implied_problems(op):
             entry["responses"].setdefault(str(status), problem(_reason(status)))
         entry.update(op.extra)
         paths.setdefault(_openapi_path(op.path), {})[op.method.lower()] = entry
