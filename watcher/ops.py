@@ -106,6 +106,54 @@ class Ops:
             for name, head, processed, lag, head_at in self.positions()
         ]
 
+    def _chain_readiness(
+        self,
+        name: str,
+        head: int | None,
+        processed: int | None,
+        lag: int | None,
+        head_at: float | None,
+        now: float,
+    ) -> tuple[dict, list[str]]:
+        """One chain's entry in /readyz, and why it is not ready (nothing when it is)."""
+        follower = self.followers.get(name)
+        depth = follower.depth if follower else 0
+        bound = max(2 * depth, MIN_LAG_BOUND)
+        poll = follower.poll_interval if follower else 0.0
+        max_age = self.head_max_age if self.head_max_age is not None else max(MIN_HEAD_MAX_AGE, 10 * poll)
+        last_error = (
+            self._redact(follower.status.last_error) if follower and follower.status.last_error else None
+        )
+        why = []
+        if follower is None:
+            why.append("no follower runs for this chain")
+        elif head is None or head_at is None:
+            why.append(f"has not read the node's head since it started {now - self.started_at:.0f} s ago")
+        elif now - head_at > max_age:
+            why.append(f"last read the node's head {now - head_at:.0f} s ago (bound {max_age:g} s)")
+        if follower is not None and follower.status.stopped is not None:
+            why.append(f"is stopped: {self._redact(follower.status.stopped)}")
+        if follower is not None and processed is None:
+            why.append("has not processed a block yet")
+        elif lag is not None and lag > bound:
+            why.append(f"is {lag} blocks behind the node's head (bound {bound})")
+        elif head is not None and processed is not None and head < processed:
+            why.append(
+                f"the node's head {head} is behind the checkpoint {processed} (a node behind the others: "
+                "what it says cannot be checked against what we hold)"
+            )
+        chain = {
+            "network": name,
+            "ready": not why,
+            "head_block": head,
+            "last_processed_block": processed,
+            "lag_blocks": lag,
+            "max_lag_blocks": bound,
+            "last_head_at": rfc3339(head_at),
+            "last_error": last_error,
+        }
+        return chain, why
+
     def readiness(self) -> tuple[bool, dict]:
         """(ready, body): the database check, each chain's check, and the reasons it fails."""
         reasons: list[dict] = []
@@ -122,49 +170,18 @@ class Ops:
             positions = []
             reasons.append({"check": "database", "reason": f"the checkpoints cannot be read: {exc}"})
         now = self.clock()
-        for name, head, processed, lag, head_at in positions:
-            follower = self.followers.get(name)
-            depth = follower.depth if follower else 0
-            bound = max(2 * depth, MIN_LAG_BOUND)
-            poll = follower.poll_interval if follower else 0.0
-            max_age = self.head_max_age if self.head_max_age is not None else max(MIN_HEAD_MAX_AGE, 10 * poll)
-            last_error = (
-                self._redact(follower.status.last_error) if follower and follower.status.last_error else None
-            )
-            why = []
-            if follower is None:
-                why.append("no follower runs for this chain")
-            elif head is None or head_at is None:
-                why.append(f"has not read the node's head since it started {now - self.started_at:.0f} s ago")
-            elif now - head_at > max_age:
-                why.append(f"last read the node's head {now - head_at:.0f} s ago (bound {max_age:g} s)")
-            if follower is not None and follower.status.stopped is not None:
-                why.append(f"is stopped: {self._redact(follower.status.stopped)}")
-            if follower is not None and processed is None:
-                why.append("has not processed a block yet")
-            elif lag is not None and lag > bound:
-                why.append(f"is {lag} blocks behind the node's head (bound {bound})")
-            elif head is not None and processed is not None and head < processed:
-                why.append(
-                    f"the node's head {head} is behind the checkpoint {processed} (a node behind the others: "
-                    "what it says cannot be checked against what we hold)"
-                )
-            chains.append(
+        for position in positions:
+            chain, why = self._chain_readiness(*position, now)
+            chains.append(chain)
+            reasons += [
                 {
-                    "network": name,
-                    "ready": not why,
-                    "head_block": head,
-                    "last_processed_block": processed,
-                    "lag_blocks": lag,
-                    "max_lag_blocks": bound,
-                    "last_head_at": rfc3339(head_at),
-                    "last_error": last_error,
+                    "check": "chain",
+                    "network": chain["network"],
+                    "reason": r,
+                    "last_error": chain["last_error"],
                 }
-            )
-            for reason in why:
-                reasons.append(
-                    {"check": "chain", "network": name, "reason": reason, "last_error": last_error}
-                )
+                for r in why
+            ]
         if not reasons:
             return True, {"status": "ready", "database": database, "chains": chains}
         detail = "; ".join(
