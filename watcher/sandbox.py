@@ -115,36 +115,14 @@ class EthTesterTransport:
         if method == "eth_blockNumber":
             return _hex(t.get_block_by_number("latest")["number"])
         if method == "eth_getBlockByNumber":
-            tag, full = params[0], bool(params[1]) if len(params) > 1 else False
-            try:
-                block = t.get_block_by_number(
-                    int(tag, 16) if tag.startswith("0x") else tag, full_transactions=full
-                )
-            except BlockNotFound:
-                return None
-            return _block_json(block, full)
+            return self._block(params[0], bool(params[1]) if len(params) > 1 else False)
         if method == "eth_getTransactionReceipt":
             try:
                 return _receipt_json(t.get_transaction_receipt(params[0]))
             except TransactionNotFound:
                 return None
         if method == "eth_getLogs":
-            f = params[0]
-            address = f.get("address")
-            if "blockHash" in f:  # EIP-234: one block by its hash; a node without it errs
-                try:
-                    first = last = t.get_block_by_hash(f["blockHash"])["number"]
-                except BlockNotFound:
-                    raise RpcError(method, f"unknown block {f['blockHash']}", -32000) from None
-            else:
-                first, last = int(f["fromBlock"], 16), int(f["toBlock"], 16)
-            logs = t.get_logs(
-                from_block=first,
-                to_block=last,
-                address=[to_checksum_address(a) for a in address] if isinstance(address, list) else address,
-                topics=f.get("topics"),
-            )
-            return [_log_json(entry) for entry in logs]
+            return self._logs(params[0])
         if method == "eth_getBalance":
             return _hex(
                 t.get_balance(to_checksum_address(params[0]), params[1] if len(params) > 1 else "latest")
@@ -163,6 +141,33 @@ class EthTesterTransport:
                 raise RpcError(method, f"execution reverted: {exc}", 3) from None
         # Like a node without the method (eth_getBlockReceipts, tracers): the reader falls back.
         raise RpcError(method, "the method does not exist / is not available", METHOD_NOT_FOUND)
+
+    def _block(self, tag: str, full: bool) -> dict | None:
+        try:
+            block = self.chain.tester.get_block_by_number(
+                int(tag, 16) if tag.startswith("0x") else tag, full_transactions=full
+            )
+        except BlockNotFound:
+            return None
+        return _block_json(block, full)
+
+    def _logs(self, query: dict) -> list[dict]:
+        t = self.chain.tester
+        address = query.get("address")
+        if "blockHash" in query:  # EIP-234: one block by its hash; a node without it errs
+            try:
+                first = last = t.get_block_by_hash(query["blockHash"])["number"]
+            except BlockNotFound:
+                raise RpcError("eth_getLogs", f"unknown block {query['blockHash']}", -32000) from None
+        else:
+            first, last = int(query["fromBlock"], 16), int(query["toBlock"], 16)
+        logs = t.get_logs(
+            from_block=first,
+            to_block=last,
+            address=[to_checksum_address(a) for a in address] if isinstance(address, list) else address,
+            topics=query.get("topics"),
+        )
+        return [_log_json(entry) for entry in logs]
 
     async def call(self, method: str, params: list) -> Any:
         return await self.chain.run(self._answer, method, params)
@@ -427,34 +432,8 @@ async def pay_invoice(chain: SandboxChain, store: Store, invoice_id: str, body: 
     invoice = store.get_invoice(invoice_id)
     if invoice is None:
         raise Problem(404, "Not found", f"no invoice {invoice_id!r}", slug="not-found")
-    options = invoice["payment_options"]
-    option_id = body.get("payment_option_id")
-    if option_id is not None and not isinstance(option_id, str):
-        raise invalid("payment_option_id", "must be a string")
-    if not options:
-        raise Problem(409, "Conflict", "the invoice has no payment option to pay", slug="state-conflict")
-    option = options[0] if option_id is None else next((o for o in options if o["id"] == option_id), None)
-    if option is None:
-        raise invalid("payment_option_id", "is not an option of this invoice")
-    funds = PAYER_FUNDS if option["token_contract"] else NATIVE_FUNDS
-    if "amount" in body:
-        atomic = _units_to_atomic(body["amount"], option["decimals"], funds)
-    else:
-        atomic = remaining_atomic(invoice, option)
-        if atomic <= 0:
-            raise Problem(
-                409,
-                "Conflict",
-                "nothing remains to be paid; give an amount to pay more",
-                slug="state-conflict",
-            )
-        if atomic > funds:
-            raise Problem(
-                409,
-                "Conflict",
-                "what remains is more than the sandbox payer holds; give a smaller amount",
-                slug="state-conflict",
-            )
+    option = _option_to_pay(invoice, body.get("payment_option_id"))
+    atomic = _amount_to_pay(invoice, option, body)
     try:
         if option["rail"] == "contract":
             tx = await chain.run(chain.pay_router, {**option["contract_call"], "amount": str(atomic)})
@@ -471,6 +450,39 @@ async def pay_invoice(chain: SandboxChain, store: Store, invoice_id: str, body: 
     except PaymentRefused as exc:  # it would revert: nothing was sent
         raise Problem(409, "Conflict", str(exc), slug="payment-reverted") from None
     return tx
+
+
+def _option_to_pay(invoice: dict, option_id: Any) -> dict:
+    """The option named, or the invoice's first; a Problem when there is none to pay."""
+    if option_id is not None and not isinstance(option_id, str):
+        raise invalid("payment_option_id", "must be a string")
+    options = invoice["payment_options"]
+    if not options:
+        raise Problem(409, "Conflict", "the invoice has no payment option to pay", slug="state-conflict")
+    option = options[0] if option_id is None else next((o for o in options if o["id"] == option_id), None)
+    if option is None:
+        raise invalid("payment_option_id", "is not an option of this invoice")
+    return option
+
+
+def _amount_to_pay(invoice: dict, option: dict, body: dict) -> int:
+    """Atomic units: the amount given, or what remains to be paid, within the payer's funds."""
+    funds = PAYER_FUNDS if option["token_contract"] else NATIVE_FUNDS
+    if "amount" in body:
+        return _units_to_atomic(body["amount"], option["decimals"], funds)
+    atomic = remaining_atomic(invoice, option)
+    if atomic <= 0:
+        raise Problem(
+            409, "Conflict", "nothing remains to be paid; give an amount to pay more", slug="state-conflict"
+        )
+    if atomic > funds:
+        raise Problem(
+            409,
+            "Conflict",
+            "what remains is more than the sandbox payer holds; give a smaller amount",
+            slug="state-conflict",
+        )
+    return atomic
 
 
 async def wait_for_receipt(chain: SandboxChain, tx_hash: str, timeout: float) -> int | None:
