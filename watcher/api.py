@@ -37,7 +37,7 @@ from pydantic import (
 from . import schemas
 from .auth import FAILURES_PER_SECOND, ApiKey, auth_middleware
 from .config import InvoiceSettings
-from .domain import DECIMAL_TEXT, InvoiceStatus, ResolutionAction, usd_rate_problem
+from .domain import DECIMAL_TEXT, ExceptionType, InvoiceStatus, ResolutionAction, usd_rate_problem
 from .httpserver import harden
 from .invoicing import Invoicing, OptionsError, finish_option, session_timing
 from .openapi import Operation
@@ -873,24 +873,26 @@ def parse_list_filters(request: web.Request, *, paging: bool = True) -> dict[str
         except UnicodeEncodeError:
             raise invalid(name, "is not valid UTF-8") from None
         filters[name] = value
-    if "transaction_hash" in filters:
-        filters["transaction_hash"] = _transaction_hash(filters["transaction_hash"])
-    if "search" in filters:
-        filters["search"] = filters["search"].strip()
-        if not filters["search"]:
-            raise invalid("search", "must not be blank (leave it out to list everything)")
-    if "status" in filters and filters["status"] not in {s.value for s in InvoiceStatus}:
-        raise invalid("status", f"must be one of {', '.join(s.value for s in InvoiceStatus)}")
-    if "exception_status" in filters and filters["exception_status"] not in ("open", "resolved"):
-        raise invalid("exception_status", "must be open or resolved")
-    if "exception_type" in filters and filters["exception_type"] not in (
-        "late_payment",
-        "underpaid",
-        "overpaid",
-        "duplicate_payment",
-    ):
-        raise invalid("exception_type", "must be late_payment, underpaid, overpaid or duplicate_payment")
+    for name, check in _FILTER_CHECKS.items():
+        if name in filters:
+            filters[name] = check(filters[name])
     return filters
+
+
+def _search(value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise invalid("search", "must not be blank (leave it out to list everything)")
+    return value
+
+
+def _one_of(name: str, allowed: Sequence[str], message: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise invalid(name, message)
+        return value
+
+    return check
 
 
 def _transaction_hash(value: str) -> str:
@@ -900,6 +902,24 @@ def _transaction_hash(value: str) -> str:
     if len(digits) != 64 or not all(c in "0123456789abcdefABCDEF" for c in digits):
         raise invalid("transaction_hash", "must be a transaction hash: 64 hex digits, with or without 0x")
     return "0x" + digits.lower()
+
+
+# Each filter that only takes some values: its check, which returns the value as the store reads it.
+_FILTER_CHECKS: dict[str, Callable[[str], str]] = {
+    "transaction_hash": _transaction_hash,
+    "search": _search,
+    "status": _one_of(
+        "status",
+        [s.value for s in InvoiceStatus],
+        f"must be one of {', '.join(s.value for s in InvoiceStatus)}",
+    ),
+    "exception_status": _one_of("exception_status", ("open", "resolved"), "must be open or resolved"),
+    "exception_type": _one_of(
+        "exception_type",
+        [t.value for t in ExceptionType],
+        "must be late_payment, underpaid, overpaid or duplicate_payment",
+    ),
+}
 
 
 def build_new_invoice(
