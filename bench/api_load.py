@@ -368,6 +368,59 @@ def prepare(base: str, key: str, chain: Any = None) -> tuple[list[str], str]:
     return ids, json.dumps(body)
 
 
+def print_report(
+    args: argparse.Namespace, seconds: float, ours: dict, bare: dict, body_size: int, *, profiled: bool
+) -> None:
+    """The table of both runs, what was slow or failed, their ratios and the goal."""
+    head = (
+        f"{'server':<44} {'rate/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'max ms':>7} "
+        f"{'p99 sent':>8} {'errors':>6} {'CPU ms/req':>10}"
+    )
+    print(head)
+    print("-" * len(head))
+    for label, r in (
+        ("bare aiohttp 'hello' (baseline)", bare),
+        (
+            "watcher daemon"
+            + (" (profiled)" if profiled else " (asyncio debug)" if args.slow_callbacks else ""),
+            ours,
+        ),
+    ):
+        errs = sum(r["errors"].values()) + sum(r["non_200"].values())
+        print(
+            f"{label:<44} {r['achieved_rate']:>7,.0f} {r['p50']:>7.2f} {r['p95']:>7.2f} {r['p99']:>7.2f} "
+            f"{r['max']:>7.1f} "
+            f"{r['sent_p99']:>8.2f} {errs:>6} {r['server_cpu_ms_per_request']:>10.3f}"
+        )
+    print(
+        f"(latency from the request's due time; 'p99 sent' from when the client actually sent it; "
+        f"client send lag p99: daemon {ours['send_lag_p99']:.2f} ms, baseline {bare['send_lag_p99']:.2f} ms; "
+        f"status body {body_size} bytes; {INVOICES} invoices, {PAID} paid; {CONNECTIONS} keep-alive "
+        "connections; "
+        "CPU ms/req: the server process's CPU time over the run / requests sent, chain and follower included)"
+    )
+    for label, r in (("daemon", ours), ("baseline", bare)):
+        if r["slow_spans"]:
+            print(
+                f"  {label}: requests over 20 ms were due in "
+                + ", ".join(f"{a:g}-{b:g} s (worst {m:g} ms)" for a, b, m in r["slow_spans"][:8])
+                + (f" and {len(r['slow_spans']) - 8} more spans" if len(r["slow_spans"]) > 8 else "")
+                + f" of the {seconds:g} s"
+            )
+        if r["errors"] or r["non_200"]:
+            print(f"  {label}: exceptions {r['errors']}, non-200 {r['non_200']}")
+    print(
+        f"ratios daemon/baseline: p50 x{ours['p50'] / bare['p50']:.2f}, p95 "
+        f"x{ours['p95'] / bare['p95']:.2f}, "
+        f"p99 x{ours['p99'] / bare['p99']:.2f}"
+    )
+    met = ours["p99"] <= GOAL_P99_MS and ours["achieved_rate"] >= 0.98 * args.rate
+    print(
+        f"goal: p99 <= {GOAL_P99_MS:g} ms at {args.rate:,.0f} requests/s: p99 {ours['p99']:.2f} ms at "
+        f"{ours['achieved_rate']:,.0f}/s -> {'met' if met else 'NOT met'}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.api_load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="5 s measured instead of 10")
@@ -454,53 +507,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         hello.stop()
 
-    head = (
-        f"{'server':<44} {'rate/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'max ms':>7} "
-        f"{'p99 sent':>8} {'errors':>6} {'CPU ms/req':>10}"
-    )
-    print(head)
-    print("-" * len(head))
-    for label, r in (
-        ("bare aiohttp 'hello' (baseline)", bare),
-        (
-            "watcher daemon"
-            + (" (profiled)" if profile_to else " (asyncio debug)" if args.slow_callbacks else ""),
-            ours,
-        ),
-    ):
-        errs = sum(r["errors"].values()) + sum(r["non_200"].values())
-        print(
-            f"{label:<44} {r['achieved_rate']:>7,.0f} {r['p50']:>7.2f} {r['p95']:>7.2f} {r['p99']:>7.2f} "
-            f"{r['max']:>7.1f} "
-            f"{r['sent_p99']:>8.2f} {errs:>6} {r['server_cpu_ms_per_request']:>10.3f}"
-        )
-    print(
-        f"(latency from the request's due time; 'p99 sent' from when the client actually sent it; "
-        f"client send lag p99: daemon {ours['send_lag_p99']:.2f} ms, baseline {bare['send_lag_p99']:.2f} ms; "
-        f"status body {len(body)} bytes; {INVOICES} invoices, {PAID} paid; {CONNECTIONS} keep-alive "
-        "connections; "
-        "CPU ms/req: the server process's CPU time over the run / requests sent, chain and follower included)"
-    )
-    for label, r in (("daemon", ours), ("baseline", bare)):
-        if r["slow_spans"]:
-            print(
-                f"  {label}: requests over 20 ms were due in "
-                + ", ".join(f"{a:g}-{b:g} s (worst {m:g} ms)" for a, b, m in r["slow_spans"][:8])
-                + (f" and {len(r['slow_spans']) - 8} more spans" if len(r["slow_spans"]) > 8 else "")
-                + f" of the {seconds:g} s"
-            )
-        if r["errors"] or r["non_200"]:
-            print(f"  {label}: exceptions {r['errors']}, non-200 {r['non_200']}")
-    print(
-        f"ratios daemon/baseline: p50 x{ours['p50'] / bare['p50']:.2f}, p95 "
-        f"x{ours['p95'] / bare['p95']:.2f}, "
-        f"p99 x{ours['p99'] / bare['p99']:.2f}"
-    )
-    met = ours["p99"] <= GOAL_P99_MS and ours["achieved_rate"] >= 0.98 * args.rate
-    print(
-        f"goal: p99 <= {GOAL_P99_MS:g} ms at {args.rate:,.0f} requests/s: p99 {ours['p99']:.2f} ms at "
-        f"{ours['achieved_rate']:,.0f}/s -> {'met' if met else 'NOT met'}"
-    )
+    print_report(args, seconds, ours, bare, len(body), profiled=profile_to is not None)
     if profile_to:
         print(f"profile of the daemon under load: {profile_to}")
     if args.slow_callbacks:

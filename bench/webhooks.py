@@ -361,6 +361,32 @@ def one_run(
     return result
 
 
+def child_main(spec: dict) -> dict:
+    """One step in a fresh process: fill the outbox, or one run (the Dispatcher's or the bare client's)."""
+    if "fill" in spec:
+        return fill(spec["fill"], spec["count"])
+    if spec["run"] != "dispatcher":
+        return asyncio.run(run_bare(spec))
+    log_path = Path(spec["db"]).parent / "dispatcher.log"
+    with open(log_path, "w") as log_file:
+        os.dup2(log_file.fileno(), 2)
+        result = asyncio.run(run_dispatcher(spec))
+    with open(log_path) as lines:
+        result["log_lines"] = sum(1 for _ in lines)
+    return result
+
+
+def print_each_try(alone: list[dict], beside: list[dict]) -> None:
+    for label, tries in (("alone", alone), ("beside a dead one", beside)):
+        print(
+            f"  healthy {label}, each run: "
+            + ", ".join(
+                f"{r['deliveries'] / r['wall_s']:,.0f}/s ({r['cpu_s']:.1f} s CPU in {r['wall_s']:.1f} s)"
+                for r in tries
+            )
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.webhooks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_EVENTS:,} events")
@@ -395,19 +421,7 @@ def main(argv: list[str] | None = None) -> None:
         receiver_main(spec["fail_rate"], spec["seed"])
         return
     if args.child:
-        spec = json.loads(args.child)
-        if "fill" in spec:
-            result = fill(spec["fill"], spec["count"])
-        elif spec["run"] == "dispatcher":
-            log_path = Path(spec["db"]).parent / "dispatcher.log"
-            with open(log_path, "w") as log_file:
-                os.dup2(log_file.fileno(), 2)
-                result = asyncio.run(run_dispatcher(spec))
-            with open(log_path) as lines:
-                result["log_lines"] = sum(1 for _ in lines)
-        else:
-            result = asyncio.run(run_bare(spec))
-        print(json.dumps(result))
+        print(json.dumps(child_main(json.loads(args.child))))
         return
 
     count = args.events or (QUICK_EVENTS if args.quick else EVENTS)
@@ -440,14 +454,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
     if args.repeat > 1:
-        for label, tries in (("alone", alone), ("beside a dead one", beside)):
-            print(
-                f"  healthy {label}, each run: "
-                + ", ".join(
-                    f"{r['deliveries'] / r['wall_s']:,.0f}/s ({r['cpu_s']:.1f} s CPU in {r['wall_s']:.1f} s)"
-                    for r in tries
-                )
-            )
+        print_each_try(alone, beside)
     runs = [
         one_run(
             f"bare aiohttp client, {CONCURRENCY} in flight (baseline)",

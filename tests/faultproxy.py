@@ -368,23 +368,7 @@ class FaultProxy:
                 raw, body, "eth_blockNumber", lambda head: hex(max(0, int(head, 16) - fault.lag))
             )
         if fault.kind == "batch_cap":
-            if fault.status != 200:
-                return web.Response(
-                    status=fault.status, text=f"batch of {len(body)} exceeds the limit of {fault.cap}"
-                )
-            error = {"code": fault.code, "message": fault.message}
-            if fault.each:
-                return _json(
-                    [
-                        {
-                            "jsonrpc": "2.0",
-                            "id": call.get("id") if isinstance(call, dict) else None,
-                            "error": error,
-                        }
-                        for call in body
-                    ]
-                )
-            return _json({"jsonrpc": "2.0", "id": None, "error": error})
+            return _refuse_batch(fault, body)
         if fault.kind in PER_CALL:
             return await self._per_call(fault, raw, body)
         raise AssertionError(fault.kind)
@@ -604,6 +588,24 @@ class _LaggingBackend:
         if first > self.visible:
             return self.local([])  # the silent answer: nothing there (that it knows of)
         return _Forward(self.call | {"params": [query | {"toBlock": hex(self.visible)}, *params[1:]]})
+
+
+def _refuse_batch(fault: Fault, body: Any) -> web.Response:
+    """A provider refusing a batch past its cap: an HTTP error, or one JSON-RPC error for the
+    batch or per call."""
+    if fault.status != 200:
+        return web.Response(
+            status=fault.status, text=f"batch of {len(body)} exceeds the limit of {fault.cap}"
+        )
+    error = {"code": fault.code, "message": fault.message}
+    if fault.each:
+        return _json(
+            [
+                {"jsonrpc": "2.0", "id": call.get("id") if isinstance(call, dict) else None, "error": error}
+                for call in body
+            ]
+        )
+    return _json({"jsonrpc": "2.0", "id": None, "error": error})
 
 
 def _number(value: Any, default: Any) -> Any:

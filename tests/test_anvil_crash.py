@@ -202,13 +202,7 @@ async def test_sigkill_while_recording_payments_loses_and_repeats_nothing(anvil_
         paid_in_phase_one = len(exact) + 1
 
         def pay_in_blocks(plan: list[tuple[str, int]], per_block: int, gap: float) -> None:
-            for k in range(0, len(plan), per_block):
-                for invoice_id, amount in plan[k : k + per_block]:
-                    txs[invoice_id].append(
-                        chain.transfer_token(address[invoice_id], amount, PAYERS[1 + k // per_block % 3])
-                    )
-                chain.mine(1)
-                time.sleep(gap)
+            pay_per_block(chain, [(address[i], i, amount) for i, amount in plan], txs, per_block, gap)
 
         async def paid_count() -> int:
             paid = await api("GET", "/v1/invoices", params={"status": "paid", "limit": "1"})
@@ -232,12 +226,7 @@ async def test_sigkill_while_recording_payments_loses_and_repeats_nothing(anvil_
         await miner
 
         # The file as the kill left it (copied, so the restart itself recovers the original).
-        snapshot = tmp_path / "after-kill"
-        snapshot.mkdir()
-        for suffix in ("", "-wal"):
-            if Path(f"{database}{suffix}").exists():
-                shutil.copy(f"{database}{suffix}", snapshot / f"watcher.db{suffix}")
-        assert integrity(snapshot / "watcher.db") == "ok"
+        assert integrity(copy_database(database, tmp_path / "after-kill")) == "ok"
 
         # ------------------------------------------------------------ the chain moves on while it is down
         await asyncio.to_thread(pay_in_blocks, while_down, 5, 0)
@@ -300,6 +289,27 @@ async def test_sigkill_while_recording_payments_loses_and_repeats_nothing(anvil_
         daemon.cleanup()
         await http.close()
         await receiver.stop()
+
+
+def copy_database(database: Path, directory: Path) -> Path:
+    """The database file and its WAL as they are, copied into `directory`; the copy's path."""
+    directory.mkdir()
+    for suffix in ("", "-wal"):
+        if Path(f"{database}{suffix}").exists():
+            shutil.copy(f"{database}{suffix}", directory / f"watcher.db{suffix}")
+    return directory / "watcher.db"
+
+
+def pay_per_block(
+    chain: AnvilChain, plan: list[tuple[str, str, int]], txs: dict[str, list[str]], per_block: int, gap: float
+) -> None:
+    """(address, invoice, amount) transfers, `per_block` to a block (from three payers in turn),
+    a block mined `gap` seconds apart; each transaction's hash noted under its invoice."""
+    for k in range(0, len(plan), per_block):
+        for to, invoice_id, amount in plan[k : k + per_block]:
+            txs[invoice_id].append(chain.transfer_token(to, amount, PAYERS[1 + k // per_block % 3]))
+        chain.mine(1)
+        time.sleep(gap)
 
 
 def assert_every_payment_once(

@@ -659,25 +659,27 @@ def problem_errors(case: Case, status: int, got: Any, ctype: str) -> list[str]:
     if got.get("status") != status:
         wrong.append(f"problem status {got.get('status')!r} differs from the HTTP status {status}")
     if case.status == 422:
-        errors = got.get("errors")
-        if not isinstance(errors, list) or not errors:
-            wrong.append("422 without an errors list")
-        elif not all(
-            isinstance(e, dict) and isinstance(e.get("field"), str) and isinstance(e.get("message"), str)
-            for e in errors
-        ):
-            wrong.append(f"errors entries are not {{field, message}}: {errors!r}")
-        elif case.field is not None:
-            first = errors[0]["field"]
-            if not (
-                first == case.field
-                or first.startswith(case.field + ".")
-                or first.startswith(case.field + "[")
-            ):
-                wrong.append(f"errors[0].field is {first!r}, wanted {case.field!r}")
+        wrong += validation_errors_wrong(got.get("errors"), case.field)
     if wrong:
         wrong.append(f"body: {str(got)[:300]}")
     return wrong
+
+
+def validation_errors_wrong(errors: Any, field: str | None) -> list[str]:
+    """What is wrong with a 422's `errors`: a list of {field, message}, the first naming `field`."""
+    if not isinstance(errors, list) or not errors:
+        return ["422 without an errors list"]
+    if not all(
+        isinstance(e, dict) and isinstance(e.get("field"), str) and isinstance(e.get("message"), str)
+        for e in errors
+    ):
+        return [f"errors entries are not {{field, message}}: {errors!r}"]
+    first = errors[0]["field"]
+    if field is not None and not (
+        first == field or first.startswith(field + ".") or first.startswith(field + "[")
+    ):
+        return [f"errors[0].field is {first!r}, wanted {field!r}"]
+    return []
 
 
 async def snapshot(harness) -> tuple:
