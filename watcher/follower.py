@@ -417,7 +417,7 @@ class Follower:
 
     async def _full_blocks(self, numbers: list[int], *, partial: bool = False) -> list[FullBlock]:
         """The blocks; with `partial`, those before the first the node does not have (at least one)."""
-        out = []
+        out: list[FullBlock] = []
         for n, block in zip(numbers, await self.reader.full_blocks(numbers)):
             if block is None:
                 if partial and out:

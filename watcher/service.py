@@ -8,6 +8,7 @@ task is cancelled at an await), stop the HTTP server, then close the database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -138,7 +139,7 @@ class Service:
         self._listeners: list[Listener] = []
         self.feed: Feed | None = None
         self.checkout_url = ""  # where the public listener answers (its own address, not public_base_url)
-        self._scheduler = None
+        self._scheduler: Any = None  # an AsyncIOScheduler once started (apscheduler has no types)
         self.base_url = ""
         self.notifier = Notifier()
         self.metrics = Metrics()  # a registry of its own: several services can share a process
@@ -171,6 +172,7 @@ class Service:
         would read its blocks as ours. One that does not answer now is checked by nobody; say so.
         Returns (rpc_urls index, or None for the sandbox, genesis hash) of each node that told
         its block 0, for `_check_genesis`."""
+        answers: list[tuple[int | None, int, str | None]]
         if self.sandbox is not None and chain.name == self.sandbox.network:
             answers = [(None, await reader.chain_id(), await node_genesis(reader))]
         else:
@@ -197,15 +199,15 @@ class Service:
                     )
                 finally:
                     await probe.close()
-        for j, node_chain_id, _ in answers:
+        for at, node_chain_id, _ in answers:
             if node_chain_id != chain.chain_id:
-                where = "the node" if j is None else f"rpc_urls[{j}]"
+                where = "the node" if at is None else f"rpc_urls[{at}]"
                 raise ConfigError(
                     f"chains[{index}].chain_id", f"is {chain.chain_id} but {where} answers {node_chain_id}"
                 )
-        for j, _, genesis in answers:
+        for at, _, genesis in answers:
             if genesis is None:
-                where = "the node" if j is None else f"rpc_urls[{j}]"
+                where = "the node" if at is None else f"rpc_urls[{at}]"
                 log.warning(
                     "genesis_unchecked",
                     network=chain.name,
@@ -234,8 +236,8 @@ class Service:
             b, second = next((j, found) for j, found in geneses if found != first)
             raise WrongChain(
                 f"chains[{index}].rpc_urls",
-                f"rpc_urls[{a}] and rpc_urls[{b}] serve two chains with chain id {chain.chain_id} (genesis {first} "
-                f"and {second}): keep only nodes of the chain {chain.name!r} is",
+                f"rpc_urls[{a}] and rpc_urls[{b}] serve two chains with chain id {chain.chain_id} "
+                f"(genesis {first} and {second}): keep only nodes of the chain {chain.name!r} is",
             )
         return None if stored is not None or not geneses else geneses[0][1]
 
@@ -252,7 +254,7 @@ class Service:
         except RpcError as exc:
             log.warning("genesis_unrecorded", network=name, error=redact_text(str(exc)))
             return False
-        if any(t is not None and t.hash == b.hash for b, t in zip(window, theirs)):
+        if any(t is not None and t.hash == b.hash for b, t in zip(window, theirs, strict=True)):
             return True
         log.warning(
             "genesis_unrecorded",
@@ -482,10 +484,8 @@ class Service:
                 self.notifier.status(self.status_line())
             except Exception:  # a status line is not worth stopping the watchdog for
                 log.exception("status_line_failed")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), timeout=interval)
-            except TimeoutError:
-                pass
 
     def _wake_followers(self) -> None:
         for follower in self.followers.values():

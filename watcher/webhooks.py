@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import functools
 import hashlib
 import hmac
 import time
@@ -282,10 +284,8 @@ class Dispatcher:
                         lane.task = asyncio.create_task(
                             self._run_lane(lane, stopping, idle), name="webhook-lane"
                         )
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=idle)
-                except TimeoutError:
-                    pass
             for lane in self._lanes.values():
                 lane.changed.set()
             await asyncio.gather(*(lane.task for lane in self._lanes.values() if lane.task is not None))
@@ -297,7 +297,8 @@ class Dispatcher:
             raise
 
     async def _run_lane(self, lane: _Lane, stopping: asyncio.Event, idle: float) -> None:
-        """Start the lane's due deliveries while it has room; wait for room, a wake-up or the next due time."""
+        """Start the lane's due deliveries while it has room; wait for room, a wake-up or the next
+        due time."""
         try:
             while not stopping.is_set():
                 lane.changed.clear()
@@ -308,10 +309,8 @@ class Dispatcher:
                     log.exception("dispatcher_step_failed", url=lane.url)  # the log strips url fields
                 if lane.keys is None and not lane.in_flight and self._idle_unconfigured(lane):
                     return  # no longer configured and nothing left to fail: the lane ends
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(lane.changed.wait(), timeout=max(wait, 0.01))
-                except TimeoutError:
-                    pass
             # Stopping: let the attempts in flight record their outcome.
             await asyncio.gather(*lane.in_flight.values(), return_exceptions=True)
         except asyncio.CancelledError:
@@ -334,14 +333,14 @@ class Dispatcher:
                 lane.breaker.started(now)
                 task = asyncio.create_task(self._attempt(lane, delivery), name="webhook-attempt")
                 lane.in_flight[delivery["id"]] = task
-                task.add_done_callback(lambda _t, i=delivery["id"]: self._done(lane, i))
+                task.add_done_callback(functools.partial(self._done, lane, delivery["id"]))
         if lane.in_flight:
             return idle  # a finished attempt wakes the lane
         next_at = self.outbox.next_delivery_at(lane.url)
         wait = idle if next_at is None else max(next_at - now, 0.0)
         return min(idle, max(wait, lane.breaker.reopens_in(now) or 0.0))
 
-    def _done(self, lane: _Lane, delivery_id: str) -> None:
+    def _done(self, lane: _Lane, delivery_id: str, _task: asyncio.Task | None = None) -> None:
         lane.in_flight.pop(delivery_id, None)
         lane.changed.set()
 
