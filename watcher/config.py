@@ -38,6 +38,7 @@ from pydantic import (
 from watcher.addresses import normalize_address, parse_xpub, to_checksum
 from watcher.domain import DECIMAL_TEXT, usd_rate_problem
 from watcher.redaction import strip_credentials
+from watcher.schemas import EventTypeName
 
 __all__ = [
     "ApiKeySettings",
@@ -56,21 +57,7 @@ __all__ = [
     "strip_credentials",
 ]
 
-EVENT_TYPES: frozenset[str] = frozenset(
-    {
-        "invoice.created",
-        "invoice.session_refreshed",
-        "invoice.payment_detected",
-        "invoice.payment_reverted",
-        "invoice.paid",
-        "invoice.confirmed",
-        "invoice.expired",
-        "invoice.underpaid",
-        "invoice.cancelled",
-        "invoice.exception_opened",
-        "invoice.exception_resolved",
-    }
-)
+EVENT_TYPES: frozenset[str] = frozenset(typing.get_args(EventTypeName))
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 StrictInt = Annotated[int, Strict()]

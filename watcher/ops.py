@@ -30,7 +30,7 @@ from .follower import Follower
 from .metrics import CONTENT_TYPE_LATEST, ChainRow, Metrics
 from .openapi import Operation
 from .redaction import Redactor
-from .schemas import Timestamp
+from .schemas import EventTypeName, Timestamp
 from .store import StateConflict, Store
 from .store.outbox import DELIVERY_STATUSES
 from .store.probes import ping
@@ -207,19 +207,6 @@ class _Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-EventTypeName = Literal[
-    "invoice.created",
-    "invoice.session_refreshed",
-    "invoice.payment_detected",
-    "invoice.payment_reverted",
-    "invoice.paid",
-    "invoice.confirmed",
-    "invoice.expired",
-    "invoice.underpaid",
-    "invoice.cancelled",
-    "invoice.exception_opened",
-    "invoice.exception_resolved",
-]
 DeliveryStatusName = Literal["pending", "delivered", "failed"]
 
 

@@ -184,6 +184,23 @@ class Health(_Out):
     status: Literal["ok"]
 
 
+# Every event type, once: the config's `events` filters, the deliveries' filter and the events'
+# schema read it from here.
+EventTypeName = Literal[
+    "invoice.created",
+    "invoice.session_refreshed",
+    "invoice.payment_detected",
+    "invoice.payment_reverted",
+    "invoice.paid",
+    "invoice.confirmed",
+    "invoice.expired",
+    "invoice.underpaid",
+    "invoice.cancelled",
+    "invoice.exception_opened",
+    "invoice.exception_resolved",
+]
+
+
 class WebhookEventData(_Out):
     invoice: InvoiceStatusView
     payment: Payment | None
@@ -193,19 +210,7 @@ class WebhookEvent(_Out):
     """The body POSTed to each webhook endpoint."""
 
     id: str
-    type: Literal[
-        "invoice.created",
-        "invoice.session_refreshed",
-        "invoice.payment_detected",
-        "invoice.payment_reverted",
-        "invoice.paid",
-        "invoice.confirmed",
-        "invoice.expired",
-        "invoice.underpaid",
-        "invoice.cancelled",
-        "invoice.exception_opened",
-        "invoice.exception_resolved",
-    ]
+    type: EventTypeName
     created_at: Timestamp
     data: WebhookEventData
 
