@@ -24,6 +24,7 @@ SECTIONS = {
     "api": "bench.api_load",
     "live": "bench.live",
     "checkout": "bench.checkout",
+    "store": "bench.store_apply",
 }
 FILTER_LIMIT = 1000  # TOPIC_FILTER_LIMIT (watcher/matching.py): up to this many addresses the node filters
 

@@ -486,7 +486,8 @@ class InvoiceRoutes:
             orjson.dumps(body, default=str, option=orjson.OPT_SORT_KEYS)
         ).hexdigest()
         try:
-            invoice, created = self.store.create_invoice(
+            invoice, created = await self.store.write(
+                self.store.create_invoice,
                 new,
                 derive=self.invoicing.derive,
                 finish=finish_option,
@@ -532,7 +533,9 @@ class InvoiceRoutes:
         invoice_id = request.match_info["id"]
         data = await read_model(request, ResolveIn)
         try:
-            invoice = self.store.resolve_exception(invoice_id, data.resolution_action, data.resolution_note)
+            invoice = await self.store.write(
+                self.store.resolve_exception, invoice_id, data.resolution_action, data.resolution_note
+            )
         except StateConflict as exc:
             raise Problem(409, "Conflict", str(exc), slug="state-conflict") from None
         return json_response(_invoice_or_404(invoice, invoice_id))
@@ -602,11 +605,12 @@ class InvoiceRoutes:
         stats["received"].sort(key=lambda r: (r["network"], r["asset"]))
         return json_response(stats)
 
-    def _start_session(
+    async def _start_session(
         self, invoice_id: str, from_statuses: tuple[InvoiceStatus, ...], plan: Callable[[dict], NewSession]
     ) -> dict:
         try:
-            invoice = self.store.start_session(
+            invoice = await self.store.write(
+                self.store.start_session,
                 invoice_id,
                 from_statuses=from_statuses,
                 plan=plan,
@@ -630,7 +634,7 @@ class InvoiceRoutes:
             options = self.invoicing.build_from_request(amount, options_request) if amount > 0 else []
             return NewSession(options, timing, payable_until, options_request)
 
-        invoice = self._start_session(invoice_id, (InvoiceStatus.DRAFT,), plan)
+        invoice = await self._start_session(invoice_id, (InvoiceStatus.DRAFT,), plan)
         log.info(
             "invoice_finalized",
             invoice_id=invoice_id,
@@ -658,7 +662,7 @@ class InvoiceRoutes:
             options = self.invoicing.build_from_request(Decimal(row["amount"]), options_request)
             return NewSession(options, timing, payable_until, options_request)
 
-        invoice = self._start_session(invoice_id, (InvoiceStatus.PENDING, InvoiceStatus.EXPIRED), plan)
+        invoice = await self._start_session(invoice_id, (InvoiceStatus.PENDING, InvoiceStatus.EXPIRED), plan)
         log.info("invoice_session_refreshed", invoice_id=invoice_id, options=len(invoice["payment_options"]))
         return json_response(invoice)
 
@@ -666,7 +670,7 @@ class InvoiceRoutes:
         invoice_id = request.match_info["id"]
         await read_model(request, NoBodyIn, required=False)
         try:
-            invoice = self.store.cancel_invoice(invoice_id)
+            invoice = await self.store.write(self.store.cancel_invoice, invoice_id)
         except StateConflict as exc:
             raise Problem(409, "Conflict", str(exc), slug="state-conflict") from None
         invoice = _invoice_or_404(invoice, invoice_id)

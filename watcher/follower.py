@@ -321,17 +321,16 @@ class Follower:
         else:
             confirmed_through = last - int(self.confirmations) + 1
             keep_above = last - self.window
-        self.store.outbox.take_reported_payments()  # what a rolled-back change reported never happened
-        result = self.store.apply_blocks(
+        result = await self.store.write(
+            self.store.apply_blocks,
             self.network,
             blocks,
             [MatchedTransfer(t, option_id, by_number[t.block_number].timestamp) for t, option_id in matched],
             confirmed_through=confirmed_through,
             keep_above=keep_above,
         )
-        reported = self.store.outbox.take_reported_payments()
         if self.metrics is not None:
-            self.metrics.blocks_applied(self.network, last - first + 1, [role for _, role in reported])
+            self.metrics.blocks_applied(self.network, last - first + 1, result.payment_roles)
         if result.payments_added or result.payments_confirmed or result.invoices_changed:
             log.info(
                 "blocks_applied",
@@ -444,7 +443,7 @@ class Follower:
             # The node said another block was there, then that ours is: backends disagreeing
             # (a load balancer). Nothing to undo; fail the step so that it backs off.
             raise ChainChanged(f"the node disagrees with itself about block {cursor.number}")
-        reverted = self.store.revert_to(self.network, ancestor)
+        reverted = await self.store.write(self.store.revert_to, self.network, ancestor)
         log.warning(
             "reorg",
             network=self.network,

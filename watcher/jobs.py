@@ -28,9 +28,9 @@ OnPruned = Callable[[str, int], None]
 
 
 async def expire_sweep(store: Store) -> int:
-    """A coroutine on purpose: it runs on the event loop, like every other store call,
-    never in apscheduler's worker thread where it could interleave with their transactions."""
-    changed = store.expire_due()
+    """A coroutine on purpose: apscheduler runs it on the event loop, which hands the change to
+    the store's writer thread, one change at a time with every other write."""
+    changed = await store.write(store.expire_due)
     if changed:
         log.info("invoices_expired", count=changed)
     return changed
@@ -39,7 +39,7 @@ async def expire_sweep(store: Store) -> int:
 async def prune_idempotency(
     store: Store, hours: int, clock: Callable[[], float], on_pruned: OnPruned | None
 ) -> int:
-    removed = prune_idempotency_keys(store, clock() - hours * 3600)
+    removed = await store.write(prune_idempotency_keys, store, clock() - hours * 3600)
     if removed:
         log.info("idempotency_keys_pruned", count=removed)
         if on_pruned is not None:
@@ -50,7 +50,7 @@ async def prune_idempotency(
 async def prune_events(
     store: Store, days: int, clock: Callable[[], float], on_pruned: OnPruned | None
 ) -> int:
-    events, deliveries, attempts = prune_delivered_events(store, clock() - days * 86400)
+    events, deliveries, attempts = await store.write(prune_delivered_events, store, clock() - days * 86400)
     if events:
         log.info("delivered_events_pruned", events=events, deliveries=deliveries, attempts=attempts)
         if on_pruned is not None:

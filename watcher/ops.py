@@ -414,7 +414,7 @@ def add_ops_routes(app: web.Application, ops: Ops, metrics: Metrics) -> None:
         if body:
             raise invalid(str(next(iter(body))), "unknown field (this route takes no body)")
         try:
-            delivery = store.outbox.redeliver(delivery_id)
+            delivery = await store.write(store.outbox.redeliver, delivery_id)
         except StateConflict as exc:
             raise Problem(409, "Conflict", str(exc), slug="state-conflict") from None
         if delivery is None:

@@ -7,13 +7,16 @@ a crash the state and its events always agree. Atomic amounts are TEXT: they are
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from sqlite_utils import Database
@@ -22,19 +25,14 @@ from ..domain import (
     ACTION_RESOLVES,
     BlockRef,
     ExceptionType,
-    InvoiceFacts,
     InvoiceStatus,
-    PaymentFacts,
-    PaymentState,
-    PaymentStatus,
-    Resolution,
     ResolutionAction,
     format_units,
-    judge,
     new_id,
     payments_to_cover,
     rfc3339,
 )
+from . import engine, recording
 from .outbox import Outbox
 from .records import (
     ApplyResult,
@@ -45,6 +43,7 @@ from .records import (
     OptionSpec,
     StateConflict,
 )
+from .rejudge import Reasons, Rejudged, rejudge_many
 from .schema import migrations
 from .views import invoice_view, payment_view, status_view
 
@@ -55,6 +54,7 @@ Deriver = Callable[[str, int], str]
 OptionFinisher = Callable[[OptionSpec, str, str, str], tuple[str, dict | None]]
 # Quotes a new payment session for an invoice row (finalize, checkout-session).
 SessionPlanner = Callable[[dict], NewSession]
+T = TypeVar("T")
 
 
 # The list's free-text search runs on one stored column, `invoices.search_text`: the casefolded
@@ -68,22 +68,6 @@ SEARCH_SEPARATOR = "\x1f"
 def search_text(values: Iterable[str | None]) -> str:
     """The pieces to append to an invoice's `search_text`."""
     return "".join(SEARCH_SEPARATOR + v.casefold() for v in values if v)
-
-
-def _by_transaction(matched: Sequence[MatchedTransfer]) -> dict[str, list[MatchedTransfer]]:
-    """The transfers of each transaction, transactions in the order they were found."""
-    out: dict[str, list[MatchedTransfer]] = {}
-    for m in matched:
-        out.setdefault(m.transfer.tx_hash, []).append(m)
-    return out
-
-
-def _identity(m: MatchedTransfer, asset: str) -> tuple:
-    """What a payment moves, which survives its transaction's re-inclusion elsewhere: the
-    option it pays (hence the asset and token), the asset, payer, recipient and amount, as
-    the payments table stores them."""
-    t = m.transfer
-    return (m.option_id, asset, t.from_address, t.to_address, str(t.amount))
 
 
 def _create_private(path: Path) -> None:
@@ -102,30 +86,84 @@ def _create_private(path: Path) -> None:
 
 
 class Store:
+    """The store. Each thread has a connection of its own (`db`): the event loop's serves the
+    API's reads, and `write()` runs a change on the store's writer thread, so a long change
+    (a follower step recording thousands of payments) never holds the loop. Readers see only
+    committed changes (WAL). A change may also run on the calling thread, as tests do."""
+
     def __init__(self, path: str | Path, *, clock: Callable[[], float]) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
+        if self.path != engine.MEMORY:
             _create_private(Path(self.path))
-        conn = sqlite3.connect(self.path, isolation_level=None)  # one thread: the event loop's
-        conn.row_factory = sqlite3.Row
-        self.db = Database(conn)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.execute("PRAGMA busy_timeout=5000")
+        self._local = threading.local()
+        self._connections: list[Database] = []
+        self._connections_lock = threading.Lock()
         migrations.apply(self.db)
+        self._writer: ThreadPoolExecutor | None = None
         self.clock = clock
         # `[checkout] public_base_url`: every invoice view then has its `checkout_url`.
         self.checkout_base_url: str | None = None
         # Told each network whose blocks were applied (confirmations moved), after the commit.
         self.block_listeners: list[Callable[[str], None]] = []
-        self.outbox = Outbox(self.db, clock)
+        self.outbox = Outbox(lambda: self.db, clock, self._notify)
         self._tips: dict[str, int] = {
             r["network"]: r["block_number"] for r in self._q("SELECT network, block_number FROM cursors")
         }
 
+    @property
+    def db(self) -> Database:
+        """The calling thread's connection, opened on first use."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            if self._connections and self.path == engine.MEMORY:
+                raise RuntimeError("an in-memory store has one connection: use it from one thread")
+            db = self._local.db = engine.open_database(self.path)
+            with self._connections_lock:
+                self._connections.append(db)
+        return db
+
+    async def write(self, change: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `change(*args, **kwargs)` (a method of this store that writes) on the store's
+        writer thread, one change at a time, and return its result. The listeners it calls
+        (events appended, blocks applied) run afterwards on the loop, once it has committed;
+        if it raises, they never run. An in-memory store runs the change here."""
+        if self.path == engine.MEMORY:
+            return change(*args, **kwargs)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+        loop = asyncio.get_running_loop()
+        result, notes = await loop.run_in_executor(
+            self._writer, functools.partial(self._run_deferring, change, args, kwargs)
+        )
+        for fn, fn_args in notes:
+            fn(*fn_args)
+        return result
+
+    def _run_deferring(self, change: Callable[..., T], args: tuple, kwargs: dict) -> tuple[T, list]:
+        self._local.deferred = []
+        try:
+            return change(*args, **kwargs), self._local.deferred
+        finally:
+            self._local.deferred = None
+
+    def _notify(self, fn: Callable[..., None], *args: Any) -> None:
+        """Call a listener: now, or after the change when on the writer thread (listeners
+        belong to the loop)."""
+        deferred = getattr(self._local, "deferred", None)
+        if deferred is None:
+            fn(*args)
+        else:
+            deferred.append((fn, args))
+
     def close(self) -> None:
-        self.db.close()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for db in connections:
+            db.close()
+        self._local = threading.local()
 
     # ------------------------------------------------------------------ helpers
 
@@ -297,14 +335,30 @@ class Store:
         return [payment_view(r, self._tips.get(r["network"])) for r in rows]
 
     def _invoice(self, invoice_id: str) -> dict | None:
-        row = self._q1("SELECT * FROM invoices WHERE id = ?", [invoice_id])
-        if row is None:
-            return None
-        options = self._q(
-            "SELECT * FROM payment_options WHERE invoice_id = ? AND active = 1 ORDER BY position",
-            [invoice_id],
-        )
-        return invoice_view(row, options, self._payments(invoice_id), self.checkout_base_url)
+        with self._snapshot():
+            row = self._q1("SELECT * FROM invoices WHERE id = ?", [invoice_id])
+            if row is None:
+                return None
+            options = self._q(
+                "SELECT * FROM payment_options WHERE invoice_id = ? AND active = 1 ORDER BY position",
+                [invoice_id],
+            )
+            return invoice_view(row, options, self._payments(invoice_id), self.checkout_base_url)
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """Reads that must agree with each other (an invoice and its payments) in one read
+        transaction: the writer thread may commit between two statements, and WAL gives a read
+        transaction one consistent snapshot. Inside a change, its own transaction is the snapshot."""
+        conn = self.db.conn
+        if conn.in_transaction:
+            yield
+            return
+        conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            conn.execute("COMMIT")
 
     def _filter_clause(self, filters: dict[str, Any]) -> tuple[list[str], list[Any]]:
         """The list's filters as SQL conditions on `invoices` (for the list, the export and the stats)."""
@@ -335,6 +389,10 @@ class Store:
         return where, params
 
     def list_invoices(self, filters: dict[str, Any], limit: int, offset: int) -> tuple[list[dict], int]:
+        with self._snapshot():
+            return self._list_invoices(filters, limit, offset)
+
+    def _list_invoices(self, filters: dict[str, Any], limit: int, offset: int) -> tuple[list[dict], int]:
         where, params = self._filter_clause(filters)
         clause = ("WHERE " + " AND ".join(where)) if where else ""
         if filters.get("search"):
@@ -464,173 +522,23 @@ class Store:
 
     # ------------------------------------------------------------------ judging
 
-    def _chain_time(self, networks: Iterable[str]) -> int | None:
-        """The invoice's clock: the earliest of its chains' processed-block times, so a lagging
-        chain never lets an invoice expire while a payment on it may still be on time."""
-        times = []
-        for network in set(networks):
-            row = self._q1("SELECT block_timestamp FROM cursors WHERE network = ?", [network])
-            if row is None:
-                return None
-            times.append(row["block_timestamp"])
-        return min(times) if times else None
-
     def _rejudge(
         self,
         invoice_id: str,
         *,
         created: bool = False,
-        new_payments: Sequence[str] = (),
-        reverted_payments: Sequence[str] = (),
         resolved: bool = False,
         session: bool = False,
     ) -> bool:
-        """Judge the invoice again from all its payments; store it and emit what changed.
+        """Judge one invoice again from all its payments; store it and queue what changed (see
+        `rejudge.Reasons` for what each flag reports). True if the invoice changed."""
+        reasons = Reasons(created=created, resolved=resolved, session=session)
+        return self._rejudge_many({invoice_id: reasons}).changed > 0
 
-        `session`: a payment session has just started (finalize, checkout-session): a draft is
-        judged as finalized, the version grows even if nothing else changed, and the invoice,
-        if it is open for payment, reports `invoice.session_refreshed`."""
-        row = self._q1("SELECT * FROM invoices WHERE id = ?", [invoice_id])
-        assert row is not None
-        payments = self._q(
-            "SELECT p.*, o.amount_atomic AS option_amount FROM payments p JOIN payment_options o ON o.id = p.option_id "
-            "WHERE p.invoice_id = ? ORDER BY p.block_timestamp, p.network, p.block_number, p.log_key, p.id",
-            [invoice_id],
-        )
-        networks = [
-            r["network"]
-            for r in self._q(
-                "SELECT DISTINCT network FROM payment_options WHERE invoice_id = ?", [invoice_id]
-            )
-        ]
-        resolutions = tuple(
-            Resolution(
-                ExceptionType(r["exception_type"]),
-                ResolutionAction(r["action"]),
-                r["note"],
-                r["resolved_at"],
-                frozenset(r["payment_ids"]),
-            )
-            for r in orjson.loads(row["resolutions"])
-        )
-        facts = InvoiceFacts(
-            amount=Decimal(row["amount"]),
-            tolerance_percent=Decimal(row["tolerance_percent"]),
-            payable_until=row["payable_until"],
-            draft=row["status"] == InvoiceStatus.DRAFT and not session,
-            cancelled=row["cancelled_at"] is not None,
-            resolutions=resolutions,
-        )
-        judged = judge(
-            facts,
-            [
-                PaymentFacts(
-                    p["id"],
-                    int(p["amount_atomic"]),
-                    int(p["option_amount"]),
-                    p["block_timestamp"],
-                    PaymentStatus(p["status"]),
-                    (p["block_timestamp"], p["network"], p["block_number"], p["log_key"]),
-                )
-                for p in payments
-            ],
-            chain_time=self._chain_time(networks),
-        )
-        for p in payments:
-            role = judged.roles.get(p["id"])
-            if role is not None and role != p["role"]:
-                self.db.execute("UPDATE payments SET role = ? WHERE id = ?", [str(role), p["id"]])
-
-        summary = orjson.dumps(judged.summary()).decode()
-        exception = orjson.dumps(judged.exception.as_dict()).decode() if judged.exception else None
-        old_status = row["status"]
-        new_status = str(judged.status)
-        changes: dict[str, Any] = {}
-        if new_status != old_status:
-            changes["status"] = new_status
-        if summary != row["payment_summary"]:
-            changes["payment_summary"] = summary
-        if exception != row["exception"]:
-            changes["exception"] = exception
-            changes["exception_type"] = judged.exception.type.value if judged.exception else None
-            changes["exception_status"] = judged.exception.status if judged.exception else None
-        roles_changed = any(judged.roles.get(p["id"]) not in (None, p["role"]) for p in payments)
-        open_now = [str(t) for t in judged.open_exceptions]
-        newly_open = [t for t in open_now if t not in orjson.loads(row["open_exceptions"])]
-        if open_now != orjson.loads(row["open_exceptions"]):
-            changes["open_exceptions"] = orjson.dumps(open_now).decode()
-        if not (
-            changes or created or new_payments or reverted_payments or roles_changed or resolved or session
-        ):
-            return False
-
-        now = self._now()
-        fully_paid = judged.payment_state in (PaymentState.EXACT, PaymentState.OVERPAID)
-        if (
-            new_status in (InvoiceStatus.PAID, InvoiceStatus.CONFIRMED)
-            and fully_paid
-            and row["paid_at"] is None
-        ):
-            changes["paid_at"] = now
-        if new_status == InvoiceStatus.CONFIRMED and row["confirmed_at"] is None:
-            changes["confirmed_at"] = now
-        if new_status in (InvoiceStatus.PENDING, InvoiceStatus.EXPIRED, InvoiceStatus.UNDERPAID):
-            changes["paid_at"] = None
-            changes["confirmed_at"] = None
-        if new_status == InvoiceStatus.PAID:
-            changes["confirmed_at"] = None
-        if new_payments:
-            changes["last_payment_observed_at"] = now
-        changes["version"] = row["version"] + 1
-        changes["updated_at"] = now
-        sets = ", ".join(f"{k} = ?" for k in changes)
-        self.db.execute(f"UPDATE invoices SET {sets} WHERE id = ?", [*changes.values(), invoice_id])
-
-        # What the events carry (the status view): the invoice as just written and its payments
-        # (with their new roles), not its options; built from the rows in hand, not read again.
-        invoice = invoice_view(
-            {**dict(row), **changes},
-            [],
-            [
-                payment_view(
-                    {**dict(p), "role": str(judged.roles.get(p["id"], p["role"]))},
-                    self._tips.get(p["network"]),
-                )
-                for p in payments
-            ],
-        )
-        by_id = {p["id"]: p for p in invoice["payments"]}
-        if created:
-            self.outbox.emit("invoice.created", invoice)
-        if session and new_status == InvoiceStatus.PENDING:
-            self.outbox.emit("invoice.session_refreshed", invoice)
-        for pid in new_payments:
-            self.outbox.emit("invoice.payment_detected", invoice, by_id.get(pid))
-        for pid in reverted_payments:
-            self.outbox.emit("invoice.payment_reverted", invoice, by_id.get(pid))
-        if "status" in changes or created:
-            event = {
-                InvoiceStatus.PAID: "invoice.paid",
-                InvoiceStatus.CONFIRMED: "invoice.confirmed",
-                InvoiceStatus.EXPIRED: "invoice.expired",
-                InvoiceStatus.UNDERPAID: "invoice.underpaid",
-                InvoiceStatus.CANCELLED: "invoice.cancelled",
-            }.get(InvoiceStatus(new_status))
-            # (A zero-amount invoice, confirmed at creation or at finalize, was never "paid".)
-            if (
-                event == "invoice.confirmed"
-                and old_status != InvoiceStatus.PAID
-                and fully_paid
-                and not (created or session)
-            ):
-                self.outbox.emit("invoice.paid", invoice)  # paid and confirmed in one step: say both
-            if event is not None:
-                self.outbox.emit(event, invoice)
-        if resolved:
-            self.outbox.emit("invoice.exception_resolved", invoice)
-        if newly_open:  # one event per change, even if two exceptions open in it
-            self.outbox.emit("invoice.exception_opened", invoice)
-        return True
+    def _rejudge_many(self, reasons: dict[str, Reasons]) -> Rejudged:
+        if not reasons:
+            return Rejudged()
+        return rejudge_many(self.db.conn, self.outbox, reasons, now=self._now(), tips=self._tips)
 
     # ------------------------------------------------------------------ operator actions
 
@@ -810,58 +718,80 @@ class Store:
         `confirmed_through` is the highest block whose payments count as confirmed; stored
         blocks at or below `keep_above` are forgotten (the follower's window: what it can
         walk back through after a reorg; BLOCK_WINDOW blocks when not given).
+
+        However many payments the range holds, each table is written by one statement and
+        each invoice judged once (recording.py, rejudge.py).
         """
         result = ApplyResult()
         tip = blocks[-1]
         now = self._now()
         with self._tip_restored_on_failure(network), self.db.atomic():
-            self.db.conn.executemany(
-                "INSERT OR REPLACE INTO chain_blocks(network, number, hash, parent_hash, timestamp) VALUES (?,?,?,?,?)",
-                [(network, b.number, b.hash, b.parent_hash, b.timestamp) for b in blocks],
-            )
-            forget_through = (
-                tip.number - BLOCK_WINDOW if keep_above is None else min(keep_above, tip.number - 1)
-            )
-            self.db.execute(
-                "DELETE FROM chain_blocks WHERE network = ? AND number <= ?", [network, forget_through]
-            )
-            self.db.execute(
-                "INSERT INTO cursors(network, block_number, block_hash, block_timestamp, updated_at) VALUES (?,?,?,?,?) "
-                "ON CONFLICT(network) DO UPDATE SET block_number = excluded.block_number, block_hash = excluded.block_hash, "
-                "block_timestamp = excluded.block_timestamp, updated_at = excluded.updated_at",
-                [network, tip.number, tip.hash, tip.timestamp, now],
-            )
-            self._tips[network] = tip.number
-
-            touched: dict[str, list[str]] = {}
-            for tx_hash, transfers in _by_transaction(matched).items():
-                for payment_id, invoice_id in self._record_transaction(network, tx_hash, transfers, now):
-                    touched.setdefault(invoice_id, []).append(payment_id)
-                    result.payments_added += 1
-
-            due = self._q(
-                "SELECT id, invoice_id FROM payments WHERE network = ? AND status = 'detected' AND block_number <= ?",
-                [network, confirmed_through],
-            )
-            if due:
-                self.db.conn.executemany(
-                    "UPDATE payments SET status = 'confirmed', confirmed_at = ? WHERE id = ?",
-                    [(now, r["id"]) for r in due],
-                )
-                result.payments_confirmed = len(due)
-            invoice_ids = (
-                set(touched)
-                | {r["invoice_id"] for r in due}
-                | self._expiry_candidates(network, tip.timestamp)
-            )
-            events_before = self.outbox.event_count()
-            for invoice_id in sorted(invoice_ids):
-                if self._rejudge(invoice_id, new_payments=touched.get(invoice_id, ())):
-                    result.invoices_changed += 1
-            result.events = self.outbox.event_count() - events_before
+            conn = self.db.conn
+            self._move_checkpoint(conn, network, blocks, keep_above, now)
+            plan = self._record(conn, network, matched, now)
+            confirmed = conn.execute(
+                "UPDATE payments SET status = 'confirmed', confirmed_at = ? "
+                "WHERE network = ? AND status = 'detected' AND block_number <= ? RETURNING invoice_id",
+                [now, network, confirmed_through],
+            ).fetchall()
+            result.payments_added = len(plan.recorded)
+            result.payments_confirmed = len(confirmed)
+            reasons: dict[str, Reasons] = {}
+            for payment_id, invoice_id in plan.recorded:
+                reasons.setdefault(invoice_id, Reasons()).new_payments.append(payment_id)
+            for r in confirmed:
+                reasons.setdefault(r["invoice_id"], Reasons())
+            for invoice_id in self._expiry_candidates(network, tip.timestamp):
+                reasons.setdefault(invoice_id, Reasons())
+            judged = self._rejudge_many(reasons)
+            result.invoices_changed = judged.changed
+            result.events = judged.events
+            result.payment_roles = [role for _, role in judged.detected]
         for listener in self.block_listeners:
-            listener(network)
+            self._notify(listener, network)
         return result
+
+    def _move_checkpoint(
+        self,
+        conn: sqlite3.Connection,
+        network: str,
+        blocks: Sequence[BlockRef],
+        keep_above: int | None,
+        now: str,
+    ) -> None:
+        tip = blocks[-1]
+        conn.executemany(
+            "INSERT INTO chain_blocks(network, number, hash, parent_hash, timestamp) VALUES (?,?,?,?,?) "
+            "ON CONFLICT(network, number) DO UPDATE SET hash = excluded.hash, parent_hash = excluded.parent_hash, "
+            "timestamp = excluded.timestamp",
+            [(network, b.number, b.hash, b.parent_hash, b.timestamp) for b in blocks],
+        )
+        forget_through = tip.number - BLOCK_WINDOW if keep_above is None else min(keep_above, tip.number - 1)
+        conn.execute("DELETE FROM chain_blocks WHERE network = ? AND number <= ?", [network, forget_through])
+        conn.execute(
+            "INSERT INTO cursors(network, block_number, block_hash, block_timestamp, updated_at) VALUES (?,?,?,?,?) "
+            "ON CONFLICT(network) DO UPDATE SET block_number = excluded.block_number, block_hash = excluded.block_hash, "
+            "block_timestamp = excluded.block_timestamp, updated_at = excluded.updated_at",
+            [network, tip.number, tip.hash, tip.timestamp, now],
+        )
+        self._tips[network] = tip.number
+
+    def _record(
+        self, conn: sqlite3.Connection, network: str, matched: Sequence[MatchedTransfer], now: str
+    ) -> recording.RecordingPlan:
+        """Record the step's transfers: new payments, revived ones (see recording.py)."""
+        if not matched:
+            return recording.RecordingPlan()
+        existing = recording.read_existing(
+            conn, network, list(dict.fromkeys(m.transfer.tx_hash for m in matched))
+        )
+        options = recording.read_options(conn, list(dict.fromkeys(m.option_id for m in matched)))
+        now_ms = int(self.clock() * 1000)
+        plan = recording.plan_recording(
+            network, matched, existing, options, now=now, new_payment_id=lambda: new_id("pay", now_ms)
+        )
+        recording.write_plan(conn, plan, search_text)
+        return plan
 
     def _expiry_candidates(self, network: str, chain_time: int) -> set[str]:
         return {
@@ -873,94 +803,6 @@ class Store:
             )
         }
 
-    def _record_transaction(
-        self, network: str, tx_hash: str, transfers: Sequence[MatchedTransfer], now: str
-    ) -> list[tuple[str, str]]:
-        """Record what one transaction paid us; returns (payment id, invoice id) of each payment
-        that is new or revived, in the transaction's order.
-
-        A payment is what it moves (see `_identity`), not where its log sits: a transaction
-        re-included after a reorg may land at another position and its logs get other
-        indexes. So a transfer at a key a live payment of this transaction holds is already
-        recorded; any other revives a reverted payment of the transaction that moved the same
-        thing (the k-th such transfer, in log order, the k-th such payment, by its old key),
-        taking its new block and log; what is left is a new payment. All transfers of a
-        transaction are in one block, hence in one call."""
-        rows = self._q(
-            "SELECT id, invoice_id, status, log_key, option_id, asset, from_address, to_address, amount_atomic "
-            "FROM payments WHERE network = ? AND tx_hash = ? ORDER BY log_key, id",
-            [network, tx_hash],
-        )
-        live_keys = {r["log_key"] for r in rows if r["status"] != PaymentStatus.REVERTED}
-        reverted: dict[tuple, list[sqlite3.Row]] = {}
-        for r in rows:
-            if r["status"] == PaymentStatus.REVERTED:
-                key = (r["option_id"], r["asset"], r["from_address"], r["to_address"], r["amount_atomic"])
-                reverted.setdefault(key, []).append(r)
-        options: dict[str, sqlite3.Row] = {}
-        recorded = []
-        for m in sorted(transfers, key=lambda m: m.transfer.unique_key):
-            t = m.transfer
-            if t.unique_key in live_keys:
-                continue
-            option = options.get(m.option_id)
-            if option is None:
-                option = self._q1(
-                    "SELECT invoice_id, asset, decimals FROM payment_options WHERE id = ?", [m.option_id]
-                )
-                if option is None:
-                    raise LookupError(f"no payment option {m.option_id!r}")
-                options[m.option_id] = option
-            same = reverted.get(_identity(m, option["asset"]))
-            if same:
-                recorded.append(self._revive_payment(same.pop(0), m, now))
-            else:
-                recorded.append(self._insert_payment(network, m, option, now))
-            live_keys.add(t.unique_key)
-        return recorded
-
-    def _revive_payment(self, row: sqlite3.Row, m: MatchedTransfer, now: str) -> tuple[str, str]:
-        """A reverted payment back on the canonical chain, where it now is."""
-        t = m.transfer
-        self.db.execute(
-            "UPDATE payments SET status = 'detected', block_number = ?, block_hash = ?, block_timestamp = ?, "
-            "log_index = ?, log_key = ?, confirmed_at = NULL, observed_at = ? WHERE id = ?",
-            [t.block_number, t.block_hash, m.block_timestamp, t.log_index, t.unique_key, now, row["id"]],
-        )
-        return row["id"], row["invoice_id"]
-
-    def _insert_payment(
-        self, network: str, m: MatchedTransfer, option: sqlite3.Row, now: str
-    ) -> tuple[str, str]:
-        t = m.transfer
-        payment_id = new_id("pay", int(self.clock() * 1000))
-        # Plain SQL: the hot path of a busy chain (sqlite-utils' insert looks the table up each time).
-        self.db.execute(
-            "INSERT INTO payments(id, network, tx_hash, log_index, log_key, invoice_id, option_id, asset, decimals, "
-            "block_number, block_hash, block_timestamp, from_address, to_address, amount_atomic, status, role, "
-            "observed_at, confirmed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?, 'detected', 'counted', ?, NULL)",
-            [
-                payment_id,
-                network,
-                t.tx_hash,
-                t.log_index,
-                t.unique_key,
-                option["invoice_id"],
-                m.option_id,
-                option["asset"],
-                option["decimals"],
-                t.block_number,
-                t.block_hash,
-                m.block_timestamp,
-                t.from_address,
-                t.to_address,
-                str(t.amount),
-                now,
-            ],
-        )
-        self._add_search_text(option["invoice_id"], [t.tx_hash, t.from_address])
-        return payment_id, option["invoice_id"]
-
     def revert_to(self, network: str, ancestor: BlockRef) -> list[str]:
         """Undo everything above `ancestor` after a reorg.
 
@@ -969,39 +811,37 @@ class Store:
         """
         floor = ancestor.number
         with self._tip_restored_on_failure(network), self.db.atomic():
-            orphaned = self._q(
-                "SELECT id, invoice_id FROM payments WHERE network = ? AND block_number > ? AND status != 'reverted'",
+            conn = self.db.conn
+            orphaned = conn.execute(
+                "UPDATE payments SET status = 'reverted', confirmed_at = NULL "
+                "WHERE network = ? AND block_number > ? AND status != 'reverted' RETURNING id, invoice_id",
                 [network, floor],
-            )
-            self.db.conn.executemany(
-                "UPDATE payments SET status = 'reverted', confirmed_at = NULL WHERE id = ?",
-                [(r["id"],) for r in orphaned],
-            )
-            self.db.execute("DELETE FROM chain_blocks WHERE network = ? AND number > ?", [network, floor])
-            self.db.execute(
-                "INSERT OR REPLACE INTO chain_blocks(network, number, hash, parent_hash, timestamp) VALUES (?,?,?,?,?)",
+            ).fetchall()
+            orphaned.sort(key=lambda r: r["id"])
+            conn.execute("DELETE FROM chain_blocks WHERE network = ? AND number > ?", [network, floor])
+            conn.execute(
+                "INSERT INTO chain_blocks(network, number, hash, parent_hash, timestamp) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(network, number) DO UPDATE SET hash = excluded.hash, "
+                "parent_hash = excluded.parent_hash, timestamp = excluded.timestamp",
                 [network, ancestor.number, ancestor.hash, ancestor.parent_hash, ancestor.timestamp],
             )
-            self.db.execute(
-                "UPDATE cursors SET block_number = ?, block_hash = ?, block_timestamp = ?, updated_at = ? WHERE network = ?",
+            conn.execute(
+                "UPDATE cursors SET block_number = ?, block_hash = ?, block_timestamp = ?, updated_at = ? "
+                "WHERE network = ?",
                 [ancestor.number, ancestor.hash, ancestor.timestamp, self._now(), network],
             )
             self._tips[network] = ancestor.number
-            by_invoice: dict[str, list[str]] = {}
+            reasons: dict[str, Reasons] = {}
             for r in orphaned:
-                by_invoice.setdefault(r["invoice_id"], []).append(r["id"])
-            for invoice_id, ids in sorted(by_invoice.items()):
-                self._rejudge(invoice_id, reverted_payments=ids)
+                reasons.setdefault(r["invoice_id"], Reasons()).reverted_payments.append(r["id"])
+            self._rejudge_many(reasons)
             return [r["id"] for r in orphaned]
 
     def expire_due(self) -> int:
         """Judge again the open invoices whose deadline has passed in their chains' time."""
-        changed = 0
         with self.db.atomic():
             rows = self._q(
                 "SELECT i.id FROM invoices i WHERE i.status = 'pending' AND i.payable_until IS NOT NULL "
                 "AND i.payable_until < (SELECT COALESCE(MAX(block_timestamp), 0) FROM cursors)"
             )
-            for r in rows:
-                changed += self._rejudge(r["id"])
-        return changed
+            return self._rejudge_many({r["id"]: Reasons() for r in rows}).changed

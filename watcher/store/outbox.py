@@ -52,18 +52,52 @@ class Endpoint:
         return "*" in self.events or event_type in self.events
 
 
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to append: `status` is the invoice's status view, already rendered (an invoice
+    with several events in one change renders it once); `payment` the payment it is about."""
+
+    type: str
+    invoice_id: str
+    status: bytes
+    payment: dict | None = None
+
+
+def event_body(event_id: str, event_type: str, created_at: str, status: bytes, payment: dict | None) -> bytes:
+    """The event's JSON, byte for byte what `orjson.dumps` gives for
+    {"id", "type", "created_at", "data": {"invoice", "payment"}}, around a status rendered once."""
+    return b"".join(
+        (
+            b'{"id":', orjson.dumps(event_id), b',"type":', orjson.dumps(event_type),
+            b',"created_at":', orjson.dumps(created_at), b',"data":{"invoice":', status,
+            b',"payment":', orjson.dumps(payment), b"}}",
+        )
+    )  # fmt: skip
+
+
 class Outbox:
-    def __init__(self, db: Database, clock: Callable[[], float]) -> None:
-        self.db = db
+    def __init__(
+        self,
+        connection: Callable[[], Database],
+        clock: Callable[[], float],
+        notify: Callable[..., None] | None = None,
+    ) -> None:
+        """`connection()` is the calling thread's connection to the store (see Store.db), so
+        events are written inside the transaction of the change they report. `notify(fn,
+        *args)` calls a listener: at once on the loop, after the commit on the store's writer."""
+        self._connection = connection
+        self._notify = notify or (lambda fn, *args: fn(*args))
         self.clock = clock
         self.endpoints: tuple[Endpoint, ...] = ()
         # Called when a delivery is queued, so the dispatcher wakes at once instead of polling.
         self.on_delivery_queued: Callable[[], None] | None = None
-        # (network, role) of each payment reported since the last take_reported_payments().
-        self._reported_payments: list[tuple[str, str]] = []
-        # Told the invoice id of each event as it is appended (inside its transaction): the
-        # payment page's live feed reads the invoice once that transaction is over.
+        # Told the invoice id of each invoice with new events (once per change): the payment
+        # page's live feed reads the invoice once that change has committed.
         self.event_listeners: list[Callable[[str], None]] = []
+
+    @property
+    def db(self) -> Database:
+        return self._connection()
 
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
         self.endpoints = tuple(endpoints)
@@ -78,50 +112,52 @@ class Outbox:
         return self._q1("SELECT COALESCE(MAX(seq), 0) AS n FROM events")["n"]
 
     def emit(self, event_type: str, invoice: dict, payment: dict | None = None) -> None:
-        """Append an event and a delivery per subscribed endpoint; call inside the change's transaction."""
-        now_s = self.clock()
-        event_id = new_id("evt", int(now_s * 1000))
-        created_at = rfc3339(now_s)
-        body = orjson.dumps(
-            {
-                "id": event_id,
-                "type": event_type,
-                "created_at": created_at,
-                "data": {"invoice": status_view(invoice), "payment": payment},
-            }
-        )
-        self.db.execute(
-            "INSERT INTO events(id, type, invoice_id, created_at, body) VALUES (?,?,?,?,?)",
-            [event_id, event_type, invoice["id"], created_at, body],
-        )
-        for listener in self.event_listeners:
-            listener(invoice["id"])
-        if event_type == "invoice.payment_detected" and payment is not None:
-            self._reported_payments.append((payment["network"], payment["role"]))
-        for endpoint in self.endpoints:
-            if endpoint.wants(event_type):
-                self.db.execute(
-                    "INSERT INTO deliveries(id, event_id, event_type, invoice_id, url, status, attempts, next_attempt_at, created_at) "
-                    "VALUES (?,?,?,?,?, 'pending', 0, ?, ?)",
-                    [
-                        new_id("dlv", int(now_s * 1000)),
-                        event_id,
-                        event_type,
-                        invoice["id"],
-                        endpoint.url,
-                        now_s,
-                        created_at,
-                    ],
-                )
-                if self.on_delivery_queued is not None:
-                    self.on_delivery_queued()
+        """Append one event and a delivery per subscribed endpoint; call inside the change's transaction."""
+        self.append([NewEvent(event_type, invoice["id"], orjson.dumps(status_view(invoice)), payment)])
 
-    def take_reported_payments(self) -> list[tuple[str, str]]:
-        """(network, role) of the payments reported by `invoice.payment_detected` since the
-        last call, and forget them. Called right after a committed change (for the metrics);
-        called before one, it drops what a rolled-back transaction had reported."""
-        taken, self._reported_payments = self._reported_payments, []
-        return taken
+    def append(self, events: Sequence[NewEvent]) -> None:
+        """Append events, in order, and a delivery for each endpoint that wants each: one
+        statement per table, inside the caller's transaction."""
+        if not events:
+            return
+        now_s = self.clock()
+        now_ms = int(now_s * 1000)
+        created_at = rfc3339(now_s)
+        assert created_at is not None
+        event_rows = []
+        delivery_rows = []
+        for e in events:
+            event_id = new_id("evt", now_ms)
+            body = event_body(event_id, e.type, created_at, e.status, e.payment)
+            event_rows.append((event_id, e.type, e.invoice_id, created_at, body))
+            for endpoint in self.endpoints:
+                if endpoint.wants(e.type):
+                    delivery_rows.append(
+                        (
+                            new_id("dlv", now_ms),
+                            event_id,
+                            e.type,
+                            e.invoice_id,
+                            endpoint.url,
+                            now_s,
+                            created_at,
+                        )
+                    )
+        conn = self.db.conn
+        conn.executemany(
+            "INSERT INTO events(id, type, invoice_id, created_at, body) VALUES (?,?,?,?,?)", event_rows
+        )
+        if delivery_rows:
+            conn.executemany(
+                "INSERT INTO deliveries(id, event_id, event_type, invoice_id, url, status, attempts, "
+                "next_attempt_at, created_at) VALUES (?,?,?,?,?, 'pending', 0, ?, ?)",
+                delivery_rows,
+            )
+        for invoice_id in dict.fromkeys(e.invoice_id for e in events):
+            for listener in self.event_listeners:
+                self._notify(listener, invoice_id)
+        if delivery_rows and self.on_delivery_queued is not None:
+            self._notify(self.on_delivery_queued)
 
     def event_marks(self, invoice_id: str, since: int | None = None) -> tuple[int, list[str]]:
         """(sequence number of the invoice's latest event, or 0; the types of its events after

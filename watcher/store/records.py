@@ -67,6 +67,7 @@ class ApplyResult:
     payments_confirmed: int = 0
     invoices_changed: int = 0
     events: int = 0
+    payment_roles: list[str] = field(default_factory=list)  # role of each payment reported as detected
 
 
 class IdempotencyConflict(Exception):

@@ -1,0 +1,200 @@
+"""The store's recording path alone: payments/s through `Store.apply_blocks`.
+
+    python -m bench store [--payments N] [--step K] [--endpoints E]
+
+A store holds N open invoices (one address option each), and N transfers, one per invoice for
+exactly its amount, arrive in steps of K payments (one block per step, confirmed in the same
+step as a catch-up far below the head confirms them): each step records the payments, judges
+their invoices, queues their events (payment_detected, paid, confirmed) and a delivery per
+event per endpoint, and commits with `synchronous=FULL`.
+
+The baseline, in the same run and on the same disk: the same rows (payments, invoice updates,
+event bodies of the same size, deliveries) written by bare `executemany` into the same schema,
+one transaction per step. It is the floor any Python store built on sqlite3 stands on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from decimal import Decimal
+from pathlib import Path
+
+from bench.measure import peak_rss_mb
+from watcher.domain import BlockRef, Transfer
+from watcher.store import Endpoint, MatchedTransfer, NewInvoice, OptionSpec, Store
+
+NET = "benchnet"
+TOKEN = "0x" + "aa" * 20
+AMOUNT = 25_000_000  # 25.00 of a 6-decimals token
+
+
+def _block(n: int) -> BlockRef:
+    return BlockRef(n, f"0x{n:064x}", f"0x{n - 1:064x}", 1_700_000_000 + n)
+
+
+def _new_invoice() -> NewInvoice:
+    spec = OptionSpec(
+        rail="address", network=NET, chain_id=1, asset="USDT", token_contract=TOKEN, decimals=6,
+        quoted_amount="25", quote_rate="1", amount_atomic=AMOUNT, required_confirmations=1, xpub="xpub-bench",
+    )  # fmt: skip
+    return NewInvoice(
+        amount=Decimal("25"),
+        currency="USD",
+        fields={"product_name": "bench"},
+        metadata={"order": "x" * 40},
+        tolerance_percent=Decimal(0),
+        payment_timing={"mode": "immediate", "expires_after_minutes": 20, "payable_until": 4_000_000_000},
+        payable_until=4_000_000_000,
+        draft=False,
+        request={},
+        options=[spec],
+    )
+
+
+def prepare(path: Path, invoices: int, endpoints: int) -> tuple[Store, list[tuple[str, str]]]:
+    """A store with `invoices` open invoices; returns it and (option id, address) of each."""
+    store = Store(path, clock=time.time)
+    store.outbox.set_endpoints(
+        Endpoint(f"http://127.0.0.1:{9000 + i}/hook", ("*",)) for i in range(endpoints)
+    )
+    options = []
+    new = _new_invoice()
+    for start in range(0, invoices, 1000):
+        with store.db.atomic():
+            for _ in range(min(1000, invoices - start)):
+                invoice, _ = store.create_invoice(
+                    new,
+                    derive=lambda xpub, i: f"0x{i + 1:040x}",
+                    finish=lambda s, d, i, o: (f"uri:{d}", None),
+                )
+                [option] = invoice["payment_options"]
+                options.append((option["id"], option["destination_address"].lower()))
+    # The creation events are not what is measured: start with an empty outbox.
+    store.db.execute("DELETE FROM deliveries")
+    store.db.execute("DELETE FROM events")
+    return store, options
+
+
+def steps(
+    options: list[tuple[str, str]], step: int, first_block: int
+) -> list[tuple[BlockRef, list[MatchedTransfer]]]:
+    out = []
+    for k, start in enumerate(range(0, len(options), step)):
+        b = _block(first_block + k)
+        matched = [
+            MatchedTransfer(
+                Transfer(
+                    f"0x{start + i:064x}", 0, b.number, b.hash, TOKEN, "0x" + "bb" * 20, address, AMOUNT
+                ),
+                option_id,
+                b.timestamp,
+            )
+            for i, (option_id, address) in enumerate(options[start : start + step])
+        ]
+        out.append((b, matched))
+    return out
+
+
+def run_store(store: Store, work: list[tuple[BlockRef, list[MatchedTransfer]]]) -> dict:
+    payments = events = 0
+    started = time.perf_counter()
+    longest = 0.0
+    for b, matched in work:
+        t0 = time.perf_counter()
+        result = store.apply_blocks(NET, [b], matched, confirmed_through=b.number, keep_above=b.number - 256)
+        longest = max(longest, time.perf_counter() - t0)
+        payments += result.payments_added
+        events += result.events
+    wall = time.perf_counter() - started
+    return {"wall_s": wall, "payments": payments, "events": events, "longest_step_s": longest}
+
+
+def run_floor(store: Store, work: list[tuple[BlockRef, list[MatchedTransfer]]], endpoints: int) -> dict:
+    """The same rows by bare executemany: what sqlite3 itself costs."""
+    conn = store.db.conn
+    body = os.urandom(700).hex().encode()  # an event body's size (about 1.4 KB)
+    invoice_of = dict(conn.execute("SELECT id, invoice_id FROM payment_options").fetchall())
+    started = time.perf_counter()
+    n = 0
+    for b, matched in work:
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO payments(id, network, tx_hash, log_index, log_key, invoice_id, option_id, asset, decimals, "
+            "block_number, block_hash, block_timestamp, from_address, to_address, amount_atomic, status, role, "
+            "observed_at, confirmed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?, 'confirmed', 'counted', ?, ?)",
+            [
+                (f"floor{n + i}", NET, m.transfer.tx_hash + "f", 0, "k", invoice_of[m.option_id], m.option_id, "USDT", 6, b.number,
+                 b.hash, b.timestamp, m.transfer.from_address, m.transfer.to_address, str(AMOUNT), "now", "now")
+                for i, m in enumerate(matched)
+            ],
+        )  # fmt: skip
+        conn.executemany(
+            "UPDATE invoices SET status = 'confirmed', payment_summary = ?, version = version + 1 WHERE id = ?",
+            [("{}", invoice_of[m.option_id]) for m in matched],
+        )
+        events = [
+            (f"fevt{n}-{i}-{k}", "invoice.x", invoice_of[m.option_id], "now", body)
+            for i, m in enumerate(matched)
+            for k in range(3)
+        ]
+        conn.executemany(
+            "INSERT INTO events(id, type, invoice_id, created_at, body) VALUES (?,?,?,?,?)", events
+        )
+        conn.executemany(
+            "INSERT INTO deliveries(id, event_id, event_type, invoice_id, url, status, attempts, next_attempt_at, "
+            "created_at) VALUES (?,?,?,?,?, 'pending', 0, 0, 'now')",
+            [
+                (f"fdlv{e[0]}-{j}", e[0], "invoice.x", e[2], f"http://h{j}")
+                for e in events
+                for j in range(endpoints)
+            ],
+        )
+        conn.execute("COMMIT")
+        n += len(matched)
+    return {"wall_s": time.perf_counter() - started, "payments": n}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench store")
+    parser.add_argument("--payments", type=int, default=20_000)
+    parser.add_argument("--step", type=int, default=5_000)
+    parser.add_argument("--endpoints", type=int, default=1)
+    parser.add_argument(
+        "--profile-html", help="write a pyinstrument profile of the store run to this HTML file"
+    )
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
+        t0 = time.perf_counter()
+        store, options = prepare(Path(tmp) / "w.db", args.payments, args.endpoints)
+        print(
+            f"== store: {args.payments:,} invoices made in {time.perf_counter() - t0:.1f} s; steps of {args.step:,}"
+        )
+        work = steps(options, args.step, 100)
+        if args.profile_html:
+            from pyinstrument import Profiler
+
+            with Profiler() as profiler:
+                result = run_store(store, work)
+            Path(args.profile_html).write_text(profiler.output_html())
+            print(profiler.output_text(unicode=False, color=False, show_all=False)[:6000])
+        else:
+            result = run_store(store, work)
+        floor = run_floor(store, steps(options, args.step, 10_000), args.endpoints)
+        store.close()
+    rate = result["payments"] / result["wall_s"]
+    floor_rate = floor["payments"] / floor["wall_s"]
+    print(
+        f"watcher: {result['payments']:,} payments, {result['events']:,} events in {result['wall_s']:.2f} s: "
+        f"{rate:,.0f} payments/s; longest step {result['longest_step_s'] * 1000:.0f} ms; peak RSS {peak_rss_mb():.0f} MB"
+    )
+    print(
+        f"floor (bare executemany, same rows, same run): {floor_rate:,.0f} payments/s; watcher/floor {rate / floor_rate:.2f}"
+    )
+    print(f"goal: >= 10,000 payments/s: {'met' if rate >= 10_000 else 'not met'}")
+
+
+if __name__ == "__main__":
+    main()

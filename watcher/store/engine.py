@@ -1,0 +1,81 @@
+"""What is particular to SQLite, kept in one place so the store's SQL can run on PostgreSQL next.
+
+The rest of the store writes SQL both engines read the same way: `INSERT … ON CONFLICT … DO
+UPDATE`, `UPDATE … RETURNING`, partial indexes, and one statement per table per change with
+`executemany`. What differs lives here:
+
+- opening a connection and its durability settings (WAL, `synchronous=FULL`, foreign keys,
+  a busy timeout): on PostgreSQL, a pool and `synchronous_commit = on`;
+- a list of keys as one parameter (`in_keys`): SQLite reads a JSON array with `json_each`;
+  PostgreSQL would take `column = ANY(%s)` with a list;
+- placeholders are sqlite3's `?` (psycopg's are `%s`: the PostgreSQL module translates).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Generator, Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+import orjson
+from sqlite_utils import Database
+
+MEMORY = ":memory:"
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit) with the store's settings:
+    every commit is durable before it returns (`synchronous=FULL` in WAL mode), and a writer
+    waits up to 5 s for another connection's transaction instead of failing at once.
+
+    Each thread uses a connection of its own (Store.db); only closing may happen on another
+    thread, when the store closes, hence `check_same_thread=False`."""
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+class StoreDatabase(Database):
+    """sqlite-utils' Database whose transactions take the write lock when they begin.
+
+    Two connections write (the loop's and the store's writer thread's). A transaction that
+    begins as a reader and writes later fails at once with "database is locked" when the other
+    connection committed in between (WAL cannot upgrade a stale snapshot), whatever the busy
+    timeout; `BEGIN IMMEDIATE` waits for the lock up front instead. (PostgreSQL: row locks.)"""
+
+    @contextmanager
+    def atomic(self) -> Generator[Database, None, None]:
+        if self.conn.in_transaction:  # nested: sqlite-utils' savepoint
+            with super().atomic() as db:
+                yield db
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self
+        except BaseException:
+            self.rollback()
+            raise
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.rollback()
+            raise
+
+
+def open_database(path: str | Path) -> StoreDatabase:
+    return StoreDatabase(connect(path))
+
+
+def in_keys(column: str) -> str:
+    """`column` is one of the keys given as one parameter by `keys_param`: one statement for a
+    whole step's keys, however many (no limit on bound variables, no temporary table)."""
+    return f"{column} IN (SELECT value FROM json_each(?))"
+
+
+def keys_param(keys: Iterable[str]) -> str:
+    return orjson.dumps(list(keys)).decode()

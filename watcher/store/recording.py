@@ -1,0 +1,148 @@
+"""Recording what a step of the chain paid us: every transfer of the step in one read of the
+payments it may already be, one read of its options, and one write per kind of change.
+
+A payment is what it moves (`identity`), not where its log sits: a transaction re-included
+after a reorg may land at another position and its logs get other indexes. So a transfer at a
+key a live payment of its transaction holds is already recorded; any other revives a reverted
+payment of the transaction that moved the same thing (the k-th such transfer, in log order,
+the k-th such payment, by its old key), taking its new block and log; what is left is a new
+payment. All transfers of a transaction are in one block, hence in one step.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ..domain import PaymentStatus
+from . import engine
+from .records import MatchedTransfer
+
+
+def identity(m: MatchedTransfer, asset: str) -> tuple:
+    """What a payment moves, which survives its transaction's re-inclusion elsewhere: the
+    option it pays (hence the asset and token), the asset, payer, recipient and amount, as
+    the payments table stores them."""
+    t = m.transfer
+    return (m.option_id, asset, t.from_address, t.to_address, str(t.amount))
+
+
+@dataclass
+class RecordingPlan:
+    """What to write for a step's transfers; `recorded` is (payment id, invoice id) of each new
+    or revived payment, transactions in the order they were found, logs in log order."""
+
+    inserts: list[tuple] = field(default_factory=list)
+    revives: list[tuple] = field(default_factory=list)
+    search_text: dict[str, list[str]] = field(default_factory=dict)  # invoice id -> hashes and payers
+    recorded: list[tuple[str, str]] = field(default_factory=list)
+
+
+def plan_recording(
+    network: str,
+    matched: Sequence[MatchedTransfer],
+    existing: Mapping[str, Sequence[Mapping]],
+    options: Mapping[str, Mapping],
+    *,
+    now: str,
+    new_payment_id: Callable[[], str],
+) -> RecordingPlan:
+    """Pure: the rows to insert and revive. `existing` holds the stored payments of each of the
+    step's transactions (ordered by log key, then id); `options` each matched option's
+    `invoice_id`, `asset` and `decimals`."""
+    plan = RecordingPlan()
+    by_tx: dict[str, list[MatchedTransfer]] = {}
+    for m in matched:
+        by_tx.setdefault(m.transfer.tx_hash, []).append(m)
+    for tx_hash, transfers in by_tx.items():
+        rows = existing.get(tx_hash, ())
+        live_keys = {r["log_key"] for r in rows if r["status"] != PaymentStatus.REVERTED}
+        reverted: dict[tuple, list[Mapping]] = {}
+        for r in rows:
+            if r["status"] == PaymentStatus.REVERTED:
+                key = (r["option_id"], r["asset"], r["from_address"], r["to_address"], r["amount_atomic"])
+                reverted.setdefault(key, []).append(r)
+        for m in sorted(transfers, key=lambda m: m.transfer.unique_key):
+            t = m.transfer
+            if t.unique_key in live_keys:
+                continue
+            option = options.get(m.option_id)
+            if option is None:
+                raise LookupError(f"no payment option {m.option_id!r}")
+            same = reverted.get(identity(m, option["asset"]))
+            if same:
+                row = same.pop(0)
+                plan.revives.append(
+                    (
+                        t.block_number,
+                        t.block_hash,
+                        m.block_timestamp,
+                        t.log_index,
+                        t.unique_key,
+                        now,
+                        row["id"],
+                    )
+                )
+                plan.recorded.append((row["id"], row["invoice_id"]))
+            else:
+                payment_id = new_payment_id()
+                invoice_id = option["invoice_id"]
+                plan.inserts.append(
+                    (payment_id, network, t.tx_hash, t.log_index, t.unique_key, invoice_id, m.option_id,
+                     option["asset"], option["decimals"], t.block_number, t.block_hash, m.block_timestamp,
+                     t.from_address, t.to_address, str(t.amount), now)
+                )  # fmt: skip
+                plan.search_text.setdefault(invoice_id, []).extend((t.tx_hash, t.from_address))
+                plan.recorded.append((payment_id, invoice_id))
+            live_keys.add(t.unique_key)
+    return plan
+
+
+INSERT_PAYMENT = (
+    "INSERT INTO payments(id, network, tx_hash, log_index, log_key, invoice_id, option_id, asset, decimals, "
+    "block_number, block_hash, block_timestamp, from_address, to_address, amount_atomic, status, role, "
+    "observed_at, confirmed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?, 'detected', 'counted', ?, NULL)"
+)
+REVIVE_PAYMENT = (
+    "UPDATE payments SET status = 'detected', block_number = ?, block_hash = ?, block_timestamp = ?, "
+    "log_index = ?, log_key = ?, confirmed_at = NULL, observed_at = ? WHERE id = ?"
+)
+
+
+def read_existing(
+    conn: sqlite3.Connection, network: str, tx_hashes: Sequence[str]
+) -> dict[str, list[sqlite3.Row]]:
+    """The stored payments of these transactions on `network`, by transaction, in log-key order."""
+    out: dict[str, list[sqlite3.Row]] = {}
+    rows = conn.execute(
+        "SELECT id, invoice_id, status, log_key, option_id, asset, from_address, to_address, amount_atomic, "
+        f"tx_hash FROM payments WHERE network = ? AND {engine.in_keys('tx_hash')} ORDER BY tx_hash, log_key, id",
+        [network, engine.keys_param(tx_hashes)],
+    )
+    for r in rows:
+        out.setdefault(r["tx_hash"], []).append(r)
+    return out
+
+
+def read_options(conn: sqlite3.Connection, option_ids: Sequence[str]) -> dict[str, sqlite3.Row]:
+    rows = conn.execute(
+        f"SELECT id, invoice_id, asset, decimals FROM payment_options WHERE {engine.in_keys('id')}",
+        [engine.keys_param(option_ids)],
+    )
+    return {r["id"]: r for r in rows}
+
+
+def write_plan(
+    conn: sqlite3.Connection, plan: RecordingPlan, search_text: Callable[[list[str]], str]
+) -> None:
+    """One statement per kind of change, inside the caller's transaction."""
+    if plan.inserts:
+        conn.executemany(INSERT_PAYMENT, plan.inserts)
+    if plan.revives:
+        conn.executemany(REVIVE_PAYMENT, plan.revives)
+    if plan.search_text:
+        conn.executemany(
+            "UPDATE invoices SET search_text = search_text || ? WHERE id = ?",
+            [(search_text(values), invoice_id) for invoice_id, values in plan.search_text.items()],
+        )

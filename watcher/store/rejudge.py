@@ -1,0 +1,302 @@
+"""Judging invoices again after a change, many at once.
+
+A follower step can touch thousands of invoices. Each is judged from scratch from all of its
+payments (`domain.judge`, pure), but what it reads comes in one query per table for the whole
+set, what changed is written with one `executemany` per table, and the status each event
+carries is rendered once per invoice and shared by all of that invoice's events.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from ..domain import (
+    ExceptionType,
+    InvoiceFacts,
+    InvoiceStatus,
+    Judgement,
+    PaymentFacts,
+    PaymentState,
+    PaymentStatus,
+    Resolution,
+    ResolutionAction,
+    judge,
+)
+from . import engine
+from .outbox import NewEvent, Outbox
+from .views import invoice_view, payment_view, status_view
+
+
+@dataclass
+class Reasons:
+    """Why an invoice is judged again, beyond what judging finds changed: each is reported.
+
+    `session`: a payment session has just started (finalize, checkout-session): a draft is
+    judged as finalized, the version grows even if nothing else changed, and the invoice, if
+    it is open for payment, reports `invoice.session_refreshed`."""
+
+    created: bool = False
+    new_payments: list[str] = field(default_factory=list)
+    reverted_payments: list[str] = field(default_factory=list)
+    resolved: bool = False
+    session: bool = False
+
+    def any(self) -> bool:
+        return bool(
+            self.created or self.new_payments or self.reverted_payments or self.resolved or self.session
+        )
+
+
+# The columns judging writes, all of them at every change: one UPDATE statement for any set.
+JUDGED_COLUMNS = (
+    "status", "payment_summary", "exception", "exception_type", "exception_status", "open_exceptions",
+    "paid_at", "confirmed_at", "last_payment_observed_at", "version", "updated_at",
+)  # fmt: skip
+UPDATE_JUDGED = f"UPDATE invoices SET {', '.join(f'{c} = ?' for c in JUDGED_COLUMNS)} WHERE id = ?"
+
+STATUS_EVENTS = {
+    InvoiceStatus.PAID: "invoice.paid",
+    InvoiceStatus.CONFIRMED: "invoice.confirmed",
+    InvoiceStatus.EXPIRED: "invoice.expired",
+    InvoiceStatus.UNDERPAID: "invoice.underpaid",
+    InvoiceStatus.CANCELLED: "invoice.cancelled",
+}
+
+
+@dataclass
+class Outcome:
+    """What re-judging one invoice changes: its new judged columns, its payments' new roles and
+    its events (type, payment id or None), in the order they are reported."""
+
+    values: dict[str, Any]
+    roles: list[tuple[str, str]]
+    events: list[tuple[str, str | None]]
+    payment_roles: dict[str, str]
+
+
+@dataclass
+class Batch:
+    """What was read for a set of invoices."""
+
+    invoices: dict[str, sqlite3.Row]
+    payments: dict[str, list[sqlite3.Row]]
+    networks: dict[str, set[str]]
+    chain_times: dict[str, int]
+
+
+def read_batch(conn: sqlite3.Connection, invoice_ids: Sequence[str]) -> Batch:
+    keys = engine.keys_param(invoice_ids)
+    invoices = {
+        r["id"]: r for r in conn.execute(f"SELECT * FROM invoices WHERE {engine.in_keys('id')}", [keys])
+    }
+    payments: dict[str, list[sqlite3.Row]] = {i: [] for i in invoice_ids}
+    for p in conn.execute(
+        "SELECT p.*, o.amount_atomic AS option_amount FROM payments p JOIN payment_options o ON o.id = p.option_id "
+        f"WHERE {engine.in_keys('p.invoice_id')} "
+        "ORDER BY p.invoice_id, p.block_timestamp, p.network, p.block_number, p.log_key, p.id",
+        [keys],
+    ):
+        payments[p["invoice_id"]].append(p)
+    networks: dict[str, set[str]] = {i: set() for i in invoice_ids}
+    for r in conn.execute(
+        f"SELECT DISTINCT invoice_id, network FROM payment_options WHERE {engine.in_keys('invoice_id')}",
+        [keys],
+    ):
+        networks[r["invoice_id"]].add(r["network"])
+    chain_times = {
+        r["network"]: r["block_timestamp"]
+        for r in conn.execute("SELECT network, block_timestamp FROM cursors")
+    }
+    return Batch(invoices, payments, networks, chain_times)
+
+
+def chain_time(networks: set[str], chain_times: Mapping[str, int]) -> int | None:
+    """The invoice's clock: the earliest of its chains' processed-block times, so a lagging
+    chain never lets an invoice expire while a payment on it may still be on time; None while
+    one of them has processed nothing."""
+    if not networks or any(n not in chain_times for n in networks):
+        return None
+    return min(chain_times[n] for n in networks)
+
+
+def judge_row(row: Mapping, payments: Sequence[Mapping], clock: int | None, session: bool) -> Judgement:
+    resolutions = tuple(
+        Resolution(
+            ExceptionType(r["exception_type"]), ResolutionAction(r["action"]), r["note"], r["resolved_at"],
+            frozenset(r["payment_ids"]),
+        )
+        for r in orjson.loads(row["resolutions"])
+    )  # fmt: skip
+    facts = InvoiceFacts(
+        amount=Decimal(row["amount"]),
+        tolerance_percent=Decimal(row["tolerance_percent"]),
+        payable_until=row["payable_until"],
+        draft=row["status"] == InvoiceStatus.DRAFT and not session,
+        cancelled=row["cancelled_at"] is not None,
+        resolutions=resolutions,
+    )
+    return judge(
+        facts,
+        [
+            PaymentFacts(
+                p["id"], int(p["amount_atomic"]), int(p["option_amount"]), p["block_timestamp"],
+                PaymentStatus(p["status"]), (p["block_timestamp"], p["network"], p["block_number"], p["log_key"]),
+            )
+            for p in payments
+        ],
+        chain_time=clock,
+    )  # fmt: skip
+
+
+def _judged_changes(row: Mapping, judged: Judgement) -> tuple[dict[str, Any], list[str]]:
+    """The judged columns that differ from the row; and the exceptions open now."""
+    summary = orjson.dumps(judged.summary()).decode()
+    exception = orjson.dumps(judged.exception.as_dict()).decode() if judged.exception else None
+    changes: dict[str, Any] = {}
+    if str(judged.status) != row["status"]:
+        changes["status"] = str(judged.status)
+    if summary != row["payment_summary"]:
+        changes["payment_summary"] = summary
+    if exception != row["exception"]:
+        changes["exception"] = exception
+        changes["exception_type"] = judged.exception.type.value if judged.exception else None
+        changes["exception_status"] = judged.exception.status if judged.exception else None
+    open_now = [str(t) for t in judged.open_exceptions]
+    if open_now != orjson.loads(row["open_exceptions"]):
+        changes["open_exceptions"] = orjson.dumps(open_now).decode()
+    return changes, open_now
+
+
+def _timestamps(row: Mapping, judged: Judgement, reasons: Reasons, now: str) -> dict[str, Any]:
+    """paid_at, confirmed_at and last_payment_observed_at as the new status has them."""
+    status = judged.status
+    fully_paid = judged.payment_state in (PaymentState.EXACT, PaymentState.OVERPAID)
+    out: dict[str, Any] = {}
+    if status in (InvoiceStatus.PAID, InvoiceStatus.CONFIRMED) and fully_paid and row["paid_at"] is None:
+        out["paid_at"] = now
+    if status == InvoiceStatus.CONFIRMED and row["confirmed_at"] is None:
+        out["confirmed_at"] = now
+    if status in (InvoiceStatus.PENDING, InvoiceStatus.EXPIRED, InvoiceStatus.UNDERPAID):
+        out["paid_at"] = None
+        out["confirmed_at"] = None
+    if status == InvoiceStatus.PAID:
+        out["confirmed_at"] = None
+    if reasons.new_payments:
+        out["last_payment_observed_at"] = now
+    return out
+
+
+def _events(
+    row: Mapping, judged: Judgement, reasons: Reasons, status_changed: bool, newly_open: bool
+) -> list:
+    """The events of one change, in the order they are reported."""
+    events: list[tuple[str, str | None]] = []
+    if reasons.created:
+        events.append(("invoice.created", None))
+    if reasons.session and judged.status == InvoiceStatus.PENDING:
+        events.append(("invoice.session_refreshed", None))
+    events += [("invoice.payment_detected", pid) for pid in reasons.new_payments]
+    events += [("invoice.payment_reverted", pid) for pid in reasons.reverted_payments]
+    if status_changed or reasons.created:
+        event = STATUS_EVENTS.get(judged.status)
+        fully_paid = judged.payment_state in (PaymentState.EXACT, PaymentState.OVERPAID)
+        # (A zero-amount invoice, confirmed at creation or at finalize, was never "paid".)
+        if (
+            event == "invoice.confirmed"
+            and row["status"] != InvoiceStatus.PAID
+            and fully_paid
+            and not (reasons.created or reasons.session)
+        ):
+            events.append(("invoice.paid", None))  # paid and confirmed in one step: say both
+        if event is not None:
+            events.append((event, None))
+    if reasons.resolved:
+        events.append(("invoice.exception_resolved", None))
+    if newly_open:  # one event per change, even if two exceptions open in it
+        events.append(("invoice.exception_opened", None))
+    return events
+
+
+def rejudge_one(
+    row: Mapping, payments: Sequence[Mapping], clock: int | None, reasons: Reasons, now: str
+) -> Outcome | None:
+    """Pure: what judging the invoice again changes; None when nothing does."""
+    judged = judge_row(row, payments, clock, reasons.session)
+    changes, open_now = _judged_changes(row, judged)
+    roles = [
+        (str(judged.roles[p["id"]]), p["id"])
+        for p in payments
+        if p["id"] in judged.roles and judged.roles[p["id"]] != p["role"]
+    ]
+    if not (changes or roles or reasons.any()):
+        return None
+    newly_open = any(t not in orjson.loads(row["open_exceptions"]) for t in open_now)
+    events = _events(row, judged, reasons, "status" in changes, newly_open)
+    changes.update(_timestamps(row, judged, reasons, now))
+    changes["version"] = row["version"] + 1
+    changes["updated_at"] = now
+    values = {c: changes.get(c, row[c]) for c in JUDGED_COLUMNS}
+    payment_roles = {p["id"]: str(judged.roles.get(p["id"], p["role"])) for p in payments}
+    return Outcome(values, roles, events, payment_roles)
+
+
+@dataclass
+class Rejudged:
+    changed: int = 0  # invoices that changed
+    events: int = 0
+    detected: list[tuple[str, str]] = field(default_factory=list)  # (network, role) of each payment reported
+
+
+def rejudge_many(
+    conn: sqlite3.Connection,
+    outbox: Outbox,
+    reasons: Mapping[str, Reasons],
+    *,
+    now: str,
+    tips: Mapping[str, int],
+) -> Rejudged:
+    """Judge each invoice again, write what changed and queue its events, inside the caller's
+    transaction: three reads and at most four statements (roles, invoices, events, deliveries)
+    however many invoices. `tips` are the chains' processed blocks (payments' confirmations)."""
+    ids = sorted(reasons)
+    batch = read_batch(conn, ids)
+    done = Rejudged()
+    role_rows: list[tuple[str, str]] = []
+    invoice_rows: list[list[Any]] = []
+    events: list[NewEvent] = []
+    for invoice_id in ids:
+        row = batch.invoices[invoice_id]
+        payments = batch.payments[invoice_id]
+        clock = chain_time(batch.networks[invoice_id], batch.chain_times)
+        outcome = rejudge_one(row, payments, clock, reasons[invoice_id], now)
+        if outcome is None:
+            continue
+        done.changed += 1
+        role_rows += outcome.roles
+        invoice_rows.append([*outcome.values.values(), invoice_id])
+        # What the events carry (the status view): the invoice as just written and its payments
+        # (with their new roles), not its options; built from the rows in hand, rendered once.
+        views = [
+            payment_view({**dict(p), "role": outcome.payment_roles[p["id"]]}, tips.get(p["network"]))
+            for p in payments
+        ]
+        status = orjson.dumps(status_view(invoice_view({**dict(row), **outcome.values}, [], views)))
+        by_id = {v["id"]: v for v in views}
+        for event_type, payment_id in outcome.events:
+            payment = by_id.get(payment_id) if payment_id is not None else None
+            events.append(NewEvent(event_type, invoice_id, status, payment))
+            if event_type == "invoice.payment_detected" and payment is not None:
+                done.detected.append((payment["network"], payment["role"]))
+    if role_rows:
+        conn.executemany("UPDATE payments SET role = ? WHERE id = ?", role_rows)
+    if invoice_rows:
+        conn.executemany(UPDATE_JUDGED, invoice_rows)
+    outbox.append(events)
+    done.events = len(events)
+    return done
