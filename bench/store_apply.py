@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from decimal import Decimal
 from pathlib import Path
 
+from bench.chain import CACHE
 from bench.measure import peak_rss_mb
 from watcher.domain import BlockRef, Transfer
 from watcher.store import Endpoint, MatchedTransfer, NewInvoice, OptionSpec, Store
@@ -55,11 +57,29 @@ def _new_invoice() -> NewInvoice:
 
 
 def prepare(path: Path, invoices: int, endpoints: int) -> tuple[Store, list[tuple[str, str]]]:
-    """A store with `invoices` open invoices; returns it and (option id, address) of each."""
+    """A store with `invoices` open invoices; returns it and (option id, address) of each. The
+    store is made once per size and cached (bench/.cache), and each run works on a copy."""
+    cached = CACHE / f"store-apply-{invoices}.db"
+    if not cached.exists():
+        made, _ = _make(cached.with_suffix(".building"), invoices)
+        made.close()  # checkpoints the WAL into the file
+        cached.with_suffix(".building").rename(cached)
+    shutil.copy(cached, path)
     store = Store(path, clock=time.time)
     store.outbox.set_endpoints(
         Endpoint(f"http://127.0.0.1:{9000 + i}/hook", ("*",)) for i in range(endpoints)
     )
+    options = [
+        (r["id"], r["destination_address"])
+        for r in store.db.execute("SELECT id, destination_address FROM payment_options ORDER BY rowid")
+    ]
+    return store, options
+
+
+def _make(path: Path, invoices: int) -> tuple[Store, list[tuple[str, str]]]:
+    for leftover in path.parent.glob(path.name + "*"):
+        leftover.unlink()
+    store = Store(path, clock=time.time)
     options = []
     new = _new_invoice()
     for start in range(0, invoices, 1000):

@@ -29,6 +29,7 @@ from ..domain import (
     ResolutionAction,
     format_units,
     new_id,
+    new_ids,
     payments_to_cover,
     rfc3339,
 )
@@ -786,9 +787,9 @@ class Store:
             conn, network, list(dict.fromkeys(m.transfer.tx_hash for m in matched))
         )
         options = recording.read_options(conn, list(dict.fromkeys(m.option_id for m in matched)))
-        now_ms = int(self.clock() * 1000)
+        payment_ids = iter(new_ids("pay", int(self.clock() * 1000), len(matched)))
         plan = recording.plan_recording(
-            network, matched, existing, options, now=now, new_payment_id=lambda: new_id("pay", now_ms)
+            network, matched, existing, options, now=now, new_payment_id=lambda: next(payment_ids)
         )
         recording.write_plan(conn, plan, search_text)
         return plan

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from sqlite_utils import Database
 
-from ..domain import new_id, rfc3339
+from ..domain import new_ids, rfc3339
 from ..redaction import Redactor, redact_text, strip_credentials
 from .records import StateConflict
 from .views import status_view
@@ -124,25 +124,17 @@ class Outbox:
         now_ms = int(now_s * 1000)
         created_at = rfc3339(now_s)
         assert created_at is not None
+        urls = [[ep.url for ep in self.endpoints if ep.wants(e.type)] for e in events]
+        event_ids = new_ids("evt", now_ms, len(events))
+        delivery_ids = iter(new_ids("dlv", now_ms, sum(map(len, urls))))
         event_rows = []
         delivery_rows = []
-        for e in events:
-            event_id = new_id("evt", now_ms)
+        for e, event_id, to in zip(events, event_ids, urls, strict=True):
             body = event_body(event_id, e.type, created_at, e.status, e.payment)
             event_rows.append((event_id, e.type, e.invoice_id, created_at, body))
-            for endpoint in self.endpoints:
-                if endpoint.wants(e.type):
-                    delivery_rows.append(
-                        (
-                            new_id("dlv", now_ms),
-                            event_id,
-                            e.type,
-                            e.invoice_id,
-                            endpoint.url,
-                            now_s,
-                            created_at,
-                        )
-                    )
+            delivery_rows += [
+                (next(delivery_ids), event_id, e.type, e.invoice_id, url, now_s, created_at) for url in to
+            ]
         conn = self.db.conn
         conn.executemany(
             "INSERT INTO events(id, type, invoice_id, created_at, body) VALUES (?,?,?,?,?)", event_rows
