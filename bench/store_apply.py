@@ -142,17 +142,20 @@ def run_floor(store: Store, work: list[tuple[BlockRef, list[MatchedTransfer]]], 
     for b, matched in work:
         conn.execute("BEGIN")
         conn.executemany(
-            "INSERT INTO payments(id, network, tx_hash, log_index, log_key, invoice_id, option_id, asset, decimals, "
-            "block_number, block_hash, block_timestamp, from_address, to_address, amount_atomic, status, role, "
-            "observed_at, confirmed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?, 'confirmed', 'counted', ?, ?)",
+            "INSERT INTO payments(id, network, tx_hash, log_index, log_key, invoice_id, option_id, asset, "
+            "decimals, block_number, block_hash, block_timestamp, from_address, to_address, amount_atomic, "
+            "status, role, observed_at, confirmed_at) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?, 'confirmed', 'counted', ?, ?)",
             [
-                (f"floor{n + i}", NET, m.transfer.tx_hash + "f", 0, "k", invoice_of[m.option_id], m.option_id, "USDT", 6, b.number,
-                 b.hash, b.timestamp, m.transfer.from_address, m.transfer.to_address, str(AMOUNT), "now", "now")
+                (f"floor{n + i}", NET, m.transfer.tx_hash + "f", 0, "k", invoice_of[m.option_id], m.option_id,
+                 "USDT", 6, b.number, b.hash, b.timestamp, m.transfer.from_address, m.transfer.to_address,
+                 str(AMOUNT), "now", "now")
                 for i, m in enumerate(matched)
             ],
         )  # fmt: skip
         conn.executemany(
-            "UPDATE invoices SET status = 'confirmed', payment_summary = ?, version = version + 1 WHERE id = ?",
+            "UPDATE invoices SET status = 'confirmed', payment_summary = ?, version = version + 1 WHERE id "
+            "= ?",
             [("{}", invoice_of[m.option_id]) for m in matched],
         )
         events = [
@@ -164,7 +167,8 @@ def run_floor(store: Store, work: list[tuple[BlockRef, list[MatchedTransfer]]], 
             "INSERT INTO events(id, type, invoice_id, created_at, body) VALUES (?,?,?,?,?)", events
         )
         conn.executemany(
-            "INSERT INTO deliveries(id, event_id, event_type, invoice_id, url, status, attempts, next_attempt_at, "
+            "INSERT INTO deliveries(id, event_id, event_type, invoice_id, url, status, attempts, "
+            "next_attempt_at, "
             "created_at) VALUES (?,?,?,?,?, 'pending', 0, 0, 'now')",
             [
                 (f"fdlv{e[0]}-{j}", e[0], "invoice.x", e[2], f"http://h{j}")
@@ -190,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         store, options = prepare(Path(tmp) / "w.db", args.payments, args.endpoints)
         print(
-            f"== store: {args.payments:,} invoices made in {time.perf_counter() - t0:.1f} s; steps of {args.step:,}"
+            f"== store: {args.payments:,} invoices made in {time.perf_counter() - t0:.1f} s; steps of "
+            f"{args.step:,}"
         )
         work = steps(options, args.step, 100)
         if args.profile_html:
@@ -208,10 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     floor_rate = floor["payments"] / floor["wall_s"]
     print(
         f"watcher: {result['payments']:,} payments, {result['events']:,} events in {result['wall_s']:.2f} s: "
-        f"{rate:,.0f} payments/s; longest step {result['longest_step_s'] * 1000:.0f} ms; peak RSS {peak_rss_mb():.0f} MB"
+        f"{rate:,.0f} payments/s; longest step {result['longest_step_s'] * 1000:.0f} ms; peak RSS "
+        f"{peak_rss_mb():.0f} MB"
     )
     print(
-        f"floor (bare executemany, same rows, same run): {floor_rate:,.0f} payments/s; watcher/floor {rate / floor_rate:.2f}"
+        f"floor (bare executemany, same rows, same run): {floor_rate:,.0f} payments/s; "
+        f"watcher/floor {rate / floor_rate:.2f}"
     )
     print(f"goal: >= 10,000 payments/s: {'met' if rate >= 10_000 else 'not met'}")
 

@@ -187,15 +187,18 @@ class Follower:
     async def _ensure_tracer(self, head: int) -> None:
         """Find the node's tracer once (`auto`: use it if there is one; `on`: insist)."""
         if self.tracer != "" or head < 1:
-            return  # asked already; or only genesis exists, which nodes refuse to trace (and holds no payment)
-        # A block a little below the head: a load-balanced provider's other backends may not have the head yet.
+            # Asked already; or only genesis exists, which nodes refuse to trace (and holds no payment).
+            return
+        # A block a little below the head: a load-balanced provider's other backends may not have
+        # the head yet.
         self.tracer = await self.reader.probe_tracer(max(1, head - 2))
         if self.tracer is None:
             if self.rails.internal_transfers == "on":
                 self.tracer = ""
                 raise TracerMissing(
-                    'internal_transfers = "on" but the node has no tracer (neither debug_traceBlockByNumber nor '
-                    "trace_block answers): not following the chain rather than missing payments"
+                    'internal_transfers = "on" but the node has no tracer (neither '
+                    "debug_traceBlockByNumber nor trace_block answers): not following the chain rather than "
+                    "missing payments"
                 )
             log.warning(
                 "internal_transfers_unavailable",
@@ -289,9 +292,7 @@ class Follower:
             await self._handle_reorg(cursor)
             return 1
         if len(numbers) == last - first + 1:
-            for n in range(first + 1, last + 1):
-                if by_number[n].parent_hash != by_number[n - 1].hash:
-                    raise ChainChanged(f"blocks {n - 1} and {n} do not link")
+            _check_links(by_number, first, last)
 
         self.refresh_watch_set()
         if near_head:
@@ -302,6 +303,15 @@ class Follower:
             matched += await self._native_deposits(full_blocks)
             if self.tracer:
                 matched += await self._internal_deposits(full_blocks)
+        await self._check_matches(matched, by_number)
+        if last - first + 1 == self.chunk_size and self.chunk_size < self.max_chunk_size:
+            self.chunk_size = min(self.max_chunk_size, self.chunk_size * 2)
+        await self._apply(first, last, finalized, by_number, matched)
+        return last - first + 1
+
+    async def _check_matches(self, matched: list[Match], by_number: dict[int, BlockRef]) -> None:
+        """Every matched transfer sits in a block we read (its header read now if not yet),
+        under that block's hash."""
         missing = sorted({t.block_number for t, _ in matched} - set(by_number))
         if missing:
             by_number.update(await self._headers(missing))
@@ -310,11 +320,17 @@ class Follower:
                 raise ChainChanged(
                     f"log of tx {t.tx_hash} names block hash {t.block_hash}, not the canonical one"
                 )
-        numbers = sorted(by_number)
-        if last - first + 1 == self.chunk_size and self.chunk_size < self.max_chunk_size:
-            self.chunk_size = min(self.max_chunk_size, self.chunk_size * 2)
 
-        blocks = [by_number[n] for n in numbers]
+    async def _apply(
+        self,
+        first: int,
+        last: int,
+        finalized: int | None,
+        by_number: dict[int, BlockRef],
+        matched: list[Match],
+    ) -> None:
+        """Record the range in one change, on the store's writer thread (the loop stays free)."""
+        blocks = [by_number[n] for n in sorted(by_number)]
         if finalized is not None:
             confirmed_through = min(last, finalized)
             keep_above = min(last - self.window, finalized - 1)
@@ -342,7 +358,6 @@ class Follower:
                 invoices_changed=result.invoices_changed,
                 events=result.events,
             )
-        return last - first + 1
 
     def _log_query(self, transfers: bool = True, routed: bool = True, *, one_block: bool = False) -> LogQuery:
         """What to ask eth_getLogs for. One block holds few logs: past BLOCK_TOPIC_LIMIT
@@ -417,7 +432,7 @@ class Follower:
     async def _full_blocks(self, numbers: list[int], *, partial: bool = False) -> list[FullBlock]:
         """The blocks; with `partial`, those before the first the node does not have (at least one)."""
         out: list[FullBlock] = []
-        for n, block in zip(numbers, await self.reader.full_blocks(numbers)):
+        for n, block in zip(numbers, await self.reader.full_blocks(numbers), strict=True):
             if block is None:
                 if partial and out:
                     break
@@ -428,7 +443,7 @@ class Follower:
     async def _headers(self, numbers: list[int], *, partial: bool = False) -> dict[int, BlockRef]:
         """The headers; with `partial`, those before the first the node does not have (at least one)."""
         by_number: dict[int, BlockRef] = {}
-        for n, h in zip(numbers, await self.reader.headers(numbers)):
+        for n, h in zip(numbers, await self.reader.headers(numbers), strict=True):
             if h is None:
                 if partial and by_number:
                     break
@@ -468,7 +483,7 @@ class Follower:
         while start < len(window):
             ours = window[start : start + page]
             theirs = await self.reader.headers([b.number for b in ours])
-            for mine, node_block in zip(ours, theirs):
+            for mine, node_block in zip(ours, theirs, strict=True):
                 if node_block is None:
                     raise ChainChanged(
                         f"the node has no block {mine.number} (behind?) while we look for a reorg's base"
@@ -480,8 +495,10 @@ class Follower:
         oldest = window[-1].number if window else cursor.number
         await self._check_genesis()
         reason = (
-            f"reorg deeper than the {len(window)} blocks remembered (blocks {oldest} to {cursor.number} all differ "
-            "on the node): nothing on this chain is applied or confirmed until the node agrees again or an operator "
+            f"reorg deeper than the {len(window)} blocks remembered (blocks {oldest} to {cursor.number} all "
+            "differ "
+            "on the node): nothing on this chain is applied or confirmed until the node agrees again or an "
+            "operator "
             f"runs `watcher rewind --chain {self.network} --to-block N` with a block below the fork"
         )
         log.error(
@@ -503,8 +520,10 @@ class Follower:
         if genesis is not None and genesis.hash != stored:
             log.error("wrong_chain", network=self.network, stored_genesis=stored, node_genesis=genesis.hash)
             raise WrongChainFollowed(
-                f"the node serves another chain: its genesis block is {genesis.hash}, this database's is {stored} "
-                "(a reset test chain, or another network with the same chain id); nothing on this chain is applied "
+                f"the node serves another chain: its genesis block is {genesis.hash}, this database's is "
+                f"{stored} "
+                "(a reset test chain, or another network with the same chain id); nothing on this chain is "
+                "applied "
                 "until the node serves the right chain again (fix rpc_urls and restart if it does not)"
             )
 
@@ -575,6 +594,12 @@ def _failure_reason(exc: BaseException) -> str:
     if isinstance(exc, (RpcError, OSError, asyncio.TimeoutError)):
         return "rpc"
     return "other"
+
+
+def _check_links(by_number: dict[int, BlockRef], first: int, last: int) -> None:
+    for n in range(first + 1, last + 1):
+        if by_number[n].parent_hash != by_number[n - 1].hash:
+            raise ChainChanged(f"blocks {n - 1} and {n} do not link")
 
 
 async def _all_or_none(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:

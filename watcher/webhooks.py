@@ -391,7 +391,8 @@ class Dispatcher:
         ok = error is None
         attempts_done = delivery["attempts"] + 1
         delay = None if ok else next_attempt_delay(attempts_done)
-        self.outbox.record_attempt(
+        await self.outbox.write(
+            self.outbox.record_attempt,
             delivery["id"],
             ok=ok,
             status_code=status_code,

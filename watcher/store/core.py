@@ -106,7 +106,7 @@ class Store:
         self.checkout_base_url: str | None = None
         # Told each network whose blocks were applied (confirmations moved), after the commit.
         self.block_listeners: list[Callable[[str], None]] = []
-        self.outbox = Outbox(lambda: self.db, clock, self._notify)
+        self.outbox = Outbox(lambda: self.db, clock, self._notify, self.write)
         self._tips: dict[str, int] = {
             r["network"]: r["block_number"] for r in self._q("SELECT network, block_number FROM cursors")
         }
@@ -174,6 +174,12 @@ class Store:
     def _q1(self, sql: str, params: Sequence | dict = ()) -> sqlite3.Row | None:
         return self.db.execute(sql, params).fetchone()
 
+    def _one(self, sql: str, params: Sequence | dict = ()) -> sqlite3.Row:
+        """The row of a query that always has one (a count, a MAX)."""
+        row = self._q1(sql, params)
+        assert row is not None, sql
+        return row
+
     def _now(self) -> str:
         return rfc3339(self.clock())  # type: ignore[return-value]
 
@@ -208,11 +214,11 @@ class Store:
                 if seen is not None:
                     if seen["request_hash"] != request_hash:
                         raise IdempotencyConflict(idempotency_key)
-                    return self._invoice(seen["invoice_id"]), False
+                    return self._existing_invoice(seen["invoice_id"]), False
             now = self._now()
             invoice_id = new_id("inv", int(self.clock() * 1000))
             status = InvoiceStatus.DRAFT if new.draft else InvoiceStatus.PENDING
-            self.db["invoices"].insert(
+            self.db.table("invoices").insert(
                 {
                     "id": invoice_id,
                     "status": str(status),
@@ -244,7 +250,7 @@ class Store:
             )
             self._insert_options(invoice_id, new.options, derive, finish)
             if idempotency_key is not None:
-                self.db["idempotency_keys"].insert(
+                self.db.table("idempotency_keys").insert(
                     {
                         "key": idempotency_key,
                         "request_hash": request_hash,
@@ -253,18 +259,16 @@ class Store:
                     }
                 )
             self._rejudge(invoice_id, created=True)
-            return self._invoice(invoice_id), True
+            return self._existing_invoice(invoice_id), True
 
     def _insert_options(
         self, invoice_id: str, specs: list[OptionSpec], derive: Deriver, finish: OptionFinisher
     ) -> None:
         start = (
-            (
-                self._q1(
-                    "SELECT COALESCE(MAX(position), -1) AS p FROM payment_options WHERE invoice_id = ?",
-                    [invoice_id],
-                )["p"]
-            )
+            self._one(
+                "SELECT COALESCE(MAX(position), -1) AS p FROM payment_options WHERE invoice_id = ?",
+                [invoice_id],
+            )["p"]
             + 1
         )
         destinations = []
@@ -279,7 +283,7 @@ class Store:
                 assert spec.destination is not None
                 destination = spec.destination.lower()
             uri, call = finish(spec, destination, invoice_id, option_id)
-            self.db["payment_options"].insert(
+            self.db.table("payment_options").insert(
                 {
                     "id": option_id,
                     "invoice_id": invoice_id,
@@ -330,10 +334,17 @@ class Store:
 
     def _payments(self, invoice_id: str) -> list[dict]:
         rows = self._q(
-            "SELECT * FROM payments WHERE invoice_id = ? ORDER BY block_timestamp, network, block_number, log_key, id",
+            "SELECT * FROM payments WHERE invoice_id = ? ORDER BY block_timestamp, network, block_number, "
+            "log_key, id",
             [invoice_id],
         )
         return [payment_view(r, self._tips.get(r["network"])) for r in rows]
+
+    def _existing_invoice(self, invoice_id: str) -> dict:
+        """An invoice this change has just read or written."""
+        invoice = self._invoice(invoice_id)
+        assert invoice is not None, invoice_id
+        return invoice
 
     def _invoice(self, invoice_id: str) -> dict | None:
         with self._snapshot():
@@ -399,15 +410,14 @@ class Store:
         if filters.get("search"):
             # A search reads every invoice: count the matches in the scan that finds the page.
             ids = self._q(
-                f"SELECT id, COUNT(*) OVER () AS n FROM invoices {clause} ORDER BY rowid DESC LIMIT ? OFFSET ?",
+                f"SELECT id, COUNT(*) OVER () AS n FROM invoices {clause} ORDER BY rowid DESC LIMIT ? "
+                "OFFSET ?",
                 [*params, limit, offset],
             )
-            if ids:
-                total = ids[0]["n"]
-            else:  # nothing found, or a page past the end
-                total = self.count_invoices(filters) if offset else 0
+            # Nothing found: no match at all, or a page past the end (then count them).
+            total = ids[0]["n"] if ids else (self.count_invoices(filters) if offset else 0)
         else:
-            total = self._q1(f"SELECT COUNT(*) AS n FROM invoices {clause}", params)["n"]
+            total = self._one(f"SELECT COUNT(*) AS n FROM invoices {clause}", params)["n"]
             ids = self._q(
                 f"SELECT id FROM invoices {clause} ORDER BY rowid DESC LIMIT ? OFFSET ?",
                 [*params, limit, offset],
@@ -417,7 +427,7 @@ class Store:
     def count_invoices(self, filters: dict[str, Any]) -> int:
         where, params = self._filter_clause(filters)
         clause = ("WHERE " + " AND ".join(where)) if where else ""
-        return self._q1(f"SELECT COUNT(*) AS n FROM invoices {clause}", params)["n"]
+        return self._one(f"SELECT COUNT(*) AS n FROM invoices {clause}", params)["n"]
 
     def export_rows(
         self, filters: dict[str, Any], limit: int, offset: int, *, chunk: int = 500
@@ -434,7 +444,8 @@ class Store:
             conds = list(where) + (["invoices.rowid < ?"] if last is not None else [])
             clause = ("WHERE " + " AND ".join(conds)) if conds else ""
             rows = self._q(
-                f"SELECT invoices.rowid AS row_number, invoices.* FROM invoices {clause} ORDER BY invoices.rowid DESC LIMIT ? OFFSET ?",
+                f"SELECT invoices.rowid AS row_number, invoices.* FROM invoices {clause} ORDER BY "
+                "invoices.rowid DESC LIMIT ? OFFSET ?",
                 [*params, *([last] if last is not None else []), min(chunk, left), skip],
             )
             skip = 0
@@ -443,7 +454,8 @@ class Store:
             hashes: dict[str, list[str]] = {r["id"]: [] for r in rows}
             marks = ",".join("?" * len(rows))
             for p in self._q(
-                f"SELECT invoice_id, tx_hash FROM payments WHERE invoice_id IN ({marks}) AND status != 'reverted' "
+                f"SELECT invoice_id, tx_hash FROM payments WHERE invoice_id IN ({marks}) AND status != "
+                "'reverted' "
                 "ORDER BY block_timestamp, network, block_number, log_key, id",
                 list(hashes),
             ):
@@ -498,7 +510,8 @@ class Store:
         received: dict[tuple[str, str, int], list[int]] = {}
         for r in self.db.execute(
             "SELECT p.network, p.asset, p.decimals, p.amount_atomic FROM payments p "
-            f"WHERE p.role = 'counted' AND p.status != 'reverted' AND p.invoice_id IN (SELECT invoices.id FROM invoices {clause})",
+            "WHERE p.role = 'counted' AND p.status != 'reverted' AND p.invoice_id IN (SELECT invoices.id "
+            f"FROM invoices {clause})",
             params,
         ):
             entry = received.setdefault((r["network"], r["asset"], r["decimals"]), [0, 0])
@@ -557,7 +570,7 @@ class Store:
             if fits is not None and fits != kind:
                 raise StateConflict(f"{action} does not resolve a {kind} exception")
             roles = {p["id"]: p["role"] for p in invoice["payments"] if p["status"] != "reverted"}
-            row = self._q1("SELECT resolutions FROM invoices WHERE id = ?", [invoice_id])
+            row = self._one("SELECT resolutions FROM invoices WHERE id = ?", [invoice_id])
             resolutions = orjson.loads(row["resolutions"])
             resolutions.append(
                 {
@@ -565,7 +578,7 @@ class Store:
                     "action": action.value,
                     "note": note,
                     "resolved_at": self._now(),
-                    "payment_ids": sorted(payments_to_cover(kind, roles)),  # type: ignore[arg-type]
+                    "payment_ids": sorted(payments_to_cover(kind, roles)),
                 }
             )
             self.db.execute(
@@ -634,7 +647,7 @@ class Store:
 
     def _live_payments(self, invoice_id: str) -> int:
         """Payments still on the canonical chain, whatever their role."""
-        return self._q1(
+        return self._one(
             "SELECT COUNT(*) AS n FROM payments WHERE invoice_id = ? AND status != 'reverted'", [invoice_id]
         )["n"]
 
@@ -679,7 +692,8 @@ class Store:
         which differs from `block_hash` when the node serves another chain."""
         with self.db.atomic():
             self.db.execute(
-                "INSERT INTO chain_genesis(network, hash, recorded_at) VALUES (?, ?, ?) ON CONFLICT(network) DO NOTHING",
+                "INSERT INTO chain_genesis(network, hash, recorded_at) VALUES (?, ?, ?) ON "
+                "CONFLICT(network) DO NOTHING",
                 [network, block_hash.lower(), self._now()],
             )
             return self.genesis_hash(network)  # type: ignore[return-value]
@@ -763,15 +777,18 @@ class Store:
         tip = blocks[-1]
         conn.executemany(
             "INSERT INTO chain_blocks(network, number, hash, parent_hash, timestamp) VALUES (?,?,?,?,?) "
-            "ON CONFLICT(network, number) DO UPDATE SET hash = excluded.hash, parent_hash = excluded.parent_hash, "
+            "ON CONFLICT(network, number) DO UPDATE SET hash = excluded.hash, parent_hash = "
+            "excluded.parent_hash, "
             "timestamp = excluded.timestamp",
             [(network, b.number, b.hash, b.parent_hash, b.timestamp) for b in blocks],
         )
         forget_through = tip.number - BLOCK_WINDOW if keep_above is None else min(keep_above, tip.number - 1)
         conn.execute("DELETE FROM chain_blocks WHERE network = ? AND number <= ?", [network, forget_through])
         conn.execute(
-            "INSERT INTO cursors(network, block_number, block_hash, block_timestamp, updated_at) VALUES (?,?,?,?,?) "
-            "ON CONFLICT(network) DO UPDATE SET block_number = excluded.block_number, block_hash = excluded.block_hash, "
+            "INSERT INTO cursors(network, block_number, block_hash, block_timestamp, updated_at) VALUES "
+            "(?,?,?,?,?) "
+            "ON CONFLICT(network) DO UPDATE SET block_number = excluded.block_number, block_hash = "
+            "excluded.block_hash, "
             "block_timestamp = excluded.block_timestamp, updated_at = excluded.updated_at",
             [network, tip.number, tip.hash, tip.timestamp, now],
         )

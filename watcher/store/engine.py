@@ -14,14 +14,18 @@ UPDATE`, `UPDATE … RETURNING`, partial indexes, and one statement per table pe
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import orjson
 from sqlite_utils import Database
 
 MEMORY = ":memory:"
+
+# A row as the store reads it (sqlite3.Row), or the same columns as a mapping (tests, views).
+Row: TypeAlias = sqlite3.Row | Mapping[str, Any]
 
 
 def connect(path: str | Path) -> sqlite3.Connection:

@@ -7,7 +7,7 @@ back) together with the state change.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,18 +75,26 @@ def event_body(event_id: str, event_type: str, created_at: str, status: bytes, p
     )  # fmt: skip
 
 
+async def _run_here(change: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return change(*args, **kwargs)
+
+
 class Outbox:
     def __init__(
         self,
         connection: Callable[[], Database],
         clock: Callable[[], float],
         notify: Callable[..., None] | None = None,
+        write: Callable[..., Awaitable[Any]] | None = None,
     ) -> None:
         """`connection()` is the calling thread's connection to the store (see Store.db), so
         events are written inside the transaction of the change they report. `notify(fn,
         *args)` calls a listener: at once on the loop, after the commit on the store's writer."""
         self._connection = connection
         self._notify = notify or (lambda fn, *args: fn(*args))
+        # `await write(change, *args)`: the store's writer (Store.write), for the dispatcher's
+        # changes (attempts), so they never wait for the loop's turn at the database.
+        self.write = write or _run_here
         self.clock = clock
         self.endpoints: tuple[Endpoint, ...] = ()
         # Called when a delivery is queued, so the dispatcher wakes at once instead of polling.
@@ -184,7 +192,8 @@ class Outbox:
             where.append(f"d.id NOT IN ({','.join('?' * len(exclude))})")
             params += list(exclude)
         rows = self._q(
-            "SELECT d.id, d.event_id, d.url, d.attempts, d.requeues, e.body FROM deliveries d JOIN events e ON e.id = d.event_id "
+            "SELECT d.id, d.event_id, d.url, d.attempts, d.requeues, e.body FROM deliveries d JOIN events e "
+            "ON e.id = d.event_id "
             f"WHERE {' AND '.join(where)} ORDER BY d.next_attempt_at LIMIT ?",
             [*params, limit],
         )
@@ -226,7 +235,8 @@ class Outbox:
             row = self._q1("SELECT attempts, requeues FROM deliveries WHERE id = ?", [delivery_id])
             attempt = row["attempts"] + 1 if claimed_attempts is None else claimed_attempts + 1
             self.db.execute(
-                "INSERT INTO delivery_attempts(delivery_id, attempt, at, status_code, error, duration_ms) VALUES (?,?,?,?,?,?)",
+                "INSERT INTO delivery_attempts(delivery_id, attempt, at, status_code, error, duration_ms) "
+                "VALUES (?,?,?,?,?,?)",
                 [delivery_id, attempt, now, status_code, error, duration_ms],
             )
             requeued = (claimed_attempts is not None and row["attempts"] != claimed_attempts) or (
@@ -301,7 +311,8 @@ class Outbox:
             if row["url"] not in {e.url for e in self.endpoints}:
                 raise StateConflict("the delivery's endpoint is no longer configured")
             self.db.execute(
-                "UPDATE deliveries SET status = 'pending', attempts = 0, requeues = requeues + 1, next_attempt_at = ?, "
+                "UPDATE deliveries SET status = 'pending', attempts = 0, requeues = requeues + 1, "
+                "next_attempt_at = ?, "
                 "delivered_at = NULL WHERE id = ?",
                 [self.clock(), delivery_id],
             )

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from ..domain import PaymentStatus
 from . import engine
+from .engine import Row
 from .records import MatchedTransfer
 
 
@@ -42,8 +43,8 @@ class RecordingPlan:
 def plan_recording(
     network: str,
     matched: Sequence[MatchedTransfer],
-    existing: Mapping[str, Sequence[Mapping]],
-    options: Mapping[str, Mapping],
+    existing: Mapping[str, Sequence[Row]],
+    options: Mapping[str, Row],
     *,
     now: str,
     new_payment_id: Callable[[], str],
@@ -58,7 +59,7 @@ def plan_recording(
     for tx_hash, transfers in by_tx.items():
         rows = existing.get(tx_hash, ())
         live_keys = {r["log_key"] for r in rows if r["status"] != PaymentStatus.REVERTED}
-        reverted: dict[tuple, list[Mapping]] = {}
+        reverted: dict[tuple, list[Row]] = {}
         for r in rows:
             if r["status"] == PaymentStatus.REVERTED:
                 key = (r["option_id"], r["asset"], r["from_address"], r["to_address"], r["amount_atomic"])
@@ -117,7 +118,8 @@ def read_existing(
     out: dict[str, list[sqlite3.Row]] = {}
     rows = conn.execute(
         "SELECT id, invoice_id, status, log_key, option_id, asset, from_address, to_address, amount_atomic, "
-        f"tx_hash FROM payments WHERE network = ? AND {engine.in_keys('tx_hash')} ORDER BY tx_hash, log_key, id",
+        f"tx_hash FROM payments WHERE network = ? AND {engine.in_keys('tx_hash')} ORDER BY tx_hash, "
+        "log_key, id",
         [network, engine.keys_param(tx_hashes)],
     )
     for r in rows:

@@ -29,6 +29,7 @@ from ..domain import (
     judge,
 )
 from . import engine
+from .engine import Row
 from .outbox import NewEvent, Outbox
 from .views import invoice_view, payment_view, status_view
 
@@ -97,7 +98,8 @@ def read_batch(conn: sqlite3.Connection, invoice_ids: Sequence[str]) -> Batch:
     }
     payments: dict[str, list[sqlite3.Row]] = {i: [] for i in invoice_ids}
     for p in conn.execute(
-        "SELECT p.*, o.amount_atomic AS option_amount FROM payments p JOIN payment_options o ON o.id = p.option_id "
+        "SELECT p.*, o.amount_atomic AS option_amount FROM payments p JOIN payment_options o ON o.id = "
+        "p.option_id "
         f"WHERE {engine.in_keys('p.invoice_id')} "
         "ORDER BY p.invoice_id, p.block_timestamp, p.network, p.block_number, p.log_key, p.id",
         [keys],
@@ -125,7 +127,7 @@ def chain_time(networks: set[str], chain_times: Mapping[str, int]) -> int | None
     return min(chain_times[n] for n in networks)
 
 
-def judge_row(row: Mapping, payments: Sequence[Mapping], clock: int | None, session: bool) -> Judgement:
+def judge_row(row: Row, payments: Sequence[Row], clock: int | None, session: bool) -> Judgement:
     resolutions = tuple(
         Resolution(
             ExceptionType(r["exception_type"]), ResolutionAction(r["action"]), r["note"], r["resolved_at"],
@@ -146,7 +148,8 @@ def judge_row(row: Mapping, payments: Sequence[Mapping], clock: int | None, sess
         [
             PaymentFacts(
                 p["id"], int(p["amount_atomic"]), int(p["option_amount"]), p["block_timestamp"],
-                PaymentStatus(p["status"]), (p["block_timestamp"], p["network"], p["block_number"], p["log_key"]),
+                PaymentStatus(p["status"]),
+                (p["block_timestamp"], p["network"], p["block_number"], p["log_key"]),
             )
             for p in payments
         ],
@@ -154,7 +157,7 @@ def judge_row(row: Mapping, payments: Sequence[Mapping], clock: int | None, sess
     )  # fmt: skip
 
 
-def _judged_changes(row: Mapping, judged: Judgement) -> tuple[dict[str, Any], list[str]]:
+def _judged_changes(row: Row, judged: Judgement) -> tuple[dict[str, Any], list[str]]:
     """The judged columns that differ from the row; and the exceptions open now."""
     summary = orjson.dumps(judged.summary()).decode()
     exception = orjson.dumps(judged.exception.as_dict()).decode() if judged.exception else None
@@ -173,7 +176,7 @@ def _judged_changes(row: Mapping, judged: Judgement) -> tuple[dict[str, Any], li
     return changes, open_now
 
 
-def _timestamps(row: Mapping, judged: Judgement, reasons: Reasons, now: str) -> dict[str, Any]:
+def _timestamps(row: Row, judged: Judgement, reasons: Reasons, now: str) -> dict[str, Any]:
     """paid_at, confirmed_at and last_payment_observed_at as the new status has them."""
     status = judged.status
     fully_paid = judged.payment_state in (PaymentState.EXACT, PaymentState.OVERPAID)
@@ -192,9 +195,7 @@ def _timestamps(row: Mapping, judged: Judgement, reasons: Reasons, now: str) -> 
     return out
 
 
-def _events(
-    row: Mapping, judged: Judgement, reasons: Reasons, status_changed: bool, newly_open: bool
-) -> list:
+def _events(row: Row, judged: Judgement, reasons: Reasons, status_changed: bool, newly_open: bool) -> list:
     """The events of one change, in the order they are reported."""
     events: list[tuple[str, str | None]] = []
     if reasons.created:
@@ -224,7 +225,7 @@ def _events(
 
 
 def rejudge_one(
-    row: Mapping, payments: Sequence[Mapping], clock: int | None, reasons: Reasons, now: str
+    row: Row, payments: Sequence[Row], clock: int | None, reasons: Reasons, now: str
 ) -> Outcome | None:
     """Pure: what judging the invoice again changes; None when nothing does."""
     judged = judge_row(row, payments, clock, reasons.session)
@@ -282,10 +283,7 @@ def rejudge_many(
         invoice_rows.append([*outcome.values.values(), invoice_id])
         # What the events carry (the status view): the invoice as just written and its payments
         # (with their new roles), not its options; built from the rows in hand, rendered once.
-        views = [
-            payment_view({**dict(p), "role": outcome.payment_roles[p["id"]]}, tips.get(p["network"]))
-            for p in payments
-        ]
+        views = [payment_view(p, tips.get(p["network"]), outcome.payment_roles[p["id"]]) for p in payments]
         status = orjson.dumps(status_view(invoice_view({**dict(row), **outcome.values}, [], views)))
         by_id = {v["id"]: v for v in views}
         for event_type, payment_id in outcome.events:

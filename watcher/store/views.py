@@ -6,14 +6,14 @@ byte, come from one place.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any
 
 import orjson
 from eth_hash.auto import keccak
 
 from ..domain import format_units, rfc3339
+from .engine import Row
 
 
 def checksum(address: str | None) -> str | None:
@@ -29,8 +29,9 @@ def _checksum(address: str) -> str:
     return "0x" + "".join([c.upper() if digest[i] > "7" else c for i, c in enumerate(body)])
 
 
-def payment_view(row: Mapping[str, Any], tip: int | None) -> dict:
-    """A payment; `tip` is the chain's last processed block, from which confirmations follow."""
+def payment_view(row: Row, tip: int | None, role: str | None = None) -> dict:
+    """A payment; `tip` is the chain's last processed block, from which confirmations follow;
+    `role` the one judging has just given it, when the row does not hold it yet."""
     reverted = row["status"] == "reverted"
     confirmations = 0 if reverted or tip is None else max(tip - row["block_number"] + 1, 0)
     return {
@@ -49,13 +50,13 @@ def payment_view(row: Mapping[str, Any], tip: int | None) -> dict:
         "amount_atomic": row["amount_atomic"],
         "confirmations": confirmations,
         "status": row["status"],
-        "role": row["role"],
+        "role": row["role"] if role is None else role,
         "observed_at": row["observed_at"],
         "confirmed_at": row["confirmed_at"],
     }
 
 
-def option_view(row: Mapping[str, Any]) -> dict:
+def option_view(row: Row) -> dict:
     call = orjson.loads(row["contract_call"]) if row["contract_call"] else None
     return {
         "id": row["id"],
@@ -82,8 +83,8 @@ def invoice_confirmations(payments: list[dict]) -> int:
 
 
 def invoice_view(
-    row: Mapping[str, Any],
-    options: list[Mapping[str, Any]],
+    row: Row,
+    options: Sequence[Row],
     payments: list[dict],
     checkout_base_url: str | None = None,
 ) -> dict:
