@@ -107,9 +107,6 @@ class Store:
         # Told each network whose blocks were applied (confirmations moved), after the commit.
         self.block_listeners: list[Callable[[str], None]] = []
         self.outbox = Outbox(lambda: self.db, clock, self._notify, self.write)
-        self._tips: dict[str, int] = {
-            r["network"]: r["block_number"] for r in self._q("SELECT network, block_number FROM cursors")
-        }
 
     @property
     def db(self) -> Database:
@@ -328,9 +325,10 @@ class Store:
         return status_view(invoice) if invoice else None
 
     def get_payments(self, invoice_id: str) -> list[dict] | None:
-        if self._q1("SELECT 1 FROM invoices WHERE id = ?", [invoice_id]) is None:
-            return None
-        return self._payments(invoice_id)
+        with self._snapshot():
+            if self._q1("SELECT 1 FROM invoices WHERE id = ?", [invoice_id]) is None:
+                return None
+            return self._payments(invoice_id)
 
     def _payments(self, invoice_id: str) -> list[dict]:
         rows = self._q(
@@ -338,7 +336,13 @@ class Store:
             "log_key, id",
             [invoice_id],
         )
-        return [payment_view(r, self._tips.get(r["network"])) for r in rows]
+        tips = self._tips()
+        return [payment_view(r, tips.get(r["network"])) for r in rows]
+
+    def _tips(self) -> dict[str, int]:
+        """Each chain's last processed block, as this connection sees it now (inside a change:
+        the change's own checkpoint), from which payments' confirmations follow."""
+        return {r["network"]: r["block_number"] for r in self._q("SELECT network, block_number FROM cursors")}
 
     def _existing_invoice(self, invoice_id: str) -> dict:
         """An invoice this change has just read or written."""
@@ -552,7 +556,7 @@ class Store:
     def _rejudge_many(self, reasons: dict[str, Reasons]) -> Rejudged:
         if not reasons:
             return Rejudged()
-        return rejudge_many(self.db.conn, self.outbox, reasons, now=self._now(), tips=self._tips)
+        return rejudge_many(self.db.conn, self.outbox, reasons, now=self._now(), tips=self._tips())
 
     # ------------------------------------------------------------------ operator actions
 
@@ -653,19 +657,6 @@ class Store:
 
     # ------------------------------------------------------------------ chain following
 
-    @contextmanager
-    def _tip_restored_on_failure(self, network: str) -> Iterator[None]:
-        """The cached tip moves inside the transaction (event bodies need it); a rollback moves it back."""
-        before = self._tips.get(network)
-        try:
-            yield
-        except BaseException:
-            if before is None:
-                self._tips.pop(network, None)
-            else:
-                self._tips[network] = before
-            raise
-
     def cursor(self, network: str) -> BlockRef | None:
         row = self._q1("SELECT * FROM cursors WHERE network = ?", [network])
         if row is None:
@@ -740,7 +731,7 @@ class Store:
         result = ApplyResult()
         tip = blocks[-1]
         now = self._now()
-        with self._tip_restored_on_failure(network), self.db.atomic():
+        with self.db.atomic():
             conn = self.db.conn
             self._move_checkpoint(conn, network, blocks, keep_above, now)
             plan = self._record(conn, network, matched, now)
@@ -777,22 +768,19 @@ class Store:
         tip = blocks[-1]
         conn.executemany(
             "INSERT INTO chain_blocks(network, number, hash, parent_hash, timestamp) VALUES (?,?,?,?,?) "
-            "ON CONFLICT(network, number) DO UPDATE SET hash = excluded.hash, parent_hash = "
-            "excluded.parent_hash, "
-            "timestamp = excluded.timestamp",
+            "ON CONFLICT(network, number) DO UPDATE SET "
+            "hash = excluded.hash, parent_hash = excluded.parent_hash, timestamp = excluded.timestamp",
             [(network, b.number, b.hash, b.parent_hash, b.timestamp) for b in blocks],
         )
         forget_through = tip.number - BLOCK_WINDOW if keep_above is None else min(keep_above, tip.number - 1)
         conn.execute("DELETE FROM chain_blocks WHERE network = ? AND number <= ?", [network, forget_through])
         conn.execute(
-            "INSERT INTO cursors(network, block_number, block_hash, block_timestamp, updated_at) VALUES "
-            "(?,?,?,?,?) "
-            "ON CONFLICT(network) DO UPDATE SET block_number = excluded.block_number, block_hash = "
-            "excluded.block_hash, "
-            "block_timestamp = excluded.block_timestamp, updated_at = excluded.updated_at",
+            "INSERT INTO cursors(network, block_number, block_hash, block_timestamp, updated_at) "
+            "VALUES (?,?,?,?,?) ON CONFLICT(network) DO UPDATE SET block_number = excluded.block_number, "
+            "block_hash = excluded.block_hash, block_timestamp = excluded.block_timestamp, "
+            "updated_at = excluded.updated_at",
             [network, tip.number, tip.hash, tip.timestamp, now],
         )
-        self._tips[network] = tip.number
 
     def _record(
         self, conn: sqlite3.Connection, network: str, matched: Sequence[MatchedTransfer], now: str
@@ -828,7 +816,7 @@ class Store:
         Returns the reverted payment ids.
         """
         floor = ancestor.number
-        with self._tip_restored_on_failure(network), self.db.atomic():
+        with self.db.atomic():
             conn = self.db.conn
             orphaned = conn.execute(
                 "UPDATE payments SET status = 'reverted', confirmed_at = NULL "
@@ -848,7 +836,6 @@ class Store:
                 "WHERE network = ?",
                 [ancestor.number, ancestor.hash, ancestor.timestamp, self._now(), network],
             )
-            self._tips[network] = ancestor.number
             reasons: dict[str, Reasons] = {}
             for r in orphaned:
                 reasons.setdefault(r["invoice_id"], Reasons()).reverted_payments.append(r["id"])
