@@ -1,0 +1,99 @@
+"""The store's writer thread: changes run off the loop, one at a time; the loop's reads see a
+change whole or not at all; listeners hear of a change on the loop, after it committed, and
+never of one that rolled back."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from test_store import NET, block, create, transfer_to
+
+from watcher.store import Store
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "w.db", clock=time.time)
+    yield s
+    s.close()
+
+
+async def test_a_change_runs_on_the_writer_thread_and_its_listeners_after_it_on_the_loop(store):
+    invoice = create(store, amount_atomic=100)
+    heard: list[tuple[str, int]] = []
+    store.outbox.event_listeners.append(lambda invoice_id: heard.append((invoice_id, threading.get_ident())))
+    store.block_listeners.append(lambda network: heard.append((network, threading.get_ident())))
+    ran_on: list[int] = []
+    apply = store.apply_blocks
+
+    def apply_here(*args, **kwargs):
+        ran_on.append(threading.get_ident())
+        assert heard == [], "a listener ran before the change committed"
+        return apply(*args, **kwargs)
+
+    result = await store.write(apply_here, NET, [block(5)], [transfer_to(invoice, 100)], confirmed_through=0)
+    assert result.payments_added == 1
+    assert ran_on and ran_on[0] != threading.get_ident()
+    assert heard == [(invoice["id"], threading.get_ident()), (NET, threading.get_ident())]
+
+
+async def test_a_change_that_fails_writes_nothing_and_tells_no_listener(store):
+    invoice = create(store, amount_atomic=100)
+    heard: list[str] = []
+    store.outbox.event_listeners.append(heard.append)
+    store.block_listeners.append(heard.append)
+    events_before = store.outbox.event_count()
+
+    def apply_then_fail():
+        with store.db.atomic():
+            store.apply_blocks(NET, [block(5)], [transfer_to(invoice, 100)], confirmed_through=0)
+            raise RuntimeError("the disk is full")
+
+    with pytest.raises(RuntimeError, match="disk is full"):
+        await store.write(apply_then_fail)
+    assert heard == []
+    assert store.get_payments(invoice["id"]) == []
+    assert store.outbox.event_count() == events_before
+    assert store.cursor(NET) is None
+
+
+async def test_the_loop_reads_a_change_whole_or_not_at_all_while_the_writer_holds_it(store):
+    invoice = create(store, amount_atomic=100)
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_apply():
+        with store.db.atomic():
+            store.apply_blocks(NET, [block(5)], [transfer_to(invoice, 100)], confirmed_through=5)
+            inside.set()
+            assert release.wait(10)
+
+    writing = asyncio.ensure_future(store.write(slow_apply))
+    assert await asyncio.to_thread(inside.wait, 10)
+    during = store.get_invoice(invoice["id"])  # on the loop, while the writer's transaction is open
+    assert during["status"] == "pending" and during["payments"] == []
+    assert store.cursor(NET) is None
+    release.set()
+    await writing
+    after = store.get_invoice(invoice["id"])
+    assert after["status"] == "confirmed"
+    assert [(p["status"], p["confirmations"]) for p in after["payments"]] == [("confirmed", 1)]
+
+
+async def test_changes_run_one_at_a_time_in_the_order_asked(store):
+    order: list[int] = []
+    running = threading.Lock()
+
+    def change(n: int) -> int:
+        assert running.acquire(blocking=False), "two changes ran at once"
+        try:
+            time.sleep(0.01)
+            order.append(n)
+            return n
+        finally:
+            running.release()
+
+    assert await asyncio.gather(*(store.write(change, n) for n in range(8))) == list(range(8))
+    assert order == list(range(8))
