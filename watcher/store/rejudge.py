@@ -254,6 +254,12 @@ class Rejudged:
     detected: list[tuple[str, str]] = field(default_factory=list)  # (network, role) of each payment reported
 
 
+# Invoices judged per slice of a change: each slice is three reads and at most four writes.
+# A catch-up step can touch tens of thousands of invoices; a slice's rows, views and event
+# bodies (some 25 KB an invoice) are all the memory a step holds at once.
+SLICE = 1_000
+
+
 def rejudge_many(
     conn: sqlite3.Connection,
     outbox: Outbox,
@@ -263,11 +269,25 @@ def rejudge_many(
     tips: Mapping[str, int],
 ) -> Rejudged:
     """Judge each invoice again, write what changed and queue its events, inside the caller's
-    transaction: three reads and at most four statements (roles, invoices, events, deliveries)
-    however many invoices. `tips` are the chains' processed blocks (payments' confirmations)."""
+    transaction: per SLICE invoices, three reads and at most four statements (roles, invoices,
+    events, deliveries). `tips` are the chains' processed blocks (payments' confirmations)."""
     ids = sorted(reasons)
-    batch = read_batch(conn, ids)
     done = Rejudged()
+    for start in range(0, len(ids), SLICE):
+        _rejudge_slice(conn, outbox, ids[start : start + SLICE], reasons, now, tips, done)
+    return done
+
+
+def _rejudge_slice(
+    conn: sqlite3.Connection,
+    outbox: Outbox,
+    ids: Sequence[str],
+    reasons: Mapping[str, Reasons],
+    now: str,
+    tips: Mapping[str, int],
+    done: Rejudged,
+) -> None:
+    batch = read_batch(conn, ids)
     role_rows: list[tuple[str, str]] = []
     invoice_rows: list[list[Any]] = []
     events: list[NewEvent] = []
@@ -296,5 +316,4 @@ def rejudge_many(
     if invoice_rows:
         conn.executemany(UPDATE_JUDGED, invoice_rows)
     outbox.append(events)
-    done.events = len(events)
-    return done
+    done.events += len(events)
