@@ -1,7 +1,7 @@
 """python -m bench [SECTION] [--profile 1%|100%|100%x25] [--repeat N] [--rebuild] [--quick]
 
 Sections: build, catchup, profile (the catch-up chains and runs), watchset, webhooks, api, checkout,
-live. Without one: all of them (profile only when pyinstrument is installed).
+live, daemon (the real daemon catching up as an operator runs it). Without one: all of them (profile only when pyinstrument is installed).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ SECTIONS = {
     "live": "bench.live",
     "checkout": "bench.checkout",
     "store": "bench.store_apply",
+    "daemon": "bench.daemon",
 }
 FILTER_LIMIT = 1000  # TOPIC_FILTER_LIMIT (watcher/matching.py): up to this many addresses the node filters
 

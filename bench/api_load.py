@@ -234,6 +234,7 @@ def hello_main(spec: dict[str, Any]) -> None:
 
     app = web.Application()
     app.router.add_get("/v1/invoices/{id}/status", status)
+    app.router.add_get("/v1/chains", status)  # bench/daemon.py's client asks for it too (the same body)
     app.router.add_get("/healthz", health)
     web.run_app(app, host="127.0.0.1", port=spec["port"], access_log=None, print=None)
 

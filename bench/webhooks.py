@@ -116,9 +116,13 @@ def receiver_main(fail_rate: float, seed: int) -> None:
             }
         )
 
+    async def get_ids(request: web.Request) -> web.Response:
+        return web.json_response(accepted_ids)
+
     async def serve() -> None:
         app = web.Application()
         app.router.add_post("/hooks", hook)
+        app.router.add_get("/ids", get_ids)
         app.router.add_post("/dead", dead)
         app.router.add_get("/stats", get_stats)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
@@ -161,6 +165,13 @@ class ReceiverProcess:
         import urllib.request
 
         with urllib.request.urlopen(self.base + "/stats", timeout=10) as r:
+            return json.loads(r.read())
+
+    def ids(self) -> dict[str, int]:
+        """Every webhook-id accepted, with how many times."""
+        import urllib.request
+
+        with urllib.request.urlopen(self.base + "/ids", timeout=60) as r:
             return json.loads(r.read())
 
     def __enter__(self) -> ReceiverProcess:
