@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -36,7 +37,8 @@ from tests.anvil import ANVIL, Anvil
 from watcher.addresses import AddressDeriver, account_xpub_from_mnemonic
 from watcher.contracts import load_artifact
 
-CACHE = Path(__file__).resolve().parent / ".cache"
+# Kept between runs; BENCH_CACHE moves it (as for bench/watchset.py), e.g. to share one between checkouts.
+CACHE = Path(os.environ.get("BENCH_CACHE") or Path(__file__).resolve().parent / ".cache")
 FORMAT = 2  # bump when the way a chain is built changes: old caches are rebuilt
 
 SEED = 5
