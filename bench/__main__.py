@@ -1,7 +1,8 @@
 """python -m bench [SECTION] [--profile 1%|100%|100%x25] [--repeat N] [--rebuild] [--quick]
 
 Sections: build, catchup, profile (the catch-up chains and runs), watchset, webhooks, api, checkout,
-live, daemon (the real daemon catching up as an operator runs it). Without one: all of them (profile only when pyinstrument is installed).
+live, daemon (the real daemon catching up as an operator runs it). Without one: all of them
+(profile only when pyinstrument is installed).
 """
 
 from __future__ import annotations
