@@ -9,6 +9,7 @@ after it is scanned exactly once, and a payment seen twice is still recorded onc
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from .chain import MAX_BATCH, METHOD_NOT_FOUND, BlockUnknown, ChainReader, Found
 from .domain import BlockRef, FullBlock, Transfer
 from .matching import Match, WatchSet
 from .store import MatchedTransfer, Store
+from .watchload import load_watch_set
 
 log = structlog.get_logger("watcher.follower")
 
@@ -137,6 +139,18 @@ class Follower:
     def refresh_watch_set(self) -> None:
         """Pick up options created since the last look."""
         self.watch.refresh(self.store)
+
+    async def load_watch_set(self, stopping: asyncio.Event) -> None:
+        """The whole watch set, loaded off the event loop (watchload); retried until it is, as a step is."""
+        backoff = 0.5
+        while not self.watch.loaded and not stopping.is_set():
+            try:
+                await load_watch_set(self.watch, self.store)
+            except sqlite3.Error as exc:
+                log.warning("watch_set_load_failed", network=self.network, error=str(exc))
+                self.status.last_error = f"watch set not loaded: {exc}"
+                await _sleep_or(stopping, backoff)
+                backoff = min(backoff * 2, 30.0)
 
     async def _native_deposits(self, blocks: Sequence[FullBlock]) -> list[Match]:
         """Plain transfers of the coin to a coin option's address, in transactions that succeeded."""
@@ -534,6 +548,7 @@ class Follower:
         self._wake.set()
 
     async def run(self, stopping: asyncio.Event) -> None:
+        await self.load_watch_set(stopping)  # no step before every open option is watched
         backoff = 0.5
         failing_since: float | None = None  # the first failure of the current run of them
         while not stopping.is_set():

@@ -66,11 +66,28 @@ class WatchSet:
         # whose options are still open (a changed setting must not orphan them).
         self.routers: set[str] = set()
         self._rowid = 0
+        self._tokens: dict[str | None, str | None] = {}  # one string per token, not one per option
+        # The first, whole load runs after the API serves (watcher/watchload.py): until it is
+        # over the follower waits and `/readyz` shows `progress` (options loaded, to load).
+        self.loaded = False
+        self.progress = (0, 0)
+
+    @property
+    def after_rowid(self) -> int:
+        """The last option loaded: the next look starts after it."""
+        return self._rowid
 
     def refresh(self, store: Store) -> None:
         """Pick up options created since the last look (cheap: by rowid)."""
-        tokens: dict[str | None, str | None] = {}  # one string per token, not one per option
-        for row in store.watch_entries(self.network, self._rowid):
+        self.add(store.watch_entries(self.network, self._rowid))
+
+    def add(self, rows: Iterable[Any]) -> int:
+        """Watch these options (rows as `Store.watch_entries` gives them, in rowid order);
+        returns how many there were."""
+        tokens = self._tokens
+        count = 0
+        for row in rows:
+            count += 1
             if row["rail"] == "address":
                 token = tokens.setdefault(row["token_contract"], row["token_contract"])
                 self.addresses[row["destination_address"]] = WatchTarget(row["id"], token)
@@ -87,6 +104,7 @@ class WatchSet:
                 )
                 self.routers.add(router)
             self._rowid = row["rowid"]
+        return count
 
     def forget(self, rows: Iterable[Any]) -> int:
         """Stop watching these options (rows as `store.retention.closed_watch_entries` gives

@@ -124,7 +124,7 @@ class Ops:
         last_error = (
             self._redact(follower.status.last_error) if follower and follower.status.last_error else None
         )
-        why = []
+        why = _watch_set_loading(follower)
         if follower is None:
             why.append("no follower runs for this chain")
         elif head is None or head_at is None:
@@ -198,6 +198,16 @@ class Ops:
             "database": database,
             "chains": chains,
         }
+
+
+def _watch_set_loading(follower: Follower | None) -> list[str]:
+    """Why a chain is not ready while its watch set loads (watchload): how far it is."""
+    if follower is None or follower.watch.loaded:
+        return []
+    loaded, total = follower.watch.progress
+    if not total:
+        return ["watch set loading: counting its options"]
+    return [f"watch set loading: {loaded:,} of {total:,} options"]
 
 
 # --------------------------------------------------------------------------- response shapes

@@ -400,7 +400,7 @@ class Service:
             clock=self.clock,
             on_pruned=self.metrics.rows_pruned,
             prune_interval=self.prune_interval,
-            watch_sets=lambda: {name: f.watch for name, f in self.followers.items()},
+            watch_sets=lambda: {name: f.watch for name, f in self.followers.items() if f.watch.loaded},
         )
         self._scheduler.start()
         self.notifier.ready(self.status_line())
@@ -470,6 +470,10 @@ class Service:
             cursor = self.store.cursor(name)
             head = follower.status.head_block
             lag = "?" if head is None or cursor is None else str(max(head - cursor.number, 0))
+            if not follower.watch.loaded:
+                loaded, total = follower.watch.progress
+                parts.append(f"{name} loading its watch set ({loaded:,} of {total:,} options)")
+                continue
             parts.append(f"{name} lag {lag}")
         return "; ".join(parts) or "no chains"
 

@@ -47,6 +47,7 @@ from .records import (
 from .rejudge import Reasons, Rejudged, rejudge_many
 from .schema import migrations
 from .views import invoice_view, payment_view, status_view
+from .watchrows import watch_rows
 
 BLOCK_WINDOW = 256  # recent canonical blocks kept when the caller names no window (see apply_blocks)
 
@@ -701,13 +702,7 @@ class Store:
 
         Yielded in batches, not fetched at once: at start that is every open option, and a
         million rows held as a list would double the follower's memory while it loads them."""
-        cursor = self.db.execute(
-            "SELECT rowid, id, rail, destination_address, token_contract, contract_call FROM payment_options "
-            "WHERE network = ? AND rowid > ? ORDER BY rowid",
-            [network, after_rowid],
-        )
-        while batch := cursor.fetchmany(10_000):
-            yield from batch
+        return watch_rows(self.db.conn, network, after_rowid)
 
     def apply_blocks(
         self,
