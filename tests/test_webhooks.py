@@ -524,3 +524,119 @@ async def test_while_rotating_every_attempt_carries_one_signature_per_secret(tmp
     finally:
         await dispatcher.close()
         store.close()
+
+
+# --------------------------------------------------------------------------- group commit (issue 13)
+
+
+async def _deliveries_due(
+    tmp_path, endpoints, events: tuple[str, ...] = ("invoice.created",), invoices: int = 1
+) -> tuple[Store, str, list[str]]:
+    """A store with deliveries due to a healthy endpoint, and the ids that endpoint receives."""
+    got: list[str] = []
+
+    async def ok(request: web.Request) -> web.Response:
+        got.append(request.headers["webhook-id"])
+        return web.Response(status=204)
+
+    endpoints.add("/ok", ok)
+    await endpoints.start()
+    url = endpoints.url("/ok")
+    store = Store(tmp_path / "w.db", clock=time.time)
+    store.outbox.set_endpoints([Endpoint(url, events)])
+    for _ in range(invoices):
+        _invoice(store)
+    return store, url, got
+
+
+async def test_attempts_that_end_together_are_recorded_in_one_transaction(tmp_path, endpoints):
+    """40 deliveries, 16 in flight: their attempts are recorded in a few transactions (one
+    fsync each at synchronous=FULL), not one each; every one is still recorded."""
+    store, url, got = await _deliveries_due(tmp_path, endpoints, ("*",), invoices=20)  # created, confirmed
+    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: not lowered to go faster
+    outcomes: list[str] = []
+    transactions: list[int] = []  # attempts per transaction (each change is one, on the store's writer)
+
+    async def write(change, *args):
+        assert change == store.outbox.record_attempts
+        transactions.append(len(args[0]))
+        return await store.write(change, *args)
+
+    dispatcher = Dispatcher(
+        store.outbox,
+        {url: VECTOR_SECRET},
+        record_delay=0.2,
+        write=write,
+        on_attempt=lambda o, s: outcomes.append(o),
+    )
+    stopping = asyncio.Event()
+    runner = asyncio.create_task(dispatcher.run(stopping))
+    try:
+        started = time.monotonic()
+        while len(outcomes) < 40:
+            assert time.monotonic() - started < 10, f"{len(outcomes)} of 40 recorded"
+            await asyncio.sleep(0.02)
+        assert sorted(got) == sorted(set(got)) and len(got) == 40  # each sent once: none taken twice
+        statuses = store.db.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status").fetchall()
+        assert [tuple(r) for r in statuses] == [("delivered", 40)]
+        assert store.db.execute("SELECT COUNT(*) FROM delivery_attempts").fetchone()[0] == 40
+        assert sum(transactions) == 40 and len(transactions) <= 6, transactions
+    finally:
+        stopping.set()
+        dispatcher.wake()
+        await runner
+        await dispatcher.close()
+        store.close()
+
+
+async def test_a_delivery_waiting_for_its_record_is_not_sent_again(tmp_path, endpoints):
+    """Its attempt is over, its group not yet written: the lane must not take it again."""
+    store, url, got = await _deliveries_due(tmp_path, endpoints)
+    dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET}, record_delay=1.0)
+    stopping = asyncio.Event()
+    runner = asyncio.create_task(dispatcher.run(stopping, idle=0.05))
+    try:
+        await asyncio.sleep(0.7)  # many lane passes while the record waits
+        assert len(got) == 1
+        assert store.db.execute("SELECT status FROM deliveries").fetchone()[0] == "pending"
+    finally:
+        stopping.set()
+        dispatcher.wake()
+        await runner  # a graceful stop writes the group it holds
+        await dispatcher.close()
+    assert store.db.execute("SELECT status, attempts FROM deliveries").fetchone()[:] == ("delivered", 1)
+    assert len(got) == 1
+    store.close()
+
+
+async def test_an_attempt_whose_record_never_committed_is_sent_again_under_its_id(tmp_path, endpoints):
+    """The daemon dies after the POST, before the group's commit: the delivery is still pending
+    in the database, so the next run sends it again (at least once), under the same id."""
+    store, url, got = await _deliveries_due(tmp_path, endpoints)
+    never = asyncio.Event()
+
+    async def write_that_never_commits(change, *args):
+        await never.wait()  # the process dies here, before the transaction
+
+    dying = Dispatcher(store.outbox, {url: VECTOR_SECRET}, write=write_that_never_commits, record_delay=0)
+    runner = asyncio.create_task(dying.run(asyncio.Event()))
+    try:
+        started = time.monotonic()
+        while not got:
+            assert time.monotonic() - started < 5
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await dying.close()
+    assert store.db.execute("SELECT status, attempts FROM deliveries").fetchone()[:] == ("pending", 0)
+    assert store.db.execute("SELECT COUNT(*) FROM delivery_attempts").fetchone()[0] == 0
+    restarted = Dispatcher(store.outbox, {url: VECTOR_SECRET})
+    try:
+        assert await restarted.run_once() == 1
+    finally:
+        await restarted.close()
+    assert store.db.execute("SELECT status, attempts FROM deliveries").fetchone()[:] == ("delivered", 1)
+    assert len(got) == 2 and got[0] == got[1]
+    store.close()

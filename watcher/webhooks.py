@@ -8,6 +8,12 @@ Each endpoint is a lane of its own (contract §5): its own queue (its due delive
 URL), its own concurrency limit and its own circuit breaker, so an endpoint that hangs or
 fails delays only its own deliveries. An attempt never follows a redirect (a 3xx is a failed
 attempt, its Location in `last_error`) and reads at most 64 KiB of the answer.
+
+Attempts are recorded in groups (group commit): those that end within a few milliseconds of
+each other are written in one transaction, so one fsync serves them all at
+`synchronous=FULL`. Until its group has committed a delivery is not taken again, and its
+outcome is neither logged nor counted; a crash before the commit loses only the record, and
+the delivery is sent again after the restart (at least once, as ever).
 """
 
 from __future__ import annotations
@@ -19,14 +25,16 @@ import functools
 import hashlib
 import hmac
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import structlog
 
 from .redaction import redact_text, strip_credentials
 from .store import Outbox
+from .store.outbox import Attempt
 
 log = structlog.get_logger("watcher.webhooks")
 
@@ -43,6 +51,10 @@ BREAKER_THRESHOLD = 10
 # How often the dispatcher looks for pending deliveries to endpoints no longer configured.
 UNCONFIGURED_SCAN_SECONDS = 30.0
 BREAKER_PAUSES = (5.0, 15.0, 60.0, 300.0)
+# Group commit: at most this many attempts in one transaction, the ones that ended within this
+# many seconds of the first of them.
+RECORD_BATCH = 64
+RECORD_DELAY = 0.02
 
 
 def secret_keys(secrets: str) -> list[bytes]:
@@ -62,9 +74,15 @@ def secret_key(secret: str) -> bytes:
 
 def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     """The `webhook-signature` header value for one attempt."""
-    signed = f"{msg_id}.{timestamp}.".encode() + body
-    digest = hmac.new(key, signed, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
+    mac = _keyed(key).copy()  # the key's own setup done once, not per attempt
+    mac.update(f"{msg_id}.{timestamp}.".encode())
+    mac.update(body)
+    return "v1," + base64.b64encode(mac.digest()).decode()
+
+
+@functools.lru_cache(maxsize=64)
+def _keyed(key: bytes) -> hmac.HMAC:
+    return hmac.new(key, digestmod=hashlib.sha256)
 
 
 def signatures(keys: Sequence[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
@@ -156,9 +174,29 @@ class _Lane:
     url: str
     keys: list[bytes] | None
     breaker: Breaker
+    shown: str = ""  # the URL as logs show it: credentials stripped
     in_flight: dict[str, asyncio.Task] = field(default_factory=dict)
+    recording: set[str] = field(default_factory=set)  # attempted, not yet recorded: not taken again
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
+
+    def busy(self) -> list[str]:
+        """The deliveries the lane holds: in flight, or waiting for their record."""
+        return [*self.in_flight, *self.recording]
+
+
+@dataclass
+class _Ended:
+    """An attempt over, waiting for its group's commit, and what to tell once it is recorded."""
+
+    lane: _Lane
+    attempt: Attempt
+    event_id: str
+    url: str  # credentials stripped
+    outcome: str  # delivered, retry or failed
+    seconds: float | None  # None when nothing was sent
+    attempts_done: int
+    delay: float | None
 
 
 class Dispatcher:
@@ -174,11 +212,16 @@ class Dispatcher:
         breaker_pauses: tuple[float, ...] = BREAKER_PAUSES,
         on_attempt: Callable[[str, float | None], None] | None = None,
         on_breaker: Callable[[str, bool], None] | None = None,
+        write: Callable[..., Awaitable[Any]] | None = None,
+        record_batch: int = RECORD_BATCH,
+        record_delay: float = RECORD_DELAY,
     ) -> None:
         """``concurrency``: attempts in flight per endpoint. ``breaker_threshold`` None: no breaker.
-        ``on_attempt(outcome, seconds)`` hears of each attempt (the metrics): outcome
-        ``delivered``, ``retry`` or ``failed``; seconds None when nothing was sent.
-        ``on_breaker(shown_url, open)`` hears of each breaker that opens or closes."""
+        ``on_attempt(outcome, seconds)`` hears of each attempt once it is recorded (the
+        metrics): outcome ``delivered``, ``retry`` or ``failed``; seconds None when nothing was
+        sent. ``on_breaker(shown_url, open)`` hears of each breaker that opens or closes.
+        ``write(fn, *args)`` runs a store change (default: the outbox's, the store's writer
+        thread). ``record_batch``, ``record_delay``: the group commit's."""
         self.outbox = outbox
         self.on_attempt = on_attempt
         self.on_breaker = on_breaker
@@ -191,6 +234,12 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._lanes: dict[str, _Lane] = {}
         self._keys: dict[str, list[bytes]] = {}
+        self._write = write or outbox.write
+        self.record_batch = max(1, record_batch)
+        self.record_delay = record_delay
+        self._ended: list[_Ended] = []  # attempts over, not yet in a group being written
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._flushes: set[asyncio.Task] = set()
         self.set_secrets(secrets)
 
     def set_secrets(self, secrets: Mapping[str, str]) -> None:
@@ -217,7 +266,9 @@ class Dispatcher:
         lane = self._lanes.get(url)
         if lane is None:
             threshold = self.breaker_threshold if self.breaker_threshold is not None else 2**62
-            lane = self._lanes[url] = _Lane(url, self._keys.get(url), Breaker(threshold, self.breaker_pauses))
+            lane = self._lanes[url] = _Lane(
+                url, self._keys.get(url), Breaker(threshold, self.breaker_pauses), strip_credentials(url)
+            )
         return lane
 
     def _http(self) -> aiohttp.ClientSession:
@@ -236,6 +287,7 @@ class Dispatcher:
         """Deliver everything due now, each endpoint on its own; returns how many attempts were made."""
         urls = set(self._keys) | set(self.outbox.pending_urls())
         counts = await asyncio.gather(*(self._lane_once(self._lane(url)) for url in sorted(urls)))
+        await self.flush()
         return sum(counts)
 
     async def _lane_once(self, lane: _Lane) -> int:
@@ -243,7 +295,7 @@ class Dispatcher:
         room = lane.breaker.room(now, len(lane.in_flight), self.concurrency * 4)
         if room == 0:
             return 0
-        due = self.outbox.due_deliveries(now, limit=room, url=lane.url, exclude=list(lane.in_flight))
+        due = self.outbox.due_deliveries(now, limit=room, url=lane.url, exclude=lane.busy())
         if not due:
             return 0
         semaphore = asyncio.Semaphore(self.concurrency)
@@ -289,11 +341,13 @@ class Dispatcher:
             for lane in self._lanes.values():
                 lane.changed.set()
             await asyncio.gather(*(lane.task for lane in self._lanes.values() if lane.task is not None))
+            await self.flush()
         except asyncio.CancelledError:
             lanes = [lane.task for lane in self._lanes.values() if lane.task is not None]
             for task in lanes:
                 task.cancel()
             await asyncio.gather(*lanes, return_exceptions=True)
+            self._record_now()  # what ended before the cancellation is recorded, not sent again
             raise
 
     async def _run_lane(self, lane: _Lane, stopping: asyncio.Event, idle: float) -> None:
@@ -307,7 +361,7 @@ class Dispatcher:
                     wait = self._fill(lane, idle)
                 except Exception:  # a bug here must not stop this endpoint's deliveries for good
                     log.exception("dispatcher_step_failed", url=lane.url)  # the log strips url fields
-                if lane.keys is None and not lane.in_flight and self._idle_unconfigured(lane):
+                if lane.keys is None and not lane.busy() and self._idle_unconfigured(lane):
                     return  # no longer configured and nothing left to fail: the lane ends
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(lane.changed.wait(), timeout=max(wait, 0.01))
@@ -328,14 +382,14 @@ class Dispatcher:
         now = self.clock()
         room = lane.breaker.room(now, len(lane.in_flight), self.concurrency)
         if room > 0:
-            due = self.outbox.due_deliveries(now, limit=room, url=lane.url, exclude=list(lane.in_flight))
+            due = self.outbox.due_deliveries(now, limit=room, url=lane.url, exclude=lane.busy())
             for delivery in due:
                 lane.breaker.started(now)
                 task = asyncio.create_task(self._attempt(lane, delivery), name="webhook-attempt")
                 lane.in_flight[delivery["id"]] = task
                 task.add_done_callback(functools.partial(self._done, lane, delivery["id"]))
-        if lane.in_flight:
-            return idle  # a finished attempt wakes the lane
+        if lane.in_flight or lane.recording:
+            return idle  # a finished attempt, or its record, wakes the lane
         next_at = self.outbox.next_delivery_at(lane.url)
         wait = idle if next_at is None else max(next_at - now, 0.0)
         return min(idle, max(wait, lane.breaker.reopens_in(now) or 0.0))
@@ -391,48 +445,116 @@ class Dispatcher:
         ok = error is None
         attempts_done = delivery["attempts"] + 1
         delay = None if ok else next_attempt_delay(attempts_done)
-        await self.outbox.write(
-            self.outbox.record_attempt,
-            delivery["id"],
-            ok=ok,
-            status_code=status_code,
-            error=error,
-            duration_ms=duration_ms,
-            next_attempt_at=None if delay is None else self.clock() + delay,
-            claimed_attempts=delivery["attempts"],
-            claimed_requeues=delivery["requeues"],
-        )
         if keys is not None:
             self._breaker_saw(lane, ok)
-        if self.on_attempt is not None:
-            outcome = "delivered" if ok else ("failed" if delay is None else "retry")
-            self.on_attempt(outcome, duration_ms / 1000 if keys is not None else None)
-        url = strip_credentials(delivery["url"])
-        if ok:
+        lane.recording.add(delivery["id"])
+        self._ended.append(
+            _Ended(
+                lane,
+                Attempt(
+                    delivery["id"],
+                    ok=ok,
+                    status_code=status_code,
+                    error=error,
+                    duration_ms=duration_ms,
+                    next_attempt_at=None if delay is None else self.clock() + delay,
+                    claimed_attempts=delivery["attempts"],
+                    claimed_requeues=delivery["requeues"],
+                ),
+                delivery["event_id"],
+                lane.shown,
+                "delivered" if ok else ("failed" if delay is None else "retry"),
+                duration_ms / 1000 if keys is not None else None,
+                attempts_done,
+                delay,
+            )
+        )
+        if len(self._ended) >= self.record_batch:
+            self._start_flush()
+        elif self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(self.record_delay, self._start_flush)
+
+    # ------------------------------------------------------------------ recording, in groups
+
+    def _start_flush(self) -> None:
+        """Write the attempts ended so far as one group (a task: the next group gathers meanwhile)."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if not self._ended:
+            return
+        group, self._ended = self._ended, []
+        task = asyncio.create_task(self._record(group), name="webhook-record")
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def flush(self) -> None:
+        """Record every attempt that has ended (and wait for the groups being written)."""
+        self._start_flush()
+        while self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
+
+    def _record_now(self) -> None:
+        """At a cancellation: record what has ended on the spot, without awaiting."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        group, self._ended = self._ended, []
+        if group:
+            try:
+                self.outbox.record_attempts([e.attempt for e in group])
+            except Exception:
+                log.exception("webhook_attempts_unrecorded", count=len(group))
+                group = []
+            self._recorded(group)
+
+    async def _record(self, group: list[_Ended]) -> None:
+        try:
+            await self._write(self.outbox.record_attempts, [e.attempt for e in group])
+        except Exception:  # nothing recorded: the deliveries are still pending, and are sent again
+            log.exception("webhook_attempts_unrecorded", count=len(group))
+            for ended in group:
+                ended.lane.recording.discard(ended.attempt.delivery_id)
+                ended.lane.changed.set()
+            return
+        self._recorded(group)
+
+    def _recorded(self, group: list[_Ended]) -> None:
+        """Once a group has committed: its deliveries may be taken again; log and count them."""
+        for ended in group:
+            ended.lane.recording.discard(ended.attempt.delivery_id)
+            ended.lane.changed.set()
+            if self.on_attempt is not None:
+                self.on_attempt(ended.outcome, ended.seconds)
+            self._log(ended)
+
+    def _log(self, ended: _Ended) -> None:
+        attempt = ended.attempt
+        if attempt.ok:
             log.info(
                 "webhook_delivered",
-                delivery=delivery["id"],
-                event_id=delivery["event_id"],
-                url=url,
-                ms=round(duration_ms, 1),
+                delivery=attempt.delivery_id,
+                event_id=ended.event_id,
+                url=ended.url,
+                ms=round(attempt.duration_ms, 1),
             )
-        elif delay is None:
+        elif ended.delay is None:
             log.error(
                 "webhook_failed",
-                delivery=delivery["id"],
-                event_id=delivery["event_id"],
-                url=url,
-                error=error,
-                attempts=attempts_done,
+                delivery=attempt.delivery_id,
+                event_id=ended.event_id,
+                url=ended.url,
+                error=attempt.error,
+                attempts=ended.attempts_done,
             )
         else:
             log.warning(
                 "webhook_retry_scheduled",
-                delivery=delivery["id"],
-                event_id=delivery["event_id"],
-                url=url,
-                error=error,
-                in_seconds=delay,
+                delivery=attempt.delivery_id,
+                event_id=ended.event_id,
+                url=ended.url,
+                error=attempt.error,
+                in_seconds=ended.delay,
             )
 
     def _breaker_saw(self, lane: _Lane, ok: bool) -> None:

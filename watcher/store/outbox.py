@@ -44,6 +44,24 @@ def delivery_view(row: sqlite3.Row) -> dict:
 
 
 @dataclass(frozen=True)
+class Attempt:
+    """One delivery attempt, as it went; `next_attempt_at` None after a failure means give up.
+
+    `claimed_attempts` and `claimed_requeues` are what the dispatcher saw when it took the
+    delivery: if an operator redelivered it meanwhile, the attempt is recorded but the fresh
+    schedule stays. None: the delivery's count as it is now."""
+
+    delivery_id: str
+    ok: bool
+    status_code: int | None
+    error: str | None
+    duration_ms: float
+    next_attempt_at: float | None
+    claimed_attempts: int | None = None
+    claimed_requeues: int | None = None
+
+
+@dataclass(frozen=True)
 class Endpoint:
     url: str
     events: tuple[str, ...]
@@ -225,38 +243,64 @@ class Outbox:
         claimed_attempts: int | None = None,
         claimed_requeues: int | None = None,
     ) -> None:
-        """One attempt, as it went; `next_attempt_at` None after a failure means give up.
+        """One attempt, as it went (see `Attempt`), in a transaction of its own."""
+        self.record_attempts(
+            [
+                Attempt(
+                    delivery_id,
+                    ok=ok,
+                    status_code=status_code,
+                    error=error,
+                    duration_ms=duration_ms,
+                    next_attempt_at=next_attempt_at,
+                    claimed_attempts=claimed_attempts,
+                    claimed_requeues=claimed_requeues,
+                )
+            ]
+        )
 
-        `claimed_attempts` and `claimed_requeues` are what the dispatcher saw when it took the
-        delivery: if an operator redelivered it meanwhile, the attempt is recorded but the
-        fresh schedule stays."""
+    def record_attempts(self, attempts: Sequence[Attempt]) -> None:
+        """Attempts of distinct deliveries in one transaction: one commit, so one fsync, for
+        them all (the dispatcher's group commit). A delivery no longer there (pruned
+        meanwhile) is skipped."""
+        if not attempts:
+            return
         now = rfc3339(self.clock())
+        ids = [a.delivery_id for a in attempts]
         with self.db.atomic():
-            row = self._q1("SELECT attempts, requeues FROM deliveries WHERE id = ?", [delivery_id])
-            attempt = row["attempts"] + 1 if claimed_attempts is None else claimed_attempts + 1
-            self.db.execute(
+            rows = {
+                r["id"]: r
+                for r in self._q(
+                    f"SELECT id, attempts, requeues FROM deliveries WHERE id IN ({','.join('?' * len(ids))})",
+                    ids,
+                )
+            }
+            recorded, updated = [], []
+            for a in attempts:
+                row = rows.get(a.delivery_id)
+                if row is None:
+                    continue
+                attempt = (row["attempts"] if a.claimed_attempts is None else a.claimed_attempts) + 1
+                recorded.append((a.delivery_id, attempt, now, a.status_code, a.error, a.duration_ms))
+                requeued = (a.claimed_attempts is not None and row["attempts"] != a.claimed_attempts) or (
+                    a.claimed_requeues is not None and row["requeues"] != a.claimed_requeues
+                )
+                if requeued:
+                    continue  # re-queued while this attempt was in flight: leave the new schedule alone
+                status = "delivered" if a.ok else ("pending" if a.next_attempt_at is not None else "failed")
+                next_at, delivered_at = (None, now) if a.ok else (a.next_attempt_at, None)
+                updated.append(
+                    (status, attempt, a.status_code, a.error, next_at, delivered_at, a.delivery_id)
+                )
+            self.db.conn.executemany(
                 "INSERT INTO delivery_attempts(delivery_id, attempt, at, status_code, error, duration_ms) "
                 "VALUES (?,?,?,?,?,?)",
-                [delivery_id, attempt, now, status_code, error, duration_ms],
+                recorded,
             )
-            requeued = (claimed_attempts is not None and row["attempts"] != claimed_attempts) or (
-                claimed_requeues is not None and row["requeues"] != claimed_requeues
-            )
-            if requeued:
-                return  # re-queued while this attempt was in flight: leave the new schedule alone
-            status = "delivered" if ok else ("pending" if next_attempt_at is not None else "failed")
-            self.db.execute(
+            self.db.conn.executemany(
                 "UPDATE deliveries SET status = ?, attempts = ?, last_status_code = ?, last_error = ?, "
                 "next_attempt_at = ?, delivered_at = ? WHERE id = ?",
-                [
-                    status,
-                    attempt,
-                    status_code,
-                    error,
-                    None if ok else next_attempt_at,
-                    now if ok else None,
-                    delivery_id,
-                ],
+                updated,
             )
 
     # ------------------------------------------------------------------ operations
