@@ -140,14 +140,9 @@ events = ["invoice.payment_detected"]
         if hook_url
         else ""
     )
-    return f'''database = "{db}"
-log_format = "json"
-log_level = "info"
+    from bench.daemon import config_head
 
-[http]
-listen = "127.0.0.1:{port}"
-api_key_env = "WATCHER_API_KEY"
-
+    return f'''{config_head(db, port)}
 {hooks}
 [[chains]]
 name = "anvil"

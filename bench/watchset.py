@@ -155,6 +155,13 @@ def _address(i: int) -> str:
     return "0x" + hashlib.blake2b(i.to_bytes(8, "big"), digest_size=20, person=b"bench-watchset").hexdigest()
 
 
+def empty_store(path: Path) -> None:
+    """A store with its tables and nothing in them."""
+    from watcher.store import Store
+
+    Store(path, clock=time.time).close()
+
+
 def fill_real(path: Path, count: int) -> dict[str, Any]:
     """`count` invoices through the real create path, into a fresh store; timed."""
     from watcher.logs import configure_logging
@@ -341,11 +348,12 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     ours = list(addresses(follower))
     sample = random.Random(1).sample(ours, min(1000, len(ours))) if ours else ["0x" + "00" * 20]
     blocks = _blocks(sample, 1000)
-    found = sum(len(follower.match(b)) for b in blocks)
+    match = follower.watch.transfers  # what the follower calls on a range's transfers
+    found = sum(len(match(b)) for b in blocks)
     if found != (len(blocks) if ours else 0):
         raise RuntimeError(f"matched {found} of {len(blocks)} transfers of ours")
     rounds = spec.get("match_rounds", 20)
-    result["match_us_per_block"] = _time_blocks(follower.match, blocks, rounds)
+    result["match_us_per_block"] = _time_blocks(match, blocks, rounds)
     # The control: a bare dict.get per transfer on a plain dict of the same keys (what any
     # hash table of this size costs on this machine's memory), same blocks.
     plain = dict.fromkeys(addresses(follower), 1)
@@ -489,7 +497,154 @@ def _creation_rate(spec: dict[str, Any], store: Any) -> dict[str, Any]:
     return {"created": n, "create_rate": n / wall, "create_rate_no_fsync": nosync, "derive_ms": derive_ms}
 
 
+# --------------------------------------------------------------------------- start-up of the real daemon
+
+STARTUP_RATE = 100.0  # status requests/s while the daemon starts
+
+
+def startup_config(db: Path, port: int, node: Any) -> str:
+    from bench.daemon import config_head
+    from watcher.addresses import account_xpub_from_mnemonic
+
+    return f'''{config_head(db, port)}
+[[chains]]
+name = "{NETWORK}"
+chain_id = {node.chain_id}
+rpc_urls = ["{node.url}"]
+poll_interval_seconds = 1.0
+confirmations = 3
+start_block = "latest"
+deposit_xpub = "{account_xpub_from_mnemonic(MNEMONIC)}"
+
+[[chains.assets]]
+symbol = "TUSD"
+kind = "erc20"
+contract = "{TOKEN}"
+decimals = 6
+usd_rate = "1"
+'''
+
+
+def _forget_chain(db: Path) -> None:
+    """What a start-up run leaves in a cached store (the node's genesis, a checkpoint), removed."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    for table in ("chain_genesis", "cursors", "chain_blocks"):
+        conn.execute(f"DELETE FROM {table} WHERE network = ?", [NETWORK])
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+
+
+def startup(db: Path, size: int) -> dict[str, Any]:
+    """`watcher run --config` on this store and a fresh anvil (its clock in 2023, so no invoice
+    is past its deadline in chain time): from spawn to the first API answer, to READY=1 and to
+    `/readyz` 200, the reasons `/readyz` gave meanwhile, and the status route's latency while
+    the daemon starts (an open-loop client at STARTUP_RATE/s from its first answer)."""
+    import secrets
+    import tempfile
+    import urllib.error
+    import urllib.request
+
+    from bench.daemon import Client, latency, spawn_daemon
+    from tests.anvil import Anvil, free_port
+
+    _forget_chain(db)
+    ids = [r[0] for r in sqlite3.connect(db).execute("SELECT id FROM invoices ORDER BY random() LIMIT 1000")]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-startup-"))
+    node = Anvil(chain_id=900_001, args=("--timestamp", "1700000000"))
+    port = free_port()
+    key = "sk_bench_" + secrets.token_urlsafe(24)
+    api = Client(
+        {
+            "base": f"http://127.0.0.1:{port}",
+            "key": key,
+            "ids": ids or ["inv_00000000000000000000000000"],  # an empty store: its 404, as fast a lookup
+            "rate": STARTUP_RATE,
+            "chains_every": 10**9,
+            "out": str(tmp / "client.json"),
+        }
+    )
+    daemon = spawn_daemon(tmp, startup_config(db, port, node), {"WATCHER_API_KEY": key}, port)
+    reasons: list[str] = []
+    try:
+        ready_at = daemon.wait_ready()
+        while True:
+            try:
+                urllib.request.urlopen(daemon.base + "/readyz", timeout=30).read()
+                readyz_at = time.monotonic()
+                break
+            except urllib.error.HTTPError as exc:
+                body = json.loads(exc.read() or b"{}")
+                for r in body.get("reasons", []):
+                    if r["reason"] not in reasons[-1:]:
+                        reasons.append(r["reason"])
+            except OSError:  # no answer within 30 s: the loop is held (the table's max shows it)
+                pass
+            if daemon.process.poll() is not None or time.monotonic() - daemon.spawned > 300:
+                raise RuntimeError(f"the daemon never became ready: {reasons[-3:]}")
+            time.sleep(0.02)
+        time.sleep(1.0)
+        rss = daemon.peak_rss_mb()
+    finally:
+        samples, _ = api.finish()
+        daemon.stop()
+        node.stop()
+        _forget_chain(db)
+    loading = [r for r in reasons if r.startswith("watch set loading")]
+    return {
+        "size": size,
+        "first_answer_s": daemon.first_answer - daemon.spawned,
+        "ready_signal_s": ready_at - daemon.spawned,
+        "readyz_s": readyz_at - daemon.spawned,
+        "peak_rss_mb": rss,
+        "loading_reasons": [loading[0], loading[-1]] if loading else [],
+        "api": latency(samples, "status", daemon.first_answer, readyz_at, answered=(200, 404)),
+        "log": str(tmp / "daemon.log"),
+    }
+
+
+def startup_report(paths: dict[int, Path]) -> None:
+    """Start-up of the daemon on each store (size 0: an empty one, the baseline), as a table."""
+    print(
+        f"-- start-up: `watcher run --config` on each store and a fresh anvil; {STARTUP_RATE:g} status "
+        "requests/s from the first answer",
+        flush=True,
+    )
+    runs = [startup(path, size) for size, path in sorted(paths.items())]
+    head = (
+        f"{'watched':>10} {'1st answer s':>12} {'READY=1 s':>9} {'/readyz 200 s':>13} {'x base':>6} "
+        f"{'peak RSS MB':>11} {'API n':>6} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}"
+    )
+    print(head)
+    print("-" * len(head))
+    base = runs[0]
+    for r in runs:
+        a = r["api"]
+        times = f"{r['first_answer_s']:>12.2f} {r['ready_signal_s']:>9.2f} {r['readyz_s']:>13.2f}"
+        print(
+            f"{r['size']:>10,} {times} {r['readyz_s'] / base['readyz_s']:>6.2f} {r['peak_rss_mb']:>11.0f} "
+            f"{a['n']:>6} {a['p50']:>7.2f} {a['p99']:>7.2f} {a['max']:>7.1f}"
+        )
+        if r["loading_reasons"]:
+            print(f"  {r['size']:,}: /readyz said {' ... '.join(repr(x) for x in r['loading_reasons'])}")
+    big = runs[-1]
+    print(
+        f"goal (issue 13 #5): the API answers within 1 s of process start with {big['size']:,} addresses: "
+        f"{big['first_answer_s']:.2f} s (empty store {base['first_answer_s']:.2f} s) -> "
+        f"{'met' if big['first_answer_s'] <= 1.0 else 'NOT met'}",
+        flush=True,
+    )
+
+
 # --------------------------------------------------------------------------- report
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """What a child process was asked for: a fill, an explanation, or a size's measure."""
+    if "fill_real" in spec:
+        return fill_real(Path(spec["fill_real"]), spec["count"])
+    if "explain" in spec:
+        return explain(spec)
+    return measure(spec)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -508,17 +663,16 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="for the largest size: tracemalloc, a profile of the load, and a leaner loader's figures",
     )
+    parser.add_argument(
+        "--startup-only",
+        action="store_true",
+        help="only the daemon's start-up on each store (and an empty one)",
+    )
+    parser.add_argument("--no-startup", action="store_true", help="leave the daemon's start-up out")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        spec = json.loads(args.child)
-        if "fill_real" in spec:
-            result = fill_real(Path(spec["fill_real"]), spec["count"])
-        elif "explain" in spec:
-            result = explain(spec)
-        else:
-            result = measure(spec)
-        print(json.dumps(result))
+        print(json.dumps(child(json.loads(args.child))))
         return
     sizes = (
         [int(s) for s in args.sizes.split(",")] if args.sizes else list(QUICK_SIZES if args.quick else SIZES)
@@ -536,6 +690,12 @@ def main(argv: list[str] | None = None) -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     for p in (baseline_db, Path(f"{baseline_db}-wal"), Path(f"{baseline_db}-shm")):
         p.unlink(missing_ok=True)
+    if args.startup_only:
+        empty_store(baseline_db)
+        stores = {size: ensure_store(size, sample, args.rebuild, None)[0] for size in sorted(sizes)}
+        startup_report({0: baseline_db, **stores})
+        print(f"(watchset took {time.monotonic() - started:.0f} s)", flush=True)
+        return
     results = [run_child("bench.watchset", {"db": str(baseline_db), "size": 0, "create": create})]
     metas: dict[int, dict[str, Any]] = {}
     paths: dict[int, Path] = {}
@@ -633,6 +793,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{lean['load_s']:.2f} s, peak RSS {lean['peak_rss_mb']:.0f} MB "
             f"(vs {big['load_s']:.2f} s, {big['peak_rss_mb']:.0f} MB)"
         )
+    if not args.no_startup:
+        startup_report({0: baseline_db, **paths})
     print(f"(watchset took {time.monotonic() - started:.0f} s)", flush=True)
 
 
