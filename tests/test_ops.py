@@ -258,9 +258,10 @@ async def test_readyz_follows_each_chain_from_unreachable_to_lagging_to_stale(tm
     await h.start()
     try:
         # Never reached: not ready, the follower's last error quoted (without the URL's secrets).
-        async def unreachable():
+        async def unreachable():  # (and the sandbox chain ready: its watch set loaded, its first step done)
             status, body, ctype = await readyz(h)
-            if status == 503 and any(r.get("last_error") for r in body["reasons"]):
+            reasons = body["reasons"] if status == 503 else []
+            if any(r.get("last_error") for r in reasons) and all(r["network"] == "mirror" for r in reasons):
                 return status, body, ctype
 
         status, body, ctype = await h.wait_for(unreachable, what="503 with the follower's error")
