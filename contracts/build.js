@@ -20,6 +20,7 @@ const CONTRACTS = {
   TestToken: 'TestToken.sol',
   PaymentRouter: 'PaymentRouter.sol',
   TestWallet: 'TestWallet.sol',
+  TestPriceFeed: 'TestPriceFeed.sol',
 };
 const SETTINGS = {
   optimizer: { enabled: true, runs: 200 },

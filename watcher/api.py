@@ -199,7 +199,7 @@ def _quote_rates_in(value: Any) -> Any:
 class CreateInvoiceIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     amount: Decimal
-    currency: Literal["USD"] = "USD"
+    currency: Annotated[str, Field(pattern=r"^[A-Za-z]{3}$")] = "USD"
     payment_timing: TimingIn | None = None
     assets: AssetsIn | None = None
     rails: Annotated[list[Literal["address", "contract"]], Field(min_length=1, max_length=2)] = ["address"]
@@ -237,6 +237,11 @@ class CreateInvoiceIn(BaseModel):
     @classmethod
     def _rates(cls, value: Any) -> Any:
         return _quote_rates_in(value)
+
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, value: str) -> str:
+        return value.upper()  # which codes the rates reach is checked against the configuration
 
     @field_validator("rails")
     @classmethod
@@ -631,7 +636,11 @@ class InvoiceRoutes:
             amount = Decimal(row["amount"])
             options_request = orjson.loads(row["request"])
             timing, payable_until = session_timing(orjson.loads(row["payment_timing"]), self.clock())
-            options = self.invoicing.build_from_request(amount, options_request) if amount > 0 else []
+            options = (
+                self.invoicing.build_from_request(amount, options_request, row["currency"])
+                if amount > 0
+                else []
+            )
             return NewSession(options, timing, payable_until, options_request)
 
         invoice = await self._start_session(invoice_id, (InvoiceStatus.DRAFT,), plan)
@@ -659,7 +668,9 @@ class InvoiceRoutes:
             if data.quote_rates is not None:
                 options_request["quote_rates"] = {k: format(v, "f") for k, v in data.quote_rates.items()}
             timing, payable_until = session_timing(orjson.loads(row["payment_timing"]), self.clock())
-            options = self.invoicing.build_from_request(Decimal(row["amount"]), options_request)
+            options = self.invoicing.build_from_request(
+                Decimal(row["amount"]), options_request, row["currency"]
+            )
             return NewSession(options, timing, payable_until, options_request)
 
         invoice = await self._start_session(invoice_id, (InvoiceStatus.PENDING, InvoiceStatus.EXPIRED), plan)
@@ -956,11 +967,12 @@ def build_new_invoice(
         if data.amount > 0:
             # A draft's options are built at finalize, but built now too, so that a draft that
             # could never be finalized is refused at once.
-            options = invoicing.build_or_refuse(data.amount, data.assets, data.rails, rates)
+            options = invoicing.build_or_refuse(data.amount, data.assets, data.rails, rates, data.currency)
         elif data.assets is not None or data.rails != ["address"]:
-            invoicing.build(
-                Decimal(1), data.assets, data.rails, rates
-            )  # no options, but the request must make sense
+            # no options, but the request must make sense
+            invoicing.build(Decimal(1), data.assets, data.rails, rates, data.currency)
+        else:
+            invoicing.check_currency(data.currency)
     except OptionsError as exc:
         raise invalid(exc.field, exc.message) from None
     if data.draft:

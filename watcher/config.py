@@ -37,6 +37,7 @@ from pydantic import (
 
 from watcher.addresses import normalize_address, parse_xpub, to_checksum
 from watcher.domain import DECIMAL_TEXT, usd_rate_problem
+from watcher.rates.quoting import rate_graph
 from watcher.redaction import strip_credentials
 from watcher.schemas import EventTypeName
 
@@ -48,6 +49,7 @@ __all__ = [
     "ConfigError",
     "HttpSettings",
     "InvoiceSettings",
+    "RateSettings",
     "RetentionSettings",
     "Settings",
     "WebhookSettings",
@@ -538,6 +540,124 @@ class RetentionSettings(BaseModel):
     watch_closed_invoices_days: Annotated[StrictInt, Field(ge=0, le=36500)] = 365  # 0: forever
 
 
+# A fiat code (ISO 4217 style): what a pair is quoted in, and what an invoice may be in.
+FIAT_CODE = re.compile(r"[A-Z]{3}")
+_PAIR_SIDE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,19}")
+# Chainlink heartbeats run from minutes to a day; an HTTP source is asked at most once a minute.
+MIN_HTTP_REFRESH_SECONDS = 60
+MIN_CHAINLINK_REFRESH_SECONDS = 5
+# `json_path`: dotted keys and list indices, e.g. "data.amount" or "result.0.price".
+_JSON_PATH = re.compile(r"[^.\s]{1,100}(\.[^.\s]{1,100}){0,15}")
+
+
+def _pair(value: Any) -> str:
+    """BASE/QUOTE in upper case: the base an asset symbol or a fiat code, the quote a fiat code."""
+    if not isinstance(value, str) or value.count("/") != 1:
+        raise ValueError('must be "BASE/QUOTE", e.g. "ETH/USD" or "EUR/USD"')
+    base, quote = (part.strip().upper() for part in value.split("/"))
+    if not _PAIR_SIDE.fullmatch(base) or not FIAT_CODE.fullmatch(quote):
+        raise ValueError('must be "BASE/QUOTE": an asset symbol or fiat code, then a three-letter fiat code')
+    if base == quote:
+        raise ValueError("must name two different things")
+    return f"{base}/{quote}"
+
+
+def _rate_url(value: Any) -> str:
+    """https, or plain http to this machine only: a price read over the open network could be
+    changed on its way, and with it every invoice quoted from it."""
+    url = _url(value, ("http", "https"))
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "http" and not is_loopback_host(parts.hostname):
+        raise ValueError(
+            "must be an https URL: plain http is allowed only for a loopback host, since anyone on "
+            "the path could change the price"
+        )
+    return url
+
+
+class RateSettings(BaseModel):
+    """One live price source for a pair (contract section 9): a Chainlink feed read on a
+    configured chain's own nodes, or a number in an HTTP source's JSON. Several for one pair
+    give their median."""
+
+    model_config = _MODEL
+    pair: Annotated[str, PlainValidator(_pair)]
+    source: Literal["chainlink", "http"]
+    max_age_seconds: Annotated[StrictInt, Field(ge=1, le=7 * 86400)]
+    refresh_seconds: Annotated[StrictInt, Field(ge=MIN_CHAINLINK_REFRESH_SECONDS, le=86400)] = 60
+    # chainlink
+    chain: str | None = None
+    feed: Address = None
+    sequencer_uptime_feed: Address = None  # L2s: no quote while the sequencer is down or just back
+    # http
+    url: Annotated[str | None, PlainValidator(lambda v: None if v is None else _rate_url(v))] = None
+    json_path: Annotated[str, Field(pattern=_JSON_PATH.pattern)] | None = None
+
+    @model_validator(mode="after")
+    def _fits_source(self) -> RateSettings:
+        own = (
+            ("chain", "feed", "sequencer_uptime_feed") if self.source == "chainlink" else ("url", "json_path")
+        )
+        other = (
+            ("url", "json_path") if self.source == "chainlink" else ("chain", "feed", "sequencer_uptime_feed")
+        )
+        for key in other:
+            if getattr(self, key) is not None:
+                raise _KeyedError(f"belongs to a source of another kind, not {self.source!r}", key)
+        for key in own[:2]:
+            if getattr(self, key) is None:
+                raise _KeyedError(f"is required for a {self.source} source", key)
+        if self.source == "http" and self.refresh_seconds < MIN_HTTP_REFRESH_SECONDS:
+            raise _KeyedError(
+                f"must be at least {MIN_HTTP_REFRESH_SECONDS} for an http source (at most once a minute)",
+                "refresh_seconds",
+            )
+        return self
+
+    @property
+    def base(self) -> str:
+        return self.pair.split("/")[0]
+
+    @property
+    def quote(self) -> str:
+        return self.pair.split("/")[1]
+
+    def label(self) -> str:
+        """How logs, /v1/rates and check-config name the source (no credentials)."""
+        if self.source == "chainlink":
+            return f"chainlink {self.chain} {to_checksum(self.feed or '')}"
+        return f"http {strip_credentials(self.url or '')}"
+
+
+def _check_rates(rates: Sequence[RateSettings], chains: Sequence[ChainSettings]) -> None:
+    """Each source reads a configured chain, each pair means something (an asset or a fiat code on
+    either side, never an asset as what is quoted), and no source is listed twice."""
+    names = [c.name for c in chains]
+    symbols = {a.symbol.upper() for c in chains for a in c.assets}
+    for i, rate in enumerate(rates):
+        if rate.chain is not None and rate.chain not in names:
+            raise _KeyedError(
+                f"is not a configured chain (configured: {', '.join(names)})", "rates", i, "chain"
+            )
+        if rate.quote in symbols:
+            raise _KeyedError(
+                f"quotes in {rate.quote}, a configured asset: a pair is quoted in a fiat code",
+                "rates",
+                i,
+                "pair",
+            )
+        if rate.base not in symbols and not FIAT_CODE.fullmatch(rate.base):
+            raise _KeyedError(
+                f"{rate.base} is neither a configured asset symbol nor a three-letter fiat code",
+                "rates",
+                i,
+                "pair",
+            )
+    keys = [(r.pair, r.chain, r.feed, r.url, r.json_path) for r in rates]
+    if dup := _first_duplicate(keys):
+        raise _KeyedError(f"the same source as rates[{dup[1]}]", "rates", dup[0])
+
+
 class Settings(BaseModel):
     """The whole validated configuration; immutable so a reload swaps it as one object."""
 
@@ -551,6 +671,7 @@ class Settings(BaseModel):
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     webhooks: tuple[WebhookSettings, ...] = ()
     chains: Annotated[tuple[ChainSettings, ...], Field(min_length=1)]
+    rates: tuple[RateSettings, ...] = ()
 
     @model_validator(mode="after")
     def _unique_chains(self) -> Settings:
@@ -565,6 +686,7 @@ class Settings(BaseModel):
             self.http.listen
         ):
             raise _KeyedError("must differ from http.listen (the API is not public)", "checkout", "listen")
+        _check_rates(self.rates, self.chains)
         return self
 
 
@@ -732,6 +854,7 @@ def describe(settings: Settings) -> str:
             where = to_checksum(a.contract) if a.contract else "native coin"
             rate = f", usd_rate {a.usd_rate}" if a.usd_rate is not None else ", no usd_rate"
             lines.append(f"  asset {a.symbol} ({a.kind}): {where}, decimals {a.decimals}{rate}")
+    lines += describe_rates(settings)
     if not settings.webhooks:
         lines.append("webhooks: none")
     for hook in settings.webhooks:
@@ -740,3 +863,34 @@ def describe(settings: Settings) -> str:
             f"(secret from ${hook.secret_env})"
         )
     return "\n".join(lines)
+
+
+def describe_rates(settings: Settings) -> list[str]:
+    """check-config's lines for the live prices: each pair, its sources, and what each asset is
+    priced with (and the invoice currencies they reach)."""
+    if not settings.rates:
+        return ["rates: no live prices ([[rates]]): assets quote from usd_rate or the request's quote_rates"]
+    lines = []
+    pairs = dict.fromkeys(r.pair for r in settings.rates)
+    for pair in pairs:
+        sources = [r for r in settings.rates if r.pair == pair]
+        lines.append(f"rate {pair}: median of {len(sources)} source(s), refused past a 2% disagreement")
+        for r in sources:
+            extra = (
+                f", sequencer uptime feed {to_checksum(r.sequencer_uptime_feed)}"
+                if r.sequencer_uptime_feed
+                else ""
+            )
+            path = f", json_path {r.json_path}" if r.json_path else ""
+            lines.append(
+                f"  {r.label()}{path}{extra}: max age {r.max_age_seconds} s, read every {r.refresh_seconds} s"
+            )
+    lines.append("invoice currencies: " + ", ".join(sorted(rate_graph(settings).currencies)))
+    live = {r.base for r in settings.rates}
+    for chain in settings.chains:
+        for a in chain.assets:
+            if a.symbol.upper() in live:
+                lines.append(
+                    f"  asset {chain.name}:{a.symbol}: live ({a.symbol.upper()} pairs; usd_rate never used)"
+                )
+    return lines

@@ -496,9 +496,10 @@ def _q(value: Decimal, places: int) -> Decimal:
     return value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_DOWN)
 
 
-def quote_atomic(amount: Decimal, usd_rate: Decimal, decimals: int) -> int:
-    """Atomic units that cover `amount` USD at `usd_rate`, rounded up so the merchant is never short."""
-    value = Fraction(amount) / Fraction(usd_rate) * 10**decimals
+def quote_atomic(amount: Decimal, rate: Decimal | Fraction, decimals: int) -> int:
+    """Atomic units that cover `amount` at `rate` (the invoice currency per unit), exactly, rounded
+    up so the merchant is never short."""
+    value = Fraction(amount) / Fraction(rate) * 10**decimals
     return math.ceil(value)
 
 

@@ -6,16 +6,21 @@ index is allocated exactly once).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 from eth_utils import keccak
 
 from .addresses import AddressDeriver, native_payment_uri, router_payment_uri, token_payment_uri
 from .config import ChainSettings, Settings
-from .domain import UINT256_MAX, format_units, quote_atomic, rfc3339
+from .domain import UINT256_MAX, format_units, rfc3339
+from .rates.aggregate import PairValue
+from .rates.book import RateBook
+from .rates.quoting import USD, NoQuote, Quote, format_rate, price, quote_atomic, rate_graph
 from .store import OptionSpec
 
 
@@ -42,9 +47,28 @@ class AssetRef:
     usd_rate: Decimal | None
 
 
+@dataclass(frozen=True)
+class LeftOut:
+    """An asset that could not be quoted, and why."""
+
+    asset: AssetRef
+    why: NoQuote
+
+    def describe(self) -> str:
+        return f"{self.asset.chain.name}:{self.asset.symbol} ({self.why.reason})"
+
+
 class Invoicing:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, rates: RateBook | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
+        """`rates`: the live prices (None: no source has answered, so live assets do not quote)."""
         self.settings = settings
+        self.rates = rates
+        self.clock = clock
+        self.graph = rate_graph(settings)
+        # Invoices may be in USD or in any fiat code the configured pairs reach from USD.
+        self.currencies = self.graph.currencies
         self._derivers = {
             c.deposit_xpub: AddressDeriver(c.deposit_xpub) for c in settings.chains if c.deposit_xpub
         }
@@ -80,22 +104,33 @@ class Invoicing:
         assets: Sequence[str] | None,
         rails: Sequence[str],
         quote_rates: dict[str, Decimal],
+        currency: str = USD,
     ) -> list[OptionSpec]:
         """`build`, refusing an empty result: no invoice to pay may end up with nothing to pay with."""
-        specs = self.build(amount, assets, rails, quote_rates)
+        specs, left_out = self.quote(amount, assets, rails, quote_rates, currency)
         if not specs:
+            pairs = list(dict.fromkeys(p for lo in left_out for p in lo.why.pairs))
+            why = (
+                "no asset can be quoted"
+                + (f" (pairs that cannot quote now: {', '.join(pairs)})" if pairs else "")
+                + (": " + "; ".join(lo.describe() for lo in left_out) if left_out else "")
+            )
             raise OptionsError(
                 "assets",
-                "no payment option can be built: no asset can be quoted (give quote_rates), or no chain has a "
+                f"no payment option can be built: {why}. Give quote_rates, or check that a chain has a "
                 "deposit_xpub (address rail) or a router_address and merchant_address (contract rail)",
             )
         return specs
 
-    def build_from_request(self, amount: Decimal, request: dict[str, Any]) -> list[OptionSpec]:
+    def build_from_request(
+        self, amount: Decimal, request: dict[str, Any], currency: str = USD
+    ) -> list[OptionSpec]:
         """Options for an invoice's stored options request (`NewInvoice.request`): at finalize and
-        at a checkout-session refresh. Quote rates are stored as decimal strings."""
+        at a checkout-session refresh, quoted anew. Quote rates are stored as decimal strings."""
         rates = {k: Decimal(v) for k, v in (request.get("quote_rates") or {}).items()}
-        return self.build_or_refuse(amount, request.get("assets"), request.get("rails") or ["address"], rates)
+        return self.build_or_refuse(
+            amount, request.get("assets"), request.get("rails") or ["address"], rates, currency
+        )
 
     def build(
         self,
@@ -103,10 +138,40 @@ class Invoicing:
         assets: Sequence[str] | None,
         rails: Sequence[str],
         quote_rates: dict[str, Decimal],
+        currency: str = USD,
     ) -> list[OptionSpec]:
+        return self.quote(amount, assets, rails, quote_rates, currency)[0]
+
+    def check_currency(self, currency: str) -> None:
+        if currency not in self.currencies:
+            raise OptionsError(
+                "currency",
+                f"must be USD or a currency the configured [[rates]] reach from USD "
+                f"(here: {', '.join(sorted(self.currencies))})",
+            )
+
+    def price(
+        self, asset: AssetRef, currency: str, rates: dict[str, Fraction], pairs: Mapping[str, PairValue]
+    ) -> Quote | NoQuote:
+        """The request's quote_rates first, then live pairs, then the fixed usd_rate."""
+        requested = rates.get(f"{asset.chain.name}:{asset.symbol}".lower(), rates.get(asset.symbol.lower()))
+        if requested is not None:
+            return Quote(requested, "request")
+        return price(self.graph, asset.symbol, asset.usd_rate, currency, pairs)
+
+    def quote(
+        self,
+        amount: Decimal,
+        assets: Sequence[str] | None,
+        rails: Sequence[str],
+        quote_rates: dict[str, Decimal],
+        currency: str = USD,
+    ) -> tuple[list[OptionSpec], list[LeftOut]]:
+        """The options, and the assets left out because they cannot be quoted now."""
         for i, rail in enumerate(rails):
             if rail not in SUPPORTED_RAILS:
                 raise OptionsError(f"rails[{i}]", f"unknown rail {rail!r} (known: address, contract)")
+        self.check_currency(currency)
         known = {a.symbol.lower() for a in self.assets} | {
             f"{a.chain.name}:{a.symbol}".lower() for a in self.assets
         }
@@ -116,43 +181,55 @@ class Invoicing:
                     f"quote_rates.{name}",
                     f"no configured asset {name!r} (a rate names SYMBOL or network:SYMBOL)",
                 )
-        rates = {k.lower(): v for k, v in quote_rates.items()}
+        rates = {k.lower(): Fraction(v) for k, v in quote_rates.items()}
+        now = self.clock()
+        pairs = self.rates.pair_values(now) if self.rates is not None else {}
         specs: list[OptionSpec] = []
+        left_out: list[LeftOut] = []
         for asset in self.select_assets(assets):
-            rate = rates.get(
-                f"{asset.chain.name}:{asset.symbol}".lower(), rates.get(asset.symbol.lower(), asset.usd_rate)
-            )
-            if rate is None:
-                continue  # cannot be quoted: left out
-            atomic = quote_atomic(amount, rate, asset.decimals)
+            quote = self.price(asset, currency, rates, pairs)
+            if isinstance(quote, NoQuote):
+                left_out.append(LeftOut(asset, quote))
+                if quote.pairs and self.rates is not None:
+                    self.rates.left_out(quote.pairs)
+                continue
+            atomic = quote_atomic(amount, quote.rate, asset.decimals)
             if atomic > UINT256_MAX:
                 raise OptionsError("amount", f"the amount in {asset.symbol} does not fit in uint256")
             if atomic == 0:
                 continue
-            confirmations = asset.chain.confirmations if isinstance(asset.chain.confirmations, int) else 0
-            common = dict(
-                network=asset.chain.name,
-                chain_id=asset.chain.chain_id,
-                asset=asset.symbol,
-                token_contract=asset.contract,
-                decimals=asset.decimals,
-                quoted_amount=format_units(atomic, asset.decimals),
-                quote_rate=format(rate, "f"),
-                amount_atomic=atomic,
-                required_confirmations=confirmations,
-            )
-            for rail in rails:
-                if rail == "address" and asset.chain.deposit_xpub:
-                    specs.append(OptionSpec(rail="address", xpub=asset.chain.deposit_xpub, **common))
-                elif rail == "contract" and asset.chain.router_address and asset.chain.merchant_address:
-                    specs.append(
-                        OptionSpec(
-                            rail="contract",
-                            destination=asset.chain.merchant_address,
-                            router=asset.chain.router_address,
-                            **common,
-                        )
+            specs += self._specs(asset, rails, quote, atomic, now)
+        return specs, left_out
+
+    def _specs(
+        self, asset: AssetRef, rails: Sequence[str], quote: Quote, atomic: int, now: float
+    ) -> list[OptionSpec]:
+        """One option per rail the asset's chain offers."""
+        chain = asset.chain
+        base = OptionSpec(
+            rail="address",
+            network=chain.name,
+            chain_id=chain.chain_id,
+            asset=asset.symbol,
+            token_contract=asset.contract,
+            decimals=asset.decimals,
+            quoted_amount=format_units(atomic, asset.decimals),
+            quote_rate=format_rate(quote.rate),
+            amount_atomic=atomic,
+            required_confirmations=chain.confirmations if isinstance(chain.confirmations, int) else 0,
+            quote_source=quote.source,
+            quoted_at=now,
+        )
+        specs: list[OptionSpec] = []
+        for rail in rails:
+            if rail == "address" and chain.deposit_xpub:
+                specs.append(replace(base, xpub=chain.deposit_xpub))
+            elif rail == "contract" and chain.router_address and chain.merchant_address:
+                specs.append(
+                    replace(
+                        base, rail="contract", destination=chain.merchant_address, router=chain.router_address
                     )
+                )
         return specs
 
 

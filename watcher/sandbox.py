@@ -135,8 +135,9 @@ class EthTesterTransport:
                 "to": to_checksum_address(params[0]["to"]),
                 "data": params[0].get("data", "0x"),
             }
+            block = params[1] if len(params) > 1 else "latest"
             try:
-                return t.call(call, params[1] if len(params) > 1 else "latest")
+                return t.call(call, int(block, 16) if block.startswith("0x") else block)
             except Exception as exc:  # a revert, as a node answers it
                 raise RpcError(method, f"execution reverted: {exc}", 3) from None
         # Like a node without the method (eth_getBlockReceipts, tracers): the reader falls back.

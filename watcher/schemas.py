@@ -16,6 +16,9 @@ DecimalText = Annotated[str, Field(pattern=r"^-?[0-9]+(\.[0-9]+)?$", description
 Timestamp = Annotated[str, Field(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", description="RFC 3339, UTC")]
 Address = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{40}$", description="EIP-55 checksummed")]
 Hash = Annotated[str, Field(pattern=r"^0x[0-9a-f]{64}$")]
+Currency = Annotated[
+    str, Field(pattern=r"^[A-Z]{3}$", description="USD, or a fiat code [[rates]] reach from USD")
+]
 
 InvoiceStatusName = Literal["draft", "pending", "paid", "confirmed", "expired", "underpaid", "cancelled"]
 ExceptionTypeName = Literal["late_payment", "underpaid", "overpaid", "duplicate_payment"]
@@ -65,8 +68,15 @@ class PaymentOption(_Out):
     token_contract: Address | None
     decimals: int
     quoted_amount: DecimalText
-    quote_rate: DecimalText
+    quote_rate: DecimalText = Field(
+        description="one unit of the asset in the invoice's currency (exact, or to 20 significant digits "
+        "when it never ends; amount_atomic is computed from the exact rate)"
+    )
     amount_atomic: AtomicAmount
+    quote_source: Annotated[str, Field(pattern=r"^(request|config|[a-z]+(\+[a-z]+)*)$")] = Field(
+        description="request (quote_rates), config (usd_rate), or the live sources used, e.g. chainlink+http"
+    )
+    quoted_at: Timestamp
     destination_address: Address
     payment_uri: str
     required_confirmations: int
@@ -130,7 +140,7 @@ class Invoice(_Out):
     id: str
     status: InvoiceStatusName
     amount: DecimalText
-    currency: Literal["USD"]
+    currency: Currency
     product_name: str | None
     issued_by: str | None
     bill_to: str | None

@@ -43,6 +43,10 @@ from .notify import Notifier
 from .openapi import add_openapi_route
 from .ops import OPERATIONS as OPS_OPERATIONS
 from .ops import Ops, add_ops_routes
+from .rates.book import RateBook
+from .rates.routes import OPERATIONS as RATE_OPERATIONS
+from .rates.routes import add_rate_routes
+from .rates.setup import FIRST_ROUND_SECONDS, running_rate_book
 from .redaction import redact_text, register_urls
 from .store import Endpoint, Store
 from .webhooks import Dispatcher
@@ -88,6 +92,7 @@ def _urls_of(settings: Settings) -> list[str]:
     return [
         *(u for c in settings.chains for u in (*c.rpc_urls, c.ws_url) if u),
         *(w.url for w in settings.webhooks),
+        *(r.url for r in settings.rates if r.url),
     ]
 
 
@@ -144,6 +149,7 @@ class Service:
         self.notifier = Notifier()
         self.metrics = Metrics()  # a registry of its own: several services can share a process
         self.ops: Ops | None = None
+        self.rates: RateBook | None = None  # the live prices ([[rates]])
         self.started = False  # watcher_started was logged: only then is watcher_stopped
 
     # ------------------------------------------------------------------ start
@@ -345,16 +351,25 @@ class Service:
         store.outbox.on_delivery_queued = self.dispatcher.wake
 
         api_keys = [ApiKey(k.name, k.key, k.scope) for k in s.http.api_keys]
+        transports = {name: r.transport for name, r in readers.items()}  # type: ignore[attr-defined]
+        self.rates = running_rate_book(s, transports, self.metrics, clock=self.clock)
         app = make_app(
             store,
-            Invoicing(s),
+            Invoicing(s, self.rates, clock=self.clock),
             s.invoices,
             api_key=s.http.api_key,
             api_keys=api_keys,
             clock=self.clock,
             auth_failures_per_second=self.auth_failures_per_second,
         )
-        operations = [*INVOICE_OPERATIONS, *OPS_OPERATIONS, *DOCS_OPERATIONS, *DEPOSIT_OPERATIONS]
+        add_rate_routes(app, self.rates)
+        operations = [
+            *INVOICE_OPERATIONS,
+            *OPS_OPERATIONS,
+            *DOCS_OPERATIONS,
+            *DEPOSIT_OPERATIONS,
+            *RATE_OPERATIONS,
+        ]
         if self.sandbox is not None:
             from .sandbox import OPERATIONS as SANDBOX_OPERATIONS
             from .sandbox import add_sandbox_routes
@@ -367,7 +382,7 @@ class Service:
         add_deposit_balance_routes(
             app,
             store,
-            {name: r.transport for name, r in readers.items()},  # type: ignore[attr-defined]
+            transports,
             {c.name: getattr(c, "max_batch", 100) for c in s.chains},
         )
         add_openapi_route(app, operations, version=__version__)
@@ -402,7 +417,9 @@ class Service:
             prune_interval=self.prune_interval,
             watch_sets=lambda: {name: f.watch for name, f in self.followers.items() if f.watch.loaded},
         )
+        self.rates.schedule(self._scheduler)
         self._scheduler.start()
+        await self.rates.first_round(FIRST_ROUND_SECONDS)  # prices before READY=1, unless a source is slow
         self.notifier.ready(self.status_line())
         self._tasks.append(asyncio.create_task(self._report_health(), name="health"))
         self.started = True
@@ -543,6 +560,9 @@ class Service:
     async def _close_resources(self) -> None:
         if self.dispatcher is not None:
             await self.dispatcher.close()
+        if self.rates is not None:
+            await self.rates.close()
+            self.rates = None
         for transport in self._transports:
             await transport.close()
         self._transports = []

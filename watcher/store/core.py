@@ -295,6 +295,8 @@ class Store:
                     "decimals": spec.decimals,
                     "quoted_amount": spec.quoted_amount,
                     "quote_rate": spec.quote_rate,
+                    "quote_source": spec.quote_source,
+                    "quoted_at": rfc3339(self.clock() if spec.quoted_at is None else spec.quoted_at),
                     "amount_atomic": str(spec.amount_atomic),
                     "destination_address": destination,
                     "derivation_index": index,

@@ -26,6 +26,8 @@ class OptionSpec:
     xpub: str | None = None  # address rail: derive the destination from this
     destination: str | None = None  # contract rail: the merchant address
     router: str | None = None  # contract rail: the PaymentRouter to call
+    quote_source: str = "config"  # request, config, or the live sources' kinds (chainlink+http)
+    quoted_at: float | None = None  # unix seconds; None: when the store inserts it
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from sqlite_utils import Database
@@ -246,3 +247,34 @@ def m007_retention_indexes(db: Database) -> None:
         "CREATE INDEX invoices_updated ON invoices(updated_at)",
     ):
         db.execute(sql)
+
+
+def _option_time(option_id: str) -> str:
+    """When an option was made, from its id (a ULID: milliseconds in its first 10 characters)."""
+    from ..domain import rfc3339
+
+    crockford = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    millis = 0
+    for char in option_id.split("_", 1)[1][:10]:
+        millis = millis * 32 + crockford.index(char)
+    return rfc3339(millis / 1000) or ""
+
+
+@migrations()
+def m008_live_rates(db: Database) -> None:
+    # Live prices (issue 14): each option records where its quote came from and when it was
+    # made. Older options were quoted from the request's quote_rates when the invoice's stored
+    # request names their asset, else from the configured usd_rate; the time is in their id.
+    db.execute("ALTER TABLE payment_options ADD COLUMN quote_source TEXT NOT NULL DEFAULT 'config'")
+    db.execute("ALTER TABLE payment_options ADD COLUMN quoted_at TEXT")
+    rows = db.execute(
+        "SELECT o.id, o.network, o.asset, i.request "
+        "FROM payment_options o JOIN invoices i ON i.id = o.invoice_id"
+    ).fetchall()
+    for option_id, network, asset, request in rows:
+        named = {k.lower() for k in (json.loads(request).get("quote_rates") or {})}
+        source = "request" if {asset.lower(), f"{network}:{asset}".lower()} & named else "config"
+        db.execute(
+            "UPDATE payment_options SET quote_source = ?, quoted_at = ? WHERE id = ?",
+            [source, _option_time(option_id), option_id],
+        )

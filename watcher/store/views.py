@@ -68,6 +68,8 @@ def option_view(row: Row) -> dict:
         "decimals": row["decimals"],
         "quoted_amount": row["quoted_amount"],
         "quote_rate": row["quote_rate"],
+        "quote_source": row["quote_source"],
+        "quoted_at": row["quoted_at"],
         "amount_atomic": row["amount_atomic"],
         "destination_address": checksum(row["destination_address"]),
         "payment_uri": row["payment_uri"],
