@@ -146,6 +146,10 @@ class Harness:
         """Every chain's section (the sandbox's one here)."""
         return [self.chain_settings()]
 
+    def rates_settings(self) -> list[dict]:
+        """`[[rates]]`: none unless a test's harness prices assets live."""
+        return []
+
     def http_settings(self) -> dict:
         return {"listen": f"127.0.0.1:{free_port()}", "api_key_env": "API_KEY"}
 
@@ -165,6 +169,7 @@ class Harness:
                 },
                 "webhooks": [{"url": self.receiver.url, "secret_env": "HOOK_SECRET"}],
                 "chains": self.chains_settings(),
+                "rates": self.rates_settings(),
             },
             env=self.env(),
         )

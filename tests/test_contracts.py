@@ -39,6 +39,7 @@ SOURCES = {
     "TestToken": CONTRACTS_DIR / "TestToken.sol",
     "PaymentRouter": CONTRACTS_DIR / "PaymentRouter.sol",
     "TestWallet": CONTRACTS_DIR / "TestWallet.sol",
+    "TestPriceFeed": CONTRACTS_DIR / "TestPriceFeed.sol",
 }
 ARTIFACT_KEYS = {"abi", "bytecode", "deployedBytecode", "compiler", "sourceHash"}
 
@@ -406,3 +407,29 @@ def test_router_has_no_receive_or_fallback(w3: Web3, router: Contract) -> None:
     assert w3.eth.wait_for_transaction_receipt(tx_hash)["status"] == 0
     assert w3.eth.get_balance(router.address) == 0
     assert not [e for e in router.abi if e["type"] in ("receive", "fallback")]
+
+
+def test_price_feed_answers_as_aggregator_v3_with_every_field_settable(w3: Web3) -> None:
+    """TestPriceFeed speaks AggregatorV3Interface (the ABI the watcher reads feeds with), and
+    its setters give every answer a consumer must refuse: stale, incomplete, not positive."""
+    from watcher.chain.pricefeed import AGGREGATOR_V3_ABI
+
+    feed = _deploy(w3, "TestPriceFeed", 8, "ETH / USD", 2000_00000000)
+    as_consumer = w3.eth.contract(address=feed.address, abi=AGGREGATOR_V3_ABI)
+    assert as_consumer.functions.decimals().call() == 8
+    assert feed.functions.description().call() == "ETH / USD" and feed.functions.version().call() == 4
+    round_id, answer, started, updated, answered = as_consumer.functions.latestRoundData().call()
+    deployed_at = w3.eth.get_block("latest")["timestamp"]
+    assert (round_id, answer, answered) == (1, 2000_00000000, 1) and started == updated == deployed_at
+    assert feed.functions.getRoundData(1).call()[1] == 2000_00000000
+
+    _send(w3, feed.functions.setAnswer(2100_00000000), {"from": w3.eth.accounts[0]})
+    assert as_consumer.functions.latestRoundData().call()[:2] == [2, 2100_00000000]
+    _send(w3, feed.functions.setRound(9, 0, 5, 6, 8), {"from": w3.eth.accounts[0]})
+    assert as_consumer.functions.latestRoundData().call() == [9, 0, 5, 6, 8]
+    _send(w3, feed.functions.setUpdatedAt(123), {"from": w3.eth.accounts[0]})
+    assert as_consumer.functions.latestRoundData().call() == [9, 0, 123, 123, 8]
+    _send(w3, feed.functions.setRound(10, -1, 7, 7, 10), {"from": w3.eth.accounts[0]})
+    assert as_consumer.functions.latestRoundData().call()[1] == -1
+    with pytest.raises(Exception, match="execution reverted"):
+        feed.functions.getRoundData(9).call()

@@ -248,7 +248,14 @@ def _next_port(listen: str) -> str:
 
 
 def _run_sandbox(args: argparse.Namespace) -> int:
-    from .sandbox import SandboxChain, claim_database, new_api_key, new_webhook_secret, sandbox_settings_data
+    from .sandbox import (
+        SandboxChain,
+        claim_database,
+        new_api_key,
+        new_webhook_secret,
+        sandbox_rates_data,
+        sandbox_settings_data,
+    )
 
     listen = args.listen or "127.0.0.1:8080"
     checkout_listen = args.checkout_listen or _next_port(listen)
@@ -270,6 +277,7 @@ def _run_sandbox(args: argparse.Namespace) -> int:
             },
             "webhooks": [{"url": url, "secret_env": "WATCHER_WEBHOOK_SECRET"} for url in args.webhook_url],
             "chains": [sandbox_settings_data(chain, poll_interval=min(max(args.block_time / 4, 0.1), 2.0))],
+            "rates": sandbox_rates_data(chain),
         },
         env=env,
     )
@@ -283,6 +291,7 @@ def _run_sandbox(args: argparse.Namespace) -> int:
         f"  database:       {database} ({database_note})\n"
         f"  chain:          eth-tester, chain id {chain.chain_id}, a block every {args.block_time:g} s\n"
         f"  token:          TUSD at {chain.deployed.token}\n"
+        f"  ETH/USD feed:   {chain.deployed.eth_usd_feed} (TestPriceFeed, 2000 USD: ETH is quoted live)\n"
         "Try:\n"
         f"  curl -s -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' "
         f'-d \'{{"amount": "49.99"}}\' http://{listen}/v1/invoices\n'

@@ -47,6 +47,11 @@ TOKEN_DECIMALS = 6
 PAYER_FUNDS = 10**12 * 10**TOKEN_DECIMALS
 NATIVE_FUNDS = 10_000 * 10**18  # of the 1,000,000 ETH each eth-tester account holds, what a payment may spend
 NATIVE_SYMBOL = "ETH"
+# The sandbox's ETH/USD price: a TestPriceFeed (AggregatorV3Interface) on its chain, read as a
+# Chainlink feed is on a real one. Its answer is set once at start, so it is accepted for a week.
+ETH_USD_FEED_DECIMALS = 8
+ETH_USD_PRICE = 2000 * 10**ETH_USD_FEED_DECIMALS
+ETH_USD_MAX_AGE_SECONDS = 7 * 86400
 # Receives contract-rail payments: an address no sandbox account controls, so the router's
 # transfers to it are visible on their own.
 SANDBOX_MERCHANT = "0x" + keccak(text="watcher sandbox merchant")[-20:].hex()
@@ -193,6 +198,7 @@ class Deployed:
     token: str  # lowercase
     router: str
     payer: str  # checksummed eth-tester account
+    eth_usd_feed: str  # TestPriceFeed, lowercase
 
 
 class SandboxChain:
@@ -280,6 +286,11 @@ class SandboxChain:
             "TestToken", ["string", "string", "uint8"], ["Test USD", TOKEN_SYMBOL, TOKEN_DECIMALS]
         )
         router = self.deploy_contract("PaymentRouter", [], [])
+        feed = self.deploy_contract(
+            "TestPriceFeed",
+            ["uint8", "string", "int256"],
+            [ETH_USD_FEED_DECIMALS, "ETH / USD", ETH_USD_PRICE],
+        )
         for account in self.payers:
             self._send(
                 account,
@@ -287,7 +298,7 @@ class SandboxChain:
                 _calldata("mint(address,uint256)", ["address", "uint256"], [account, PAYER_FUNDS]),
             )
         self.mine(1)
-        return Deployed(token, router, payer)
+        return Deployed(token, router, payer, feed)
 
     def transfer_token(self, token: str, to: str, amount: int, sender: str | None = None) -> str:
         """Send an ERC-20 transfer (mined with the next block)."""
@@ -404,11 +415,25 @@ def sandbox_settings_data(
                 "decimals": TOKEN_DECIMALS,
                 "usd_rate": "1",
             },
-            # No usd_rate: an invoice offers ETH when its request quotes it ("quote_rates": {"ETH": ...}),
-            # so a plain sandbox invoice keeps its one TUSD option.
+            # No usd_rate: ETH is priced live from the chain's ETH/USD feed (sandbox_rates_data), or
+            # by the request's quote_rates.
             {"symbol": NATIVE_SYMBOL, "kind": "native"},
         ],
     }
+
+
+def sandbox_rates_data(chain: SandboxChain) -> list[dict]:
+    """The sandbox's `[[rates]]`: ETH/USD from its TestPriceFeed, read like a Chainlink feed."""
+    return [
+        {
+            "pair": f"{NATIVE_SYMBOL}/USD",
+            "source": "chainlink",
+            "chain": SANDBOX_NETWORK,
+            "feed": chain.deployed.eth_usd_feed,
+            "max_age_seconds": ETH_USD_MAX_AGE_SECONDS,
+            "refresh_seconds": 5,
+        }
+    ]
 
 
 def new_api_key() -> str:

@@ -111,11 +111,11 @@ class RateBook:
 
     # ------------------------------------------------------------------ refreshing
 
-    async def refresh(self, index: int) -> None:
-        """Ask one source once, unless it is backing off."""
+    async def refresh(self, index: int, *, force: bool = False) -> None:
+        """Ask one source once, unless it is backing off (`force`: even then; tests and tools)."""
         state = self.states[index]
         now = self.clock()
-        if now + SCHEDULE_SLACK_SECONDS < state.next_attempt:
+        if not force and now + SCHEDULE_SLACK_SECONDS < state.next_attempt:
             return
         state.attempts += 1
         state.last_attempt = now
@@ -162,8 +162,8 @@ class RateBook:
         elif not value.quotable and before is not False:
             log.warning("rate_unquotable", pair=pair, reason=value.reason)
 
-    async def refresh_all(self) -> None:
-        await asyncio.gather(*(self.refresh(i) for i in range(len(self.states))))
+    async def refresh_all(self, *, force: bool = False) -> None:
+        await asyncio.gather(*(self.refresh(i, force=force) for i in range(len(self.states))))
 
     def schedule(self, scheduler: BaseScheduler) -> None:
         """One job per source, every refresh_seconds, the first now."""

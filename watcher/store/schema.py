@@ -249,15 +249,19 @@ def m007_retention_indexes(db: Database) -> None:
         db.execute(sql)
 
 
-def _option_time(option_id: str) -> str:
-    """When an option was made, from its id (a ULID: milliseconds in its first 10 characters)."""
+def _option_time(option_id: str, fallback: str) -> str:
+    """When an option was made, from its id (a ULID: milliseconds in its first 10 characters),
+    or `fallback` for an id that is not one."""
     from ..domain import rfc3339
 
     crockford = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    digits = option_id.partition("_")[2][:10]
+    if len(digits) != 10 or any(c not in crockford for c in digits):
+        return fallback
     millis = 0
-    for char in option_id.split("_", 1)[1][:10]:
+    for char in digits:
         millis = millis * 32 + crockford.index(char)
-    return rfc3339(millis / 1000) or ""
+    return rfc3339(millis / 1000) or fallback
 
 
 @migrations()
@@ -268,13 +272,13 @@ def m008_live_rates(db: Database) -> None:
     db.execute("ALTER TABLE payment_options ADD COLUMN quote_source TEXT NOT NULL DEFAULT 'config'")
     db.execute("ALTER TABLE payment_options ADD COLUMN quoted_at TEXT")
     rows = db.execute(
-        "SELECT o.id, o.network, o.asset, i.request "
+        "SELECT o.id, o.network, o.asset, i.request, i.created_at "
         "FROM payment_options o JOIN invoices i ON i.id = o.invoice_id"
     ).fetchall()
-    for option_id, network, asset, request in rows:
+    for option_id, network, asset, request, created_at in rows:
         named = {k.lower() for k in (json.loads(request).get("quote_rates") or {})}
         source = "request" if {asset.lower(), f"{network}:{asset}".lower()} & named else "config"
         db.execute(
             "UPDATE payment_options SET quote_source = ?, quoted_at = ? WHERE id = ?",
-            [source, _option_time(option_id), option_id],
+            [source, _option_time(option_id, created_at), option_id],
         )

@@ -83,37 +83,41 @@ class HttpSource:
         url: str,
         json_path: str,
         *,
-        timeout: float = TIMEOUT_SECONDS,
-        min_interval: float = MIN_INTERVAL_SECONDS,
+        timeout: float | None = None,
+        min_interval: float | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url
         self.json_path = json_path
-        self.timeout = timeout
-        self.min_interval = min_interval
+        self.timeout = TIMEOUT_SECONDS if timeout is None else timeout
+        self.min_interval = MIN_INTERVAL_SECONDS if min_interval is None else min_interval
         self.clock = clock
         self.monotonic = monotonic
         self._redact = Redactor([url])
         self._session: aiohttp.ClientSession | None = None
         self._last_request: float | None = None
+        self._one_at_a_time = asyncio.Lock()
 
     async def read(self) -> Reading:
-        await self._keep_interval()
-        read_at = self.clock()
-        body = await self._fetch()
+        async with self._one_at_a_time:
+            await self._keep_interval()
+            read_at = self.clock()
+            try:
+                body = await self._fetch()
+            finally:  # counted from the end of the last exchange: the server saw it no later
+                self._last_request = self.monotonic()
         value = exact_number(at_path(parse_json(body), self.json_path), self.json_path)
         if (problem := value_problem(value)) is not None:
             raise Refused(problem)
         return Reading(value, read_at, 0.0, read_at)
 
     async def _keep_interval(self) -> None:
-        """Never two requests within `min_interval`, whoever asks."""
+        """Never a request within `min_interval` of the last, whoever asks."""
         if self._last_request is not None:
             wait = self._last_request + self.min_interval - self.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-        self._last_request = self.monotonic()
 
     async def _fetch(self) -> bytes:
         if self._session is None:
@@ -126,10 +130,12 @@ class HttpSource:
                     raise SourceFailed(f"HTTP {response.status}: a redirect, never followed")
                 if response.status != 200:
                     raise SourceFailed(f"HTTP {response.status}")
-                body = await response.content.read(MAX_BODY + 1)
-                if len(body) > MAX_BODY:
-                    raise SourceFailed(f"the answer is longer than {MAX_BODY // 1024} KiB")
-                return body
+                body = bytearray()
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) > MAX_BODY:
+                        raise SourceFailed(f"the answer is longer than {MAX_BODY // 1024} KiB")
+                return bytes(body)
         except TimeoutError:
             raise SourceFailed(f"no answer within {self.timeout:g} s") from None
         except aiohttp.ClientError as exc:
