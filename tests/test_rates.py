@@ -456,3 +456,33 @@ def test_rates_config_loads_and_a_duplicate_source_is_refused() -> None:
     with pytest.raises(ConfigError) as caught:
         config_with(HTTP, dict(HTTP))
     assert caught.value.key == "rates[1]" and "same source as rates[0]" in caught.value.message
+
+
+async def test_each_source_has_its_own_apscheduler_job_and_a_slow_one_holds_up_no_other() -> None:
+    import asyncio
+
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+    class Slow(ScriptedSource):
+        async def read(self) -> Reading:
+            self.calls += 1
+            await asyncio.sleep(30)
+            raise AssertionError("never answers")
+
+    clock = Clock()
+    fast = ScriptedSource("chainlink", [Reading(F(2000), NOW, 0.0, NOW)])
+    slow = Slow("http", [])
+    book = book_of(clock, (CHAINLINK, fast), (HTTP, slow))
+    for state in book.states:  # faster than the configuration allows, for the test's sake
+        state.settings = state.settings.model_copy(update={"refresh_seconds": 0.1})
+    scheduler = AsyncIOScheduler(timezone="UTC")
+    book.schedule(scheduler)
+    scheduler.start()
+    try:
+        await asyncio.sleep(0.65)
+    finally:
+        scheduler.shutdown(wait=False)
+    assert fast.calls >= 4, "its job ran on its own, every interval"
+    assert slow.calls == 1, "one read at a time per source (max_instances=1)"
+    assert book.pair_values()["ETH/USD"].value == F(2000)
+    await book.close()

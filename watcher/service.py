@@ -353,6 +353,7 @@ class Service:
         api_keys = [ApiKey(k.name, k.key, k.scope) for k in s.http.api_keys]
         transports = {name: r.transport for name, r in readers.items()}  # type: ignore[attr-defined]
         self.rates = running_rate_book(s, transports, self.metrics, clock=self.clock)
+        await self.rates.first_round(FIRST_ROUND_SECONDS)  # prices before the API serves, unless slow
         app = make_app(
             store,
             Invoicing(s, self.rates, clock=self.clock),
@@ -419,7 +420,6 @@ class Service:
         )
         self.rates.schedule(self._scheduler)
         self._scheduler.start()
-        await self.rates.first_round(FIRST_ROUND_SECONDS)  # prices before READY=1, unless a source is slow
         self.notifier.ready(self.status_line())
         self._tasks.append(asyncio.create_task(self._report_health(), name="health"))
         self.started = True

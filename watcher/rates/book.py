@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import structlog
 from apscheduler.schedulers.base import BaseScheduler
@@ -91,7 +91,7 @@ class RateBook:
         self.on_left_out: Callable[[str], None] | None = None  # a pair left an asset out of an invoice
         self.pairs = list(dict.fromkeys(r.pair for r in rates))
         self._quotable: dict[str, bool] = {}
-        self._first_round: asyncio.Event | None = None  # made by first_round(), on the running loop
+        self._first: list[asyncio.Task] = []  # the first round's reads, until they end
 
     # ------------------------------------------------------------------ reading
 
@@ -165,44 +165,38 @@ class RateBook:
     async def refresh_all(self, *, force: bool = False) -> None:
         await asyncio.gather(*(self.refresh(i, force=force) for i in range(len(self.states))))
 
+    async def first_round(self, timeout: float) -> None:
+        """Ask every source once, waiting at most `timeout` seconds: prices are there before the
+        API serves, unless a source is slow (it answers in the background, later)."""
+        self._first = [asyncio.create_task(self.refresh(s.index)) for s in self.states]
+        if not self._first:
+            return
+        _, pending = await asyncio.wait(self._first, timeout=timeout)
+        if pending:
+            log.warning(
+                "rates_first_round_incomplete",
+                waiting=[self.states[i].settings.label() for i, t in enumerate(self._first) if t in pending],
+                timeout=timeout,
+            )
+
     def schedule(self, scheduler: BaseScheduler) -> None:
-        """One job per source, every refresh_seconds, the first now."""
+        """One job per source, every refresh_seconds (the first round was asked at start)."""
+        now = datetime.now(UTC)
         for state in self.states:
             scheduler.add_job(
-                self._job,
+                self.refresh,
                 "interval",
                 seconds=state.settings.refresh_seconds,
                 args=[state.index],
                 id=f"rate_source_{state.index}",
                 max_instances=1,
                 coalesce=True,
-                next_run_time=datetime.now(UTC),
-            )
-
-    async def _job(self, index: int) -> None:
-        try:
-            await self.refresh(index)
-        finally:
-            if all(s.attempts for s in self.states) and self._first_round is not None:
-                self._first_round.set()
-
-    async def first_round(self, timeout: float) -> None:
-        """Until every source was asked once, or `timeout` seconds (a slow one answers later)."""
-        if not self.states:
-            return
-        if self._first_round is None:
-            self._first_round = asyncio.Event()
-            if all(s.attempts for s in self.states):
-                self._first_round.set()
-        try:
-            await asyncio.wait_for(self._first_round.wait(), timeout)
-        except TimeoutError:
-            log.warning(
-                "rates_first_round_incomplete",
-                waiting=[s.settings.label() for s in self.states if not s.attempts],
-                timeout=timeout,
+                next_run_time=now + timedelta(seconds=state.settings.refresh_seconds),
             )
 
     async def close(self) -> None:
+        for task in self._first:
+            task.cancel()
+        await asyncio.gather(*self._first, return_exceptions=True)
         for state in self.states:
             await state.source.close()
