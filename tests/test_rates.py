@@ -269,7 +269,7 @@ def test_an_http_number_is_read_exactly(body: bytes, path: str, expected: str) -
         (b"<html>rate limited</html>", "data.amount", "not JSON"),
         (b'{"data": {"amount": NaN}}', "data.amount", "not JSON"),
         (b'{"data": {}}', "data.amount", "nothing at data.amount"),
-        (b'{"data": {"amount": "1,000.5"}}', "data.amount", "not a decimal string"),
+        (b'{"data": {"amount": "1,000.5"}}', "data.amount", "not a number or a decimal string"),
         (b'{"data": {"amount": true}}', "data.amount", "not a number"),
         (b'{"data": {"amount": null}}', "data.amount", "not a number"),
         (b'{"data": [1]}', "data.5", "nothing at data.5"),
@@ -312,22 +312,7 @@ class Clock:
 
 
 def book_of(clock: Clock, *sources: tuple[dict, ScriptedSource]) -> RateBook:
-    data = {
-        "database": ":memory:",
-        "http": {"api_key_env": "K"},
-        "chains": [
-            {
-                "name": "eth",
-                "chain_id": 1,
-                "rpc_urls": ["https://rpc.example"],
-                "poll_interval_seconds": 1.0,
-                "confirmations": 1,
-                "assets": [{"symbol": "ETH", "kind": "native"}],
-            }
-        ],
-        "rates": [r for r, _ in sources],
-    }
-    settings = settings_from_dict(data, env={"K": "k3y-0123456789abcdefghijklmnopqrstuvwxyz"})
+    settings = config_with(*(r for r, _ in sources))
     return RateBook(settings.rates, [s for _, s in sources], rate_graph(settings), clock=clock)
 
 
@@ -486,3 +471,20 @@ async def test_each_source_has_its_own_apscheduler_job_and_a_slow_one_holds_up_n
     assert slow.calls == 1, "one read at a time per source (max_instances=1)"
     assert book.pair_values()["ETH/USD"].value == F(2000)
     await book.close()
+
+
+def test_check_config_lists_the_pairs_their_sources_and_the_currencies() -> None:
+    from watcher.config import describe
+
+    s = config_with(
+        CHAINLINK,
+        {**HTTP, "url": "https://user:pw@x.example/p?key=sekrit"},
+        {**CHAINLINK, "pair": "EUR/USD", "feed": "0x" + "22" * 20, "sequencer_uptime_feed": "0x" + "33" * 20},
+    )
+    text = describe(s)
+    assert "rate ETH/USD: median of 2 source(s)" in text and "rate EUR/USD: median of 1 source(s)" in text
+    assert "chainlink eth 0x1111111111111111111111111111111111111111: max age 600 s" in text
+    assert "sequencer uptime feed 0x3333333333333333333333333333333333333333" in text
+    assert "invoice currencies: EUR, USD" in text and "asset eth:ETH: live" in text
+    assert "sekrit" not in text and "pw@" not in text
+    assert "no live prices" in describe(config_with())

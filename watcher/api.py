@@ -16,7 +16,7 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -37,7 +37,14 @@ from pydantic import (
 from . import schemas
 from .auth import FAILURES_PER_SECOND, ApiKey, auth_middleware
 from .config import InvoiceSettings
-from .domain import DECIMAL_TEXT, ExceptionType, InvoiceStatus, ResolutionAction, usd_rate_problem
+from .domain import (
+    DECIMAL_TEXT,
+    ExceptionType,
+    InvoiceStatus,
+    ResolutionAction,
+    exact_decimal,
+    usd_rate_problem,
+)
 from .httpserver import harden
 from .invoicing import Invoicing, OptionsError, finish_option, session_timing
 from .openapi import Operation
@@ -107,16 +114,11 @@ def _from_validation(exc: ValidationError) -> Problem:
 
 def _decimal_in(value: Any, what: str) -> Decimal:
     """Money arrives as a decimal string (or an integer, or an exact JSON number); never a float."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
+    number = exact_decimal(value)
+    if number is None:
+        if isinstance(value, Decimal) or (isinstance(value, str) and DECIMAL_TEXT.fullmatch(value.strip())):
+            raise ValueError(f"{what} must be a finite number")
         raise ValueError(f'{what} must be a decimal string such as "49.99"')
-    if isinstance(value, str) and not DECIMAL_TEXT.fullmatch(value.strip()):
-        raise ValueError(f'{what} must be a decimal string such as "49.99"')
-    try:
-        number = Decimal(value.strip()) if isinstance(value, str) else Decimal(value)
-    except InvalidOperation:
-        raise ValueError(f'{what} must be a decimal string such as "49.99"') from None
-    if not number.is_finite():
-        raise ValueError(f"{what} must be a finite number")
     return number
 
 
@@ -199,7 +201,8 @@ def _quote_rates_in(value: Any) -> Any:
 class CreateInvoiceIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     amount: Decimal
-    currency: Annotated[str, Field(pattern=r"^[A-Za-z]{3}$")] = "USD"
+    # An ISO 4217 code, in capitals; which ones the configured rates reach is checked when quoting.
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "USD"
     payment_timing: TimingIn | None = None
     assets: AssetsIn | None = None
     rails: Annotated[list[Literal["address", "contract"]], Field(min_length=1, max_length=2)] = ["address"]
@@ -237,11 +240,6 @@ class CreateInvoiceIn(BaseModel):
     @classmethod
     def _rates(cls, value: Any) -> Any:
         return _quote_rates_in(value)
-
-    @field_validator("currency")
-    @classmethod
-    def _currency(cls, value: str) -> str:
-        return value.upper()  # which codes the rates reach is checked against the configuration
 
     @field_validator("rails")
     @classmethod

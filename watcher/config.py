@@ -362,18 +362,26 @@ def is_loopback_host(host: str | None) -> bool:
         return False
 
 
-def _webhook_url(value: Any) -> str:
-    """https, or plain http to this machine only: a webhook carries signed invoice data (emails,
-    amounts, metadata) that anyone on the path could read or, without TLS, change."""
+def _https_or_loopback(value: Any, why: str) -> str:
+    """An https URL, or plain http to this machine only (`why` says what is at stake)."""
     url = _url(value, ("http", "https"))
     parts = urlsplit(url)
     if parts.scheme.lower() == "http" and not is_loopback_host(parts.hostname):
         raise ValueError(
             "must be an https URL: plain http is allowed only for a loopback host (localhost, "
-            "127.0.0.1, [::1]), since a webhook carries invoice data that anyone on the path "
-            "could read or change; terminate TLS in front of the receiver"
+            f"127.0.0.1, [::1]), {why}"
         )
     return url
+
+
+def _webhook_url(value: Any) -> str:
+    """A webhook carries signed invoice data (emails, amounts, metadata) that anyone on the path
+    could read or, without TLS, change."""
+    return _https_or_loopback(
+        value,
+        "since a webhook carries invoice data that anyone on the path could read or change; "
+        "terminate TLS in front of the receiver",
+    )
 
 
 WebhookUrl = Annotated[str, PlainValidator(_webhook_url)]
@@ -563,16 +571,9 @@ def _pair(value: Any) -> str:
 
 
 def _rate_url(value: Any) -> str:
-    """https, or plain http to this machine only: a price read over the open network could be
-    changed on its way, and with it every invoice quoted from it."""
-    url = _url(value, ("http", "https"))
-    parts = urlsplit(url)
-    if parts.scheme.lower() == "http" and not is_loopback_host(parts.hostname):
-        raise ValueError(
-            "must be an https URL: plain http is allowed only for a loopback host, since anyone on "
-            "the path could change the price"
-        )
-    return url
+    """A price read over the open network could be changed on its way, and with it every invoice
+    quoted from it."""
+    return _https_or_loopback(value, "since anyone on the path could change the price")
 
 
 class RateSettings(BaseModel):

@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import ROUND_DOWN, Decimal, localcontext
+from decimal import ROUND_DOWN, Decimal, InvalidOperation, localcontext
 from enum import StrEnum
 from fractions import Fraction
 from functools import lru_cache
@@ -452,6 +452,22 @@ def payments_to_cover(kind: ExceptionType, roles: dict[str, Role]) -> frozenset[
 
 # A decimal as text: ASCII digits only (no "1_000", no other scripts' digits), optional exponent.
 DECIMAL_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
+
+
+def exact_decimal(value: object) -> Decimal | None:
+    """A decimal string (ASCII digits, no separators), an int or an exact JSON number (parsed as
+    Decimal) as a finite Decimal; None for anything else (a float, a bool, "1,000", "NaN")."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
+        return None
+    if isinstance(value, str) and not DECIMAL_TEXT.fullmatch(value.strip()):
+        return None
+    try:
+        number = Decimal(value.strip()) if isinstance(value, str) else Decimal(value)
+    except InvalidOperation:
+        return None
+    return number if number.is_finite() else None
+
+
 MAX_USD_RATE = Decimal(10) ** 12
 MAX_RATE_PLACES = 36
 

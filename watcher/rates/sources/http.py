@@ -12,13 +12,13 @@ import json
 import re
 import time
 from collections.abc import Callable
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
 import aiohttp
 
-from ...domain import DECIMAL_TEXT
+from ...domain import exact_decimal
 from ...redaction import Redactor
 from .base import Reading, Refused, SourceFailed, value_problem
 
@@ -56,16 +56,11 @@ def at_path(document: Any, path: str) -> Any:
 
 def exact_number(value: Any, path: str) -> Fraction:
     """A decimal string or a JSON number, exactly; anything else is garbage."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
+    number = exact_decimal(value)
+    if number is None:
         raise SourceFailed(f"{path} is not a number or a decimal string")
-    if isinstance(value, str) and not DECIMAL_TEXT.fullmatch(value.strip()):
-        raise SourceFailed(f"{path} is not a decimal string")
-    try:
-        number = Decimal(value.strip()) if isinstance(value, str) else Decimal(value)
-    except InvalidOperation:
-        raise SourceFailed(f"{path} is not a decimal number") from None
     exponent = number.as_tuple().exponent
-    if not number.is_finite() or not isinstance(exponent, int) or abs(exponent) > 1000:
+    if not isinstance(exponent, int) or abs(exponent) > 1000:
         raise SourceFailed(f"{path} is not a number of a sensible size")
     if -exponent > MAX_PLACES:
         number = number.normalize()
