@@ -3,6 +3,7 @@ plain invoice offers ETH without quote_rates."""
 
 from __future__ import annotations
 
+from checkout_harness import CheckoutHarness
 from harness import Harness
 from test_sandbox_restart import Sandbox
 
@@ -39,3 +40,42 @@ def test_watcher_run_sandbox_offers_eth_without_quote_rates(tmp_path):
         }
     finally:
         sandbox.stop()
+
+
+class EuroShop(CheckoutHarness):
+    """The sandbox with its payment page, and an EUR/USD feed at 1.25 beside its ETH/USD one."""
+
+    def rates_settings(self) -> list[dict]:
+        assert self.chain is not None
+        eur_usd = self.chain.deploy_contract(
+            "TestPriceFeed", ["uint8", "string", "int256"], [8, "EUR / USD", 125 * 10**6]
+        )
+        return [
+            *sandbox_rates_data(self.chain),
+            {
+                "pair": "EUR/USD",
+                "source": "chainlink",
+                "chain": "sandbox",
+                "feed": eur_usd,
+                "max_age_seconds": 86400,
+            },
+        ]
+
+
+async def test_an_eur_invoice_sums_and_shows_its_amounts_in_eur(harnesses):
+    shop = await harnesses(EuroShop)
+    invoice = await shop.create(amount="10", currency="EUR", assets=["TUSD"])
+    [option] = invoice["payment_options"]
+    assert option["quote_rate"] == "0.8" and option["amount_atomic"] == "12500000"  # 10 EUR = 12.50 TUSD
+    assert option["quote_source"] == "config+chainlink"
+    await shop.pay(invoice["id"], amount="5")  # 4 EUR
+    await shop.mine(1)
+    partial = await shop.wait_invoice(
+        invoice["id"], lambda i: i["payment_summary"]["payment_state"] == "partial", "partial"
+    )
+    assert partial["payment_summary"]["received_amount"] == "4.00"
+    assert partial["payment_summary"]["remaining_amount"] == "6.00"
+    status, html, _ = await shop.public(f"/pay/{invoice['id']}")
+    assert status == 200
+    assert "10 EUR" in html and "We received 4.00 EUR of 10 EUR" in html and "6.00 EUR" in html
+    assert "USD" not in html.replace("TUSD", "")
