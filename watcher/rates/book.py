@@ -142,7 +142,8 @@ class RateBook:
 
     def _source_error(self, state: SourceState, outcome: str, message: str) -> None:
         log.warning(
-            "rate_source_refused" if outcome == "refused" else "rate_source_failed",
+            "rate_source_error",
+            outcome=outcome,
             pair=state.settings.pair,
             source=state.settings.label(),
             error=message,
