@@ -54,9 +54,11 @@ def median(values: Sequence[Fraction]) -> Fraction:
     return (ordered[middle - 1] + ordered[middle]) / 2
 
 
-def disagreement(values: Sequence[Fraction]) -> Fraction:
+def disagreement(values: Sequence[Fraction], middle: Fraction | None = None) -> Fraction:
     """How far apart the answers are: (highest - lowest) / median (0 for one answer)."""
-    return (max(values) - min(values)) / median(values)
+    if len(values) == 1:
+        return Fraction(0)
+    return (max(values) - min(values)) / (median(values) if middle is None else middle)
 
 
 def percent(share: Fraction) -> str:
@@ -70,7 +72,8 @@ def combine(pair: str, sources: Sequence[SourceView]) -> PairValue:
         why = "; ".join(f"{s.label}: {s.reason or 'no answer'}" for s in sources)
         return PairValue(pair, None, (), None, f"no source has a usable answer ({why})")
     values = [s.value for s in answering if s.value is not None]
-    spread = disagreement(values)
+    middle = median(values)
+    spread = disagreement(values, middle)
     if spread > MAX_DISAGREEMENT:
         shown = ", ".join(f"{s.label}: {float(s.value or 0):g}" for s in answering)
         return PairValue(
@@ -83,4 +86,4 @@ def combine(pair: str, sources: Sequence[SourceView]) -> PairValue:
         )
     ages = [s.age for s in answering if s.age is not None]
     kinds = tuple(dict.fromkeys(s.kind for s in answering))
-    return PairValue(pair, median(values), kinds, max(ages) if ages else None, None)
+    return PairValue(pair, middle, kinds, max(ages) if ages else None, None)
