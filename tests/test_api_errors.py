@@ -577,6 +577,8 @@ MINE_CASES = [
     Case("unknown-field", 422, "count", "POST", MINE, json={"blocks": 1, "count": 1}),
     Case("unknown-field-lone-surrogate", 422, None, "POST", MINE, data=b'{"\\ud800": 1}'),
     Case("malformed-json", 400, None, "POST", MINE, data=b'{"blocks": 1'),
+    # An optional body of whitespace is sent, and is not JSON (no body at all would mine a block).
+    Case("whitespace-body", 400, None, "POST", MINE, data=b"\r"),
     Case("infinity-literal", 400, None, "POST", MINE, data=b'{"blocks": Infinity}'),
     Case("array", 422, "body", "POST", MINE, json=[1]),
     Case("number", 422, "body", "POST", MINE, data=b"5"),

@@ -336,6 +336,13 @@ async def read_json(request: web.Request, *, required: bool = True) -> Any:
     if not raw.strip():
         if required:
             raise Problem(400, "Malformed JSON", "the request needs a JSON body", slug="malformed-json")
+        if raw:  # a body of whitespace is sent, and is not JSON; only no body at all means "none"
+            raise Problem(
+                400,
+                "Malformed JSON",
+                "the body is only whitespace: send {} or no body",
+                slug="malformed-json",
+            )
         return {}
     try:
         return json.loads(
