@@ -134,8 +134,14 @@ class Outbox:
     def _q1(self, sql: str, params: Sequence | dict = ()) -> sqlite3.Row | None:
         return self.db.execute(sql, params).fetchone()
 
+    def _count(self, sql: str, params: Sequence | dict = ()) -> int:
+        """The `n` of a query that always answers one row (a COUNT, a MAX with a default)."""
+        row = self._q1(sql, params)
+        assert row is not None, sql
+        return row["n"]
+
     def event_count(self) -> int:
-        return self._q1("SELECT COALESCE(MAX(seq), 0) AS n FROM events")["n"]
+        return self._count("SELECT COALESCE(MAX(seq), 0) AS n FROM events")
 
     def emit(self, event_type: str, invoice: dict, payment: dict | None = None) -> None:
         """Append one event and a delivery per subscribed endpoint; call inside the change's transaction."""
@@ -180,9 +186,9 @@ class Outbox:
     def event_marks(self, invoice_id: str, since: int | None = None) -> tuple[int, list[str]]:
         """(sequence number of the invoice's latest event, or 0; the types of its events after
         `since`, oldest first): where a live status stream stands, and what a resuming one missed."""
-        latest = self._q1("SELECT COALESCE(MAX(seq), 0) AS n FROM events WHERE invoice_id = ?", [invoice_id])[
-            "n"
-        ]
+        latest = self._count(
+            "SELECT COALESCE(MAX(seq), 0) AS n FROM events WHERE invoice_id = ?", [invoice_id]
+        )
         if since is None or since >= latest:
             return latest, []
         rows = self._q(
@@ -307,7 +313,7 @@ class Outbox:
 
     def backlog(self) -> int:
         """Deliveries still to make (pending: due now or waiting for a retry)."""
-        return self._q1("SELECT COUNT(*) AS n FROM deliveries WHERE status = 'pending'")["n"]
+        return self._count("SELECT COUNT(*) AS n FROM deliveries WHERE status = 'pending'")
 
     def list_deliveries(
         self,
@@ -325,7 +331,7 @@ class Outbox:
                 where.append(f"{column} = ?")
                 params.append(value)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
-        total = self._q1(f"SELECT COUNT(*) AS n FROM deliveries{clause}", params)["n"]
+        total = self._count(f"SELECT COUNT(*) AS n FROM deliveries{clause}", params)
         rows = self._q(
             f"SELECT * FROM deliveries{clause} ORDER BY rowid DESC LIMIT ? OFFSET ?", [*params, limit, offset]
         )
