@@ -9,17 +9,12 @@ is delivered exactly once per id.
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
-import secrets
 import sqlite3
 import time
 from collections import Counter
 
-import aiohttp
 from anvil_harness import PAYERS, TOKEN_DECIMALS, AnvilChain, calldata
-from harness import Receiver, free_port
-from test_anvil_crash import CONFIRMATIONS, Daemon, integrity, write_config
+from test_anvil_crash import CONFIRMATIONS, integrity, operate
 
 UNIT = 10**TOKEN_DECIMALS
 INVOICES = 1_000
@@ -41,26 +36,9 @@ def payout(chain: AnvilChain, payouts: list[tuple[str, int]]) -> str:
 async def test_a_catch_up_of_5000_payments_records_each_once_and_delivers_each_event_once(
     anvil_node, tmp_path
 ):
-    node = anvil_node()
-    chain = await asyncio.to_thread(AnvilChain(node, "anvil0").setup)
-    receiver = Receiver("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
-    await receiver.start()
-    api_key = "sk_test_" + secrets.token_urlsafe(24)
-    listen = f"127.0.0.1:{free_port()}"
-    database = tmp_path / "watcher.db"
-    config = tmp_path / "watcher.toml"
-    write_config(config, database=database, listen=listen, webhook_url=receiver.url, chain=chain)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")}
-    env |= {"WATCHER_API_KEY": api_key, "WATCHER_WEBHOOK_SECRET": receiver.secret}
-    daemon = Daemon(config, env, f"http://{listen}", tmp_path)
-    http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {api_key}"})
-
-    async def api(method: str, path: str, **kwargs) -> dict:
-        async with http.request(method, daemon.base_url + path, **kwargs) as r:
-            body = await r.json()
-            assert 200 <= r.status < 300, (r.status, body)
-            return body
-
+    op = await operate(anvil_node(), tmp_path)
+    chain, receiver, database = op.chain, op.receiver, op.database
+    daemon, http, api = op.daemon, op.http, op.api
     try:
         await daemon.start(http)
         limit = asyncio.Semaphore(8)
@@ -146,6 +124,4 @@ async def test_a_catch_up_of_5000_payments_records_each_once_and_delivers_each_e
             assert per_invoice[(i, "invoice.paid")] == 1
             assert per_invoice[(i, "invoice.confirmed")] == 1
     finally:
-        daemon.cleanup()
-        await http.close()
-        await receiver.stop()
+        await op.close()

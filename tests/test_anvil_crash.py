@@ -21,6 +21,7 @@ import sqlite3
 import subprocess
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -139,19 +140,36 @@ class Daemon:
             self.process.wait()
 
 
-def integrity(database: Path) -> str:
-    with sqlite3.connect(database) as db:
-        return db.execute("PRAGMA integrity_check").fetchone()[0]
+@dataclass
+class Operated:
+    """The daemon as an operator runs it against one anvil node (`write_config`'s config, the
+    secrets by environment variable), with a signature-checking webhook receiver and an
+    authenticated API client. Started by `operate`; `close()` stops all of it."""
+
+    chain: AnvilChain
+    receiver: Receiver
+    daemon: Daemon
+    http: aiohttp.ClientSession
+    config: Path
+    database: Path
+    listen: str
+    env: dict[str, str]
+
+    async def api(self, method: str, path: str, **kwargs) -> dict:
+        """A request that must succeed (2xx); its JSON body."""
+        async with self.http.request(method, self.daemon.base_url + path, **kwargs) as r:
+            body = await r.json()
+            assert 200 <= r.status < 300, (r.status, body)
+            return body
+
+    async def close(self) -> None:
+        self.daemon.cleanup()
+        await self.http.close()
+        await self.receiver.stop()
 
 
-async def test_sigkill_while_recording_payments_loses_and_repeats_nothing(anvil_node, tmp_path):
-    """30 invoices; 25 payments in 5 blocks, mined a tenth of a second apart; SIGKILL as soon
-    as two blocks' worth but not all of them show over HTTP (the follower is between or inside its steps,
-    webhooks in flight); 9 more payments and the confirmations mined while it is down; then
-    a restart. Every payment is recorded once, every invoice ends as its payments say, every
-    change is reported once (a redelivered event keeps its id and body), and the database is
-    intact both right after the kill and at the end."""
-    node = anvil_node()
+async def operate(node, tmp_path: Path) -> Operated:
+    """Our contracts on `node`, a receiver, the config and the environment; not started yet."""
     chain = await asyncio.to_thread(AnvilChain(node, "anvil0").setup)
     receiver = Receiver("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
     await receiver.start()
@@ -164,13 +182,24 @@ async def test_sigkill_while_recording_payments_loses_and_repeats_nothing(anvil_
     env |= {"WATCHER_API_KEY": api_key, "WATCHER_WEBHOOK_SECRET": receiver.secret}
     daemon = Daemon(config, env, f"http://{listen}", tmp_path)
     http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {api_key}"})
+    return Operated(chain, receiver, daemon, http, config, database, listen, env)
 
-    async def api(method: str, path: str, **kwargs) -> dict:
-        async with http.request(method, daemon.base_url + path, **kwargs) as r:
-            body = await r.json()
-            assert 200 <= r.status < 300, (r.status, body)
-            return body
 
+def integrity(database: Path) -> str:
+    with sqlite3.connect(database) as db:
+        return db.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+async def test_sigkill_while_recording_payments_loses_and_repeats_nothing(anvil_node, tmp_path):
+    """30 invoices; 25 payments in 5 blocks, mined a tenth of a second apart; SIGKILL as soon
+    as two blocks' worth but not all of them show over HTTP (the follower is between or inside its steps,
+    webhooks in flight); 9 more payments and the confirmations mined while it is down; then
+    a restart. Every payment is recorded once, every invoice ends as its payments say, every
+    change is reported once (a redelivered event keeps its id and body), and the database is
+    intact both right after the kill and at the end."""
+    op = await operate(anvil_node(), tmp_path)
+    chain, receiver, database = op.chain, op.receiver, op.database
+    daemon, http, api = op.daemon, op.http, op.api
     try:
         await daemon.start(http)
 
@@ -286,9 +315,7 @@ async def test_sigkill_while_recording_payments_loses_and_repeats_nothing(anvil_
             f"{sum(len(c) > 1 for c in by_id.values())} events redelivered after the restart"
         )
     finally:
-        daemon.cleanup()
-        await http.close()
-        await receiver.stop()
+        await op.close()
 
 
 def copy_database(database: Path, directory: Path) -> Path:

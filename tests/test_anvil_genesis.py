@@ -7,18 +7,13 @@ exit 2 and one line naming the chain, both hashes and the way out.
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
-import secrets
 import sqlite3
 import subprocess
 import time
 
-import aiohttp
 import pytest
 from anvil_harness import AnvilChain, AnvilHarness
-from harness import Receiver, free_port
-from test_anvil_crash import WATCHER, Daemon, write_config
+from test_anvil_crash import WATCHER, operate, write_config
 
 from watcher.genesis import WrongChain
 
@@ -41,18 +36,9 @@ async def test_a_reset_chain_behind_an_old_database_is_refused_with_exit_2(anvil
     the stored and the node's genesis hashes and what to do, and changes nothing stored; on
     a fresh database (the way out it names) the same config starts."""
     node = anvil_node()
-    chain = await asyncio.to_thread(AnvilChain(node, "anvil0").setup)
-    receiver = Receiver("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
-    await receiver.start()
-    api_key = "sk_test_" + secrets.token_urlsafe(24)
-    listen = f"127.0.0.1:{free_port()}"
-    database = tmp_path / "watcher.db"
-    config = tmp_path / "watcher.toml"
-    write_config(config, database=database, listen=listen, webhook_url=receiver.url, chain=chain)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")}
-    env |= {"WATCHER_API_KEY": api_key, "WATCHER_WEBHOOK_SECRET": receiver.secret}
-    daemon = Daemon(config, env, f"http://{listen}", tmp_path)
-    http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {api_key}"})
+    op = await operate(node, tmp_path)
+    chain, receiver, database, config = op.chain, op.receiver, op.database, op.config
+    daemon, http, listen, env = op.daemon, op.http, op.listen, op.env
     try:
         await daemon.start(http)
         async with http.post(daemon.base_url + "/v1/invoices", json={"amount": "5", "assets": ["TUSD"]}) as r:
@@ -112,9 +98,7 @@ async def test_a_reset_chain_behind_an_old_database_is_refused_with_exit_2(anvil
         assert daemon.terminate() == 0
         assert _stored(fresh)["genesis"] == {"anvil0": new_genesis}
     finally:
-        daemon.cleanup()
-        await http.close()
-        await receiver.stop()
+        await op.close()
 
 
 async def test_two_rpc_urls_of_two_chains_with_one_chain_id_are_refused(anvil_node, harnesses):
