@@ -342,10 +342,10 @@ async def run_bare(spec: dict[str, Any]) -> dict[str, Any]:
                 failures += not 200 <= r.status < 300
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker(session) for _ in range(spec["concurrency"])))
-        wall = time.perf_counter() - started
-    return {"wall_s": wall, "deliveries": len(bodies), "failures": failures}
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    return {"wall_s": wall, "cpu_s": cpu, "deliveries": len(bodies), "failures": failures}
 
 
 # --------------------------------------------------------------------------- report
@@ -382,6 +382,11 @@ def child_main(spec: dict) -> dict:
     with open(log_path) as lines:
         result["log_lines"] = sum(1 for _ in lines)
     return result
+
+
+def cpu_ms(run: dict[str, Any]) -> str:
+    """The sender's CPU (its process's) per delivery."""
+    return f"{run['cpu_s'] * 1000 / run['deliveries']:.3f}"
 
 
 def print_each_try(alone: list[dict], beside: list[dict]) -> None:
@@ -493,7 +498,10 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
     base = runs[0]
-    head = f"{'run':<58} {'wall s':>7} {'deliv/s':>8} {'x base':>6} {'attempts':>8} {'500s':>5} {'ok':>3}"
+    head = (
+        f"{'run':<58} {'wall s':>7} {'deliv/s':>8} {'x base':>6} {'CPU ms/deliv':>12} {'attempts':>8} "
+        f"{'500s':>5} {'ok':>3}"
+    )
     print(head)
     print("-" * len(head))
     problems = []
@@ -513,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{r['label']:<58} {r['wall_s']:>7.2f} {rate:>8,.0f} "
             f"{rate / (base['deliveries'] / base['wall_s']):>6.2f} "
-            f"{rec['attempts']:>8,} {rec['failed_on_purpose']:>5,} {'yes' if ok else 'NO':>3}"
+            f"{cpu_ms(r):>12} {rec['attempts']:>8,} {rec['failed_on_purpose']:>5,} {'yes' if ok else 'NO':>3}"
         )
     print(
         "ok = every delivery 'delivered', the receiver accepted each of the events once: "
