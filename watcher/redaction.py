@@ -11,6 +11,7 @@ and any other URL in the text is shown as ``strip_credentials`` shows it.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from collections.abc import Iterable
@@ -27,6 +28,7 @@ _URL_IN_TEXT = re.compile(r"\b(?:https?|wss?)://[^\s\"'<>`]+", re.IGNORECASE)
 MIN_PIECE = 6
 
 
+@functools.lru_cache(maxsize=256)  # the same few URLs (nodes, endpoints) in every log line
 def strip_credentials(url: str) -> str:
     """A URL safe to show: userinfo dropped, API-key-like path segments and query values
     replaced by ``***`` (RPC providers put keys in either place)."""

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import hmac
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,8 @@ BREAKER_PAUSES = (5.0, 15.0, 60.0, 300.0)
 # many seconds of the first of them.
 RECORD_BATCH = 64
 RECORD_DELAY = 0.02
+# A lane claims its due deliveries this many at a time (one query), and starts them as it has room.
+CLAIM_BATCH = 64
 
 
 def secret_keys(secrets: str) -> list[bytes]:
@@ -167,7 +170,7 @@ class Breaker:
         return None if self.open_until is None else max(self.open_until - now, 0.0)
 
 
-@dataclass
+@dataclass(eq=False)  # a lane is itself: hashed and compared by identity
 class _Lane:
     """One endpoint: its keys (None once it is no longer configured), breaker and attempts in flight."""
 
@@ -177,12 +180,13 @@ class _Lane:
     shown: str = ""  # the URL as logs show it: credentials stripped
     in_flight: dict[str, asyncio.Task] = field(default_factory=dict)
     recording: set[str] = field(default_factory=set)  # attempted, not yet recorded: not taken again
+    claimed: deque[dict] = field(default_factory=deque)  # due, read from the store, not started yet
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
 
     def busy(self) -> list[str]:
-        """The deliveries the lane holds: in flight, or waiting for their record."""
-        return [*self.in_flight, *self.recording]
+        """The deliveries the lane holds: claimed, in flight, or waiting for their record."""
+        return [*self.in_flight, *self.recording, *(d["id"] for d in self.claimed)]
 
 
 @dataclass
@@ -215,13 +219,15 @@ class Dispatcher:
         write: Callable[..., Awaitable[Any]] | None = None,
         record_batch: int = RECORD_BATCH,
         record_delay: float = RECORD_DELAY,
+        claim_batch: int = CLAIM_BATCH,
     ) -> None:
         """``concurrency``: attempts in flight per endpoint. ``breaker_threshold`` None: no breaker.
         ``on_attempt(outcome, seconds)`` hears of each attempt once it is recorded (the
         metrics): outcome ``delivered``, ``retry`` or ``failed``; seconds None when nothing was
         sent. ``on_breaker(shown_url, open)`` hears of each breaker that opens or closes.
         ``write(fn, *args)`` runs a store change (default: the outbox's, the store's writer
-        thread). ``record_batch``, ``record_delay``: the group commit's."""
+        thread). ``record_batch``, ``record_delay``: the group commit's. ``claim_batch``: due
+        deliveries a lane reads at a time."""
         self.outbox = outbox
         self.on_attempt = on_attempt
         self.on_breaker = on_breaker
@@ -237,6 +243,7 @@ class Dispatcher:
         self._write = write or outbox.write
         self.record_batch = max(1, record_batch)
         self.record_delay = record_delay
+        self.claim_batch = max(1, claim_batch)
         self._ended: list[_Ended] = []  # attempts over, not yet in a group being written
         self._flush_timer: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task] = set()
@@ -364,7 +371,8 @@ class Dispatcher:
                 if lane.keys is None and not lane.busy() and self._idle_unconfigured(lane):
                     return  # no longer configured and nothing left to fail: the lane ends
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(lane.changed.wait(), timeout=max(wait, 0.01))
+                    async with asyncio.timeout(max(wait, 0.01)):  # no task per wait, unlike wait_for
+                        await lane.changed.wait()
             # Stopping: let the attempts in flight record their outcome.
             await asyncio.gather(*lane.in_flight.values(), return_exceptions=True)
         except asyncio.CancelledError:
@@ -381,15 +389,20 @@ class Dispatcher:
         """Start what the lane has room for; returns how long to wait before looking again."""
         now = self.clock()
         room = lane.breaker.room(now, len(lane.in_flight), self.concurrency)
-        if room > 0:
-            due = self.outbox.due_deliveries(now, limit=room, url=lane.url, exclude=lane.busy())
-            for delivery in due:
-                lane.breaker.started(now)
-                task = asyncio.create_task(self._attempt(lane, delivery), name="webhook-attempt")
-                lane.in_flight[delivery["id"]] = task
-                task.add_done_callback(functools.partial(self._done, lane, delivery["id"]))
+        if room > len(lane.claimed):  # one query claims a batch, not one per attempt ended
+            lane.claimed += self.outbox.due_deliveries(
+                now, limit=max(room, self.claim_batch), url=lane.url, exclude=lane.busy()
+            )
+        for _ in range(min(room, len(lane.claimed))):
+            delivery = lane.claimed.popleft()
+            lane.breaker.started(now)
+            task = asyncio.create_task(self._attempt(lane, delivery), name="webhook-attempt")
+            lane.in_flight[delivery["id"]] = task
+            task.add_done_callback(functools.partial(self._done, lane, delivery["id"]))
         if lane.in_flight or lane.recording:
             return idle  # a finished attempt, or its record, wakes the lane
+        if lane.claimed:  # due, and held back by the breaker alone
+            return min(idle, lane.breaker.reopens_in(now) or 0.0)
         next_at = self.outbox.next_delivery_at(lane.url)
         wait = idle if next_at is None else max(next_at - now, 0.0)
         return min(idle, max(wait, lane.breaker.reopens_in(now) or 0.0))
@@ -521,17 +534,22 @@ class Dispatcher:
 
     def _recorded(self, group: list[_Ended]) -> None:
         """Once a group has committed: its deliveries may be taken again; log and count them."""
+        logger = log.bind()  # the logger as configured now, once per group rather than once per line
+        lanes = set()
         for ended in group:
             ended.lane.recording.discard(ended.attempt.delivery_id)
-            ended.lane.changed.set()
+            lanes.add(ended.lane)
             if self.on_attempt is not None:
                 self.on_attempt(ended.outcome, ended.seconds)
-            self._log(ended)
+            self._log(logger, ended)
+        for lane in lanes:
+            lane.changed.set()
 
-    def _log(self, ended: _Ended) -> None:
+    @staticmethod
+    def _log(logger: Any, ended: _Ended) -> None:
         attempt = ended.attempt
         if attempt.ok:
-            log.info(
+            logger.info(
                 "webhook_delivered",
                 delivery=attempt.delivery_id,
                 event_id=ended.event_id,
@@ -539,7 +557,7 @@ class Dispatcher:
                 ms=round(attempt.duration_ms, 1),
             )
         elif ended.delay is None:
-            log.error(
+            logger.error(
                 "webhook_failed",
                 delivery=attempt.delivery_id,
                 event_id=ended.event_id,
@@ -548,7 +566,7 @@ class Dispatcher:
                 attempts=ended.attempts_done,
             )
         else:
-            log.warning(
+            logger.warning(
                 "webhook_retry_scheduled",
                 delivery=attempt.delivery_id,
                 event_id=ended.event_id,

@@ -20,6 +20,8 @@ from .records import StateConflict
 from .views import status_view
 
 DELIVERY_STATUSES = ("pending", "delivered", "failed")
+# Attempts per statement in `record_attempts` (9 bound values each, far below either engine's cap).
+ATTEMPTS_PER_STATEMENT = 500
 
 
 def delivery_view(row: sqlite3.Row) -> dict:
@@ -268,46 +270,55 @@ class Outbox:
     def record_attempts(self, attempts: Sequence[Attempt]) -> None:
         """Attempts of distinct deliveries in one transaction: one commit, so one fsync, for
         them all (the dispatcher's group commit). A delivery no longer there (pruned
-        meanwhile) is skipped."""
+        meanwhile) is skipped.
+
+        Two statements for the whole group (its attempts as a VALUES list), not one per
+        attempt: each statement the store's writer thread runs hands the GIL back and forth
+        with the event loop, so a group costs the loop two hand-offs, not two per attempt."""
+        now = rfc3339(self.clock())
+        with self.db.atomic():
+            for start in range(0, len(attempts), ATTEMPTS_PER_STATEMENT):
+                self._record_chunk(attempts[start : start + ATTEMPTS_PER_STATEMENT], now)
+
+    def _record_chunk(self, attempts: Sequence[Attempt], now: str | None) -> None:
         if not attempts:
             return
-        now = rfc3339(self.clock())
-        ids = [a.delivery_id for a in attempts]
-        with self.db.atomic():
-            rows = {
-                r["id"]: r
-                for r in self._q(
-                    f"SELECT id, attempts, requeues FROM deliveries WHERE id IN ({','.join('?' * len(ids))})",
-                    ids,
-                )
-            }
-            recorded, updated = [], []
-            for a in attempts:
-                row = rows.get(a.delivery_id)
-                if row is None:
-                    continue
-                attempt = (row["attempts"] if a.claimed_attempts is None else a.claimed_attempts) + 1
-                recorded.append((a.delivery_id, attempt, now, a.status_code, a.error, a.duration_ms))
-                requeued = (a.claimed_attempts is not None and row["attempts"] != a.claimed_attempts) or (
-                    a.claimed_requeues is not None and row["requeues"] != a.claimed_requeues
-                )
-                if requeued:
-                    continue  # re-queued while this attempt was in flight: leave the new schedule alone
-                status = "delivered" if a.ok else ("pending" if a.next_attempt_at is not None else "failed")
-                next_at, delivered_at = (None, now) if a.ok else (a.next_attempt_at, None)
-                updated.append(
-                    (status, attempt, a.status_code, a.error, next_at, delivered_at, a.delivery_id)
-                )
-            self.db.conn.executemany(
-                "INSERT INTO delivery_attempts(delivery_id, attempt, at, status_code, error, duration_ms) "
-                "VALUES (?,?,?,?,?,?)",
-                recorded,
+        values = ",".join(["(?,?,?,?,?,?,?,?)"] * len(attempts))
+        rows = [
+            value
+            for a in attempts
+            for value in (
+                a.delivery_id, a.claimed_attempts, a.claimed_requeues, int(a.ok), a.status_code,
+                a.error, a.duration_ms, a.next_attempt_at,
             )
-            self.db.conn.executemany(
-                "UPDATE deliveries SET status = ?, attempts = ?, last_status_code = ?, last_error = ?, "
-                "next_attempt_at = ?, delivered_at = ? WHERE id = ?",
-                updated,
-            )
+        ]  # fmt: skip
+        given = (
+            "WITH a(id, claimed, requeues, ok, status_code, error, duration_ms, next_at) "
+            f"AS (VALUES {values}) "
+        )
+        conn = self.db.conn
+        # The attempt's number: one after the count the dispatcher saw (None: the count now).
+        conn.execute(
+            given
+            + "INSERT INTO delivery_attempts(delivery_id, attempt, at, status_code, error, duration_ms) "
+            "SELECT a.id, COALESCE(a.claimed, d.attempts) + 1, ?, a.status_code, a.error, a.duration_ms "
+            "FROM a JOIN deliveries d ON d.id = a.id",
+            [*rows, now],
+        )
+        # A delivery re-queued while its attempt was in flight (its count or requeues moved)
+        # keeps the new schedule: the attempt is recorded above, the delivery left alone.
+        conn.execute(
+            given + "UPDATE deliveries SET "
+            "status = CASE WHEN a.ok THEN 'delivered' WHEN a.next_at IS NULL THEN 'failed' "
+            "ELSE 'pending' END, "
+            "attempts = COALESCE(a.claimed, deliveries.attempts) + 1, last_status_code = a.status_code, "
+            "last_error = a.error, next_attempt_at = CASE WHEN a.ok THEN NULL ELSE a.next_at END, "
+            "delivered_at = CASE WHEN a.ok THEN ? END "
+            "FROM a WHERE deliveries.id = a.id "
+            "AND (a.claimed IS NULL OR deliveries.attempts = a.claimed) "
+            "AND (a.requeues IS NULL OR deliveries.requeues = a.requeues)",
+            [*rows, now],
+        )
 
     # ------------------------------------------------------------------ operations
 
