@@ -640,3 +640,116 @@ async def test_an_attempt_whose_record_never_committed_is_sent_again_under_its_i
     assert store.db.execute("SELECT status, attempts FROM deliveries").fetchone()[:] == ("delivered", 1)
     assert len(got) == 2 and got[0] == got[1]
     store.close()
+
+
+async def test_a_lane_reads_its_due_deliveries_in_batches(tmp_path, endpoints):
+    """200 deliveries to a healthy endpoint, 4 in flight: a few queries for due deliveries, each
+    claiming a batch, not one query per slot freed (the dispatcher's CPU per delivery); each
+    is still sent once."""
+    store, url, got = await _deliveries_due(tmp_path, endpoints, ("*",), invoices=100)  # created, confirmed
+    queries: list[int] = []
+    read_due = store.outbox.due_deliveries
+
+    def counted(*args, **kwargs):
+        due = read_due(*args, **kwargs)
+        queries.append(len(due))
+        return due
+
+    store.outbox.due_deliveries = counted  # type: ignore[method-assign]
+    outcomes: list[str] = []
+    dispatcher = Dispatcher(
+        store.outbox, {url: VECTOR_SECRET}, concurrency=4, on_attempt=lambda o, s: outcomes.append(o)
+    )
+    stopping = asyncio.Event()
+    runner = asyncio.create_task(dispatcher.run(stopping))
+    try:
+        started = time.monotonic()
+        while len(outcomes) < 200:
+            assert time.monotonic() - started < 20, f"{len(outcomes)} of 200 recorded"
+            await asyncio.sleep(0.02)
+        assert len(got) == 200 and len(set(got)) == 200
+        assert outcomes == ["delivered"] * 200
+        claimed = [n for n in queries if n]
+        # 64 at a time, 4 in flight (before: a query per slot freed, 50 or more)
+        assert sum(claimed) == 200 and len(claimed) <= 8, queries
+    finally:
+        stopping.set()
+        dispatcher.wake()
+        await runner
+        await dispatcher.close()
+        store.close()
+
+
+def test_a_group_of_attempts_is_written_in_two_statements_whatever_its_size(tmp_path):
+    """50 attempts, one group: one INSERT and one UPDATE in one transaction (each statement
+    run on the store's writer thread hands the GIL to the event loop and back; before, a
+    SELECT and one INSERT and one UPDATE per attempt). Each outcome is recorded as before:
+    delivered, retry, failed, re-queued by the operator meanwhile, pruned meanwhile, and an
+    attempt that did not say what it claimed."""
+    from watcher.store.outbox import Attempt
+
+    clock = Clock()
+    store = Store(tmp_path / "w.db", clock=clock)
+    store.outbox.set_endpoints([Endpoint("http://127.0.0.1:9/hook", ("invoice.created",))])
+    for _ in range(50):
+        _invoice(store)
+    ids = [r["id"] for r in store.db.execute("SELECT id FROM deliveries ORDER BY id")]
+    store.db.execute("UPDATE deliveries SET attempts = 2 WHERE id IN (?, ?)", [ids[1], ids[2]])
+    store.db.execute("UPDATE deliveries SET attempts = 7 WHERE id = ?", [ids[3]])
+    store.outbox.redeliver(ids[4])  # re-queued while its attempt was in flight
+    store.db.execute("DELETE FROM deliveries WHERE id = ?", [ids[5]])  # pruned meanwhile
+
+    def attempt(i: int, ok: bool = True, **fields) -> Attempt:
+        given = {"status_code": 204, "error": None, "duration_ms": 1.5, "next_attempt_at": None}
+        given |= {"claimed_attempts": 0, "claimed_requeues": 0} | fields
+        return Attempt(ids[i], ok=ok, **given)
+
+    group = [
+        attempt(0),
+        attempt(
+            1,
+            ok=False,
+            status_code=500,
+            error="HTTP 500",
+            next_attempt_at=clock.now + 300,
+            claimed_attempts=2,
+        ),
+        attempt(2, ok=False, status_code=None, error="no answer within 10 s", claimed_attempts=2),
+        attempt(3, ok=False, status_code=503, error="HTTP 503", claimed_attempts=7),
+        attempt(4),
+        attempt(5),
+        attempt(6, claimed_attempts=None, claimed_requeues=None),
+        *(attempt(i) for i in range(7, 50)),
+    ]
+    statements: list[str] = []
+    store.db.conn.set_trace_callback(statements.append)
+    store.outbox.record_attempts(group)
+    store.db.conn.set_trace_callback(None)
+    assert len(statements) == 4, statements  # BEGIN, the attempts' INSERT, the deliveries' UPDATE, COMMIT
+
+    rows = {
+        r["id"]: (r["status"], r["attempts"], r["last_status_code"], r["last_error"], r["next_attempt_at"])
+        for r in store.db.execute("SELECT * FROM deliveries")
+    }
+    assert rows[ids[0]] == ("delivered", 1, 204, None, None)
+    assert rows[ids[1]] == ("pending", 3, 500, "HTTP 500", clock.now + 300)
+    assert rows[ids[2]] == ("failed", 3, None, "no answer within 10 s", None)
+    assert rows[ids[3]] == ("failed", 8, 503, "HTTP 503", None)
+    assert rows[ids[4]][:2] == ("pending", 0)  # the operator's fresh schedule stands
+    assert ids[5] not in rows
+    assert rows[ids[6]] == ("delivered", 1, 204, None, None)
+    assert all(rows[ids[i]] == ("delivered", 1, 204, None, None) for i in range(7, 50))
+    delivered_at = store.db.execute(
+        "SELECT COUNT(*) FROM deliveries WHERE delivered_at IS NOT NULL AND status = 'delivered'"
+    ).fetchone()[0]
+    assert delivered_at == 45
+    recorded = {
+        r["delivery_id"]: (r["attempt"], r["status_code"], r["error"])
+        for r in store.db.execute("SELECT * FROM delivery_attempts")
+    }
+    assert len(recorded) == 49 and ids[5] not in recorded
+    assert recorded[ids[1]] == (3, 500, "HTTP 500")
+    assert recorded[ids[3]] == (8, 503, "HTTP 503")
+    assert recorded[ids[4]] == (1, 204, None)  # recorded, though the delivery was left alone
+    assert recorded[ids[6]] == (1, 204, None)
+    store.close()
