@@ -51,6 +51,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench.measure import api_started
 from bench.watchset import CACHE, run_child
 
 RATE = 1_000
@@ -84,12 +85,14 @@ def wait_up(url: str, process: subprocess.Popen, what: str, timeout: float = 60)
     deadline = time.monotonic() + timeout
     while True:
         try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
+            if api_started(urllib.request.urlopen(url, timeout=2).read()):
+                return
         except OSError as exc:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{what} did not start (exit {process.poll()})") from exc
-            time.sleep(0.1)
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not finish starting (exit {process.poll()})")
+        time.sleep(0.1)
 
 
 # --------------------------------------------------------------------------- servers

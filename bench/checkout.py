@@ -38,6 +38,7 @@ import orjson
 from aiohttp import web
 
 from bench.api_load import free_port
+from bench.measure import api_started
 
 ROOT = Path(__file__).resolve().parent.parent
 PER_INVOICE = 20  # [checkout] max_streams_per_invoice's default
@@ -75,7 +76,7 @@ async def wait_up(session: aiohttp.ClientSession, url: str, timeout: float = 60)
     while time.monotonic() < deadline:
         try:
             async with session.get(url) as r:
-                if r.status < 500:
+                if r.status < 500 and api_started(await r.read()):
                     return
         except aiohttp.ClientError:
             pass

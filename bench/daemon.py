@@ -65,7 +65,7 @@ from typing import Any
 from bench.api_load import cpu_seconds, free_port, start_hello
 from bench.catchup import ENV, NETWORK, prepare_store
 from bench.chain import DECIMALS, PROFILES, CachedNode, ensure, load_deposits
-from bench.measure import best_of
+from bench.measure import api_started, best_of
 
 ROOT = Path(__file__).resolve().parent.parent
 RATE = 200.0
@@ -339,8 +339,9 @@ async def client(spec: dict[str, Any]) -> dict[str, Any]:
         while not stop.is_set():  # until the API answers (the daemon is spawned after us)
             try:
                 async with session.get(base + "/healthz") as r:
-                    await r.read()
-                    break
+                    if api_started(await r.read()):
+                        break
+                await asyncio.sleep(0.005)
             except aiohttp.ClientError:
                 await asyncio.sleep(0.005)
         tasks: set[asyncio.Task] = set()

@@ -11,6 +11,15 @@ from pathlib import Path
 from typing import Any
 
 
+def api_started(body: bytes) -> bool:
+    """Whether a 200 from the watcher's /healthz says it has finished starting (its /v1 routes
+    answer 503 while it says `starting`); any other server's 200 counts as started."""
+    try:
+        return json.loads(body).get("status") != "starting"
+    except (ValueError, AttributeError):
+        return True
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size: VmHWM, which starts afresh at exec (ru_maxrss
     does not: a child reports its parent's peak at fork if that was higher)."""

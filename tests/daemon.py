@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 from anvil import free_port
+from harness import started
 
 WATCHER = [sys.executable, "-m", "watcher.cli"]
 
@@ -121,7 +122,7 @@ class SandboxDaemon:
                     async with http.get(
                         self.base_url + "/healthz", timeout=aiohttp.ClientTimeout(total=1)
                     ) as r:
-                        if r.status == 200:
+                        if r.status == 200 and started(await r.read()):
                             return
                 except (TimeoutError, aiohttp.ClientError):
                     pass

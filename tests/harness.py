@@ -29,16 +29,27 @@ from watcher.service import Service
 from watcher.webhooks import secret_key, verify
 
 
+def started(body: bytes) -> bool:
+    """Whether a 200 from /healthz says the daemon has finished starting: it answers `starting`
+    (and its /v1 routes 503) while it still checks the nodes and reads the first prices."""
+    try:
+        return orjson.loads(body).get("status") != "starting"
+    except (orjson.JSONDecodeError, AttributeError):
+        return True  # not the watcher's /healthz: its 200 is the answer waited for
+
+
 def wait_http(url: str, timeout: float = 60.0) -> None:
-    """Until a daemon started in another process answers `url` with 200; fails on timeout."""
+    """Until a daemon started in another process answers `url` with 200 (for /healthz: has
+    finished starting); fails on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
+                if r.status == 200 and started(r.read()):
                     return
         except OSError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     raise AssertionError(f"{url} never answered")
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import aiohttp
 from anvil import ROOT
 from anvil_harness import DEPOSIT_MNEMONIC, MERCHANT, PAYERS, TOKEN_DECIMALS, AnvilChain
-from harness import Receiver, free_port
+from harness import Receiver, free_port, started
 
 from watcher.addresses import account_xpub_from_mnemonic
 
@@ -116,7 +116,7 @@ class Daemon:
                 )
             try:
                 async with http.get(self.base_url + "/healthz") as r:
-                    if r.status == 200:
+                    if r.status == 200 and started(await r.read()):
                         return
             except aiohttp.ClientError:
                 pass

@@ -29,7 +29,7 @@ import orjson
 import pytest
 import structlog
 from aiohttp import web
-from harness import Harness, Receiver, free_port, wait_http
+from harness import Harness, Receiver, free_port, started, wait_http
 from structlog.testing import capture_logs
 
 from watcher.config import load_settings
@@ -173,7 +173,7 @@ def test_the_daemon_speaks_sd_notify_under_a_fake_notify_socket(tmp_path):
             if "READY=1" in fields and sum("READY=1" in m for m in messages) == 1:
                 # The API must already answer when READY=1 arrives.
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-                    assert r.status == 200
+                    assert r.status == 200 and started(r.read()), "READY=1 before the start-up was done"
             if predicate():
                 return
         raise AssertionError(f"timed out; got {messages}")

@@ -48,6 +48,7 @@ from .domain import (
 from .httpserver import harden
 from .invoicing import Invoicing, OptionsError, finish_option, session_timing
 from .openapi import Operation
+from .startup import StartUp
 from .store import IdempotencyConflict, NewInvoice, NewSession, StateConflict, Store
 
 log = structlog.get_logger("watcher.api")
@@ -441,22 +442,27 @@ def make_app(
     api_keys: Sequence[ApiKey] = (),
     auth_failures_per_second: int | None = FAILURES_PER_SECOND,
     clock: Callable[[], float] = time.time,
+    starting: StartUp | None = None,
 ) -> web.Application:
-    """`api_key` is the `write` key of `api_key_env`; `api_keys` the others (`[[http.api_keys]]`)."""
+    """`api_key` is the `write` key of `api_key_env`; `api_keys` the others (`[[http.api_keys]]`).
+    `starting`: the service's start-up, while it is not done only the open routes serve."""
     auth = auth_middleware(
         [ApiKey("api_key_env", api_key, "write"), *api_keys],
         lambda status, title, detail: Problem(status, title, detail).response(),
         failures_per_second=auth_failures_per_second,
     )
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[problems, auth])
+    gate = [] if starting is None else [starting.middleware()]
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[problems, *gate, auth])
     harden(app)
     app.router.add_routes(InvoiceRoutes(store, invoicing, invoice_settings, clock).table())
+
+    async def healthz(request: web.Request) -> web.Response:
+        if starting is not None and not starting.done:
+            return json_response({"status": "starting", "waiting_for": starting.waiting_for})
+        return json_response({"status": "ok"})
+
     app.router.add_get("/healthz", healthz)
     return app
-
-
-async def healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
 
 
 class InvoiceRoutes:
@@ -867,7 +873,7 @@ def _invoice_operations() -> list[Operation]:
         Operation(
             "GET",
             "/healthz",
-            "200 while the process serves",
+            "200 while the process serves; `starting` until the start-up's checks are done",
             {200: schemas.Health},
             auth=False,
             tags=("operations",),

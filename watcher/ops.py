@@ -6,7 +6,8 @@ bearer auth like every `/v1` path. Nothing here talks to a node: chain positions
 the followers' last look and the store's checkpoints, so a dead node makes `/readyz` say so
 rather than hang.
 
-Readiness, per chain: the follower has read the node's head, not longer ago than
+Readiness: the service's start-up is done (the nodes checked, the live prices' first round
+read: watcher/startup.py); per chain: the follower has read the node's head, not longer ago than
 `head_max_age` seconds, has committed a block, and is at most `max(2 * depth, 10)` blocks
 behind that head (`depth` is the confirmations, or 64 with "finalized"). And the database
 answers `SELECT 1`.
@@ -31,6 +32,7 @@ from .metrics import CONTENT_TYPE_LATEST, ChainRow, Metrics
 from .openapi import Operation
 from .redaction import Redactor
 from .schemas import EventTypeName, Timestamp
+from .startup import StartUp
 from .store import StateConflict, Store
 from .store.outbox import DELIVERY_STATUSES
 from .store.probes import ping
@@ -54,8 +56,11 @@ class Ops:
         heads: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
         head_max_age: float | None = None,
+        starting: StartUp | None = None,
     ) -> None:
-        """`heads`: each chain's newHeads subscriber (its `mode` is "ws" while subscribed)."""
+        """`heads`: each chain's newHeads subscriber (its `mode` is "ws" while subscribed);
+        `starting`: the service's start-up (not ready until it is done)."""
+        self.starting = starting
         self.heads = heads if heads is not None else {}
         self.settings = settings
         self.store = store
@@ -155,8 +160,10 @@ class Ops:
         return chain, why
 
     def readiness(self) -> tuple[bool, dict]:
-        """(ready, body): the database check, each chain's check, and the reasons it fails."""
+        """(ready, body): the start-up, the database check, each chain's check, and the reasons it fails."""
         reasons: list[dict] = []
+        if self.starting is not None and not self.starting.done:
+            reasons.append({"check": "start-up", "reason": f"starting: {self.starting.waiting_for}"})
         try:
             ping(self.store)
             database = "ok"
@@ -278,7 +285,7 @@ class ChainReadiness(_Out):
 
 
 class ReadinessReason(_Out):
-    check: Literal["database", "chain"]
+    check: Literal["start-up", "database", "chain"]
     network: str | None = None
     reason: str
     last_error: str | None = None

@@ -191,7 +191,10 @@ class PaymentList(_Out):
 
 
 class Health(_Out):
-    status: Literal["ok"]
+    status: Literal["ok", "starting"]
+    waiting_for: str | None = Field(
+        None, description="while starting: what the start-up waits for (the /v1 routes answer 503)"
+    )
 
 
 # Every event type, once: the config's `events` filters, the deliveries' filter and the events'

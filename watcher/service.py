@@ -48,6 +48,7 @@ from .rates.routes import OPERATIONS as RATE_OPERATIONS
 from .rates.routes import add_rate_routes
 from .rates.setup import FIRST_ROUND_SECONDS, running_rate_book
 from .redaction import redact_text, register_urls
+from .startup import StartUp
 from .store import Endpoint, Store
 from .webhooks import Dispatcher
 
@@ -151,6 +152,7 @@ class Service:
         self.ops: Ops | None = None
         self.rates: RateBook | None = None  # the live prices ([[rates]])
         self.started = False  # watcher_started was logged: only then is watcher_stopped
+        self.starting = StartUp()  # what the API's 503s and /readyz say until start() is done
 
     # ------------------------------------------------------------------ start
 
@@ -302,43 +304,16 @@ class Service:
             raise ConfigError("database", f"cannot open or create {path}: {exc} ({hint})") from None
 
     async def start(self) -> None:
+        """Open the database and serve the API at once, then do the start-up work that talks to
+        the nodes (their chain ids and geneses, the live prices' first round) and start the
+        loops. Until that work is done the `/v1` routes answer 503 (watcher/startup.py); a check
+        that fails closes the listener and raises, as it did before the API served."""
         s = self.settings
         self.store = store = self._open_store()
         store.outbox.set_endpoints(Endpoint(w.url, tuple(w.events)) for w in s.webhooks)
-        readers: dict[str, ChainReader] = {}
-        first_seen: dict[str, str] = {}
-        for i, chain in enumerate(s.chains):
-            readers[chain.name] = self._reader_for(chain)
-            try:
-                genesis = self._check_genesis(
-                    i, chain, await self._check_nodes(i, chain, readers[chain.name])
-                )
-            except ConfigError:
-                await self._close_resources()
-                raise
-            if genesis is not None and await self._node_holds_our_blocks(chain.name, readers[chain.name]):
-                first_seen[chain.name] = genesis
-        for name, genesis in first_seen.items():  # only once every chain has passed its checks
-            store.remember_genesis(name, genesis)
-            log.info("genesis_recorded", network=name, genesis=genesis)
+        readers = {chain.name: self._reader_for(chain) for chain in s.chains}
         for chain in s.chains:
-            self.followers[chain.name] = Follower(
-                network=chain.name,
-                reader=readers[chain.name],
-                store=store,
-                tokens=[a.contract for a in chain.assets if a.kind == "erc20" and a.contract],
-                confirmations=chain.confirmations,
-                start_block=chain.start_block,
-                poll_interval=chain.poll_interval_seconds,
-                clock=self.clock,
-                metrics=self.metrics,
-                rails=Rails(
-                    native=any(a.kind == "native" for a in chain.assets),
-                    internal_transfers=chain.internal_transfers,
-                ),
-                max_batch=chain.max_batch,
-                trust_logs_bloom=chain.trust_logs_bloom,
-            )
+            self.followers[chain.name] = self._follower_for(chain, readers[chain.name])
             if (heads := self._heads_for(chain, self.followers[chain.name])) is not None:
                 self.heads[chain.name] = heads
         self.dispatcher = Dispatcher(
@@ -349,19 +324,87 @@ class Service:
             on_breaker=self.metrics.webhook_breaker,
         )
         store.outbox.on_delivery_queued = self.dispatcher.wake
-
-        api_keys = [ApiKey(k.name, k.key, k.scope) for k in s.http.api_keys]
         transports = {name: r.transport for name, r in readers.items()}  # type: ignore[attr-defined]
         self.rates = running_rate_book(s, transports, self.metrics, clock=self.clock)
-        await self.rates.first_round(FIRST_ROUND_SECONDS)  # prices before the API serves, unless slow
+        try:
+            await self._serve_api(store, readers, transports)
+            await self._check_chains(readers)
+            self._starting(f"the live prices' first round (at most {FIRST_ROUND_SECONDS:g} s)")
+            await self.rates.first_round(FIRST_ROUND_SECONDS)  # prices before invoices, unless slow
+            if s.checkout is not None:
+                self._starting("the payment page's listener")
+                await self._start_checkout(store)
+        except BaseException:
+            await self._close_listeners()
+            await self._close_resources()
+            raise
+        self._start_loops(store)
+        self.starting.finish()
+        self.notifier.ready(self.status_line())
+        self._tasks.append(asyncio.create_task(self._report_health(), name="health"))
+        self.started = True
+        log.info(
+            "watcher_started",
+            version=__version__,
+            api=self.base_url,
+            chains=[c.name for c in s.chains],
+            webhooks=len(s.webhooks),
+            sandbox=self.sandbox is not None,
+        )
+
+    def _starting(self, what: str) -> None:
+        """A start-up step: `/readyz` and `systemctl status` say what the daemon waits for."""
+        self.starting.step(what)
+        self.notifier.status(f"starting: {what}")
+
+    def _follower_for(self, chain: ChainSettings, reader: ChainReader) -> Follower:
+        return Follower(
+            network=chain.name,
+            reader=reader,
+            store=self.store,  # type: ignore[arg-type]  # opened by start() first
+            tokens=[a.contract for a in chain.assets if a.kind == "erc20" and a.contract],
+            confirmations=chain.confirmations,
+            start_block=chain.start_block,
+            poll_interval=chain.poll_interval_seconds,
+            clock=self.clock,
+            metrics=self.metrics,
+            rails=Rails(
+                native=any(a.kind == "native" for a in chain.assets),
+                internal_transfers=chain.internal_transfers,
+            ),
+            max_batch=chain.max_batch,
+            trust_logs_bloom=chain.trust_logs_bloom,
+        )
+
+    async def _check_chains(self, readers: Mapping[str, ChainReader]) -> None:
+        """Every chain's nodes serve the configured chain (chain id, genesis); the geneses seen
+        for the first time are recorded only once every chain has passed its checks."""
+        assert self.store is not None
+        first_seen: dict[str, str] = {}
+        for i, chain in enumerate(self.settings.chains):
+            self._starting(f"checking the nodes of {chain.name}: chain id and genesis")
+            genesis = self._check_genesis(i, chain, await self._check_nodes(i, chain, readers[chain.name]))
+            if genesis is not None and await self._node_holds_our_blocks(chain.name, readers[chain.name]):
+                first_seen[chain.name] = genesis
+        for name, genesis in first_seen.items():
+            self.store.remember_genesis(name, genesis)
+            log.info("genesis_recorded", network=name, genesis=genesis)
+
+    async def _serve_api(
+        self, store: Store, readers: Mapping[str, ChainReader], transports: Mapping[str, Transport]
+    ) -> None:
+        """Every route of the API, bound now: the start-up gate holds the `/v1` ones back."""
+        s = self.settings
+        assert self.rates is not None
         app = make_app(
             store,
             Invoicing(s, self.rates, clock=self.clock),
             s.invoices,
             api_key=s.http.api_key,
-            api_keys=api_keys,
+            api_keys=[ApiKey(k.name, k.key, k.scope) for k in s.http.api_keys],
             clock=self.clock,
             auth_failures_per_second=self.auth_failures_per_second,
+            starting=self.starting,
         )
         add_rate_routes(app, self.rates)
         operations = [
@@ -377,14 +420,13 @@ class Service:
 
             add_sandbox_routes(app, self.sandbox, store, self._wake_followers, block_time=self.block_time)
             operations += SANDBOX_OPERATIONS
-        self.ops = Ops(s, store, self.followers, readers, heads=self.heads, clock=self.clock)
+        self.ops = Ops(
+            s, store, self.followers, readers, heads=self.heads, clock=self.clock, starting=self.starting
+        )
         self.metrics.track(store, self.ops.positions)
         add_ops_routes(app, self.ops, self.metrics)
         add_deposit_balance_routes(
-            app,
-            store,
-            transports,
-            {c.name: getattr(c, "max_batch", 100) for c in s.chains},
+            app, store, transports, {c.name: getattr(c, "max_batch", 100) for c in s.chains}
         )
         add_openapi_route(app, operations, version=__version__)
         add_docs_routes(app)
@@ -397,9 +439,10 @@ class Service:
         self._listeners.append(listener)
         host, port = listener.addresses[0][:2]
         self.base_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        if s.checkout is not None:
-            await self._start_checkout(store)
 
+    def _start_loops(self, store: Store) -> None:
+        """The followers, the newHeads subscribers, the dispatcher, the sandbox's miner, the jobs."""
+        assert self.dispatcher is not None and self.rates is not None
         for follower in self.followers.values():
             self._tasks.append(
                 asyncio.create_task(follower.run(self.stopping), name=f"follower:{follower.network}")
@@ -412,7 +455,7 @@ class Service:
         self._scheduler = make_scheduler(
             store,
             expiry_interval=self.expiry_interval,
-            retention=s.retention,
+            retention=self.settings.retention,
             clock=self.clock,
             on_pruned=self.metrics.rows_pruned,
             prune_interval=self.prune_interval,
@@ -420,17 +463,6 @@ class Service:
         )
         self.rates.schedule(self._scheduler)
         self._scheduler.start()
-        self.notifier.ready(self.status_line())
-        self._tasks.append(asyncio.create_task(self._report_health(), name="health"))
-        self.started = True
-        log.info(
-            "watcher_started",
-            version=__version__,
-            api=self.base_url,
-            chains=[c.name for c in s.chains],
-            webhooks=len(s.webhooks),
-            sandbox=self.sandbox is not None,
-        )
 
     async def _start_checkout(self, store: Store) -> None:
         """The payment page on its own public listener: the page, its feed and its assets only."""
@@ -528,16 +560,7 @@ class Service:
         self.stopping.set()
         if self.feed is not None:
             self.feed.close()  # live status streams end now, not at the server's shutdown timeout
-        for listener in self._listeners:  # accept no new connection; the cleanups close the open ones
-            await listener.close()
-        self._listeners = []
-        if self._checkout_runner is not None:
-            await self._checkout_runner.cleanup()
-            self._checkout_runner = None
-        if self._runner is not None:
-            # Stop taking requests first (in-flight ones finish), then the loops.
-            await self._runner.cleanup()
-            self._runner = None
+        await self._close_listeners()  # stop taking requests first (in-flight ones finish), then the loops
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
@@ -556,6 +579,17 @@ class Service:
         if self.started:  # a start that failed is reported by its caller (listen_failed, ...), not as a stop
             self.started = False
             log.info("watcher_stopped")
+
+    async def _close_listeners(self) -> None:
+        for listener in self._listeners:  # accept no new connection; the cleanups close the open ones
+            await listener.close()
+        self._listeners = []
+        if self._checkout_runner is not None:
+            await self._checkout_runner.cleanup()
+            self._checkout_runner = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
 
     async def _close_resources(self) -> None:
         if self.dispatcher is not None:
@@ -660,7 +694,7 @@ class Service:
 
         def on_hup() -> None:
             nonlocal hup_early
-            if self.dispatcher is None:  # still starting: reload once started
+            if not self.starting.done:  # still starting: reload once started
                 hup_early = True
             else:
                 self.reload()
