@@ -25,7 +25,6 @@ import structlog
 from aiohttp import web
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     StrictBool,
     StrictInt,
@@ -158,7 +157,7 @@ def _plain_json(value: Any, depth: int = 0) -> Any:
 
 
 class TimingIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = schemas.API_MODEL
     mode: Literal["immediate", "due_date"] = "immediate"
     expires_after_minutes: Annotated[StrictInt, Field(ge=1, le=525_600)] | None = None
     due_after_days: Annotated[StrictInt, Field(ge=0, le=3650)] | None = None
@@ -200,7 +199,7 @@ def _quote_rates_in(value: Any) -> Any:
 
 
 class CreateInvoiceIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = schemas.API_MODEL
     amount: Decimal
     # An ISO 4217 code, in capitals; which ones the configured rates reach is checked when quoting.
     currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "USD"
@@ -267,7 +266,7 @@ class CheckoutSessionIn(BaseModel):
     """A fresh payment session: `assets` and `quote_rates` as at create; absent, those of the
     invoice's last session are used."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = schemas.API_MODEL
     assets: AssetsIn | None = None
     quote_rates: QuoteRatesIn | None = None
 
@@ -280,11 +279,11 @@ class CheckoutSessionIn(BaseModel):
 class NoBodyIn(BaseModel):
     """finalize and cancel take no fields: an empty body or `{}`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = schemas.API_MODEL
 
 
 class ResolveIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = schemas.API_MODEL
     resolution_action: ResolutionAction
     resolution_note: Annotated[str, Field(max_length=500)] | None = None
 

@@ -7,13 +7,13 @@ from typing import Annotated
 
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from .api import Problem, invalid, json_response, query_int, single_query
 from .balances import BalanceError, BatchTransport, DepositAddress, funded_deposits
 from .chain import RpcError
 from .openapi import Operation
-from .schemas import Address, AtomicAmount, DecimalText
+from .schemas import API_MODEL, QUERY_MODEL, Address, AtomicAmount, DecimalText
 from .store import Store
 from .store.deposits import paid_deposit_addresses
 
@@ -21,7 +21,7 @@ log = structlog.get_logger("watcher.deposits")
 
 
 class _Out(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = API_MODEL
 
 
 class DepositBalance(_Out):
@@ -46,6 +46,8 @@ class DepositBalanceList(_Out):
 
 
 class DepositBalanceQuery(BaseModel):
+    model_config = QUERY_MODEL
+
     network: str | None = None
     limit: Annotated[int, Field(ge=1, le=200)] = 50
     offset: Annotated[int, Field(ge=0, le=10**9)] = 0

@@ -7,6 +7,7 @@ routed from the same declarations, so a route cannot exist without its entry her
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,9 @@ class Operation:
     method: str
     path: str
     summary: str
-    responses: dict[int, type[BaseModel] | tuple[str, dict]]  # a model, or (media type, schema)
+    # a model, or (media type, schema); the schema may be a function that builds it (when the
+    # document is built: at the first GET /openapi.json)
+    responses: dict[int, type[BaseModel] | tuple[str, dict | Callable[[], dict]]]
     body: type[BaseModel] | None = None
     body_required: bool = True
     query: type[BaseModel] | None = None
@@ -36,8 +39,10 @@ class Operation:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def add_openapi_route(app: web.Application, operations: list[Operation], *, version: str) -> dict:
-    """Serve the document of every declared route (this one included) at /openapi.json."""
+def add_openapi_route(app: web.Application, operations: list[Operation], *, version: str) -> None:
+    """Serve the document of every declared route (this one included) at /openapi.json. It is
+    built at the first request, not at start-up: the JSON schemas of every model take a while
+    (the models are built on first use too: `defer_build`)."""
     own = Operation(
         "GET",
         "/openapi.json",
@@ -46,14 +51,15 @@ def add_openapi_route(app: web.Application, operations: list[Operation], *, vers
         auth=False,
         tags=("operations",),
     )
-    document = build_document([*operations, own], version=version)
-    body = orjson.dumps(document)
+    body: bytes | None = None
 
     async def openapi(request: web.Request) -> web.Response:
+        nonlocal body
+        if body is None:
+            body = orjson.dumps(build_document([*operations, own], version=version))
         return web.Response(body=body, content_type=JSON)
 
     app.router.add_get("/openapi.json", openapi)
-    return document
 
 
 def _models(operations: list[Operation]) -> list[type[BaseModel]]:
@@ -121,7 +127,8 @@ def build_document(operations: list[Operation], *, version: str) -> dict:
             entry["requestBody"] = {"required": op.body_required, "content": {JSON: {"schema": ref(op.body)}}}
         for status, model in op.responses.items():
             if isinstance(model, tuple):
-                media, schema = model
+                media, given = model
+                schema = given() if callable(given) else given
             else:
                 media, schema = (PROBLEM if model is Problem else JSON), ref(model)
             entry["responses"][str(status)] = {

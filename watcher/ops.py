@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from .api import PROBLEM, Problem, invalid, json_response, query_int, read_json, single_query
 from .config import EVENT_TYPES, Settings, strip_credentials
@@ -31,7 +31,7 @@ from .follower import Follower
 from .metrics import CONTENT_TYPE_LATEST, ChainRow, Metrics
 from .openapi import Operation
 from .redaction import Redactor
-from .schemas import EventTypeName, Timestamp
+from .schemas import API_MODEL, QUERY_MODEL, EventTypeName, Timestamp
 from .startup import StartUp
 from .store import StateConflict, Store
 from .store.outbox import DELIVERY_STATUSES
@@ -221,7 +221,7 @@ def _watch_set_loading(follower: Follower | None) -> list[str]:
 
 
 class _Out(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = API_MODEL
 
 
 DeliveryStatusName = Literal["pending", "delivered", "failed"]
@@ -265,6 +265,8 @@ class WebhookDeliveryList(_Out):
 
 class DeliveryQuery(BaseModel):
     """The list's filters (documentation: the handler checks them the same way)."""
+
+    model_config = QUERY_MODEL
 
     status: DeliveryStatusName | None = None
     event_type: EventTypeName | None = None
@@ -332,7 +334,7 @@ OPERATIONS = [
         "GET",
         "/readyz",
         "Ready when the database answers and every chain's lag is within bounds",
-        {200: Ready, 503: (PROBLEM, _inlined(NotReady))},
+        {200: Ready, 503: (PROBLEM, lambda: _inlined(NotReady))},
         auth=False,
         tags=("operations",),
     ),

@@ -28,7 +28,6 @@ from .auth import FAILURES_PER_SECOND, ApiKey
 from .chain import ChainReader, HttpTransport, JsonRpcReader, RpcError, Transport
 from .chain.failover import FailoverTransport
 from .chain.heads import HeadSubscriber
-from .checkout import Feed, make_checkout_app
 from .config import ChainSettings, ConfigError, Settings, load_settings, strip_credentials
 from .deposits_api import OPERATIONS as DEPOSIT_OPERATIONS
 from .deposits_api import add_deposit_balance_routes
@@ -53,6 +52,7 @@ from .store import Endpoint, Store
 from .webhooks import Dispatcher
 
 if TYPE_CHECKING:  # eth-tester (behind the sandbox) is imported only when a sandbox runs
+    from .checkout import Feed
     from .sandbox import SandboxChain
 
 # Seconds an RPC request may take before the endpoint counts as failed (and the next one is tried).
@@ -466,6 +466,10 @@ class Service:
 
     async def _start_checkout(self, store: Store) -> None:
         """The payment page on its own public listener: the page, its feed and its assets only."""
+        # Imported here, not at start-up: the page's templates, QR codes and ABI encoding are
+        # work only a daemon with [checkout] does.
+        from .checkout import Feed, make_checkout_app
+
         checkout = self.settings.checkout
         assert checkout is not None
         store.checkout_base_url = checkout.public_base_url

@@ -1,7 +1,8 @@
 """Chainlink price feeds (AggregatorV3Interface) read with `eth_call` on a chain's own nodes.
 
 web3.py's contract interface does the ABI work here, over our own `Transport` (the chain's
-failover transport): no other connection, no other service to trust. Every read is pinned to
+failover transport): no other connection, no other service to trust. web3 is imported at the
+first read (web3provider.py), not at start-up: it takes over a second. Every read is pinned to
 one block, the node's latest, so the round and the chain time it is judged against agree.
 What the answer means (stale, incomplete, non-positive) is decided by the caller: this module
 only reads and normalises.
@@ -9,18 +10,16 @@ only reads and normalises.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eth_utils import to_checksum_address
-from web3 import AsyncWeb3
-from web3.exceptions import Web3Exception
-from web3.providers.async_base import AsyncBaseProvider
-from web3.types import RPCEndpoint, RPCResponse
 
 from .reader import RpcCounts
 from .transport import RpcError, Transport
+
+if TYPE_CHECKING:
+    from web3 import AsyncWeb3
 
 _ROUND_OUTPUTS = [
     {"name": "roundId", "type": "uint80"},
@@ -72,26 +71,6 @@ class FeedReading:
     block_timestamp: int
 
 
-class TransportProvider(AsyncBaseProvider):
-    """web3's provider interface over our `Transport`, so web3 talks to the same nodes, with the
-    same failover and retries, as the follower. Errors stay ours (`RpcError`)."""
-
-    def __init__(self, transport: Transport, counts: RpcCounts | None = None) -> None:
-        super().__init__()
-        self.transport = transport
-        self.counts = counts
-        self._ids = itertools.count(1)
-
-    async def make_request(self, method: RPCEndpoint, params: Any) -> RPCResponse:
-        if self.counts is not None:
-            self.counts.called(str(method))
-        result = await self.transport.call(str(method), list(params))
-        return {"jsonrpc": "2.0", "id": next(self._ids), "result": result}
-
-    async def is_connected(self, show_traceback: bool = False) -> bool:
-        return True
-
-
 class PriceFeedReader:
     """Reads AggregatorV3Interface feeds on one chain. `decimals()` never changes for a feed,
     so it is read once per feed."""
@@ -99,8 +78,16 @@ class PriceFeedReader:
     def __init__(self, transport: Transport, counts: RpcCounts | None = None) -> None:
         self.transport = transport
         self.counts = counts
-        self.w3 = AsyncWeb3(TransportProvider(transport, counts), middleware=[])
+        self._w3: AsyncWeb3 | None = None
         self._decimals: dict[str, int] = {}
+
+    @property
+    def w3(self) -> AsyncWeb3:
+        if self._w3 is None:
+            from .web3provider import web3_over  # web3 at the first read, not at start-up
+
+            self._w3 = web3_over(self.transport, self.counts)
+        return self._w3
 
     async def latest_block(self) -> tuple[int, int]:
         """(number, timestamp) of the node's latest block."""
@@ -116,6 +103,8 @@ class PriceFeedReader:
 
     async def read(self, feed: str, block: tuple[int, int] | None = None) -> FeedReading:
         """The feed's latest round as of `block` (number, timestamp): by default the latest."""
+        from .web3provider import Web3Exception
+
         number, timestamp = block if block is not None else await self.latest_block()
         contract = self.w3.eth.contract(address=to_checksum_address(feed), abi=AGGREGATOR_V3_ABI)
         try:

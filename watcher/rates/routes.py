@@ -4,18 +4,18 @@ quote. Reads only what the book holds: it never asks a source."""
 from __future__ import annotations
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from ..api import invalid, json_response
 from ..domain import rfc3339
 from ..openapi import Operation
-from ..schemas import DecimalText, Timestamp
+from ..schemas import API_MODEL, DecimalText, Timestamp
 from .book import RateBook
 from .quoting import format_rate
 
 
 class _Out(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = API_MODEL
 
 
 class RateSource(_Out):
