@@ -117,6 +117,7 @@ def test_build_check_passes() -> None:
 
 def test_topic_constants() -> None:
     assert TRANSFER_TOPIC == ("0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef")
+    assert "0x" + keccak(text="Transfer(address,address,uint256)").hex() == TRANSFER_TOPIC
     assert (
         "0x" + keccak(text="PaymentReceived(bytes32,bytes32,address,address,address,uint256)").hex()
     ) == PAYMENT_RECEIVED_TOPIC

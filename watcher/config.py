@@ -35,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from watcher.addresses import normalize_address, parse_xpub, to_checksum
+from watcher.addresses import check_xpub, normalize_address, to_checksum
 from watcher.domain import DECIMAL_TEXT, usd_rate_problem
 from watcher.rates.quoting import rate_graph
 from watcher.redaction import strip_credentials
@@ -224,7 +224,7 @@ def _listen(value: Any) -> str:
 def _xpub(value: Any) -> str | None:
     if value is None:
         return None
-    parse_xpub(value)
+    check_xpub(value)  # bip_utils parses it at the first derivation
     return str(value).strip()
 
 

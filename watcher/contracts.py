@@ -21,8 +21,6 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Final
 
-from eth_utils import keccak
-
 __all__ = [
     "ARTIFACT_PACKAGE",
     "PAYMENT_RECEIVED_SIGNATURE",
@@ -37,14 +35,11 @@ ARTIFACT_PACKAGE: Final = "watcher.contracts_build"
 TRANSFER_SIGNATURE: Final = "Transfer(address,address,uint256)"
 PAYMENT_RECEIVED_SIGNATURE: Final = "PaymentReceived(bytes32,bytes32,address,address,address,uint256)"
 
-
-def _topic(signature: str) -> str:
-    """Return ``topics[0]`` for an event signature as lowercase 0x hex."""
-    return "0x" + keccak(text=signature).hex()
-
-
-TRANSFER_TOPIC: Final[str] = _topic(TRANSFER_SIGNATURE)
-PAYMENT_RECEIVED_TOPIC: Final[str] = _topic(PAYMENT_RECEIVED_SIGNATURE)
+# keccak-256 of each signature, written out: hashing them at import loaded the keccak backend
+# (a tenth of a second) before the API could answer. tests/test_contracts.py hashes them again
+# and reads them from the compiled ABIs.
+TRANSFER_TOPIC: Final = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
+PAYMENT_RECEIVED_TOPIC: Final = "0xff438d93ac5ce59cba1703d63e75cc5f9302c797b58fc1040239ac6289685066"
 
 # Used only when ``watcher.contracts_build`` is not importable, i.e. the code
 # runs from a plain checkout that was never ``pip install``-ed (the package

@@ -13,7 +13,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-from eth_utils import keccak
+from eth_hash.auto import keccak
 
 from .addresses import AddressDeriver, native_payment_uri, router_payment_uri, token_payment_uri
 from .config import ChainSettings, Settings
@@ -69,9 +69,8 @@ class Invoicing:
         self.graph = rate_graph(settings)
         # Invoices may be in USD or in any fiat code the configured pairs reach from USD.
         self.currencies = self.graph.currencies
-        self._derivers = {
-            c.deposit_xpub: AddressDeriver(c.deposit_xpub) for c in settings.chains if c.deposit_xpub
-        }
+        # Built at the first derivation: bip_utils is imported then, not at start-up.
+        self._derivers: dict[str, AddressDeriver] = {}
         self.assets: list[AssetRef] = [
             AssetRef(chain, a.symbol, a.kind, a.contract, a.decimals, a.usd_rate)
             for chain in settings.chains
@@ -79,7 +78,10 @@ class Invoicing:
         ]
 
     def derive(self, xpub: str, index: int) -> str:
-        return self._derivers[xpub].derive(index)
+        deriver = self._derivers.get(xpub)
+        if deriver is None:
+            deriver = self._derivers[xpub] = AddressDeriver(xpub)
+        return deriver.derive(index)
 
     def select_assets(self, wanted: Sequence[str] | None) -> list[AssetRef]:
         """`SYMBOL` or `network:SYMBOL`, case-insensitive; default every configured asset."""
@@ -242,8 +244,8 @@ def finish_option(
         assert spec.router is not None
         call = {
             "router": spec.router,
-            "invoice_id_hash": "0x" + keccak(text=invoice_id).hex(),
-            "payment_id_hash": "0x" + keccak(text=option_id).hex(),
+            "invoice_id_hash": "0x" + keccak(invoice_id.encode()).hex(),
+            "payment_id_hash": "0x" + keccak(option_id.encode()).hex(),
             "token": spec.token_contract or ZERO_ADDRESS,
             "recipient": destination,
             "amount": str(spec.amount_atomic),

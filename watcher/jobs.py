@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import structlog
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from .config import RetentionSettings
 from .matching import WatchSet
 from .store import Store
 from .store.retention import closed_watch_entries, prune_delivered_events, prune_idempotency_keys
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 log = structlog.get_logger("watcher.jobs")
 
@@ -111,6 +114,8 @@ def make_scheduler(
     watch_sets: Callable[[], Mapping[str, WatchSet]] | None = None,
 ) -> AsyncIOScheduler:
     """`watch_sets`: each chain's WatchSet (the followers'), for `watch_closed_invoices_days`."""
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler  # once the API serves, not before
+
     scheduler = AsyncIOScheduler(timezone="UTC")
     scheduler.add_job(
         expire_sweep,

@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from eth_utils import to_checksum_address
-
 from .reader import RpcCounts
 from .transport import RpcError, Transport
 
@@ -103,6 +101,8 @@ class PriceFeedReader:
 
     async def read(self, feed: str, block: tuple[int, int] | None = None) -> FeedReading:
         """The feed's latest round as of `block` (number, timestamp): by default the latest."""
+        from eth_utils import to_checksum_address  # loaded with web3 anyway
+
         from .web3provider import Web3Exception
 
         number, timestamp = block if block is not None else await self.latest_block()

@@ -15,14 +15,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import structlog
-from apscheduler.schedulers.base import BaseScheduler
 
 from ..config import RateSettings
 from .aggregate import PairValue, SourceView, combine
 from .quoting import RateGraph
 from .sources import Reading, Refused, Source, SourceFailed
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.base import BaseScheduler
 
 log = structlog.get_logger("watcher.rates")
 
