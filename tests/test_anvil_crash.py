@@ -45,15 +45,24 @@ def _toml(value) -> str:
     return json.dumps(value)
 
 
-def write_config(path: Path, *, database: Path, listen: str, webhook_url: str, chain: AnvilChain) -> None:
-    """The config an operator would write for this node (docs/operators.md), secrets by env var name."""
+def write_config(
+    path: Path,
+    *,
+    database: Path,
+    listen: str,
+    webhook_url: str,
+    chain: AnvilChain,
+    rpc_urls: list[str] | None = None,
+) -> None:
+    """The config an operator would write for this node (docs/operators.md), secrets by env var
+    name; `rpc_urls` in place of the node's own URL (a FaultProxy in front of it, say)."""
     top = {"database": str(database), "log_format": "json", "log_level": "info"}
     http = {"listen": listen, "api_key_env": "WATCHER_API_KEY"}
     hook = {"url": webhook_url, "secret_env": "WATCHER_WEBHOOK_SECRET"}
     c = {
         "name": chain.name,
         "chain_id": chain.node.chain_id,
-        "rpc_urls": [chain.node.url],
+        "rpc_urls": rpc_urls or [chain.node.url],
         "poll_interval_seconds": 0.05,
         "confirmations": CONFIRMATIONS,
         "start_block": 0,
@@ -97,7 +106,8 @@ class Daemon:
         self.runs = 0
         self.logs: list[Path] = []
 
-    async def start(self, http: aiohttp.ClientSession) -> None:
+    def spawn(self) -> Path:
+        """The process, started; returns its log file."""
         self.runs += 1
         log = self.log_dir / f"watcher-{self.runs}.log"
         self.logs.append(log)
@@ -108,6 +118,12 @@ class Daemon:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+        return log
+
+    async def start(self, http: aiohttp.ClientSession) -> None:
+        """Spawned, and returns once it has finished starting (its /v1 routes serve)."""
+        log = self.spawn()
+        assert self.process is not None
         deadline = time.monotonic() + 20
         while True:
             if self.process.poll() is not None:
