@@ -23,7 +23,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from harness import free_port
+from harness import free_port, wait_http
 from pydantic import BaseModel
 
 from watcher.config import EVENT_TYPES, Settings
@@ -245,14 +245,8 @@ def test_the_documented_backup_works_on_a_running_watcher(tmp_path):
             create()
 
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(base + "/healthz", timeout=1)
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, "the sandbox did not start"
-                time.sleep(0.1)
+        wait_http(base + "/healthz")  # started: its /v1 routes serve
+        assert proc.poll() is None, "the sandbox did not start"
         for _ in range(5):
             create()
         writer = threading.Thread(target=keep_writing)

@@ -3,7 +3,8 @@
 A few lines of stdlib instead of a dependency; without NOTIFY_SOCKET every call is a no-op,
 so the daemon behaves the same outside systemd. What the daemon sends (contract §7):
 
-- ``READY=1`` once the API serves (and again after a reload), with a ``STATUS=`` line;
+- ``READY=1`` once the API serves every route (after the start-up's checks: watcher/startup.py)
+  and again after a reload, with a ``STATUS=`` line; ``STATUS=starting: ...`` before;
 - ``WATCHDOG=1`` every half ``WATCHDOG_USEC`` while every loop of the daemon is alive;
 - ``STATUS=<chain> lag <blocks>; ...`` with each chain's lag behind its head;
 - ``RELOADING=1`` while SIGHUP re-reads the config, ``STOPPING=1`` when a stop begins.
