@@ -315,14 +315,12 @@ async def run_dispatcher(spec: dict[str, Any]) -> dict[str, Any]:
 async def run_bare(spec: dict[str, Any]) -> dict[str, Any]:
     import aiohttp
 
+    from watcher.store import Store
     from watcher.webhooks import secret_key, sign
 
-    conn = sqlite3.connect(spec["db"])
-    bodies = [
-        (r[0], bytes(r[1]))
-        for r in conn.execute("SELECT e.id, e.body FROM deliveries d JOIN events e ON e.id = d.event_id")
-    ]
-    conn.close()
+    store = Store(spec["db"], clock=time.time)  # the bodies as the dispatcher reads them
+    bodies = [(d["event_id"], d["body"]) for d in store.outbox.due_deliveries(time.time(), limit=10**9)]
+    store.close()
     key = secret_key(SECRET)
     todo = iter(bodies)
     failures = 0

@@ -344,7 +344,8 @@ class Dispatcher:
                             self._run_lane(lane, stopping, idle), name="webhook-lane"
                         )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=idle)
+                    async with asyncio.timeout(idle):
+                        await self._wake.wait()
             for lane in self._lanes.values():
                 lane.changed.set()
             await asyncio.gather(*(lane.task for lane in self._lanes.values() if lane.task is not None))
