@@ -6,8 +6,10 @@ reschedule on the one retry schedule below or give up and mark it failed.
 
 Each endpoint is a lane of its own (contract §5): its own queue (its due deliveries, read by
 URL), its own concurrency limit and its own circuit breaker, so an endpoint that hangs or
-fails delays only its own deliveries. An attempt never follows a redirect (a 3xx is a failed
-attempt, its Location in `last_error`) and reads at most 64 KiB of the answer.
+fails delays only its own deliveries. A lane claims its due deliveries a batch at a time (one
+query) and holds them, like those in flight, until it has room to start them. An attempt never
+follows a redirect (a 3xx is a failed attempt, its Location in `last_error`) and reads at most
+64 KiB of the answer.
 
 Attempts are recorded in groups (group commit): those that end within a few milliseconds of
 each other are written in one transaction, so one fsync serves them all at
