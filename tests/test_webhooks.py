@@ -753,3 +753,58 @@ def test_a_group_of_attempts_is_written_in_two_statements_whatever_its_size(tmp_
     assert recorded[ids[4]] == (1, 204, None)  # recorded, though the delivery was left alone
     assert recorded[ids[6]] == (1, 204, None)
     store.close()
+
+
+async def test_a_paused_lane_holds_its_claimed_deliveries_and_probes_when_the_pause_ends(
+    tmp_path, endpoints, monkeypatch
+):
+    """The daemon's loop (not run_once): an endpoint failing its first 3 attempts opens its
+    breaker while the lane holds claimed deliveries; none of them is sent during the pause, the
+    probe goes out when the pause ends (not at the next idle look, 30 s away), and then every
+    delivery arrives, each once."""
+    answers: list[tuple[float, int]] = []
+
+    async def failing_first(request: web.Request) -> web.Response:
+        status = 503 if len(answers) < 3 else 204
+        answers.append((time.monotonic(), status))
+        return web.Response(status=status)
+
+    import watcher.webhooks
+
+    monkeypatch.setattr(watcher.webhooks, "RETRY_SCHEDULE", (0.1,) * 7)  # the failed three come back soon
+    endpoints.add("/hook", failing_first)
+    await endpoints.start()
+    url = endpoints.url("/hook")
+    store = Store(tmp_path / "w.db", clock=time.time)
+    store.outbox.set_endpoints([Endpoint(url, ("*",))])
+    for _ in range(10):
+        _invoice(store)  # 20 deliveries: created and confirmed
+    outcomes: list[str] = []
+    dispatcher = Dispatcher(
+        store.outbox,
+        {url: VECTOR_SECRET},
+        concurrency=1,
+        breaker_threshold=3,
+        breaker_pauses=(0.5,),
+        record_delay=0,
+        on_attempt=lambda o, s: outcomes.append(o),
+    )
+    stopping = asyncio.Event()
+    runner = asyncio.create_task(dispatcher.run(stopping, idle=30))
+    try:
+        started = time.monotonic()
+        while outcomes.count("delivered") < 20:
+            assert time.monotonic() - started < 10, f"{outcomes.count('delivered')} of 20 delivered"
+            await asyncio.sleep(0.02)
+        assert [s for _, s in answers[:4]] == [503, 503, 503, 204]
+        paused = answers[3][0] - answers[2][0]
+        assert 0.45 <= paused < 2, paused  # nothing during the pause; the probe right after it
+        assert len(answers) == 23  # three failures, then each of the 20 once (the failed three again)
+        statuses = store.db.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status").fetchall()
+        assert [tuple(r) for r in statuses] == [("delivered", 20)]
+    finally:
+        stopping.set()
+        dispatcher.wake()
+        await runner
+        await dispatcher.close()
+        store.close()
