@@ -28,7 +28,8 @@ SECTIONS = {
     "store": "bench.store_apply",
     "daemon": "bench.daemon",
 }
-FILTER_LIMIT = 1000  # TOPIC_FILTER_LIMIT (watcher/matching.py): up to this many addresses the node filters
+# TOPIC_FILTER_LIMIT x TOPIC_FILTER_REQUESTS (watcher/matching.py): up to this many addresses the node filters
+FILTER_LIMIT = 4000
 
 # Goals from issue 5 (reported against, not asserted).
 GOAL_VS_RAW = 0.8  # catch-up at 1% ours

@@ -49,6 +49,7 @@ import json
 import os
 import random
 import secrets
+import shlex
 import shutil
 import socket
 import sqlite3
@@ -184,8 +185,10 @@ def spawn_daemon(tmp: Path, config: str, env: dict[str, str], port: int) -> Daem
     }
     full_env.pop("WATCHDOG_PID", None)
     spawned = time.monotonic()
+    # BENCH_DAEMON_PREFIX="py-spy record -o daemon.svg --" profiles the daemon as it runs.
+    prefix = shlex.split(os.environ.get("BENCH_DAEMON_PREFIX", ""))
     process = subprocess.Popen(
-        [sys.executable, "-m", "watcher.cli", "run", "--config", str(cfg)],
+        [*prefix, sys.executable, "-m", "watcher.cli", "run", "--config", str(cfg)],
         env=full_env,
         stdout=log,
         stderr=subprocess.STDOUT,

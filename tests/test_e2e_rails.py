@@ -163,6 +163,39 @@ async def test_a_watch_set_too_large_for_a_topic_filter_is_matched_locally(harne
     assert follower.watch.recipient_filter() is None and follower.watch.payment_id_filter() is None
 
 
+async def test_a_watch_set_past_one_topic_filter_is_asked_in_several_filtered_requests(harness, monkeypatch):
+    """Past TOPIC_FILTER_LIMIT recipients, up to TOPIC_FILTER_REQUESTS filtered requests: the
+    node still filters (its answer holds only our logs), no request names more recipients
+    than the limit, and every payment is found whichever request it came in."""
+    import watcher.chain
+    import watcher.matching
+
+    monkeypatch.setattr(watcher.matching, "TOPIC_FILTER_LIMIT", 2)
+    chain = harness.chain
+    invoices = [await harness.create(amount=str(n + 1), assets=["TUSD"]) for n in range(5)]
+    follower = harness.service.followers["sandbox"]
+    reader = follower.reader
+    asked: list[list] = []
+    batch = reader._batch
+
+    async def recording(method, calls, **kw):
+        asked.extend(params[0]["topics"] for m, params in calls if m == "eth_getLogs")
+        return await batch(method, calls, **kw)
+
+    monkeypatch.setattr(reader, "_batch", recording)
+    await harness.on_chain(chain.transfer_token, chain.deployed.token, "0x" + "5a" * 20, 1_000_000)
+    for invoice in invoices:
+        await harness.pay(invoice["id"])
+    await harness.mine(1)
+    for n, invoice in enumerate(invoices):
+        paid = await harness.wait_status(invoice["id"], "paid")
+        assert [p["amount_atomic"] for p in paid["payments"]] == [str((n + 1) * 10**6)]
+    assert len(follower.watch.recipient_filter() or []) == 5
+    transfers = [t for t in asked if t[0] == watcher.chain.TRANSFER_TOPIC]
+    assert transfers and all(len(t) == 3 and 1 <= len(t[2]) <= 2 for t in transfers)
+    assert len({tuple(t[2]) for t in transfers}) == 3  # 5 recipients: 2 + 2 + 1
+
+
 async def test_options_on_a_router_no_longer_configured_are_still_watched(harnesses):
     """router_address changed (a new deployment): an open invoice's option names the old
     router, and a payment through it still counts; new options use the new one."""

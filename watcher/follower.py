@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
 
+from . import matching
 from .chain import MAX_BATCH, METHOD_NOT_FOUND, BlockUnknown, ChainReader, FoundLogs, LogQuery, RpcError
 from .domain import BlockRef, FullBlock, Transfer
 from .matching import Match, WatchSet
@@ -392,6 +393,7 @@ class Follower:
             keep=self.watch.addresses if recipients is None else None,
             routers=sorted(self.watch.routers) if routed else [],
             payment_ids=payment_ids,
+            topics_per_request=matching.TOPIC_FILTER_LIMIT,
         )
 
     async def _block_logged_payments(self, blocks: Sequence[BlockRef]) -> list[Match]:

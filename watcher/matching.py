@@ -26,12 +26,21 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("watcher.follower")
 
-# Up to this many deposit addresses (or router payment ids) the node filters by topic; past
-# it we ask for every log of our tokens (or router) and match here: providers refuse long
-# topic lists.
+# Up to this many deposit addresses (or router payment ids) go in one eth_getLogs topic
+# filter: providers refuse long topic lists.
 TOPIC_FILTER_LIMIT = 1000
+# A range is asked in up to this many filtered requests (one per TOPIC_FILTER_LIMIT
+# recipients): the node's answer then holds only our logs. Past it we ask for every log of our
+# tokens (or router) and match here: a node scans the range once per request, so many filtered
+# requests cost it more than one unfiltered answer costs us to decode.
+TOPIC_FILTER_REQUESTS = 4
 
 Match = tuple[Transfer, str]  # a payment found, and the option it pays
+
+
+def _filterable() -> int:
+    """How many recipients (or payment ids) the node is asked to filter by, over all requests."""
+    return TOPIC_FILTER_LIMIT * TOPIC_FILTER_REQUESTS
 
 
 def _event_mask(address: str, topic: str) -> int:
@@ -126,10 +135,10 @@ class WatchSet:
 
     def recipient_filter(self) -> list[str] | None:
         """The deposit addresses for a topic filter, or None when there are too many."""
-        return list(self.addresses) if len(self.addresses) <= TOPIC_FILTER_LIMIT else None
+        return list(self.addresses) if len(self.addresses) <= _filterable() else None
 
     def payment_id_filter(self) -> list[str] | None:
-        return list(self.payment_ids) if len(self.payment_ids) <= TOPIC_FILTER_LIMIT else None
+        return list(self.payment_ids) if len(self.payment_ids) <= _filterable() else None
 
     def may_pay(self, bloom: int | None, tokens: Sequence[str]) -> tuple[bool, bool]:
         """(may the block hold a Transfer of ours, may it hold a router payment of ours), by

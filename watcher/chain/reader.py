@@ -55,21 +55,30 @@ class LogQuery:
     routers: Sequence[str]
     payment_ids: Sequence[str] | None
 
+    # Topics in one request's filter; a longer list is asked in several requests.
+    topics_per_request: int = 1000
+
     def requests(self) -> list[tuple[str, list[Any], Callable[[Any], Any], Callable[[Any], bool] | None]]:
         """(kind, address, topics, decode, wanted) for each eth_getLogs this query needs."""
         out: list[Any] = []
         if self.tokens and (self.recipients is None or self.recipients):
-            topics: list[Any] = [TRANSFER_TOPIC]
-            if self.recipients is not None:
-                topics += [None, [address_topic(a) for a in self.recipients]]
-            wanted = None if self.keep is None or self.recipients is not None else _recipient_in(self.keep)
-            out.append((list(self.tokens), topics, decode_transfer_log, wanted))
+            if self.recipients is None:
+                wanted = None if self.keep is None else _recipient_in(self.keep)
+                out.append((list(self.tokens), [TRANSFER_TOPIC], decode_transfer_log, wanted))
+            for group in self._groups([address_topic(a) for a in self.recipients or ()]):
+                out.append((list(self.tokens), [TRANSFER_TOPIC, None, group], decode_transfer_log, None))
         if self.routers and (self.payment_ids is None or self.payment_ids):
-            topics = [PAYMENT_RECEIVED_TOPIC]
-            if self.payment_ids is not None:
-                topics += [None, list(self.payment_ids)]
-            out.append((list(self.routers), topics, decode_router_log, None))
+            if self.payment_ids is None:
+                out.append((list(self.routers), [PAYMENT_RECEIVED_TOPIC], decode_router_log, None))
+            for group in self._groups(list(self.payment_ids or ())):
+                out.append(
+                    (list(self.routers), [PAYMENT_RECEIVED_TOPIC, None, group], decode_router_log, None)
+                )
         return out
+
+    def _groups(self, topics: list[str]) -> list[list[str]]:
+        size = max(1, self.topics_per_request)
+        return [topics[i : i + size] for i in range(0, len(topics), size)]
 
 
 @dataclass
