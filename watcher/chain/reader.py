@@ -43,7 +43,7 @@ class BlockUnknown(RpcError):
     that block cannot be complete. Ask again."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class LogQuery:
     """What logs a step wants: the tokens' Transfers (filtered by recipient topic while the
     list is short, else only `keep` recipients decoded) and the routers' PaymentReceived
@@ -60,6 +60,12 @@ class LogQuery:
 
     def requests(self) -> list[tuple[str, list[Any], Callable[[Any], Any], Callable[[Any], bool] | None]]:
         """(kind, address, topics, decode, wanted) for each eth_getLogs this query needs."""
+        return self._requests
+
+    @functools.cached_property
+    def _requests(self) -> list[tuple[str, list[Any], Callable[[Any], Any], Callable[[Any], bool] | None]]:
+        # Built once per query: a step asks the same filter for each of its spans, and a
+        # filter of thousands of recipients costs a topic each to build.
         out: list[Any] = []
         if self.tokens and (self.recipients is None or self.recipients):
             if self.recipients is None:
