@@ -435,6 +435,7 @@ def raw_baseline(node_url: str, meta: dict[str, Any], repeat: int) -> dict[str, 
 
 def run(profile_name: str, rate: float, raw_repeat: int, idle: float) -> dict[str, Any]:
     from bench.webhooks import ReceiverProcess
+    from watcher.store.outbox import event_bodies
 
     profile = PROFILES[profile_name]
     meta = ensure(profile)
@@ -539,7 +540,10 @@ def run(profile_name: str, rate: float, raw_repeat: int, idle: float) -> dict[st
             log_lines=len((tmp / "daemon.log").read_bytes().splitlines()),
         )
         # The bare server, the same client and rate, as long as the catch-up took (5 to 30 s).
-        status_body = query(db, "SELECT body FROM events ORDER BY seq DESC LIMIT 1")[0][0]
+        [last_event] = query(db, "SELECT id FROM events ORDER BY seq DESC LIMIT 1")
+        with sqlite3.connect(db) as conn:
+            conn.row_factory = sqlite3.Row
+            status_body = next(iter(event_bodies(conn, [last_event[0]]).values()))
         status_body = json.dumps(json.loads(status_body)["data"]["invoice"])
         result["bare"] = bare_run(tmp, status_body, ids, rate, min(max(caught_up - ready, 5.0), 30.0))
         result["problems"] = check(result)

@@ -181,6 +181,8 @@ def fill_real(path: Path, count: int) -> dict[str, Any]:
 
 def fill_bulk(path: Path, upto: int, batch: int = 50_000) -> dict[str, Any]:
     """Bring the store to `upto` invoices with copies of its last real invoice (see the module doc)."""
+    from watcher.store.outbox import event_bodies
+
     conn = sqlite3.connect(path, isolation_level=None)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
@@ -196,6 +198,10 @@ def fill_bulk(path: Path, upto: int, batch: int = 50_000) -> dict[str, Any]:
             "SELECT * FROM events WHERE invoice_id = ? AND type = 'invoice.created'", [inv["id"]]
         ).fetchone()
     )
+    # The copies hold their whole body (the layout before m009, still read as such): one
+    # status row per copy would only slow the build.
+    evt["body"] = event_bodies(conn, [evt["id"]])[evt["id"]]
+    evt["status_id"] = None
     inv_cols, opt_cols, evt_cols = list(inv), list(opt), [c for c in evt if c != "seq"]
     sql = {
         t: f"INSERT INTO {t}({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"

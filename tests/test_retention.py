@@ -122,6 +122,63 @@ def test_only_events_whose_every_delivery_went_out_are_pruned_with_their_deliver
         store.close()
 
 
+def test_a_status_shared_by_the_events_of_one_change_goes_with_the_last_of_them(tmp_path):
+    """The events of one change store their invoice's status once (m009): pruning one of them
+    keeps the status for the other, whose body is still whole; pruning the last removes it."""
+    import orjson
+
+    from watcher.store.outbox import NewEvent
+
+    clock = Clock()
+    store = Store(tmp_path / "w.db", clock=clock)
+    try:
+        store.outbox.set_endpoints([Endpoint("http://127.0.0.1:1/a", ("*",))])
+        status = orjson.dumps({"id": "inv_x", "status": "paid", "note": "caf\u00e9 \u2603"})
+        with store.db.atomic():
+            store.outbox.append(
+                [
+                    NewEvent("invoice.payment_detected", "inv_x", status, {"amount_atomic": str(2**255)}),
+                    NewEvent("invoice.paid", "inv_x", status, None),
+                ]
+            )
+        [(shared,)] = store.db.execute(
+            "SELECT DISTINCT status_id FROM events WHERE invoice_id = 'inv_x'"
+        ).fetchall()
+        assert count(store, "event_statuses") == 1
+        bodies = {e["type"]: e["body"] for e in store.outbox.events_for("inv_x")}
+        for event_type, body in bodies.items():
+            event = orjson.loads(body)
+            assert body == orjson.dumps(event)  # byte for byte the whole event, as sent
+            assert event["type"] == event_type and event["data"]["invoice"] == orjson.loads(status)
+        assert orjson.loads(bodies["invoice.payment_detected"])["data"]["payment"] == {
+            "amount_atomic": str(2**255)
+        }
+        deliveries = dict(store.db.execute("SELECT event_type, id FROM deliveries").fetchall())
+
+        def deliver(event_type: str) -> None:
+            store.outbox.record_attempt(
+                deliveries[event_type],
+                ok=True,
+                status_code=204,
+                error=None,
+                duration_ms=1.0,
+                next_attempt_at=None,
+            )
+
+        deliver("invoice.payment_detected")
+        clock.now += 31 * DAY
+        assert prune_delivered_events(store, clock.now - 30 * DAY) == (1, 1, 1)
+        assert count(store, "event_statuses") == 1
+        [left] = store.outbox.events_for("inv_x")
+        assert left["body"] == bodies["invoice.paid"]
+        assert store.outbox.due_deliveries(clock.now)[0]["body"] == bodies["invoice.paid"]
+        deliver("invoice.paid")
+        assert prune_delivered_events(store, clock.now - 30 * DAY) == (1, 1, 1)
+        assert count(store, "event_statuses") == 0 and shared is not None
+    finally:
+        store.close()
+
+
 class RetentionHarness(Harness):
     """The daemon with a clock the test moves forward and prune jobs every 0.2 s."""
 
@@ -201,3 +258,27 @@ async def test_addresses_of_long_closed_invoices_leave_the_watch_set(harnesses):
     samples = await scrape(h)
     assert sample(samples, "watcher_pruned_total", what="watched_options") == 2
     assert (await h.get(cancelled["id"]))["status"] == "cancelled"  # the invoices themselves stay
+
+
+def test_an_event_stored_whole_before_m009_is_read_and_sent_as_it_was(tmp_path):
+    """Events written before statuses were shared hold their whole body and no status_id."""
+    import orjson
+
+    clock = Clock()
+    store = Store(tmp_path / "w.db", clock=clock)
+    try:
+        body = orjson.dumps({"id": "evt_old", "type": "invoice.paid", "data": {"invoice": {"id": "inv_o"}}})
+        with store.db.atomic():
+            store.db.execute(
+                "INSERT INTO events(id, type, invoice_id, created_at, body) VALUES (?,?,?,?,?)",
+                ["evt_old", "invoice.paid", "inv_o", "2026-01-01T00:00:00Z", body],
+            )
+            store.db.execute(
+                "INSERT INTO deliveries(id, event_id, event_type, invoice_id, url, status, next_attempt_at, "
+                "created_at) VALUES ('dlv_old', 'evt_old', 'invoice.paid', 'inv_o', 'http://127.0.0.1:1/', "
+                "'pending', 0, '2026-01-01T00:00:00Z')"
+            )
+        assert store.outbox.events_for("inv_o")[0]["body"] == body
+        assert [d["body"] for d in store.outbox.due_deliveries(clock.now)] == [body]
+    finally:
+        store.close()

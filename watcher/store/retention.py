@@ -32,10 +32,11 @@ def prune_idempotency_keys(store: Store, older_than: float, limit: int = BATCH) 
 def prune_delivered_events(store: Store, older_than: float, limit: int = BATCH) -> tuple[int, int, int]:
     """Remove events made before `older_than` whose every delivery is delivered (or that had no
     endpoint to go to), with their deliveries and attempts. A pending or failed delivery keeps
-    its event: it may still go out, or be redelivered. Returns (events, deliveries, attempts)."""
+    its event: it may still go out, or be redelivered. A status the events of one change shared
+    goes with the last of them. Returns (events, deliveries, attempts)."""
     with store.db.atomic():
         rows = store.db.execute(
-            "SELECT e.seq, e.id FROM events e WHERE e.created_at < ? AND NOT EXISTS "
+            "SELECT e.seq, e.id, e.status_id FROM events e WHERE e.created_at < ? AND NOT EXISTS "
             "(SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.status != 'delivered') "
             "ORDER BY e.created_at LIMIT ?",
             [rfc3339(older_than), limit],
@@ -50,7 +51,14 @@ def prune_delivered_events(store: Store, older_than: float, limit: int = BATCH) 
             ids,
         ).rowcount
         deliveries = store.db.execute(f"DELETE FROM deliveries WHERE event_id IN ({marks})", ids).rowcount
+        statuses = [r["status_id"] for r in rows if r["status_id"] is not None]
         events = store.db.execute(f"DELETE FROM events WHERE id IN ({marks})", ids).rowcount
+        if statuses:  # a status goes with the last event that shares it
+            store.db.execute(
+                f"DELETE FROM event_statuses WHERE id IN ({','.join('?' * len(statuses))}) "
+                "AND NOT EXISTS (SELECT 1 FROM events e WHERE e.status_id = event_statuses.id)",
+                statuses,
+            )
     return events, deliveries, attempts
 
 

@@ -282,3 +282,14 @@ def m008_live_rates(db: Database) -> None:
             "UPDATE payment_options SET quote_source = ?, quoted_at = ? WHERE id = ?",
             [source, _option_time(option_id, created_at), option_id],
         )
+
+
+@migrations()
+def m009_shared_statuses(db: Database) -> None:
+    # Throughput (issue 13): the events of one invoice's change share its status view, stored
+    # once. A new event's `body` holds only its payment JSON, and the whole body is put back
+    # together on reading (`outbox.stored_body`); older events keep their whole body, with no
+    # status_id.
+    db.execute("CREATE TABLE event_statuses (id INTEGER PRIMARY KEY, body BLOB NOT NULL)")
+    db.execute("ALTER TABLE events ADD COLUMN status_id INTEGER REFERENCES event_statuses(id)")
+    db.execute("CREATE INDEX events_status ON events(status_id)")
