@@ -599,6 +599,7 @@ def startup(db: Path, size: int) -> dict[str, Any]:
     return {
         "size": size,
         "first_answer_s": daemon.first_answer - daemon.spawned,
+        "first_answer_cpu_s": daemon.first_answer_cpu_s,
         "ready_signal_s": ready_at - daemon.spawned,
         "readyz_s": readyz_at - daemon.spawned,
         "peak_rss_mb": rss,
@@ -617,15 +618,18 @@ def startup_report(paths: dict[int, Path]) -> None:
     )
     runs = [startup(path, size) for size, path in sorted(paths.items())]
     head = (
-        f"{'watched':>10} {'1st answer s':>12} {'READY=1 s':>9} {'/readyz 200 s':>13} {'x base':>6} "
-        f"{'peak RSS MB':>11} {'API n':>6} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}"
+        f"{'watched':>10} {'1st answer s':>12} {'its CPU s':>9} {'READY=1 s':>9} {'/readyz 200 s':>13} "
+        f"{'x base':>6} {'peak RSS MB':>11} {'API n':>6} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}"
     )
     print(head)
     print("-" * len(head))
     base = runs[0]
     for r in runs:
         a = r["api"]
-        times = f"{r['first_answer_s']:>12.2f} {r['ready_signal_s']:>9.2f} {r['readyz_s']:>13.2f}"
+        times = (
+            f"{r['first_answer_s']:>12.2f} {r['first_answer_cpu_s']:>9.2f} {r['ready_signal_s']:>9.2f} "
+            f"{r['readyz_s']:>13.2f}"
+        )
         print(
             f"{r['size']:>10,} {times} {r['readyz_s'] / base['readyz_s']:>6.2f} {r['peak_rss_mb']:>11.0f} "
             f"{a['n']:>6} {a['p50']:>7.2f} {a['p99']:>7.2f} {a['max']:>7.1f}"
@@ -635,7 +639,8 @@ def startup_report(paths: dict[int, Path]) -> None:
     big = runs[-1]
     print(
         f"goal (issue 13 #5): the API answers within 1 s of process start with {big['size']:,} addresses: "
-        f"{big['first_answer_s']:.2f} s (empty store {base['first_answer_s']:.2f} s) -> "
+        f"{big['first_answer_s']:.2f} s, {big['first_answer_cpu_s']:.2f} s of its CPU (empty store "
+        f"{base['first_answer_s']:.2f} s) -> "
         f"{'met' if big['first_answer_s'] <= 1.0 else 'NOT met'}",
         flush=True,
     )
