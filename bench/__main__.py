@@ -26,6 +26,7 @@ SECTIONS = {
     "live": "bench.live",
     "checkout": "bench.checkout",
     "store": "bench.store_apply",
+    "loop": "bench.loop_gil",
     "daemon": "bench.daemon",
 }
 # TOPIC_FILTER_LIMIT x TOPIC_FILTER_REQUESTS (watcher/matching.py): up to this many addresses the node filters

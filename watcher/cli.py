@@ -199,9 +199,18 @@ def _run_tool(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
+# The store's writer thread runs long stretches of Python (judging a catch-up step), and the
+# event loop (the API, the payment page, the watchdog) waits for the GIL each time it wakes, up
+# to the interpreter's switch interval. 1 ms instead of the default 5 shortens those waits
+# (`python -m bench loop`; BENCHMARKS.md, issue 13).
+SWITCH_INTERVAL_S = 0.001
+
+
 def _run(settings: Settings, **service_args: object) -> int:
     from .logs import configure_logging
     from .service import Service
+
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     # log_format as set in the file, or None: JSON under systemd or into a pipe, console on a terminal.
     explicit = "log_format" in settings.model_fields_set
