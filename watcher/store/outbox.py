@@ -83,13 +83,9 @@ class NewEvent:
     payment: dict | None = None
 
 
-def event_body(event_id: str, event_type: str, created_at: str, status: bytes, payment: dict | None) -> bytes:
-    """The event's JSON, byte for byte what `orjson.dumps` gives for
-    {"id", "type", "created_at", "data": {"invoice", "payment"}}, around a status rendered once."""
-    return _spliced(event_id, event_type, created_at, status, orjson.dumps(payment))
-
-
-def _spliced(event_id: str, event_type: str, created_at: str, status: bytes, payment: bytes) -> bytes:
+def event_body(event_id: str, event_type: str, created_at: str, status: bytes, payment: bytes) -> bytes:
+    """The event's JSON from its parts (the status and the payment already rendered), byte for
+    byte what `orjson.dumps` gives for {"id", "type", "created_at", "data": {"invoice", "payment"}}."""
     return b"".join(
         (
             b'{"id":', orjson.dumps(event_id), b',"type":', orjson.dumps(event_type),
@@ -123,7 +119,7 @@ def stored_body(row: sqlite3.Row) -> bytes:
     invoice's status with the other events of the same change; older ones hold the whole body."""
     if row["status"] is None:
         return bytes(row["body"])
-    return _spliced(row["id"], row["type"], row["created_at"], bytes(row["status"]), bytes(row["body"]))
+    return event_body(row["id"], row["type"], row["created_at"], bytes(row["status"]), bytes(row["body"]))
 
 
 async def _run_here(change: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
