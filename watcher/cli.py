@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import gc
 import os
 import sqlite3
 import sys
@@ -211,6 +212,10 @@ def _run(settings: Settings, **service_args: object) -> int:
     from .service import Service
 
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    # Everything imported so far (modules, classes, functions: about 120,000 objects) lives as
+    # long as the process: frozen, the collector's full passes no longer walk it. A pass holds
+    # the GIL, so the API waits for it (BENCHMARKS.md, issue 13: gen-2 pauses during a catch-up).
+    gc.freeze()
 
     # log_format as set in the file, or None: JSON under systemd or into a pipe, console on a terminal.
     explicit = "log_format" in settings.model_fields_set
