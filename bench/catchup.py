@@ -258,8 +258,13 @@ async def watcher(
             "steps": steps,
             "payments": count("SELECT COUNT(*) FROM payments"),
             "events": count("SELECT COUNT(*) FROM events") - events_before,
+            # The events' own parts and the statuses they share (stored once per change, m009).
             "event_bytes": count(
                 "SELECT COALESCE(SUM(LENGTH(body)), 0) FROM events WHERE type != 'invoice.created'"
+            )
+            + count(
+                "SELECT COALESCE(SUM(LENGTH(s.body)), 0) FROM event_statuses s WHERE s.id IN "
+                "(SELECT status_id FROM events WHERE type != 'invoice.created')"
             ),
             "invoices_by_status": dict(
                 store.db.execute("SELECT status, COUNT(*) FROM invoices GROUP BY status").fetchall()
