@@ -282,3 +282,26 @@ def test_an_event_stored_whole_before_m009_is_read_and_sent_as_it_was(tmp_path):
         assert [d["body"] for d in store.outbox.due_deliveries(clock.now)] == [body]
     finally:
         store.close()
+
+
+def test_an_event_whose_shared_status_is_missing_is_never_sent_as_its_payment_alone(tmp_path):
+    """A status row gone while an event still names it (a store damaged by hand) is an error,
+    not a webhook body made of the event's payment JSON."""
+    import orjson
+    import pytest
+
+    from watcher.store.outbox import NewEvent
+
+    clock = Clock()
+    store = Store(tmp_path / "w.db", clock=clock)
+    try:
+        store.outbox.set_endpoints([Endpoint("http://127.0.0.1:1/a", ("*",))])
+        with store.db.atomic():
+            store.outbox.append([NewEvent("invoice.paid", "inv_y", orjson.dumps({"id": "inv_y"}), None)])
+        store.db.execute("PRAGMA foreign_keys = OFF")
+        with store.db.atomic():
+            store.db.execute("DELETE FROM event_statuses")
+        with pytest.raises(LookupError, match="status .* is missing"):
+            store.outbox.due_deliveries(clock.now)
+    finally:
+        store.close()

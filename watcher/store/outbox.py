@@ -96,7 +96,7 @@ def event_body(event_id: str, event_type: str, created_at: str, status: bytes, p
 
 
 # The columns `stored_body` needs, from `events e LEFT JOIN event_statuses s ON s.id = e.status_id`.
-BODY_COLUMNS = "e.id, e.type, e.created_at, e.body, s.body AS status"
+BODY_COLUMNS = "e.id, e.type, e.created_at, e.body, e.status_id, s.body AS status"
 BODY_JOIN = "LEFT JOIN event_statuses s ON s.id = e.status_id"
 
 
@@ -117,8 +117,10 @@ def event_bodies(conn: sqlite3.Connection, event_ids: Sequence[str]) -> dict[str
 def stored_body(row: sqlite3.Row) -> bytes:
     """An event's body as it is sent. Events since m009 store their payment JSON and share their
     invoice's status with the other events of the same change; older ones hold the whole body."""
-    if row["status"] is None:
+    if row["status_id"] is None:
         return bytes(row["body"])
+    if row["status"] is None:  # never sent as a body of its own: the payment alone is not the event
+        raise LookupError(f"event {row['id']}: its status {row['status_id']} is missing from the store")
     return event_body(row["id"], row["type"], row["created_at"], bytes(row["status"]), bytes(row["body"]))
 
 
