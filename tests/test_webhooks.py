@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import time
 from decimal import Decimal
 
@@ -529,6 +530,28 @@ async def test_while_rotating_every_attempt_carries_one_signature_per_secret(tmp
 # --------------------------------------------------------------------------- group commit (issue 13)
 
 
+@contextlib.asynccontextmanager
+async def _running(dispatcher: Dispatcher, store: Store):
+    """The dispatcher runs inside the block; stopped and closed (with the store) after it."""
+    stopping = asyncio.Event()
+    runner = asyncio.create_task(dispatcher.run(stopping))
+    try:
+        yield
+    finally:
+        stopping.set()
+        dispatcher.wake()
+        await runner
+        await dispatcher.close()
+        store.close()
+
+
+async def _until_recorded(outcomes: list[str], count: int, within: float) -> None:
+    started = time.monotonic()
+    while len(outcomes) < count:
+        assert time.monotonic() - started < within, f"{len(outcomes)} of {count} recorded"
+        await asyncio.sleep(0.02)
+
+
 async def _deliveries_due(
     tmp_path, endpoints, events: tuple[str, ...] = ("invoice.created",), invoices: int = 1
 ) -> tuple[Store, str, list[str]]:
@@ -569,24 +592,13 @@ async def test_attempts_that_end_together_are_recorded_in_one_transaction(tmp_pa
         write=write,
         on_attempt=lambda o, s: outcomes.append(o),
     )
-    stopping = asyncio.Event()
-    runner = asyncio.create_task(dispatcher.run(stopping))
-    try:
-        started = time.monotonic()
-        while len(outcomes) < 40:
-            assert time.monotonic() - started < 10, f"{len(outcomes)} of 40 recorded"
-            await asyncio.sleep(0.02)
+    async with _running(dispatcher, store):
+        await _until_recorded(outcomes, 40, within=10)
         assert sorted(got) == sorted(set(got)) and len(got) == 40  # each sent once: none taken twice
         statuses = store.db.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status").fetchall()
         assert [tuple(r) for r in statuses] == [("delivered", 40)]
         assert store.db.execute("SELECT COUNT(*) FROM delivery_attempts").fetchone()[0] == 40
         assert sum(transactions) == 40 and len(transactions) <= 6, transactions
-    finally:
-        stopping.set()
-        dispatcher.wake()
-        await runner
-        await dispatcher.close()
-        store.close()
 
 
 async def test_a_delivery_waiting_for_its_record_is_not_sent_again(tmp_path, endpoints):
@@ -660,24 +672,13 @@ async def test_a_lane_reads_its_due_deliveries_in_batches(tmp_path, endpoints):
     dispatcher = Dispatcher(
         store.outbox, {url: VECTOR_SECRET}, concurrency=4, on_attempt=lambda o, s: outcomes.append(o)
     )
-    stopping = asyncio.Event()
-    runner = asyncio.create_task(dispatcher.run(stopping))
-    try:
-        started = time.monotonic()
-        while len(outcomes) < 200:
-            assert time.monotonic() - started < 20, f"{len(outcomes)} of 200 recorded"
-            await asyncio.sleep(0.02)
+    async with _running(dispatcher, store):
+        await _until_recorded(outcomes, 200, within=20)
         assert len(got) == 200 and len(set(got)) == 200
         assert outcomes == ["delivered"] * 200
         claimed = [n for n in queries if n]
         # 64 at a time, 4 in flight (before: a query per slot freed, 50 or more)
         assert sum(claimed) == 200 and len(claimed) <= 8, queries
-    finally:
-        stopping.set()
-        dispatcher.wake()
-        await runner
-        await dispatcher.close()
-        store.close()
 
 
 def test_a_group_of_attempts_is_written_in_two_statements_whatever_its_size(tmp_path):
