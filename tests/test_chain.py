@@ -429,3 +429,23 @@ def test_an_empty_bloom_on_a_block_with_transactions_is_not_believed():
     assert decode_header({**raw, "transactions": []}).bloom == 0
     assert decode_header({**raw, "transactions": ["0x" + "33" * 32]}).bloom is None
     assert decode_header({**raw, "logsBloom": "0x12"}).bloom is None
+
+
+async def test_a_log_brought_by_two_filtered_requests_is_taken_once(capped):
+    """A watch set past one topic filter is asked in several requests; a node that ignores the
+    topic filter answers the same log to each. It is one payment, not two."""
+    from watcher.chain import LogQuery
+
+    node = await capped(head=20)
+    node.log_of[12] = _log_in(12)
+    transport = HttpTransport(node.url, retry_delays=(0.01,))
+    other = "0x" + "77" * 20
+    query = LogQuery(
+        tokens=[TOKEN], recipients=[TO, other], keep=None, routers=[], payment_ids=None, topics_per_request=1
+    )
+    try:
+        assert len(query.requests()) == 2
+        found = await JsonRpcReader(transport).range_logs(10, 20, query)
+        assert [t.block_number for t in found.transfers] == [12]
+    finally:
+        await transport.close()

@@ -91,8 +91,15 @@ class LogQuery:
 class FoundLogs:
     transfers: list[Transfer] = field(default_factory=list)
     routed: list[RouterPayment] = field(default_factory=list)
+    # A log is taken once, whichever request brought it: a range asked in several filtered
+    # requests gets one log twice from a node that ignores topic filters.
+    _seen: set[tuple[bool, str, int | None]] = field(default_factory=set)
 
     def add(self, decoded: Transfer | RouterPayment) -> None:
+        key = (isinstance(decoded, Transfer), decoded.tx_hash, decoded.log_index)
+        if key in self._seen:
+            return
+        self._seen.add(key)
         if isinstance(decoded, Transfer):
             self.transfers.append(decoded)
         else:
