@@ -75,10 +75,20 @@ class SandboxDaemon:
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
+    def children(self) -> list[int]:
+        """The daemon's child processes now (its webhook dispatcher)."""
+        found = []
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            found += [int(pid) for pid in (task / "children").read_text().split()]
+        return found
+
     def rss_kib(self) -> int:
-        """Resident memory of the daemon now."""
-        status = Path(f"/proc/{self.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1])
+        """Resident memory of the daemon and its children now."""
+        total = 0
+        for pid in (self.pid, *self.children()):
+            status = Path(f"/proc/{pid}/status").read_text()
+            total += int(re.search(r"VmRSS:\s+(\d+) kB", status)[1])
+        return total
 
     async def __aenter__(self) -> SandboxDaemon:
         self.tmp_path.mkdir(parents=True, exist_ok=True)

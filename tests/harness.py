@@ -125,6 +125,7 @@ class Harness:
     auth_failures_per_second: int | None = 10  # as in production; None for tables of bad keys
     prune_interval = 30.0  # the retention jobs (production: 30 s)
     receiver_class: type[Receiver] = Receiver
+    dispatcher_process = False  # True: webhooks go out from a child process, as `watcher run` does
 
     def __init__(
         self, tmp_path: Path, *, confirmations: int | str = 3, expiry_minutes: int = 20, tolerance: str = "0"
@@ -193,6 +194,7 @@ class Harness:
             clock=self.clock,
             auth_failures_per_second=self.auth_failures_per_second,
             prune_interval=self.prune_interval,
+            dispatcher_process=self.dispatcher_process,
         )
         await self.service.start()
 

@@ -223,7 +223,8 @@ def _run(settings: Settings, **service_args: object) -> int:
     log = structlog.get_logger("watcher")
 
     async def go() -> None:
-        service = Service(settings, **service_args)  # type: ignore[arg-type]
+        # Webhooks go out from a process of their own (watcher/dispatchproc.py): another core.
+        service = Service(settings, dispatcher_process=True, **service_args)  # type: ignore[arg-type]
         await service.run_until_signalled()
 
     try:

@@ -31,6 +31,7 @@ from .chain.heads import HeadSubscriber
 from .config import ChainSettings, ConfigError, Settings, load_settings, strip_credentials
 from .deposits_api import OPERATIONS as DEPOSIT_OPERATIONS
 from .deposits_api import add_deposit_balance_routes
+from .dispatchproc import DispatcherProcess
 from .follower import Follower, Rails
 from .genesis import WrongChain, node_genesis, wrong_chain_message
 from .httpserver import Listener, harden, listen
@@ -49,6 +50,7 @@ from .rates.setup import FIRST_ROUND_SECONDS, running_rate_book
 from .redaction import redact_text, register_urls
 from .startup import StartUp
 from .store import Endpoint, Store
+from .store.engine import MEMORY
 from .webhooks import Dispatcher
 
 if TYPE_CHECKING:  # eth-tester (behind the sandbox) is imported only when a sandbox runs
@@ -116,9 +118,13 @@ class Service:
         env: Mapping[str, str] | None = None,
         auth_failures_per_second: int | None = FAILURES_PER_SECOND,
         prune_interval: float = PRUNE_INTERVAL,
+        dispatcher_process: bool = False,
     ) -> None:
         """``config_path`` is the file SIGHUP re-reads (None: nothing to reload, as in the
-        sandbox); ``env`` is where its secrets are looked up (default: the process's)."""
+        sandbox); ``env`` is where its secrets are looked up (default: the process's).
+        ``dispatcher_process``: webhooks are delivered by a process of their own
+        (watcher/dispatchproc.py), as `watcher run` does; else on this loop (most tests: a
+        child cannot share their clock)."""
         self.settings = settings
         self.config_path = None if config_path is None else os.fspath(config_path)
         self.env = env
@@ -133,11 +139,12 @@ class Service:
         self.clock = clock
         self.expiry_interval = expiry_interval
         self.prune_interval = prune_interval
+        self.dispatcher_process = dispatcher_process and settings.database != MEMORY
         self.stopping = asyncio.Event()
         self.store: Store | None = None
         self.followers: dict[str, Follower] = {}
         self.heads: dict[str, HeadSubscriber] = {}
-        self.dispatcher: Dispatcher | None = None
+        self.dispatcher: Dispatcher | DispatcherProcess | None = None
         self._transports: list[Transport] = []
         self._tasks: list[asyncio.Task] = []
         self._runner: web.AppRunner | None = None
@@ -316,13 +323,7 @@ class Service:
             self.followers[chain.name] = self._follower_for(chain, readers[chain.name])
             if (heads := self._heads_for(chain, self.followers[chain.name])) is not None:
                 self.heads[chain.name] = heads
-        self.dispatcher = Dispatcher(
-            store.outbox,
-            {w.url: w.secret for w in s.webhooks},
-            clock=self.clock,
-            on_attempt=self.metrics.webhook_attempt,
-            on_breaker=self.metrics.webhook_breaker,
-        )
+        self.dispatcher = self._dispatcher_for(store)
         store.outbox.on_delivery_queued = self.dispatcher.wake
         transports = {name: r.transport for name, r in readers.items()}  # type: ignore[attr-defined]
         self.rates = running_rate_book(s, transports, self.metrics, clock=self.clock)
@@ -350,6 +351,27 @@ class Service:
             chains=[c.name for c in s.chains],
             webhooks=len(s.webhooks),
             sandbox=self.sandbox is not None,
+        )
+
+    def _dispatcher_for(self, store: Store) -> Dispatcher | DispatcherProcess:
+        s = self.settings
+        secrets = {w.url: w.secret for w in s.webhooks}
+        if self.dispatcher_process:
+            return DispatcherProcess(
+                s.database,
+                secrets,
+                log_choice=self._log_choice,
+                hidden=_secrets_of(s),
+                urls=_urls_of(s),
+                on_attempt=self.metrics.webhook_attempt,
+                on_breaker=self.metrics.webhook_breaker,
+            )
+        return Dispatcher(
+            store.outbox,
+            secrets,
+            clock=self.clock,
+            on_attempt=self.metrics.webhook_attempt,
+            on_breaker=self.metrics.webhook_breaker,
         )
 
     def _starting(self, what: str) -> None:
@@ -670,6 +692,8 @@ class Service:
         if choice != self._log_choice:
             configure_logging(*choice)
             self._log_choice = choice
+            if isinstance(self.dispatcher, DispatcherProcess):
+                self.dispatcher.set_logging(choice)
         update = {key: getattr(new, key) for key in RELOADABLE}
         self.settings = old.model_copy(update=update)
         log.info(

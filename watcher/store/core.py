@@ -46,7 +46,7 @@ from .records import (
 )
 from .rejudge import Reasons, Rejudged, rejudge_many
 from .schema import migrations
-from .views import invoice_view, payment_view, status_view
+from .views import STATUS_COLUMNS, invoice_view, payment_view, status_of
 from .watchrows import watch_rows
 
 BLOCK_WINDOW = 256  # recent canonical blocks kept when the caller names no window (see apply_blocks)
@@ -324,8 +324,11 @@ class Store:
         return self._invoice(invoice_id)
 
     def get_status(self, invoice_id: str) -> dict | None:
-        invoice = self._invoice(invoice_id)
-        return status_view(invoice) if invoice else None
+        """The polling route's shape, read without the options it does not show (the route is
+        polled far more than any other)."""
+        with self._snapshot():
+            row = self._q1(f"SELECT {STATUS_COLUMNS} FROM invoices WHERE id = ?", [invoice_id])
+            return None if row is None else status_of(row, self._payments(invoice_id))
 
     def get_payments(self, invoice_id: str) -> list[dict] | None:
         with self._snapshot():

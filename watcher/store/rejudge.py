@@ -31,7 +31,7 @@ from ..domain import (
 from . import engine
 from .engine import Row
 from .outbox import NewEvent, Outbox
-from .views import invoice_view, payment_view, status_view
+from .views import payment_view, status_of
 
 
 @dataclass
@@ -304,7 +304,7 @@ def _rejudge_slice(
         # What the events carry (the status view): the invoice as just written and its payments
         # (with their new roles), not its options; built from the rows in hand, rendered once.
         views = [payment_view(p, tips.get(p["network"]), outcome.payment_roles[p["id"]]) for p in payments]
-        status = orjson.dumps(status_view(invoice_view({**dict(row), **outcome.values}, [], views)))
+        status = orjson.dumps(status_of({**dict(row), **outcome.values}, views))
         by_id = {v["id"]: v for v in views}
         for event_type, payment_id in outcome.events:
             payment = by_id.get(payment_id) if payment_id is not None else None

@@ -132,8 +132,27 @@ STATUS_FIELDS = (
     "payments",
     "version",
 )
+# The invoice columns the status shape is made of (the rest of it is the payments).
+STATUS_COLUMNS = "id, status, payment_summary, exception, payment_timing, last_payment_observed_at, version"
 
 
 def status_view(invoice: dict) -> dict:
-    """The polling shape (and the `data.invoice` of every webhook)."""
+    """The polling shape (and the `data.invoice` of every webhook) of an invoice already rendered."""
     return {k: invoice[k] for k in STATUS_FIELDS}
+
+
+def status_of(row: Row, payments: list[dict]) -> dict:
+    """The polling shape straight from an invoice's row (`STATUS_COLUMNS` at least) and its
+    payments' views, the same as `status_view(invoice_view(...))`: the status route and the
+    recording path's events need neither the options nor the rest of the invoice."""
+    return {
+        "id": row["id"],
+        "status": row["status"],
+        "confirmations": invoice_confirmations(payments),
+        "payment_summary": orjson.loads(row["payment_summary"]),
+        "exception": orjson.loads(row["exception"]) if row["exception"] else None,
+        "payment_timing": orjson.loads(row["payment_timing"]),
+        "last_payment_observed_at": row["last_payment_observed_at"],
+        "payments": payments,
+        "version": row["version"],
+    }

@@ -1,0 +1,157 @@
+"""The webhook dispatcher in a process of its own (watcher/dispatchproc.py), as `watcher run` runs
+it: deliveries signed and counted, a child that dies started again, new secrets handed over, a
+graceful stop, and no child left behind when the daemon itself is killed."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import secrets
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+from aiohttp import web
+from daemon import SandboxDaemon
+from harness import Harness, Receiver
+from test_ops import sample, scrape
+
+from watcher.dispatchproc import DispatcherProcess
+
+
+class ProcessHarness(Harness):
+    dispatcher_process = True
+
+
+async def _received(h: Harness, count: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(h.receiver.events) < count:
+        assert time.monotonic() < deadline, f"{len(h.receiver.events)} of {count} events received"
+        await asyncio.sleep(0.05)
+
+
+async def _child(h: Harness) -> DispatcherProcess:
+    """The service's dispatcher, once its child has been started."""
+    assert h.service is not None
+    dispatcher = h.service.dispatcher
+    assert isinstance(dispatcher, DispatcherProcess)
+    deadline = time.monotonic() + 10
+    while dispatcher.process is None:
+        assert time.monotonic() < deadline, "no child started"
+        await asyncio.sleep(0.01)
+    return dispatcher
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie nobody has reaped yet counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+async def test_events_go_out_from_a_child_process_signed_and_counted_in_the_daemons_metrics(harnesses):
+    h = await harnesses(ProcessHarness)
+    child = await _child(h)
+    assert child.process is not None and child.process.pid != os.getpid()
+    ids = [(await h.create())["id"] for _ in range(5)]
+
+    await _received(h, 5)
+    assert sorted(e.invoice_id for e in h.receiver.events) == sorted(ids)
+    assert {e.type for e in h.receiver.events} == {"invoice.created"}
+    assert h.receiver.bad_signatures == 0
+    # The child's reports reach the daemon's /metrics (grouped every 50 ms).
+    deadline = time.monotonic() + 5
+    while sample(await scrape(h), "watcher_webhook_deliveries_total", outcome="delivered") != 5:
+        assert time.monotonic() < deadline, await scrape(h)
+        await asyncio.sleep(0.05)
+    samples = await scrape(h)
+    assert sample(samples, "watcher_webhook_delivery_duration_seconds_count") == 5
+
+
+async def test_a_child_that_dies_is_started_again_and_delivers_what_was_queued_meanwhile(harnesses):
+    h = await harnesses(ProcessHarness)
+    child = await _child(h)
+    await h.create()
+    await _received(h, 1)
+    first = child.process
+    assert first is not None
+    first.send_signal(signal.SIGKILL)
+    await first.wait()
+    queued = [(await h.create())["id"] for _ in range(3)]  # while no child runs
+
+    await _received(h, 4, timeout=20)
+    assert child.starts == 2 and child.process is not first
+    assert sorted(e.invoice_id for e in h.receiver.events[1:]) == sorted(queued)
+    assert len({e.event_id for e in h.receiver.events}) == 4
+
+
+async def test_new_secrets_reach_the_child(harnesses):
+    h = await harnesses(ProcessHarness)
+    await h.create()
+    await _received(h, 1)
+    rotated = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    (await _child(h)).set_secrets({h.receiver.url: rotated})
+    await asyncio.sleep(0.2)  # the message is on its way before the next event is queued
+    h.receiver.secret = rotated  # the receiver now accepts only the new one
+
+    await h.create()
+    await _received(h, 2)
+    assert h.receiver.bad_signatures == 0
+
+
+class SlowReceiver(Receiver):
+    """Answers each attempt a second late: the attempt is in flight when the stop begins."""
+
+    answered = 0
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(1.0)
+        self.answered += 1
+        return await super()._handle(request)
+
+
+class SlowProcessHarness(ProcessHarness):
+    receiver_class = SlowReceiver
+
+
+async def test_the_child_records_its_attempt_in_flight_and_exits_when_the_daemon_stops(harnesses):
+    h = await harnesses(SlowProcessHarness)
+    process = (await _child(h)).process
+    assert process is not None
+    invoice = await h.create()
+    await asyncio.sleep(0.3)
+    assert h.service is not None and h.service.store is not None
+    database = h.service.store.path
+    await h.stop_service()
+
+    assert isinstance(h.receiver, SlowReceiver) and h.receiver.answered == 1
+    assert process.returncode == 0
+    with sqlite3.connect(database) as conn:
+        status = conn.execute(
+            "SELECT status FROM deliveries WHERE invoice_id = ?", [invoice["id"]]
+        ).fetchone()
+    assert status == ("delivered",)
+
+
+async def test_the_child_exits_when_the_daemon_is_killed(tmp_path):
+    daemon = SandboxDaemon(tmp_path)
+    await daemon.__aenter__()  # not `async with`: its exit wants the daemon to stop with 0
+    assert daemon.proc is not None
+    try:
+        deadline = time.monotonic() + 10
+        while not (children := daemon.children()):
+            assert time.monotonic() < deadline, "no dispatcher started"
+            await asyncio.sleep(0.05)
+        assert len(children) == 1, children
+        os.kill(daemon.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while not _gone(children[0]):
+            assert time.monotonic() < deadline, "the dispatcher outlived the daemon"
+            await asyncio.sleep(0.1)
+    finally:
+        if daemon.proc.returncode is None:
+            daemon.proc.kill()
+        await daemon.proc.wait()

@@ -1,0 +1,346 @@
+"""The webhook dispatcher in a process of its own, beside the daemon's.
+
+Why: the daemon's event loop and its GIL are shared by the API, the follower and the store's
+writer thread, so everything Python does there runs on one core at most. Delivering a webhook
+(reading it, signing it, the HTTP exchange, recording the attempt) costs about 0.3 ms of CPU: in
+a catch-up that writes 150,000 events, more than half of the daemon's work. In a process of its
+own the dispatcher runs on another core, and the API and the follower no longer wait behind it
+(BENCHMARKS.md, issue 13). It needs nothing of the daemon's but the database, which SQLite
+shares between processes (WAL, a busy timeout, `BEGIN IMMEDIATE`), and its endpoints' secrets.
+
+The daemon (`DispatcherProcess`, on its loop) starts `python -m watcher.dispatchproc` and talks
+to it in JSON lines:
+
+- to the child, on its stdin: first `{"start": {...}}` (the database, the endpoints' secrets,
+  the log settings, what logs must hide), then `{"wake": 1}` when deliveries are queued, and
+  `{"secrets": {...}}` and `{"log": [format, level]}` on a reload. Secrets never go on its
+  command line or in its environment.
+  End of input, SIGTERM or SIGINT stop it: it starts nothing new, lets its attempts in flight end
+  and records them, then exits 0.
+- from the child, on its stdout: `{"attempts": [[outcome, seconds], ...]}` (grouped, every
+  `REPORT_EVERY` s at most) and `{"breaker": [endpoint, open]}`, which the daemon's metrics count.
+
+Its log lines go to the daemon's stderr (the journal), in the daemon's format. A child that
+exits on its own is started again after a pause (`RESTART_DELAYS`); what it had in flight and
+not recorded is sent again then (at least once, as ever: receivers deduplicate by webhook-id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import orjson
+import structlog
+
+log = structlog.get_logger("watcher.dispatchproc")
+
+# Pauses before starting the child again after it exited on its own (the last one repeats).
+RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
+# A child that ran this long before it exited starts again after the first pause.
+HEALTHY_RUN_SECONDS = 60.0
+# How long the child gets to end its attempts in flight when the daemon stops.
+STOP_TIMEOUT = 8.0
+# The child reports its attempts to the daemon's metrics at most this often.
+REPORT_EVERY = 0.05
+# Environment variables the child must not see: the daemon alone speaks to systemd.
+PARENT_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+# A line from the child longer than this is not one of ours (it is dropped, not parsed).
+MAX_LINE = 1 << 20
+
+
+class DispatcherProcess:
+    """The daemon's side: starts the child, wakes it, hands it new secrets, counts what it reports,
+    and starts it again when it dies. Offers what the service uses of `webhooks.Dispatcher`."""
+
+    def __init__(
+        self,
+        database: str,
+        secrets: Mapping[str, str],
+        *,
+        log_choice: tuple[str | None, str],
+        hidden: Sequence[str] = (),
+        urls: Sequence[str] = (),
+        on_attempt: Callable[[str, float | None], None] | None = None,
+        on_breaker: Callable[[str, bool], None] | None = None,
+        restart_delays: Sequence[float] = RESTART_DELAYS,
+        stop_timeout: float = STOP_TIMEOUT,
+    ) -> None:
+        """``log_choice``: (log_format or None for automatic, log_level). ``hidden``: values no
+        log line may show; ``urls``: those whose credentials are stripped wherever they appear."""
+        self.database = database
+        self.secrets = dict(secrets)
+        self.log_choice = log_choice
+        self.hidden = list(hidden)
+        self.urls = list(urls)
+        self.on_attempt = on_attempt
+        self.on_breaker = on_breaker
+        self.restart_delays = tuple(restart_delays) or RESTART_DELAYS
+        self.stop_timeout = stop_timeout
+        self.process: asyncio.subprocess.Process | None = None
+        self.starts = 0  # children started so far
+        self._wake_sent = False
+
+    # ------------------------------------------------------------------ what the service calls
+
+    def wake(self) -> None:
+        """Deliveries were queued: tell the child at once (once per pass of the loop)."""
+        if self._wake_sent or self.process is None:
+            return
+        self._wake_sent = True
+        asyncio.get_running_loop().call_soon(self._send_wake)
+
+    def _send_wake(self) -> None:
+        self._wake_sent = False
+        self._send({"wake": 1})
+
+    def set_secrets(self, secrets: Mapping[str, str]) -> None:
+        """The configured endpoints and their secrets (on reload): the child uses them from now on."""
+        self.secrets = dict(secrets)
+        self._send({"secrets": self.secrets})
+
+    def set_logging(self, log_choice: tuple[str | None, str]) -> None:
+        """The log format and level (on reload)."""
+        self.log_choice = log_choice
+        self._send({"log": list(log_choice)})
+
+    def open_breakers(self) -> list[str]:
+        return []  # the child logs and reports each change; the metrics hold them
+
+    async def close(self) -> None:
+        """Kill the child if it is still there (`run` normally ends it gracefully first)."""
+        process = self.process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+
+    # ------------------------------------------------------------------ the supervision
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Keep a child running until `stopping`; then stop it and wait for it (killed after
+        `stop_timeout`)."""
+        failures = 0
+        while not stopping.is_set():
+            started = time.monotonic()
+            try:
+                code = await self._run_child(stopping)
+            except OSError as exc:  # the interpreter cannot be started (the machine is out of something)
+                log.error("webhook_dispatcher_unstartable", error=str(exc))
+                code = None
+            if stopping.is_set():
+                return
+            failures = 0 if time.monotonic() - started >= HEALTHY_RUN_SECONDS else failures + 1
+            delay = self.restart_delays[min(max(failures - 1, 0), len(self.restart_delays) - 1)]
+            log.error("webhook_dispatcher_exited", code=code, restart_in_seconds=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=delay)
+
+    async def _run_child(self, stopping: asyncio.Event) -> int | None:
+        env = {k: v for k, v in os.environ.items() if k not in PARENT_ONLY_ENV}
+        self.process = process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "watcher.dispatchproc",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+            limit=MAX_LINE,
+        )
+        self.starts += 1
+        self._send(
+            {
+                "start": {
+                    "database": self.database,
+                    "secrets": self.secrets,
+                    "log_format": self.log_choice[0],
+                    "log_level": self.log_choice[1],
+                    "hidden": self.hidden,
+                    "urls": self.urls,
+                }
+            }
+        )
+        reports = asyncio.create_task(self._read_reports(process), name="webhook-dispatcher-reports")
+        stop = asyncio.create_task(stopping.wait())
+        try:
+            await asyncio.wait([reports, stop], return_when=asyncio.FIRST_COMPLETED)
+            if stopping.is_set():
+                await self._stop_child(process)
+            await reports  # its output read to the end: every report counted
+            return await process.wait()
+        finally:
+            stop.cancel()
+            if not reports.done():
+                reports.cancel()
+            if process.returncode is None:  # cancelled: no time to be graceful
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+
+    async def _stop_child(self, process: asyncio.subprocess.Process) -> None:
+        """End of input tells the child to stop; it gets `stop_timeout` to record its attempts."""
+        if process.stdin is not None:
+            process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), timeout=self.stop_timeout)
+        except TimeoutError:
+            log.warning("webhook_dispatcher_killed", after_seconds=self.stop_timeout)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+
+    async def _read_reports(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        while True:
+            try:
+                line = await process.stdout.readline()
+            except ValueError:  # longer than MAX_LINE: not one of ours
+                continue
+            if not line:
+                return
+            try:
+                self._count(orjson.loads(line))
+            except (orjson.JSONDecodeError, TypeError, ValueError, KeyError):
+                log.warning("webhook_dispatcher_report_unread", line=line[:200].decode(errors="replace"))
+
+    def _count(self, report: dict[str, Any]) -> None:
+        if "attempts" in report and self.on_attempt is not None:
+            for outcome, seconds in report["attempts"]:
+                self.on_attempt(str(outcome), None if seconds is None else float(seconds))
+        if "breaker" in report and self.on_breaker is not None:
+            endpoint, is_open = report["breaker"]
+            self.on_breaker(str(endpoint), bool(is_open))
+
+    def _send(self, message: dict[str, Any]) -> None:
+        process = self.process
+        if process is None or process.stdin is None or process.stdin.is_closing():
+            return
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            process.stdin.write(orjson.dumps(message) + b"\n")
+
+
+# ---------------------------------------------------------------------- the child
+
+
+class _Reporter:
+    """The child's side of the metrics: attempts grouped into one line every `REPORT_EVERY` s."""
+
+    def __init__(self) -> None:
+        self._attempts: list[tuple[str, float | None]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def attempt(self, outcome: str, seconds: float | None) -> None:
+        self._attempts.append((outcome, seconds))
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(REPORT_EVERY, self.flush)
+
+    def breaker(self, endpoint: str, is_open: bool) -> None:
+        self.flush()
+        _write({"breaker": [endpoint, is_open]})
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._attempts:
+            attempts, self._attempts = self._attempts, []
+            _write({"attempts": attempts})
+
+
+def _write(message: dict[str, Any]) -> None:
+    with contextlib.suppress(BrokenPipeError):  # the daemon is gone: the child is stopping anyway
+        sys.stdout.buffer.write(orjson.dumps(message) + b"\n")
+        sys.stdout.buffer.flush()
+
+
+async def _child(start: dict[str, Any], lines: asyncio.StreamReader) -> None:
+    from .logs import configure_logging, register_secrets
+    from .redaction import register_urls
+    from .store import Store
+    from .webhooks import Dispatcher
+
+    stopping = asyncio.Event()
+    store = Store(start["database"], clock=time.time)
+    reporter = _Reporter()
+    dispatcher = Dispatcher(
+        store.outbox,
+        start["secrets"],
+        on_attempt=reporter.attempt,
+        on_breaker=reporter.breaker,
+    )
+
+    def stop() -> None:
+        stopping.set()
+        dispatcher.wake()  # out of its idle wait now
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # systemd and a terminal signal the whole group
+        loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the daemon reloads and sends the secrets
+
+    async def listen() -> None:
+        while not stopping.is_set():
+            line = await lines.readline()
+            if not line:
+                break  # the daemon closed our input, or died
+            message = orjson.loads(line)
+            if "secrets" in message:
+                secrets: dict[str, str] = message["secrets"]
+                register_secrets(part for value in secrets.values() for part in value.split())
+                register_urls(secrets)
+                dispatcher.set_secrets(secrets)
+            if "log" in message:
+                configure_logging(*message["log"])
+            dispatcher.wake()
+        stop()
+
+    listener = asyncio.create_task(listen())
+    try:
+        await dispatcher.run(stopping)
+    finally:
+        listener.cancel()
+        reporter.flush()
+        await dispatcher.close()
+        store.close()
+
+
+async def _child_main() -> int:
+    from .cli import SWITCH_INTERVAL_S
+    from .logs import configure_logging, register_secrets
+    from .redaction import register_urls
+
+    loop = asyncio.get_running_loop()
+    lines = asyncio.StreamReader(limit=MAX_LINE, loop=loop)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(lines, loop=loop), sys.stdin)
+    first = await lines.readline()
+    if not first:
+        return 0  # the daemon went away before it said anything
+    start = orjson.loads(first)["start"]
+    configure_logging(start["log_format"], start["log_level"])
+    register_secrets(start["hidden"])
+    register_urls(start["urls"])
+    sys.setswitchinterval(SWITCH_INTERVAL_S)  # as in the daemon: its record writer is a thread
+    gc.freeze()
+    try:
+        await _child(start, lines)
+    except Exception as exc:  # one line in the journal, and the daemon starts another child
+        structlog.get_logger("watcher.dispatchproc").exception("webhook_dispatcher_crashed", error=str(exc))
+        return 1
+    return 0
+
+
+def main() -> int:
+    if sys.stdin.isatty():
+        print("watcher.dispatchproc is started by `watcher run`, not by hand", file=sys.stderr)
+        return 2
+    return asyncio.run(_child_main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
