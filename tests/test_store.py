@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import orjson
 import pytest
 
 from watcher.domain import BlockRef, Transfer
 from watcher.invoicing import finish_option
 from watcher.store import MatchedTransfer, NewInvoice, OptionSpec, Store
+from watcher.store.views import status_view
 
 NET = "testnet"
 TOKEN = "0x" + "aa" * 20
@@ -278,3 +280,23 @@ def test_search_finds_payers_old_addresses_hashes_and_casefolded_text_in_one_sto
     assert [r["id"] for chunk in store.export_rows({"search": payer}, 10, 0) for r in chunk] == [
         invoice["id"]
     ]
+
+
+def test_the_status_read_from_the_row_is_the_status_of_the_whole_invoice(tmp_path):
+    """The status route and the events render the status without the options (views.status_of):
+    it must be the same shape, to the byte, as the whole invoice's status fields, in every state."""
+    store = new_store(tmp_path)
+    unpaid, under, paid = create(store), create(store), create(store, amount_atomic=7)
+    store.apply_blocks(NET, [block(5)], [transfer_to(under, 3, tx="0x" + "22" * 32)], confirmed_through=3)
+    store.apply_blocks(NET, [block(6)], [transfer_to(paid, 7, tx="0x" + "33" * 32, n=6)], confirmed_through=6)
+    states = set()
+    for invoice in (unpaid, under, paid):
+        whole = store.get_invoice(invoice["id"])
+        status = store.get_status(invoice["id"])
+        assert orjson.dumps(status) == orjson.dumps(status_view(whole))
+        states.add((whole["status"], len(whole["payments"]), whole["confirmations"]))
+    assert states == {("pending", 0, 0), ("pending", 1, 2), ("confirmed", 1, 1)}
+    # and what the events carry is that same status, as the invoice stood when it was written
+    last = store.outbox.events_for(paid["id"])[-1]
+    assert orjson.loads(last["body"])["data"]["invoice"] == status_view(store.get_invoice(paid["id"]))
+    assert store.get_status("inv_nope") is None
