@@ -8,7 +8,7 @@ each time the loop wakes (a request arrives, a timer fires) it may wait for the 
 the GIL over: up to the interpreter's switch interval, every time. This bench writes steps of
 payments on the writer thread (`Store.write`, as the follower does) while a probe task on the
 loop sleeps 2 ms again and again, and reports how late it wakes, at Python's default switch
-interval (5 ms: the baseline) and at the daemon's (`watcher.cli.SWITCH_INTERVAL_S`), rounds
+interval (5 ms: the baseline) and at the daemon's (`watcher.interpreter.SWITCH_INTERVAL_S`), rounds
 alternated so that the machine's load falls on both alike.
 """
 
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from bench.store_apply import NET, prepare, steps
-from watcher.cli import SWITCH_INTERVAL_S
+from watcher.interpreter import SWITCH_INTERVAL_S
 
 DEFAULT_SWITCH_INTERVAL_S = 0.005
 PROBE_SLEEP_S = 0.002

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import gc
 import os
 import sqlite3
 import sys
@@ -16,7 +15,7 @@ from typing import NoReturn
 
 import structlog
 
-from . import __version__
+from . import __version__, interpreter
 from .config import ConfigError, Settings, describe, load_settings, settings_from_dict
 
 DEFAULT_CONFIG = "/etc/watcher/watcher.toml"
@@ -200,22 +199,11 @@ def _run_tool(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
-# The store's writer thread runs long stretches of Python (judging a catch-up step), and the
-# event loop (the API, the payment page, the watchdog) waits for the GIL each time it wakes, up
-# to the interpreter's switch interval. 1 ms instead of the default 5 shortens those waits
-# (`python -m bench loop`; BENCHMARKS.md, issue 13).
-SWITCH_INTERVAL_S = 0.001
-
-
 def _run(settings: Settings, **service_args: object) -> int:
     from .logs import configure_logging
     from .service import Service
 
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-    # Everything imported so far (modules, classes, functions: about 120,000 objects) lives as
-    # long as the process: frozen, the collector's full passes no longer walk it. A pass holds
-    # the GIL, so the API waits for it (BENCHMARKS.md, issue 13: gen-2 pauses during a catch-up).
-    gc.freeze()
+    interpreter.tune()  # the switch interval and the collector (watcher/interpreter.py)
 
     # log_format as set in the file, or None: JSON under systemd or into a pipe, console on a terminal.
     explicit = "log_format" in settings.model_fields_set

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import signal
 import sys
@@ -311,7 +310,7 @@ async def _child(start: dict[str, Any], lines: asyncio.StreamReader) -> None:
 
 
 async def _child_main() -> int:
-    from .cli import SWITCH_INTERVAL_S
+    from . import interpreter
     from .logs import configure_logging, register_secrets
     from .redaction import register_urls
 
@@ -325,8 +324,7 @@ async def _child_main() -> int:
     configure_logging(start["log_format"], start["log_level"])
     register_secrets(start["hidden"])
     register_urls(start["urls"])
-    sys.setswitchinterval(SWITCH_INTERVAL_S)  # as in the daemon: its record writer is a thread
-    gc.freeze()
+    interpreter.tune()  # as the daemon does: its attempts are recorded on a writer thread
     try:
         await _child(start, lines)
     except Exception as exc:  # one line in the journal, and the daemon starts another child
