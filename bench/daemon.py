@@ -127,6 +127,13 @@ class NotifyListener:
 
 
 @dataclass
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 class Daemon:
     """`watcher run --config` spawned with a notify socket; when it first answered and was ready."""
 
@@ -174,13 +181,6 @@ class Daemon:
 
     def children_peak_rss_mb(self) -> float:
         return sum(_peak_rss_mb(pid) for pid in self.children())
-
-
-def _peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
     def stop(self) -> None:
         if self.process.poll() is None:
