@@ -126,7 +126,6 @@ class NotifyListener:
         self.sock.close()
 
 
-@dataclass
 def _peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -134,6 +133,7 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+@dataclass
 class Daemon:
     """`watcher run --config` spawned with a notify socket; when it first answered and was ready."""
 
