@@ -99,6 +99,9 @@ async def test_a_child_that_dies_is_started_again_and_delivers_what_was_queued_m
     assert child.starts == 2 and child.process is not first
     assert sorted(e.invoice_id for e in h.receiver.events[1:]) == sorted(queued)
     assert len({e.event_id for e in h.receiver.events}) == 4
+    samples = await scrape(h)  # the operator sees it: one exit, and running again
+    assert sample(samples, "watcher_webhook_dispatcher_exits_total") == 1
+    assert sample(samples, "watcher_webhook_dispatcher_up") == 1
 
 
 async def test_new_secrets_reach_the_child(harnesses):

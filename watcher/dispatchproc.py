@@ -69,11 +69,14 @@ class DispatcherProcess:
         urls: Sequence[str] = (),
         on_attempt: Callable[[str, float | None], None] | None = None,
         on_breaker: Callable[[str, bool], None] | None = None,
+        on_running: Callable[[bool], None] | None = None,
         restart_delays: Sequence[float] = RESTART_DELAYS,
         stop_timeout: float = STOP_TIMEOUT,
     ) -> None:
         """``log_choice``: (log_format or None for automatic, log_level). ``hidden``: values no
-        log line may show; ``urls``: those whose credentials are stripped wherever they appear."""
+        log line may show; ``urls``: those whose credentials are stripped wherever they appear.
+        ``on_running(True)`` hears of each child started, ``on_running(False)`` of each that
+        exited on its own (not of the stop)."""
         self.database = database
         self.secrets = dict(secrets)
         self.log_choice = log_choice
@@ -81,6 +84,7 @@ class DispatcherProcess:
         self.urls = list(urls)
         self.on_attempt = on_attempt
         self.on_breaker = on_breaker
+        self.on_running = on_running
         self.restart_delays = tuple(restart_delays) or RESTART_DELAYS
         self.stop_timeout = stop_timeout
         self.process: asyncio.subprocess.Process | None = None
@@ -136,6 +140,8 @@ class DispatcherProcess:
                 code = None
             if stopping.is_set():
                 return
+            if self.on_running is not None:
+                self.on_running(False)
             failures = 0 if time.monotonic() - started >= HEALTHY_RUN_SECONDS else failures + 1
             delay = self.restart_delays[min(max(failures - 1, 0), len(self.restart_delays) - 1)]
             log.error("webhook_dispatcher_exited", code=code, restart_in_seconds=delay)
@@ -154,6 +160,8 @@ class DispatcherProcess:
             limit=MAX_LINE,
         )
         self.starts += 1
+        if self.on_running is not None:
+            self.on_running(True)
         self._send(
             {
                 "start": {

@@ -151,6 +151,18 @@ class Metrics:
             registry=r,
         )
 
+        self.webhook_dispatcher_up = Gauge(
+            "watcher_webhook_dispatcher_up",
+            "1 while the webhook dispatcher's process runs, 0 while the daemon waits to start it "
+            "again after it exited (only under `watcher run`, where it has a process of its own).",
+            registry=r,
+        )
+        self.webhook_dispatcher_exits = Counter(
+            "watcher_webhook_dispatcher_exits",
+            "Times the webhook dispatcher's process exited on its own (and was started again).",
+            registry=r,
+        )
+
     # ------------------------------------------------------------------ hooks
 
     def rpc(self, network: str) -> RpcCounter:
@@ -185,6 +197,12 @@ class Metrics:
     def rows_pruned(self, what: str, count: int) -> None:
         """`jobs`' hook: a retention job removed `count` rows of `what`."""
         self.pruned.labels(what).inc(count)
+
+    def webhook_dispatcher(self, up: bool) -> None:
+        """`dispatchproc.DispatcherProcess`'s hook: its child started (True) or exited on its own."""
+        self.webhook_dispatcher_up.set(1 if up else 0)
+        if not up:
+            self.webhook_dispatcher_exits.inc()
 
     def webhook_breaker(self, endpoint: str, paused: bool) -> None:
         """`webhooks.Dispatcher`'s hook; `endpoint` is already shown without credentials."""

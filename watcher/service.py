@@ -367,6 +367,7 @@ class Service:
                 urls=_urls_of(s),
                 on_attempt=self.metrics.webhook_attempt,
                 on_breaker=self.metrics.webhook_breaker,
+                on_running=self.metrics.webhook_dispatcher,
             )
         return Dispatcher(
             store.outbox,
