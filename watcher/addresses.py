@@ -10,7 +10,7 @@ import hashlib
 import re
 from typing import TYPE_CHECKING
 
-from eth_hash.auto import keccak
+from .keccak import keccak
 
 from .domain import UINT256_MAX
 

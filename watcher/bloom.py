@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from eth_hash.auto import keccak
+from .keccak import keccak
 
 __all__ = ["bloom_mask", "may_contain"]
 

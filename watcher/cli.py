@@ -11,12 +11,14 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import structlog
 
 from . import __version__, interpreter
-from .config import ConfigError, Settings, describe, load_settings, settings_from_dict
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 DEFAULT_CONFIG = "/etc/watcher/watcher.toml"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -142,6 +144,12 @@ def _config_path(given: str | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # pydantic looks for its plugins when it builds its first validator, by reading the
+    # metadata of every installed package (importlib.metadata: about 0.05 s before the API can
+    # answer). The watcher uses none. Set before the config module builds its models.
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    from .config import ConfigError, describe, load_settings
+
     try:
         if args.command == "check-config":
             from .tools import run_check_config
@@ -200,7 +208,11 @@ def _run_tool(args: argparse.Namespace) -> int:
 
 
 def _run(settings: Settings, **service_args: object) -> int:
+    from .clienttls import import_aiohttp
+    from .config import ConfigError
     from .logs import configure_logging
+
+    import_aiohttp()  # without reading the CA bundle yet: the service does once the API serves
     from .service import Service
 
     interpreter.tune()  # the switch interval and the collector (watcher/interpreter.py)
@@ -251,6 +263,7 @@ def _next_port(listen: str) -> str:
 
 
 def _run_sandbox(args: argparse.Namespace) -> int:
+    from .config import settings_from_dict
     from .sandbox import (
         SandboxChain,
         claim_database,

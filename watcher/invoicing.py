@@ -13,7 +13,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-from eth_hash.auto import keccak
+from .keccak import keccak
 
 from .addresses import AddressDeriver, native_payment_uri, router_payment_uri, token_payment_uri
 from .config import ChainSettings, Settings

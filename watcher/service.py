@@ -21,7 +21,7 @@ import structlog
 from aiohttp import web
 from eth_hash.auto import keccak
 
-from . import __version__
+from . import __version__, clienttls
 from .api import INVOICE_OPERATIONS, make_app
 from .apidocs import OPERATIONS as DOCS_OPERATIONS
 from .apidocs import add_docs_routes
@@ -330,6 +330,7 @@ class Service:
         self.rates = running_rate_book(s, transports, self.metrics, clock=self.clock)
         try:
             await self._serve_api(store, readers, transports)
+            await asyncio.to_thread(clienttls.build_contexts)  # before the first TLS connection
             await self._check_chains(readers)
             self._starting(f"the live prices' first round (at most {FIRST_ROUND_SECONDS:g} s)")
             await self.rates.first_round(FIRST_ROUND_SECONDS)  # prices before invoices, unless slow

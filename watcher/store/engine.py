@@ -72,7 +72,9 @@ class StoreDatabase(Database):
 
 
 def open_database(path: str | Path) -> StoreDatabase:
-    return StoreDatabase(connect(path))
+    # No sqlite-utils plugins: none may change the store's connections, and looking for them
+    # reads the metadata of every installed package (importlib.metadata) before the API serves.
+    return StoreDatabase(connect(path), execute_plugins=False)
 
 
 def in_keys(column: str) -> str:

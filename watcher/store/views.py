@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 import orjson
-from eth_hash.auto import keccak
+from ..keccak import keccak
 
 from ..domain import format_units, rfc3339
 from .engine import Row
