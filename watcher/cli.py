@@ -14,9 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-import structlog
-
 from . import __version__, interpreter
+from .logs import configure_logging  # first: it imports structlog without rich (see there)
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -225,7 +224,6 @@ def _run_tool(args: argparse.Namespace) -> int:
 def _run(settings: Settings, **service_args: object) -> int:
     from .clienttls import import_aiohttp
     from .config import ConfigError
-    from .logs import configure_logging
 
     import_aiohttp()  # without reading the CA bundle yet: the service does once the API serves
     from .service import Service
@@ -236,6 +234,8 @@ def _run(settings: Settings, **service_args: object) -> int:
     # log_format as set in the file, or None: JSON under systemd or into a pipe, console on a terminal.
     explicit = "log_format" in settings.model_fields_set
     configure_logging(settings.log_format if explicit else None, settings.log_level)
+    import structlog
+
     log = structlog.get_logger("watcher")
 
     async def go() -> None:

@@ -19,10 +19,21 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TextIO
 
-import structlog
-from structlog.typing import EventDict
+if "structlog" not in sys.modules and "rich" not in sys.modules:
+    # structlog imports rich when it is installed (only the tests' schemathesis brings it) for
+    # its rich tracebacks, which the watcher never shows: format_exc_info below turns every
+    # exception into text before a renderer sees it. That import is a tenth of a second before
+    # the API can answer, so rich stays hidden while structlog loads (watcher/cli.py imports
+    # this module first). Imported later by anyone else, rich loads as usual.
+    sys.modules["rich"] = None  # type: ignore[assignment]  # `import rich` raises ImportError
+    try:
+        import structlog
+    finally:
+        del sys.modules["rich"]
+import structlog  # noqa: E402
+from structlog.typing import EventDict  # noqa: E402
 
-from .redaction import redact_text, strip_credentials
+from .redaction import redact_text, strip_credentials  # noqa: E402
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 FORMATS = ("json", "console")
