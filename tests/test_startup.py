@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import subprocess
 import sys
@@ -37,6 +38,10 @@ LAZY = (
     "segno",
     "swagger_ui",  # /docs reads its files, never imports it
     "eth_tester",  # the sandbox
+    "eth_hash",  # keccak comes from safe-pysha3 (watcher/keccak.py)
+    "Crypto",  # eth-hash's keccak backend (pycryptodome), which loads cffi and parses C at import
+    "cffi",
+    "rich",  # structlog's rich tracebacks, which the watcher never shows (watcher/logs.py)
 )
 
 
@@ -78,6 +83,145 @@ print(json.dumps({{
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout)
     assert found == {"loaded": [], "models_built": False}
+
+
+# The daemon as `watcher run` starts it (watcher.cli.main), in a fresh interpreter: a thread
+# polls /healthz and, at the first answer, notes what the process has done so far; once the
+# service has built aiohttp's TLS contexts, it notes them too and stops the daemon.
+_FIRST_ANSWER_PROBE = """
+import gc, importlib.metadata, json, os, signal, sys, threading, time, urllib.request
+
+scans = []
+distributions = importlib.metadata.distributions
+def counted(**kwargs):
+    scans.append(1)
+    return distributions(**kwargs)
+importlib.metadata.distributions = counted
+gen2 = []
+gc.callbacks.append(lambda phase, info: phase == "start" and info["generation"] == 2 and gen2.append(1))
+config, port, out = sys.argv[1], sys.argv[2], sys.argv[3]
+facts = {}
+
+def probe():
+    try:
+        look()
+    except Exception as exc:
+        facts["error"] = repr(exc)
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+def look():
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
+            break
+        except OSError:
+            time.sleep(0.005)
+    facts["at_first_answer"] = {
+        "metadata_scans": len(scans),
+        "full_collections": len(gen2),
+        "loaded": sorted({m.split(".")[0] for m in sys.modules} & set(LAZY)),
+    }
+    from watcher import clienttls
+    deadline = time.monotonic() + 10
+    while not clienttls.built_late() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    import aiohttp.connector as connector
+    facts["tls"] = {
+        "built_late": clienttls.built_late(),
+        "verified_cas": connector._SSL_CONTEXT_VERIFIED.cert_store_stats()["x509_ca"],
+        "system_cas": __import__("ssl").create_default_context().cert_store_stats()["x509_ca"],
+    }
+
+threading.Thread(target=probe, daemon=True).start()
+from watcher import cli
+code = cli.main(["run", "--config", config])
+with open(out, "w") as f:
+    json.dump({"exit": code, **facts}, f)
+"""
+
+
+def test_the_daemon_serves_before_the_work_it_can_do_later(tmp_path):
+    """`watcher run`, up to its first answer: no scan of the installed packages' metadata
+    (pydantic's and sqlite-utils' plugins, eth-hash's version), no full pass of the collector
+    over what the imports made, none of LAZY (a config with checksummed addresses: keccak is
+    used). The TLS contexts of aiohttp's client are built after that, from the system's CAs."""
+    from anvil import free_port
+
+    port = free_port()
+    xpub = account_xpub_from_mnemonic(DEPOSIT_MNEMONIC)
+    config = tmp_path / "watcher.toml"
+    config.write_text(
+        f"""database = "{tmp_path / "watcher.db"}"
+log_format = "json"
+
+[http]
+listen = "127.0.0.1:{port}"
+api_key_env = "WATCHER_API_KEY"
+
+[[chains]]
+name = "c"
+chain_id = 1
+rpc_urls = ["http://127.0.0.1:1"]
+poll_interval_seconds = 1
+confirmations = 3
+deposit_xpub = "{xpub}"
+merchant_address = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+
+[[chains.assets]]
+symbol = "T"
+kind = "erc20"
+contract = "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359"
+decimals = 6
+usd_rate = "1"
+"""
+    )
+    out = tmp_path / "facts.json"
+    script = f"LAZY = {list(LAZY)!r}\n" + _FIRST_ANSWER_PROBE
+    env = {**os.environ, "WATCHER_API_KEY": "sk_" + "Zq8vT2mN4pXw7rLc9bHd3kFj6gSa1eYu"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(config), str(port), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    facts = json.loads(out.read_text())
+    assert facts["exit"] == 0, result.stderr[-3000:]
+    assert "error" not in facts
+    assert facts["at_first_answer"] == {"metadata_scans": 0, "full_collections": 0, "loaded": []}
+    tls = facts["tls"]
+    assert tls["built_late"] is True
+    assert tls["verified_cas"] == tls["system_cas"] > 0
+
+
+def test_aiohttp_imported_for_the_daemon_trusts_no_certificate_until_its_contexts_are_built():
+    """Until build_contexts, aiohttp's verifying context still verifies (a connection made too
+    early fails its handshake; it never goes out unverified); then both are aiohttp's own."""
+    script = """
+import json, ssl, sys
+from watcher import clienttls
+clienttls.import_aiohttp()
+import aiohttp.connector as c
+def describe():
+    v, u = c._SSL_CONTEXT_VERIFIED, c._SSL_CONTEXT_UNVERIFIED
+    return [v.verify_mode == ssl.CERT_REQUIRED, v.check_hostname, v.cert_store_stats()["x509_ca"],
+            u.verify_mode == ssl.CERT_NONE, u.check_hostname]
+before = describe()
+clienttls.build_contexts()
+system = ssl.create_default_context().cert_store_stats()["x509_ca"]
+print(json.dumps({"before": before, "after": describe(), "system": system}))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert found["before"] == [True, True, 0, True, False]
+    assert found["after"] == [True, True, found["system"], True, False]
+    assert found["system"] > 0
 
 
 def _base58check(payload: bytes) -> str:

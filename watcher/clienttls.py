@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 _deferred = False
+_built_late = False  # build_contexts built them (the daemon's import deferred them)
 
 
 # What aiohttp/connector.py runs at import (3.10 to 3.14 at least): the contexts are deferred
@@ -70,7 +71,7 @@ def _builds_contexts_at_import() -> bool:
 
 def build_contexts() -> None:
     """Build the contexts `import_aiohttp` left empty (blocking: reads the CA bundle). Once."""
-    global _deferred
+    global _deferred, _built_late
     if not _deferred:
         return
     import aiohttp.connector as connector
@@ -78,8 +79,14 @@ def build_contexts() -> None:
     connector._SSL_CONTEXT_VERIFIED = connector._make_ssl_context(True)
     connector._SSL_CONTEXT_UNVERIFIED = connector._make_ssl_context(False)
     _deferred = False
+    _built_late = True
 
 
 def deferred() -> bool:
     """Are the contexts still empty?"""
     return _deferred
+
+
+def built_late() -> bool:
+    """Were they built by `build_contexts`, after an import that deferred them?"""
+    return _built_late
