@@ -194,8 +194,19 @@ class Daemon:
         self.log.close()
 
 
+def compile_watcher() -> None:
+    """Write watcher/'s bytecode, as `pip install` does: the daemon an operator runs imports
+    .pyc files. Without them (PYTHONDONTWRITEBYTECODE set, as on the engineers' machine) every
+    spawn compiled watcher/'s modules again: a quarter of its CPU up to the first answer, which
+    no installed daemon spends. Unchanged modules are not compiled again."""
+    import compileall
+
+    compileall.compile_dir(ROOT / "watcher", quiet=1)
+
+
 def spawn_daemon(tmp: Path, config: str, env: dict[str, str], port: int) -> Daemon:
     """Start `watcher run --config` as systemd would (Type=notify, a watchdog), logging to tmp/daemon.log."""
+    compile_watcher()
     cfg = tmp / "watcher.toml"
     cfg.write_text(config)
     notify = NotifyListener(tmp / "notify.sock")

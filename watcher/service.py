@@ -330,6 +330,7 @@ class Service:
         self.rates = running_rate_book(s, transports, self.metrics, clock=self.clock)
         try:
             await self._serve_api(store, readers, transports)
+            self._starting("reading the system's CA certificates (TLS to the nodes and endpoints)")
             await asyncio.to_thread(clienttls.build_contexts)  # before the first TLS connection
             await self._check_chains(readers)
             self._starting(f"the live prices' first round (at most {FIRST_ROUND_SECONDS:g} s)")
