@@ -10,9 +10,8 @@ import hashlib
 import re
 from typing import TYPE_CHECKING
 
-from .keccak import keccak
-
 from .domain import UINT256_MAX
+from .keccak import keccak
 
 if TYPE_CHECKING:
     from bip_utils.bip.bip32.base import Bip32Base

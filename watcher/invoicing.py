@@ -13,11 +13,10 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-from .keccak import keccak
-
 from .addresses import AddressDeriver, native_payment_uri, router_payment_uri, token_payment_uri
 from .config import ChainSettings, Settings
 from .domain import UINT256_MAX, format_units, rfc3339
+from .keccak import keccak
 from .rates.aggregate import PairValue
 from .rates.book import RateBook
 from .rates.quoting import USD, NoQuote, Quote, format_rate, price, quote_atomic, rate_graph

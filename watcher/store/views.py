@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 import orjson
-from ..keccak import keccak
 
 from ..domain import format_units, rfc3339
+from ..keccak import keccak
 from .engine import Row
 
 
