@@ -30,8 +30,9 @@ from pathlib import Path
 
 from bench.api_load import cpu_seconds, free_port
 from bench.daemon import ROOT
+from bench.watchset import MNEMONIC
+from watcher.addresses import account_xpub_from_mnemonic
 
-XPUB = "xpub6DCoCpSuQZB2jawqnGMEPS63ePKWkwWPH4TU45Q7LPXWuNd8TMtVxRrgjtEshuqpK3mdhaWHPFsBngh5GFZaM6si3yZdUsT8ddYM3PwnATt"
 ENV = {
     "WATCHER_API_KEY": "sk_bench_q8Zr3LkP0vXw2Yt9Jm4Nc7Hb5Gf1Ds6Ae",
     "WATCHER_WEBHOOK_SECRET": "whsec_VFrapvGVj7xgQZ+oZ2tK6BzDVOOGO2zncVwrG8BjoTw=",
@@ -39,7 +40,7 @@ ENV = {
 REQUEST = b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
 
 
-def config(db: Path, port: int) -> str:
+def config(db: Path, port: int, xpub: str) -> str:
     return f'''database = "{db}"
 log_format = "json"
 log_level = "info"
@@ -59,7 +60,7 @@ rpc_urls = ["http://127.0.0.1:9"]
 poll_interval_seconds = 1.0
 confirmations = 3
 start_block = "latest"
-deposit_xpub = "{XPUB}"
+deposit_xpub = "{xpub}"
 
 [[chains.assets]]
 symbol = "TUSD"
@@ -70,11 +71,11 @@ usd_rate = "1"
 '''
 
 
-def first_answer(tree: Path, db: Path, callgrind: bool) -> dict[str, float]:
+def first_answer(tree: Path, db: Path, xpub: str, callgrind: bool) -> dict[str, float]:
     """One spawn: seconds and CPU seconds (or instructions) up to the first /healthz answer."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-startup-"))
     port = free_port()
-    (tmp / "watcher.toml").write_text(config(db, port))
+    (tmp / "watcher.toml").write_text(config(db, port, xpub))
     prefix = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.%p"] if callgrind else []
     spawned = time.monotonic()
     with open(tmp / "daemon.log", "w") as log:
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--callgrind", action="store_true", help="count instructions (valgrind)")
     args = parser.parse_args(argv)
     trees = args.tree or [ROOT]
+    xpub = account_xpub_from_mnemonic(MNEMONIC)
     for tree in trees:
         compileall.compile_dir(tree / "watcher", quiet=1)
     db = args.store or Path(tempfile.mkdtemp(prefix="bench-startup-db-")) / "watcher.db"
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[Path, list[dict[str, float]]] = {tree: [] for tree in trees}
     for _ in range(runs):  # the trees alternate, run by run
         for tree in trees:
-            results[tree].append(first_answer(tree, db, args.callgrind))
+            results[tree].append(first_answer(tree, db, xpub, args.callgrind))
     for tree, rs in results.items():
         cpu = sorted(r["cpu_s"] * 1000 for r in rs)
         wall = sorted(r["wall_s"] * 1000 for r in rs)
