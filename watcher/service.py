@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
-from eth_hash.auto import keccak
 
 from . import __version__, clienttls
 from .api import INVOICE_OPERATIONS, make_app
@@ -342,7 +341,6 @@ class Service:
             await self._close_listeners()
             await self._close_resources()
             raise
-        keccak(b"")  # its backend loads at the first hash (0.1-0.2 s): now, not in a step or a request
         self._start_loops(store)
         self.starting.finish()
         self.notifier.ready(self.status_line())
