@@ -809,3 +809,73 @@ async def test_a_paused_lane_holds_its_claimed_deliveries_and_probes_when_the_pa
         await runner
         await dispatcher.close()
         store.close()
+
+
+# --------------------------------------------------------------------------- bounded memory (issue 13)
+
+
+async def test_a_lane_stops_starting_attempts_while_too_many_wait_for_their_record(tmp_path, endpoints):
+    """The store's writer thread is busy (a long catch-up step): the group commits wait. A
+    lane starts no attempt past `max_unrecorded` in flight or waiting for their record, and
+    resumes as they commit; each delivery is still sent once. (Before, it went on sending
+    everything due, each attempt held in memory and excluded by every later claim.)"""
+    store, url, got = await _deliveries_due(tmp_path, endpoints, ("*",), invoices=100)  # 200 deliveries
+    writer_free = asyncio.Event()
+
+    async def write(change, *args):
+        await writer_free.wait()  # the writer thread is busy with a follower step
+        return await store.write(change, *args)
+
+    outcomes: list[str] = []
+    dispatcher = Dispatcher(
+        store.outbox,
+        {url: VECTOR_SECRET},
+        concurrency=4,
+        max_unrecorded=20,
+        write=write,
+        record_delay=0,
+        on_attempt=lambda o, s: outcomes.append(o),
+    )
+    async with _running(dispatcher, store):
+        try:
+            started = time.monotonic()
+            while len(got) < 20:
+                assert time.monotonic() - started < 10, f"{len(got)} sent"
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.5)  # many lane passes while the records wait
+            assert len(got) == 20, len(got)
+            [lane] = dispatcher._lanes.values()
+            assert len(lane.in_flight) + len(lane.recording) <= 20
+        finally:
+            writer_free.set()  # the dispatcher stops with its attempts recorded, whatever happened
+        await _until_recorded(outcomes, 200, within=20)
+        assert len(got) == 200 and len(set(got)) == 200
+        assert outcomes == ["delivered"] * 200
+
+
+def test_claims_leaving_out_lists_of_any_length_compile_one_statement(tmp_path):
+    """The dispatcher claims due deliveries leaving out those it holds, a list whose length
+    changes at every claim. SQLite's own memory (its compiled statements: the connection
+    caches 128) stays flat over 128 claims of 128 lengths; with a placeholder per id each
+    length was a statement of its own, as large as its list (240 MB on the event loop's
+    connection in a 100% catch-up). Each claim still leaves the listed deliveries out."""
+    import _sqlite3
+    import ctypes
+
+    sqlite = ctypes.CDLL(_sqlite3.__file__)
+    sqlite.sqlite3_memory_used.restype = ctypes.c_int64
+    clock = Clock()
+    store = Store(tmp_path / "w.db", clock=clock)
+    store.outbox.set_endpoints([Endpoint("http://127.0.0.1:9/hook", ("invoice.created",))])
+    for _ in range(3):
+        _invoice(store)
+    ids = [r["id"] for r in store.db.execute("SELECT id FROM deliveries")]
+    others = [f"dlv_{i:026d}" for i in range(3_000)]
+    store.outbox.due_deliveries(clock.now, exclude=others[:10])  # the one statement, compiled
+    before = sqlite.sqlite3_memory_used()
+    for length in range(2_000, 2_128):
+        due = store.outbox.due_deliveries(clock.now, exclude=[ids[0], *others[:length]])
+        assert sorted(d["id"] for d in due) == sorted(ids[1:])
+    grown = (sqlite.sqlite3_memory_used() - before) / 2**20
+    assert grown < 2, f"SQLite's memory grew {grown:.1f} MB"
+    store.close()

@@ -7,7 +7,10 @@ reschedule on the one retry schedule below or give up and mark it failed.
 Each endpoint is a lane of its own (contract §5): its own queue (its due deliveries, read by
 URL), its own concurrency limit and its own circuit breaker, so an endpoint that hangs or
 fails delays only its own deliveries. A lane claims its due deliveries a batch at a time (one
-query) and holds them, like those in flight, until it has room to start them. An attempt never
+query) and holds them, like those in flight, until it has room to start them. A lane starts
+nothing while MAX_UNRECORDED of its attempts are in flight or wait for their record (the
+store's writer busy with a long follower step): what it holds stays bounded, and so does what
+a crash would send again. An attempt never
 follows a redirect (a 3xx is a failed attempt, its Location in `last_error`) and reads at most
 64 KiB of the answer.
 
@@ -60,6 +63,12 @@ RECORD_BATCH = 64
 RECORD_DELAY = 0.02
 # A lane claims its due deliveries this many at a time (one query), and starts them as it has room.
 CLAIM_BATCH = 64
+# A lane starts no attempt while this many of its attempts are in flight or wait for their record.
+# Recorded in a few milliseconds they never reach it. While the database's write lock is held by
+# a long catch-up step (20-36 s for 25,000 payments) they would pile up for the whole step, each
+# held (about 0.5 KB), each excluded by every claim, and all sent again after a crash; this many
+# lets a lane go on delivering for a few seconds of such a step (at about 1,000 a second).
+MAX_UNRECORDED = 64 * RECORD_BATCH
 
 
 def secret_keys(secrets: str) -> list[bytes]:
@@ -222,6 +231,7 @@ class Dispatcher:
         record_batch: int = RECORD_BATCH,
         record_delay: float = RECORD_DELAY,
         claim_batch: int = CLAIM_BATCH,
+        max_unrecorded: int = MAX_UNRECORDED,
     ) -> None:
         """``concurrency``: attempts in flight per endpoint. ``breaker_threshold`` None: no breaker.
         ``on_attempt(outcome, seconds)`` hears of each attempt once it is recorded (the
@@ -229,7 +239,8 @@ class Dispatcher:
         sent. ``on_breaker(shown_url, open)`` hears of each breaker that opens or closes.
         ``write(fn, *args)`` runs a store change (default: the outbox's, the store's writer
         thread). ``record_batch``, ``record_delay``: the group commit's. ``claim_batch``: due
-        deliveries a lane reads at a time."""
+        deliveries a lane reads at a time. ``max_unrecorded``: attempts a lane may have in flight
+        or waiting for their record before it starts another."""
         self.outbox = outbox
         self.on_attempt = on_attempt
         self.on_breaker = on_breaker
@@ -246,6 +257,7 @@ class Dispatcher:
         self.record_batch = max(1, record_batch)
         self.record_delay = record_delay
         self.claim_batch = max(1, claim_batch)
+        self.max_unrecorded = max(1, max_unrecorded)
         self._ended: list[_Ended] = []  # attempts over, not yet in a group being written
         self._flush_timer: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task] = set()
@@ -392,6 +404,8 @@ class Dispatcher:
         """Start what the lane has room for; returns how long to wait before looking again."""
         now = self.clock()
         room = lane.breaker.room(now, len(lane.in_flight), self.concurrency)
+        # Back-pressure from the store: its records wake the lane (_recorded) when they commit.
+        room = min(room, max(self.max_unrecorded - len(lane.in_flight) - len(lane.recording), 0))
         if room > len(lane.claimed):  # one query claims a batch, not one per attempt ended
             lane.claimed += self.outbox.due_deliveries(
                 now, limit=max(room, self.claim_batch), url=lane.url, exclude=lane.busy()

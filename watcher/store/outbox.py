@@ -16,6 +16,7 @@ from sqlite_utils import Database
 
 from ..domain import new_ids, rfc3339
 from ..redaction import Redactor, redact_text, strip_credentials
+from . import engine
 from .records import StateConflict
 from .views import status_view
 
@@ -250,15 +251,20 @@ class Outbox:
         self, now: float, limit: int = 100, *, url: str | None = None, exclude: Collection[str] = ()
     ) -> list[dict]:
         """Pending deliveries due by `now`, oldest first: to one endpoint when `url` is given,
-        leaving out `exclude` (the ids already in flight)."""
+        leaving out `exclude` (the ids the dispatcher holds).
+
+        `exclude` is one parameter (a JSON list), not a placeholder per id: the statement's text
+        is the same whatever its length, so the connection's statement cache holds one
+        compiled statement, not one per length (each as large as its list: 240 MB of them once
+        on the event loop's connection), and no count of ids meets SQLite's cap on variables."""
         where = ["d.status = 'pending'", "d.next_attempt_at <= ?"]
         params: list[Any] = [now]
         if url is not None:
             where.append("d.url = ?")
             params.append(url)
         if exclude:
-            where.append(f"d.id NOT IN ({','.join('?' * len(exclude))})")
-            params += list(exclude)
+            where.append(f"NOT {engine.in_keys('d.id')}")
+            params.append(engine.keys_param(exclude))
         rows = self._q(
             f"SELECT d.id AS delivery_id, d.event_id, d.url, d.attempts, d.requeues, {BODY_COLUMNS} "
             f"FROM deliveries d JOIN events e ON e.id = d.event_id {BODY_JOIN} "
