@@ -10,9 +10,11 @@ import os
 import secrets
 import signal
 import sqlite3
+import sys
 import time
 from pathlib import Path
 
+import orjson
 from aiohttp import web
 from daemon import SandboxDaemon
 from harness import Harness, Receiver
@@ -122,8 +124,10 @@ class SlowReceiver(Receiver):
     """Answers each attempt a second late: the attempt is in flight when the stop begins."""
 
     answered = 0
+    holding = 0
 
     async def _handle(self, request: web.Request) -> web.Response:
+        self.holding += 1
         await asyncio.sleep(1.0)
         self.answered += 1
         return await super()._handle(request)
@@ -138,12 +142,16 @@ async def test_the_child_records_its_attempt_in_flight_and_exits_when_the_daemon
     process = (await _child(h)).process
     assert process is not None
     invoice = await h.create()
-    await asyncio.sleep(0.3)
+    assert isinstance(h.receiver, SlowReceiver)
+    deadline = time.monotonic() + 15
+    while not h.receiver.holding:  # the attempt is in flight now
+        assert time.monotonic() < deadline, "no attempt came"
+        await asyncio.sleep(0.01)
     assert h.service is not None and h.service.store is not None
     database = h.service.store.path
     await h.stop_service()
 
-    assert isinstance(h.receiver, SlowReceiver) and h.receiver.answered == 1
+    assert h.receiver.answered == 1
     assert process.returncode == 0
     with sqlite3.connect(database) as conn:
         status = conn.execute(
@@ -171,3 +179,89 @@ async def test_the_child_exits_when_the_daemon_is_killed(tmp_path):
         if daemon.proc.returncode is None:
             daemon.proc.kill()
         await daemon.proc.wait()
+
+
+async def test_the_child_holds_no_secret_in_its_environment(harnesses):
+    h = await harnesses(ProcessHarness)
+    process = (await _child(h)).process
+    assert process is not None
+    environ = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
+    names = {entry.split(b"=", 1)[0].decode() for entry in environ if entry}
+    assert "PATH" in names  # the rest of the environment is there
+    assert not names & {"API_KEY", "HOOK_SECRET", "NOTIFY_SOCKET"}, names
+    assert not any(h.receiver.secret.encode() in entry or h.api_key.encode() in entry for entry in environ)
+
+
+async def test_a_redelivery_asked_over_the_api_wakes_the_child_every_time(harnesses):
+    h = await harnesses(ProcessHarness)
+    invoice = await h.create()
+    await _received(h, 1)
+    await _recorded(h, 1)
+    status, page, _ = await h.request("GET", f"/v1/webhook-deliveries?invoice_id={invoice['id']}")
+    assert status == 200 and len(page["data"]) == 1, page
+    delivery = page["data"][0]["id"]
+    for n in (2, 3):  # twice: a wake-up that went wrong once would leave later ones undone
+        status, body, _ = await h.request("POST", f"/v1/webhook-deliveries/{delivery}/redeliver")
+        assert status == 200, body
+        await _received(h, n, timeout=5)
+        await _recorded(h, 1)
+    assert {e.event_id for e in h.receiver.events} == {h.receiver.events[0].event_id}
+
+
+async def test_attempts_wait_for_a_write_lock_held_past_the_busy_timeout_and_are_sent_once(harnesses):
+    """The daemon's catch-up step may hold the write lock for many seconds: the child's record of
+    a delivered attempt waits for it (and retries), it is never sent again for it."""
+    h = await harnesses(ProcessHarness)
+    await _child(h)
+    assert h.service is not None and h.service.store is not None
+    blocker = sqlite3.connect(h.service.store.path, isolation_level=None, timeout=30)
+    invoice = await h.create()
+    blocker.execute("BEGIN IMMEDIATE")  # before the attempt ends: its record must wait
+    try:
+        await _received(h, 1)
+        await asyncio.sleep(6.0)  # past the daemon's 5 s busy timeout
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+    await _recorded(h, 1, timeout=15)
+    await asyncio.sleep(1.0)  # time enough for a second attempt, had it been sent again
+    assert [e.invoice_id for e in h.receiver.events] == [invoice["id"]]
+
+
+async def test_the_child_stops_when_its_input_ends_even_on_a_line_cut_short(tmp_path):
+    """The daemon died while writing: a partial line, then end of input. The child must stop, not
+    linger beside the next daemon's."""
+    from watcher.store import Store
+
+    Store(tmp_path / "w.db", clock=time.time).close()
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "watcher.dispatchproc",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert child.stdin is not None
+    start = {
+        "database": str(tmp_path / "w.db"),
+        "secrets": {},
+        "log_format": "json",
+        "log_level": "info",
+        "hidden": [],
+        "urls": [],
+    }
+    child.stdin.write(orjson.dumps({"start": start}) + b"\n" + b'{"secrets": {"http://x/": "whsec_')
+    await child.stdin.drain()
+    await asyncio.sleep(1.0)
+    child.stdin.close()
+    try:
+        code = await asyncio.wait_for(child.wait(), timeout=20)
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    assert child.stderr is not None
+    log = (await child.stderr.read()).decode()
+    assert code == 0, log
+    assert "webhook_dispatcher_message_unread" in log

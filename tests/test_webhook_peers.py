@@ -103,8 +103,17 @@ async def test_misbehaving_endpoints_hurt_only_themselves(tmp_path, peers):
     args = [arg for url in urls for arg in ("--webhook-url", url)]
     async with SandboxDaemon(tmp_path, *args) as daemon:
         peers.secret = daemon.webhook_secret
-        ids = []
-        for n in range(INVOICES):
+        # The memory baseline once the dispatcher's process is up: its own start-up is not what
+        # this checks (the first invoice's delivery to the healthy endpoint shows it is).
+        status, first = await daemon.request("POST", "/v1/invoices", json={"amount": "0.50"})
+        assert status == 201, first
+        deadline = time.monotonic() + 15
+        while not peers.ok_ids:
+            assert time.monotonic() < deadline, "the healthy endpoint got nothing"
+            await asyncio.sleep(0.02)
+        rss_before = daemon.rss_kib()
+        ids = [first["id"]]
+        for n in range(1, INVOICES):
             status, invoice = await daemon.request("POST", "/v1/invoices", json={"amount": f"{n + 1}.50"})
             assert status == 201, invoice
             ids.append(invoice["id"])
@@ -117,9 +126,6 @@ async def test_misbehaving_endpoints_hurt_only_themselves(tmp_path, peers):
             )
             await asyncio.sleep(0.05)
         assert len(set(peers.ok_ids)) == INVOICES and peers.bad_signatures == 0
-        # Measured from here: the dispatcher's process has started and delivered by now (its own
-        # start-up is not what this checks).
-        rss_before = daemon.rss_kib()
 
         async def deliveries(url_part: str) -> list[dict]:
             status, page = await daemon.request("GET", "/v1/webhook-deliveries?limit=200")

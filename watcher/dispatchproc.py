@@ -8,21 +8,25 @@ own the dispatcher runs on another core, and the API and the follower no longer 
 (BENCHMARKS.md, issue 13). It needs nothing of the daemon's but the database, which SQLite
 shares between processes (WAL, a busy timeout, `BEGIN IMMEDIATE`), and its endpoints' secrets.
 
-The daemon (`DispatcherProcess`, on its loop) starts `python -m watcher.dispatchproc` and talks
-to it in JSON lines:
+The daemon (`DispatcherProcess`, on its loop) starts `python -m watcher.dispatchproc` in a
+session of its own (a Ctrl-C on the terminal reaches the daemon, which stops it) and talks to it
+in JSON lines:
 
 - to the child, on its stdin: first `{"start": {...}}` (the database, the endpoints' secrets,
   the log settings, what logs must hide), then `{"wake": 1}` when deliveries are queued, and
-  `{"secrets": {...}}` and `{"log": [format, level]}` on a reload. Secrets never go on its
-  command line or in its environment.
-  End of input, SIGTERM or SIGINT stop it: it starts nothing new, lets its attempts in flight end
-  and records them, then exits 0.
+  `{"secrets": {...}, "hidden": [...], "urls": [...]}` and `{"log": [format, level]}` on a
+  reload. Secrets never go on its command line, and the variables that hold them are not in its
+  environment. End of input stops it (the daemon stopping, or dead): it starts nothing new, lets
+  its attempts in flight end (at most the HTTP timeout) and records them, then exits 0. SIGTERM
+  (systemd signals the whole control group) does the same and exits `EXIT_SIGNALLED`.
 - from the child, on its stdout: `{"attempts": [[outcome, seconds], ...]}` (grouped, every
   `REPORT_EVERY` s at most) and `{"breaker": [endpoint, open]}`, which the daemon's metrics count.
 
 Its log lines go to the daemon's stderr (the journal), in the daemon's format. A child that
 exits on its own is started again after a pause (`RESTART_DELAYS`); what it had in flight and
 not recorded is sent again then (at least once, as ever: receivers deduplicate by webhook-id).
+It records its attempts with a long busy timeout: a long catch-up step of the daemon holds the
+database's write lock, and an outcome already known must wait for it, not be sent again.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
 import structlog
+
+from .webhooks import TIMEOUT_SECONDS
 
 log = structlog.get_logger("watcher.dispatchproc")
 
@@ -45,14 +51,22 @@ log = structlog.get_logger("watcher.dispatchproc")
 RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
 # A child that ran this long before it exited starts again after the first pause.
 HEALTHY_RUN_SECONDS = 60.0
-# How long the child gets to end its attempts in flight when the daemon stops.
-STOP_TIMEOUT = 8.0
+# How long the child gets to end its attempts in flight when the daemon stops: an attempt may
+# take the whole HTTP timeout, then its record.
+STOP_TIMEOUT = TIMEOUT_SECONDS + 2.0
 # The child reports its attempts to the daemon's metrics at most this often.
 REPORT_EVERY = 0.05
 # Environment variables the child must not see: the daemon alone speaks to systemd.
 PARENT_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-# A line from the child longer than this is not one of ours (it is dropped, not parsed).
+# A line longer than this is not one of ours (it is dropped, not parsed).
 MAX_LINE = 1 << 20
+# How long the child's writes wait for the database's write lock (a catch-up step may hold it
+# for tens of seconds); past it, the group is written again later (webhooks.Dispatcher._record).
+RECORD_BUSY_TIMEOUT_MS = 120_000
+# The child's exit codes: stopped by a signal (systemd's SIGTERM to the whole service, which the
+# daemon gets too), or a database whose schema is not this code's (another version migrated it).
+EXIT_SIGNALLED = 3
+EXIT_SCHEMA = 4
 
 
 class DispatcherProcess:
@@ -67,6 +81,7 @@ class DispatcherProcess:
         log_choice: tuple[str | None, str],
         hidden: Sequence[str] = (),
         urls: Sequence[str] = (),
+        secret_env: Iterable[str] = (),
         on_attempt: Callable[[str, float | None], None] | None = None,
         on_breaker: Callable[[str, bool], None] | None = None,
         on_running: Callable[[bool], None] | None = None,
@@ -74,7 +89,8 @@ class DispatcherProcess:
         stop_timeout: float = STOP_TIMEOUT,
     ) -> None:
         """``log_choice``: (log_format or None for automatic, log_level). ``hidden``: values no
-        log line may show; ``urls``: those whose credentials are stripped wherever they appear.
+        log line may show; ``urls``: those whose credentials are stripped wherever they appear;
+        ``secret_env``: the environment variables that hold secrets (left out of the child's).
         ``on_running(True)`` hears of each child started, ``on_running(False)`` of each that
         exited on its own (not of the stop)."""
         self.database = database
@@ -82,6 +98,7 @@ class DispatcherProcess:
         self.log_choice = log_choice
         self.hidden = list(hidden)
         self.urls = list(urls)
+        self.secret_env = set(secret_env)
         self.on_attempt = on_attempt
         self.on_breaker = on_breaker
         self.on_running = on_running
@@ -89,25 +106,37 @@ class DispatcherProcess:
         self.stop_timeout = stop_timeout
         self.process: asyncio.subprocess.Process | None = None
         self.starts = 0  # children started so far
-        self._wake_sent = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake_due = False
+        self._paused: set[str] = set()  # endpoints the child reported paused
 
     # ------------------------------------------------------------------ what the service calls
 
     def wake(self) -> None:
-        """Deliveries were queued: tell the child at once (once per pass of the loop)."""
-        if self._wake_sent or self.process is None:
+        """Deliveries were queued: tell the child soon (once per pass of the loop). Safe from
+        any thread."""
+        loop = self._loop
+        if loop is None or self._wake_due:
             return
-        self._wake_sent = True
-        asyncio.get_running_loop().call_soon(self._send_wake)
+        self._wake_due = True
+        loop.call_soon_threadsafe(self._send_wake)
 
     def _send_wake(self) -> None:
-        self._wake_sent = False
+        self._wake_due = False
+        stdin = None if self.process is None else self.process.stdin
+        if stdin is not None and stdin.transport.get_write_buffer_size() > 0:
+            return  # it has not read the last one yet: one unread wake-up is enough
         self._send({"wake": 1})
 
-    def set_secrets(self, secrets: Mapping[str, str]) -> None:
-        """The configured endpoints and their secrets (on reload): the child uses them from now on."""
+    def set_secrets(
+        self, secrets: Mapping[str, str], *, hidden: Sequence[str] = (), urls: Sequence[str] = ()
+    ) -> None:
+        """The configured endpoints and their secrets (on reload), and what logs must hide now:
+        the child uses them from now on, and a child started later gets them too."""
         self.secrets = dict(secrets)
-        self._send({"secrets": self.secrets})
+        self.hidden = sorted({*self.hidden, *hidden})
+        self.urls = sorted({*self.urls, *urls})
+        self._send({"secrets": self.secrets, "hidden": self.hidden, "urls": self.urls})
 
     def set_logging(self, log_choice: tuple[str | None, str]) -> None:
         """The log format and level (on reload)."""
@@ -115,7 +144,7 @@ class DispatcherProcess:
         self._send({"log": list(log_choice)})
 
     def open_breakers(self) -> list[str]:
-        return []  # the child logs and reports each change; the metrics hold them
+        return sorted(self._paused)
 
     async def close(self) -> None:
         """Kill the child if it is still there (`run` normally ends it gracefully first)."""
@@ -130,6 +159,7 @@ class DispatcherProcess:
     async def run(self, stopping: asyncio.Event) -> None:
         """Keep a child running until `stopping`; then stop it and wait for it (killed after
         `stop_timeout`)."""
+        self._loop = asyncio.get_running_loop()
         failures = 0
         while not stopping.is_set():
             started = time.monotonic()
@@ -138,26 +168,34 @@ class DispatcherProcess:
             except OSError as exc:  # the interpreter cannot be started (the machine is out of something)
                 log.error("webhook_dispatcher_unstartable", error=str(exc))
                 code = None
+            self._forget_breakers()
             if stopping.is_set():
                 return
-            if self.on_running is not None:
-                self.on_running(False)
             failures = 0 if time.monotonic() - started >= HEALTHY_RUN_SECONDS else failures + 1
             delay = self.restart_delays[min(max(failures - 1, 0), len(self.restart_delays) - 1)]
-            log.error("webhook_dispatcher_exited", code=code, restart_in_seconds=delay)
+            if code == EXIT_SIGNALLED:  # systemd's SIGTERM to the service: the daemon's comes too
+                log.info("webhook_dispatcher_signalled", restart_in_seconds=delay)
+            else:
+                if self.on_running is not None:
+                    self.on_running(False)
+                log.error("webhook_dispatcher_exited", code=code, restart_in_seconds=delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), timeout=delay)
 
+    def _environment(self) -> dict[str, str]:
+        hidden = {*PARENT_ONLY_ENV, *self.secret_env}
+        return {k: v for k, v in os.environ.items() if k not in hidden}
+
     async def _run_child(self, stopping: asyncio.Event) -> int | None:
-        env = {k: v for k, v in os.environ.items() if k not in PARENT_ONLY_ENV}
         self.process = process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "watcher.dispatchproc",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            env=env,
+            env=self._environment(),
             limit=MAX_LINE,
+            start_new_session=True,  # a terminal's Ctrl-C reaches the daemon, which stops it
         )
         self.starts += 1
         if self.on_running is not None:
@@ -220,9 +258,18 @@ class DispatcherProcess:
         if "attempts" in report and self.on_attempt is not None:
             for outcome, seconds in report["attempts"]:
                 self.on_attempt(str(outcome), None if seconds is None else float(seconds))
-        if "breaker" in report and self.on_breaker is not None:
-            endpoint, is_open = report["breaker"]
-            self.on_breaker(str(endpoint), bool(is_open))
+        if "breaker" in report:
+            endpoint, is_open = str(report["breaker"][0]), bool(report["breaker"][1])
+            (self._paused.add if is_open else self._paused.discard)(endpoint)
+            if self.on_breaker is not None:
+                self.on_breaker(endpoint, is_open)
+
+    def _forget_breakers(self) -> None:
+        """A child gone takes its breakers with it: the next starts with every endpoint closed."""
+        paused, self._paused = self._paused, set()
+        for endpoint in paused:
+            if self.on_breaker is not None:
+                self.on_breaker(endpoint, False)
 
     def _send(self, message: dict[str, Any]) -> None:
         process = self.process
@@ -266,14 +313,21 @@ def _write(message: dict[str, Any]) -> None:
         sys.stdout.buffer.flush()
 
 
-async def _child(start: dict[str, Any], lines: asyncio.StreamReader) -> None:
-    from .logs import configure_logging, register_secrets
+def _hide(secrets: Mapping[str, str], hidden: Iterable[str], urls: Iterable[str]) -> None:
+    """What the child's log lines must never show: the secrets, and the credentials in URLs."""
+    from .logs import register_secrets
     from .redaction import register_urls
+
+    register_secrets([*hidden, *(part for value in secrets.values() for part in value.split())])
+    register_urls([*urls, *secrets])
+
+
+async def _child(start: dict[str, Any], lines: asyncio.StreamReader, stopping: asyncio.Event) -> None:
+    from .logs import configure_logging
     from .store import Store
     from .webhooks import Dispatcher
 
-    stopping = asyncio.Event()
-    store = Store(start["database"], clock=time.time)
+    store = Store(start["database"], clock=time.time, migrate=False, busy_timeout_ms=RECORD_BUSY_TIMEOUT_MS)
     reporter = _Reporter()
     dispatcher = Dispatcher(
         store.outbox,
@@ -281,64 +335,79 @@ async def _child(start: dict[str, Any], lines: asyncio.StreamReader) -> None:
         on_attempt=reporter.attempt,
         on_breaker=reporter.breaker,
     )
+    stopping_watch = asyncio.create_task(stopping.wait())
+    stopping_watch.add_done_callback(lambda _: dispatcher.wake())  # out of its idle wait at once
 
-    def stop() -> None:
-        stopping.set()
-        dispatcher.wake()  # out of its idle wait now
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # systemd and a terminal signal the whole group
-        loop.add_signal_handler(sig, stop)
-    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the daemon reloads and sends the secrets
+    def apply(message: dict[str, Any]) -> None:
+        if "secrets" in message:
+            _hide(message["secrets"], message.get("hidden", ()), message.get("urls", ()))
+            dispatcher.set_secrets(message["secrets"])
+        if "log" in message:
+            configure_logging(*message["log"])
+        dispatcher.wake()
 
     async def listen() -> None:
-        while not stopping.is_set():
-            line = await lines.readline()
-            if not line:
-                break  # the daemon closed our input, or died
-            message = orjson.loads(line)
-            if "secrets" in message:
-                secrets: dict[str, str] = message["secrets"]
-                register_secrets(part for value in secrets.values() for part in value.split())
-                register_urls(secrets)
-                dispatcher.set_secrets(secrets)
-            if "log" in message:
-                configure_logging(*message["log"])
-            dispatcher.wake()
-        stop()
+        try:
+            while not stopping.is_set():
+                line = await lines.readline()
+                if not line:
+                    return  # the daemon closed our input, or died
+                try:
+                    apply(orjson.loads(line))
+                except Exception as exc:  # a line cut short or not ours: the next may be fine
+                    log.warning("webhook_dispatcher_message_unread", error=str(exc))
+        except Exception:
+            log.exception("webhook_dispatcher_input_failed")
+        finally:
+            stopping.set()  # whatever ended the input, the child stops (never outlives the daemon)
 
     listener = asyncio.create_task(listen())
     try:
         await dispatcher.run(stopping)
     finally:
         listener.cancel()
+        stopping_watch.cancel()
         reporter.flush()
         await dispatcher.close()
         store.close()
 
 
 async def _child_main() -> int:
-    from . import interpreter
-    from .logs import configure_logging, register_secrets
-    from .redaction import register_urls
-
+    stopping = asyncio.Event()
+    signalled = []
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        signalled.append(True)
+        stopping.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):  # first thing: a signal during start-up is a stop too
+        loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the daemon reloads and sends the secrets
     lines = asyncio.StreamReader(limit=MAX_LINE, loop=loop)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(lines, loop=loop), sys.stdin)
     first = await lines.readline()
     if not first:
         return 0  # the daemon went away before it said anything
     start = orjson.loads(first)["start"]
+
+    from . import interpreter, webhooks  # noqa: F401  (imported before the freeze below)
+    from .logs import configure_logging
+    from .store import Store  # noqa: F401
+    from .store.core import SchemaMismatch
+
     configure_logging(start["log_format"], start["log_level"])
-    register_secrets(start["hidden"])
-    register_urls(start["urls"])
+    _hide(start["secrets"], start["hidden"], start["urls"])
     interpreter.tune()  # as the daemon does: its attempts are recorded on a writer thread
     try:
-        await _child(start, lines)
+        await _child(start, lines, stopping)
+    except SchemaMismatch as exc:  # another version's database: the daemon must be restarted
+        log.error("webhook_dispatcher_wrong_schema", error=str(exc))
+        return EXIT_SCHEMA
     except Exception as exc:  # one line in the journal, and the daemon starts another child
-        structlog.get_logger("watcher.dispatchproc").exception("webhook_dispatcher_crashed", error=str(exc))
+        log.exception("webhook_dispatcher_crashed", error=str(exc))
         return 1
-    return 0
+    return EXIT_SIGNALLED if signalled else 0
 
 
 def main() -> int:

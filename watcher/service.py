@@ -62,6 +62,9 @@ RPC_TIMEOUT = 5.0
 
 # At stop, the chain loops get this long to end on their own before they are cancelled.
 STOP_GRACE = 1.0
+# ... and the rest (the dispatcher: an attempt in flight may take the whole HTTP timeout, then
+# its record) this long. Well inside the unit's TimeoutStopSec=30s.
+STOP_TIMEOUT = 15.0
 CANCELLABLE_TASKS = ("follower:", "heads:", "sandbox-miner", "health")
 
 log = structlog.get_logger("watcher.service")
@@ -87,6 +90,15 @@ def _secrets_of(settings: Settings) -> list[str]:
         settings.http.api_key,
         *(k.key for k in settings.http.api_keys),
         *(part for w in settings.webhooks for part in w.secret.split()),
+    ]
+
+
+def _secret_env_of(settings: Settings) -> list[str]:
+    """The environment variables that hold secrets (the webhook dispatcher's process lacks them)."""
+    return [
+        settings.http.api_key_env,
+        *(k.key_env for k in settings.http.api_keys),
+        *(w.secret_env for w in settings.webhooks),
     ]
 
 
@@ -365,6 +377,7 @@ class Service:
                 log_choice=self._log_choice,
                 hidden=_secrets_of(s),
                 urls=_urls_of(s),
+                secret_env=_secret_env_of(s),
                 on_attempt=self.metrics.webhook_attempt,
                 on_breaker=self.metrics.webhook_breaker,
                 on_running=self.metrics.webhook_dispatcher,
@@ -584,7 +597,7 @@ class Service:
 
     # ------------------------------------------------------------------ stop
 
-    async def stop(self, timeout: float = 10.0) -> None:
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         self.notifier.stopping()
         self.stopping.set()
         if self.feed is not None:
@@ -691,7 +704,12 @@ class Service:
         register_secrets(_secrets_of(new))
         register_urls(_urls_of(new))
         self.store.outbox.set_endpoints(Endpoint(w.url, tuple(w.events)) for w in new.webhooks)
-        self.dispatcher.set_secrets({w.url: w.secret for w in new.webhooks})
+        if isinstance(self.dispatcher, DispatcherProcess):
+            self.dispatcher.set_secrets(
+                {w.url: w.secret for w in new.webhooks}, hidden=_secrets_of(new), urls=_urls_of(new)
+            )
+        else:
+            self.dispatcher.set_secrets({w.url: w.secret for w in new.webhooks})
         if choice != self._log_choice:
             configure_logging(*choice)
             self._log_choice = choice

@@ -18,7 +18,10 @@ Attempts are recorded in groups (group commit): those that end within a few mill
 each other are written in one transaction, so one fsync serves them all at
 `synchronous=FULL`. Until its group has committed a delivery is not taken again, and its
 outcome is neither logged nor counted; a crash before the commit loses only the record, and
-the delivery is sent again after the restart (at least once, as ever).
+the delivery is sent again after the restart (at least once, as ever). A group that finds the
+database locked (another process's long write: the daemon's catch-up step, when this runs in
+the dispatcher's own process) waits and is written again; a known outcome is never sent again
+for it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -69,6 +73,9 @@ CLAIM_BATCH = 64
 # held (about 0.5 KB), each excluded by every claim, and all sent again after a crash; this many
 # lets a lane go on delivering for a few seconds of such a step (at about 1,000 a second).
 MAX_UNRECORDED = 64 * RECORD_BATCH
+# A group whose write found the database locked is written again after this long, doubling up to
+# the second figure, until it is recorded.
+RECORD_RETRY_SECONDS = (0.5, 5.0)
 
 
 def secret_keys(secrets: str) -> list[bytes]:
@@ -539,8 +546,22 @@ class Dispatcher:
             self._recorded(group)
 
     async def _record(self, group: list[_Ended]) -> None:
+        attempts = [e.attempt for e in group]
+        wait = RECORD_RETRY_SECONDS[0]
         try:
-            await self._write(self.outbox.record_attempts, [e.attempt for e in group])
+            while True:
+                try:
+                    await self._write(self.outbox.record_attempts, attempts)
+                    break
+                except sqlite3.OperationalError as exc:
+                    if not _locked(exc):
+                        raise
+                    # Another process holds the write lock (the daemon's long catch-up step, when
+                    # this runs in the dispatcher's process): these outcomes are known, so they
+                    # wait for the lock and are never sent again for it.
+                    log.warning("webhook_attempts_record_waiting", count=len(group), retry_in_seconds=wait)
+                    await asyncio.sleep(wait)
+                    wait = min(wait * 2, RECORD_RETRY_SECONDS[1])
         except Exception:  # nothing recorded: the deliveries are still pending, and are sent again
             log.exception("webhook_attempts_unrecorded", count=len(group))
             for ended in group:
@@ -609,6 +630,11 @@ class Dispatcher:
             log.info("webhook_endpoint_resumed", url=shown)
         if self.on_breaker is not None:
             self.on_breaker(shown, change)
+
+
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    """SQLite's busy or locked error: another connection held the write lock past the timeout."""
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bool:

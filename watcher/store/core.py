@@ -87,21 +87,41 @@ def _create_private(path: Path) -> None:
     os.close(fd)
 
 
+class SchemaMismatch(RuntimeError):
+    """The database's schema is not the one this code writes (another version migrated it, or
+    has not yet)."""
+
+
 class Store:
     """The store. Each thread has a connection of its own (`db`): the event loop's serves the
     API's reads, and `write()` runs a change on the store's writer thread, so a long change
     (a follower step recording thousands of payments) never holds the loop. Readers see only
     committed changes (WAL). A change may also run on the calling thread, as tests do."""
 
-    def __init__(self, path: str | Path, *, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        clock: Callable[[], float],
+        migrate: bool = True,
+        busy_timeout_ms: int = engine.BUSY_TIMEOUT_MS,
+    ) -> None:
+        """``migrate`` False: a process that shares the daemon's database (its webhook
+        dispatcher) never changes its schema; `SchemaMismatch` if it is not this code's.
+        ``busy_timeout_ms``: how long a write waits for another connection's."""
         self.path = str(path)
+        self.busy_timeout_ms = busy_timeout_ms
         if self.path != engine.MEMORY:
             _create_private(Path(self.path))
         self._local = threading.local()
         self._connections: list[Database] = []
         self._connections_lock = threading.Lock()
-        migrations.apply(self.db)
         self._writer: ThreadPoolExecutor | None = None
+        if migrate:
+            migrations.apply(self.db)
+        elif pending := [m.name for m in migrations.pending(self.db)]:
+            self.close()
+            raise SchemaMismatch(f"the database at {self.path} lacks migrations {', '.join(pending)}")
         self.clock = clock
         # `[checkout] public_base_url`: every invoice view then has its `checkout_url`.
         self.checkout_base_url: str | None = None
@@ -116,7 +136,7 @@ class Store:
         if db is None:
             if self._connections and self.path == engine.MEMORY:
                 raise RuntimeError("an in-memory store has one connection: use it from one thread")
-            db = self._local.db = engine.open_database(self.path)
+            db = self._local.db = engine.open_database(self.path, self.busy_timeout_ms)
             with self._connections_lock:
                 self._connections.append(db)
         return db

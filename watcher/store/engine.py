@@ -28,10 +28,14 @@ MEMORY = ":memory:"
 Row: TypeAlias = sqlite3.Row | Mapping[str, Any]
 
 
-def connect(path: str | Path) -> sqlite3.Connection:
+# How long a writer waits for another connection's write transaction before "database is locked".
+BUSY_TIMEOUT_MS = 5000
+
+
+def connect(path: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit) with the store's settings:
     every commit is durable before it returns (`synchronous=FULL` in WAL mode), and a writer
-    waits up to 5 s for another connection's transaction instead of failing at once.
+    waits up to `busy_timeout_ms` (5 s) for another connection's transaction instead of failing at once.
 
     Each thread uses a connection of its own (Store.db); only closing may happen on another
     thread, when the store closes, hence `check_same_thread=False`."""
@@ -40,7 +44,7 @@ def connect(path: str | Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
     return conn
 
 
@@ -71,10 +75,10 @@ class StoreDatabase(Database):
             raise
 
 
-def open_database(path: str | Path) -> StoreDatabase:
+def open_database(path: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> StoreDatabase:
     # No sqlite-utils plugins: none may change the store's connections, and looking for them
     # reads the metadata of every installed package (importlib.metadata) before the API serves.
-    return StoreDatabase(connect(path), execute_plugins=False)
+    return StoreDatabase(connect(path, busy_timeout_ms), execute_plugins=False)
 
 
 def in_keys(column: str) -> str:

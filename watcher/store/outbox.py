@@ -435,6 +435,6 @@ class Outbox:
                 "delivered_at = NULL WHERE id = ?",
                 [self.clock(), delivery_id],
             )
-        if self.on_delivery_queued is not None:
-            self.on_delivery_queued()
+        if self.on_delivery_queued is not None:  # after the commit, on the loop (this may run on the writer)
+            self._notify(self.on_delivery_queued)
         return self.get_delivery(delivery_id)
