@@ -265,3 +265,22 @@ async def test_the_child_stops_when_its_input_ends_even_on_a_line_cut_short(tmp_
     log = (await child.stderr.read()).decode()
     assert code == 0, log
     assert "webhook_dispatcher_message_unread" in log
+
+
+async def test_log_settings_changed_on_reload_reach_the_child(harnesses, capfd):
+    """The harness logs at warning (no line per delivery); at info the child's `webhook_delivered`
+    lines appear on the daemon's stderr, which it shares."""
+    h = await harnesses(ProcessHarness)
+    child = await _child(h)
+    await h.create()
+    await _received(h, 1)
+    await _recorded(h, 1)
+    assert "webhook_delivered" not in capfd.readouterr().err
+    child.set_logging(("json", "info"))
+    await asyncio.sleep(0.2)
+    await h.create()
+    await _received(h, 2)
+    await _recorded(h, 2)
+    await asyncio.sleep(0.1)
+    lines = [line for line in capfd.readouterr().err.splitlines() if "webhook_delivered" in line]
+    assert len(lines) == 1 and orjson.loads(lines[0])["level"] == "info", lines
