@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bench.api_load import cpu_seconds, free_port
-from bench.daemon import ROOT
+from bench.daemon import ROOT, config_head
 from bench.watchset import MNEMONIC
 from watcher.addresses import account_xpub_from_mnemonic
 
@@ -41,14 +41,9 @@ REQUEST = b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
 
 
 def config(db: Path, port: int, xpub: str) -> str:
-    return f'''database = "{db}"
-log_format = "json"
-log_level = "info"
-
-[http]
-listen = "127.0.0.1:{port}"
-api_key_env = "WATCHER_API_KEY"
-
+    return (
+        config_head(db, port)
+        + f'''
 [[webhooks]]
 url = "http://127.0.0.1:9/hook"
 secret_env = "WATCHER_WEBHOOK_SECRET"
@@ -69,6 +64,7 @@ contract = "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359"
 decimals = 6
 usd_rate = "1"
 '''
+    )
 
 
 def first_answer(tree: Path, db: Path, xpub: str, callgrind: bool) -> dict[str, float]:
