@@ -449,3 +449,37 @@ async def test_a_log_brought_by_two_filtered_requests_is_taken_once(capped):
         assert [t.block_number for t in found.transfers] == [12]
     finally:
         await transport.close()
+
+
+async def test_a_large_answer_is_decoded_off_the_event_loop_and_the_same(capped, monkeypatch):
+    """Decoding a span's thousands of logs held the loop (the API) for 50-70 ms: past
+    OFF_LOOP_ITEMS logs it runs on a worker thread, with the same result; a small one stays."""
+    import threading
+
+    from watcher import offload
+    from watcher.chain import LogQuery
+    from watcher.chain import reader as reader_module
+
+    node = await capped(head=40)
+    for n in range(10, 40):
+        node.log_of[n] = _log_in(n)
+    transport = HttpTransport(node.url, retry_delays=(0.01,))
+    query = LogQuery(tokens=[TOKEN], recipients=None, keep={TO}, routers=[], payment_ids=None)
+    threads: list[int] = []
+    decode = reader_module._found_in_range
+
+    def recorded(*args):
+        threads.append(threading.get_ident())
+        return decode(*args)
+
+    monkeypatch.setattr(reader_module, "_found_in_range", recorded)
+    try:
+        results = []
+        for limit in (10_000, 10):  # 30 logs: on the loop, then off it
+            monkeypatch.setattr(offload, "OFF_LOOP_ITEMS", limit)
+            found = await JsonRpcReader(transport).range_logs(10, 39, query)
+            results.append(sorted((t.block_number, t.tx_hash, t.amount) for t in found.transfers))
+    finally:
+        await transport.close()
+    assert results[0] == results[1] and len(results[0]) == 30
+    assert threads[0] == threading.get_ident() and threads[1] != threading.get_ident()

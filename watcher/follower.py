@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -21,6 +21,7 @@ from . import matching
 from .chain import MAX_BATCH, METHOD_NOT_FOUND, BlockUnknown, ChainReader, FoundLogs, LogQuery, RpcError
 from .domain import BlockRef, FullBlock, Transfer
 from .matching import Match, WatchSet
+from .offload import off_loop
 from .store import MatchedTransfer, Store
 from .watchload import load_watch_set
 
@@ -330,11 +331,7 @@ class Follower:
         missing = sorted({t.block_number for t, _ in matched} - set(by_number))
         if missing:
             by_number.update(await self._headers(missing))
-        for t, _ in matched:
-            if by_number[t.block_number].hash != t.block_hash:
-                raise ChainChanged(
-                    f"log of tx {t.tx_hash} names block hash {t.block_hash}, not the canonical one"
-                )
+        await off_loop(_check_block_hashes, matched, by_number, items=len(matched))
 
     async def _apply(
         self,
@@ -352,11 +349,12 @@ class Follower:
         else:
             confirmed_through = last - int(self.confirmations) + 1
             keep_above = last - self.window
+        transfers = await off_loop(_matched_transfers, matched, by_number, items=len(matched))
         result = await self.store.write(
             self.store.apply_blocks,
             self.network,
             blocks,
-            [MatchedTransfer(t, option_id, by_number[t.block_number].timestamp) for t, option_id in matched],
+            transfers,
             confirmed_through=confirmed_through,
             keep_above=keep_above,
         )
@@ -441,9 +439,9 @@ class Follower:
                     "log_range_shrunk", network=self.network, chunk_size=self.chunk_size, error=str(exc)
                 )
             raise
-        return self.watch.logged(
-            [t for part in parts for t in part.transfers], [p for part in parts for p in part.routed]
-        )
+        transfers = [t for part in parts for t in part.transfers]
+        routed = [p for part in parts for p in part.routed]
+        return await off_loop(self.watch.logged, transfers, routed, items=len(transfers) + len(routed))
 
     async def _full_blocks(self, numbers: list[int], *, partial: bool = False) -> list[FullBlock]:
         """The blocks; with `partial`, those before the first the node does not have (at least one)."""
@@ -641,3 +639,16 @@ async def _sleep_or(stopping: asyncio.Event, seconds: float, wake: asyncio.Event
     finally:
         for w in waiters:
             w.cancel()
+
+
+def _check_block_hashes(matched: Sequence[Match], by_number: Mapping[int, BlockRef]) -> None:
+    """Every matched transfer names its block's canonical hash (ChainChanged if not)."""
+    for t, _ in matched:
+        if by_number[t.block_number].hash != t.block_hash:
+            raise ChainChanged(
+                f"log of tx {t.tx_hash} names block hash {t.block_hash}, not the canonical one"
+            )
+
+
+def _matched_transfers(matched: Sequence[Match], by_number: Mapping[int, BlockRef]) -> list[MatchedTransfer]:
+    return [MatchedTransfer(t, option_id, by_number[t.block_number].timestamp) for t, option_id in matched]

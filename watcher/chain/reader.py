@@ -17,6 +17,7 @@ import structlog
 
 from ..contracts import PAYMENT_RECEIVED_TOPIC
 from ..domain import BlockRef, FullBlock, NativeTransaction, RouterPayment, Transfer
+from ..offload import off_loop
 from . import traces
 from .traces import InternalTransfer
 from .transport import METHOD_NOT_FOUND, BatchRefused, RpcError, Transport
@@ -144,6 +145,17 @@ def _int(value: Any, what: str) -> int:
 
 
 _HEX = frozenset("0123456789abcdef")
+
+
+def _found_in_range(requests: Sequence, answers: Sequence[Any], first: int, last: int) -> FoundLogs:
+    """The answers to a range's requests, decoded (each log within the range, or RpcError)."""
+    found = FoundLogs()
+    for (_, _, decode, wanted), raws in zip(requests, answers, strict=True):
+        for decoded in _decoded(raws, decode, wanted):
+            if not (first <= decoded.block_number <= last):
+                raise RpcError("eth_getLogs", f"log of block {decoded.block_number} outside {first}-{last}")
+            found.add(decoded)
+    return found
 
 
 def _hash(value: Any, what: str) -> str:
@@ -469,15 +481,8 @@ class JsonRpcReader:
             for address, topics, _, _ in requests
         ]
         answers = await self._batch("eth_getLogs", calls, about=[(last, through)] * len(calls))
-        found = FoundLogs()
-        for (_, _, decode, wanted), raws in zip(requests, answers, strict=True):
-            for decoded in _decoded(raws, decode, wanted):
-                if not (first <= decoded.block_number <= last):
-                    raise RpcError(
-                        "eth_getLogs", f"log of block {decoded.block_number} outside {first}-{last}"
-                    )
-                found.add(decoded)
-        return found
+        logs = sum(len(raws) for raws in answers if isinstance(raws, list))
+        return await off_loop(_found_in_range, requests, answers, first, last, items=logs)
 
     @_counted("eth_getLogs")
     async def block_logs(self, wanted: Sequence[tuple[BlockRef, LogQuery]]) -> FoundLogs:
