@@ -112,7 +112,7 @@ async def test_new_secrets_reach_the_child(harnesses):
     await _received(h, 1)
     rotated = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     (await _child(h)).set_secrets({h.receiver.url: rotated})
-    await asyncio.sleep(0.2)  # the message is on its way before the next event is queued
+    await asyncio.sleep(1.0)  # the message is read before the next event is queued (a loaded machine)
     h.receiver.secret = rotated  # the receiver now accepts only the new one
 
     await h.create()
@@ -181,7 +181,7 @@ async def test_the_child_exits_when_the_daemon_is_killed(tmp_path):
         await daemon.proc.wait()
 
 
-async def test_the_child_holds_no_secret_in_its_environment(harnesses):
+async def test_the_child_holds_no_secret_in_its_environment(harnesses, monkeypatch):
     h = await harnesses(ProcessHarness)
     process = (await _child(h)).process
     assert process is not None
@@ -190,6 +190,12 @@ async def test_the_child_holds_no_secret_in_its_environment(harnesses):
     assert "PATH" in names  # the rest of the environment is there
     assert not names & {"API_KEY", "HOOK_SECRET", "NOTIFY_SOCKET"}, names
     assert not any(h.receiver.secret.encode() in entry or h.api_key.encode() in entry for entry in environ)
+
+    # A reload that names another variable: a child started after it lacks that one too.
+    monkeypatch.setenv("NEW_HOOK_SECRET", "whsec_x")
+    child = await _child(h)
+    child.set_secrets({h.receiver.url: h.receiver.secret}, secret_env=["NEW_HOOK_SECRET"])
+    assert "NEW_HOOK_SECRET" not in child._environment() and "HOOK_SECRET" not in child._environment()
 
 
 async def test_a_redelivery_asked_over_the_api_wakes_the_child_every_time(harnesses):
@@ -277,7 +283,7 @@ async def test_log_settings_changed_on_reload_reach_the_child(harnesses, capfd):
     await _recorded(h, 1)
     assert "webhook_delivered" not in capfd.readouterr().err
     child.set_logging(("json", "info"))
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(1.0)  # read before the next event is queued (a loaded machine)
     await h.create()
     await _received(h, 2)
     await _recorded(h, 2)

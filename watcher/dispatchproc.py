@@ -129,11 +129,18 @@ class DispatcherProcess:
         self._send({"wake": 1})
 
     def set_secrets(
-        self, secrets: Mapping[str, str], *, hidden: Sequence[str] = (), urls: Sequence[str] = ()
+        self,
+        secrets: Mapping[str, str],
+        *,
+        hidden: Sequence[str] = (),
+        urls: Sequence[str] = (),
+        secret_env: Iterable[str] = (),
     ) -> None:
-        """The configured endpoints and their secrets (on reload), and what logs must hide now:
-        the child uses them from now on, and a child started later gets them too."""
+        """The configured endpoints and their secrets (on reload), what logs must hide and the
+        variables that hold secrets now: the child uses them from now on, and a child started
+        later gets them too (and lacks those variables)."""
         self.secrets = dict(secrets)
+        self.secret_env |= set(secret_env)
         self.hidden = sorted({*self.hidden, *hidden})
         self.urls = sorted({*self.urls, *urls})
         self._send({"secrets": self.secrets, "hidden": self.hidden, "urls": self.urls})

@@ -706,7 +706,10 @@ class Service:
         self.store.outbox.set_endpoints(Endpoint(w.url, tuple(w.events)) for w in new.webhooks)
         if isinstance(self.dispatcher, DispatcherProcess):
             self.dispatcher.set_secrets(
-                {w.url: w.secret for w in new.webhooks}, hidden=_secrets_of(new), urls=_urls_of(new)
+                {w.url: w.secret for w in new.webhooks},
+                hidden=_secrets_of(new),
+                urls=_urls_of(new),
+                secret_env=_secret_env_of(new),
             )
         else:
             self.dispatcher.set_secrets({w.url: w.secret for w in new.webhooks})
