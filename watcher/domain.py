@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import ROUND_DOWN, Decimal, InvalidOperation, localcontext
+from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from fractions import Fraction
 from functools import lru_cache
@@ -256,31 +256,29 @@ class Judgement:
         }
 
 
-# uint256 has 78 digits; with 18 places and headroom, decimal arithmetic never rounds.
-EXACT_PRECISION = 200
-
-
 def judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], *, chain_time: int | None) -> Judgement:
     """Derive an invoice's whole payment state from its payments and the chain's time.
 
     `chain_time` is the timestamp of the last block the watcher processed on the invoice's
     chains (None if it has processed none): the deadline passes only in chain time.
+
+    Exact in integers: each payment is worth `amount_atomic / option_amount_atomic` of the
+    invoice, a ratio kept as a numerator and a denominator (`Share`), and the sums shown are
+    floors of integer quotients built into Decimals from their digits. No step rounds, and no
+    `Fraction` or decimal context is made per payment: this runs for every invoice a step
+    touches, thousands of times a second.
     """
-    with localcontext() as ctx:
-        ctx.prec = EXACT_PRECISION
-        return _judge(invoice, payments, chain_time)
-
-
-def _judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], chain_time: int | None) -> Judgement:
     if invoice.amount == 0:
         return _judge_nothing_to_pay(invoice, payments)
 
-    threshold = 1 - Fraction(invoice.tolerance_percent) / 100
+    tolerance_num, tolerance_den = invoice.tolerance_percent.as_integer_ratio()
+    # The share that counts as paid: 1 - tolerance / 100.
+    threshold = Share(100 * tolerance_den - tolerance_num, 100 * tolerance_den)
     roles, received, counted = _assign_roles(invoice, payments, threshold)
-    fully_paid = received >= threshold and received > 0
+    fully_paid = received.num > 0 and received.at_least(threshold)
     status = _status(
         invoice,
-        received,
+        received.num == 0,
         fully_paid=fully_paid,
         all_confirmed=all(p.status == PaymentStatus.CONFIRMED for p in counted),
         deadline_passed=(
@@ -291,14 +289,19 @@ def _judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], chain_time: 
     )
 
     places = display_places(invoice.amount)
-    received_amount = _quantize_down(received * Fraction(invoice.amount), places)
-    remaining = max(invoice.amount - received_amount, Decimal(0))
+    amount_num, amount_den = invoice.amount.as_integer_ratio()
+    scale = 10**places
+    # The amount in display units is a whole number (it has at most `places` decimals).
+    amount_units = amount_num * scale // amount_den
+    received_units = received.num * amount_num * scale // (received.den * amount_den)
     overpaid = (
-        _overpaid_shown((received - 1) * Fraction(invoice.amount), places) if received > 1 else Decimal(0)
+        _overpaid_shown((received.num - received.den) * amount_num, received.den * amount_den, places)
+        if received.num > received.den
+        else Decimal(0)
     )
 
     open_types = _open_payment_exceptions(invoice, roles)
-    if received > 1 and not _resolved_type(invoice, ExceptionType.OVERPAID):
+    if received.num > received.den and not _resolved_type(invoice, ExceptionType.OVERPAID):
         open_types.append(ExceptionType.OVERPAID)
     if status == InvoiceStatus.UNDERPAID and not _resolved_type(invoice, ExceptionType.UNDERPAID):
         open_types.append(ExceptionType.UNDERPAID)
@@ -306,14 +309,37 @@ def _judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], chain_time: 
     return Judgement(
         status,
         _payment_state(received, fully_paid),
-        received,
-        received_amount,
-        _q(remaining, places),
+        Fraction(received.num, received.den),
+        _units(received_units, places),
+        _units(max(amount_units - received_units, 0), places),
         overpaid,
         roles,
         _pick_exception(invoice, open_types),
-        tuple(t for t in EXCEPTION_PRIORITY if t in open_types),
+        tuple(t for t in EXCEPTION_PRIORITY if t in open_types) if open_types else (),
     )
+
+
+@dataclass(slots=True)
+class Share:
+    """A non-negative share of an invoice, `num / den` (den > 0), exact: the sum of payments'
+    `amount_atomic / option_amount_atomic`. Payments of one option share a denominator, so
+    adding them is one integer addition; others are put over a common one."""
+
+    num: int
+    den: int
+
+    def add(self, num: int, den: int) -> None:
+        if den <= 0:
+            raise ZeroDivisionError(f"a payment option of {den} atomic units")
+        if den == self.den:
+            self.num += num
+        else:
+            total, common = self.num * den + num * self.den, self.den * den
+            g = math.gcd(total, common)
+            self.num, self.den = total // g, common // g
+
+    def at_least(self, other: Share) -> bool:
+        return self.num * other.den >= other.num * self.den
 
 
 def _judge_nothing_to_pay(invoice: InvoiceFacts, payments: Sequence[PaymentFacts]) -> Judgement:
@@ -334,32 +360,26 @@ def _judge_nothing_to_pay(invoice: InvoiceFacts, payments: Sequence[PaymentFacts
 
 
 def _assign_roles(
-    invoice: InvoiceFacts, payments: Sequence[PaymentFacts], threshold: Fraction
-) -> tuple[dict[str, Role], Fraction, list[PaymentFacts]]:
+    invoice: InvoiceFacts, payments: Sequence[PaymentFacts], threshold: Share
+) -> tuple[dict[str, Role], Share, list[PaymentFacts]]:
     """In chain order, each live payment counts until the invoice is paid; after that it is a
     duplicate, and one past the deadline (not accepted late) is late. Returns the roles, the
     share of the invoice received, and the counted payments."""
-    accepted_late = _covered(invoice, ResolutionAction.ACCEPT_LATE_PAYMENT)
-    live = sorted(
-        (p for p in payments if p.status != PaymentStatus.REVERTED),
-        key=lambda p: (p.order or (p.block_timestamp,), p.id),
-    )
+    accepted_late = _covered(invoice, ResolutionAction.ACCEPT_LATE_PAYMENT) if invoice.resolutions else ()
+    live = [p for p in payments if p.status != PaymentStatus.REVERTED]
+    if len(live) > 1:
+        live.sort(key=lambda p: (p.order or (p.block_timestamp,), p.id))
     roles: dict[str, Role] = {}
-    received = Fraction(0)
+    received = Share(0, 1)
     counted: list[PaymentFacts] = []
+    payable_until = None if invoice.cancelled else invoice.payable_until
     for p in live:
-        share = Fraction(p.amount_atomic, p.option_amount_atomic)
-        if received > 0 and received >= threshold:
+        if received.num > 0 and received.at_least(threshold):
             roles[p.id] = Role.DUPLICATE
             continue
-        on_time = (
-            not invoice.cancelled
-            and invoice.payable_until is not None
-            and p.block_timestamp <= invoice.payable_until
-        )
-        if on_time or p.id in accepted_late:
+        if (payable_until is not None and p.block_timestamp <= payable_until) or p.id in accepted_late:
             roles[p.id] = Role.COUNTED
-            received += share
+            received.add(p.amount_atomic, p.option_amount_atomic)
             counted.append(p)
         else:
             roles[p.id] = Role.LATE
@@ -367,27 +387,28 @@ def _assign_roles(
 
 
 def _status(
-    invoice: InvoiceFacts, received: Fraction, *, fully_paid: bool, all_confirmed: bool, deadline_passed: bool
+    invoice: InvoiceFacts, nothing: bool, *, fully_paid: bool, all_confirmed: bool, deadline_passed: bool
 ) -> InvoiceStatus:
+    """`nothing`: no payment counts towards the invoice."""
     if invoice.draft:
         return InvoiceStatus.DRAFT
     if fully_paid:
         return InvoiceStatus.CONFIRMED if all_confirmed else InvoiceStatus.PAID
-    if invoice.cancelled and received == 0:
+    if invoice.cancelled and nothing:
         return InvoiceStatus.CANCELLED
     if not (deadline_passed or invoice.cancelled):
         return InvoiceStatus.PENDING
-    if received == 0:
+    if nothing:
         return InvoiceStatus.EXPIRED
     if all_confirmed and _has_action(invoice, ResolutionAction.WRITE_OFF_UNDERPAYMENT):
         return InvoiceStatus.CONFIRMED
     return InvoiceStatus.UNDERPAID
 
 
-def _payment_state(received: Fraction, fully_paid: bool) -> PaymentState:
-    if received == 0:
+def _payment_state(received: Share, fully_paid: bool) -> PaymentState:
+    if received.num == 0:
         return PaymentState.UNPAID
-    if received > 1:
+    if received.num > received.den:
         return PaymentState.OVERPAID
     return PaymentState.EXACT if fully_paid else PaymentState.PARTIAL
 
@@ -410,6 +431,11 @@ def _resolved_type(invoice: InvoiceFacts, kind: ExceptionType) -> bool:
 
 def _open_payment_exceptions(invoice: InvoiceFacts, roles: dict[str, Role]) -> list[ExceptionType]:
     """Late and duplicate payments stay an open exception until a resolution covers them."""
+    open_types: list[ExceptionType] = []
+    late = [pid for pid, r in roles.items() if r == Role.LATE]
+    duplicate = [pid for pid, r in roles.items() if r == Role.DUPLICATE]
+    if not (late or duplicate):
+        return open_types
     covered: dict[ExceptionType, set[str]] = {
         ExceptionType.LATE_PAYMENT: set(),
         ExceptionType.DUPLICATE_PAYMENT: set(),
@@ -417,12 +443,8 @@ def _open_payment_exceptions(invoice: InvoiceFacts, roles: dict[str, Role]) -> l
     for r in invoice.resolutions:
         if r.exception_type in covered:
             covered[r.exception_type] |= r.payment_ids
-    open_types = []
-    for kind, role in (
-        (ExceptionType.LATE_PAYMENT, Role.LATE),
-        (ExceptionType.DUPLICATE_PAYMENT, Role.DUPLICATE),
-    ):
-        if any(r == role and pid not in covered[kind] for pid, r in roles.items()):
+    for kind, ids in ((ExceptionType.LATE_PAYMENT, late), (ExceptionType.DUPLICATE_PAYMENT, duplicate)):
+        if any(pid not in covered[kind] for pid in ids):
             open_types.append(kind)
     return open_types
 
@@ -489,27 +511,25 @@ def display_places(amount: Decimal) -> int:
     return max(2, -exponent if isinstance(exponent, int) else 0)
 
 
-def _quantize_down(value: Fraction, places: int) -> Decimal:
-    scaled = value.numerator * 10**places // value.denominator
-    return Decimal(f"{scaled}E-{places}")  # built from a string: exact at any size
+def _units(units: int, places: int) -> Decimal:
+    """`units` of 10^-places as a Decimal with `places` places, built from its digits: exact at
+    any size."""
+    return Decimal(f"{units}E-{places}")
 
 
-def _overpaid_shown(value: Fraction, places: int) -> Decimal:
-    """Rounded down like the other sums, but an overpayment smaller than the display unit
-    (it opens the overpaid exception) is shown with as many more places as it takes to be
-    seen, never as 0: the merchant must see there is something to refund."""
+def _overpaid_shown(num: int, den: int, places: int) -> Decimal:
+    """`num / den` of the invoice's currency, rounded down like the other sums, but an
+    overpayment smaller than the display unit (it opens the overpaid exception) is shown with as
+    many more places as it takes to be seen, never as 0: the merchant must see there is
+    something to refund."""
     for shown_places in range(places, MAX_OVERPAID_PLACES + 1):
-        shown = _quantize_down(value, shown_places)
-        if shown > 0:
-            return shown
-    return _quantize_down(value, MAX_OVERPAID_PLACES)
+        units = num * 10**shown_places // den
+        if units > 0:
+            return _units(units, shown_places)
+    return _units(num * 10**MAX_OVERPAID_PLACES // den, MAX_OVERPAID_PLACES)
 
 
 MAX_OVERPAID_PLACES = 36  # the most decimals an asset may have
-
-
-def _q(value: Decimal, places: int) -> Decimal:
-    return value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_DOWN)
 
 
 def quote_atomic(amount: Decimal, rate: Decimal | Fraction, decimals: int) -> int:
