@@ -754,17 +754,19 @@ class Store:
         with self.db.atomic():
             conn = self.db.conn
             self._move_checkpoint(conn, network, blocks, keep_above, now)
-            plan = self._record(conn, network, matched, now)
+            plan = self._record(conn, network, matched, now, confirmed_through)
             confirmed = conn.execute(
                 "UPDATE payments SET status = 'confirmed', confirmed_at = ? "
                 "WHERE network = ? AND status = 'detected' AND block_number <= ? RETURNING invoice_id",
                 [now, network, confirmed_through],
             ).fetchall()
             result.payments_added = len(plan.recorded)
-            result.payments_confirmed = len(confirmed)
+            result.payments_confirmed = len(confirmed) + plan.inserted_confirmed
             reasons: dict[str, Reasons] = {}
             for payment_id, invoice_id in plan.recorded:
                 reasons.setdefault(invoice_id, Reasons()).new_payments.append(payment_id)
+            for invoice_id, values in plan.search_text.items():
+                reasons[invoice_id].search_text = search_text(values)
             for r in confirmed:
                 reasons.setdefault(r["invoice_id"], Reasons())
             for invoice_id in self._expiry_candidates(network, tip.timestamp):
@@ -803,7 +805,12 @@ class Store:
         )
 
     def _record(
-        self, conn: sqlite3.Connection, network: str, matched: Sequence[MatchedTransfer], now: str
+        self,
+        conn: sqlite3.Connection,
+        network: str,
+        matched: Sequence[MatchedTransfer],
+        now: str,
+        confirmed_through: int,
     ) -> recording.RecordingPlan:
         """Record the step's transfers: new payments, revived ones (see recording.py)."""
         if not matched:
@@ -814,9 +821,15 @@ class Store:
         options = recording.read_options(conn, list(dict.fromkeys(m.option_id for m in matched)))
         payment_ids = iter(new_ids("pay", int(self.clock() * 1000), len(matched)))
         plan = recording.plan_recording(
-            network, matched, existing, options, now=now, new_payment_id=lambda: next(payment_ids)
+            network,
+            matched,
+            existing,
+            options,
+            now=now,
+            new_payment_id=lambda: next(payment_ids),
+            confirmed_through=confirmed_through,
         )
-        recording.write_plan(conn, plan, search_text)
+        recording.write_plan(conn, plan)
         return plan
 
     def _expiry_candidates(self, network: str, chain_time: int) -> set[str]:

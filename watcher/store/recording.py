@@ -38,6 +38,7 @@ class RecordingPlan:
     revives: list[tuple] = field(default_factory=list)
     search_text: dict[str, list[str]] = field(default_factory=dict)  # invoice id -> hashes and payers
     recorded: list[tuple[str, str]] = field(default_factory=list)
+    inserted_confirmed: int = 0  # new payments already as deep as confirmed_through
 
 
 def plan_recording(
@@ -48,10 +49,13 @@ def plan_recording(
     *,
     now: str,
     new_payment_id: Callable[[], str],
+    confirmed_through: int | None = None,
 ) -> RecordingPlan:
     """Pure: the rows to insert and revive. `existing` holds the stored payments of each of the
     step's transactions (ordered by log key, then id); `options` each matched option's
-    `invoice_id`, `asset` and `decimals`."""
+    `invoice_id`, `asset` and `decimals`. A new payment at or below `confirmed_through` is
+    inserted confirmed (a catch-up far below the head confirms what it records): one write of
+    its row, not an insert and then an update in the same transaction."""
     plan = RecordingPlan()
     by_tx: dict[str, list[MatchedTransfer]] = {}
     for m in matched:
@@ -89,11 +93,15 @@ def plan_recording(
             else:
                 payment_id = new_payment_id()
                 invoice_id = option["invoice_id"]
+                confirmed = confirmed_through is not None and t.block_number <= confirmed_through
                 plan.inserts.append(
                     (payment_id, network, t.tx_hash, t.log_index, t.unique_key, invoice_id, m.option_id,
                      option["asset"], option["decimals"], t.block_number, t.block_hash, m.block_timestamp,
-                     t.from_address, t.to_address, str(t.amount), now)
+                     t.from_address, t.to_address, str(t.amount),
+                     PaymentStatus.CONFIRMED.value if confirmed else PaymentStatus.DETECTED.value, now,
+                     now if confirmed else None)
                 )  # fmt: skip
+                plan.inserted_confirmed += confirmed
                 plan.search_text.setdefault(invoice_id, []).extend((t.tx_hash, t.from_address))
                 plan.recorded.append((payment_id, invoice_id))
             live_keys.add(t.unique_key)
@@ -103,7 +111,7 @@ def plan_recording(
 INSERT_PAYMENT = (
     "INSERT INTO payments(id, network, tx_hash, log_index, log_key, invoice_id, option_id, asset, decimals, "
     "block_number, block_hash, block_timestamp, from_address, to_address, amount_atomic, status, role, "
-    "observed_at, confirmed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?, 'detected', 'counted', ?, NULL)"
+    "observed_at, confirmed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?, 'counted', ?, ?)"
 )
 REVIVE_PAYMENT = (
     "UPDATE payments SET status = 'detected', block_number = ?, block_hash = ?, block_timestamp = ?, "
@@ -135,16 +143,11 @@ def read_options(conn: sqlite3.Connection, option_ids: Sequence[str]) -> dict[st
     return {r["id"]: r for r in rows}
 
 
-def write_plan(
-    conn: sqlite3.Connection, plan: RecordingPlan, search_text: Callable[[list[str]], str]
-) -> None:
-    """One statement per kind of change, inside the caller's transaction."""
+def write_plan(conn: sqlite3.Connection, plan: RecordingPlan) -> None:
+    """One statement per kind of change, inside the caller's transaction. The invoices' search
+    text is not written here: judging the invoices again writes it with their new state, in the
+    same statement (`Reasons.search_text`)."""
     if plan.inserts:
         conn.executemany(INSERT_PAYMENT, plan.inserts)
     if plan.revives:
         conn.executemany(REVIVE_PAYMENT, plan.revives)
-    if plan.search_text:
-        conn.executemany(
-            "UPDATE invoices SET search_text = search_text || ? WHERE id = ?",
-            [(search_text(values), invoice_id) for invoice_id, values in plan.search_text.items()],
-        )

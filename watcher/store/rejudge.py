@@ -40,13 +40,17 @@ class Reasons:
 
     `session`: a payment session has just started (finalize, checkout-session): a draft is
     judged as finalized, the version grows even if nothing else changed, and the invoice, if
-    it is open for payment, reports `invoice.session_refreshed`."""
+    it is open for payment, reports `invoice.session_refreshed`.
+
+    `search_text`: pieces to append to the invoice's `search_text` (its new payments' hashes and
+    payers), written by the same statement as its judged columns."""
 
     created: bool = False
     new_payments: list[str] = field(default_factory=list)
     reverted_payments: list[str] = field(default_factory=list)
     resolved: bool = False
     session: bool = False
+    search_text: str = ""
 
     def any(self) -> bool:
         return bool(
@@ -54,12 +58,17 @@ class Reasons:
         )
 
 
-# The columns judging writes, all of them at every change: one UPDATE statement for any set.
+# The columns judging writes, all of them at every change: one UPDATE statement for any set,
+# which also appends to the invoice's search text (its new payments'; '' for none).
 JUDGED_COLUMNS = (
     "status", "payment_summary", "exception", "exception_type", "exception_status", "open_exceptions",
     "paid_at", "confirmed_at", "last_payment_observed_at", "version", "updated_at",
 )  # fmt: skip
-UPDATE_JUDGED = f"UPDATE invoices SET {', '.join(f'{c} = ?' for c in JUDGED_COLUMNS)} WHERE id = ?"
+UPDATE_JUDGED = (
+    f"UPDATE invoices SET {', '.join(f'{c} = ?' for c in JUDGED_COLUMNS)}, search_text = search_text || ? "
+    "WHERE id = ?"
+)
+APPEND_SEARCH_TEXT = "UPDATE invoices SET search_text = search_text || ? WHERE id = ?"
 
 STATUS_EVENTS = {
     InvoiceStatus.PAID: "invoice.paid",
@@ -290,17 +299,21 @@ def _rejudge_slice(
     batch = read_batch(conn, ids)
     role_rows: list[tuple[str, str]] = []
     invoice_rows: list[list[Any]] = []
+    search_rows: list[tuple[str, str]] = []
     events: list[NewEvent] = []
     for invoice_id in ids:
         row = batch.invoices[invoice_id]
         payments = batch.payments[invoice_id]
         clock = chain_time(batch.networks[invoice_id], batch.chain_times)
-        outcome = rejudge_one(row, payments, clock, reasons[invoice_id], now)
+        why = reasons[invoice_id]
+        outcome = rejudge_one(row, payments, clock, why, now)
         if outcome is None:
+            if why.search_text:
+                search_rows.append((why.search_text, invoice_id))
             continue
         done.changed += 1
         role_rows += outcome.roles
-        invoice_rows.append([*outcome.values.values(), invoice_id])
+        invoice_rows.append([*outcome.values.values(), why.search_text, invoice_id])
         # What the events carry (the status view): the invoice as just written and its payments
         # (with their new roles), not its options; built from the rows in hand, rendered once.
         views = [payment_view(p, tips.get(p["network"]), outcome.payment_roles[p["id"]]) for p in payments]
@@ -315,5 +328,7 @@ def _rejudge_slice(
         conn.executemany("UPDATE payments SET role = ? WHERE id = ?", role_rows)
     if invoice_rows:
         conn.executemany(UPDATE_JUDGED, invoice_rows)
+    if search_rows:
+        conn.executemany(APPEND_SEARCH_TEXT, search_rows)
     outbox.append(events)
     done.events += len(events)
