@@ -111,3 +111,33 @@ def test_uri_rejects_bad_numbers(chain_id: int, amount: int) -> None:
         native_payment_uri(DEST, chain_id, amount)
     with pytest.raises(ValueError):
         token_payment_uri(USDT, chain_id, DEST, amount)
+
+
+def test_the_views_checksum_every_address_as_eip55_does() -> None:
+    """The views capitalise all 40 characters at once in integers (store/views.py): the same
+    text as eth-utils' EIP-55, one character at a time, on the EIP's vectors and on random and
+    edge addresses; a stored address of another shape still gets the rule character by character."""
+    import random
+
+    from eth_utils import to_checksum_address
+
+    from watcher.keccak import keccak
+    from watcher.store.views import _checksum_bits, checksum
+
+    vectors = [
+        "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed", "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359",
+        "0xdbF03B407c01E7cD3CBea99509d93f8DDDC8C6FB", "0xD1220A0cf47c7B9Be7A2E6BA89F429762e7b9aDb",
+        USDT, DEST,
+    ]  # fmt: skip
+    rng = random.Random(5)
+    addresses = [v.lower() for v in vectors] + ["0x" + "0" * 40, "0x" + "f" * 40, "0x" + "a" * 40]
+    addresses += ["0x" + rng.randbytes(20).hex() for _ in range(3_000)]
+    for address in addresses:
+        assert checksum(address) == to_checksum_address(address)
+        assert "0x" + _checksum_bits(address[2:]) == to_checksum_address(address)
+    assert [checksum(v.lower()) for v in vectors] == vectors
+    digest = keccak(b"abc").hex()  # another shape: the rule a character at a time
+    assert checksum("0xabc") == "0x" + "".join(
+        c.upper() if digest[i] > "7" else c for i, c in enumerate("abc")
+    )
+    assert checksum(None) is None and checksum("") is None

