@@ -188,7 +188,11 @@ class Outbox:
         now_ms = int(now_s * 1000)
         created_at = rfc3339(now_s)
         assert created_at is not None
-        urls = [[ep.url for ep in self.endpoints if ep.wants(e.type)] for e in events]
+        wanted: dict[str, list[str]] = {}  # the endpoints of each type, worked out once per append
+        for e in events:
+            if e.type not in wanted:
+                wanted[e.type] = [ep.url for ep in self.endpoints if ep.wants(e.type)]
+        urls = [wanted[e.type] for e in events]
         event_ids = new_ids("evt", now_ms, len(events))
         delivery_ids = iter(new_ids("dlv", now_ms, sum(map(len, urls))))
         conn = self.db.conn

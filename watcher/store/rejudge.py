@@ -100,10 +100,19 @@ class Batch:
     chain_times: dict[str, int]
 
 
+# What judging and the events' status read of an invoice: not its metadata, request or fields,
+# the largest of its columns.
+INVOICE_COLUMNS = ", ".join(
+    ("id", "amount", "tolerance_percent", "payable_until", "cancelled_at", "resolutions", "payment_timing")
+    + JUDGED_COLUMNS
+)
+
+
 def read_batch(conn: sqlite3.Connection, invoice_ids: Sequence[str]) -> Batch:
     keys = engine.keys_param(invoice_ids)
     invoices = {
-        r["id"]: r for r in conn.execute(f"SELECT * FROM invoices WHERE {engine.in_keys('id')}", [keys])
+        r["id"]: r
+        for r in conn.execute(f"SELECT {INVOICE_COLUMNS} FROM invoices WHERE {engine.in_keys('id')}", [keys])
     }
     payments: dict[str, list[sqlite3.Row]] = {i: [] for i in invoice_ids}
     for p in conn.execute(
@@ -136,14 +145,18 @@ def chain_time(networks: set[str], chain_times: Mapping[str, int]) -> int | None
     return min(chain_times[n] for n in networks)
 
 
+_PAYMENT_STATUSES = {s.value: s for s in PaymentStatus}
+
+
 def judge_row(row: Row, payments: Sequence[Row], clock: int | None, session: bool) -> Judgement:
+    stored = row["resolutions"]
     resolutions = tuple(
         Resolution(
             ExceptionType(r["exception_type"]), ResolutionAction(r["action"]), r["note"], r["resolved_at"],
             frozenset(r["payment_ids"]),
         )
-        for r in orjson.loads(row["resolutions"])
-    )  # fmt: skip
+        for r in orjson.loads(stored)
+    ) if stored != "[]" else ()  # fmt: skip
     facts = InvoiceFacts(
         amount=Decimal(row["amount"]),
         tolerance_percent=Decimal(row["tolerance_percent"]),
@@ -157,7 +170,7 @@ def judge_row(row: Row, payments: Sequence[Row], clock: int | None, session: boo
         [
             PaymentFacts(
                 p["id"], int(p["amount_atomic"]), int(p["option_amount"]), p["block_timestamp"],
-                PaymentStatus(p["status"]),
+                _PAYMENT_STATUSES[p["status"]],
                 (p["block_timestamp"], p["network"], p["block_number"], p["log_key"]),
             )
             for p in payments
@@ -166,7 +179,7 @@ def judge_row(row: Row, payments: Sequence[Row], clock: int | None, session: boo
     )  # fmt: skip
 
 
-def _judged_changes(row: Row, judged: Judgement) -> tuple[dict[str, Any], list[str]]:
+def _judged_changes(row: Row, judged: Judgement, open_before: list[str]) -> tuple[dict[str, Any], list[str]]:
     """The judged columns that differ from the row; and the exceptions open now."""
     summary = orjson.dumps(judged.summary()).decode()
     exception = orjson.dumps(judged.exception.as_dict()).decode() if judged.exception else None
@@ -180,7 +193,7 @@ def _judged_changes(row: Row, judged: Judgement) -> tuple[dict[str, Any], list[s
         changes["exception_type"] = judged.exception.type.value if judged.exception else None
         changes["exception_status"] = judged.exception.status if judged.exception else None
     open_now = [str(t) for t in judged.open_exceptions]
-    if open_now != orjson.loads(row["open_exceptions"]):
+    if open_now != open_before:
         changes["open_exceptions"] = orjson.dumps(open_now).decode()
     return changes, open_now
 
@@ -238,7 +251,8 @@ def rejudge_one(
 ) -> Outcome | None:
     """Pure: what judging the invoice again changes; None when nothing does."""
     judged = judge_row(row, payments, clock, reasons.session)
-    changes, open_now = _judged_changes(row, judged)
+    open_before = orjson.loads(row["open_exceptions"])
+    changes, open_now = _judged_changes(row, judged, open_before)
     roles = [
         (str(judged.roles[p["id"]]), p["id"])
         for p in payments
@@ -246,7 +260,7 @@ def rejudge_one(
     ]
     if not (changes or roles or reasons.any()):
         return None
-    newly_open = any(t not in orjson.loads(row["open_exceptions"]) for t in open_now)
+    newly_open = any(t not in open_before for t in open_now)
     events = _events(row, judged, reasons, "status" in changes, newly_open)
     changes.update(_timestamps(row, judged, reasons, now))
     changes["version"] = row["version"] + 1
@@ -317,7 +331,8 @@ def _rejudge_slice(
         # What the events carry (the status view): the invoice as just written and its payments
         # (with their new roles), not its options; built from the rows in hand, rendered once.
         views = [payment_view(p, tips.get(p["network"]), outcome.payment_roles[p["id"]]) for p in payments]
-        status = orjson.dumps(status_of({**dict(row), **outcome.values}, views))
+        invoice = {"id": invoice_id, "payment_timing": row["payment_timing"], **outcome.values}
+        status = orjson.dumps(status_of(invoice, views))
         by_id = {v["id"]: v for v in views}
         for event_type, payment_id in outcome.events:
             payment = by_id.get(payment_id) if payment_id is not None else None
