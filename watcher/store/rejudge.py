@@ -94,8 +94,8 @@ class Outcome:
 class Batch:
     """What was read for a set of invoices."""
 
-    invoices: dict[str, sqlite3.Row]
-    payments: dict[str, list[sqlite3.Row]]
+    invoices: dict[str, Row]
+    payments: dict[str, list[Row]]
     networks: dict[str, set[str]]
     chain_times: dict[str, int]
 
@@ -110,12 +110,15 @@ INVOICE_COLUMNS = ", ".join(
 
 def read_batch(conn: sqlite3.Connection, invoice_ids: Sequence[str]) -> Batch:
     keys = engine.keys_param(invoice_ids)
-    invoices = {
+    invoices: dict[str, Row] = {
         r["id"]: r
-        for r in conn.execute(f"SELECT {INVOICE_COLUMNS} FROM invoices WHERE {engine.in_keys('id')}", [keys])
+        for r in engine.dict_rows(
+            conn, f"SELECT {INVOICE_COLUMNS} FROM invoices WHERE {engine.in_keys('id')}", [keys]
+        )
     }
-    payments: dict[str, list[sqlite3.Row]] = {i: [] for i in invoice_ids}
-    for p in conn.execute(
+    payments: dict[str, list[Row]] = {i: [] for i in invoice_ids}
+    for p in engine.dict_rows(
+        conn,
         "SELECT p.*, o.amount_atomic AS option_amount FROM payments p JOIN payment_options o ON o.id = "
         "p.option_id "
         f"WHERE {engine.in_keys('p.invoice_id')} "
