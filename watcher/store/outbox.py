@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sqlite_utils import Database
@@ -73,8 +73,7 @@ class Endpoint:
         return "*" in self.events or event_type in self.events
 
 
-@dataclass(frozen=True)
-class NewEvent:
+class NewEvent(NamedTuple):
     """An event to append: `status` is the invoice's status view, already rendered (an invoice
     with several events in one change renders it once); `payment` the payment it is about."""
 
