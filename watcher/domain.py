@@ -239,13 +239,18 @@ class ExceptionView(NamedTuple):
 class Judgement(NamedTuple):
     status: InvoiceStatus
     payment_state: PaymentState
-    received: Fraction  # share of the invoice amount counted
+    share: Share  # of the invoice amount counted
     received_amount: Decimal
     remaining_amount: Decimal
     overpaid_amount: Decimal
     roles: dict[str, Role]
     exception: ExceptionView | None = None
     open_exceptions: tuple[ExceptionType, ...] = ()
+
+    @property
+    def received(self) -> Fraction:
+        """The share of the invoice amount counted, as a fraction in lowest terms."""
+        return Fraction(self.share.num, self.share.den)
 
     def summary(self) -> dict:
         return {
@@ -274,13 +279,13 @@ def judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], *, chain_time
     tolerance_num, tolerance_den = invoice.tolerance_percent.as_integer_ratio()
     # The share that counts as paid: 1 - tolerance / 100.
     threshold = Share(100 * tolerance_den - tolerance_num, 100 * tolerance_den)
-    roles, received, counted = _assign_roles(invoice, payments, threshold)
+    roles, received, all_confirmed = _assign_roles(invoice, payments, threshold)
     fully_paid = received.num > 0 and received.at_least(threshold)
     status = _status(
         invoice,
         received.num == 0,
         fully_paid=fully_paid,
-        all_confirmed=all(p.status == PaymentStatus.CONFIRMED for p in counted),
+        all_confirmed=all_confirmed,
         deadline_passed=(
             chain_time is not None
             and invoice.payable_until is not None
@@ -309,7 +314,7 @@ def judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], *, chain_time
     return Judgement(
         status,
         _payment_state(received, fully_paid),
-        Fraction(received.num, received.den),
+        received,
         _units(received_units, places),
         _units(max(amount_units - received_units, 0), places),
         overpaid,
@@ -349,7 +354,7 @@ def _judge_nothing_to_pay(invoice: InvoiceFacts, payments: Sequence[PaymentFacts
     return Judgement(
         InvoiceStatus.DRAFT if invoice.draft else InvoiceStatus.CONFIRMED,
         PaymentState.EXACT,
-        Fraction(0),
+        Share(0, 1),
         Decimal(0),
         Decimal(0),
         Decimal(0),
@@ -361,17 +366,17 @@ def _judge_nothing_to_pay(invoice: InvoiceFacts, payments: Sequence[PaymentFacts
 
 def _assign_roles(
     invoice: InvoiceFacts, payments: Sequence[PaymentFacts], threshold: Share
-) -> tuple[dict[str, Role], Share, list[PaymentFacts]]:
+) -> tuple[dict[str, Role], Share, bool]:
     """In chain order, each live payment counts until the invoice is paid; after that it is a
     duplicate, and one past the deadline (not accepted late) is late. Returns the roles, the
-    share of the invoice received, and the counted payments."""
+    share of the invoice received, and whether every counted payment is confirmed."""
     accepted_late = _covered(invoice, ResolutionAction.ACCEPT_LATE_PAYMENT) if invoice.resolutions else ()
     live = [p for p in payments if p.status != PaymentStatus.REVERTED]
     if len(live) > 1:
         live.sort(key=lambda p: (p.order or (p.block_timestamp,), p.id))
     roles: dict[str, Role] = {}
     received = Share(0, 1)
-    counted: list[PaymentFacts] = []
+    all_confirmed = True
     payable_until = None if invoice.cancelled else invoice.payable_until
     for p in live:
         if received.num > 0 and received.at_least(threshold):
@@ -380,10 +385,10 @@ def _assign_roles(
         if (payable_until is not None and p.block_timestamp <= payable_until) or p.id in accepted_late:
             roles[p.id] = Role.COUNTED
             received.add(p.amount_atomic, p.option_amount_atomic)
-            counted.append(p)
+            all_confirmed = all_confirmed and p.status == PaymentStatus.CONFIRMED
         else:
             roles[p.id] = Role.LATE
-    return roles, received, counted
+    return roles, received, all_confirmed
 
 
 def _status(
