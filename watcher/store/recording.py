@@ -68,14 +68,16 @@ def plan_recording(
             if r["status"] == PaymentStatus.REVERTED:
                 key = (r["option_id"], r["asset"], r["from_address"], r["to_address"], r["amount_atomic"])
                 reverted.setdefault(key, []).append(r)
-        for m in sorted(transfers, key=lambda m: m.transfer.unique_key):
+        if len(transfers) > 1:
+            transfers.sort(key=lambda m: m.transfer.unique_key)
+        for m in transfers:
             t = m.transfer
             if t.unique_key in live_keys:
                 continue
             option = options.get(m.option_id)
             if option is None:
                 raise LookupError(f"no payment option {m.option_id!r}")
-            same = reverted.get(identity(m, option["asset"]))
+            same = reverted.get(identity(m, option["asset"])) if reverted else None
             if same:
                 row = same.pop(0)
                 plan.revives.append(
