@@ -300,3 +300,63 @@ def test_the_status_read_from_the_row_is_the_status_of_the_whole_invoice(tmp_pat
     last = store.outbox.events_for(paid["id"])[-1]
     assert orjson.loads(last["body"])["data"]["invoice"] == status_view(store.get_invoice(paid["id"]))
     assert store.get_status("inv_nope") is None
+
+
+def test_a_large_step_judges_with_the_collector_paused_and_turns_it_back_on(tmp_path, monkeypatch) -> None:
+    """Judging 150 invoices in a step runs with Python's cyclic collector off (its passes find
+    nothing among the step's rows and views, and cost a tenth of the store's CPU), and the
+    collector is on again afterwards, even when the step fails; a small change leaves it alone."""
+    import gc
+
+    from watcher.store import rejudge
+
+    store = new_store(tmp_path)
+    invoices = [create(store, amount_atomic=1000) for _ in range(150)]
+    seen: list[bool] = []
+    real_slice = rejudge._rejudge_slice
+
+    def watching(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real_slice(*args, **kwargs)
+
+    monkeypatch.setattr(rejudge, "_rejudge_slice", watching)
+    assert gc.isenabled()
+    matched = [
+        MatchedTransfer(
+            Transfer(f"0x{k:064x}", 0, 5, block(5).hash, TOKEN, "0x" + "bb" * 20,
+                     inv["payment_options"][0]["destination_address"], 1000),
+            inv["payment_options"][0]["id"],
+            block(5).timestamp,
+        )
+        for k, inv in enumerate(invoices)
+    ]  # fmt: skip
+    result = store.apply_blocks(NET, [block(5)], matched, confirmed_through=5)
+    assert result.payments_added == 150 and result.invoices_changed == 150
+    assert seen == [False] and gc.isenabled()
+    # Changes of one invoice (the API's) keep the collector on.
+    seen.clear()
+    store.cancel_invoice(create(store)["id"])
+    assert seen == [True, True] and gc.isenabled()  # its creation and its cancellation
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("judging failed")
+
+    more = [create(store, amount_atomic=1000) for _ in range(150)]
+    monkeypatch.setattr(rejudge, "_rejudge_slice", failing)
+    with pytest.raises(RuntimeError):
+        store.apply_blocks(
+            NET,
+            [block(6)],
+            [
+                MatchedTransfer(
+                    Transfer(f"0x{k + 500:064x}", 0, 6, block(6).hash, TOKEN, "0x" + "bb" * 20,
+                             inv["payment_options"][0]["destination_address"], 1000),
+                    inv["payment_options"][0]["id"],
+                    block(6).timestamp,
+                )
+                for k, inv in enumerate(more)
+            ],
+            confirmed_through=6,
+        )  # fmt: skip
+    assert gc.isenabled()
+    assert store.get_invoice(more[0]["id"])["status"] == "pending"  # the step rolled back
