@@ -437,8 +437,11 @@ def _resolved_type(invoice: InvoiceFacts, kind: ExceptionType) -> bool:
 def _open_payment_exceptions(invoice: InvoiceFacts, roles: dict[str, Role]) -> list[ExceptionType]:
     """Late and duplicate payments stay an open exception until a resolution covers them."""
     open_types: list[ExceptionType] = []
-    late = [pid for pid, r in roles.items() if r == Role.LATE]
-    duplicate = [pid for pid, r in roles.items() if r == Role.DUPLICATE]
+    late: list[str] = []
+    duplicate: list[str] = []
+    for pid, role in roles.items():
+        if role != Role.COUNTED:
+            (late if role == Role.LATE else duplicate).append(pid)
     if not (late or duplicate):
         return open_types
     covered: dict[ExceptionType, set[str]] = {
