@@ -145,6 +145,9 @@ def chain_time(networks: set[str], chain_times: Mapping[str, int]) -> int | None
     """The invoice's clock: the earliest of its chains' processed-block times, so a lagging
     chain never lets an invoice expire while a payment on it may still be on time; None while
     one of them has processed nothing."""
+    if len(networks) == 1:  # most invoices: one chain
+        for n in networks:
+            return chain_times.get(n)
     if not networks or any(n not in chain_times for n in networks):
         return None
     return min(chain_times[n] for n in networks)
