@@ -52,7 +52,14 @@ def _reference(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], chain_ti
             and invoice.payable_until is not None
             and chain_time > invoice.payable_until
         )
-        status = _reference_status(invoice, received, fully_paid, all_confirmed, deadline_passed)
+        # The rule from the statuses is not arithmetic: the domain's own, given what was counted.
+        status = domain._status(
+            invoice,
+            received == 0,
+            fully_paid=fully_paid,
+            all_confirmed=all_confirmed,
+            deadline_passed=deadline_passed,
+        )
         places = domain.display_places(invoice.amount)
         received_amount = _quantize_down(received * Fraction(invoice.amount), places)
         remaining = max(invoice.amount - received_amount, Decimal(0))
@@ -115,40 +122,14 @@ def _reference_roles(
     return roles, received, counted
 
 
-def _reference_status(
-    invoice: InvoiceFacts, received: Fraction, fully_paid: bool, all_confirmed: bool, deadline_passed: bool
-) -> InvoiceStatus:
-    if invoice.draft:
-        return InvoiceStatus.DRAFT
-    if fully_paid:
-        return InvoiceStatus.CONFIRMED if all_confirmed else InvoiceStatus.PAID
-    if invoice.cancelled and received == 0:
-        return InvoiceStatus.CANCELLED
-    if not (deadline_passed or invoice.cancelled):
-        return InvoiceStatus.PENDING
-    if received == 0:
-        return InvoiceStatus.EXPIRED
-    if all_confirmed and any(
-        r.action == ResolutionAction.WRITE_OFF_UNDERPAYMENT for r in invoice.resolutions
-    ):
-        return InvoiceStatus.CONFIRMED
-    return InvoiceStatus.UNDERPAID
-
-
 def _reference_open(invoice: InvoiceFacts, roles: dict[str, Role]) -> list[ExceptionType]:
-    covered: dict[ExceptionType, set[str]] = {
-        ExceptionType.LATE_PAYMENT: set(),
-        ExceptionType.DUPLICATE_PAYMENT: set(),
-    }
-    for r in invoice.resolutions:
-        if r.exception_type in covered:
-            covered[r.exception_type] |= r.payment_ids
     out = []
     for kind, role in (
         (ExceptionType.LATE_PAYMENT, Role.LATE),
         (ExceptionType.DUPLICATE_PAYMENT, Role.DUPLICATE),
     ):
-        if any(r == role and pid not in covered[kind] for pid, r in roles.items()):
+        covered = set().union(*(r.payment_ids for r in invoice.resolutions if r.exception_type == kind))
+        if any(r == role and pid not in covered for pid, r in roles.items()):
             out.append(kind)
     return out
 

@@ -302,6 +302,19 @@ def test_the_status_read_from_the_row_is_the_status_of_the_whole_invoice(tmp_pat
     assert store.get_status("inv_nope") is None
 
 
+def _paying(invoices: list[dict], b: BlockRef, first_tx: int) -> list[MatchedTransfer]:
+    """A transfer of 1000 to each invoice's first option, one transaction each, in block `b`."""
+    return [
+        MatchedTransfer(
+            Transfer(f"0x{first_tx + k:064x}", 0, b.number, b.hash, TOKEN, "0x" + "bb" * 20,
+                     inv["payment_options"][0]["destination_address"], 1000),
+            inv["payment_options"][0]["id"],
+            b.timestamp,
+        )
+        for k, inv in enumerate(invoices)
+    ]  # fmt: skip
+
+
 def test_a_large_step_judges_with_the_collector_paused_and_turns_it_back_on(tmp_path, monkeypatch) -> None:
     """Judging 150 invoices in a step runs with Python's cyclic collector off (its passes find
     nothing among the step's rows and views, and cost a tenth of the store's CPU), and the
@@ -321,16 +334,7 @@ def test_a_large_step_judges_with_the_collector_paused_and_turns_it_back_on(tmp_
 
     monkeypatch.setattr(rejudge, "_rejudge_slice", watching)
     assert gc.isenabled()
-    matched = [
-        MatchedTransfer(
-            Transfer(f"0x{k:064x}", 0, 5, block(5).hash, TOKEN, "0x" + "bb" * 20,
-                     inv["payment_options"][0]["destination_address"], 1000),
-            inv["payment_options"][0]["id"],
-            block(5).timestamp,
-        )
-        for k, inv in enumerate(invoices)
-    ]  # fmt: skip
-    result = store.apply_blocks(NET, [block(5)], matched, confirmed_through=5)
+    result = store.apply_blocks(NET, [block(5)], _paying(invoices, block(5), 0), confirmed_through=5)
     assert result.payments_added == 150 and result.invoices_changed == 150
     assert seen == [False] and gc.isenabled()
     # Changes of one invoice (the API's) keep the collector on.
@@ -344,19 +348,6 @@ def test_a_large_step_judges_with_the_collector_paused_and_turns_it_back_on(tmp_
     more = [create(store, amount_atomic=1000) for _ in range(150)]
     monkeypatch.setattr(rejudge, "_rejudge_slice", failing)
     with pytest.raises(RuntimeError):
-        store.apply_blocks(
-            NET,
-            [block(6)],
-            [
-                MatchedTransfer(
-                    Transfer(f"0x{k + 500:064x}", 0, 6, block(6).hash, TOKEN, "0x" + "bb" * 20,
-                             inv["payment_options"][0]["destination_address"], 1000),
-                    inv["payment_options"][0]["id"],
-                    block(6).timestamp,
-                )
-                for k, inv in enumerate(more)
-            ],
-            confirmed_through=6,
-        )  # fmt: skip
+        store.apply_blocks(NET, [block(6)], _paying(more, block(6), 500), confirmed_through=6)
     assert gc.isenabled()
     assert store.get_invoice(more[0]["id"])["status"] == "pending"  # the step rolled back
