@@ -351,3 +351,37 @@ def test_a_large_step_judges_with_the_collector_paused_and_turns_it_back_on(tmp_
         store.apply_blocks(NET, [block(6)], _paying(more, block(6), 500), confirmed_through=6)
     assert gc.isenabled()
     assert store.get_invoice(more[0]["id"])["status"] == "pending"  # the step rolled back
+
+
+def test_finding_a_steps_stored_payments_does_not_read_the_whole_chain(tmp_path) -> None:
+    """Which of a step's transactions are already payments is read by their hashes: the work
+    (SQLite's VM instructions) for one transaction is the same over 10 or 400 stored payments.
+    With the network in the statement, SQLite took the index that starts with the network and
+    read every payment recorded on the chain, at every step."""
+    from watcher.store import recording
+
+    store = new_store(tmp_path)
+    invoices = [create(store, amount_atomic=1000) for _ in range(400)]
+    conn = store.db.conn
+
+    def instructions(tx_hash: str) -> int:
+        count = [0]
+
+        def tick() -> int:
+            count[0] += 1
+            return 0
+
+        conn.set_progress_handler(tick, 10)
+        try:
+            found = recording.read_existing(conn, NET, [tx_hash])
+        finally:
+            conn.set_progress_handler(None, 10)
+        assert [r["tx_hash"] for rows in found.values() for r in rows] == [tx_hash]
+        assert recording.read_existing(conn, "othernet", [tx_hash]) == {}  # by network still
+        return count[0]
+
+    store.apply_blocks(NET, [block(5)], _paying(invoices[:10], block(5), 0), confirmed_through=5)
+    few = instructions(f"0x{3:064x}")
+    store.apply_blocks(NET, [block(6)], _paying(invoices[10:], block(6), 10), confirmed_through=6)
+    many = instructions(f"0x{3:064x}")
+    assert many <= few + 5, (few, many)

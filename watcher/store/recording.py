@@ -124,16 +124,22 @@ REVIVE_PAYMENT = (
 def read_existing(
     conn: sqlite3.Connection, network: str, tx_hashes: Sequence[str]
 ) -> dict[str, list[sqlite3.Row]]:
-    """The stored payments of these transactions on `network`, by transaction, in log-key order."""
+    """The stored payments of these transactions on `network`, by transaction, in log-key order.
+
+    Found by their hashes alone (`payments_tx`), the network checked on the rows found: with
+    `network = ?` in the statement, SQLite's planner took the index that starts with the network
+    and read every payment ever recorded on the chain, each step (4.5 ms for a one-payment step
+    over 15,000 stored payments, growing with the store). The same hash on another chain is rare,
+    and a few rows."""
     out: dict[str, list[sqlite3.Row]] = {}
     rows = conn.execute(
         "SELECT id, invoice_id, status, log_key, option_id, asset, from_address, to_address, amount_atomic, "
-        f"tx_hash FROM payments WHERE network = ? AND {engine.in_keys('tx_hash')} ORDER BY tx_hash, "
-        "log_key, id",
-        [network, engine.keys_param(tx_hashes)],
+        f"tx_hash, network FROM payments WHERE {engine.in_keys('tx_hash')} ORDER BY tx_hash, log_key, id",
+        [engine.keys_param(tx_hashes)],
     )
     for r in rows:
-        out.setdefault(r["tx_hash"], []).append(r)
+        if r["network"] == network:
+            out.setdefault(r["tx_hash"], []).append(r)
     return out
 
 
