@@ -385,3 +385,41 @@ def test_finding_a_steps_stored_payments_does_not_read_the_whole_chain(tmp_path)
     store.apply_blocks(NET, [block(6)], _paying(invoices[10:], block(6), 10), confirmed_through=6)
     many = instructions(f"0x{3:064x}")
     assert many <= few + 5, (few, many)
+
+
+def test_a_reorg_reverts_the_payments_above_the_ancestor_without_reading_the_older_ones(tmp_path) -> None:
+    """Undoing a reorg reads the live payments above the common ancestor by the index, however
+    many older payments the chain has (SQLite's VM instructions counted): with "status !=
+    'reverted'" it walked every payment of the network. Each status is reverted as before."""
+    store = new_store(tmp_path)
+    invoices = [create(store, amount_atomic=1000) for _ in range(401)]
+    conn = store.db.conn
+
+    def revert_counting(ancestor: BlockRef) -> tuple[list[str], int]:
+        """The ids reverted, and the instructions of the statement that finds them."""
+        count = [0]
+        current = [""]
+
+        def tick() -> int:
+            count[0] += current[0].startswith("UPDATE payments SET status = 'reverted'")
+            return 0
+
+        conn.set_trace_callback(lambda sql: current.__setitem__(0, sql))
+        conn.set_progress_handler(tick, 1)
+        try:
+            return store.revert_to(NET, ancestor), count[0]
+        finally:
+            conn.set_progress_handler(None, 1)
+            conn.set_trace_callback(None)
+
+    store.apply_blocks(NET, [block(5)], _paying(invoices[:1], block(5), 0), confirmed_through=5)
+    store.apply_blocks(NET, [block(6)], _paying(invoices[1:2], block(6), 1), confirmed_through=5)
+    assert {r[0] for r in conn.execute("SELECT status FROM payments")} == {"confirmed", "detected"}
+    reverted, few = revert_counting(block(4))
+    assert len(reverted) == 2  # the confirmed one and the detected one
+    store.apply_blocks(NET, [block(5)], _paying(invoices[2:400], block(5), 2), confirmed_through=5)
+    store.apply_blocks(NET, [block(6)], _paying(invoices[400:], block(6), 400), confirmed_through=5)
+    reverted, many = revert_counting(block(5))
+    assert len(reverted) == 1  # the detected one above block 5; the 398 below it stay
+    assert conn.execute("SELECT COUNT(*) FROM payments WHERE status = 'confirmed'").fetchone()[0] == 398
+    assert many <= few * 3, (few, many)

@@ -851,9 +851,13 @@ class Store:
         floor = ancestor.number
         with self.db.atomic():
             conn = self.db.conn
+            # The live statuses named, not "!= 'reverted'": each is then a range of the
+            # (network, status, block_number) index above the ancestor, not every payment the
+            # chain ever had.
             orphaned = conn.execute(
                 "UPDATE payments SET status = 'reverted', confirmed_at = NULL "
-                "WHERE network = ? AND block_number > ? AND status != 'reverted' RETURNING id, invoice_id",
+                "WHERE network = ? AND block_number > ? AND status IN ('detected', 'confirmed') "
+                "RETURNING id, invoice_id",
                 [network, floor],
             ).fetchall()
             orphaned.sort(key=lambda r: r["id"])
