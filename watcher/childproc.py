@@ -1,0 +1,285 @@
+"""A part of the daemon in a process of its own: the daemon's side supervises it, the child's
+side runs it. The webhook dispatcher (dispatchproc.py) and the follower (followproc.py) run
+this way under `watcher run`, so that each has a core and a GIL of its own and the API's
+process is left to the API (BENCHMARKS.md, issue 13).
+
+The daemon starts `python -m <module>` in a session of its own (a Ctrl-C on the terminal
+reaches the daemon, which stops it) and talks to it in JSON lines:
+
+- to the child, on its stdin: first `{"start": {...}}` (never on its command line: it may hold
+  secrets, and the variables that hold them are left out of its environment), then whatever
+  the part needs. End of input stops the child (the daemon stopping, or dead). SIGTERM
+  (systemd signals the whole control group) does the same and exits `EXIT_SIGNALLED`.
+- from the child, on its stdout: reports, which the part's daemon side reads.
+
+Its log lines go to the daemon's stderr (the journal), in the daemon's format, with the same
+redaction. A child that exits on its own is started again after a pause (`RESTART_DELAYS`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+import orjson
+import structlog
+
+log = structlog.get_logger("watcher.childproc")
+
+# Pauses before starting the child again after it exited on its own (the last one repeats).
+RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
+# A child that ran this long before it exited starts again after the first pause.
+HEALTHY_RUN_SECONDS = 60.0
+# Environment variables the child must not see: the daemon alone speaks to systemd.
+PARENT_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+# A line longer than this is not one of ours (it is dropped, not parsed).
+MAX_LINE = 1 << 20
+# The child's exit codes: stopped by a signal (systemd's SIGTERM to the whole service, which the
+# daemon gets too), or a database whose schema is not this code's (another version migrated it).
+EXIT_SIGNALLED = 3
+EXIT_SCHEMA = 4
+
+Report = dict[str, Any]
+
+
+class ChildProcess:
+    """The daemon's side: starts the child, hands it messages, passes on what it reports, and
+    starts it again when it dies. `name` prefixes the log events (`<name>_exited`, ...)."""
+
+    def __init__(
+        self,
+        module: str,
+        name: str,
+        *,
+        start: Callable[[], Report],
+        on_report: Callable[[Report], None],
+        on_running: Callable[[bool], None] | None = None,
+        on_gone: Callable[[int | None, float], None] | None = None,
+        secret_env: Iterable[str] = (),
+        restart_delays: Sequence[float] = RESTART_DELAYS,
+        stop_timeout: float,
+    ) -> None:
+        """``start()``: the first message of each child. ``on_running(True)`` hears of each
+        child started, ``on_running(False)`` of each that exited on its own (not of the stop);
+        ``on_gone(code, restart_in)`` of every child gone, after its last report.
+        ``secret_env``: the environment variables that hold secrets (left out of its environment)."""
+        self.module = module
+        self.name = name
+        self.start = start
+        self.on_report = on_report
+        self.on_running = on_running
+        self.on_gone = on_gone
+        self.secret_env = set(secret_env)
+        self.restart_delays = tuple(restart_delays) or RESTART_DELAYS
+        self.stop_timeout = stop_timeout
+        self.process: asyncio.subprocess.Process | None = None
+        self.starts = 0  # children started so far
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def send(self, message: Report) -> None:
+        """A line to the running child (none to a child gone: the next gets `start()`)."""
+        process = self.process
+        if process is None or process.stdin is None or process.stdin.is_closing():
+            return
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            process.stdin.write(orjson.dumps(message) + b"\n")
+
+    def unread(self) -> bool:
+        """The child has not read everything sent to it yet."""
+        stdin = None if self.process is None else self.process.stdin
+        return stdin is not None and stdin.transport.get_write_buffer_size() > 0
+
+    async def close(self) -> None:
+        """Kill the child if it is still there (`run` normally ends it gracefully first)."""
+        process = self.process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Keep a child running until `stopping`; then stop it and wait for it (killed after
+        `stop_timeout`)."""
+        self.loop = asyncio.get_running_loop()
+        failures = 0
+        while not stopping.is_set():
+            started = time.monotonic()
+            try:
+                code = await self._run_child(stopping)
+            except OSError as exc:  # the interpreter cannot be started (the machine is out of something)
+                log.error(f"{self.name}_unstartable", error=str(exc))
+                code = None
+            failures = 0 if time.monotonic() - started >= HEALTHY_RUN_SECONDS else failures + 1
+            delay = self.restart_delays[min(max(failures - 1, 0), len(self.restart_delays) - 1)]
+            if self.on_gone is not None:
+                self.on_gone(code, 0.0 if stopping.is_set() else delay)
+            if stopping.is_set():
+                return
+            if code == EXIT_SIGNALLED:  # systemd's SIGTERM to the service: the daemon's comes too
+                log.info(f"{self.name}_signalled", restart_in_seconds=delay)
+            else:
+                if self.on_running is not None:
+                    self.on_running(False)
+                log.error(f"{self.name}_exited", code=code, restart_in_seconds=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=delay)
+
+    def _environment(self) -> dict[str, str]:
+        hidden = {*PARENT_ONLY_ENV, *self.secret_env}
+        return {k: v for k, v in os.environ.items() if k not in hidden}
+
+    async def _run_child(self, stopping: asyncio.Event) -> int | None:
+        self.process = process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            self.module,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=self._environment(),
+            limit=MAX_LINE,
+            start_new_session=True,  # a terminal's Ctrl-C reaches the daemon, which stops it
+        )
+        self.starts += 1
+        if self.on_running is not None:
+            self.on_running(True)
+        self.send({"start": self.start()})
+        reports = asyncio.create_task(self._read_reports(process), name=f"{self.name}-reports")
+        stop = asyncio.create_task(stopping.wait())
+        try:
+            await asyncio.wait([reports, stop], return_when=asyncio.FIRST_COMPLETED)
+            if stopping.is_set():
+                await self._stop_child(process)
+            await reports  # its output read to the end: every report counted
+            return await process.wait()
+        finally:
+            stop.cancel()
+            if not reports.done():
+                reports.cancel()
+            if process.returncode is None:  # cancelled: no time to be graceful
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+
+    async def _stop_child(self, process: asyncio.subprocess.Process) -> None:
+        """End of input tells the child to stop; it gets `stop_timeout` to end its work."""
+        if process.stdin is not None:
+            process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), timeout=self.stop_timeout)
+        except TimeoutError:
+            log.warning(f"{self.name}_killed", after_seconds=self.stop_timeout)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+
+    async def _read_reports(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        while True:
+            try:
+                line = await process.stdout.readline()
+            except ValueError:  # longer than MAX_LINE: not one of ours
+                continue
+            if not line:
+                return
+            try:
+                self.on_report(orjson.loads(line))
+            except (orjson.JSONDecodeError, TypeError, ValueError, KeyError, IndexError):
+                log.warning(f"{self.name}_report_unread", line=line[:200].decode(errors="replace"))
+
+
+# ---------------------------------------------------------------------- the child's side
+
+
+def report(message: Report) -> None:
+    """A line to the daemon, on stdout."""
+    with contextlib.suppress(BrokenPipeError):  # the daemon is gone: the child is stopping anyway
+        sys.stdout.buffer.write(orjson.dumps(message) + b"\n")
+        sys.stdout.buffer.flush()
+
+
+def hide(hidden: Iterable[str], urls: Iterable[str]) -> None:
+    """What the child's log lines must never show: the secrets, and the credentials in URLs."""
+    from .logs import register_secrets
+    from .redaction import register_urls
+
+    register_secrets(list(hidden))
+    register_urls(list(urls))
+
+
+async def listen(
+    name: str,
+    lines: asyncio.StreamReader,
+    stopping: asyncio.Event,
+    apply: Callable[[Report], None],
+) -> None:
+    """Apply each later line from the daemon; at end of input, stop the child (it never
+    outlives the daemon)."""
+    try:
+        while not stopping.is_set():
+            line = await lines.readline()
+            if not line:
+                return  # the daemon closed our input, or died
+            try:
+                apply(orjson.loads(line))
+            except Exception as exc:  # a line cut short or not ours: the next may be fine
+                log.warning(f"{name}_message_unread", error=str(exc))
+    except Exception:
+        log.exception(f"{name}_input_failed")
+    finally:
+        stopping.set()
+
+
+ChildBody = Callable[[Report, asyncio.StreamReader, asyncio.Event], Awaitable[None]]
+
+
+async def child_main(name: str, body: ChildBody, preload: Callable[[], None] = lambda: None) -> int:
+    """The child's life: signals, the first line, logging as the daemon logs, then `body`.
+    `preload` imports what the body needs before the interpreter's freeze (interpreter.tune)."""
+    stopping = asyncio.Event()
+    signalled = []
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        signalled.append(True)
+        stopping.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):  # first thing: a signal during start-up is a stop too
+        loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the daemon reloads and tells the child
+    lines = asyncio.StreamReader(limit=MAX_LINE, loop=loop)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(lines, loop=loop), sys.stdin)
+    first = await lines.readline()
+    if not first:
+        return 0  # the daemon went away before it said anything
+    start = orjson.loads(first)["start"]
+
+    from . import interpreter
+    from .logs import configure_logging
+    from .store.core import SchemaMismatch
+
+    preload()
+    configure_logging(start["log_format"], start["log_level"])
+    hide(start.get("hidden", ()), start.get("urls", ()))
+    interpreter.tune()  # as the daemon does: the store's writes run on a writer thread
+    try:
+        await body(start, lines, stopping)
+    except SchemaMismatch as exc:  # another version's database: the daemon must be restarted
+        log.error(f"{name}_wrong_schema", error=str(exc))
+        return EXIT_SCHEMA
+    except Exception as exc:  # one line in the journal, and the daemon starts another child
+        log.exception(f"{name}_crashed", error=str(exc))
+        return 1
+    return EXIT_SIGNALLED if signalled else 0
+
+
+def run_child(module: str, name: str, body: ChildBody, preload: Callable[[], None] = lambda: None) -> int:
+    """`python -m <module>`: only the daemon starts it."""
+    if sys.stdin.isatty():
+        print(f"{module} is started by `watcher run`, not by hand", file=sys.stderr)
+        return 2
+    return asyncio.run(child_main(name, body, preload))
