@@ -240,7 +240,7 @@ def _run(settings: Settings, **service_args: object) -> int:
 
     async def go() -> None:
         # Webhooks go out from a process of their own (watcher/dispatchproc.py): another core.
-        service = Service(settings, dispatcher_process=True, **service_args)  # type: ignore[arg-type]
+        service = Service(settings, dispatcher_process=True, follower_process=True, **service_args)  # type: ignore[arg-type]
         await service.run_until_signalled()
 
     try:

@@ -62,6 +62,11 @@ class ReorgTooDeep(ChainStopped):
     node of another chain. Confirmed payments may be gone; a person must look."""
 
 
+def reorg_depth(confirmations: int | str) -> int:
+    """How deep reorgs are expected to go: the confirmations, or 64 blocks with "finalized"."""
+    return confirmations if isinstance(confirmations, int) else 64
+
+
 @dataclass
 class FollowerStatus:
     head_block: int | None = None
@@ -116,7 +121,7 @@ class Follower:
         self.tokens = [t.lower() for t in tokens]
         self.confirmations = confirmations
         # How deep reorgs are expected to go: headers are linked one by one above this depth.
-        self.depth = confirmations if isinstance(confirmations, int) else 64
+        self.depth = reorg_depth(confirmations)
         # Blocks remembered below the checkpoint; with "finalized", also everything above the finalized block.
         self.window = max(MIN_WINDOW, self.depth + WINDOW_MARGIN)
         self.max_batch = max(1, max_batch)

@@ -2,7 +2,8 @@
 the tests), counters fed by hooks in the follower, the reader and the dispatcher, and gauges
 read at scrape time from the followers and the store.
 
-Every name starts with `watcher_`. Counters count events in this process since it started;
+Every name starts with `watcher_`. Counters count events since the daemon started (under `watcher
+run` the follower counts in a process of its own and reports them: `relayed`);
 gauges that describe stored state (invoices by status, the outbox backlog) are read from the
 database on each scrape, so they are right after a restart too.
 """
@@ -40,6 +41,21 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 # (network, head_block, last_processed_block, lag_blocks, last_head_at unix seconds); None: not known yet.
 ChainRow = tuple[str, int | None, int | None, int | None, float | None]
+
+
+# The counters the follower's process feeds (followproc.CountsRelay has the same hooks as Metrics).
+RELAYED_COUNTERS = frozenset(
+    {
+        "rpc_calls",
+        "rpc_errors",
+        "rpc_endpoint_failures",
+        "rpc_failovers",
+        "follower_step_failures",
+        "blocks_processed",
+        "payments_recorded",
+        "pruned",
+    }
+)
 
 
 class RpcCounter:
@@ -163,6 +179,17 @@ class Metrics:
             "Times the webhook dispatcher's process exited on its own (and was started again).",
             registry=r,
         )
+        self.follower_process_up = Gauge(
+            "watcher_follower_process_up",
+            "1 while the followers' process runs, 0 while the daemon waits to start it again after "
+            "it exited (only under `watcher run`, where it has a process of its own).",
+            registry=r,
+        )
+        self.follower_process_exits = Counter(
+            "watcher_follower_process_exits",
+            "Times the followers' process exited on its own (and was started again).",
+            registry=r,
+        )
 
     # ------------------------------------------------------------------ hooks
 
@@ -205,6 +232,19 @@ class Metrics:
         self.webhook_dispatcher_up.set(1 if up else 0)
         if not up:
             self.webhook_dispatcher_exits.inc()
+
+    def follower_process(self, up: bool) -> None:
+        """`followproc.FollowerProcess`'s hook: its child started (True) or exited on its own."""
+        self.follower_process_up.set(1 if up else 0)
+        if not up:
+            self.follower_process_exits.inc()
+
+    def relayed(self, counts: Iterable[tuple[str, Sequence[str], float]]) -> None:
+        """What the follower's process counted: (counter, its labels, increment) each."""
+        for name, labels, amount in counts:
+            if name not in RELAYED_COUNTERS:
+                raise KeyError(name)
+            getattr(self, name).labels(*labels).inc(amount)
 
     def webhook_breaker(self, endpoint: str, paused: bool) -> None:
         """`webhooks.Dispatcher`'s hook; `endpoint` is already shown without credentials."""

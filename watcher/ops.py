@@ -28,6 +28,7 @@ from .api import PROBLEM, Problem, invalid, json_response, query_int, read_json,
 from .config import EVENT_TYPES, Settings, strip_credentials
 from .domain import rfc3339
 from .follower import Follower
+from .followproc import RemoteFollower
 from .metrics import CONTENT_TYPE_LATEST, ChainRow, Metrics
 from .openapi import Operation
 from .redaction import Redactor
@@ -50,7 +51,7 @@ class Ops:
         self,
         settings: Settings,
         store: Store,
-        followers: Mapping[str, Follower],
+        followers: Mapping[str, Follower | RemoteFollower],
         readers: Mapping[str, Any],
         *,
         heads: Mapping[str, Any] | None = None,
@@ -75,8 +76,10 @@ class Ops:
 
     def rpc_url(self, name: str) -> str:
         """The URL the chain's reader talks to, credentials stripped."""
-        transport = getattr(self.readers.get(name), "transport", None)
-        url = getattr(transport, "url", None)
+        url = getattr(self.followers.get(name), "rpc_url", None)  # the followers' process says
+        if not isinstance(url, str):
+            transport = getattr(self.readers.get(name), "transport", None)
+            url = getattr(transport, "url", None)
         if not isinstance(url, str):
             url = next(c.rpc_urls[0] for c in self.settings.chains if c.name == name)
         return strip_credentials(url)
@@ -207,7 +210,7 @@ class Ops:
         }
 
 
-def _watch_set_loading(follower: Follower | None) -> list[str]:
+def _watch_set_loading(follower: Follower | RemoteFollower | None) -> list[str]:
     """Why a chain is not ready while its watch set loads (watchload): how far it is."""
     if follower is None or follower.watch.loaded:
         return []

@@ -26,13 +26,14 @@ from .apidocs import OPERATIONS as DOCS_OPERATIONS
 from .apidocs import add_docs_routes
 from .auth import FAILURES_PER_SECOND, ApiKey
 from .chain import ChainReader, HttpTransport, JsonRpcReader, RpcError, Transport
-from .chain.failover import FailoverTransport
 from .chain.heads import HeadSubscriber
+from .chainwiring import chain_follower, node_reader
 from .config import ChainSettings, ConfigError, Settings, load_settings, strip_credentials
 from .deposits_api import OPERATIONS as DEPOSIT_OPERATIONS
 from .deposits_api import add_deposit_balance_routes
 from .dispatchproc import DispatcherProcess
-from .follower import Follower, Rails
+from .follower import Follower
+from .followproc import FollowerProcess, RemoteFollower
 from .genesis import WrongChain, node_genesis, wrong_chain_message
 from .httpserver import Listener, harden, listen
 from .invoicing import Invoicing
@@ -131,12 +132,15 @@ class Service:
         auth_failures_per_second: int | None = FAILURES_PER_SECOND,
         prune_interval: float = PRUNE_INTERVAL,
         dispatcher_process: bool = False,
+        follower_process: bool = False,
     ) -> None:
         """``config_path`` is the file SIGHUP re-reads (None: nothing to reload, as in the
         sandbox); ``env`` is where its secrets are looked up (default: the process's).
         ``dispatcher_process``: webhooks are delivered by a process of their own
         (watcher/dispatchproc.py), as `watcher run` does; else on this loop (most tests: a
-        child cannot share their clock)."""
+        child cannot share their clock). ``follower_process``: the chains are followed by a
+        process of their own (watcher/followproc.py), as `watcher run` does; never with a sandbox,
+        whose chain lives in this process."""
         self.settings = settings
         self.config_path = None if config_path is None else os.fspath(config_path)
         self.env = env
@@ -152,9 +156,11 @@ class Service:
         self.expiry_interval = expiry_interval
         self.prune_interval = prune_interval
         self.dispatcher_process = dispatcher_process and settings.database != MEMORY
+        self.follower_process = follower_process and sandbox is None and settings.database != MEMORY
         self.stopping = asyncio.Event()
         self.store: Store | None = None
-        self.followers: dict[str, Follower] = {}
+        self.followers: dict[str, Follower | RemoteFollower] = {}
+        self.follower_child: FollowerProcess | None = None  # with follower_process
         self.heads: dict[str, HeadSubscriber] = {}
         self.dispatcher: Dispatcher | DispatcherProcess | None = None
         self._transports: list[Transport] = []
@@ -176,21 +182,13 @@ class Service:
     # ------------------------------------------------------------------ start
 
     def _reader_for(self, chain: ChainSettings) -> ChainReader:
-        name = chain.name
-        if self.sandbox is not None and name == self.sandbox.network:
-            transport: Transport = self.sandbox.transport
-        else:
-            shown = [strip_credentials(u) for u in chain.rpc_urls]  # as on_switch names them
-            transport = FailoverTransport(
-                chain.rpc_urls,
-                timeout=RPC_TIMEOUT,
-                on_switch=lambda old, new, reason: self.metrics.endpoint_switched(
-                    name, "back" if shown.index(new) < shown.index(old) else "over"
-                ),
-                on_failure=lambda kind: self.metrics.endpoint_failed(name, kind),
+        if self.sandbox is not None and chain.name == self.sandbox.network:
+            return JsonRpcReader(
+                self.sandbox.transport, self.metrics.rpc(chain.name), max_batch=chain.max_batch
             )
-            self._transports.append(transport)
-        return JsonRpcReader(transport, self.metrics.rpc(name), max_batch=chain.max_batch)
+        reader = node_reader(chain, self.metrics, RPC_TIMEOUT)
+        self._transports.append(reader.transport)
+        return reader
 
     async def _check_nodes(
         self, index: int, chain: ChainSettings, reader: ChainReader
@@ -290,7 +288,7 @@ class Service:
         )
         return False
 
-    def _heads_for(self, chain: ChainSettings, follower: Follower) -> HeadSubscriber | None:
+    def _heads_for(self, chain: ChainSettings, follower: Follower | RemoteFollower) -> HeadSubscriber | None:
         """newHeads over WebSocket when the chain has a ws_url: the follower looks at once
         instead of at its next poll (which goes on regardless, so a dead socket loses nothing)."""
         if chain.ws_url is None or (self.sandbox is not None and chain.name == self.sandbox.network):
@@ -331,8 +329,12 @@ class Service:
         self.store = store = self._open_store()
         store.outbox.set_endpoints(Endpoint(w.url, tuple(w.events)) for w in s.webhooks)
         readers = {chain.name: self._reader_for(chain) for chain in s.chains}
+        if self.follower_process:
+            self.follower_child = self._follower_process_for(store)
+            self.followers.update(self.follower_child.followers)
         for chain in s.chains:
-            self.followers[chain.name] = self._follower_for(chain, readers[chain.name])
+            if not self.follower_process:
+                self.followers[chain.name] = self._follower_for(chain, readers[chain.name])
             if (heads := self._heads_for(chain, self.followers[chain.name])) is not None:
                 self.heads[chain.name] = heads
         self.dispatcher = self._dispatcher_for(store)
@@ -390,29 +392,46 @@ class Service:
             on_breaker=self.metrics.webhook_breaker,
         )
 
+    def _follower_process_for(self, store: Store) -> FollowerProcess:
+        """The chains followed by a process of their own; what it reports lands here as if this
+        process's followers and store had done it (metrics, the page's feed, the dispatcher)."""
+        s = self.settings
+
+        def invoice_changed(invoice_id: str) -> None:
+            for listener in store.outbox.event_listeners:
+                listener(invoice_id)
+
+        def blocks_applied(network: str) -> None:
+            for listener in store.block_listeners:
+                listener(network)
+
+        return FollowerProcess(
+            s.database,
+            s.chains,
+            log_choice=self._log_choice,
+            rpc_timeout=RPC_TIMEOUT,
+            endpoints=store.outbox.endpoints,
+            hidden=_secrets_of(s),
+            urls=_urls_of(s),
+            secret_env=_secret_env_of(s),
+            checkout_base_url=s.checkout.public_base_url if s.checkout is not None else None,
+            unwatch_days=s.retention.watch_closed_invoices_days,
+            prune_interval=self.prune_interval,
+            on_counts=self.metrics.relayed,
+            on_invoice_changed=invoice_changed,
+            on_blocks_applied=blocks_applied,
+            on_queued=lambda: self.dispatcher.wake() if self.dispatcher is not None else None,
+            on_running=self.metrics.follower_process,
+        )
+
     def _starting(self, what: str) -> None:
         """A start-up step: `/readyz` and `systemctl status` say what the daemon waits for."""
         self.starting.step(what)
         self.notifier.status(f"starting: {what}")
 
     def _follower_for(self, chain: ChainSettings, reader: ChainReader) -> Follower:
-        return Follower(
-            network=chain.name,
-            reader=reader,
-            store=self.store,  # type: ignore[arg-type]  # opened by start() first
-            tokens=[a.contract for a in chain.assets if a.kind == "erc20" and a.contract],
-            confirmations=chain.confirmations,
-            start_block=chain.start_block,
-            poll_interval=chain.poll_interval_seconds,
-            clock=self.clock,
-            metrics=self.metrics,
-            rails=Rails(
-                native=any(a.kind == "native" for a in chain.assets),
-                internal_transfers=chain.internal_transfers,
-            ),
-            max_batch=chain.max_batch,
-            trust_logs_bloom=chain.trust_logs_bloom,
-        )
+        assert self.store is not None  # opened by start() first
+        return chain_follower(chain, reader, self.store, self.metrics, self.clock)  # type: ignore[arg-type]
 
     async def _check_chains(self, readers: Mapping[str, ChainReader]) -> None:
         """Every chain's nodes serve the configured chain (chain id, genesis); the geneses seen
@@ -481,10 +500,15 @@ class Service:
     def _start_loops(self, store: Store) -> None:
         """The followers, the newHeads subscribers, the dispatcher, the sandbox's miner, the jobs."""
         assert self.dispatcher is not None and self.rates is not None
-        for follower in self.followers.values():
+        if self.follower_child is not None:
             self._tasks.append(
-                asyncio.create_task(follower.run(self.stopping), name=f"follower:{follower.network}")
+                asyncio.create_task(self.follower_child.run(self.stopping), name="follower-process")
             )
+        for follower in self.followers.values():
+            if isinstance(follower, Follower):
+                self._tasks.append(
+                    asyncio.create_task(follower.run(self.stopping), name=f"follower:{follower.network}")
+                )
         for name, heads in self.heads.items():
             self._tasks.append(asyncio.create_task(heads.run(self.stopping), name=f"heads:{name}"))
         self._tasks.append(asyncio.create_task(self.dispatcher.run(self.stopping), name="dispatcher"))
@@ -497,7 +521,12 @@ class Service:
             clock=self.clock,
             on_pruned=self.metrics.rows_pruned,
             prune_interval=self.prune_interval,
-            watch_sets=lambda: {name: f.watch for name, f in self.followers.items() if f.watch.loaded},
+            # The followers' process drops those options from its own watch sets.
+            watch_sets=lambda: {
+                name: f.watch
+                for name, f in self.followers.items()
+                if isinstance(f, Follower) and f.watch.loaded
+            },
         )
         self.rates.schedule(self._scheduler)
         self._scheduler.start()
@@ -634,6 +663,8 @@ class Service:
             self._runner = None
 
     async def _close_resources(self) -> None:
+        if self.follower_child is not None:
+            await self.follower_child.close()
         if self.dispatcher is not None:
             await self.dispatcher.close()
         if self.rates is not None:
@@ -668,6 +699,32 @@ class Service:
         finally:
             self.notifier.ready(self.status_line())
 
+    def _apply_reload(self, new: Settings, choice: tuple[str | None, str]) -> None:
+        """The new endpoints, secrets and log settings, here and in the processes of their own."""
+        assert self.store is not None and self.dispatcher is not None
+        register_secrets(_secrets_of(new))
+        register_urls(_urls_of(new))
+        self.store.outbox.set_endpoints(Endpoint(w.url, tuple(w.events)) for w in new.webhooks)
+        if self.follower_child is not None:  # its steps queue the deliveries of the events they append
+            self.follower_child.set_endpoints(self.store.outbox.endpoints)
+            self.follower_child.set_hidden(_secrets_of(new), _urls_of(new), _secret_env_of(new))
+        if isinstance(self.dispatcher, DispatcherProcess):
+            self.dispatcher.set_secrets(
+                {w.url: w.secret for w in new.webhooks},
+                hidden=_secrets_of(new),
+                urls=_urls_of(new),
+                secret_env=_secret_env_of(new),
+            )
+        else:
+            self.dispatcher.set_secrets({w.url: w.secret for w in new.webhooks})
+        if choice != self._log_choice:
+            configure_logging(*choice)
+            self._log_choice = choice
+            if isinstance(self.dispatcher, DispatcherProcess):
+                self.dispatcher.set_logging(choice)
+            if self.follower_child is not None:
+                self.follower_child.set_logging(choice)
+
     def _reload(self) -> bool:
         assert self.store is not None and self.dispatcher is not None
         try:
@@ -701,23 +758,7 @@ class Service:
         if choice[0] != self._log_choice[0]:
             changes["log_format"] = f"{self._log_choice[0] or 'auto'} -> {choice[0] or 'auto'}"
 
-        register_secrets(_secrets_of(new))
-        register_urls(_urls_of(new))
-        self.store.outbox.set_endpoints(Endpoint(w.url, tuple(w.events)) for w in new.webhooks)
-        if isinstance(self.dispatcher, DispatcherProcess):
-            self.dispatcher.set_secrets(
-                {w.url: w.secret for w in new.webhooks},
-                hidden=_secrets_of(new),
-                urls=_urls_of(new),
-                secret_env=_secret_env_of(new),
-            )
-        else:
-            self.dispatcher.set_secrets({w.url: w.secret for w in new.webhooks})
-        if choice != self._log_choice:
-            configure_logging(*choice)
-            self._log_choice = choice
-            if isinstance(self.dispatcher, DispatcherProcess):
-                self.dispatcher.set_logging(choice)
+        self._apply_reload(new, choice)
         update = {key: getattr(new, key) for key in RELOADABLE}
         self.settings = old.model_copy(update=update)
         log.info(
