@@ -143,6 +143,7 @@ class FollowerProcess:
         self.on_invoice_changed = on_invoice_changed
         self.on_blocks_applied = on_blocks_applied
         self.on_queued = on_queued
+        self.released = False  # the daemon's checks of the nodes passed: the followers may step
         self.followers = {c.name: RemoteFollower(c, self.wake) for c in self.chains}
         for follower in self.followers.values():
             follower.gone("the followers' process has not started yet")
@@ -161,6 +162,13 @@ class FollowerProcess:
     @property
     def process(self) -> asyncio.subprocess.Process | None:
         return self.child.process
+
+    def release(self) -> None:
+        """The nodes serve the configured chains (the daemon checked their chain ids and
+        geneses): the followers may step. Until then a child only imports and loads its watch
+        sets, so that its start-up overlaps the daemon's."""
+        self.released = True
+        self.child.send({"go": 1})
 
     def wake(self, network: str) -> None:
         """A new head on `network` (newHeads): its follower looks now, not at its next poll."""
@@ -198,6 +206,7 @@ class FollowerProcess:
             "database": self.database,
             "chains": [c.model_dump(mode="json") for c in self.chains],
             "rpc_timeout": self.rpc_timeout,
+            "go": self.released,
             "endpoints": self.endpoints,
             "log_format": self.log_choice[0],
             "log_level": self.log_choice[1],
@@ -395,6 +404,20 @@ async def _unwatch_forever(
                 log.exception("unwatch_failed")
 
 
+async def _follow(follower: Any, go: asyncio.Event, stopping: asyncio.Event) -> None:
+    """Load the watch set at once, step once the daemon says the nodes passed its checks."""
+    await follower.load_watch_set(stopping)
+    waiting = asyncio.create_task(stopping.wait())
+    released = asyncio.create_task(go.wait())
+    try:
+        await asyncio.wait([waiting, released], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+        released.cancel()
+    if go.is_set() and not stopping.is_set():
+        await follower.run(stopping)
+
+
 def _apply(message: dict[str, Any], store: Any, followers: dict[str, Any]) -> None:
     """A line from the daemon: a new head, the endpoints, log settings, what logs must hide."""
     from .logs import configure_logging
@@ -429,13 +452,21 @@ async def _child(start: dict[str, Any], lines: asyncio.StreamReader, stopping: a
         store.outbox.event_listeners.append(reporter.invoice_changed)
         store.block_listeners.append(reporter.blocks_applied)
 
+    go = asyncio.Event()
+    if start["go"]:
+        go.set()
+
     def apply(message: dict[str, Any]) -> None:
+        if "go" in message:
+            go.set()
         _apply(message, store, followers)
 
-    tasks = [asyncio.create_task(f.run(stopping), name=f"follower:{n}") for n, f in followers.items()]
     helpers = [
         asyncio.create_task(childproc.listen(NAME, lines, stopping, apply)),
         asyncio.create_task(reporter.run(stopping)),
+    ]
+    tasks = [
+        asyncio.create_task(_follow(f, go, stopping), name=f"follower:{n}") for n, f in followers.items()
     ]
     if start["unwatch_days"]:
         helpers.append(asyncio.create_task(_unwatch_forever(start, store, followers, reporter, stopping)))

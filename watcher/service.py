@@ -343,6 +343,10 @@ class Service:
         self.rates = running_rate_book(s, transports, self.metrics, clock=self.clock)
         try:
             await self._serve_api(store, readers, transports)
+            if self.follower_child is not None:  # its start-up (imports, watch sets) beside the checks below
+                self._tasks.append(
+                    asyncio.create_task(self.follower_child.run(self.stopping), name="follower-process")
+                )
             self._starting("reading the system's CA certificates (TLS to the nodes and endpoints)")
             await asyncio.to_thread(clienttls.build_contexts)  # before the first TLS connection
             await self._check_chains(readers)
@@ -352,6 +356,8 @@ class Service:
                 self._starting("the payment page's listener")
                 await self._start_checkout(store)
         except BaseException:
+            await _finish(self._tasks, 0)  # the followers' process, started early
+            self._tasks = []
             await self._close_listeners()
             await self._close_resources()
             raise
@@ -501,9 +507,7 @@ class Service:
         """The followers, the newHeads subscribers, the dispatcher, the sandbox's miner, the jobs."""
         assert self.dispatcher is not None and self.rates is not None
         if self.follower_child is not None:
-            self._tasks.append(
-                asyncio.create_task(self.follower_child.run(self.stopping), name="follower-process")
-            )
+            self.follower_child.release()
         for follower in self.followers.values():
             if isinstance(follower, Follower):
                 self._tasks.append(
