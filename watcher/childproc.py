@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -28,9 +29,17 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
-import structlog
 
-log = structlog.get_logger("watcher.childproc")
+from . import logs  # before structlog: it imports structlog without rich, as the daemon does
+
+log = logs.get_logger("watcher.childproc")
+
+
+def logger(name: str) -> Any:
+    """A module's logger, for the children's modules: `python -m` runs them first, so they
+    import structlog through here, after `logs`."""
+    return logs.get_logger(name)
+
 
 # Pauses before starting the child again after it exited on its own (the last one repeats).
 RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
@@ -258,6 +267,8 @@ async def child_main(name: str, body: ChildBody, preload: Callable[[], None] = l
         return 0  # the daemon went away before it said anything
     start = orjson.loads(first)["start"]
 
+    collecting = gc.isenabled()
+    gc.disable()  # during the imports, which are frozen below (as the daemon's are: cli.py)
     from . import interpreter
     from .logs import configure_logging
     from .store.core import SchemaMismatch
@@ -266,6 +277,8 @@ async def child_main(name: str, body: ChildBody, preload: Callable[[], None] = l
     configure_logging(start["log_format"], start["log_level"])
     hide(start.get("hidden", ()), start.get("urls", ()))
     interpreter.tune()  # as the daemon does: the store's writes run on a writer thread
+    if collecting:
+        gc.enable()
     try:
         await body(start, lines, stopping)
     except SchemaMismatch as exc:  # another version's database: the daemon must be restarted

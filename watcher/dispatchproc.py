@@ -32,12 +32,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import structlog
-
 from . import childproc
 from .webhooks import TIMEOUT_SECONDS
 
-log = structlog.get_logger("watcher.dispatchproc")
+log = childproc.logger("watcher.dispatchproc")
 
 # How long the child gets to end its attempts in flight when the daemon stops: an attempt may
 # take the whole HTTP timeout, then its record.

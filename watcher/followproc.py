@@ -31,20 +31,27 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
+from . import childproc, clienttls
 
-from . import childproc
-from .config import ChainSettings, strip_credentials
-from .follower import FollowerStatus, reorg_depth
-from .store.outbox import Endpoint
+# In the child (`python -m watcher.followproc`), aiohttp is imported without reading the CA
+# bundle: a thread builds its TLS contexts while the watch sets load. Elsewhere it is imported
+# already, and this changes nothing.
+clienttls.import_aiohttp()
 
-log = structlog.get_logger("watcher.followproc")
+
+from .chainwiring import FollowedChain  # noqa: E402
+from .follower import FollowerStatus, reorg_depth  # noqa: E402
+from .redaction import strip_credentials  # noqa: E402
+from .store.outbox import Endpoint  # noqa: E402
+
+log = childproc.logger("watcher.followproc")
 
 NAME = "follower_process"
 # How long the child's steps get to end when the daemon stops, before they are cancelled.
@@ -72,7 +79,7 @@ class RemoteFollower:
     """What the daemon's process reads of a follower that runs in the followers' process: what
     `/readyz`, `/v1/chains`, the metrics and `systemctl status` read of a `Follower`."""
 
-    def __init__(self, chain: ChainSettings, wake: Callable[[str], None]) -> None:
+    def __init__(self, chain: FollowedChain, wake: Callable[[str], None]) -> None:
         self.network = chain.name
         self.depth = reorg_depth(chain.confirmations)
         self.poll_interval = chain.poll_interval_seconds
@@ -106,7 +113,7 @@ class FollowerProcess:
     def __init__(
         self,
         database: str,
-        chains: Sequence[ChainSettings],
+        chains: Sequence[FollowedChain],
         *,
         log_choice: tuple[str | None, str],
         rpc_timeout: float,
@@ -204,7 +211,7 @@ class FollowerProcess:
     def _start_message(self) -> dict[str, Any]:
         return {
             "database": self.database,
-            "chains": [c.model_dump(mode="json") for c in self.chains],
+            "chains": [dataclasses.asdict(c) for c in self.chains],
             "rpc_timeout": self.rpc_timeout,
             "go": self.released,
             "endpoints": self.endpoints,
@@ -404,9 +411,13 @@ async def _unwatch_forever(
                 log.exception("unwatch_failed")
 
 
-async def _follow(follower: Any, go: asyncio.Event, stopping: asyncio.Event) -> None:
+async def _follow(follower: Any, go: asyncio.Event, tls: asyncio.Future, stopping: asyncio.Event) -> None:
     """Load the watch set at once, step once the daemon says the nodes passed its checks."""
     await follower.load_watch_set(stopping)
+    try:
+        await tls
+    except Exception:  # TLS to a node fails then, and says so at each step; plain HTTP works
+        log.exception("tls_contexts_failed")
     waiting = asyncio.create_task(stopping.wait())
     released = asyncio.create_task(go.wait())
     try:
@@ -444,7 +455,7 @@ async def _child(start: dict[str, Any], lines: asyncio.StreamReader, stopping: a
     followers: dict[str, Any] = {}
     reporter = _Reporter(followers)
     for data in start["chains"]:
-        chain = ChainSettings.model_validate(data)
+        chain = FollowedChain.from_data(data)
         reader = node_reader(chain, reporter.counts, float(start["rpc_timeout"]))
         followers[chain.name] = chain_follower(chain, reader, store, reporter.counts)
     store.outbox.on_delivery_queued = reporter.deliveries_queued
@@ -465,9 +476,8 @@ async def _child(start: dict[str, Any], lines: asyncio.StreamReader, stopping: a
         asyncio.create_task(childproc.listen(NAME, lines, stopping, apply)),
         asyncio.create_task(reporter.run(stopping)),
     ]
-    tasks = [
-        asyncio.create_task(_follow(f, go, stopping), name=f"follower:{n}") for n, f in followers.items()
-    ]
+    tls = asyncio.ensure_future(asyncio.to_thread(clienttls.build_contexts))  # before the first connection
+    tasks = [asyncio.create_task(_follow(f, go, tls, stopping), name=n) for n, f in followers.items()]
     if start["unwatch_days"]:
         helpers.append(asyncio.create_task(_unwatch_forever(start, store, followers, reporter, stopping)))
     try:
@@ -488,7 +498,8 @@ async def _child(start: dict[str, Any], lines: asyncio.StreamReader, stopping: a
 
 
 def _preload() -> None:
-    from . import follower  # noqa: F401  (imported before the interpreter's freeze)
+    """What the child needs, imported before the interpreter's freeze."""
+    from . import chainwiring, jobs  # noqa: F401
     from .store import Store  # noqa: F401
 
 

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from .config import RetentionSettings
 from .matching import WatchSet
 from .store import Store
 from .store.retention import closed_watch_entries, prune_delivered_events, prune_idempotency_keys
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+    from .config import RetentionSettings
 
 log = structlog.get_logger("watcher.jobs")
 

@@ -42,6 +42,11 @@ REDACTED = "***"
 _secrets: set[str] = set()
 
 
+def get_logger(name: str) -> Any:
+    """structlog's logger, for a module that must not import structlog before this one."""
+    return structlog.get_logger(name)
+
+
 def register_secrets(values: Iterable[str]) -> None:
     """Values that must never appear in a log line, whatever a caller passes by mistake."""
     _secrets.update(v for v in values if v and len(v) >= 8)

@@ -27,7 +27,7 @@ from .apidocs import add_docs_routes
 from .auth import FAILURES_PER_SECOND, ApiKey
 from .chain import ChainReader, HttpTransport, JsonRpcReader, RpcError, Transport
 from .chain.heads import HeadSubscriber
-from .chainwiring import chain_follower, node_reader
+from .chainwiring import FollowedChain, chain_follower, node_reader
 from .config import ChainSettings, ConfigError, Settings, load_settings, strip_credentials
 from .deposits_api import OPERATIONS as DEPOSIT_OPERATIONS
 from .deposits_api import add_deposit_balance_routes
@@ -186,7 +186,7 @@ class Service:
             return JsonRpcReader(
                 self.sandbox.transport, self.metrics.rpc(chain.name), max_batch=chain.max_batch
             )
-        reader = node_reader(chain, self.metrics, RPC_TIMEOUT)
+        reader = node_reader(FollowedChain.of(chain), self.metrics, RPC_TIMEOUT)
         self._transports.append(reader.transport)
         return reader
 
@@ -342,11 +342,11 @@ class Service:
         transports = {name: r.transport for name, r in readers.items()}  # type: ignore[attr-defined]
         self.rates = running_rate_book(s, transports, self.metrics, clock=self.clock)
         try:
-            await self._serve_api(store, readers, transports)
-            if self.follower_child is not None:  # its start-up (imports, watch sets) beside the checks below
+            if self.follower_child is not None:  # its start-up (imports, watch sets) beside ours
                 self._tasks.append(
                     asyncio.create_task(self.follower_child.run(self.stopping), name="follower-process")
                 )
+            await self._serve_api(store, readers, transports)
             self._starting("reading the system's CA certificates (TLS to the nodes and endpoints)")
             await asyncio.to_thread(clienttls.build_contexts)  # before the first TLS connection
             await self._check_chains(readers)
@@ -413,7 +413,7 @@ class Service:
 
         return FollowerProcess(
             s.database,
-            s.chains,
+            [FollowedChain.of(c) for c in s.chains],
             log_choice=self._log_choice,
             rpc_timeout=RPC_TIMEOUT,
             endpoints=store.outbox.endpoints,
@@ -437,7 +437,7 @@ class Service:
 
     def _follower_for(self, chain: ChainSettings, reader: ChainReader) -> Follower:
         assert self.store is not None  # opened by start() first
-        return chain_follower(chain, reader, self.store, self.metrics, self.clock)  # type: ignore[arg-type]
+        return chain_follower(FollowedChain.of(chain), reader, self.store, self.metrics, self.clock)  # type: ignore[arg-type]
 
     async def _check_chains(self, readers: Mapping[str, ChainReader]) -> None:
         """Every chain's nodes serve the configured chain (chain id, genesis); the geneses seen

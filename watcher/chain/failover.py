@@ -19,8 +19,7 @@ from typing import Any, TypeVar
 import aiohttp
 import structlog
 
-from ..config import strip_credentials
-from ..redaction import Redactor
+from ..redaction import Redactor, strip_credentials
 from .transport import RETRY_DELAYS, BatchRefused, HttpTransport, RpcError
 
 log = structlog.get_logger("watcher.failover")
