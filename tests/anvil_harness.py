@@ -149,6 +149,8 @@ class AnvilChain:
 class AnvilHarness(Harness):
     """`await harnesses(AnvilHarness, nodes=[anvil_node(), ...])`: one chain per node."""
 
+    follower_process = False  # True: the chains are followed from a child process, as `watcher run` does
+
     def __init__(
         self,
         tmp_path: Any,
@@ -215,7 +217,13 @@ class AnvilHarness(Harness):
     async def start_service(self) -> None:
         from watcher.service import Service
 
-        self.service = Service(self.settings(), expiry_interval=self.expiry_interval, clock=self.clock)
+        self.service = Service(
+            self.settings(),
+            expiry_interval=self.expiry_interval,
+            clock=self.clock,
+            dispatcher_process=self.dispatcher_process,
+            follower_process=self.follower_process,
+        )
         await self.service.start()
 
     async def _close(self) -> None:

@@ -195,7 +195,10 @@ async def test_the_child_holds_no_secret_in_its_environment(harnesses, monkeypat
     monkeypatch.setenv("NEW_HOOK_SECRET", "whsec_x")
     child = await _child(h)
     child.set_secrets({h.receiver.url: h.receiver.secret}, secret_env=["NEW_HOOK_SECRET"])
-    assert "NEW_HOOK_SECRET" not in child.child._environment() and "HOOK_SECRET" not in child.child._environment()
+    assert (
+        "NEW_HOOK_SECRET" not in child.child._environment()
+        and "HOOK_SECRET" not in child.child._environment()
+    )
 
 
 async def test_a_redelivery_asked_over_the_api_wakes_the_child_every_time(harnesses):

@@ -1,0 +1,179 @@
+"""The chains' followers in a process of their own (watcher/followproc.py), as `watcher run` runs
+them, against a real node (anvil): payments followed from the child and reported to the daemon's
+API, metrics and listeners; no step before the daemon's checks of the nodes; a child that dies
+shown in /readyz and started again, losing nothing; new webhook endpoints handed over; a clean
+stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import time
+
+from anvil_harness import AnvilHarness
+from harness import Receiver
+from test_ops import sample, scrape
+
+from watcher.chainwiring import FollowedChain
+from watcher.config import ChainSettings
+from watcher.followproc import FollowerProcess
+from watcher.store import Endpoint, Store
+
+
+class ProcessHarness(AnvilHarness):
+    follower_process = True
+
+
+async def _child(h: AnvilHarness) -> FollowerProcess:
+    """The service's followers' process, once its child runs and has reported."""
+    assert h.service is not None
+    child = h.service.follower_child
+    assert isinstance(child, FollowerProcess)
+    await h.wait_for(lambda: child.process is not None and child.followers[h.anvil.name].watch.loaded)
+    return child
+
+
+async def _pay_and_confirm(h: AnvilHarness, amount: str = "10") -> dict:
+    invoice = await h.create(amount=amount, assets=["TUSD"])
+    [option] = invoice["payment_options"]
+    await h.anvil.run(h.anvil.transfer_token, option["destination_address"], int(amount) * 10**6)
+    await h.mine(1)
+    await h.wait_status(invoice["id"], "paid")
+    await h.mine(3)
+    return await h.wait_status(invoice["id"], "confirmed")
+
+
+async def test_payments_are_followed_from_a_child_and_reported_to_the_daemon(harnesses, anvil_node):
+    h = await harnesses(ProcessHarness, nodes=[anvil_node()])
+    child = await _child(h)
+    assert child.process is not None and child.process.pid != os.getpid()
+    assert not any(t.get_name().startswith("follower:") for t in h.service._tasks)  # none in this process
+    changed: list[str] = []
+    h.service.store.outbox.event_listeners.append(changed.append)  # as the payment page's feed listens
+
+    invoice = await _pay_and_confirm(h)
+    [payment] = invoice["payments"]
+    events = await h.wait_events(invoice["id"], "invoice.paid", "invoice.confirmed")
+    assert h.receiver.bad_signatures == 0 and len({e.event_id for e in events}) == len(events)
+    await h.wait_for(lambda: invoice["id"] in changed, what="the child's change reaching the listener")
+
+    head = await h.anvil.run(h.anvil.head)
+
+    async def chains_caught_up() -> dict | None:
+        status, body, _ = await h.request("GET", "/v1/chains")
+        assert status == 200, body
+        [row] = body.get("data", body)
+        return row if row["head_block"] == head and row["last_processed_block"] == head else None
+
+    row = await h.wait_for(chains_caught_up, what="/v1/chains at the head")
+    assert row["rpc_url"] == h.anvil.node.url and row["lag_blocks"] == 0
+    status, ready, _ = await h.request("GET", "/readyz")
+    assert status == 200, ready
+
+    async def counted() -> list | None:
+        samples = await scrape(h)
+        done = sample(samples, "watcher_payments_recorded_total", network=h.anvil.name, role="counted")
+        return samples if done == 1 else None
+
+    samples = await h.wait_for(counted, what="the child's counts in /metrics")
+    assert sample(samples, "watcher_blocks_processed_total", network=h.anvil.name) >= payment["block_number"]
+    assert sample(samples, "watcher_rpc_calls_total", network=h.anvil.name, method="eth_blockNumber") > 0
+    assert sample(samples, "watcher_follower_process_up") == 1
+
+
+async def test_a_child_that_dies_shows_in_readyz_and_its_successor_misses_nothing(harnesses, anvil_node):
+    h = await harnesses(ProcessHarness, nodes=[anvil_node()])
+    child = await _child(h)
+    first = child.process
+    assert first is not None
+    first.send_signal(signal.SIGKILL)
+    await first.wait()
+
+    async def not_ready() -> dict | None:
+        status, body, _ = await h.request("GET", "/readyz")
+        return body if status == 503 else None
+
+    body = await h.wait_for(not_ready, what="/readyz 503 while no child runs")
+    assert "the followers' process exited" in body["detail"], body
+    invoice = await _pay_and_confirm(h)  # paid while no child runs, seen by the next one
+
+    assert child.child.starts == 2 and child.process is not first
+    assert len(invoice["payments"]) == 1
+    await h.wait_for(lambda: h.service.ops.readiness()[0], what="ready again")
+    samples = await scrape(h)
+    assert sample(samples, "watcher_follower_process_exits_total") == 1
+    assert sample(samples, "watcher_follower_process_up") == 1
+
+
+async def test_new_webhook_endpoints_reach_the_child(harnesses, anvil_node):
+    h = await harnesses(ProcessHarness, nodes=[anvil_node()])
+    child = await _child(h)
+    second = Receiver(h.receiver.secret)
+    await second.start()
+    try:
+        endpoints = [*h.service.store.outbox.endpoints, Endpoint(second.url, ("invoice.confirmed",))]
+        h.service.store.outbox.set_endpoints(endpoints)  # as a reload does, here and in the child
+        child.set_endpoints(endpoints)
+        h.service.dispatcher.set_secrets({h.receiver.url: h.receiver.secret, second.url: second.secret})
+        await asyncio.sleep(0.5)
+        invoice = await _pay_and_confirm(h)
+        await h.wait_for(lambda: second.types_for(invoice["id"]), what="the new endpoint's event")
+        assert second.types_for(invoice["id"]) == ["invoice.confirmed"]  # its filter, applied by the child
+        assert second.bad_signatures == 0
+    finally:
+        await second.stop()
+
+
+async def test_the_child_takes_no_step_before_the_daemon_releases_it(tmp_path, anvil_node):
+    """The daemon releases the followers only once the nodes passed its checks (chain id, genesis):
+    until then the child loads its watch sets and reads nothing of the chain into the store."""
+    from anvil_harness import AnvilChain
+
+    chain = await asyncio.to_thread(AnvilChain(anvil_node(), "anvil0").setup)
+    database = str(tmp_path / "watcher.db")
+    Store(
+        database, clock=time.time
+    ).close()  # created and migrated, as the daemon does before starting the child
+    settings = ChainSettings.model_validate(
+        {
+            "name": chain.name,
+            "chain_id": chain.node.chain_id,
+            "rpc_urls": [chain.node.url],
+            "poll_interval_seconds": 0.05,
+            "confirmations": 1,
+            "start_block": 0,
+            "assets": [{"symbol": "ETH", "kind": "native", "usd_rate": "1"}],
+        }
+    )
+    process = FollowerProcess(
+        database, [FollowedChain.of(settings)], log_choice=("json", "info"), rpc_timeout=2
+    )
+    stopping = asyncio.Event()
+    task = asyncio.create_task(process.run(stopping))
+    follower = process.followers[chain.name]
+    try:
+        deadline = time.monotonic() + 20
+        while not follower.watch.loaded:
+            assert time.monotonic() < deadline, "the child never loaded its watch set"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # twenty polls' worth
+
+        def checkpoint() -> int | None:
+            with sqlite3.connect(database) as conn:
+                row = conn.execute(
+                    "SELECT block_number FROM cursors WHERE network = ?", [chain.name]
+                ).fetchone()
+            return None if row is None else row[0]
+
+        assert checkpoint() is None and follower.status.head_block is None
+        process.release()
+        head = await chain.run(chain.head)
+        while checkpoint() != head:
+            assert time.monotonic() < deadline + 10, "the child never followed once released"
+            await asyncio.sleep(0.05)
+    finally:
+        stopping.set()
+        await task
+    assert process.process is not None and process.process.returncode == 0
