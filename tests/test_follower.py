@@ -618,3 +618,39 @@ async def test_backends_that_disagree_about_our_tip_fail_the_step_instead_of_spi
     with pytest.raises(ChainChanged, match="disagrees with itself"):
         await f.run_once()
     assert store.cursor(NET).hash == chain.blocks[3].hash
+
+
+async def test_a_step_records_a_bounded_number_of_payments_and_the_rest_follows(store, monkeypatch):
+    """A step's transaction holds the write lock while it judges (the API's writes wait in
+    another process): past MAX_STEP_PAYMENTS it ends at a block boundary, and the next steps
+    read as many blocks as it kept, so every payment is recorded once."""
+    import watcher.follower
+
+    monkeypatch.setattr(watcher.follower, "MAX_STEP_PAYMENTS", 4)
+
+    class Steps:
+        def __init__(self) -> None:
+            self.payments: list[int] = []
+
+        def blocks_applied(self, network: str, blocks: int, payment_roles) -> None:
+            self.payments.append(len(payment_roles))
+
+        def step_failed(self, network: str, reason: str) -> None:
+            raise AssertionError(reason)
+
+    chain = FakeChain()
+    invoices = [invoice(store) for _ in range(10)]
+    for i in range(0, 10, 2):  # two payments a block, five blocks
+        chain.mine((invoices[i][1], 100), (invoices[i + 1][1], 100))
+    for _ in range(300):  # far below the head: read by number range
+        chain.mine()
+    steps = Steps()
+    f = follower(chain, store, chunk_size=100, metrics=steps)
+    await catch_up(f)
+
+    assert max(steps.payments) <= 4 and sum(steps.payments) == 10, steps.payments
+    for inv_id, _ in invoices:
+        [payment] = store.get_payments(inv_id)
+        assert int(payment["amount_atomic"]) == 100
+        assert store.get_invoice(inv_id)["status"] == "confirmed"
+    assert store.cursor(NET).number == len(chain.blocks) - 1

@@ -42,6 +42,10 @@ WINDOW_MARGIN = 64
 RANGE_DEPTH_FACTOR = 2
 # Up to this many deposit addresses (or payment ids) go in a topic filter of one block's logs.
 BLOCK_TOPIC_LIMIT = 16
+# A step records about this many payments at most: its transaction holds the database's write
+# lock while it judges them (about 2 s for 5,000 here), and every other writer (the API creating
+# an invoice, the webhook dispatcher recording attempts, in processes of their own) waits for it.
+MAX_STEP_PAYMENTS = 5_000
 
 
 class ChainChanged(Exception):
@@ -325,10 +329,28 @@ class Follower:
             if self.tracer:
                 matched += await self._internal_deposits(full_blocks)
         await self._check_matches(matched, by_number)
-        if last - first + 1 == self.chunk_size and self.chunk_size < self.max_chunk_size:
+        if len(matched) > MAX_STEP_PAYMENTS and last > first:
+            last, matched = self._cut(first, matched, by_number)
+        elif (
+            last - first + 1 == self.chunk_size
+            and self.chunk_size < self.max_chunk_size
+            and len(matched) <= MAX_STEP_PAYMENTS // 2
+        ):
             self.chunk_size = min(self.max_chunk_size, self.chunk_size * 2)
         await self._apply(first, last, finalized, by_number, matched)
         return last - first + 1
+
+    def _cut(
+        self, first: int, matched: list[Match], by_number: dict[int, BlockRef]
+    ) -> tuple[int, list[Match]]:
+        """End the step at the block of its `MAX_STEP_PAYMENTS`-th payment (whole blocks: every
+        block that holds a payment has its header read, so it can be the checkpoint). The rest
+        of the range is read again by the next steps, which read as many blocks as this one kept."""
+        last = sorted(t.block_number for t, _ in matched)[MAX_STEP_PAYMENTS - 1]
+        for number in [n for n in by_number if n > last]:
+            del by_number[number]
+        self.chunk_size = last - first + 1
+        return last, [m for m in matched if m[0].block_number <= last]
 
     async def _check_matches(self, matched: list[Match], by_number: dict[int, BlockRef]) -> None:
         """Every matched transfer sits in a block we read (its header read now if not yet),
