@@ -933,3 +933,33 @@ async def test_an_unknown_list_filter_is_refused_not_ignored(harness):
         status, problem, ctype = await harness.request("GET", "/v1/invoices?" + query)
         assert status == 422 and ctype.startswith("application/problem+json"), (query, problem)
         assert problem["errors"][0]["field"] in ("stauts", "serach", "colour")
+
+
+async def test_a_write_lock_held_past_the_busy_timeout_answers_503_and_changes_nothing(harness):
+    """Another process (the followers', the dispatcher's) holding the database's write lock
+    longer than the API's busy timeout: a clear 503 with Retry-After, nothing written, and the
+    next try, once the lock is free, succeeds."""
+    import sqlite3
+
+    from watcher.store import engine
+
+    await harness.create()
+    status, before, _ = await harness.request("GET", "/v1/invoices")
+    assert status == 200, before
+    holder = sqlite3.connect(harness.service.store.path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        url = harness.base_url + "/v1/invoices"
+        auth = {"Authorization": f"Bearer {harness.api_key}"}
+        async with harness.http.post(url, json={"amount": "5"}, headers=auth) as response:
+            body = await response.json(content_type=None)
+            assert response.status == 503, body
+            assert response.headers["Retry-After"] == "1"
+        assert body["type"] == "urn:watcher:problem:database-busy" and "try again" in body["detail"]
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    status, after, _ = await harness.request("GET", "/v1/invoices")
+    assert [i["id"] for i in after["data"]] == [i["id"] for i in before["data"]]
+    await harness.create()  # free again
+    assert engine.BUSY_TIMEOUT_MS <= 10_000  # the wait above is the API's whole busy timeout

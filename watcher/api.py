@@ -14,6 +14,7 @@ import io
 import json
 import math
 import re
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
@@ -407,6 +408,9 @@ def _invoice_or_404(value: dict | list | None, invoice_id: str) -> Any:
 # --------------------------------------------------------------------------- the app
 
 
+BUSY_RETRY_AFTER_SECONDS = 1
+
+
 @web.middleware
 async def problems(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -425,11 +429,30 @@ async def problems(
         if isinstance(exc, web.HTTPMethodNotAllowed):
             response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
         return response
-    except Exception:
+    except Exception as exc:
+        if _busy(exc):
+            # Another process held the database's write lock past the busy timeout (the
+            # followers' steps are bounded well below it): nothing was written; try again.
+            log.warning("request_database_busy", method=request.method, path=request.path, error=str(exc))
+            response = Problem(
+                503,
+                "Database busy",
+                "the database stayed busy with another write: nothing changed, try again",
+            ).response()
+            response.headers["Retry-After"] = str(BUSY_RETRY_AFTER_SECONDS)
+            return response
         log.exception("request_failed", method=request.method, path=request.path)
         return Problem(
             500, "Internal error", "the server could not handle this request; see its log"
         ).response()
+
+
+def _busy(exc: Exception) -> bool:
+    """SQLite's "database is locked": another connection's write outlasted the busy timeout."""
+    return isinstance(exc, sqlite3.OperationalError) and (
+        getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+        or "database is locked" in str(exc)
+    )
 
 
 def make_app(
