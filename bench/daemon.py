@@ -12,9 +12,9 @@ What runs, each in a process of its own, on the same machine:
   show whether a step ever made one late) and a copy of the profile's store (bench/catchup.py's
   `prepare_store`: the open invoices made as POST /v1/invoices makes them; their
   `invoice.created` deliveries marked delivered, as they were long before the downtime). Its
-  checkpoint is before the range, so it starts by catching up on all of it. Its webhook
-  dispatcher runs in a child process (watcher/dispatchproc.py): the CPU figures count both,
-  the peak RSS is shown for each;
+  checkpoint is before the range, so it starts by catching up on all of it. Its followers and
+  its webhook dispatcher run in child processes (watcher/followproc.py, watcher/dispatchproc.py):
+  the CPU figures count all three, the peak RSS is shown for the daemon and its children;
 - a webhook receiver (bench/webhooks.py's: checks every signature, counts every id);
 - an API client: open loop at `--rate` requests/s over one keep-alive pool, `GET
   /v1/invoices/{id}/status` of random open invoices and every tenth request `GET /v1/chains`,
@@ -165,14 +165,14 @@ class Daemon:
         return ready
 
     def children(self) -> list[int]:
-        """The daemon's child processes (its webhook dispatcher)."""
+        """The daemon's child processes (its followers' and its webhook dispatcher's)."""
         found: list[int] = []
         for task in Path(f"/proc/{self.process.pid}/task").iterdir():
             found += [int(pid) for pid in (task / "children").read_text().split()]
         return found
 
     def cpu_seconds(self) -> float:
-        """The daemon's CPU time and its children's (the dispatcher works in one)."""
+        """The daemon's CPU time and its children's (the followers and the dispatcher work there)."""
         return sum(cpu_seconds(pid) for pid in (self.process.pid, *self.children()))
 
     def peak_rss_mb(self) -> float:
@@ -643,12 +643,12 @@ def report(r: dict[str, Any]) -> None:
         f"start: first API answer {r['spawn_to_answer_s'] * 1000:,.0f} ms after spawn "
         f"({r['answer_cpu_s'] * 1000:,.0f} ms of the daemon's CPU), READY=1 at "
         f"{r['spawn_to_ready_s'] * 1000:,.0f} ms; daemon peak RSS {r['daemon_peak_rss_mb']:,.0f} MB "
-        f"(its dispatcher's {r.get('children_peak_rss_mb', 0):,.0f} MB); "
+        f"(its children's {r.get('children_peak_rss_mb', 0):,.0f} MB); "
         f"{r['log_lines']:,} log lines"
     )
     print(
         f"catch-up (READY=1 to checkpoint at the head): {r['catchup_s']:.2f} s, {r['payments']:,} payments "
-        f"({rate:,.0f}/s), daemon CPU (with its dispatcher's) {r['cpu_catchup_s']:.2f} s; "
+        f"({rate:,.0f}/s), daemon CPU (with its children's) {r['cpu_catchup_s']:.2f} s; "
         f"bare client, 2 in flight, chunk {raw['chunk']}: "
         f"{raw['wall_s']:.2f} s -> daemon/raw = {ratio:.2f}"
     )
