@@ -36,6 +36,14 @@ CONFIRMATIONS = 3
 UNIT = 10**TOKEN_DECIMALS
 
 
+def _running(pid: int) -> bool:
+    """Not exited (a zombie nobody has reaped yet has exited)."""
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _toml(value) -> str:
     """A TOML value (strings, numbers, lists of them): JSON's spelling is TOML's for these."""
     if isinstance(value, bool):
@@ -141,9 +149,20 @@ class Daemon:
             await asyncio.sleep(0.05)
 
     def kill(self) -> None:
+        """SIGKILL the daemon alone: its children (the followers', the dispatcher's) see their
+        input close and exit on their own, so none outlives it beside the next daemon."""
         assert self.process is not None
-        os.kill(self.process.pid, signal.SIGKILL)
+        pid = self.process.pid
+        children = [
+            int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()
+        ]
+        assert len(children) == 2, children
+        os.kill(pid, signal.SIGKILL)
         assert self.process.wait(10) == -signal.SIGKILL
+        deadline = time.monotonic() + 15
+        while any(Path(f"/proc/{c}").exists() and _running(c) for c in children):
+            assert time.monotonic() < deadline, f"children {children} outlived the daemon"
+            time.sleep(0.05)
 
     def terminate(self) -> int:
         assert self.process is not None

@@ -273,7 +273,7 @@ async def test_the_child_stops_when_its_input_ends_even_on_a_line_cut_short(tmp_
     assert child.stderr is not None
     log = (await child.stderr.read()).decode()
     assert code == 0, log
-    assert "webhook_dispatcher_message_unread" in log
+    assert "child_message_unread" in log and "webhook_dispatcher" in log
 
 
 async def test_log_settings_changed_on_reload_reach_the_child(harnesses, capfd):

@@ -177,3 +177,54 @@ async def test_the_child_takes_no_step_before_the_daemon_releases_it(tmp_path, a
         stopping.set()
         await task
     assert process.process is not None and process.process.returncode == 0
+
+
+async def test_a_follower_that_ends_in_the_child_makes_it_exit_and_start_again(harnesses, anvil_node):
+    """A chain must not go unfollowed while its process looks alive: a follower task that ends
+    (here: an option its watch set cannot read) makes the child exit 1, counted and restarted."""
+    h = await harnesses(ProcessHarness, nodes=[anvil_node()])
+    child = await _child(h)
+    await h.create(amount="30", assets=["TUSD"], rails=["contract"])
+    with sqlite3.connect(h.service.store.path) as conn:
+        conn.execute("UPDATE payment_options SET contract_call = '{' WHERE rail = 'contract'")
+    first = child.process
+    assert first is not None
+    first.send_signal(signal.SIGKILL)  # the next child loads the watch set from the start
+
+    async def crashed_again() -> bool:
+        return sample(await scrape(h), "watcher_follower_process_exits_total") >= 2
+
+    await h.wait_for(crashed_again, timeout=20, what="the next child's exit counted")
+    assert (
+        child.followers[h.anvil.name].status.stopped is not None
+        or not child.followers[h.anvil.name].watch.loaded
+    )
+
+
+class WrongChainIdHarness(ProcessHarness):
+    def chain_settings_for(self, chain):
+        return {**super().chain_settings_for(chain), "chain_id": chain.node.chain_id + 1}
+
+
+async def test_a_node_that_fails_the_daemons_checks_is_never_followed(tmp_path, anvil_node):
+    """The daemon releases the followers' process only once every node passed its checks: a
+    node of another chain id fails the start, and the child, started early, wrote nothing."""
+    import contextlib
+
+    import pytest
+
+    from watcher.config import ConfigError
+
+    h = WrongChainIdHarness(tmp_path / "h", nodes=[anvil_node()])
+    try:
+        with pytest.raises(ConfigError, match="chain_id"):
+            await h.start()
+        child = h.service.follower_child
+        assert child is not None and child.process is not None  # it was started, early
+        assert child.process.returncode is not None  # and is gone with the failed start
+        with sqlite3.connect(h.service.settings.database) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM cursors").fetchone()[0] == 0
+            assert conn.execute("SELECT COUNT(*) FROM chain_blocks").fetchone()[0] == 0
+    finally:
+        with contextlib.suppress(Exception):
+            await h.close()

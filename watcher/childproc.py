@@ -73,11 +73,14 @@ class ChildProcess:
         secret_env: Iterable[str] = (),
         restart_delays: Sequence[float] = RESTART_DELAYS,
         stop_timeout: float,
+        silence_timeout: float | None = None,
     ) -> None:
         """``start()``: the first message of each child. ``on_running(True)`` hears of each
         child started, ``on_running(False)`` of each that exited on its own (not of the stop);
         ``on_gone(code, restart_in)`` of every child gone, after its last report.
-        ``secret_env``: the environment variables that hold secrets (left out of its environment)."""
+        ``secret_env``: the environment variables that hold secrets (left out of its environment).
+        ``silence_timeout``: a child that reports nothing for this long is stuck, and killed (it
+        must report at least every few seconds; None: never)."""
         self.module = module
         self.name = name
         self.start = start
@@ -87,6 +90,7 @@ class ChildProcess:
         self.secret_env = set(secret_env)
         self.restart_delays = tuple(restart_delays) or RESTART_DELAYS
         self.stop_timeout = stop_timeout
+        self.silence_timeout = silence_timeout
         self.process: asyncio.subprocess.Process | None = None
         self.starts = 0  # children started so far
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -122,7 +126,10 @@ class ChildProcess:
             try:
                 code = await self._run_child(stopping)
             except OSError as exc:  # the interpreter cannot be started (the machine is out of something)
-                log.error(f"{self.name}_unstartable", error=str(exc))
+                log.error("child_unstartable", process=self.name, error=str(exc))
+                code = None
+            except Exception:  # a bug of ours on this side: the child is gone, start another
+                log.exception("child_supervision_failed", process=self.name)
                 code = None
             failures = 0 if time.monotonic() - started >= HEALTHY_RUN_SECONDS else failures + 1
             delay = self.restart_delays[min(max(failures - 1, 0), len(self.restart_delays) - 1)]
@@ -130,12 +137,13 @@ class ChildProcess:
                 self.on_gone(code, 0.0 if stopping.is_set() else delay)
             if stopping.is_set():
                 return
-            if code == EXIT_SIGNALLED:  # systemd's SIGTERM to the service: the daemon's comes too
-                log.info(f"{self.name}_signalled", restart_in_seconds=delay)
+            if code in (EXIT_SIGNALLED, -signal.SIGTERM):  # systemd's SIGTERM to the service (the
+                # daemon's comes too), maybe before the child could handle it
+                log.info("child_signalled", process=self.name, restart_in_seconds=delay)
             else:
                 if self.on_running is not None:
                     self.on_running(False)
-                log.error(f"{self.name}_exited", code=code, restart_in_seconds=delay)
+                log.error("child_exited", process=self.name, code=code, restart_in_seconds=delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), timeout=delay)
 
@@ -182,7 +190,7 @@ class ChildProcess:
         try:
             await asyncio.wait_for(process.wait(), timeout=self.stop_timeout)
         except TimeoutError:
-            log.warning(f"{self.name}_killed", after_seconds=self.stop_timeout)
+            log.warning("child_killed", process=self.name, after_seconds=self.stop_timeout)
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
 
@@ -190,15 +198,22 @@ class ChildProcess:
         assert process.stdout is not None
         while True:
             try:
-                line = await process.stdout.readline()
+                line = await asyncio.wait_for(process.stdout.readline(), timeout=self.silence_timeout)
             except ValueError:  # longer than MAX_LINE: not one of ours
                 continue
+            except TimeoutError:  # stuck: killed, and the supervision starts another
+                log.error("child_silent", process=self.name, after_seconds=self.silence_timeout)
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                continue  # to the end of its output
             if not line:
                 return
             try:
                 self.on_report(orjson.loads(line))
-            except (orjson.JSONDecodeError, TypeError, ValueError, KeyError, IndexError):
-                log.warning(f"{self.name}_report_unread", line=line[:200].decode(errors="replace"))
+            except Exception:  # a line not ours, or a bug in its handling: the next may be fine
+                log.exception(
+                    "child_report_unread", process=self.name, line=line[:200].decode(errors="replace")
+                )
 
 
 # ---------------------------------------------------------------------- the child's side
@@ -236,9 +251,9 @@ async def listen(
             try:
                 apply(orjson.loads(line))
             except Exception as exc:  # a line cut short or not ours: the next may be fine
-                log.warning(f"{name}_message_unread", error=str(exc))
+                log.warning("child_message_unread", process=name, error=str(exc))
     except Exception:
-        log.exception(f"{name}_input_failed")
+        log.exception("child_input_failed", process=name)
     finally:
         stopping.set()
 
@@ -282,10 +297,10 @@ async def child_main(name: str, body: ChildBody, preload: Callable[[], None] = l
     try:
         await body(start, lines, stopping)
     except SchemaMismatch as exc:  # another version's database: the daemon must be restarted
-        log.error(f"{name}_wrong_schema", error=str(exc))
+        log.error("child_wrong_schema", process=name, error=str(exc))
         return EXIT_SCHEMA
     except Exception as exc:  # one line in the journal, and the daemon starts another child
-        log.exception(f"{name}_crashed", error=str(exc))
+        log.exception("child_crashed", process=name, error=str(exc))
         return 1
     return EXIT_SIGNALLED if signalled else 0
 

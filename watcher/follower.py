@@ -329,16 +329,21 @@ class Follower:
             if self.tracer:
                 matched += await self._internal_deposits(full_blocks)
         await self._check_matches(matched, by_number)
-        if len(matched) > MAX_STEP_PAYMENTS and last > first:
+        if len(matched) > self._step_cap() and last > first:
             last, matched = self._cut(first, matched, by_number)
         elif (
             last - first + 1 == self.chunk_size
             and self.chunk_size < self.max_chunk_size
-            and len(matched) <= MAX_STEP_PAYMENTS // 2
+            and len(matched) <= self._step_cap() // 2
         ):
             self.chunk_size = min(self.max_chunk_size, self.chunk_size * 2)
         await self._apply(first, last, finalized, by_number, matched)
         return last - first + 1
+
+    def _step_cap(self) -> int:
+        """MAX_STEP_PAYMENTS, shared by the webhook endpoints: each adds a delivery per event."""
+        endpoints = len(getattr(self.store.outbox, "endpoints", ())) or 1
+        return max(min(100, MAX_STEP_PAYMENTS), MAX_STEP_PAYMENTS // endpoints)
 
     def _cut(
         self, first: int, matched: list[Match], by_number: dict[int, BlockRef]
@@ -346,7 +351,7 @@ class Follower:
         """End the step at the block of its `MAX_STEP_PAYMENTS`-th payment (whole blocks: every
         block that holds a payment has its header read, so it can be the checkpoint). The rest
         of the range is read again by the next steps, which read as many blocks as this one kept."""
-        last = sorted(t.block_number for t, _ in matched)[MAX_STEP_PAYMENTS - 1]
+        last = sorted(t.block_number for t, _ in matched)[self._step_cap() - 1]
         for number in [n for n in by_number if n > last]:
             del by_number[number]
         self.chunk_size = last - first + 1

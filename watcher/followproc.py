@@ -63,8 +63,11 @@ STOP_TIMEOUT = 10.0
 REPORT_EVERY = 0.05
 # How long a step's write waits for another process's (the API's, the dispatcher's) write lock.
 STEP_BUSY_TIMEOUT_MS = 60_000
-# Invoice ids per `changed` line (a step of 25,000 payments changes as many invoices).
+# Invoice ids per `changed` line (a step of 5,000 payments changes as many invoices).
 CHANGED_PER_LINE = 5_000
+# The child says it is alive at least this often; the daemon kills one silent for SILENCE_TIMEOUT.
+HEARTBEAT_SECONDS = 5.0
+SILENCE_TIMEOUT = 60.0
 
 
 @dataclass
@@ -131,6 +134,7 @@ class FollowerProcess:
         on_running: Callable[[bool], None] | None = None,
         restart_delays: Sequence[float] = childproc.RESTART_DELAYS,
         stop_timeout: float = STOP_TIMEOUT,
+        silence_timeout: float = SILENCE_TIMEOUT,
     ) -> None:
         """``unwatch_days``: the retention's `watch_closed_invoices_days` (the child drops those
         options from its watch sets every ``prune_interval`` s). The ``on_*`` hooks hear what
@@ -164,6 +168,7 @@ class FollowerProcess:
             secret_env=secret_env,
             restart_delays=restart_delays,
             stop_timeout=stop_timeout,
+            silence_timeout=silence_timeout,
         )
 
     @property
@@ -179,8 +184,7 @@ class FollowerProcess:
 
     def wake(self, network: str) -> None:
         """A new head on `network` (newHeads): its follower looks now, not at its next poll."""
-        if not self.child.unread():  # one unread wake-up is enough
-            self.child.send({"wake": network})
+        self.child.send({"wake": network})
 
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
         """The webhook endpoints and the events each wants (on reload): a step queues a delivery
@@ -320,6 +324,7 @@ class _Reporter:
         self.queued = False
         self._sent: dict[str, dict[str, Any]] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._last_report = 0.0
 
     def due(self) -> None:
         if self._timer is None:
@@ -371,7 +376,11 @@ class _Reporter:
         changed, self.changed = sorted(self.changed), set()
         for i in range(0, len(changed), CHANGED_PER_LINE):
             childproc.report({"changed": changed[i : i + CHANGED_PER_LINE]})
+        now = time.monotonic()
+        if not report and now - self._last_report >= HEARTBEAT_SECONDS:
+            report["alive"] = 1  # the daemon kills a child silent for SILENCE_TIMEOUT
         if report:
+            self._last_report = now
             childproc.report(report)
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -429,6 +438,27 @@ async def _follow(follower: Any, go: asyncio.Event, tls: asyncio.Future, stoppin
         await follower.run(stopping)
 
 
+class Broken(Exception):
+    """A follower or a helper of the child ended while it was not stopping (a bug): the child
+    exits 1 and the daemon starts another, rather than leave a chain unfollowed."""
+
+
+async def _until_stopped_or_broken(
+    tasks: list[asyncio.Task], helpers: list[asyncio.Task], stopping: asyncio.Event
+) -> None:
+    waiting = asyncio.create_task(stopping.wait())
+    try:
+        done, _ = await asyncio.wait([*tasks, *helpers, waiting], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+    if stopping.is_set():
+        return
+    task = next(t for t in done if t is not waiting)
+    stopping.set()  # the others end as on a stop
+    error = task.exception() if not task.cancelled() else None
+    raise Broken(f"{task.get_name()} ended: {error!r}") from error
+
+
 def _apply(message: dict[str, Any], store: Any, followers: dict[str, Any]) -> None:
     """A line from the daemon: a new head, the endpoints, log settings, what logs must hide."""
     from .logs import configure_logging
@@ -481,7 +511,7 @@ async def _child(start: dict[str, Any], lines: asyncio.StreamReader, stopping: a
     if start["unwatch_days"]:
         helpers.append(asyncio.create_task(_unwatch_forever(start, store, followers, reporter, stopping)))
     try:
-        await stopping.wait()
+        await _until_stopped_or_broken(tasks, helpers, stopping)
         _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE)
         for task in pending:  # a step waiting on a node: cancelled at an await, its write whole or absent
             task.cancel()

@@ -39,6 +39,7 @@ from .httpserver import Listener, harden, listen
 from .invoicing import Invoicing
 from .jobs import PRUNE_INTERVAL, make_scheduler
 from .logs import configure_logging, register_secrets
+from .matching import WatchSet
 from .metrics import Metrics
 from .notify import Notifier
 from .openapi import add_openapi_route
@@ -424,8 +425,9 @@ class Service:
             unwatch_days=s.retention.watch_closed_invoices_days,
             prune_interval=self.prune_interval,
             on_counts=self.metrics.relayed,
-            on_invoice_changed=invoice_changed,
-            on_blocks_applied=blocks_applied,
+            # The payment page's feed is the only listener: without it, no ids cross over.
+            on_invoice_changed=invoice_changed if s.checkout is not None else None,
+            on_blocks_applied=blocks_applied if s.checkout is not None else None,
             on_queued=lambda: self.dispatcher.wake() if self.dispatcher is not None else None,
             on_running=self.metrics.follower_process,
         )
@@ -526,14 +528,14 @@ class Service:
             on_pruned=self.metrics.rows_pruned,
             prune_interval=self.prune_interval,
             # The followers' process drops those options from its own watch sets.
-            watch_sets=lambda: {
-                name: f.watch
-                for name, f in self.followers.items()
-                if isinstance(f, Follower) and f.watch.loaded
-            },
+            watch_sets=None if self.follower_child is not None else self._watch_sets,
         )
         self.rates.schedule(self._scheduler)
         self._scheduler.start()
+
+    def _watch_sets(self) -> dict[str, WatchSet]:
+        """The loaded watch sets of the followers in this process."""
+        return {n: f.watch for n, f in self.followers.items() if isinstance(f, Follower) and f.watch.loaded}
 
     async def _start_checkout(self, store: Store) -> None:
         """The payment page on its own public listener: the page, its feed and its assets only."""
