@@ -228,3 +228,19 @@ async def test_a_node_that_fails_the_daemons_checks_is_never_followed(tmp_path, 
     finally:
         with contextlib.suppress(Exception):
             await h.close()
+
+
+async def test_the_child_holds_no_secret_in_its_environment(harnesses, anvil_node, monkeypatch):
+    """The variables that hold the API keys and the webhook secrets are left out of the
+    followers' process's environment (it needs none of them), and so is systemd's socket."""
+    from pathlib import Path
+
+    for name in ("API_KEY", "HOOK_SECRET", "NOTIFY_SOCKET"):
+        monkeypatch.setenv(name, f"value-of-{name}")
+    h = await harnesses(ProcessHarness, nodes=[anvil_node()])
+    process = (await _child(h)).process
+    assert process is not None
+    environ = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
+    names = {entry.split(b"=", 1)[0].decode() for entry in environ if entry}
+    assert "PATH" in names and os.environ["API_KEY"] == "value-of-API_KEY"  # set in the daemon's
+    assert not names & {"API_KEY", "HOOK_SECRET", "NOTIFY_SOCKET"}, names
