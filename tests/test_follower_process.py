@@ -244,3 +244,79 @@ async def test_the_child_holds_no_secret_in_its_environment(harnesses, anvil_nod
     names = {entry.split(b"=", 1)[0].decode() for entry in environ if entry}
     assert "PATH" in names and os.environ["API_KEY"] == "value-of-API_KEY"  # set in the daemon's
     assert not names & {"API_KEY", "HOOK_SECRET", "NOTIFY_SOCKET"}, names
+
+
+async def test_a_failover_in_the_child_shows_in_the_daemons_api_and_metrics(proxies, harnesses, anvil_node):
+    """rpc_urls = [a, b] with a answering 502: the child reads through b, and the daemon's
+    /v1/chains names b (the node the child reads, not its own first URL), /metrics counts the
+    child's failover and a's failures."""
+    from faultproxy import Fault
+
+    node = anvil_node()
+    a, b = await proxies(node.url), await proxies(node.url)
+    a.inject(Fault("http_502"))  # every request, until cleared
+    h = await harnesses(ProcessHarness, nodes=[node], rpc_urls={"anvil0": [a.url, b.url]})
+    await _child(h)
+    await _pay_and_confirm(h)
+
+    async def named_b() -> bool:
+        status, body, _ = await h.request("GET", "/v1/chains")
+        [row] = body.get("data", body)
+        return row["rpc_url"] == b.url
+
+    await h.wait_for(named_b, what="/v1/chains naming the node the child reads")
+    samples = await scrape(h)
+    assert sample(samples, "watcher_rpc_failovers_total", network="anvil0", direction="over") >= 1
+    assert sample(samples, "watcher_rpc_endpoint_failures_total", network="anvil0", kind="http_5xx") >= 1
+    assert b.requests["eth_getLogs"] + b.requests["eth_getBlockByHash"] >= 1
+
+
+async def test_a_child_that_stops_reporting_is_killed_and_started_again(tmp_path, anvil_node):
+    """A followers' process that is stuck (SIGSTOP here) says nothing: past the silence timeout
+    the daemon kills it and starts another, which follows on."""
+    from anvil_harness import AnvilChain
+
+    chain = await asyncio.to_thread(AnvilChain(anvil_node(), "anvil0").setup)
+    database = str(tmp_path / "watcher.db")
+    Store(database, clock=time.time).close()
+    settings = ChainSettings.model_validate(
+        {
+            "name": chain.name,
+            "chain_id": chain.node.chain_id,
+            "rpc_urls": [chain.node.url],
+            "poll_interval_seconds": 0.05,
+            "confirmations": 1,
+            "start_block": 0,
+            "assets": [{"symbol": "ETH", "kind": "native", "usd_rate": "1"}],
+        }
+    )
+    process = FollowerProcess(
+        database,
+        [FollowedChain.of(settings)],
+        log_choice=("json", "info"),
+        rpc_timeout=2,
+        silence_timeout=2.0,
+        restart_delays=(0.1,),
+    )
+    process.release()
+    stopping = asyncio.Event()
+    task = asyncio.create_task(process.run(stopping))
+    try:
+        deadline = time.monotonic() + 20
+        while process.process is None or not process.followers[chain.name].watch.loaded:
+            assert time.monotonic() < deadline, "the child never reported"
+            await asyncio.sleep(0.05)
+        stuck = process.process
+        stuck.send_signal(signal.SIGSTOP)
+        while process.child.starts < 2 or not process.followers[chain.name].watch.loaded:
+            assert time.monotonic() < deadline + 10, "the stuck child was never replaced"
+            await asyncio.sleep(0.05)
+        assert stuck.returncode == -signal.SIGKILL
+        await chain.run(chain.mine, 2)
+        head = await chain.run(chain.head)
+        while process.followers[chain.name].status.head_block != head:
+            assert time.monotonic() < deadline + 20, "the new child does not follow"
+            await asyncio.sleep(0.05)
+    finally:
+        stopping.set()
+        await task
