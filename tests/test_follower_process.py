@@ -320,3 +320,58 @@ async def test_a_child_that_stops_reporting_is_killed_and_started_again(tmp_path
     finally:
         stopping.set()
         await task
+
+
+class ReloadingHarness(ProcessHarness):
+    """The daemon configured from a TOML file the test rewrites, its followers in their process."""
+
+    async def start_service(self) -> None:
+        from test_service import to_toml
+
+        from watcher.config import load_settings
+        from watcher.service import Service
+
+        self.tmp_path.mkdir(parents=True, exist_ok=True)
+        self.path = self.tmp_path / "watcher.toml"
+        self.data = {
+            "database": str(self.tmp_path / "watcher.db"),
+            "log_level": "warning",
+            "http": self.http_settings(),
+            "webhooks": [{"url": self.receiver.url, "secret_env": "HOOK_SECRET"}],
+            "chains": self.chains_settings(),
+        }
+        self.path.write_text(to_toml(self.data))
+        self.environment = self.env()
+        self.service = Service(
+            load_settings(self.path, env=self.environment),
+            config_path=self.path,
+            env=self.environment,
+            follower_process=True,
+        )
+        await self.service.start()
+
+
+async def test_a_reload_hands_the_new_endpoints_to_the_child(harnesses, anvil_node):
+    """SIGHUP's reload adds an endpoint that wants only `invoice.confirmed`: the events the
+    child's steps append from then on are queued for it too, filtered there."""
+    from test_service import to_toml
+
+    h = await harnesses(ReloadingHarness, nodes=[anvil_node()])
+    await _child(h)
+    second = Receiver(h.receiver.secret)
+    await second.start()
+    try:
+        h.environment["HOOK_SECRET_2"] = second.secret
+        h.data["webhooks"] = [
+            *h.data["webhooks"],
+            {"url": second.url, "secret_env": "HOOK_SECRET_2", "events": ["invoice.confirmed"]},
+        ]
+        h.path.write_text(to_toml(h.data))
+        assert h.service.reload() is True
+        await asyncio.sleep(0.5)  # the line reaches the child before the payment
+        invoice = await _pay_and_confirm(h)
+        await h.wait_for(lambda: second.types_for(invoice["id"]), what="the new endpoint's event")
+        assert second.types_for(invoice["id"]) == ["invoice.confirmed"]
+        assert second.bad_signatures == 0
+    finally:
+        await second.stop()
