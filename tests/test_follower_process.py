@@ -45,6 +45,33 @@ async def _pay_and_confirm(h: AnvilHarness, amount: str = "10") -> dict:
     return await h.wait_status(invoice["id"], "confirmed")
 
 
+async def _process_alone(tmp_path, anvil_node, **kwargs):
+    """A `FollowerProcess` of one anvil chain, without a daemon around it: (chain, database,
+    process), the database created and migrated as the daemon does before starting the child."""
+    from anvil_harness import AnvilChain
+
+    chain = await asyncio.to_thread(AnvilChain(anvil_node(), "anvil0").setup)
+    database = str(tmp_path / "watcher.db")
+    Store(database, clock=time.time).close()
+    settings = ChainSettings.model_validate(
+        {
+            "name": chain.name,
+            "chain_id": chain.node.chain_id,
+            "rpc_urls": [chain.node.url],
+            "poll_interval_seconds": 0.05,
+            "confirmations": 1,
+            "start_block": 0,
+            "assets": [{"symbol": "ETH", "kind": "native", "usd_rate": "1"}],
+        }
+    )
+    followed = [FollowedChain.of(settings)]
+    return (
+        chain,
+        database,
+        FollowerProcess(database, followed, log_choice=("json", "info"), rpc_timeout=2, **kwargs),
+    )
+
+
 async def test_payments_are_followed_from_a_child_and_reported_to_the_daemon(harnesses, anvil_node):
     h = await harnesses(ProcessHarness, nodes=[anvil_node()])
     child = await _child(h)
@@ -129,27 +156,7 @@ async def test_new_webhook_endpoints_reach_the_child(harnesses, anvil_node):
 async def test_the_child_takes_no_step_before_the_daemon_releases_it(tmp_path, anvil_node):
     """The daemon releases the followers only once the nodes passed its checks (chain id, genesis):
     until then the child loads its watch sets and reads nothing of the chain into the store."""
-    from anvil_harness import AnvilChain
-
-    chain = await asyncio.to_thread(AnvilChain(anvil_node(), "anvil0").setup)
-    database = str(tmp_path / "watcher.db")
-    Store(
-        database, clock=time.time
-    ).close()  # created and migrated, as the daemon does before starting the child
-    settings = ChainSettings.model_validate(
-        {
-            "name": chain.name,
-            "chain_id": chain.node.chain_id,
-            "rpc_urls": [chain.node.url],
-            "poll_interval_seconds": 0.05,
-            "confirmations": 1,
-            "start_block": 0,
-            "assets": [{"symbol": "ETH", "kind": "native", "usd_rate": "1"}],
-        }
-    )
-    process = FollowerProcess(
-        database, [FollowedChain.of(settings)], log_choice=("json", "info"), rpc_timeout=2
-    )
+    chain, database, process = await _process_alone(tmp_path, anvil_node)
     stopping = asyncio.Event()
     task = asyncio.create_task(process.run(stopping))
     follower = process.followers[chain.name]
@@ -274,30 +281,7 @@ async def test_a_failover_in_the_child_shows_in_the_daemons_api_and_metrics(prox
 async def test_a_child_that_stops_reporting_is_killed_and_started_again(tmp_path, anvil_node):
     """A followers' process that is stuck (SIGSTOP here) says nothing: past the silence timeout
     the daemon kills it and starts another, which follows on."""
-    from anvil_harness import AnvilChain
-
-    chain = await asyncio.to_thread(AnvilChain(anvil_node(), "anvil0").setup)
-    database = str(tmp_path / "watcher.db")
-    Store(database, clock=time.time).close()
-    settings = ChainSettings.model_validate(
-        {
-            "name": chain.name,
-            "chain_id": chain.node.chain_id,
-            "rpc_urls": [chain.node.url],
-            "poll_interval_seconds": 0.05,
-            "confirmations": 1,
-            "start_block": 0,
-            "assets": [{"symbol": "ETH", "kind": "native", "usd_rate": "1"}],
-        }
-    )
-    process = FollowerProcess(
-        database,
-        [FollowedChain.of(settings)],
-        log_choice=("json", "info"),
-        rpc_timeout=2,
-        silence_timeout=2.0,
-        restart_delays=(0.1,),
-    )
+    chain, _, process = await _process_alone(tmp_path, anvil_node, silence_timeout=2.0, restart_delays=(0.1,))
     process.release()
     stopping = asyncio.Event()
     task = asyncio.create_task(process.run(stopping))
