@@ -431,8 +431,9 @@ async def problems(
         return response
     except Exception as exc:
         if _busy(exc):
-            # Another process held the database's write lock past the busy timeout (the
-            # followers' steps are bounded well below it): nothing was written; try again.
+            # Another process held the database's write lock past the busy timeout: a step's new
+            # payments are capped (about 2 s of lock), its confirmations of earlier ones are not
+            # (docs/design.md). The change rolled back whole: nothing was written; try again.
             log.warning("request_database_busy", method=request.method, path=request.path, error=str(exc))
             response = Problem(
                 503,
