@@ -73,8 +73,14 @@ async def small_server():
             await request.read()
             return web.json_response({"ok": True})
 
+        async def slow(request: web.Request) -> web.Response:
+            await request.read()
+            await asyncio.sleep(float(request.query["seconds"]))
+            return web.json_response({"ok": True})
+
         app = web.Application()
         app.router.add_route("*", "/", hello)
+        app.router.add_route("*", "/slow", slow)
         harden(app)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await runner.setup()
@@ -116,6 +122,33 @@ async def test_silent_and_slow_headers_are_cut_at_the_header_timeout_idle_ones_a
     assert answer.startswith(b"HTTP/1.1 200")
     for w in (silent, slow, idle, body):
         w.close()
+
+
+async def test_a_request_handled_longer_than_the_header_timeout_is_answered_whatever_its_segments(
+    small_server,
+):
+    """The header deadline is for bytes of a request not yet read, never for a request being
+    handled: a POST whose body arrives in a segment of its own, answered after three header
+    timeouts (the API's write waiting on the database's lock), still gets its answer."""
+    port = await small_server(header_timeout=0.5, idle_timeout=30)
+    answers = []
+    for split in (False, True):
+        reader, writer = await connect(port)
+        head = b"POST /slow?seconds=1.5 HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"
+        if split:  # headers first, the body in a segment of its own, as aiohttp's client sends it
+            writer.write(head)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"1234567890")
+        else:
+            writer.write(head + b"1234567890")
+        answer = await asyncio.wait_for(reader.readuntil(b'{"ok": true}'), timeout=5)
+        answers.append(answer.split(b"\r\n", 1)[0])
+        writer.write(GET)  # the connection stays usable for the next request
+        again = await asyncio.wait_for(reader.readuntil(b'{"ok": true}'), timeout=5)
+        assert again.startswith(b"HTTP/1.1 200")
+        writer.close()
+    assert answers == [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK"]
 
 
 async def test_connections_beyond_the_limit_wait_until_one_closes(small_server):

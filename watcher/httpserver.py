@@ -100,12 +100,15 @@ class _Handler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         parsed = self._request_count
+        # Asked before the bytes are read: the segment that ends a body leaves it at EOF, and
+        # arming then would cut the request being handled, not a next one being sent.
+        between_requests = self._last_payload is None or self._last_payload.is_eof()
         super().data_received(data)
         if self._request_count > parsed:  # a request's headers are complete
             self._disarm_header_deadline()
             if self._messages:
                 self._last_payload = self._messages[-1][1]
-        elif self._last_payload is None or self._last_payload.is_eof():
+        elif between_requests and data:  # b"": aiohttp resuming its reading, nothing received
             self._arm_header_deadline()  # bytes of the next request's headers: they have a deadline
         # else: bytes of the current request's body, bounded by the body limit
 
