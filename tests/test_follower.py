@@ -6,6 +6,7 @@ moments read like stories and check exactly what the follower asked the node for
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 
 import pytest
@@ -654,3 +655,117 @@ async def test_a_step_records_a_bounded_number_of_payments_and_the_rest_follows(
         assert int(payment["amount_atomic"]) == 100
         assert store.get_invoice(inv_id)["status"] == "confirmed"
     assert store.cursor(NET).number == len(chain.blocks) - 1
+
+
+class GatedWrites:
+    """The store's writes held until `opened`, or failing once with `fail_next`: the write of a
+    step in flight while `run()` reads the next range."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.opened = asyncio.Event()
+        self.fail_next: Exception | None = None
+        self.started = 0
+        self._write = store.write
+        store.write = self.write  # type: ignore[method-assign]
+
+    async def write(self, change, *args, **kwargs):
+        self.started += 1
+        await self.opened.wait()
+        if self.fail_next is not None:
+            failure, self.fail_next = self.fail_next, None
+            raise failure
+        return await self._write(change, *args, **kwargs)
+
+
+def ranged_chain(store: Store, payments: int) -> tuple[FakeChain, list[tuple[str, str]]]:
+    """A payment in each of the first `payments` blocks, then enough empty blocks for all of
+    them to be read by number range, in steps of 5 blocks."""
+    chain = FakeChain()
+    invoices = [invoice(store) for _ in range(payments)]
+    for _, address in invoices:
+        chain.mine((address, 100))
+    for _ in range(300):
+        chain.mine()
+    return chain, invoices
+
+
+async def test_the_next_range_is_read_while_the_last_steps_write_commits(store, tmp_path):
+    """`run()` overlaps a step's write with the next step's reads; the next step waits for
+    that write before its own, so the checkpoint only ever moves by committed steps."""
+    chain, invoices = ranged_chain(store, 12)
+    writes = GatedWrites(store)
+    f = follower(chain, store, chunk_size=5, max_chunk_size=5)
+
+    assert await f.run_once(overlap=True) == 5  # blocks 0-4: read, their write in flight
+    await asyncio.sleep(0)
+    assert writes.started == 1 and store.cursor(NET) is None
+    asked = len(chain.log_requests)
+    second = asyncio.create_task(f.run_once(overlap=True))
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert len(chain.log_requests) > asked and chain.log_requests[-1][1:] == (5, 9)  # read meanwhile
+    assert not second.done() and store.cursor(NET) is None  # and waiting for the first write
+    writes.opened.set()
+    assert await second == 5
+    assert store.cursor(NET).number == 4  # the first step committed; the second's is in flight
+    assert await f.run_once() == 5  # without `overlap` a step returns once committed
+    assert store.cursor(NET).number == 14
+    await catch_up(f)
+    assert store.cursor(NET).number == len(chain.blocks) - 1
+    for inv_id, _ in invoices:
+        assert [int(p["amount_atomic"]) for p in store.get_payments(inv_id)] == [100]
+
+
+async def test_a_write_that_fails_in_flight_fails_the_next_step_which_reads_again_from_the_checkpoint(store):
+    """The database refuses a step's write after `run()` went on to read the next range: the
+    next step fails with that error instead of building on it, and the steps after start from
+    the checkpoint stored. Every payment is recorded once."""
+    import sqlite3
+
+    chain, invoices = ranged_chain(store, 12)
+    writes = GatedWrites(store)
+    writes.fail_next = sqlite3.OperationalError("database is locked")
+    writes.opened.set()
+    f = follower(chain, store, chunk_size=5, max_chunk_size=5)
+
+    assert await f.run_once(overlap=True) == 5  # blocks 0-4; the write fails in the background
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        await f.run_once(overlap=True)  # blocks 5-9 read on top of it: not written
+    assert store.cursor(NET) is None
+    await catch_up(f)
+    assert store.cursor(NET).number == len(chain.blocks) - 1
+    for inv_id, _ in invoices:
+        assert [int(p["amount_atomic"]) for p in store.get_payments(inv_id)] == [100]
+        assert store.get_invoice(inv_id)["status"] == "confirmed"
+
+
+async def test_run_catches_up_through_a_failed_write_and_ends_with_every_write_committed(store):
+    """The loop itself: a write refused once mid-catch-up is logged as a failed step, the chain
+    is caught up anyway, and when the follower stops nothing it started is left uncommitted."""
+    import sqlite3
+
+    from structlog.testing import capture_logs
+
+    chain, invoices = ranged_chain(store, 12)
+    writes = GatedWrites(store)
+    writes.opened.set()
+    f = follower(chain, store, chunk_size=5, max_chunk_size=5)
+    stopping = asyncio.Event()
+    f.watch.loaded = True
+    with capture_logs() as logs:
+        writes.fail_next = sqlite3.OperationalError("database is locked")
+        running = asyncio.create_task(f.run(stopping))
+        for _ in range(500):
+            cursor = store.cursor(NET)
+            if cursor is not None and cursor.number == len(chain.blocks) - 1:
+                break
+            await asyncio.sleep(0.01)
+        stopping.set()
+        f.wake()
+        await asyncio.wait_for(running, timeout=10)
+    assert store.cursor(NET).number == len(chain.blocks) - 1
+    assert f._writing is None
+    assert [e for e in logs if e["event"] == "follower_step_crashed"], logs
+    for inv_id, _ in invoices:
+        assert [int(p["amount_atomic"]) for p in store.get_payments(inv_id)] == [100]

@@ -9,6 +9,7 @@ after it is scanned exactly once, and a payment seen twice is still recorded onc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -144,6 +145,10 @@ class Follower:
         self._wake = asyncio.Event()
         self._waiting_for: str | None = None  # set by a step that found the node behind us
         self._tip_verified = False  # set by a step that found our checkpoint still on the node's chain
+        # The last step's write, still committing while `run()` reads the next range, and the
+        # checkpoint it makes (see _settle).
+        self._writing: asyncio.Task[None] | None = None
+        self._writing_tip: BlockRef | None = None
 
     # ------------------------------------------------------------------ watch set
 
@@ -235,8 +240,10 @@ class Follower:
 
     # ------------------------------------------------------------------ one step
 
-    async def run_once(self) -> int:
+    async def run_once(self, *, overlap: bool = False) -> int:
         """Do one step of work; returns how many blocks it moved the checkpoint (0: caught up).
+        With `overlap` (`run()` catching up), the step's write may still be committing when it
+        returns: the next step reads its range meanwhile, and waits for it before it writes.
 
         `status.last_error` keeps the last failure until a step completes (a step that fails
         late must not look healthy for its duration); a node behind us is a completed step
@@ -245,6 +252,8 @@ class Follower:
         self._waiting_for = None
         self._tip_verified = False
         moved = await self._step()
+        if not overlap or not moved:
+            await self._settle()  # caught up (or a caller that reads the store next): committed
         self.status.last_error = self._waiting_for
         if self.status.stopped is not None and (moved or self._tip_verified):
             log.warning("chain_resumed", network=self.network, was=self.status.stopped)
@@ -258,7 +267,7 @@ class Follower:
         self.status.head_block = head
         self.status.last_head_at = self.clock()
         await self._ensure_tracer(head)
-        cursor = self.store.cursor(self.network)
+        cursor = self._checkpoint()
 
         if cursor is None:
             start = head if self.start_block == "latest" else int(self.start_block)
@@ -285,6 +294,20 @@ class Follower:
 
         last = min(head, first + self.chunk_size - 1)
         return await self._scan(cursor, first, last, head)
+
+    def _checkpoint(self) -> BlockRef | None:
+        """The stored checkpoint, or the one the write in flight makes when it commits."""
+        if self._writing is not None:
+            return self._writing_tip
+        return self.store.cursor(self.network)
+
+    async def _settle(self) -> None:
+        """Wait for the last step's write, if one is in flight. Its failure is raised here, in
+        the step after it, which then fails as a whole: the next one starts again from the
+        checkpoint stored, so nothing read on top of the failed write is kept."""
+        writing, self._writing, self._writing_tip = self._writing, None, None
+        if writing is not None:
+            await writing
 
     def _range_ceiling(self, head: int, finalized: int | None) -> int:
         """The highest block whose logs may be read by number range: well below the head
@@ -373,7 +396,9 @@ class Follower:
         by_number: dict[int, BlockRef],
         matched: list[Match],
     ) -> None:
-        """Record the range in one change, on the store's writer thread (the loop stays free)."""
+        """Record the range in one change, on the store's writer thread (the loop stays free),
+        once the previous step's write has committed. It is left in flight (`_writing`): the
+        next step reads meanwhile."""
         blocks = [by_number[n] for n in sorted(by_number)]
         if finalized is not None:
             confirmed_through = min(last, finalized)
@@ -382,6 +407,22 @@ class Follower:
             confirmed_through = last - int(self.confirmations) + 1
             keep_above = last - self.window
         transfers = await off_loop(_matched_transfers, matched, by_number, items=len(matched))
+        await self._settle()
+        self._writing = asyncio.create_task(
+            self._record(first, last, blocks, transfers, confirmed_through, keep_above),
+            name=f"follower-write-{self.network}",
+        )
+        self._writing_tip = by_number[last]
+
+    async def _record(
+        self,
+        first: int,
+        last: int,
+        blocks: list[BlockRef],
+        transfers: list[MatchedTransfer],
+        confirmed_through: int,
+        keep_above: int,
+    ) -> None:
         result = await self.store.write(
             self.store.apply_blocks,
             self.network,
@@ -499,6 +540,7 @@ class Follower:
 
     async def _handle_reorg(self, cursor: BlockRef) -> None:
         """Walk our stored window down to the newest block the node still has; drop the rest."""
+        await self._settle()  # the window, with the last step's blocks in it
         ancestor = await self._common_ancestor(cursor)
         if ancestor.number == cursor.number:
             # The node said another block was there, then that ours is: backends disagreeing
@@ -586,7 +628,7 @@ class Follower:
         while not stopping.is_set():
             self._wake.clear()  # a wake during the step below makes the next sleep end at once
             try:
-                moved = await self.run_once()
+                moved = await self.run_once(overlap=True)
                 backoff = 0.5
             except ChainStopped as exc:
                 if self.status.stopped != str(exc):
@@ -622,6 +664,8 @@ class Follower:
             self._wake.clear()
             await _sleep_or(stopping, backoff / 2, self._wake)
             backoff = min(backoff * 2, 30.0)
+        with contextlib.suppress(Exception):  # said by the step that would have come next
+            await self._settle()  # the last write committed (or failed) before the follower ends
 
     def _count_failure(self, exc: BaseException) -> None:
         if self.metrics is not None:
