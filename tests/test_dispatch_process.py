@@ -20,6 +20,7 @@ from daemon import SandboxDaemon
 from harness import Harness, Receiver
 from test_ops import sample, scrape
 
+from watcher import childproc
 from watcher.dispatchproc import DispatcherProcess
 
 
@@ -195,10 +196,8 @@ async def test_the_child_holds_no_secret_in_its_environment(harnesses, monkeypat
     monkeypatch.setenv("NEW_HOOK_SECRET", "whsec_x")
     child = await _child(h)
     child.set_secrets({h.receiver.url: h.receiver.secret}, secret_env=["NEW_HOOK_SECRET"])
-    assert (
-        "NEW_HOOK_SECRET" not in child.child._environment()
-        and "HOOK_SECRET" not in child.child._environment()
-    )
+    environment = childproc.environment(child.child.secret_env)
+    assert "NEW_HOOK_SECRET" not in environment and "HOOK_SECRET" not in environment
 
 
 async def test_a_redelivery_asked_over_the_api_wakes_the_child_every_time(harnesses):

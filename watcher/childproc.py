@@ -74,13 +74,15 @@ class ChildProcess:
         restart_delays: Sequence[float] = RESTART_DELAYS,
         stop_timeout: float,
         silence_timeout: float | None = None,
+        warm: WarmChildren | None = None,
     ) -> None:
         """``start()``: the first message of each child. ``on_running(True)`` hears of each
         child started, ``on_running(False)`` of each that exited on its own (not of the stop);
         ``on_gone(code, restart_in)`` of every child gone, after its last report.
         ``secret_env``: the environment variables that hold secrets (left out of its environment).
         ``silence_timeout``: a child that reports nothing for this long is stuck, and killed (it
-        must report at least every few seconds; None: never)."""
+        must report at least every few seconds; None: never). ``warm``: children `watcher run`
+        started before the daemon's own imports; the first child is taken from there."""
         self.module = module
         self.name = name
         self.start = start
@@ -91,6 +93,7 @@ class ChildProcess:
         self.restart_delays = tuple(restart_delays) or RESTART_DELAYS
         self.stop_timeout = stop_timeout
         self.silence_timeout = silence_timeout
+        self.warm = warm
         self.process: asyncio.subprocess.Process | None = None
         self.starts = 0  # children started so far
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -147,21 +150,9 @@ class ChildProcess:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), timeout=delay)
 
-    def _environment(self) -> dict[str, str]:
-        hidden = {*PARENT_ONLY_ENV, *self.secret_env}
-        return {k: v for k, v in os.environ.items() if k not in hidden}
-
     async def _run_child(self, stopping: asyncio.Event) -> int | None:
-        self.process = process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            self.module,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=self._environment(),
-            limit=MAX_LINE,
-            start_new_session=True,  # a terminal's Ctrl-C reaches the daemon, which stops it
-        )
+        warm = self.warm.take(self.module, self.secret_env) if self.warm is not None else None
+        self.process = process = warm or await spawn(self.module, self.secret_env)
         self.starts += 1
         if self.on_running is not None:
             self.on_running(True)
@@ -214,6 +205,68 @@ class ChildProcess:
                 log.exception(
                     "child_report_unread", process=self.name, line=line[:200].decode(errors="replace")
                 )
+
+
+def environment(secret_env: Iterable[str]) -> dict[str, str]:
+    """The daemon's environment without the variables a child must not see."""
+    hidden = {*PARENT_ONLY_ENV, *secret_env}
+    return {k: v for k, v in os.environ.items() if k not in hidden}
+
+
+async def spawn(module: str, secret_env: Iterable[str]) -> asyncio.subprocess.Process:
+    """`python -m <module>`, its stdin and stdout ours, in a session of its own (a terminal's
+    Ctrl-C reaches the daemon, which stops it)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        env=environment(secret_env),
+        limit=MAX_LINE,
+        start_new_session=True,
+    )
+
+
+class WarmChildren:
+    """Children started by `watcher run` before the daemon imports its own modules and validates
+    its config: their interpreters start and import beside the daemon's, on another core, and
+    wait for their first line. Started before the config is validated, each leaves out of its
+    environment every variable the config file names (`hidden`); the supervision takes one only
+    if that covers the secrets of the config as validated, and starts its own otherwise."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, tuple[asyncio.subprocess.Process, frozenset[str]]] = {}
+
+    async def start(self, modules: Iterable[str], hidden: Iterable[str]) -> None:
+        hidden = frozenset(hidden)
+        for module in modules:
+            with contextlib.suppress(OSError):  # none then: the supervision starts it as usual
+                self._waiting[module] = (await spawn(module, hidden), hidden)
+
+    def take(self, module: str, secret_env: Iterable[str]) -> asyncio.subprocess.Process | None:
+        """The warm child of `module`, if it runs and lacks every variable in `secret_env`."""
+        process, hidden = self._waiting.pop(module, (None, frozenset()))
+        if process is None:
+            return None
+        if process.returncode is not None or not set(secret_env) <= hidden:
+            _kill(process)  # its exit is collected by the loop's child watcher
+            return None
+        return process
+
+    async def discard(self) -> None:
+        """Stop the children nobody took (the daemon did not start, or runs without them)."""
+        waiting = [process for process, _ in self._waiting.values()]
+        self._waiting.clear()
+        for process in waiting:
+            _kill(process)
+        await asyncio.gather(*(process.wait() for process in waiting))
+
+
+def _kill(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
 
 
 # ---------------------------------------------------------------------- the child's side
@@ -277,10 +330,6 @@ async def child_main(name: str, body: ChildBody, preload: Callable[[], None] = l
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the daemon reloads and tells the child
     lines = asyncio.StreamReader(limit=MAX_LINE, loop=loop)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(lines, loop=loop), sys.stdin)
-    first = await lines.readline()
-    if not first:
-        return 0  # the daemon went away before it said anything
-    start = orjson.loads(first)["start"]
 
     collecting = gc.isenabled()
     gc.disable()  # during the imports, which are frozen below (as the daemon's are: cli.py)
@@ -288,7 +337,11 @@ async def child_main(name: str, body: ChildBody, preload: Callable[[], None] = l
     from .logs import configure_logging
     from .store.core import SchemaMismatch
 
-    preload()
+    preload()  # before the first line: a warm child (WarmChildren) is ready when it comes
+    first = await lines.readline()
+    if not first:
+        return 0  # the daemon went away before it said anything
+    start = orjson.loads(first)["start"]
     configure_logging(start["log_format"], start["log_level"])
     hide(start.get("hidden", ()), start.get("urls", ()))
     interpreter.tune()  # as the daemon does: the store's writes run on a writer thread

@@ -18,6 +18,7 @@ from . import __version__, interpreter
 from .logs import configure_logging  # first: it imports structlog without rich (see there)
 
 if TYPE_CHECKING:
+    from .childproc import WarmChildren
     from .config import Settings
 
 DEFAULT_CONFIG = "/etc/watcher/watcher.toml"
@@ -162,6 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
+    runner, warm = None, None
+    if args.command == "run" and not args.sandbox:
+        runner, warm = _warm_start(_config_path(args.config))
     from .config import ConfigError, describe, load_settings
 
     try:
@@ -177,11 +181,61 @@ def _command(args: argparse.Namespace) -> int:
             return _run_sandbox(args)
         path = _config_path(args.config)
         settings = load_settings(path)
-        return _run(settings, config_path=path)
+        assert runner is not None
+        return _run(settings, runner, warm=warm, config_path=path)
     except ConfigError as exc:
         for key, message in exc.problems:
             print(f"watcher: configuration error: {key}: {message}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if runner is not None:
+            if warm is not None:
+                runner.run(warm.discard())
+            runner.close()
+
+
+def _warm_start(path: str) -> tuple[asyncio.Runner, WarmChildren | None]:
+    """The loop `watcher run` runs on, and the followers' process already starting on it: its
+    interpreter imports beside the daemon's, which validates its config and imports its own
+    modules meanwhile (about 0.3 s each on a small machine), so that it has loaded its watch
+    sets when the daemon is ready, rather than 0.25 s after (BENCHMARKS.md, issue 13). The
+    webhook dispatcher's process is started as before: a third interpreter importing at once
+    would slow the daemon's own start on two cores. No warm child when the config file cannot
+    be read as TOML: its error is said as usual, and the daemon does not start."""
+    from .childproc import WarmChildren
+
+    runner = asyncio.Runner()
+    hidden = _env_names(path)
+    if hidden is None:
+        return runner, None
+    warm = WarmChildren()
+    runner.run(warm.start(["watcher.followproc"], hidden))
+    return runner, warm
+
+
+def _env_names(path: str) -> set[str] | None:
+    """Every environment variable the config file names (the values of its `*_env` keys, and
+    the default API key's), read before the config is validated: the warm children lack them."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except (OSError, ValueError):
+        return None
+    names = {"WATCHER_API_KEY"}
+    todo: list[object] = [data]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if isinstance(key, str) and key.endswith("_env") and isinstance(value, str):
+                    names.add(value)
+                else:
+                    todo.append(value)
+        elif isinstance(item, list):
+            todo.extend(item)
+    return names
 
 
 def _rewind(settings: Settings, chain: str, to_block: int) -> int:
@@ -221,7 +275,8 @@ def _run_tool(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
-def _run(settings: Settings, **service_args: object) -> int:
+def _run(settings: Settings, runner: asyncio.Runner, **service_args: object) -> int:
+    """Run the daemon on `runner`'s loop until a signal stops it (the caller closes the loop)."""
     from .clienttls import import_aiohttp
     from .config import ConfigError
 
@@ -244,7 +299,7 @@ def _run(settings: Settings, **service_args: object) -> int:
         await service.run_until_signalled()
 
     try:
-        asyncio.run(go())
+        runner.run(go())
     except ConfigError:
         raise
     except OSError as exc:
@@ -335,7 +390,8 @@ def _run_sandbox(args: argparse.Namespace) -> int:
         f"  curl -s -H 'Authorization: Bearer {api_key}' http://{listen}/v1/invoices/<id>/status\n",
         flush=True,
     )
-    return _run(settings, sandbox=chain, block_time=args.block_time)
+    with asyncio.Runner() as runner:
+        return _run(settings, runner, sandbox=chain, block_time=args.block_time)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ class DispatcherProcess:
         on_running: Callable[[bool], None] | None = None,
         restart_delays: Sequence[float] = childproc.RESTART_DELAYS,
         stop_timeout: float = STOP_TIMEOUT,
+        warm: childproc.WarmChildren | None = None,
     ) -> None:
         """``log_choice``: (log_format or None for automatic, log_level). ``hidden``: values no
         log line may show; ``urls``: those whose credentials are stripped wherever they appear;
@@ -89,6 +90,7 @@ class DispatcherProcess:
             secret_env=secret_env,
             restart_delays=restart_delays,
             stop_timeout=stop_timeout,
+            warm=warm,
         )
         self._wake_due = False
         self._paused: set[str] = set()  # endpoints the child reported paused

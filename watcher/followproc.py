@@ -134,6 +134,7 @@ class FollowerProcess:
         on_running: Callable[[bool], None] | None = None,
         restart_delays: Sequence[float] = childproc.RESTART_DELAYS,
         stop_timeout: float = STOP_TIMEOUT,
+        warm: childproc.WarmChildren | None = None,
         silence_timeout: float = SILENCE_TIMEOUT,
     ) -> None:
         """``unwatch_days``: the retention's `watch_closed_invoices_days` (the child drops those
@@ -168,6 +169,7 @@ class FollowerProcess:
             secret_env=secret_env,
             restart_delays=restart_delays,
             stop_timeout=stop_timeout,
+            warm=warm,
             silence_timeout=silence_timeout,
         )
 

@@ -28,6 +28,7 @@ from .auth import FAILURES_PER_SECOND, ApiKey
 from .chain import ChainReader, HttpTransport, JsonRpcReader, RpcError, Transport
 from .chain.heads import HeadSubscriber
 from .chainwiring import FollowedChain, chain_follower, node_reader
+from .childproc import WarmChildren
 from .config import ChainSettings, ConfigError, Settings, load_settings, strip_credentials
 from .deposits_api import OPERATIONS as DEPOSIT_OPERATIONS
 from .deposits_api import add_deposit_balance_routes
@@ -134,6 +135,7 @@ class Service:
         prune_interval: float = PRUNE_INTERVAL,
         dispatcher_process: bool = False,
         follower_process: bool = False,
+        warm: WarmChildren | None = None,
     ) -> None:
         """``config_path`` is the file SIGHUP re-reads (None: nothing to reload, as in the
         sandbox); ``env`` is where its secrets are looked up (default: the process's).
@@ -141,7 +143,8 @@ class Service:
         (watcher/dispatchproc.py), as `watcher run` does; else on this loop (most tests: a
         child cannot share their clock). ``follower_process``: the chains are followed by a
         process of their own (watcher/followproc.py), as `watcher run` does; never with a sandbox,
-        whose chain lives in this process."""
+        whose chain lives in this process. ``warm``: those processes, started by `watcher run`
+        before its imports (childproc.WarmChildren)."""
         self.settings = settings
         self.config_path = None if config_path is None else os.fspath(config_path)
         self.env = env
@@ -158,6 +161,7 @@ class Service:
         self.prune_interval = prune_interval
         self.dispatcher_process = dispatcher_process and settings.database != MEMORY
         self.follower_process = follower_process and sandbox is None and settings.database != MEMORY
+        self.warm = warm
         self.stopping = asyncio.Event()
         self.store: Store | None = None
         self.followers: dict[str, Follower | RemoteFollower] = {}
@@ -390,6 +394,7 @@ class Service:
                 on_attempt=self.metrics.webhook_attempt,
                 on_breaker=self.metrics.webhook_breaker,
                 on_running=self.metrics.webhook_dispatcher,
+                warm=self.warm,
             )
         return Dispatcher(
             store.outbox,
@@ -430,6 +435,7 @@ class Service:
             on_blocks_applied=blocks_applied if s.checkout is not None else None,
             on_queued=lambda: self.dispatcher.wake() if self.dispatcher is not None else None,
             on_running=self.metrics.follower_process,
+            warm=self.warm,
         )
 
     def _starting(self, what: str) -> None:
