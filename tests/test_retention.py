@@ -153,6 +153,7 @@ def test_a_status_shared_by_the_events_of_one_change_goes_with_the_last_of_them(
         assert orjson.loads(bodies["invoice.payment_detected"])["data"]["payment"] == {
             "amount_atomic": str(2**255)
         }
+        store.outbox.queue_all()  # the dispatcher's queuing, done here
         deliveries = dict(store.db.execute("SELECT event_type, id FROM deliveries").fetchall())
 
         def deliver(event_type: str) -> None:
@@ -298,6 +299,7 @@ def test_an_event_whose_shared_status_is_missing_is_never_sent_as_its_payment_al
         store.outbox.set_endpoints([Endpoint("http://127.0.0.1:1/a", ("*",))])
         with store.db.atomic():
             store.outbox.append([NewEvent("invoice.paid", "inv_y", orjson.dumps({"id": "inv_y"}), None)])
+        store.outbox.queue_all()  # the dispatcher's queuing, done here
         store.db.execute("PRAGMA foreign_keys = OFF")
         with store.db.atomic():
             store.db.execute("DELETE FROM event_statuses")

@@ -212,6 +212,7 @@ async def test_a_redelivery_during_an_attempt_keeps_its_fresh_schedule(tmp_path)
     dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET}, clock=clock)
     try:
         _invoice(store)
+        store.outbox.queue_all()  # the dispatcher's queuing, done here: the rows this test changes
         store.db.execute("UPDATE deliveries SET attempts = 7")  # this attempt is the 8th, the last
         assert await dispatcher.run_once() == 1
         row = store.db.execute("SELECT status, attempts FROM deliveries").fetchone()
@@ -569,6 +570,7 @@ async def _deliveries_due(
     store.outbox.set_endpoints([Endpoint(url, events)])
     for _ in range(invoices):
         _invoice(store)
+    store.outbox.queue_all()  # the dispatcher's queuing, done here: the rows this test changes
     return store, url, got
 
 
@@ -694,6 +696,7 @@ def test_a_group_of_attempts_is_written_in_two_statements_whatever_its_size(tmp_
     store.outbox.set_endpoints([Endpoint("http://127.0.0.1:9/hook", ("invoice.created",))])
     for _ in range(50):
         _invoice(store)
+    store.outbox.queue_all()  # the dispatcher's queuing, done here: the rows this test changes
     ids = [r["id"] for r in store.db.execute("SELECT id FROM deliveries ORDER BY id")]
     store.db.execute("UPDATE deliveries SET attempts = 2 WHERE id IN (?, ?)", [ids[1], ids[2]])
     store.db.execute("UPDATE deliveries SET attempts = 7 WHERE id = ?", [ids[3]])
@@ -869,6 +872,7 @@ def test_claims_leaving_out_lists_of_any_length_compile_one_statement(tmp_path):
     store.outbox.set_endpoints([Endpoint("http://127.0.0.1:9/hook", ("invoice.created",))])
     for _ in range(3):
         _invoice(store)
+    store.outbox.queue_all()  # the dispatcher's queuing, done here: the rows this test claims
     ids = [r["id"] for r in store.db.execute("SELECT id FROM deliveries")]
     others = [f"dlv_{i:026d}" for i in range(3_000)]
     store.outbox.due_deliveries(clock.now, exclude=others[:10])  # the one statement, compiled

@@ -49,7 +49,6 @@ clienttls.import_aiohttp()
 from .chainwiring import FollowedChain  # noqa: E402
 from .follower import FollowerStatus, reorg_depth  # noqa: E402
 from .redaction import strip_credentials  # noqa: E402
-from .store.outbox import Endpoint  # noqa: E402
 
 log = childproc.logger("watcher.followproc")
 
@@ -120,7 +119,6 @@ class FollowerProcess:
         *,
         log_choice: tuple[str | None, str],
         rpc_timeout: float,
-        endpoints: Iterable[Endpoint] = (),
         hidden: Sequence[str] = (),
         urls: Sequence[str] = (),
         secret_env: Iterable[str] = (),
@@ -145,7 +143,6 @@ class FollowerProcess:
         self.chains = list(chains)
         self.log_choice = log_choice
         self.rpc_timeout = rpc_timeout
-        self.endpoints = _endpoints(endpoints)
         self.hidden = list(hidden)
         self.urls = list(urls)
         self.checkout_base_url = checkout_base_url
@@ -188,12 +185,6 @@ class FollowerProcess:
         """A new head on `network` (newHeads): its follower looks now, not at its next poll."""
         self.child.send({"wake": network})
 
-    def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
-        """The webhook endpoints and the events each wants (on reload): a step queues a delivery
-        for each endpoint that wants each event it appends."""
-        self.endpoints = _endpoints(endpoints)
-        self.child.send({"endpoints": self.endpoints})
-
     def set_logging(self, log_choice: tuple[str | None, str]) -> None:
         """The log format and level (on reload)."""
         self.log_choice = log_choice
@@ -220,7 +211,6 @@ class FollowerProcess:
             "chains": [dataclasses.asdict(c) for c in self.chains],
             "rpc_timeout": self.rpc_timeout,
             "go": self.released,
-            "endpoints": self.endpoints,
             "log_format": self.log_choice[0],
             "log_level": self.log_choice[1],
             "hidden": self.hidden,
@@ -257,10 +247,6 @@ class FollowerProcess:
         )
         for follower in self.followers.values():
             follower.gone(why)
-
-
-def _endpoints(endpoints: Iterable[Endpoint]) -> list[list[Any]]:
-    return [[e.url, list(e.events)] for e in endpoints]
 
 
 # ---------------------------------------------------------------------- the child
@@ -462,15 +448,13 @@ async def _until_stopped_or_broken(
 
 
 def _apply(message: dict[str, Any], store: Any, followers: dict[str, Any]) -> None:
-    """A line from the daemon: a new head, the endpoints, log settings, what logs must hide."""
+    """A line from the daemon: a new head, log settings, what logs must hide."""
     from .logs import configure_logging
 
     if "wake" in message:
         follower = followers.get(message["wake"])
         if follower is not None:
             follower.wake()
-    if "endpoints" in message:
-        store.outbox.set_endpoints(Endpoint(url, tuple(events)) for url, events in message["endpoints"])
     if "log" in message:
         configure_logging(*message["log"])
     if "hidden" in message:
@@ -483,7 +467,6 @@ async def _child(start: dict[str, Any], lines: asyncio.StreamReader, stopping: a
 
     store = Store(start["database"], clock=time.time, migrate=False, busy_timeout_ms=STEP_BUSY_TIMEOUT_MS)
     store.checkout_base_url = start["checkout_base_url"]
-    store.outbox.set_endpoints(Endpoint(url, tuple(events)) for url, events in start["endpoints"])
     followers: dict[str, Any] = {}
     reporter = _Reporter(followers)
     for data in start["chains"]:

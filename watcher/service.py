@@ -422,7 +422,6 @@ class Service:
             [FollowedChain.of(c) for c in s.chains],
             log_choice=self._log_choice,
             rpc_timeout=RPC_TIMEOUT,
-            endpoints=store.outbox.endpoints,
             hidden=_secrets_of(s),
             urls=_urls_of(s),
             secret_env=_secret_env_of(s),
@@ -717,8 +716,7 @@ class Service:
         register_secrets(_secrets_of(new))
         register_urls(_urls_of(new))
         self.store.outbox.set_endpoints(Endpoint(w.url, tuple(w.events)) for w in new.webhooks)
-        if self.follower_child is not None:  # its steps queue the deliveries of the events they append
-            self.follower_child.set_endpoints(self.store.outbox.endpoints)
+        if self.follower_child is not None:
             self.follower_child.set_hidden(_secrets_of(new), _urls_of(new), _secret_env_of(new))
         if isinstance(self.dispatcher, DispatcherProcess):
             self.dispatcher.set_secrets(

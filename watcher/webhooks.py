@@ -1,8 +1,9 @@
 """Webhook delivery: Standard Webhooks signatures and the outbox dispatcher.
 
 Events are written by the store in the same transaction as the change they report; this
-module only moves them out: claim what is due, POST it signed, record the attempt, and
-reschedule on the one retry schedule below or give up and mark it failed.
+module only moves them out: queue each endpoint's new events as its deliveries (the endpoint's
+cursor over the events, store/outbox.py), claim what is due, POST it signed, record the
+attempt, and reschedule on the one retry schedule below or give up and mark it failed.
 
 Each endpoint is a lane of its own (contract §5): its own queue (its due deliveries, read by
 URL), its own concurrency limit and its own circuit breaker, so an endpoint that hangs or
@@ -313,6 +314,8 @@ class Dispatcher:
 
     async def run_once(self) -> int:
         """Deliver everything due now, each endpoint on its own; returns how many attempts were made."""
+        for url in self._keys:
+            await self._queue(url)
         urls = set(self._keys) | set(self.outbox.pending_urls())
         counts = await asyncio.gather(*(self._lane_once(self._lane(url)) for url in sorted(urls)))
         await self.flush()
@@ -387,6 +390,8 @@ class Dispatcher:
                 lane.changed.clear()
                 wait = idle
                 try:
+                    if lane.keys is not None:
+                        await self._queue(lane.url)
                     wait = self._fill(lane, idle)
                 except Exception:  # a bug here must not stop this endpoint's deliveries for good
                     log.exception("dispatcher_step_failed", url=lane.url)  # the log strips url fields
@@ -403,6 +408,19 @@ class Dispatcher:
                 task.cancel()
             await asyncio.gather(*attempts, return_exceptions=True)
             raise
+
+    async def _queue(self, url: str) -> None:
+        """Queue the endpoint's deliveries of the events appended past its cursor, a batch of
+        events per transaction. A database locked by another process's long write (a catch-up
+        step) leaves them for the lane's next look: they are shown as pending meanwhile, and
+        their events are kept (retention waits for the cursor)."""
+        try:
+            while self.outbox.behind(url) and await self._write(self.outbox.queue_next, url):
+                pass
+        except sqlite3.OperationalError as exc:
+            if not _locked(exc):
+                raise
+            log.warning("webhook_queue_waiting", url=strip_credentials(url))
 
     def _idle_unconfigured(self, lane: _Lane) -> bool:
         return self.outbox.next_delivery_at(lane.url) is None

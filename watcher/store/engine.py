@@ -101,3 +101,8 @@ def in_keys(column: str) -> str:
 
 def keys_param(keys: Iterable[str]) -> str:
     return orjson.dumps(list(keys)).decode()
+
+
+def contains(text: str, part: str) -> str:
+    """`text` holds `part` (both SQL expressions). PostgreSQL: `strpos(text, part) > 0`."""
+    return f"instr({text}, {part}) > 0"

@@ -2,10 +2,19 @@
 
 It shares the store's connection, so `emit()` inside a store transaction commits (or rolls
 back) together with the state change.
+
+A change writes its events and nothing per endpoint: each configured endpoint reads the events
+as a queue of its own, from its cursor (`webhook_endpoints.after_seq`). The events past the
+cursor that an endpoint wants are its deliveries not yet queued: the API shows them as pending
+deliveries, and the dispatcher queues them (`queue_next`: a `deliveries` row each, the cursor
+moved past them, in one transaction) before it sends them. From then on a delivery is a row
+(attempts, retries, redelivery), as it always was. A delivery's id is its event's and its
+endpoint's (`dlv_<event>_<endpoint>`), the same before and after it is queued.
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -23,6 +32,22 @@ from .views import status_view
 DELIVERY_STATUSES = ("pending", "delivered", "failed")
 # Attempts per statement in `record_attempts` (9 bound values each, far below either engine's cap).
 ATTEMPTS_PER_STATEMENT = 500
+# Events an endpoint's cursor moves past in one transaction when the dispatcher queues them.
+QUEUE_EVENTS = 5000
+
+# An endpoint `w` wants an event `e`: its filter is '*' or ',type,type,' (`_filter`).
+WANTS = "(w.events = '*' OR " + engine.contains("w.events", "',' || e.type || ','") + ")"
+# The deliveries not yet queued: each endpoint's wanted events past its cursor.
+UNQUEUED = f"webhook_endpoints w JOIN events e ON e.seq > w.after_seq WHERE {WANTS}"
+# A delivery's id, from its event's (`evt_<ulid>`) and its endpoint's; `unqueued_key` reads it back.
+DELIVERY_ID = "'dlv_' || substr(e.id, 5) || '_' || w.id"
+_DELIVERY_ID = re.compile(r"dlv_([0-9A-Za-z]+)_([0-9]+)")
+
+
+def unqueued_key(delivery_id: str) -> tuple[str, int] | None:
+    """(event id, endpoint id) of a delivery id made from them, else None."""
+    match = _DELIVERY_ID.fullmatch(delivery_id)
+    return None if match is None else ("evt_" + match[1], int(match[2]))
 
 
 def delivery_view(row: sqlite3.Row) -> dict:
@@ -44,6 +69,33 @@ def delivery_view(row: sqlite3.Row) -> dict:
         "next_attempt_at": rfc3339(row["next_attempt_at"]),
         "delivered_at": row["delivered_at"],
     }
+
+
+# The columns of a delivery not yet queued, as `unqueued_view` reads them.
+UNQUEUED_COLUMNS = f"{DELIVERY_ID} AS id, e.id AS event_id, e.type, e.invoice_id, e.created_at, w.url"
+
+
+def unqueued_view(row: sqlite3.Row) -> dict:
+    """A delivery not yet queued, as the API shows it: pending, never attempted, due since its
+    event was made."""
+    return {
+        "id": row["id"],
+        "event_id": row["event_id"],
+        "event_type": row["type"],
+        "invoice_id": row["invoice_id"],
+        "url": strip_credentials(row["url"]),
+        "status": "pending",
+        "attempts": 0,
+        "last_status_code": None,
+        "last_error": None,
+        "next_attempt_at": row["created_at"],
+        "delivered_at": None,
+    }
+
+
+def _filter(endpoint: Endpoint) -> str:
+    """How `webhook_endpoints.events` holds an endpoint's filter (see WANTS)."""
+    return "*" if "*" in endpoint.events else "," + ",".join(sorted(set(endpoint.events))) + ","
 
 
 @dataclass(frozen=True)
@@ -146,7 +198,8 @@ class Outbox:
         self.write = write or _run_here
         self.clock = clock
         self.endpoints: tuple[Endpoint, ...] = ()
-        # Called when a delivery is queued, so the dispatcher wakes at once instead of polling.
+        # Called when events are appended (deliveries to queue) or a delivery is re-queued, so the
+        # dispatcher wakes at once instead of polling.
         self.on_delivery_queued: Callable[[], None] | None = None
         # Told the invoice id of each invoice with new events (once per change): the payment
         # page's live feed reads the invoice once that change has committed.
@@ -157,7 +210,83 @@ class Outbox:
         return self._connection()
 
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
+        """The configured endpoints (at start and on reload: the daemon's, and a tool's that
+        appends events), written to `webhook_endpoints` in one transaction. An endpoint new to
+        the table starts at the newest event: it gets the events appended from now on. One whose
+        filter changed or that is no longer configured has the events it wanted until now
+        queued first, as they were queued at their append before: the former keeps its cursor
+        (past them) with its new filter, the latter leaves the table, and its pending deliveries
+        fail as ever (`endpoint is no longer configured`)."""
         self.endpoints = tuple(endpoints)
+        wanted = {e.url: _filter(e) for e in self.endpoints}
+        with self.db.atomic():
+            stored = {r["url"]: r for r in self._q("SELECT id, url, events FROM webhook_endpoints")}
+            newest = self._count("SELECT COALESCE(MAX(seq), 0) AS n FROM events")
+            now = self.clock()
+            for url, row in stored.items():
+                if wanted.get(url) == row["events"]:
+                    continue
+                self._queue_through(row["id"], newest, now)
+                if url in wanted:
+                    self.db.execute(
+                        "UPDATE webhook_endpoints SET events = ? WHERE id = ?", [wanted[url], row["id"]]
+                    )
+                else:
+                    self.db.execute("DELETE FROM webhook_endpoints WHERE id = ?", [row["id"]])
+            for url, events in wanted.items():
+                if url not in stored:
+                    self.db.execute(
+                        "INSERT INTO webhook_endpoints(url, events, after_seq) VALUES (?,?,?)",
+                        [url, events, newest],
+                    )
+
+    # ------------------------------------------------------------------ endpoints' cursors
+
+    def _queue_through(self, endpoint_id: int, through: int, now: float) -> int:
+        """Queue the endpoint's wanted events past its cursor up to `through` (a seq), and move
+        its cursor there; inside the caller's transaction. Returns the deliveries queued."""
+        queued = self.db.execute(
+            "INSERT INTO deliveries(id, event_id, event_type, invoice_id, url, status, attempts, "
+            f"next_attempt_at, created_at) SELECT {DELIVERY_ID}, e.id, e.type, e.invoice_id, w.url, "
+            "'pending', 0, ?, e.created_at "
+            f"FROM {UNQUEUED} AND w.id = ? AND e.seq <= ? ORDER BY e.seq "
+            "ON CONFLICT DO NOTHING",
+            [now, endpoint_id, through],
+        ).rowcount
+        self.db.execute(
+            "UPDATE webhook_endpoints SET after_seq = ? WHERE id = ? AND after_seq < ?",
+            [through, endpoint_id, through],
+        )
+        return queued
+
+    def behind(self, url: str) -> bool:
+        """Whether events were appended past the endpoint's cursor (wanted by it or not)."""
+        row = self._q1(
+            "SELECT 1 AS n FROM webhook_endpoints WHERE url = ? "
+            "AND after_seq < (SELECT COALESCE(MAX(seq), 0) FROM events)",
+            [url],
+        )
+        return row is not None
+
+    def queue_next(self, url: str, limit: int = QUEUE_EVENTS) -> bool:
+        """Queue the endpoint's deliveries of the next `limit` events past its cursor, in one
+        transaction (the dispatcher's, before it sends them); True while more remain."""
+        with self.db.atomic():
+            row = self._q1("SELECT id, after_seq FROM webhook_endpoints WHERE url = ?", [url])
+            if row is None:
+                return False
+            newest = self._count("SELECT COALESCE(MAX(seq), 0) AS n FROM events")
+            if newest <= row["after_seq"]:
+                return False
+            through = min(newest, row["after_seq"] + limit)
+            self._queue_through(row["id"], through, self.clock())
+        return through < newest
+
+    def queue_all(self) -> None:
+        """Queue every endpoint's deliveries not yet queued (a one-off pass: tests, benchmarks)."""
+        for row in self._q("SELECT url FROM webhook_endpoints"):
+            while self.queue_next(row["url"]):
+                pass
 
     def _q(self, sql: str, params: Sequence | dict = ()) -> list[sqlite3.Row]:
         return self.db.execute(sql, params).fetchall()
@@ -175,25 +304,19 @@ class Outbox:
         return self._count("SELECT COALESCE(MAX(seq), 0) AS n FROM events")
 
     def emit(self, event_type: str, invoice: dict, payment: dict | None = None) -> None:
-        """Append one event and a delivery per subscribed endpoint; call inside the change's transaction."""
+        """Append one event; call inside the change's transaction."""
         self.append([NewEvent(event_type, invoice["id"], orjson.dumps(status_view(invoice)), payment)])
 
     def append(self, events: Sequence[NewEvent]) -> None:
-        """Append events, in order, and a delivery for each endpoint that wants each: one
-        statement per table, inside the caller's transaction."""
+        """Append events, in order: one statement per table, inside the caller's transaction.
+        Nothing is written per endpoint: each reads the events from its cursor (see above)."""
         if not events:
             return
         now_s = self.clock()
         now_ms = int(now_s * 1000)
         created_at = rfc3339(now_s)
         assert created_at is not None
-        wanted: dict[str, list[str]] = {}  # the endpoints of each type, worked out once per append
-        for e in events:
-            if e.type not in wanted:
-                wanted[e.type] = [ep.url for ep in self.endpoints if ep.wants(e.type)]
-        urls = [wanted[e.type] for e in events]
         event_ids = new_ids("evt", now_ms, len(events))
-        delivery_ids = iter(new_ids("dlv", now_ms, sum(map(len, urls))))
         conn = self.db.conn
         # One status row per distinct status in this append: an invoice's events of one change
         # carry the same rendering. Ids are taken after the highest: appends run one at a time,
@@ -203,14 +326,10 @@ class Outbox:
         for e in events:
             if e.status not in status_ids:
                 status_ids[e.status] = next_status_id + len(status_ids)
-        event_rows = []
-        delivery_rows = []
-        for e, event_id, to in zip(events, event_ids, urls, strict=True):
-            payment = orjson.dumps(e.payment)
-            event_rows.append((event_id, e.type, e.invoice_id, created_at, payment, status_ids[e.status]))
-            delivery_rows += [
-                (next(delivery_ids), event_id, e.type, e.invoice_id, url, now_s, created_at) for url in to
-            ]
+        event_rows = [
+            (event_id, e.type, e.invoice_id, created_at, orjson.dumps(e.payment), status_ids[e.status])
+            for e, event_id in zip(events, event_ids, strict=True)
+        ]
         conn.executemany(
             "INSERT INTO event_statuses(id, body) VALUES (?,?)", [(i, s) for s, i in status_ids.items()]
         )
@@ -218,16 +337,10 @@ class Outbox:
             "INSERT INTO events(id, type, invoice_id, created_at, body, status_id) VALUES (?,?,?,?,?,?)",
             event_rows,
         )
-        if delivery_rows:
-            conn.executemany(
-                "INSERT INTO deliveries(id, event_id, event_type, invoice_id, url, status, attempts, "
-                "next_attempt_at, created_at) VALUES (?,?,?,?,?, 'pending', 0, ?, ?)",
-                delivery_rows,
-            )
         for invoice_id in dict.fromkeys(e.invoice_id for e in events):
             for listener in self.event_listeners:
                 self._notify(listener, invoice_id)
-        if delivery_rows and self.on_delivery_queued is not None:
+        if self.on_delivery_queued is not None:  # the endpoints that want them have deliveries to queue
             self._notify(self.on_delivery_queued)
 
     def event_marks(self, invoice_id: str, since: int | None = None) -> tuple[int, list[str]]:
@@ -287,7 +400,14 @@ class Outbox:
         ]
 
     def next_delivery_at(self, url: str | None = None) -> float | None:
-        """When the next pending delivery (to `url`, or to any endpoint) is due."""
+        """When the next pending delivery (to `url`, or to any endpoint) is due: now while some
+        are not yet queued."""
+        unqueued = self._q1(
+            f"SELECT 1 AS n FROM {UNQUEUED}{'' if url is None else ' AND w.url = ?'} LIMIT 1",
+            [] if url is None else [url],
+        )
+        if unqueued is not None:
+            return self.clock()
         if url is None:
             row = self._q1("SELECT MIN(next_attempt_at) AS t FROM deliveries WHERE status = 'pending'")
         else:
@@ -297,8 +417,14 @@ class Outbox:
         return row["t"] if row else None
 
     def pending_urls(self) -> list[str]:
-        """Endpoints with pending deliveries (some may no longer be configured)."""
-        return [r["url"] for r in self._q("SELECT DISTINCT url FROM deliveries WHERE status = 'pending'")]
+        """Endpoints with pending deliveries, queued or not (some may no longer be configured)."""
+        return [
+            r["url"]
+            for r in self._q(
+                "SELECT DISTINCT url FROM deliveries WHERE status = 'pending' "
+                f"UNION SELECT DISTINCT w.url FROM {UNQUEUED}"
+            )
+        ]
 
     def record_attempt(
         self,
@@ -384,8 +510,10 @@ class Outbox:
     # ------------------------------------------------------------------ operations
 
     def backlog(self) -> int:
-        """Deliveries still to make (pending: due now or waiting for a retry)."""
-        return self._count("SELECT COUNT(*) AS n FROM deliveries WHERE status = 'pending'")
+        """Deliveries still to make (pending: due now or waiting for a retry, queued or not)."""
+        return self._count("SELECT COUNT(*) AS n FROM deliveries WHERE status = 'pending'") + self._count(
+            f"SELECT COUNT(*) AS n FROM {UNQUEUED}"
+        )
 
     def list_deliveries(
         self,
@@ -396,7 +524,27 @@ class Outbox:
         limit: int = 50,
         offset: int = 0,
     ) -> tuple[list[dict], int]:
-        """Deliveries, newest first, with the total matching the filters."""
+        """Deliveries, newest first, with the total matching the filters: those not yet queued
+        (pending, the newest events) first, then the queued ones."""
+        unqueued: list[dict] = []
+        unqueued_total = 0
+        if status in (None, "pending"):
+            where, params = [], []
+            for column, value in (("e.type", event_type), ("e.invoice_id", invoice_id)):
+                if value is not None:
+                    where.append(f" AND {column} = ?")
+                    params.append(value)
+            clause = "".join(where)
+            unqueued_total = self._count(f"SELECT COUNT(*) AS n FROM {UNQUEUED}{clause}", params)
+            if offset < unqueued_total:
+                unqueued = [
+                    unqueued_view(r)
+                    for r in self._q(
+                        f"SELECT {UNQUEUED_COLUMNS} FROM {UNQUEUED}{clause} "
+                        "ORDER BY e.seq DESC, w.id LIMIT ? OFFSET ?",
+                        [*params, limit, offset],
+                    )
+                ]
         where, params = [], []
         for column, value in (("status", status), ("event_type", event_type), ("invoice_id", invoice_id)):
             if value is not None:
@@ -405,11 +553,26 @@ class Outbox:
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         total = self._count(f"SELECT COUNT(*) AS n FROM deliveries{clause}", params)
         rows = self._q(
-            f"SELECT * FROM deliveries{clause} ORDER BY rowid DESC LIMIT ? OFFSET ?", [*params, limit, offset]
+            f"SELECT * FROM deliveries{clause} ORDER BY rowid DESC LIMIT ? OFFSET ?",
+            [*params, limit - len(unqueued), max(offset - unqueued_total, 0)],
         )
-        return [delivery_view(r) for r in rows], total
+        return [*unqueued, *(delivery_view(r) for r in rows)], unqueued_total + total
+
+    def _unqueued(self, delivery_id: str) -> sqlite3.Row | None:
+        """A delivery not yet queued, by its id (with its event's seq and its endpoint's id)."""
+        key = unqueued_key(delivery_id)
+        if key is None:
+            return None
+        return self._q1(
+            f"SELECT {UNQUEUED_COLUMNS}, e.seq, w.id AS endpoint_id "
+            f"FROM {UNQUEUED} AND e.id = ? AND w.id = ?",
+            list(key),
+        )
 
     def get_delivery(self, delivery_id: str) -> dict | None:
+        # Not yet queued first: one queued meanwhile is then found queued.
+        if (unqueued := self._unqueued(delivery_id)) is not None:
+            return unqueued_view(unqueued)
         row = self._q1("SELECT * FROM deliveries WHERE id = ?", [delivery_id])
         return delivery_view(row) if row is not None else None
 
@@ -427,6 +590,8 @@ class Outbox:
         endpoint is no longer configured (the attempt could only fail).
         """
         with self.db.atomic():
+            if (unqueued := self._unqueued(delivery_id)) is not None:  # queued now, with those before it
+                self._queue_through(unqueued["endpoint_id"], unqueued["seq"], self.clock())
             row = self._q1("SELECT url FROM deliveries WHERE id = ?", [delivery_id])
             if row is None:
                 return None

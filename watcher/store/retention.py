@@ -32,11 +32,13 @@ def prune_idempotency_keys(store: Store, older_than: float, limit: int = BATCH) 
 def prune_delivered_events(store: Store, older_than: float, limit: int = BATCH) -> tuple[int, int, int]:
     """Remove events made before `older_than` whose every delivery is delivered (or that had no
     endpoint to go to), with their deliveries and attempts. A pending or failed delivery keeps
-    its event: it may still go out, or be redelivered. A status the events of one change shared
-    goes with the last of them. Returns (events, deliveries, attempts)."""
+    its event: it may still go out, or be redelivered. So does an event past an endpoint's cursor
+    (its deliveries not yet queued: outbox.py), wanted by that endpoint or not. A status the
+    events of one change shared goes with the last of them. Returns (events, deliveries, attempts)."""
     with store.db.atomic():
         rows = store.db.execute(
-            "SELECT e.seq, e.id, e.status_id FROM events e WHERE e.created_at < ? AND NOT EXISTS "
+            "SELECT e.seq, e.id, e.status_id FROM events e WHERE e.created_at < ? "
+            "AND e.seq <= COALESCE((SELECT MIN(after_seq) FROM webhook_endpoints), e.seq) AND NOT EXISTS "
             "(SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.status != 'delivered') "
             "ORDER BY e.created_at LIMIT ?",
             [rfc3339(older_than), limit],

@@ -293,3 +293,19 @@ def m009_shared_statuses(db: Database) -> None:
     db.execute("CREATE TABLE event_statuses (id INTEGER PRIMARY KEY, body BLOB NOT NULL)")
     db.execute("ALTER TABLE events ADD COLUMN status_id INTEGER REFERENCES event_statuses(id)")
     db.execute("CREATE INDEX events_status ON events(status_id)")
+
+
+@migrations()
+def m010_endpoint_cursors(db: Database) -> None:
+    # Throughput (issue 13): a step writes its events and nothing per endpoint. Each configured
+    # webhook endpoint reads the events as a queue from its cursor: the events past `after_seq`
+    # that it wants (`events`: '*' or ',type,type,') are its deliveries not yet queued, and the
+    # dispatcher queues them (a `deliveries` row each) before it sends them (outbox.py). The
+    # endpoints are written when the daemon starts and reloads; one new to the table starts at
+    # the newest event, as a delivery was queued then only for the endpoints configured. A
+    # database from before keeps its deliveries as they are: every event it holds was queued
+    # when it was appended.
+    db.execute(
+        "CREATE TABLE webhook_endpoints (id INTEGER PRIMARY KEY AUTOINCREMENT, url TEXT NOT NULL UNIQUE, "
+        "events TEXT NOT NULL, after_seq INTEGER NOT NULL)"
+    )
