@@ -73,6 +73,7 @@ class Receiver:
     bad_signatures: int = 0
     schema_errors: list[str] = field(default_factory=list)  # bodies that break the documented shape
     fail_next: int = 0  # answer 500 to this many attempts
+    answer_after: float = 0.0  # seconds a successful attempt waits for its answer, once received
     url: str = ""
     _runner: web.AppRunner | None = None
 
@@ -95,6 +96,8 @@ class Receiver:
         self.events.append(
             Received(data["id"], data["type"], invoice["id"], invoice["version"], data, dict(request.headers))
         )
+        if self.answer_after:
+            await asyncio.sleep(self.answer_after)
         return web.Response(status=204)
 
     async def start(self) -> None:

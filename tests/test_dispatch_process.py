@@ -223,10 +223,11 @@ async def test_attempts_wait_for_a_write_lock_held_past_the_busy_timeout_and_are
     await _child(h)
     assert h.service is not None and h.service.store is not None
     blocker = sqlite3.connect(h.service.store.path, isolation_level=None, timeout=30)
+    h.receiver.answer_after = 1.0  # the attempt is in flight when the lock is taken
     invoice = await h.create()
+    await _received(h, 1)  # queued by the child (a write of its own), and sent
     blocker.execute("BEGIN IMMEDIATE")  # before the attempt ends: its record must wait
     try:
-        await _received(h, 1)
         await asyncio.sleep(6.0)  # past the daemon's 5 s busy timeout
     finally:
         blocker.execute("COMMIT")

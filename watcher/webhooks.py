@@ -420,7 +420,7 @@ class Dispatcher:
         except sqlite3.OperationalError as exc:
             if not _locked(exc):
                 raise
-            log.warning("webhook_queue_waiting", url=strip_credentials(url))
+            log.warning("webhook_queue_waiting", url=url)  # the log strips url fields
 
     def _idle_unconfigured(self, lane: _Lane) -> bool:
         return self.outbox.next_delivery_at(lane.url) is None

@@ -1,0 +1,330 @@
+"""Each webhook endpoint reads the events as a queue from its cursor (store/outbox.py): a change
+writes its events and nothing per endpoint, the dispatcher queues the deliveries before it sends
+them, and everything the user sees and every guarantee stays: the API lists the deliveries not
+yet queued as pending under the ids they keep, the endpoints' filters apply, an endpoint added
+by a reload gets the events appended after it, one removed still fails its pending deliveries,
+retention keeps the events not yet queued, a redelivery of one not yet queued works, and a
+database from before keeps its pending deliveries."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+
+import orjson
+from aiohttp import web
+from sqlite_utils import Database
+from test_webhooks import VECTOR_SECRET, Clock, _server
+
+from watcher.store import Endpoint, Store
+from watcher.store.outbox import NewEvent
+from watcher.store.retention import prune_delivered_events
+from watcher.store.schema import migrations
+from watcher.webhooks import Dispatcher
+
+DAY = 86400.0
+A = "http://127.0.0.1:9/a"
+B = "http://127.0.0.1:9/b"
+
+
+def _rows(store: Store) -> list[tuple]:
+    return [
+        tuple(r)
+        for r in store.db.execute("SELECT id, event_type, url, status, attempts FROM deliveries ORDER BY id")
+    ]
+
+
+def _append(store: Store, invoice_id: str, *types: str) -> None:
+    with store.db.atomic():
+        store.outbox.append([NewEvent(t, invoice_id, orjson.dumps({"id": invoice_id}), None) for t in types])
+
+
+def test_a_change_writes_its_events_and_no_delivery_and_the_api_shows_them_pending(tmp_path):
+    clock = Clock()
+    store = Store(tmp_path / "w.db", clock=clock)
+    try:
+        store.outbox.set_endpoints([Endpoint(A, ("*",)), Endpoint(B, ("invoice.paid",))])
+        _append(store, "inv_1", "invoice.payment_detected", "invoice.paid")
+        assert _rows(store) == []  # nothing per endpoint in the change's transaction
+        listed, total = store.outbox.list_deliveries()
+        assert total == 3
+        assert [(d["event_type"], d["url"], d["status"], d["attempts"]) for d in listed] == [
+            ("invoice.paid", A, "pending", 0),  # newest event first
+            ("invoice.paid", B, "pending", 0),
+            ("invoice.payment_detected", A, "pending", 0),
+        ]
+        assert all(d["next_attempt_at"] and d["last_error"] is None for d in listed)
+        assert store.outbox.list_deliveries(status="delivered") == ([], 0)
+        assert store.outbox.list_deliveries(event_type="invoice.payment_detected")[1] == 1
+        assert store.outbox.list_deliveries(invoice_id="inv_other") == ([], 0)
+        assert [d["url"] for d in store.outbox.list_deliveries(limit=1, offset=1)[0]] == [B]
+        assert store.outbox.backlog() == 3
+        assert store.outbox.next_delivery_at(B) == clock.now
+        for shown in listed:
+            assert store.outbox.get_delivery(shown["id"]) == shown
+
+        store.outbox.queue_all()  # the dispatcher's queuing: same deliveries, same ids
+        assert sorted(d["id"] for d in listed) == [r[0] for r in _rows(store)]
+        requeried, total = store.outbox.list_deliveries()
+        assert total == 3 and sorted(map(str, requeried)) == sorted(map(str, listed))
+        assert store.outbox.backlog() == 3
+        assert store.outbox.get_delivery("dlv_NOTANID_1") is None
+    finally:
+        store.close()
+
+
+def test_a_page_runs_from_the_deliveries_not_yet_queued_into_the_queued_ones(tmp_path):
+    store = Store(tmp_path / "w.db", clock=Clock())
+    try:
+        store.outbox.set_endpoints([Endpoint(A, ("*",))])
+        _append(store, "inv_1", "invoice.created", "invoice.paid")
+        store.outbox.queue_all()
+        _append(store, "inv_1", "invoice.confirmed")
+        page, total = store.outbox.list_deliveries(limit=2)
+        assert total == 3
+        assert [d["event_type"] for d in page] == ["invoice.confirmed", "invoice.paid"]
+        page, _ = store.outbox.list_deliveries(limit=2, offset=2)
+        assert [d["event_type"] for d in page] == ["invoice.created"]
+    finally:
+        store.close()
+
+
+def test_an_endpoint_added_by_a_reload_gets_the_events_appended_after_it(tmp_path):
+    store = Store(tmp_path / "w.db", clock=Clock())
+    try:
+        store.outbox.set_endpoints([Endpoint(A, ("*",))])
+        _append(store, "inv_1", "invoice.created")
+        store.outbox.set_endpoints([Endpoint(A, ("*",)), Endpoint(B, ("*",))])  # the reload
+        _append(store, "inv_1", "invoice.paid")
+        shown = {(d["event_type"], d["url"]) for d in store.outbox.list_deliveries()[0]}
+        assert shown == {("invoice.created", A), ("invoice.paid", A), ("invoice.paid", B)}
+        store.outbox.queue_all()
+        assert {(r[1], r[2]) for r in _rows(store)} == shown
+    finally:
+        store.close()
+
+
+def test_a_filter_changed_by_a_reload_applies_to_the_events_appended_after_it(tmp_path):
+    store = Store(tmp_path / "w.db", clock=Clock())
+    try:
+        store.outbox.set_endpoints([Endpoint(A, ("invoice.created",))])
+        _append(store, "inv_1", "invoice.created", "invoice.paid")
+        store.outbox.set_endpoints([Endpoint(A, ("invoice.paid",))])
+        _append(store, "inv_2", "invoice.created", "invoice.paid")
+        store.outbox.queue_all()
+        got = sorted((r[1], r[2]) for r in _rows(store))
+        assert got == [("invoice.created", A), ("invoice.paid", A)]
+        invoices = {d["event_type"]: d["invoice_id"] for d in store.outbox.list_deliveries()[0]}
+        assert invoices == {"invoice.created": "inv_1", "invoice.paid": "inv_2"}
+    finally:
+        store.close()
+
+
+async def test_an_endpoint_removed_by_a_reload_fails_what_it_had_pending(tmp_path):
+    """Its events appended before the reload are queued for it then, and their attempts fail as
+    ever (the endpoint is no longer configured); the events after it are not its."""
+    clock = Clock()
+    store = Store(tmp_path / "w.db", clock=clock)
+    try:
+        store.outbox.set_endpoints([Endpoint(A, ("*",)), Endpoint(B, ("*",))])
+        _append(store, "inv_1", "invoice.created")
+        store.outbox.set_endpoints([Endpoint(A, ("*",))])
+        _append(store, "inv_1", "invoice.paid")
+        assert [(r[1], r[2], r[3]) for r in _rows(store)] == [("invoice.created", B, "pending")]
+        dispatcher = Dispatcher(store.outbox, {A: VECTOR_SECRET}, clock=clock, timeout=0.5)
+        try:
+            await dispatcher.run_once()
+        finally:
+            await dispatcher.close()
+        row = store.db.execute(
+            "SELECT status, attempts, last_error FROM deliveries WHERE url = ?", [B]
+        ).fetchone()
+        assert tuple(row) == ("pending", 1, "endpoint is no longer configured")  # on the retry schedule
+        assert {d["url"] for d in store.outbox.list_deliveries(event_type="invoice.paid")[0]} == {A}
+    finally:
+        store.close()
+
+
+def test_retention_keeps_the_events_past_an_endpoints_cursor(tmp_path):
+    """An old event with no delivery row yet is not yet queued, not delivered: it stays."""
+    clock = Clock()
+    store = Store(tmp_path / "w.db", clock=clock)
+    try:
+        store.outbox.set_endpoints([Endpoint(A, ("invoice.paid",))])
+        _append(store, "inv_1", "invoice.created", "invoice.paid")  # the first is not A's
+        clock.now += 31 * DAY
+        assert prune_delivered_events(store, clock.now - 30 * DAY) == (0, 0, 0)
+        store.outbox.queue_all()
+        [(delivery_id, *_)] = _rows(store)
+        assert prune_delivered_events(store, clock.now - 30 * DAY) == (1, 0, 0)  # created: no one's
+        store.outbox.record_attempt(
+            delivery_id, ok=True, status_code=204, error=None, duration_ms=1.0, next_attempt_at=None
+        )
+        assert prune_delivered_events(store, clock.now - 30 * DAY) == (1, 1, 1)
+    finally:
+        store.close()
+
+
+async def test_a_delivery_not_yet_queued_can_be_redelivered(tmp_path):
+    seen: list[str] = []
+
+    async def ok(request: web.Request) -> web.Response:
+        seen.append(request.headers["webhook-id"])
+        return web.Response(status=204)
+
+    runner, url = await _server(ok)
+    clock = Clock()
+    store = Store(tmp_path / "w.db", clock=clock)
+    dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET}, clock=clock)
+    try:
+        store.outbox.set_endpoints([Endpoint(url, ("*",))])
+        _append(store, "inv_1", "invoice.created", "invoice.paid")
+        first, second = sorted(store.outbox.list_deliveries()[0], key=lambda d: d["event_type"])
+        redelivered = store.outbox.redeliver(second["id"])  # invoice.paid, the newer
+        assert redelivered is not None and redelivered["id"] == second["id"]
+        assert redelivered["status"] == "pending" and redelivered["attempts"] == 0
+        assert len(_rows(store)) == 2  # queued with the one before it, in order
+        assert await dispatcher.run_once() == 2
+        assert sorted(seen) == sorted([first["event_id"], second["event_id"]])
+        assert {d["status"] for d in store.outbox.list_deliveries()[0]} == {"delivered"}
+        assert (
+            store.db.execute("SELECT requeues FROM deliveries WHERE id = ?", [second["id"]]).fetchone()[0]
+            == 1
+        )
+    finally:
+        await dispatcher.close()
+        await runner.cleanup()
+        store.close()
+
+
+async def test_the_dispatcher_queues_and_sends_what_a_step_appended(tmp_path):
+    """The daemon's loop (not `run_once`): woken by the append, a lane queues its endpoint's
+    events and sends each once, in its order of appending per invoice."""
+    seen: list[tuple[str, str]] = []
+
+    async def ok(request: web.Request) -> web.Response:
+        event = orjson.loads(await request.read())
+        seen.append((event["data"]["invoice"]["id"], event["type"]))
+        return web.Response(status=204)
+
+    runner, url = await _server(ok)
+    store = Store(tmp_path / "w.db", clock=time.time)
+    dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET}, concurrency=1)
+    store.outbox.on_delivery_queued = dispatcher.wake
+    stopping = asyncio.Event()
+    task = asyncio.create_task(dispatcher.run(stopping, idle=5.0))
+    try:
+        store.outbox.set_endpoints([Endpoint(url, ("invoice.paid", "invoice.confirmed"))])
+        await asyncio.sleep(0.1)
+        for i in range(30):
+            _append(store, f"inv_{i}", "invoice.created", "invoice.paid", "invoice.confirmed")
+        deadline = time.monotonic() + 10
+        while len(seen) < 60:
+            assert time.monotonic() < deadline, f"{len(seen)} of 60 sent"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        assert len(seen) == 60 and len(set(seen)) == 60
+        for i in range(30):  # one in flight at a time: each invoice's events in order
+            mine = [t for inv, t in seen if inv == f"inv_{i}"]
+            assert mine == ["invoice.paid", "invoice.confirmed"]
+    finally:
+        stopping.set()
+        dispatcher.wake()
+        await task
+        await dispatcher.close()
+        await runner.cleanup()
+    assert store.outbox.backlog() == 0
+    assert store.db.execute("SELECT COUNT(*) FROM deliveries WHERE status = 'delivered'").fetchone()[0] == 60
+    store.close()
+
+
+async def test_a_locked_database_delays_the_queuing_and_loses_nothing(tmp_path):
+    """Another process holds the write lock (a long catch-up step) when the lane would queue:
+    it waits and queues later; every event is then sent once."""
+    seen: list[str] = []
+
+    async def ok(request: web.Request) -> web.Response:
+        seen.append(request.headers["webhook-id"])
+        return web.Response(status=204)
+
+    runner, url = await _server(ok)
+    path = tmp_path / "w.db"
+    store = Store(path, clock=time.time, busy_timeout_ms=50)
+    store.outbox.set_endpoints([Endpoint(url, ("*",))])
+    for i in range(5):
+        _append(store, f"inv_{i}", "invoice.created")
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the other process's step
+    dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET})
+    stopping = asyncio.Event()
+    task = asyncio.create_task(dispatcher.run(stopping, idle=0.1))
+    try:
+        await asyncio.sleep(0.5)
+        assert seen == [] and _rows(store) == []
+        assert store.outbox.list_deliveries()[1] == 5  # shown pending meanwhile
+        other.execute("COMMIT")
+        deadline = time.monotonic() + 10
+        while len(seen) < 5:
+            assert time.monotonic() < deadline, f"{len(seen)} of 5 sent"
+            await asyncio.sleep(0.02)
+    finally:
+        if other.in_transaction:
+            other.execute("COMMIT")
+        other.close()
+        stopping.set()
+        dispatcher.wake()
+        await task
+        await dispatcher.close()
+        await runner.cleanup()
+    assert len(seen) == 5 and len(set(seen)) == 5
+    store.close()
+
+
+async def test_a_database_from_before_keeps_its_pending_deliveries(tmp_path):
+    """Migrated from the schema before the endpoints' cursors (m010): its pending delivery is
+    listed and sent once, its delivered one stays delivered, and nothing is queued twice."""
+    path = tmp_path / "old.db"
+    seen: list[str] = []
+
+    async def ok(request: web.Request) -> web.Response:
+        seen.append(request.headers["webhook-id"])
+        return web.Response(status=204)
+
+    runner, url = await _server(ok)
+    db = Database(sqlite3.connect(path, isolation_level=None))
+    migrations.apply(db, stop_before="m010_endpoint_cursors")
+    for n, status in ((1, "delivered"), (2, "pending")):
+        body = orjson.dumps(
+            {"id": f"evt_old{n}", "type": "invoice.paid", "data": {"invoice": {"id": "inv_o"}}}
+        )
+        db.execute(
+            "INSERT INTO events(id, type, invoice_id, created_at, body) "
+            f"VALUES ('evt_old{n}', 'invoice.paid', 'inv_o', '2026-11-01T00:00:00Z', ?)",
+            [body],
+        )
+        db.execute(
+            "INSERT INTO deliveries(id, event_id, event_type, invoice_id, url, status, attempts, "
+            f"next_attempt_at, created_at) VALUES ('dlv_old{n}', 'evt_old{n}', 'invoice.paid', 'inv_o', "
+            "?, ?, ?, 0, '2026-11-01T00:00:00Z')",
+            [url, status, 1 if status == "delivered" else 0],
+        )
+    db.close()
+    store = Store(path, clock=time.time)
+    dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET})
+    try:
+        store.outbox.set_endpoints([Endpoint(url, ("*",))])  # the daemon's start
+        listed, total = store.outbox.list_deliveries()
+        assert total == 2 and {(d["id"], d["status"]) for d in listed} == {
+            ("dlv_old1", "delivered"),
+            ("dlv_old2", "pending"),
+        }
+        assert await dispatcher.run_once() == 1
+        assert await dispatcher.run_once() == 0
+        assert seen == ["evt_old2"]
+        assert {d["status"] for d in store.outbox.list_deliveries()[0]} == {"delivered"}
+        assert store.db.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0] == 2
+    finally:
+        await dispatcher.close()
+        await runner.cleanup()
+        store.close()
