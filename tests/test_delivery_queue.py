@@ -35,6 +35,18 @@ def _rows(store: Store) -> list[tuple]:
     ]
 
 
+async def _receiver() -> tuple[web.AppRunner, str, list[str]]:
+    """An endpoint that takes every attempt; the `webhook-id`s it got."""
+    seen: list[str] = []
+
+    async def ok(request: web.Request) -> web.Response:
+        seen.append(request.headers["webhook-id"])
+        return web.Response(status=204)
+
+    runner, url = await _server(ok)
+    return runner, url, seen
+
+
 def _append(store: Store, invoice_id: str, *types: str) -> None:
     with store.db.atomic():
         store.outbox.append([NewEvent(t, invoice_id, orjson.dumps({"id": invoice_id}), None) for t in types])
@@ -167,13 +179,7 @@ def test_retention_keeps_the_events_past_an_endpoints_cursor(tmp_path):
 
 
 async def test_a_delivery_not_yet_queued_can_be_redelivered(tmp_path):
-    seen: list[str] = []
-
-    async def ok(request: web.Request) -> web.Response:
-        seen.append(request.headers["webhook-id"])
-        return web.Response(status=204)
-
-    runner, url = await _server(ok)
+    runner, url, seen = await _receiver()
     clock = Clock()
     store = Store(tmp_path / "w.db", clock=clock)
     dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET}, clock=clock)
@@ -242,13 +248,7 @@ async def test_the_dispatcher_queues_and_sends_what_a_step_appended(tmp_path):
 async def test_a_locked_database_delays_the_queuing_and_loses_nothing(tmp_path):
     """Another process holds the write lock (a long catch-up step) when the lane would queue:
     it waits and queues later; every event is then sent once."""
-    seen: list[str] = []
-
-    async def ok(request: web.Request) -> web.Response:
-        seen.append(request.headers["webhook-id"])
-        return web.Response(status=204)
-
-    runner, url = await _server(ok)
+    runner, url, seen = await _receiver()
     path = tmp_path / "w.db"
     store = Store(path, clock=time.time, busy_timeout_ms=50)
     store.outbox.set_endpoints([Endpoint(url, ("*",))])
@@ -285,13 +285,7 @@ async def test_a_database_from_before_keeps_its_pending_deliveries(tmp_path):
     """Migrated from the schema before the endpoints' cursors (m010): its pending delivery is
     listed and sent once, its delivered one stays delivered, and nothing is queued twice."""
     path = tmp_path / "old.db"
-    seen: list[str] = []
-
-    async def ok(request: web.Request) -> web.Response:
-        seen.append(request.headers["webhook-id"])
-        return web.Response(status=204)
-
-    runner, url = await _server(ok)
+    runner, url, seen = await _receiver()
     db = Database(sqlite3.connect(path, isolation_level=None))
     migrations.apply(db, stop_before="m010_endpoint_cursors")
     for n, status in ((1, "delivered"), (2, "pending")):

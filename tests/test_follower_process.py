@@ -1,8 +1,8 @@
 """The chains' followers in a process of their own (watcher/followproc.py), as `watcher run` runs
 them, against a real node (anvil): payments followed from the child and reported to the daemon's
 API, metrics and listeners; no step before the daemon's checks of the nodes; a child that dies
-shown in /readyz and started again, losing nothing; new webhook endpoints handed over; a clean
-stop."""
+shown in /readyz and started again, losing nothing; new webhook endpoints get the child's events; a
+clean stop."""
 
 from __future__ import annotations
 
@@ -134,18 +134,17 @@ async def test_a_child_that_dies_shows_in_readyz_and_its_successor_misses_nothin
     assert sample(samples, "watcher_follower_process_up") == 1
 
 
-async def test_new_webhook_endpoints_reach_the_child(harnesses, anvil_node):
+async def test_a_new_webhook_endpoint_gets_the_events_the_childs_steps_append(harnesses, anvil_node):
+    """The child is told nothing of the endpoints: they are in the database, where the
+    dispatcher reads each one's events from its cursor."""
     h = await harnesses(ProcessHarness, nodes=[anvil_node()])
-    child = await _child(h)
+    await _child(h)
     second = Receiver(h.receiver.secret)
     await second.start()
     try:
         endpoints = [*h.service.store.outbox.endpoints, Endpoint(second.url, ("invoice.confirmed",))]
-        # As a reload does: into the database, where the endpoints' cursors are; the child is
-        # told nothing, as its steps write only the events.
-        h.service.store.outbox.set_endpoints(endpoints)
+        h.service.store.outbox.set_endpoints(endpoints)  # as a reload does
         h.service.dispatcher.set_secrets({h.receiver.url: h.receiver.secret, second.url: second.secret})
-        await asyncio.sleep(0.5)
         invoice = await _pay_and_confirm(h)
         await h.wait_for(lambda: second.types_for(invoice["id"]), what="the new endpoint's event")
         assert second.types_for(invoice["id"]) == ["invoice.confirmed"]  # its filter
@@ -336,9 +335,9 @@ class ReloadingHarness(ProcessHarness):
         await self.service.start()
 
 
-async def test_a_reload_hands_the_new_endpoints_to_the_child(harnesses, anvil_node):
+async def test_a_reload_gives_a_new_endpoint_the_events_the_child_appends_after_it(harnesses, anvil_node):
     """SIGHUP's reload adds an endpoint that wants only `invoice.confirmed`: the events the
-    child's steps append from then on are queued for it too, filtered there."""
+    child's steps append from then on go to it too, filtered by the dispatcher's queuing."""
     from test_service import to_toml
 
     h = await harnesses(ReloadingHarness, nodes=[anvil_node()])
@@ -353,7 +352,6 @@ async def test_a_reload_hands_the_new_endpoints_to_the_child(harnesses, anvil_no
         ]
         h.path.write_text(to_toml(h.data))
         assert h.service.reload() is True
-        await asyncio.sleep(0.5)  # the line reaches the child before the payment
         invoice = await _pay_and_confirm(h)
         await h.wait_for(lambda: second.types_for(invoice["id"]), what="the new endpoint's event")
         assert second.types_for(invoice["id"]) == ["invoice.confirmed"]

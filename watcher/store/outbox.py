@@ -71,26 +71,18 @@ def delivery_view(row: sqlite3.Row) -> dict:
     }
 
 
-# The columns of a delivery not yet queued, as `unqueued_view` reads them.
-UNQUEUED_COLUMNS = f"{DELIVERY_ID} AS id, e.id AS event_id, e.type, e.invoice_id, e.created_at, w.url"
+# A delivery not yet queued, in the columns of a `deliveries` row (`unqueued_view`).
+UNQUEUED_COLUMNS = (
+    f"{DELIVERY_ID} AS id, e.id AS event_id, e.type AS event_type, e.invoice_id, w.url, "
+    "'pending' AS status, 0 AS attempts, NULL AS last_status_code, NULL AS last_error, "
+    "NULL AS next_attempt_at, NULL AS delivered_at, e.created_at"
+)
 
 
 def unqueued_view(row: sqlite3.Row) -> dict:
     """A delivery not yet queued, as the API shows it: pending, never attempted, due since its
     event was made."""
-    return {
-        "id": row["id"],
-        "event_id": row["event_id"],
-        "event_type": row["type"],
-        "invoice_id": row["invoice_id"],
-        "url": strip_credentials(row["url"]),
-        "status": "pending",
-        "attempts": 0,
-        "last_status_code": None,
-        "last_error": None,
-        "next_attempt_at": row["created_at"],
-        "delivered_at": None,
-    }
+    return delivery_view(row) | {"next_attempt_at": row["created_at"]}
 
 
 def _filter(endpoint: Endpoint) -> str:
