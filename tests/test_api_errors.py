@@ -944,6 +944,11 @@ async def test_a_write_lock_held_past_the_busy_timeout_answers_503_and_changes_n
     from watcher.store import engine
 
     await harness.create()
+    # Its webhook queued, sent and recorded first: in-process, the dispatcher's writes take the
+    # store's writer thread too, and one waiting out the lock would hold the API's write behind it.
+    await harness.wait_for(
+        lambda: harness.service.store.outbox.next_delivery_at() is None, what="the dispatcher idle"
+    )
     status, before, _ = await harness.request("GET", "/v1/invoices")
     assert status == 200, before
     holder = sqlite3.connect(harness.service.store.path, isolation_level=None)

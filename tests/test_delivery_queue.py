@@ -322,3 +322,24 @@ async def test_a_database_from_before_keeps_its_pending_deliveries(tmp_path):
         await dispatcher.close()
         await runner.cleanup()
         store.close()
+
+
+def test_a_reload_that_cannot_write_its_endpoints_changes_nothing(tmp_path):
+    """The database locked past the busy timeout: the reload fails (the daemon logs it and keeps
+    running), and the endpoints in use stay the ones in the database."""
+    import pytest
+
+    path = tmp_path / "w.db"
+    store = Store(path, clock=Clock(), busy_timeout_ms=50)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        store.outbox.set_endpoints([Endpoint(A, ("*",))])
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            store.outbox.set_endpoints([Endpoint(B, ("*",))])
+        other.execute("COMMIT")
+        assert [e.url for e in store.outbox.endpoints] == [A]
+        assert [r[0] for r in store.db.execute("SELECT url FROM webhook_endpoints")] == [A]
+    finally:
+        other.close()
+        store.close()

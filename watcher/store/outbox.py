@@ -209,8 +209,8 @@ class Outbox:
         queued first, as they were queued at their append before: the former keeps its cursor
         (past them) with its new filter, the latter leaves the table, and its pending deliveries
         fail as ever (`endpoint is no longer configured`)."""
-        self.endpoints = tuple(endpoints)
-        wanted = {e.url: _filter(e) for e in self.endpoints}
+        given = tuple(endpoints)
+        wanted = {e.url: _filter(e) for e in given}
         with self.db.atomic():
             stored = {r["url"]: r for r in self._q("SELECT id, url, events FROM webhook_endpoints")}
             newest = self._count("SELECT COALESCE(MAX(seq), 0) AS n FROM events")
@@ -231,6 +231,7 @@ class Outbox:
                         "INSERT INTO webhook_endpoints(url, events, after_seq) VALUES (?,?,?)",
                         [url, events, newest],
                     )
+        self.endpoints = given  # once written: a reload that failed to write changes nothing
 
     # ------------------------------------------------------------------ endpoints' cursors
 
