@@ -11,7 +11,8 @@ The daemon (`DispatcherProcess`, on its loop) supervises `python -m watcher.disp
 childproc.py says, and talks to it in JSON lines:
 
 - to the child: first `{"start": {...}}` (the database, the endpoints' secrets, the log
-  settings, what logs must hide), then `{"wake": 1}` when deliveries are queued, and
+  settings, what logs must hide), then `{"wake": 1}` when events were appended (the child
+  queues their deliveries from the endpoints' cursors) or a delivery re-queued, and
   `{"secrets": {...}, "hidden": [...], "urls": [...]}` and `{"log": [format, level]}` on a
   reload. End of input stops it: it starts nothing new, lets its attempts in flight end (at most
   the HTTP timeout) and records them, then exits 0.
@@ -106,8 +107,8 @@ class DispatcherProcess:
     # ------------------------------------------------------------------ what the service calls
 
     def wake(self) -> None:
-        """Deliveries were queued: tell the child soon (once per pass of the loop). Safe from
-        any thread."""
+        """Events were appended or a delivery re-queued: tell the child soon (once per pass of the
+        loop). Safe from any thread."""
         loop = self.child.loop
         if loop is None or self._wake_due:
             return
