@@ -3,8 +3,9 @@
     python -m bench.webhooks [--quick] [--events N] [--log-level info|warning] [--rebuild]
 
 - Events are made the way the daemon makes them: a store with one endpoint (`*`) configured,
-  and N invoices created through the real create path (each emits `invoice.created` and queues
-  one delivery in the outbox, in the invoice's transaction). That store is built once (with
+  and N invoices created through the real create path (each appends `invoice.created` in the
+  invoice's transaction), then their deliveries queued as the dispatcher queues them, from the
+  endpoint's cursor (`Outbox.queue_all`): what is timed is the sending. That store is built once (with
   `PRAGMA synchronous=OFF` for the fill only: building is not what is measured) and cached in
   bench/.cache/; each run works on a fresh copy with every delivery pending.
 - The receiver is an aiohttp server in a process of its own that checks every Standard

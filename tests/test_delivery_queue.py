@@ -343,3 +343,41 @@ def test_a_reload_that_cannot_write_its_endpoints_changes_nothing(tmp_path):
     finally:
         other.close()
         store.close()
+
+
+async def test_a_lane_looks_for_new_events_when_woken_not_after_each_attempt(tmp_path):
+    """A lane passes once per attempt ended or recorded: reading the endpoint's cursor at each
+    pass cost the dispatcher a query a delivery. It reads it when woken (an append) or when its
+    wait runs out."""
+    runner, url, seen = await _receiver()
+    store = Store(tmp_path / "w.db", clock=time.time)
+    store.outbox.set_endpoints([Endpoint(url, ("*",))])
+    looks: list[str] = []
+    behind = store.outbox.behind
+
+    def counted(lane_url: str) -> bool:
+        looks.append(lane_url)
+        return behind(lane_url)
+
+    store.outbox.behind = counted  # type: ignore[method-assign]
+    dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET}, concurrency=4)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(dispatcher.run(stopping, idle=30.0))
+    try:
+        await asyncio.sleep(0.1)
+        for i in range(100):
+            _append(store, f"inv_{i}", "invoice.created")
+        dispatcher.wake()  # as the store's listener does after the appends' commits
+        deadline = time.monotonic() + 20
+        while store.outbox.backlog():
+            assert time.monotonic() < deadline, f"{len(seen)} of 100 sent"
+            await asyncio.sleep(0.05)
+    finally:
+        stopping.set()
+        dispatcher.wake()
+        await task
+        await dispatcher.close()
+        await runner.cleanup()
+        store.close()
+    assert len(seen) == 100 and len(set(seen)) == 100
+    assert len(looks) <= 10, len(looks)  # before: about 30 here, one a lane pass

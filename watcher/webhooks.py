@@ -200,6 +200,9 @@ class _Lane:
     in_flight: dict[str, asyncio.Task] = field(default_factory=dict)
     recording: set[str] = field(default_factory=set)  # attempted, not yet recorded: not taken again
     claimed: deque[dict] = field(default_factory=deque)  # due, read from the store, not started yet
+    # Events may have been appended since the lane last queued its endpoint's: set by a wake-up
+    # (an append) and by a wait that ran out, so a lane pass after each attempt reads nothing more.
+    appended: bool = True
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
 
@@ -278,8 +281,10 @@ class Dispatcher:
             lane.keys = self._keys.get(url)
 
     def wake(self) -> None:
+        """Events were appended or a delivery re-queued: every lane looks now."""
         self._wake.set()
         for lane in self._lanes.values():
+            lane.appended = True
             lane.changed.set()
 
     def open_breakers(self) -> list[str]:
@@ -390,16 +395,21 @@ class Dispatcher:
                 lane.changed.clear()
                 wait = idle
                 try:
-                    if lane.keys is not None:
-                        await self._queue(lane.url)
+                    if lane.keys is not None and lane.appended:
+                        lane.appended = False  # a wake-up while it queues sets it again
+                        if not await self._queue(lane.url):
+                            lane.appended = True
                     wait = self._fill(lane, idle)
                 except Exception:  # a bug here must not stop this endpoint's deliveries for good
                     log.exception("dispatcher_step_failed", url=lane.url)  # the log strips url fields
+                    lane.appended = True
                 if lane.keys is None and not lane.busy() and self._idle_unconfigured(lane):
                     return  # no longer configured and nothing left to fail: the lane ends
-                with contextlib.suppress(TimeoutError):
+                try:
                     async with asyncio.timeout(max(wait, 0.01)):  # no task per wait, unlike wait_for
                         await lane.changed.wait()
+                except TimeoutError:
+                    lane.appended = True  # now and then without a wake-up (one lost, another process's)
             # Stopping: let the attempts in flight record their outcome.
             await asyncio.gather(*lane.in_flight.values(), return_exceptions=True)
         except asyncio.CancelledError:
@@ -409,11 +419,12 @@ class Dispatcher:
             await asyncio.gather(*attempts, return_exceptions=True)
             raise
 
-    async def _queue(self, url: str) -> None:
+    async def _queue(self, url: str) -> bool:
         """Queue the endpoint's deliveries of the events appended past its cursor, a batch of
-        events per transaction. A database locked by another process's long write (a catch-up
-        step) leaves them for the lane's next look: they are shown as pending meanwhile, and
-        their events are kept (retention waits for the cursor)."""
+        events per transaction; False when they could not all be queued. A database locked by
+        another process's long write (a catch-up step) leaves them for the lane's next look:
+        they are shown as pending meanwhile, and their events are kept (retention waits for the
+        cursor)."""
         try:
             while self.outbox.behind(url) and await self._write(self.outbox.queue_next, url):
                 pass
@@ -421,6 +432,8 @@ class Dispatcher:
             if not _locked(exc):
                 raise
             log.warning("webhook_queue_waiting", url=url)  # the log strips url fields
+            return False
+        return True
 
     def _idle_unconfigured(self, lane: _Lane) -> bool:
         return self.outbox.next_delivery_at(lane.url) is None
