@@ -381,3 +381,41 @@ async def test_a_lane_looks_for_new_events_when_woken_not_after_each_attempt(tmp
         store.close()
     assert len(seen) == 100 and len(set(seen)) == 100
     assert len(looks) <= 10, len(looks)  # before: about 30 here, one a lane pass
+
+
+async def test_a_lane_goes_on_sending_what_is_queued_while_its_queuing_waits_for_the_lock(tmp_path):
+    """New events wait to be queued behind another process's long write; the deliveries queued
+    before go out meanwhile (their records wait), and every event is sent once."""
+    runner, url, seen = await _receiver()
+    path = tmp_path / "w.db"
+    store = Store(path, clock=time.time, busy_timeout_ms=3000)
+    store.outbox.set_endpoints([Endpoint(url, ("*",))])
+    for i in range(5):
+        _append(store, f"old_{i}", "invoice.created")
+    store.outbox.queue_all()
+    for i in range(5):
+        _append(store, f"new_{i}", "invoice.created")
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the other process's step, for 1.5 s
+    dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET})
+    stopping = asyncio.Event()
+    task = asyncio.create_task(dispatcher.run(stopping, idle=0.2))
+    try:
+        await asyncio.sleep(1.5)
+        assert len(seen) == 5  # the queued ones, not held behind the queuing of the new ones
+        other.execute("COMMIT")
+        deadline = time.monotonic() + 10
+        while store.outbox.backlog():
+            assert time.monotonic() < deadline, f"{len(seen)} of 10 sent"
+            await asyncio.sleep(0.02)
+    finally:
+        if other.in_transaction:
+            other.execute("COMMIT")
+        other.close()
+        stopping.set()
+        dispatcher.wake()
+        await task
+        await dispatcher.close()
+        await runner.cleanup()
+    assert len(seen) == 10 and len(set(seen)) == 10
+    store.close()

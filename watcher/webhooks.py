@@ -203,6 +203,7 @@ class _Lane:
     # Events may have been appended since the lane last queued its endpoint's: set by a wake-up
     # (an append) and by a wait that ran out, so a lane pass after each attempt reads nothing more.
     appended: bool = True
+    queuing: asyncio.Task | None = None  # the endpoint's new events being queued, beside the lane
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
 
@@ -395,14 +396,12 @@ class Dispatcher:
                 lane.changed.clear()
                 wait = idle
                 try:
-                    if lane.keys is not None and lane.appended:
+                    if lane.keys is not None and lane.appended and lane.queuing is None:
                         lane.appended = False  # a wake-up while it queues sets it again
-                        if not await self._queue(lane.url):
-                            lane.appended = True
+                        lane.queuing = asyncio.create_task(self._queue_lane(lane), name="webhook-queue")
                     wait = self._fill(lane, idle)
                 except Exception:  # a bug here must not stop this endpoint's deliveries for good
                     log.exception("dispatcher_step_failed", url=lane.url)  # the log strips url fields
-                    lane.appended = True
                 if lane.keys is None and not lane.busy() and self._idle_unconfigured(lane):
                     return  # no longer configured and nothing left to fail: the lane ends
                 try:
@@ -410,14 +409,31 @@ class Dispatcher:
                         await lane.changed.wait()
                 except TimeoutError:
                     lane.appended = True  # now and then without a wake-up (one lost, another process's)
-            # Stopping: let the attempts in flight record their outcome.
+            # Stopping: let the attempts in flight record their outcome; what is not queued yet
+            # stays in the events, for the next start.
+            if lane.queuing is not None:
+                lane.queuing.cancel()
             await asyncio.gather(*lane.in_flight.values(), return_exceptions=True)
         except asyncio.CancelledError:
-            attempts = list(lane.in_flight.values())
+            attempts = [*lane.in_flight.values(), *([lane.queuing] if lane.queuing is not None else [])]
             for task in attempts:
                 task.cancel()
             await asyncio.gather(*attempts, return_exceptions=True)
             raise
+
+    async def _queue_lane(self, lane: _Lane) -> None:
+        """Queue the lane's new events beside it: while this waits for the write lock (another
+        process's long step), the lane goes on starting what was queued before."""
+        try:
+            if await self._queue(lane.url):
+                lane.changed.set()  # the lane looks at once: there may be deliveries due
+            else:
+                lane.appended = True  # at the lane's next look
+        except Exception:  # as the lane's own pass: a bug here must not stop the endpoint for good
+            log.exception("dispatcher_step_failed", url=lane.url)  # the log strips url fields
+            lane.appended = True
+        finally:
+            lane.queuing = None
 
     async def _queue(self, url: str) -> bool:
         """Queue the endpoint's deliveries of the events appended past its cursor, a batch of
@@ -454,8 +470,8 @@ class Dispatcher:
             task = asyncio.create_task(self._attempt(lane, delivery), name="webhook-attempt")
             lane.in_flight[delivery["id"]] = task
             task.add_done_callback(functools.partial(self._done, lane, delivery["id"]))
-        if lane.in_flight or lane.recording:
-            return idle  # a finished attempt, or its record, wakes the lane
+        if lane.in_flight or lane.recording or lane.queuing is not None:
+            return idle  # a finished attempt, its record or the queuing wakes the lane
         if lane.claimed:  # due, and held back by the breaker alone
             return min(idle, lane.breaker.reopens_in(now) or 0.0)
         next_at = self.outbox.next_delivery_at(lane.url)
