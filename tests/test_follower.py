@@ -769,3 +769,35 @@ async def test_run_catches_up_through_a_failed_write_and_ends_with_every_write_c
     assert [e for e in logs if e["event"] == "follower_step_crashed"], logs
     for inv_id, _ in invoices:
         assert [int(p["amount_atomic"]) for p in store.get_payments(inv_id)] == [100]
+
+
+async def test_a_write_that_fails_as_the_follower_stops_is_logged_and_nothing_is_kept(store):
+    """The follower stops with its last step's write in flight: it waits for that write, and
+    its failure is logged (there is no next step to fail with it); the checkpoint stays put."""
+    import sqlite3
+
+    from structlog.testing import capture_logs
+
+    chain, invoices = ranged_chain(store, 3)
+    stopping = asyncio.Event()
+
+    class StopsWhileReading(FakeChain):
+        async def range_logs(self, first, last, query, through=None):
+            stopping.set()  # the stop comes while the first step reads
+            return await FakeChain.range_logs(self, first, last, query, through)
+
+    chain.__class__ = StopsWhileReading
+    writes = GatedWrites(store)
+    writes.fail_next = sqlite3.OperationalError("disk I/O error")
+    f = follower(chain, store, chunk_size=5, max_chunk_size=5)
+    f.watch.loaded = True
+    with capture_logs() as logs:
+        running = asyncio.create_task(f.run(stopping))
+        for _ in range(100):
+            await asyncio.sleep(0)
+        assert writes.started == 1 and not running.done()  # it waits for the write in flight
+        writes.opened.set()
+        await asyncio.wait_for(running, timeout=10)
+    assert [e["error"] for e in logs if e["event"] == "follower_step_failed"] == ["disk I/O error"]
+    assert store.cursor(NET) is None and f._writing is None
+    assert all(store.get_payments(inv_id) == [] for inv_id, _ in invoices)

@@ -9,7 +9,6 @@ after it is scanned exactly once, and a payment seen twice is still recorded onc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -664,8 +663,10 @@ class Follower:
             self._wake.clear()
             await _sleep_or(stopping, backoff / 2, self._wake)
             backoff = min(backoff * 2, 30.0)
-        with contextlib.suppress(Exception):  # said by the step that would have come next
+        try:
             await self._settle()  # the last write committed (or failed) before the follower ends
+        except Exception as exc:  # no next step to fail with it: the next start reads it again
+            log.warning("follower_step_failed", network=self.network, error=str(exc))
 
     def _count_failure(self, exc: BaseException) -> None:
         if self.metrics is not None:
