@@ -347,11 +347,12 @@ class Service:
         transports = {name: r.transport for name, r in readers.items()}  # type: ignore[attr-defined]
         self.rates = running_rate_book(s, transports, self.metrics, clock=self.clock)
         try:
-            if self.follower_child is not None:  # its start-up (imports, watch sets) beside ours
+            await self._serve_api(store, readers, transports)
+            if self.follower_child is not None:  # its watch sets loaded beside our checks, once
+                # the API serves: loading a million addresses must not hold back its first answer
                 self._tasks.append(
                     asyncio.create_task(self.follower_child.run(self.stopping), name="follower-process")
                 )
-            await self._serve_api(store, readers, transports)
             self._starting("reading the system's CA certificates (TLS to the nodes and endpoints)")
             await asyncio.to_thread(clienttls.build_contexts)  # before the first TLS connection
             await self._check_chains(readers)
