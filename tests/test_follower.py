@@ -801,3 +801,48 @@ async def test_a_write_that_fails_as_the_follower_stops_is_logged_and_nothing_is
     assert [e["error"] for e in logs if e["event"] == "follower_step_failed"] == ["disk I/O error"]
     assert store.cursor(NET) is None and f._writing is None
     assert all(store.get_payments(inv_id) == [] for inv_id, _ in invoices)
+
+
+async def test_back_to_back_writes_leave_the_other_writers_their_turn(store, monkeypatch):
+    """`run()` catching up with writes that each hold the lock 0.3 s and reads that take no
+    time (the next step's write waits for the last one's): another connection asking for the
+    write lock with a 3 s busy timeout (the API waits 5 s), gets it every time."""
+    import sqlite3
+    import time
+
+    from watcher.store import core
+
+    chain, invoices = ranged_chain(store, 40)
+    record = core.Store._record
+
+    def slow_record(self, *args, **kwargs):  # inside apply_blocks's transaction
+        time.sleep(0.3)
+        return record(self, *args, **kwargs)
+
+    monkeypatch.setattr(core.Store, "_record", slow_record)
+    f = follower(chain, store, chunk_size=5, max_chunk_size=5)
+    f.watch.loaded = True
+    stopping = asyncio.Event()
+    outcomes: list[str] = []
+
+    def other_writer() -> None:
+        db = sqlite3.connect(store.path, timeout=3.0, isolation_level=None)
+        try:
+            for _ in range(6):
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                    db.execute("ROLLBACK")
+                    outcomes.append("got it")
+                except sqlite3.OperationalError as exc:
+                    outcomes.append(str(exc))
+                time.sleep(0.05)
+        finally:
+            db.close()
+
+    running = asyncio.create_task(f.run(stopping))
+    while store.cursor(NET) is None:  # the steps are under way, writing back to back
+        await asyncio.sleep(0.01)
+    await asyncio.to_thread(other_writer)
+    stopping.set()
+    await asyncio.wait_for(running, timeout=30)
+    assert outcomes == ["got it"] * 6

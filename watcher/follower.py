@@ -46,6 +46,12 @@ BLOCK_TOPIC_LIMIT = 16
 # lock while it judges them (about 2 s for 5,000 here), and every other writer (the API creating
 # an invoice, the webhook dispatcher recording attempts, in processes of their own) waits for it.
 MAX_STEP_PAYMENTS = 5_000
+# While `run()` catches up, a step's write waits for the last one's and would begin the moment
+# it commits, holding the write lock back to back. SQLite's busy handler looks again every
+# 100 ms at most, so the API's and the dispatcher's writes waiting for the lock could miss
+# every gap between two steps until their busy timeout. A step leaves the lock free this long
+# after the last commit before it begins its own.
+WRITE_GAP_SECONDS = 0.12
 
 
 class ChainChanged(Exception):
@@ -148,6 +154,8 @@ class Follower:
         # checkpoint it makes (see _settle).
         self._writing: asyncio.Task[None] | None = None
         self._writing_tip: BlockRef | None = None
+        self._overlap = False  # the step in progress is `run()`'s (see run_once)
+        self._committed_at = -WRITE_GAP_SECONDS  # time.monotonic() of the last step's commit
 
     # ------------------------------------------------------------------ watch set
 
@@ -250,6 +258,7 @@ class Follower:
         previous = self.status.last_error
         self._waiting_for = None
         self._tip_verified = False
+        self._overlap = overlap
         moved = await self._step()
         if not overlap or not moved:
             await self._settle()  # caught up (or a caller that reads the store next): committed
@@ -407,6 +416,8 @@ class Follower:
             keep_above = last - self.window
         transfers = await off_loop(_matched_transfers, matched, by_number, items=len(matched))
         await self._settle()
+        if self._overlap and (gap := self._committed_at + WRITE_GAP_SECONDS - time.monotonic()) > 0:
+            await asyncio.sleep(gap)  # the other writers' turn (WRITE_GAP_SECONDS)
         self._writing = asyncio.create_task(
             self._record(first, last, blocks, transfers, confirmed_through, keep_above),
             name=f"follower-write-{self.network}",
@@ -422,14 +433,17 @@ class Follower:
         confirmed_through: int,
         keep_above: int,
     ) -> None:
-        result = await self.store.write(
-            self.store.apply_blocks,
-            self.network,
-            blocks,
-            transfers,
-            confirmed_through=confirmed_through,
-            keep_above=keep_above,
-        )
+        try:
+            result = await self.store.write(
+                self.store.apply_blocks,
+                self.network,
+                blocks,
+                transfers,
+                confirmed_through=confirmed_through,
+                keep_above=keep_above,
+            )
+        finally:
+            self._committed_at = time.monotonic()  # the lock is free again, committed or not
         if self.metrics is not None:
             self.metrics.blocks_applied(self.network, last - first + 1, result.payment_roles)
         if result.payments_added or result.payments_confirmed or result.invoices_changed:
