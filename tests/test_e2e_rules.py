@@ -752,7 +752,9 @@ async def test_twenty_small_payments_add_up_to_paid(harness):
     [paid_event] = [e for e in events if e.type == "invoice.paid"]
     [confirmed_event] = [e for e in events if e.type == "invoice.confirmed"]
     last_detected = max(detected, key=lambda e: e.version)
-    assert last_detected.body["data"]["payment"]["transaction_hash"] == txs[-1]
+    # Detections of one step share the invoice's version: the last tx is among the newest.
+    newest = [e for e in detected if e.version == last_detected.version]
+    assert txs[-1] in {e.body["data"]["payment"]["transaction_hash"] for e in newest}
     assert created.version == 1
     assert created.version < min(e.version for e in detected)
     assert last_detected.version == paid_event.version < confirmed_event.version == confirmed["version"]

@@ -740,12 +740,16 @@ async def test_a_write_that_fails_in_flight_fails_the_next_step_which_reads_agai
         assert store.get_invoice(inv_id)["status"] == "confirmed"
 
 
-async def test_run_catches_up_through_a_failed_write_and_ends_with_every_write_committed(store):
+async def test_run_catches_up_through_a_failed_write_and_ends_with_every_write_committed(store, monkeypatch):
     """The loop itself: a write refused once mid-catch-up is logged as a failed step, the chain
     is caught up anyway, and when the follower stops nothing it started is left uncommitted."""
     import sqlite3
 
     from structlog.testing import capture_logs
+
+    import watcher.follower
+
+    monkeypatch.setattr(watcher.follower, "WRITE_GAP_SECONDS", 0.0)  # 63 steps: no pause between
 
     chain, invoices = ranged_chain(store, 12)
     writes = GatedWrites(store)
