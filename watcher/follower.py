@@ -49,9 +49,12 @@ MAX_STEP_PAYMENTS = 5_000
 # While `run()` catches up, a step's write waits for the last one's and would begin the moment
 # it commits, holding the write lock back to back. SQLite's busy handler looks again every
 # 100 ms at most, so the API's and the dispatcher's writes waiting for the lock could miss
-# every gap between two steps until their busy timeout. A step leaves the lock free this long
-# after the last commit before it begins its own.
+# every gap between two steps until their busy timeout (the API's is 5 s). Once the steps'
+# writes have held the lock back to back for WRITE_RUN_SECONDS, a step leaves it free
+# WRITE_GAP_SECONDS after the last commit before it begins its own. Shorter runs pause for
+# nothing: at 1% ours a gap at every step was half of the catch-up (BENCHMARKS.md).
 WRITE_GAP_SECONDS = 0.12
+WRITE_RUN_SECONDS = 1.0
 
 
 class ChainChanged(Exception):
@@ -156,6 +159,7 @@ class Follower:
         self._writing_tip: BlockRef | None = None
         self._overlap = False  # the step in progress is `run()`'s (see run_once)
         self._committed_at = -WRITE_GAP_SECONDS  # time.monotonic() of the last step's commit
+        self._run_since = 0.0  # when the steps' writes began holding the lock back to back
 
     # ------------------------------------------------------------------ watch set
 
@@ -317,6 +321,17 @@ class Follower:
         if writing is not None:
             await writing
 
+    async def _leave_the_lock_a_gap(self) -> None:
+        """The other writers' turn, once the steps' writes have held the lock back to back for
+        WRITE_RUN_SECONDS (see there)."""
+        now = time.monotonic()
+        gap = self._committed_at + WRITE_GAP_SECONDS - now
+        if gap <= 0:
+            self._run_since = now  # the lock was free long enough: a new run of writes
+        elif now - self._run_since >= WRITE_RUN_SECONDS:
+            await asyncio.sleep(gap)
+            self._run_since = time.monotonic()
+
     def _range_ceiling(self, head: int, finalized: int | None) -> int:
         """The highest block whose logs may be read by number range: well below the head
         (and at or below the finalized block with "finalized"), where no node disagrees."""
@@ -416,8 +431,8 @@ class Follower:
             keep_above = last - self.window
         transfers = await off_loop(_matched_transfers, matched, by_number, items=len(matched))
         await self._settle()
-        if self._overlap and (gap := self._committed_at + WRITE_GAP_SECONDS - time.monotonic()) > 0:
-            await asyncio.sleep(gap)  # the other writers' turn (WRITE_GAP_SECONDS)
+        if self._overlap:
+            await self._leave_the_lock_a_gap()
         self._writing = asyncio.create_task(
             self._record(first, last, blocks, transfers, confirmed_through, keep_above),
             name=f"follower-write-{self.network}",
