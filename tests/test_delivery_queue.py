@@ -9,8 +9,10 @@ database from before keeps its pending deliveries."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import orjson
 from aiohttp import web
@@ -45,6 +47,42 @@ async def _receiver() -> tuple[web.AppRunner, str, list[str]]:
 
     runner, url = await _server(ok)
     return runner, url, seen
+
+
+@contextlib.asynccontextmanager
+async def _dispatching(dispatcher: Dispatcher, runner: web.AppRunner, idle: float) -> AsyncIterator[None]:
+    """`dispatcher.run` as the daemon runs it, against the endpoint `runner` serves; on the way
+    out the dispatcher stops and both close."""
+    stopping = asyncio.Event()
+    task = asyncio.create_task(dispatcher.run(stopping, idle=idle))
+    try:
+        yield
+    finally:
+        stopping.set()
+        dispatcher.wake()
+        await task
+        await dispatcher.close()
+        await runner.cleanup()
+
+
+@contextlib.contextmanager
+def _write_lock_held(path) -> Iterator[sqlite3.Connection]:
+    """Another process's long step: the database's write lock, until the caller commits."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        yield other
+    finally:
+        if other.in_transaction:
+            other.execute("COMMIT")
+        other.close()
+
+
+async def _until(done: Callable[[], object], failure: Callable[[], str], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, failure()
+        await asyncio.sleep(0.02)
 
 
 def _append(store: Store, invoice_id: str, *types: str) -> None:
@@ -218,28 +256,17 @@ async def test_the_dispatcher_queues_and_sends_what_a_step_appended(tmp_path):
     store = Store(tmp_path / "w.db", clock=time.time)
     dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET}, concurrency=1)
     store.outbox.on_delivery_queued = dispatcher.wake
-    stopping = asyncio.Event()
-    task = asyncio.create_task(dispatcher.run(stopping, idle=5.0))
-    try:
+    async with _dispatching(dispatcher, runner, idle=5.0):
         store.outbox.set_endpoints([Endpoint(url, ("invoice.paid", "invoice.confirmed"))])
         await asyncio.sleep(0.1)
         for i in range(30):
             _append(store, f"inv_{i}", "invoice.created", "invoice.paid", "invoice.confirmed")
-        deadline = time.monotonic() + 10
-        while len(seen) < 60:
-            assert time.monotonic() < deadline, f"{len(seen)} of 60 sent"
-            await asyncio.sleep(0.02)
+        await _until(lambda: len(seen) >= 60, lambda: f"{len(seen)} of 60 sent")
         await asyncio.sleep(0.2)
         assert len(seen) == 60 and len(set(seen)) == 60
         for i in range(30):  # one in flight at a time: each invoice's events in order
             mine = [t for inv, t in seen if inv == f"inv_{i}"]
             assert mine == ["invoice.paid", "invoice.confirmed"]
-    finally:
-        stopping.set()
-        dispatcher.wake()
-        await task
-        await dispatcher.close()
-        await runner.cleanup()
     assert store.outbox.backlog() == 0
     assert store.db.execute("SELECT COUNT(*) FROM deliveries WHERE status = 'delivered'").fetchone()[0] == 60
     store.close()
@@ -254,29 +281,14 @@ async def test_a_locked_database_delays_the_queuing_and_loses_nothing(tmp_path):
     store.outbox.set_endpoints([Endpoint(url, ("*",))])
     for i in range(5):
         _append(store, f"inv_{i}", "invoice.created")
-    other = sqlite3.connect(path, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")  # the other process's step
     dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET})
-    stopping = asyncio.Event()
-    task = asyncio.create_task(dispatcher.run(stopping, idle=0.1))
-    try:
-        await asyncio.sleep(0.5)
-        assert seen == [] and _rows(store) == []
-        assert store.outbox.list_deliveries()[1] == 5  # shown pending meanwhile
-        other.execute("COMMIT")
-        deadline = time.monotonic() + 10
-        while len(seen) < 5:
-            assert time.monotonic() < deadline, f"{len(seen)} of 5 sent"
-            await asyncio.sleep(0.02)
-    finally:
-        if other.in_transaction:
+    async with _dispatching(dispatcher, runner, idle=0.1):
+        with _write_lock_held(path) as other:  # the other process's step
+            await asyncio.sleep(0.5)
+            assert seen == [] and _rows(store) == []
+            assert store.outbox.list_deliveries()[1] == 5  # shown pending meanwhile
             other.execute("COMMIT")
-        other.close()
-        stopping.set()
-        dispatcher.wake()
-        await task
-        await dispatcher.close()
-        await runner.cleanup()
+            await _until(lambda: len(seen) >= 5, lambda: f"{len(seen)} of 5 sent")
     assert len(seen) == 5 and len(set(seen)) == 5
     store.close()
 
@@ -361,23 +373,14 @@ async def test_a_lane_looks_for_new_events_when_woken_not_after_each_attempt(tmp
 
     store.outbox.behind = counted  # type: ignore[method-assign]
     dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET}, concurrency=4)
-    stopping = asyncio.Event()
-    task = asyncio.create_task(dispatcher.run(stopping, idle=30.0))
     try:
-        await asyncio.sleep(0.1)
-        for i in range(100):
-            _append(store, f"inv_{i}", "invoice.created")
-        dispatcher.wake()  # as the store's listener does after the appends' commits
-        deadline = time.monotonic() + 20
-        while store.outbox.backlog():
-            assert time.monotonic() < deadline, f"{len(seen)} of 100 sent"
-            await asyncio.sleep(0.05)
+        async with _dispatching(dispatcher, runner, idle=30.0):
+            await asyncio.sleep(0.1)
+            for i in range(100):
+                _append(store, f"inv_{i}", "invoice.created")
+            dispatcher.wake()  # as the store's listener does after the appends' commits
+            await _until(lambda: not store.outbox.backlog(), lambda: f"{len(seen)} of 100 sent", 20)
     finally:
-        stopping.set()
-        dispatcher.wake()
-        await task
-        await dispatcher.close()
-        await runner.cleanup()
         store.close()
     assert len(seen) == 100 and len(set(seen)) == 100
     assert len(looks) <= 10, len(looks)  # before: about 30 here, one a lane pass
@@ -395,27 +398,12 @@ async def test_a_lane_goes_on_sending_what_is_queued_while_its_queuing_waits_for
     store.outbox.queue_all()
     for i in range(5):
         _append(store, f"new_{i}", "invoice.created")
-    other = sqlite3.connect(path, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")  # the other process's step, for 1.5 s
     dispatcher = Dispatcher(store.outbox, {url: VECTOR_SECRET})
-    stopping = asyncio.Event()
-    task = asyncio.create_task(dispatcher.run(stopping, idle=0.2))
-    try:
-        await asyncio.sleep(1.5)
-        assert len(seen) == 5  # the queued ones, not held behind the queuing of the new ones
-        other.execute("COMMIT")
-        deadline = time.monotonic() + 10
-        while store.outbox.backlog():
-            assert time.monotonic() < deadline, f"{len(seen)} of 10 sent"
-            await asyncio.sleep(0.02)
-    finally:
-        if other.in_transaction:
+    async with _dispatching(dispatcher, runner, idle=0.2):
+        with _write_lock_held(path) as other:  # the other process's step, for 1.5 s
+            await asyncio.sleep(1.5)
+            assert len(seen) == 5  # the queued ones, not held behind the queuing of the new ones
             other.execute("COMMIT")
-        other.close()
-        stopping.set()
-        dispatcher.wake()
-        await task
-        await dispatcher.close()
-        await runner.cleanup()
+            await _until(lambda: not store.outbox.backlog(), lambda: f"{len(seen)} of 10 sent")
     assert len(seen) == 10 and len(set(seen)) == 10
     store.close()
