@@ -850,3 +850,27 @@ async def test_back_to_back_writes_leave_the_other_writers_their_turn(store, mon
     stopping.set()
     await asyncio.wait_for(running, timeout=30)
     assert outcomes == ["got it"] * 6
+
+
+async def test_a_node_that_fails_the_next_read_while_a_write_commits_loses_and_repeats_nothing(store):
+    """The node's log backend falls behind while the last step's write is in flight: the next
+    step fails on the node, the write in flight still commits, and the steps after go on from
+    its checkpoint (its blocks are not read again), every payment recorded once."""
+    from watcher.chain import BlockUnknown
+
+    chain, invoices = ranged_chain(store, 12)
+    writes = GatedWrites(store)
+    f = follower(chain, store, chunk_size=5, max_chunk_size=5)
+
+    assert await f.run_once(overlap=True) == 5  # blocks 0-4, their write held
+    chain.logs_head = 4  # a backend behind: blocks 5-9's logs are not there yet
+    with pytest.raises(BlockUnknown):
+        await f.run_once(overlap=True)
+    writes.opened.set()
+    chain.logs_head = None
+    asked = len(chain.log_requests)
+    await catch_up(f)
+    assert store.cursor(NET).number == len(chain.blocks) - 1
+    assert ("range", 0, 4) not in chain.log_requests[asked:]  # went on from the write in flight
+    for inv_id, _ in invoices:
+        assert [int(p["amount_atomic"]) for p in store.get_payments(inv_id)] == [100]
