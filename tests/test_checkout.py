@@ -152,7 +152,8 @@ def test_invoice_id_randomness_comes_from_secrets(monkeypatch):
 
     monkeypatch.setattr(secrets, "token_bytes", fake)
     made = domain.new_id("inv", 0)
-    assert calls == [10] and made == "inv_" + "0" * 10 + "Z" * 16  # 80 bits, all from secrets
+    # 80 bits, all from secrets: five of each of 16 bytes (domain.new_ids)
+    assert calls == [16] and made == "inv_" + "0" * 10 + "Z" * 16
 
 
 # --------------------------------------------------------------------------- the public listener

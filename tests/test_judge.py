@@ -27,6 +27,7 @@ from watcher.domain import (
     format_units,
     judge,
     new_id,
+    new_ids,
     payments_to_cover,
     quote_atomic,
 )
@@ -1296,10 +1297,15 @@ def test_payments_to_cover(kind, expected) -> None:
 @pytest.mark.parametrize(
     "prefix, ms, rand, expected",
     [
-        pytest.param("inv", 0, bytes(10), "inv_" + "0" * 26, id="all-zero"),
-        pytest.param("opt", 1, bytes(10), "opt_" + "0" * 9 + "1" + "0" * 16, id="one-ms"),
-        pytest.param("inv", 0, b"\xff" * 10, "inv_" + "0" * 10 + "Z" * 16, id="max-random"),
-        pytest.param("inv", 2**48 - 1, bytes(10), "inv_7" + "Z" * 9 + "0" * 16, id="max-time"),
+        pytest.param("inv", 0, bytes(16), "inv_" + "0" * 26, id="all-zero"),
+        pytest.param("opt", 1, bytes(16), "opt_" + "0" * 9 + "1" + "0" * 16, id="one-ms"),
+        pytest.param("inv", 0, b"\xff" * 16, "inv_" + "0" * 10 + "Z" * 16, id="max-random"),
+        pytest.param("inv", 2**48 - 1, bytes(16), "inv_7" + "Z" * 9 + "0" * 16, id="max-time"),
+        # Each random character is its byte's low five bits (the high three are dropped).
+        pytest.param("inv", 0, bytes(range(16)), "inv_" + "0" * 10 + "0123456789ABCDEF", id="low-bits"),
+        pytest.param(
+            "inv", 0, bytes(range(224, 240)), "inv_" + "0" * 10 + "0123456789ABCDEF", id="high-bits"
+        ),
     ],
 )
 def test_new_id_layout(prefix, ms, rand, expected) -> None:
@@ -1311,6 +1317,14 @@ def test_new_id_sorts_by_time_and_is_random() -> None:
     assert ids == sorted(ids)
     assert all(re.fullmatch(r"inv_[0-9A-HJKMNP-TV-Z]{26}", i) for i in ids)
     assert new_id("inv", now_ms=5) != new_id("inv", now_ms=5)
+
+
+def test_new_ids_random_part_uses_every_character_at_every_place() -> None:
+    """80 random bits: each of the 16 characters takes all 32 values (not a subset of them)."""
+    ids = new_ids("evt", 5, 2000)
+    assert len(set(ids)) == 2000
+    for place in range(10, 26):
+        assert {i[4 + place] for i in ids} == set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
 
 
 @pytest.mark.parametrize("tolerance", ["99.99", "100"])

@@ -276,51 +276,83 @@ def judge(invoice: InvoiceFacts, payments: Sequence[PaymentFacts], *, chain_time
     if invoice.amount == 0:
         return _judge_nothing_to_pay(invoice, payments)
 
-    tolerance_num, tolerance_den = invoice.tolerance_percent.as_integer_ratio()
-    # The share that counts as paid: 1 - tolerance / 100.
-    threshold = Share(100 * tolerance_den - tolerance_num, 100 * tolerance_den)
+    terms = _terms(str(invoice.amount), str(invoice.tolerance_percent))
+    threshold = terms.threshold
     roles, received, all_confirmed = _assign_roles(invoice, payments, threshold)
     fully_paid = received.num > 0 and received.at_least(threshold)
     status = _status(
         invoice,
         received.num == 0,
-        fully_paid=fully_paid,
-        all_confirmed=all_confirmed,
-        deadline_passed=(
-            chain_time is not None
-            and invoice.payable_until is not None
-            and chain_time > invoice.payable_until
-        ),
+        fully_paid,
+        all_confirmed,
+        chain_time is not None and invoice.payable_until is not None and chain_time > invoice.payable_until,
     )
 
-    places = display_places(invoice.amount)
-    amount_num, amount_den = invoice.amount.as_integer_ratio()
-    scale = 10**places
-    # The amount in display units is a whole number (it has at most `places` decimals).
-    amount_units = amount_num * scale // amount_den
-    received_units = received.num * amount_num * scale // (received.den * amount_den)
+    places, amount_num, amount_den = terms.places, terms.amount_num, terms.amount_den
+    received_units = received.num * amount_num * terms.scale // (received.den * amount_den)
+    overpaid_now = received.num > received.den
     overpaid = (
         _overpaid_shown((received.num - received.den) * amount_num, received.den * amount_den, places)
-        if received.num > received.den
-        else Decimal(0)
+        if overpaid_now
+        else _ZERO
     )
 
     open_types = _open_payment_exceptions(invoice, roles)
-    if received.num > received.den and not _resolved_type(invoice, ExceptionType.OVERPAID):
+    if overpaid_now and not _resolved_type(invoice, ExceptionType.OVERPAID):
         open_types.append(ExceptionType.OVERPAID)
     if status == InvoiceStatus.UNDERPAID and not _resolved_type(invoice, ExceptionType.UNDERPAID):
         open_types.append(ExceptionType.UNDERPAID)
+    remaining_units = terms.amount_units - received_units
 
     return Judgement(
         status,
         _payment_state(received, fully_paid),
         received,
         _units(received_units, places),
-        _units(max(amount_units - received_units, 0), places),
+        _units(remaining_units, places) if remaining_units > 0 else terms.zero_units,
         overpaid,
         roles,
-        _pick_exception(invoice, open_types),
+        _pick_exception(invoice, open_types) if open_types or invoice.resolutions else None,
         tuple(t for t in EXCEPTION_PRIORITY if t in open_types) if open_types else (),
+    )
+
+
+_ZERO = Decimal(0)
+
+
+class _Terms(NamedTuple):
+    """What judging derives from an invoice's amount and tolerance alone: the share that counts
+    as paid (1 - tolerance / 100), the places its sums are shown with, and the amount as an
+    exact ratio and as a whole number of display units."""
+
+    threshold: Share
+    places: int
+    amount_num: int
+    amount_den: int
+    scale: int
+    amount_units: int
+    zero_units: Decimal
+
+
+@lru_cache(maxsize=1024)
+def _terms(amount: str, tolerance_percent: str) -> _Terms:
+    """Cached by the decimals' text, which keeps their exponent ("25" and "25.00" are equal
+    Decimals but show their sums with different places): most invoices share a few amounts and
+    tolerances, and a step judges thousands. `threshold` is shared: never changed in place."""
+    value = Decimal(amount)
+    tolerance_num, tolerance_den = Decimal(tolerance_percent).as_integer_ratio()
+    places = display_places(value)
+    amount_num, amount_den = value.as_integer_ratio()
+    scale = 10**places
+    return _Terms(
+        Share(100 * tolerance_den - tolerance_num, 100 * tolerance_den),
+        places,
+        amount_num,
+        amount_den,
+        scale,
+        # The amount in display units is a whole number (it has at most `places` decimals).
+        amount_num * scale // amount_den,
+        _units(0, places),
     )
 
 
@@ -392,7 +424,7 @@ def _assign_roles(
 
 
 def _status(
-    invoice: InvoiceFacts, nothing: bool, *, fully_paid: bool, all_confirmed: bool, deadline_passed: bool
+    invoice: InvoiceFacts, nothing: bool, fully_paid: bool, all_confirmed: bool, deadline_passed: bool
 ) -> InvoiceStatus:
     """`nothing`: no payment counts towards the invoice."""
     if invoice.draft:
@@ -578,6 +610,9 @@ def format_units(amount_atomic: int, decimals: int) -> str:
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _CROCKFORD_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
+# A random byte as one character of the id: its low five bits, uniform since 256 is a multiple of 32.
+_RANDOM_CHARS = bytes.maketrans(bytes(range(256)), bytes(ord(_CROCKFORD[b & 31]) for b in range(256)))
+RANDOM_BYTES_PER_ID = 16
 
 
 def new_id(prefix: str, now_ms: int, randomness: bytes | None = None) -> str:
@@ -590,22 +625,17 @@ def new_id(prefix: str, now_ms: int, randomness: bytes | None = None) -> str:
 
 
 def new_ids(prefix: str, now_ms: int, count: int, randomness: bytes | None = None) -> list[str]:
-    """`count` ids of one millisecond: a step makes thousands (payments, events, deliveries),
-    so the time part is encoded once and the randomness read in one call."""
-    # 26 characters: 48 bits of time, then 80 of randomness, two characters (10 bits) at a time.
+    """`count` ids of one millisecond: a step makes thousands (payments, events), so the time
+    part is encoded once, and the random part of all of them by one `bytes.translate`: each of
+    its 16 characters (80 bits) is a random byte's low five bits (`RANDOM_BYTES_PER_ID` bytes an
+    id), not 10 bytes cut into 5-bit groups in Python (1.0 against 0.1 us an id)."""
+    # 26 characters: 48 bits of time (10 characters), then 80 of randomness (16).
     head = prefix + "_" + "".join([_CROCKFORD_PAIRS[(now_ms >> s) & 1023] for s in (40, 30, 20, 10, 0)])
-    raw = secrets.token_bytes(10 * count) if randomness is None else randomness
-    if len(raw) != 10 * count:
-        raise ValueError("randomness must be 10 bytes per id")
-    p = _CROCKFORD_PAIRS
-    out = []
-    for k in range(0, 10 * count, 10):
-        v = int.from_bytes(raw[k : k + 10], "big")
-        out.append(
-            head + p[v >> 70] + p[v >> 60 & 1023] + p[v >> 50 & 1023] + p[v >> 40 & 1023]
-            + p[v >> 30 & 1023] + p[v >> 20 & 1023] + p[v >> 10 & 1023] + p[v & 1023]
-        )  # fmt: skip
-    return out
+    raw = secrets.token_bytes(RANDOM_BYTES_PER_ID * count) if randomness is None else randomness
+    if len(raw) != RANDOM_BYTES_PER_ID * count:
+        raise ValueError(f"randomness must be {RANDOM_BYTES_PER_ID} bytes per id")
+    chars = raw.translate(_RANDOM_CHARS).decode("ascii")
+    return [head + chars[k : k + RANDOM_BYTES_PER_ID] for k in range(0, len(chars), RANDOM_BYTES_PER_ID)]
 
 
 def rfc3339(unix_seconds: float | int | None) -> str | None:

@@ -826,7 +826,7 @@ class Store:
             existing,
             options,
             now=now,
-            new_payment_id=lambda: next(payment_ids),
+            new_payment_id=payment_ids.__next__,
             confirmed_through=confirmed_through,
         )
         recording.write_plan(conn, plan)

@@ -57,22 +57,18 @@ def plan_recording(
     inserted confirmed (a catch-up far below the head confirms what it records): one write of
     its row, not an insert and then an update in the same transaction."""
     plan = RecordingPlan()
-    by_tx: dict[str, list[MatchedTransfer]] = {}
-    for m in matched:
-        by_tx.setdefault(m.transfer.tx_hash, []).append(m)
-    for tx_hash, transfers in by_tx.items():
-        rows = existing.get(tx_hash, ())
-        live_keys = {r["log_key"] for r in rows if r["status"] != PaymentStatus.REVERTED}
-        reverted: dict[tuple, list[Row]] = {}
-        for r in rows:
-            if r["status"] == PaymentStatus.REVERTED:
-                key = (r["option_id"], r["asset"], r["from_address"], r["to_address"], r["amount_atomic"])
-                reverted.setdefault(key, []).append(r)
+    inserts, recorded, search = plan.inserts, plan.recorded, plan.search_text
+    confirmed_status, detected_status = PaymentStatus.CONFIRMED.value, PaymentStatus.DETECTED.value
+    for tx_hash, transfers in _by_transaction(matched).items():
+        rows = existing.get(tx_hash)
+        # Most transactions of a step are new: nothing stored to compare them with.
+        live_keys, reverted = _stored(rows) if rows else (set(), None)
         if len(transfers) > 1:
             transfers.sort(key=lambda m: m.transfer.unique_key)
         for m in transfers:
             t = m.transfer
-            if t.unique_key in live_keys:
+            key = t.unique_key
+            if key in live_keys:
                 continue
             option = options.get(m.option_id)
             if option is None:
@@ -81,33 +77,52 @@ def plan_recording(
             if same:
                 row = same.pop(0)
                 plan.revives.append(
-                    (
-                        t.block_number,
-                        t.block_hash,
-                        m.block_timestamp,
-                        t.log_index,
-                        t.unique_key,
-                        now,
-                        row["id"],
-                    )
+                    (t.block_number, t.block_hash, m.block_timestamp, t.log_index, key, now, row["id"])
                 )
-                plan.recorded.append((row["id"], row["invoice_id"]))
+                recorded.append((row["id"], row["invoice_id"]))
             else:
                 payment_id = new_payment_id()
                 invoice_id = option["invoice_id"]
                 confirmed = confirmed_through is not None and t.block_number <= confirmed_through
-                plan.inserts.append(
-                    (payment_id, network, t.tx_hash, t.log_index, t.unique_key, invoice_id, m.option_id,
+                inserts.append(
+                    (payment_id, network, tx_hash, t.log_index, key, invoice_id, m.option_id,
                      option["asset"], option["decimals"], t.block_number, t.block_hash, m.block_timestamp,
                      t.from_address, t.to_address, str(t.amount),
-                     PaymentStatus.CONFIRMED.value if confirmed else PaymentStatus.DETECTED.value, now,
-                     now if confirmed else None)
+                     confirmed_status if confirmed else detected_status, now, now if confirmed else None)
                 )  # fmt: skip
-                plan.inserted_confirmed += confirmed
-                plan.search_text.setdefault(invoice_id, []).extend((t.tx_hash, t.from_address))
-                plan.recorded.append((payment_id, invoice_id))
-            live_keys.add(t.unique_key)
+                if confirmed:
+                    plan.inserted_confirmed += 1
+                texts = search.get(invoice_id)
+                if texts is None:
+                    search[invoice_id] = [tx_hash, t.from_address]
+                else:
+                    texts += (tx_hash, t.from_address)
+                recorded.append((payment_id, invoice_id))
+            live_keys.add(key)
     return plan
+
+
+def _by_transaction(matched: Sequence[MatchedTransfer]) -> dict[str, list[MatchedTransfer]]:
+    by_tx: dict[str, list[MatchedTransfer]] = {}
+    for m in matched:
+        tx = by_tx.get(m.transfer.tx_hash)
+        if tx is None:
+            by_tx[m.transfer.tx_hash] = [m]
+        else:
+            tx.append(m)
+    return by_tx
+
+
+def _stored(rows: Sequence[Row]) -> tuple[set[int], dict[tuple, list[Row]]]:
+    """A transaction's stored payments: the log keys of the live ones, and the reverted ones by
+    what they moved (`identity`)."""
+    live_keys = {r["log_key"] for r in rows if r["status"] != PaymentStatus.REVERTED}
+    reverted: dict[tuple, list[Row]] = {}
+    for r in rows:
+        if r["status"] == PaymentStatus.REVERTED:
+            key = (r["option_id"], r["asset"], r["from_address"], r["to_address"], r["amount_atomic"])
+            reverted.setdefault(key, []).append(r)
+    return live_keys, reverted
 
 
 INSERT_PAYMENT = (
@@ -143,8 +158,9 @@ def read_existing(
     return out
 
 
-def read_options(conn: sqlite3.Connection, option_ids: Sequence[str]) -> dict[str, sqlite3.Row]:
-    rows = conn.execute(
+def read_options(conn: sqlite3.Connection, option_ids: Sequence[str]) -> dict[str, dict]:
+    rows = engine.dict_rows(
+        conn,
         f"SELECT id, invoice_id, asset, decimals FROM payment_options WHERE {engine.in_keys('id')}",
         [engine.keys_param(option_ids)],
     )

@@ -14,6 +14,7 @@ from collections.abc import Generator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -156,6 +157,12 @@ def chain_time(networks: set[str], chain_times: Mapping[str, int]) -> int | None
 _PAYMENT_STATUSES = {s.value: s for s in PaymentStatus}
 
 
+@lru_cache(maxsize=1024)
+def _decimal(text: str) -> Decimal:
+    """An invoice's amount or tolerance: most invoices share a few (a Decimal is immutable)."""
+    return Decimal(text)
+
+
 def judge_row(row: Row, payments: Sequence[Row], clock: int | None, session: bool) -> Judgement:
     stored = row["resolutions"]
     resolutions = tuple(
@@ -166,12 +173,12 @@ def judge_row(row: Row, payments: Sequence[Row], clock: int | None, session: boo
         for r in orjson.loads(stored)
     ) if stored != "[]" else ()  # fmt: skip
     facts = InvoiceFacts(
-        amount=Decimal(row["amount"]),
-        tolerance_percent=Decimal(row["tolerance_percent"]),
-        payable_until=row["payable_until"],
-        draft=row["status"] == InvoiceStatus.DRAFT and not session,
-        cancelled=row["cancelled_at"] is not None,
-        resolutions=resolutions,
+        _decimal(row["amount"]),
+        _decimal(row["tolerance_percent"]),
+        row["payable_until"],
+        row["status"] == InvoiceStatus.DRAFT and not session,
+        row["cancelled_at"] is not None,
+        resolutions,
     )
     return judge(
         facts,
@@ -259,22 +266,29 @@ def rejudge_one(
 ) -> Outcome | None:
     """Pure: what judging the invoice again changes; None when nothing does."""
     judged = judge_row(row, payments, clock, reasons.session)
-    open_before = orjson.loads(row["open_exceptions"])
+    stored_open = row["open_exceptions"]
+    open_before = [] if stored_open == "[]" else orjson.loads(stored_open)
     changes, open_now = _judged_changes(row, judged, open_before)
-    roles = [
-        (str(judged.roles[p["id"]]), p["id"])
-        for p in payments
-        if p["id"] in judged.roles and judged.roles[p["id"]] != p["role"]
-    ]
+    judged_roles = judged.roles
+    payment_roles = {}
+    roles = []
+    for p in payments:
+        payment_id, stored_role = p["id"], p["role"]
+        role = judged_roles.get(payment_id)
+        if role is None:
+            payment_roles[payment_id] = stored_role
+        else:
+            payment_roles[payment_id] = role.value
+            if role != stored_role:
+                roles.append((role.value, payment_id))
     if not (changes or roles or reasons.any()):
         return None
-    newly_open = any(t not in open_before for t in open_now)
+    newly_open = any(t not in open_before for t in open_now) if open_now else False
     events = _events(row, judged, reasons, "status" in changes, newly_open)
     changes.update(_timestamps(row, judged, reasons, now))
     changes["version"] = row["version"] + 1
     changes["updated_at"] = now
-    values = {c: changes.get(c, row[c]) for c in JUDGED_COLUMNS}
-    payment_roles = {p["id"]: str(judged.roles.get(p["id"], p["role"])) for p in payments}
+    values = {c: changes[c] if c in changes else row[c] for c in JUDGED_COLUMNS}
     return Outcome(values, roles, events, payment_roles)
 
 
