@@ -302,6 +302,84 @@ def test_the_status_read_from_the_row_is_the_status_of_the_whole_invoice(tmp_pat
     assert store.get_status("inv_nope") is None
 
 
+def _last_status_bytes(store: Store, invoice_id: str) -> bytes:
+    row = store.db.execute(
+        "SELECT s.body FROM events e JOIN event_statuses s ON s.id = e.status_id WHERE e.invoice_id = ? "
+        "ORDER BY e.seq DESC LIMIT 1",
+        [invoice_id],
+    ).fetchone()
+    return bytes(row[0])
+
+
+def test_each_events_status_is_the_invoices_status_to_the_byte_in_every_state(tmp_path):
+    """A step puts the status its events carry together from parts already rendered
+    (views.status_json): after each change it must be, byte for byte, what the API renders
+    for the invoice then (orjson of its status view): paid, confirmed, underway, overpaid with
+    a duplicate (an open exception), one resolved, a payment reverted."""
+    from watcher.domain import ResolutionAction
+
+    store = new_store(tmp_path)
+    partial, exact, over = create(store, amount_atomic=10), create(store, amount_atomic=10), create(store, 10)
+    seen: set[tuple] = set()
+
+    def check(*invoices: dict) -> None:
+        for invoice in invoices:
+            whole = store.get_invoice(invoice["id"])
+            assert _last_status_bytes(store, invoice["id"]) == orjson.dumps(status_view(whole))
+            seen.add((whole["status"], (whole["exception"] or {}).get("status")))
+
+    store.apply_blocks(
+        NET,
+        [block(5)],
+        [
+            transfer_to(partial, 4, tx="0x" + "01" * 32),
+            transfer_to(exact, 10, tx="0x" + "02" * 32),
+            transfer_to(over, 15, tx="0x" + "03" * 32),
+        ],
+        confirmed_through=3,
+    )
+    check(partial, exact, over)
+    store.apply_blocks(NET, [block(6)], [transfer_to(over, 5, tx="0x" + "04" * 32, n=6)], confirmed_through=5)
+    check(exact, over)
+    store.resolve_exception(over["id"], ResolutionAction.MARK_DUPLICATE_PAYMENT_REVIEWED, "refunded \u2603")
+    store.resolve_exception(over["id"], ResolutionAction.ACCEPT_OVERPAYMENT, None)
+    check(over)
+    store.revert_to(NET, block(4))
+    check(partial, exact, over)
+    assert seen >= {
+        ("pending", None),
+        ("paid", None),
+        ("confirmed", None),
+        ("paid", "open"),
+        ("pending", "resolved"),
+    }
+
+
+def test_the_status_put_together_from_its_parts_is_orjsons_rendering_of_it() -> None:
+    """views.status_json against orjson.dumps(views.status_of(...)): a payment timing stored with
+    other spacing is rendered as orjson renders it, and a status of no payments, of several,
+    and of a resolved exception hold the same bytes."""
+    from watcher.store.views import status_json, status_of
+
+    summary = orjson.dumps({"payment_state": "partial", "received_amount": "1.5"}).decode()
+    exception = orjson.dumps(
+        {"type": "overpaid", "status": "resolved", "resolution_note": '\u00e9"x'}
+    ).decode()
+    payments = [
+        {"id": "pay_a", "role": "counted", "status": "confirmed", "confirmations": 3, "amount": "1"},
+        {"id": "pay_b", "role": "duplicate", "status": "reverted", "confirmations": 0, "amount": "2"},
+    ]
+    for row_exception, views in ((None, []), (exception, payments[:1]), (exception, payments)):
+        row = {
+            "id": "inv_1", "status": "paid", "payment_summary": summary, "exception": row_exception,
+            "payment_timing": '{"mode": "immediate",  "payable_until": 12}',
+            "last_payment_observed_at": None if not views else "2026-01-01T00:00:00Z", "version": 7,
+        }  # fmt: skip
+        assert status_json(row, views, [orjson.dumps(v) for v in views]) == orjson.dumps(
+            status_of(row, views)
+        )
+
+
 def _paying(invoices: list[dict], b: BlockRef, first_tx: int) -> list[MatchedTransfer]:
     """A transfer of 1000 to each invoice's first option, one transaction each, in block `b`."""
     return [

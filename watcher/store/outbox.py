@@ -119,12 +119,13 @@ class Endpoint:
 
 class NewEvent(NamedTuple):
     """An event to append: `status` is the invoice's status view, already rendered (an invoice
-    with several events in one change renders it once); `payment` the payment it is about."""
+    with several events in one change renders it once); `payment` the payment it is about, as a
+    view or already rendered (JSON bytes: the status holds it too)."""
 
     type: str
     invoice_id: str
     status: bytes
-    payment: dict | None = None
+    payment: dict | bytes | None = None
 
 
 def event_body(event_id: str, event_type: str, created_at: str, status: bytes, payment: bytes) -> bytes:
@@ -320,9 +321,12 @@ class Outbox:
             if e.status not in status_ids:
                 status_ids[e.status] = next_status_id + len(status_ids)
         event_rows = [
-            (event_id, e.type, e.invoice_id, created_at, orjson.dumps(e.payment), status_ids[e.status])
+            (
+                event_id, e.type, e.invoice_id, created_at,
+                e.payment if type(e.payment) is bytes else orjson.dumps(e.payment), status_ids[e.status],
+            )
             for e, event_id in zip(events, event_ids, strict=True)
-        ]
+        ]  # fmt: skip
         conn.executemany(
             "INSERT INTO event_statuses(id, body) VALUES (?,?)", [(i, s) for s, i in status_ids.items()]
         )

@@ -34,7 +34,7 @@ from ..domain import (
 from . import engine
 from .engine import Row
 from .outbox import NewEvent, Outbox
-from .views import payment_view, status_of
+from .views import payment_view, status_json
 
 
 @dataclass
@@ -369,16 +369,30 @@ def _rejudge_slice(
         role_rows += outcome.roles
         invoice_rows.append([*outcome.values.values(), why.search_text, invoice_id])
         # What the events carry (the status view): the invoice as just written and its payments
-        # (with their new roles), not its options; built from the rows in hand, rendered once.
-        views = [payment_view(p, tips.get(p["network"]), outcome.payment_roles[p["id"]]) for p in payments]
-        invoice = {"id": invoice_id, "payment_timing": row["payment_timing"], **outcome.values}
-        status = orjson.dumps(status_of(invoice, views))
-        by_id = {v["id"]: v for v in views}
+        # (with their new roles), not its options; built from the rows in hand, rendered once,
+        # each payment's JSON shared by the status and its own event.
+        roles_now = outcome.payment_roles
+        views = [payment_view(p, tips.get(p["network"]), roles_now[p["id"]]) for p in payments]
+        rendered = [orjson.dumps(v) for v in views]
+        values = outcome.values
+        values["id"] = invoice_id
+        values["payment_timing"] = row["payment_timing"]
+        status = status_json(values, views, rendered)
+        place = (
+            {v["id"]: k for k, v in enumerate(views)}
+            if len(views) > 1
+            else {views[0]["id"]: 0}
+            if views
+            else {}
+        )
         for event_type, payment_id in outcome.events:
-            payment = by_id.get(payment_id) if payment_id is not None else None
-            events.append(NewEvent(event_type, invoice_id, status, payment))
-            if event_type == "invoice.payment_detected" and payment is not None:
-                done.detected.append((payment["network"], payment["role"]))
+            if payment_id is None:
+                events.append(NewEvent(event_type, invoice_id, status, None))
+                continue
+            k = place[payment_id]
+            events.append(NewEvent(event_type, invoice_id, status, rendered[k]))
+            if event_type == "invoice.payment_detected":
+                done.detected.append((views[k]["network"], views[k]["role"]))
     if role_rows:
         conn.executemany("UPDATE payments SET role = ? WHERE id = ?", role_rows)
     if invoice_rows:

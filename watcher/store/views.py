@@ -174,3 +174,24 @@ def status_of(row: Row, payments: list[dict]) -> dict:
         "payments": payments,
         "version": row["version"],
     }
+
+
+def status_json(row: Row, payments: Sequence[dict], rendered_payments: Sequence[bytes]) -> bytes:
+    """`orjson.dumps(status_of(row, payments))`, to the byte, put together from parts already
+    rendered: the payments' JSON (`rendered_payments`, which their events carry too), and the
+    row's `payment_summary` and `exception`, which must be orjson's own rendering (judging has
+    just written them so). Each event of a step carries one: this saves parsing the JSON columns
+    judging has just rendered, and rendering them and the payments again."""
+    exception = row["exception"]
+    return b"".join(
+        (
+            b'{"id":', orjson.dumps(row["id"]), b',"status":', orjson.dumps(row["status"]),
+            b',"confirmations":', orjson.dumps(invoice_confirmations(payments)),
+            b',"payment_summary":', row["payment_summary"].encode(),
+            b',"exception":', b"null" if exception is None else exception.encode(),
+            b',"payment_timing":', orjson.dumps(orjson.loads(row["payment_timing"])),
+            b',"last_payment_observed_at":', orjson.dumps(row["last_payment_observed_at"]),
+            b',"payments":[', b",".join(rendered_payments),
+            b'],"version":', orjson.dumps(row["version"]), b"}",
+        )
+    )  # fmt: skip
