@@ -380,6 +380,32 @@ def test_the_status_put_together_from_its_parts_is_orjsons_rendering_of_it() -> 
         )
 
 
+def test_a_change_writes_only_the_judged_columns_whose_value_changed(tmp_path):
+    """Judging writes the invoice columns that changed, not all of them: a column in an UPDATE's
+    SET list has its indexes' entries rewritten even when its value stays (`invoices_exception`
+    on exception_type and exception_status, 3 us an invoice in `bench store`). A trigger on
+    those columns sees which statements named them."""
+    store = new_store(tmp_path)
+    exact, over = create(store, amount_atomic=10), create(store, amount_atomic=10)
+    store.db.execute("CREATE TEMP TABLE named (invoice_id TEXT)")
+    store.db.execute(
+        "CREATE TEMP TRIGGER exception_named AFTER UPDATE OF exception_type, exception_status, "
+        "open_exceptions ON invoices BEGIN INSERT INTO named VALUES (new.id); END"
+    )
+    store.apply_blocks(
+        NET,
+        [block(5)],
+        [transfer_to(exact, 10, tx="0x" + "01" * 32), transfer_to(over, 15, tx="0x" + "02" * 32)],
+        confirmed_through=3,
+    )
+    assert store.get_invoice(exact["id"])["status"] == "paid"
+    assert store.get_invoice(over["id"])["exception"]["type"] == "overpaid"
+    assert [r[0] for r in store.db.execute("SELECT invoice_id FROM named")] == [over["id"]]
+    store.apply_blocks(NET, [block(6)], [], confirmed_through=6)  # both confirmed: no exception changes
+    assert store.get_invoice(exact["id"])["status"] == "confirmed"
+    assert [r[0] for r in store.db.execute("SELECT invoice_id FROM named")] == [over["id"]]
+
+
 def _paying(invoices: list[dict], b: BlockRef, first_tx: int) -> list[MatchedTransfer]:
     """A transfer of 1000 to each invoice's first option, one transaction each, in block `b`."""
     return [

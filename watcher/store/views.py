@@ -96,7 +96,7 @@ def option_view(row: Row) -> dict:
     }
 
 
-def invoice_confirmations(payments: list[dict]) -> int:
+def invoice_confirmations(payments: Sequence[dict]) -> int:
     """The smallest confirmation count among the payments that count; 0 if none."""
     counted = [p["confirmations"] for p in payments if p["role"] == "counted" and p["status"] != "reverted"]
     return min(counted) if counted else 0
