@@ -588,7 +588,7 @@ def format_decimal(value: Decimal) -> str:
     """Plain notation, never exponent form: '0', '49.99', '1000000000000000000000'.
 
     Zero is "0" whatever its precision, as in the contract's examples."""
-    if value == 0:
+    if not value:
         return "0"
     return format(value, "f")
 

@@ -93,6 +93,13 @@ def dict_rows(conn: sqlite3.Connection, sql: str, params: Iterable[Any] = ()) ->
     return [dict(zip(names, r, strict=True)) for r in cursor]
 
 
+def tuple_rows(conn: sqlite3.Connection, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
+    """The rows as plain tuples (no `sqlite3.Row`), for a few columns read by position."""
+    cursor = conn.cursor()
+    cursor.row_factory = None
+    return cursor.execute(sql, tuple(params)).fetchall()
+
+
 def in_keys(column: str) -> str:
     """`column` is one of the keys given as one parameter by `keys_param`: one statement for a
     whole step's keys, however many (no limit on bound variables, no temporary table)."""
