@@ -30,6 +30,7 @@ from bench.chain import CACHE
 from bench.measure import peak_rss_mb
 from watcher.domain import BlockRef, Transfer
 from watcher.store import Endpoint, MatchedTransfer, NewInvoice, OptionSpec, Store
+from watcher.store.views import _checksum
 
 NET = "benchnet"
 TOKEN = "0x" + "aa" * 20
@@ -61,12 +62,15 @@ def _new_invoice() -> NewInvoice:
 
 def prepare(path: Path, invoices: int, endpoints: int) -> tuple[Store, list[tuple[str, str]]]:
     """A store with `invoices` open invoices; returns it and (option id, address) of each. The
-    store is made once per size and cached (bench/.cache), and each run works on a copy."""
-    cached = CACHE / f"store-apply-{invoices}.db"
+    store is made once per size and cached (bench/.cache), and each run works on a copy. "v2":
+    made since options store their destination's checksum (m011); an older cached store would
+    be migrated with none, and its steps would hash every recipient."""
+    cached = CACHE / f"store-apply-v2-{invoices}.db"
     if not cached.exists():
         made, _ = _make(cached.with_suffix(".building"), invoices)
         made.close()  # checkpoints the WAL into the file
         cached.with_suffix(".building").rename(cached)
+        _checksum.cache_clear()  # making the invoices checksummed their addresses: start as a new process
     shutil.copy(cached, path)
     store = Store(path, clock=time.time)
     store.outbox.set_endpoints(

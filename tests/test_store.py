@@ -406,6 +406,47 @@ def test_a_change_writes_only_the_judged_columns_whose_value_changed(tmp_path):
     assert [r[0] for r in store.db.execute("SELECT invoice_id FROM named")] == [over["id"]]
 
 
+def test_a_step_renders_its_recipients_from_the_checksums_their_options_stored(tmp_path, monkeypatch):
+    """An option stores its destination's EIP-55 form when it is made (m011), and a step renders
+    its payments' recipients from it: no keccak per new deposit address (only the payer's, once).
+    An option from before the migration (no stored form) is checksummed when rendered, as
+    before, and both show the same addresses as the API."""
+    from watcher.keccak import keccak
+    from watcher.store import views
+
+    store = new_store(tmp_path)
+    invoices = [create(store, amount_atomic=10) for _ in range(4)]
+    store.db.execute(
+        "UPDATE payment_options SET destination_checksum = NULL WHERE invoice_id = ?", [invoices[3]["id"]]
+    )
+    stored = store.db.execute(
+        "SELECT destination_address, destination_checksum FROM payment_options"
+    ).fetchall()
+    assert [views.checksum(a) for a, c in stored if c is not None] == [c for a, c in stored if c is not None]
+    hashed: list[bytes] = []
+
+    def counting(data: bytes) -> bytes:
+        hashed.append(data)
+        return keccak(data)
+
+    views._checksum.cache_clear()
+    monkeypatch.setattr(views, "keccak", counting)
+    paying = [
+        transfer_to(inv, 10, tx=f"0x{k + 1:064x}") for k, inv in enumerate(invoices)
+    ]  # one payer, four recipients
+    store.apply_blocks(NET, [block(5)], paying, confirmed_through=5)
+    old_option = invoices[3]["payment_options"][0]["destination_address"].lower()
+    assert sorted(hashed) == sorted([b"bb" * 20, old_option[2:].encode()])  # the payer; the old option
+    for invoice in invoices:
+        [event] = [
+            e for e in store.outbox.events_for(invoice["id"]) if e["type"] == "invoice.payment_detected"
+        ]
+        payment = orjson.loads(event["body"])["data"]["payment"]
+        assert payment["to_address"] == invoice["payment_options"][0]["destination_address"]
+        assert payment["to_address"] == views.checksum(payment["to_address"].lower())
+        assert payment == store.get_invoice(invoice["id"])["payments"][0]
+
+
 def _paying(invoices: list[dict], b: BlockRef, first_tx: int) -> list[MatchedTransfer]:
     """A transfer of 1000 to each invoice's first option, one transaction each, in block `b`."""
     return [

@@ -46,7 +46,7 @@ from .records import (
 )
 from .rejudge import Reasons, Rejudged, rejudge_many
 from .schema import migrations
-from .views import STATUS_COLUMNS, invoice_view, payment_view, status_of
+from .views import STATUS_COLUMNS, checksum, invoice_view, payment_view, status_of
 from .watchrows import watch_rows
 
 BLOCK_WINDOW = 256  # recent canonical blocks kept when the caller names no window (see apply_blocks)
@@ -319,6 +319,7 @@ class Store:
                     "quoted_at": rfc3339(self.clock() if spec.quoted_at is None else spec.quoted_at),
                     "amount_atomic": str(spec.amount_atomic),
                     "destination_address": destination,
+                    "destination_checksum": checksum(destination),
                     "derivation_index": index,
                     "payment_uri": uri,
                     "required_confirmations": spec.required_confirmations,

@@ -35,7 +35,7 @@ from ..domain import (
 from . import engine
 from .engine import Row
 from .outbox import NewEvent, Outbox
-from .views import payment_view, status_json
+from .views import RECIPIENT_COLUMNS, payment_view, recipient_checksum, status_json
 
 
 @dataclass
@@ -135,8 +135,8 @@ def read_batch(conn: sqlite3.Connection, invoice_ids: Sequence[str]) -> Batch:
     payments: dict[str, list[Row]] = {i: [] for i in invoice_ids}
     for p in engine.dict_rows(
         conn,
-        "SELECT p.*, o.amount_atomic AS option_amount FROM payments p JOIN payment_options o ON o.id = "
-        f"p.option_id WHERE {engine.in_keys('p.invoice_id')}",
+        f"SELECT p.*, o.amount_atomic AS option_amount, {RECIPIENT_COLUMNS} FROM payments p "
+        f"JOIN payment_options o ON o.id = p.option_id WHERE {engine.in_keys('p.invoice_id')}",
         [keys],
     ):
         payments[p["invoice_id"]].append(p)
@@ -407,7 +407,10 @@ def _rejudge_slice(
         # (with their new roles), not its options; built from the rows in hand, rendered once,
         # each payment's JSON shared by the status and its own event.
         roles_now = outcome.payment_roles
-        views = [payment_view(p, tips.get(p["network"]), roles_now[p["id"]]) for p in payments]
+        views = [
+            payment_view(p, tips.get(p["network"]), roles_now[p["id"]], recipient_checksum(p))
+            for p in payments
+        ]
         rendered = [orjson.dumps(v) for v in views]
         values["id"] = invoice_id
         values["payment_timing"] = row["payment_timing"]

@@ -309,3 +309,12 @@ def m010_endpoint_cursors(db: Database) -> None:
         "CREATE TABLE webhook_endpoints (id INTEGER PRIMARY KEY AUTOINCREMENT, url TEXT NOT NULL UNIQUE, "
         "events TEXT NOT NULL, after_seq INTEGER NOT NULL)"
     )
+
+
+@migrations()
+def m011_option_checksums(db: Database) -> None:
+    # Throughput (issue 13): an option keeps its destination's EIP-55 form, computed once when it
+    # is made, and a step renders its payments' recipients from it instead of hashing each new
+    # address again (a keccak, 5-10 us a payment). Options from before keep NULL and are
+    # checksummed as they were, when rendered.
+    db.execute("ALTER TABLE payment_options ADD COLUMN destination_checksum TEXT")

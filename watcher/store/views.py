@@ -47,9 +47,10 @@ def _checksum_bits(body: str) -> str:
     return (value ^ (value >> 1 & high)).to_bytes(40, "big").decode()
 
 
-def payment_view(row: Row, tip: int | None, role: str | None = None) -> dict:
+def payment_view(row: Row, tip: int | None, role: str | None = None, to_address: str | None = None) -> dict:
     """A payment; `tip` is the chain's last processed block, from which confirmations follow;
-    `role` the one judging has just given it, when the row does not hold it yet."""
+    `role` the one judging has just given it, when the row does not hold it yet; `to_address`
+    the recipient's EIP-55 form when the caller has it (`recipient_checksum`), else computed."""
     reverted = row["status"] == "reverted"
     confirmations = 0 if reverted or tip is None else max(tip - row["block_number"] + 1, 0)
     return {
@@ -63,7 +64,7 @@ def payment_view(row: Row, tip: int | None, role: str | None = None) -> dict:
         "block_hash": row["block_hash"],
         "block_timestamp": rfc3339(row["block_timestamp"]),
         "from_address": checksum(row["from_address"]),
-        "to_address": checksum(row["to_address"]),
+        "to_address": checksum(row["to_address"]) if to_address is None else to_address,
         "amount": format_units(int(row["amount_atomic"]), row["decimals"]),
         "amount_atomic": row["amount_atomic"],
         "confirmations": confirmations,
@@ -72,6 +73,18 @@ def payment_view(row: Row, tip: int | None, role: str | None = None) -> dict:
         "observed_at": row["observed_at"],
         "confirmed_at": row["confirmed_at"],
     }
+
+
+# The columns `recipient_checksum` reads, from `payments p JOIN payment_options o ON o.id = p.option_id`.
+RECIPIENT_COLUMNS = "o.destination_address AS option_destination, o.destination_checksum AS option_checksum"
+
+
+def recipient_checksum(row: Row) -> str | None:
+    """A payment's recipient in EIP-55 form as its option stored it when it was made
+    (`RECIPIENT_COLUMNS`), when the payment went to the option's destination (an address
+    option's deposit address); else None (then it is computed)."""
+    stored = row["option_checksum"]
+    return stored if stored is not None and row["to_address"] == row["option_destination"] else None
 
 
 def option_view(row: Row) -> dict:
