@@ -3,8 +3,8 @@
 A follower step can touch thousands of invoices. Each is judged from scratch from all of its
 payments (`domain.judge`, pure), but what it reads comes in one query per table for the whole
 set, what changed is written with one `executemany` per table (the invoices' per set of
-columns changed), and the status each event
-carries is rendered once per invoice and shared by all of that invoice's events.
+columns changed), and the status each event carries is rendered once per invoice and shared by
+all of that invoice's events.
 """
 
 from __future__ import annotations
