@@ -415,13 +415,7 @@ def _rejudge_slice(
         values["id"] = invoice_id
         values["payment_timing"] = row["payment_timing"]
         status = status_json(values, views, rendered)
-        place = (
-            {v["id"]: k for k, v in enumerate(views)}
-            if len(views) > 1
-            else {views[0]["id"]: 0}
-            if views
-            else {}
-        )
+        place = {v["id"]: k for k, v in enumerate(views)}
         for event_type, payment_id in outcome.events:
             if payment_id is None:
                 events.append(NewEvent(event_type, invoice_id, status, None))
