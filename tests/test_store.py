@@ -498,6 +498,41 @@ def test_a_large_step_judges_with_the_collector_paused_and_turns_it_back_on(tmp_
     assert store.get_invoice(more[0]["id"])["status"] == "pending"  # the step rolled back
 
 
+def test_a_large_step_records_with_the_collector_paused_and_turns_it_back_on(tmp_path, monkeypatch) -> None:
+    """Recording a step of more than 100 transfers (its plan, its rows) runs with the cyclic
+    collector off too, not only its judging; a step of one transfer leaves it on; it is on
+    again after either, and after a step that fails while recording."""
+    import gc
+
+    from watcher.store import recording
+
+    store = new_store(tmp_path)
+    invoices = [create(store, amount_atomic=1000) for _ in range(151)]
+    seen: list[bool] = []
+    real_plan = recording.plan_recording
+
+    def watching(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(recording, "plan_recording", watching)
+    assert gc.isenabled()
+    store.apply_blocks(NET, [block(5)], _paying(invoices[:150], block(5), 0), confirmed_through=5)
+    assert seen == [False] and gc.isenabled()
+    store.apply_blocks(NET, [block(6)], _paying(invoices[150:], block(6), 500), confirmed_through=6)
+    assert seen == [False, True] and gc.isenabled()
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("recording failed")
+
+    more = [create(store, amount_atomic=1000) for _ in range(150)]
+    monkeypatch.setattr(recording, "plan_recording", failing)
+    with pytest.raises(RuntimeError):
+        store.apply_blocks(NET, [block(7)], _paying(more, block(7), 1000), confirmed_through=7)
+    assert gc.isenabled()
+    assert store.get_invoice(more[0]["id"])["status"] == "pending"  # the step rolled back
+
+
 def test_finding_a_steps_stored_payments_does_not_read_the_whole_chain(tmp_path) -> None:
     """Which of a step's transactions are already payments is read by their hashes: the work
     (SQLite's VM instructions) for one transaction is the same over 10 or 400 stored payments.

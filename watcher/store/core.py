@@ -44,7 +44,7 @@ from .records import (
     OptionSpec,
     StateConflict,
 )
-from .rejudge import Reasons, Rejudged, rejudge_many
+from .rejudge import SLICE, Reasons, Rejudged, collector_paused, rejudge_many
 from .schema import migrations
 from .views import STATUS_COLUMNS, checksum, invoice_view, payment_view, status_of
 from .watchrows import watch_rows
@@ -752,7 +752,7 @@ class Store:
         result = ApplyResult()
         tip = blocks[-1]
         now = self._now()
-        with self.db.atomic():
+        with collector_paused(len(matched) > SLICE // 10), self.db.atomic():
             conn = self.db.conn
             self._move_checkpoint(conn, network, blocks, keep_above, now)
             plan = self._record(conn, network, matched, now, confirmed_through)

@@ -349,19 +349,22 @@ def rejudge_many(
     processed blocks (payments' confirmations)."""
     ids = sorted(reasons)
     done = Rejudged()
-    with _collector_paused(len(ids) > SLICE // 10):
+    with collector_paused(len(ids) > SLICE // 10):
         for start in range(0, len(ids), SLICE):
             _rejudge_slice(conn, outbox, ids[start : start + SLICE], reasons, now, tips, done)
     return done
 
 
 @contextmanager
-def _collector_paused(pause: bool) -> Generator[None, None, None]:
-    """Python's cyclic collector off while many invoices are judged. A slice allocates some
-    thirty containers an invoice (rows, views, events), none of them in a cycle, so each of the
-    collector's passes, hundreds a step, finds nothing, and its rarer full passes walk every
-    live object of the process (18 us a payment in `bench store`). It is turned back on after,
-    unless it was off already (cycles made meanwhile, anywhere, are collected then)."""
+def collector_paused(pause: bool) -> Generator[None, None, None]:
+    """Python's cyclic collector off while many invoices are judged, or a large step recorded
+    (`Store.apply_blocks`). A slice allocates some thirty containers an invoice (rows, views,
+    events), and recording a few a payment, none of them in a cycle, so each of the collector's
+    passes, hundreds a step, finds nothing, and its rarer full passes walk every live object of
+    the process (18 us a payment in `bench store` while judging; 3-6 us more while recording,
+    and more in the followers' process, whose watch set is millions of objects). It is turned
+    back on after, unless it was off already (cycles made meanwhile, anywhere, are collected
+    then)."""
     was_on = pause and gc.isenabled()
     if was_on:
         gc.disable()
