@@ -874,3 +874,39 @@ async def test_a_node_that_fails_the_next_read_while_a_write_commits_loses_and_r
     assert ("range", 0, 4) not in chain.log_requests[asked:]  # went on from the write in flight
     for inv_id, _ in invoices:
         assert [int(p["amount_atomic"]) for p in store.get_payments(inv_id)] == [100]
+
+
+async def test_a_ranged_steps_payment_blocks_are_checked_beside_the_next_read_and_a_lie_fails_it(store):
+    """A ranged step reads only its ends' headers before its logs; its payments' blocks are
+    read and checked in its write's task, so `run()` reads the next range meanwhile. A log
+    that names another hash than its block's fails that write: the next step raises it,
+    nothing of either range is recorded, and once the node tells the truth every payment is
+    recorded once, under its block's hash."""
+    chain, invoices = ranged_chain(store, 12)
+    held = asyncio.Event()
+    real_headers = chain.headers
+
+    async def held_headers(numbers):
+        if not {0, 4} >= set(numbers):  # the payments' blocks 1-3, not the range's ends
+            await held.wait()
+        return await real_headers(numbers)
+
+    chain.headers = held_headers
+    chain.lie_about_log_hashes = True
+    f = follower(chain, store, chunk_size=5, max_chunk_size=5)
+
+    # It returns with its check still waiting (the check before the write would hang here).
+    assert await asyncio.wait_for(f.run_once(overlap=True), 5) == 5
+    assert chain.header_requests == [[0, 4]]
+    held.set()
+    with pytest.raises(ChainChanged, match="not the canonical one"):
+        await f.run_once(overlap=True)  # blocks 5-9 were read; the write of 0-4 failed
+    assert store.cursor(NET) is None
+    assert all(store.get_payments(inv_id) == [] for inv_id, _ in invoices)
+
+    chain.lie_about_log_hashes = False
+    await catch_up(f)
+    assert store.cursor(NET).number == len(chain.blocks) - 1
+    for inv_id, _ in invoices:
+        [payment] = store.get_payments(inv_id)
+        assert payment["block_hash"] == chain.blocks[payment["block_number"]].hash

@@ -374,8 +374,8 @@ class Follower:
             matched += await self._native_deposits(full_blocks)
             if self.tracer:
                 matched += await self._internal_deposits(full_blocks)
-        await self._check_matches(matched, by_number)
         if len(matched) > self._step_cap() and last > first:
+            await self._check_matches(matched, by_number)  # the cut's block becomes the checkpoint
             last, matched = self._cut(first, matched, by_number)
         elif (
             last - first + 1 == self.chunk_size
@@ -420,21 +420,19 @@ class Follower:
         matched: list[Match],
     ) -> None:
         """Record the range in one change, on the store's writer thread (the loop stays free),
-        once the previous step's write has committed. It is left in flight (`_writing`): the
-        next step reads meanwhile."""
-        blocks = [by_number[n] for n in sorted(by_number)]
+        once the previous step's write has committed. It is left in flight (`_writing`), with
+        the check of the payments' blocks before it: the next step reads meanwhile."""
         if finalized is not None:
             confirmed_through = min(last, finalized)
             keep_above = min(last - self.window, finalized - 1)
         else:
             confirmed_through = last - int(self.confirmations) + 1
             keep_above = last - self.window
-        transfers = await off_loop(_matched_transfers, matched, by_number, items=len(matched))
         await self._settle()
         if self._overlap:
             await self._leave_the_lock_a_gap()
         self._writing = asyncio.create_task(
-            self._record(first, last, blocks, transfers, confirmed_through, keep_above),
+            self._record(first, last, by_number, matched, confirmed_through, keep_above),
             name=f"follower-write-{self.network}",
         )
         self._writing_tip = by_number[last]
@@ -443,11 +441,16 @@ class Follower:
         self,
         first: int,
         last: int,
-        blocks: list[BlockRef],
-        transfers: list[MatchedTransfer],
+        by_number: dict[int, BlockRef],
+        matched: list[Match],
         confirmed_through: int,
         keep_above: int,
     ) -> None:
+        """The payments' blocks checked (their headers read, beside the next step's reads), then
+        the write. A check that fails fails this write: the next step raises it (_settle)."""
+        await self._check_matches(matched, by_number)
+        transfers = await off_loop(_matched_transfers, matched, by_number, items=len(matched))
+        blocks = [by_number[n] for n in sorted(by_number)]
         try:
             result = await self.store.write(
                 self.store.apply_blocks,
