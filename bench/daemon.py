@@ -36,7 +36,11 @@ Timed, on this machine's monotonic clock (shared by the processes):
 Baselines in the same run: the bare aiohttp + orjson client reading the same range from the
 same node with 2 requests in flight (bench/catchup.py's `raw`, best chunk size, best of
 `--raw-repeat`), and a bare aiohttp server answering the same paths with a body of the same
-size, hit by the same client at the same rate for as long as the catch-up took (5 to 30 s).
+size, hit by the same client at the same rate for as long as the catch-up took (5 to 30 s),
+once the daemon has stopped. With `--bare-beside` (the default with 100% ours), a second bare
+server is also hit by a client of its own through the whole run of the daemon: its latency in
+the same windows is what the machine's shared cores alone cost any server, so the daemon's
+API against it shows what the follower makes the API wait.
 
 Checks (the run fails without them): every payment the chain holds for our invoices recorded
 exactly once; every invoice paid; every event the daemon wrote delivered, received under its
@@ -478,7 +482,7 @@ def raw_baseline(node_url: str, meta: dict[str, Any], repeat: int) -> dict[str, 
     return {**runs[chunk], "chunk": chunk}
 
 
-def run(profile_name: str, rate: float, raw_repeat: int, idle: float) -> dict[str, Any]:
+def run(profile_name: str, rate: float, raw_repeat: int, idle: float, beside: bool = False) -> dict[str, Any]:
     from bench.webhooks import ReceiverProcess
     from watcher.store.outbox import event_bodies
 
@@ -496,6 +500,7 @@ def run(profile_name: str, rate: float, raw_repeat: int, idle: float) -> dict[st
             result["raw"] = raw_baseline(node.url, meta, raw_repeat)
             port = free_port()
             key = "sk_bench_" + secrets.token_urlsafe(24)
+            twin = BareBeside(tmp, template_status_body(db), ids, rate) if beside else None
             api_client = Client(
                 {
                     "base": f"http://127.0.0.1:{port}",
@@ -537,8 +542,11 @@ def run(profile_name: str, rate: float, raw_repeat: int, idle: float) -> dict[st
             finally:
                 if progress is not None:
                     progress.stop()
-                samples, client_summary = api_client.finish()
-                daemon.stop()
+                try:
+                    samples, client_summary = api_client.finish()
+                    daemon.stop()
+                finally:
+                    twin_samples = twin.finish() if twin is not None else None
             hook_ids = receiver.ids()
         events = {r[0] for r in query(db, "SELECT id FROM events WHERE seq > ?", [seq_before])}
         payments = query(
@@ -584,6 +592,12 @@ def run(profile_name: str, rate: float, raw_repeat: int, idle: float) -> dict[st
                 for name, (a, b) in windows.items()
             },
             client=client_summary,
+            beside=None
+            if twin_samples is None
+            else {
+                name: {k: latency(twin_samples, k, a, b) for k in ("status", "chains")}
+                for name, (a, b) in windows.items()
+            },
             log_lines=len((tmp / "daemon.log").read_bytes().splitlines()),
         )
         # The bare server, the same client and rate, as long as the catch-up took (5 to 30 s).
@@ -598,6 +612,36 @@ def run(profile_name: str, rate: float, raw_repeat: int, idle: float) -> dict[st
         if not os.environ.get("BENCH_KEEP"):
             shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def template_status_body(db: Path) -> str:
+    """A status body as the daemon renders it (the newest invoice's, from its event): the bare
+    server's answer, of the same size."""
+    from watcher.store.outbox import event_bodies
+
+    with sqlite3.connect(db) as conn:
+        conn.row_factory = sqlite3.Row
+        [last] = conn.execute("SELECT id FROM events ORDER BY seq DESC LIMIT 1").fetchall()
+        body = next(iter(event_bodies(conn, [last[0]]).values()))
+    return json.dumps(json.loads(body)["data"]["invoice"])
+
+
+class BareBeside:
+    """The bare server, hit by its own client at the same rate, all through the daemon's run:
+    what any aiohttp server answers on this machine while the catch-up loads its cores. The
+    daemon's API against it shows what the follower itself makes the API wait, apart from
+    the cores it shares."""
+
+    def __init__(self, tmp: Path, body: str, ids: list[str], rate: float) -> None:
+        self.server, base = start_hello(tmp, body)
+        self.client = Client({"base": base, "ids": ids, "rate": rate, "out": str(tmp / "beside.json")})
+
+    def finish(self) -> list[tuple]:
+        try:
+            samples, _ = self.client.finish()
+        finally:
+            self.server.stop()
+        return samples
 
 
 def bare_run(tmp: Path, body: str, ids: list[str], rate: float, seconds: float) -> dict[str, Any]:
@@ -665,6 +709,9 @@ def report(r: dict[str, Any]) -> None:
     print("-" * len(head))
     rows = [(f"bare aiohttp, {k}", r["bare"][k]) for k in ("status", "chains")]
     rows += [(f"daemon {w}, {k}", r["api"][w][k]) for w in r["api"] for k in ("status", "chains")]
+    if r.get("beside"):
+        twin = r["beside"]
+        rows += [(f"bare beside, {w}, {k}", twin[w][k]) for w in twin for k in ("status", "chains")]
     for label, x in rows:
         if x["n"]:
             print(
@@ -698,6 +745,15 @@ def report(r: dict[str, Any]) -> None:
         f"{during['p99']:.2f} ms, x{p99_ratio:.2f} ({'met' if met else 'NOT met'})",
         flush=True,
     )
+    if r.get("beside"):
+        twin = r["beside"]["catch-up"]["status"]
+        ratio_beside = during["p99"] / twin["p99"]
+        met = ratio_beside <= GOAL_P99_RATIO and during["p99"] <= GOAL_P99_MS
+        print(
+            f"goal (issue 13 #3), against the bare server beside it in the same window "
+            f"({twin['p99']:.2f} ms): x{ratio_beside:.2f} ({'met' if met else 'NOT met'})",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -709,6 +765,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--raw-repeat", type=int, default=3, help="runs of the bare client per chunk size")
     parser.add_argument("--idle", type=float, default=IDLE_SECONDS, help="seconds measured idle at the end")
     parser.add_argument("--quick", action="store_true", help="the 1%% profile only, the bare client once")
+    parser.add_argument(
+        "--bare-beside",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also poll a bare server through the daemon's run (default: with 100%% ours)",
+    )
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -724,7 +786,8 @@ def main(argv: list[str] | None = None) -> None:
             f"the API polled at {args.rate:g}/s) on the cached chain",
             flush=True,
         )
-        r = run(name, args.rate, 1 if args.quick else args.raw_repeat, args.idle)
+        beside = args.bare_beside if args.bare_beside is not None else PROFILES[name].share >= 1
+        r = run(name, args.rate, 1 if args.quick else args.raw_repeat, args.idle, beside)
         report(r)
         results.append(r)
     if args.json:
