@@ -910,3 +910,94 @@ async def test_a_ranged_steps_payment_blocks_are_checked_beside_the_next_read_an
     for inv_id, _ in invoices:
         [payment] = store.get_payments(inv_id)
         assert payment["block_hash"] == chain.blocks[payment["block_number"]].hash
+
+
+def near_head_chain(store: Store) -> tuple[FakeChain, str, str]:
+    """300 blocks: a payment deep in the range (block 5) and one near the head (block 250),
+    which a follower 2 confirmations deep reads block by block (above the ceiling, 171)."""
+    chain = FakeChain()
+    deep, deep_addr = invoice(store)
+    near, near_addr = invoice(store)
+    for n in range(1, 300):
+        chain.mine(*([(deep_addr, 100)] if n == 5 else [(near_addr, 100)] if n == 250 else []))
+    return chain, deep, near
+
+
+def record_calls(chain: FakeChain) -> list[tuple]:
+    """Every header and range request, in the order they were made."""
+    calls: list[tuple] = []
+    headers, range_logs = chain.headers, chain.range_logs
+
+    async def asked_headers(numbers):
+        calls.append(("headers", numbers[0], numbers[-1]))
+        return await headers(numbers)
+
+    async def asked_range(first, last, *args):
+        calls.append(("range", first, last))
+        return await range_logs(first, last, *args)
+
+    chain.headers, chain.range_logs = asked_headers, asked_range
+    return calls
+
+
+async def test_the_headers_near_the_head_are_asked_beside_the_ranged_step_before_them_and_once(store):
+    """A step capped at the range ceiling asks for the headers of the blocks above it while
+    its own spans are read; the next step, which reads those blocks one by one, does not ask
+    for them again."""
+    chain, deep, near = near_head_chain(store)
+    calls = record_calls(chain)
+    f = follower(chain, store)
+
+    assert await f.run_once() == 172  # blocks 0-171 by range
+    ahead = calls.index(("headers", 172, 299))
+    assert ahead < max(i for i, c in enumerate(calls) if c[0] == "range")  # before the spans ended
+    assert await f.run_once() == 128  # blocks 172-299 one by one
+    assert [c for c in calls if c[0] == "headers" and c[1] <= 250 <= c[2]] == [("headers", 172, 299)]
+    assert store.cursor(NET).hash == chain.blocks[-1].hash
+    for inv_id in (deep, near):
+        assert [int(p["amount_atomic"]) for p in store.get_payments(inv_id)] == [100]
+
+
+async def test_headers_asked_ahead_of_a_reorg_are_refused_and_the_new_branch_recorded(store):
+    """The chain reorganises between the step that asked for the headers near the head and
+    the step that uses them: the logs of the old branch's blocks are refused by hash, nothing
+    of the old branch is recorded, and the next step reads the new branch afresh."""
+    chain, deep, near = near_head_chain(store)
+    f = follower(chain, store)
+    assert await f.run_once() == 172  # the headers of 172-299 (the old branch) asked meanwhile
+
+    chain.fork(200)  # blocks 201-299 replaced; the payment moves from block 250 to block 260
+    addr = store.get_invoice(near)["payment_options"][0]["destination_address"].lower()
+    for n in range(201, 300):
+        chain.mine(*([(addr, 100)] if n == 260 else []))
+    with pytest.raises(RpcError, match="unknown block"):
+        await f.run_once()
+    assert store.get_payments(near) == [] and store.cursor(NET).number == 171
+    await catch_up(f)
+    [payment] = store.get_payments(near)
+    assert payment["block_number"] == 260 and payment["block_hash"] == chain.blocks[260].hash
+    assert store.cursor(NET).hash == chain.blocks[-1].hash
+
+
+async def test_headers_asked_ahead_that_fail_are_asked_again_by_the_step_that_needs_them(store):
+    """The node fails the request made ahead (or has only some of the blocks): the step that
+    needs the headers asks for them itself, and records the same as without it."""
+    chain, deep, near = near_head_chain(store)
+    calls = record_calls(chain)
+    asked, failed = chain.headers, []
+
+    async def failing_ahead(numbers):
+        answer = await asked(numbers)
+        if numbers[0] == 172 and not failed:
+            failed.append(numbers)
+            raise RpcError("eth_getBlockByNumber", "HTTP 503")
+        return answer
+
+    chain.headers = failing_ahead
+    f = follower(chain, store)
+    assert await f.run_once() == 172
+    assert await f.run_once() == 128
+    assert calls.count(("headers", 172, 299)) == 2  # asked ahead (failed), then by the step
+    [payment] = store.get_payments(near)
+    assert payment["block_hash"] == chain.blocks[250].hash
+    assert store.cursor(NET).hash == chain.blocks[-1].hash

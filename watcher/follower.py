@@ -160,6 +160,8 @@ class Follower:
         self._overlap = False  # the step in progress is `run()`'s (see run_once)
         self._committed_at = -WRITE_GAP_SECONDS  # time.monotonic() of the last step's commit
         self._run_since = 0.0  # when the steps' writes began holding the lock back to back
+        # Headers asked for ahead of the step that reads them (see _prefetch_headers).
+        self._prefetch: tuple[list[int], asyncio.Future[list[BlockRef | None]]] | None = None
 
     # ------------------------------------------------------------------ watch set
 
@@ -347,6 +349,9 @@ class Follower:
         near_head = last > ceiling
         if near_head and first <= ceiling:
             last, near_head = ceiling, False  # the ranged part now, the rest block by block next step
+            ahead = list(range(ceiling + 1, min(head, ceiling + self.chunk_size) + 1))
+        else:
+            ahead = []
         whole = near_head or self.rails.native  # every block of the range read, not only its ends
         numbers = list(range(first, last + 1)) if whole else sorted({first, last})
         full_blocks: list[FullBlock] = []
@@ -354,7 +359,9 @@ class Follower:
             full_blocks = await self._full_blocks(numbers, partial=whole)
             by_number = {b.ref.number: b.ref for b in full_blocks}
         else:
-            by_number = await self._headers(numbers, partial=whole)
+            by_number = await self._headers(
+                numbers, partial=whole, prefetched=await self._prefetched(numbers)
+            )
         if whole and len(by_number) < len(numbers):
             # The node lacks the newest blocks for now (a backend behind): take the ones it has.
             numbers = numbers[: len(by_number)]
@@ -365,6 +372,8 @@ class Follower:
         if len(numbers) == last - first + 1:
             _check_links(by_number, first, last)
 
+        if ahead and not self.rails.native:
+            self._prefetch_headers(ahead)
         self.refresh_watch_set()
         if near_head:
             matched = await self._block_logged_payments([by_number[n] for n in numbers])
@@ -558,10 +567,14 @@ class Follower:
             out.append(block)
         return out
 
-    async def _headers(self, numbers: list[int], *, partial: bool = False) -> dict[int, BlockRef]:
-        """The headers; with `partial`, those before the first the node does not have (at least one)."""
-        by_number: dict[int, BlockRef] = {}
-        for n, h in zip(numbers, await self.reader.headers(numbers), strict=True):
+    async def _headers(
+        self, numbers: list[int], *, partial: bool = False, prefetched: Mapping[int, BlockRef] | None = None
+    ) -> dict[int, BlockRef]:
+        """The headers; with `partial`, those before the first the node does not have (at least
+        one). The first of them may come `prefetched`; the rest are asked now."""
+        by_number = dict(prefetched or {})
+        rest = numbers[len(by_number) :]
+        for n, h in zip(rest, await self.reader.headers(rest) if rest else [], strict=True):
             if h is None:
                 if partial and by_number:
                     break
@@ -569,9 +582,49 @@ class Follower:
             by_number[n] = h
         return by_number
 
+    def _prefetch_headers(self, numbers: list[int]) -> None:
+        """Ask now for the headers the next step reads first: the blocks near the head that a
+        step capped at the range ceiling leaves to the next one. They come while this step's
+        spans are read, not after them. Read earlier, they prove no more than any header read
+        before its logs: the next step links them to its checkpoint, and each batch of logs by
+        block hash is closed by the newest block's header as the node has it then."""
+        self._drop_prefetch()
+        if numbers:
+            self._prefetch = (numbers, asyncio.ensure_future(self.reader.headers(numbers)))
+
+    async def _prefetched(self, numbers: list[int]) -> dict[int, BlockRef]:
+        """The prefetched headers that begin `numbers`, up to the first the node did not have;
+        none if the prefetch was of other blocks or failed (the step then asks for them all,
+        and meets the node's failure itself)."""
+        if self._prefetch is None:
+            return {}
+        asked, task = self._prefetch
+        if asked[0] != numbers[0]:
+            self._drop_prefetch()
+            return {}
+        self._prefetch = None
+        try:
+            headers = await task
+        except Exception:  # whatever it was, the step's own read meets it again, or not
+            return {}
+        out: dict[int, BlockRef] = {}
+        for n, m, header in zip(numbers, asked, headers, strict=False):
+            if n != m or header is None:
+                break
+            out[n] = header
+        return out
+
+    def _drop_prefetch(self) -> None:
+        if self._prefetch is not None:
+            _, task = self._prefetch
+            self._prefetch = None
+            task.cancel()
+            task.add_done_callback(_observed)  # its failure, if any, is no one's to raise
+
     async def _handle_reorg(self, cursor: BlockRef) -> None:
         """Walk our stored window down to the newest block the node still has; drop the rest."""
         await self._settle()  # the window, with the last step's blocks in it
+        self._drop_prefetch()
         ancestor = await self._common_ancestor(cursor)
         if ancestor.number == cursor.number:
             # The node said another block was there, then that ours is: backends disagreeing
@@ -695,6 +748,7 @@ class Follower:
             self._wake.clear()
             await _sleep_or(stopping, backoff / 2, self._wake)
             backoff = min(backoff * 2, 30.0)
+        self._drop_prefetch()
         try:
             await self._settle()  # the last write committed (or failed) before the follower ends
         except Exception as exc:  # no next step to fail with it: the next start reads it again
@@ -718,6 +772,11 @@ def _failure_reason(exc: BaseException) -> str:
     if isinstance(exc, (RpcError, OSError, asyncio.TimeoutError)):
         return "rpc"
     return "other"
+
+
+def _observed(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _check_links(by_number: dict[int, BlockRef], first: int, last: int) -> None:
