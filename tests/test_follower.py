@@ -1001,3 +1001,37 @@ async def test_headers_asked_ahead_that_fail_are_asked_again_by_the_step_that_ne
     [payment] = store.get_payments(near)
     assert payment["block_hash"] == chain.blocks[250].hash
     assert store.cursor(NET).hash == chain.blocks[-1].hash
+
+
+async def test_the_blocks_near_the_head_are_read_in_batches_at_once_and_one_failing_fails_the_step(store):
+    """The 128 blocks a catch-up reads by hash go in two batches at once, not one after the
+    other. A batch the node fails fails the step: nothing of its blocks is recorded, and the
+    next step reads them all again, each payment recorded once."""
+    chain, deep, near = near_head_chain(store)
+    f = follower(chain, store, trust_logs_bloom=False)  # every block's logs asked
+    assert await f.run_once() == 172
+
+    real, in_flight, most, fail = chain.block_logs, [0], [0], [True]
+
+    async def block_logs(wanted):
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        try:
+            await asyncio.sleep(0.01)
+            if fail[0] and wanted[0][0].number > 172:  # the second batch, once
+                fail[0] = False
+                raise RpcError("eth_getLogs", "HTTP 503")
+            return await real(wanted)
+        finally:
+            in_flight[0] -= 1
+
+    chain.block_logs = block_logs
+    with pytest.raises(RpcError, match="503"):
+        await f.run_once()
+    assert most[0] == 2
+    assert store.get_payments(near) == [] and store.cursor(NET).number == 171
+    asked = len(chain.log_requests)
+    assert await f.run_once() == 128
+    assert sorted(n for kind, n in chain.log_requests[asked:]) == list(range(172, 300))
+    assert [int(p["amount_atomic"]) for p in store.get_payments(near)] == [100]
+    assert store.cursor(NET).hash == chain.blocks[-1].hash

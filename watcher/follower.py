@@ -33,6 +33,8 @@ T = TypeVar("T")
 # eth_getLogs spans within a step, and how many are asked for at once (see _logged_payments).
 LOG_SPAN = 100
 LOGS_IN_FLIGHT = 2
+# Blocks read by hash (near the head) go in one batch below twice this many.
+MIN_BLOCKS_A_BATCH = 16
 # Blocks remembered (linked by parent hash) to find a reorg's common ancestor: at least this
 # many, and always the confirmations and this margin more.
 MIN_WINDOW = 256
@@ -517,8 +519,17 @@ class Follower:
             )
             if transfers or routed:
                 wanted.append((block, self._log_query(transfers, routed, one_block=True)))
-        found = await self.reader.block_logs(wanted) if wanted else FoundLogs()
-        return self.watch.logged(found.transfers, found.routed)
+        if not wanted:
+            return []
+        # A catch-up's last step reads up to 128 blocks here: in LOGS_IN_FLIGHT batches at once,
+        # each closed by its own newest block's header, rather than one batch after another.
+        size = max(MIN_BLOCKS_A_BATCH, -(-len(wanted) // LOGS_IN_FLIGHT))
+        parts = await _all_or_none(
+            [self.reader.block_logs(wanted[i : i + size]) for i in range(0, len(wanted), size)]
+        )
+        return self.watch.logged(
+            [t for part in parts for t in part.transfers], [p for part in parts for p in part.routed]
+        )
 
     async def _logged_payments(self, first: int, last: int, tip: BlockRef) -> list[Match]:
         """Token transfers and router payments of the range, matched to our options.
