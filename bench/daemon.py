@@ -521,9 +521,14 @@ def run(profile_name: str, rate: float, raw_repeat: int, idle: float, beside: bo
             try:
                 ready = daemon.wait_ready()
                 cpu_at_ready = daemon.cpu_seconds()
+                others = {"node": node.node.process.pid, "receiver": receiver.process.pid}
+                others["API client"] = api_client.process.pid
+                split_at_ready = cpu_split(daemon, others)
                 progress = Progress(db, meta["last_block"])
                 caught_up = progress.wait(CATCHUP_TIMEOUT, daemon.process)
                 cpu_catchup = daemon.cpu_seconds() - cpu_at_ready
+                split = cpu_split(daemon, others)
+                result["cpu_split_s"] = {k: v - split_at_ready.get(k, 0.0) for k, v in split.items()}
                 by_status = dict(query(db, "SELECT status, COUNT(*) FROM invoices GROUP BY status"))
                 new_events = query(db, "SELECT COUNT(*) FROM events WHERE seq > ?", [seq_before])[0][0]
                 deadline = time.monotonic() + HOOKS_TIMEOUT
@@ -615,6 +620,19 @@ def run(profile_name: str, rate: float, raw_repeat: int, idle: float, beside: bo
     return result
 
 
+def cpu_split(daemon: Daemon, others: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each process on the machine's cores during a run: the daemon, its
+    children (named by their module), and the bench's own (the node, the receiver, the client)."""
+    out = {"daemon": cpu_seconds(daemon.process.pid)}
+    for pid in daemon.children():
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        name = next((w.decode() for w in cmdline if w.startswith(b"watcher.")), str(pid))
+        out[name] = out.get(name, 0.0) + cpu_seconds(pid)
+    for name, pid in others.items():
+        out[name] = cpu_seconds(pid)
+    return out
+
+
 def template_status_body(db: Path) -> str:
     """A status body as the daemon renders it (the newest invoice's, from its event): the bare
     server's answer, of the same size."""
@@ -697,6 +715,12 @@ def report(r: dict[str, Any]) -> None:
         f"bare client, 2 in flight, chunk {raw['chunk']}: "
         f"{raw['wall_s']:.2f} s -> daemon/raw = {ratio:.2f}"
     )
+    if r.get("cpu_split_s"):
+        split = ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_split_s"].items())
+        print(
+            f"CPU over the catch-up, s: {split}; all {sum(r['cpu_split_s'].values()):.2f} of the "
+            f"{os.cpu_count()} cores' {os.cpu_count() * r['catchup_s']:.2f}"  # type: ignore[operator]
+        )
     print(
         f"webhooks: {r['events']:,} events, every one delivered {r['hooks_s']:.2f} s after READY=1 "
         f"({r['events'] / r['hooks_s']:,.0f}/s); watchdog: {r['watchdog_pings']} pings, longest gap "
