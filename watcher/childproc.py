@@ -235,11 +235,12 @@ class WarmChildren:
     environment every variable the config file names (`hidden`); the supervision takes one only
     if that covers the secrets of the config as validated, and starts its own otherwise."""
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: Iterable[str]) -> None:
+        self.hidden = frozenset(hidden)
         self._waiting: dict[str, tuple[asyncio.subprocess.Process, frozenset[str]]] = {}
 
-    async def start(self, modules: Iterable[str], hidden: Iterable[str]) -> None:
-        hidden = frozenset(hidden)
+    async def start(self, modules: Iterable[str]) -> None:
+        hidden = self.hidden
         for module in modules:
             with contextlib.suppress(OSError):  # none then: the supervision starts it as usual
                 self._waiting[module] = (await spawn(module, hidden), hidden)
