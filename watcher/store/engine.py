@@ -14,6 +14,7 @@ UPDATE`, `UPDATE … RETURNING`, partial indexes, and one statement per table pe
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Generator, Iterable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +31,11 @@ Row: TypeAlias = sqlite3.Row | Mapping[str, Any]
 
 # How long a writer waits for another connection's write transaction before "database is locked".
 BUSY_TIMEOUT_MS = 5000
+# How often a writer that found the write lock held looks again. SQLite's own busy handler
+# sleeps 1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50 then 100 ms between looks: with three
+# processes writing (a follower's steps, the dispatcher's records, the API), a step that found
+# a 5 ms record in progress slept up to 60 ms more after it ended (BENCHMARKS.md, issue 13).
+LOCK_POLL_S = 0.001
 
 
 def connect(path: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
@@ -54,7 +60,10 @@ class StoreDatabase(Database):
     Two connections write (the loop's and the store's writer thread's). A transaction that
     begins as a reader and writes later fails at once with "database is locked" when the other
     connection committed in between (WAL cannot upgrade a stale snapshot), whatever the busy
-    timeout; `BEGIN IMMEDIATE` waits for the lock up front instead. (PostgreSQL: row locks.)"""
+    timeout; `BEGIN IMMEDIATE` waits for the lock up front instead, looking again every
+    LOCK_POLL_S until the busy timeout has passed. (PostgreSQL: row locks.)"""
+
+    busy_timeout_ms = BUSY_TIMEOUT_MS
 
     @contextmanager
     def atomic(self) -> Generator[Database, None, None]:
@@ -62,7 +71,7 @@ class StoreDatabase(Database):
             with super().atomic() as db:
                 yield db
             return
-        self.conn.execute("BEGIN IMMEDIATE")
+        self._begin_immediate()
         try:
             yield self
         except BaseException:
@@ -74,11 +83,31 @@ class StoreDatabase(Database):
             self.rollback()
             raise
 
+    def _begin_immediate(self) -> None:
+        """Take the write lock: at once if it is free, else looking again every LOCK_POLL_S until
+        the busy timeout, then "database is locked" as SQLite says it. The connection's own busy
+        handler is off meanwhile (each try answers at once) and back on for the transaction."""
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        self.conn.execute("PRAGMA busy_timeout=0")
+        try:
+            while True:
+                try:
+                    self.conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                        raise
+                time.sleep(LOCK_POLL_S)
+        finally:
+            self.conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+
 
 def open_database(path: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> StoreDatabase:
     # No sqlite-utils plugins: none may change the store's connections, and looking for them
     # reads the metadata of every installed package (importlib.metadata) before the API serves.
-    return StoreDatabase(connect(path, busy_timeout_ms), execute_plugins=False)
+    db = StoreDatabase(connect(path, busy_timeout_ms), execute_plugins=False)
+    db.busy_timeout_ms = busy_timeout_ms
+    return db
 
 
 def dict_rows(conn: sqlite3.Connection, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
