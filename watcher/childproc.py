@@ -235,12 +235,11 @@ class WarmChildren:
     environment every variable the config file names (`hidden`); the supervision takes one only
     if that covers the secrets of the config as validated, and starts its own otherwise."""
 
-    def __init__(self, hidden: Iterable[str]) -> None:
-        self.hidden = frozenset(hidden)
+    def __init__(self) -> None:
         self._waiting: dict[str, tuple[asyncio.subprocess.Process, frozenset[str]]] = {}
 
-    async def start(self, modules: Iterable[str]) -> None:
-        hidden = self.hidden
+    async def start(self, modules: Iterable[str], hidden: Iterable[str]) -> None:
+        hidden = frozenset(hidden)
         for module in modules:
             with contextlib.suppress(OSError):  # none then: the supervision starts it as usual
                 self._waiting[module] = (await spawn(module, hidden), hidden)

@@ -199,18 +199,17 @@ def _warm_start(path: str) -> tuple[asyncio.Runner, WarmChildren | None]:
     interpreter imports beside the daemon's, which validates its config and imports its own
     modules meanwhile (about 0.3 s each on a small machine), so that it has loaded its watch
     sets when the daemon is ready, rather than 0.25 s after (BENCHMARKS.md, issue 13). The
-    webhook dispatcher's process follows once the daemon's own imports are done (_run): a
-    third interpreter importing at once would slow the daemon's start on two cores. No warm
-    child when the config file cannot be read as TOML: its error is said as usual, and the
-    daemon does not start."""
+    webhook dispatcher's process is started as before: a third interpreter importing at once
+    would slow the daemon's own start on two cores. No warm child when the config file cannot
+    be read as TOML: its error is said as usual, and the daemon does not start."""
     from .childproc import WarmChildren
 
     runner = asyncio.Runner()
     hidden = _env_names(path)
     if hidden is None:
         return runner, None
-    warm = WarmChildren(hidden)
-    runner.run(warm.start(["watcher.followproc"]))
+    warm = WarmChildren()
+    runner.run(warm.start(["watcher.followproc"], hidden))
     return runner, warm
 
 
@@ -276,9 +275,7 @@ def _run_tool(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
-def _run(
-    settings: Settings, runner: asyncio.Runner, *, warm: WarmChildren | None = None, **service_args: object
-) -> int:
+def _run(settings: Settings, runner: asyncio.Runner, **service_args: object) -> int:
     """Run the daemon on `runner`'s loop until a signal stops it (the caller closes the loop)."""
     from .clienttls import import_aiohttp
     from .config import ConfigError
@@ -288,11 +285,6 @@ def _run(
 
     interpreter.tune()  # the switch interval and the collector (watcher/interpreter.py)
     gc.enable()  # off during the imports (main), which are frozen now
-    if warm is not None:
-        # The dispatcher's interpreter imports while we open the database and serve, on the
-        # core the followers' process has done importing on. Started once we are ready, its
-        # imports took a third of the CPU of a 1% catch-up's first steps (BENCHMARKS.md).
-        runner.run(warm.start(["watcher.dispatchproc"]))
 
     # log_format as set in the file, or None: JSON under systemd or into a pipe, console on a terminal.
     explicit = "log_format" in settings.model_fields_set
@@ -303,7 +295,7 @@ def _run(
 
     async def go() -> None:
         # Webhooks go out from a process of their own (watcher/dispatchproc.py): another core.
-        service = Service(settings, dispatcher_process=True, follower_process=True, warm=warm, **service_args)  # type: ignore[arg-type]
+        service = Service(settings, dispatcher_process=True, follower_process=True, **service_args)  # type: ignore[arg-type]
         await service.run_until_signalled()
 
     try:

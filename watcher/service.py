@@ -353,10 +353,6 @@ class Service:
                 self._tasks.append(
                     asyncio.create_task(self.follower_child.run(self.stopping), name="follower-process")
                 )
-            if isinstance(self.dispatcher, DispatcherProcess):
-                # Its interpreter's 0.3 s of imports beside our checks, not beside the followers'
-                # first steps once we are ready (a third of a 1% catch-up's CPU, BENCHMARKS.md).
-                self._tasks.append(asyncio.create_task(self.dispatcher.run(self.stopping), name="dispatcher"))
             self._starting("reading the system's CA certificates (TLS to the nodes and endpoints)")
             await asyncio.to_thread(clienttls.build_contexts)  # before the first TLS connection
             await self._check_chains(readers)
@@ -366,7 +362,7 @@ class Service:
                 self._starting("the payment page's listener")
                 await self._start_checkout(store)
         except BaseException:
-            await _finish(self._tasks, 0)  # the followers' and the dispatcher's processes, started early
+            await _finish(self._tasks, 0)  # the followers' process, started early
             self._tasks = []
             await self._close_listeners()
             await self._close_resources()
@@ -527,8 +523,7 @@ class Service:
                 )
         for name, heads in self.heads.items():
             self._tasks.append(asyncio.create_task(heads.run(self.stopping), name=f"heads:{name}"))
-        if not isinstance(self.dispatcher, DispatcherProcess):  # (the process is started already)
-            self._tasks.append(asyncio.create_task(self.dispatcher.run(self.stopping), name="dispatcher"))
+        self._tasks.append(asyncio.create_task(self.dispatcher.run(self.stopping), name="dispatcher"))
         if self.sandbox is not None and self.block_time > 0:
             self._tasks.append(asyncio.create_task(self._mine_forever(), name="sandbox-miner"))
         self._scheduler = make_scheduler(
