@@ -729,6 +729,9 @@ def test_a_group_of_attempts_is_written_in_two_statements_whatever_its_size(tmp_
     store.db.conn.set_trace_callback(statements.append)
     store.outbox.record_attempts(group)
     store.db.conn.set_trace_callback(None)
+    # The busy handler switched off and on around BEGIN IMMEDIATE (engine._begin_immediate) is
+    # the lock's, not the group's: measured, it costs the dispatcher nothing (BENCHMARKS.md).
+    statements = [s for s in statements if not s.startswith("PRAGMA busy_timeout")]
     assert len(statements) == 4, statements  # BEGIN, the attempts' INSERT, the deliveries' UPDATE, COMMIT
 
     rows = {
