@@ -460,6 +460,21 @@ def _paying(invoices: list[dict], b: BlockRef, first_tx: int) -> list[MatchedTra
     ]  # fmt: skip
 
 
+def _collector_seen_by(monkeypatch, module, name: str) -> list[bool]:
+    """Whether the cyclic collector was on at each call of `module.name` (wrapped, still run)."""
+    import gc
+
+    seen: list[bool] = []
+    real = getattr(module, name)
+
+    def watching(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, watching)
+    return seen
+
+
 def test_a_large_step_judges_with_the_collector_paused_and_turns_it_back_on(tmp_path, monkeypatch) -> None:
     """Judging 150 invoices in a step runs with Python's cyclic collector off (its passes find
     nothing among the step's rows and views, and cost a tenth of the store's CPU), and the
@@ -470,14 +485,7 @@ def test_a_large_step_judges_with_the_collector_paused_and_turns_it_back_on(tmp_
 
     store = new_store(tmp_path)
     invoices = [create(store, amount_atomic=1000) for _ in range(150)]
-    seen: list[bool] = []
-    real_slice = rejudge._rejudge_slice
-
-    def watching(*args, **kwargs):
-        seen.append(gc.isenabled())
-        return real_slice(*args, **kwargs)
-
-    monkeypatch.setattr(rejudge, "_rejudge_slice", watching)
+    seen = _collector_seen_by(monkeypatch, rejudge, "_rejudge_slice")
     assert gc.isenabled()
     result = store.apply_blocks(NET, [block(5)], _paying(invoices, block(5), 0), confirmed_through=5)
     assert result.payments_added == 150 and result.invoices_changed == 150
@@ -508,14 +516,7 @@ def test_a_large_step_records_with_the_collector_paused_and_turns_it_back_on(tmp
 
     store = new_store(tmp_path)
     invoices = [create(store, amount_atomic=1000) for _ in range(151)]
-    seen: list[bool] = []
-    real_plan = recording.plan_recording
-
-    def watching(*args, **kwargs):
-        seen.append(gc.isenabled())
-        return real_plan(*args, **kwargs)
-
-    monkeypatch.setattr(recording, "plan_recording", watching)
+    seen = _collector_seen_by(monkeypatch, recording, "plan_recording")
     assert gc.isenabled()
     store.apply_blocks(NET, [block(5)], _paying(invoices[:150], block(5), 0), confirmed_through=5)
     assert seen == [False] and gc.isenabled()
