@@ -475,6 +475,23 @@ def _collector_seen_by(monkeypatch, module, name: str) -> list[bool]:
     return seen
 
 
+def _assert_collector_on_after_a_failing_step(store, monkeypatch, module, name: str, number: int) -> None:
+    """A large step whose `module.name` raises rolls back whole and leaves the collector on."""
+    import gc
+
+    def failing(*args, **kwargs):
+        raise RuntimeError(f"{name} failed")
+
+    more = [create(store, amount_atomic=1000) for _ in range(150)]
+    monkeypatch.setattr(module, name, failing)
+    with pytest.raises(RuntimeError):
+        store.apply_blocks(
+            NET, [block(number)], _paying(more, block(number), number * 1000), confirmed_through=number
+        )
+    assert gc.isenabled()
+    assert store.get_invoice(more[0]["id"])["status"] == "pending"  # the step rolled back
+
+
 def test_a_large_step_judges_with_the_collector_paused_and_turns_it_back_on(tmp_path, monkeypatch) -> None:
     """Judging 150 invoices in a step runs with Python's cyclic collector off (its passes find
     nothing among the step's rows and views, and cost a tenth of the store's CPU), and the
@@ -494,16 +511,7 @@ def test_a_large_step_judges_with_the_collector_paused_and_turns_it_back_on(tmp_
     seen.clear()
     store.cancel_invoice(create(store)["id"])
     assert seen == [True, True] and gc.isenabled()  # its creation and its cancellation
-
-    def failing(*args, **kwargs):
-        raise RuntimeError("judging failed")
-
-    more = [create(store, amount_atomic=1000) for _ in range(150)]
-    monkeypatch.setattr(rejudge, "_rejudge_slice", failing)
-    with pytest.raises(RuntimeError):
-        store.apply_blocks(NET, [block(6)], _paying(more, block(6), 500), confirmed_through=6)
-    assert gc.isenabled()
-    assert store.get_invoice(more[0]["id"])["status"] == "pending"  # the step rolled back
+    _assert_collector_on_after_a_failing_step(store, monkeypatch, rejudge, "_rejudge_slice", number=6)
 
 
 def test_a_large_step_records_with_the_collector_paused_and_turns_it_back_on(tmp_path, monkeypatch) -> None:
@@ -522,16 +530,7 @@ def test_a_large_step_records_with_the_collector_paused_and_turns_it_back_on(tmp
     assert seen == [False] and gc.isenabled()
     store.apply_blocks(NET, [block(6)], _paying(invoices[150:], block(6), 500), confirmed_through=6)
     assert seen == [False, True] and gc.isenabled()
-
-    def failing(*args, **kwargs):
-        raise RuntimeError("recording failed")
-
-    more = [create(store, amount_atomic=1000) for _ in range(150)]
-    monkeypatch.setattr(recording, "plan_recording", failing)
-    with pytest.raises(RuntimeError):
-        store.apply_blocks(NET, [block(7)], _paying(more, block(7), 1000), confirmed_through=7)
-    assert gc.isenabled()
-    assert store.get_invoice(more[0]["id"])["status"] == "pending"  # the step rolled back
+    _assert_collector_on_after_a_failing_step(store, monkeypatch, recording, "plan_recording", number=7)
 
 
 def test_finding_a_steps_stored_payments_does_not_read_the_whole_chain(tmp_path) -> None:
