@@ -980,8 +980,8 @@ async def test_headers_asked_ahead_of_a_reorg_are_refused_and_the_new_branch_rec
 
 
 async def test_headers_asked_ahead_that_fail_are_asked_again_by_the_step_that_needs_them(store):
-    """The node fails the request made ahead (or has only some of the blocks): the step that
-    needs the headers asks for them itself, and records the same as without it."""
+    """The node fails the request made ahead: the step that needs the headers asks for them
+    itself, and records the same as without it."""
     chain, deep, near = near_head_chain(store)
     calls = record_calls(chain)
     asked, failed = chain.headers, []
@@ -1001,6 +1001,54 @@ async def test_headers_asked_ahead_that_fail_are_asked_again_by_the_step_that_ne
     [payment] = store.get_payments(near)
     assert payment["block_hash"] == chain.blocks[250].hash
     assert store.cursor(NET).hash == chain.blocks[-1].hash
+
+
+async def test_headers_asked_ahead_from_a_node_behind_are_used_up_to_its_head_and_the_rest_asked(store):
+    """The node answered the request made ahead from a backend behind: `null` for the newest
+    blocks. The step uses the headers it got and asks for the rest itself, and records the
+    same as without it."""
+    chain, deep, near = near_head_chain(store)
+    calls = record_calls(chain)
+    chain.headers_head = 240  # behind for headers only, while the first step reads its spans
+    f = follower(chain, store)
+    assert await f.run_once() == 172
+    chain.headers_head = None
+    assert await f.run_once() == 128
+    asked = [c for c in calls if c[0] == "headers" and c[2] >= 172]
+    assert asked[:2] == [("headers", 172, 299), ("headers", 241, 299)]  # ahead, then the rest
+    [payment] = store.get_payments(near)
+    assert payment["block_hash"] == chain.blocks[250].hash
+    assert store.cursor(NET).hash == chain.blocks[-1].hash
+
+
+async def test_headers_asked_ahead_are_cancelled_when_the_follower_is_cancelled(store):
+    """Shutdown cancels `run()` after its grace period: a request made ahead that the node
+    has not answered is cancelled with it, not left running against a closed transport."""
+    chain, deep, near = near_head_chain(store)
+    asked, hanging, cancelled = chain.headers, asyncio.Event(), asyncio.Event()
+
+    async def never_answered_ahead(numbers):
+        if numbers[0] != 172:
+            return await asked(numbers)
+        hanging.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def spans_never_answered(*args):
+        await asyncio.Event().wait()
+
+    chain.headers, chain.range_logs = never_answered_ahead, spans_never_answered
+    f = follower(chain, store)
+    running = asyncio.create_task(f.run(asyncio.Event()))
+    await asyncio.wait_for(hanging.wait(), 5)  # asked ahead while the step reads its spans
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    await asyncio.wait_for(cancelled.wait(), 1)
+    assert f._prefetch is None
 
 
 async def test_the_blocks_near_the_head_are_read_in_batches_at_once_and_one_failing_fails_the_step(store):

@@ -100,12 +100,12 @@ async def test_changes_run_one_at_a_time_in_the_order_asked(store):
 
 
 def test_a_writer_takes_the_lock_within_milliseconds_of_its_release_and_fails_after_its_timeout(tmp_path):
-    """Another connection holds the write lock until about 135 ms after the writer first asked.
-    SQLite's own busy handler looks again 0, 1, 3, 8, 18, 33, 53, 78, 103, 128, 178 ms after the
-    first try: at 178 ms, some 40 ms after the release. The store looks every LOCK_POLL_S and
-    takes it within a few. A lock held past the busy timeout still
-    fails the transaction with "database is locked", and the connection's busy timeout is
-    back afterwards."""
+    """Another connection holds the write lock until about 235 ms after the writer first asked.
+    SQLite's own busy handler looks again 1, 3, 8, 18, 33, 53, 78, 103, 128, 178, 228, 328 ms
+    after the first try: at 328 ms, some 90 ms after the release. The store looks every
+    LOCK_POLL_S and takes it within a few (the bound leaves 60 ms to a busy machine's
+    scheduler). A lock held past the busy timeout still fails the transaction with "database
+    is locked", and the connection's busy timeout is back afterwards."""
     import sqlite3
 
     from watcher.store import engine
@@ -123,14 +123,14 @@ def test_a_writer_takes_the_lock_within_milliseconds_of_its_release_and_fails_af
         other.execute("ROLLBACK")
         released.set()
 
-    holder = threading.Thread(target=hold, args=(0.145,))
+    holder = threading.Thread(target=hold, args=(0.245,))
     holder.start()
     time.sleep(0.01)  # the lock held
     with db.atomic():
         taken_at = time.monotonic()
         db.execute("INSERT INTO t VALUES (1)")
     holder.join()
-    assert taken_at - released_at[0] < 0.025, f"{(taken_at - released_at[0]) * 1000:.0f} ms after the release"
+    assert taken_at - released_at[0] < 0.06, f"{(taken_at - released_at[0]) * 1000:.0f} ms after the release"
     assert db.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 1
 
     db.busy_timeout_ms = 200

@@ -718,6 +718,17 @@ class Follower:
 
     async def run(self, stopping: asyncio.Event) -> None:
         await self.load_watch_set(stopping)  # no step before every open option is watched
+        try:
+            await self._step_until(stopping)
+        finally:  # cancelled at shutdown too: no request asked ahead is left to fail unobserved
+            self._drop_prefetch()
+        try:
+            await self._settle()  # the last write committed (or failed) before the follower ends
+        except Exception as exc:  # no next step to fail with it: the next start reads it again
+            log.warning("follower_step_failed", network=self.network, error=str(exc))
+
+    async def _step_until(self, stopping: asyncio.Event) -> None:
+        """Step after step, each failure logged and retried after a growing pause."""
         backoff = 0.5
         failing_since: float | None = None  # the first failure of the current run of them
         while not stopping.is_set():
@@ -759,11 +770,6 @@ class Follower:
             self._wake.clear()
             await _sleep_or(stopping, backoff / 2, self._wake)
             backoff = min(backoff * 2, 30.0)
-        self._drop_prefetch()
-        try:
-            await self._settle()  # the last write committed (or failed) before the follower ends
-        except Exception as exc:  # no next step to fail with it: the next start reads it again
-            log.warning("follower_step_failed", network=self.network, error=str(exc))
 
     def _count_failure(self, exc: BaseException) -> None:
         if self.metrics is not None:
