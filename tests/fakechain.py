@@ -21,6 +21,9 @@ hand the follower from a misbehaving node:
   (headers, full blocks, blocks' logs, receipts): an RpcError (-32600), as the reader raises
   once it cannot page any further;
 - `lie_about_log_hashes`: logs that name a block hash that is not the block's;
+- `serves_side_blocks`: logs by hash still answered for the blocks a fork replaced (geth
+  keeps them), each batch closed, as the real reader closes it, by the header of its newest
+  block as the chain has it now (BlockUnknown when that is not the block asked for);
 - `blooms = False`: headers without a logsBloom (nothing can be skipped).
 
 `FakeNativeChain` adds the native coin: transactions with values, receipts and traces.
@@ -56,6 +59,8 @@ class FakeChain:
         self.header_cap: int | None = None
         self.batch_cap: int | None = None
         self.lie_about_log_hashes = False
+        self.serves_side_blocks = False  # logs by hash of the blocks a fork replaced (see above)
+        self.side_logs: dict[str, list[Transfer]] = {}  # the replaced blocks' logs, by their hash
         self.header_requests: list[list[int]] = []
         self.log_requests: list[tuple] = []
         self.blooms = True  # headers carry a logsBloom
@@ -81,6 +86,8 @@ class FakeChain:
 
     def fork(self, at: int) -> None:
         """Drop every block above `at`; new blocks get other hashes."""
+        for block in self.blocks[at + 1 :]:
+            self.side_logs[block.hash] = self.logs.get(block.number, [])
         self.blocks = self.blocks[: at + 1]
         self.logs = {n: v for n, v in self.logs.items() if n <= at}
         self.salt += "'"
@@ -140,12 +147,24 @@ class FakeChain:
         found = FoundLogs()
         for block, query in wanted:
             self.log_requests.append(("hash", block.number))
+            if self.serves_side_blocks and block.hash in self.side_logs:
+                found.transfers += [
+                    t
+                    for t in self.side_logs[block.hash]
+                    if t.token in query.tokens
+                    and (query.recipients is None or t.to_address in query.recipients)
+                ]
+                continue
             if not self._has_logs(block.number) or self.blocks[block.number].hash != block.hash:
                 raise RpcError("eth_getLogs", f"unknown block {block.hash}", -32000)
             if query.tokens:
                 found.transfers += await self.transfer_logs(
                     block.number, block.number, query.tokens, query.recipients
                 )
+        if self.serves_side_blocks and wanted:
+            newest = max((block for block, _ in wanted), key=lambda b: b.number)
+            if not self._has_header(newest.number) or self.blocks[newest.number].hash != newest.hash:
+                raise BlockUnknown("eth_getLogs", f"block {newest.number} is not {newest.hash} here")
         return found
 
     async def finalized_number(self) -> int:

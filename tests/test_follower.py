@@ -899,8 +899,10 @@ async def test_a_ranged_steps_payment_blocks_are_checked_beside_the_next_read_an
     assert await asyncio.wait_for(f.run_once(overlap=True), 5) == 5
     assert chain.header_requests == [[0, 4]]
     held.set()
+    asked = len(chain.log_requests)
     with pytest.raises(ChainChanged, match="not the canonical one"):
         await f.run_once(overlap=True)  # blocks 5-9 were read; the write of 0-4 failed
+    assert ("range", 5, 9) in chain.log_requests[asked:]
     assert store.cursor(NET) is None
     assert all(store.get_payments(inv_id) == [] for inv_id, _ in invoices)
 
@@ -972,6 +974,31 @@ async def test_headers_asked_ahead_of_a_reorg_are_refused_and_the_new_branch_rec
         chain.mine(*([(addr, 100)] if n == 260 else []))
     with pytest.raises(RpcError, match="unknown block"):
         await f.run_once()
+    assert store.get_payments(near) == [] and store.cursor(NET).number == 171
+    await catch_up(f)
+    [payment] = store.get_payments(near)
+    assert payment["block_number"] == 260 and payment["block_hash"] == chain.blocks[260].hash
+    assert store.cursor(NET).hash == chain.blocks[-1].hash
+
+
+async def test_headers_asked_ahead_of_a_reorg_are_refused_by_a_node_that_still_serves_the_old_branch(store):
+    """As above, with a node that still answers logs by hash for the blocks the reorg replaced
+    (as geth does): the batch's closing header, the newest block's as the node has it now, is
+    the new branch's, so the step fails, nothing of the old branch is recorded, and the next
+    step reads the new branch afresh."""
+    chain, deep, near = near_head_chain(store)
+    chain.serves_side_blocks = True
+    f = follower(chain, store)
+    assert await f.run_once() == 172  # the headers of 172-299 (the old branch) asked meanwhile
+
+    chain.fork(200)  # blocks 201-299 replaced; the payment moves from block 250 to block 260
+    addr = store.get_invoice(near)["payment_options"][0]["destination_address"].lower()
+    for n in range(201, 300):
+        chain.mine(*([(addr, 100)] if n == 260 else []))
+    asked = len(chain.log_requests)
+    with pytest.raises(BlockUnknown, match="is not"):
+        await f.run_once()
+    assert ("hash", 250) in chain.log_requests[asked:]  # the old branch's payment was served
     assert store.get_payments(near) == [] and store.cursor(NET).number == 171
     await catch_up(f)
     [payment] = store.get_payments(near)

@@ -146,3 +146,35 @@ def test_a_writer_takes_the_lock_within_milliseconds_of_its_release_and_fails_af
     assert db.execute("PRAGMA busy_timeout").fetchone()[0] == 200
     other.close()
     db.close()
+
+
+def test_a_writer_that_fails_to_begin_for_another_reason_than_the_lock_fails_at_once(tmp_path):
+    """Only "busy" is looked at again: any other error of `BEGIN IMMEDIATE` (here a disk I/O
+    error) is raised at its first try, and the connection's busy timeout is back."""
+    import sqlite3
+
+    from watcher.store import engine
+
+    db = engine.open_database(tmp_path / "w.db", busy_timeout_ms=2000)
+    real, tries = db.conn, []
+
+    class FailingToBegin:
+        def execute(self, sql, *args):
+            if sql == "BEGIN IMMEDIATE":
+                tries.append(sql)
+                exc = sqlite3.OperationalError("disk I/O error")
+                exc.sqlite_errorcode = sqlite3.SQLITE_IOERR  # as sqlite3 sets it
+                raise exc
+            return real.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    db.conn = FailingToBegin()
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"), db.atomic():
+        pass
+    assert tries == ["BEGIN IMMEDIATE"] and time.monotonic() - started < 1
+    assert real.execute("PRAGMA busy_timeout").fetchone()[0] == 2000
+    db.conn = real
+    db.close()
