@@ -282,8 +282,12 @@ deposit_xpub = "{meta["xpub"]}"
 
 
 def copy_store(template: Path, tmp: Path) -> tuple[Path, int, list[str]]:
-    """A copy of the prepared store, its `invoice.created` deliveries marked delivered (they
-    were, long before the downtime); (path, the last event's seq before the run, invoice ids)."""
+    """A copy of the prepared store, its `invoice.created` events delivered long before the
+    downtime: the deliveries of a store from before the endpoints' cursors (m010) marked
+    delivered, and every endpoint's cursor moved past its events (a store built since has no
+    deliveries, and its placeholder endpoint, not configured in the run, would otherwise have
+    them queued at the daemon's start, where they stay pending); (path, the last event's seq
+    before the run, invoice ids)."""
     db = tmp / "watcher.db"
     shutil.copyfile(template, db)
     # Its schema brought up to date before the daemon starts: an upgrade's migrations run once
@@ -298,6 +302,7 @@ def copy_store(template: Path, tmp: Path) -> tuple[Path, int, list[str]]:
         "delivered_at = created_at WHERE status = 'pending'"
     )
     seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+    conn.execute("UPDATE webhook_endpoints SET after_seq = ?", [seq])
     ids = [r[0] for r in conn.execute("SELECT id FROM invoices ORDER BY rowid")]
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
