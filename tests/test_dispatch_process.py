@@ -67,6 +67,53 @@ def _gone(pid: int) -> bool:
         return True
 
 
+async def test_the_dispatchers_process_starts_once_the_chains_are_at_their_head(harnesses, monkeypatch):
+    """Its interpreter's start would share the cores with the catch-up after a downtime: it is
+    started once every chain's checkpoint is at its head, which here is long before the wait
+    runs out."""
+    from watcher import service
+
+    monkeypatch.setattr(service, "DISPATCHER_START_WAIT", 60.0)
+    h = await harnesses(ProcessHarness)
+    started = time.monotonic()
+    child = await _child(h)
+    assert time.monotonic() - started < 10
+    assert h.service is not None and h.service.store is not None
+    for name, follower in h.service.followers.items():
+        cursor = h.service.store.cursor(name)
+        assert cursor is not None and follower.status.head_block is not None
+        assert cursor.number >= follower.status.head_block - 1  # at the head (a block mined since, at most)
+    assert child.process is not None
+
+
+async def test_the_dispatchers_process_starts_after_its_wait_when_a_chain_never_catches_up(
+    harnesses, monkeypatch
+):
+    """A chain whose steps never end (a node that hangs) holds the dispatcher's start back no
+    longer than DISPATCHER_START_WAIT; the events appended meanwhile wait in the store and go
+    out once it runs."""
+    from watcher import service
+    from watcher.follower import Follower
+
+    async def never_steps(self, overlap: bool = False) -> int:
+        await asyncio.Event().wait()
+        return 0
+
+    monkeypatch.setattr(service, "DISPATCHER_START_WAIT", 1.5)
+    monkeypatch.setattr(Follower, "run_once", never_steps)
+    h = await harnesses(ProcessHarness)
+    started = time.monotonic()
+    created = await h.create()
+    await asyncio.sleep(0.5)
+    assert h.service is not None and h.service.dispatcher is not None
+    assert h.service.dispatcher.process is None  # still waiting for the chain
+    assert h.receiver.events == []
+    await _child(h)
+    assert time.monotonic() - started >= 1.0
+    await _received(h, 1)
+    assert [e.invoice_id for e in h.receiver.events] == [created["id"]]
+
+
 async def test_events_go_out_from_a_child_process_signed_and_counted_in_the_daemons_metrics(harnesses):
     h = await harnesses(ProcessHarness)
     child = await _child(h)
