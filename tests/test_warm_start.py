@@ -19,12 +19,17 @@ from watcher.cli import EXIT_USAGE, _env_names
 
 
 def _children(pid: int) -> dict[str, int]:
-    """The process's children by the module they run (`python -m <module>`)."""
+    """The process's children by the module they run (`python -m <module>`); one being started
+    (forked, not yet running its interpreter) or just gone is left out."""
     found = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         for child in (task / "children").read_text().split():
-            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-            found[argv[argv.index(b"-m") + 1].decode()] = int(child)
+            try:
+                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if b"-m" in argv and argv[argv.index(b"-m") + 1] != b"watcher.cli":
+                found[argv[argv.index(b"-m") + 1].decode()] = int(child)
     return found
 
 
@@ -47,8 +52,14 @@ async def test_the_followers_process_is_started_first_lacks_the_secrets_and_foll
     try:
         await op.daemon.start(op.http)
         assert op.daemon.process is not None
-        children = _children(op.daemon.process.pid)
-        assert set(children) == {"watcher.followproc", "watcher.dispatchproc"}, children
+        # The dispatcher's process starts once the chain is at its head (at most 2 s later).
+        deadline = time.monotonic() + 10
+        while set(children := _children(op.daemon.process.pid)) != {
+            "watcher.followproc",
+            "watcher.dispatchproc",
+        }:
+            assert time.monotonic() < deadline, children
+            await asyncio.sleep(0.05)
         warm, dispatcher = (_environ(children[m]) for m in ("watcher.followproc", "watcher.dispatchproc"))
         for environ in (warm, dispatcher):
             assert "PATH" in environ

@@ -70,7 +70,7 @@ STOP_GRACE = 1.0
 STOP_TIMEOUT = 15.0
 CANCELLABLE_TASKS = ("follower:", "heads:", "sandbox-miner", "health")
 # The dispatcher's process starts once every chain is at its head, or this long after the
-# followers' first step, whichever comes first (see `_dispatch_after_catch_up`).
+# followers are released for their first step, whichever comes first (`_dispatch_after_catch_up`).
 DISPATCHER_START_WAIT = 2.0
 
 log = structlog.get_logger("watcher.service")
