@@ -199,9 +199,10 @@ def _warm_start(path: str) -> tuple[asyncio.Runner, WarmChildren | None]:
     interpreter imports beside the daemon's, which validates its config and imports its own
     modules meanwhile (about 0.3 s each on a small machine), so that it has loaded its watch
     sets when the daemon is ready, rather than 0.25 s after (BENCHMARKS.md, issue 13). The
-    webhook dispatcher's process is started as before: a third interpreter importing at once
-    would slow the daemon's own start on two cores. No warm child when the config file cannot
-    be read as TOML: its error is said as usual, and the daemon does not start."""
+    webhook dispatcher's process is not started warm: a third interpreter importing at once
+    would slow the daemon's own start on two cores, and it is started only once the chains
+    have caught up (`Service._dispatch_after_catch_up`). No warm child when the config file
+    cannot be read as TOML: its error is said as usual, and the daemon does not start."""
     from .childproc import WarmChildren
 
     runner = asyncio.Runner()
