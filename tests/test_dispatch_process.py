@@ -89,9 +89,9 @@ async def test_the_dispatchers_process_starts_once_the_chains_are_at_their_head(
 async def test_the_dispatchers_process_starts_after_its_wait_when_a_chain_never_catches_up(
     harnesses, monkeypatch
 ):
-    """A chain whose steps never end (a node that hangs) holds the dispatcher's start back no
-    longer than DISPATCHER_START_WAIT; the events appended meanwhile wait in the store and go
-    out once it runs."""
+    """A chain whose steps never end (a node that hangs), and whose checkpoint cannot even be
+    read, holds the dispatcher's start back no longer than DISPATCHER_START_WAIT; the events
+    appended meanwhile wait in the store and go out once it runs."""
     from watcher import service
     from watcher.follower import Follower
 
@@ -102,6 +102,12 @@ async def test_the_dispatchers_process_starts_after_its_wait_when_a_chain_never_
     monkeypatch.setattr(service, "DISPATCHER_START_WAIT", 1.5)
     monkeypatch.setattr(Follower, "run_once", never_steps)
     h = await harnesses(ProcessHarness)
+    assert h.service is not None and h.service.store is not None
+
+    def unreadable(name: str) -> None:  # a checkpoint the disk fails to give: behind, not fatal
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(h.service.store, "cursor", unreadable)
     started = time.monotonic()
     created = await h.create()
     await asyncio.sleep(0.5)

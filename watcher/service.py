@@ -612,9 +612,14 @@ class Service:
         await self.dispatcher.run(self.stopping)
 
     def _caught_up(self, store: Store) -> bool:
-        """Every chain's checkpoint at the head its follower last saw."""
+        """Every chain's checkpoint at the head its follower last saw. A checkpoint that cannot
+        be read counts as behind: the dispatcher then starts after its wait, never not at all."""
         for name, follower in self.followers.items():
-            head, cursor = follower.status.head_block, store.cursor(name)
+            head = follower.status.head_block
+            try:
+                cursor = store.cursor(name)
+            except sqlite3.Error:
+                return False
             if head is None or cursor is None or cursor.number < head:
                 return False
         return True
