@@ -130,7 +130,7 @@ class Store:
         self.outbox = Outbox(lambda: self.db, clock, self._notify, self.write)
 
     @property
-    def db(self) -> Database:
+    def db(self) -> engine.StoreDatabase:
         """The calling thread's connection, opened on first use."""
         db = getattr(self._local, "db", None)
         if db is None:
@@ -157,6 +157,15 @@ class Store:
         for fn, fn_args in notes:
             fn(*fn_args)
         return result
+
+    async def write_if_free(self, change: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """As write(), but the change's transaction takes the write lock only if no other
+        connection holds it: else it raises engine.WriteLockBusy at once, having changed nothing."""
+        return await self.write(self._not_waiting, change, *args, **kwargs)
+
+    def _not_waiting(self, change: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with self.db.not_waiting():
+            return change(*args, **kwargs)
 
     def _run_deferring(self, change: Callable[..., T], args: tuple, kwargs: dict) -> tuple[T, list]:
         self._local.deferred = []

@@ -38,6 +38,11 @@ BUSY_TIMEOUT_MS = 5000
 LOCK_POLL_S = 0.001
 
 
+class WriteLockBusy(sqlite3.OperationalError):
+    """Another connection held the write lock, and the transaction was begun not to wait for it
+    (StoreDatabase.not_waiting): nothing was written."""
+
+
 def connect(path: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit) with the store's settings:
     every commit is durable before it returns (`synchronous=FULL` in WAL mode), and a writer
@@ -64,6 +69,19 @@ class StoreDatabase(Database):
     LOCK_POLL_S until the busy timeout has passed. (PostgreSQL: row locks.)"""
 
     busy_timeout_ms = BUSY_TIMEOUT_MS
+    waits_for_lock = True
+
+    @contextmanager
+    def not_waiting(self) -> Generator[None, None, None]:
+        """Transactions begun inside take the write lock only if it is free, else raise
+        WriteLockBusy at once. For work that can come back later (the periodic jobs): a writer
+        that waits looks again every LOCK_POLL_S, a thousand wake-ups a second in its process for
+        as long as a follower's step holds the lock, and the API's loop shares that process's GIL."""
+        self.waits_for_lock = False
+        try:
+            yield
+        finally:
+            self.waits_for_lock = True
 
     @contextmanager
     def atomic(self) -> Generator[Database, None, None]:
@@ -95,7 +113,11 @@ class StoreDatabase(Database):
                     self.conn.execute("BEGIN IMMEDIATE")
                     return
                 except sqlite3.OperationalError as exc:
-                    if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                    if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                        raise
+                    if not self.waits_for_lock:
+                        raise WriteLockBusy("the write lock is held by another connection") from exc
+                    if time.monotonic() >= deadline:
                         raise
                 time.sleep(LOCK_POLL_S)
         finally:
