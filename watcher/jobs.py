@@ -45,10 +45,9 @@ class GivingWay:
 
     Waiting is not free for the API: a waiting writer looks for the lock every millisecond
     (store/engine.py), from a thread of the API's process, and during a catch-up a follower's
-    steps hold the lock nearly all the time. Each look takes the process's GIL from the loop
-    that answers requests; in a 100% catch-up, the status route's p99 against a bare server
-    beside it went from a median 1.29 to 0.68 without them (BENCHMARKS.md, issue 13). What the
-    sweep decides is not late for that: a step judges the expiry of the invoices it touches."""
+    steps hold the lock nearly all the time: a thousand wake-ups a second, each taking the
+    process's GIL from the loop that answers requests. On the chain whose steps hold the
+    lock nothing is late for that: each step expires that chain's invoices past their deadline."""
 
     def __init__(
         self,
