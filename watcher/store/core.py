@@ -117,6 +117,8 @@ class Store:
         self._connections: list[Database] = []
         self._connections_lock = threading.Lock()
         self._writer: ThreadPoolExecutor | None = None
+        # The steps' WAL checkpoints, on a thread of their own (started by the first step).
+        self._checkpointer = engine.WalCheckpointer(self.path) if self.path != engine.MEMORY else None
         if migrate:
             migrations.apply(self.db)
         elif pending := [m.name for m in migrations.pending(self.db)]:
@@ -163,6 +165,10 @@ class Store:
         connection holds it: else it raises engine.WriteLockBusy at once, having changed nothing."""
         return await self.write(self._not_waiting, change, *args, **kwargs)
 
+    def wait_for_checkpoints(self, timeout: float | None = None) -> bool:
+        """Whether the WAL checkpoints the steps requested have all ended within `timeout`."""
+        return self._checkpointer is None or self._checkpointer.wait_idle(timeout)
+
     def _not_waiting(self, change: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         with self.db.not_waiting():
             return change(*args, **kwargs)
@@ -187,6 +193,9 @@ class Store:
         if self._writer is not None:
             self._writer.shutdown(wait=True)
             self._writer = None
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = engine.WalCheckpointer(self.path)  # a store may be used again
         with self._connections_lock:
             connections, self._connections = self._connections, []
         for db in connections:
@@ -761,6 +770,8 @@ class Store:
         result = ApplyResult()
         tip = blocks[-1]
         now = self._now()
+        if self._checkpointer is not None:
+            self._checkpointer.take_over(self.db)
         with collector_paused(len(matched) > SLICE // 10), self.db.atomic():
             conn = self.db.conn
             self._move_checkpoint(conn, network, blocks, keep_above, now)
@@ -785,6 +796,8 @@ class Store:
             result.invoices_changed = judged.changed
             result.events = judged.events
             result.payment_roles = [role for _, role in judged.detected]
+        if self._checkpointer is not None:
+            self._checkpointer.request()
         for listener in self.block_listeners:
             self._notify(listener, network)
         return result

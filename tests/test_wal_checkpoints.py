@@ -1,0 +1,122 @@
+"""A follower's step leaves the WAL's checkpoint to a thread of its own (engine.WalCheckpointer):
+its COMMIT does not copy the pages back into the database file, the thread does, after each
+step, so the WAL stays bounded; a failed checkpoint is tried again at the next step; closing
+the store stops the thread and closes its connection."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+from test_store import NET, block, create, transfer_to
+
+from watcher.store import Store, engine
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "w.db", clock=time.time)
+    yield s
+    s.close()
+
+
+def pay_step(store: Store, invoices: list[dict], n: int) -> None:
+    """One step paying each invoice, with enough pages (events, statuses) to pass 1,000."""
+    matched = [transfer_to(invoice, 100, tx=f"0x{n:032x}{i:032x}", n=n) for i, invoice in enumerate(invoices)]
+    store.apply_blocks(NET, [block(n)], matched, confirmed_through=0)
+
+
+def open_invoices(store: Store, count: int) -> list[dict]:
+    with store.db.atomic():
+        invoices = [create(store, amount_atomic=10**9) for _ in range(count)]
+    return invoices
+
+
+def test_the_step_does_not_checkpoint_in_its_commit_the_thread_does_after_it(store, tmp_path):
+    db_file, wal = tmp_path / "w.db", tmp_path / "w.db-wal"
+    invoices = open_invoices(store, 1200)
+    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything so far in the database file
+    size_before = db_file.stat().st_size
+    store._checkpointer.request = lambda: None  # the thread is asked for nothing: what the step left
+    pay_step(store, invoices, 10)
+    assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    assert wal.stat().st_size > 1000 * 4096  # past the automatic checkpoint's 1,000 pages
+    assert db_file.stat().st_size == size_before  # and none copied back: the commit did not checkpoint
+    del store._checkpointer.request
+
+    pay_step(store, open_invoices(store, 100), 11)
+    assert store.wait_for_checkpoints(10)
+    checkpointer = store._checkpointer
+    assert checkpointer.checkpoints == 1
+    busy, frames, copied = checkpointer.last
+    assert busy == 0 and frames > 1000 and copied == frames  # the thread copied the whole WAL
+    assert db_file.stat().st_size > size_before
+
+
+def test_the_wal_stays_bounded_over_many_steps(store, tmp_path):
+    wal = tmp_path / "w.db-wal"
+    sizes = []
+    for n in range(12):
+        pay_step(store, open_invoices(store, 150), 10 + n)
+        assert store.wait_for_checkpoints(10)
+        sizes.append(wal.stat().st_size)
+    assert store._checkpointer.checkpoints == 12
+    # Each step's transaction begins with the WAL copied back, so it writes from the start of
+    # the file again: without the checkpoints the file would hold all twelve steps' pages.
+    assert max(sizes) <= 2 * sizes[0], sizes
+
+
+def test_a_failed_checkpoint_is_logged_and_the_next_step_tries_again(store, monkeypatch, caplog):
+    invoices = open_invoices(store, 1200)
+    real_connect = engine.connect
+    failures = [sqlite3.OperationalError("disk I/O error")]
+
+    class FailingOnce:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def execute(self, sql: str, *args):
+            if "wal_checkpoint" in sql and failures:
+                raise failures.pop()
+            return self.conn.execute(sql, *args)
+
+        def close(self) -> None:
+            self.conn.close()
+
+    monkeypatch.setattr(engine, "connect", lambda *a, **k: FailingOnce(real_connect(*a, **k)))
+    warned: list[dict] = []
+    monkeypatch.setattr(engine.log, "warning", lambda event, **kw: warned.append({"event": event, **kw}))
+    pay_step(store, invoices, 10)
+    assert store.wait_for_checkpoints(10)
+    assert store._checkpointer.checkpoints == 0
+    assert warned == [{"event": "wal_checkpoint_failed", "error": "disk I/O error"}]
+    pay_step(store, open_invoices(store, 100), 11)
+    assert store.wait_for_checkpoints(10)
+    checkpointer = store._checkpointer
+    assert checkpointer.checkpoints == 1 and checkpointer.last[0] == 0
+    assert checkpointer.last[1] == checkpointer.last[2] > 1000  # both steps' pages copied
+
+
+def test_closing_the_store_stops_the_thread_and_removes_the_wal(tmp_path):
+    store = Store(tmp_path / "w.db", clock=time.time)
+    pay_step(store, open_invoices(store, 50), 10)
+    assert store.wait_for_checkpoints(10)
+    assert any(t.name == "wal-checkpointer" for t in threading.enumerate())
+    store.close()
+    assert not any(t.name == "wal-checkpointer" for t in threading.enumerate())
+    # The last connection closed copies the WAL back and deletes it: the thread's was closed too.
+    assert not (tmp_path / "w.db-wal").exists()
+    again = Store(tmp_path / "w.db", clock=time.time)
+    assert again.cursor(NET).number == 10
+    again.close()
+
+
+def test_a_store_in_memory_has_no_checkpointer():
+    store = Store(engine.MEMORY, clock=time.time)
+    invoice = create(store, amount_atomic=100)
+    store.apply_blocks(NET, [block(5)], [transfer_to(invoice, 100)], confirmed_through=0)
+    assert store.wait_for_checkpoints(0)
+    assert not any(t.name == "wal-checkpointer" for t in threading.enumerate())
+    store.close()
