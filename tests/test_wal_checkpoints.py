@@ -6,7 +6,6 @@ the store stops the thread and closes its connection."""
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 
 import pytest
@@ -103,9 +102,10 @@ def test_closing_the_store_stops_the_thread_and_removes_the_wal(tmp_path):
     store = Store(tmp_path / "w.db", clock=time.time)
     pay_step(store, open_invoices(store, 50), 10)
     assert store.wait_for_checkpoints(10)
-    assert any(t.name == "wal-checkpointer" for t in threading.enumerate())
+    thread = store._checkpointer._thread
+    assert thread is not None and thread.name == "wal-checkpointer" and thread.is_alive()
     store.close()
-    assert not any(t.name == "wal-checkpointer" for t in threading.enumerate())
+    assert not thread.is_alive()
     # The last connection closed copies the WAL back and deletes it: the thread's was closed too.
     assert not (tmp_path / "w.db-wal").exists()
     again = Store(tmp_path / "w.db", clock=time.time)
@@ -117,6 +117,5 @@ def test_a_store_in_memory_has_no_checkpointer():
     store = Store(engine.MEMORY, clock=time.time)
     invoice = create(store, amount_atomic=100)
     store.apply_blocks(NET, [block(5)], [transfer_to(invoice, 100)], confirmed_through=0)
-    assert store.wait_for_checkpoints(0)
-    assert not any(t.name == "wal-checkpointer" for t in threading.enumerate())
+    assert store._checkpointer is None and store.wait_for_checkpoints(0)
     store.close()
