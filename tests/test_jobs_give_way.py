@@ -62,7 +62,7 @@ async def test_the_sweep_gives_way_to_a_held_lock_at_once_and_expires_the_invoic
     try:
         started = time.monotonic()
         assert await expire_sweep(way) == 0
-        assert time.monotonic() - started < 0.5  # waiting would take the 5 s busy timeout, then fail
+        assert time.monotonic() - started < 2  # waiting would take the 5 s busy timeout, then fail
         assert status_of(store, invoice) == "pending"
     finally:
         holder.close()
@@ -84,7 +84,7 @@ async def test_every_job_gives_way_to_a_held_lock(store, run):
     try:
         started = time.monotonic()
         assert await run(GivingWay(store, "job")) == 0
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 2
     finally:
         holder.close()
 
@@ -112,20 +112,20 @@ async def test_a_job_that_has_given_way_for_too_long_waits_for_the_lock(store):
 
 
 def test_a_transaction_not_waiting_fails_at_once_and_the_next_one_waits_again(tmp_path):
-    db = engine.open_database(tmp_path / "w.db", busy_timeout_ms=2000)
+    db = engine.open_database(tmp_path / "w.db", busy_timeout_ms=5000)
     db.execute("CREATE TABLE t (x INTEGER)")
     holder = LockHolder(str(tmp_path / "w.db"))
     try:
         started = time.monotonic()
         with pytest.raises(engine.WriteLockBusy), db.not_waiting(), db.atomic():
             db.execute("INSERT INTO t VALUES (1)")
-        assert time.monotonic() - started < 0.2
-        assert db.waits_for_lock and db.execute("PRAGMA busy_timeout").fetchone()[0] == 2000
+        assert time.monotonic() - started < 2
+        assert db.waits_for_lock and db.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
         releasing = holder.release_after(0.2)
         with db.atomic():  # waits, as before
             db.execute("INSERT INTO t VALUES (2)")
         releasing.join()
+        assert [r[0] for r in db.execute("SELECT x FROM t")] == [2]
     finally:
         holder.close()
-    assert [r[0] for r in db.execute("SELECT x FROM t")] == [2]
-    db.close()
+        db.close()

@@ -35,17 +35,18 @@ def open_invoices(store: Store, count: int) -> list[dict]:
 
 def test_the_step_does_not_checkpoint_in_its_commit_the_thread_does_after_it(store, tmp_path):
     db_file, wal = tmp_path / "w.db", tmp_path / "w.db-wal"
-    invoices = open_invoices(store, 1200)
+    invoices = open_invoices(store, 1300)
     store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything so far in the database file
     size_before = db_file.stat().st_size
     store._checkpointer.request = lambda: None  # the thread is asked for nothing: what the step left
-    pay_step(store, invoices, 10)
-    assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    pay_step(store, invoices[:1200], 10)
     assert wal.stat().st_size > 1000 * 4096  # past the automatic checkpoint's 1,000 pages
     assert db_file.stat().st_size == size_before  # and none copied back: the commit did not checkpoint
+    # Only the step's transaction goes without it: the connection's other writes keep it.
+    assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == engine.AUTOCHECKPOINT_PAGES
     del store._checkpointer.request
 
-    pay_step(store, open_invoices(store, 100), 11)
+    pay_step(store, invoices[1200:], 11)  # right after it, as a catch-up's steps come
     assert store.wait_for_checkpoints(10)
     checkpointer = store._checkpointer
     assert checkpointer.checkpoints == 1
@@ -67,8 +68,29 @@ def test_the_wal_stays_bounded_over_many_steps(store, tmp_path):
     assert max(sizes) <= 2 * sizes[0], sizes
 
 
-def test_a_failed_checkpoint_is_logged_and_the_next_step_tries_again(store, monkeypatch, caplog):
-    invoices = open_invoices(store, 1200)
+def test_steps_back_to_back_wait_for_a_checkpoint_once_the_wal_is_long_so_it_starts_over(store, tmp_path):
+    """A follower catching up runs its steps back to back: the next one begins while the last
+    one's checkpoint runs, so the WAL never finds itself wholly copied when a transaction
+    begins, and would grow with the whole backlog. Past `restart_frames`, a step waits for the
+    checkpoint under way, and the WAL starts over from its beginning."""
+    wal = tmp_path / "w.db-wal"
+    store._checkpointer.restart_frames = 600
+    invoices = open_invoices(store, 30 * 150)
+    pages = [wal.stat().st_size // 4096]  # what making the invoices left in it (about 2,000 pages)
+    for n in range(30):
+        pay_step(store, invoices[n * 150 : (n + 1) * 150], 10 + n)  # about 190 pages each
+        pages.append(wal.stat().st_size // 4096)
+    assert store._checkpointer.restarts_waited > 0
+    # 30 steps never starting over would add some 5,700 pages to the file.
+    assert max(pages) <= pages[0] + 500, pages
+
+
+@pytest.mark.parametrize("failing", ["checkpoint", "connect"])
+def test_a_failed_checkpoint_is_logged_and_the_next_step_tries_again(store, monkeypatch, failing):
+    """Whether the checkpoint itself fails or opening the thread's connection does (a process
+    out of file descriptors), the thread lives on, and the next step's checkpoint copies both
+    steps' pages."""
+    invoices = open_invoices(store, 1300)
     real_connect = engine.connect
     failures = [sqlite3.OperationalError("disk I/O error")]
 
@@ -84,14 +106,19 @@ def test_a_failed_checkpoint_is_logged_and_the_next_step_tries_again(store, monk
         def close(self) -> None:
             self.conn.close()
 
-    monkeypatch.setattr(engine, "connect", lambda *a, **k: FailingOnce(real_connect(*a, **k)))
+    def connect(*args, **kwargs):
+        if failing == "connect" and failures:
+            raise failures.pop()
+        return FailingOnce(real_connect(*args, **kwargs))
+
+    monkeypatch.setattr(engine, "connect", connect)
     warned: list[dict] = []
     monkeypatch.setattr(engine.log, "warning", lambda event, **kw: warned.append({"event": event, **kw}))
-    pay_step(store, invoices, 10)
+    pay_step(store, invoices[:1200], 10)
     assert store.wait_for_checkpoints(10)
     assert store._checkpointer.checkpoints == 0
     assert warned == [{"event": "wal_checkpoint_failed", "error": "disk I/O error"}]
-    pay_step(store, open_invoices(store, 100), 11)
+    pay_step(store, invoices[1200:], 11)
     assert store.wait_for_checkpoints(10)
     checkpointer = store._checkpointer
     assert checkpointer.checkpoints == 1 and checkpointer.last[0] == 0

@@ -14,7 +14,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -770,9 +770,11 @@ class Store:
         result = ApplyResult()
         tip = blocks[-1]
         now = self._now()
-        if self._checkpointer is not None:
-            self._checkpointer.take_over(self.db)
-        with collector_paused(len(matched) > SLICE // 10), self.db.atomic():
+        with (
+            self._checkpointer.beside(self.db) if self._checkpointer is not None else nullcontext(),
+            collector_paused(len(matched) > SLICE // 10),
+            self.db.atomic(),
+        ):
             conn = self.db.conn
             self._move_checkpoint(conn, network, blocks, keep_above, now)
             plan = self._record(conn, network, matched, now, confirmed_through)
@@ -796,8 +798,6 @@ class Store:
             result.invoices_changed = judged.changed
             result.events = judged.events
             result.payment_roles = [role for _, role in judged.detected]
-        if self._checkpointer is not None:
-            self._checkpointer.request()
         for listener in self.block_listeners:
             self._notify(listener, network)
         return result

@@ -76,7 +76,6 @@ class StoreDatabase(Database):
 
     busy_timeout_ms = BUSY_TIMEOUT_MS
     waits_for_lock = True
-    checkpoints_aside = False  # its commits leave the WAL's checkpoints to a WalCheckpointer
 
     @contextmanager
     def not_waiting(self) -> Generator[None, None, None]:
@@ -84,11 +83,11 @@ class StoreDatabase(Database):
         WriteLockBusy at once. For work that can come back later (the periodic jobs): a writer
         that waits looks again every LOCK_POLL_S, a thousand wake-ups a second in its process for
         as long as a follower's step holds the lock, and the API's loop shares that process's GIL."""
-        self.waits_for_lock = False
+        waited, self.waits_for_lock = self.waits_for_lock, False
         try:
             yield
         finally:
-            self.waits_for_lock = True
+            self.waits_for_lock = waited
 
     @contextmanager
     def atomic(self) -> Generator[Database, None, None]:
@@ -131,9 +130,18 @@ class StoreDatabase(Database):
             self.conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
 
 
+# SQLite's automatic checkpoint: every connection's, and the steps' connection's between steps.
+AUTOCHECKPOINT_PAGES = 1000
+# A step does not wait for the checkpoint beside it unless the WAL has grown past this many
+# frames (64 MB of 4 KB pages): the WAL goes back to its start only when a write transaction
+# begins with every frame copied, which steps run back to back seldom leave time for.
+WAL_RESTART_FRAMES = 16_384
+# How long a step waits for that checkpoint at most (a disk this slow has other troubles).
+RESTART_WAIT_S = 60.0
+
+
 class WalCheckpointer:
-    """Copies the WAL back into the database file on a thread of its own, for the connections
-    that write a follower's steps.
+    """Copies the WAL back into the database file on a thread of its own, for a follower's steps.
 
     SQLite's automatic checkpoint runs inside the COMMIT that takes the WAL past 1,000 pages:
     every step's, since a step of 5,000 payments writes tens of megabytes of pages (as many
@@ -141,13 +149,16 @@ class WalCheckpointer:
     The step then waits for those pages to be written again and the database file synced,
     before the next step can begin. A PASSIVE checkpoint here does the same work beside the next
     step (SQLite releases the GIL), and waits for no reader or writer. Durability is untouched:
-    a commit is durable in the WAL; a checkpoint only moves pages. The other connections keep
-    the automatic checkpoint, so the WAL is bounded even where no step runs."""
+    a commit is durable in the WAL; a checkpoint only moves pages. Only the step's own
+    transaction goes without the automatic checkpoint (`beside`): every other write, on any
+    connection, keeps it, so the WAL stays bounded where no step runs."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, restart_frames: int = WAL_RESTART_FRAMES) -> None:
         self.path = str(path)
+        self.restart_frames = restart_frames
         self.checkpoints = 0  # done (for tests): (busy, frames in the WAL, frames copied) in `last`
         self.last: tuple[int, int, int] | None = None
+        self.restarts_waited = 0  # steps that waited for a checkpoint so the WAL could start over
         self._wanted = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
@@ -155,18 +166,29 @@ class WalCheckpointer:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def take_over(self, db: StoreDatabase) -> None:
-        """`db`'s commits leave their checkpoints to this thread from now on."""
-        if not db.checkpoints_aside:
-            db.execute("PRAGMA wal_autocheckpoint=0")
-            db.checkpoints_aside = True
+    @contextmanager
+    def beside(self, db: StoreDatabase) -> Generator[None, None, None]:
+        """A step's transaction on `db` (inside): its COMMIT leaves the checkpoint to this thread,
+        which is asked for one once the transaction has committed. If the last checkpoint found
+        the WAL past `restart_frames`, the step first waits for the one under way, so that its
+        transaction begins with every frame copied and the WAL starts over from its beginning."""
+        if self.last is not None and self.last[1] > self.restart_frames:
+            self.restarts_waited += 1
+            self.wait_idle(RESTART_WAIT_S)
+        db.execute("PRAGMA wal_autocheckpoint=0")
+        try:
+            yield
+        finally:
+            db.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+        if not db.conn.in_transaction:  # inside another's transaction: its commit is later
+            self.request()
 
     def request(self) -> None:
         """A checkpoint soon (one for any number of requests made while one runs)."""
         with self._lock:
             if self._stopping:
                 return
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="wal-checkpointer", daemon=True)
                 self._thread.start()
             self._idle.clear()
@@ -177,7 +199,7 @@ class WalCheckpointer:
         return self._idle.wait(timeout)
 
     def _run(self) -> None:
-        conn = connect(self.path)
+        conn: sqlite3.Connection | None = None
         try:
             while True:
                 self._wanted.wait()
@@ -185,16 +207,22 @@ class WalCheckpointer:
                 if self._stopping:
                     return
                 try:
+                    if conn is None:
+                        conn = connect(self.path)
                     busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     self.last = (busy, frames, copied)
                     self.checkpoints += 1
-                except sqlite3.Error as exc:  # the next request tries again; the WAL waits meanwhile
+                except Exception as exc:  # the next request tries again, on a new connection
                     log.warning("wal_checkpoint_failed", error=str(exc))
+                    if conn is not None:
+                        _close_quietly(conn)
+                        conn = None
                 with self._lock:
                     if not self._wanted.is_set():
                         self._idle.set()
         finally:
-            conn.close()
+            if conn is not None:
+                _close_quietly(conn)
             self._idle.set()
 
     def close(self) -> None:
@@ -205,6 +233,13 @@ class WalCheckpointer:
         self._wanted.set()
         if thread is not None:
             thread.join()
+
+
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except Exception as exc:
+        log.warning("wal_checkpointer_close_failed", error=str(exc))
 
 
 def open_database(path: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> StoreDatabase:
