@@ -473,6 +473,7 @@ def latency(
         "p95": pct(ok, 0.95),
         "p99": pct(ok, 0.99),
         "max": ok[-1] if ok else float("nan"),
+        "ms": ok,  # every answered request's latency: `report_medians` pools the runs' with them
     }
 
 
@@ -808,6 +809,18 @@ def report_medians(runs: list[dict[str, Any]]) -> None:
         twin = [r["beside"]["catch-up"]["status"]["p99"] for r in runs]
         print(f"bare server beside it, same windows, p99 ms: {listed(twin, '.1f')}")
         print(f"daemon p99 / beside p99: {listed([a / b for a, b in zip(p99s, twin, strict=True)], '.2f')}")
+        # A p99 of one run's 2,000 requests is decided by its 20 slowest: pooled, the runs'
+        # requests give one p99 of several times as many.
+        pooled = {
+            who: sorted(ms for r in runs for ms in r[who]["catch-up"]["status"]["ms"])
+            for who in ("api", "beside")
+        }
+        ours, theirs = (pct(pooled[who], 0.99) for who in ("api", "beside"))
+        print(
+            f"pooled over the {len(runs)} runs ({len(pooled['api']):,} and {len(pooled['beside']):,} "
+            f"requests): status p99 {ours:.1f} ms, bare beside {theirs:.1f} ms: x{ours / theirs:.2f} "
+            f"(goal #3: <= {GOAL_P99_RATIO})"
+        )
     ratio = statistics.median(ratios)
     if PROFILES[runs[0]["profile"]].share < 1:
         print(
