@@ -12,6 +12,7 @@ import pytest
 from test_store import NET, block, create, transfer_to
 
 from watcher.store import Store, engine
+from watcher.store.core import CHECKPOINT_ASIDE_FROM
 
 
 @pytest.fixture
@@ -125,9 +126,26 @@ def test_a_failed_checkpoint_is_logged_and_the_next_step_tries_again(store, monk
     assert checkpointer.last[1] == checkpointer.last[2] > 1000  # both steps' pages copied
 
 
+def test_a_small_step_keeps_the_automatic_checkpoint_and_asks_the_thread_for_nothing(store):
+    """A live block's step writes a few pages: a checkpoint after each block would sync the
+    database file every block for nothing, where SQLite's waits for 1,000 pages."""
+    invoices = open_invoices(store, CHECKPOINT_ASIDE_FROM)
+    set_to: list[int] = []
+    store.db.conn.set_trace_callback(
+        lambda sql: set_to.append(int(sql.split("=")[1])) if "wal_autocheckpoint=" in sql else None
+    )
+    pay_step(store, invoices[:-1], 10)
+    assert set_to == [] and store._checkpointer._thread is None
+    assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == engine.AUTOCHECKPOINT_PAGES
+    pay_step(store, invoices, 11)  # as many as CHECKPOINT_ASIDE_FROM: left to the thread
+    assert set_to == [0, engine.AUTOCHECKPOINT_PAGES]
+    assert store.wait_for_checkpoints(10) and store._checkpointer.checkpoints == 1
+    store.db.conn.set_trace_callback(None)
+
+
 def test_closing_the_store_stops_the_thread_and_removes_the_wal(tmp_path):
     store = Store(tmp_path / "w.db", clock=time.time)
-    pay_step(store, open_invoices(store, 50), 10)
+    pay_step(store, open_invoices(store, CHECKPOINT_ASIDE_FROM), 10)
     assert store.wait_for_checkpoints(10)
     thread = store._checkpointer._thread
     assert thread is not None and thread.name == "wal-checkpointer" and thread.is_alive()

@@ -5,7 +5,7 @@ whose deadline passes between two blocks of a quiet chain and those of chains th
 processed nothing new.
 
 A job that finds the store's write lock held (a follower's step, the dispatcher's records) gives
-way: it skips that run instead of waiting for the lock (GivingWay).
+way: it skips that run instead of waiting for the lock, for a minute at most (GivingWay).
 
 Retention (`[retention]`): each prune job removes at most one batch per run (see
 store.retention), so a first run on an old database is worked off over several runs.

@@ -92,6 +92,12 @@ class SchemaMismatch(RuntimeError):
     has not yet)."""
 
 
+# A step recording this many payments leaves its WAL checkpoint to the store's thread
+# (engine.WalCheckpointer); a smaller one (a live block's) keeps SQLite's automatic checkpoint,
+# which runs only once the WAL passes 1,000 pages, rather than a checkpoint after every block.
+CHECKPOINT_ASIDE_FROM = 100
+
+
 class Store:
     """The store. Each thread has a connection of its own (`db`): the event loop's serves the
     API's reads, and `write()` runs a change on the store's writer thread, so a long change
@@ -770,8 +776,9 @@ class Store:
         result = ApplyResult()
         tip = blocks[-1]
         now = self._now()
+        checkpointer = self._checkpointer if len(matched) >= CHECKPOINT_ASIDE_FROM else None
         with (
-            self._checkpointer.beside(self.db) if self._checkpointer is not None else nullcontext(),
+            checkpointer.beside(self.db) if checkpointer is not None else nullcontext(),
             collector_paused(len(matched) > SLICE // 10),
             self.db.atomic(),
         ):
