@@ -717,6 +717,29 @@ async def test_the_next_range_is_read_while_the_last_steps_write_commits(store, 
         assert [int(p["amount_atomic"]) for p in store.get_payments(inv_id)] == [100]
 
 
+async def test_the_next_steps_payment_blocks_are_checked_while_the_last_write_commits(store):
+    """The headers of a step's payment blocks (a ranged step reads only its ends' first) are
+    read while the previous step's write is still in flight, so its own write can begin the
+    moment that one commits; they are written with the step's blocks once it does."""
+    chain, invoices = ranged_chain(store, 12)
+    writes = GatedWrites(store)
+    f = follower(chain, store, chunk_size=5, max_chunk_size=5)
+
+    assert await f.run_once(overlap=True) == 5  # blocks 0-4: their write held
+    asked = len(chain.header_requests)
+    second = asyncio.create_task(f.run_once(overlap=True))
+    for _ in range(200):
+        await asyncio.sleep(0)
+    assert not second.done() and writes.started == 1 and store.cursor(NET) is None
+    later = [n for numbers in chain.header_requests[asked:] for n in numbers]
+    assert {6, 7, 8} <= set(later)  # blocks 5-9: their payments' blocks, read meanwhile
+    writes.opened.set()
+    assert await second == 5
+    await f._settle()
+    assert store.cursor(NET).number == 9
+    assert {b["number"] for b in store.db.query("SELECT number FROM chain_blocks")} >= set(range(5, 10))
+
+
 async def test_a_write_that_fails_in_flight_fails_the_next_step_which_reads_again_from_the_checkpoint(store):
     """The database refuses a step's write after `run()` went on to read the next range: the
     next step fails with that error instead of building on it, and the steps after start from
@@ -810,38 +833,50 @@ async def test_a_write_that_fails_as_the_follower_stops_is_logged_and_nothing_is
 async def test_back_to_back_writes_leave_the_other_writers_their_turn(store, monkeypatch):
     """`run()` catching up with writes that each hold the lock 0.3 s and reads that take no
     time (the next step's write waits for the last one's): another connection asking for the
-    write lock with a 3 s busy timeout (the API waits 5 s), gets it every time."""
+    write lock as the store's writers do (engine.StoreDatabase, looking again every millisecond)
+    with a 3 s busy timeout (the API waits 5 s), gets it every time."""
     import sqlite3
     import time
 
-    from watcher.store import core
+    from watcher.store import core, engine
 
     chain, invoices = ranged_chain(store, 40)
     record = core.Store._record
+
+    apply_blocks = core.Store.apply_blocks
+    writes: list[tuple[float, float]] = []  # each step's write: (began, ended)
 
     def slow_record(self, *args, **kwargs):  # inside apply_blocks's transaction
         time.sleep(0.3)
         return record(self, *args, **kwargs)
 
+    def timed_apply_blocks(self, *args, **kwargs):
+        began = time.monotonic()
+        try:
+            return apply_blocks(self, *args, **kwargs)
+        finally:
+            writes.append((began, time.monotonic()))
+
     monkeypatch.setattr(core.Store, "_record", slow_record)
+    monkeypatch.setattr(core.Store, "apply_blocks", timed_apply_blocks)
     f = follower(chain, store, chunk_size=5, max_chunk_size=5)
     f.watch.loaded = True
     stopping = asyncio.Event()
     outcomes: list[str] = []
 
     def other_writer() -> None:
-        db = sqlite3.connect(store.path, timeout=3.0, isolation_level=None)
+        db = engine.open_database(store.path, busy_timeout_ms=3000)
         try:
             for _ in range(6):
                 try:
-                    db.execute("BEGIN IMMEDIATE")
-                    db.execute("ROLLBACK")
+                    with db.atomic():
+                        pass
                     outcomes.append("got it")
                 except sqlite3.OperationalError as exc:
                     outcomes.append(str(exc))
                 time.sleep(0.05)
         finally:
-            db.close()
+            db.conn.close()
 
     running = asyncio.create_task(f.run(stopping))
     while store.cursor(NET) is None:  # the steps are under way, writing back to back
@@ -850,6 +885,17 @@ async def test_back_to_back_writes_leave_the_other_writers_their_turn(store, mon
     stopping.set()
     await asyncio.wait_for(running, timeout=30)
     assert outcomes == ["got it"] * 6
+    # No run of writes back to back (less than a gap between them) lasted much past
+    # WRITE_RUN_SECONDS: a write of 0.3 s began before it ended, then a gap came.
+    from watcher.follower import WRITE_GAP_SECONDS, WRITE_RUN_SECONDS
+
+    runs, began = [], writes[0][0]
+    for (_, ended), (next_began, _) in zip(writes, writes[1:]):
+        if next_began - ended >= WRITE_GAP_SECONDS * 0.9:
+            runs.append(ended - began)
+            began = next_began
+    assert len(writes) >= 7 and len(runs) >= 2, writes
+    assert max(runs) <= WRITE_RUN_SECONDS + 0.3 + 0.2, runs
 
 
 async def test_a_node_that_fails_the_next_read_while_a_write_commits_loses_and_repeats_nothing(store):

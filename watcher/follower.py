@@ -49,13 +49,17 @@ BLOCK_TOPIC_LIMIT = 16
 # an invoice, the webhook dispatcher recording attempts, in processes of their own) waits for it.
 MAX_STEP_PAYMENTS = 5_000
 # While `run()` catches up, a step's write waits for the last one's and would begin the moment
-# it commits, holding the write lock back to back. SQLite's busy handler looks again every
-# 100 ms at most, so the API's and the dispatcher's writes waiting for the lock could miss
-# every gap between two steps until their busy timeout (the API's is 5 s). Once the steps'
-# writes have held the lock back to back for WRITE_RUN_SECONDS, a step leaves it free
-# WRITE_GAP_SECONDS after the last commit before it begins its own. Shorter runs pause for
-# nothing: at 1% ours a gap at every step was half of the catch-up (BENCHMARKS.md).
-WRITE_GAP_SECONDS = 0.12
+# it commits, holding the write lock back to back. The API's and the dispatcher's writes waiting
+# for the lock look again every millisecond (engine.LOCK_POLL_S), but a gap of a few hundred
+# microseconds between two steps is too short for a thread that must also win its process's
+# GIL, and their busy timeout (the API's is 5 s) could pass. Once the steps' writes have held
+# the lock back to back for WRITE_RUN_SECONDS, a step leaves it free WRITE_GAP_SECONDS after
+# the last commit before it begins its own: enough for a writer looking every millisecond on a
+# busy machine, and a few per cent of a catch-up (it was 0.12 s when writers relied on SQLite's
+# busy handler, which looks again only every 100 ms: 13 % of a 100 %-ours catch-up).
+# Shorter runs pause for nothing: at 1% ours a gap at every step was half of the catch-up
+# (BENCHMARKS.md).
+WRITE_GAP_SECONDS = 0.03
 WRITE_RUN_SECONDS = 1.0
 
 
@@ -431,37 +435,54 @@ class Follower:
         matched: list[Match],
     ) -> None:
         """Record the range in one change, on the store's writer thread (the loop stays free),
-        once the previous step's write has committed. It is left in flight (`_writing`), with
-        the check of the payments' blocks before it: the next step reads meanwhile."""
+        once the previous step's write has committed. It is left in flight (`_writing`): the
+        next step reads meanwhile.
+
+        The payments' blocks are checked (their headers read) from now on, beside the previous
+        step's write rather than after it: the write that follows a commit then begins at once,
+        instead of after a round of header reads from the node (BENCHMARKS.md, issue 13, eighth
+        round). A check that fails fails this step's write, as before."""
         if finalized is not None:
             confirmed_through = min(last, finalized)
             keep_above = min(last - self.window, finalized - 1)
         else:
             confirmed_through = last - int(self.confirmations) + 1
             keep_above = last - self.window
-        await self._settle()
-        if self._overlap:
-            await self._leave_the_lock_a_gap()
+        checked = asyncio.ensure_future(self._checked_transfers(matched, by_number))
+        try:
+            await self._settle()
+            if self._overlap:
+                await self._leave_the_lock_a_gap()
+        except BaseException:  # no write follows: the check is not left running unobserved
+            checked.cancel()
+            await asyncio.gather(checked, return_exceptions=True)
+            raise
         self._writing = asyncio.create_task(
-            self._record(first, last, by_number, matched, confirmed_through, keep_above),
+            self._record(first, last, by_number, checked, confirmed_through, keep_above),
             name=f"follower-write-{self.network}",
         )
         self._writing_tip = by_number[last]
+
+    async def _checked_transfers(
+        self, matched: list[Match], by_number: dict[int, BlockRef]
+    ) -> list[MatchedTransfer]:
+        """The matched transfers with their blocks' times, every block read and checked."""
+        await self._check_matches(matched, by_number)
+        return await off_loop(_matched_transfers, matched, by_number, items=len(matched))
 
     async def _record(
         self,
         first: int,
         last: int,
         by_number: dict[int, BlockRef],
-        matched: list[Match],
+        checked: asyncio.Future[list[MatchedTransfer]],
         confirmed_through: int,
         keep_above: int,
     ) -> None:
-        """The payments' blocks checked (their headers read, beside the next step's reads), then
-        the write. A check that fails fails this write: the next step raises it (_settle)."""
-        await self._check_matches(matched, by_number)
-        transfers = await off_loop(_matched_transfers, matched, by_number, items=len(matched))
-        blocks = [by_number[n] for n in sorted(by_number)]
+        """The write, once the payments' blocks are checked. A check that fails fails this
+        write: the next step raises it (_settle)."""
+        transfers = await checked
+        blocks = [by_number[n] for n in sorted(by_number)]  # the payments' blocks too, now read
         try:
             result = await self.store.write(
                 self.store.apply_blocks,
