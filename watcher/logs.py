@@ -182,7 +182,10 @@ def configure_logging(log_format: str | None = None, level: str = "info") -> str
     structlog.configure(
         processors=[_throttle, *shared, structlog.processors.format_exc_info, redact, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write a line: PrintLogger's print() writes the line, then its newline, and
+        # unbuffered (the unit's PYTHONUNBUFFERED=1) those are two writes, between which another
+        # of the daemon's processes sharing the journal's stream could write a line of its own.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(sys.stderr)
