@@ -29,9 +29,7 @@ def test_processes_logging_at_once_to_one_unbuffered_stream_never_split_a_line(t
     writers, lines = 4, 4_000
     with out.open("wb") as shared:  # one open file, inherited by all: the journal's stream
         procs = [
-            subprocess.Popen(
-                [sys.executable, "-c", WRITER, f"w{k}", str(lines)], stderr=shared, env=env
-            )
+            subprocess.Popen([sys.executable, "-c", WRITER, f"w{k}", str(lines)], stderr=shared, env=env)
             for k in range(writers)
         ]
         for p in procs:
