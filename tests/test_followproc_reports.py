@@ -29,17 +29,30 @@ async def test_what_a_step_committed_is_reported_at_the_next_pass_in_one_report(
     arrive in one pass of the loop: one report of all of them, without waiting REPORT_EVERY."""
     reporter = _Reporter({})
     reporter.counts.add("rpc_calls", ("bench", "eth_getLogs"))  # counted while the step read
+    reporter.blocks_applied("bench")
     reporter.deliveries_queued()
     for invoice_id in ("inv_b", "inv_a"):
         reporter.invoice_changed(invoice_id)
-    reporter.blocks_applied("bench")
     await passes()
     assert sent == [
         {"changed": ["inv_a", "inv_b"]},
         {"counts": [("rpc_calls", ("bench", "eth_getLogs"), 1)], "blocks": ["bench"], "queued": 1},
     ]
+    assert reporter._timer is None and reporter._soon is None  # nothing left pending
+    reporter.counts.add("rpc_calls", ("bench", "eth_getLogs"))  # the next step reads
     await asyncio.sleep(REPORT_EVERY * 2)
-    assert len(sent) == 2  # the timer the count started was cancelled with the flush
+    assert sent[2:] == [{"counts": [("rpc_calls", ("bench", "eth_getLogs"), 1)]}]
+
+
+async def test_blocks_applied_alone_are_gathered(sent) -> None:
+    """A step that applied blocks and changed no invoice (every block near the head) is
+    reported with the counts, within REPORT_EVERY."""
+    reporter = _Reporter({})
+    reporter.blocks_applied("bench")
+    await passes()
+    assert sent == []
+    await asyncio.sleep(REPORT_EVERY * 2)
+    assert sent == [{"blocks": ["bench"]}]
 
 
 async def test_counts_alone_wait_to_be_gathered(sent) -> None:

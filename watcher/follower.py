@@ -56,7 +56,9 @@ MAX_STEP_PAYMENTS = 5_000
 # the lock back to back for WRITE_RUN_SECONDS, a step leaves it free WRITE_GAP_SECONDS after
 # the last commit before it begins its own: enough for a writer looking every millisecond on a
 # busy machine, and a few per cent of a catch-up (it was 0.12 s when writers relied on SQLite's
-# busy handler, which looks again only every 100 ms: 13 % of a 100 %-ours catch-up).
+# busy handler, which looks again only every 100 ms: 13 % of a 100 %-ours catch-up). Every
+# writer of the store takes the lock through engine.StoreDatabase; a connection that relies on
+# SQLite's own busy handler instead (an operator's `sqlite3` shell writing) may miss 30 ms gaps.
 # Shorter runs pause for nothing: at 1% ours a gap at every step was half of the catch-up
 # (BENCHMARKS.md).
 WRITE_GAP_SECONDS = 0.03
@@ -449,6 +451,7 @@ class Follower:
             confirmed_through = last - int(self.confirmations) + 1
             keep_above = last - self.window
         checked = asyncio.ensure_future(self._checked_transfers(matched, by_number))
+        checked.add_done_callback(_observed)  # a write cancelled before it awaits the check
         try:
             await self._settle()
             if self._overlap:

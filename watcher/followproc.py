@@ -303,8 +303,8 @@ class _RpcRelay:
 
 class _Reporter:
     """Everything the child tells the daemon, gathered and sent at most every `REPORT_EVERY` s;
-    but what a step committed (deliveries to queue, invoices changed, blocks applied) goes at
-    the loop's next pass (`soon`). A webhook and the payment page's feed wait for that report:
+    but what a step committed that someone waits for (deliveries to queue, invoices changed)
+    goes at the loop's next pass (`soon`). A webhook and the payment page's feed wait for that report:
     held for REPORT_EVERY, it added 40-50 ms to every live payment's webhook (BENCHMARKS.md,
     issue 13, eighth round). The notifications of one commit arrive in one pass, so a step still
     makes one report."""
@@ -333,8 +333,10 @@ class _Reporter:
         self.soon()
 
     def blocks_applied(self, network: str) -> None:
+        # Every step applies blocks, one a block near the head: gathered (the page's
+        # confirmations can wait 50 ms), unless the commit also changed invoices.
         self.blocks.add(network)
-        self.soon()
+        self.due()
 
     def deliveries_queued(self) -> None:
         self.queued = True
