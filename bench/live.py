@@ -18,6 +18,12 @@
 - Payer: this process creates the invoices over the API, then sends one TUSD transfer of the
   exact amount every block time, at a random point of the interval, so payments land in
   successive blocks.
+- `ws+api` (issue 13, goal #3 under the live load): the `ws` run with the API polled meanwhile
+  by bench.daemon's open-loop client (`--api-rate` requests/s, status of the run's invoices
+  and every tenth `GET /v1/chains`), and a bare aiohttp server answering a status body of the
+  same size, polled by its own client at the same rate, all through the run (bench.daemon's
+  `BareBeside`). Its status p99 over the payments' window is judged against that bare
+  server's in the same window.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PAYMENTS = 100
 QUICK_PAYMENTS = 30
 GOAL_P50_MS, GOAL_P99_MS = 20.0, 50.0
+API_RATE = 200.0  # ws+api: status requests/s, as bench.daemon polls a catch-up
+GOAL_STATUS_RATIO, GOAL_STATUS_P99_MS = 1.5, 50.0  # issue 13 #3: daemon / bare beside, and at most
+MODES = ("ws", "poll", "ws+api")
 AMOUNT = "1.00"  # USD, 1 TUSD = 1,000,000 atomic
 SECRET = ENV["WATCHER_WEBHOOK_SECRET"]
 
@@ -218,10 +227,45 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def one_run(mode: str, payments: int, block_time: float, poll: float) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix=f"bench-live-{mode}-"))
+class PolledApi:
+    """The daemon's API polled by bench.daemon's open-loop client, and a bare aiohttp server
+    answering a status body of the same size polled by its own client at the same rate."""
+
+    def __init__(self, tmp: Path, base: str, key: str, ids: list[str], rate: float) -> None:
+        from bench.daemon import BareBeside, Client
+
+        body = json.dumps(http("GET", f"{base}/v1/invoices/{ids[0]}/status", key))
+        self.beside: Any = BareBeside(tmp, body, ids, rate)
+        try:
+            self.client: Any = Client(
+                {"base": base, "key": key, "ids": ids, "rate": rate, "out": str(tmp / "client.json")}
+            )
+        except BaseException:
+            self.beside.finish()
+            raise
+
+    def finish(self, start: float, end: float) -> dict[str, Any]:
+        """Both clients stopped; the requests due in [start, end) (one monotonic clock)."""
+        from bench.daemon import latency
+
+        try:
+            samples, _ = self.client.finish()
+        finally:
+            bare = self.beside.finish()
+        return {
+            "daemon": latency(samples, "status", start, end),
+            "daemon_chains": latency(samples, "chains", start, end),
+            "bare": latency(bare, "status", start, end),
+        }
+
+
+def one_run(
+    mode: str, payments: int, block_time: float, poll: float, api_rate: float = API_RATE
+) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-live-{mode.replace('+', '-')}-"))
     node, chain = start_node(block_time)
-    receiver = daemon = None
+    receiver = daemon = polled_api = None
+    polled: dict[str, Any] = {}
     try:
         receiver = subprocess.Popen(
             [sys.executable, "-m", "bench.live", "--receiver", node.ws_url],
@@ -232,11 +276,13 @@ def one_run(mode: str, payments: int, block_time: float, poll: float) -> dict[st
         )
         assert receiver.stdout is not None
         receiver_base = receiver.stdout.readline().strip()
-        daemon, base, key = start_daemon(tmp, node, chain, receiver_base + "/hooks", mode == "ws", poll)
+        daemon, base, key = start_daemon(tmp, node, chain, receiver_base + "/hooks", mode != "poll", poll)
         invoices = [
             http("POST", f"{base}/v1/invoices", key, {"amount": AMOUNT, "assets": ["TUSD"]})
             for _ in range(payments)
         ]
+        if mode == "ws+api":
+            polled_api = PolledApi(tmp, base, key, [i["id"] for i in invoices], api_rate)
         time.sleep(2 * block_time)  # the follower's first steps (start_block = latest) are behind us
         rnd = random.Random(3)
         sent: dict[str, str] = {}
@@ -248,13 +294,18 @@ def one_run(mode: str, payments: int, block_time: float, poll: float) -> dict[st
             sent[
                 chain.transfer_token(option["destination_address"].lower(), int(option["amount_atomic"]))
             ] = invoice["id"]
+        paid_until = time.monotonic()
         deadline = time.monotonic() + 30
         while True:
             stats = http("GET", receiver_base + "/stats")
             if len(stats["hooks"]) >= payments or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
+        if polled_api is not None:  # over the payments: from the first to the last one sent
+            polled, polled_api = polled_api.finish(t0, paid_until), None
     finally:
+        if polled_api is not None:
+            polled_api.finish(0, 0)
         if daemon is not None:
             daemon.stop()
         if receiver is not None:
@@ -288,6 +339,7 @@ def one_run(mode: str, payments: int, block_time: float, poll: float) -> dict[st
         "min": latencies[0] if latencies else float("nan"),
         "max": latencies[-1] if latencies else float("nan"),
         "log": str(tmp / "daemon.log"),
+        "api": polled,
     }
 
 
@@ -295,7 +347,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.live", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_PAYMENTS} payments per mode")
     parser.add_argument("--payments", type=int, help=f"payments per mode (default {PAYMENTS})")
-    parser.add_argument("--mode", choices=("ws", "poll"), action="append", help="default: both")
+    parser.add_argument("--mode", choices=MODES, action="append", help="default: all three")
+    parser.add_argument(
+        "--api-rate", type=float, default=API_RATE, help=f"ws+api: status requests/s (default {API_RATE:g})"
+    )
     parser.add_argument("--block-time", type=float, default=0.5, help="anvil's block time (default 0.5 s)")
     parser.add_argument("--poll", type=float, default=1.0, help="poll_interval_seconds (default 1.0)")
     parser.add_argument("--receiver", help=argparse.SUPPRESS)
@@ -310,7 +365,9 @@ def main(argv: list[str] | None = None) -> None:
         f"head (receiver's own newHeads) -> signed invoice.payment_detected at the receiver",
         flush=True,
     )
-    results = [one_run(mode, payments, args.block_time, args.poll) for mode in (args.mode or ["ws", "poll"])]
+    results = [
+        one_run(mode, payments, args.block_time, args.poll, args.api_rate) for mode in (args.mode or MODES)
+    ]
     head = (
         f"{'mode':<34} {'hooks':>6} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
         f"{'min ms':>7} {'max ms':>7} {'ok':>3}"
@@ -321,14 +378,18 @@ def main(argv: list[str] | None = None) -> None:
         ok = r["webhooks"] == payments and not (
             r["bad_signatures"] or r["unknown_tx"] or r["twice"] or r["no_head"]
         )
-        label = "WebSocket newHeads (+ poll 1 s)" if r["mode"] == "ws" else f"polling every {args.poll:g} s"
+        label = {
+            "ws": "WebSocket newHeads (+ poll 1 s)",
+            "ws+api": f"WebSocket, API polled {args.api_rate:g}/s",
+            "poll": f"polling every {args.poll:g} s",
+        }[r["mode"]]
         print(
             f"{label:<34} {r['webhooks']:>6} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f} "
             f"{r['min']:>7.1f} "
             f"{r['max']:>7.1f} {'yes' if ok else 'NO':>3}"
         )
         if not ok:
-            print(f"  {r['mode']}: {r}")
+            print(f"  {r['mode']}: { ({k: v for k, v in r.items() if k != 'api'}) }")
     print(
         f"(ok = one signed payment_detected per payment, none for an unknown tx, every block's head seen; "
         f"payments landed in {', '.join(str(r['blocks']) for r in results)} distinct blocks)"
@@ -341,7 +402,35 @@ def main(argv: list[str] | None = None) -> None:
             f"{ws['p50']:.1f}, "
             f"p99 {ws['p99']:.1f} -> {'met' if met else 'NOT met'}"
         )
+    for r in results:
+        if r["api"]:
+            report_api(r["api"], args.api_rate)
     print(f"(live took {time.monotonic() - started:.0f} s)", flush=True)
+
+
+def report_api(api: dict[str, Any], rate: float) -> None:
+    """The ws+api run's status route against the bare server beside it, over the payments."""
+    title = f"API during the payments, {rate:g}/s"
+    head = f"{title:<34} {'n':>6} {'fail':>5} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'max ms':>7}"
+    print(head)
+    print("-" * len(head))
+    for label, key in (
+        ("daemon, status", "daemon"),
+        ("daemon, chains", "daemon_chains"),
+        ("bare beside, status", "bare"),
+    ):
+        m = api[key]
+        print(
+            f"{label:<34} {m['n']:>6} {m['failed']:>5} {m['p50']:>7.2f} {m['p95']:>7.2f} {m['p99']:>7.2f} "
+            f"{m['max']:>7.2f}"
+        )
+    daemon, bare = api["daemon"]["p99"], api["bare"]["p99"]
+    met = daemon <= GOAL_STATUS_RATIO * bare and daemon <= GOAL_STATUS_P99_MS and not api["daemon"]["failed"]
+    print(
+        f"goal (issue 13 #3) under the live load: status p99 <= {GOAL_STATUS_RATIO:g} x the bare server "
+        f"beside and <= {GOAL_STATUS_P99_MS:g} ms: {daemon:.2f} ms against {bare:.2f} ms, "
+        f"x{daemon / bare:.2f} -> {'met' if met else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":
