@@ -782,6 +782,42 @@ async def test_a_step_whose_previous_write_fails_cancels_its_check_and_leaves_no
         assert [int(p["amount_atomic"]) for p in store.get_payments(inv_id)] == [100]
 
 
+async def test_a_node_that_fails_a_steps_block_check_beside_the_last_write_loses_and_repeats_nothing(store):
+    """The node fails the header read of a step's payment blocks while the previous step's
+    write is still in flight: that write commits, this step's write is never made (the next
+    step raises the node's error), and the steps after read its range again from the
+    checkpoint, every payment recorded once."""
+    chain, invoices = ranged_chain(store, 12)
+    writes = GatedWrites(store)
+    f = follower(chain, store, chunk_size=5, max_chunk_size=5)
+    real_headers = chain.headers
+    failing = True
+
+    async def flaky_headers(numbers):
+        if failing and {6, 7, 8} & set(numbers):  # the second step's payment blocks
+            raise RpcError("eth_getBlockByNumber", "upstream unavailable")
+        return await real_headers(numbers)
+
+    chain.headers = flaky_headers
+    assert await f.run_once(overlap=True) == 5  # blocks 0-4: their write held
+    second = asyncio.create_task(f.run_once(overlap=True))  # blocks 5-9: their check fails
+    for _ in range(100):
+        await asyncio.sleep(0)
+    writes.opened.set()
+    assert await second == 5  # it read its range; its write task carries the failure
+    with pytest.raises(RpcError, match="upstream unavailable"):
+        await f.run_once(overlap=True)
+    assert store.cursor(NET).number == 4  # the first write committed; nothing of 5-9
+    assert writes.started == 1  # the failed check made no write
+    failing = False
+    asked = len(chain.log_requests)
+    await catch_up(f)
+    assert ("range", 5, 9) in chain.log_requests[asked:]  # read again from the checkpoint
+    assert store.cursor(NET).number == len(chain.blocks) - 1
+    for inv_id, _ in invoices:
+        assert [int(p["amount_atomic"]) for p in store.get_payments(inv_id)] == [100]
+
+
 async def test_a_write_that_fails_in_flight_fails_the_next_step_which_reads_again_from_the_checkpoint(store):
     """The database refuses a step's write after `run()` went on to read the next range: the
     next step fails with that error instead of building on it, and the steps after start from
