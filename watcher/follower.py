@@ -56,7 +56,7 @@ MAX_STEP_PAYMENTS = 5_000
 # the lock back to back for WRITE_RUN_SECONDS, a step leaves it free WRITE_GAP_SECONDS after
 # the last commit before it begins its own: enough for a writer looking every millisecond on a
 # busy machine, and a few per cent of a catch-up (it was 0.12 s when writers relied on SQLite's
-# busy handler, which looks again only every 100 ms: 13 % of a 100 %-ours catch-up). Every
+# busy handler, which looks again only every 100 ms: 13% of a 100%-ours catch-up). Every
 # writer of the store takes the lock through engine.StoreDatabase; a connection that relies on
 # SQLite's own busy handler instead (an operator's `sqlite3` shell writing) may miss 30 ms gaps.
 # Shorter runs pause for nothing: at 1% ours a gap at every step was half of the catch-up
@@ -440,10 +440,10 @@ class Follower:
         once the previous step's write has committed. It is left in flight (`_writing`): the
         next step reads meanwhile.
 
-        The payments' blocks are checked (their headers read) from now on, beside the previous
-        step's write rather than after it: the write that follows a commit then begins at once,
-        instead of after a round of header reads from the node (BENCHMARKS.md, issue 13, eighth
-        round). A check that fails fails this step's write, as before."""
+        The check of the payments' blocks (their headers read) starts here, beside the previous
+        step's write still in flight rather than after its commit: this step's write then begins
+        as soon as that one commits, not after a round of header reads from the node
+        (BENCHMARKS.md, issue 13, eighth round). A check that fails fails this step's write."""
         if finalized is not None:
             confirmed_through = min(last, finalized)
             keep_above = min(last - self.window, finalized - 1)

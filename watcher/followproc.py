@@ -304,10 +304,10 @@ class _RpcRelay:
 class _Reporter:
     """Everything the child tells the daemon, gathered and sent at most every `REPORT_EVERY` s;
     but what a step committed that someone waits for (deliveries to queue, invoices changed)
-    goes at the loop's next pass (`soon`). A webhook and the payment page's feed wait for that report:
-    held for REPORT_EVERY, it added 40-50 ms to every live payment's webhook (BENCHMARKS.md,
-    issue 13, eighth round). The notifications of one commit arrive in one pass, so a step still
-    makes one report."""
+    goes at the loop's next pass (`soon`). A webhook and the payment page's feed wait for that
+    report: held for REPORT_EVERY, it added 40-50 ms to every live payment's webhook
+    (BENCHMARKS.md, issue 13, eighth round). The notifications of one commit arrive in one
+    pass, so a step still makes one report."""
 
     def __init__(self, followers: dict[str, Any]) -> None:
         self.followers = followers
