@@ -659,7 +659,11 @@ class BareBeside:
 
     def __init__(self, tmp: Path, body: str, ids: list[str], rate: float) -> None:
         self.server, base = start_hello(tmp, body)
-        self.client = Client({"base": base, "ids": ids, "rate": rate, "out": str(tmp / "beside.json")})
+        try:
+            self.client = Client({"base": base, "ids": ids, "rate": rate, "out": str(tmp / "beside.json")})
+        except BaseException:
+            self.server.stop()
+            raise
 
     def finish(self) -> list[tuple]:
         try:

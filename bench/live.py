@@ -1,15 +1,16 @@
 """Live latency: from a block with a payment being announced to the signed webhook arriving.
 
-    python -m bench.live [--quick] [--payments 100] [--mode ws|poll] [--block-time 0.5]
+    python -m bench.live [--quick] [--payments 100] [--mode ws|poll|ws+api] [--api-rate 200]
+                         [--block-time 0.5]
 
 - Chain: anvil (tests/anvil.py's binary) mining a block every 0.5 s on its own, with our
   TestToken deployed (as tests/anvil_harness.py deploys it) and a funded dev account as payer.
 - Daemon: `watcher run --config FILE` (a subprocess) on that node, the chain configured as an
   operator would (TUSD and the native coin, `internal_transfers = "auto"`, so every block is
   read in full and traced, 3 confirmations), one webhook endpoint for
-  `invoice.payment_detected`. Two runs, each on a fresh node and store: `ws` (the chain has
+  `invoice.payment_detected`. Three runs, each on a fresh node and store: `ws` (the chain has
   `ws_url`: newHeads over WebSocket, polling every 1 s behind it) and `poll` (no ws_url,
-  `poll_interval_seconds = 1.0`).
+  `poll_interval_seconds = 1.0`), and `ws+api` (below).
 - Receiver: a process of its own that subscribes to `newHeads` on the node itself and notes
   when each head arrives, and serves the webhook endpoint: it checks every Standard Webhooks
   signature and notes when each `invoice.payment_detected` arrives. Latency = webhook arrival
@@ -234,7 +235,7 @@ class PolledApi:
     def __init__(self, tmp: Path, base: str, key: str, ids: list[str], rate: float) -> None:
         from bench.daemon import BareBeside, Client
 
-        body = json.dumps(http("GET", f"{base}/v1/invoices/{ids[0]}/status", key))
+        body = json.dumps(http("GET", f"{base}/v1/invoices/{ids[0]}/status", key), separators=(",", ":"))
         self.beside: Any = BareBeside(tmp, body, ids, rate)
         try:
             self.client: Any = Client(
@@ -245,18 +246,30 @@ class PolledApi:
             raise
 
     def finish(self, start: float, end: float) -> dict[str, Any]:
-        """Both clients stopped; the requests due in [start, end) (one monotonic clock)."""
+        """Both clients stopped (once: a second call finds nothing to stop); the requests due in
+        [start, end) (one monotonic clock)."""
         from bench.daemon import latency
 
+        client, beside, self.client, self.beside = self.client, self.beside, None, None
+        if client is None or beside is None:
+            return {}
         try:
-            samples, _ = self.client.finish()
+            samples, _ = client.finish()
         finally:
-            bare = self.beside.finish()
+            bare = beside.finish()
         return {
             "daemon": latency(samples, "status", start, end),
             "daemon_chains": latency(samples, "chains", start, end),
             "bare": latency(bare, "status", start, end),
         }
+
+    def abandon(self) -> None:
+        """Both clients stopped if they still run (a failed run); a failure of theirs printed,
+        not raised, so that the daemon, the receiver and the node are stopped after."""
+        try:
+            self.finish(0, 0)
+        except Exception as exc:
+            print(f"  the API's clients failed: {exc!r}", flush=True)
 
 
 def one_run(
@@ -294,18 +307,17 @@ def one_run(
             sent[
                 chain.transfer_token(option["destination_address"].lower(), int(option["amount_atomic"]))
             ] = invoice["id"]
-        paid_until = time.monotonic()
         deadline = time.monotonic() + 30
         while True:
             stats = http("GET", receiver_base + "/stats")
             if len(stats["hooks"]) >= payments or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        if polled_api is not None:  # over the payments: from the first to the last one sent
-            polled, polled_api = polled_api.finish(t0, paid_until), None
+        if polled_api is not None:  # over the payments: from the first sent to the last webhook
+            polled = polled_api.finish(t0, time.monotonic())
     finally:
         if polled_api is not None:
-            polled_api.finish(0, 0)
+            polled_api.abandon()
         if daemon is not None:
             daemon.stop()
         if receiver is not None:

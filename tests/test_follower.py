@@ -792,9 +792,11 @@ async def test_a_node_that_fails_a_steps_block_check_beside_the_last_write_loses
     f = follower(chain, store, chunk_size=5, max_chunk_size=5)
     real_headers = chain.headers
     failing = True
+    failed: list[list[int]] = []
 
     async def flaky_headers(numbers):
         if failing and {6, 7, 8} & set(numbers):  # the second step's payment blocks
+            failed.append(list(numbers))
             raise RpcError("eth_getBlockByNumber", "upstream unavailable")
         return await real_headers(numbers)
 
@@ -803,6 +805,7 @@ async def test_a_node_that_fails_a_steps_block_check_beside_the_last_write_loses
     second = asyncio.create_task(f.run_once(overlap=True))  # blocks 5-9: their check fails
     for _ in range(100):
         await asyncio.sleep(0)
+    assert failed and not second.done() and store.cursor(NET) is None  # failed while it was held
     writes.opened.set()
     assert await second == 5  # it read its range; its write task carries the failure
     with pytest.raises(RpcError, match="upstream unavailable"):
