@@ -17,6 +17,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 ANVIL = ROOT / "contracts" / "node_modules" / "@foundry-rs" / "anvil-linux-amd64" / "bin" / "anvil"
+# How long a test waits for one answer of anvil (see Anvil.rpc).
+RPC_TIMEOUT_S = 30
 
 # anvil's default dev accounts (mnemonic "test test ... junk"): well known, for tests only.
 DEV_KEYS = [
@@ -86,7 +88,9 @@ class Anvil:
             data=json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)}).encode(),
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=10) as response:
+        # On a busy shared machine anvil once stopped answering for over 10 s mid-test (an
+        # `anvil_mine` of 300 blocks, well under 1 s otherwise, timed out at 10 s in a CI run).
+        with urllib.request.urlopen(request, timeout=RPC_TIMEOUT_S) as response:
             answer = json.loads(response.read())
         if "error" in answer:
             raise RuntimeError(f"{method}: {answer['error']}")
