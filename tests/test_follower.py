@@ -645,11 +645,20 @@ async def test_a_step_records_a_bounded_number_of_payments_and_the_rest_follows(
         chain.mine((invoices[i][1], 100), (invoices[i + 1][1], 100))
     for _ in range(300):  # far below the head: read by number range
         chain.mine()
+    checks: list[int] = []  # payments whose blocks' hashes a check compared
+    real_check = watcher.follower._check_block_hashes
+
+    def counted_check(matched, by_number):
+        checks.append(len(matched))
+        return real_check(matched, by_number)
+
+    monkeypatch.setattr(watcher.follower, "_check_block_hashes", counted_check)
     steps = Steps()
     f = follower(chain, store, chunk_size=100, metrics=steps)
     await catch_up(f)
 
     assert max(steps.payments) <= 4 and sum(steps.payments) == 10, steps.payments
+    assert len(checks) == len(steps.payments), (checks, steps.payments)  # once a step, cut or not
     for inv_id, _ in invoices:
         [payment] = store.get_payments(inv_id)
         assert int(payment["amount_atomic"]) == 100

@@ -391,16 +391,18 @@ class Follower:
             matched += await self._native_deposits(full_blocks)
             if self.tracer:
                 matched += await self._internal_deposits(full_blocks)
+        checked = False  # the payments' blocks read and their hashes checked
         if len(matched) > self._step_cap() and last > first:
             await self._check_matches(matched, by_number)  # the cut's block becomes the checkpoint
             last, matched = self._cut(first, matched, by_number)
+            checked = True
         elif (
             last - first + 1 == self.chunk_size
             and self.chunk_size < self.max_chunk_size
             and len(matched) <= self._step_cap() // 2
         ):
             self.chunk_size = min(self.max_chunk_size, self.chunk_size * 2)
-        await self._apply(first, last, finalized, by_number, matched)
+        await self._apply(first, last, finalized, by_number, matched, checked=checked)
         return last - first + 1
 
     def _step_cap(self) -> int:
@@ -435,6 +437,8 @@ class Follower:
         finalized: int | None,
         by_number: dict[int, BlockRef],
         matched: list[Match],
+        *,
+        checked: bool = False,
     ) -> None:
         """Record the range in one change, on the store's writer thread (the loop stays free),
         once the previous step's write has committed. It is left in flight (`_writing`): the
@@ -443,34 +447,37 @@ class Follower:
         The check of the payments' blocks (their headers read) starts here, beside the previous
         step's write still in flight rather than after its commit: this step's write then begins
         as soon as that one commits, not after a round of header reads from the node
-        (BENCHMARKS.md, issue 13, eighth round). A check that fails fails this step's write."""
+        (BENCHMARKS.md, issue 13, eighth round). A check that fails fails this step's write.
+        `checked`: a step cut at its payment cap has checked them already (`_scan`)."""
         if finalized is not None:
             confirmed_through = min(last, finalized)
             keep_above = min(last - self.window, finalized - 1)
         else:
             confirmed_through = last - int(self.confirmations) + 1
             keep_above = last - self.window
-        checked = asyncio.ensure_future(self._checked_transfers(matched, by_number))
-        checked.add_done_callback(_observed)  # a write cancelled before it awaits the check
+        transfers = asyncio.ensure_future(self._checked_transfers(matched, by_number, check=not checked))
+        transfers.add_done_callback(_observed)  # a write cancelled before it awaits the check
         try:
             await self._settle()
             if self._overlap:
                 await self._leave_the_lock_a_gap()
         except BaseException:  # no write follows: the check is not left running unobserved
-            checked.cancel()
-            await asyncio.gather(checked, return_exceptions=True)
+            transfers.cancel()
+            await asyncio.gather(transfers, return_exceptions=True)
             raise
         self._writing = asyncio.create_task(
-            self._record(first, last, by_number, checked, confirmed_through, keep_above),
+            self._record(first, last, by_number, transfers, confirmed_through, keep_above),
             name=f"follower-write-{self.network}",
         )
         self._writing_tip = by_number[last]
 
     async def _checked_transfers(
-        self, matched: list[Match], by_number: dict[int, BlockRef]
+        self, matched: list[Match], by_number: dict[int, BlockRef], *, check: bool = True
     ) -> list[MatchedTransfer]:
-        """The matched transfers with their blocks' times, every block read and checked."""
-        await self._check_matches(matched, by_number)
+        """The matched transfers with their blocks' times, every block read and checked (unless
+        the caller has, `check=False`)."""
+        if check:
+            await self._check_matches(matched, by_number)
         return await off_loop(_matched_transfers, matched, by_number, items=len(matched))
 
     async def _record(
