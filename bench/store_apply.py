@@ -1,6 +1,7 @@
 """The store's recording path alone: payments/s through `Store.apply_blocks`.
 
     python -m bench store [--payments N] [--step K] [--endpoints E] [--in-order] [--quick] [--profile-html F]
+                          [--phases]
 
 A store holds N open invoices (one address option each), and N transfers, one per invoice for
 exactly its amount, arrive in steps of K payments, in an order unrelated to the one the
@@ -232,6 +233,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--profile-html", help="write a pyinstrument profile of the store run to this HTML file"
     )
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="time each phase of the steps (reads, judging, writes, COMMIT) and what judging on "
+        "another core would cost in shipping (bench/store_phases.py); slower than a plain run",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.payments, args.step = 5_000, 2_500
@@ -252,6 +259,12 @@ def main(argv: list[str] | None = None) -> None:
                 result = run_store(store, work)
             Path(args.profile_html).write_text(profiler.output_html())
             print(profiler.output_text(unicode=False, color=False, show_all=False)[:6000])
+        elif args.phases:
+            from bench.store_phases import phases_timed, report
+
+            with phases_timed() as clock:
+                result = run_store(store, work)
+            report(clock, result["payments"])
         else:
             result = run_store(store, work)
         queuing = run_queuing(store)

@@ -603,3 +603,46 @@ def test_a_reorg_reverts_the_payments_above_the_ancestor_without_reading_the_old
     assert len(reverted) == 1  # the detected one above block 5; the 398 below it stay
     assert conn.execute("SELECT COUNT(*) FROM payments WHERE status = 'confirmed'").fetchone()[0] == 398
     assert many <= few * 3, (few, many)
+
+
+@pytest.mark.parametrize(
+    ("invoiced", "paid", "confirmed_through", "status", "events"),
+    [
+        (10, 10, 3, "paid", ["invoice.payment_detected", "invoice.paid"]),
+        (10, 10, 5, "confirmed", ["invoice.payment_detected", "invoice.paid", "invoice.confirmed"]),
+        (10, 4, 5, "pending", ["invoice.payment_detected"]),
+        (10, 15, 3, "paid", ["invoice.payment_detected", "invoice.paid", "invoice.exception_opened"]),
+    ],
+)
+def test_a_slice_is_judged_apart_from_its_reads_and_writes(
+    tmp_path, invoiced, paid, confirmed_through, status, events
+) -> None:
+    """A step's slice is read (`read_batch`), judged (`judge_slice`, which is given no connection:
+    the same batch judges the same way every time) and written (`write_slice`): what is stored
+    and queued is what was judged. Each of the three is measured alone by `bench store --phases`."""
+    from watcher.store import rejudge
+
+    store = new_store(tmp_path)
+    invoice = create(store, amount_atomic=invoiced)
+    conn = store.db.conn
+    now = store._now()
+    with store.db.atomic():
+        store._move_checkpoint(conn, NET, [block(5)], None, now)
+        plan = store._record(conn, NET, [transfer_to(invoice, paid)], now, confirmed_through)
+        [(payment_id, invoice_id)] = plan.recorded
+        ids = [invoice_id]
+        reasons = {invoice_id: rejudge.Reasons(new_payments=[payment_id])}
+        batch = rejudge.read_batch(conn, ids)
+        written_before = conn.total_changes
+        judged = rejudge.judge_slice(batch, ids, reasons, now, store._tips())
+        assert rejudge.judge_slice(batch, ids, reasons, now, store._tips()) == judged
+        assert conn.total_changes == written_before
+        assert judged.changed == 1
+        assert [e.type for e in judged.events] == events
+        [[*_, invoice_written]] = next(iter(judged.invoice_rows.values()))
+        assert invoice_written == invoice_id
+        rejudge.write_slice(conn, store.outbox, judged)
+    stored = store.get_invoice(invoice_id)
+    assert stored["status"] == status
+    queued = store.db.execute("SELECT type FROM events WHERE invoice_id = ? ORDER BY seq", [invoice_id])
+    assert [r[0] for r in queued] == ["invoice.created", *events]

@@ -384,11 +384,36 @@ def _rejudge_slice(
     tips: Mapping[str, int],
     done: Rejudged,
 ) -> None:
-    batch = read_batch(conn, ids)
-    role_rows: list[tuple[str, str]] = []
-    invoice_rows: dict[tuple[str, ...], list[list[Any]]] = {}  # by the columns changed
-    search_rows: list[tuple[str, str]] = []
-    events: list[NewEvent] = []
+    judged = judge_slice(read_batch(conn, ids), ids, reasons, now, tips)
+    write_slice(conn, outbox, judged)
+    done.changed += judged.changed
+    done.events += len(judged.events)
+    done.detected += judged.detected
+
+
+@dataclass
+class JudgedSlice:
+    """What judging a slice of invoices writes: the payments' new roles, the invoices' judged
+    columns (grouped by the set of columns changed, one statement each), the search text of the
+    unchanged ones, and the events, each carrying its invoice's status rendered once."""
+
+    changed: int = 0  # invoices that changed
+    role_rows: list[tuple[str, str]] = field(default_factory=list)
+    invoice_rows: dict[tuple[str, ...], list[list[Any]]] = field(default_factory=dict)
+    search_rows: list[tuple[str, str]] = field(default_factory=list)
+    events: list[NewEvent] = field(default_factory=list)
+    detected: list[tuple[str, str]] = field(default_factory=list)  # (network, role) of each payment reported
+
+
+def judge_slice(
+    batch: Batch, ids: Sequence[str], reasons: Mapping[str, Reasons], now: str, tips: Mapping[str, int]
+) -> JudgedSlice:
+    """Pure (no I/O): what the invoices `ids`, as read in `batch`, change when judged again.
+    Apart from the slice's reads and writes so that each is measured alone (`python -m bench
+    store --phases`): they are most of a step's time, and which of them is worth moving is a
+    measure, not a guess."""
+    out = JudgedSlice()
+    invoice_rows, events = out.invoice_rows, out.events
     for invoice_id in ids:
         row = batch.invoices[invoice_id]
         payments = batch.payments[invoice_id]
@@ -397,10 +422,10 @@ def _rejudge_slice(
         outcome = rejudge_one(row, payments, clock, why, now)
         if outcome is None:
             if why.search_text:
-                search_rows.append((why.search_text, invoice_id))
+                out.search_rows.append((why.search_text, invoice_id))
             continue
-        done.changed += 1
-        role_rows += outcome.roles
+        out.changed += 1
+        out.role_rows += outcome.roles
         values = outcome.values
         same_change = invoice_rows.get(outcome.changed)
         if same_change is None:
@@ -426,12 +451,16 @@ def _rejudge_slice(
             k = place[payment_id]
             events.append(NewEvent(event_type, invoice_id, status, rendered[k]))
             if event_type == "invoice.payment_detected":
-                done.detected.append((views[k]["network"], views[k]["role"]))
-    if role_rows:
-        conn.executemany("UPDATE payments SET role = ? WHERE id = ?", role_rows)
-    for columns, rows in invoice_rows.items():
+                out.detected.append((views[k]["network"], views[k]["role"]))
+    return out
+
+
+def write_slice(conn: sqlite3.Connection, outbox: Outbox, judged: JudgedSlice) -> None:
+    """A judged slice's writes: a statement per table (the invoices' one per set of columns)."""
+    if judged.role_rows:
+        conn.executemany("UPDATE payments SET role = ? WHERE id = ?", judged.role_rows)
+    for columns, rows in judged.invoice_rows.items():
         conn.executemany(update_judged(columns), rows)
-    if search_rows:
-        conn.executemany(APPEND_SEARCH_TEXT, search_rows)
-    outbox.append(events)
-    done.events += len(events)
+    if judged.search_rows:
+        conn.executemany(APPEND_SEARCH_TEXT, judged.search_rows)
+    outbox.append(judged.events)
