@@ -110,7 +110,7 @@ def phases_timed() -> Iterator[PhaseClock]:
         )
 
     @contextmanager
-    def atomic_timed(db: engine.StoreDatabase) -> Iterator[engine.StoreDatabase]:
+    def atomic_timed(db: engine.StoreDatabase) -> Iterator[Any]:
         outermost = not db.conn.in_transaction
         with atomic(db) as inside:
             yield inside
