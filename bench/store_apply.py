@@ -4,8 +4,9 @@
                           [--phases]
 
 A store holds N open invoices (one address option each), and N transfers, one per invoice for
-exactly its amount, arrive in steps of K payments, in an order unrelated to the one the
-invoices were made in, as a chain brings them (`--in-order`: in theirs, each step's invoices
+exactly its amount, each in a transaction of its own with a random hash (`tx_hash`), arrive in
+steps of K payments, in an order unrelated to the one the invoices were made in, as a chain
+brings them (`--in-order`: in theirs, each step's invoices
 neighbours on the same pages, which writes far fewer pages: the figures before issue 13's
 seventh round) (one block per step, confirmed in the same
 step as a catch-up far below the head confirms them): each step records the payments, judges
@@ -23,6 +24,7 @@ built on sqlite3 stands on.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import random
 import shutil
@@ -110,6 +112,14 @@ def _make(path: Path, invoices: int) -> tuple[Store, list[tuple[str, str]]]:
     return store, options
 
 
+def tx_hash(n: int) -> str:
+    """The n-th transfer's transaction hash: as random as a chain's, so the indexes on it
+    (`payments_tx`, `payments_live_log`) are written where a chain's hashes would put them. Until
+    the ninth round of issue 13 they were `0x…n`, in order, which wrote those indexes at their end
+    only: 8% more payments/s at 50,000 than a chain's hashes give."""
+    return "0x" + hashlib.sha256(n.to_bytes(8, "big")).hexdigest()
+
+
 def steps(
     options: list[tuple[str, str]], step: int, first_block: int
 ) -> list[tuple[BlockRef, list[MatchedTransfer]]]:
@@ -118,9 +128,7 @@ def steps(
         b = _block(first_block + k)
         matched = [
             MatchedTransfer(
-                Transfer(
-                    f"0x{start + i:064x}", 0, b.number, b.hash, TOKEN, "0x" + "bb" * 20, address, AMOUNT
-                ),
+                Transfer(tx_hash(start + i), 0, b.number, b.hash, TOKEN, "0x" + "bb" * 20, address, AMOUNT),
                 option_id,
                 b.timestamp,
             )
