@@ -22,6 +22,7 @@ from typing import Any
 
 from watcher.store import Store, engine, recording, rejudge
 
+JUDGING = "slice: judge, render (pure)"
 # (module, function name, phase): what each wrapped function's time counts as.
 PHASES = (
     (recording, "read_existing", "recording: read stored payments"),
@@ -29,10 +30,9 @@ PHASES = (
     (recording, "plan_recording", "recording: plan (pure)"),
     (recording, "write_plan", "recording: write payments"),
     (rejudge, "read_batch", "slice: read invoices, payments"),
-    (rejudge, "judge_slice", "slice: judge, render (pure)"),  # JUDGING
+    (rejudge, "judge_slice", JUDGING),
     (rejudge, "write_slice", "slice: write invoices, events"),
 )
-JUDGING = "slice: judge, render (pure)"
 COMMIT = "COMMIT"
 STEP = "a step, in all"
 # Shipping a slice: the writer pickles its rows and unpickles the writes that come back; the
